@@ -1,0 +1,131 @@
+//! Types shared by the xhost eBPF datapath and its user-space agent.
+//!
+//! Every type here crosses the kernel/user boundary through a BPF map, so
+//! each is `#[repr(C)]`, `Copy`, has no implicit padding (explicit `_pad`
+//! fields) and has its size asserted at compile time. Addresses are kept in
+//! network byte order as `[u8; N]` so that both sides read them the same way
+//! and `bpftool map dump` prints them byte by byte.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Name of the LPM trie from remote container prefixes to the peer host that
+/// owns them (`cilium_ipcache`-like). Pinned under the pin dir by this name.
+pub const MAP_ROUTES: &str = "ROUTES";
+/// Name of the LPM trie holding this host's own container subnets.
+pub const MAP_LOCAL_NETS: &str = "LOCAL_NETS";
+/// Name of the hash map from a local container IP to its veth endpoint.
+pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
+/// Name of the per-CPU array of packet/byte counters.
+pub const MAP_STATS: &str = "STATS";
+/// Every map the agent pins, in a fixed order.
+pub const PINNED_MAPS: [&str; 4] = [MAP_ROUTES, MAP_LOCAL_NETS, MAP_ENDPOINTS, MAP_STATS];
+
+/// Capacity of `ROUTES`: enough for the 100 000-route scale benchmark.
+pub const MAX_ROUTES: u32 = 131_072;
+/// Capacity of `LOCAL_NETS`.
+pub const MAX_LOCAL_NETS: u32 = 1_024;
+/// Capacity of `ENDPOINTS` (local containers).
+pub const MAX_ENDPOINTS: u32 = 65_536;
+
+/// Program names, as the loader looks them up in the object.
+pub const PROG_EGRESS: &str = "xhost_egress";
+pub const PROG_INGRESS: &str = "xhost_ingress";
+pub const PROG_XDP: &str = "xhost_xdp";
+
+/// Value of `ROUTES`: the peer host a remote prefix lives behind.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// IPv4 address of the peer host on the underlay, network byte order.
+    pub host: [u8; 4],
+    /// `PEER_F_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<Peer>() == 8);
+
+/// Value of `LOCAL_NETS`: a container subnet of this host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalNet {
+    /// ifindex of the bridge that serves the subnet (informational: delivery
+    /// takes its next hop from the FIB or from `ENDPOINTS`).
+    pub bridge_ifindex: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<LocalNet>() == 8);
+
+/// Value of `ENDPOINTS`: how to put a packet straight into a local container.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// ifindex of the host-side veth whose peer is the container's eth0;
+    /// `bpf_redirect_peer` to it lands the packet in the container netns.
+    pub ifindex: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+    /// The container's MAC (destination of delivered frames).
+    pub mac: [u8; 6],
+    /// The gateway MAC the container expects frames from (its bridge).
+    pub gw_mac: [u8; 6],
+    /// Explicit padding to a multiple of 4 bytes.
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(size_of::<Endpoint>() == 24);
+
+/// One counter slot in `STATS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<Counter>() == 16);
+
+/// Indices into `STATS`. Forwarded, passed and dropped packets each count
+/// once, at the point where the program decides their fate.
+pub mod stat {
+    /// Container -> remote container, redirected out the underlay.
+    pub const FWD_EGRESS: u32 = 0;
+    /// Remote container -> local container, delivered by the datapath.
+    pub const FWD_INGRESS: u32 = 1;
+    /// Not IPv4 (ARP, IPv6, VLAN, ...): handed to the kernel.
+    pub const PASS_NOT_IPV4: u32 = 2;
+    /// IPv4 not for xhost (host-bound, non-peer destination, ...).
+    pub const PASS_NOT_OURS: u32 = 3;
+    /// TTL <= 1: the kernel sends ICMP time exceeded.
+    pub const PASS_TTL: u32 = 4;
+    /// Truncated or malformed headers: the kernel decides.
+    pub const PASS_MALFORMED: u32 = 5;
+    /// The FIB had no usable answer (no route, forwarding off, MTU, ...).
+    pub const PASS_FIB: u32 = 6;
+    /// Dropped: destination is a local container, source is no peer's.
+    pub const DROP_SPOOFED: u32 = 7;
+    /// Dropped: a redirect helper failed after the packet was rewritten.
+    pub const DROP_REDIRECT: u32 = 8;
+    /// Number of slots.
+    pub const COUNT: u32 = 9;
+
+    /// Names as printed by `xhost-user status`, indexed by the constants above.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "fwd_egress",
+        "fwd_ingress",
+        "pass_not_ipv4",
+        "pass_not_ours",
+        "pass_ttl",
+        "pass_malformed",
+        "pass_fib",
+        "drop_spoofed",
+        "drop_redirect",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four are repr(C), Copy, and padding-free (asserted above).
+    unsafe impl aya::Pod for super::Peer {}
+    unsafe impl aya::Pod for super::LocalNet {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::Counter {}
+}

@@ -1,0 +1,229 @@
+//! xhost datapath: native routing of container traffic between hosts.
+//!
+//! * `xhost_egress` (TC ingress of each Docker bridge): a container's packet
+//!   for a peer's subnet is routed straight out the underlay towards the
+//!   peer host, with the container IPs kept.
+//! * `xhost_xdp` (XDP on the underlay NIC): early drop of packets aimed at
+//!   local containers from sources that belong to no peer.
+//! * `xhost_ingress` (TC ingress of the underlay NIC): a peer's packet for a
+//!   local container is delivered into the container's netns with
+//!   `bpf_redirect_peer`, or through the bridge when the endpoint is not
+//!   known, skipping netfilter either way.
+//!
+//! Everything the programs do not own goes to the kernel untouched.
+#![no_std]
+#![no_main]
+
+mod fib;
+mod maps;
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
+    helpers::{bpf_redirect, bpf_redirect_peer},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use aya_log_ebpf::debug;
+use xhost_common::stat;
+
+use crate::{
+    fib::NextHop,
+    maps::{ENDPOINTS, LOCAL_NETS, ROUTES, host_key},
+    parse::{Frame, decrement_ttl, parse},
+    stats::count,
+};
+
+/// A TC verdict together with the counter it is accounted under.
+struct Verdict {
+    action: i32,
+    reason: u32,
+}
+
+impl Verdict {
+    const fn pass(reason: u32) -> Self {
+        Self {
+            action: TC_ACT_OK as i32,
+            reason,
+        }
+    }
+}
+
+#[classifier]
+pub fn xhost_egress(ctx: TcContext) -> i32 {
+    finish(&ctx, try_egress(&ctx))
+}
+
+#[classifier]
+pub fn xhost_ingress(ctx: TcContext) -> i32 {
+    finish(&ctx, try_ingress(&ctx))
+}
+
+/// Counts the verdict and returns exactly the action that was computed.
+#[inline(always)]
+fn finish(ctx: &TcContext, v: Verdict) -> i32 {
+    count(v.reason, ctx.len());
+    v.action
+}
+
+/// Container -> remote container, seen on the bridge's ingress (the frame
+/// was addressed to the gateway MAC, so the bridge handed it up to us).
+#[inline(always)]
+fn try_egress(ctx: &TcContext) -> Verdict {
+    let f = match parse(ctx) {
+        Frame::Ipv4(f) => f,
+        Frame::NotIpv4 => return Verdict::pass(stat::PASS_NOT_IPV4),
+        Frame::Malformed => return Verdict::pass(stat::PASS_MALFORMED),
+    };
+    // SAFETY: `f.ip` was bounds-checked by `parse`.
+    let (src, dst, ttl) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr, (*f.ip).ttl) };
+    let Some(peer) = ROUTES.get(&host_key(dst)) else {
+        // Host-bound, local, or the internet (Docker's MASQUERADE).
+        return Verdict::pass(stat::PASS_NOT_OURS);
+    };
+    let peer_host = peer.host;
+    // Only this host's containers are routed; anything else sourced behind
+    // the bridge is the kernel's business.
+    if LOCAL_NETS.get(&host_key(src)).is_none() {
+        return Verdict::pass(stat::PASS_NOT_OURS);
+    }
+    if ttl <= 1 {
+        return Verdict::pass(stat::PASS_TTL);
+    }
+    // SAFETY: reading the ingress ifindex of the skb context.
+    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // The peer host is the next hop: resolve the route to it, not to the
+    // container prefix, which the kernel has no route for.
+    match fib::lookup(ctx, iif, src, peer_host) {
+        NextHop::Resolved {
+            ifindex,
+            smac,
+            dmac,
+        } => {
+            rewrite(&f, smac, dmac);
+            redirect(ifindex, stat::FWD_EGRESS)
+        }
+        NextHop::Unresolved { ifindex, nexthop } => {
+            decrement_ttl(f.ip);
+            forwarded(fib::redirect_neigh(ifindex, nexthop), stat::FWD_EGRESS)
+        }
+        NextHop::Kernel => Verdict::pass(stat::PASS_FIB),
+    }
+}
+
+/// Remote container -> local container, seen on the underlay's ingress.
+#[inline(always)]
+fn try_ingress(ctx: &TcContext) -> Verdict {
+    let f = match parse(ctx) {
+        Frame::Ipv4(f) => f,
+        Frame::NotIpv4 => return Verdict::pass(stat::PASS_NOT_IPV4),
+        Frame::Malformed => return Verdict::pass(stat::PASS_MALFORMED),
+    };
+    // SAFETY: `f.ip` was bounds-checked by `parse`.
+    let (src, dst, ttl) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr, (*f.ip).ttl) };
+    if LOCAL_NETS.get(&host_key(dst)).is_none() {
+        return Verdict::pass(stat::PASS_NOT_OURS);
+    }
+    // Docker's isolation (FORWARD/raw rules) is bypassed here, so enforce
+    // it: local containers are reachable only from peers' subnets. The
+    // same check runs in XDP when attached; it is repeated because XDP may
+    // be off, and costs one LPM lookup.
+    if ROUTES.get(&host_key(src)).is_none() {
+        debug!(ctx, "drop: source not a peer's");
+        return Verdict {
+            action: TC_ACT_SHOT as i32,
+            reason: stat::DROP_SPOOFED,
+        };
+    }
+    if ttl <= 1 {
+        return Verdict::pass(stat::PASS_TTL);
+    }
+    // SAFETY: HashMap::get hands out a reference the agent may overwrite
+    // concurrently; the value is copied out at once.
+    if let Some(ep) = unsafe { ENDPOINTS.get(&dst) }.copied() {
+        rewrite(&f, ep.gw_mac, ep.mac);
+        // Straight into the container's netns: no bridge, no backlog.
+        // SAFETY: plain helper call.
+        let action = unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32;
+        return forwarded(action, stat::FWD_INGRESS);
+    }
+    // SAFETY: reading the ingress ifindex of the skb context.
+    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    match fib::lookup(ctx, iif, src, dst) {
+        NextHop::Resolved {
+            ifindex,
+            smac,
+            dmac,
+        } => {
+            rewrite(&f, smac, dmac);
+            redirect(ifindex, stat::FWD_INGRESS)
+        }
+        NextHop::Unresolved { ifindex, nexthop } => {
+            decrement_ttl(f.ip);
+            forwarded(fib::redirect_neigh(ifindex, nexthop), stat::FWD_INGRESS)
+        }
+        // The gateway address, broadcast, ...: the kernel's.
+        NextHop::Kernel => Verdict::pass(stat::PASS_FIB),
+    }
+}
+
+/// Routes the frame one hop: new L2 addresses, TTL - 1.
+#[inline(always)]
+fn rewrite(f: &parse::Ipv4Frame, smac: [u8; 6], dmac: [u8; 6]) {
+    // SAFETY: `f.eth` was bounds-checked by `parse` and no helper has moved
+    // packet data since.
+    unsafe {
+        (*f.eth).src_addr = smac;
+        (*f.eth).dst_addr = dmac;
+    }
+    decrement_ttl(f.ip);
+}
+
+#[inline(always)]
+fn redirect(ifindex: u32, reason: u32) -> Verdict {
+    // SAFETY: plain helper call.
+    let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
+    forwarded(action, reason)
+}
+
+/// A redirect helper's result: forwarded, or a counted drop (the frame was
+/// already rewritten, so it cannot go back to the kernel).
+#[inline(always)]
+fn forwarded(action: i32, reason: u32) -> Verdict {
+    if action == TC_ACT_REDIRECT as i32 {
+        Verdict { action, reason }
+    } else {
+        Verdict {
+            action: TC_ACT_SHOT as i32,
+            reason: stat::DROP_REDIRECT,
+        }
+    }
+}
+
+/// Early validation on the underlay: drops what `xhost_ingress` would drop,
+/// before an skb is built. Passes everything else; the TC program counts it.
+#[xdp]
+pub fn xhost_xdp(ctx: XdpContext) -> u32 {
+    let Frame::Ipv4(f) = parse(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: `f.ip` was bounds-checked by `parse`.
+    let (src, dst) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr) };
+    if LOCAL_NETS.get(&host_key(dst)).is_some() && ROUTES.get(&host_key(src)).is_none() {
+        count(stat::DROP_SPOOFED, (ctx.data_end() - ctx.data()) as u32);
+        return xdp_action::XDP_DROP;
+    }
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Verifier: no panics survive into a loaded program; this is unreachable.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,130 @@
+//! Bounds-checked header access shared by the TC and XDP entry points.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::{TcContext, XdpContext};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+};
+
+/// A packet buffer seen through its `data`/`data_end` pointers.
+pub trait Packet {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+/// The single place where packet pointers are made: `T` at `off` must lie
+/// wholly inside the packet.
+#[inline(always)]
+pub fn ptr_at<T, P: Packet>(ctx: &P, off: usize) -> Option<*mut T> {
+    let start = ctx.start();
+    // Verifier: compare against data_end before every access.
+    if start + off + size_of::<T>() > ctx.end() {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// What the parser made of a frame.
+pub enum Frame {
+    /// Not IPv4: ARP, IPv6, VLAN-tagged, ...
+    NotIpv4,
+    /// Claims IPv4 but is truncated or inconsistent.
+    Malformed,
+    /// A well-formed IPv4 packet behind an Ethernet header.
+    Ipv4(Ipv4Frame),
+}
+
+/// Pointers into a validated Ethernet + IPv4 frame.
+pub struct Ipv4Frame {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv4Hdr,
+}
+
+/// Longest IPv4 header: IHL is 4 bits of 32-bit words.
+const IPV4_MAX_HDR_WORDS: usize = 30;
+
+/// Parses Ethernet + IPv4. The IPv4 header must be complete (IHL, options
+/// included), consistent (version 4, IHL >= 5, total length covers the
+/// header) and carry a correct header checksum: what the datapath forwards
+/// past `ip_rcv` must be what `ip_rcv` would have accepted.
+#[inline(always)]
+pub fn parse<P: Packet>(ctx: &P) -> Frame {
+    let Some(eth) = ptr_at::<EthHdr, P>(ctx, 0) else {
+        return Frame::Malformed;
+    };
+    // SAFETY: `eth` is bounds-checked by ptr_at.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+        return Frame::NotIpv4;
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr, P>(ctx, EthHdr::LEN) else {
+        return Frame::Malformed;
+    };
+    // SAFETY: `ip` is bounds-checked by ptr_at.
+    let (vihl, tot_len) = unsafe { ((*ip).vihl, u16::from_be_bytes((*ip).tot_len)) };
+    let words = usize::from(vihl & 0x0f) * 2; // 16-bit words in the header
+    let hdr_len = words * 2;
+    if vihl >> 4 != 4 || hdr_len < Ipv4Hdr::LEN || usize::from(tot_len) < hdr_len {
+        return Frame::Malformed;
+    }
+    // One's complement sum over the whole header, options included.
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    // Verifier: a constant trip count with a bounds check per word.
+    while i < IPV4_MAX_HDR_WORDS {
+        if i >= words {
+            break;
+        }
+        let Some(w) = ptr_at::<[u8; 2], P>(ctx, EthHdr::LEN + i * 2) else {
+            return Frame::Malformed;
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        sum += u32::from(u16::from_ne_bytes(unsafe { *w }));
+        i += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    if sum != 0xffff {
+        return Frame::Malformed;
+    }
+    Frame::Ipv4(Ipv4Frame { eth, ip })
+}
+
+/// Decrements the TTL and patches the header checksum incrementally, as the
+/// kernel's `ip_decrease_ttl` does (RFC 1624: the TTL is the high byte of
+/// its 16-bit word, so the sum grows by 0x0100 in network order).
+#[inline(always)]
+pub fn decrement_ttl(ip: *mut Ipv4Hdr) {
+    // SAFETY: callers pass a pointer from `parse`, still valid (no helper
+    // that moves packet data ran since).
+    unsafe {
+        let mut check = u32::from(u16::from_ne_bytes((*ip).check));
+        check += u32::from(0x0100u16.to_be());
+        let folded = check + u32::from(check >= 0xffff);
+        (*ip).check = (folded as u16).to_ne_bytes();
+        (*ip).ttl -= 1;
+    }
+}

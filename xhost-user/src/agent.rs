@@ -1,0 +1,136 @@
+//! `xhost-user load`: validate, load, attach, fill the maps, then keep them
+//! in step with Docker until SIGINT/SIGTERM, and detach cleanly.
+
+use std::{io::Write as _, net::Ipv4Addr};
+
+use anyhow::Context as _;
+use log::{info, warn};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    config::{self, LocalSubnet, Settings},
+    datapath::Datapath,
+    layout::Layout,
+    report::{AgentState, Attachment, DockerStatus},
+    state::{self, Desired},
+};
+
+pub async fn load(settings: Settings, layout: Layout, detach: bool) -> anyhow::Result<()> {
+    // Everything that can be checked is checked before the kernel is touched.
+    let static_locals = config::validate(&settings)?;
+    let mut dp = Datapath::load(&layout)?;
+    let xdp = dp.attach_underlay(&settings.iface, settings.xdp_mode)?;
+    for p in &settings.peers {
+        for n in &p.subnets {
+            dp.set_route(n, p.host)?;
+            info!("route {n} via peer {}: added", p.host);
+        }
+    }
+    let mut applied = Desired::default();
+    let want = state::desired(&static_locals, &[], &[], &settings.peers);
+    state::apply(&mut dp, &mut applied, &want)?;
+    if !crate::net::forwarding_enabled(&settings.iface) {
+        warn!(
+            "IPv4 forwarding is off on {}: the FIB refuses to forward, so xhost hands packets to the kernel",
+            settings.iface
+        );
+    }
+
+    let mut report = AgentState::new(&settings, xdp, detach);
+    report.refresh(&dp, &applied);
+    report.write(&layout).context("writing agent state")?;
+    if detach {
+        dp.keep_running();
+        println!("ready");
+        info!("detached: the datapath stays loaded; `xhost-user unload` removes it");
+        return Ok(());
+    }
+    println!("ready");
+    std::io::stdout().flush().ok();
+
+    let res = follow(
+        &settings,
+        &static_locals,
+        &mut dp,
+        &mut applied,
+        &mut report,
+    )
+    .await;
+    drop(dp); // detaches and unpins
+    let _ = crate::layout::remove_file_if_exists(&layout.state_file());
+    let _ = std::fs::remove_dir(&layout.run_dir);
+    info!("unloaded");
+    res
+}
+
+/// The single writer: applies Docker's view as it changes until a signal.
+async fn follow(
+    settings: &Settings,
+    static_locals: &[LocalSubnet],
+    dp: &mut Datapath,
+    applied: &mut Desired,
+    report: &mut AgentState,
+) -> anyhow::Result<()> {
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let (tx, mut rx) = tokio::sync::watch::channel(None);
+    let watcher = settings.docker.then(|| {
+        let host = settings.docker_host.clone();
+        tokio::spawn(crate::docker::watch(host, tx))
+    });
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            changed = rx.changed(), if watcher.is_some() => {
+                if changed.is_err() {
+                    warn!("Docker watcher stopped; keeping the datapath as it is");
+                    break;
+                }
+                let view = rx.borrow_and_update().clone();
+                match &view {
+                    // Engine unreachable: keep the datapath as it is.
+                    None => report.docker = Some(DockerStatus::unreachable(settings)),
+                    Some(v) => {
+                        let (nets, eps) = state::docker_specs(v);
+                        let want = state::desired(static_locals, &nets, &eps, &settings.peers);
+                        if let Err(e) = state::apply(dp, applied, &want) {
+                            warn!("applying Docker state: {e}");
+                        }
+                        report.docker = Some(DockerStatus::from_view(settings, v));
+                    }
+                }
+                report.refresh(dp, applied);
+                if let Err(e) = report.write(dp.layout()) {
+                    warn!("writing agent state: {e:#}");
+                }
+            }
+        }
+    }
+    if let Some(w) = watcher {
+        w.abort();
+    }
+    Ok(())
+}
+
+impl AgentState {
+    fn refresh(&mut self, dp: &Datapath, applied: &Desired) {
+        self.attachments = dp
+            .attachments()
+            .map(|(iface, hook)| Attachment {
+                iface: iface.to_owned(),
+                hook,
+                program: hook.program().to_owned(),
+            })
+            .collect();
+        self.bridges = applied.bridges.iter().cloned().collect();
+    }
+}
+
+/// The underlay's first IPv4 address: what peers route to.
+pub fn underlay_address(iface: &str) -> Option<Ipv4Addr> {
+    crate::net::ipv4_subnets(iface)
+        .ok()?
+        .first()
+        .map(|(a, _)| *a)
+}

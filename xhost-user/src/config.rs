@@ -1,0 +1,451 @@
+//! The agent's settings: command-line flags and the TOML file, merged and
+//! validated before anything touches the kernel.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, str::FromStr};
+
+use crate::net::{self, CidrError, IfaceError, Ipv4Net};
+
+/// The config file. Says the same as the flags:
+/// ```toml
+/// iface = "ens33"
+/// bridges = ["docker0"]
+/// docker = true
+/// [[peer]]
+/// host = "172.16.91.132"
+/// subnets = ["192.168.220.0/24"]
+/// ```
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub iface: Option<String>,
+    #[serde(default)]
+    pub bridges: Vec<String>,
+    pub docker: Option<bool>,
+    pub docker_host: Option<String>,
+    pub xdp_mode: Option<XdpModeArg>,
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<PeerConfig>,
+}
+
+/// One remote host and the container subnets behind it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub host: Ipv4Addr,
+    pub subnets: Vec<Ipv4Net>,
+}
+
+/// How the XDP validator is attached to the underlay.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpModeArg {
+    /// Native (driver) mode, falling back to generic (SKB) mode with a warning.
+    #[default]
+    Auto,
+    /// Native (driver) mode or fail.
+    Native,
+    /// Generic (SKB) mode.
+    Skb,
+    /// No XDP program; the TC program validates alone.
+    Off,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--peer `{arg}`: expected HOST_IP=CIDR[,CIDR...]")]
+    PeerSyntax { arg: String },
+    #[error("--peer `{arg}`: `{host}` is not an IPv4 address")]
+    PeerHost { arg: String, host: String },
+    #[error("--peer `{arg}`")]
+    PeerCidr {
+        arg: String,
+        #[source]
+        source: CidrError,
+    },
+    #[error("cannot read config {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("--iface {flag} conflicts with iface = \"{file}\" in the config file")]
+    IfaceConflict { flag: String, file: String },
+    #[error("--no-docker conflicts with docker = true in the config file")]
+    DockerConflict,
+    #[error("--xdp-mode {flag:?} conflicts with xdp_mode = {file:?} in the config file")]
+    XdpConflict { flag: XdpModeArg, file: XdpModeArg },
+    #[error("no underlay interface: give --iface or iface = \"...\" in the config file")]
+    NoIface,
+    #[error("peer {0} is given more than once")]
+    DuplicatePeer(Ipv4Addr),
+    #[error("peer {0} has no subnets")]
+    EmptyPeer(Ipv4Addr),
+    #[error("peer address {0} is not a unicast host address")]
+    PeerNotUnicast(Ipv4Addr),
+    #[error("subnet {a} of peer {peer_a} overlaps subnet {b} of peer {peer_b}")]
+    PeerOverlap {
+        a: Ipv4Net,
+        peer_a: Ipv4Addr,
+        b: Ipv4Net,
+        peer_b: Ipv4Addr,
+    },
+    #[error("subnet {peer_net} of peer {peer} overlaps local subnet {local} on {bridge}")]
+    LocalOverlap {
+        peer_net: Ipv4Net,
+        peer: Ipv4Addr,
+        local: Ipv4Net,
+        bridge: String,
+    },
+    #[error("peer {peer} lies inside local subnet {local} on {bridge}")]
+    PeerInLocal {
+        peer: Ipv4Addr,
+        local: Ipv4Net,
+        bridge: String,
+    },
+    #[error("bridge {0} has no IPv4 address, so it serves no container subnet")]
+    BridgeNoAddress(String),
+    #[error("{0} is the underlay; it cannot also be a bridge")]
+    UnderlayIsBridge(String),
+    #[error("nothing to serve: give --bridge, or let the agent follow Docker (drop --no-docker)")]
+    NothingToServe,
+    #[error(transparent)]
+    Iface(#[from] IfaceError),
+}
+
+impl FromStr for PeerConfig {
+    type Err = ConfigError;
+
+    /// `HOST_IP=CIDR[,CIDR...]`, as given to `--peer`.
+    fn from_str(arg: &str) -> Result<Self, Self::Err> {
+        let (host, nets) = arg.split_once('=').ok_or_else(|| ConfigError::PeerSyntax {
+            arg: arg.to_owned(),
+        })?;
+        let host = host.trim().parse().map_err(|_| ConfigError::PeerHost {
+            arg: arg.to_owned(),
+            host: host.to_owned(),
+        })?;
+        let subnets = nets
+            .split(',')
+            .map(|n| {
+                n.parse().map_err(|source| ConfigError::PeerCidr {
+                    arg: arg.to_owned(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { host, subnets })
+    }
+}
+
+/// Reads and parses a config file.
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: shown,
+        // toml's message spans lines (source excerpt); keep it on one.
+        message: e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+    })
+}
+
+/// The flags of `load` that the file can also say.
+#[derive(Debug, Default)]
+pub struct FlagConfig {
+    pub iface: Option<String>,
+    pub bridges: Vec<String>,
+    pub peers: Vec<PeerConfig>,
+    pub no_docker: bool,
+    pub docker_host: Option<String>,
+    pub xdp_mode: Option<XdpModeArg>,
+}
+
+/// Flags and file merged; not yet checked against the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub iface: String,
+    pub bridges: Vec<String>,
+    pub peers: Vec<PeerConfig>,
+    pub docker: bool,
+    pub docker_host: Option<String>,
+    pub xdp_mode: XdpModeArg,
+}
+
+/// Combines flags and file. Both may add bridges and peers; a value given
+/// differently by both is an error, never a silent override.
+pub fn merge(flags: FlagConfig, file: Option<FileConfig>) -> Result<Settings, ConfigError> {
+    let file = file.unwrap_or_default();
+    let iface = match (flags.iface, file.iface) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ConfigError::IfaceConflict { flag: a, file: b });
+        }
+        (Some(a), _) | (None, Some(a)) => a,
+        (None, None) => return Err(ConfigError::NoIface),
+    };
+    if flags.no_docker && file.docker == Some(true) {
+        return Err(ConfigError::DockerConflict);
+    }
+    let xdp_mode = match (flags.xdp_mode, file.xdp_mode) {
+        (Some(a), Some(b)) if a != b => return Err(ConfigError::XdpConflict { flag: a, file: b }),
+        (Some(a), _) | (None, Some(a)) => a,
+        (None, None) => XdpModeArg::default(),
+    };
+    let mut bridges = file.bridges;
+    for b in flags.bridges {
+        if !bridges.contains(&b) {
+            bridges.push(b);
+        }
+    }
+    let mut peers = file.peers;
+    peers.extend(flags.peers);
+    Ok(Settings {
+        iface,
+        bridges,
+        peers,
+        docker: !flags.no_docker && file.docker != Some(false),
+        docker_host: flags.docker_host.or(file.docker_host),
+        xdp_mode,
+    })
+}
+
+/// A container subnet served by a bridge of this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalSubnet {
+    pub net: Ipv4Net,
+    pub bridge: String,
+}
+
+/// Checks peers among themselves: unique, unicast, non-empty, disjoint.
+pub fn check_peers(peers: &[PeerConfig]) -> Result<(), ConfigError> {
+    let mut seen = BTreeSet::new();
+    for p in peers {
+        if !seen.insert(p.host) {
+            return Err(ConfigError::DuplicatePeer(p.host));
+        }
+        if p.host.is_unspecified()
+            || p.host.is_broadcast()
+            || p.host.is_multicast()
+            || p.host.is_loopback()
+        {
+            return Err(ConfigError::PeerNotUnicast(p.host));
+        }
+        if p.subnets.is_empty() {
+            return Err(ConfigError::EmptyPeer(p.host));
+        }
+    }
+    let all: Vec<(Ipv4Net, Ipv4Addr)> = peers
+        .iter()
+        .flat_map(|p| p.subnets.iter().map(move |n| (*n, p.host)))
+        .collect();
+    for (i, (a, peer_a)) in all.iter().enumerate() {
+        for (b, peer_b) in &all[i + 1..] {
+            if a.overlaps(b) {
+                return Err(ConfigError::PeerOverlap {
+                    a: *a,
+                    peer_a: *peer_a,
+                    b: *b,
+                    peer_b: *peer_b,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a local subnet against every peer: no overlap, no peer inside.
+pub fn check_local(local: &LocalSubnet, peers: &[PeerConfig]) -> Result<(), ConfigError> {
+    for p in peers {
+        if local.net.contains(p.host) {
+            return Err(ConfigError::PeerInLocal {
+                peer: p.host,
+                local: local.net,
+                bridge: local.bridge.clone(),
+            });
+        }
+        if let Some(n) = p.subnets.iter().find(|n| n.overlaps(&local.net)) {
+            return Err(ConfigError::LocalOverlap {
+                peer_net: *n,
+                peer: p.host,
+                local: local.net,
+                bridge: local.bridge.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Validates settings against the kernel's view: interfaces exist, bridges
+/// are bridges with addresses, subnets are consistent. Returns the local
+/// subnets the given bridges serve.
+pub fn validate(s: &Settings) -> Result<Vec<LocalSubnet>, ConfigError> {
+    net::ifindex(&s.iface)?;
+    check_peers(&s.peers)?;
+    if s.bridges.is_empty() && !s.docker {
+        return Err(ConfigError::NothingToServe);
+    }
+    let mut locals = Vec::new();
+    for b in &s.bridges {
+        if *b == s.iface {
+            return Err(ConfigError::UnderlayIsBridge(b.clone()));
+        }
+        net::ensure_bridge(b)?;
+        let subnets = net::ipv4_subnets(b)?;
+        if subnets.is_empty() {
+            return Err(ConfigError::BridgeNoAddress(b.clone()));
+        }
+        for (_, n) in subnets {
+            let local = LocalSubnet {
+                net: n,
+                bridge: b.clone(),
+            };
+            check_local(&local, &s.peers)?;
+            locals.push(local);
+        }
+    }
+    Ok(locals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(s: &str) -> PeerConfig {
+        s.parse().expect("valid peer")
+    }
+
+    #[test]
+    fn peer_flag_syntax() {
+        let p = peer("172.16.91.132=192.168.220.0/24,10.9.0.0/16");
+        assert_eq!(p.host, Ipv4Addr::new(172, 16, 91, 132));
+        assert_eq!(p.subnets.len(), 2);
+        for (bad, want) in [
+            ("172.16.91.132", "expected HOST_IP=CIDR"),
+            ("nohost=10.0.0.0/8", "`nohost` is not an IPv4 address"),
+            ("1.2.3.4=10.0.0.1/8", "host bits set"),
+            ("1.2.3.4=", "not an IPv4 CIDR"),
+        ] {
+            let e = bad.parse::<PeerConfig>().expect_err(bad).to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn merge_combines_and_rejects_conflicts() {
+        let file: FileConfig = toml::from_str(
+            "iface = \"ens33\"\nbridges = [\"docker0\"]\n[[peer]]\nhost = \"10.0.0.2\"\nsubnets = [\"192.168.220.0/24\"]\n",
+        )
+        .expect("valid toml");
+        let flags = FlagConfig {
+            bridges: vec!["br1".into(), "docker0".into()],
+            peers: vec![peer("10.0.0.3=192.168.230.0/24")],
+            ..Default::default()
+        };
+        let s = merge(flags, Some(file)).expect("merges");
+        assert_eq!(s.iface, "ens33");
+        assert_eq!(s.bridges, ["docker0", "br1"]);
+        assert_eq!(s.peers.len(), 2);
+        assert!(s.docker);
+
+        let file = FileConfig {
+            iface: Some("eth0".into()),
+            ..Default::default()
+        };
+        let flags = FlagConfig {
+            iface: Some("ens33".into()),
+            ..Default::default()
+        };
+        let e = merge(flags, Some(file)).expect_err("conflict").to_string();
+        assert_eq!(
+            e,
+            "--iface ens33 conflicts with iface = \"eth0\" in the config file"
+        );
+
+        let file = FileConfig {
+            iface: Some("e".into()),
+            docker: Some(true),
+            ..Default::default()
+        };
+        let flags = FlagConfig {
+            no_docker: true,
+            ..Default::default()
+        };
+        assert!(matches!(
+            merge(flags, Some(file)),
+            Err(ConfigError::DockerConflict)
+        ));
+        assert!(matches!(
+            merge(FlagConfig::default(), None),
+            Err(ConfigError::NoIface)
+        ));
+    }
+
+    #[test]
+    fn file_rejects_unknown_keys_and_bad_cidrs() {
+        assert!(toml::from_str::<FileConfig>("ifase = \"x\"").is_err());
+        let e = toml::from_str::<FileConfig>(
+            "[[peer]]\nhost = \"10.0.0.2\"\nsubnets = [\"10.1.0.1/16\"]\n",
+        )
+        .expect_err("host bits");
+        assert!(e.to_string().contains("has host bits set"), "{e}");
+    }
+
+    #[test]
+    fn peer_checks() {
+        let dup = [peer("10.0.0.2=10.1.0.0/16"), peer("10.0.0.2=10.2.0.0/16")];
+        assert_eq!(
+            check_peers(&dup).expect_err("dup").to_string(),
+            "peer 10.0.0.2 is given more than once"
+        );
+        let overlap = [peer("10.0.0.2=10.1.0.0/16"), peer("10.0.0.3=10.1.128.0/17")];
+        assert_eq!(
+            check_peers(&overlap).expect_err("overlap").to_string(),
+            "subnet 10.1.0.0/16 of peer 10.0.0.2 overlaps subnet 10.1.128.0/17 of peer 10.0.0.3"
+        );
+        let within = [peer("10.0.0.2=10.1.0.0/16,10.1.2.0/24")];
+        assert!(matches!(
+            check_peers(&within),
+            Err(ConfigError::PeerOverlap { .. })
+        ));
+        assert!(matches!(
+            check_peers(&[peer("0.0.0.0=10.1.0.0/16")]),
+            Err(ConfigError::PeerNotUnicast(_))
+        ));
+        assert!(check_peers(&[peer("10.0.0.2=10.1.0.0/16"), peer("10.0.0.3=10.2.0.0/16")]).is_ok());
+    }
+
+    #[test]
+    fn local_checks() {
+        let local = LocalSubnet {
+            net: "192.168.110.0/24".parse().expect("valid"),
+            bridge: "docker0".into(),
+        };
+        let e = check_local(&local, &[peer("10.0.0.2=192.168.0.0/16")]).expect_err("overlap");
+        assert_eq!(
+            e.to_string(),
+            "subnet 192.168.0.0/16 of peer 10.0.0.2 overlaps local subnet 192.168.110.0/24 on docker0"
+        );
+        assert!(matches!(
+            check_local(&local, &[peer("192.168.110.7=10.0.0.0/8")]),
+            Err(ConfigError::PeerInLocal { .. })
+        ));
+        assert!(check_local(&local, &[peer("10.0.0.2=192.168.220.0/24")]).is_ok());
+    }
+}

@@ -1,0 +1,573 @@
+//! The one owner of the loaded eBPF object: its programs, their links, and
+//! the maps the agent writes.
+//!
+//! Everything attached or pinned is recorded the moment it exists, so a
+//! failure half-way through `load` is undone by `Drop`: no program stays
+//! attached and no pin stays behind.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, lpm_trie::Key},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+};
+use log::{info, warn};
+use xhost_common::{
+    Endpoint, LocalNet, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_ROUTES, PINNED_MAPS, PROG_EGRESS,
+    PROG_INGRESS, PROG_XDP, Peer,
+};
+
+use crate::{
+    config::XdpModeArg,
+    layout::{Hook, Layout, remove_file_if_exists},
+    net::Ipv4Net,
+};
+
+/// The datapath object, built by xhost-user's build script.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xhost"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "xhost is already loaded here: {} holds pins (run `xhost-user unload` first, or use another --pin-dir)",
+        .0.display()
+    )]
+    AlreadyLoaded(PathBuf),
+    #[error("{} is not on a bpf filesystem", .0.display())]
+    NotBpffs(PathBuf),
+    #[error("{iface} already has {program} attached at {hook} (another xhost instance?)")]
+    AlreadyAttached {
+        iface: String,
+        hook: &'static str,
+        program: String,
+    },
+    #[error("pin directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object")]
+    Object(#[source] Box<aya::EbpfError>),
+    #[error("eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("program {program}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching {program} to {iface} ({hook})")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        hook: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("XDP native mode is not available on {iface} (use --xdp-mode skb or off)")]
+    XdpNative {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("{iface}: the attachment is not a bpf_link, so it cannot be pinned (kernel < 6.6?)")]
+    Link {
+        iface: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Which XDP mode ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpAttached {
+    Native,
+    Skb,
+    Off,
+}
+
+/// A live attachment: pinned so that it survives the process when asked,
+/// and detached by unpinning + closing.
+struct Attachment {
+    link: Option<PinnedLink>,
+    path: PathBuf,
+}
+
+pub struct Datapath {
+    layout: Layout,
+    ebpf: Ebpf,
+    routes: LpmTrie<MapData, [u8; 4], Peer>,
+    local_nets: LpmTrie<MapData, [u8; 4], LocalNet>,
+    endpoints: HashMap<MapData, [u8; 4], Endpoint>,
+    attachments: BTreeMap<(String, Hook), Attachment>,
+    pinned_maps: Vec<PathBuf>,
+    /// Set by `keep_running`: leave everything in place on drop.
+    keep: bool,
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+fn key(net: &Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(net.len()), net.addr().octets())
+}
+
+impl Datapath {
+    /// Loads and verifies the programs, creates and pins the maps.
+    /// Attaches nothing yet.
+    pub fn load(layout: &Layout) -> Result<Self, DatapathError> {
+        if layout.in_use() {
+            return Err(DatapathError::AlreadyLoaded(layout.pin_dir.clone()));
+        }
+        ensure_bpffs(&layout.pin_dir)?;
+        let mut guard = PinGuard {
+            paths: Vec::new(),
+            layout: layout.clone(),
+        };
+        for dir in [&layout.pin_dir, &layout.links_dir()] {
+            std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        // Only the log levels the agent prints are compiled in at load time,
+        // so disabled aya-log statements cost one branch in the kernel.
+        let level = log_level_mask();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, true)
+            .load(OBJECT)
+            .map_err(|e| DatapathError::Object(Box::new(e)))?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!("eBPF logs unavailable: {e}");
+                None
+            }
+        };
+        // Pin each map as it is taken; the guard unpins them all if a later
+        // step fails before the Datapath (whose Drop takes over) exists.
+        let mut maps = Vec::with_capacity(PINNED_MAPS.len());
+        for name in PINNED_MAPS {
+            let map = ebpf.take_map(name).ok_or(DatapathError::Missing(name))?;
+            let path = layout.map(name);
+            map.pin(&path).map_err(|source| DatapathError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+            guard.paths.push(path);
+            maps.push(map);
+        }
+        let map_err = |map| move |source| DatapathError::Map { map, source };
+        let [routes, local_nets, endpoints, _stats] =
+            <[aya::maps::Map; 4]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
+        let mut dp = Self {
+            layout: layout.clone(),
+            routes: routes.try_into().map_err(map_err(MAP_ROUTES))?,
+            local_nets: local_nets.try_into().map_err(map_err(MAP_LOCAL_NETS))?,
+            endpoints: endpoints.try_into().map_err(map_err(MAP_ENDPOINTS))?,
+            ebpf,
+            attachments: BTreeMap::new(),
+            pinned_maps: std::mem::take(&mut guard.paths),
+            keep: false,
+            _logger: logger,
+        };
+        // From here on, Drop undoes whatever is done.
+        for name in [PROG_EGRESS, PROG_INGRESS] {
+            let prog: &mut SchedClassifier = dp.program(name)?;
+            prog.load().map_err(|source| DatapathError::Program {
+                program: name,
+                source,
+            })?;
+        }
+        let xdp: &mut Xdp = dp.program(PROG_XDP)?;
+        xdp.load().map_err(|source| DatapathError::Program {
+            program: PROG_XDP,
+            source,
+        })?;
+        Ok(dp)
+    }
+
+    fn program<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, DatapathError>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    {
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Missing(name))?;
+        prog.try_into().map_err(|source| DatapathError::Program {
+            program: name,
+            source,
+        })
+    }
+
+    /// Attaches the underlay programs: XDP validation (per `mode`) and the
+    /// TC ingress delivery program.
+    pub fn attach_underlay(
+        &mut self,
+        iface: &str,
+        mode: XdpModeArg,
+    ) -> Result<XdpAttached, DatapathError> {
+        refuse_if_attached(iface, TcAttachType::Ingress, PROG_INGRESS)?;
+        let attached = match mode {
+            XdpModeArg::Off => XdpAttached::Off,
+            XdpModeArg::Skb => {
+                self.attach_xdp(iface, XdpMode::Skb)?;
+                XdpAttached::Skb
+            }
+            XdpModeArg::Native => {
+                self.attach_xdp(iface, XdpMode::Driver)
+                    .map_err(|e| match e {
+                        DatapathError::Attach { source, .. } => DatapathError::XdpNative {
+                            iface: iface.into(),
+                            source,
+                        },
+                        e => e,
+                    })?;
+                XdpAttached::Native
+            }
+            XdpModeArg::Auto => match self.attach_xdp(iface, XdpMode::Driver) {
+                Ok(()) => XdpAttached::Native,
+                Err(DatapathError::Attach { source, .. }) if !is_busy(&source) => {
+                    warn!(
+                        "XDP native mode unavailable on {iface} ({source}); using generic (SKB) mode"
+                    );
+                    self.attach_xdp(iface, XdpMode::Skb)?;
+                    XdpAttached::Skb
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        self.attach_tc(iface, Hook::UnderlayIngress)?;
+        Ok(attached)
+    }
+
+    fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<(), DatapathError> {
+        let attach_err = |source| DatapathError::Attach {
+            program: PROG_XDP,
+            iface: iface.into(),
+            hook: "xdp",
+            source,
+        };
+        let prog: &mut Xdp = self.program(PROG_XDP)?;
+        let id = prog.attach(iface, mode).map_err(|e| {
+            if is_busy(&e) {
+                DatapathError::AlreadyAttached {
+                    iface: iface.into(),
+                    hook: "xdp",
+                    program: "an XDP program".into(),
+                }
+            } else {
+                attach_err(e)
+            }
+        })?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd: FdLink = link.try_into().map_err(|source| DatapathError::Link {
+            iface: iface.into(),
+            source,
+        })?;
+        self.record(iface, Hook::Xdp, fd)
+    }
+
+    /// Attaches the bridge program to a Docker bridge's ingress.
+    pub fn attach_bridge(&mut self, bridge: &str) -> Result<(), DatapathError> {
+        if self
+            .attachments
+            .contains_key(&(bridge.to_owned(), Hook::BridgeIngress))
+        {
+            return Ok(());
+        }
+        refuse_if_attached(bridge, TcAttachType::Ingress, PROG_EGRESS)?;
+        self.attach_tc(bridge, Hook::BridgeIngress)
+    }
+
+    fn attach_tc(&mut self, iface: &str, hook: Hook) -> Result<(), DatapathError> {
+        let program = hook.program();
+        let attach_err = |source| DatapathError::Attach {
+            program,
+            iface: iface.into(),
+            hook: hook.as_str(),
+            source,
+        };
+        let prog: &mut SchedClassifier = self.program(program)?;
+        // tcx on kernels >= 6.6 (aya picks it): a bpf_link that can be pinned,
+        // needs no qdisc, and leaves nothing behind when closed.
+        let id = prog
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd: FdLink = link.try_into().map_err(|source| DatapathError::Link {
+            iface: iface.into(),
+            source,
+        })?;
+        self.record(iface, hook, fd)
+    }
+
+    fn record(&mut self, iface: &str, hook: Hook, fd: FdLink) -> Result<(), DatapathError> {
+        let path = self.layout.link(iface, hook);
+        let dir = self.layout.links_dir();
+        std::fs::create_dir_all(&dir)
+            .map_err(|source| DatapathError::PinDir { path: dir, source })?;
+        // A stale pin (agent killed, interface gone) would make pin() fail.
+        let _ = remove_file_if_exists(&path);
+        let link = fd.pin(&path).map_err(|source| DatapathError::Pin {
+            path: path.clone(),
+            source,
+        })?;
+        self.attachments.insert(
+            (iface.to_owned(), hook),
+            Attachment {
+                link: Some(link),
+                path,
+            },
+        );
+        info!("attached {} to {iface} ({})", hook.program(), hook.as_str());
+        Ok(())
+    }
+
+    /// Detaches the bridge program from `bridge` (network removed).
+    pub fn detach_bridge(&mut self, bridge: &str) {
+        if let Some(a) = self
+            .attachments
+            .remove(&(bridge.to_owned(), Hook::BridgeIngress))
+        {
+            detach(a);
+            info!("detached {PROG_EGRESS} from {bridge}");
+        }
+    }
+
+    /// (iface, hook) of everything attached.
+    pub fn attachments(&self) -> impl Iterator<Item = (&str, Hook)> {
+        self.attachments.keys().map(|(i, h)| (i.as_str(), *h))
+    }
+
+    pub fn set_route(&mut self, net: &Ipv4Net, peer: Ipv4Addr) -> Result<(), DatapathError> {
+        let value = Peer {
+            host: peer.octets(),
+            flags: 0,
+        };
+        self.routes
+            .insert(&key(net), value, 0)
+            .map_err(|source| DatapathError::Map {
+                map: MAP_ROUTES,
+                source,
+            })
+    }
+
+    pub fn remove_route(&mut self, net: &Ipv4Net) -> Result<(), DatapathError> {
+        self.routes
+            .remove(&key(net))
+            .map_err(|source| DatapathError::Map {
+                map: MAP_ROUTES,
+                source,
+            })
+    }
+
+    pub fn set_local(&mut self, net: &Ipv4Net, bridge_ifindex: u32) -> Result<(), DatapathError> {
+        let value = LocalNet {
+            bridge_ifindex,
+            flags: 0,
+        };
+        self.local_nets
+            .insert(&key(net), value, 0)
+            .map_err(|source| DatapathError::Map {
+                map: MAP_LOCAL_NETS,
+                source,
+            })
+    }
+
+    pub fn remove_local(&mut self, net: &Ipv4Net) -> Result<(), DatapathError> {
+        self.local_nets
+            .remove(&key(net))
+            .map_err(|source| DatapathError::Map {
+                map: MAP_LOCAL_NETS,
+                source,
+            })
+    }
+
+    pub fn set_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DatapathError> {
+        self.endpoints
+            .insert(ip.octets(), ep, 0)
+            .map_err(|source| DatapathError::Map {
+                map: MAP_ENDPOINTS,
+                source,
+            })
+    }
+
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        self.endpoints
+            .remove(&ip.octets())
+            .map_err(|source| DatapathError::Map {
+                map: MAP_ENDPOINTS,
+                source,
+            })
+    }
+
+    /// Leaves programs, links and maps pinned when this value is dropped
+    /// (`load --detach`); `xhost-user unload` removes them.
+    pub fn keep_running(mut self) {
+        self.keep = true;
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        for (_, a) in std::mem::take(&mut self.attachments) {
+            detach(a);
+        }
+        for path in self.pinned_maps.drain(..) {
+            if let Err(e) = remove_file_if_exists(&path) {
+                warn!("removing {}: {e}", path.display());
+            }
+        }
+        remove_empty_dirs(&self.layout);
+    }
+}
+
+/// Unpins and closes a link: the kernel detaches the program once the last
+/// reference (the pin, then our fd) is gone.
+fn detach(mut a: Attachment) {
+    if let Some(link) = a.link.take() {
+        match link.unpin() {
+            Ok(fd) => drop(fd),
+            Err(e) => warn!("unpinning {}: {e}", a.path.display()),
+        }
+    }
+    let _ = remove_file_if_exists(&a.path);
+}
+
+/// `statfs(2)` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Makes sure `pin_dir` lives on a bpffs, mounting one at /sys/fs/bpf when
+/// nothing is mounted there yet (minimal machines and fresh VMs).
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
+    const ROOT: &str = "/sys/fs/bpf";
+    let on_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    };
+    // The nearest existing ancestor decides which filesystem the pins land on.
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if on_bpffs(existing) {
+        return Ok(());
+    }
+    let not_bpffs = || DatapathError::NotBpffs(pin_dir.to_path_buf());
+    if !pin_dir.starts_with(ROOT) || on_bpffs(Path::new(ROOT)) {
+        return Err(not_bpffs());
+    }
+    std::fs::create_dir_all(ROOT).map_err(|source| DatapathError::PinDir {
+        path: ROOT.into(),
+        source,
+    })?;
+    nix::mount::mount(
+        Some("bpf"),
+        ROOT,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| DatapathError::PinDir {
+        path: ROOT.into(),
+        source: e.into(),
+    })?;
+    info!("mounted bpffs at {ROOT}");
+    Ok(())
+}
+
+/// Undoes map pins and created directories unless emptied into a Datapath.
+struct PinGuard {
+    paths: Vec<PathBuf>,
+    layout: Layout,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        for path in &self.paths {
+            let _ = remove_file_if_exists(path);
+        }
+        // After a successful load the directories hold pins and stay.
+        remove_empty_dirs(&self.layout);
+    }
+}
+
+fn remove_empty_dirs(layout: &Layout) {
+    for dir in [layout.links_dir(), layout.pin_dir.clone()] {
+        // Only empty directories go; anything else is not ours to delete.
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
+
+/// Fails if an xhost program of this name is already attached to `iface`,
+/// whichever pin dir it came from.
+fn refuse_if_attached(
+    iface: &str,
+    at: TcAttachType,
+    program: &'static str,
+) -> Result<(), DatapathError> {
+    let Ok((_, progs)) = SchedClassifier::query_tcx(iface, at) else {
+        return Ok(()); // no tcx on this kernel, or no such interface: attach reports it
+    };
+    match progs.iter().find(|p| p.name_as_str() == Some(program)) {
+        Some(_) => Err(DatapathError::AlreadyAttached {
+            iface: iface.into(),
+            hook: "tc ingress",
+            program: program.into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn is_busy(e: &ProgramError) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(io.raw_os_error(), Some(libc::EBUSY | libc::EEXIST));
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// aya-log's level mask for the kernel side, from the agent's log filter.
+fn log_level_mask() -> u8 {
+    match log::max_level() {
+        log::LevelFilter::Off => 0,
+        l => l as u8,
+    }
+}
+
+/// Opens a pinned map of an instance (for status/unload from another process).
+pub fn open_pinned(layout: &Layout, name: &str) -> Result<aya::maps::Map, aya::maps::MapError> {
+    let data = MapData::from_pin(layout.map(name))?;
+    aya::maps::Map::from_map_data(data)
+}

@@ -1,0 +1,128 @@
+//! Where xhost keeps what must outlive a process: bpffs pins and run state.
+//!
+//! ```text
+//! <pin-dir>/ROUTES, LOCAL_NETS, ENDPOINTS, STATS   maps (bpftool map dump pinned ...)
+//! <pin-dir>/links/<iface>@<hook>                   tcx / XDP links (detach = unlink)
+//! <run-dir>/agent.json                              what is attached where, Docker view
+//! ```
+//! One pin dir is one xhost instance (one underlay). Hosts simulated as
+//! network namespaces share a bpffs, so each gets its own `--pin-dir`.
+
+use std::path::{Path, PathBuf};
+
+/// Default bpffs directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xhost";
+/// Default runtime state directory.
+pub const DEFAULT_RUN_DIR: &str = "/run/xhost";
+
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub pin_dir: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl Layout {
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.pin_dir.join(name)
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.pin_dir.join("links")
+    }
+
+    /// `<iface>@<hook>`. bpffs refuses names containing '.', which
+    /// interface names may hold (VLANs: `ens33.100`), so '.' is stored as
+    /// ':', a character the kernel never allows in an interface name.
+    pub fn link(&self, iface: &str, hook: Hook) -> PathBuf {
+        self.links_dir()
+            .join(format!("{}@{}", iface.replace('.', ":"), hook.as_str()))
+    }
+
+    /// Inverse of the file name of `link`.
+    pub fn parse_link_name(name: &str) -> Option<(String, Hook)> {
+        let (iface, hook) = name.rsplit_once('@')?;
+        Some((iface.replace(':', "."), Hook::parse(hook)?))
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.run_dir.join("agent.json")
+    }
+
+    /// Whether anything of an xhost instance is pinned here.
+    pub fn in_use(&self) -> bool {
+        std::fs::read_dir(&self.pin_dir).is_ok_and(|mut d| d.next().is_some())
+    }
+}
+
+/// An attachment point of a program.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hook {
+    /// XDP on the underlay.
+    Xdp,
+    /// TC (tcx) ingress of the underlay.
+    UnderlayIngress,
+    /// TC (tcx) ingress of a Docker bridge.
+    BridgeIngress,
+}
+
+impl Hook {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Xdp => "xdp",
+            Self::UnderlayIngress => "underlay-ingress",
+            Self::BridgeIngress => "bridge-ingress",
+        }
+    }
+
+    pub const fn program(self) -> &'static str {
+        match self {
+            Self::Xdp => xhost_common::PROG_XDP,
+            Self::UnderlayIngress => xhost_common::PROG_INGRESS,
+            Self::BridgeIngress => xhost_common::PROG_EGRESS,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Xdp, Self::UnderlayIngress, Self::BridgeIngress]
+            .into_iter()
+            .find(|h| h.as_str() == s)
+    }
+}
+
+/// Removes `path` if it exists; a missing file is not an error.
+pub fn remove_file_if_exists(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_names_round_trip_and_avoid_dots() {
+        let l = Layout {
+            pin_dir: "/sys/fs/bpf/x".into(),
+            run_dir: "/run/x".into(),
+        };
+        for (iface, hook) in [
+            ("ens33", Hook::Xdp),
+            ("ens33.100", Hook::UnderlayIngress),
+            ("br-0a1b", Hook::BridgeIngress),
+        ] {
+            let p = l.link(iface, hook);
+            let name = p.file_name().and_then(|n| n.to_str()).expect("utf-8 name");
+            assert!(!name.contains('.'), "{name}");
+            assert_eq!(
+                Layout::parse_link_name(name),
+                Some((iface.to_owned(), hook))
+            );
+        }
+        assert_eq!(Layout::parse_link_name("ens33@bogus"), None);
+    }
+}

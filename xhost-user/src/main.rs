@@ -1,0 +1,153 @@
+//! xhost-user: loads the xhost datapath and keeps its maps in step with
+//! Docker and the configured peers.
+
+mod agent;
+mod config;
+mod datapath;
+mod docker;
+mod layout;
+mod net;
+mod report;
+mod state;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::{
+    config::{FlagConfig, PeerConfig, XdpModeArg},
+    layout::{DEFAULT_PIN_DIR, DEFAULT_RUN_DIR, Layout},
+};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "eBPF datapath for direct container-to-container traffic between Docker hosts"
+)]
+struct Cli {
+    /// bpffs directory of this instance's pins (maps, links).
+    #[arg(long, global = true, env = "XHOST_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Directory of the agent's runtime state.
+    #[arg(long, global = true, env = "XHOST_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Attach the datapath and follow Docker until SIGINT/SIGTERM.
+    Load {
+        /// Underlay interface (towards the other hosts).
+        #[arg(long)]
+        iface: Option<String>,
+        /// A Docker bridge to serve (repeatable); Docker's own are found too.
+        #[arg(long = "bridge")]
+        bridges: Vec<String>,
+        /// A peer host and its container subnets: HOST_IP=CIDR[,CIDR...] (repeatable).
+        #[arg(long = "peer")]
+        peers: Vec<PeerConfig>,
+        /// TOML config file (same settings as the flags).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Do not follow Docker; serve only --bridge.
+        #[arg(long)]
+        no_docker: bool,
+        /// Docker Engine API endpoint (default: DOCKER_HOST or unix:///var/run/docker.sock).
+        #[arg(long)]
+        docker_host: Option<String>,
+        /// How the XDP validator attaches to the underlay.
+        #[arg(long, value_enum)]
+        xdp_mode: Option<XdpModeArg>,
+        /// Pin everything and exit; the datapath keeps forwarding.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Remove the datapath (stops a running agent first).
+    Unload {
+        /// Refuse unless the instance serves this underlay.
+        #[arg(long)]
+        iface: Option<String>,
+    },
+    /// What is attached where, routes, endpoints, counters, Docker view.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print this host's `[[peer]]` entry for the other hosts' configs.
+    Export,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_target(false)
+        .init();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line naming the culprit: the whole cause chain.
+            eprintln!("xhost-user: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let layout = Layout {
+        pin_dir: cli.pin_dir,
+        run_dir: cli.run_dir,
+    };
+    match cli.cmd {
+        Cmd::Load {
+            iface,
+            bridges,
+            peers,
+            config,
+            no_docker,
+            docker_host,
+            xdp_mode,
+            detach,
+        } => {
+            let file = config.as_deref().map(config::read_file).transpose()?;
+            let flags = FlagConfig {
+                iface,
+                bridges,
+                peers,
+                no_docker,
+                docker_host,
+                xdp_mode,
+            };
+            let settings = config::merge(flags, file)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("tokio runtime")?;
+            rt.block_on(agent::load(settings, layout, detach))
+        }
+        Cmd::Unload { iface } => report::unload(&layout, iface.as_deref()),
+        Cmd::Status { json } => {
+            let s = report::collect(&layout)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                report::print_status(&s);
+            }
+            Ok(())
+        }
+        Cmd::Export => {
+            print!("{}", report::export(&layout)?);
+            Ok(())
+        }
+    }
+}

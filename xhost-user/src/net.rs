@@ -1,0 +1,307 @@
+//! IPv4 prefixes and the few interface facts the agent needs from the kernel.
+
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+/// An IPv4 prefix in canonical form (no host bits set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Net {
+    addr: Ipv4Addr,
+    len: u8,
+}
+
+/// Why a string is not a usable IPv4 prefix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CidrError {
+    #[error("`{0}` is not an IPv4 CIDR (expected a.b.c.d/len)")]
+    Syntax(String),
+    #[error("`{0}`: prefix length must be 0..=32")]
+    Length(String),
+    #[error("`{input}` has host bits set (did you mean {canonical}?)")]
+    HostBits { input: String, canonical: Ipv4Net },
+}
+
+impl Ipv4Net {
+    /// The prefix of `len` bits containing `addr` (host bits cleared).
+    pub fn containing(addr: Ipv4Addr, len: u8) -> Self {
+        let len = len.min(32);
+        Self {
+            addr: Ipv4Addr::from(u32::from(addr) & mask(len)),
+            len,
+        }
+    }
+
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    pub fn len(&self) -> u8 {
+        self.len
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & mask(self.len) == u32::from(self.addr)
+    }
+
+    /// Two prefixes overlap iff one contains the other's network address.
+    pub fn overlaps(&self, other: &Ipv4Net) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
+}
+
+fn mask(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    }
+}
+
+impl FromStr for Ipv4Net {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = || CidrError::Syntax(s.to_owned());
+        let (addr, len) = s.trim().split_once('/').ok_or_else(syntax)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| syntax())?;
+        if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(syntax());
+        }
+        let len: u8 = len.parse().map_err(|_| CidrError::Length(s.to_owned()))?;
+        if len > 32 {
+            return Err(CidrError::Length(s.to_owned()));
+        }
+        let canonical = Self::containing(addr, len);
+        if canonical.addr != addr {
+            return Err(CidrError::HostBits {
+                input: s.to_owned(),
+                canonical,
+            });
+        }
+        Ok(canonical)
+    }
+}
+
+impl fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl serde::Serialize for Ipv4Net {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Ipv4Net {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn fmt_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.trim().split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Kernel facts about one interface of the current network namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum IfaceError {
+    #[error("interface `{0}` does not exist")]
+    Missing(String),
+    #[error("interface `{0}` is not a Linux bridge")]
+    NotBridge(String),
+    #[error("interface `{name}`: cannot read {what}")]
+    Read {
+        name: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+// Interface facts come from sockets and ioctls, not /sys/class/net: sysfs
+// shows the netns it was mounted in, which is not ours under
+// `nsenter --net` (how the agent runs inside a simulated host).
+
+/// ifindex of `name`, via if_nametoindex(3).
+pub fn ifindex(name: &str) -> Result<u32, IfaceError> {
+    nix::net::if_::if_nametoindex(name).map_err(|_| IfaceError::Missing(name.to_owned()))
+}
+
+/// The interface's MAC address (its AF_PACKET address from getifaddrs).
+pub fn mac_of(name: &str) -> Result<[u8; 6], IfaceError> {
+    ifindex(name)?;
+    let read_err = |source: std::io::Error| IfaceError::Read {
+        name: name.to_owned(),
+        what: "its MAC address",
+        source,
+    };
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| read_err(e.into()))?;
+    addrs
+        .filter(|a| a.interface_name == name)
+        .find_map(|a| a.address?.as_link_addr()?.addr())
+        .ok_or_else(|| read_err(std::io::Error::other("no link-layer address")))
+}
+
+/// The kernel driver behind `name` (ethtool GDRVINFO): "bridge", "veth", ...
+pub fn driver_of(name: &str) -> Result<String, IfaceError> {
+    ifindex(name)?;
+    let read_err = |source: std::io::Error| IfaceError::Read {
+        name: name.to_owned(),
+        what: "its driver",
+        source,
+    };
+    // struct ethtool_drvinfo from linux/ethtool.h: cmd, then driver[32], ...
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    let mut info = DrvInfo {
+        cmd: 0x3, /* ETHTOOL_GDRVINFO */
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    // SAFETY: an all-zero ifreq is valid; the name fits (checked below).
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= ifr.ifr_name.len() {
+        return Err(IfaceError::Missing(name.to_owned()));
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(read_err(std::io::Error::last_os_error()));
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    // SAFETY: `ifr` points at `info`, both live across the call.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &raw mut ifr) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return Err(read_err(err));
+    }
+    let len = info
+        .driver
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(info.driver.len());
+    Ok(String::from_utf8_lossy(&info.driver[..len]).into_owned())
+}
+
+/// Fails unless `name` exists and is a Linux bridge.
+pub fn ensure_bridge(name: &str) -> Result<u32, IfaceError> {
+    let index = ifindex(name)?;
+    if driver_of(name)? != "bridge" {
+        return Err(IfaceError::NotBridge(name.to_owned()));
+    }
+    Ok(index)
+}
+
+/// IPv4 prefixes configured on `name` (the subnets it serves).
+pub fn ipv4_subnets(name: &str) -> Result<Vec<(Ipv4Addr, Ipv4Net)>, IfaceError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| IfaceError::Read {
+        name: name.to_owned(),
+        what: "its addresses",
+        source: e.into(),
+    })?;
+    let mut out = Vec::new();
+    for ifa in addrs.filter(|a| a.interface_name == name) {
+        let (Some(addr), Some(mask)) = (ifa.address, ifa.netmask) else {
+            continue;
+        };
+        let (Some(addr), Some(mask)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) else {
+            continue;
+        };
+        let len = u32::from(mask.ip()).leading_ones() as u8;
+        out.push((addr.ip(), Ipv4Net::containing(addr.ip(), len)));
+    }
+    Ok(out)
+}
+
+/// Whether IPv4 forwarding is on for `name` (the FIB helper refuses to
+/// forward otherwise, and the kernel would too).
+pub fn forwarding_enabled(name: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/forwarding"))
+        .is_ok_and(|v| v.trim() == "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_canonical_prefixes() {
+        let n: Ipv4Net = "192.168.220.0/24".parse().expect("valid");
+        assert_eq!(n.to_string(), "192.168.220.0/24");
+        assert!(n.contains(Ipv4Addr::new(192, 168, 220, 11)));
+        assert!(!n.contains(Ipv4Addr::new(192, 168, 221, 1)));
+        assert_eq!("0.0.0.0/0".parse::<Ipv4Net>().expect("valid").len(), 0);
+        assert_eq!("10.0.0.1/32".parse::<Ipv4Net>().expect("valid").len(), 32);
+    }
+
+    #[test]
+    fn rejects_bad_prefixes() {
+        for bad in [
+            "192.168.1.0",
+            "192.168.1.0/",
+            "192.168.1.0/x",
+            "300.1.1.0/24",
+            "1.2.3.0/-1",
+            "fe80::/64",
+        ] {
+            assert!(
+                matches!(bad.parse::<Ipv4Net>(), Err(CidrError::Syntax(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            "10.0.0.0/33".parse::<Ipv4Net>(),
+            Err(CidrError::Length(_))
+        ));
+        let err = "192.168.220.1/24"
+            .parse::<Ipv4Net>()
+            .expect_err("host bits");
+        assert_eq!(
+            err.to_string(),
+            "`192.168.220.1/24` has host bits set (did you mean 192.168.220.0/24?)"
+        );
+    }
+
+    #[test]
+    fn overlap_is_symmetric() {
+        let a: Ipv4Net = "10.0.0.0/8".parse().expect("valid");
+        let b: Ipv4Net = "10.1.0.0/16".parse().expect("valid");
+        let c: Ipv4Net = "11.0.0.0/8".parse().expect("valid");
+        assert!(a.overlaps(&b) && b.overlaps(&a));
+        assert!(!a.overlaps(&c) && !c.overlaps(&a));
+    }
+
+    #[test]
+    fn macs_round_trip() {
+        let m = parse_mac("02:42:c0:a8:6e:0b\n").expect("valid");
+        assert_eq!(fmt_mac(&m), "02:42:c0:a8:6e:0b");
+        assert!(parse_mac("02:42:c0:a8:6e").is_none());
+        assert!(parse_mac("02:42:c0:a8:6e:0b:00").is_none());
+    }
+}

@@ -1,0 +1,439 @@
+//! What `status`, `unload` and `export` read: the agent's state file plus
+//! the pinned maps, so they work for a foreground agent and a detached
+//! datapath alike.
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray};
+use serde::{Deserialize, Serialize};
+use xhost_common::{
+    Counter, Endpoint, LocalNet, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_ROUTES, MAP_STATS, Peer, stat,
+};
+
+use crate::{
+    config::{PeerConfig, Settings},
+    datapath::{XdpAttached, open_pinned},
+    layout::{Hook, Layout, remove_file_if_exists},
+    net::{Ipv4Net, fmt_mac},
+};
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Attachment {
+    pub iface: String,
+    pub hook: Hook,
+    pub program: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DockerStatus {
+    pub host: String,
+    pub connected: bool,
+    pub engine_version: Option<String>,
+    pub api_version: Option<String>,
+    /// (name, bridge, subnets) of each followed network.
+    pub networks: Vec<DockerNetworkStatus>,
+    pub endpoints: usize,
+    pub last_sync_unix_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DockerNetworkStatus {
+    pub name: String,
+    pub bridge: String,
+    pub subnets: Vec<Ipv4Net>,
+}
+
+impl DockerStatus {
+    fn host(s: &Settings) -> String {
+        s.docker_host
+            .clone()
+            .or_else(|| std::env::var("DOCKER_HOST").ok())
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".into())
+    }
+
+    pub fn unreachable(s: &Settings) -> Self {
+        Self {
+            host: Self::host(s),
+            connected: false,
+            engine_version: None,
+            api_version: None,
+            networks: Vec::new(),
+            endpoints: 0,
+            last_sync_unix_ms: None,
+        }
+    }
+
+    pub fn from_view(s: &Settings, v: &crate::docker::DockerView) -> Self {
+        Self {
+            host: Self::host(s),
+            connected: true,
+            engine_version: Some(v.engine_version.clone()),
+            api_version: Some(v.api_version.clone()),
+            networks: v
+                .networks
+                .values()
+                .map(|n| DockerNetworkStatus {
+                    name: n.name.clone(),
+                    bridge: n.bridge.clone(),
+                    subnets: n.subnets.clone(),
+                })
+                .collect(),
+            endpoints: v.endpoints.len(),
+            last_sync_unix_ms: Some(v.synced_at_unix_ms),
+        }
+    }
+}
+
+/// `<run-dir>/agent.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentState {
+    pub pid: u32,
+    pub detached: bool,
+    pub iface: String,
+    pub underlay_ip: Option<Ipv4Addr>,
+    pub xdp: XdpAttached,
+    pub attachments: Vec<Attachment>,
+    pub bridges: Vec<String>,
+    pub peers: Vec<PeerConfig>,
+    pub docker: Option<DockerStatus>,
+    pub updated_unix_ms: u64,
+}
+
+impl AgentState {
+    pub fn new(s: &Settings, xdp: XdpAttached, detached: bool) -> Self {
+        Self {
+            pid: std::process::id(),
+            detached,
+            iface: s.iface.clone(),
+            underlay_ip: crate::agent::underlay_address(&s.iface),
+            xdp,
+            attachments: Vec::new(),
+            bridges: Vec::new(),
+            peers: s.peers.clone(),
+            docker: s.docker.then(|| DockerStatus::unreachable(s)),
+            updated_unix_ms: now_ms(),
+        }
+    }
+
+    /// Atomic replace, so a reader never sees half a file.
+    pub fn write(&mut self, layout: &Layout) -> anyhow::Result<()> {
+        self.updated_unix_ms = now_ms();
+        std::fs::create_dir_all(&layout.run_dir)?;
+        let tmp = layout.run_dir.join("agent.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, layout.state_file())?;
+        Ok(())
+    }
+
+    pub fn read(layout: &Layout) -> anyhow::Result<Self> {
+        let path = layout.state_file();
+        let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Route {
+    pub prefix: Ipv4Net,
+    pub peer: Ipv4Addr,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Local {
+    pub prefix: Ipv4Net,
+    pub bridge_ifindex: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndpointRow {
+    pub ip: Ipv4Addr,
+    pub ifindex: u32,
+    pub mac: String,
+    pub gw_mac: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct CounterRow {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pin_dir: String,
+    pub agent: Option<AgentState>,
+    pub agent_running: bool,
+    /// Links pinned under <pin-dir>/links (what is attached where).
+    pub attached: Vec<Attachment>,
+    pub routes: Vec<Route>,
+    pub local_subnets: Vec<Local>,
+    pub endpoints: Vec<EndpointRow>,
+    pub counters: std::collections::BTreeMap<String, CounterRow>,
+}
+
+fn prefix(k: &aya::maps::lpm_trie::Key<[u8; 4]>) -> Ipv4Net {
+    Ipv4Net::containing(Ipv4Addr::from(k.data()), k.prefix_len() as u8)
+}
+
+/// Reads everything an instance has pinned.
+pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
+    if !layout.in_use() {
+        bail!(
+            "xhost is not loaded: nothing pinned under {}",
+            layout.pin_dir.display()
+        );
+    }
+    let agent = AgentState::read(layout).ok();
+    let agent_running = agent
+        .as_ref()
+        .is_some_and(|a| !a.detached && pid_alive(a.pid));
+    let mut attached = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(layout.links_dir()) {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some((iface, hook)) = Layout::parse_link_name(&name) {
+                attached.push(Attachment {
+                    iface,
+                    hook,
+                    program: hook.program().into(),
+                });
+            }
+        }
+    }
+    attached.sort_by(|a, b| (&a.iface, a.hook).cmp(&(&b.iface, b.hook)));
+
+    let routes_map: LpmTrie<MapData, [u8; 4], Peer> =
+        open_pinned(layout, MAP_ROUTES)?.try_into()?;
+    let mut routes = Vec::new();
+    for item in routes_map.iter() {
+        let (k, v) = item?;
+        routes.push(Route {
+            prefix: prefix(&k),
+            peer: Ipv4Addr::from(v.host),
+        });
+    }
+    let local_map: LpmTrie<MapData, [u8; 4], LocalNet> =
+        open_pinned(layout, MAP_LOCAL_NETS)?.try_into()?;
+    let mut local_subnets = Vec::new();
+    for item in local_map.iter() {
+        let (k, v) = item?;
+        local_subnets.push(Local {
+            prefix: prefix(&k),
+            bridge_ifindex: v.bridge_ifindex,
+        });
+    }
+    let ep_map: HashMap<MapData, [u8; 4], Endpoint> =
+        open_pinned(layout, MAP_ENDPOINTS)?.try_into()?;
+    let mut endpoints = Vec::new();
+    for item in ep_map.iter() {
+        let (k, v) = item?;
+        endpoints.push(EndpointRow {
+            ip: Ipv4Addr::from(k),
+            ifindex: v.ifindex,
+            mac: fmt_mac(&v.mac),
+            gw_mac: fmt_mac(&v.gw_mac),
+        });
+    }
+    endpoints.sort_by_key(|e| e.ip);
+    let counters = read_counters(layout)?;
+    Ok(Status {
+        pin_dir: layout.pin_dir.display().to_string(),
+        agent,
+        agent_running,
+        attached,
+        routes,
+        local_subnets,
+        endpoints,
+        counters,
+    })
+}
+
+/// Sums each counter over all CPUs.
+pub fn read_counters(
+    layout: &Layout,
+) -> anyhow::Result<std::collections::BTreeMap<String, CounterRow>> {
+    let stats: PerCpuArray<MapData, Counter> = open_pinned(layout, MAP_STATS)?.try_into()?;
+    let mut out = std::collections::BTreeMap::new();
+    for (i, name) in stat::NAMES.iter().enumerate() {
+        let per_cpu = stats.get(&(i as u32), 0)?;
+        let mut sum = CounterRow::default();
+        for c in per_cpu.iter() {
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+        }
+        out.insert((*name).to_owned(), sum);
+    }
+    Ok(out)
+}
+
+pub fn print_status(s: &Status) {
+    match &s.agent {
+        Some(a) => println!(
+            "xhost on {} ({}), xdp {:?}, pins {}",
+            a.iface,
+            if s.agent_running {
+                format!("agent pid {}", a.pid)
+            } else {
+                "detached, no agent".into()
+            },
+            a.xdp,
+            s.pin_dir
+        ),
+        None => println!("xhost, pins {} (no agent state)", s.pin_dir),
+    }
+    println!("attached:");
+    for a in &s.attached {
+        println!("  {:<16} {:<17} {}", a.iface, a.hook.as_str(), a.program);
+    }
+    println!("routes ({MAP_ROUTES}):");
+    for r in &s.routes {
+        println!("  {:<20} via {}", r.prefix.to_string(), r.peer);
+    }
+    println!("local subnets ({MAP_LOCAL_NETS}):");
+    for l in &s.local_subnets {
+        println!(
+            "  {:<20} bridge ifindex {}",
+            l.prefix.to_string(),
+            l.bridge_ifindex
+        );
+    }
+    println!("endpoints ({MAP_ENDPOINTS}): {}", s.endpoints.len());
+    for e in &s.endpoints {
+        println!(
+            "  {:<16} ifindex {:<5} mac {} gw {}",
+            e.ip, e.ifindex, e.mac, e.gw_mac
+        );
+    }
+    println!("counters ({MAP_STATS}):");
+    for (name, c) in &s.counters {
+        println!(
+            "  {name:<16} {:>12} packets {:>16} bytes",
+            c.packets, c.bytes
+        );
+    }
+    if let Some(d) = s.agent.as_ref().and_then(|a| a.docker.as_ref()) {
+        println!(
+            "docker: {} {}{}",
+            d.host,
+            if d.connected {
+                "connected"
+            } else {
+                "unreachable"
+            },
+            d.engine_version
+                .as_ref()
+                .map(|v| format!(", engine {v}"))
+                .unwrap_or_default()
+        );
+        for n in &d.networks {
+            let subnets: Vec<_> = n.subnets.iter().map(ToString::to_string).collect();
+            println!(
+                "  network {:<16} bridge {:<16} {}",
+                n.name,
+                n.bridge,
+                subnets.join(",")
+            );
+        }
+        println!("  endpoints known: {}", d.endpoints);
+        if let Some(ms) = d.last_sync_unix_ms {
+            let ago = now_ms().saturating_sub(ms);
+            println!("  last sync: {:.1} s ago", ago as f64 / 1000.0);
+        }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// Removes an instance: stops a foreground agent (which cleans up after
+/// itself), then unpins whatever is left (a detached datapath).
+pub fn unload(layout: &Layout, iface: Option<&str>) -> anyhow::Result<()> {
+    let agent = AgentState::read(layout).ok();
+    if !layout.in_use() && agent.is_none() {
+        bail!(
+            "xhost is not loaded: nothing pinned under {}",
+            layout.pin_dir.display()
+        );
+    }
+    if let (Some(want), Some(a)) = (iface, agent.as_ref())
+        && a.iface != want
+    {
+        bail!(
+            "xhost under {} serves {}, not {want}",
+            layout.pin_dir.display(),
+            a.iface
+        );
+    }
+    if let Some(a) = agent.as_ref().filter(|a| !a.detached && pid_alive(a.pid)) {
+        let pid = nix::unistd::Pid::from_raw(a.pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .context("signalling the agent")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pid_alive(a.pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if pid_alive(a.pid) {
+            bail!("agent pid {} did not exit within 10 s of SIGTERM", a.pid);
+        }
+    }
+    // Whatever remains: unlinking a link pin detaches its program once no
+    // process holds it; unlinking map pins frees the maps.
+    if let Ok(dir) = std::fs::read_dir(layout.links_dir()) {
+        for entry in dir.flatten() {
+            remove_file_if_exists(&entry.path())?;
+        }
+    }
+    let _ = std::fs::remove_dir(layout.links_dir());
+    for name in xhost_common::PINNED_MAPS {
+        remove_file_if_exists(&layout.map(name))?;
+    }
+    std::fs::remove_dir(&layout.pin_dir)
+        .or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+        .with_context(|| {
+            format!(
+                "removing {} (something else is pinned there)",
+                layout.pin_dir.display()
+            )
+        })?;
+    remove_file_if_exists(&layout.state_file())?;
+    let _ = std::fs::remove_dir(&layout.run_dir);
+    Ok(())
+}
+
+/// This host's entry for the other hosts' config files.
+pub fn export(layout: &Layout) -> anyhow::Result<String> {
+    let s = collect(layout)?;
+    let a = s
+        .agent
+        .as_ref()
+        .context("no agent state: cannot tell the underlay address")?;
+    let host = a
+        .underlay_ip
+        .with_context(|| format!("{} has no IPv4 address", a.iface))?;
+    let subnets: Vec<String> = s
+        .local_subnets
+        .iter()
+        .map(|l| format!("\"{}\"", l.prefix))
+        .collect();
+    Ok(format!(
+        "[[peer]]\nhost = \"{host}\"\nsubnets = [{}]\n",
+        subnets.join(", ")
+    ))
+}

@@ -1,0 +1,200 @@
+//! The agent's desired/applied state and the diff that turns one into the
+//! other. Only the single writer task calls `apply`, so map writes never
+//! race, and they are incremental: each entry is added, changed or removed
+//! on its own, never clear-and-refill.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use log::{info, warn};
+use xhost_common::Endpoint;
+
+use crate::{
+    config::{LocalSubnet, PeerConfig, check_local},
+    datapath::{Datapath, DatapathError},
+    net::{self, Ipv4Net, fmt_mac},
+};
+
+/// What the datapath should hold for this host's own side.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Bridges to attach, by name.
+    pub bridges: BTreeSet<String>,
+    /// Local container subnets -> serving bridge ifindex.
+    pub locals: BTreeMap<Ipv4Net, (String, u32)>,
+    /// Local container IP -> endpoint.
+    pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+}
+
+/// A container endpoint as a source of truth (Docker) reports it.
+#[derive(Clone, Debug)]
+pub struct EndpointSpec {
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub host_ifindex: u32,
+    pub bridge: String,
+}
+
+/// Builds the desired state from static bridges (flags/config) and what
+/// Docker reports. Entries that would break the peer routing (a Docker
+/// subnet overlapping a peer's) are left out with a warning: the agent
+/// cannot refuse Docker's state, but must not mis-route.
+pub fn desired(
+    static_locals: &[LocalSubnet],
+    docker_networks: &[(String, Vec<Ipv4Net>)],
+    docker_endpoints: &[EndpointSpec],
+    peers: &[PeerConfig],
+) -> Desired {
+    let mut d = Desired::default();
+    let add_bridge = |d: &mut Desired, bridge: &str, nets: &[Ipv4Net]| {
+        let Ok(ifindex) = net::ifindex(bridge) else {
+            warn!("bridge {bridge} does not exist (yet); skipping");
+            return;
+        };
+        let mut any = false;
+        for n in nets {
+            let local = LocalSubnet {
+                net: *n,
+                bridge: bridge.to_owned(),
+            };
+            if let Err(e) = check_local(&local, peers) {
+                warn!("not serving {n} on {bridge}: {e}");
+                continue;
+            }
+            d.locals.insert(*n, (bridge.to_owned(), ifindex));
+            any = true;
+        }
+        if any {
+            d.bridges.insert(bridge.to_owned());
+        }
+    };
+    for l in static_locals {
+        add_bridge(&mut d, &l.bridge, std::slice::from_ref(&l.net));
+    }
+    for (bridge, nets) in docker_networks {
+        add_bridge(&mut d, bridge, nets);
+    }
+    let mut gw_macs = BTreeMap::new();
+    for e in docker_endpoints {
+        let served = d
+            .locals
+            .iter()
+            .any(|(n, (b, _))| *b == e.bridge && n.contains(e.ip));
+        if !served {
+            continue;
+        }
+        let gw_mac = match gw_macs.get(&e.bridge) {
+            Some(m) => *m,
+            None => match net::mac_of(&e.bridge) {
+                Ok(m) => *gw_macs.entry(e.bridge.clone()).or_insert(m),
+                Err(err) => {
+                    warn!("endpoint {}: {err}", e.ip);
+                    continue;
+                }
+            },
+        };
+        d.endpoints.insert(
+            e.ip,
+            Endpoint {
+                ifindex: e.host_ifindex,
+                flags: 0,
+                mac: e.mac,
+                gw_mac,
+                _pad: [0; 4],
+            },
+        );
+    }
+    d
+}
+
+/// Moves the datapath from `applied` to `want`, logging each change.
+/// On error `applied` reflects exactly what was done so far.
+pub fn apply(
+    dp: &mut Datapath,
+    applied: &mut Desired,
+    want: &Desired,
+) -> Result<(), DatapathError> {
+    // Attach new bridges before their subnets appear, so the first packet
+    // of a new network already takes the fast path.
+    for b in want.bridges.difference(&applied.bridges.clone()) {
+        dp.attach_bridge(b)?;
+        applied.bridges.insert(b.clone());
+        info!("bridge {b}: following");
+    }
+    for (n, v) in &want.locals {
+        if applied.locals.get(n) != Some(v) {
+            dp.set_local(n, v.1)?;
+            applied.locals.insert(*n, v.clone());
+            info!("local subnet {n} on {}: added", v.0);
+        }
+    }
+    for (ip, ep) in &want.endpoints {
+        if applied.endpoints.get(ip) != Some(ep) {
+            dp.set_endpoint(*ip, *ep)?;
+            applied.endpoints.insert(*ip, *ep);
+            info!(
+                "endpoint {ip}: mac {} via ifindex {}",
+                fmt_mac(&ep.mac),
+                ep.ifindex
+            );
+        }
+    }
+    // Removals last, endpoints before the subnets and bridges they sit on.
+    let gone: Vec<_> = applied
+        .endpoints
+        .keys()
+        .filter(|ip| !want.endpoints.contains_key(ip))
+        .copied()
+        .collect();
+    for ip in gone {
+        dp.remove_endpoint(ip)?;
+        applied.endpoints.remove(&ip);
+        info!("endpoint {ip}: removed");
+    }
+    let gone: Vec<_> = applied
+        .locals
+        .keys()
+        .filter(|n| !want.locals.contains_key(n))
+        .copied()
+        .collect();
+    for n in gone {
+        dp.remove_local(&n)?;
+        applied.locals.remove(&n);
+        info!("local subnet {n}: removed");
+    }
+    let gone: Vec<_> = applied.bridges.difference(&want.bridges).cloned().collect();
+    for b in gone {
+        dp.detach_bridge(&b);
+        applied.bridges.remove(&b);
+        info!("bridge {b}: no longer followed");
+    }
+    Ok(())
+}
+
+/// Docker's view as the inputs of `desired`: (bridge, subnets) per network,
+/// and each endpoint with the bridge of its network.
+pub fn docker_specs(
+    v: &crate::docker::DockerView,
+) -> (Vec<(String, Vec<Ipv4Net>)>, Vec<EndpointSpec>) {
+    let nets = v
+        .networks
+        .values()
+        .map(|n| (n.bridge.clone(), n.subnets.clone()))
+        .collect();
+    let eps = v
+        .endpoints
+        .values()
+        .filter_map(|e| {
+            let bridge = v.networks.get(&e.network_id)?.bridge.clone();
+            Some(EndpointSpec {
+                ip: e.ip,
+                mac: e.mac,
+                host_ifindex: e.host_ifindex,
+                bridge,
+            })
+        })
+        .collect();
+    (nets, eps)
+}
