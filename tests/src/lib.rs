@@ -23,7 +23,7 @@ pub use error::{Error, Result};
 pub use netfilter::{
     ChainCounters, CtEntry, CtFilter, RuleCounter, conntrack_entries, iptables_counter,
 };
-pub use netns::{NETNS_DIR, NetNs, cleanup_stale, parse_netns_name};
+pub use netns::{NETNS_DIR, NetNs, cleanup_stale, parse_netns_name, pid_alive};
 pub use probe::{PingStats, Transfer, TransferOpts, ping, tcp_transfer};
 pub use process::Process;
 pub use topology::{Container, Host, HostOpts, Topology, TopologyOpts};

@@ -190,7 +190,7 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
         let Some((pid, _, _)) = parse_netns_name(name) else {
             continue;
         };
-        if pid == me || Path::new(&format!("/proc/{pid}")).exists() {
+        if pid == me || pid_alive(pid) {
             continue;
         }
         match cmd::checked(Command::new("ip").args(["netns", "del", name])) {
@@ -199,6 +199,21 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
         }
     }
     Ok(removed)
+}
+
+/// True while `pid` is a running process. A zombie counts as dead: a run killed with
+/// SIGKILL stays a zombie until its parent reaps it, but will never clean up after itself.
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| proc_state(&stat))
+        .is_some_and(|state| !matches!(state, 'Z' | 'X' | 'x'))
+}
+
+/// The state letter of a `/proc/PID/stat` line: `123 (comm) S ...`. The command name may
+/// itself contain `)` and spaces, so parse from the last `)`.
+fn proc_state(stat: &str) -> Option<char> {
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 #[cfg(test)]
@@ -217,6 +232,14 @@ mod tests {
         assert_eq!(parse_netns_name("xh-1-0"), None);
         assert_eq!(parse_netns_name("xhost-1-0-a"), None);
         assert_eq!(parse_netns_name("host-a"), None);
+    }
+
+    #[test]
+    fn reads_process_state() {
+        assert_eq!(proc_state("42 (a) b) Z 1 2"), Some('Z'));
+        assert_eq!(proc_state("42 (cargo) S 1"), Some('S'));
+        assert_eq!(proc_state("garbage"), None);
+        assert!(pid_alive(std::process::id()));
     }
 
     #[test]

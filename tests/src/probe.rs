@@ -104,6 +104,8 @@ pub struct TransferOpts {
     pub bytes: u64,
     /// Bound on each side's whole run, after which both give up by themselves.
     pub timeout: Duration,
+    /// The `xh-probe` binary to run; `None` finds it with [`probe_bin`].
+    pub probe: Option<PathBuf>,
 }
 
 impl Default for TransferOpts {
@@ -112,6 +114,7 @@ impl Default for TransferOpts {
             port: 45_001,
             bytes: 1 << 20,
             timeout: Duration::from_secs(10),
+            probe: None,
         }
     }
 }
@@ -174,7 +177,10 @@ pub fn tcp_transfer(
     to_ip: Ipv4Addr,
     opts: &TransferOpts,
 ) -> Result<Transfer> {
-    let bin = probe_bin()?;
+    let bin = match &opts.probe {
+        Some(p) => p.clone(),
+        None => probe_bin()?,
+    };
     let secs = opts.timeout.as_secs_f64().to_string();
     let mut receiver = to.spawn(
         &format!("xh-probe tcp-recv in {}", to.name()),

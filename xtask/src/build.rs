@@ -1,0 +1,57 @@
+//! `cargo xtask build`: setup, then build xhost-user (its build script compiles and embeds
+//! the eBPF object, so this is the only build step).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::{setup, workspace};
+
+#[derive(Args, Debug, Clone)]
+pub struct Options {
+    /// Build with the release profile.
+    #[arg(long)]
+    pub release: bool,
+    /// Skip scripts/setup.sh (tools already installed).
+    #[arg(long)]
+    pub no_setup: bool,
+}
+
+/// Paths of the built binaries.
+pub struct Built {
+    pub xhost_user: PathBuf,
+    pub probe: PathBuf,
+}
+
+/// Runs setup (unless skipped) and builds; returns where the binaries are.
+pub fn run(opts: &Options) -> anyhow::Result<Built> {
+    if !opts.no_setup {
+        setup::run()?;
+    }
+    build(opts.release, &["-p", "xhost-user"])?;
+    let dir = profile_dir(opts.release)?;
+    Ok(Built {
+        xhost_user: dir.join("xhost-user"),
+        probe: dir.join("xh-probe"),
+    })
+}
+
+/// Like [`run`], also building the testbed's `xh-probe` (needed by the demo and benches).
+pub fn with_probe(opts: &Options) -> anyhow::Result<Built> {
+    let built = run(opts)?;
+    build(opts.release, &["-p", "xhost-tests", "--bin", "xh-probe"])?;
+    Ok(built)
+}
+
+fn build(release: bool, args: &[&str]) -> anyhow::Result<()> {
+    let mut cmd = workspace::cargo();
+    cmd.arg("build").args(args);
+    if release {
+        cmd.arg("--release");
+    }
+    workspace::run_status(&mut cmd)
+}
+
+fn profile_dir(release: bool) -> anyhow::Result<PathBuf> {
+    Ok(workspace::target_dir()?.join(if release { "release" } else { "debug" }))
+}

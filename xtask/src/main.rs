@@ -1,0 +1,48 @@
+//! Developer tasks for xhost, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
+//!
+//! Each subcommand lives in its own module exposing `Options` (its clap arguments) and
+//! `run`; adding one (e.g. `bench`) is a module, a variant of [`Command`] and a match arm.
+
+mod build;
+mod demo;
+mod run;
+mod setup;
+mod test;
+mod workspace;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "xhost developer tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the toolchain and tools (runs scripts/setup.sh).
+    Setup,
+    /// Set up, then build xhost-user (which embeds the eBPF object).
+    Build(build::Options),
+    /// Build (release), then run xhost-user as root with the given arguments.
+    Run(run::Options),
+    /// Two simulated Docker hosts in network namespaces, connected by xhost.
+    Demo(demo::Options),
+    /// Set up, build, and run every test of the workspace (as root, one thread).
+    Test(test::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Build(opts) => build::run(&opts).map(drop),
+        Command::Run(opts) => run::run(&opts),
+        Command::Demo(opts) => demo::run(&opts),
+        Command::Test(opts) => test::run(&opts),
+    }
+}

@@ -1,0 +1,41 @@
+//! `cargo xtask test`: setup, build, then every test of the workspace in release mode, as
+//! root and on one thread (the tests create namespaces and load eBPF programs).
+
+use clap::Args;
+
+use crate::{build, workspace};
+
+#[derive(Args, Debug)]
+pub struct Options {
+    /// Skip scripts/setup.sh.
+    #[arg(long)]
+    pub no_setup: bool,
+    /// Extra arguments for the test binaries (after `--`), e.g. a test name filter.
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    build::run(&build::Options {
+        release: true,
+        no_setup: opts.no_setup,
+    })?;
+    let mut cmd = workspace::cargo();
+    // `--workspace` overrides default-members, so the eBPF crate has to be left out by
+    // name: it only builds for bpfel-unknown-none (xhost-user's build script builds it, and
+    // its datapath tests run from xhost-user through BPF_PROG_TEST_RUN).
+    cmd.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "xhost-ebpf",
+        "--release",
+    ]);
+    if !workspace::is_root() {
+        // Build as the user, run only the test binaries as root (as aya's xtask does), so
+        // the target directory does not fill with root-owned files.
+        cmd.args(["--config", "target.'cfg(all())'.runner = ['sudo', '-E']"]);
+    }
+    cmd.args(["--", "--test-threads=1"]).args(&opts.args);
+    workspace::run_status(&mut cmd)
+}
