@@ -34,6 +34,11 @@ use crate::{
 /// The datapath object, built by xhost-user's build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xhost"));
 
+/// The embedded eBPF object (for tests that load it on their own).
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error(

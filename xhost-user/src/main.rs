@@ -1,23 +1,16 @@
 //! xhost-user: loads the xhost datapath and keeps its maps in step with
 //! Docker and the configured peers.
 
-mod agent;
-mod config;
-mod datapath;
-mod docker;
-mod layout;
-mod net;
-mod report;
-mod state;
-
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::{
-    config::{FlagConfig, PeerConfig, XdpModeArg},
+use xhost_user::{
+    agent,
+    config::{self, FlagConfig, PeerConfig, XdpModeArg},
     layout::{DEFAULT_PIN_DIR, DEFAULT_RUN_DIR, Layout},
+    report,
 };
 
 #[derive(Parser)]

@@ -38,6 +38,11 @@ impl Ipv4Net {
         self.len
     }
 
+    /// The highest address in the prefix.
+    pub fn last(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | !mask(self.len))
+    }
+
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         u32::from(ip) & mask(self.len) == u32::from(self.addr)
     }

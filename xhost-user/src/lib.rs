@@ -1,0 +1,11 @@
+//! xhost's user-space side: loader, agent and the views `xhost-user` prints.
+//! A library so that the tests drive the same code the binary runs.
+
+pub mod agent;
+pub mod config;
+pub mod datapath;
+pub mod docker;
+pub mod layout;
+pub mod net;
+pub mod report;
+pub mod state;
