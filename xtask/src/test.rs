@@ -24,12 +24,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     // `--workspace` overrides default-members, so the eBPF crate has to be left out by
     // name: it only builds for bpfel-unknown-none (xhost-user's build script builds it, and
     // its datapath tests run from xhost-user through BPF_PROG_TEST_RUN).
+    // --no-fail-fast: a failing test binary must not hide the results of the others.
     cmd.args([
         "test",
         "--workspace",
         "--exclude",
         "xhost-ebpf",
         "--release",
+        "--no-fail-fast",
     ]);
     if !workspace::is_root() {
         // Build as the user, run only the test binaries as root (as aya's xtask does), so
