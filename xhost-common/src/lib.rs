@@ -16,10 +16,18 @@ pub const MAP_ROUTES: &str = "ROUTES";
 pub const MAP_LOCAL_NETS: &str = "LOCAL_NETS";
 /// Name of the hash map from a local container IP to its veth endpoint.
 pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
+/// Name of the hash set of peer host (underlay) addresses.
+pub const MAP_PEER_HOSTS: &str = "PEER_HOSTS";
 /// Name of the per-CPU array of packet/byte counters.
 pub const MAP_STATS: &str = "STATS";
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 4] = [MAP_ROUTES, MAP_LOCAL_NETS, MAP_ENDPOINTS, MAP_STATS];
+pub const PINNED_MAPS: [&str; 5] = [
+    MAP_ROUTES,
+    MAP_LOCAL_NETS,
+    MAP_ENDPOINTS,
+    MAP_PEER_HOSTS,
+    MAP_STATS,
+];
 
 /// Capacity of `ROUTES`: enough for the 100 000-route scale benchmark.
 pub const MAX_ROUTES: u32 = 131_072;
@@ -27,6 +35,9 @@ pub const MAX_ROUTES: u32 = 131_072;
 pub const MAX_LOCAL_NETS: u32 = 1_024;
 /// Capacity of `ENDPOINTS` (local containers).
 pub const MAX_ENDPOINTS: u32 = 65_536;
+
+/// Capacity of `PEER_HOSTS`.
+pub const MAX_PEER_HOSTS: u32 = 16_384;
 
 /// Program names, as the loader looks them up in the object.
 pub const PROG_EGRESS: &str = "xhost_egress";
@@ -73,6 +84,15 @@ pub struct Endpoint {
     pub _pad: [u8; 4],
 }
 const _: () = assert!(size_of::<Endpoint>() == 24);
+
+/// Value of `PEER_HOSTS`: a peer host's underlay address is known.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerHost {
+    /// Reserved, zero.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<PeerHost>() == 4);
 
 /// One counter slot in `STATS`.
 #[repr(C)]
@@ -123,9 +143,10 @@ pub mod stat {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four are repr(C), Copy, and padding-free (asserted above).
+    // SAFETY: all are repr(C), Copy, and padding-free (asserted above).
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::LocalNet {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::PeerHost {}
 }

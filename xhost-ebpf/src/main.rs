@@ -17,6 +17,7 @@
 mod fib;
 mod maps;
 mod parse;
+mod policy;
 mod stats;
 
 use aya_ebpf::{
@@ -125,11 +126,10 @@ fn try_ingress(ctx: &TcContext) -> Verdict {
     if LOCAL_NETS.get(&host_key(dst)).is_none() {
         return Verdict::pass(stat::PASS_NOT_OURS);
     }
-    // Docker's isolation (FORWARD/raw rules) is bypassed here, so enforce
-    // it: local containers are reachable only from peers' subnets. The
-    // same check runs in XDP when attached; it is repeated because XDP may
-    // be off, and costs one LPM lookup.
-    if ROUTES.get(&host_key(src)).is_none() {
+    // Docker's isolation is bypassed here, so enforce it (see policy.rs).
+    // The same check runs in XDP when attached; it is repeated because XDP
+    // may be off, and costs one LPM lookup.
+    if !policy::source_allowed(ctx, &f, src) {
         debug!(ctx, "drop: source not a peer's");
         return Verdict {
             action: TC_ACT_SHOT as i32,
@@ -210,7 +210,7 @@ pub fn xhost_xdp(ctx: XdpContext) -> u32 {
     };
     // SAFETY: `f.ip` was bounds-checked by `parse`.
     let (src, dst) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr) };
-    if LOCAL_NETS.get(&host_key(dst)).is_some() && ROUTES.get(&host_key(src)).is_none() {
+    if LOCAL_NETS.get(&host_key(dst)).is_some() && !policy::source_allowed(&ctx, &f, src) {
         count(stat::DROP_SPOOFED, (ctx.data_end() - ctx.data()) as u32);
         return xdp_action::XDP_DROP;
     }

@@ -20,9 +20,12 @@ pub async fn load(settings: Settings, layout: Layout, detach: bool) -> anyhow::R
     let static_locals = config::validate(&settings)?;
     let mut dp = Datapath::load(&layout)?;
     let xdp = dp.attach_underlay(&settings.iface, settings.xdp_mode)?;
+    let underlay = crate::net::ifindex(&settings.iface)?;
     for p in &settings.peers {
+        dp.add_peer_host(p.host)?;
         for n in &p.subnets {
             dp.set_route(n, p.host)?;
+            dp.add_kernel_route(n, p.host, underlay)?;
             info!("route {n} via peer {}: added", p.host);
         }
     }
@@ -124,6 +127,15 @@ impl AgentState {
             })
             .collect();
         self.bridges = applied.bridges.iter().cloned().collect();
+        self.kernel_routes = dp
+            .kernel_routes()
+            .iter()
+            .map(|(prefix, via, oif)| crate::report::KernelRoute {
+                prefix: *prefix,
+                via: *via,
+                oif: *oif,
+            })
+            .collect();
     }
 }
 

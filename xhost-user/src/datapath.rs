@@ -21,14 +21,15 @@ use aya::{
 };
 use log::{info, warn};
 use xhost_common::{
-    Endpoint, LocalNet, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_ROUTES, PINNED_MAPS, PROG_EGRESS,
-    PROG_INGRESS, PROG_XDP, Peer,
+    Endpoint, LocalNet, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, PINNED_MAPS,
+    PROG_EGRESS, PROG_INGRESS, PROG_XDP, Peer, PeerHost,
 };
 
 use crate::{
     config::XdpModeArg,
     layout::{Hook, Layout, remove_file_if_exists},
     net::Ipv4Net,
+    netlink::Rtnl,
 };
 
 /// The datapath object, built by xhost-user's build script.
@@ -90,6 +91,13 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error("kernel route {net} via {peer}")]
+    Route {
+        net: Ipv4Net,
+        peer: Ipv4Addr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("pinning {path}")]
     Pin {
         path: PathBuf,
@@ -126,8 +134,11 @@ pub struct Datapath {
     routes: LpmTrie<MapData, [u8; 4], Peer>,
     local_nets: LpmTrie<MapData, [u8; 4], LocalNet>,
     endpoints: HashMap<MapData, [u8; 4], Endpoint>,
+    peer_hosts: HashMap<MapData, [u8; 4], PeerHost>,
     attachments: BTreeMap<(String, Hook), Attachment>,
     pinned_maps: Vec<PathBuf>,
+    /// Kernel routes this instance added (prefix, via, oif).
+    kernel_routes: Vec<(Ipv4Net, Ipv4Addr, u32)>,
     /// Set by `keep_running`: leave everything in place on drop.
     keep: bool,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -183,16 +194,18 @@ impl Datapath {
             maps.push(map);
         }
         let map_err = |map| move |source| DatapathError::Map { map, source };
-        let [routes, local_nets, endpoints, _stats] =
-            <[aya::maps::Map; 4]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
+        let [routes, local_nets, endpoints, peer_hosts, _stats] =
+            <[aya::maps::Map; 5]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
         let mut dp = Self {
             layout: layout.clone(),
             routes: routes.try_into().map_err(map_err(MAP_ROUTES))?,
             local_nets: local_nets.try_into().map_err(map_err(MAP_LOCAL_NETS))?,
             endpoints: endpoints.try_into().map_err(map_err(MAP_ENDPOINTS))?,
+            peer_hosts: peer_hosts.try_into().map_err(map_err(MAP_PEER_HOSTS))?,
             ebpf,
             attachments: BTreeMap::new(),
             pinned_maps: std::mem::take(&mut guard.paths),
+            kernel_routes: Vec::new(),
             keep: false,
             _logger: logger,
         };
@@ -366,6 +379,16 @@ impl Datapath {
         self.attachments.keys().map(|(i, h)| (i.as_str(), *h))
     }
 
+    /// Marks `host` as a peer host (its ICMP errors may reach containers).
+    pub fn add_peer_host(&mut self, host: Ipv4Addr) -> Result<(), DatapathError> {
+        self.peer_hosts
+            .insert(host.octets(), PeerHost { flags: 0 }, 0)
+            .map_err(|source| DatapathError::Map {
+                map: MAP_PEER_HOSTS,
+                source,
+            })
+    }
+
     pub fn set_route(&mut self, net: &Ipv4Net, peer: Ipv4Addr) -> Result<(), DatapathError> {
         let value = Peer {
             host: peer.octets(),
@@ -386,6 +409,46 @@ impl Datapath {
                 map: MAP_ROUTES,
                 source,
             })
+    }
+
+    /// Adds the kernel route `net via peer dev oif` (as flannel's host-gw
+    /// does). The datapath never uses it; it lets the kernel handle what the
+    /// datapath hands it (TTL expiry -> ICMP time exceeded, frag-needed)
+    /// instead of answering "net unreachable". An existing route for `net`
+    /// is the operator's and is left alone; a peer that is not on-link gets
+    /// no route (warning), the datapath forwards all the same.
+    pub fn add_kernel_route(
+        &mut self,
+        net: &Ipv4Net,
+        peer: Ipv4Addr,
+        oif: u32,
+    ) -> Result<(), DatapathError> {
+        let rtnl_err = |source| DatapathError::Route {
+            net: *net,
+            peer,
+            source,
+        };
+        let mut rtnl = Rtnl::open().map_err(rtnl_err)?;
+        match rtnl.add_route(net, peer, oif) {
+            Ok(()) => {
+                self.kernel_routes.push((*net, peer, oif));
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                warn!("a route for {net} exists already; leaving it as it is");
+                Ok(())
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENETUNREACH | libc::EINVAL)) => {
+                warn!("no kernel route for {net}: peer {peer} is not on-link ({e})");
+                Ok(())
+            }
+            Err(e) => Err(rtnl_err(e)),
+        }
+    }
+
+    /// Kernel routes this instance added.
+    pub fn kernel_routes(&self) -> &[(Ipv4Net, Ipv4Addr, u32)] {
+        &self.kernel_routes
     }
 
     pub fn set_local(&mut self, net: &Ipv4Net, bridge_ifindex: u32) -> Result<(), DatapathError> {
@@ -447,12 +510,24 @@ impl Drop for Datapath {
         for (_, a) in std::mem::take(&mut self.attachments) {
             detach(a);
         }
+        delete_kernel_routes(&self.kernel_routes);
         for path in self.pinned_maps.drain(..) {
             if let Err(e) = remove_file_if_exists(&path) {
                 warn!("removing {}: {e}", path.display());
             }
         }
         remove_empty_dirs(&self.layout);
+    }
+}
+
+/// Deletes routes `add_kernel_route` made; already gone is fine.
+pub fn delete_kernel_routes(routes: &[(Ipv4Net, Ipv4Addr, u32)]) {
+    let Ok(mut rtnl) = Rtnl::open() else { return };
+    for (net, peer, oif) in routes {
+        match rtnl.delete_route(net, *peer, *oif) {
+            Err(e) if e.raw_os_error() != Some(libc::ESRCH) => warn!("deleting route {net}: {e}"),
+            _ => {}
+        }
     }
 }
 

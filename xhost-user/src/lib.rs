@@ -7,5 +7,6 @@ pub mod datapath;
 pub mod docker;
 pub mod layout;
 pub mod net;
+pub mod netlink;
 pub mod report;
 pub mod state;

@@ -43,8 +43,8 @@ enum Cmd {
         #[arg(long = "bridge")]
         bridges: Vec<String>,
         /// A peer host and its container subnets: HOST_IP=CIDR[,CIDR...] (repeatable).
-        #[arg(long = "peer")]
-        peers: Vec<PeerConfig>,
+        #[arg(long = "peer", value_name = "HOST_IP=CIDR[,CIDR...]")]
+        peers: Vec<String>,
         /// TOML config file (same settings as the flags).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -113,6 +113,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             detach,
         } => {
             let file = config.as_deref().map(config::read_file).transpose()?;
+            // Parsed here rather than by clap so a bad value is one line
+            // with its cause, like every other input error.
+            let peers = peers
+                .iter()
+                .map(|p| p.parse::<PeerConfig>())
+                .collect::<Result<Vec<_>, _>>()?;
             let flags = FlagConfig {
                 iface,
                 bridges,

@@ -217,10 +217,15 @@ pub fn driver_of(name: &str) -> Result<String, IfaceError> {
 /// Fails unless `name` exists and is a Linux bridge.
 pub fn ensure_bridge(name: &str) -> Result<u32, IfaceError> {
     let index = ifindex(name)?;
-    if driver_of(name)? != "bridge" {
-        return Err(IfaceError::NotBridge(name.to_owned()));
+    match driver_of(name) {
+        Ok(d) if d == "bridge" => Ok(index),
+        Ok(_) => Err(IfaceError::NotBridge(name.to_owned())),
+        // Devices without driver info (lo, tunnels) are not bridges either.
+        Err(IfaceError::Read { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            Err(IfaceError::NotBridge(name.to_owned()))
+        }
+        Err(e) => Err(e),
     }
-    Ok(index)
 }
 
 /// IPv4 prefixes configured on `name` (the subnets it serves).

@@ -105,6 +105,8 @@ pub struct AgentState {
     pub attachments: Vec<Attachment>,
     pub bridges: Vec<String>,
     pub peers: Vec<PeerConfig>,
+    /// Kernel routes the agent added, for `unload` of a detached datapath.
+    pub kernel_routes: Vec<KernelRoute>,
     pub docker: Option<DockerStatus>,
     pub updated_unix_ms: u64,
 }
@@ -120,6 +122,7 @@ impl AgentState {
             attachments: Vec::new(),
             bridges: Vec::new(),
             peers: s.peers.clone(),
+            kernel_routes: Vec::new(),
             docker: s.docker.then(|| DockerStatus::unreachable(s)),
             updated_unix_ms: now_ms(),
         }
@@ -140,6 +143,13 @@ impl AgentState {
         let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
     }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KernelRoute {
+    pub prefix: Ipv4Net,
+    pub via: Ipv4Addr,
+    pub oif: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -412,6 +422,14 @@ pub fn unload(layout: &Layout, iface: Option<&str>) -> anyhow::Result<()> {
                 layout.pin_dir.display()
             )
         })?;
+    if let Some(a) = agent.as_ref() {
+        let routes: Vec<_> = a
+            .kernel_routes
+            .iter()
+            .map(|r| (r.prefix, r.via, r.oif))
+            .collect();
+        crate::datapath::delete_kernel_routes(&routes);
+    }
     remove_file_if_exists(&layout.state_file())?;
     let _ = std::fs::remove_dir(&layout.run_dir);
     Ok(())

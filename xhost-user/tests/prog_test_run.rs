@@ -18,7 +18,7 @@ use aya::{
     maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
-use xhost_common::{Counter, Endpoint, LocalNet, Peer, stat};
+use xhost_common::{Counter, Endpoint, LocalNet, Peer, PeerHost, stat};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -157,6 +157,14 @@ fn fill_maps(ebpf: &mut Ebpf) {
         _pad: [0; 4],
     };
     eps.insert([192, 168, 110, 11], ep, 0).expect("insert");
+    let mut hosts: HashMap<_, [u8; 4], PeerHost> = ebpf
+        .map_mut("PEER_HOSTS")
+        .expect("PEER_HOSTS")
+        .try_into()
+        .expect("hash");
+    hosts
+        .insert([172, 16, 91, 132], PeerHost { flags: 0 }, 0)
+        .expect("insert");
 }
 
 /// Ethernet + IPv4 (+ options) + 8 payload bytes, checksum correct.
@@ -211,6 +219,15 @@ fn routed(f: &[u8], smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
     o[22] -= 1;
     set_checksum(&mut o);
     o
+}
+
+/// An ICMP message of `icmp_type` from `src` to `dst` (protocol 1).
+fn icmp(src: [u8; 4], dst: [u8; 4], icmp_type: u8) -> Vec<u8> {
+    let mut f = ipv4(src, dst, 63, &[]);
+    f[23] = 1;
+    f[34] = icmp_type;
+    set_checksum(&mut f);
+    f
 }
 
 fn arp() -> Vec<u8> {

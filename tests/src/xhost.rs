@@ -1,0 +1,177 @@
+//! Runs `xhost-user` inside a simulated host: a guard around one agent with
+//! its own pin and run directories, stopped by PID and checked to leave
+//! nothing behind.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Output,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use nix::sys::signal::Signal;
+
+use crate::{Error, NetNs, Process, Result};
+
+/// Env var naming the `xhost-user` binary (else found next to the test binary).
+pub const XHOST_BIN_ENV: &str = "XHOST_USER_BIN";
+
+/// Locates `xhost-user`: `$XHOST_USER_BIN`, else in `target/<profile>/`
+/// beside the running test binary (`cargo xtask test` builds it first).
+pub fn xhost_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(XHOST_BIN_ENV) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|source| Error::Io {
+        what: "locating the current executable".into(),
+        source,
+    })?;
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("xhost-user"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "xhost-user not found near {} (cargo build --release -p xhost-user, or set {XHOST_BIN_ENV})",
+                exe.display()
+            ))
+        })
+}
+
+/// Per-agent state locations, unique per process and agent.
+#[derive(Clone, Debug)]
+pub struct AgentDirs {
+    pub pin_dir: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl AgentDirs {
+    pub fn unique(role: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("xh-{}-{n}-{role}", std::process::id());
+        Self {
+            pin_dir: Path::new("/sys/fs/bpf").join(&tag),
+            run_dir: std::env::temp_dir().join(tag),
+        }
+    }
+
+    /// `--pin-dir D --run-dir R`, to put before a subcommand.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--pin-dir".into(),
+            self.pin_dir.display().to_string(),
+            "--run-dir".into(),
+            self.run_dir.display().to_string(),
+        ]
+    }
+
+    /// Whether anything of the instance is left on disk.
+    pub fn leftovers(&self) -> Vec<PathBuf> {
+        [&self.pin_dir, &self.run_dir]
+            .into_iter()
+            .filter(|p| p.exists())
+            .cloned()
+            .collect()
+    }
+}
+
+/// Runs `xhost-user <dirs> <args>` to completion inside `ns`.
+pub fn xhost(ns: &NetNs, dirs: &AgentDirs, args: &[&str]) -> Result<Output> {
+    let bin = xhost_bin()?;
+    let mut all: Vec<String> = vec![bin.display().to_string()];
+    all.extend(dirs.args());
+    all.extend(args.iter().map(|s| (*s).to_owned()));
+    // nsenter, not `ip netns exec`: the latter remounts /sys, which hides
+    // the bpffs at /sys/fs/bpf that pins live on.
+    ns.nsenter_command(&all)
+        .output()
+        .map_err(|source| Error::Io {
+            what: format!("running {all:?}"),
+            source,
+        })
+}
+
+/// A foreground `xhost-user load` in a host namespace.
+pub struct Agent {
+    process: Process,
+    pub dirs: AgentDirs,
+    ns_path: PathBuf,
+}
+
+impl Agent {
+    /// Starts `xhost-user load <args>` in `ns` and waits for `ready`.
+    pub fn start(ns: &NetNs, role: &str, args: &[&str]) -> Result<Self> {
+        let dirs = AgentDirs::unique(role);
+        let bin = xhost_bin()?;
+        let mut all: Vec<String> = vec![bin.display().to_string()];
+        all.extend(dirs.args());
+        all.push("load".into());
+        all.extend(args.iter().map(|s| (*s).to_owned()));
+        let mut process =
+            Process::spawn_echoing(&format!("xhost-user@{role}"), ns.nsenter_command(&all))?;
+        process.set_grace(Duration::from_secs(10));
+        process.wait_for_line(|l| l.trim() == "ready", Duration::from_secs(20))?;
+        Ok(Self {
+            process,
+            dirs,
+            ns_path: ns.path(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Everything the agent printed so far.
+    pub fn output(&self) -> String {
+        self.process.output()
+    }
+
+    /// Sends `signal` and waits for a clean exit; returns the exit status
+    /// and whatever the agent left on disk (should be nothing).
+    pub fn stop_with(mut self, signal: Signal) -> Result<(std::process::ExitStatus, Vec<PathBuf>)> {
+        self.process.signal(signal)?;
+        let status = self
+            .process
+            .wait_timeout(Duration::from_secs(15))?
+            .ok_or_else(|| Error::Timeout {
+                what: "xhost-user to exit".into(),
+                after: Duration::from_secs(15),
+                output: self.process.output(),
+            })?;
+        Ok((status, self.dirs.leftovers()))
+    }
+
+    pub fn ns_path(&self) -> &Path {
+        &self.ns_path
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Process's own Drop stops the agent by PID; pins a killed agent
+        // left are removed here so no test leaks them.
+        let _ = self.process.signal(Signal::SIGTERM);
+        let _ = self.process.wait_timeout(Duration::from_secs(10));
+        remove_instance(&self.dirs);
+    }
+}
+
+/// Best-effort removal of an instance's pins and state (never panics).
+pub fn remove_instance(dirs: &AgentDirs) {
+    let links = dirs.pin_dir.join("links");
+    for dir in [&links, &dirs.pin_dir, &dirs.run_dir] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.path().is_file() || !e.path().is_dir() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    for dir in [&links, &dirs.pin_dir, &dirs.run_dir] {
+        let _ = std::fs::remove_dir(dir);
+    }
+}

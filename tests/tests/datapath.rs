@@ -1,0 +1,576 @@
+//! Real packets through the xhost datapath between two simulated Docker
+//! hosts (Docker-like iptables: FORWARD DROP, isolation chains,
+//! MASQUERADE; no static routes). Needs root; `--test-threads=1`.
+//!
+//! ```text
+//!  ctr-a: eth0 192.168.110.11/24                 ctr-b: eth0 192.168.220.11/24
+//!      | veth                                        | veth
+//!  host-a: docker0 192.168.110.1/24              host-b: docker0 192.168.220.1/24
+//!          ens33 172.16.91.131/24 <== veth ==> ens33 172.16.91.132/24
+//!          xhost: TC on docker0 + ens33, XDP on ens33 (each host)
+//! ```
+
+use nix::sys::signal::Signal;
+use xhost_tests::{
+    CtFilter, NetNs, Topology, TopologyOpts, TransferOpts, conntrack_entries, iptables_counter,
+    ping, tcp_transfer,
+    xhost::{Agent, AgentDirs, remove_instance, xhost},
+};
+
+fn require_root() {
+    assert!(
+        xhost_tests::is_root(),
+        "these tests load eBPF programs and build namespaces: run as root (cargo xtask test)"
+    );
+}
+
+fn topology() -> Topology {
+    require_root();
+    Topology::two_hosts(TopologyOpts::default()).expect("build two-host topology")
+}
+
+fn peer_arg(peer: &xhost_tests::Host) -> String {
+    format!("{}={}", peer.underlay_ip(), peer.subnet())
+}
+
+/// `load` arguments for `host` with the other host as its peer.
+fn load_args(host: &xhost_tests::Host, peer: &xhost_tests::Host, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--iface",
+        host.underlay_iface(),
+        "--bridge",
+        host.bridge(),
+        "--no-docker",
+        "--peer",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    a.push(peer_arg(peer));
+    a.extend(extra.iter().map(|s| (*s).to_owned()));
+    a
+}
+
+fn start(host: &xhost_tests::Host, peer: &xhost_tests::Host, extra: &[&str]) -> Agent {
+    let args = load_args(host, peer, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Agent::start(host.ns(), host.role(), &args).expect("xhost-user load")
+}
+
+fn status_json(ns: &NetNs, dirs: &AgentDirs) -> serde_json::Value {
+    let out = xhost(ns, dirs, &["status", "--json"]).expect("run status");
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+}
+
+fn counter(status: &serde_json::Value, name: &str) -> u64 {
+    status["counters"][name]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name} in {status}"))
+}
+
+/// xhost programs attached in `ns`, as bpftool lists them (XDP and tcx).
+fn xhost_programs(ns: &NetNs) -> String {
+    let out = ns.run(&["bpftool", "net", "show"]);
+    out.lines()
+        .filter(|l| l.contains("xhost"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn forward_packets(ns: &NetNs) -> u64 {
+    iptables_counter(ns, "FORWARD")
+        .expect("FORWARD counters")
+        .total_packets()
+}
+
+#[test]
+fn containers_reach_each_other_only_through_xhost() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let (ca, cb) = (topo.ctr_a(), topo.ctr_b());
+
+    // The problem: out of the box, no route between the container subnets.
+    assert!(
+        !ping(ca.ns(), cb.ip(), 1).expect("ping").any_received(),
+        "A reached B before xhost was loaded"
+    );
+
+    let agent_a = start(a, b, &[]);
+    let agent_b = start(b, a, &[]);
+    let fwd_before = (forward_packets(a.ns()), forward_packets(b.ns()));
+    let sa0 = status_json(a.ns(), &agent_a.dirs);
+    let sb0 = status_json(b.ns(), &agent_b.dirs);
+
+    // Ping both ways: exactly these packets are forwarded by the datapath.
+    let p = ping(ca.ns(), cb.ip(), 5).expect("ping A->B");
+    assert!(p.all_received(), "ping A->B through xhost: {p:?}");
+    let p = ping(cb.ns(), ca.ip(), 5).expect("ping B->A");
+    assert!(p.all_received(), "ping B->A through xhost: {p:?}");
+    let sa1 = status_json(a.ns(), &agent_a.dirs);
+    let sb1 = status_json(b.ns(), &agent_b.dirs);
+    for (s0, s1, host) in [(&sa0, &sa1, "A"), (&sb0, &sb1, "B")] {
+        // 5 own requests + 5 replies out, 5 requests + 5 replies in.
+        assert_eq!(
+            counter(s1, "fwd_egress") - counter(s0, "fwd_egress"),
+            10,
+            "host {host} fwd_egress"
+        );
+        assert_eq!(
+            counter(s1, "fwd_ingress") - counter(s0, "fwd_ingress"),
+            10,
+            "host {host} fwd_ingress"
+        );
+        assert_eq!(
+            counter(s1, "drop_spoofed"),
+            0,
+            "host {host} dropped nothing"
+        );
+    }
+
+    // TCP both ways, payload verified, container IPs preserved (no NAT).
+    for (from, to, port) in [(ca, cb, 45_101u16), (cb, ca, 45_102)] {
+        let opts = TransferOpts {
+            port,
+            bytes: 8 << 20,
+            ..TransferOpts::default()
+        };
+        let t = tcp_transfer(from.ns(), to.ns(), to.ip(), &opts).expect("tcp transfer");
+        assert!(
+            t.intact(),
+            "payload corrupted {} -> {}: {t:?}",
+            from.ip(),
+            to.ip()
+        );
+        assert_eq!(
+            t.source_ip(),
+            from.ip(),
+            "receiver must see the sender's container IP"
+        );
+    }
+
+    // Netfilter never saw the traffic: no FORWARD rule hit, no conntrack entry.
+    assert_eq!(
+        (forward_packets(a.ns()), forward_packets(b.ns())),
+        fwd_before,
+        "FORWARD chain counters moved"
+    );
+    for host in [a, b] {
+        for (s, d) in [(ca.ip(), cb.ip()), (cb.ip(), ca.ip())] {
+            let ct = conntrack_entries(host.ns(), &CtFilter::flow(s, d)).expect("conntrack");
+            assert!(
+                ct.is_empty(),
+                "conntrack on {} holds the flow {s}->{d}: {ct:?}",
+                host.role()
+            );
+        }
+    }
+
+    // Status: attachments, routes, local subnet, as the maps hold them.
+    let s = status_json(a.ns(), &agent_a.dirs);
+    let attached: Vec<String> = s["attached"]
+        .as_array()
+        .expect("attached")
+        .iter()
+        .map(|x| {
+            format!(
+                "{}@{}",
+                x["iface"].as_str().unwrap_or(""),
+                x["hook"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        attached,
+        [
+            "docker0@bridge-ingress",
+            "ens33@xdp",
+            "ens33@underlay-ingress"
+        ]
+    );
+    assert_eq!(s["routes"][0]["prefix"], "192.168.220.0/24");
+    assert_eq!(s["routes"][0]["peer"], "172.16.91.132");
+    assert_eq!(s["local_subnets"][0]["prefix"], "192.168.110.0/24");
+
+    // bpftool reads the pinned BTF maps field by field.
+    // (From this process: maps belong to no netns, and `ip netns exec` would
+    // remount /sys and hide the bpffs.)
+    let out = std::process::Command::new("bpftool")
+        .args([
+            "map",
+            "dump",
+            "pinned",
+            &format!("{}/ROUTES", agent_a.dirs.pin_dir.display()),
+        ])
+        .output()
+        .expect("bpftool");
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dump.contains("\"prefix_len\": 24") && dump.contains("\"host\""),
+        "bpftool dump: {dump}"
+    );
+
+    // Ctrl-C: clean exit, nothing of xhost left, and the path is gone again.
+    let (status, left) = agent_a.stop_with(Signal::SIGINT).expect("stop A");
+    assert!(status.success(), "agent A exit: {status:?}");
+    assert!(left.is_empty(), "agent A left {left:?}");
+    assert_eq!(
+        xhost_programs(a.ns()),
+        "",
+        "programs still attached on host A"
+    );
+    let (status, left) = agent_b.stop_with(Signal::SIGTERM).expect("stop B");
+    assert!(
+        status.success() && left.is_empty(),
+        "agent B: {status:?} left {left:?}"
+    );
+    assert_eq!(
+        xhost_programs(b.ns()),
+        "",
+        "programs still attached on host B"
+    );
+    assert!(
+        !ping(ca.ns(), cb.ip(), 1).expect("ping").any_received(),
+        "A reaches B after unload"
+    );
+}
+
+#[test]
+fn detached_datapath_keeps_forwarding_until_unload() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let dirs = [AgentDirs::unique("a"), AgentDirs::unique("b")];
+    let guard = scopeguard(&dirs);
+    for ((host, peer), d) in [(a, b), (b, a)].into_iter().zip(&dirs) {
+        let mut args = vec!["load".to_owned()];
+        args.extend(load_args(host, peer, &["--detach"]));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = xhost(host.ns(), d, &args).expect("load --detach");
+        assert!(
+            out.status.success(),
+            "load --detach: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ready");
+    }
+    // The loading processes are gone; the pinned datapath forwards.
+    let p = ping(topo.ctr_a().ns(), topo.ctr_b().ip(), 3).expect("ping");
+    assert!(p.all_received(), "detached datapath forwards: {p:?}");
+    let s = status_json(a.ns(), &dirs[0]);
+    assert_eq!(s["agent_running"], false);
+    assert_eq!(s["attached"].as_array().map(Vec::len), Some(3));
+
+    // unload with the wrong interface is refused and changes nothing.
+    let out = xhost(a.ns(), &dirs[0], &["unload", "--iface", "eth9"]).expect("unload");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("serves ens33, not eth9"));
+    assert!(
+        ping(topo.ctr_a().ns(), topo.ctr_b().ip(), 1)
+            .expect("ping")
+            .all_received()
+    );
+
+    for ((host, d), iface) in [a, b].into_iter().zip(&dirs).zip(["ens33", "ens33"]) {
+        let out = xhost(host.ns(), d, &["unload", "--iface", iface]).expect("unload");
+        assert!(
+            out.status.success(),
+            "unload: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(d.leftovers().is_empty(), "unload left {:?}", d.leftovers());
+        assert_eq!(
+            xhost_programs(host.ns()),
+            "",
+            "programs still attached after unload"
+        );
+    }
+    assert!(
+        !ping(topo.ctr_a().ns(), topo.ctr_b().ip(), 1)
+            .expect("ping")
+            .any_received()
+    );
+    let out = xhost(a.ns(), &dirs[0], &["unload"]).expect("unload");
+    assert!(
+        !out.status.success(),
+        "second unload must say nothing is loaded"
+    );
+    drop(guard);
+}
+
+/// Removes the instances' pins even if the test fails half-way.
+struct Cleanup<'a>(&'a [AgentDirs]);
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        self.0.iter().for_each(remove_instance);
+    }
+}
+fn scopeguard(dirs: &[AgentDirs]) -> Cleanup<'_> {
+    Cleanup(dirs)
+}
+
+#[test]
+fn ttl_expiring_at_the_host_is_left_to_the_kernel() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let _agents = (start(a, b, &[]), start(b, a, &[]));
+    // TTL 1 expires at host A: the kernel must answer "time exceeded".
+    let out = topo
+        .ctr_a()
+        .ns()
+        .exec(&[
+            "ping",
+            "-n",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-t",
+            "1",
+            &topo.ctr_b().ip().to_string(),
+        ])
+        .expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Time to live exceeded"),
+        "expected ICMP time exceeded from host A: {text}"
+    );
+    // TTL 2 reaches host B's bridge hop and expires there.
+    let out = topo
+        .ctr_a()
+        .ns()
+        .exec(&[
+            "ping",
+            "-n",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-t",
+            "2",
+            &topo.ctr_b().ip().to_string(),
+        ])
+        .expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Time to live exceeded"),
+        "expected ICMP time exceeded from host B: {text}"
+    );
+}
+
+#[test]
+fn underlay_hosts_cannot_reach_containers_directly() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let agent_a = start(a, b, &[]);
+    let _agent_b = start(b, a, &[]);
+    // Host B itself (not one of its containers) tries container A by IP via a
+    // route it sets: xhost on A must drop it (Docker's isolation).
+    b.ns().run(&[
+        "ip",
+        "route",
+        "replace",
+        &a.subnet().to_string(),
+        "via",
+        &a.underlay_ip().to_string(),
+    ]);
+    let s0 = status_json(a.ns(), &agent_a.dirs);
+    assert!(
+        !ping(b.ns(), topo.ctr_a().ip(), 3)
+            .expect("ping")
+            .any_received(),
+        "host B reached container A directly"
+    );
+    let s1 = status_json(a.ns(), &agent_a.dirs);
+    assert_eq!(
+        counter(&s1, "drop_spoofed") - counter(&s0, "drop_spoofed"),
+        3,
+        "each probe dropped as spoofed"
+    );
+}
+
+/// One bad-input case: `load` must fail with one line naming the culprit and
+/// leave nothing attached or pinned.
+fn assert_refused(host: &xhost_tests::Host, args: &[&str], culprit: &str) {
+    let dirs = AgentDirs::unique("bad");
+    let _cleanup = Cleanup(std::slice::from_ref(&dirs));
+    let mut all = vec!["load"];
+    all.extend_from_slice(args);
+    let out = xhost(host.ns(), &dirs, &all).expect("run load");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "load {args:?} must fail; stderr: {stderr}"
+    );
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.contains(" INFO ") && !l.contains(" WARN "))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "load {args:?}: one error line expected, got: {stderr}"
+    );
+    assert!(
+        lines[0].contains(culprit),
+        "load {args:?}: error must name `{culprit}`: {}",
+        lines[0]
+    );
+    assert!(
+        dirs.leftovers().is_empty(),
+        "load {args:?} left {:?}",
+        dirs.leftovers()
+    );
+    assert_eq!(
+        xhost_programs(host.ns()),
+        "",
+        "load {args:?} left programs attached"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_with_nothing_half_applied() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let peer = peer_arg(b);
+    let base = ["--iface", "ens33", "--bridge", "docker0", "--no-docker"];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| (*s).to_owned()).collect()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--iface".into(),
+                "nope0".into(),
+                "--bridge".into(),
+                "docker0".into(),
+                "--no-docker".into(),
+            ],
+            "nope0",
+        ),
+        (with(&["--bridge", "nobr0"]), "nobr0"),
+        (with(&["--bridge", "lo"]), "`lo` is not a Linux bridge"),
+        (
+            with(&["--peer", "172.16.91.132=192.168.220.0/33"]),
+            "192.168.220.0/33",
+        ),
+        (
+            with(&["--peer", "172.16.91.132=192.168.220.1/24"]),
+            "host bits set",
+        ),
+        (with(&["--peer", "172.16.91.132=banana"]), "banana"),
+        (with(&["--peer", "not-an-ip=10.1.0.0/16"]), "not-an-ip"),
+        (
+            with(&[
+                "--peer",
+                "172.16.91.132=10.1.0.0/16",
+                "--peer",
+                "172.16.91.133=10.1.128.0/17",
+            ]),
+            "overlaps subnet 10.1.128.0/17",
+        ),
+        (
+            with(&["--peer", "172.16.91.132=192.168.0.0/16"]),
+            "overlaps local subnet 192.168.110.0/24 on docker0",
+        ),
+        (
+            with(&[
+                "--peer",
+                "172.16.91.132=10.1.0.0/16",
+                "--peer",
+                "172.16.91.132=10.2.0.0/16",
+            ]),
+            "peer 172.16.91.132 is given more than once",
+        ),
+        (
+            vec!["--bridge".into(), "docker0".into(), "--no-docker".into()],
+            "no underlay interface",
+        ),
+        (
+            vec!["--iface".into(), "ens33".into(), "--no-docker".into()],
+            "nothing to serve",
+        ),
+    ];
+    for (args, culprit) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_refused(a, &args, culprit);
+    }
+
+    // Config file: conflicts with flags, unknown keys, bad CIDRs.
+    let dir = std::env::temp_dir().join(format!("xh-{}-cfg", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write config");
+        p.display().to_string()
+    };
+    let conflict = write("conflict.toml", "iface = \"eth7\"\n");
+    assert_refused(
+        a,
+        &[
+            "--config",
+            &conflict,
+            "--iface",
+            "ens33",
+            "--bridge",
+            "docker0",
+            "--no-docker",
+        ],
+        "conflicts with iface = \"eth7\"",
+    );
+    let unknown = write(
+        "unknown.toml",
+        "iface = \"ens33\"\nbridge = [\"docker0\"]\n",
+    );
+    assert_refused(
+        a,
+        &["--config", &unknown, "--no-docker"],
+        "unknown field `bridge`",
+    );
+    let bad_cidr = write(
+        "cidr.toml",
+        "iface = \"ens33\"\nbridges = [\"docker0\"]\n[[peer]]\nhost = \"172.16.91.132\"\nsubnets = [\"192.168.220.0/24\", \"10.0.0.0/40\"]\n",
+    );
+    assert_refused(a, &["--config", &bad_cidr, "--no-docker"], "10.0.0.0/40");
+    let missing = dir.join("missing.toml").display().to_string();
+    assert_refused(a, &["--config", &missing, "--no-docker"], "missing.toml");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Already loaded: a second instance on the same underlay is refused,
+    // whether it shares the pin dir or not; the first keeps forwarding.
+    let first = start(a, b, &[]);
+    let _b = start(b, a, &[]);
+    let again = load_args(a, b, &[]);
+    let mut all = vec!["load".to_owned()];
+    all.extend(again.iter().cloned());
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let out = xhost(a.ns(), &first.dirs, &all).expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already loaded"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let other = AgentDirs::unique("dup");
+    let _cleanup = Cleanup(std::slice::from_ref(&other));
+    let out = xhost(a.ns(), &other, &all).expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("ens33 already has"),
+        "{stderr}"
+    );
+    assert!(
+        other.leftovers().is_empty(),
+        "refused load left {:?}",
+        other.leftovers()
+    );
+    assert!(
+        ping(topo.ctr_a().ns(), topo.ctr_b().ip(), 2)
+            .expect("ping")
+            .all_received(),
+        "first instance disturbed"
+    );
+}
