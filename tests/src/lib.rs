@@ -16,7 +16,9 @@ pub mod netfilter;
 mod netns;
 pub mod probe;
 mod process;
+pub mod scenarios;
 mod topology;
+pub mod xhost;
 
 pub use cidr::Ipv4Cidr;
 pub use error::{Error, Result};

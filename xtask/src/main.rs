@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own module exposing `Options` (its clap arguments) and
 //! `run`; adding one (e.g. `bench`) is a module, a variant of [`Command`] and a match arm.
 
+mod bench;
 mod build;
 mod demo;
 mod run;
@@ -35,6 +36,8 @@ enum Command {
     Demo(demo::Options),
     /// Set up, build, and run every test of the workspace (as root, one thread).
     Test(test::Options),
+    /// Benchmark container-to-container paths: wire, iptables routes, kernel VXLAN, xhost.
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +47,6 @@ fn main() -> anyhow::Result<()> {
         Command::Run(opts) => run::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
         Command::Test(opts) => test::run(&opts),
+        Command::Bench(opts) => bench::run(&opts),
     }
 }

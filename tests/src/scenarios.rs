@@ -1,0 +1,1096 @@
+//! Benchmark scenarios for `cargo xtask bench`: the same container A -> container B path
+//! built several ways (a bare veth, the by-hand iptables/route recipe, kernel VXLAN as
+//! flannel does it, xhost), and the tools that measure a path (iperf3, sockperf,
+//! `/proc/stat`) with parsers for what they print.
+//!
+//! Every scenario is built from scratch in namespaces of its own and torn down by its
+//! guards, so nothing (iptables rules, routes, conntrack entries, pins) carries over from
+//! one scenario to the next.
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use crate::{
+    Error, Ipv4Cidr, NetNs, Process, Result, Topology, TopologyOpts, cmd, ping,
+    xhost::{self, Agent},
+};
+
+/// Container A's address (client side of every measurement).
+pub const CTR_A: Ipv4Addr = Ipv4Addr::new(192, 168, 110, 11);
+/// Container B's address (server side of every measurement).
+pub const CTR_B: Ipv4Addr = Ipv4Addr::new(192, 168, 220, 11);
+/// MTU of the containers in the VXLAN scenario: 1500 minus VXLAN's 50 bytes, as flannel
+/// configures it.
+pub const VXLAN_MTU: u32 = 1450;
+/// Underlay addresses of the extra peer hosts that own the scale benchmark's extra routes:
+/// 172.16.91.140 .. 172.16.91.239, in the underlay /24 but never sent to.
+const EXTRA_PEER_BASE: u8 = 140;
+const EXTRA_PEERS: u32 = 100;
+
+/// How container A's packets reach container B.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathKind {
+    /// The two container namespaces joined by one veth: the machine's packet-path limit.
+    Wire,
+    /// Docker-like hosts with a static route per remote subnet, a NAT exemption and FORWARD
+    /// accepts in DOCKER-USER; conntrack stays on.
+    IptablesRoutes,
+    /// Docker-like hosts joined by a Linux VXLAN device each (static FDB and neighbour
+    /// entries, routes `onlink` via the peer's VXLAN address), plus the NAT exemption and
+    /// FORWARD accepts; containers at MTU 1450. What flannel's vxlan backend sets up.
+    KernelVxlan,
+    /// Docker-like hosts with xhost-user on each; no routes or rules added by the bench.
+    Xhost(XhostOpts),
+}
+
+/// Settings of the xhost scenario.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XhostOpts {
+    /// `--xdp-mode`; `None` keeps the agent's default.
+    pub xdp_mode: Option<String>,
+    /// Routes in each host's ROUTES map, the real peer's subnet included (1 = no extras).
+    pub routes: u32,
+}
+
+impl Default for XhostOpts {
+    fn default() -> Self {
+        Self {
+            xdp_mode: None,
+            routes: 1,
+        }
+    }
+}
+
+/// One built scenario. Fields drop in declaration order: agents first (they detach and
+/// remove their kernel routes), then the config file, then the namespaces.
+pub struct Bed {
+    agents: Vec<BedAgent>,
+    config: Option<TempFile>,
+    net: Net,
+}
+
+/// An agent with what the bench reports about it.
+pub struct BedAgent {
+    pub agent: Agent,
+    /// `host-a` / `host-b`.
+    pub host: String,
+    /// From spawn to `ready`.
+    pub load_time: Duration,
+}
+
+enum Net {
+    Wire { a: NetNs, b: NetNs },
+    Hosts(Box<Topology>),
+}
+
+impl Bed {
+    /// Builds the scenario; on failure everything created so far is torn down again.
+    pub fn build(kind: &PathKind) -> Result<Self> {
+        match kind {
+            PathKind::Wire => Ok(Self {
+                agents: Vec::new(),
+                config: None,
+                net: build_wire()?,
+            }),
+            PathKind::IptablesRoutes => {
+                let topo = Topology::two_hosts(TopologyOpts::default())?;
+                apply_iptables_routes(&topo)?;
+                Ok(Self::hosts(topo))
+            }
+            PathKind::KernelVxlan => {
+                let topo = Topology::two_hosts(TopologyOpts::default())?;
+                apply_kernel_vxlan(&topo)?;
+                Ok(Self::hosts(topo))
+            }
+            PathKind::Xhost(opts) => {
+                let topo = Topology::two_hosts(TopologyOpts::default())?;
+                let mut bed = Self::hosts(topo);
+                bed.start_agents(opts)?;
+                Ok(bed)
+            }
+        }
+    }
+
+    fn hosts(topo: Topology) -> Self {
+        Self {
+            agents: Vec::new(),
+            config: None,
+            net: Net::Hosts(Box::new(topo)),
+        }
+    }
+
+    fn start_agents(&mut self, opts: &XhostOpts) -> Result<()> {
+        let Net::Hosts(topo) = &self.net else {
+            return Err(Error::Config("xhost needs the two-host topology".into()));
+        };
+        if opts.routes > 1 {
+            let avoid = [topo.host_a().subnet(), topo.host_b().subnet()];
+            let text = scale_config(opts.routes - 1, &avoid)?;
+            self.config = Some(TempFile::write("bench-routes.toml", &text)?);
+        }
+        for (host, peer) in [
+            (topo.host_a(), topo.host_b()),
+            (topo.host_b(), topo.host_a()),
+        ] {
+            let peer_arg = format!("{}={}", peer.underlay_ip(), peer.subnet());
+            let mut args = vec![
+                "--iface",
+                host.underlay_iface(),
+                "--bridge",
+                host.bridge(),
+                "--no-docker",
+                "--peer",
+                &peer_arg,
+            ];
+            if let Some(mode) = &opts.xdp_mode {
+                args.extend(["--xdp-mode", mode]);
+            }
+            let config = self.config.as_ref().map(|f| f.path.display().to_string());
+            if let Some(path) = &config {
+                args.extend(["--config", path]);
+            }
+            let started = Instant::now();
+            let agent = Agent::start(host.ns(), &format!("bench-{}", host.role()), &args)?;
+            self.agents.push(BedAgent {
+                agent,
+                host: host.role().to_owned(),
+                load_time: started.elapsed(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Container A's namespace, where the clients run.
+    pub fn client(&self) -> &NetNs {
+        match &self.net {
+            Net::Wire { a, .. } => a,
+            Net::Hosts(t) => t.ctr_a().ns(),
+        }
+    }
+
+    /// Container B's namespace, where the servers run.
+    pub fn server(&self) -> &NetNs {
+        match &self.net {
+            Net::Wire { b, .. } => b,
+            Net::Hosts(t) => t.ctr_b().ns(),
+        }
+    }
+
+    /// Container B's address.
+    pub fn server_ip(&self) -> Ipv4Addr {
+        CTR_B
+    }
+
+    /// The running agents (xhost scenarios only).
+    pub fn agents(&self) -> &[BedAgent] {
+        &self.agents
+    }
+
+    /// The host namespaces (none for the wire).
+    pub fn host_namespaces(&self) -> Vec<&NetNs> {
+        match &self.net {
+            Net::Wire { .. } => Vec::new(),
+            Net::Hosts(t) => t.hosts().iter().map(|h| h.ns()).collect(),
+        }
+    }
+
+    /// Fails unless container A gets an echo reply from container B (also resolves the
+    /// neighbours before anything is timed).
+    pub fn check_path(&self) -> Result<()> {
+        let p = ping(self.client(), self.server_ip(), 2)?;
+        if p.any_received() {
+            Ok(())
+        } else {
+            Err(Error::Config(format!(
+                "no path from {CTR_A} to {}:\n{}",
+                self.server_ip(),
+                p.output
+            )))
+        }
+    }
+}
+
+/// Two container namespaces and one veth between them, each end with its container's
+/// address and a /32 route to the other (no gateway, no bridge, no netfilter rules).
+fn build_wire() -> Result<Net> {
+    let a = NetNs::new("wire-a")?;
+    let b = NetNs::new("wire-b")?;
+    a.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        b.name(),
+    ])?;
+    for (ns, me, other) in [(&a, CTR_A, CTR_B), (&b, CTR_B, CTR_A)] {
+        ns.ip_batch(&format!(
+            "link set lo up\n\
+             addr add {me}/24 dev eth0\n\
+             link set eth0 up\n\
+             route add {other}/32 dev eth0\n"
+        ))?;
+    }
+    Ok(Net::Wire { a, b })
+}
+
+/// `iptables -w args...` inside `ns`.
+fn iptables(ns: &NetNs, args: &[&str]) -> Result<()> {
+    let mut all = vec!["iptables", "-w"];
+    all.extend_from_slice(args);
+    ns.try_run(&all).map(drop)
+}
+
+/// The by-hand recipe's rules on one host: no MASQUERADE between container subnets, and
+/// FORWARD accepts both ways in DOCKER-USER (Docker's FORWARD policy is DROP).
+fn exempt_and_accept(ns: &NetNs, local: &str, remote: &str) -> Result<()> {
+    iptables(
+        ns,
+        &[
+            "-t",
+            "nat",
+            "-I",
+            "POSTROUTING",
+            "-s",
+            local,
+            "-d",
+            remote,
+            "-j",
+            "RETURN",
+        ],
+    )?;
+    for (s, d) in [(local, remote), (remote, local)] {
+        iptables(ns, &["-I", "DOCKER-USER", "-s", s, "-d", d, "-j", "ACCEPT"])?;
+    }
+    Ok(())
+}
+
+/// Static route per remote subnet via the peer host, plus [`exempt_and_accept`].
+fn apply_iptables_routes(topo: &Topology) -> Result<()> {
+    for (host, peer) in [
+        (topo.host_a(), topo.host_b()),
+        (topo.host_b(), topo.host_a()),
+    ] {
+        let (local, remote) = (host.subnet().to_string(), peer.subnet().to_string());
+        host.ns().ip(&[
+            "route",
+            "add",
+            &remote,
+            "via",
+            &peer.underlay_ip().to_string(),
+        ])?;
+        exempt_and_accept(host.ns(), &local, &remote)?;
+    }
+    Ok(())
+}
+
+/// Address of host `n` (1 or 2) on the VXLAN overlay.
+fn vxlan_ip(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 42, 0, n)
+}
+
+/// MAC of host `n`'s `vxlan0` (locally administered, fixed so FDB and neighbour entries can
+/// be written before the peer exists, as flannel does from its node annotations).
+fn vxlan_mac(n: u8) -> String {
+    format!("02:00:0a:2a:00:{n:02x}")
+}
+
+/// flannel's vxlan backend by hand: `vxlan0` per host with a static FDB entry and a
+/// permanent neighbour for the peer's VTEP, a route `onlink` via the peer's overlay address,
+/// MTU 1450 on the overlay and on every container-side link, and the recipe's NAT exemption
+/// and FORWARD accepts.
+fn apply_kernel_vxlan(topo: &Topology) -> Result<()> {
+    let mtu = VXLAN_MTU;
+    for (n, host, peer, peer_n) in [
+        (1u8, topo.host_a(), topo.host_b(), 2u8),
+        (2u8, topo.host_b(), topo.host_a(), 1u8),
+    ] {
+        let ns = host.ns();
+        let (me, peer_vtep, peer_mac) = (vxlan_ip(n), vxlan_ip(peer_n), vxlan_mac(peer_n));
+        let mut script = format!(
+            "link add vxlan0 type vxlan id 42 dstport 4789 local {} dev {} nolearning\n\
+             link set vxlan0 address {}\n\
+             link set vxlan0 mtu {mtu}\n\
+             addr add {me}/24 dev vxlan0\n\
+             link set vxlan0 up\n\
+             neigh replace {peer_vtep} lladdr {peer_mac} dev vxlan0 nud permanent\n\
+             route add {} via {peer_vtep} dev vxlan0 onlink\n\
+             link set {} mtu {mtu}\n",
+            host.underlay_ip(),
+            host.underlay_iface(),
+            vxlan_mac(n),
+            peer.subnet(),
+            host.bridge(),
+        );
+        for c in host.containers() {
+            let _ = writeln!(script, "link set {} mtu {mtu}", c.host_veth());
+        }
+        ns.ip_batch(&script)?;
+        ns.try_run(&[
+            "bridge",
+            "fdb",
+            "append",
+            &peer_mac,
+            "dst",
+            &peer.underlay_ip().to_string(),
+            "dev",
+            "vxlan0",
+        ])?;
+        for c in host.containers() {
+            c.ns()
+                .ip(&["link", "set", c.iface(), "mtu", &mtu.to_string()])?;
+        }
+        exempt_and_accept(ns, &host.subnet().to_string(), &peer.subnet().to_string())?;
+    }
+    Ok(())
+}
+
+/// The extra routes of the scale benchmark as an xhost config file: `extra` subnets that
+/// overlap none of `avoid`, spread over [`EXTRA_PEERS`] peer hosts in the underlay /24.
+///
+/// The first ones are the /24 neighbours of the container subnets in 192.168.0.0/16, so the
+/// LPM trie is dense around the measured destination rather than far away from it; the rest
+/// are /25s carved from 10.0.0.0/8 (131 072 of them, enough for the 100 000-route case).
+pub fn scale_config(extra: u32, avoid: &[Ipv4Cidr]) -> Result<String> {
+    let subnets = extra_subnets(extra, avoid)?;
+    let per_peer = subnets.len().div_ceil(EXTRA_PEERS as usize).max(1);
+    let mut out = String::from("# Extra routes for the xhost scale benchmark.\n");
+    for (i, chunk) in subnets.chunks(per_peer).enumerate() {
+        let host = Ipv4Addr::new(172, 16, 91, EXTRA_PEER_BASE + i as u8);
+        let list: Vec<String> = chunk.iter().map(|n| format!("\"{n}\"")).collect();
+        let _ = write!(
+            out,
+            "\n[[peer]]\nhost = \"{host}\"\nsubnets = [{}]\n",
+            list.join(", ")
+        );
+    }
+    Ok(out)
+}
+
+fn extra_subnets(extra: u32, avoid: &[Ipv4Cidr]) -> Result<Vec<Ipv4Cidr>> {
+    let overlaps = |n: &Ipv4Cidr| {
+        avoid
+            .iter()
+            .any(|a| a.contains(n.addr()) || n.contains(a.addr()))
+    };
+    let near = (0..=255u8).map(|x| Ipv4Cidr::known(Ipv4Addr::new(192, 168, x, 0), 24));
+    let far = (0..(1u32 << 17)).map(|i| Ipv4Cidr::known(Ipv4Addr::from((10 << 24) | (i << 7)), 25));
+    let out: Vec<Ipv4Cidr> = near
+        .chain(far)
+        .filter(|n| !overlaps(n))
+        .take(extra as usize)
+        .collect();
+    if out.len() < extra as usize {
+        return Err(Error::Config(format!(
+            "only {} extra routes available, {extra} requested",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// A file in the temp directory removed on drop.
+struct TempFile {
+    path: PathBuf,
+}
+
+impl TempFile {
+    fn write(name: &str, text: &str) -> Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("xh-{}-{n}-{name}", std::process::id()));
+        std::fs::write(&path, text).map_err(|source| Error::Io {
+            what: format!("writing {}", path.display()),
+            source,
+        })?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Measurements
+
+/// iperf3 TCP result (client's JSON, receiver side).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TcpSample {
+    pub bits_per_second: f64,
+    pub retransmits: Option<u64>,
+}
+
+/// iperf3 UDP result, receiver side: `packets` is what the receiver expected (from sequence
+/// numbers), `lost` what never arrived.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct UdpSample {
+    pub packets: u64,
+    pub lost: u64,
+    pub seconds: f64,
+    /// Delivered packets per second: `(packets - lost) / seconds`.
+    pub pps: f64,
+    /// iperf3's own CPU figures: sender (`host_total`) and receiver (`remote_total`), in %
+    /// of one CPU. A sender near 100 % means the sender, not the path, set the rate.
+    pub sender_cpu_pct: Option<f64>,
+    pub receiver_cpu_pct: Option<f64>,
+}
+
+/// sockperf ping-pong result; sockperf's latency is half the round trip.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LatencySample {
+    pub mean_us: f64,
+    pub p99_us: f64,
+    pub observations: u64,
+}
+
+/// Port of the iperf3 servers (inside container B's namespace).
+const IPERF_PORT: u16 = 5201;
+/// Port of the sockperf server.
+const SOCKPERF_PORT: u16 = 11111;
+/// Slack on top of a test's duration before its client is killed.
+const CLIENT_SLACK: Duration = Duration::from_secs(15);
+
+/// Single-stream TCP throughput from `client` to `ip` (a server in `server`).
+pub fn iperf3_tcp(client: &NetNs, server: &NetNs, ip: Ipv4Addr, secs: u32) -> Result<TcpSample> {
+    let _srv = iperf3_server(server, ip)?;
+    let out = run_client(
+        client,
+        &iperf3_client_args(ip, secs, &[]),
+        Duration::from_secs(secs.into()) + CLIENT_SLACK,
+    )?;
+    parse_iperf3_tcp(&out)
+}
+
+/// 64-byte UDP datagrams as fast as one iperf3 sender can (`-b 0`).
+pub fn iperf3_udp(client: &NetNs, server: &NetNs, ip: Ipv4Addr, secs: u32) -> Result<UdpSample> {
+    let _srv = iperf3_server(server, ip)?;
+    let out = run_client(
+        client,
+        &iperf3_client_args(ip, secs, &["-u", "-l", "64", "-b", "0"]),
+        Duration::from_secs(secs.into()) + CLIENT_SLACK,
+    )?;
+    parse_iperf3_udp(&out)
+}
+
+/// UDP ping-pong latency with 64-byte messages, both ends busy-polling (`--nonblocked
+/// --timeout 0`).
+pub fn sockperf_ping_pong(
+    client: &NetNs,
+    server: &NetNs,
+    ip: Ipv4Addr,
+    secs: u32,
+) -> Result<LatencySample> {
+    cmd::require_tool("sockperf", "sockperf")?;
+    let (ip_s, port) = (ip.to_string(), SOCKPERF_PORT.to_string());
+    let mut srv = server.spawn(
+        "sockperf-server",
+        &[
+            "sockperf",
+            "server",
+            "-i",
+            &ip_s,
+            "-p",
+            &port,
+            "--nonblocked",
+            "--timeout",
+            "0",
+        ],
+    )?;
+    srv.set_grace(Duration::from_secs(2));
+    wait_listening(server, &mut srv, "udp", SOCKPERF_PORT)?;
+    let args: Vec<String> = [
+        "sockperf",
+        "ping-pong",
+        "-i",
+        &ip_s,
+        "-p",
+        &port,
+        "-t",
+        &secs.to_string(),
+        "--nonblocked",
+        "--timeout",
+        "0",
+        "-m",
+        "64",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let out = run_client(
+        client,
+        &args,
+        Duration::from_secs(secs.into()) + CLIENT_SLACK,
+    )?;
+    parse_sockperf(&out)
+}
+
+fn iperf3_client_args(ip: Ipv4Addr, secs: u32, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "iperf3",
+        "-c",
+        &ip.to_string(),
+        "-p",
+        &IPERF_PORT.to_string(),
+        "-t",
+        &secs.to_string(),
+        "-J",
+        "--connect-timeout",
+        "3000",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+/// `iperf3 -s -1` bound to `ip` in `ns`, up and listening; stopped by pid when dropped.
+fn iperf3_server(ns: &NetNs, ip: Ipv4Addr) -> Result<Process> {
+    cmd::require_tool("iperf3", "iperf3")?;
+    let mut p = ns.spawn(
+        "iperf3-server",
+        &[
+            "iperf3",
+            "-s",
+            "-1",
+            "-p",
+            &IPERF_PORT.to_string(),
+            "-B",
+            &ip.to_string(),
+            "--idle-timeout",
+            "60",
+        ],
+    )?;
+    p.set_grace(Duration::from_secs(2));
+    wait_listening(ns, &mut p, "tcp", IPERF_PORT)?;
+    Ok(p)
+}
+
+/// Polls `ss` in `ns` until something listens on `port` (TCP) or is bound to it (UDP).
+fn wait_listening(ns: &NetNs, server: &mut Process, proto: &str, port: u16) -> Result<()> {
+    let flags = if proto == "udp" { "-Hlun" } else { "-Hltn" };
+    let filter = format!(":{port}");
+    let timeout = Duration::from_secs(5);
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = server.try_wait()? {
+            return Err(Error::Exited {
+                label: server.label().to_owned(),
+                what: format!("listening on {proto} port {port}"),
+                status: Some(status),
+                output: server.output(),
+            });
+        }
+        let out = ns.exec(&["ss", flags, "sport", "=", &filter])?;
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                what: format!("{} to listen on {proto} port {port}", server.label()),
+                after: timeout,
+                output: server.output(),
+            });
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a client to completion inside `ns` under coreutils `timeout` (SIGTERM at `limit`,
+/// SIGKILL 2 s later) and returns its stdout; fails with the whole output otherwise.
+/// `--foreground` keeps the client in our process group, so a Ctrl-C reaches it too.
+fn run_client(ns: &NetNs, args: &[String], limit: Duration) -> Result<String> {
+    let mut all = vec![
+        "timeout".to_owned(),
+        "--foreground".to_owned(),
+        "-k".to_owned(),
+        "2".to_owned(),
+        limit.as_secs().to_string(),
+    ];
+    all.extend_from_slice(args);
+    let mut c = ns.command(&all);
+    let out = cmd::output(&mut c)?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(Error::Command {
+            cmd: cmd::display(&c),
+            status: out.status,
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(stdout)
+}
+
+fn json_f64(v: &serde_json::Value, path: &[&str]) -> Option<f64> {
+    path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
+}
+
+fn json_u64(v: &serde_json::Value, path: &[&str]) -> Option<u64> {
+    path.iter().try_fold(v, |v, k| v.get(k))?.as_u64()
+}
+
+fn parse_json(what: &'static str, text: &str) -> Result<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|_| Error::Parse {
+        what,
+        input: text.to_owned(),
+    })?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(Error::Parse {
+            what,
+            input: format!("iperf3 error: {e}"),
+        });
+    }
+    Ok(v)
+}
+
+/// Receiver-side throughput from `iperf3 -c ... -J` (TCP).
+pub fn parse_iperf3_tcp(text: &str) -> Result<TcpSample> {
+    let v = parse_json("iperf3 TCP JSON", text)?;
+    let bits_per_second =
+        json_f64(&v, &["end", "sum_received", "bits_per_second"]).ok_or_else(|| Error::Parse {
+            what: "end.sum_received.bits_per_second",
+            input: text.to_owned(),
+        })?;
+    Ok(TcpSample {
+        bits_per_second,
+        retransmits: json_u64(&v, &["end", "sum_sent", "retransmits"]),
+    })
+}
+
+/// Receiver-side packet counts from `iperf3 -c ... -u -J`: `end.sum_received` (iperf3 >=
+/// 3.10), else `end.sum`, which older versions fill from the receiver's report.
+pub fn parse_iperf3_udp(text: &str) -> Result<UdpSample> {
+    let v = parse_json("iperf3 UDP JSON", text)?;
+    let end = v.get("end").ok_or_else(|| Error::Parse {
+        what: "iperf3 UDP end section",
+        input: text.to_owned(),
+    })?;
+    let sum = end
+        .get("sum_received")
+        .or_else(|| end.get("sum"))
+        .ok_or_else(|| Error::Parse {
+            what: "end.sum_received",
+            input: text.to_owned(),
+        })?;
+    let field = |k: &'static str| {
+        sum.get(k)
+            .and_then(|x| x.as_f64())
+            .ok_or_else(|| Error::Parse {
+                what: k,
+                input: text.to_owned(),
+            })
+    };
+    let (packets, lost, seconds) = (field("packets")?, field("lost_packets")?, field("seconds")?);
+    if seconds <= 0.0 || lost > packets {
+        return Err(Error::Parse {
+            what: "consistent UDP counts",
+            input: text.to_owned(),
+        });
+    }
+    Ok(UdpSample {
+        packets: packets as u64,
+        lost: lost as u64,
+        seconds,
+        pps: (packets - lost) / seconds,
+        sender_cpu_pct: json_f64(end, &["cpu_utilization_percent", "host_total"]),
+        receiver_cpu_pct: json_f64(end, &["cpu_utilization_percent", "remote_total"]),
+    })
+}
+
+/// Removes ANSI colour sequences (`ESC [ ... m`), which sockperf prints even into a pipe.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip to the final byte of the CSI sequence (a letter).
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Mean (`avg-latency=`), 99th percentile and observation count from `sockperf ping-pong`.
+pub fn parse_sockperf(text: &str) -> Result<LatencySample> {
+    let clean = strip_ansi(text);
+    let bad = |what| Error::Parse {
+        what,
+        input: clean.clone(),
+    };
+    let number = |s: &str| -> Option<f64> {
+        let s = s.trim_start();
+        let end = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        s[..end].parse().ok()
+    };
+    let mean_us = clean
+        .split_once("avg-latency=")
+        .and_then(|(_, rest)| number(rest))
+        .ok_or_else(|| bad("sockperf avg-latency"))?;
+    let p99_us = clean
+        .lines()
+        .find(|l| l.contains("percentile 99.000"))
+        .and_then(|l| l.split_once('='))
+        .and_then(|(_, rest)| number(rest))
+        .ok_or_else(|| bad("sockperf percentile 99.000"))?;
+    // `Total 307183 observations; ...` (not `[Total Run] ...`).
+    let observations = clean
+        .lines()
+        .filter_map(|l| {
+            l.split_once("Total ")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .next()
+        .ok_or_else(|| bad("sockperf observation count"))?;
+    Ok(LatencySample {
+        mean_us,
+        p99_us,
+        observations,
+    })
+}
+
+/// Machine-wide CPU time from the first line of `/proc/stat`, in USER_HZ ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CpuTicks {
+    pub user: u64,
+    pub nice: u64,
+    pub system: u64,
+    pub idle: u64,
+    pub iowait: u64,
+    pub irq: u64,
+    pub softirq: u64,
+    pub steal: u64,
+}
+
+/// `/proc/stat` counts in USER_HZ, which the kernel ABI fixes at 100 on every architecture
+/// Linux exports it on.
+pub const USER_HZ: f64 = 100.0;
+
+impl CpuTicks {
+    pub fn read() -> Result<Self> {
+        let text = std::fs::read_to_string("/proc/stat").map_err(|source| Error::Io {
+            what: "reading /proc/stat".into(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses the aggregate `cpu ` line.
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = || Error::Parse {
+            what: "/proc/stat cpu line",
+            input: text.lines().next().unwrap_or_default().to_owned(),
+        };
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .ok_or_else(bad)?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad())?;
+        if v.len() < 8 {
+            return Err(bad());
+        }
+        Ok(Self {
+            user: v[0],
+            nice: v[1],
+            system: v[2],
+            idle: v[3],
+            iowait: v[4],
+            irq: v[5],
+            softirq: v[6],
+            steal: v[7],
+        })
+    }
+
+    /// Ticks spent running something (not idle, iowait or stolen).
+    pub fn busy(&self) -> u64 {
+        self.user + self.nice + self.system + self.irq + self.softirq
+    }
+
+    pub fn total(&self) -> u64 {
+        self.busy() + self.idle + self.iowait + self.steal
+    }
+
+    /// `self - earlier`, field by field.
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            user: self.user.saturating_sub(earlier.user),
+            nice: self.nice.saturating_sub(earlier.nice),
+            system: self.system.saturating_sub(earlier.system),
+            idle: self.idle.saturating_sub(earlier.idle),
+            iowait: self.iowait.saturating_sub(earlier.iowait),
+            irq: self.irq.saturating_sub(earlier.irq),
+            softirq: self.softirq.saturating_sub(earlier.softirq),
+            steal: self.steal.saturating_sub(earlier.steal),
+        }
+    }
+
+    /// Fraction of the machine's CPU time that was busy (for a delta).
+    pub fn busy_fraction(&self) -> f64 {
+        match self.total() {
+            0 => 0.0,
+            t => self.busy() as f64 / t as f64,
+        }
+    }
+}
+
+/// Waits, at most `max`, until the machine is mostly idle (busy below `threshold` over a
+/// 300 ms window): background work such as the kernel tearing down the previous scenario's
+/// namespaces should not be measured with the next one. Returns the last window's busy
+/// fraction.
+pub fn wait_quiet(threshold: f64, max: Duration) -> Result<f64> {
+    let deadline = Instant::now() + max;
+    loop {
+        let before = CpuTicks::read()?;
+        thread::sleep(Duration::from_millis(300));
+        let busy = CpuTicks::read()?.since(&before).busy_fraction();
+        if busy < threshold || Instant::now() >= deadline {
+            return Ok(busy);
+        }
+    }
+}
+
+/// `VmRSS` and `VmHWM` (peak) of `pid` in bytes, from `/proc/PID/status`.
+pub fn rss_bytes(pid: u32) -> Result<(u64, u64)> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        what: format!("reading {path}"),
+        source,
+    })?;
+    parse_rss(&text).ok_or(Error::Parse {
+        what: "VmRSS/VmHWM",
+        input: text,
+    })
+}
+
+fn parse_rss(status: &str) -> Option<(u64, u64)> {
+    let kb = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..].split_whitespace().next()?.parse().ok()
+    };
+    Some((kb("VmRSS:")? * 1024, kb("VmHWM:")? * 1024))
+}
+
+/// Number of kernel routes with protocol `proto` in `ns`'s main table (xhost marks its own
+/// with 177), to check that a scale scenario really has its routes.
+pub fn count_routes(ns: &NetNs, proto: u8) -> Result<usize> {
+    let out = ns.ip(&["route", "show", "proto", &proto.to_string()])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count())
+}
+
+/// `xhost-user status --json` of an agent's instance, parsed.
+pub fn agent_status(ns: &NetNs, agent: &Agent) -> Result<serde_json::Value> {
+    let out = xhost::xhost(ns, &agent.dirs, &["status", "--json"])?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            cmd: "xhost-user status --json".into(),
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    serde_json::from_slice(&out.stdout).map_err(|_| Error::Parse {
+        what: "xhost-user status --json",
+        input: String::from_utf8_lossy(&out.stdout).into_owned(),
+    })
+}
+
+/// Version line of a tool (`iperf3 --version`, `sockperf --version`), for the results file.
+pub fn tool_version(tool: &str) -> Option<String> {
+    let out = Command::new(tool).arg("--version").output().ok()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .map(|l| strip_ansi(l).trim().to_owned())
+        .find(|l| !l.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Trimmed from a real `iperf3 -c 192.168.220.11 -t 2 -J` (iperf 3.12) over the wire.
+    const IPERF_TCP: &str = r#"{
+        "start": {"version": "iperf 3.12"},
+        "end": {
+            "streams": [],
+            "sum_sent": {"start": 0, "end": 2.000094, "seconds": 2.000094,
+                         "bytes": 4001366016, "bits_per_second": 16004710236.3, "retransmits": 0,
+                         "sender": true},
+            "sum_received": {"start": 0, "end": 2.000241, "seconds": 2.000241,
+                             "bytes": 4001366016, "bits_per_second": 16004697984.75272,
+                             "sender": true},
+            "cpu_utilization_percent": {"host_total": 55.1, "remote_total": 61.2}
+        }
+    }"#;
+
+    /// Trimmed from a real `iperf3 -c ... -u -l 64 -b 0 -t 2 -J` (iperf 3.12).
+    const IPERF_UDP: &str = r#"{
+        "end": {
+            "sum": {"start": 0, "end": 2.00012, "seconds": 2.00012, "bytes": 66392960,
+                    "bits_per_second": 265569981.0101329, "jitter_ms": 0.0014,
+                    "lost_packets": 41396, "packets": 1037390, "lost_percent": 3.99,
+                    "sender": true},
+            "sum_sent": {"start": 0, "end": 2.000014, "seconds": 2.000014, "bytes": 66392960,
+                         "bits_per_second": 265569981.0101329, "jitter_ms": 0,
+                         "lost_packets": 0, "packets": 1037390, "lost_percent": 0,
+                         "sender": true},
+            "sum_received": {"start": 0, "end": 2.00012, "seconds": 2.00012, "bytes": 63743552,
+                             "bits_per_second": 254958910.4653721, "jitter_ms": 0.0014,
+                             "lost_packets": 41396, "packets": 1037389, "lost_percent": 3.99,
+                             "sender": false},
+            "cpu_utilization_percent": {"host_total": 99.6841112824112, "host_user": 14.3,
+                                        "host_system": 85.3, "remote_total": 84.27679842330012}
+        }
+    }"#;
+
+    /// A real `sockperf ping-pong` run (sockperf 3.7), colour codes included.
+    const SOCKPERF: &str = "\
+sockperf: \x1b[2;35m== version #3.7-no.git == \x1b[0m
+sockperf[CLIENT] send on:sockperf: using recvfrom() to block on socket(s)
+
+[ 0] IP = 192.168.220.11  PORT = 11111 # UDP
+sockperf: Warmup stage (sending a few dummy messages)...
+sockperf: Starting test...
+sockperf: Test end (interrupted by timer)
+sockperf: Test ended
+sockperf: [Total Run] RunTime=2.000 sec; Warm up time=400 msec; SentMessages=398218; ReceivedMessages=398217
+sockperf: ========= Printing statistics for Server No: 0
+sockperf: [Valid Duration] RunTime=1.550 sec; SentMessages=307183; ReceivedMessages=307183
+sockperf: \x1b[2;35m====> avg-latency=2.509 (std-dev=10.900)\x1b[0m
+sockperf: # dropped messages = 0; # duplicated messages = 0; # out-of-order messages = 0
+sockperf: Summary: Latency is 2.509 usec
+sockperf: \x1b[2;35mTotal 307183 observations\x1b[0m; each percentile contains 3071.83 observations
+sockperf: ---> <MAX> observation = 4059.845
+sockperf: ---> percentile 99.999 = 1911.632
+sockperf: ---> percentile 99.990 =   42.349
+sockperf: ---> percentile 99.900 =   19.900
+sockperf: ---> percentile 99.000 =    5.486
+sockperf: ---> percentile 90.000 =    2.751
+sockperf: ---> percentile 50.000 =    2.336
+sockperf: ---> <MIN> observation =    1.714
+";
+
+    #[test]
+    fn parses_iperf3_tcp() {
+        let s = parse_iperf3_tcp(IPERF_TCP).expect("parse");
+        assert!((s.bits_per_second - 16_004_697_984.752_72).abs() < 1e-3);
+        assert_eq!(s.retransmits, Some(0));
+        let err = parse_iperf3_tcp(r#"{"start": {}, "end": {}, "error": "unable to connect to server: Connection refused"}"#)
+            .expect_err("iperf3 error");
+        assert!(err.to_string().contains("Connection refused"), "{err}");
+        assert!(parse_iperf3_tcp("not json").is_err());
+    }
+
+    #[test]
+    fn parses_iperf3_udp_receiver_side() {
+        let s = parse_iperf3_udp(IPERF_UDP).expect("parse");
+        assert_eq!((s.packets, s.lost), (1_037_389, 41_396));
+        assert!((s.pps - (1_037_389.0 - 41_396.0) / 2.00012).abs() < 1e-6);
+        assert_eq!(s.sender_cpu_pct, Some(99.6841112824112));
+        assert_eq!(s.receiver_cpu_pct, Some(84.27679842330012));
+        // Older iperf3: only `sum`, filled from the receiver's report.
+        let old = r#"{"end": {"sum": {"seconds": 2.0, "packets": 1000, "lost_packets": 100}}}"#;
+        assert_eq!(parse_iperf3_udp(old).expect("old format").pps, 450.0);
+        let bad = r#"{"end": {"sum": {"seconds": 2.0, "packets": 10, "lost_packets": 100}}}"#;
+        assert!(parse_iperf3_udp(bad).is_err());
+    }
+
+    #[test]
+    fn parses_sockperf() {
+        let s = parse_sockperf(SOCKPERF).expect("parse");
+        assert_eq!(s.mean_us, 2.509);
+        assert_eq!(s.p99_us, 5.486);
+        assert_eq!(s.observations, 307_183);
+        assert!(parse_sockperf("sockperf: ERROR: no reply").is_err());
+    }
+
+    #[test]
+    fn parses_proc_stat_and_status() {
+        let stat = "cpu  141013 0 17538 139153 2864 0 669 330 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
+        let t = CpuTicks::parse(stat).expect("parse");
+        assert_eq!(t.softirq, 669);
+        assert_eq!(t.busy(), 141_013 + 17_538 + 669);
+        let later = CpuTicks {
+            softirq: 700,
+            idle: 139_253,
+            ..t
+        };
+        let d = later.since(&t);
+        assert_eq!((d.softirq, d.idle, d.total()), (31, 100, 131));
+        assert!(CpuTicks::parse("intr 1 2 3").is_err());
+
+        let status = "Name:\txhost-user\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\n";
+        assert_eq!(parse_rss(status), Some((10_240 * 1024, 20_480 * 1024)));
+        assert_eq!(parse_rss("Name: x\n"), None);
+    }
+
+    #[test]
+    fn scale_config_avoids_local_subnets() {
+        let avoid: [Ipv4Cidr; 2] = [
+            "192.168.110.0/24".parse().expect("cidr"),
+            "192.168.220.0/24".parse().expect("cidr"),
+        ];
+        let nets = extra_subnets(99_999, &avoid).expect("enough room");
+        assert_eq!(nets.len(), 99_999);
+        assert!(
+            nets.iter()
+                .all(|n| !avoid.iter().any(|a| a.contains(n.addr())))
+        );
+        // Neighbours of the measured destination come first.
+        assert_eq!(nets[0].to_string(), "192.168.0.0/24");
+        assert_eq!(nets[254].to_string(), "10.0.0.0/25");
+        let mut sorted: Vec<_> = nets.iter().map(|n| (n.addr(), n.prefix())).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), nets.len(), "no duplicates");
+
+        let text = scale_config(999, &avoid).expect("config");
+        assert_eq!(text.matches("[[peer]]").count(), 100);
+        assert!(text.contains("host = \"172.16.91.140\""));
+        assert!(text.contains("host = \"172.16.91.239\""));
+        assert_eq!(text.matches('/').count(), 999);
+        assert!(extra_subnets(1 << 20, &avoid).is_err());
+    }
+
+    #[test]
+    fn strips_colour_codes() {
+        assert_eq!(strip_ansi("a\x1b[2;35mb\x1b[0mc"), "abc");
+    }
+}

@@ -1,0 +1,513 @@
+//! `cargo xtask bench`: container A -> container B across two simulated hosts, measured
+//! the same way over every path (bare veth, iptables + routes, kernel VXLAN, xhost):
+//! single-stream TCP throughput, 64-byte UDP packets per second, UDP ping-pong latency,
+//! CPU per packet, and xhost with 1, 1 000 and 100 000 routes. Repetitions are interleaved
+//! (each repetition runs every scenario) and every comparison is a ratio within one run.
+//! Writes a table to stdout and `results.json`, `table.md`, `ratios.svg` to `--out`.
+
+mod report;
+
+use std::{
+    collections::BTreeMap,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+use serde::Serialize;
+use xhost_tests::{
+    scenarios::{
+        self, Bed, CpuTicks, LatencySample, PathKind, TcpSample, USER_HZ, UdpSample, XhostOpts,
+    },
+    xhost::XHOST_BIN_ENV,
+};
+
+use crate::{build, workspace};
+
+/// Routing protocol number xhost-user marks its kernel routes with (`XHOST_RTPROT`).
+const XHOST_RTPROT: u8 = 177;
+
+#[derive(Args, Debug, Clone)]
+pub struct Options {
+    /// One repetition with short tests (2 s each): a smoke run in well under two minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// Repetitions; every repetition runs every scenario (default 5, 1 with --quick).
+    #[arg(long)]
+    pub reps: Option<u32>,
+    /// Seconds per test (default 5, 2 with --quick).
+    #[arg(long)]
+    pub duration: Option<u32>,
+    /// Only these scenarios (comma-separated); see --list.
+    #[arg(long, value_delimiter = ',')]
+    pub scenarios: Vec<String>,
+    /// Output directory (default: <target dir>/bench).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// List the scenarios and exit.
+    #[arg(long)]
+    pub list: bool,
+    /// Skip scripts/setup.sh.
+    #[arg(long)]
+    pub no_setup: bool,
+    /// Use this xhost-user binary instead of building one.
+    #[arg(long)]
+    pub xhost_user: Option<PathBuf>,
+}
+
+/// One way of getting from container A to container B.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub kind: PathKind,
+    /// Whether TCP throughput is measured (the scale variants only need pps and latency).
+    pub tcp: bool,
+    pub about: &'static str,
+}
+
+pub const WIRE: &str = "wire";
+pub const IPTABLES: &str = "iptables-routes";
+pub const VXLAN: &str = "kernel-vxlan";
+pub const XHOST: &str = "xhost";
+pub const XHOST_XDP_OFF: &str = "xhost-xdp-off";
+pub const XHOST_1K: &str = "xhost-1k";
+pub const XHOST_100K: &str = "xhost-100k";
+
+pub fn all_scenarios() -> Vec<Scenario> {
+    let xhost = |xdp_mode: Option<&str>, routes| {
+        PathKind::Xhost(XhostOpts {
+            xdp_mode: xdp_mode.map(str::to_owned),
+            routes,
+        })
+    };
+    vec![
+        Scenario {
+            name: WIRE,
+            kind: PathKind::Wire,
+            tcp: true,
+            about: "the two container netns joined by one veth (the machine's limit)",
+        },
+        Scenario {
+            name: IPTABLES,
+            kind: PathKind::IptablesRoutes,
+            tcp: true,
+            about: "Docker-like hosts + static routes, NAT exemption, DOCKER-USER accepts; conntrack on",
+        },
+        Scenario {
+            name: VXLAN,
+            kind: PathKind::KernelVxlan,
+            tcp: true,
+            about: "Docker-like hosts + vxlan0 (static FDB/neigh, onlink routes, MTU 1450), as flannel",
+        },
+        Scenario {
+            name: XHOST,
+            kind: xhost(None, 1),
+            tcp: true,
+            about: "Docker-like hosts + xhost-user on each (default XDP mode), 1 route",
+        },
+        Scenario {
+            name: XHOST_XDP_OFF,
+            kind: xhost(Some("off"), 1),
+            tcp: true,
+            about: "as xhost, with --xdp-mode off (TC only)",
+        },
+        Scenario {
+            name: XHOST_1K,
+            kind: xhost(None, 1_000),
+            tcp: false,
+            about: "as xhost, 1 000 routes in ROUTES (and in the kernel FIB)",
+        },
+        Scenario {
+            name: XHOST_100K,
+            kind: xhost(None, 100_000),
+            tcp: false,
+            about: "as xhost, 100 000 routes in ROUTES (and in the kernel FIB)",
+        },
+    ]
+}
+
+/// What is measured, with its unit and direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    TcpGbps,
+    UdpKpps,
+    LatMeanUs,
+    LatP99Us,
+    CpuNsPerPkt,
+    SoftirqNsPerPkt,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 6] = [
+        Metric::TcpGbps,
+        Metric::UdpKpps,
+        Metric::LatMeanUs,
+        Metric::LatP99Us,
+        Metric::CpuNsPerPkt,
+        Metric::SoftirqNsPerPkt,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Metric::TcpGbps => "TCP Gbit/s",
+            Metric::UdpKpps => "UDP64 kpps",
+            Metric::LatMeanUs => "lat mean us",
+            Metric::LatP99Us => "lat p99 us",
+            Metric::CpuNsPerPkt => "CPU ns/pkt",
+            Metric::SoftirqNsPerPkt => "softirq ns/pkt",
+        }
+    }
+
+    pub fn higher_is_better(self) -> bool {
+        matches!(self, Metric::TcpGbps | Metric::UdpKpps)
+    }
+}
+
+/// One scenario in one repetition: raw tool results and the derived metric values.
+#[derive(Debug, Default, Serialize)]
+pub struct Run {
+    pub rep: u32,
+    pub scenario: String,
+    /// Seconds to build the scenario (namespaces, rules, agents).
+    pub setup_s: f64,
+    /// Machine busy fraction just before measuring (other load on the VM shows here).
+    pub busy_before: f64,
+    pub tcp: Option<TcpSample>,
+    pub udp: Option<UdpSample>,
+    /// `/proc/stat` ticks over the UDP test.
+    pub udp_cpu_ticks: Option<CpuTicks>,
+    pub latency: Option<LatencySample>,
+    pub agents: Vec<AgentReport>,
+    /// Per host: the agent's XDP attachment and datapath counters after the tests.
+    pub xhost_status: BTreeMap<String, serde_json::Value>,
+    pub values: BTreeMap<Metric, f64>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AgentReport {
+    pub host: String,
+    pub pid: u32,
+    pub load_s: f64,
+    /// VmRSS after the tests, bytes.
+    pub rss_bytes: Option<u64>,
+    /// VmHWM (peak RSS), bytes.
+    pub hwm_bytes: Option<u64>,
+    /// Kernel routes the agent installed (`proto 177`) in its host's namespace.
+    pub kernel_routes: Option<usize>,
+}
+
+/// Settings after defaults.
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    pub reps: u32,
+    pub duration_s: u32,
+    pub scenarios: Vec<&'static str>,
+    pub quick: bool,
+}
+
+/// Set by SIGINT/SIGTERM; checked between steps so teardown runs through the guards.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Only an atomic store: anything else is not async-signal-safe.
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    let scenarios = select(&opts.scenarios)?;
+    if opts.list {
+        for s in &scenarios {
+            println!("{:<16} {}", s.name, s.about);
+        }
+        return Ok(());
+    }
+    let Some(xhost_user) = &opts.xhost_user else {
+        let built = build::run(&build::Options {
+            release: true,
+            no_setup: opts.no_setup,
+        })?;
+        return reexec(&built.xhost_user);
+    };
+    let xhost_user = xhost_user
+        .canonicalize()
+        .with_context(|| format!("xhost-user binary {}", xhost_user.display()))?;
+    // Agent::start finds xhost-user through this variable; it is set by re-executing
+    // rather than with set_var, which is unsound once threads exist.
+    if !workspace::is_root()
+        || std::env::var_os(XHOST_BIN_ENV).map(PathBuf::from) != Some(xhost_user.clone())
+    {
+        return reexec(&xhost_user);
+    }
+    let plan = Plan {
+        reps: opts.reps.unwrap_or(if opts.quick { 1 } else { 5 }).max(1),
+        duration_s: opts
+            .duration
+            .unwrap_or(if opts.quick { 2 } else { 5 })
+            .max(1),
+        scenarios: scenarios.iter().map(|s| s.name).collect(),
+        quick: opts.quick,
+    };
+    let out_dir = match &opts.out {
+        Some(d) => d.clone(),
+        None => workspace::target_dir()?.join("bench"),
+    };
+    preflight()?;
+    install_signal_handlers()?;
+    let started = Instant::now();
+    let started_at = report::now_utc();
+    eprintln!(
+        "bench: {} scenario(s) x {} rep(s), {} s per test; xhost-user {}",
+        scenarios.len(),
+        plan.reps,
+        plan.duration_s,
+        xhost_user.display()
+    );
+    let runs = run_all(&scenarios, &plan);
+    if interrupted() {
+        // The guards have run by now; 130 is the shell's code for death by SIGINT.
+        eprintln!("bench: interrupted; everything has been torn down, no results written");
+        std::process::exit(130);
+    }
+    let results = report::Results::new(
+        &plan,
+        &scenarios,
+        runs,
+        started_at,
+        started.elapsed(),
+        &xhost_user,
+    );
+    let text = results.text_report();
+    print!("{text}");
+    results.write(&out_dir)?;
+    println!(
+        "\nwrote {0}/results.json, {0}/table.md, {0}/ratios.svg (wall {1:.0} s)",
+        out_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The scenarios named in `filter` (all when empty), in the canonical order.
+fn select(filter: &[String]) -> anyhow::Result<Vec<Scenario>> {
+    let all = all_scenarios();
+    for f in filter {
+        if !all.iter().any(|s| s.name == f) {
+            let names: Vec<_> = all.iter().map(|s| s.name).collect();
+            bail!("unknown scenario {f:?}; known: {}", names.join(", "));
+        }
+    }
+    Ok(all
+        .into_iter()
+        .filter(|s| filter.is_empty() || filter.iter().any(|f| f == s.name))
+        .collect())
+}
+
+/// Re-runs this command as root with `--xhost-user BIN`, `$XHOST_USER_BIN` and a quiet
+/// agent log (100 000 routes would otherwise print 100 000 lines).
+fn reexec(xhost_user: &Path) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating xtask")?;
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut skip = false;
+    for a in std::env::args_os().skip(1) {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if a == "--xhost-user" {
+            skip = true;
+            continue;
+        }
+        if a.to_string_lossy().starts_with("--xhost-user=") {
+            continue;
+        }
+        args.push(a);
+    }
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .arg("--xhost-user")
+        .arg(xhost_user)
+        .env(XHOST_BIN_ENV, xhost_user)
+        .env(
+            "RUST_LOG",
+            std::env::var_os("RUST_LOG").unwrap_or_else(|| "warn".into()),
+        );
+    let mut cmd = workspace::as_root(cmd);
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("cannot exec `{}`", workspace::display(&cmd)))
+}
+
+/// Fails early, with what to install, when a tool or bpffs is missing.
+fn preflight() -> anyhow::Result<()> {
+    for (tool, pkg) in [
+        ("iperf3", "iperf3"),
+        ("sockperf", "sockperf"),
+        ("ss", "iproute2"),
+        ("bridge", "iproute2"),
+        ("iptables", "iptables"),
+        ("timeout", "coreutils"),
+        ("nsenter", "util-linux"),
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            bail!("`{tool}` not found (apt-get install {pkg}, or cargo xtask setup)");
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading mounts")?;
+    let bpffs = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
+    });
+    if !bpffs {
+        bail!("no bpffs at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)");
+    }
+    Ok(())
+}
+
+/// Every repetition runs every scenario, so slow drift of the VM affects all alike; the
+/// starting scenario rotates so none is always measured right after the heaviest teardown.
+fn run_all(scenarios: &[Scenario], plan: &Plan) -> Vec<Run> {
+    let mut runs = Vec::new();
+    let n = scenarios.len();
+    for rep in 1..=plan.reps {
+        for i in 0..n {
+            if interrupted() {
+                return runs;
+            }
+            let s = &scenarios[(i + rep as usize - 1) % n];
+            let t = Instant::now();
+            let run = run_one(s, rep, plan);
+            eprintln!(
+                "bench: rep {rep}/{} {:<15} {} ({:.1} s)",
+                plan.reps,
+                s.name,
+                report::summary(&run),
+                t.elapsed().as_secs_f64()
+            );
+            runs.push(run);
+        }
+    }
+    runs
+}
+
+fn run_one(s: &Scenario, rep: u32, plan: &Plan) -> Run {
+    let mut run = Run {
+        rep,
+        scenario: s.name.to_owned(),
+        ..Run::default()
+    };
+    let t = Instant::now();
+    let bed = match Bed::build(&s.kind).and_then(|b| b.check_path().map(|()| b)) {
+        Ok(b) => b,
+        Err(e) => {
+            run.errors.push(format!("setup: {e}"));
+            return run;
+        }
+    };
+    run.setup_s = t.elapsed().as_secs_f64();
+    measure(s, &bed, plan, &mut run);
+    for (a, ns) in bed.agents().iter().zip(bed.host_namespaces()) {
+        let (rss, hwm) = scenarios::rss_bytes(a.agent.pid())
+            .map(|(r, h)| (Some(r), Some(h)))
+            .unwrap_or((None, None));
+        run.agents.push(AgentReport {
+            host: a.host.clone(),
+            pid: a.agent.pid(),
+            load_s: a.load_time.as_secs_f64(),
+            rss_bytes: rss,
+            hwm_bytes: hwm,
+            kernel_routes: scenarios::count_routes(ns, XHOST_RTPROT).ok(),
+        });
+    }
+    // Counters show which path the packets took; 100 000 routes make status slow and big.
+    if matches!(&s.kind, PathKind::Xhost(o) if o.routes <= 1) {
+        for (a, ns) in bed.agents().iter().zip(bed.host_namespaces()) {
+            match scenarios::agent_status(ns, &a.agent) {
+                Ok(v) => {
+                    let brief = serde_json::json!({
+                        "xdp": v.pointer("/agent/xdp"),
+                        "counters": v.get("counters"),
+                    });
+                    run.xhost_status.insert(a.host.clone(), brief);
+                }
+                Err(e) => run.errors.push(format!("status on {}: {e}", a.host)),
+            }
+        }
+    }
+    drop(bed);
+    run
+}
+
+/// The tests of one scenario, each bounded; a failed test is recorded and the others run.
+fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
+    let (client, server, ip, secs) = (bed.client(), bed.server(), bed.server_ip(), plan.duration_s);
+    // Let the previous scenario's teardown (the kernel frees namespaces in a worker) finish.
+    let max_wait = Duration::from_secs(if plan.quick { 2 } else { 5 });
+    run.busy_before = scenarios::wait_quiet(0.15, max_wait).unwrap_or(f64::NAN);
+    if s.tcp && !interrupted() {
+        match scenarios::iperf3_tcp(client, server, ip, secs) {
+            Ok(t) => {
+                run.values.insert(Metric::TcpGbps, t.bits_per_second / 1e9);
+                run.tcp = Some(t);
+            }
+            Err(e) => run.errors.push(format!("tcp: {e}")),
+        }
+    }
+    if !interrupted() {
+        let before = CpuTicks::read();
+        let udp = scenarios::iperf3_udp(client, server, ip, secs);
+        let cpu = before.and_then(|b| CpuTicks::read().map(|a| a.since(&b)));
+        match udp {
+            Ok(u) => {
+                run.values.insert(Metric::UdpKpps, u.pps / 1e3);
+                let delivered = u.packets.saturating_sub(u.lost);
+                if let Ok(c) = cpu
+                    && delivered > 0
+                {
+                    let ns = |ticks: u64| ticks as f64 * 1e9 / USER_HZ / delivered as f64;
+                    run.values.insert(Metric::CpuNsPerPkt, ns(c.busy()));
+                    run.values.insert(Metric::SoftirqNsPerPkt, ns(c.softirq));
+                    run.udp_cpu_ticks = Some(c);
+                }
+                run.udp = Some(u);
+            }
+            Err(e) => run.errors.push(format!("udp: {e}")),
+        }
+    }
+    if !interrupted() {
+        match scenarios::sockperf_ping_pong(client, server, ip, secs) {
+            Ok(l) => {
+                run.values.insert(Metric::LatMeanUs, l.mean_us);
+                run.values.insert(Metric::LatP99Us, l.p99_us);
+                run.latency = Some(l);
+            }
+            Err(e) => run.errors.push(format!("latency: {e}")),
+        }
+    }
+}
+
+fn install_signal_handlers() -> anyhow::Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }.with_context(|| format!("installing {sig} handler"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,887 @@
+//! The bench's results: medians, within-run ratios, targets, and their renderings (text
+//! table, markdown, hand-written SVG chart, JSON).
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command, time::Duration};
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use super::{
+    IPTABLES, Metric, Plan, Run, Scenario, VXLAN, WIRE, XHOST, XHOST_1K, XHOST_100K, XHOST_XDP_OFF,
+};
+
+/// Median of the values (mean of the middle two for an even count); `None` when empty.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    })
+}
+
+/// `(max - min) / median`, the repetitions' relative range; `None` for fewer than two.
+pub fn spread(values: &[f64]) -> Option<f64> {
+    if values.len() < 2 {
+        return None;
+    }
+    let (lo, hi) = values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    median(values).filter(|m| *m > 0.0).map(|m| (hi - lo) / m)
+}
+
+/// `x / base` of one metric: the per-repetition ratios (pairs from the same repetition)
+/// and their median.
+#[derive(Debug, Serialize)]
+pub struct Ratio {
+    pub x: String,
+    pub base: String,
+    pub metric: Metric,
+    pub per_rep: Vec<f64>,
+    pub median: Option<f64>,
+}
+
+/// A goal from issue 4, checked against a median.
+#[derive(Debug, Serialize)]
+pub struct Target {
+    pub what: String,
+    pub value: Option<f64>,
+    /// `>= 0.9`, `<= 1.3`, `< 50 MB`, ...
+    pub goal: String,
+    /// `None` when the value could not be measured (scenario filtered out or failed).
+    pub met: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpus: usize,
+    pub model_name: String,
+    pub mem_total_kb: Option<u64>,
+    pub iperf3: Option<String>,
+    pub sockperf: Option<String>,
+    pub xhost_user: String,
+    pub git: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub started_at: String,
+    pub wall_s: f64,
+    pub plan: Plan,
+    pub machine: Machine,
+    pub cpu_method: &'static str,
+    pub latency_method: &'static str,
+    pub scenarios: Vec<ScenarioInfo>,
+    pub runs: Vec<Run>,
+    /// scenario -> metric -> median over repetitions.
+    pub medians: BTreeMap<String, BTreeMap<Metric, f64>>,
+    pub ratios: Vec<Ratio>,
+    pub targets: Vec<Target>,
+    /// Median VmRSS of host A's agent per xhost scenario, MB.
+    pub agent_rss_mb: BTreeMap<String, f64>,
+    /// Median load time (spawn to `ready`) of host A's agent per xhost scenario, s.
+    pub agent_load_s: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScenarioInfo {
+    pub name: String,
+    pub about: String,
+}
+
+const CPU_METHOD: &str = "/proc/stat ticks (USER_HZ=100, whole machine) over the UDP test divided by delivered packets: cpu = user+nice+system+irq+softirq, softirq alone; perf has no hardware counters in this VM";
+const LATENCY_METHOD: &str = "sockperf ping-pong, UDP, 64-byte messages, --nonblocked --timeout 0 on both ends; sockperf reports latency as RTT/2";
+
+/// The comparisons reported, as (x, base); those whose scenarios did not run are skipped.
+const COMPARISONS: [(&str, &str); 10] = [
+    (XHOST, WIRE),
+    (XHOST, IPTABLES),
+    (XHOST, VXLAN),
+    (XHOST_XDP_OFF, XHOST),
+    (XHOST_XDP_OFF, WIRE),
+    (IPTABLES, WIRE),
+    (VXLAN, WIRE),
+    (XHOST_1K, XHOST),
+    (XHOST_100K, XHOST),
+    (XHOST_100K, XHOST_1K),
+];
+
+impl Results {
+    pub fn new(
+        plan: &Plan,
+        scenarios: &[Scenario],
+        runs: Vec<Run>,
+        started_at: String,
+        wall: Duration,
+        xhost_user: &Path,
+    ) -> Self {
+        let mut medians: BTreeMap<String, BTreeMap<Metric, f64>> = BTreeMap::new();
+        for s in scenarios {
+            let m = medians.entry(s.name.to_owned()).or_default();
+            for metric in Metric::ALL {
+                let vals: Vec<f64> = runs
+                    .iter()
+                    .filter(|r| r.scenario == s.name)
+                    .filter_map(|r| r.values.get(&metric).copied())
+                    .collect();
+                if let Some(v) = median(&vals) {
+                    m.insert(metric, v);
+                }
+            }
+        }
+        let mut ratios = Vec::new();
+        for (x, base) in COMPARISONS {
+            for metric in Metric::ALL {
+                if let Some(r) = ratio(&runs, x, base, metric, false) {
+                    ratios.push(r);
+                }
+            }
+        }
+        let mut agent_rss_mb = BTreeMap::new();
+        let mut agent_load_s = BTreeMap::new();
+        for s in scenarios {
+            let host_a = |r: &&Run| r.scenario == s.name;
+            let rss: Vec<f64> = runs
+                .iter()
+                .filter(host_a)
+                .filter_map(|r| r.agents.first()?.rss_bytes)
+                .map(|b| b as f64 / (1024.0 * 1024.0))
+                .collect();
+            let load: Vec<f64> = runs
+                .iter()
+                .filter(host_a)
+                .filter_map(|r| Some(r.agents.first()?.load_s))
+                .collect();
+            if let Some(m) = median(&rss) {
+                agent_rss_mb.insert(s.name.to_owned(), m);
+            }
+            if let Some(m) = median(&load) {
+                agent_load_s.insert(s.name.to_owned(), m);
+            }
+        }
+        let mut results = Self {
+            started_at,
+            wall_s: wall.as_secs_f64(),
+            plan: Plan {
+                reps: plan.reps,
+                duration_s: plan.duration_s,
+                scenarios: plan.scenarios.clone(),
+                quick: plan.quick,
+            },
+            machine: machine(xhost_user),
+            cpu_method: CPU_METHOD,
+            latency_method: LATENCY_METHOD,
+            scenarios: scenarios
+                .iter()
+                .map(|s| ScenarioInfo {
+                    name: s.name.to_owned(),
+                    about: s.about.to_owned(),
+                })
+                .collect(),
+            runs,
+            medians,
+            ratios,
+            targets: Vec::new(),
+            agent_rss_mb,
+            agent_load_s,
+        };
+        results.targets = results.targets();
+        results
+    }
+
+    fn ratio_median(&self, x: &str, base: &str, metric: Metric) -> Option<f64> {
+        self.ratios
+            .iter()
+            .find(|r| r.x == x && r.base == base && r.metric == metric)
+            .and_then(|r| r.median)
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        let mut t = Vec::new();
+        let goals: [(&str, &str, Metric, &str, f64); 7] = [
+            (XHOST, WIRE, Metric::TcpGbps, ">=", 0.9),
+            (XHOST, WIRE, Metric::UdpKpps, ">=", 0.8),
+            (XHOST, WIRE, Metric::LatMeanUs, "<=", 1.3),
+            (XHOST, IPTABLES, Metric::TcpGbps, ">=", 1.2),
+            (XHOST, IPTABLES, Metric::UdpKpps, ">=", 1.8),
+            (XHOST, IPTABLES, Metric::LatMeanUs, "<=", 0.6),
+            (XHOST_100K, XHOST, Metric::UdpKpps, ">=", 0.95),
+        ];
+        for (x, base, metric, op, goal) in goals {
+            let value = self.ratio_median(x, base, metric);
+            t.push(Target {
+                what: format!("{x} / {base}: {}", metric.label()),
+                value,
+                goal: format!("{op} {goal}"),
+                met: value.map(|v| if op == ">=" { v >= goal } else { v <= goal }),
+            });
+        }
+        let rss = self.agent_rss_mb.get(XHOST_100K).copied();
+        t.push(Target {
+            what: "agent RSS with 100k routes (MB)".into(),
+            value: rss,
+            goal: "< 50 MB".into(),
+            met: rss.map(|v| v < 50.0),
+        });
+        t
+    }
+
+    fn ran(&self, name: &str) -> bool {
+        self.runs.iter().any(|r| r.scenario == name)
+    }
+
+    /// Every table, as text (`markdown = false`) or GitHub markdown.
+    fn tables(&self, markdown: bool) -> String {
+        let mut out = String::new();
+        let reps = self.plan.reps;
+        // Absolute values.
+        let mut header = vec!["scenario".to_owned()];
+        header.extend(Metric::ALL.iter().map(|m| m.label().to_owned()));
+        header.push("ok reps".into());
+        let mut rows = Vec::new();
+        for s in &self.scenarios {
+            let m = self.medians.get(&s.name);
+            let mut row = vec![s.name.clone()];
+            for metric in Metric::ALL {
+                row.push(fmt_value(m.and_then(|m| m.get(&metric)).copied(), metric));
+            }
+            let ok = self
+                .runs
+                .iter()
+                .filter(|r| r.scenario == s.name && r.errors.is_empty())
+                .count();
+            row.push(format!("{ok}/{reps}"));
+            rows.push(row);
+        }
+        section(
+            &mut out,
+            markdown,
+            &format!(
+                "Medians over {reps} repetition(s), {} s per test",
+                self.plan.duration_s
+            ),
+            &header,
+            &rows,
+        );
+
+        // Spread: how much the repetitions disagree.
+        if reps > 1 {
+            let mut header = vec!["scenario".to_owned()];
+            header.extend(Metric::ALL.iter().map(|m| m.label().to_owned()));
+            let rows: Vec<Vec<String>> = self
+                .scenarios
+                .iter()
+                .map(|s| {
+                    let mut row = vec![s.name.clone()];
+                    for metric in Metric::ALL {
+                        let vals: Vec<f64> = self
+                            .runs
+                            .iter()
+                            .filter(|r| r.scenario == s.name)
+                            .filter_map(|r| r.values.get(&metric).copied())
+                            .collect();
+                        row.push(match spread(&vals) {
+                            Some(p) => format!("{:.0}%", p * 100.0),
+                            None => "-".into(),
+                        });
+                    }
+                    row
+                })
+                .collect();
+            section(
+                &mut out,
+                markdown,
+                "Spread over repetitions ((max - min) / median)",
+                &header,
+                &rows,
+            );
+        }
+
+        // Ratios.
+        let metrics = [
+            Metric::TcpGbps,
+            Metric::UdpKpps,
+            Metric::LatMeanUs,
+            Metric::LatP99Us,
+            Metric::CpuNsPerPkt,
+        ];
+        let mut header = vec!["x / base".to_owned()];
+        header.extend(metrics.iter().map(|m| {
+            let dir = if m.higher_is_better() { "^" } else { "v" };
+            format!("{} {dir}", m.label())
+        }));
+        let mut rows = Vec::new();
+        for (x, base) in COMPARISONS {
+            if !self.ran(x) || !self.ran(base) {
+                continue;
+            }
+            let mut row = vec![format!("{x} / {base}")];
+            for metric in metrics {
+                row.push(match self.ratio_median(x, base, metric) {
+                    Some(v) => format!("{v:.2}"),
+                    None => "-".into(),
+                });
+            }
+            rows.push(row);
+        }
+        section(
+            &mut out,
+            markdown,
+            "Ratios (median of per-repetition x/base; ^ higher is better, v lower is better)",
+            &header,
+            &rows,
+        );
+
+        // Scale.
+        let scale = [(XHOST, 1u32), (XHOST_1K, 1_000), (XHOST_100K, 100_000)];
+        if scale.iter().filter(|(s, _)| self.ran(s)).count() > 1 {
+            let header: Vec<String> = [
+                "routes",
+                "UDP64 kpps",
+                "vs 1 route",
+                "lat mean us",
+                "lat p99 us",
+                "agent RSS MB",
+                "agent load s",
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            let mut rows = Vec::new();
+            for (name, routes) in scale {
+                if !self.ran(name) {
+                    continue;
+                }
+                let m = self.medians.get(name);
+                let get = |metric| m.and_then(|m| m.get(&metric)).copied();
+                let vs = if name == XHOST {
+                    Some(1.0)
+                } else {
+                    self.ratio_median(name, XHOST, Metric::UdpKpps)
+                };
+                rows.push(vec![
+                    format!("{routes} ({name})"),
+                    fmt_value(get(Metric::UdpKpps), Metric::UdpKpps),
+                    vs.map_or("-".into(), |v| format!("{v:.2}")),
+                    fmt_value(get(Metric::LatMeanUs), Metric::LatMeanUs),
+                    fmt_value(get(Metric::LatP99Us), Metric::LatP99Us),
+                    self.agent_rss_mb
+                        .get(name)
+                        .map_or("-".into(), |v| format!("{v:.1}")),
+                    self.agent_load_s
+                        .get(name)
+                        .map_or("-".into(), |v| format!("{v:.2}")),
+                ]);
+            }
+            section(
+                &mut out,
+                markdown,
+                "xhost scale (host A's agent; routes in ROUTES and in the kernel FIB)",
+                &header,
+                &rows,
+            );
+        }
+
+        // Targets.
+        let header: Vec<String> = ["target", "value", "goal", "verdict"]
+            .map(str::to_owned)
+            .to_vec();
+        let rows: Vec<Vec<String>> = self
+            .targets
+            .iter()
+            .map(|t| {
+                vec![
+                    t.what.clone(),
+                    t.value.map_or("-".into(), |v| format!("{v:.2}")),
+                    t.goal.clone(),
+                    match t.met {
+                        Some(true) => "met".into(),
+                        Some(false) => "MISSED".into(),
+                        None => "n/a".into(),
+                    },
+                ]
+            })
+            .collect();
+        section(&mut out, markdown, "Targets (issue 4)", &header, &rows);
+        out
+    }
+
+    /// The whole report for stdout.
+    pub fn text_report(&self) -> String {
+        let mut out = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            out,
+            "\nxhost bench {} | kernel {} | {} x {} | {} | wall {:.0} s",
+            self.started_at, m.kernel, m.cpus, m.model_name, m.xhost_user, self.wall_s
+        );
+        out.push_str(&self.tables(false));
+        let _ = writeln!(out, "\nCPU: {}", self.cpu_method);
+        let _ = writeln!(out, "Latency: {}", self.latency_method);
+        let _ = writeln!(
+            out,
+            "UDP: iperf3 -u -l 64 -b 0 (one sender thread); pps = receiver's (packets - lost) / seconds"
+        );
+        let failed: Vec<&Run> = self.runs.iter().filter(|r| !r.errors.is_empty()).collect();
+        if !failed.is_empty() {
+            let _ = writeln!(out, "\nErrors:");
+            for r in failed {
+                for e in &r.errors {
+                    let first = e.lines().next().unwrap_or_default();
+                    let _ = writeln!(out, "  rep {} {}: {first}", r.rep, r.scenario);
+                }
+            }
+        }
+        out
+    }
+
+    /// `results.json`, `table.md`, `ratios.svg` in `dir`.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let json = serde_json::to_string_pretty(self).context("serialising results")?;
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+        };
+        write("results.json", &json)?;
+        let m = &self.machine;
+        let md = format!(
+            "<!-- cargo xtask bench, {} -->\nKernel {}, {} x {}, {} repetition(s) x {} s per test.\n{}\nCPU: {}.  \nLatency: {}.\n",
+            self.started_at,
+            m.kernel,
+            m.cpus,
+            m.model_name,
+            self.plan.reps,
+            self.plan.duration_s,
+            self.tables(true),
+            self.cpu_method,
+            self.latency_method
+        );
+        write("table.md", &md)?;
+        write("ratios.svg", &self.svg())?;
+        Ok(())
+    }
+
+    /// Grouped bars: per scenario, each metric as a ratio to the wire (latency as wire/x so
+    /// higher is better everywhere), with a reference line at 1.0.
+    pub fn svg(&self) -> String {
+        let metrics: [(Metric, &str, &str, bool); 4] = [
+            (Metric::TcpGbps, "TCP throughput", "#4e79a7", false),
+            (Metric::UdpKpps, "UDP 64B pps", "#f28e2b", false),
+            (Metric::LatMeanUs, "latency mean (wire/x)", "#59a14f", true),
+            (Metric::LatP99Us, "latency p99 (wire/x)", "#b07aa1", true),
+        ];
+        let groups: Vec<&ScenarioInfo> = self
+            .scenarios
+            .iter()
+            .filter(|s| s.name != WIRE && self.ran(&s.name))
+            .collect();
+        let value = |s: &str, m: Metric, invert: bool| {
+            let mut r = ratio(&self.runs, s, WIRE, m, invert)?;
+            r.median.take()
+        };
+        let max = groups
+            .iter()
+            .flat_map(|g| {
+                metrics
+                    .iter()
+                    .filter_map(|(m, _, _, inv)| value(&g.name, *m, *inv))
+            })
+            .fold(1.2f64, f64::max);
+        let top = (max * 5.0).ceil() / 5.0; // round up to 0.2
+        let (left, right, plot_top, plot_h) = (60.0, 20.0, 60.0, 300.0);
+        let bar_w = 22.0;
+        let group_w = bar_w * metrics.len() as f64 + 30.0;
+        let width = left + right + group_w * groups.len().max(1) as f64;
+        let height = plot_top + plot_h + 90.0;
+        let y = |v: f64| plot_top + plot_h - v / top * plot_h;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="11">"#
+        );
+        let _ = writeln!(
+            s,
+            r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="14" font-weight="bold">Ratio to wire (container netns joined by one veth), higher is better</text>"#
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{left}" y="36" fill="#555">medians of per-repetition ratios, {} rep(s) x {} s; latency plotted as wire/x; {}</text>"##,
+            self.plan.reps,
+            self.plan.duration_s,
+            xml(&self.started_at)
+        );
+        // Axis and grid.
+        let mut tick = 0.0;
+        while tick <= top + 1e-9 {
+            let ty = y(tick);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left}" x2="{:.0}" y1="{ty:.1}" y2="{ty:.1}" stroke="#ddd"/><text x="{:.0}" y="{:.1}" text-anchor="end">{tick:.1}</text>"##,
+                width - right,
+                left - 6.0,
+                ty + 4.0
+            );
+            tick += 0.2;
+        }
+        let one = y(1.0);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" x2="{:.0}" y1="{one:.1}" y2="{one:.1}" stroke="#c00" stroke-dasharray="5,3"/><text x="{:.0}" y="{:.1}" fill="#c00" text-anchor="end">wire = 1.0</text>"##,
+            width - right,
+            width - right,
+            one - 4.0
+        );
+        for (gi, g) in groups.iter().enumerate() {
+            let gx = left + 15.0 + gi as f64 * group_w;
+            for (mi, (metric, _, colour, invert)) in metrics.iter().enumerate() {
+                let x = gx + mi as f64 * bar_w;
+                match value(&g.name, *metric, *invert) {
+                    Some(v) => {
+                        let (top_y, h) = (y(v.min(top)), v.min(top) / top * plot_h);
+                        let _ = writeln!(
+                            s,
+                            r#"<rect x="{x:.1}" y="{top_y:.1}" width="{:.1}" height="{h:.1}" fill="{colour}"><title>{} {}: {v:.3}</title></rect><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9">{v:.2}</text>"#,
+                            bar_w - 3.0,
+                            xml(&g.name),
+                            metric.label(),
+                            x + (bar_w - 3.0) / 2.0,
+                            top_y - 3.0
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(
+                            s,
+                            r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9" fill="#999">n/a</text>"##,
+                            x + (bar_w - 3.0) / 2.0,
+                            plot_top + plot_h - 3.0
+                        );
+                    }
+                }
+            }
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                gx + bar_w * metrics.len() as f64 / 2.0,
+                plot_top + plot_h + 16.0,
+                xml(&g.name)
+            );
+        }
+        // Legend.
+        let ly = plot_top + plot_h + 40.0;
+        for (i, (_, name, colour, _)) in metrics.iter().enumerate() {
+            let lx = left + i as f64 * 160.0;
+            let _ = writeln!(
+                s,
+                r#"<rect x="{lx:.0}" y="{:.0}" width="12" height="12" fill="{colour}"/><text x="{:.0}" y="{:.0}">{name}</text>"#,
+                ly,
+                lx + 16.0,
+                ly + 10.0
+            );
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+/// Per-repetition `x / base` (or `base / x` when `invert`) for `metric`, paired by
+/// repetition; `None` when no repetition has both.
+fn ratio(runs: &[Run], x: &str, base: &str, metric: Metric, invert: bool) -> Option<Ratio> {
+    let value = |name: &str, rep: u32| {
+        runs.iter()
+            .find(|r| r.scenario == name && r.rep == rep)
+            .and_then(|r| r.values.get(&metric).copied())
+    };
+    let mut per_rep = Vec::new();
+    let mut reps: Vec<u32> = runs.iter().map(|r| r.rep).collect();
+    reps.sort_unstable();
+    reps.dedup();
+    for rep in reps {
+        if let (Some(a), Some(b)) = (value(x, rep), value(base, rep))
+            && a > 0.0
+            && b > 0.0
+        {
+            per_rep.push(if invert { b / a } else { a / b });
+        }
+    }
+    if per_rep.is_empty() {
+        return None;
+    }
+    Some(Ratio {
+        x: x.to_owned(),
+        base: base.to_owned(),
+        metric,
+        median: median(&per_rep),
+        per_rep,
+    })
+}
+
+fn fmt_value(v: Option<f64>, metric: Metric) -> String {
+    match (v, metric) {
+        (None, _) => "-".into(),
+        (Some(v), Metric::TcpGbps | Metric::LatMeanUs | Metric::LatP99Us) => format!("{v:.2}"),
+        (Some(v), _) => format!("{v:.0}"),
+    }
+}
+
+/// One titled table, aligned text or GitHub markdown.
+fn section(out: &mut String, markdown: bool, title: &str, header: &[String], rows: &[Vec<String>]) {
+    if markdown {
+        let _ = writeln!(out, "\n**{title}**\n");
+        let _ = writeln!(out, "| {} |", header.join(" | "));
+        let _ = writeln!(
+            out,
+            "|{}",
+            header
+                .iter()
+                .enumerate()
+                .map(|(i, _)| if i == 0 { " --- |" } else { " ---: |" })
+                .collect::<String>()
+        );
+        for r in rows {
+            let _ = writeln!(out, "| {} |", r.join(" | "));
+        }
+        return;
+    }
+    let _ = writeln!(out, "\n{title}");
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .chain(std::iter::once(&header[i]))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 0 {
+                    format!("{c:<w$}", w = widths[i])
+                } else {
+                    format!("{c:>w$}", w = widths[i])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let _ = writeln!(out, "  {}", line(header));
+    let _ = writeln!(
+        out,
+        "  {}",
+        "-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1))
+    );
+    for r in rows {
+        let _ = writeln!(out, "  {}", line(r));
+    }
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// One line per run for the progress log.
+pub fn summary(run: &Run) -> String {
+    let mut parts = Vec::new();
+    for (metric, unit) in [
+        (Metric::TcpGbps, "Gbit/s"),
+        (Metric::UdpKpps, "kpps"),
+        (Metric::LatMeanUs, "us mean"),
+        (Metric::LatP99Us, "us p99"),
+    ] {
+        if let Some(v) = run.values.get(&metric) {
+            parts.push(format!("{v:.2} {unit}"));
+        }
+    }
+    if let Some(a) = run.agents.first() {
+        parts.push(format!(
+            "agent {:.1} MB, load {:.2} s, {} kernel routes",
+            a.rss_bytes.unwrap_or(0) as f64 / (1024.0 * 1024.0),
+            a.load_s,
+            a.kernel_routes.map_or("?".into(), |n| n.to_string())
+        ));
+    }
+    for (host, st) in &run.xhost_status {
+        if let Some(xdp) = st.get("xdp").filter(|x| !x.is_null()) {
+            parts.push(format!("{host} xdp {xdp}"));
+        }
+    }
+    if !run.errors.is_empty() {
+        parts.push(format!(
+            "ERRORS: {}",
+            run.errors
+                .iter()
+                .map(|e| e.lines().next().unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    parts.join(", ")
+}
+
+fn machine(xhost_user: &Path) -> Machine {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model_name = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let mem_total_kb = read("/proc/meminfo")
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
+    let git = Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(crate::workspace::root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    Machine {
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+        cpus,
+        model_name,
+        mem_total_kb,
+        iperf3: xhost_tests::scenarios::tool_version("iperf3"),
+        sockperf: xhost_tests::scenarios::tool_version("sockperf"),
+        xhost_user: xhost_user.display().to_string(),
+        git,
+    }
+}
+
+/// The current time as ISO 8601 UTC (`2025-11-22T00:05:00Z`), without a date crate.
+pub fn now_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format_utc(secs)
+}
+
+fn format_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0]), Some(3.0));
+        assert_eq!(median(&[5.0, 1.0, 3.0]), Some(3.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[f64::NAN, 2.0]), Some(2.0));
+        assert_eq!(spread(&[1.0]), None);
+        assert_eq!(spread(&[1.0, 3.0, 2.0]), Some(1.0));
+    }
+
+    fn run(scenario: &str, rep: u32, metric: Metric, v: f64) -> Run {
+        let mut r = Run {
+            rep,
+            scenario: scenario.into(),
+            ..Run::default()
+        };
+        r.values.insert(metric, v);
+        r
+    }
+
+    #[test]
+    fn ratios_pair_by_repetition() {
+        let runs = vec![
+            run(WIRE, 1, Metric::UdpKpps, 100.0),
+            run(XHOST, 1, Metric::UdpKpps, 90.0),
+            run(WIRE, 2, Metric::UdpKpps, 200.0),
+            run(XHOST, 2, Metric::UdpKpps, 160.0),
+            run(WIRE, 3, Metric::UdpKpps, 100.0),
+            // rep 3 of xhost failed: no pair.
+        ];
+        let r = ratio(&runs, XHOST, WIRE, Metric::UdpKpps, false).expect("ratio");
+        assert_eq!(r.per_rep, [0.9, 0.8]);
+        assert!((r.median.expect("median") - 0.85).abs() < 1e-12);
+        let inv = ratio(&runs, XHOST, WIRE, Metric::UdpKpps, true).expect("ratio");
+        assert_eq!(inv.per_rep[1], 1.25);
+        assert!(ratio(&runs, XHOST, IPTABLES, Metric::UdpKpps, false).is_none());
+    }
+
+    #[test]
+    fn formats_dates() {
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc(1_763_769_845), "2025-11-22T00:04:05Z");
+    }
+
+    #[test]
+    fn renders_tables_and_chart() {
+        let plan = Plan {
+            reps: 1,
+            duration_s: 1,
+            scenarios: vec![WIRE, XHOST],
+            quick: true,
+        };
+        let scenarios: Vec<Scenario> = super::super::all_scenarios()
+            .into_iter()
+            .filter(|s| s.name == WIRE || s.name == XHOST)
+            .collect();
+        let mut w = run(WIRE, 1, Metric::TcpGbps, 10.0);
+        w.values.insert(Metric::LatMeanUs, 2.0);
+        let mut x = run(XHOST, 1, Metric::TcpGbps, 9.5);
+        x.values.insert(Metric::LatMeanUs, 2.5);
+        let r = Results::new(
+            &plan,
+            &scenarios,
+            vec![w, x],
+            "2025-01-01T00:00:00Z".into(),
+            Duration::from_secs(1),
+            Path::new("/bin/xhost-user"),
+        );
+        assert_eq!(r.ratio_median(XHOST, WIRE, Metric::TcpGbps), Some(0.95));
+        let tcp = &r.targets[0];
+        assert_eq!((tcp.met, tcp.goal.as_str()), (Some(true), ">= 0.9"));
+        assert_eq!(r.targets[2].value, Some(1.25)); // latency x/wire
+        assert_eq!(r.targets[3].met, None); // no iptables-routes run
+        let text = r.tables(false);
+        assert!(text.contains("xhost / wire"), "{text}");
+        let md = r.tables(true);
+        assert!(md.contains("| xhost / wire | 0.95 |"), "{md}");
+        let svg = r.svg();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains(">0.80<"), "latency as wire/x: {svg}");
+    }
+}
