@@ -175,3 +175,50 @@ pub fn remove_instance(dirs: &AgentDirs) {
         let _ = std::fs::remove_dir(dir);
     }
 }
+
+/// Programs attached to `ifaces` inside `ns`: tcx (ingress and egress, by
+/// BPF_PROG_QUERY) and XDP (from `ip -d link`), as `iface hook name` lines.
+/// bpftool 7.1 (Debian 12) lists neither tcx nor link-based XDP, hence this.
+pub fn attached_programs(ns: &NetNs, ifaces: &[&str]) -> Result<Vec<String>> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let path = ns.path();
+    let ifaces: Vec<String> = ifaces.iter().map(|s| (*s).to_owned()).collect();
+    // Network namespaces are per thread: query from a thread that entered it.
+    std::thread::spawn(move || -> Result<Vec<String>> {
+        let file = std::fs::File::open(&path).map_err(|source| Error::Io {
+            what: format!("opening {}", path.display()),
+            source,
+        })?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| Error::Io {
+            what: format!("setns {}", path.display()),
+            source: e.into(),
+        })?;
+        let mut found = Vec::new();
+        for iface in &ifaces {
+            for (hook, at) in [
+                ("tcx-ingress", TcAttachType::Ingress),
+                ("tcx-egress", TcAttachType::Egress),
+            ] {
+                let (_, progs) = SchedClassifier::query_tcx(iface, at)
+                    .map_err(|e| Error::Config(format!("query_tcx {iface} {hook}: {e}")))?;
+                for p in progs {
+                    found.push(format!("{iface} {hook} {}", p.name_as_str().unwrap_or("?")));
+                }
+            }
+            let out = std::process::Command::new("ip")
+                .args(["-d", "link", "show", "dev", iface])
+                .output()
+                .map_err(|source| Error::Io {
+                    what: "ip link".into(),
+                    source,
+                })?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.contains(" xdp") || text.contains("prog/xdp") {
+                found.push(format!("{iface} xdp"));
+            }
+        }
+        Ok(found)
+    })
+    .join()
+    .map_err(|_| Error::Config("attachment query thread panicked".into()))?
+}

@@ -49,7 +49,8 @@ pub struct PeerConfig {
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum XdpModeArg {
-    /// Native (driver) mode, falling back to generic (SKB) mode with a warning.
+    /// Native (driver) mode, falling back to generic (SKB) mode with a
+    /// warning; none on veth, where XDP would strip TSO from the peer.
     #[default]
     Auto,
     /// Native (driver) mode or fail.
