@@ -11,6 +11,7 @@
 mod cidr;
 mod cmd;
 pub mod docker;
+pub mod docker_engine;
 mod error;
 pub mod netfilter;
 mod netns;

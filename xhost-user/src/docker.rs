@@ -1,0 +1,2286 @@
+//! Docker watcher: which bridge networks and container endpoints the local engine serves,
+//! discovered once per connection and then kept current from the engine's `/events`.
+//!
+//! The view is published on a `tokio::sync::watch` channel: `Some(view)` whenever it changes,
+//! `None` while the engine is unreachable. The consumer diffs views, so after a reconnect a
+//! full re-discovery is simply published as the next view.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    fmt,
+    net::Ipv4Addr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bollard::{
+    Docker,
+    errors::Error as BollardError,
+    models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum, Ipam},
+    query_parameters::{
+        EventsOptions, InspectContainerOptions, InspectNetworkOptions, ListContainersOptions,
+        ListNetworksOptions,
+    },
+};
+use futures_util::StreamExt as _;
+use log::{debug, info, warn};
+use tokio::sync::{mpsc, watch};
+
+use crate::net::{CidrError, Ipv4Net, fmt_mac, parse_mac};
+
+/// Where the engine listens when neither `--docker-host` nor `DOCKER_HOST` says otherwise.
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+
+/// Bounds every API call but the events stream (which bollard does not time out once the
+/// response headers arrived): a wedged engine then counts as unreachable.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reconnect backoff: first retry soon (an engine restart takes ~1 s), then at most every 5 s.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The events subscription starts this long before the listing, so an event racing the
+/// listing is replayed (and re-inspected, which is idempotent) rather than lost.
+const EVENTS_LOOKBACK: Duration = Duration::from_secs(1);
+/// Events buffered between the stream reader and the view updater.
+const EVENTS_QUEUE: usize = 1024;
+
+/// Docker's option naming a bridge network's kernel bridge.
+const OPT_BRIDGE_NAME: &str = "com.docker.network.bridge.name";
+
+/// What the local Docker engine says this host serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DockerView {
+    /// Engine version, e.g. "20.10.24".
+    pub engine_version: String,
+    /// Negotiated API version, e.g. "1.41".
+    pub api_version: String,
+    /// Bridge-driver networks by network id.
+    pub networks: BTreeMap<String, DockerNetwork>,
+    /// Running containers' IPv4 endpoints on those networks, by container IP.
+    pub endpoints: BTreeMap<Ipv4Addr, DockerEndpoint>,
+    /// When the engine state this view shows was last reconciled (Unix ms); only changes of
+    /// the content are published, so this is the time of the last change or reconnect.
+    pub synced_at_unix_ms: u64,
+}
+
+/// One bridge-driver network.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DockerNetwork {
+    pub id: String,
+    pub name: String,
+    /// Kernel bridge interface name (`docker0`, `br-<id12>` or the configured name).
+    pub bridge: String,
+    /// IPv4 subnets from the network's IPAM config (IPv6 ones are skipped).
+    pub subnets: Vec<Ipv4Net>,
+    /// IPv4 gateways from the IPAM config (the bridge's addresses).
+    pub gateways: Vec<Ipv4Addr>,
+}
+
+/// A running container's interface on one bridge network.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DockerEndpoint {
+    pub container_id: String,
+    /// Without Docker's leading `/`.
+    pub container_name: String,
+    pub network_id: String,
+    pub ip: Ipv4Addr,
+    #[serde(serialize_with = "ser_mac")]
+    pub mac: [u8; 6],
+    /// ifindex, in the agent's network namespace, of the container's host-side veth.
+    pub host_ifindex: u32,
+}
+
+fn ser_mac<S: serde::Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&fmt_mac(mac))
+}
+
+impl DockerView {
+    /// Equal engine state, whatever the sync time.
+    fn same_state(&self, other: &DockerView) -> bool {
+        self.engine_version == other.engine_version
+            && self.api_version == other.api_version
+            && self.networks == other.networks
+            && self.endpoints == other.endpoints
+    }
+
+    /// Adds or replaces a network.
+    fn upsert_network(&mut self, net: DockerNetwork) {
+        self.networks.insert(net.id.clone(), net);
+    }
+
+    /// Removes a network and every endpoint on it.
+    fn remove_network(&mut self, id: &str) {
+        if self.networks.remove(id).is_some() {
+            self.endpoints.retain(|_, e| e.network_id != id);
+        }
+    }
+
+    /// Makes `endpoints` the container's complete set: its other endpoints are removed, and
+    /// an IP held by another container is taken over (the engine's latest word wins).
+    fn set_container(&mut self, container_id: &str, endpoints: Vec<DockerEndpoint>) {
+        self.endpoints.retain(|_, e| e.container_id != container_id);
+        for ep in endpoints {
+            debug_assert_eq!(ep.container_id, container_id);
+            self.endpoints.insert(ep.ip, ep);
+        }
+    }
+}
+
+/// Why talking to the engine failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    /// Connecting or negotiating the API version failed: the engine counts as unreachable.
+    #[error("Docker engine at {host} is unreachable")]
+    Unreachable {
+        host: String,
+        #[source]
+        source: BollardError,
+    },
+    /// A call failed after the connection was established.
+    #[error("Docker API call {call} failed")]
+    Api {
+        call: String,
+        #[source]
+        source: BollardError,
+    },
+    /// The events stream reported an error.
+    #[error("Docker events stream failed")]
+    Events(#[source] BollardError),
+    /// The engine closed the events stream (it is shutting down or restarting).
+    #[error("Docker events stream ended")]
+    EventsEnded,
+}
+
+impl DockerError {
+    fn api(call: impl Into<String>) -> impl FnOnce(BollardError) -> Self {
+        let call = call.into();
+        move |source| Self::Api { call, source }
+    }
+}
+
+/// Runs until every receiver of `tx` is gone: connects to the engine (`docker_host`: `None`
+/// means `DOCKER_HOST` or [`DEFAULT_DOCKER_HOST`]; `unix:///path`, a bare `/path`, `tcp://`
+/// and `http://` are accepted), discovers, then follows `/events`.
+///
+/// Publishes `Some(view)` whenever the view changed and `None` while the engine is
+/// unreachable (notified once per outage, also when the value already was `None`). Never
+/// fails because of Docker: every error ends the current connection and a new one is made
+/// with exponential backoff (100 ms .. 5 s), followed by a full re-discovery.
+pub async fn watch(docker_host: Option<String>, tx: watch::Sender<Option<DockerView>>) {
+    let host = docker_host
+        .or_else(|| std::env::var("DOCKER_HOST").ok())
+        .filter(|h| !h.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_owned());
+    let mut backoff = Backoff::default();
+    // Unreachable is logged at warn once per outage, then at debug on each retry.
+    let mut outage_logged = false;
+    loop {
+        let mut session = Session {
+            host: &host,
+            tx: &tx,
+            connected: false,
+        };
+        let err = tokio::select! {
+            _ = tx.closed() => return,
+            err = session.run() => err,
+        };
+        if session.connected {
+            // The connection worked; the next failure starts a fresh backoff.
+            backoff = Backoff::default();
+            outage_logged = false;
+        }
+        match &err {
+            DockerError::Unreachable { .. } => {
+                if outage_logged {
+                    debug!("{}", Chain(&err));
+                } else {
+                    // Told once per outage even if the value already is `None` (the
+                    // initial one), so the consumer learns the engine is unreachable.
+                    tx.send_replace(None);
+                    warn!("{}; retrying, datapath kept as it is", Chain(&err));
+                    outage_logged = true;
+                }
+            }
+            DockerError::EventsEnded => {
+                info!("Docker at {host}: events stream ended; reconnecting")
+            }
+            _ => warn!("Docker at {host}: {}; reconnecting", Chain(&err)),
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Publishes `view` unless it shows the same engine state as the current value.
+fn publish(tx: &watch::Sender<Option<DockerView>>, view: Option<DockerView>) {
+    tx.send_if_modified(|cur| {
+        let same = match (&*cur, &view) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.same_state(b),
+            _ => false,
+        };
+        if !same {
+            *cur = view;
+        }
+        !same
+    });
+}
+
+/// Exponential backoff between [`BACKOFF_MIN`] and [`BACKOFF_MAX`].
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        d
+    }
+}
+
+/// An error and its sources on one line.
+struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut src = self.0.source();
+        while let Some(e) = src {
+            write!(f, ": {e}")?;
+            src = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// Aborts a spawned task when dropped, so a session never leaves its reader behind.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One connection to the engine: discovery, then events until something fails.
+struct Session<'a> {
+    host: &'a str,
+    tx: &'a watch::Sender<Option<DockerView>>,
+    /// Set once a full view was published; only then does the backoff restart (an engine
+    /// that answers but fails discovery is retried at a growing interval).
+    connected: bool,
+}
+
+impl Session<'_> {
+    /// Runs until the connection fails; returns why.
+    async fn run(&mut self) -> DockerError {
+        match self.try_run().await {
+            Ok(never) => match never {},
+            Err(e) => e,
+        }
+    }
+
+    async fn try_run(&mut self) -> Result<std::convert::Infallible, DockerError> {
+        let unreachable = |source| DockerError::Unreachable {
+            host: self.host.to_owned(),
+            source,
+        };
+        let docker = connect(self.host).map_err(unreachable)?;
+        let docker = docker.negotiate_version().await.map_err(unreachable)?;
+        let version = docker.version().await.map_err(unreachable)?;
+        let api = docker.client_version();
+        let api_version = format!("{}.{}", api.major_version, api.minor_version);
+        let engine_version = version.version.unwrap_or_default();
+
+        // Subscribe first, from a moment before the listing: the reader task sends the
+        // request right away and the engine replays events since `since`, so nothing
+        // between listing and streaming is missed.
+        let since = SystemTime::now() - EVENTS_LOOKBACK;
+        let (ev_tx, mut events) = mpsc::channel(EVENTS_QUEUE);
+        let stream = docker.events(Some(events_options(since)));
+        let _reader = AbortOnDrop(tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(item) = stream.next().await {
+                if ev_tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        }));
+
+        let mut view = discover(&docker).await?;
+        view.engine_version = engine_version.clone();
+        view.api_version = api_version.clone();
+        view.synced_at_unix_ms = unix_ms();
+        info!(
+            "Docker {engine_version} (API {api_version}) at {}: {} bridge network(s), {} endpoint(s)",
+            self.host,
+            view.networks.len(),
+            view.endpoints.len()
+        );
+        publish(self.tx, Some(view.clone()));
+        self.connected = true;
+
+        loop {
+            let Some(first) = events.recv().await else {
+                return Err(DockerError::EventsEnded);
+            };
+            // Apply whatever is already queued too, then publish once.
+            let mut batch = vec![first];
+            while let Ok(more) = events.try_recv() {
+                batch.push(more);
+            }
+            // Each object is re-read once per batch: a re-read sees its latest state, so
+            // repeats (start + connect of one container) add nothing.
+            let mut done = HashSet::new();
+            for item in batch {
+                let ev = item.map_err(DockerError::Events)?;
+                let Some(change) = classify(&ev) else {
+                    continue;
+                };
+                debug!("Docker event: {change:?}");
+                if done.insert(change.clone()) {
+                    apply_change(&docker, &mut view, change).await?;
+                }
+            }
+            view.synced_at_unix_ms = unix_ms();
+            publish(self.tx, Some(view.clone()));
+        }
+    }
+}
+
+/// A bollard client for `host`, with the agent's request timeout.
+fn connect(host: &str) -> Result<Docker, BollardError> {
+    let host = if host.starts_with('/') {
+        format!("unix://{host}")
+    } else {
+        host.to_owned()
+    };
+    Ok(Docker::connect_with_host(&host)?.with_timeout(REQUEST_TIMEOUT))
+}
+
+/// `/events` filtered to what changes the view; `since` as Docker's `seconds.nanoseconds`.
+fn events_options(since: SystemTime) -> EventsOptions {
+    let since = since.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let filters = HashMap::from([
+        (
+            "type".to_owned(),
+            vec!["container".to_owned(), "network".to_owned()],
+        ),
+        (
+            "event".to_owned(),
+            // `create` and `destroy` are wanted for networks only, `rename` for containers;
+            // the filter cannot pair actions with types, so `classify` drops the rest.
+            [
+                "start",
+                "die",
+                "destroy",
+                "rename",
+                "create",
+                "connect",
+                "disconnect",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+    ]);
+    EventsOptions {
+        since: Some(format!("{}.{:09}", since.as_secs(), since.subsec_nanos())),
+        until: None,
+        filters: Some(filters),
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
+/// What an event asks the watcher to re-read.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Change {
+    /// Re-inspect this container (started, stopped, removed, renamed, (dis)connected).
+    Container(String),
+    /// Inspect this new network.
+    NetworkCreated(String),
+    /// Forget this network and its endpoints.
+    NetworkDestroyed(String),
+}
+
+/// Maps an event to the re-read it needs; `None` for events that do not change the view.
+fn classify(ev: &EventMessage) -> Option<Change> {
+    let action = ev.action.as_deref()?;
+    let actor = ev.actor.as_ref()?;
+    let id = actor.id.clone().filter(|id| !id.is_empty())?;
+    match ev.typ {
+        Some(EventMessageTypeEnum::CONTAINER) => {
+            matches!(action, "start" | "die" | "destroy" | "rename")
+                .then_some(Change::Container(id))
+        }
+        Some(EventMessageTypeEnum::NETWORK) => match action {
+            "create" => Some(Change::NetworkCreated(id)),
+            "destroy" => Some(Change::NetworkDestroyed(id)),
+            // The container is an attribute; the actor is the network.
+            "connect" | "disconnect" => {
+                let container = actor.attributes.as_ref()?.get("container")?;
+                Some(Change::Container(container.clone()))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Applies one change to `view`, inspecting only the affected object. Fails only on
+/// transport errors (the session then reconnects); anything else is logged and skipped.
+async fn apply_change(
+    docker: &Docker,
+    view: &mut DockerView,
+    change: Change,
+) -> Result<(), DockerError> {
+    match change {
+        Change::NetworkDestroyed(id) => view.remove_network(&id),
+        Change::NetworkCreated(id) => {
+            if let Some(net) = inspect_bridge_network(docker, &id).await? {
+                view.upsert_network(net);
+            }
+        }
+        Change::Container(id) => refresh_container(docker, view, &id).await?,
+    }
+    Ok(())
+}
+
+/// Transport-level failures mean the engine went away; the rest are about one object.
+fn is_transport(e: &BollardError) -> bool {
+    matches!(
+        e,
+        BollardError::IOError { .. }
+            | BollardError::HyperResponseError { .. }
+            | BollardError::HyperLegacyError { .. }
+            | BollardError::RequestTimeoutError
+            | BollardError::SocketNotFoundError(_)
+    )
+}
+
+fn is_not_found(e: &BollardError) -> bool {
+    matches!(
+        e,
+        BollardError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// Inspects network `id`: `Some` if it is a bridge network, `None` if it is not, is gone,
+/// or cannot be read (logged).
+async fn inspect_bridge_network(
+    docker: &Docker,
+    id: &str,
+) -> Result<Option<DockerNetwork>, DockerError> {
+    match docker
+        .inspect_network(id, None::<InspectNetworkOptions>)
+        .await
+    {
+        Ok(n) => Ok(bridge_network(
+            n.id.as_deref().unwrap_or(id),
+            n.name.as_deref().unwrap_or_default(),
+            n.driver.as_deref(),
+            n.options.as_ref(),
+            n.ipam.as_ref(),
+        )
+        .map(with_bridge_gateways)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) if is_transport(&e) => Err(DockerError::api(format!("inspect network {id}"))(e)),
+        Err(e) => {
+            warn!("Docker: cannot inspect network {id}: {}", Chain(&e));
+            Ok(None)
+        }
+    }
+}
+
+/// Re-reads one container and replaces its endpoints in the view.
+async fn refresh_container(
+    docker: &Docker,
+    view: &mut DockerView,
+    id: &str,
+) -> Result<(), DockerError> {
+    let facts = match docker
+        .inspect_container(id, None::<InspectContainerOptions>)
+        .await
+    {
+        Ok(c) => ContainerFacts::from_inspect(&c),
+        Err(e) if is_not_found(&e) => None,
+        Err(e) if is_transport(&e) => {
+            return Err(DockerError::api(format!("inspect container {id}"))(e));
+        }
+        Err(e) => {
+            // Keep what the view had: a transient error must not cut a live container off.
+            warn!("Docker: cannot inspect container {id}: {}", Chain(&e));
+            return Ok(());
+        }
+    };
+    match facts {
+        Some(facts) if facts.pid.is_some() => {
+            // Event ids may be short or names; the view keys on the full id.
+            if facts.id != id {
+                view.set_container(id, Vec::new());
+            }
+            let facts = [facts];
+            add_missing_networks(docker, view, &facts).await?;
+            for (cid, eps) in resolve_endpoints(view, &facts).await {
+                view.set_container(&cid, eps);
+            }
+        }
+        Some(facts) => view.set_container(&facts.id, Vec::new()),
+        None => view.set_container(id, Vec::new()),
+    }
+    Ok(())
+}
+
+/// The full view from listings (networks first, so endpoints find their network).
+async fn discover(docker: &Docker) -> Result<DockerView, DockerError> {
+    let mut view = DockerView::default();
+    let networks = docker
+        .list_networks(None::<ListNetworksOptions>)
+        .await
+        .map_err(DockerError::api("list networks"))?;
+    for n in &networks {
+        let id = n.id.as_deref().unwrap_or_default();
+        let name = n.name.as_deref().unwrap_or_default();
+        match bridge_network(
+            id,
+            name,
+            n.driver.as_deref(),
+            n.options.as_ref(),
+            n.ipam.as_ref(),
+        ) {
+            Some(net) => view.upsert_network(with_bridge_gateways(net)),
+            None => debug!(
+                "Docker network {name} ({id}): driver {:?}, not a bridge; skipped",
+                n.driver.as_deref().unwrap_or_default()
+            ),
+        }
+    }
+    // Running containers only (`all: false`).
+    let containers = docker
+        .list_containers(None::<ListContainersOptions>)
+        .await
+        .map_err(DockerError::api("list containers"))?;
+    let mut facts = Vec::with_capacity(containers.len());
+    for id in containers.iter().filter_map(|c| c.id.as_deref()) {
+        match docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(c) => facts.extend(ContainerFacts::from_inspect(&c).filter(|f| f.pid.is_some())),
+            // Removed since the listing; its destroy event follows.
+            Err(e) if is_not_found(&e) => {}
+            Err(e) if is_transport(&e) => {
+                return Err(DockerError::api(format!("inspect container {id}"))(e));
+            }
+            Err(e) => warn!("Docker: cannot inspect container {id}: {}", Chain(&e)),
+        }
+    }
+    add_missing_networks(docker, &mut view, &facts).await?;
+    for (cid, eps) in resolve_endpoints(&view, &facts).await {
+        view.set_container(&cid, eps);
+    }
+    Ok(view)
+}
+
+/// Inspects networks that containers are on but the view does not know yet (created after
+/// the listing, or whose create event is still queued).
+async fn add_missing_networks(
+    docker: &Docker,
+    view: &mut DockerView,
+    facts: &[ContainerFacts],
+) -> Result<(), DockerError> {
+    let missing: BTreeSet<&str> = facts
+        .iter()
+        .flat_map(|f| &f.endpoints)
+        .map(|e| e.network_id.as_str())
+        .filter(|id| !view.networks.contains_key(*id))
+        .collect();
+    for id in missing {
+        if let Some(net) = inspect_bridge_network(docker, id).await? {
+            view.upsert_network(net);
+        }
+    }
+    Ok(())
+}
+
+/// Resolves the host-side veths of the containers' endpoints on the view's bridge networks,
+/// on one short-lived thread. Returns every container's complete endpoint list; endpoints
+/// whose veth cannot be resolved are logged and left out (the datapath then delivers via
+/// the bridge).
+async fn resolve_endpoints(
+    view: &DockerView,
+    facts: &[ContainerFacts],
+) -> Vec<(String, Vec<DockerEndpoint>)> {
+    let mut queries = Vec::new();
+    let mut owners = Vec::new();
+    for (ci, f) in facts.iter().enumerate() {
+        let Some(pid) = f.pid else { continue };
+        for (ei, e) in f.endpoints.iter().enumerate() {
+            match view.networks.get(&e.network_id) {
+                Some(net) => {
+                    queries.push(veth::Query {
+                        pid,
+                        mac: e.mac,
+                        bridge: net.bridge.clone(),
+                    });
+                    owners.push((ci, ei));
+                }
+                None => debug!(
+                    "container {} on network {}: not a bridge network; skipped",
+                    f.name, e.network_id
+                ),
+            }
+        }
+    }
+    let results = veth::resolve(queries).await;
+    let mut out: Vec<(String, Vec<DockerEndpoint>)> =
+        facts.iter().map(|f| (f.id.clone(), Vec::new())).collect();
+    for ((ci, ei), res) in owners.into_iter().zip(results) {
+        let (f, e) = (&facts[ci], &facts[ci].endpoints[ei]);
+        match res {
+            Ok(host_ifindex) => out[ci].1.push(DockerEndpoint {
+                container_id: f.id.clone(),
+                container_name: f.name.clone(),
+                network_id: e.network_id.clone(),
+                ip: e.ip,
+                mac: e.mac,
+                host_ifindex,
+            }),
+            Err(err) => warn!(
+                "container {} ({}) {} on {}: host veth not resolved, left out: {}",
+                f.name,
+                short_id(&f.id),
+                e.ip,
+                e.network_id.get(..12).unwrap_or(&e.network_id),
+                Chain(&err)
+            ),
+        }
+    }
+    out
+}
+
+fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// The kernel bridge of a bridge network: the explicit option, `docker0` for the default
+/// `bridge` network, else `br-` and the first 12 characters of the id (libnetwork's rule).
+fn bridge_name(id: &str, name: &str, options: Option<&HashMap<String, String>>) -> String {
+    if let Some(n) = options
+        .and_then(|o| o.get(OPT_BRIDGE_NAME))
+        .filter(|n| !n.is_empty())
+    {
+        return n.clone();
+    }
+    if name == "bridge" {
+        return "docker0".to_owned();
+    }
+    format!("br-{}", short_id(id))
+}
+
+/// A [`DockerNetwork`] if `driver` is `bridge`.
+fn bridge_network(
+    id: &str,
+    name: &str,
+    driver: Option<&str>,
+    options: Option<&HashMap<String, String>>,
+    ipam: Option<&Ipam>,
+) -> Option<DockerNetwork> {
+    if driver != Some("bridge") || id.is_empty() {
+        return None;
+    }
+    let (subnets, gateways) = ipam_v4(ipam);
+    Some(DockerNetwork {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        bridge: bridge_name(id, name, options),
+        subnets,
+        gateways,
+    })
+}
+
+/// Fills in gateways the IPAM config does not name from the bridge's own addresses.
+///
+/// Docker 20.10 echoes the IPAM config as given: `docker network create --subnet S`
+/// without `--gateway` shows no gateway although the default IPAM gave the bridge one
+/// (set up before the `create` event is sent). The bridge lives in the agent's namespace,
+/// so its addresses inside the network's subnets are the gateways.
+fn with_bridge_gateways(mut net: DockerNetwork) -> DockerNetwork {
+    if !net.gateways.is_empty() {
+        return net;
+    }
+    match crate::net::ipv4_subnets(&net.bridge) {
+        Ok(addrs) => {
+            net.gateways = addrs
+                .into_iter()
+                .map(|(addr, _)| addr)
+                .filter(|a| net.subnets.iter().any(|s| s.contains(*a)))
+                .collect();
+            net.gateways.sort();
+            net.gateways.dedup();
+        }
+        Err(e) => debug!("network {}: bridge addresses unreadable: {e}", net.name),
+    }
+    net
+}
+
+/// IPv4 subnets and gateways of an IPAM config; IPv6 entries are skipped.
+fn ipam_v4(ipam: Option<&Ipam>) -> (Vec<Ipv4Net>, Vec<Ipv4Addr>) {
+    let mut subnets = Vec::new();
+    let mut gateways = Vec::new();
+    for c in ipam.and_then(|i| i.config.as_deref()).unwrap_or_default() {
+        if let Some(s) = c
+            .subnet
+            .as_deref()
+            .filter(|s| !s.contains(':') && !s.is_empty())
+        {
+            match s.parse::<Ipv4Net>() {
+                Ok(n) => subnets.push(n),
+                // Docker keeps what the user typed; the prefix is what matters.
+                Err(CidrError::HostBits { canonical, .. }) => subnets.push(canonical),
+                Err(e) => warn!("Docker IPAM subnet {s:?}: {e}; skipped"),
+            }
+        }
+        // Plain address, though some tools write it with a prefix length.
+        if let Some(g) = c.gateway.as_deref() {
+            let addr = g.split_once('/').map_or(g, |(a, _)| a);
+            if let Ok(ip) = addr.parse::<Ipv4Addr>() {
+                gateways.push(ip);
+            }
+        }
+    }
+    subnets.sort();
+    subnets.dedup();
+    gateways.sort();
+    gateways.dedup();
+    (subnets, gateways)
+}
+
+/// What the watcher needs from `docker inspect <container>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ContainerFacts {
+    id: String,
+    name: String,
+    /// The init process, whose network namespace holds the endpoints; `None` unless running.
+    pid: Option<i32>,
+    endpoints: Vec<EndpointFacts>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct EndpointFacts {
+    network_id: String,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+}
+
+impl ContainerFacts {
+    /// `None` if the response lacks an id. Endpoints without an IPv4 address or MAC (not
+    /// yet connected, IPv6-only) are skipped.
+    fn from_inspect(c: &ContainerInspectResponse) -> Option<Self> {
+        let id = c.id.clone().filter(|id| !id.is_empty())?;
+        let name = c
+            .name
+            .as_deref()
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_owned();
+        let state = c.state.as_ref();
+        let running = state.and_then(|s| s.running).unwrap_or(false);
+        let pid = state
+            .and_then(|s| s.pid)
+            .and_then(|p| i32::try_from(p).ok())
+            .filter(|p| running && *p > 0);
+        let mut endpoints = Vec::new();
+        let networks = c
+            .network_settings
+            .as_ref()
+            .and_then(|n| n.networks.as_ref());
+        for (net_name, ep) in networks.into_iter().flatten() {
+            let network_id = ep.network_id.clone().unwrap_or_default();
+            let ip = ep
+                .ip_address
+                .as_deref()
+                .and_then(|s| s.parse::<Ipv4Addr>().ok());
+            let mac = ep.mac_address.as_deref().and_then(parse_mac);
+            match (ip, mac) {
+                (Some(ip), Some(mac)) if !network_id.is_empty() => endpoints.push(EndpointFacts {
+                    network_id,
+                    ip,
+                    mac,
+                }),
+                _ => debug!(
+                    "container {name}: endpoint on {net_name} without IPv4 address or MAC; skipped"
+                ),
+            }
+        }
+        endpoints.sort_by_key(|e| e.ip);
+        Some(Self {
+            id,
+            name,
+            pid,
+            endpoints,
+        })
+    }
+}
+
+/// Finding a container endpoint's host-side veth.
+///
+/// `docker inspect` does not name the host side. The container's interface with the
+/// endpoint's MAC is one end of a veth pair; its `IFLA_LINK` is the peer's ifindex in the
+/// peer's namespace, i.e. the engine's (`eth0@ifN` in `ip link`). Reading it needs a
+/// netlink socket *inside* the container's namespace: a thread `setns(2)`s there (network
+/// namespaces are per thread) and opens one. rtnetlink was chosen over the alternatives
+/// because it is namespace-correct by construction (a socket answers for the namespace it
+/// was created in): `/sys/class/net` shows the namespace of whoever mounted sysfs, not the
+/// thread's, and the ethtool `peer_ifindex` statistic is read from the host side, whose
+/// index space is the one in question. The answer is then checked in the agent's own
+/// namespace with a socket opened before the first `setns`: the ifindex must exist, be the
+/// veth whose peer is the container's interface, and be enslaved to the network's bridge.
+mod veth {
+    use std::{collections::HashMap, fs::File, io, sync::Arc, thread};
+
+    use log::debug;
+    use nix::sched::{CloneFlags, setns};
+    use tokio::sync::oneshot;
+
+    use super::rtnl::{Link, Rtnl};
+    use crate::net::fmt_mac;
+
+    /// One endpoint to resolve.
+    #[derive(Clone, Debug)]
+    pub(super) struct Query {
+        /// A process in the container's network namespace (its init).
+        pub pid: i32,
+        pub mac: [u8; 6],
+        /// The bridge the host side must be enslaved to, in the agent's namespace.
+        pub bridge: String,
+    }
+
+    /// Why an endpoint's host veth was not resolved. Cloneable (sources behind `Arc`) because
+    /// a failure to enter a namespace fails every endpoint in it.
+    #[derive(Clone, Debug, thiserror::Error)]
+    pub(super) enum VethError {
+        #[error("cannot enter the network namespace of pid {pid}")]
+        Netns {
+            pid: i32,
+            #[source]
+            source: Arc<io::Error>,
+        },
+        #[error("netlink request failed")]
+        Netlink(#[source] Arc<io::Error>),
+        #[error("no interface with MAC {} in the container (pid {pid})", fmt_mac(.mac))]
+        NoSuchMac { pid: i32, mac: [u8; 6] },
+        #[error("container interface {name} is not one end of a veth pair (no peer ifindex)")]
+        NoPeer { name: String },
+        #[error("bridge {0} does not exist in the agent's network namespace")]
+        NoBridge(String),
+        #[error("host ifindex {0} does not exist in the agent's network namespace")]
+        NotInAgentNetns(u32),
+        #[error(
+            "ifindex {index} ({name}) in the agent's namespace is not both the peer of the container's ifindex {peer} and enslaved to {bridge}"
+        )]
+        Mismatch {
+            index: u32,
+            name: String,
+            peer: u32,
+            bridge: String,
+        },
+        #[error("the veth resolver thread failed")]
+        Thread(#[source] Arc<io::Error>),
+    }
+
+    fn netlink(e: io::Error) -> VethError {
+        VethError::Netlink(Arc::new(e))
+    }
+
+    /// Resolves every query on one dedicated thread that exits afterwards, so no thread is
+    /// ever left (or returned to a pool) inside a container's namespace. The thread starts
+    /// in the caller's namespace, which is the agent's.
+    pub(super) async fn resolve(queries: Vec<Query>) -> Vec<Result<u32, VethError>> {
+        if queries.is_empty() {
+            return Vec::new();
+        }
+        let n = queries.len();
+        let (tx, rx) = oneshot::channel();
+        let spawned = thread::Builder::new()
+            .name("xhost-veth".into())
+            .spawn(move || {
+                // The receiver only goes away if the watcher was cancelled.
+                let _ = tx.send(resolve_blocking(&queries));
+            });
+        let failed = |e: io::Error| vec![Err(VethError::Thread(Arc::new(e))); n];
+        match spawned {
+            Ok(_) => match rx.await {
+                Ok(results) => results,
+                Err(_) => failed(io::Error::other("resolver thread panicked")),
+            },
+            Err(e) => failed(e),
+        }
+    }
+
+    /// Must run on a thread of its own (see [`resolve`]): it changes the thread's namespace.
+    fn resolve_blocking(queries: &[Query]) -> Vec<Result<u32, VethError>> {
+        // Opened before any setns: keeps answering for the agent's namespace.
+        let mut home = match Rtnl::open() {
+            Ok(s) => s,
+            Err(e) => return vec![Err(netlink(e)); queries.len()],
+        };
+        let mut bridges: HashMap<String, Option<u32>> = HashMap::new();
+        // Containers with several endpoints: each namespace is entered once.
+        let mut links_by_pid: HashMap<i32, Result<Vec<Link>, VethError>> = HashMap::new();
+        let mut resolve_one = |q: &Query| {
+            let links = links_by_pid
+                .entry(q.pid)
+                .or_insert_with(|| container_links(q.pid));
+            let links = links.as_ref().map_err(Clone::clone)?;
+            let bridge = match bridges.get(q.bridge.as_str()) {
+                Some(b) => *b,
+                None => {
+                    let b = home
+                        .link_by_name(&q.bridge)
+                        .map_err(netlink)?
+                        .map(|l| l.index);
+                    bridges.insert(q.bridge.clone(), b);
+                    b
+                }
+            };
+            let bridge = bridge.ok_or_else(|| VethError::NoBridge(q.bridge.clone()))?;
+            check(&mut home, links, q, bridge)
+        };
+        queries.iter().map(&mut resolve_one).collect()
+    }
+
+    /// The links of the namespace `pid` is in. Leaves the calling thread there.
+    fn container_links(pid: i32) -> Result<Vec<Link>, VethError> {
+        let netns = |source: io::Error| VethError::Netns {
+            pid,
+            source: Arc::new(source),
+        };
+        let ns = File::open(format!("/proc/{pid}/ns/net")).map_err(netns)?;
+        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| netns(e.into()))?;
+        // A socket opened now belongs to the container's namespace.
+        let mut sock = Rtnl::open().map_err(netlink)?;
+        sock.links().map_err(netlink)
+    }
+
+    /// Picks the container interface with the query's MAC and verifies its peer in the
+    /// agent's namespace.
+    fn check(home: &mut Rtnl, links: &[Link], q: &Query, bridge: u32) -> Result<u32, VethError> {
+        let inner = links
+            .iter()
+            .find(|l| l.mac == Some(q.mac))
+            .ok_or(VethError::NoSuchMac {
+                pid: q.pid,
+                mac: q.mac,
+            })?;
+        let peer = inner.link.ok_or_else(|| VethError::NoPeer {
+            name: inner.name.clone(),
+        })?;
+        let outer = home
+            .link_by_index(peer)
+            .map_err(netlink)?
+            .ok_or(VethError::NotInAgentNetns(peer))?;
+        if outer.link != Some(inner.index) || outer.master != Some(bridge) {
+            return Err(VethError::Mismatch {
+                index: peer,
+                name: outer.name,
+                peer: inner.index,
+                bridge: q.bridge.clone(),
+            });
+        }
+        debug!(
+            "pid {} {} -> host {} (ifindex {peer})",
+            q.pid, inner.name, outer.name
+        );
+        Ok(peer)
+    }
+}
+
+/// A minimal rtnetlink client: `RTM_GETLINK` get and dump, parsing the few attributes the
+/// watcher needs. Values from `<linux/netlink.h>`, `<linux/rtnetlink.h>`, `<linux/if_link.h>`.
+mod rtnl {
+    use std::{
+        io,
+        os::fd::{AsRawFd as _, OwnedFd},
+    };
+
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
+        socket,
+    };
+
+    const NLMSG_HDRLEN: usize = 16;
+    const IFINFOMSG_LEN: usize = 16;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const NLM_F_REQUEST: u16 = 0x1;
+    const NLM_F_DUMP_INTR: u16 = 0x10;
+    const NLM_F_DUMP: u16 = 0x300;
+    const RTM_NEWLINK: u16 = 16;
+    const RTM_GETLINK: u16 = 18;
+    const IFLA_ADDRESS: u16 = 1;
+    const IFLA_IFNAME: u16 = 3;
+    const IFLA_LINK: u16 = 5;
+    const IFLA_MASTER: u16 = 10;
+    const IFLA_LINKINFO: u16 = 18;
+    const IFLA_EXT_MASK: u16 = 29;
+    const IFLA_INFO_KIND: u16 = 1;
+    /// Leaves the 64-bit statistics out of the replies: smaller messages.
+    const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
+    /// Attribute type bits (NLA_F_NESTED, NLA_F_NET_BYTEORDER are the top two).
+    const NLA_TYPE_MASK: u16 = 0x3fff;
+    /// Dumps restarted because the link table changed under them, before giving up.
+    const DUMP_TRIES: usize = 3;
+
+    /// One interface as `RTM_NEWLINK` describes it.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub(super) struct Link {
+        pub index: u32,
+        pub name: String,
+        pub mac: Option<[u8; 6]>,
+        /// `IFLA_LINK`: for a veth, the peer's ifindex (in the peer's namespace).
+        pub link: Option<u32>,
+        pub master: Option<u32>,
+        pub kind: Option<String>,
+    }
+
+    /// A NETLINK_ROUTE socket, bound to the namespace of the thread that opened it.
+    pub(super) struct Rtnl {
+        fd: OwnedFd,
+        seq: u32,
+        buf: Vec<u8>,
+    }
+
+    impl Rtnl {
+        pub fn open() -> io::Result<Self> {
+            let fd = socket(
+                AddressFamily::Netlink,
+                SockType::Raw,
+                SockFlag::SOCK_CLOEXEC,
+                SockProtocol::NetlinkRoute,
+            )?;
+            // Dump replies fill messages up to 32 KiB; a larger buffer never truncates.
+            Ok(Self {
+                fd,
+                seq: 0,
+                buf: vec![0; 64 * 1024],
+            })
+        }
+
+        /// Every interface of the socket's namespace.
+        pub fn links(&mut self) -> io::Result<Vec<Link>> {
+            for _ in 0..DUMP_TRIES {
+                let (links, interrupted) = self.request(NLM_F_REQUEST | NLM_F_DUMP, 0, None)?;
+                if !interrupted {
+                    return Ok(links);
+                }
+            }
+            Err(io::Error::other(
+                "link dump kept being interrupted by changes",
+            ))
+        }
+
+        /// The interface with `index`, `None` if there is none.
+        pub fn link_by_index(&mut self, index: u32) -> io::Result<Option<Link>> {
+            let index =
+                i32::try_from(index).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            self.get(index, None)
+        }
+
+        /// The interface called `name`, `None` if there is none.
+        pub fn link_by_name(&mut self, name: &str) -> io::Result<Option<Link>> {
+            self.get(0, Some(name))
+        }
+
+        fn get(&mut self, index: i32, name: Option<&str>) -> io::Result<Option<Link>> {
+            match self.request(NLM_F_REQUEST, index, name) {
+                Ok((links, _)) => Ok(links.into_iter().next()),
+                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+
+        /// Sends one RTM_GETLINK and collects the replies; also says whether a dump was
+        /// interrupted.
+        fn request(
+            &mut self,
+            flags: u16,
+            index: i32,
+            name: Option<&str>,
+        ) -> io::Result<(Vec<Link>, bool)> {
+            self.seq = self.seq.wrapping_add(1);
+            let msg = getlink_request(self.seq, flags, index, name);
+            sendto(
+                self.fd.as_raw_fd(),
+                &msg,
+                &NetlinkAddr::new(0, 0),
+                MsgFlags::empty(),
+            )?;
+            let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+            let mut links = Vec::new();
+            let mut interrupted = false;
+            loop {
+                let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
+                match parse_replies(&self.buf[..n], self.seq, &mut links, &mut interrupted)? {
+                    Reply::Done => return Ok((links, interrupted)),
+                    Reply::More if !dump && !links.is_empty() => return Ok((links, interrupted)),
+                    Reply::More => {}
+                }
+            }
+        }
+    }
+
+    /// Builds an RTM_GETLINK request (host byte order, as netlink wants).
+    pub(super) fn getlink_request(seq: u32, flags: u16, index: i32, name: Option<&str>) -> Vec<u8> {
+        let mut m = Vec::with_capacity(64);
+        m.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_len, set below
+        m.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
+        m.extend_from_slice(&flags.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid: the kernel
+        // struct ifinfomsg: family, pad, type, index, flags, change
+        m.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]);
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&index.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        push_attr(
+            &mut m,
+            IFLA_EXT_MASK,
+            &RTEXT_FILTER_SKIP_STATS.to_ne_bytes(),
+        );
+        if let Some(name) = name {
+            let mut z = name.as_bytes().to_vec();
+            z.push(0);
+            push_attr(&mut m, IFLA_IFNAME, &z);
+        }
+        let len = u32::try_from(m.len()).unwrap_or(u32::MAX);
+        m[..4].copy_from_slice(&len.to_ne_bytes());
+        m
+    }
+
+    pub(super) fn push_attr(m: &mut Vec<u8>, ty: u16, data: &[u8]) {
+        let len = u16::try_from(4 + data.len()).unwrap_or(u16::MAX);
+        m.extend_from_slice(&len.to_ne_bytes());
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(data);
+        m.resize(align4(m.len()), 0);
+    }
+
+    fn align4(n: usize) -> usize {
+        (n + 3) & !3
+    }
+
+    #[derive(Debug, PartialEq, Eq)]
+    pub(super) enum Reply {
+        /// NLMSG_DONE or an ack: the request is complete.
+        Done,
+        /// More datagrams follow (dumps), or a single reply was consumed.
+        More,
+    }
+
+    /// Parses one datagram of replies to request `seq`. Errors reported by the kernel
+    /// become `io::Error`s with its errno.
+    pub(super) fn parse_replies(
+        mut buf: &[u8],
+        seq: u32,
+        links: &mut Vec<Link>,
+        interrupted: &mut bool,
+    ) -> io::Result<Reply> {
+        let malformed = || io::Error::new(io::ErrorKind::InvalidData, "malformed netlink message");
+        while buf.len() >= NLMSG_HDRLEN {
+            let len = u32_at(buf, 0) as usize;
+            if len < NLMSG_HDRLEN || len > buf.len() {
+                return Err(malformed());
+            }
+            let ty = u16_at(buf, 4);
+            let flags = u16_at(buf, 6);
+            let msg_seq = u32_at(buf, 8);
+            let payload = &buf[NLMSG_HDRLEN..len];
+            buf = &buf[align4(len).min(buf.len())..];
+            if msg_seq != seq {
+                continue; // a late reply to an earlier request
+            }
+            *interrupted |= flags & NLM_F_DUMP_INTR != 0;
+            match ty {
+                NLMSG_DONE => return Ok(Reply::Done),
+                NLMSG_ERROR => {
+                    if payload.len() < 4 {
+                        return Err(malformed());
+                    }
+                    let code = i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    return if code == 0 {
+                        Ok(Reply::Done)
+                    } else {
+                        Err(io::Error::from_raw_os_error(-code))
+                    };
+                }
+                RTM_NEWLINK => links.push(parse_link(payload).ok_or_else(malformed)?),
+                _ => {}
+            }
+        }
+        Ok(Reply::More)
+    }
+
+    /// An `RTM_NEWLINK` payload: `struct ifinfomsg` then attributes.
+    pub(super) fn parse_link(payload: &[u8]) -> Option<Link> {
+        if payload.len() < IFINFOMSG_LEN {
+            return None;
+        }
+        let index = u32::try_from(i32::from_ne_bytes(payload[4..8].try_into().ok()?)).ok()?;
+        let mut link = Link {
+            index,
+            ..Link::default()
+        };
+        for (ty, data) in attrs(&payload[IFINFOMSG_LEN..]) {
+            match ty {
+                IFLA_IFNAME => link.name = cstr(data),
+                IFLA_ADDRESS => link.mac = data.try_into().ok(),
+                IFLA_LINK => link.link = u32_of(data).filter(|&i| i != 0),
+                IFLA_MASTER => link.master = u32_of(data).filter(|&i| i != 0),
+                IFLA_LINKINFO => {
+                    link.kind = attrs(data)
+                        .find(|(t, _)| *t == IFLA_INFO_KIND)
+                        .map(|(_, d)| cstr(d));
+                }
+                _ => {}
+            }
+        }
+        Some(link)
+    }
+
+    /// Iterates `(type, data)` over a run of netlink attributes, stopping at malformed ones.
+    fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+        std::iter::from_fn(move || {
+            if buf.len() < 4 {
+                return None;
+            }
+            let len = usize::from(u16_at(buf, 0));
+            let ty = u16_at(buf, 2) & NLA_TYPE_MASK;
+            if len < 4 || len > buf.len() {
+                return None;
+            }
+            let data = &buf[4..len];
+            buf = &buf[align4(len).min(buf.len())..];
+            Some((ty, data))
+        })
+    }
+
+    fn u16_at(b: &[u8], off: usize) -> u16 {
+        u16::from_ne_bytes([b[off], b[off + 1]])
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_ne_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+    }
+
+    fn u32_of(data: &[u8]) -> Option<u32> {
+        Some(u32::from_ne_bytes(data.get(..4)?.try_into().ok()?))
+    }
+
+    fn cstr(data: &[u8]) -> String {
+        let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+        String::from_utf8_lossy(&data[..end]).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(id: &str, name: &str, bridge: &str, subnet: &str) -> DockerNetwork {
+        DockerNetwork {
+            id: id.into(),
+            name: name.into(),
+            bridge: bridge.into(),
+            subnets: vec![subnet.parse().expect("cidr")],
+            gateways: vec![],
+        }
+    }
+
+    fn ep(container: &str, network: &str, ip: [u8; 4], ifindex: u32) -> DockerEndpoint {
+        DockerEndpoint {
+            container_id: container.into(),
+            container_name: format!("{container}-name"),
+            network_id: network.into(),
+            ip: Ipv4Addr::from(ip),
+            mac: [2, 0x42, ip[0], ip[1], ip[2], ip[3]],
+            host_ifindex: ifindex,
+        }
+    }
+
+    #[test]
+    fn bridge_names_follow_libnetwork() {
+        let id = "3f1e2d4c5b6a79880123456789abcdef";
+        assert_eq!(bridge_name(id, "bridge", None), "docker0");
+        assert_eq!(bridge_name(id, "xnet", None), "br-3f1e2d4c5b6a");
+        let opts = HashMap::from([(OPT_BRIDGE_NAME.to_owned(), "xh-br0".to_owned())]);
+        assert_eq!(bridge_name(id, "xnet", Some(&opts)), "xh-br0");
+        // The default network names its bridge in the options too; the option wins.
+        let opts = HashMap::from([(OPT_BRIDGE_NAME.to_owned(), "docker9".to_owned())]);
+        assert_eq!(bridge_name(id, "bridge", Some(&opts)), "docker9");
+        let empty = HashMap::from([(OPT_BRIDGE_NAME.to_owned(), String::new())]);
+        assert_eq!(bridge_name(id, "xnet", Some(&empty)), "br-3f1e2d4c5b6a");
+        assert_eq!(bridge_name("abc", "short", None), "br-abc");
+    }
+
+    #[test]
+    fn ipam_keeps_ipv4_only() {
+        let ipam: Ipam = serde_json::from_str(
+            r#"{"Driver":"default","Options":null,"Config":[
+                {"Subnet":"192.168.110.0/24","Gateway":"192.168.110.1"},
+                {"Subnet":"fd00:1::/64","Gateway":"fd00:1::1"},
+                {"Subnet":"10.77.0.5/24","Gateway":"10.77.0.1/24"},
+                {"Subnet":"10.88.0.0/16"},
+                {"Subnet":"garbage","Gateway":"nope"}]}"#,
+        )
+        .expect("ipam json");
+        let (subnets, gateways) = ipam_v4(Some(&ipam));
+        let want: Vec<Ipv4Net> = ["10.77.0.0/24", "10.88.0.0/16", "192.168.110.0/24"]
+            .iter()
+            .map(|s| s.parse().expect("cidr"))
+            .collect();
+        assert_eq!(subnets, want);
+        assert_eq!(
+            gateways,
+            [Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(192, 168, 110, 1)]
+        );
+        assert_eq!(ipam_v4(None), (vec![], vec![]));
+        let no_config: Ipam =
+            serde_json::from_str(r#"{"Driver":"default","Config":null}"#).expect("json");
+        assert_eq!(ipam_v4(Some(&no_config)), (vec![], vec![]));
+    }
+
+    #[test]
+    fn only_bridge_driver_networks_are_kept() {
+        // `docker network ls` output of a 20.10 engine, trimmed.
+        let list: Vec<bollard::models::Network> = serde_json::from_str(
+            r#"[
+              {"Name":"bridge","Id":"b9c3178ec49d2024e73137f6872dbb9778619f13b5ba607453f14037d43e4118",
+               "Created":"2026-11-21T23:50:27.9Z","Scope":"local","Driver":"bridge","EnableIPv6":false,
+               "IPAM":{"Driver":"default","Options":null,"Config":[{"Subnet":"192.168.110.0/24","Gateway":"192.168.110.1"}]},
+               "Internal":false,"Attachable":false,"Ingress":false,"ConfigFrom":{"Network":""},"ConfigOnly":false,
+               "Containers":{},"Options":{"com.docker.network.bridge.default_bridge":"true",
+               "com.docker.network.bridge.name":"docker0"},"Labels":{}},
+              {"Name":"host","Id":"5b3e4a","Driver":"host","IPAM":{"Driver":"default","Config":[]},"Options":{}},
+              {"Name":"none","Id":"77aa01","Driver":"null","IPAM":{"Driver":"default","Config":[]},"Options":{}},
+              {"Name":"xnet","Id":"0123456789abcdef0123","Driver":"bridge",
+               "IPAM":{"Driver":"default","Options":{},"Config":[{"Subnet":"10.77.0.0/24","Gateway":"10.77.0.1"}]},
+               "Options":{}}
+            ]"#,
+        )
+        .expect("network list json");
+        let nets: Vec<DockerNetwork> = list
+            .iter()
+            .filter_map(|n| {
+                bridge_network(
+                    n.id.as_deref().unwrap_or_default(),
+                    n.name.as_deref().unwrap_or_default(),
+                    n.driver.as_deref(),
+                    n.options.as_ref(),
+                    n.ipam.as_ref(),
+                )
+            })
+            .collect();
+        assert_eq!(nets.len(), 2, "{nets:?}");
+        assert_eq!(nets[0].bridge, "docker0");
+        assert_eq!(
+            nets[0].subnets,
+            ["192.168.110.0/24".parse::<Ipv4Net>().expect("cidr")]
+        );
+        assert_eq!(nets[0].gateways, [Ipv4Addr::new(192, 168, 110, 1)]);
+        assert_eq!(nets[1].name, "xnet");
+        assert_eq!(nets[1].bridge, "br-0123456789ab");
+    }
+
+    /// `docker inspect` of a running 20.10 container, trimmed to what matters.
+    const INSPECT: &str = r#"{
+        "Id":"b618e18c35f19812b85ebc2124b3fc4cda6d513c513e2eeab9e991414cf0747f",
+        "Created":"2026-11-21T23:50:29.1Z","Path":"sleep","Args":["3600"],
+        "State":{"Status":"running","Running":true,"Paused":false,"Restarting":false,"OOMKilled":false,
+                 "Dead":false,"Pid":11893,"ExitCode":0,"Error":"","StartedAt":"2026-11-21T23:50:29.4Z",
+                 "FinishedAt":"0001-01-01T00:00:00Z"},
+        "Name":"/c1",
+        "NetworkSettings":{"Bridge":"","SandboxID":"5fb5561967e3","HairpinMode":false,"Ports":{},
+          "SandboxKey":"/tmp/xhd/exec/netns/5fb5561967e3",
+          "Networks":{
+            "bridge":{"IPAMConfig":null,"Links":null,"Aliases":null,
+              "NetworkID":"b9c3178ec49d2024e73137f6872dbb9778619f13b5ba607453f14037d43e4118",
+              "EndpointID":"25a45304","Gateway":"192.168.110.1","IPAddress":"192.168.110.2",
+              "IPPrefixLen":24,"IPv6Gateway":"","GlobalIPv6Address":"","GlobalIPv6PrefixLen":0,
+              "MacAddress":"02:42:c0:a8:6e:02","DriverOpts":null},
+            "xnet":{"NetworkID":"0123456789abcdef0123","IPAddress":"10.77.0.10","MacAddress":"02:42:0a:4d:00:0a"},
+            "v6only":{"NetworkID":"feedbeef","IPAddress":"","MacAddress":"02:42:0a:4d:00:0b"}
+          }}
+    }"#;
+
+    #[test]
+    fn container_facts_from_inspect() {
+        let c: ContainerInspectResponse = serde_json::from_str(INSPECT).expect("inspect json");
+        let f = ContainerFacts::from_inspect(&c).expect("facts");
+        assert_eq!(
+            f.id,
+            "b618e18c35f19812b85ebc2124b3fc4cda6d513c513e2eeab9e991414cf0747f"
+        );
+        assert_eq!(f.name, "c1");
+        assert_eq!(f.pid, Some(11893));
+        assert_eq!(
+            f.endpoints,
+            [
+                EndpointFacts {
+                    network_id: "0123456789abcdef0123".into(),
+                    ip: Ipv4Addr::new(10, 77, 0, 10),
+                    mac: [2, 0x42, 10, 77, 0, 10],
+                },
+                EndpointFacts {
+                    network_id: "b9c3178ec49d2024e73137f6872dbb9778619f13b5ba607453f14037d43e4118"
+                        .into(),
+                    ip: Ipv4Addr::new(192, 168, 110, 2),
+                    mac: [2, 0x42, 192, 168, 110, 2],
+                },
+            ]
+        );
+        // Exited: no pid, so no endpoints get resolved.
+        let exited = INSPECT
+            .replace(r#""Running":true"#, r#""Running":false"#)
+            .replace("11893", "0");
+        let c: ContainerInspectResponse = serde_json::from_str(&exited).expect("inspect json");
+        assert_eq!(ContainerFacts::from_inspect(&c).expect("facts").pid, None);
+        let c: ContainerInspectResponse = serde_json::from_str(r#"{"Name":"/x"}"#).expect("json");
+        assert_eq!(ContainerFacts::from_inspect(&c), None);
+    }
+
+    fn event(json: &str) -> EventMessage {
+        serde_json::from_str(json).expect("event json")
+    }
+
+    #[test]
+    fn events_map_to_rereads() {
+        // As /events of a 20.10 engine sends them (legacy fields included).
+        let start = event(
+            r#"{"status":"start","id":"abc","from":"xhost-test/busybox:latest","Type":"container",
+                "Action":"start","Actor":{"ID":"abc","Attributes":{"image":"xhost-test/busybox:latest","name":"c1"}},
+                "scope":"local","time":1795305028,"timeNano":1795305028123456789}"#,
+        );
+        assert_eq!(classify(&start), Some(Change::Container("abc".into())));
+        for action in ["die", "destroy", "rename"] {
+            let ev = event(&format!(
+                r#"{{"Type":"container","Action":"{action}","Actor":{{"ID":"abc"}}}}"#
+            ));
+            assert_eq!(
+                classify(&ev),
+                Some(Change::Container("abc".into())),
+                "{action}"
+            );
+        }
+        for action in [
+            "create",
+            "exec_start: sh",
+            "health_status: healthy",
+            "kill",
+            "stop",
+        ] {
+            let ev = event(&format!(
+                r#"{{"Type":"container","Action":"{action}","Actor":{{"ID":"abc"}}}}"#
+            ));
+            assert_eq!(classify(&ev), None, "{action}");
+        }
+        let connect = event(
+            r#"{"Type":"network","Action":"connect","Actor":{"ID":"net1",
+                "Attributes":{"container":"abc","name":"bridge","type":"bridge"}},"scope":"local"}"#,
+        );
+        assert_eq!(classify(&connect), Some(Change::Container("abc".into())));
+        let disconnect = event(
+            r#"{"Type":"network","Action":"disconnect","Actor":{"ID":"net1","Attributes":{"container":"abc"}}}"#,
+        );
+        assert_eq!(classify(&disconnect), Some(Change::Container("abc".into())));
+        let no_container =
+            event(r#"{"Type":"network","Action":"connect","Actor":{"ID":"net1","Attributes":{}}}"#);
+        assert_eq!(classify(&no_container), None);
+        let create = event(
+            r#"{"Type":"network","Action":"create","Actor":{"ID":"net1","Attributes":{"name":"xnet","type":"bridge"}}}"#,
+        );
+        assert_eq!(
+            classify(&create),
+            Some(Change::NetworkCreated("net1".into()))
+        );
+        let destroy = event(r#"{"Type":"network","Action":"destroy","Actor":{"ID":"net1"}}"#);
+        assert_eq!(
+            classify(&destroy),
+            Some(Change::NetworkDestroyed("net1".into()))
+        );
+        let image = event(r#"{"Type":"image","Action":"delete","Actor":{"ID":"sha256:1"}}"#);
+        assert_eq!(classify(&image), None);
+        let no_actor = event(r#"{"Type":"container","Action":"start"}"#);
+        assert_eq!(classify(&no_actor), None);
+    }
+
+    #[test]
+    fn events_filter_and_since() {
+        let opts = events_options(UNIX_EPOCH + Duration::new(1_795_305_027, 5));
+        assert_eq!(opts.since.as_deref(), Some("1795305027.000000005"));
+        let filters = opts.filters.expect("filters");
+        assert_eq!(filters["type"], ["container", "network"]);
+        assert!(filters["event"].iter().any(|e| e == "connect"));
+    }
+
+    #[test]
+    fn view_updates_are_incremental() {
+        let mut v = DockerView::default();
+        v.upsert_network(net("n1", "bridge", "docker0", "192.168.110.0/24"));
+        v.upsert_network(net("n2", "xnet", "br-n2", "10.77.0.0/24"));
+        v.set_container(
+            "c1",
+            vec![
+                ep("c1", "n1", [192, 168, 110, 2], 4),
+                ep("c1", "n2", [10, 77, 0, 2], 6),
+            ],
+        );
+        v.set_container("c2", vec![ep("c2", "n1", [192, 168, 110, 3], 8)]);
+        assert_eq!(v.endpoints.len(), 3);
+
+        // Disconnected from n2: the container's set is replaced.
+        v.set_container("c1", vec![ep("c1", "n1", [192, 168, 110, 2], 4)]);
+        assert_eq!(v.endpoints.len(), 2);
+        assert!(!v.endpoints.contains_key(&Ipv4Addr::new(10, 77, 0, 2)));
+
+        // c2 died unseen and c3 got its address: the newer word wins.
+        v.set_container("c3", vec![ep("c3", "n1", [192, 168, 110, 3], 9)]);
+        assert_eq!(
+            v.endpoints[&Ipv4Addr::new(192, 168, 110, 3)].container_id,
+            "c3"
+        );
+        assert_eq!(v.endpoints.len(), 2);
+
+        // A network removed takes its endpoints along.
+        v.set_container("c4", vec![ep("c4", "n2", [10, 77, 0, 4], 11)]);
+        v.remove_network("n2");
+        assert!(!v.networks.contains_key("n2"));
+        assert!(v.endpoints.values().all(|e| e.network_id == "n1"));
+        // Removing an unknown network or container changes nothing.
+        let before = v.clone();
+        v.remove_network("nope");
+        v.set_container("nope", vec![]);
+        assert_eq!(v, before);
+
+        v.set_container("c1", vec![]);
+        v.set_container("c3", vec![]);
+        assert!(v.endpoints.is_empty());
+        assert_eq!(v.networks.len(), 1);
+    }
+
+    #[test]
+    fn publishes_only_changes() {
+        let (tx, mut rx) = watch::channel(None);
+        publish(&tx, None);
+        assert!(
+            !rx.has_changed().expect("open"),
+            "None -> None is no change"
+        );
+        let mut v = DockerView {
+            engine_version: "20.10.24".into(),
+            api_version: "1.41".into(),
+            ..Default::default()
+        };
+        v.upsert_network(net("n1", "bridge", "docker0", "192.168.110.0/24"));
+        v.synced_at_unix_ms = 1;
+        publish(&tx, Some(v.clone()));
+        assert!(rx.has_changed().expect("open"));
+        rx.borrow_and_update();
+        // Only the sync time differs: nothing to tell the consumer.
+        v.synced_at_unix_ms = 2;
+        publish(&tx, Some(v.clone()));
+        assert!(!rx.has_changed().expect("open"));
+        v.set_container("c1", vec![ep("c1", "n1", [192, 168, 110, 2], 4)]);
+        publish(&tx, Some(v.clone()));
+        assert!(rx.has_changed().expect("open"));
+        assert_eq!(
+            rx.borrow_and_update().as_ref().map(|v| v.endpoints.len()),
+            Some(1)
+        );
+        publish(&tx, None);
+        assert!(rx.has_changed().expect("open"));
+        assert!(rx.borrow_and_update().is_none());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_five_seconds() {
+        let mut b = Backoff::default();
+        let seq: Vec<u64> = (0..9)
+            .map(|_| u64::try_from(b.next_delay().as_millis()).unwrap_or(0))
+            .collect();
+        assert_eq!(seq, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+    }
+
+    #[test]
+    fn view_serializes_macs_as_text() {
+        let mut v = DockerView::default();
+        v.set_container("c1", vec![ep("c1", "n1", [192, 168, 110, 2], 4)]);
+        let json = serde_json::to_value(&v).expect("serialize");
+        assert_eq!(
+            json["endpoints"]["192.168.110.2"]["mac"],
+            "02:42:c0:a8:6e:02"
+        );
+        assert_eq!(json["endpoints"]["192.168.110.2"]["host_ifindex"], 4);
+    }
+
+    #[test]
+    fn unreachable_engine_is_told_once_and_watcher_stops_without_receivers() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (tx, mut rx) = watch::channel(None);
+            let task = tokio::spawn(watch(
+                Some("unix:///nonexistent/xhost/docker.sock".into()),
+                tx,
+            ));
+            let told = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
+            assert!(matches!(told, Ok(Ok(()))), "no notification: {told:?}");
+            assert!(rx.borrow_and_update().is_none());
+            // Retries (100, 200, 400 ms) do not notify again.
+            let again = tokio::time::timeout(Duration::from_millis(800), rx.changed()).await;
+            assert!(again.is_err(), "notified again: {again:?}");
+            drop(rx);
+            let done = tokio::time::timeout(Duration::from_secs(6), task).await;
+            assert!(
+                matches!(done, Ok(Ok(()))),
+                "watcher did not return: {done:?}"
+            );
+        });
+    }
+
+    #[test]
+    fn unsupported_hosts_fail_fast() {
+        assert!(connect("ssh://somewhere").is_err());
+        assert!(connect("unix:///nonexistent/xhost/docker.sock").is_err());
+        assert!(connect("/nonexistent/xhost/docker.sock").is_err());
+    }
+
+    mod netlink {
+        use super::super::rtnl::*;
+
+        /// An RTM_NEWLINK message as the kernel sends it.
+        fn newlink(
+            seq: u32,
+            flags: u16,
+            index: i32,
+            name: &str,
+            mac: [u8; 6],
+            link: Option<u32>,
+        ) -> Vec<u8> {
+            let mut m = Vec::new();
+            m.extend_from_slice(&0u32.to_ne_bytes());
+            m.extend_from_slice(&16u16.to_ne_bytes()); // RTM_NEWLINK
+            m.extend_from_slice(&flags.to_ne_bytes());
+            m.extend_from_slice(&seq.to_ne_bytes());
+            m.extend_from_slice(&0u32.to_ne_bytes());
+            m.extend_from_slice(&[0, 0, 1, 0]); // family, pad, type ARPHRD_ETHER
+            m.extend_from_slice(&index.to_ne_bytes());
+            m.extend_from_slice(&[0; 8]);
+            let mut ifname = name.as_bytes().to_vec();
+            ifname.push(0);
+            push_attr(&mut m, 3, &ifname);
+            push_attr(&mut m, 1, &mac);
+            if let Some(l) = link {
+                push_attr(&mut m, 5, &l.to_ne_bytes());
+            }
+            push_attr(&mut m, 10, &7u32.to_ne_bytes()); // IFLA_MASTER
+            let mut info = Vec::new();
+            push_attr(&mut info, 1, b"veth\0");
+            push_attr(&mut m, 18 | 0x8000, &info); // IFLA_LINKINFO, NLA_F_NESTED
+            let len = u32::try_from(m.len()).expect("small");
+            m[..4].copy_from_slice(&len.to_ne_bytes());
+            m
+        }
+
+        fn control(seq: u32, ty: u16, error: i32) -> Vec<u8> {
+            let mut m = Vec::new();
+            let len: u32 = if ty == 2 { 36 } else { 20 };
+            m.extend_from_slice(&len.to_ne_bytes());
+            m.extend_from_slice(&ty.to_ne_bytes());
+            m.extend_from_slice(&0u16.to_ne_bytes());
+            m.extend_from_slice(&seq.to_ne_bytes());
+            m.extend_from_slice(&0u32.to_ne_bytes());
+            m.extend_from_slice(&error.to_ne_bytes());
+            m.resize(len as usize, 0);
+            m
+        }
+
+        #[test]
+        fn parses_a_dump() {
+            let mut buf = newlink(7, 0x2, 42, "eth0", [2, 0x42, 192, 168, 110, 2], Some(4));
+            buf.extend(newlink(6, 0x2, 43, "stale", [0; 6], None)); // other request: skipped
+            buf.extend(newlink(7, 0x2 | 0x10, 1, "lo", [0; 6], None));
+            buf.extend(control(7, 3, 0)); // NLMSG_DONE
+            let (mut links, mut intr) = (Vec::new(), false);
+            let r = parse_replies(&buf, 7, &mut links, &mut intr).expect("parse");
+            assert_eq!(r, Reply::Done);
+            assert!(intr, "NLM_F_DUMP_INTR seen");
+            assert_eq!(links.len(), 2);
+            let eth0 = &links[0];
+            assert_eq!(eth0.index, 42);
+            assert_eq!(eth0.name, "eth0");
+            assert_eq!(eth0.mac, Some([2, 0x42, 192, 168, 110, 2]));
+            assert_eq!(eth0.link, Some(4));
+            assert_eq!(eth0.master, Some(7));
+            assert_eq!(eth0.kind.as_deref(), Some("veth"));
+            assert_eq!(links[1].link, None);
+        }
+
+        #[test]
+        fn kernel_errors_become_errnos() {
+            let (mut links, mut intr) = (Vec::new(), false);
+            let err = parse_replies(&control(3, 2, -libc::ENODEV), 3, &mut links, &mut intr)
+                .expect_err("ENODEV");
+            assert_eq!(err.raw_os_error(), Some(libc::ENODEV));
+            assert_eq!(
+                parse_replies(&control(3, 2, 0), 3, &mut links, &mut intr).expect("ack"),
+                Reply::Done
+            );
+            let mut truncated = newlink(3, 0, 1, "x", [0; 6], None);
+            truncated.truncate(20);
+            assert!(parse_replies(&truncated, 3, &mut links, &mut intr).is_err());
+            assert!(parse_link(&[0; 8]).is_none());
+        }
+
+        #[test]
+        fn request_layout() {
+            let m = getlink_request(9, 0x301, 0, Some("docker0"));
+            assert_eq!(
+                u32::from_ne_bytes(m[..4].try_into().expect("4")) as usize,
+                m.len()
+            );
+            assert_eq!(u16::from_ne_bytes([m[4], m[5]]), 18); // RTM_GETLINK
+            assert_eq!(u16::from_ne_bytes([m[6], m[7]]), 0x301);
+            assert_eq!(u32::from_ne_bytes(m[8..12].try_into().expect("4")), 9);
+            assert_eq!(m.len() % 4, 0);
+            assert!(m.windows(8).any(|w| w == b"docker0\0"));
+        }
+
+        /// Works unprivileged: the loopback device of the test's own namespace.
+        #[test]
+        fn queries_the_current_namespace() {
+            let mut rtnl = Rtnl::open().expect("netlink socket");
+            let links = rtnl.links().expect("dump");
+            let lo = links.iter().find(|l| l.name == "lo").expect("lo listed");
+            assert_eq!(
+                rtnl.link_by_name("lo").expect("get").map(|l| l.index),
+                Some(lo.index)
+            );
+            assert_eq!(
+                rtnl.link_by_index(lo.index).expect("get").map(|l| l.name),
+                Some("lo".into())
+            );
+            assert_eq!(rtnl.link_by_name("xh-no-such-if").expect("get"), None);
+            assert_eq!(rtnl.link_by_index(0x7fff_fff0).expect("get"), None);
+        }
+    }
+
+    /// The watcher against a real engine. The watcher must see the engine's network
+    /// namespace (ifindexes are per namespace), so it runs on a thread that `setns`es
+    /// there, with a current-thread runtime (a namespace belongs to a thread, not the
+    /// process).
+    ///
+    /// ```text
+    ///  test thread ── docker CLI ──> unix:///tmp/xhd-…/docker.sock
+    ///  watcher thread (setns) ─┐
+    ///  netns xh-{pid}-{n}-dkw: dockerd
+    ///     docker0 192.168.110.1/24 ── vethA ══ eth0 (c1)
+    ///     br-<id12> 10.77.0.1/24   ── vethB ══ eth0 10.77.0.10 (c2, restart=always)
+    /// ```
+    mod engine {
+        use std::{
+            fs::File,
+            sync::{Arc, Mutex, PoisonError},
+            thread,
+            time::{Instant, SystemTime},
+        };
+
+        use nix::sched::{CloneFlags, setns};
+        use tokio::runtime::{Builder, Runtime};
+        use xhost_tests::{NetNs, docker_engine::Engine, is_root};
+
+        use super::super::*;
+
+        type Rx = watch::Receiver<Option<DockerView>>;
+        /// Every published value with the wall-clock time it was seen.
+        type Record = Arc<Mutex<Vec<(SystemTime, Option<DockerView>)>>>;
+
+        fn runtime() -> Runtime {
+            Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime")
+        }
+
+        /// The watcher's thread and the recorder's stop signal.
+        struct Running {
+            watcher: thread::JoinHandle<()>,
+            stop_recorder: tokio::sync::oneshot::Sender<()>,
+        }
+
+        impl Running {
+            /// Stops the recorder; with the test's receiver gone too, the watcher returns.
+            /// Bounded, so a watcher that does not notice fails the test instead of hanging.
+            #[track_caller]
+            fn finish(self, rx: Rx) {
+                drop(self.stop_recorder);
+                drop(rx);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !self.watcher.is_finished() {
+                    assert!(
+                        Instant::now() < deadline,
+                        "watcher still running without receivers"
+                    );
+                    thread::sleep(Duration::from_millis(10));
+                }
+                self.watcher.join().expect("watcher thread");
+            }
+        }
+
+        /// Starts the watcher on a thread inside `ns`, plus a recorder timestamping every
+        /// published view. The watcher returns once all receivers are dropped: the test's
+        /// and the recorder's, which stops when `stop_recorder` is dropped (also while
+        /// unwinding from a failed assertion).
+        fn spawn_watcher(ns: &NetNs, host: String) -> (Rx, Record, Running) {
+            let (tx, rx) = watch::channel(None);
+            let path = ns.path();
+            let watcher = thread::Builder::new()
+                .name("docker-watch".into())
+                .spawn(move || {
+                    let f = File::open(&path).expect("open netns");
+                    setns(&f, CloneFlags::CLONE_NEWNET).expect("setns into the engine's netns");
+                    runtime().block_on(watch(Some(host), tx));
+                })
+                .expect("spawn watcher");
+            let record: Record = Arc::default();
+            let (mut rec_rx, rec) = (rx.clone(), Arc::clone(&record));
+            let (stop_recorder, mut stop) = tokio::sync::oneshot::channel::<()>();
+            thread::spawn(move || {
+                runtime().block_on(async move {
+                    loop {
+                        tokio::select! {
+                            _ = &mut stop => break,
+                            changed = rec_rx.changed() => if changed.is_err() { break },
+                        }
+                        let v = rec_rx.borrow_and_update().clone();
+                        rec.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push((SystemTime::now(), v));
+                    }
+                })
+            });
+            (
+                rx,
+                record,
+                Running {
+                    watcher,
+                    stop_recorder,
+                },
+            )
+        }
+
+        /// Waits until `pred` holds for the published value; returns it and the wait.
+        #[track_caller]
+        fn wait_for(
+            rt: &Runtime,
+            rx: &mut Rx,
+            what: &str,
+            timeout: Duration,
+            mut pred: impl FnMut(&DockerView) -> bool,
+        ) -> (DockerView, Duration) {
+            let t = Instant::now();
+            let res = rt.block_on(async {
+                let fut = rx.wait_for(|v| v.as_ref().is_some_and(&mut pred));
+                tokio::time::timeout(timeout, fut)
+                    .await
+                    .map(|r| r.map(|v| v.clone()))
+            });
+            match res {
+                Ok(Ok(v)) => (v.expect("Some"), t.elapsed()),
+                Ok(Err(_)) => panic!("watcher stopped while waiting for {what}"),
+                Err(_) => panic!(
+                    "no view with {what} within {timeout:?}; last: {:#?}",
+                    *rx.borrow()
+                ),
+            }
+        }
+
+        #[track_caller]
+        fn wait_none(rt: &Runtime, rx: &mut Rx, timeout: Duration) -> Duration {
+            let t = Instant::now();
+            let res = rt.block_on(async {
+                tokio::time::timeout(timeout, rx.wait_for(Option::is_none))
+                    .await
+                    .map(|r| r.map(drop))
+            });
+            match res {
+                Ok(Ok(())) => t.elapsed(),
+                Ok(Err(_)) => panic!("watcher stopped while waiting for None"),
+                Err(_) => panic!("still Some after {timeout:?}: {:#?}", *rx.borrow()),
+            }
+        }
+
+        fn endpoint_of<'a>(v: &'a DockerView, name: &str) -> Vec<&'a DockerEndpoint> {
+            v.endpoints
+                .values()
+                .filter(|e| e.container_name == name)
+                .collect()
+        }
+
+        /// When the engine logged `action` for `container`, from `docker events`.
+        fn event_time(
+            engine: &Engine,
+            container: &str,
+            action: &str,
+            since: SystemTime,
+        ) -> SystemTime {
+            let secs = |t: SystemTime| {
+                t.duration_since(UNIX_EPOCH)
+                    .expect("after epoch")
+                    .as_secs()
+                    .to_string()
+            };
+            let until = SystemTime::now() + Duration::from_secs(1);
+            let out = engine
+                .docker_ok(&[
+                    "events",
+                    "--since",
+                    &secs(since),
+                    "--until",
+                    &secs(until),
+                    "--filter",
+                    &format!("container={container}"),
+                    "--filter",
+                    &format!("event={action}"),
+                    "--format",
+                    "{{.TimeNano}}",
+                ])
+                .expect("docker events");
+            let nanos: u64 = out
+                .lines()
+                .last()
+                .and_then(|l| l.trim().parse().ok())
+                .expect("event time");
+            UNIX_EPOCH + Duration::from_nanos(nanos)
+        }
+
+        /// First time the recorder saw a view satisfying `pred` (it may lag the test
+        /// thread's own wait by a moment).
+        fn seen_at(record: &Record, pred: impl Fn(&DockerView) -> bool) -> SystemTime {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                let found = record
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                    .find(|(_, v)| v.as_ref().is_some_and(&pred))
+                    .map(|(t, _)| *t);
+                match found {
+                    Some(t) => return t,
+                    None if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
+                    None => panic!("the recorder never saw the view"),
+                }
+            }
+        }
+
+        /// The host-side veth of `container` as iproute2 sees it: (ifindex, master) in the
+        /// engine's namespace, found from the container's `eth0@ifN`.
+        fn veth_by_iproute(
+            engine: &Engine,
+            ns: &NetNs,
+            container: &str,
+            iface: &str,
+        ) -> (u32, String) {
+            let pid = engine.inspect(container, "{{.State.Pid}}").expect("pid");
+            let out = std::process::Command::new("nsenter")
+                .args([
+                    &format!("--net=/proc/{pid}/ns/net"),
+                    "ip",
+                    "-j",
+                    "link",
+                    "show",
+                    iface,
+                ])
+                .output()
+                .expect("nsenter ip link");
+            let inner: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j");
+            let peer = inner[0]["link_index"].as_u64().expect("link_index");
+            let inner_index = inner[0]["ifindex"].as_u64().expect("ifindex");
+            let links: serde_json::Value =
+                serde_json::from_str(&ns.run(&["ip", "-j", "link", "show"])).expect("ip -j");
+            let outer = links
+                .as_array()
+                .expect("array")
+                .iter()
+                .find(|l| l["ifindex"].as_u64() == Some(peer))
+                .unwrap_or_else(|| panic!("ifindex {peer} not in {}", ns.name()));
+            assert_eq!(
+                outer["link_index"].as_u64(),
+                Some(inner_index),
+                "veth peers: {outer}"
+            );
+            (
+                u32::try_from(peer).expect("u32"),
+                outer["master"].as_str().unwrap_or_default().to_owned(),
+            )
+        }
+
+        fn privileged() -> bool {
+            let ok = is_root() && std::path::Path::new("/usr/sbin/dockerd").exists();
+            if !ok {
+                eprintln!(
+                    "skipped: needs root and dockerd (apt-get install docker.io busybox-static)"
+                );
+            }
+            ok
+        }
+
+        #[test]
+        fn watcher_follows_a_real_engine() {
+            if !privileged() {
+                return;
+            }
+            let _ = env_logger::builder().is_test(true).try_init();
+            let rt = runtime();
+            let ns = NetNs::new("dkw").expect("netns");
+            ns.ip(&["link", "set", "lo", "up"]).expect("lo up");
+            let mut engine =
+                Engine::start_in_netns(ns.name(), "192.168.110.1/24").expect("dockerd");
+            eprintln!("engine ready in {:?}", engine.last_start_time());
+            engine.import_busybox().expect("busybox image");
+            let t_begin = SystemTime::now() - Duration::from_secs(2);
+
+            let (mut rx, record, running) = spawn_watcher(&ns, engine.host());
+            let (v, took) = wait_for(&rt, &mut rx, "docker0", Duration::from_secs(10), |v| {
+                v.networks.values().any(|n| n.bridge == "docker0")
+            });
+            eprintln!("first view after {took:?}");
+            assert!(
+                v.engine_version.starts_with("20.10"),
+                "{}",
+                v.engine_version
+            );
+            assert_eq!(v.api_version, "1.41");
+            assert_eq!(
+                v.networks.len(),
+                1,
+                "only bridge-driver networks: {:?}",
+                v.networks
+            );
+            let bridge = v.networks.values().next().expect("one");
+            assert_eq!(bridge.name, "bridge");
+            assert_eq!(
+                bridge.subnets,
+                ["192.168.110.0/24".parse::<Ipv4Net>().expect("cidr")]
+            );
+            assert_eq!(bridge.gateways, [Ipv4Addr::new(192, 168, 110, 1)]);
+            assert!(v.endpoints.is_empty());
+            let bridge_id = bridge.id.clone();
+
+            // A started container appears well within 1 s of `docker run` returning.
+            let c1 = engine.run_container("bridge", None, "c1").expect("run c1");
+            let (v, took) = wait_for(&rt, &mut rx, "c1's endpoint", Duration::from_secs(1), |v| {
+                !endpoint_of(v, "c1").is_empty()
+            });
+            let seen = seen_at(&record, |v| !endpoint_of(v, "c1").is_empty());
+            let started = event_time(&engine, &c1, "start", t_begin);
+            let latency = seen.duration_since(started).unwrap_or_default();
+            eprintln!(
+                "c1: start event -> view {latency:?}; waited {took:?} after docker run returned"
+            );
+            assert!(
+                latency < Duration::from_secs(1),
+                "start event -> view took {latency:?}"
+            );
+            let e = endpoint_of(&v, "c1")[0].clone();
+            assert_eq!(e.container_id, c1);
+            assert_eq!(e.network_id, bridge_id);
+            let ip = engine
+                .inspect(&c1, "{{.NetworkSettings.Networks.bridge.IPAddress}}")
+                .expect("ip");
+            assert_eq!(e.ip.to_string(), ip);
+            let mac = engine
+                .inspect(&c1, "{{.NetworkSettings.Networks.bridge.MacAddress}}")
+                .expect("mac");
+            assert_eq!(crate::net::fmt_mac(&e.mac), mac);
+            assert_eq!(
+                veth_by_iproute(&engine, &ns, &c1, "eth0"),
+                (e.host_ifindex, "docker0".into())
+            );
+
+            // Removed: gone within 1 s.
+            engine.docker_ok(&["rm", "-f", "c1"]).expect("rm c1");
+            let (_, took) = wait_for(&rt, &mut rx, "c1 gone", Duration::from_secs(1), |v| {
+                endpoint_of(v, "c1").is_empty()
+            });
+            eprintln!("c1 gone {took:?} after docker rm -f returned");
+
+            // A user network appears with its bridge; containers on it too.
+            let xnet = engine
+                .docker_ok(&["network", "create", "--subnet", "10.77.0.0/24", "xnet"])
+                .expect("network create");
+            let (v, took) = wait_for(&rt, &mut rx, "xnet", Duration::from_secs(1), |v| {
+                v.networks.contains_key(&xnet)
+            });
+            eprintln!("xnet in view {took:?} after docker network create returned");
+            let n = &v.networks[&xnet];
+            assert_eq!(
+                (n.name.as_str(), n.bridge.clone()),
+                ("xnet", format!("br-{}", &xnet[..12]))
+            );
+            assert_eq!(
+                n.subnets,
+                ["10.77.0.0/24".parse::<Ipv4Net>().expect("cidr")]
+            );
+            assert_eq!(n.gateways, [Ipv4Addr::new(10, 77, 0, 1)]);
+            let c2 = engine
+                .docker_ok(&[
+                    "run",
+                    "-d",
+                    "--pull=never",
+                    "--init",
+                    "--restart=always",
+                    "--network",
+                    "xnet",
+                    "--ip",
+                    "10.77.0.10",
+                    "--name",
+                    "c2",
+                    xhost_tests::docker_engine::BUSYBOX_IMAGE,
+                    "sleep",
+                    "3600",
+                ])
+                .expect("run c2");
+            let (v, _) = wait_for(&rt, &mut rx, "c2 on xnet", Duration::from_secs(1), |v| {
+                v.endpoints
+                    .get(&Ipv4Addr::new(10, 77, 0, 10))
+                    .is_some_and(|e| e.container_name == "c2")
+            });
+            let e2 = v.endpoints[&Ipv4Addr::new(10, 77, 0, 10)].clone();
+            assert_eq!(e2.network_id, xnet);
+            assert_eq!(
+                veth_by_iproute(&engine, &ns, &c2, "eth0"),
+                (e2.host_ifindex, format!("br-{}", &xnet[..12]))
+            );
+
+            // Connect and disconnect a running container.
+            engine
+                .docker_ok(&["network", "connect", "bridge", "c2"])
+                .expect("connect");
+            let (v, took) = wait_for(
+                &rt,
+                &mut rx,
+                "c2 on bridge too",
+                Duration::from_secs(1),
+                |v| endpoint_of(v, "c2").len() == 2,
+            );
+            eprintln!("connect -> view {took:?}");
+            let on_bridge = endpoint_of(&v, "c2")
+                .into_iter()
+                .find(|e| e.network_id == bridge_id)
+                .expect("bridge ep");
+            assert_eq!(
+                veth_by_iproute(&engine, &ns, &c2, "eth1"),
+                (on_bridge.host_ifindex, "docker0".into())
+            );
+            engine
+                .docker_ok(&["network", "disconnect", "bridge", "c2"])
+                .expect("disconnect");
+            wait_for(&rt, &mut rx, "c2 off bridge", Duration::from_secs(1), |v| {
+                endpoint_of(v, "c2").len() == 1
+            });
+
+            // Containers without a bridge endpoint stay out; the host/none networks too.
+            engine
+                .docker_ok(&[
+                    "run",
+                    "-d",
+                    "--pull=never",
+                    "--init",
+                    "--network",
+                    "none",
+                    "--name",
+                    "c3",
+                    xhost_tests::docker_engine::BUSYBOX_IMAGE,
+                    "sleep",
+                    "3600",
+                ])
+                .expect("run c3");
+            thread::sleep(Duration::from_millis(300));
+            let v = rx.borrow().clone().expect("Some");
+            assert!(endpoint_of(&v, "c3").is_empty());
+            assert_eq!(v.networks.keys().collect::<Vec<_>>().len(), 2);
+
+            // Engine down: None. Back up: the full view again, c2 restarted by its policy.
+            let t = Instant::now();
+            engine.stop().expect("stop");
+            let stop_took = t.elapsed();
+            let took = wait_none(&rt, &mut rx, Duration::from_secs(5));
+            eprintln!("engine stopped in {stop_took:?}; None published {took:?} later");
+            engine.start().expect("start again");
+            let (v, took) = wait_for(
+                &rt,
+                &mut rx,
+                "full view after restart",
+                Duration::from_secs(10),
+                |v| v.networks.contains_key(&xnet) && !endpoint_of(v, "c2").is_empty(),
+            );
+            eprintln!(
+                "engine up again in {:?}; full view {took:?} after that",
+                engine.last_start_time()
+            );
+            // The default network is recreated on every daemon start: same name and bridge,
+            // new id.
+            let default = v
+                .networks
+                .values()
+                .find(|n| n.name == "bridge")
+                .expect("bridge network");
+            assert_eq!(default.bridge, "docker0");
+            assert_ne!(
+                default.id, bridge_id,
+                "expected a new id for the default network"
+            );
+            let e2 = v.endpoints[&Ipv4Addr::new(10, 77, 0, 10)].clone();
+            assert_eq!(
+                veth_by_iproute(&engine, &ns, &c2, "eth0"),
+                (e2.host_ifindex, format!("br-{}", &xnet[..12]))
+            );
+            assert_eq!(v.endpoints.len(), 1, "{:?}", v.endpoints);
+
+            // Network removal takes it out of the view.
+            engine.docker_ok(&["rm", "-f", "c2", "c3"]).expect("rm");
+            engine
+                .docker_ok(&["network", "rm", "xnet"])
+                .expect("network rm");
+            wait_for(&rt, &mut rx, "xnet gone", Duration::from_secs(1), |v| {
+                !v.networks.contains_key(&xnet) && v.endpoints.is_empty()
+            });
+
+            // No receivers left: the watcher returns and its thread ends.
+            running.finish(rx);
+            drop(engine);
+            drop(ns);
+        }
+    }
+}
