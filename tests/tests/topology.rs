@@ -16,12 +16,10 @@ use xhost_tests::{
     iptables_counter, is_root, ping, tcp_transfer,
 };
 
-/// Root is required to create namespaces; elsewhere the test says why it did nothing.
-fn privileged() -> bool {
-    if !is_root() {
-        eprintln!("skipped: needs root (netns, veth, iptables)");
-    }
-    is_root()
+/// Root is required to create namespaces: fail loudly rather than pass
+/// having tested nothing.
+fn require_root() {
+    assert!(is_root(), "needs root (netns, veth, iptables): run via cargo xtask test");
 }
 
 fn netns_list() -> String {
@@ -50,9 +48,7 @@ fn assert_all_deleted(names: &[String]) {
 
 #[test]
 fn two_hosts_are_isolated_until_routed() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let topo = Topology::two_hosts(TopologyOpts::default()).expect("build topology");
     println!("{}", topo.ascii());
     let names = topo.netns_names();
@@ -118,9 +114,7 @@ fn two_hosts_are_isolated_until_routed() {
 
 #[test]
 fn bridged_containers_go_through_docker_forward_rules() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let topo = Topology::two_hosts(TopologyOpts {
         containers_per_host: 2,
         ..TopologyOpts::default()
@@ -158,9 +152,7 @@ fn bridged_containers_go_through_docker_forward_rules() {
 
 #[test]
 fn teardown_runs_on_panic() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut names = Vec::new();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let topo = Topology::two_hosts(TopologyOpts::default()).expect("build topology");
@@ -174,9 +166,7 @@ fn teardown_runs_on_panic() {
 
 #[test]
 fn cleanup_stale_removes_dead_runs_only() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     // A pid that is certainly not alive: a child we ran and reaped.
     let dead = Command::new("true").spawn().expect("spawn true");
     let dead_pid = dead.id();

@@ -276,6 +276,9 @@ impl Agent {
             &self.iface,
             "--bridge",
             &self.bridge,
+            // The demo's hosts are namespaces without a Docker engine of
+            // their own: the agent must not follow the machine's engine.
+            "--no-docker",
             "--peer",
             &format!("{}={}", peer.underlay_ip(), peer.subnet()),
         ]
