@@ -1,11 +1,19 @@
-//! A minimal rtnetlink client for the routes xhost installs: one request,
-//! one acknowledgement. Constants from <linux/netlink.h> and
-//! <linux/rtnetlink.h>.
+//! A minimal rtnetlink client for what the agent asks the kernel: links
+//! (veth peers, bridge ports), neighbours and bridge FDB entries (local
+//! endpoints), and the routes xhost installs. Values from
+//! `<linux/netlink.h>`, `<linux/rtnetlink.h>`, `<linux/if_link.h>`,
+//! `<linux/neighbour.h>`.
+//!
+//! A socket belongs to the network namespace of the thread that opened it.
 
 use std::{
     io,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
+};
+
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto, socket,
 };
 
 use crate::net::Ipv4Net;
@@ -13,45 +21,159 @@ use crate::net::Ipv4Net;
 /// Routing protocol id xhost marks its routes with (`ip route ... proto 177`).
 pub const XHOST_RTPROT: u8 = 177;
 
-const NETLINK_ROUTE: i32 = 0;
+const NLMSG_HDRLEN: usize = 16;
+const IFINFOMSG_LEN: usize = 16;
+const NDMSG_LEN: usize = 12;
 const NLMSG_ERROR: u16 = 2;
-const RTM_NEWROUTE: u16 = 24;
-const RTM_DELROUTE: u16 = 25;
+const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_DUMP: u16 = 0x300;
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_GETNEIGH: u16 = 30;
+const IFLA_ADDRESS: u16 = 1;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_LINK: u16 = 5;
+const IFLA_MASTER: u16 = 10;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_EXT_MASK: u16 = 29;
+const IFLA_INFO_KIND: u16 = 1;
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+const NDA_MASTER: u16 = 9;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
 const RT_TABLE_MAIN: u8 = 254;
 const RTN_UNICAST: u8 = 1;
-const AF_INET: u8 = 2;
+/// Leaves the 64-bit statistics out of link replies: smaller messages.
+const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
+/// Attribute type bits (NLA_F_NESTED, NLA_F_NET_BYTEORDER are the top two).
+const NLA_TYPE_MASK: u16 = 0x3fff;
+/// Dumps restarted because the table changed under them, before giving up.
+const DUMP_TRIES: usize = 3;
 
-/// A NETLINK_ROUTE socket of the calling thread's network namespace.
+/// Neighbour states that carry a usable link-layer address.
+pub const NUD_USABLE: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x80; // REACHABLE STALE DELAY PROBE PERMANENT
+/// FDB flag: the entry is the bridge port's own address (not learned).
+const NTF_SELF: u8 = 0x02;
+/// Neighbour state of a bridge's own (local) FDB entries.
+const NUD_PERMANENT: u16 = 0x80;
+
+/// One interface as `RTM_NEWLINK` describes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+    /// `IFLA_LINK`: for a veth, the peer's ifindex (in the peer's namespace).
+    pub link: Option<u32>,
+    pub master: Option<u32>,
+    pub kind: Option<String>,
+}
+
+/// One `RTM_NEWNEIGH`: an IPv4 neighbour, or (AF_BRIDGE) an FDB entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Neigh {
+    pub ifindex: u32,
+    pub state: u16,
+    pub flags: u8,
+    pub dst: Option<Ipv4Addr>,
+    pub lladdr: Option<[u8; 6]>,
+    pub master: Option<u32>,
+}
+
+/// A NETLINK_ROUTE socket, bound to the namespace of the thread that opened it.
 pub struct Rtnl {
     fd: OwnedFd,
     seq: u32,
+    buf: Vec<u8>,
 }
 
 impl Rtnl {
     pub fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2); ownership of the fd moves into OwnedFd.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh, owned descriptor.
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )?;
+        // Dump replies fill datagrams up to 32 KiB; a larger buffer never truncates.
         Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd,
             seq: 0,
+            buf: vec![0; 64 * 1024],
         })
+    }
+
+    /// Every interface of the socket's namespace.
+    pub fn links(&mut self) -> io::Result<Vec<Link>> {
+        self.dump(
+            |seq| getlink_request(seq, NLM_F_REQUEST | NLM_F_DUMP, 0, None),
+            RTM_NEWLINK,
+            parse_link,
+        )
+    }
+
+    /// The interface with `index`, `None` if there is none.
+    pub fn link_by_index(&mut self, index: u32) -> io::Result<Option<Link>> {
+        let index =
+            i32::try_from(index).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        self.get_link(index, None)
+    }
+
+    /// The interface called `name`, `None` if there is none.
+    pub fn link_by_name(&mut self, name: &str) -> io::Result<Option<Link>> {
+        self.get_link(0, Some(name))
+    }
+
+    fn get_link(&mut self, index: i32, name: Option<&str>) -> io::Result<Option<Link>> {
+        self.seq = self.seq.wrapping_add(1);
+        let msg = getlink_request(self.seq, NLM_F_REQUEST, index, name);
+        let mut links = Vec::new();
+        match self.transact(&msg, |ty, p| {
+            if ty == RTM_NEWLINK {
+                links.push(parse_link(p).ok_or_else(malformed)?);
+            }
+            Ok(())
+        }) {
+            Ok(_) => Ok(links.into_iter().next()),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// IPv4 neighbours (the ARP table) of `ifindex`.
+    pub fn ipv4_neighbours(&mut self, ifindex: u32) -> io::Result<Vec<Neigh>> {
+        let all = self.dump(
+            |seq| getneigh_request(seq, libc::AF_INET as u8),
+            RTM_NEWNEIGH,
+            parse_neigh,
+        )?;
+        Ok(all.into_iter().filter(|n| n.ifindex == ifindex).collect())
+    }
+
+    /// Learned FDB entries of the ports of `bridge` (MAC -> port ifindex);
+    /// the ports' own addresses and the bridge's are left out.
+    pub fn fdb_learned(&mut self, bridge: u32) -> io::Result<Vec<Neigh>> {
+        let all = self.dump(
+            |seq| getneigh_request(seq, libc::AF_BRIDGE as u8),
+            RTM_NEWNEIGH,
+            parse_neigh,
+        )?;
+        Ok(all
+            .into_iter()
+            .filter(|n| {
+                n.master == Some(bridge) && n.flags & NTF_SELF == 0 && n.state & NUD_PERMANENT == 0
+            })
+            .collect())
     }
 
     /// Adds `dst via gw dev oif` to the main table, marked as xhost's.
@@ -75,16 +197,10 @@ impl Rtnl {
         oif: u32,
     ) -> io::Result<()> {
         self.seq = self.seq.wrapping_add(1);
-        let mut msg = Vec::with_capacity(64);
-        // struct nlmsghdr; the length is patched in below.
-        msg.extend_from_slice(&0u32.to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | flags).to_ne_bytes());
-        msg.extend_from_slice(&self.seq.to_ne_bytes());
-        msg.extend_from_slice(&0u32.to_ne_bytes());
+        let mut m = header(kind, NLM_F_REQUEST | NLM_F_ACK | flags, self.seq);
         // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
-        msg.extend_from_slice(&[
-            AF_INET,
+        m.extend_from_slice(&[
+            libc::AF_INET as u8,
             dst.len(),
             0,
             0,
@@ -93,71 +209,460 @@ impl Rtnl {
             0,
             RTN_UNICAST,
         ]);
-        msg.extend_from_slice(&0u32.to_ne_bytes());
-        for (ty, data) in [
-            (RTA_DST, dst.addr().octets()),
-            (RTA_GATEWAY, gw.octets()),
-            (RTA_OIF, oif.to_ne_bytes()),
-        ] {
-            msg.extend_from_slice(&8u16.to_ne_bytes());
-            msg.extend_from_slice(&ty.to_ne_bytes());
-            msg.extend_from_slice(&data);
-        }
-        let len = msg.len() as u32;
-        msg[..4].copy_from_slice(&len.to_ne_bytes());
-        // SAFETY: sending an initialised buffer to the kernel (nl_pid 0).
-        let sent = unsafe {
-            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
-            addr.nl_family = libc::AF_NETLINK as u16;
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&raw const addr).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        self.ack()
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        push_attr(&mut m, RTA_DST, &dst.addr().octets());
+        push_attr(&mut m, RTA_GATEWAY, &gw.octets());
+        push_attr(&mut m, RTA_OIF, &oif.to_ne_bytes());
+        finish(&mut m);
+        self.transact(&m, |_, _| Ok(())).map(|_| ())
     }
 
-    /// Reads until the NLMSG_ERROR answering our sequence number.
-    fn ack(&mut self) -> io::Result<()> {
-        let mut buf = [0u8; 8192];
-        loop {
-            // SAFETY: reading into a buffer we own, bounded by its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut off = 0usize;
-            let n = n as usize;
-            while off + 16 <= n {
-                let len =
-                    u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
-                let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-                let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap_or_default());
-                if len < 16 || off + len > n {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "truncated netlink message",
-                    ));
+    /// Runs a dump, restarting it if the kernel says it was interrupted.
+    fn dump<T>(
+        &mut self,
+        request: impl Fn(u32) -> Vec<u8>,
+        reply_type: u16,
+        parse: impl Fn(&[u8]) -> Option<T>,
+    ) -> io::Result<Vec<T>> {
+        for _ in 0..DUMP_TRIES {
+            self.seq = self.seq.wrapping_add(1);
+            let msg = request(self.seq);
+            let mut out = Vec::new();
+            let interrupted = self.transact(&msg, |ty, p| {
+                if ty == reply_type {
+                    out.push(parse(p).ok_or_else(malformed)?);
                 }
-                if ty == NLMSG_ERROR && seq == self.seq && len >= 20 {
-                    let err =
-                        i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap_or_default());
-                    return if err == 0 {
-                        Ok(())
-                    } else {
-                        Err(io::Error::from_raw_os_error(-err))
-                    };
-                }
-                off += (len + 3) & !3;
+                Ok(())
+            })?;
+            if !interrupted {
+                return Ok(out);
             }
         }
+        Err(io::Error::other(
+            "netlink dump kept being interrupted by changes",
+        ))
+    }
+
+    /// Sends one request and feeds each reply to `on`, until NLMSG_DONE,
+    /// an acknowledgement, or (non-dump) the first reply. Returns whether a
+    /// dump was interrupted.
+    fn transact(
+        &mut self,
+        msg: &[u8],
+        mut on: impl FnMut(u16, &[u8]) -> io::Result<()>,
+    ) -> io::Result<bool> {
+        sendto(
+            self.fd.as_raw_fd(),
+            msg,
+            &NetlinkAddr::new(0, 0),
+            MsgFlags::empty(),
+        )?;
+        let dump = u16_at(msg, 6) & NLM_F_DUMP == NLM_F_DUMP;
+        let mut interrupted = false;
+        let mut replies = 0usize;
+        loop {
+            let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
+            let reply = parse_replies(&self.buf[..n], self.seq, &mut interrupted, &mut |ty, p| {
+                replies += 1;
+                on(ty, p)
+            })?;
+            match reply {
+                Reply::Done => return Ok(interrupted),
+                Reply::More if !dump && replies > 0 => return Ok(interrupted),
+                Reply::More => {}
+            }
+        }
+    }
+}
+
+fn malformed() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "malformed netlink message")
+}
+
+/// A `struct nlmsghdr` with the length left to `finish`.
+fn header(ty: u16, flags: u16, seq: u32) -> Vec<u8> {
+    let mut m = Vec::with_capacity(64);
+    m.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_len, set by finish
+    m.extend_from_slice(&ty.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid: the kernel
+    m
+}
+
+fn finish(m: &mut [u8]) {
+    let len = u32::try_from(m.len()).unwrap_or(u32::MAX);
+    m[..4].copy_from_slice(&len.to_ne_bytes());
+}
+
+/// Builds an RTM_GETLINK request (host byte order, as netlink wants).
+fn getlink_request(seq: u32, flags: u16, index: i32, name: Option<&str>) -> Vec<u8> {
+    let mut m = header(RTM_GETLINK, flags, seq);
+    // struct ifinfomsg: family, pad, type, index, flags, change
+    m.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]);
+    m.extend_from_slice(&0u16.to_ne_bytes());
+    m.extend_from_slice(&index.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    push_attr(
+        &mut m,
+        IFLA_EXT_MASK,
+        &RTEXT_FILTER_SKIP_STATS.to_ne_bytes(),
+    );
+    if let Some(name) = name {
+        let mut z = name.as_bytes().to_vec();
+        z.push(0);
+        push_attr(&mut m, IFLA_IFNAME, &z);
+    }
+    finish(&mut m);
+    m
+}
+
+/// Builds an RTM_GETNEIGH dump request for `family` (AF_INET or AF_BRIDGE).
+fn getneigh_request(seq: u32, family: u8) -> Vec<u8> {
+    let mut m = header(RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, seq);
+    // struct ndmsg: family, pad1, pad2, ifindex, state, flags, type
+    m.extend_from_slice(&[family, 0, 0, 0]);
+    m.extend_from_slice(&0i32.to_ne_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    finish(&mut m);
+    m
+}
+
+fn push_attr(m: &mut Vec<u8>, ty: u16, data: &[u8]) {
+    let len = u16::try_from(4 + data.len()).unwrap_or(u16::MAX);
+    m.extend_from_slice(&len.to_ne_bytes());
+    m.extend_from_slice(&ty.to_ne_bytes());
+    m.extend_from_slice(data);
+    m.resize(align4(m.len()), 0);
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Reply {
+    /// NLMSG_DONE or an ack: the request is complete.
+    Done,
+    /// More datagrams follow (dumps), or a single reply was consumed.
+    More,
+}
+
+/// Parses one datagram of replies to request `seq`, handing each message of
+/// another type than DONE/ERROR to `on`. Errors reported by the kernel
+/// become `io::Error`s with its errno.
+fn parse_replies(
+    mut buf: &[u8],
+    seq: u32,
+    interrupted: &mut bool,
+    on: &mut dyn FnMut(u16, &[u8]) -> io::Result<()>,
+) -> io::Result<Reply> {
+    while buf.len() >= NLMSG_HDRLEN {
+        let len = u32_at(buf, 0) as usize;
+        if len < NLMSG_HDRLEN || len > buf.len() {
+            return Err(malformed());
+        }
+        let ty = u16_at(buf, 4);
+        let flags = u16_at(buf, 6);
+        let msg_seq = u32_at(buf, 8);
+        let payload = &buf[NLMSG_HDRLEN..len];
+        buf = &buf[align4(len).min(buf.len())..];
+        if msg_seq != seq {
+            continue; // a late reply to an earlier request
+        }
+        *interrupted |= flags & NLM_F_DUMP_INTR != 0;
+        match ty {
+            NLMSG_DONE => return Ok(Reply::Done),
+            NLMSG_ERROR => {
+                if payload.len() < 4 {
+                    return Err(malformed());
+                }
+                let code = i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                return if code == 0 {
+                    Ok(Reply::Done)
+                } else {
+                    Err(io::Error::from_raw_os_error(-code))
+                };
+            }
+            _ => on(ty, payload)?,
+        }
+    }
+    Ok(Reply::More)
+}
+
+/// An `RTM_NEWLINK` payload: `struct ifinfomsg` then attributes.
+fn parse_link(payload: &[u8]) -> Option<Link> {
+    if payload.len() < IFINFOMSG_LEN {
+        return None;
+    }
+    let index = u32::try_from(i32::from_ne_bytes(payload[4..8].try_into().ok()?)).ok()?;
+    let mut link = Link {
+        index,
+        ..Link::default()
+    };
+    for (ty, data) in attrs(&payload[IFINFOMSG_LEN..]) {
+        match ty {
+            IFLA_IFNAME => link.name = cstr(data),
+            IFLA_ADDRESS => link.mac = data.try_into().ok(),
+            IFLA_LINK => link.link = u32_of(data).filter(|&i| i != 0),
+            IFLA_MASTER => link.master = u32_of(data).filter(|&i| i != 0),
+            IFLA_LINKINFO => {
+                link.kind = attrs(data)
+                    .find(|(t, _)| *t == IFLA_INFO_KIND)
+                    .map(|(_, d)| cstr(d));
+            }
+            _ => {}
+        }
+    }
+    Some(link)
+}
+
+/// An `RTM_NEWNEIGH` payload: `struct ndmsg` then attributes.
+fn parse_neigh(payload: &[u8]) -> Option<Neigh> {
+    if payload.len() < NDMSG_LEN {
+        return None;
+    }
+    let ifindex = u32::try_from(i32::from_ne_bytes(payload[4..8].try_into().ok()?)).ok()?;
+    let mut n = Neigh {
+        ifindex,
+        state: u16_at(payload, 8),
+        flags: payload[10],
+        ..Neigh::default()
+    };
+    for (ty, data) in attrs(&payload[NDMSG_LEN..]) {
+        match ty {
+            NDA_DST => n.dst = <[u8; 4]>::try_from(data).ok().map(Ipv4Addr::from),
+            NDA_LLADDR => n.lladdr = data.try_into().ok(),
+            NDA_MASTER => n.master = u32_of(data).filter(|&i| i != 0),
+            _ => {}
+        }
+    }
+    Some(n)
+}
+
+/// Iterates `(type, data)` over a run of netlink attributes, stopping at malformed ones.
+fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = usize::from(u16_at(buf, 0));
+        let ty = u16_at(buf, 2) & NLA_TYPE_MASK;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let data = &buf[4..len];
+        buf = &buf[align4(len).min(buf.len())..];
+        Some((ty, data))
+    })
+}
+
+fn u16_at(b: &[u8], off: usize) -> u16 {
+    u16::from_ne_bytes([b[off], b[off + 1]])
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_ne_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+fn u32_of(data: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(data.get(..4)?.try_into().ok()?))
+}
+
+fn cstr(data: &[u8]) -> String {
+    let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+    String::from_utf8_lossy(&data[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An RTM_NEWLINK message as the kernel sends it.
+    fn newlink(
+        seq: u32,
+        flags: u16,
+        index: i32,
+        name: &str,
+        mac: [u8; 6],
+        link: Option<u32>,
+    ) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&16u16.to_ne_bytes()); // RTM_NEWLINK
+        m.extend_from_slice(&flags.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&[0, 0, 1, 0]); // family, pad, type ARPHRD_ETHER
+        m.extend_from_slice(&index.to_ne_bytes());
+        m.extend_from_slice(&[0; 8]);
+        let mut ifname = name.as_bytes().to_vec();
+        ifname.push(0);
+        push_attr(&mut m, 3, &ifname);
+        push_attr(&mut m, 1, &mac);
+        if let Some(l) = link {
+            push_attr(&mut m, 5, &l.to_ne_bytes());
+        }
+        push_attr(&mut m, 10, &7u32.to_ne_bytes()); // IFLA_MASTER
+        let mut info = Vec::new();
+        push_attr(&mut info, 1, b"veth\0");
+        push_attr(&mut m, 18 | 0x8000, &info); // IFLA_LINKINFO, NLA_F_NESTED
+        let len = u32::try_from(m.len()).expect("small");
+        m[..4].copy_from_slice(&len.to_ne_bytes());
+        m
+    }
+
+    fn control(seq: u32, ty: u16, error: i32) -> Vec<u8> {
+        let mut m = Vec::new();
+        let len: u32 = if ty == 2 { 36 } else { 20 };
+        m.extend_from_slice(&len.to_ne_bytes());
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&error.to_ne_bytes());
+        m.resize(len as usize, 0);
+        m
+    }
+
+    #[test]
+    fn parses_a_dump() {
+        let mut buf = newlink(7, 0x2, 42, "eth0", [2, 0x42, 192, 168, 110, 2], Some(4));
+        buf.extend(newlink(6, 0x2, 43, "stale", [0; 6], None)); // other request: skipped
+        buf.extend(newlink(7, 0x2 | 0x10, 1, "lo", [0; 6], None));
+        buf.extend(control(7, 3, 0)); // NLMSG_DONE
+        let (mut links, mut intr) = (Vec::new(), false);
+        let r = parse_replies(&buf, 7, &mut intr, &mut |ty, p| {
+            assert_eq!(ty, RTM_NEWLINK);
+            links.push(parse_link(p).expect("well-formed"));
+            Ok(())
+        })
+        .expect("parse");
+        assert_eq!(r, Reply::Done);
+        assert!(intr, "NLM_F_DUMP_INTR seen");
+        assert_eq!(links.len(), 2);
+        let eth0 = &links[0];
+        assert_eq!(eth0.index, 42);
+        assert_eq!(eth0.name, "eth0");
+        assert_eq!(eth0.mac, Some([2, 0x42, 192, 168, 110, 2]));
+        assert_eq!(eth0.link, Some(4));
+        assert_eq!(eth0.master, Some(7));
+        assert_eq!(eth0.kind.as_deref(), Some("veth"));
+        assert_eq!(links[1].link, None);
+    }
+
+    #[test]
+    fn kernel_errors_become_errnos() {
+        let mut intr = false;
+        let mut ignore = |_: u16, _: &[u8]| Ok(());
+        let err = parse_replies(&control(3, 2, -libc::ENODEV), 3, &mut intr, &mut ignore)
+            .expect_err("ENODEV");
+        assert_eq!(err.raw_os_error(), Some(libc::ENODEV));
+        assert_eq!(
+            parse_replies(&control(3, 2, 0), 3, &mut intr, &mut ignore).expect("ack"),
+            Reply::Done
+        );
+        let mut truncated = newlink(3, 0, 1, "x", [0; 6], None);
+        truncated.truncate(20);
+        assert!(parse_replies(&truncated, 3, &mut intr, &mut ignore).is_err());
+        assert!(parse_link(&[0; 8]).is_none());
+        assert!(parse_neigh(&[0; 8]).is_none());
+    }
+
+    /// An RTM_NEWNEIGH for an FDB entry or an IPv4 neighbour.
+    fn newneigh(
+        family: u8,
+        ifindex: i32,
+        state: u16,
+        flags: u8,
+        dst: Option<[u8; 4]>,
+        mac: [u8; 6],
+        master: Option<u32>,
+    ) -> Vec<u8> {
+        let mut m = header(RTM_NEWNEIGH, 0x2, 5);
+        m.extend_from_slice(&[family, 0, 0, 0]);
+        m.extend_from_slice(&ifindex.to_ne_bytes());
+        m.extend_from_slice(&state.to_ne_bytes());
+        m.extend_from_slice(&[flags, 0]);
+        if let Some(d) = dst {
+            push_attr(&mut m, NDA_DST, &d);
+        }
+        push_attr(&mut m, NDA_LLADDR, &mac);
+        if let Some(b) = master {
+            push_attr(&mut m, NDA_MASTER, &b.to_ne_bytes());
+        }
+        finish(&mut m);
+        m
+    }
+
+    #[test]
+    fn parses_neighbours_and_fdb_entries() {
+        let mut buf = newneigh(
+            2,
+            3,
+            0x02,
+            0,
+            Some([192, 168, 110, 11]),
+            [2, 0x42, 0, 0, 0, 0x0b],
+            None,
+        );
+        buf.extend(newneigh(
+            7,
+            9,
+            0x02,
+            0,
+            None,
+            [2, 0x42, 0, 0, 0, 0x0b],
+            Some(3),
+        ));
+        buf.extend(control(5, 3, 0));
+        let mut seen = Vec::new();
+        let mut intr = false;
+        parse_replies(&buf, 5, &mut intr, &mut |ty, p| {
+            assert_eq!(ty, RTM_NEWNEIGH);
+            seen.push(parse_neigh(p).expect("well-formed"));
+            Ok(())
+        })
+        .expect("parse");
+        assert_eq!(seen[0].dst, Some(Ipv4Addr::new(192, 168, 110, 11)));
+        assert_eq!((seen[0].ifindex, seen[0].state), (3, 0x02));
+        assert_eq!(
+            (seen[1].ifindex, seen[1].master, seen[1].dst),
+            (9, Some(3), None)
+        );
+        assert_eq!(seen[1].lladdr, Some([2, 0x42, 0, 0, 0, 0x0b]));
+    }
+
+    #[test]
+    fn request_layout() {
+        let m = getlink_request(9, 0x301, 0, Some("docker0"));
+        assert_eq!(
+            u32::from_ne_bytes(m[..4].try_into().expect("4")) as usize,
+            m.len()
+        );
+        assert_eq!(u16::from_ne_bytes([m[4], m[5]]), 18); // RTM_GETLINK
+        assert_eq!(u16::from_ne_bytes([m[6], m[7]]), 0x301);
+        assert_eq!(u32::from_ne_bytes(m[8..12].try_into().expect("4")), 9);
+        assert_eq!(m.len() % 4, 0);
+        assert!(m.windows(8).any(|w| w == b"docker0\0"));
+    }
+
+    /// Works unprivileged: the loopback device of the test's own namespace.
+    #[test]
+    fn queries_the_current_namespace() {
+        let mut rtnl = Rtnl::open().expect("netlink socket");
+        let links = rtnl.links().expect("dump");
+        let lo = links.iter().find(|l| l.name == "lo").expect("lo listed");
+        assert_eq!(
+            rtnl.link_by_name("lo").expect("get").map(|l| l.index),
+            Some(lo.index)
+        );
+        assert_eq!(
+            rtnl.link_by_index(lo.index).expect("get").map(|l| l.name),
+            Some("lo".into())
+        );
+        assert_eq!(rtnl.link_by_name("xh-no-such-if").expect("get"), None);
+        assert_eq!(rtnl.link_by_index(0x7fff_fff0).expect("get"), None);
     }
 }
