@@ -73,12 +73,13 @@ fn counter(status: &serde_json::Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("counter {name} in {status}"))
 }
 
-/// Programs attached to the underlay and the bridge in `ns` (tcx + XDP).
-fn xhost_programs(ns: &NetNs) -> String {
-    attached_programs(ns, &["ens33", "docker0"])
+/// Programs attached to the host's underlay, bridge and container veths (tcx + XDP).
+fn xhost_programs(host: &xhost_tests::Host) -> String {
+    let mut ifaces = vec![host.underlay_iface(), host.bridge()];
+    ifaces.extend(host.containers().iter().map(|c| c.host_veth()));
+    attached_programs(host.ns(), &ifaces)
         .expect("query attachments")
-        .join("
-")
+        .join("\n")
 }
 
 fn forward_packets(ns: &NetNs) -> u64 {
@@ -183,12 +184,34 @@ fn containers_reach_each_other_only_through_xhost() {
             )
         })
         .collect();
-    // Default XDP mode on a veth underlay: off (XDP would strip the peer's TSO).
-    assert_eq!(attached, ["docker0@bridge-ingress", "ens33@underlay-ingress"]);
+    // Default XDP mode on a veth underlay: off (XDP would strip the peer's
+    // TSO). The container's veth was found from the bridge's neighbour and
+    // FDB tables and carries the per-container program.
+    let port = format!("{}@ctr-ingress", ca.host_veth());
+    assert_eq!(
+        attached,
+        [
+            "docker0@bridge-ingress",
+            "ens33@underlay-ingress",
+            port.as_str()
+        ]
+    );
+    let ep = &s["endpoints"][0];
+    assert_eq!(ep["ip"], ca.ip().to_string());
+    assert_eq!(ep["ifindex"], ca.host_veth_ifindex());
+    assert_eq!(
+        ep["mac"].as_str().map(str::to_lowercase),
+        Some(ca.mac().to_lowercase())
+    );
     assert_eq!(s["agent"]["xdp"], "off");
     // ... and the kernel agrees (this is what the "nothing left" checks use).
-    let live = xhost_programs(a.ns());
-    for want in ["ens33 tcx-ingress xhost_ingress", "docker0 tcx-ingress xhost_egress"] {
+    let live = xhost_programs(a);
+    let port_live = format!("{} tcx-ingress xhost_from_ctr", ca.host_veth());
+    for want in [
+        "ens33 tcx-ingress xhost_ingress",
+        "docker0 tcx-ingress xhost_egress",
+        port_live.as_str(),
+    ] {
         assert!(live.contains(want), "{want} not attached: {live}");
     }
     assert_eq!(s["routes"][0]["prefix"], "192.168.220.0/24");
@@ -217,21 +240,13 @@ fn containers_reach_each_other_only_through_xhost() {
     let (status, left) = agent_a.stop_with(Signal::SIGINT).expect("stop A");
     assert!(status.success(), "agent A exit: {status:?}");
     assert!(left.is_empty(), "agent A left {left:?}");
-    assert_eq!(
-        xhost_programs(a.ns()),
-        "",
-        "programs still attached on host A"
-    );
+    assert_eq!(xhost_programs(a), "", "programs still attached on host A");
     let (status, left) = agent_b.stop_with(Signal::SIGTERM).expect("stop B");
     assert!(
         status.success() && left.is_empty(),
         "agent B: {status:?} left {left:?}"
     );
-    assert_eq!(
-        xhost_programs(b.ns()),
-        "",
-        "programs still attached on host B"
-    );
+    assert_eq!(xhost_programs(b), "", "programs still attached on host B");
     assert!(
         !ping(ca.ns(), cb.ip(), 1).expect("ping").any_received(),
         "A reaches B after unload"
@@ -260,7 +275,7 @@ fn every_xdp_mode_attaches_forwards_and_drops_spoofed() {
         let agent_b = start(b, a, &[]);
         let s0 = status_json(a.ns(), &agent_a.dirs);
         assert_eq!(s0["agent"]["xdp"], status, "--xdp-mode {mode}");
-        let live = xhost_programs(a.ns());
+        let live = xhost_programs(a);
         assert_eq!(
             live.contains("ens33 xdp"),
             xdp_attached,
@@ -291,11 +306,7 @@ fn every_xdp_mode_attaches_forwards_and_drops_spoofed() {
                 "--xdp-mode {mode}: {st:?} {left:?}"
             );
         }
-        assert_eq!(
-            xhost_programs(a.ns()),
-            "",
-            "--xdp-mode {mode}: left attached"
-        );
+        assert_eq!(xhost_programs(a), "", "--xdp-mode {mode}: left attached");
     }
 }
 
@@ -343,7 +354,7 @@ fn detached_datapath_keeps_forwarding_until_unload() {
         );
         assert!(d.leftovers().is_empty(), "unload left {:?}", d.leftovers());
         assert_eq!(
-            xhost_programs(host.ns()),
+            xhost_programs(host),
             "",
             "programs still attached after unload"
         );
@@ -485,7 +496,7 @@ fn assert_refused(host: &xhost_tests::Host, args: &[&str], culprit: &str) {
         dirs.leftovers()
     );
     assert_eq!(
-        xhost_programs(host.ns()),
+        xhost_programs(host),
         "",
         "load {args:?} left programs attached"
     );

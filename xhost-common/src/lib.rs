@@ -41,6 +41,7 @@ pub const MAX_PEER_HOSTS: u32 = 16_384;
 
 /// Program names, as the loader looks them up in the object.
 pub const PROG_EGRESS: &str = "xhost_egress";
+pub const PROG_FROM_CTR: &str = "xhost_from_ctr";
 pub const PROG_INGRESS: &str = "xhost_ingress";
 pub const PROG_XDP: &str = "xhost_xdp";
 

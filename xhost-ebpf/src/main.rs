@@ -1,8 +1,12 @@
 //! xhost datapath: native routing of container traffic between hosts.
 //!
-//! * `xhost_egress` (TC ingress of each Docker bridge): a container's packet
-//!   for a peer's subnet is routed straight out the underlay towards the
-//!   peer host, with the container IPs kept.
+//! * `xhost_from_ctr` (TC ingress of each container's host-side veth): a
+//!   container's packet for a peer's subnet is routed straight out the
+//!   underlay towards the peer host, with the container IPs kept, before the
+//!   bridge (and br_netfilter) sees it.
+//! * `xhost_egress` (TC ingress of each Docker bridge): the same decision for
+//!   whatever reaches the bridge device (containers whose veth is not known
+//!   yet); it also counts what `xhost_from_ctr` passed on.
 //! * `xhost_xdp` (XDP on the underlay NIC): early drop of packets aimed at
 //!   local containers from sources that belong to no peer.
 //! * `xhost_ingress` (TC ingress of the underlay NIC): a peer's packet for a
@@ -53,7 +57,19 @@ impl Verdict {
 
 #[classifier]
 pub fn xhost_egress(ctx: TcContext) -> i32 {
-    finish(&ctx, try_egress(&ctx))
+    finish(&ctx, try_egress(&ctx, false))
+}
+
+#[classifier]
+pub fn xhost_from_ctr(ctx: TcContext) -> i32 {
+    let v = try_egress(&ctx, true);
+    // What this program passes goes on into the bridge, where xhost_egress
+    // decides (and counts) again if it reaches the bridge device: counting
+    // here too would count those packets twice.
+    if v.action != TC_ACT_OK as i32 {
+        count(v.reason, ctx.len());
+    }
+    v.action
 }
 
 #[classifier]
@@ -68,10 +84,16 @@ fn finish(ctx: &TcContext, v: Verdict) -> i32 {
     v.action
 }
 
-/// Container -> remote container, seen on the bridge's ingress (the frame
-/// was addressed to the gateway MAC, so the bridge handed it up to us).
+/// Container -> remote container, seen on the container's veth (any frame
+/// it sends) or on the bridge's ingress (frames addressed to the gateway
+/// MAC, which the bridge hands up to its own device).
+///
+/// On a container's veth (`from_port`), only frames the known endpoint of
+/// that veth sends to its gateway are routed: a container cannot borrow
+/// another's address on the fast path, and a frame for another local
+/// container is left to the bridge.
 #[inline(always)]
-fn try_egress(ctx: &TcContext) -> Verdict {
+fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     let f = match parse(ctx) {
         Frame::Ipv4(f) => f,
         Frame::NotIpv4 => return Verdict::pass(stat::PASS_NOT_IPV4),
@@ -94,6 +116,9 @@ fn try_egress(ctx: &TcContext) -> Verdict {
     }
     // SAFETY: reading the ingress ifindex of the skb context.
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if from_port && !sent_by_endpoint(&f, src, iif) {
+        return Verdict::pass(stat::PASS_NOT_OURS);
+    }
     // The peer host is the next hop: resolve the route to it, not to the
     // container prefix, which the kernel has no route for.
     match fib::lookup(ctx, iif, src, peer_host) {
@@ -111,6 +136,18 @@ fn try_egress(ctx: &TcContext) -> Verdict {
         }
         NextHop::Kernel => Verdict::pass(stat::PASS_FIB),
     }
+}
+
+/// Whether `src` is the endpoint attached behind `iif` and the frame is
+/// addressed to its gateway.
+#[inline(always)]
+fn sent_by_endpoint(f: &parse::Ipv4Frame, src: [u8; 4], iif: u32) -> bool {
+    // SAFETY: the value is copied out at once (see try_ingress).
+    let Some(ep) = (unsafe { ENDPOINTS.get(&src) }).copied() else {
+        return false;
+    };
+    // SAFETY: `f.eth` was bounds-checked by `parse`.
+    ep.ifindex == iif && unsafe { (*f.eth).dst_addr } == ep.gw_mac
 }
 
 /// Remote container -> local container, seen on the underlay's ingress.

@@ -1,7 +1,7 @@
 //! `xhost-user load`: validate, load, attach, fill the maps, then keep them
 //! in step with Docker until SIGINT/SIGTERM, and detach cleanly.
 
-use std::{io::Write as _, net::Ipv4Addr};
+use std::{io::Write as _, net::Ipv4Addr, time::Duration};
 
 use anyhow::Context as _;
 use log::{info, warn};
@@ -10,6 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     config::{self, LocalSubnet, Settings},
     datapath::Datapath,
+    docker::DockerView,
     layout::Layout,
     report::{AgentState, Attachment, DockerStatus},
     state::{self, Desired},
@@ -32,6 +33,9 @@ pub async fn load(settings: Settings, layout: Layout, detach: bool) -> anyhow::R
     let mut applied = Desired::default();
     let want = state::desired(&static_locals, &[], &[], &settings.peers);
     state::apply(&mut dp, &mut applied, &want)?;
+    // Endpoints already on static bridges, so the first packets take the
+    // fast path; Docker's arrive asynchronously once it answers.
+    reconcile(&settings, &static_locals, None, &mut dp, &mut applied);
     if !crate::net::forwarding_enabled(&settings.iface) {
         warn!(
             "IPv4 forwarding is off on {}: the FIB refuses to forward, so xhost hands packets to the kernel",
@@ -66,7 +70,11 @@ pub async fn load(settings: Settings, layout: Layout, detach: bool) -> anyhow::R
     res
 }
 
-/// The single writer: applies Docker's view as it changes until a signal.
+/// How often bridges that Docker does not manage are rescanned for endpoints.
+const RESCAN: Duration = Duration::from_secs(1);
+
+/// The single writer: applies Docker's view and the endpoints of static
+/// bridges as they change, until a signal.
 async fn follow(
     settings: &Settings,
     static_locals: &[LocalSubnet],
@@ -81,32 +89,40 @@ async fn follow(
         let host = settings.docker_host.clone();
         tokio::spawn(crate::docker::watch(host, tx))
     });
+    let mut docker_alive = watcher.is_some();
+    // The last view Docker gave; kept while the engine is unreachable, so
+    // the datapath stays as it is until Docker says otherwise.
+    let mut view: Option<DockerView> = None;
+    let mut rescan = tokio::time::interval(RESCAN);
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            changed = rx.changed(), if watcher.is_some() => {
+            changed = rx.changed(), if docker_alive => {
                 if changed.is_err() {
-                    warn!("Docker watcher stopped; keeping the datapath as it is");
-                    break;
+                    // Cannot happen while the watcher runs (it never gives
+                    // up); if it does, keep serving what is known.
+                    warn!("Docker watcher ended; keeping the datapath as it is");
+                    docker_alive = false;
+                    continue;
                 }
-                let view = rx.borrow_and_update().clone();
-                match &view {
-                    // Engine unreachable: keep the datapath as it is.
+                match rx.borrow_and_update().clone() {
                     None => report.docker = Some(DockerStatus::unreachable(settings)),
                     Some(v) => {
-                        let (nets, eps) = state::docker_specs(v);
-                        let want = state::desired(static_locals, &nets, &eps, &settings.peers);
-                        if let Err(e) = state::apply(dp, applied, &want) {
-                            warn!("applying Docker state: {e}");
-                        }
-                        report.docker = Some(DockerStatus::from_view(settings, v));
+                        report.docker = Some(DockerStatus::from_view(settings, &v));
+                        view = Some(v);
                     }
                 }
-                report.refresh(dp, applied);
-                if let Err(e) = report.write(dp.layout()) {
-                    warn!("writing agent state: {e:#}");
-                }
+            }
+            _ = rescan.tick(), if !static_locals.is_empty() => {}
+        }
+        let before = applied.clone();
+        reconcile(settings, static_locals, view.as_ref(), dp, applied);
+        if *applied != before || report.docker_changed() {
+            report.refresh(dp, applied);
+            if let Err(e) = report.write(dp.layout()) {
+                warn!("writing agent state: {e:#}");
             }
         }
     }
@@ -114,6 +130,38 @@ async fn follow(
         w.abort();
     }
     Ok(())
+}
+
+/// One step of the single writer: desired state from every source, diffed
+/// into the datapath.
+fn reconcile(
+    settings: &Settings,
+    static_locals: &[LocalSubnet],
+    view: Option<&DockerView>,
+    dp: &mut Datapath,
+    applied: &mut Desired,
+) {
+    let (nets, mut eps) = view.map(state::docker_specs).unwrap_or_default();
+    // Bridges Docker does not manage: endpoints from the kernel's tables.
+    let managed: Vec<&str> = nets.iter().map(|(b, _)| b.as_str()).collect();
+    let mut statics: Vec<(String, Vec<crate::net::Ipv4Net>)> = Vec::new();
+    for l in static_locals
+        .iter()
+        .filter(|l| !managed.contains(&l.bridge.as_str()))
+    {
+        match statics.iter_mut().find(|(b, _)| *b == l.bridge) {
+            Some((_, v)) => v.push(l.net),
+            None => statics.push((l.bridge.clone(), vec![l.net])),
+        }
+    }
+    match state::kernel_endpoints(&statics) {
+        Ok(found) => eps.extend(found),
+        Err(e) => warn!("reading neighbour/FDB tables: {e}"),
+    }
+    let want = state::desired(static_locals, &nets, &eps, &settings.peers);
+    if let Err(e) = state::apply(dp, applied, &want) {
+        warn!("applying state: {e}");
+    }
 }
 
 impl AgentState {

@@ -22,7 +22,7 @@ use aya::{
 use log::{info, warn};
 use xhost_common::{
     Endpoint, LocalNet, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, PINNED_MAPS,
-    PROG_EGRESS, PROG_INGRESS, PROG_XDP, Peer, PeerHost,
+    PROG_EGRESS, PROG_FROM_CTR, PROG_INGRESS, PROG_XDP, Peer, PeerHost,
 };
 
 use crate::{
@@ -210,7 +210,7 @@ impl Datapath {
             _logger: logger,
         };
         // From here on, Drop undoes whatever is done.
-        for name in [PROG_EGRESS, PROG_INGRESS] {
+        for name in [PROG_EGRESS, PROG_FROM_CTR, PROG_INGRESS] {
             let prog: &mut SchedClassifier = dp.program(name)?;
             prog.load().map_err(|source| DatapathError::Program {
                 program: name,
@@ -375,12 +375,34 @@ impl Datapath {
 
     /// Detaches the bridge program from `bridge` (network removed).
     pub fn detach_bridge(&mut self, bridge: &str) {
-        if let Some(a) = self
+        self.detach(bridge, Hook::BridgeIngress);
+    }
+
+    /// Attaches the container-side program to a container's host veth.
+    pub fn attach_port(&mut self, port: &str) -> Result<(), DatapathError> {
+        if self
             .attachments
-            .remove(&(bridge.to_owned(), Hook::BridgeIngress))
+            .contains_key(&(port.to_owned(), Hook::ContainerIngress))
         {
+            return Ok(());
+        }
+        self.attach_tc(port, Hook::ContainerIngress)
+    }
+
+    /// Detaches it (container gone; if its veth is gone too, the kernel
+    /// already released the program and only the pin is left to remove).
+    pub fn detach_port(&mut self, port: &str) {
+        self.detach(port, Hook::ContainerIngress);
+    }
+
+    fn detach(&mut self, iface: &str, hook: Hook) {
+        if let Some(a) = self.attachments.remove(&(iface.to_owned(), hook)) {
             detach(a);
-            info!("detached {PROG_EGRESS} from {bridge}");
+            info!(
+                "detached {} from {iface} ({})",
+                hook.program(),
+                hook.as_str()
+            );
         }
     }
 

@@ -66,6 +66,9 @@ pub enum Hook {
     UnderlayIngress,
     /// TC (tcx) ingress of a Docker bridge.
     BridgeIngress,
+    /// TC (tcx) ingress of a container's host-side veth.
+    #[serde(rename = "ctr-ingress")]
+    ContainerIngress,
 }
 
 impl Hook {
@@ -74,6 +77,7 @@ impl Hook {
             Self::Xdp => "xdp",
             Self::UnderlayIngress => "underlay-ingress",
             Self::BridgeIngress => "bridge-ingress",
+            Self::ContainerIngress => "ctr-ingress",
         }
     }
 
@@ -82,13 +86,19 @@ impl Hook {
             Self::Xdp => xhost_common::PROG_XDP,
             Self::UnderlayIngress => xhost_common::PROG_INGRESS,
             Self::BridgeIngress => xhost_common::PROG_EGRESS,
+            Self::ContainerIngress => xhost_common::PROG_FROM_CTR,
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Xdp, Self::UnderlayIngress, Self::BridgeIngress]
-            .into_iter()
-            .find(|h| h.as_str() == s)
+        [
+            Self::Xdp,
+            Self::UnderlayIngress,
+            Self::BridgeIngress,
+            Self::ContainerIngress,
+        ]
+        .into_iter()
+        .find(|h| h.as_str() == s)
     }
 }
 

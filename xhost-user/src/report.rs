@@ -34,7 +34,7 @@ pub struct Attachment {
     pub program: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DockerStatus {
     pub host: String,
     pub connected: bool,
@@ -46,7 +46,7 @@ pub struct DockerStatus {
     pub last_sync_unix_ms: Option<u64>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DockerNetworkStatus {
     pub name: String,
     pub bridge: String,
@@ -109,6 +109,9 @@ pub struct AgentState {
     pub kernel_routes: Vec<KernelRoute>,
     pub docker: Option<DockerStatus>,
     pub updated_unix_ms: u64,
+    /// The Docker status last written to disk (not serialized).
+    #[serde(skip)]
+    written_docker: Option<DockerStatus>,
 }
 
 impl AgentState {
@@ -125,12 +128,19 @@ impl AgentState {
             kernel_routes: Vec::new(),
             docker: s.docker.then(|| DockerStatus::unreachable(s)),
             updated_unix_ms: now_ms(),
+            written_docker: None,
         }
+    }
+
+    /// Whether the Docker status changed since the last `write`.
+    pub fn docker_changed(&self) -> bool {
+        self.docker != self.written_docker
     }
 
     /// Atomic replace, so a reader never sees half a file.
     pub fn write(&mut self, layout: &Layout) -> anyhow::Result<()> {
         self.updated_unix_ms = now_ms();
+        self.written_docker = self.docker.clone();
         std::fs::create_dir_all(&layout.run_dir)?;
         let tmp = layout.run_dir.join("agent.json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;

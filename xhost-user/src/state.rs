@@ -15,6 +15,7 @@ use crate::{
     config::{LocalSubnet, PeerConfig, check_local},
     datapath::{Datapath, DatapathError},
     net::{self, Ipv4Net, fmt_mac},
+    netlink::{NUD_USABLE, Rtnl},
 };
 
 /// What the datapath should hold for this host's own side.
@@ -26,9 +27,13 @@ pub struct Desired {
     pub locals: BTreeMap<Ipv4Net, (String, u32)>,
     /// Local container IP -> endpoint.
     pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    /// Host-side veths of the endpoints (ifindex -> name), where
+    /// `xhost_from_ctr` attaches.
+    pub ports: BTreeMap<u32, String>,
 }
 
-/// A container endpoint as a source of truth (Docker) reports it.
+/// A container endpoint as a source of truth (Docker, or the bridge's
+/// neighbour and FDB tables) reports it.
 #[derive(Clone, Debug)]
 pub struct EndpointSpec {
     pub ip: Ipv4Addr,
@@ -37,14 +42,14 @@ pub struct EndpointSpec {
     pub bridge: String,
 }
 
-/// Builds the desired state from static bridges (flags/config) and what
-/// Docker reports. Entries that would break the peer routing (a Docker
+/// Builds the desired state from static bridges (flags/config), what
+/// Docker reports, and the endpoints found on either. Entries that would break the peer routing (a Docker
 /// subnet overlapping a peer's) are left out with a warning: the agent
 /// cannot refuse Docker's state, but must not mis-route.
 pub fn desired(
     static_locals: &[LocalSubnet],
     docker_networks: &[(String, Vec<Ipv4Net>)],
-    docker_endpoints: &[EndpointSpec],
+    endpoints: &[EndpointSpec],
     peers: &[PeerConfig],
 ) -> Desired {
     let mut d = Desired::default();
@@ -77,7 +82,7 @@ pub fn desired(
         add_bridge(&mut d, bridge, nets);
     }
     let mut gw_macs = BTreeMap::new();
-    for e in docker_endpoints {
+    for e in endpoints {
         let served = d
             .locals
             .iter()
@@ -95,6 +100,14 @@ pub fn desired(
                 }
             },
         };
+        let Some(port) = ifname(e.host_ifindex) else {
+            warn!(
+                "endpoint {}: veth ifindex {} does not exist",
+                e.ip, e.host_ifindex
+            );
+            continue;
+        };
+        d.ports.insert(e.host_ifindex, port);
         d.endpoints.insert(
             e.ip,
             Endpoint {
@@ -128,6 +141,12 @@ pub fn apply(
             dp.set_local(n, v.1)?;
             applied.locals.insert(*n, v.clone());
             info!("local subnet {n} on {}: added", v.0);
+        }
+    }
+    for (index, name) in &want.ports {
+        if applied.ports.get(index) != Some(name) {
+            dp.attach_port(name)?;
+            applied.ports.insert(*index, name.clone());
         }
     }
     for (ip, ep) in &want.endpoints {
@@ -171,6 +190,65 @@ pub fn apply(
         info!("bridge {b}: no longer followed");
     }
     Ok(())
+}
+
+/// Name of the interface with `index` in this netns.
+fn ifname(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+/// Endpoints on bridges Docker does not manage, from the kernel: the
+/// bridge's IPv4 neighbours (IP -> MAC, learned when a container ARPs for
+/// its gateway) joined with its learned FDB (MAC -> port). Only veth ports
+/// qualify: `bpf_redirect_peer` delivers into a veth's peer.
+pub fn kernel_endpoints(bridges: &[(String, Vec<Ipv4Net>)]) -> std::io::Result<Vec<EndpointSpec>> {
+    let mut rtnl = Rtnl::open()?;
+    let links = rtnl.links()?;
+    let mut out = Vec::new();
+    for (bridge, nets) in bridges {
+        let Some(br) = links.iter().find(|l| l.name == *bridge) else {
+            continue;
+        };
+        let fdb = rtnl.fdb_learned(br.index)?;
+        for n in rtnl.ipv4_neighbours(br.index)? {
+            let (Some(ip), Some(mac)) = (n.dst, n.lladdr) else {
+                continue;
+            };
+            if n.state & NUD_USABLE == 0 || !nets.iter().any(|net| net.contains(ip)) {
+                continue;
+            }
+            let Some(port) = fdb
+                .iter()
+                .find(|f| f.lladdr == Some(mac))
+                .map(|f| f.ifindex)
+            else {
+                continue;
+            };
+            let is_veth = links
+                .iter()
+                .any(|l| l.index == port && l.kind.as_deref() == Some("veth"));
+            if is_veth {
+                out.push(EndpointSpec {
+                    ip,
+                    mac,
+                    host_ifindex: port,
+                    bridge: bridge.clone(),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Docker's view as the inputs of `desired`: (bridge, subnets) per network,

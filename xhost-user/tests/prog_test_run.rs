@@ -77,7 +77,11 @@ fn in_test_host(f: impl FnOnce(&mut Ebpf) + Send + 'static) {
             sh(&cmd.split(' ').collect::<Vec<_>>());
         }
         let mut ebpf = Ebpf::load(xhost_user::datapath::object()).expect("load object");
-        for name in [xhost_common::PROG_EGRESS, xhost_common::PROG_INGRESS] {
+        for name in [
+            xhost_common::PROG_EGRESS,
+            xhost_common::PROG_FROM_CTR,
+            xhost_common::PROG_INGRESS,
+        ] {
             let p: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .expect("prog")
@@ -606,4 +610,90 @@ fn test_host_netns_is_private() {
         nix::net::if_::if_nametoindex("ul0").is_err(),
         "ul0 leaked out of the test netns"
     );
+}
+
+/// `frame` with its destination MAC set to `mac`.
+fn to_mac(mut frame: Vec<u8>, mac: [u8; 6]) -> Vec<u8> {
+    frame[0..6].copy_from_slice(&mac);
+    frame
+}
+
+#[test]
+fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
+    in_test_host(|ebpf| {
+        let ul0 = mac("ul0");
+        // The endpoint 192.168.110.11 sits behind br0 in this test host, so
+        // frames "arrive" on br0 as they would on the container's veth.
+        let fwd = to_mac(ipv4(C1, R1, 64, &[]), GW_MAC);
+        let cases: [(&str, Vec<u8>, &str, u32, Option<Vec<u8>>); 6] = [
+            (
+                "own endpoint to its gateway",
+                fwd.clone(),
+                "br0",
+                TC_ACT_REDIRECT,
+                Some(routed(&fwd, ul0, PEER_MAC)),
+            ),
+            (
+                "not addressed to the gateway MAC",
+                ipv4(C1, R1, 64, &[]),
+                "br0",
+                TC_ACT_OK,
+                None,
+            ),
+            (
+                "source is no known endpoint",
+                to_mac(ipv4(C2, R1, 64, &[]), GW_MAC),
+                "br0",
+                TC_ACT_OK,
+                None,
+            ),
+            (
+                "endpoint's address from another port",
+                fwd.clone(),
+                "ul0",
+                TC_ACT_OK,
+                None,
+            ),
+            (
+                "to a non-peer destination",
+                to_mac(ipv4(C1, [8, 8, 8, 8], 64, &[]), GW_MAC),
+                "br0",
+                TC_ACT_OK,
+                None,
+            ),
+            ("ARP", arp(), "br0", TC_ACT_OK, None),
+        ];
+        for (name, frame, iface, verdict, out_want) in cases {
+            let before = counters(ebpf);
+            let ctx_in = skb_ctx(ifindex(iface));
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(xhost_common::PROG_FROM_CTR)
+                .expect("prog")
+                .try_into()
+                .expect("tc");
+            let mut out = vec![0u8; frame.len() + 64];
+            let mut ctx_out = vec![0u8; 192];
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&frame);
+            opts.data_out = Some(&mut out);
+            opts.ctx_in = Some(&ctx_in);
+            opts.ctx_out = Some(&mut ctx_out);
+            let res = p
+                .test_run(opts)
+                .unwrap_or_else(|e| panic!("{name}: test_run: {e}"));
+            assert_eq!(res.return_value, verdict, "{name}: verdict");
+            out.truncate(res.data_size_out as usize);
+            assert_eq!(
+                &out,
+                out_want.as_ref().unwrap_or(&frame),
+                "{name}: output frame"
+            );
+            if verdict == TC_ACT_OK {
+                // Passed frames go on into the bridge, which counts them.
+                assert_eq!(counters(ebpf), before, "{name}: no counter may move");
+            } else {
+                assert_counter_moved(ebpf, &before, stat::FWD_EGRESS, frame.len(), name);
+            }
+        }
+    });
 }
