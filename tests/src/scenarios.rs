@@ -451,10 +451,11 @@ pub struct UdpSample {
     pub receiver_cpu_pct: Option<f64>,
 }
 
-/// sockperf ping-pong result; sockperf's latency is half the round trip.
+/// sockperf ping-pong result, in microseconds; sockperf's latency is half the round trip.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct LatencySample {
     pub mean_us: f64,
+    pub p50_us: f64,
     pub p99_us: f64,
     pub observations: u64,
 }
@@ -466,55 +467,121 @@ const SOCKPERF_PORT: u16 = 11111;
 /// Slack on top of a test's duration before its client is killed.
 const CLIENT_SLACK: Duration = Duration::from_secs(15);
 
+/// CPU placement of the traffic tools: the sender/client on `client`, the receiver/server
+/// on `server`. `None` leaves placement to the scheduler (a one-CPU machine).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Cpus {
+    pub client: Option<usize>,
+    pub server: Option<usize>,
+}
+
+impl Cpus {
+    /// Client on CPU 0, server on CPU 1 when there are two or more; else unpinned.
+    pub fn split() -> Self {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if n >= 2 {
+            Self {
+                client: Some(0),
+                server: Some(1),
+            }
+        } else {
+            Self {
+                client: None,
+                server: None,
+            }
+        }
+    }
+
+    /// Both on the last CPU.
+    pub fn same() -> Self {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self {
+            client: Some(n - 1),
+            server: Some(n - 1),
+        }
+    }
+}
+
+/// `taskset -c CPU args...`, or `args` unchanged.
+fn pinned(cpu: Option<usize>, args: &[&str]) -> Vec<String> {
+    let mut all = Vec::new();
+    if let Some(cpu) = cpu {
+        all.extend(["taskset".to_owned(), "-c".to_owned(), cpu.to_string()]);
+    }
+    all.extend(args.iter().map(|s| (*s).to_owned()));
+    all
+}
+
+/// How the latency test's two ends wait for packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LatencyMode {
+    /// Blocking sockets, both ends on one CPU: every exchange runs the whole path on that
+    /// CPU with local wakeups. Stable on a small VM: no cross-CPU wakeup IPIs (which cost
+    /// ~20 us when the other vCPU is halted) and no busy loop starving ksoftirqd.
+    Pinned,
+    /// `--nonblocked --timeout 0` on both ends (busy polling), client and server on
+    /// different CPUs. Lowest latency, but bimodal on 2 vCPUs: once softirq work is
+    /// deferred to ksoftirqd, the spinning process keeps it off the CPU until the next
+    /// scheduler tick, and exchanges take ~4 ms (HZ=250).
+    BusyPoll,
+}
+
 /// Single-stream TCP throughput from `client` to `ip` (a server in `server`).
-pub fn iperf3_tcp(client: &NetNs, server: &NetNs, ip: Ipv4Addr, secs: u32) -> Result<TcpSample> {
-    let _srv = iperf3_server(server, ip)?;
+pub fn iperf3_tcp(
+    client: &NetNs,
+    server: &NetNs,
+    ip: Ipv4Addr,
+    secs: u32,
+    cpus: Cpus,
+) -> Result<TcpSample> {
+    let _srv = iperf3_server(server, ip, cpus.server)?;
     let out = run_client(
         client,
-        &iperf3_client_args(ip, secs, &[]),
+        &iperf3_client_args(ip, secs, cpus.client, &[]),
         Duration::from_secs(secs.into()) + CLIENT_SLACK,
     )?;
     parse_iperf3_tcp(&out)
 }
 
 /// 64-byte UDP datagrams as fast as one iperf3 sender can (`-b 0`).
-pub fn iperf3_udp(client: &NetNs, server: &NetNs, ip: Ipv4Addr, secs: u32) -> Result<UdpSample> {
-    let _srv = iperf3_server(server, ip)?;
+pub fn iperf3_udp(
+    client: &NetNs,
+    server: &NetNs,
+    ip: Ipv4Addr,
+    secs: u32,
+    cpus: Cpus,
+) -> Result<UdpSample> {
+    let _srv = iperf3_server(server, ip, cpus.server)?;
     let out = run_client(
         client,
-        &iperf3_client_args(ip, secs, &["-u", "-l", "64", "-b", "0"]),
+        &iperf3_client_args(ip, secs, cpus.client, &["-u", "-l", "64", "-b", "0"]),
         Duration::from_secs(secs.into()) + CLIENT_SLACK,
     )?;
     parse_iperf3_udp(&out)
 }
 
-/// UDP ping-pong latency with 64-byte messages, both ends busy-polling (`--nonblocked
-/// --timeout 0`).
+/// UDP ping-pong latency with 64-byte messages (see [`LatencyMode`]).
 pub fn sockperf_ping_pong(
     client: &NetNs,
     server: &NetNs,
     ip: Ipv4Addr,
     secs: u32,
+    mode: LatencyMode,
 ) -> Result<LatencySample> {
     cmd::require_tool("sockperf", "sockperf")?;
-    let (ip_s, port) = (ip.to_string(), SOCKPERF_PORT.to_string());
-    let mut srv = server.spawn(
-        "sockperf-server",
-        &[
-            "sockperf",
-            "server",
-            "-i",
-            &ip_s,
-            "-p",
-            &port,
-            "--nonblocked",
-            "--timeout",
-            "0",
-        ],
-    )?;
+    cmd::require_tool("taskset", "util-linux")?;
+    let (ip_s, port, secs_s) = (ip.to_string(), SOCKPERF_PORT.to_string(), secs.to_string());
+    let (cpus, busy): (Cpus, &[&str]) = match mode {
+        LatencyMode::Pinned => (Cpus::same(), &[]),
+        LatencyMode::BusyPoll => (Cpus::split(), &["--nonblocked", "--timeout", "0"]),
+    };
+    let mut srv_args = vec!["sockperf", "server", "-i", &ip_s, "-p", &port];
+    srv_args.extend_from_slice(busy);
+    let mut srv = server.spawn("sockperf-server", &pinned(cpus.server, &srv_args))?;
     srv.set_grace(Duration::from_secs(2));
     wait_listening(server, &mut srv, "udp", SOCKPERF_PORT)?;
-    let args: Vec<String> = [
+    let mut args = vec![
         "sockperf",
         "ping-pong",
         "-i",
@@ -522,59 +589,61 @@ pub fn sockperf_ping_pong(
         "-p",
         &port,
         "-t",
-        &secs.to_string(),
-        "--nonblocked",
-        "--timeout",
-        "0",
+        &secs_s,
         "-m",
         "64",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    ];
+    args.extend_from_slice(busy);
     let out = run_client(
         client,
-        &args,
+        &pinned(cpus.client, &args),
         Duration::from_secs(secs.into()) + CLIENT_SLACK,
     )?;
     parse_sockperf(&out)
 }
 
-fn iperf3_client_args(ip: Ipv4Addr, secs: u32, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
+fn iperf3_client_args(ip: Ipv4Addr, secs: u32, cpu: Option<usize>, extra: &[&str]) -> Vec<String> {
+    let (ip, port, secs) = (ip.to_string(), IPERF_PORT.to_string(), secs.to_string());
+    let mut args = vec![
         "iperf3",
         "-c",
-        &ip.to_string(),
+        &ip,
         "-p",
-        &IPERF_PORT.to_string(),
+        &port,
         "-t",
-        &secs.to_string(),
+        &secs,
         "-J",
         "--connect-timeout",
         "3000",
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    args
+    ];
+    let cpu = cpu.map(|c| c.to_string());
+    if let Some(cpu) = &cpu {
+        args.extend(["-A", cpu]);
+    }
+    args.extend_from_slice(extra);
+    args.into_iter().map(str::to_owned).collect()
 }
 
 /// `iperf3 -s -1` bound to `ip` in `ns`, up and listening; stopped by pid when dropped.
-fn iperf3_server(ns: &NetNs, ip: Ipv4Addr) -> Result<Process> {
+fn iperf3_server(ns: &NetNs, ip: Ipv4Addr, cpu: Option<usize>) -> Result<Process> {
     cmd::require_tool("iperf3", "iperf3")?;
-    let mut p = ns.spawn(
-        "iperf3-server",
-        &[
-            "iperf3",
-            "-s",
-            "-1",
-            "-p",
-            &IPERF_PORT.to_string(),
-            "-B",
-            &ip.to_string(),
-            "--idle-timeout",
-            "60",
-        ],
-    )?;
+    let (ip, port) = (ip.to_string(), IPERF_PORT.to_string());
+    let mut args = vec![
+        "iperf3",
+        "-s",
+        "-1",
+        "-p",
+        &port,
+        "-B",
+        &ip,
+        "--idle-timeout",
+        "60",
+    ];
+    let cpu = cpu.map(|c| c.to_string());
+    if let Some(cpu) = &cpu {
+        args.extend(["-A", cpu]);
+    }
+    let mut p = ns.spawn("iperf3-server", &args)?;
     p.set_grace(Duration::from_secs(2));
     wait_listening(ns, &mut p, "tcp", IPERF_PORT)?;
     Ok(p)
@@ -749,12 +818,15 @@ pub fn parse_sockperf(text: &str) -> Result<LatencySample> {
         .split_once("avg-latency=")
         .and_then(|(_, rest)| number(rest))
         .ok_or_else(|| bad("sockperf avg-latency"))?;
-    let p99_us = clean
-        .lines()
-        .find(|l| l.contains("percentile 99.000"))
-        .and_then(|l| l.split_once('='))
-        .and_then(|(_, rest)| number(rest))
-        .ok_or_else(|| bad("sockperf percentile 99.000"))?;
+    let percentile = |p: &str| {
+        clean
+            .lines()
+            .find(|l| l.contains(&format!("percentile {p}")))
+            .and_then(|l| l.split_once('='))
+            .and_then(|(_, rest)| number(rest))
+    };
+    let p99_us = percentile("99.000").ok_or_else(|| bad("sockperf percentile 99.000"))?;
+    let p50_us = percentile("50.000").ok_or_else(|| bad("sockperf percentile 50.000"))?;
     // `Total 307183 observations; ...` (not `[Total Run] ...`).
     let observations = clean
         .lines()
@@ -770,6 +842,7 @@ pub fn parse_sockperf(text: &str) -> Result<LatencySample> {
         .ok_or_else(|| bad("sockperf observation count"))?;
     Ok(LatencySample {
         mean_us,
+        p50_us,
         p99_us,
         observations,
     })
@@ -1037,6 +1110,7 @@ sockperf: ---> <MIN> observation =    1.714
         let s = parse_sockperf(SOCKPERF).expect("parse");
         assert_eq!(s.mean_us, 2.509);
         assert_eq!(s.p99_us, 5.486);
+        assert_eq!(s.p50_us, 2.336);
         assert_eq!(s.observations, 307_183);
         assert!(parse_sockperf("sockperf: ERROR: no reply").is_err());
     }

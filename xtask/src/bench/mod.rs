@@ -22,7 +22,8 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 use serde::Serialize;
 use xhost_tests::{
     scenarios::{
-        self, Bed, CpuTicks, LatencySample, PathKind, TcpSample, USER_HZ, UdpSample, XhostOpts,
+        self, Bed, CpuTicks, Cpus, LatencyMode, LatencySample, PathKind, TcpSample, USER_HZ,
+        UdpSample, XhostOpts,
     },
     xhost::XHOST_BIN_ENV,
 };
@@ -34,18 +35,23 @@ const XHOST_RTPROT: u8 = 177;
 
 #[derive(Args, Debug, Clone)]
 pub struct Options {
-    /// One repetition with short tests (2 s each): a smoke run in well under two minutes.
+    /// One repetition with short tests (2 s each, no busy-poll latency): a smoke run in
+    /// well under two minutes.
     #[arg(long)]
     pub quick: bool,
     /// Repetitions; every repetition runs every scenario (default 5, 1 with --quick).
     #[arg(long)]
     pub reps: Option<u32>,
-    /// Seconds per test (default 5, 2 with --quick).
+    /// Seconds per test (default 4, 2 with --quick).
     #[arg(long)]
     pub duration: Option<u32>,
-    /// Only these scenarios (comma-separated); see --list.
+    /// Only these scenarios (comma-separated; default: all marked default in --list).
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
+    /// Longest wait, in seconds, for the machine to go quiet (< 15 % busy) before each
+    /// scenario (default 10, 1 with --quick); runs that start busier are flagged "loaded".
+    #[arg(long)]
+    pub max_wait: Option<u64>,
     /// Output directory (default: <target dir>/bench).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -67,6 +73,8 @@ pub struct Scenario {
     pub kind: PathKind,
     /// Whether TCP throughput is measured (the scale variants only need pps and latency).
     pub tcp: bool,
+    /// Run when no --scenarios filter is given.
+    pub default: bool,
     pub about: &'static str,
 }
 
@@ -75,6 +83,7 @@ pub const IPTABLES: &str = "iptables-routes";
 pub const VXLAN: &str = "kernel-vxlan";
 pub const XHOST: &str = "xhost";
 pub const XHOST_XDP_OFF: &str = "xhost-xdp-off";
+pub const XHOST_XDP_NATIVE: &str = "xhost-xdp-native";
 pub const XHOST_1K: &str = "xhost-1k";
 pub const XHOST_100K: &str = "xhost-100k";
 
@@ -85,49 +94,70 @@ pub fn all_scenarios() -> Vec<Scenario> {
             routes,
         })
     };
+    let s = |name, kind, tcp, default, about| Scenario {
+        name,
+        kind,
+        tcp,
+        default,
+        about,
+    };
     vec![
-        Scenario {
-            name: WIRE,
-            kind: PathKind::Wire,
-            tcp: true,
-            about: "the two container netns joined by one veth (the machine's limit)",
-        },
-        Scenario {
-            name: IPTABLES,
-            kind: PathKind::IptablesRoutes,
-            tcp: true,
-            about: "Docker-like hosts + static routes, NAT exemption, DOCKER-USER accepts; conntrack on",
-        },
-        Scenario {
-            name: VXLAN,
-            kind: PathKind::KernelVxlan,
-            tcp: true,
-            about: "Docker-like hosts + vxlan0 (static FDB/neigh, onlink routes, MTU 1450), as flannel",
-        },
-        Scenario {
-            name: XHOST,
-            kind: xhost(None, 1),
-            tcp: true,
-            about: "Docker-like hosts + xhost-user on each (default XDP mode), 1 route",
-        },
-        Scenario {
-            name: XHOST_XDP_OFF,
-            kind: xhost(Some("off"), 1),
-            tcp: true,
-            about: "as xhost, with --xdp-mode off (TC only)",
-        },
-        Scenario {
-            name: XHOST_1K,
-            kind: xhost(None, 1_000),
-            tcp: false,
-            about: "as xhost, 1 000 routes in ROUTES (and in the kernel FIB)",
-        },
-        Scenario {
-            name: XHOST_100K,
-            kind: xhost(None, 100_000),
-            tcp: false,
-            about: "as xhost, 100 000 routes in ROUTES (and in the kernel FIB)",
-        },
+        s(
+            WIRE,
+            PathKind::Wire,
+            true,
+            true,
+            "the two container netns joined by one veth (the machine's limit)",
+        ),
+        s(
+            IPTABLES,
+            PathKind::IptablesRoutes,
+            true,
+            true,
+            "Docker-like hosts + static routes, NAT exemption, DOCKER-USER accepts; conntrack on",
+        ),
+        s(
+            VXLAN,
+            PathKind::KernelVxlan,
+            true,
+            true,
+            "Docker-like hosts + vxlan0 (static FDB/neigh, onlink routes, MTU 1450), as flannel",
+        ),
+        s(
+            XHOST,
+            xhost(None, 1),
+            true,
+            true,
+            "Docker-like hosts + xhost-user on each, default XDP mode (auto), 1 route",
+        ),
+        s(
+            XHOST_XDP_NATIVE,
+            xhost(Some("native"), 1),
+            true,
+            true,
+            "as xhost, --xdp-mode native (auto leaves a veth underlay to TC)",
+        ),
+        s(
+            XHOST_XDP_OFF,
+            xhost(Some("off"), 1),
+            true,
+            false,
+            "as xhost, --xdp-mode off (= auto on a veth underlay; not run by default)",
+        ),
+        s(
+            XHOST_1K,
+            xhost(None, 1_000),
+            false,
+            true,
+            "as xhost, 1 000 routes in ROUTES (and in the kernel FIB)",
+        ),
+        s(
+            XHOST_100K,
+            xhost(None, 100_000),
+            false,
+            true,
+            "as xhost, 100 000 routes in ROUTES (and in the kernel FIB)",
+        ),
     ]
 }
 
@@ -137,19 +167,35 @@ pub fn all_scenarios() -> Vec<Scenario> {
 pub enum Metric {
     TcpGbps,
     UdpKpps,
+    /// Latency, [`LatencyMode::Pinned`] (the one the targets use).
     LatMeanUs,
     LatP99Us,
+    /// Latency, [`LatencyMode::BusyPoll`]: its median, since its mean is bimodal here.
+    BusyP50Us,
+    BusyMeanUs,
     CpuNsPerPkt,
     SoftirqNsPerPkt,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 6] = [
+    pub const ALL: [Metric; 8] = [
         Metric::TcpGbps,
         Metric::UdpKpps,
         Metric::LatMeanUs,
         Metric::LatP99Us,
+        Metric::BusyP50Us,
+        Metric::BusyMeanUs,
         Metric::CpuNsPerPkt,
+        Metric::SoftirqNsPerPkt,
+    ];
+
+    /// The columns of the text tables (the JSON has all).
+    pub const TABLE: [Metric; 6] = [
+        Metric::TcpGbps,
+        Metric::UdpKpps,
+        Metric::LatMeanUs,
+        Metric::LatP99Us,
+        Metric::BusyP50Us,
         Metric::SoftirqNsPerPkt,
     ];
 
@@ -159,6 +205,8 @@ impl Metric {
             Metric::UdpKpps => "UDP64 kpps",
             Metric::LatMeanUs => "lat mean us",
             Metric::LatP99Us => "lat p99 us",
+            Metric::BusyP50Us => "busy-poll p50 us",
+            Metric::BusyMeanUs => "busy-poll mean us",
             Metric::CpuNsPerPkt => "CPU ns/pkt",
             Metric::SoftirqNsPerPkt => "softirq ns/pkt",
         }
@@ -178,11 +226,16 @@ pub struct Run {
     pub setup_s: f64,
     /// Machine busy fraction just before measuring (other load on the VM shows here).
     pub busy_before: f64,
+    /// `busy_before` stayed above [`LOADED`] for the whole wait: measured under load.
+    pub loaded: bool,
     pub tcp: Option<TcpSample>,
     pub udp: Option<UdpSample>,
     /// `/proc/stat` ticks over the UDP test.
     pub udp_cpu_ticks: Option<CpuTicks>,
+    /// [`LatencyMode::Pinned`].
     pub latency: Option<LatencySample>,
+    /// [`LatencyMode::BusyPoll`].
+    pub latency_busy: Option<LatencySample>,
     pub agents: Vec<AgentReport>,
     /// Per host: the agent's XDP attachment and datapath counters after the tests.
     pub xhost_status: BTreeMap<String, serde_json::Value>,
@@ -210,6 +263,8 @@ pub struct Plan {
     pub duration_s: u32,
     pub scenarios: Vec<&'static str>,
     pub quick: bool,
+    /// Longest wait for the machine to go quiet before each scenario, seconds.
+    pub max_wait_s: u64,
 }
 
 /// Set by SIGINT/SIGTERM; checked between steps so teardown runs through the guards.
@@ -227,21 +282,33 @@ fn interrupted() -> bool {
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let scenarios = select(&opts.scenarios)?;
     if opts.list {
-        for s in &scenarios {
-            println!("{:<16} {}", s.name, s.about);
+        for s in all_scenarios() {
+            let mark = if s.default { "" } else { " [not default]" };
+            println!("{:<17} {}{mark}", s.name, s.about);
         }
         return Ok(());
     }
-    let Some(xhost_user) = &opts.xhost_user else {
+    let out_dir = match &opts.out {
+        Some(d) => d.clone(),
+        None => workspace::target_dir()?.join("bench"),
+    };
+    let Some(given) = &opts.xhost_user else {
         let built = build::run(&build::Options {
             release: true,
             no_setup: opts.no_setup,
         })?;
-        return reexec(&built.xhost_user);
+        return reexec(&freeze(&built.xhost_user, &out_dir)?);
     };
-    let xhost_user = xhost_user
+    let given = given
         .canonicalize()
-        .with_context(|| format!("xhost-user binary {}", xhost_user.display()))?;
+        .with_context(|| format!("xhost-user binary {}", given.display()))?;
+    // Measure a private copy: others rebuilding target/release/xhost-user during a
+    // 10-minute bench must not change the binary under test halfway.
+    let frozen = out_dir.join("xhost-user");
+    if given != frozen.canonicalize().unwrap_or_default() {
+        return reexec(&freeze(&given, &out_dir)?);
+    }
+    let xhost_user = given;
     // Agent::start finds xhost-user through this variable; it is set by re-executing
     // rather than with set_var, which is unsound once threads exist.
     if !workspace::is_root()
@@ -253,14 +320,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         reps: opts.reps.unwrap_or(if opts.quick { 1 } else { 5 }).max(1),
         duration_s: opts
             .duration
-            .unwrap_or(if opts.quick { 2 } else { 5 })
+            .unwrap_or(if opts.quick { 2 } else { 4 })
             .max(1),
         scenarios: scenarios.iter().map(|s| s.name).collect(),
         quick: opts.quick,
-    };
-    let out_dir = match &opts.out {
-        Some(d) => d.clone(),
-        None => workspace::target_dir()?.join("bench"),
+        max_wait_s: opts.max_wait.unwrap_or(if opts.quick { 1 } else { 10 }),
     };
     preflight()?;
     install_signal_handlers()?;
@@ -309,8 +373,28 @@ fn select(filter: &[String]) -> anyhow::Result<Vec<Scenario>> {
     }
     Ok(all
         .into_iter()
-        .filter(|s| filter.is_empty() || filter.iter().any(|f| f == s.name))
+        .filter(|s| {
+            if filter.is_empty() {
+                s.default
+            } else {
+                filter.iter().any(|f| f == s.name)
+            }
+        })
         .collect())
+}
+
+/// Copies `bin` to `<out_dir>/xhost-user` (through a temporary name and a rename, so an
+/// agent of an earlier run still executing the old file is no obstacle) and returns the
+/// copy's path.
+fn freeze(bin: &Path, out_dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let dest = out_dir.join("xhost-user");
+    let tmp = out_dir.join(format!(".xhost-user.{}", std::process::id()));
+    std::fs::copy(bin, &tmp)
+        .with_context(|| format!("copying {} to {}", bin.display(), tmp.display()))?;
+    std::fs::rename(&tmp, &dest).with_context(|| format!("renaming to {}", dest.display()))?;
+    dest.canonicalize()
+        .with_context(|| format!("resolving {}", dest.display()))
 }
 
 /// Re-runs this command as root with `--xhost-user BIN`, `$XHOST_USER_BIN` and a quiet
@@ -451,14 +535,20 @@ fn run_one(s: &Scenario, rep: u32, plan: &Plan) -> Run {
     run
 }
 
+/// Busy fraction above which a run counts as measured under outside load.
+const LOADED: f64 = 0.5;
+
 /// The tests of one scenario, each bounded; a failed test is recorded and the others run.
 fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
     let (client, server, ip, secs) = (bed.client(), bed.server(), bed.server_ip(), plan.duration_s);
-    // Let the previous scenario's teardown (the kernel frees namespaces in a worker) finish.
-    let max_wait = Duration::from_secs(if plan.quick { 2 } else { 5 });
+    // Let the previous scenario's teardown (the kernel frees namespaces in a worker) and
+    // whatever else runs on the machine settle first; say so when it did not.
+    let max_wait = Duration::from_secs(plan.max_wait_s);
     run.busy_before = scenarios::wait_quiet(0.15, max_wait).unwrap_or(f64::NAN);
+    run.loaded = run.busy_before > LOADED;
+    let cpus = Cpus::split();
     if s.tcp && !interrupted() {
-        match scenarios::iperf3_tcp(client, server, ip, secs) {
+        match scenarios::iperf3_tcp(client, server, ip, secs, cpus) {
             Ok(t) => {
                 run.values.insert(Metric::TcpGbps, t.bits_per_second / 1e9);
                 run.tcp = Some(t);
@@ -468,7 +558,7 @@ fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
     }
     if !interrupted() {
         let before = CpuTicks::read();
-        let udp = scenarios::iperf3_udp(client, server, ip, secs);
+        let udp = scenarios::iperf3_udp(client, server, ip, secs, cpus);
         let cpu = before.and_then(|b| CpuTicks::read().map(|a| a.since(&b)));
         match udp {
             Ok(u) => {
@@ -487,14 +577,28 @@ fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
             Err(e) => run.errors.push(format!("udp: {e}")),
         }
     }
-    if !interrupted() {
-        match scenarios::sockperf_ping_pong(client, server, ip, secs) {
-            Ok(l) => {
+    // --quick keeps to the latency the targets use, to stay well under two minutes.
+    let modes: &[LatencyMode] = if plan.quick {
+        &[LatencyMode::Pinned]
+    } else {
+        &[LatencyMode::Pinned, LatencyMode::BusyPoll]
+    };
+    for &mode in modes {
+        if interrupted() {
+            break;
+        }
+        match scenarios::sockperf_ping_pong(client, server, ip, secs, mode) {
+            Ok(l) if mode == LatencyMode::Pinned => {
                 run.values.insert(Metric::LatMeanUs, l.mean_us);
                 run.values.insert(Metric::LatP99Us, l.p99_us);
                 run.latency = Some(l);
             }
-            Err(e) => run.errors.push(format!("latency: {e}")),
+            Ok(l) => {
+                run.values.insert(Metric::BusyP50Us, l.p50_us);
+                run.values.insert(Metric::BusyMeanUs, l.mean_us);
+                run.latency_busy = Some(l);
+            }
+            Err(e) => run.errors.push(format!("latency ({mode:?}): {e}")),
         }
     }
 }

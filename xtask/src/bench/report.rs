@@ -7,7 +7,8 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use super::{
-    IPTABLES, Metric, Plan, Run, Scenario, VXLAN, WIRE, XHOST, XHOST_1K, XHOST_100K, XHOST_XDP_OFF,
+    IPTABLES, Metric, Plan, Run, Scenario, VXLAN, WIRE, XHOST, XHOST_1K, XHOST_100K,
+    XHOST_XDP_NATIVE, XHOST_XDP_OFF,
 };
 
 /// Median of the values (mean of the middle two for an even count); `None` when empty.
@@ -69,6 +70,8 @@ pub struct Machine {
     pub iperf3: Option<String>,
     pub sockperf: Option<String>,
     pub xhost_user: String,
+    pub xhost_user_sha256: Option<String>,
+    /// `git describe --always --dirty` of the workspace at the end of the run.
     pub git: Option<String>,
 }
 
@@ -98,16 +101,17 @@ pub struct ScenarioInfo {
     pub about: String,
 }
 
-const CPU_METHOD: &str = "/proc/stat ticks (USER_HZ=100, whole machine) over the UDP test divided by delivered packets: cpu = user+nice+system+irq+softirq, softirq alone; perf has no hardware counters in this VM";
-const LATENCY_METHOD: &str = "sockperf ping-pong, UDP, 64-byte messages, --nonblocked --timeout 0 on both ends; sockperf reports latency as RTT/2";
+const CPU_METHOD: &str = "/proc/stat ticks (USER_HZ=100, whole machine, tick-sampled) over the UDP test divided by delivered packets: softirq alone (table) and user+nice+system+irq+softirq (JSON cpu_ns_per_pkt); perf has no hardware counters in this VM";
+const LATENCY_METHOD: &str = "sockperf ping-pong, UDP, 64-byte messages, latency = RTT/2 as sockperf reports it. lat mean/p99: blocking sockets, client and server pinned to the same CPU (stable here; used for the targets). busy-poll: --nonblocked --timeout 0 on both ends, client and server on different CPUs; its p50 is shown because its mean is bimodal on 2 vCPUs (a busy loop starves ksoftirqd until the next tick, ~4 ms)";
 
 /// The comparisons reported, as (x, base); those whose scenarios did not run are skipped.
-const COMPARISONS: [(&str, &str); 10] = [
+const COMPARISONS: [(&str, &str); 11] = [
     (XHOST, WIRE),
     (XHOST, IPTABLES),
     (XHOST, VXLAN),
+    (XHOST_XDP_NATIVE, XHOST),
     (XHOST_XDP_OFF, XHOST),
-    (XHOST_XDP_OFF, WIRE),
+    (XHOST_XDP_NATIVE, WIRE),
     (IPTABLES, WIRE),
     (VXLAN, WIRE),
     (XHOST_1K, XHOST),
@@ -176,6 +180,7 @@ impl Results {
                 duration_s: plan.duration_s,
                 scenarios: plan.scenarios.clone(),
                 quick: plan.quick,
+                max_wait_s: plan.max_wait_s,
             },
             machine: machine(xhost_user),
             cpu_method: CPU_METHOD,
@@ -245,21 +250,28 @@ impl Results {
         let reps = self.plan.reps;
         // Absolute values.
         let mut header = vec!["scenario".to_owned()];
-        header.extend(Metric::ALL.iter().map(|m| m.label().to_owned()));
+        header.extend(Metric::TABLE.iter().map(|m| m.label().to_owned()));
         header.push("ok reps".into());
         let mut rows = Vec::new();
         for s in &self.scenarios {
             let m = self.medians.get(&s.name);
             let mut row = vec![s.name.clone()];
-            for metric in Metric::ALL {
+            for metric in Metric::TABLE {
                 row.push(fmt_value(m.and_then(|m| m.get(&metric)).copied(), metric));
             }
-            let ok = self
-                .runs
-                .iter()
-                .filter(|r| r.scenario == s.name && r.errors.is_empty())
-                .count();
-            row.push(format!("{ok}/{reps}"));
+            let of = |f: &dyn Fn(&Run) -> bool| {
+                self.runs
+                    .iter()
+                    .filter(|r| r.scenario == s.name && f(r))
+                    .count()
+            };
+            let (ok, loaded) = (of(&|r| r.errors.is_empty()), of(&|r| r.loaded));
+            let loaded = if loaded > 0 {
+                format!(" ({loaded} loaded)")
+            } else {
+                String::new()
+            };
+            row.push(format!("{ok}/{reps}{loaded}"));
             rows.push(row);
         }
         section(
@@ -276,13 +288,13 @@ impl Results {
         // Spread: how much the repetitions disagree.
         if reps > 1 {
             let mut header = vec!["scenario".to_owned()];
-            header.extend(Metric::ALL.iter().map(|m| m.label().to_owned()));
+            header.extend(Metric::TABLE.iter().map(|m| m.label().to_owned()));
             let rows: Vec<Vec<String>> = self
                 .scenarios
                 .iter()
                 .map(|s| {
                     let mut row = vec![s.name.clone()];
-                    for metric in Metric::ALL {
+                    for metric in Metric::TABLE {
                         let vals: Vec<f64> = self
                             .runs
                             .iter()
@@ -307,13 +319,7 @@ impl Results {
         }
 
         // Ratios.
-        let metrics = [
-            Metric::TcpGbps,
-            Metric::UdpKpps,
-            Metric::LatMeanUs,
-            Metric::LatP99Us,
-            Metric::CpuNsPerPkt,
-        ];
+        let metrics = Metric::TABLE;
         let mut header = vec!["x / base".to_owned()];
         header.extend(metrics.iter().map(|m| {
             let dir = if m.higher_is_better() { "^" } else { "v" };
@@ -428,8 +434,28 @@ impl Results {
         let _ = writeln!(out, "Latency: {}", self.latency_method);
         let _ = writeln!(
             out,
-            "UDP: iperf3 -u -l 64 -b 0 (one sender thread); pps = receiver's (packets - lost) / seconds"
+            "TCP/UDP: iperf3 client on CPU 0, server on CPU 1; UDP -u -l 64 -b 0 (one sender thread), pps = receiver's (packets - lost) / seconds"
         );
+        let loaded: Vec<String> = self
+            .runs
+            .iter()
+            .filter(|r| r.loaded)
+            .map(|r| {
+                format!(
+                    "rep {} {} ({:.0}% busy)",
+                    r.rep,
+                    r.scenario,
+                    r.busy_before * 100.0
+                )
+            })
+            .collect();
+        if !loaded.is_empty() {
+            let _ = writeln!(
+                out,
+                "Measured while the machine was busy with other work: {}",
+                loaded.join(", ")
+            );
+        }
         let failed: Vec<&Run> = self.runs.iter().filter(|r| !r.errors.is_empty()).collect();
         if !failed.is_empty() {
             let _ = writeln!(out, "\nErrors:");
@@ -473,11 +499,12 @@ impl Results {
     /// Grouped bars: per scenario, each metric as a ratio to the wire (latency as wire/x so
     /// higher is better everywhere), with a reference line at 1.0.
     pub fn svg(&self) -> String {
-        let metrics: [(Metric, &str, &str, bool); 4] = [
+        let metrics: [(Metric, &str, &str, bool); 5] = [
             (Metric::TcpGbps, "TCP throughput", "#4e79a7", false),
             (Metric::UdpKpps, "UDP 64B pps", "#f28e2b", false),
             (Metric::LatMeanUs, "latency mean (wire/x)", "#59a14f", true),
             (Metric::LatP99Us, "latency p99 (wire/x)", "#b07aa1", true),
+            (Metric::BusyP50Us, "busy-poll p50 (wire/x)", "#76b7b2", true),
         ];
         let groups: Vec<&ScenarioInfo> = self
             .scenarios
@@ -578,7 +605,7 @@ impl Results {
         // Legend.
         let ly = plot_top + plot_h + 40.0;
         for (i, (_, name, colour, _)) in metrics.iter().enumerate() {
-            let lx = left + i as f64 * 160.0;
+            let lx = 10.0 + i as f64 * 155.0;
             let _ = writeln!(
                 s,
                 r#"<rect x="{lx:.0}" y="{:.0}" width="12" height="12" fill="{colour}"/><text x="{:.0}" y="{:.0}">{name}</text>"#,
@@ -627,7 +654,14 @@ fn ratio(runs: &[Run], x: &str, base: &str, metric: Metric, invert: bool) -> Opt
 fn fmt_value(v: Option<f64>, metric: Metric) -> String {
     match (v, metric) {
         (None, _) => "-".into(),
-        (Some(v), Metric::TcpGbps | Metric::LatMeanUs | Metric::LatP99Us) => format!("{v:.2}"),
+        (
+            Some(v),
+            Metric::TcpGbps
+            | Metric::LatMeanUs
+            | Metric::LatP99Us
+            | Metric::BusyP50Us
+            | Metric::BusyMeanUs,
+        ) => format!("{v:.2}"),
         (Some(v), _) => format!("{v:.0}"),
     }
 }
@@ -701,6 +735,7 @@ pub fn summary(run: &Run) -> String {
         (Metric::UdpKpps, "kpps"),
         (Metric::LatMeanUs, "us mean"),
         (Metric::LatP99Us, "us p99"),
+        (Metric::BusyP50Us, "us busy p50"),
     ] {
         if let Some(v) = run.values.get(&metric) {
             parts.push(format!("{v:.2} {unit}"));
@@ -718,6 +753,12 @@ pub fn summary(run: &Run) -> String {
         if let Some(xdp) = st.get("xdp").filter(|x| !x.is_null()) {
             parts.push(format!("{host} xdp {xdp}"));
         }
+    }
+    if run.loaded {
+        parts.push(format!(
+            "LOADED ({:.0}% busy before)",
+            run.busy_before * 100.0
+        ));
     }
     if !run.errors.is_empty() {
         parts.push(format!(
@@ -764,6 +805,17 @@ fn machine(xhost_user: &Path) -> Machine {
         iperf3: xhost_tests::scenarios::tool_version("iperf3"),
         sockperf: xhost_tests::scenarios::tool_version("sockperf"),
         xhost_user: xhost_user.display().to_string(),
+        xhost_user_sha256: Command::new("sha256sum")
+            .arg(xhost_user)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .next()
+                    .map(str::to_owned)
+            }),
         git,
     }
 }
@@ -854,6 +906,7 @@ mod tests {
             duration_s: 1,
             scenarios: vec![WIRE, XHOST],
             quick: true,
+            max_wait_s: 1,
         };
         let scenarios: Vec<Scenario> = super::super::all_scenarios()
             .into_iter()
