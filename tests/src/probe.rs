@@ -224,11 +224,21 @@ fn parse_report<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T> {
         })
 }
 
-/// Locates the `xh-probe` binary: `$XH_PROBE_BIN`, else next to the running executable or
-/// one directory up (test binaries live in `target/<profile>/deps/`, bins in
-/// `target/<profile>/`; cargo builds a package's bins before its integration tests).
+/// Locates the `xh-probe` binary: `$XH_PROBE_BIN`, else next to the running executable.
 pub fn probe_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os(PROBE_BIN_ENV) {
+    workspace_bin(
+        "xh-probe",
+        PROBE_BIN_ENV,
+        "cargo build -p xhost-tests --bin xh-probe",
+    )
+}
+
+/// Locates a workspace binary: `$env` if set, else next to the running
+/// executable or one directory up (test binaries live in
+/// `target/<profile>/deps/`, bins in `target/<profile>/`). `build` says how
+/// to make it when it is missing.
+pub fn workspace_bin(name: &str, env: &str, build: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().map_err(|source| Error::Io {
@@ -238,12 +248,11 @@ pub fn probe_bin() -> Result<PathBuf> {
     exe.ancestors()
         .skip(1)
         .take(2)
-        .map(|dir| dir.join("xh-probe"))
+        .map(|dir| dir.join(name))
         .find(|p| p.is_file())
         .ok_or_else(|| {
             Error::Config(format!(
-                "xh-probe not found near {} (build it: cargo build -p xhost-tests --bin xh-probe, \
-                 or set {PROBE_BIN_ENV})",
+                "{name} not found near {} (build it: {build}, or set {env})",
                 exe.display()
             ))
         })

@@ -3,10 +3,11 @@
 //! nothing behind.
 
 use std::{
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Output,
     sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use nix::sys::signal::Signal;
@@ -19,24 +20,11 @@ pub const XHOST_BIN_ENV: &str = "XHOST_USER_BIN";
 /// Locates `xhost-user`: `$XHOST_USER_BIN`, else in `target/<profile>/`
 /// beside the running test binary (`cargo xtask test` builds it first).
 pub fn xhost_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os(XHOST_BIN_ENV) {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().map_err(|source| Error::Io {
-        what: "locating the current executable".into(),
-        source,
-    })?;
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join("xhost-user"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            Error::Config(format!(
-                "xhost-user not found near {} (cargo build --release -p xhost-user, or set {XHOST_BIN_ENV})",
-                exe.display()
-            ))
-        })
+    crate::probe::workspace_bin(
+        "xhost-user",
+        XHOST_BIN_ENV,
+        "cargo build --release -p xhost-user",
+    )
 }
 
 /// Per-agent state locations, unique per process and agent.
@@ -93,6 +81,106 @@ pub fn xhost(ns: &NetNs, dirs: &AgentDirs, args: &[&str]) -> Result<Output> {
         })
 }
 
+/// `xhost-user status --json` of an instance, parsed.
+pub fn status(ns: &NetNs, dirs: &AgentDirs) -> Result<serde_json::Value> {
+    let out = xhost(ns, dirs, &["status", "--json"])?;
+    if !out.status.success() {
+        return Err(Error::Config(format!(
+            "xhost-user status failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|_| Error::Parse {
+        what: "xhost-user status --json",
+        input: String::from_utf8_lossy(&out.stdout).into_owned(),
+    })
+}
+
+/// Polls [`status`] every 20 ms until `pred` holds, for at most `timeout`; returns the
+/// matching status and how long it took. The timeout error shows the last status.
+pub fn wait_status(
+    ns: &NetNs,
+    dirs: &AgentDirs,
+    what: &str,
+    timeout: Duration,
+    mut pred: impl FnMut(&serde_json::Value) -> bool,
+) -> Result<(serde_json::Value, Duration)> {
+    let t0 = Instant::now();
+    loop {
+        let last = status(ns, dirs);
+        if let Ok(s) = &last
+            && pred(s)
+        {
+            return Ok((last?, t0.elapsed()));
+        }
+        if t0.elapsed() > timeout {
+            return Err(Error::Timeout {
+                what: what.to_owned(),
+                after: timeout,
+                output: match last {
+                    Ok(s) => serde_json::to_string_pretty(&s).unwrap_or_default(),
+                    Err(e) => e.to_string(),
+                },
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Name of the pinned endpoint map (`xhost_common::MAP_ENDPOINTS`).
+const MAP_ENDPOINTS: &str = "ENDPOINTS";
+/// Size of its value (`xhost_common::Endpoint`: ifindex u32 first, host byte order).
+const ENDPOINT_SIZE: usize = 24;
+
+/// An instance's pinned `ENDPOINTS` map, read in-process: a lookup costs a few syscalls
+/// rather than a `status` process, so it can be polled every millisecond to time when an
+/// endpoint appears.
+pub struct EndpointMap {
+    map: aya::maps::HashMap<aya::maps::MapData, [u8; 4], [u8; ENDPOINT_SIZE]>,
+}
+
+impl EndpointMap {
+    pub fn open(dirs: &AgentDirs) -> Result<Self> {
+        let path = dirs.pin_dir.join(MAP_ENDPOINTS);
+        let err = |e: aya::maps::MapError| {
+            Error::Config(format!("opening pinned map {}: {e}", path.display()))
+        };
+        let data = aya::maps::MapData::from_pin(&path).map_err(err)?;
+        let map = aya::maps::Map::from_map_data(data).map_err(err)?;
+        Ok(Self {
+            map: map.try_into().map_err(err)?,
+        })
+    }
+
+    /// Container IP -> host veth ifindex, as the datapath sees them now.
+    pub fn read(&self) -> Result<std::collections::BTreeMap<Ipv4Addr, u32>> {
+        let mut out = std::collections::BTreeMap::new();
+        for item in self.map.iter() {
+            let (k, v) = item.map_err(|e| Error::Config(format!("reading ENDPOINTS: {e}")))?;
+            let ifindex = u32::from_ne_bytes([v[0], v[1], v[2], v[3]]);
+            out.insert(Ipv4Addr::from(k), ifindex);
+        }
+        Ok(out)
+    }
+}
+
+/// Resident memory of a process in KiB (`VmRSS` of `/proc/<pid>/status`).
+pub fn vm_rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        what: format!("reading {path}"),
+        source,
+    })?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| Error::Parse {
+            what: "VmRSS",
+            input: text.clone(),
+        })
+}
+
 /// A foreground `xhost-user load` in a host namespace.
 pub struct Agent {
     process: Process,
@@ -146,6 +234,11 @@ impl Agent {
 
     pub fn ns_path(&self) -> &Path {
         &self.ns_path
+    }
+
+    /// Whether the agent process is still running (not exited, not reaped).
+    pub fn running(&mut self) -> bool {
+        matches!(self.process.try_wait(), Ok(None))
     }
 }
 

@@ -121,21 +121,7 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     }
     // The peer host is the next hop: resolve the route to it, not to the
     // container prefix, which the kernel has no route for.
-    match fib::lookup(ctx, iif, src, peer_host) {
-        NextHop::Resolved {
-            ifindex,
-            smac,
-            dmac,
-        } => {
-            rewrite(&f, smac, dmac);
-            redirect(ifindex, stat::FWD_EGRESS)
-        }
-        NextHop::Unresolved { ifindex, nexthop } => {
-            decrement_ttl(f.ip);
-            forwarded(fib::redirect_neigh(ifindex, nexthop), stat::FWD_EGRESS)
-        }
-        NextHop::Kernel => Verdict::pass(stat::PASS_FIB),
-    }
+    route(&f, fib::lookup(ctx, iif, src, peer_host), stat::FWD_EGRESS)
 }
 
 /// Whether `src` is the endpoint attached behind `iif` and the frame is
@@ -187,20 +173,27 @@ fn try_ingress(ctx: &TcContext) -> Verdict {
     }
     // SAFETY: reading the ingress ifindex of the skb context.
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    match fib::lookup(ctx, iif, src, dst) {
+    route(&f, fib::lookup(ctx, iif, src, dst), stat::FWD_INGRESS)
+}
+
+/// Forwards the frame along the FIB's answer, counted under `reason`; no
+/// answer (no route, a local or broadcast address, forwarding off, MTU)
+/// leaves it to the kernel.
+#[inline(always)]
+fn route(f: &parse::Ipv4Frame, hop: NextHop, reason: u32) -> Verdict {
+    match hop {
         NextHop::Resolved {
             ifindex,
             smac,
             dmac,
         } => {
-            rewrite(&f, smac, dmac);
-            redirect(ifindex, stat::FWD_INGRESS)
+            rewrite(f, smac, dmac);
+            redirect(ifindex, reason)
         }
         NextHop::Unresolved { ifindex, nexthop } => {
             decrement_ttl(f.ip);
-            forwarded(fib::redirect_neigh(ifindex, nexthop), stat::FWD_INGRESS)
+            forwarded(fib::redirect_neigh(ifindex, nexthop), reason)
         }
-        // The gateway address, broadcast, ...: the kernel's.
         NextHop::Kernel => Verdict::pass(stat::PASS_FIB),
     }
 }

@@ -289,29 +289,45 @@ struct Case {
     counter: u32,
 }
 
-fn run_tc(ebpf: &mut Ebpf, prog: &str, iface: &str, cases: Vec<Case>) {
+/// Runs `prog` once on `frame` as if it arrived on `iface`: (verdict, frame out).
+fn tc_test_run(
+    ebpf: &mut Ebpf,
+    prog: &str,
+    iface: &str,
+    frame: &[u8],
+    name: &str,
+) -> (u32, Vec<u8>) {
     let ctx_in = skb_ctx(ifindex(iface));
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(prog)
+        .expect("prog")
+        .try_into()
+        .expect("tc");
+    let mut out = vec![0u8; frame.len() + 64];
+    let mut ctx_out = vec![0u8; 192];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    opts.ctx_in = Some(&ctx_in);
+    opts.ctx_out = Some(&mut ctx_out);
+    let res = p
+        .test_run(opts)
+        .unwrap_or_else(|e| panic!("{name}: test_run: {e}"));
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
+
+fn run_tc(ebpf: &mut Ebpf, prog: &str, iface: &str, cases: Vec<Case>) {
     for c in cases {
         let before = counters(ebpf);
-        let p: &mut SchedClassifier = ebpf
-            .program_mut(prog)
-            .expect("prog")
-            .try_into()
-            .expect("tc");
-        let mut out = vec![0u8; c.frame.len() + 64];
-        let mut ctx_out = vec![0u8; 192];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(&c.frame);
-        opts.data_out = Some(&mut out);
-        opts.ctx_in = Some(&ctx_in);
-        opts.ctx_out = Some(&mut ctx_out);
-        let res = p
-            .test_run(opts)
-            .unwrap_or_else(|e| panic!("{}: test_run: {e}", c.name));
-        assert_eq!(res.return_value, c.verdict, "{}: verdict", c.name);
-        out.truncate(res.data_size_out as usize);
-        let want = c.out.as_ref().unwrap_or(&c.frame);
-        assert_eq!(&out, want, "{}: output frame", c.name);
+        let (verdict, out) = tc_test_run(ebpf, prog, iface, &c.frame, c.name);
+        assert_eq!(verdict, c.verdict, "{}: verdict", c.name);
+        assert_eq!(
+            &out,
+            c.out.as_ref().unwrap_or(&c.frame),
+            "{}: output frame",
+            c.name
+        );
         assert_counter_moved(ebpf, &before, c.counter, c.frame.len(), c.name);
     }
 }
@@ -665,24 +681,8 @@ fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
         ];
         for (name, frame, iface, verdict, out_want) in cases {
             let before = counters(ebpf);
-            let ctx_in = skb_ctx(ifindex(iface));
-            let p: &mut SchedClassifier = ebpf
-                .program_mut(xhost_common::PROG_FROM_CTR)
-                .expect("prog")
-                .try_into()
-                .expect("tc");
-            let mut out = vec![0u8; frame.len() + 64];
-            let mut ctx_out = vec![0u8; 192];
-            let mut opts = TestRunOptions::new();
-            opts.data_in = Some(&frame);
-            opts.data_out = Some(&mut out);
-            opts.ctx_in = Some(&ctx_in);
-            opts.ctx_out = Some(&mut ctx_out);
-            let res = p
-                .test_run(opts)
-                .unwrap_or_else(|e| panic!("{name}: test_run: {e}"));
-            assert_eq!(res.return_value, verdict, "{name}: verdict");
-            out.truncate(res.data_size_out as usize);
+            let (got, out) = tc_test_run(ebpf, xhost_common::PROG_FROM_CTR, iface, &frame, name);
+            assert_eq!(got, verdict, "{name}: verdict");
             assert_eq!(
                 &out,
                 out_want.as_ref().unwrap_or(&frame),
