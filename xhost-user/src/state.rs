@@ -144,10 +144,14 @@ pub fn apply(
         }
     }
     for (index, name) in &want.ports {
-        if applied.ports.get(index) != Some(name) {
-            dp.attach_port(name)?;
-            applied.ports.insert(*index, name.clone());
+        match applied.ports.get(index) {
+            Some(old) if old == name => continue,
+            // The ifindex now names another veth: the old attachment is stale.
+            Some(old) => dp.detach_port(old),
+            None => {}
         }
+        dp.attach_port(name)?;
+        applied.ports.insert(*index, name.clone());
     }
     for (ip, ep) in &want.endpoints {
         if applied.endpoints.get(ip) != Some(ep) {
@@ -171,6 +175,18 @@ pub fn apply(
         dp.remove_endpoint(ip)?;
         applied.endpoints.remove(&ip);
         info!("endpoint {ip}: removed");
+    }
+    // Ports of containers that are gone: detach (and unpin) their program.
+    let gone: Vec<_> = applied
+        .ports
+        .keys()
+        .filter(|index| !want.ports.contains_key(index))
+        .copied()
+        .collect();
+    for index in gone {
+        if let Some(name) = applied.ports.remove(&index) {
+            dp.detach_port(&name);
+        }
     }
     let gone: Vec<_> = applied
         .locals
@@ -213,6 +229,9 @@ fn ifname(index: u32) -> Option<String> {
 /// its gateway) joined with its learned FDB (MAC -> port). Only veth ports
 /// qualify: `bpf_redirect_peer` delivers into a veth's peer.
 pub fn kernel_endpoints(bridges: &[(String, Vec<Ipv4Net>)]) -> std::io::Result<Vec<EndpointSpec>> {
+    if bridges.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut rtnl = Rtnl::open()?;
     let links = rtnl.links()?;
     let mut out = Vec::new();
