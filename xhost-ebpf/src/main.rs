@@ -106,18 +106,21 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
         return Verdict::pass(stat::PASS_NOT_OURS);
     };
     let peer_host = peer.host;
+    // SAFETY: reading the ingress ifindex of the skb context.
+    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // Only this host's containers are routed; anything else sourced behind
-    // the bridge is the kernel's business.
-    if LOCAL_NETS.get(&host_key(src)).is_none() {
+    // the bridge is the kernel's business. A veth's own endpoint is local
+    // by construction, which spares the LPM lookup on the fast path.
+    let local = if from_port {
+        sent_by_endpoint(&f, src, iif)
+    } else {
+        LOCAL_NETS.get(&host_key(src)).is_some()
+    };
+    if !local {
         return Verdict::pass(stat::PASS_NOT_OURS);
     }
     if ttl <= 1 {
         return Verdict::pass(stat::PASS_TTL);
-    }
-    // SAFETY: reading the ingress ifindex of the skb context.
-    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    if from_port && !sent_by_endpoint(&f, src, iif) {
-        return Verdict::pass(stat::PASS_NOT_OURS);
     }
     // The peer host is the next hop: resolve the route to it, not to the
     // container prefix, which the kernel has no route for.
@@ -146,7 +149,11 @@ fn try_ingress(ctx: &TcContext) -> Verdict {
     };
     // SAFETY: `f.ip` was bounds-checked by `parse`.
     let (src, dst, ttl) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr, (*f.ip).ttl) };
-    if LOCAL_NETS.get(&host_key(dst)).is_none() {
+    // A known endpoint is local; only unknown destinations need the LPM.
+    // SAFETY: HashMap::get hands out a reference the agent may overwrite
+    // concurrently; the value is copied out at once.
+    let endpoint = unsafe { ENDPOINTS.get(&dst) }.copied();
+    if endpoint.is_none() && LOCAL_NETS.get(&host_key(dst)).is_none() {
         return Verdict::pass(stat::PASS_NOT_OURS);
     }
     // Docker's isolation is bypassed here, so enforce it (see policy.rs).
@@ -162,9 +169,7 @@ fn try_ingress(ctx: &TcContext) -> Verdict {
     if ttl <= 1 {
         return Verdict::pass(stat::PASS_TTL);
     }
-    // SAFETY: HashMap::get hands out a reference the agent may overwrite
-    // concurrently; the value is copied out at once.
-    if let Some(ep) = unsafe { ENDPOINTS.get(&dst) }.copied() {
+    if let Some(ep) = endpoint {
         rewrite(&f, ep.gw_mac, ep.mac);
         // Straight into the container's netns: no bridge, no backlog.
         // SAFETY: plain helper call.
