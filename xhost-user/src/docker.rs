@@ -6,7 +6,7 @@
 //! full re-discovery is simply published as the next view.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::Ipv4Addr,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -111,6 +111,12 @@ impl DockerView {
         if self.networks.remove(id).is_some() {
             self.endpoints.retain(|_, e| e.network_id != id);
         }
+    }
+
+    /// Removes the container's endpoint on one network.
+    fn forget_endpoint(&mut self, container_id: &str, network_id: &str) {
+        self.endpoints
+            .retain(|_, e| e.container_id != container_id || e.network_id != network_id);
     }
 
     /// Makes `endpoints` the container's complete set: its other endpoints are removed, and
@@ -333,28 +339,42 @@ impl Session<'_> {
             let Some(first) = events.recv().await else {
                 return Err(DockerError::EventsEnded);
             };
-            // Apply whatever is already queued too, then publish once.
+            // Take whatever is already queued too.
             let mut batch = vec![first];
             while let Ok(more) = events.try_recv() {
                 batch.push(more);
             }
-            // Each object is re-read once per batch: a re-read sees its latest state, so
-            // repeats (start + connect of one container) add nothing.
-            let mut done = HashSet::new();
+            let mut changes = Vec::with_capacity(batch.len());
             for item in batch {
                 let ev = item.map_err(DockerError::Events)?;
-                let Some(change) = classify(&ev) else {
-                    continue;
-                };
-                debug!("Docker event: {change:?}");
-                if done.insert(change.clone()) {
-                    apply_change(&docker, &mut view, change).await?;
+                if let Some(change) = classify(&ev) {
+                    debug!("Docker event: {change:?}");
+                    changes.push(change);
                 }
             }
-            view.synced_at_unix_ms = unix_ms();
-            publish(self.tx, Some(view.clone()));
+            // The view is published after every change, not once per batch: a re-read
+            // waits for the engine, so under churn (`docker rm -f` of 100 containers) a
+            // batch takes seconds, and holding every change until its end delayed the maps
+            // by that much.
+            for change in coalesce(changes) {
+                apply_change(&docker, &mut view, change).await?;
+                view.synced_at_unix_ms = unix_ms();
+                publish(self.tx, Some(view.clone()));
+            }
         }
     }
+}
+
+/// The changes of one batch worth applying, in order: one that repeats its object's
+/// previous change in the batch adds nothing (a re-read sees the latest state; start +
+/// connect of one container need one inspect), any other is kept, so start, die, start
+/// still ends with a re-read.
+fn coalesce(changes: Vec<Change>) -> Vec<Change> {
+    let mut last: HashMap<String, Change> = HashMap::new();
+    changes
+        .into_iter()
+        .filter(|c| last.insert(c.object().to_owned(), c.clone()).as_ref() != Some(c))
+        .collect()
 }
 
 /// A bollard client for `host`, with the agent's request timeout.
@@ -409,12 +429,30 @@ fn unix_ms() -> u64 {
 /// What an event asks the watcher to re-read.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Change {
-    /// Re-inspect this container (started, stopped, removed, renamed, (dis)connected).
+    /// Re-inspect this container (started, renamed, (dis)connected).
     Container(String),
+    /// This container stopped or was removed: forget its endpoints without asking the engine
+    /// (an inspect would wait for the engine to finish cleaning it up).
+    ContainerGone(String),
+    /// This container left this network: forget that endpoint (no inspect, as above).
+    Disconnected { container: String, network: String },
     /// Inspect this new network.
     NetworkCreated(String),
     /// Forget this network and its endpoints.
     NetworkDestroyed(String),
+}
+
+impl Change {
+    /// The container or network the change is about.
+    fn object(&self) -> &str {
+        match self {
+            Self::Container(id)
+            | Self::ContainerGone(id)
+            | Self::Disconnected { container: id, .. }
+            | Self::NetworkCreated(id)
+            | Self::NetworkDestroyed(id) => id,
+        }
+    }
 }
 
 /// Maps an event to the re-read it needs; `None` for events that do not change the view.
@@ -423,17 +461,25 @@ fn classify(ev: &EventMessage) -> Option<Change> {
     let actor = ev.actor.as_ref()?;
     let id = actor.id.clone().filter(|id| !id.is_empty())?;
     match ev.typ {
-        Some(EventMessageTypeEnum::CONTAINER) => {
-            matches!(action, "start" | "die" | "destroy" | "rename")
-                .then_some(Change::Container(id))
-        }
+        Some(EventMessageTypeEnum::CONTAINER) => match action {
+            "start" | "rename" => Some(Change::Container(id)),
+            "die" | "destroy" => Some(Change::ContainerGone(id)),
+            _ => None,
+        },
         Some(EventMessageTypeEnum::NETWORK) => match action {
             "create" => Some(Change::NetworkCreated(id)),
             "destroy" => Some(Change::NetworkDestroyed(id)),
             // The container is an attribute; the actor is the network.
-            "connect" | "disconnect" => {
+            "connect" => {
                 let container = actor.attributes.as_ref()?.get("container")?;
                 Some(Change::Container(container.clone()))
+            }
+            "disconnect" => {
+                let container = actor.attributes.as_ref()?.get("container")?;
+                Some(Change::Disconnected {
+                    container: container.clone(),
+                    network: id,
+                })
             }
             _ => None,
         },
@@ -456,6 +502,8 @@ async fn apply_change(
             }
         }
         Change::Container(id) => refresh_container(docker, view, &id).await?,
+        Change::ContainerGone(id) => view.set_container(&id, Vec::new()),
+        Change::Disconnected { container, network } => view.forget_endpoint(&container, &network),
     }
     Ok(())
 }
@@ -1192,15 +1240,15 @@ mod tests {
                 "scope":"local","time":1795305028,"timeNano":1795305028123456789}"#,
         );
         assert_eq!(classify(&start), Some(Change::Container("abc".into())));
-        for action in ["die", "destroy", "rename"] {
+        for (action, change) in [
+            ("die", Change::ContainerGone("abc".into())),
+            ("destroy", Change::ContainerGone("abc".into())),
+            ("rename", Change::Container("abc".into())),
+        ] {
             let ev = event(&format!(
                 r#"{{"Type":"container","Action":"{action}","Actor":{{"ID":"abc"}}}}"#
             ));
-            assert_eq!(
-                classify(&ev),
-                Some(Change::Container("abc".into())),
-                "{action}"
-            );
+            assert_eq!(classify(&ev), Some(change), "{action}");
         }
         for action in [
             "create",
@@ -1222,7 +1270,13 @@ mod tests {
         let disconnect = event(
             r#"{"Type":"network","Action":"disconnect","Actor":{"ID":"net1","Attributes":{"container":"abc"}}}"#,
         );
-        assert_eq!(classify(&disconnect), Some(Change::Container("abc".into())));
+        assert_eq!(
+            classify(&disconnect),
+            Some(Change::Disconnected {
+                container: "abc".into(),
+                network: "net1".into()
+            })
+        );
         let no_container =
             event(r#"{"Type":"network","Action":"connect","Actor":{"ID":"net1","Attributes":{}}}"#);
         assert_eq!(classify(&no_container), None);
@@ -1242,6 +1296,47 @@ mod tests {
         assert_eq!(classify(&image), None);
         let no_actor = event(r#"{"Type":"container","Action":"start"}"#);
         assert_eq!(classify(&no_actor), None);
+    }
+
+    #[test]
+    fn batches_coalesce_repeats_only() {
+        let c = |id: &str| Change::Container(id.into());
+        let gone = |id: &str| Change::ContainerGone(id.into());
+        // start + connect of one container: one inspect; die + destroy: one removal.
+        assert_eq!(
+            coalesce(vec![c("a"), c("a"), gone("b"), gone("b")]),
+            [c("a"), gone("b")]
+        );
+        // A restart inside one batch still ends with a re-read.
+        assert_eq!(
+            coalesce(vec![c("a"), gone("a"), c("a")]),
+            [c("a"), gone("a"), c("a")]
+        );
+        let left = Change::Disconnected {
+            container: "a".into(),
+            network: "n".into(),
+        };
+        assert_eq!(coalesce(vec![c("a"), left.clone()]), [c("a"), left]);
+    }
+
+    #[test]
+    fn view_forgets_a_disconnected_endpoint_only() {
+        let ep = |cid: &str, net: &str, last: u8| DockerEndpoint {
+            container_id: cid.into(),
+            container_name: cid.into(),
+            network_id: net.into(),
+            ip: Ipv4Addr::new(10, 0, 0, last),
+            mac: [2, 0x42, 10, 0, 0, last],
+            host_ifindex: u32::from(last),
+        };
+        let mut v = DockerView::default();
+        v.set_container("a", vec![ep("a", "n1", 1), ep("a", "n2", 2)]);
+        v.set_container("b", vec![ep("b", "n1", 3)]);
+        v.forget_endpoint("a", "n1");
+        assert_eq!(
+            v.endpoints.keys().copied().collect::<Vec<_>>(),
+            [Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3)]
+        );
     }
 
     #[test]
