@@ -6,15 +6,17 @@
 //! resolves names: the only image is [`BUSYBOX_IMAGE`], imported from the local busybox.
 
 use std::{
+    collections::BTreeMap,
     ffi::OsStr,
     fs::{self, File, OpenOptions},
     io::{Read as _, Write as _},
+    net::Ipv4Addr,
     os::unix::{fs::PermissionsExt as _, net::UnixStream, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use nix::{
@@ -26,7 +28,10 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{Error, NETNS_DIR, Result, cmd};
+use crate::{
+    Error, NETNS_DIR, PingStats, Process, Result, TransferOpts, cmd,
+    probe::{RecvReport, SendReport, Transfer},
+};
 
 /// The image every test container runs: a busybox rootfs imported without a registry.
 pub const BUSYBOX_IMAGE: &str = "xhost-test/busybox:latest";
@@ -70,6 +75,16 @@ impl Engine {
     /// "192.168.110.1/24", docker0's address) and waits until it answers `/_ping`.
     /// Uses overlay2, falling back to vfs if the daemon does not come up with overlay2.
     pub fn start_in_netns(netns_name: &str, bip: &str) -> Result<Self> {
+        let mut engine = Self::prepare_in_netns(netns_name, bip)?;
+        // On error `engine` drops here and cleans up what was started.
+        engine.boot()?;
+        Ok(engine)
+    }
+
+    /// Like [`Engine::start_in_netns`] without starting the daemon: its directory, socket
+    /// path and config exist, so clients can be pointed at an engine that is not up yet.
+    /// Start it with [`Engine::boot`].
+    pub fn prepare_in_netns(netns_name: &str, bip: &str) -> Result<Self> {
         let ns_path = Path::new(NETNS_DIR).join(netns_name);
         if !ns_path.exists() {
             return Err(Error::Config(format!(
@@ -81,7 +96,7 @@ impl Engine {
         cmd::require_tool("nsenter", "util-linux")?;
         cmd::require_tool("setsid", "util-linux")?;
         let dir = make_dir()?;
-        let mut engine = Self {
+        let engine = Self {
             netns: netns_name.to_owned(),
             bip: bip.to_owned(),
             dir,
@@ -93,13 +108,18 @@ impl Engine {
         // and CLI config (no credential helpers, no contexts).
         fs::write(engine.dir.join("daemon.json"), "{}\n").map_err(io("writing daemon.json"))?;
         fs::create_dir_all(engine.dir.join("cli")).map_err(io("creating the CLI config dir"))?;
-        // On error `engine` drops here and cleans up what was started.
-        if let Err(first) = engine.start() {
-            eprintln!("xhost-tests: dockerd with overlay2 failed, retrying with vfs: {first}");
-            engine.storage_driver = "vfs";
-            engine.start()?;
-        }
         Ok(engine)
+    }
+
+    /// First start of a prepared engine: overlay2, else vfs. Later starts use
+    /// [`Engine::start`], which keeps the storage driver that worked.
+    pub fn boot(&mut self) -> Result<()> {
+        if let Err(first) = self.start() {
+            eprintln!("xhost-tests: dockerd with overlay2 failed, retrying with vfs: {first}");
+            self.storage_driver = "vfs";
+            self.start()?;
+        }
+        Ok(())
     }
 
     /// The daemon's unix socket.
@@ -248,6 +268,178 @@ impl Engine {
     /// `docker inspect -f FORMAT TARGET`, trimmed.
     pub fn inspect(&self, target: &str, format: &str) -> Result<String> {
         self.docker_ok(&["inspect", "-f", format, target])
+    }
+
+    /// `docker run -d --pull=never --init OPTS... --name NAME busybox sleep 3600`, for options
+    /// [`Engine::run_container`] does not cover (`--restart=always`, ...); returns the id.
+    pub fn run_container_with(&self, opts: &[&str], name: &str) -> Result<String> {
+        let mut args = vec!["run", "-d", "--pull=never", "--init"];
+        args.extend_from_slice(opts);
+        args.extend(["--name", name, BUSYBOX_IMAGE, "sleep", "3600"]);
+        self.docker_ok(&args)
+    }
+
+    /// Pid of a running container's init process (`State.Pid`), in the root pid namespace.
+    pub fn container_pid(&self, container: &str) -> Result<u32> {
+        let pid = self.inspect(container, "{{.State.Pid}}")?;
+        match pid.parse::<u32>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(Error::Config(format!(
+                "container {container} is not running (State.Pid {pid:?})"
+            ))),
+        }
+    }
+
+    /// `nsenter --net=/proc/<pid>/ns/net -- args...` for a running container: a program
+    /// from the test machine, run in the container's network namespace only (its mount
+    /// namespace, the busybox rootfs, has no `ping` from iputils and no `xh-probe`).
+    pub fn in_container<S: AsRef<OsStr>>(&self, container: &str, args: &[S]) -> Result<Command> {
+        let pid = self.container_pid(container)?;
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/proc/{pid}/ns/net"))
+            .arg("--")
+            .args(args);
+        Ok(c)
+    }
+
+    /// `ping -c count` from a running container to `dst` (200 ms apart, 1 s for the last
+    /// reply), as [`crate::ping`] does for a namespace.
+    pub fn ping_from(&self, container: &str, dst: Ipv4Addr, count: u32) -> Result<PingStats> {
+        cmd::require_tool("ping", "iputils-ping")?;
+        let out = cmd::output(&mut self.in_container(
+            container,
+            &[
+                "ping",
+                "-n",
+                "-c",
+                &count.max(1).to_string(),
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                &dst.to_string(),
+            ],
+        )?)?;
+        Ok(crate::probe::parse_ping(&format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )))
+    }
+
+    /// A running container's endpoint on `network` as Docker and the kernel see it: IP and
+    /// MAC from `docker inspect`, the host-side veth from the container's interface with
+    /// that MAC (its `IFLA_LINK`, the `@ifN` of `ip link`), checked in the engine's
+    /// namespace to be that interface's peer.
+    pub fn container_endpoint(&self, container: &str, network: &str) -> Result<ContainerEndpoint> {
+        let fmt = format!(
+            "{{{{with index .NetworkSettings.Networks \"{network}\"}}}}{{{{.IPAddress}}}} {{{{.MacAddress}}}}{{{{end}}}}"
+        );
+        let out = self.inspect(container, &fmt)?;
+        let parse = || Error::Parse {
+            what: "container endpoint (IP MAC)",
+            input: out.clone(),
+        };
+        let (ip, mac) = out.split_once(' ').ok_or_else(parse)?;
+        let ip: Ipv4Addr = ip.parse().map_err(|_| parse())?;
+        let mac = mac.trim().to_ascii_lowercase();
+        let inner =
+            cmd::checked(&mut self.in_container(container, &["ip", "-j", "link", "show"])?)?;
+        let inner: serde_json::Value =
+            serde_json::from_slice(&inner.stdout).map_err(|_| Error::Parse {
+                what: "ip -j link (container)",
+                input: String::from_utf8_lossy(&inner.stdout).into_owned(),
+            })?;
+        let iface = inner
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["address"].as_str() == Some(mac.as_str()))
+            .ok_or_else(|| Error::Config(format!("{container}: no interface with MAC {mac}")))?;
+        let (Some(peer), Some(index)) = (iface["link_index"].as_u64(), iface["ifindex"].as_u64())
+        else {
+            return Err(Error::Config(format!("{container}: {iface} is no veth")));
+        };
+        let outer =
+            cmd::checked(Command::new("ip").args(["-n", &self.netns, "-j", "link", "show"]))?;
+        let outer: serde_json::Value =
+            serde_json::from_slice(&outer.stdout).map_err(|_| Error::Parse {
+                what: "ip -j link (host)",
+                input: String::from_utf8_lossy(&outer.stdout).into_owned(),
+            })?;
+        let host = outer
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["ifindex"].as_u64() == Some(peer))
+            .ok_or_else(|| {
+                Error::Config(format!("{container}: ifindex {peer} not in {}", self.netns))
+            })?;
+        if host["link_index"].as_u64() != Some(index) {
+            return Err(Error::Config(format!(
+                "{container}: host ifindex {peer} is not the peer of the container's {index}: {host}"
+            )));
+        }
+        Ok(ContainerEndpoint {
+            ip,
+            mac,
+            host_ifindex: u32::try_from(peer).map_err(|_| parse())?,
+            host_veth: host["ifname"].as_str().unwrap_or_default().to_owned(),
+            bridge: host["master"].as_str().unwrap_or_default().to_owned(),
+        })
+    }
+
+    /// `docker events --format '{{json .}}' --filter F...` running until the guard drops:
+    /// for runs producing more events than the daemon keeps (see [`Engine::events`]). Read
+    /// them with [`Event::parse_all`] on [`Process::output`].
+    /// Events from `since` on are included (replayed if the daemon still has them), so a
+    /// follower started just before an action does not miss it.
+    pub fn follow_events(&self, since: SystemTime, filters: &[&str]) -> Result<Process> {
+        let d = since.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let since = format!("{}.{:09}", d.as_secs(), d.subsec_nanos());
+        let mut args = vec!["events", "--since", &since, "--format", "{{json .}}"];
+        for f in filters {
+            args.extend(["--filter", f]);
+        }
+        Process::spawn(
+            &format!("docker events in {}", self.netns),
+            self.docker_command(&args),
+        )
+    }
+
+    /// The engine's events between `since` and `until` (both in the past or now), oldest
+    /// first, from `docker events --format '{{json .}}'`; `filters` as for `--filter`
+    /// (`type=container`, `event=start`, ...). The daemon keeps only its last 256 events,
+    /// in memory (a restart forgets them): follow longer runs with
+    /// [`Engine::follow_events`].
+    pub fn events(
+        &self,
+        since: SystemTime,
+        until: SystemTime,
+        filters: &[&str],
+    ) -> Result<Vec<Event>> {
+        let stamp = |t: SystemTime| {
+            let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+            format!("{}.{:09}", d.as_secs(), d.subsec_nanos())
+        };
+        let (since, until) = (stamp(since), stamp(until));
+        let mut args = vec![
+            "events",
+            "--since",
+            &since,
+            "--until",
+            &until,
+            "--format",
+            "{{json .}}",
+        ];
+        for f in filters {
+            args.extend(["--filter", f]);
+        }
+        let out = self.docker_ok(&args)?;
+        out.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(Event::parse)
+            .collect()
     }
 
     /// Stops the daemon (keeping its containers' state, so restart policies apply on the
@@ -417,6 +609,175 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// A container's interface on one network, see [`Engine::container_endpoint`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerEndpoint {
+    pub ip: Ipv4Addr,
+    /// Lower-case `aa:bb:...`, as `docker inspect` and `xhost-user status` print it.
+    pub mac: String,
+    /// ifindex of the host-side veth in the engine's namespace.
+    pub host_ifindex: u32,
+    pub host_veth: String,
+    /// The bridge the host-side veth is a port of (`docker0`, `br-<id12>`).
+    pub bridge: String,
+}
+
+/// One entry of `docker events`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `container`, `network`, ...
+    pub typ: String,
+    /// `start`, `die`, `create`, ...
+    pub action: String,
+    /// The actor: a container or network id.
+    pub id: String,
+    /// The actor's attributes (`name`, `container`, ...).
+    pub attributes: BTreeMap<String, String>,
+    /// When the engine logged the event (`timeNano`).
+    pub time: SystemTime,
+}
+
+impl Event {
+    /// Every event line of `docker events --format '{{json .}}'` output; other lines (a
+    /// guard's own messages) are skipped.
+    pub fn parse_all(text: &str) -> Vec<Self> {
+        text.lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| Self::parse(l).ok())
+            .collect()
+    }
+
+    /// One line of `docker events --format '{{json .}}'`.
+    pub fn parse(line: &str) -> Result<Self> {
+        let bad = || Error::Parse {
+            what: "docker event",
+            input: line.to_owned(),
+        };
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|_| bad())?;
+        let nanos = v["timeNano"].as_u64().ok_or_else(bad)?;
+        let text = |x: &serde_json::Value| x.as_str().unwrap_or_default().to_owned();
+        Ok(Self {
+            typ: text(&v["Type"]),
+            action: text(&v["Action"]),
+            id: text(&v["Actor"]["ID"]),
+            attributes: v["Actor"]["Attributes"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, x)| (k.clone(), text(x)))
+                .collect(),
+            time: UNIX_EPOCH + Duration::from_nanos(nanos),
+        })
+    }
+}
+
+/// Parses Docker's UTC timestamps (`State.StartedAt`, `State.FinishedAt`):
+/// `2024-05-01T12:34:56.123456789Z`, fraction optional.
+pub fn parse_docker_time(s: &str) -> Result<SystemTime> {
+    let bad = || Error::Parse {
+        what: "Docker timestamp",
+        input: s.to_owned(),
+    };
+    let rest = s.trim().strip_suffix('Z').ok_or_else(bad)?;
+    let (date, time) = rest.split_once('T').ok_or_else(bad)?;
+    let num = |x: &str| x.parse::<i64>().map_err(|_| bad());
+    let mut d = date.splitn(3, '-');
+    let (y, m, day) = (
+        num(d.next().ok_or_else(bad)?)?,
+        num(d.next().ok_or_else(bad)?)?,
+        num(d.next().ok_or_else(bad)?)?,
+    );
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.splitn(3, ':');
+    let (hh, mm, ss) = (
+        num(t.next().ok_or_else(bad)?)?,
+        num(t.next().ok_or_else(bad)?)?,
+        num(t.next().ok_or_else(bad)?)?,
+    );
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || frac.len() > 9 {
+        return Err(bad());
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).map_err(|_| bad())?;
+    let nanos = if frac.is_empty() {
+        0
+    } else {
+        let digits: u32 = frac.parse().map_err(|_| bad())?;
+        digits * 10u32.pow(9 - u32::try_from(frac.len()).map_err(|_| bad())?)
+    };
+    Ok(UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+/// Sends `opts.bytes` over TCP from container `from_ctr` of engine `from` to
+/// `to_ip:opts.port`, where a receiver runs in container `to_ctr` of engine `to`; both
+/// ends are `xh-probe` from the test machine in the containers' network namespaces (see
+/// [`Engine::in_container`]). The container counterpart of [`crate::tcp_transfer`].
+pub fn tcp_transfer(
+    from: (&Engine, &str),
+    to: (&Engine, &str),
+    to_ip: Ipv4Addr,
+    opts: &TransferOpts,
+) -> Result<Transfer> {
+    let bin = match &opts.probe {
+        Some(p) => p.clone(),
+        None => crate::probe::probe_bin()?,
+    };
+    let secs = opts.timeout.as_secs_f64().to_string();
+    let port = opts.port.to_string();
+    let recv = to.0.in_container(
+        to.1,
+        &[
+            bin.as_os_str(),
+            "tcp-recv".as_ref(),
+            "--port".as_ref(),
+            port.as_ref(),
+            "--timeout".as_ref(),
+            secs.as_ref(),
+        ],
+    )?;
+    let mut receiver = Process::spawn(&format!("xh-probe tcp-recv in {}", to.1), recv)?;
+    // Connecting before the listener exists would fail with a reset, not a timeout.
+    receiver.wait_for_line(|l| l.starts_with("listening"), Duration::from_secs(5))?;
+    let target = std::net::SocketAddr::from((to_ip, opts.port)).to_string();
+    let bytes = opts.bytes.to_string();
+    let sender = cmd::checked(&mut from.0.in_container(
+        from.1,
+        &[
+            bin.as_os_str(),
+            "tcp-send".as_ref(),
+            "--to".as_ref(),
+            target.as_ref(),
+            "--bytes".as_ref(),
+            bytes.as_ref(),
+            "--timeout".as_ref(),
+            secs.as_ref(),
+        ],
+    )?)?;
+    let sent: SendReport = json_report(&String::from_utf8_lossy(&sender.stdout))?;
+    let line = receiver.wait_for_line(|l| l.starts_with('{'), opts.timeout)?;
+    let received: RecvReport = json_report(&line)?;
+    receiver.wait_timeout(Duration::from_secs(2))?;
+    Ok(Transfer { sent, received })
+}
+
+/// The last JSON line of a probe's output.
+fn json_report<T: for<'de> serde::Deserialize<'de>>(text: &str) -> Result<T> {
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| Error::Parse {
+            what: "xh-probe report",
+            input: text.to_owned(),
+        })
 }
 
 /// Removes engine directories (`/tmp/xhd-{pid}-{n}`) left by runs whose process is gone,
@@ -608,6 +969,43 @@ mod tests {
         assert_eq!(unescape_mountinfo(r"/tmp/a\040b"), "/tmp/a b");
         assert_eq!(unescape_mountinfo("/tmp/plain"), "/tmp/plain");
         assert_eq!(unescape_mountinfo(r"/x\\"), r"/x\\");
+    }
+
+    #[test]
+    fn parses_docker_times() {
+        let t = parse_docker_time("2026-11-22T00:29:17.919080617Z").expect("parse");
+        let d = t.duration_since(UNIX_EPOCH).expect("after epoch");
+        // date -u -d 2026-11-22T00:29:17Z +%s
+        assert_eq!(d.as_secs(), 1_795_307_357);
+        assert_eq!(d.subsec_nanos(), 919_080_617);
+        let t = parse_docker_time("2000-02-29T23:59:59.5Z").expect("parse");
+        assert_eq!(
+            t.duration_since(UNIX_EPOCH).expect("epoch").as_millis(),
+            951_868_799_500
+        );
+        assert_eq!(
+            parse_docker_time("1970-01-01T00:00:00Z").expect("parse"),
+            UNIX_EPOCH
+        );
+        assert!(parse_docker_time("2026-13-01T00:00:00Z").is_err());
+        assert!(parse_docker_time("yesterday").is_err());
+    }
+
+    #[test]
+    fn parses_events() {
+        let e = Event::parse(
+            r#"{"status":"start","id":"abc","from":"img","Type":"container","Action":"start","Actor":{"ID":"abc","Attributes":{"name":"c1"}},"scope":"local","time":1700000000,"timeNano":1700000000123456789}"#,
+        )
+        .expect("event");
+        assert_eq!(
+            (e.typ.as_str(), e.action.as_str(), e.id.as_str()),
+            ("container", "start", "abc")
+        );
+        assert_eq!(e.attributes["name"], "c1");
+        assert_eq!(
+            e.time.duration_since(UNIX_EPOCH).expect("epoch").as_nanos(),
+            1_700_000_000_123_456_789
+        );
     }
 
     #[test]

@@ -34,6 +34,13 @@ pub struct TopologyOpts {
     pub bridge: String,
     /// Name of each host's underlay interface.
     pub underlay_iface: String,
+    /// Build only the underlay: each host namespace gets its underlay interface, but no
+    /// bridge, containers, iptables rules or IPv4 forwarding, for a real engine
+    /// ([`crate::docker_engine::Engine`]) to create `docker0` (with `--bip` set to
+    /// [`Host::bip`]), its rules and its containers itself. `containers_per_host`,
+    /// `docker_iptables` and `mtu` of the bridge side are then unused, and
+    /// [`Topology::ctr_a`] / [`Topology::ctr_b`] must not be called.
+    pub underlay_only: bool,
 }
 
 /// Host number of the first container in its subnet (Docker would start at .2; .11 keeps
@@ -59,6 +66,7 @@ impl Default for TopologyOpts {
             mtu: 1500,
             bridge: "docker0".into(),
             underlay_iface: "ens33".into(),
+            underlay_only: false,
         }
     }
 }
@@ -163,7 +171,7 @@ impl Topology {
     /// the error names the command that failed.
     pub fn two_hosts(opts: TopologyOpts) -> Result<Self> {
         opts.validate()?;
-        if opts.docker_iptables {
+        if opts.docker_iptables && !opts.underlay_only {
             // Fails early with an install hint rather than after half the setup.
             docker::iptables_backend()?;
         }
@@ -274,6 +282,27 @@ impl Host {
             .ok_or_else(|| Error::Config(format!("{} has no .1", h.subnet)))?;
         let (bridge, iface, mtu) = (&opts.bridge, &opts.underlay_iface, opts.mtu);
         let bridge_cidr = h.subnet.with_addr(bridge_ip);
+        if opts.underlay_only {
+            ns.ip_batch(&format!(
+                "link set lo up\n\
+                 addr add {} dev {iface}\n\
+                 link set {iface} up\n",
+                h.underlay
+            ))?;
+            // Forwarding stays off, as on a fresh host: dockerd turns it on and, because it
+            // did, sets the FORWARD policy to DROP (with forwarding already on it would
+            // leave ACCEPT, which is not what a Docker host looks like).
+            return Ok(Self {
+                containers: Vec::new(),
+                ns,
+                role,
+                subnet: h.subnet.network(),
+                bridge: bridge.clone(),
+                bridge_ip,
+                underlay: h.underlay,
+                underlay_iface: iface.clone(),
+            });
+        }
         ns.ip_batch(&format!(
             "link set lo up\n\
              addr add {} dev {iface}\n\
@@ -342,6 +371,12 @@ impl Host {
         self.bridge_ip
     }
 
+    /// The bridge's address with the subnet's prefix, e.g. `192.168.110.1/24`: dockerd's
+    /// `--bip` for this host.
+    pub fn bip(&self) -> String {
+        format!("{}/{}", self.bridge_ip, self.subnet.prefix())
+    }
+
     /// The underlay address, e.g. `172.16.91.131`.
     pub fn underlay_ip(&self) -> Ipv4Addr {
         self.underlay.addr()
@@ -363,8 +398,11 @@ impl Host {
     }
 
     fn first_container(&self) -> &Container {
-        // validate() guarantees containers_per_host >= 1 and build() created them all.
-        &self.containers[0]
+        // validate() guarantees containers_per_host >= 1 and build() created them all,
+        // unless the topology is underlay-only.
+        self.containers
+            .first()
+            .expect("an underlay-only topology has no simulated containers")
     }
 
     /// Lines of this host's half of [`Topology::ascii`].

@@ -1,0 +1,1508 @@
+//! The Docker-driven control plane against two real engines: each simulated host runs its
+//! own `dockerd` (own data root, exec root, socket, `--bip`) and an `xhost-user load` that
+//! learns its bridges, subnets and containers from that engine only (no `--bridge`); the
+//! peers come from a config file. Docker's own iptables rules are in place and nothing is
+//! routed by hand. Needs root, dockerd and busybox-static; run with `--test-threads=1`.
+//!
+//! ```text
+//!  a1 192.168.110.x (Docker's IPAM)                b1 192.168.220.x
+//!  [a3 192.168.111.11 on user network net2]          |
+//!     | veth                                         | veth
+//!  host-a netns                                   host-b netns
+//!    dockerd -H unix:///tmp/xhd-{pid}-{n}/...       dockerd (its own roots and socket)
+//!    docker0 192.168.110.1/24 (made by dockerd)     docker0 192.168.220.1/24
+//!    [br-<id12> 192.168.111.1/24: net2]
+//!    xhost-user load --iface ens33                  xhost-user load --iface ens33
+//!      --docker-host unix://<A's socket>              --docker-host unix://<B's socket>
+//!      --config: peer .132 = 192.168.220.0/24         --config: peer .131 = 192.168.110.0/24,
+//!                                                                         192.168.111.0/24
+//!    ens33 172.16.91.131/24 <======= veth =======> ens33 172.16.91.132/24
+//! ```
+//!
+//! Traffic runs inside the containers' network namespaces with the test machine's `ping`
+//! and `xh-probe` (`nsenter --net=/proc/<pid>/ns/net`); every engine, container, namespace,
+//! pin and temp file is removed by guards, also when a test fails (see
+//! `testbed_leaves_nothing_behind_even_when_a_test_panics`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    panic::{AssertUnwindSafe, catch_unwind},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use xhost_tests::{
+    NETNS_DIR, Process, Topology, TopologyOpts, TransferOpts,
+    docker_engine::{self, Engine, mounts_under, parse_docker_time, processes_mentioning},
+    pid_alive,
+    xhost::{Agent, EndpointMap, attached_programs, vm_rss_kib, wait_status, xhost},
+};
+
+/// A user network host A may create; host B's config routes it to A from the start.
+const NET2: &str = "192.168.111.0/24";
+/// Containers and maps follow Docker within this (the issue's bound).
+const FOLLOW_BOUND: Duration = Duration::from_secs(1);
+/// Generous bound for waits that are not themselves measured.
+const SETTLE: Duration = Duration::from_secs(10);
+
+fn require_docker() {
+    assert!(
+        xhost_tests::is_root(),
+        "these tests start dockerd and load eBPF programs: run as root (cargo xtask test)"
+    );
+    assert!(
+        Path::new("/usr/sbin/dockerd").exists(),
+        "dockerd missing: apt-get install docker.io busybox-static (scripts/setup.sh)"
+    );
+}
+
+/// A temp directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("xh-{}-{n}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).expect("write temp file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            eprintln!("cannot remove {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// Two underlay-only hosts, an engine per host (started or only prepared) and the agents.
+/// Fields drop in declaration order: agents (detach, unpin), engines (containers, daemon,
+/// directories), config files, then the namespaces.
+struct Testbed {
+    agents: [Option<Agent>; 2],
+    engines: [Engine; 2],
+    cfg: TempDir,
+    topo: Topology,
+}
+
+/// Everything a testbed created, to check after teardown that none of it is left.
+#[derive(Debug, Default)]
+struct Footprint {
+    netns: Vec<String>,
+    dirs: Vec<PathBuf>,
+    pids: Vec<(String, u32)>,
+}
+
+impl Testbed {
+    /// Builds the hosts and an engine in each; `boot[i]` starts host i's engine (and
+    /// imports busybox), else it is only prepared (its socket path exists, not the socket).
+    fn new(boot: [bool; 2]) -> Self {
+        require_docker();
+        if let Ok(gone) = xhost_tests::cleanup_stale() {
+            gone.iter()
+                .for_each(|n| eprintln!("removed stale netns {n}"));
+        }
+        for d in docker_engine::cleanup_stale() {
+            eprintln!("removed stale engine dir {}", d.display());
+        }
+        let t0 = Instant::now();
+        let topo = Topology::two_hosts(TopologyOpts {
+            underlay_only: true,
+            ..TopologyOpts::default()
+        })
+        .expect("build the underlay");
+        let prepare = |i: usize| {
+            let h = &topo.hosts()[i];
+            let mut e = Engine::prepare_in_netns(h.name(), &h.bip()).expect("prepare dockerd");
+            if boot[i] {
+                e.boot().expect("start dockerd");
+                e.import_busybox().expect("import busybox");
+            }
+            e
+        };
+        let engines = [prepare(0), prepare(1)];
+        let cfg = TempDir::new("e2e-cfg");
+        let (a, b) = (topo.host_a(), topo.host_b());
+        cfg.write(
+            "a.toml",
+            &format!(
+                "[[peer]]\nhost = \"{}\"\nsubnets = [\"{}\"]\n",
+                b.underlay_ip(),
+                b.subnet()
+            ),
+        );
+        cfg.write(
+            "b.toml",
+            &format!(
+                "[[peer]]\nhost = \"{}\"\nsubnets = [\"{}\", \"{NET2}\"]\n",
+                a.underlay_ip(),
+                a.subnet()
+            ),
+        );
+        eprintln!("testbed up in {:?}\n{}", t0.elapsed(), topo.ascii());
+        Self {
+            agents: [None, None],
+            engines,
+            cfg,
+            topo,
+        }
+    }
+
+    fn host(&self, i: usize) -> &xhost_tests::Host {
+        &self.topo.hosts()[i]
+    }
+
+    fn engine(&self, i: usize) -> &Engine {
+        &self.engines[i]
+    }
+
+    fn agent(&self, i: usize) -> &Agent {
+        self.agents[i].as_ref().expect("agent started")
+    }
+
+    fn config(&self, i: usize) -> PathBuf {
+        self.cfg.0.join(["a.toml", "b.toml"][i])
+    }
+
+    /// `xhost-user load --iface ens33 --docker-host <engine> --config <cfg>` on host i.
+    fn start_agent(&mut self, i: usize) {
+        let cfg = self.config(i);
+        self.start_agent_with(i, &cfg);
+    }
+
+    fn start_agent_with(&mut self, i: usize, config: &Path) {
+        let host = &self.topo.hosts()[i];
+        let docker = self.engines[i].host();
+        let config = config.display().to_string();
+        let args = [
+            "--iface",
+            host.underlay_iface(),
+            "--docker-host",
+            &docker,
+            "--config",
+            &config,
+        ];
+        let agent = Agent::start(host.ns(), host.role(), &args).expect("xhost-user load");
+        self.agents[i] = Some(agent);
+    }
+
+    fn status(&self, i: usize) -> Value {
+        xhost_tests::xhost::status(self.host(i).ns(), &self.agent(i).dirs).expect("status --json")
+    }
+
+    /// Polls host i's status until `pred` holds; panics with the last status after `timeout`.
+    #[track_caller]
+    fn wait(
+        &self,
+        i: usize,
+        what: &str,
+        timeout: Duration,
+        pred: impl FnMut(&Value) -> bool,
+    ) -> (Value, Duration) {
+        wait_status(self.host(i).ns(), &self.agent(i).dirs, what, timeout, pred)
+            .unwrap_or_else(|e| panic!("host {}: {e}", self.host(i).role()))
+    }
+
+    /// Waits until host i's agent is connected to its engine and serves docker0.
+    fn wait_docker(&self, i: usize) -> Value {
+        let subnet = self.host(i).subnet().to_string();
+        self.wait(i, "the agent to follow its engine", SETTLE, |s| {
+            connected(s) && local_subnets(s).contains(&subnet)
+        })
+        .0
+    }
+
+    fn footprint(&self) -> Footprint {
+        let mut fp = Footprint {
+            netns: vec![
+                self.host(0).name().to_owned(),
+                self.host(1).name().to_owned(),
+            ],
+            ..Footprint::default()
+        };
+        for e in &self.engines {
+            fp.dirs.push(e.dir().to_owned());
+            if let Some(pid) = e.pid() {
+                fp.pids.push(("dockerd".into(), pid));
+                let ids = e.docker_ok(&["ps", "-q"]).unwrap_or_default();
+                for id in ids.split_whitespace() {
+                    if let Ok(pid) = e.container_pid(id) {
+                        fp.pids.push((format!("container {id}"), pid));
+                    }
+                }
+            }
+            for pid in processes_mentioning(e.dir()) {
+                fp.pids
+                    .push((format!("process of {}", e.dir().display()), pid));
+            }
+        }
+        for a in self.agents.iter().flatten() {
+            fp.pids.push(("xhost-user".into(), a.pid()));
+            fp.dirs.push(a.dirs.pin_dir.clone());
+            fp.dirs.push(a.dirs.run_dir.clone());
+        }
+        fp.dirs.push(self.cfg.0.clone());
+        fp
+    }
+
+    /// Tears everything down and checks that nothing is left.
+    fn finish(self) {
+        let fp = self.footprint();
+        let t = Instant::now();
+        drop(self);
+        eprintln!("teardown took {:?}", t.elapsed());
+        fp.assert_gone();
+    }
+}
+
+impl Footprint {
+    #[track_caller]
+    fn assert_gone(&self) {
+        assert!(!self.netns.is_empty() && !self.pids.is_empty(), "{self:?}");
+        for n in &self.netns {
+            assert!(!Path::new(NETNS_DIR).join(n).exists(), "netns {n} left");
+        }
+        for d in &self.dirs {
+            assert!(!d.exists(), "{} left", d.display());
+            assert_eq!(mounts_under(d), Vec::<PathBuf>::new(), "mounts left");
+            assert_eq!(processes_mentioning(d), Vec::<u32>::new(), "processes left");
+        }
+        for (what, pid) in &self.pids {
+            assert!(!pid_alive(*pid), "{what} (pid {pid}) still running");
+        }
+    }
+}
+
+// --- Reading `xhost-user status --json` ---------------------------------------------------
+
+/// IP -> (MAC, ifindex) of the pinned ENDPOINTS map.
+fn endpoints(s: &Value) -> BTreeMap<Ipv4Addr, (String, u32)> {
+    s["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                e["ip"].as_str()?.parse().ok()?,
+                (
+                    e["mac"].as_str()?.to_owned(),
+                    u32::try_from(e["ifindex"].as_u64()?).ok()?,
+                ),
+            ))
+        })
+        .collect()
+}
+
+/// `iface@hook` of every pinned attachment.
+fn attached(s: &Value) -> Vec<String> {
+    s["attached"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            format!(
+                "{}@{}",
+                a["iface"].as_str().unwrap_or_default(),
+                a["hook"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// File names under the instance's `links/` pin directory (`iface@hook`).
+fn pinned_links(dirs: &xhost_tests::xhost::AgentDirs) -> Vec<String> {
+    std::fs::read_dir(dirs.pin_dir.join("links"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn local_subnets(s: &Value) -> Vec<String> {
+    s["local_subnets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| Some(l["prefix"].as_str()?.to_owned()))
+        .collect()
+}
+
+/// (prefix, peer) of the ROUTES map.
+fn routes(s: &Value) -> Vec<(String, String)> {
+    s["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            Some((
+                r["prefix"].as_str()?.to_owned(),
+                r["peer"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+fn connected(s: &Value) -> bool {
+    s["agent"]["docker"]["connected"] == true
+}
+
+fn counter(s: &Value, name: &str) -> u64 {
+    s["counters"][name]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name} in {s}"))
+}
+
+// --- Docker's side -------------------------------------------------------------------------
+
+/// IP -> (MAC, host veth ifindex) of every running container's endpoints, as Docker and
+/// the kernel see them; `None` while a container is between states.
+fn docker_state(engine: &Engine) -> Option<BTreeMap<Ipv4Addr, (String, u32)>> {
+    let mut out = BTreeMap::new();
+    for id in engine.docker_ok(&["ps", "-q"]).ok()?.split_whitespace() {
+        let nets = engine
+            .inspect(
+                id,
+                "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}",
+            )
+            .ok()?;
+        for net in nets.split_whitespace() {
+            let ep = engine.container_endpoint(id, net).ok()?;
+            out.insert(ep.ip, (ep.mac, ep.host_ifindex));
+        }
+    }
+    Some(out)
+}
+
+fn ip_of(engine: &Engine, container: &str, network: &str) -> Ipv4Addr {
+    engine
+        .container_endpoint(container, network)
+        .unwrap_or_else(|e| panic!("endpoint of {container} on {network}: {e}"))
+        .ip
+}
+
+/// A user network on host A with the subnet host B routes to A; returns its bridge.
+fn create_net2(engine: &Engine) -> String {
+    let id = engine
+        .docker_ok(&["network", "create", "--subnet", NET2, "net2"])
+        .expect("docker network create net2");
+    format!("br-{}", &id[..12])
+}
+
+#[track_caller]
+fn assert_ping(engine: &Engine, from: &str, to: Ipv4Addr, count: u32) {
+    let p = engine.ping_from(from, to, count).expect("ping");
+    assert!(p.all_received(), "ping {from} -> {to}: {p:?}");
+}
+
+/// 8 MiB over TCP from container `from` (address `from_ip`) to `to` at `to_ip`: intact, and
+/// the receiver sees the sender's container IP (no NAT on the path).
+#[track_caller]
+fn assert_transfer(
+    from: (&Engine, &str),
+    from_ip: Ipv4Addr,
+    to: (&Engine, &str),
+    to_ip: Ipv4Addr,
+    port: u16,
+) {
+    let opts = TransferOpts {
+        port,
+        bytes: 8 << 20,
+        ..TransferOpts::default()
+    };
+    let t = docker_engine::tcp_transfer(from, to, to_ip, &opts).expect("tcp transfer");
+    assert!(t.intact(), "payload corrupted {from_ip} -> {to_ip}: {t:?}");
+    assert_eq!(
+        t.source_ip(),
+        IpAddr::V4(from_ip),
+        "the receiver must see the sender's container IP"
+    );
+    eprintln!(
+        "tcp {from_ip} -> {to_ip}: {} MiB intact, {:.0} Mbit/s, receiver saw {}",
+        opts.bytes >> 20,
+        t.mbit_per_s(),
+        t.source_ip()
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Signed `a - b` in milliseconds.
+fn diff_ms(a: SystemTime, b: SystemTime) -> f64 {
+    match a.duration_since(b) {
+        Ok(d) => ms(d),
+        Err(e) => -ms(e.duration()),
+    }
+}
+
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// The value at quantile `q` (0..=1) of sorted samples (nearest rank).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// IP -> (when it (last) appeared in the map, when it then went away).
+type Sightings = BTreeMap<Ipv4Addr, (SystemTime, Option<SystemTime>)>;
+
+/// Records, on a thread polling the pinned ENDPOINTS map every millisecond, when each IP
+/// first appeared and when it was last seen going away.
+struct MapWatch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Sightings>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl MapWatch {
+    fn start(agent: &Agent) -> Self {
+        let map = EndpointMap::open(&agent.dirs).expect("open pinned ENDPOINTS");
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(BTreeMap::new()));
+        let (stop2, seen2) = (Arc::clone(&stop), Arc::clone(&seen));
+        let thread = thread::spawn(move || {
+            let mut present = BTreeSet::new();
+            while !stop2.load(Ordering::Relaxed) {
+                let now_map = map.read().unwrap_or_default();
+                let now = SystemTime::now();
+                let mut seen = seen2.lock().unwrap_or_else(PoisonError::into_inner);
+                for ip in now_map.keys() {
+                    if present.insert(*ip) {
+                        seen.insert(*ip, (now, None));
+                    }
+                }
+                present.retain(|ip| {
+                    let keep = now_map.contains_key(ip);
+                    if !keep && let Some(e) = seen.get_mut(ip) {
+                        e.1 = Some(now);
+                    }
+                    keep
+                });
+                drop(seen);
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        Self {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    /// When `ip` (last) appeared, waiting up to `timeout` for it.
+    fn appeared(&self, ip: Ipv4Addr, timeout: Duration) -> Option<SystemTime> {
+        let t0 = Instant::now();
+        loop {
+            if let Some((t, None)) = self.get(ip) {
+                return Some(t);
+            }
+            if t0.elapsed() > timeout {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// When `ip` went away, waiting up to `timeout`.
+    fn vanished(&self, ip: Ipv4Addr, timeout: Duration) -> Option<SystemTime> {
+        let t0 = Instant::now();
+        loop {
+            if let Some((_, Some(t))) = self.get(ip) {
+                return Some(t);
+            }
+            if t0.elapsed() > timeout {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn get(&self, ip: Ipv4Addr) -> Option<(SystemTime, Option<SystemTime>)> {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&ip)
+            .copied()
+    }
+}
+
+impl Drop for MapWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `ping -D` output: when each answered echo request was sent (reply time minus round
+/// trip: a request queued on an unresolved neighbour is answered seconds later), and the
+/// summary's count.
+#[derive(Debug, Default)]
+struct PingLog {
+    transmitted: u32,
+    replies: BTreeMap<u32, SystemTime>,
+}
+
+impl PingLog {
+    /// Parses `[1700000000.123456] 64 bytes from ...: icmp_seq=5 ttl=62 time=0.1 ms` lines
+    /// and `N packets transmitted, ...`.
+    fn parse(text: &str) -> Self {
+        let mut log = Self::default();
+        for line in text.lines() {
+            let field = |key: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .and_then(|s| s.parse::<f64>().ok())
+            };
+            if line.contains("bytes from")
+                && let Some(stamp) = line
+                    .strip_prefix('[')
+                    .and_then(|l| l.split_once(']'))
+                    .and_then(|(s, _)| s.parse::<f64>().ok())
+                && let Some(seq) = field("icmp_seq=")
+                && let Some(rtt_ms) = field("time=")
+            {
+                log.replies.insert(
+                    seq as u32,
+                    UNIX_EPOCH + Duration::from_secs_f64(stamp - rtt_ms / 1e3),
+                );
+            }
+            if let Some((n, _)) = line.split_once(" packets transmitted") {
+                log.transmitted = n.trim().parse().unwrap_or(0);
+            }
+        }
+        log
+    }
+
+    /// Estimated send time of every sequence number 1..=transmitted: known for answered
+    /// ones, interpolated between the nearest answered ones for the others (extrapolated at
+    /// `interval` at the ends).
+    fn send_times(&self, interval: f64) -> BTreeMap<u32, f64> {
+        let known: Vec<(u32, f64)> = self
+            .replies
+            .iter()
+            .map(|(s, t)| (*s, unix_secs(*t)))
+            .collect();
+        let mut out = BTreeMap::new();
+        if known.is_empty() {
+            return out;
+        }
+        for seq in 1..=self.transmitted {
+            let after = known.iter().position(|(s, _)| *s >= seq);
+            let t = match after {
+                Some(i) if known[i].0 == seq => known[i].1,
+                Some(0) => known[0].1 - f64::from(known[0].0 - seq) * interval,
+                Some(i) => {
+                    let ((s0, t0), (s1, t1)) = (known[i - 1], known[i]);
+                    t0 + (t1 - t0) * f64::from(seq - s0) / f64::from(s1 - s0)
+                }
+                None => {
+                    let (s, t) = known[known.len() - 1];
+                    t + f64::from(seq - s) * interval
+                }
+            };
+            out.insert(seq, t);
+        }
+        out
+    }
+}
+
+/// Starts `count` containers named `{prefix}{i}` on host 0's default bridge, `batch` at a
+/// time; returns when each `docker run` returned, by name.
+fn run_batches(
+    engine: &Engine,
+    prefix: &str,
+    count: usize,
+    batch: usize,
+) -> BTreeMap<String, SystemTime> {
+    let mut returned = BTreeMap::new();
+    let names: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
+    for chunk in names.chunks(batch) {
+        let children: Vec<(String, Child)> = chunk
+            .iter()
+            .map(|name| {
+                let mut c = engine.docker_command(&[
+                    "run",
+                    "-d",
+                    "--pull=never",
+                    "--init",
+                    "--name",
+                    name,
+                    docker_engine::BUSYBOX_IMAGE,
+                    "sleep",
+                    "3600",
+                ]);
+                c.stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                (name.clone(), c.spawn().expect("spawn docker run"))
+            })
+            .collect();
+        // Waited in order: a later one finishing first only makes its stamp late, never early.
+        for (name, child) in children {
+            let out = child.wait_with_output().expect("docker run");
+            let now = SystemTime::now();
+            assert!(
+                out.status.success(),
+                "docker run {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            returned.insert(name, now);
+        }
+    }
+    returned
+}
+
+// --- The tests -------------------------------------------------------------------------------
+
+/// Issue 3, test 1: containers on two real engines reach each other by container IP, both
+/// ways, with Docker's own rules in place and no route or rule added by hand; `status`
+/// shows what the agent learnt from Docker.
+#[test]
+fn containers_reach_each_other_by_ip_with_state_from_docker_only() {
+    let mut tb = Testbed::new([true, true]);
+    let (ea, eb) = (tb.engine(0), tb.engine(1));
+    ea.run_container("bridge", None, "a1").expect("run a1");
+    eb.run_container("bridge", None, "b1").expect("run b1");
+    let (ip_a, ip_b) = (ip_of(ea, "a1", "bridge"), ip_of(eb, "b1", "bridge"));
+    eprintln!("a1 = {ip_a}, b1 = {ip_b}");
+
+    // Docker's own host state: FORWARD policy DROP, isolation chains, MASQUERADE.
+    for i in 0..2 {
+        let ns = tb.host(i).ns();
+        let filter = ns.run(&["iptables", "-w", "-S", "FORWARD"]);
+        assert!(
+            filter.contains("-P FORWARD DROP") && filter.contains("DOCKER-ISOLATION-STAGE-1"),
+            "{filter}"
+        );
+        let nat = ns.run(&["iptables", "-w", "-t", "nat", "-S", "POSTROUTING"]);
+        assert!(
+            nat.contains(&format!(
+                "-s {} ! -o docker0 -j MASQUERADE",
+                tb.host(i).subnet()
+            )),
+            "{nat}"
+        );
+    }
+    // Out of the box the subnets do not reach each other.
+    assert!(
+        !ea.ping_from("a1", ip_b, 1).expect("ping").any_received(),
+        "a1 reached b1 before xhost was loaded"
+    );
+
+    tb.start_agent(0);
+    tb.start_agent(1);
+    let (ea, eb) = (tb.engine(0), tb.engine(1));
+    let want_a = ea.container_endpoint("a1", "bridge").expect("a1 endpoint");
+    let (sa, took) = tb.wait(0, "a1 in ENDPOINTS", SETTLE, |s| {
+        connected(s) && endpoints(s).contains_key(&ip_a)
+    });
+    eprintln!("host A: Docker state in the maps {took:?} after `ready`");
+    let sb = tb
+        .wait(1, "b1 in ENDPOINTS", SETTLE, |s| {
+            connected(s) && endpoints(s).contains_key(&ip_b)
+        })
+        .0;
+
+    // The endpoint is the container: its MAC and the host side of its veth.
+    assert_eq!(
+        endpoints(&sa),
+        BTreeMap::from([(ip_a, (want_a.mac.clone(), want_a.host_ifindex))]),
+        "host A endpoints vs docker inspect + ip link ({want_a:?})"
+    );
+    assert_eq!(want_a.bridge, "docker0");
+    assert_eq!(
+        endpoints(&sb),
+        docker_state(eb).expect("docker state of B"),
+        "host B endpoints"
+    );
+    for (s, host, peer) in [(&sa, tb.host(0), tb.host(1)), (&sb, tb.host(1), tb.host(0))] {
+        let att = attached(s);
+        for want in ["docker0@bridge-ingress", "ens33@underlay-ingress"] {
+            assert!(att.iter().any(|a| a == want), "{want} not in {att:?}");
+        }
+        assert!(local_subnets(s).contains(&host.subnet().to_string()), "{s}");
+        assert!(
+            routes(s).contains(&(peer.subnet().to_string(), peer.underlay_ip().to_string())),
+            "{s}"
+        );
+        let d = &s["agent"]["docker"];
+        assert_eq!(d["connected"], true, "{d}");
+        assert!(
+            d["engine_version"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("20.10")),
+            "{d}"
+        );
+        assert_eq!(d["api_version"], "1.41", "{d}");
+        let nets = d["networks"].as_array().expect("networks");
+        assert!(
+            nets.iter().any(|n| n["name"] == "bridge"
+                && n["bridge"] == "docker0"
+                && n["subnets"][0] == host.subnet().to_string()),
+            "{d}"
+        );
+        // ... and the kernel agrees.
+        let live = attached_programs(host.ns(), &["docker0", "ens33"]).expect("attachments");
+        assert!(
+            live.iter().any(|l| l == "docker0 tcx-ingress xhost_egress"),
+            "{live:?}"
+        );
+    }
+
+    let c0 = (tb.status(0), tb.status(1));
+    assert_ping(ea, "a1", ip_b, 5);
+    assert_ping(eb, "b1", ip_a, 5);
+    assert_transfer((ea, "a1"), ip_a, (eb, "b1"), ip_b, 45_301);
+    assert_transfer((eb, "b1"), ip_b, (ea, "a1"), ip_a, 45_302);
+    let c1 = (tb.status(0), tb.status(1));
+    for (before, after, host) in [(&c0.0, &c1.0, "A"), (&c0.1, &c1.1, "B")] {
+        for name in ["fwd_egress", "fwd_ingress"] {
+            assert!(
+                counter(after, name) - counter(before, name) >= 10,
+                "host {host}: {name} did not move: the traffic bypassed xhost"
+            );
+        }
+    }
+    tb.finish();
+}
+
+/// Issue 3, test 2: a container started after the agent is served within a second of its
+/// start event; one removed with `docker rm -f` leaves the maps.
+#[test]
+fn container_started_later_is_served_within_a_second_and_forgotten_on_rm() {
+    let mut tb = Testbed::new([true, true]);
+    tb.engine(1)
+        .run_container("bridge", None, "b1")
+        .expect("run b1");
+    tb.start_agent(0);
+    tb.start_agent(1);
+    tb.wait_docker(0);
+    tb.wait_docker(1);
+    let (ea, eb) = (tb.engine(0), tb.engine(1));
+    let ip_b = ip_of(eb, "b1", "bridge");
+    let watch = MapWatch::start(tb.agent(0));
+
+    let since = SystemTime::now() - Duration::from_secs(1);
+    let t_run = Instant::now();
+    let id = ea.run_container("bridge", None, "a2").expect("run a2");
+    let returned = SystemTime::now();
+    let run_took = t_run.elapsed();
+    let ip_a = ip_of(ea, "a2", "bridge");
+    // From host B's container until the first echo reply (10 ms apart, 2 s at most).
+    let out = eb
+        .in_container(
+            "b1",
+            &[
+                "ping",
+                "-n",
+                "-D",
+                "-c",
+                "1",
+                "-i",
+                "0.01",
+                "-w",
+                "2",
+                &ip_a.to_string(),
+            ],
+        )
+        .expect("ping command")
+        .output()
+        .expect("ping");
+    let log = PingLog::parse(&String::from_utf8_lossy(&out.stdout));
+    let (first_seq, first_reply) = log
+        .replies
+        .iter()
+        .next()
+        .map(|(s, t)| (*s, *t))
+        .unwrap_or_else(|| {
+            panic!(
+                "b1 never reached a2 ({ip_a}):\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+    let in_map = watch
+        .appeared(ip_a, SETTLE)
+        .unwrap_or_else(|| panic!("{ip_a} never appeared in host A's ENDPOINTS"));
+    let started = ea
+        .events(
+            since,
+            SystemTime::now(),
+            &["type=container", "event=start", &format!("container={id}")],
+        )
+        .expect("docker events")
+        .last()
+        .map(|e| e.time)
+        .expect("a start event for a2");
+    eprintln!(
+        "a2 ({ip_a}): docker run took {run_took:?}; start event -> ENDPOINTS {:.1} ms, -> first reply from host B {:.1} ms \
+         (icmp_seq {first_seq}, 10 ms apart); docker run returned -> first reply {:.1} ms",
+        diff_ms(in_map, started),
+        diff_ms(first_reply, started),
+        diff_ms(first_reply, returned)
+    );
+    assert!(
+        diff_ms(in_map, started) < ms(FOLLOW_BOUND),
+        "a2 entered the map {:.1} ms after its start event",
+        diff_ms(in_map, started)
+    );
+    assert!(
+        diff_ms(first_reply, started) < ms(FOLLOW_BOUND),
+        "a2 answered {:.1} ms after its start event",
+        diff_ms(first_reply, started)
+    );
+    let want = ea.container_endpoint("a2", "bridge").expect("a2 endpoint");
+    let s = tb
+        .wait(0, "a2 in status", SETTLE, |s| {
+            endpoints(s).contains_key(&ip_a)
+        })
+        .0;
+    assert_eq!(
+        endpoints(&s)[&ip_a],
+        (want.mac.clone(), want.host_ifindex),
+        "{want:?}"
+    );
+    assert_ping(ea, "a2", ip_b, 3);
+
+    // docker rm -f: the endpoint leaves the map.
+    let t_rm = Instant::now();
+    ea.docker_ok(&["rm", "-f", "a2"]).expect("rm a2");
+    let rm_returned = SystemTime::now();
+    let rm_took = t_rm.elapsed();
+    let gone = watch
+        .vanished(ip_a, SETTLE)
+        .unwrap_or_else(|| panic!("{ip_a} still in host A's ENDPOINTS"));
+    let died = ea
+        .events(
+            since,
+            SystemTime::now(),
+            &["type=container", "event=die", &format!("container={id}")],
+        )
+        .expect("docker events")
+        .last()
+        .map(|e| e.time)
+        .expect("a die event for a2");
+    eprintln!(
+        "a2 removed: docker rm -f took {rm_took:?}; die event -> gone from ENDPOINTS {:.1} ms (rm returned -> gone {:.1} ms)",
+        diff_ms(gone, died),
+        diff_ms(gone, rm_returned)
+    );
+    assert!(
+        diff_ms(gone, died) < ms(FOLLOW_BOUND),
+        "a2 left the map {:.1} ms after its die event",
+        diff_ms(gone, died)
+    );
+    let s = tb.status(0);
+    assert!(!endpoints(&s).contains_key(&ip_a), "{s}");
+    assert_eq!(s["agent"]["docker"]["endpoints"], 0, "{s}");
+    // Nothing pinned or listed for the vanished veth either.
+    let (s, _) = tb.wait(0, "no attachment on a2's veth", SETTLE, |s| {
+        !attached(s)
+            .iter()
+            .any(|a| a.starts_with(&format!("{}@", want.host_veth)))
+    });
+    assert!(
+        pinned_links(&tb.agent(0).dirs)
+            .iter()
+            .all(|l| !l.starts_with(&format!("{}@", want.host_veth))),
+        "{s}"
+    );
+    drop(watch);
+    tb.finish();
+}
+
+/// Issue 3, test 3: a user network created after the agent is followed (its bridge gets
+/// the program, its subnet is local, its containers reach host B), and `docker network
+/// rm` takes all of it away again.
+#[test]
+fn user_network_is_followed_and_forgotten() {
+    let mut tb = Testbed::new([true, true]);
+    tb.engine(0)
+        .run_container("bridge", None, "a1")
+        .expect("run a1");
+    tb.engine(1)
+        .run_container("bridge", None, "b1")
+        .expect("run b1");
+    tb.start_agent(0);
+    tb.start_agent(1);
+    tb.wait_docker(0);
+    tb.wait_docker(1);
+    let (ea, eb) = (tb.engine(0), tb.engine(1));
+    let (ip_a1, ip_b) = (ip_of(ea, "a1", "bridge"), ip_of(eb, "b1", "bridge"));
+    let ns_a = tb.host(0).ns();
+
+    let t = Instant::now();
+    let br = create_net2(ea);
+    let created = t.elapsed();
+    let (s, took) = tb.wait(0, "net2 followed", SETTLE, |s| {
+        attached(s).contains(&format!("{br}@bridge-ingress"))
+            && local_subnets(s).contains(&NET2.to_owned())
+    });
+    eprintln!("net2 ({br}): created in {created:?}; followed {took:?} after that");
+    assert!(took < FOLLOW_BOUND, "net2 followed only after {took:?}");
+    assert!(
+        s["agent"]["docker"]["networks"]
+            .as_array()
+            .is_some_and(|n| n
+                .iter()
+                .any(|n| n["name"] == "net2" && n["bridge"] == br.as_str())),
+        "{s}"
+    );
+    let live = attached_programs(ns_a, &[&br]).expect("attachments");
+    assert_eq!(live, [format!("{br} tcx-ingress xhost_egress")]);
+
+    ea.run_container("net2", Some("192.168.111.11"), "a3")
+        .expect("run a3");
+    let ip_a3: Ipv4Addr = "192.168.111.11".parse().expect("ip");
+    let want = ea.container_endpoint("a3", "net2").expect("a3 endpoint");
+    assert_eq!(want.bridge, br);
+    let s = tb
+        .wait(0, "a3 in ENDPOINTS", SETTLE, |s| {
+            endpoints(s).contains_key(&ip_a3)
+        })
+        .0;
+    assert_eq!(endpoints(&s)[&ip_a3], (want.mac.clone(), want.host_ifindex));
+    assert_ping(eb, "b1", ip_a3, 3);
+    assert_ping(ea, "a3", ip_b, 3);
+    assert_transfer((ea, "a3"), ip_a3, (eb, "b1"), ip_b, 45_303);
+    assert_transfer((eb, "b1"), ip_b, (ea, "a3"), ip_a3, 45_304);
+
+    // Removal: container, then network. The program stays on the bridge while it exists.
+    ea.docker_ok(&["rm", "-f", "a3"]).expect("rm a3");
+    tb.wait(0, "a3 gone", SETTLE, |s| !endpoints(s).contains_key(&ip_a3));
+    let live = attached_programs(ns_a, &[&br]).expect("attachments");
+    assert_eq!(live, [format!("{br} tcx-ingress xhost_egress")]);
+    let t = Instant::now();
+    ea.docker_ok(&["network", "rm", "net2"])
+        .expect("docker network rm");
+    let removed = t.elapsed();
+    let (s, took) = tb.wait(0, "net2 forgotten", SETTLE, |s| {
+        !attached(s).iter().any(|a| a.starts_with(&br))
+            && !local_subnets(s).contains(&NET2.to_owned())
+    });
+    eprintln!("net2 removed in {removed:?}; forgotten {took:?} after that");
+    assert!(took < FOLLOW_BOUND, "net2 forgotten only after {took:?}");
+    // Nothing of it left: no bridge, no pinned link, no network or bridge in the agent's view.
+    assert!(
+        ns_a.exec(&["ip", "link", "show", &br])
+            .is_ok_and(|o| !o.status.success()),
+        "{br} still exists"
+    );
+    let links = pinned_links(&tb.agent(0).dirs);
+    assert!(!links.iter().any(|l| l.contains(&br)), "{links:?}");
+    assert!(
+        !s["agent"]["bridges"].to_string().contains(&br)
+            && !s["agent"]["docker"]["networks"]
+                .to_string()
+                .contains("net2"),
+        "{s}"
+    );
+    assert_eq!(local_subnets(&s), [tb.host(0).subnet().to_string()]);
+    // docker0 and its container are unaffected.
+    assert!(attached(&s).contains(&"docker0@bridge-ingress".to_owned()));
+    assert_ping(eb, "b1", ip_a1, 2);
+    tb.finish();
+}
+
+/// Issue 3, test 4: an engine restart while a ping runs through it loses only what was
+/// sent while the container itself was down, and the maps equal Docker's state afterwards.
+#[test]
+fn engine_restart_loses_only_the_containers_down_time() {
+    let mut tb = Testbed::new([true, true]);
+    {
+        let (ea, eb) = (tb.engine(0), tb.engine(1));
+        create_net2(ea);
+        ea.run_container_with(
+            &[
+                "--restart=always",
+                "--network",
+                "net2",
+                "--ip",
+                "192.168.111.20",
+            ],
+            "target",
+        )
+        .expect("run target");
+        // On the default bridge too: their addresses may swap over the restart.
+        for name in ["r1", "r2"] {
+            ea.run_container_with(&["--restart=always", "--network", "bridge"], name)
+                .expect("run r*");
+        }
+        // Without a restart policy: down after the restart, must leave the map.
+        ea.run_container("bridge", None, "once").expect("run once");
+        eb.run_container("bridge", None, "b1").expect("run b1");
+    }
+    tb.start_agent(0);
+    tb.start_agent(1);
+    tb.wait_docker(1);
+    let before = docker_state(tb.engine(0)).expect("docker state");
+    assert_eq!(before.len(), 4, "{before:?}");
+    tb.wait(0, "all four endpoints", SETTLE, |s| endpoints(s) == before);
+    let once_ip = ip_of(tb.engine(0), "once", "bridge");
+    let target: Ipv4Addr = "192.168.111.20".parse().expect("ip");
+
+    let interval = 0.1;
+    let mut ping = Process::spawn(
+        "ping b1 -> target",
+        tb.engine(1)
+            .in_container(
+                "b1",
+                &[
+                    "ping",
+                    "-n",
+                    "-D",
+                    "-i",
+                    &interval.to_string(),
+                    &target.to_string(),
+                ],
+            )
+            .expect("ping command"),
+    )
+    .expect("spawn ping");
+    ping.wait_for_line(|l| l.contains("bytes from"), Duration::from_secs(5))
+        .expect("ping gets through before the restart");
+    thread::sleep(Duration::from_secs(1));
+
+    let t = Instant::now();
+    tb.engines[0].stop().expect("stop engine A");
+    let stopped = t.elapsed();
+    tb.engines[0].start().expect("start engine A");
+    let up = SystemTime::now();
+    eprintln!(
+        "engine A: stopped in {stopped:?}, answering again {:?} later",
+        tb.engine(0).last_start_time()
+    );
+    let ea = tb.engine(0);
+    // Until the maps equal Docker's state again: restarted containers in, `once` out.
+    let t = Instant::now();
+    let mut last = None;
+    let mut matched = None;
+    while t.elapsed() < SETTLE {
+        if let Some(want) = docker_state(ea).filter(|w| w.len() == 3) {
+            let have = endpoints(&tb.status(0));
+            if have == want {
+                matched = Some(t.elapsed());
+                break;
+            }
+            last = Some((want, have));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let Some(synced) = matched else {
+        panic!("host A's maps never matched Docker after the restart: (docker, maps) = {last:?}");
+    };
+    eprintln!("maps equal Docker's state {synced:?} after the engine answered again");
+    let s = tb.status(0);
+    assert_eq!(
+        ea.inspect("once", "{{.State.Running}}").as_deref().ok(),
+        Some("false")
+    );
+    eprintln!(
+        "`once` ({once_ip} before) is down and out of the map: {:?}",
+        endpoints(&s)
+    );
+    assert!(connected(&s), "{s}");
+    // Let the ping run on a little with the container back.
+    thread::sleep(Duration::from_secs(2));
+    ping.signal(Signal::SIGINT).expect("SIGINT ping");
+    ping.wait_timeout(Duration::from_secs(5))
+        .expect("wait ping")
+        .expect("ping exits on SIGINT");
+    let log = PingLog::parse(&ping.output());
+
+    let finished = parse_docker_time(
+        &ea.inspect("target", "{{.State.FinishedAt}}")
+            .expect("inspect"),
+    )
+    .expect("FinishedAt");
+    let started = parse_docker_time(
+        &ea.inspect("target", "{{.State.StartedAt}}")
+            .expect("inspect"),
+    )
+    .expect("StartedAt");
+    let (down_from, down_to) = (unix_secs(finished), unix_secs(started));
+    assert!(
+        down_to > down_from,
+        "target restarted: {finished:?} .. {started:?}"
+    );
+    let times = log.send_times(interval);
+    // The last request may still be in flight when ping is interrupted.
+    let last_seq = log.transmitted;
+    let lost: Vec<u32> = (1..last_seq)
+        .filter(|s| !log.replies.contains_key(s))
+        .collect();
+    // Sent while the container was down, give or take one interval at each edge (the send
+    // times of lost requests are estimates).
+    let in_window = |t: f64| t >= down_from - interval && t <= down_to + interval;
+    let sent_down = times.values().filter(|t| in_window(**t)).count();
+    let lost_outside: Vec<(u32, f64)> = lost
+        .iter()
+        .map(|s| (*s, times[s]))
+        .filter(|(_, t)| !in_window(*t))
+        .collect();
+    // The longest run of unanswered requests: when the path was really down (the kernel of
+    // the container's namespace answers pings until its veth is gone, not only the process).
+    let mut gap: Option<(u32, u32)> = None;
+    let mut run: Option<(u32, u32)> = None;
+    for seq in 1..last_seq {
+        if log.replies.contains_key(&seq) {
+            run = None;
+            continue;
+        }
+        let r = run.map_or((seq, seq), |(a, _)| (a, seq));
+        run = Some(r);
+        if gap.is_none_or(|(a, b)| r.1 - r.0 > b - a) {
+            gap = Some(r);
+        }
+    }
+    let gap_ms = gap.map_or((f64::NAN, f64::NAN), |(a, b)| {
+        ((times[&a] - down_from) * 1e3, (times[&b] - down_to) * 1e3)
+    });
+    // The first request answered that was sent after the container was back.
+    let first_after = log
+        .replies
+        .values()
+        .map(|t| unix_secs(*t))
+        .find(|t| *t > down_to);
+    eprintln!(
+        "restart: target down {:.0} ms (FinishedAt -> StartedAt); ping every {interval} s: {} sent, {} answered, {} lost, \
+         {sent_down} sent while the container was down; longest loss run {gap:?} from FinishedAt{:+.0} ms to StartedAt{:+.0} ms; \
+         first answered request sent {:.0} ms after StartedAt, {:.0} ms after the engine answered; lost outside the down window: {lost_outside:?}",
+        (down_to - down_from) * 1e3,
+        log.transmitted,
+        log.replies.len(),
+        lost.len(),
+        gap_ms.0,
+        gap_ms.1,
+        first_after.map_or(f64::NAN, |t| (t - down_to) * 1e3),
+        first_after.map_or(f64::NAN, |t| (t - unix_secs(up)) * 1e3),
+    );
+    assert!(log.transmitted > 20, "{}", ping.output());
+    assert!(
+        lost.len() <= sent_down && lost_outside.is_empty(),
+        "lost {} echo requests, {sent_down} were sent while the container was down; lost outside that window: {lost_outside:?}\n{}",
+        lost.len(),
+        ping.output()
+    );
+    drop(ping);
+    tb.finish();
+}
+
+/// Issue 3, test 5: an agent loaded before its engine exists stays up, reports Docker as
+/// unreachable, and picks the engine up once it starts.
+#[test]
+fn agent_waits_for_an_engine_that_starts_later() {
+    let mut tb = Testbed::new([false, true]);
+    tb.engine(1)
+        .run_container("bridge", None, "b1")
+        .expect("run b1");
+    let socket = tb.engine(0).socket();
+    assert!(!socket.exists(), "{} exists already", socket.display());
+    tb.start_agent(0);
+    tb.start_agent(1);
+    tb.wait_docker(1);
+    let host = tb.engine(0).host();
+    let s = tb
+        .wait(0, "Docker reported unreachable", SETTLE, |s| {
+            s["agent"]["docker"]["connected"] == false
+        })
+        .0;
+    assert_eq!(s["agent"]["docker"]["host"], host.as_str(), "{s}");
+    assert_eq!(attached(&s), ["ens33@underlay-ingress"], "{s}");
+    // Still there a moment later, still serving the underlay.
+    thread::sleep(Duration::from_millis(1500));
+    assert!(
+        tb.agents[0].as_mut().is_some_and(Agent::running),
+        "the agent exited without an engine:\n{}",
+        tb.agent(0).output()
+    );
+    let s = tb.status(0);
+    assert!(s["agent_running"] == true && !connected(&s), "{s}");
+
+    let t = Instant::now();
+    tb.engines[0].boot().expect("start engine A");
+    let booted = t.elapsed();
+    let (_, took) = tb.wait(0, "the engine picked up", Duration::from_secs(15), |s| {
+        connected(s) && attached(s).contains(&"docker0@bridge-ingress".to_owned())
+    });
+    eprintln!("engine A up in {booted:?}; the agent connected {took:?} after that");
+    tb.engine(0).import_busybox().expect("import busybox");
+    tb.engine(0)
+        .run_container("bridge", None, "a1")
+        .expect("run a1");
+    let (ea, eb) = (tb.engine(0), tb.engine(1));
+    let ip_a = ip_of(ea, "a1", "bridge");
+    let ip_b = ip_of(eb, "b1", "bridge");
+    tb.wait(0, "a1 in ENDPOINTS", FOLLOW_BOUND * 2, |s| {
+        endpoints(s).contains_key(&ip_a)
+    });
+    assert_ping(eb, "b1", ip_a, 3);
+    assert_ping(ea, "a1", ip_b, 3);
+    assert_transfer((ea, "a1"), ip_a, (eb, "b1"), ip_b, 45_305);
+    tb.finish();
+}
+
+/// Issue 3, test 6: `xhost-user export` on host A prints its `[[peer]]` entry with the
+/// Docker subnets, and host B runs on exactly that as its config.
+#[test]
+fn exported_peer_entry_is_a_working_config() {
+    let mut tb = Testbed::new([true, true]);
+    {
+        let (ea, eb) = (tb.engine(0), tb.engine(1));
+        create_net2(ea);
+        ea.run_container("bridge", None, "a1").expect("run a1");
+        ea.run_container("net2", Some("192.168.111.11"), "a3")
+            .expect("run a3");
+        eb.run_container("bridge", None, "b1").expect("run b1");
+    }
+    tb.start_agent(0);
+    let subnet_a = tb.host(0).subnet().to_string();
+    tb.wait(0, "both Docker subnets local", SETTLE, |s| {
+        let l = local_subnets(s);
+        l.contains(&subnet_a) && l.contains(&NET2.to_owned())
+    });
+    let out = xhost(tb.host(0).ns(), &tb.agent(0).dirs, &["export"]).expect("export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let export = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("export on host A:\n{export}");
+    // The config file's shape: one [[peer]] table with host and subnets.
+    let lines: Vec<&str> = export.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.first(), Some(&"[[peer]]"), "{export}");
+    assert!(
+        lines.contains(&format!("host = \"{}\"", tb.host(0).underlay_ip()).as_str()),
+        "{export}"
+    );
+    let subnets: BTreeSet<String> = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("subnets = ["))
+        .and_then(|l| l.strip_suffix(']'))
+        .unwrap_or_else(|| panic!("no subnets line: {export}"))
+        .split(',')
+        .map(|s| s.trim().trim_matches('"').to_owned())
+        .collect();
+    assert_eq!(
+        subnets,
+        BTreeSet::from([subnet_a.clone(), NET2.to_owned()]),
+        "{export}"
+    );
+
+    let cfg = tb.cfg.write("b-export.toml", &export);
+    tb.start_agent_with(1, &cfg);
+    let s = tb.wait_docker(1);
+    let peer = tb.host(0).underlay_ip().to_string();
+    let r = routes(&s);
+    for n in [&subnet_a, &NET2.to_owned()] {
+        assert!(r.contains(&(n.clone(), peer.clone())), "{r:?}");
+    }
+    let (ea, eb) = (tb.engine(0), tb.engine(1));
+    let (ip_a1, ip_b) = (ip_of(ea, "a1", "bridge"), ip_of(eb, "b1", "bridge"));
+    let ip_a3: Ipv4Addr = "192.168.111.11".parse().expect("ip");
+    tb.wait(0, "a1 and a3 in ENDPOINTS", SETTLE, |s| {
+        let e = endpoints(s);
+        e.contains_key(&ip_a1) && e.contains_key(&ip_a3)
+    });
+    assert_ping(eb, "b1", ip_a1, 3);
+    assert_ping(eb, "b1", ip_a3, 3);
+    assert_ping(ea, "a1", ip_b, 3);
+    assert_ping(ea, "a3", ip_b, 3);
+    tb.finish();
+}
+
+/// Issue 3, test 7: a test failing with everything running (engines, containers, a user
+/// network, agents) still leaves nothing behind: the guards run while unwinding.
+#[test]
+fn testbed_leaves_nothing_behind_even_when_a_test_panics() {
+    let footprint = Arc::new(Mutex::new(None));
+    let fp = Arc::clone(&footprint);
+    let res = catch_unwind(AssertUnwindSafe(move || {
+        let mut tb = Testbed::new([true, true]);
+        create_net2(tb.engine(0));
+        tb.engine(0)
+            .run_container_with(&["--restart=always"], "a1")
+            .expect("run a1");
+        tb.engine(0)
+            .run_container("net2", Some("192.168.111.11"), "a3")
+            .expect("run a3");
+        tb.engine(1)
+            .run_container("bridge", None, "b1")
+            .expect("run b1");
+        tb.start_agent(0);
+        tb.start_agent(1);
+        tb.wait(0, "a1 and a3", SETTLE, |s| endpoints(s).len() == 2);
+        let f = tb.footprint();
+        assert!(f.pids.len() >= 2 + 2 + 3, "{f:?}");
+        *fp.lock().unwrap_or_else(PoisonError::into_inner) = Some(f);
+        panic!("deliberate failure with everything running");
+    }));
+    assert!(res.is_err(), "the closure must panic");
+    let f = footprint
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+        .expect("footprint recorded before the panic");
+    eprintln!(
+        "checking {} namespaces, {} directories, {} processes",
+        f.netns.len(),
+        f.dirs.len(),
+        f.pids.len()
+    );
+    f.assert_gone();
+}
+
+/// Measurement: start-event -> ENDPOINTS latency over 100 container starts (batches of 4),
+/// the agent's resident memory with them running, and die-event -> removal latency.
+#[test]
+fn event_to_map_latency_and_memory_over_100_starts() {
+    const N: usize = 100;
+    const BATCH: usize = 4;
+    let mut tb = Testbed::new([true, false]);
+    tb.start_agent(0);
+    tb.wait_docker(0);
+    let ea = tb.engine(0);
+    let agent_pid = tb.agent(0).pid();
+    let rss_idle = vm_rss_kib(agent_pid).expect("VmRSS");
+    let watch = MapWatch::start(tb.agent(0));
+
+    let events = ea
+        .follow_events(
+            SystemTime::now() - Duration::from_secs(1),
+            &["type=container", "event=start", "event=die"],
+        )
+        .expect("docker events");
+    // Waits until the follower printed `n` events with `action`.
+    let collect = |action: &str, n: usize| {
+        let t0 = Instant::now();
+        loop {
+            let evs: Vec<docker_engine::Event> = docker_engine::Event::parse_all(&events.output())
+                .into_iter()
+                .filter(|e| e.action == action)
+                .collect();
+            if evs.len() >= n || t0.elapsed() > SETTLE {
+                return evs;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let t = Instant::now();
+    let returned = run_batches(ea, "lat", N, BATCH);
+    let run_took = t.elapsed();
+    let names: Vec<&str> = returned.keys().map(String::as_str).collect();
+    let mut args = vec![
+        "inspect",
+        "-f",
+        "{{.Name}} {{.Id}} {{.NetworkSettings.IPAddress}}",
+    ];
+    args.extend(&names);
+    let inspected = ea.docker_ok(&args).expect("inspect");
+    // name -> (id, ip)
+    let ctrs: BTreeMap<String, (String, Ipv4Addr)> = inspected
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let name = w.next()?.trim_start_matches('/').to_owned();
+            Some((name, (w.next()?.to_owned(), w.next()?.parse().ok()?)))
+        })
+        .collect();
+    assert_eq!(ctrs.len(), N, "{inspected}");
+    let by_id: BTreeMap<&str, Ipv4Addr> =
+        ctrs.values().map(|(id, ip)| (id.as_str(), *ip)).collect();
+    let starts = collect("start", N);
+    let mut lat = Vec::new();
+    let mut from_return = Vec::new();
+    for (name, (id, ip)) in &ctrs {
+        let ev = starts
+            .iter()
+            .find(|e| e.id == *id)
+            .unwrap_or_else(|| panic!("no start event for {name}"));
+        let seen = watch
+            .appeared(*ip, SETTLE)
+            .unwrap_or_else(|| panic!("{name} ({ip}) never entered ENDPOINTS"));
+        lat.push(diff_ms(seen, ev.time));
+        from_return.push(diff_ms(seen, returned[name]));
+    }
+    let rss_full = vm_rss_kib(agent_pid).expect("VmRSS");
+    let s = tb.status(0);
+    assert_eq!(endpoints(&s).len(), N, "status lists every container");
+    lat.sort_by(f64::total_cmp);
+    from_return.sort_by(f64::total_cmp);
+
+    let t = Instant::now();
+    let mut rm = vec!["rm", "-f"];
+    rm.extend(&names);
+    ea.docker_ok(&rm).expect("docker rm -f");
+    let rm_took = t.elapsed();
+    let dies = collect("die", N);
+    let mut gone_lat = Vec::new();
+    for ev in &dies {
+        let Some(ip) = by_id.get(ev.id.as_str()) else {
+            continue;
+        };
+        let gone = watch
+            .vanished(*ip, SETTLE)
+            .unwrap_or_else(|| panic!("{ip} still in ENDPOINTS"));
+        gone_lat.push(diff_ms(gone, ev.time));
+    }
+    assert_eq!(gone_lat.len(), N);
+    gone_lat.sort_by(f64::total_cmp);
+    tb.wait(0, "all endpoints removed", SETTLE, |s| {
+        endpoints(s).is_empty()
+    });
+    drop(events);
+    let rss_after = vm_rss_kib(agent_pid).expect("VmRSS");
+    drop(watch);
+
+    eprintln!(
+        "\n== {N} container starts (batches of {BATCH}, docker run total {run_took:?}) ==\n\
+         start event -> ENDPOINTS entry: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, min {:.1} ms\n\
+         docker run returned -> ENDPOINTS entry: p50 {:.1} ms, p99 {:.1} ms\n\
+         die event -> entry removed (docker rm -f of all {N} took {rm_took:?}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n\
+         agent VmRSS: {rss_idle} KiB idle, {rss_full} KiB with {N} containers, {rss_after} KiB after removing them\n",
+        quantile(&lat, 0.5),
+        quantile(&lat, 0.99),
+        quantile(&lat, 1.0),
+        quantile(&lat, 0.0),
+        quantile(&from_return, 0.5),
+        quantile(&from_return, 0.99),
+        quantile(&gone_lat, 0.5),
+        quantile(&gone_lat, 0.99),
+        quantile(&gone_lat, 1.0),
+    );
+    assert!(
+        quantile(&lat, 0.99) < ms(FOLLOW_BOUND),
+        "p99 start -> map {:.1} ms",
+        quantile(&lat, 0.99)
+    );
+    tb.finish();
+}
