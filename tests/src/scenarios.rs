@@ -434,6 +434,9 @@ impl Drop for TempFile {
 pub struct TcpSample {
     pub bits_per_second: f64,
     pub retransmits: Option<u64>,
+    /// iperf3's CPU figures (sender, receiver), % of one CPU.
+    pub sender_cpu_pct: Option<f64>,
+    pub receiver_cpu_pct: Option<f64>,
 }
 
 /// iperf3 UDP result, receiver side: `packets` is what the receiver expected (from sequence
@@ -738,6 +741,8 @@ pub fn parse_iperf3_tcp(text: &str) -> Result<TcpSample> {
     Ok(TcpSample {
         bits_per_second,
         retransmits: json_u64(&v, &["end", "sum_sent", "retransmits"]),
+        sender_cpu_pct: json_f64(&v, &["end", "cpu_utilization_percent", "host_total"]),
+        receiver_cpu_pct: json_f64(&v, &["end", "cpu_utilization_percent", "remote_total"]),
     })
 }
 
@@ -874,15 +879,33 @@ impl CpuTicks {
         Self::parse(&text)
     }
 
+    /// The aggregate and each CPU's ticks (`cpu0`, `cpu1`, ... in order).
+    pub fn read_per_cpu() -> Result<(Self, Vec<Self>)> {
+        let text = std::fs::read_to_string("/proc/stat").map_err(|source| Error::Io {
+            what: "reading /proc/stat".into(),
+            source,
+        })?;
+        let all = Self::parse(&text)?;
+        let mut cpus = Vec::new();
+        while let Ok(c) = Self::parse_line(&text, &format!("cpu{} ", cpus.len())) {
+            cpus.push(c);
+        }
+        Ok((all, cpus))
+    }
+
     /// Parses the aggregate `cpu ` line.
     pub fn parse(text: &str) -> Result<Self> {
+        Self::parse_line(text, "cpu ")
+    }
+
+    fn parse_line(text: &str, prefix: &str) -> Result<Self> {
         let bad = || Error::Parse {
             what: "/proc/stat cpu line",
             input: text.lines().next().unwrap_or_default().to_owned(),
         };
         let line = text
             .lines()
-            .find(|l| l.starts_with("cpu "))
+            .find(|l| l.starts_with(prefix))
             .ok_or_else(bad)?;
         let v: Vec<u64> = line
             .split_whitespace()
@@ -1085,6 +1108,10 @@ sockperf: ---> <MIN> observation =    1.714
         let s = parse_iperf3_tcp(IPERF_TCP).expect("parse");
         assert!((s.bits_per_second - 16_004_697_984.752_72).abs() < 1e-3);
         assert_eq!(s.retransmits, Some(0));
+        assert_eq!(
+            (s.sender_cpu_pct, s.receiver_cpu_pct),
+            (Some(55.1), Some(61.2))
+        );
         let err = parse_iperf3_tcp(r#"{"start": {}, "end": {}, "error": "unable to connect to server: Connection refused"}"#)
             .expect_err("iperf3 error");
         assert!(err.to_string().contains("Connection refused"), "{err}");
@@ -1129,6 +1156,11 @@ sockperf: ---> <MIN> observation =    1.714
         let d = later.since(&t);
         assert_eq!((d.softirq, d.idle, d.total()), (31, 100, 131));
         assert!(CpuTicks::parse("intr 1 2 3").is_err());
+        assert_eq!(
+            CpuTicks::parse_line(stat, "cpu0 ").map(|c| c.softirq).ok(),
+            Some(7)
+        );
+        assert!(CpuTicks::parse_line(stat, "cpu1 ").is_err());
 
         let status = "Name:\txhost-user\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\n";
         assert_eq!(parse_rss(status), Some((10_240 * 1024, 20_480 * 1024)));

@@ -49,7 +49,8 @@ pub struct Options {
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
     /// Longest wait, in seconds, for the machine to go quiet (< 15 % busy) before each
-    /// scenario (default 10, 1 with --quick); runs that start busier are flagged "loaded".
+    /// scenario (default 3, 1 with --quick); busy time that is not ours during a test is
+    /// measured anyway and marks that test disturbed.
     #[arg(long)]
     pub max_wait: Option<u64>,
     /// Output directory (default: <target dir>/bench).
@@ -240,6 +241,12 @@ pub struct Run {
     /// Per host: the agent's XDP attachment and datapath counters after the tests.
     pub xhost_status: BTreeMap<String, serde_json::Value>,
     pub values: BTreeMap<Metric, f64>,
+    /// Per test (`tcp`, `udp`, `latency`): CPUs' worth of busy time that was not the
+    /// tools' own while it ran.
+    pub foreign_cpus: BTreeMap<String, f64>,
+    /// Metrics whose test ran with more than [`DISTURBED_CPUS`] of outside work; medians
+    /// and ratios leave them out while undisturbed samples exist.
+    pub disturbed: std::collections::BTreeSet<Metric>,
     pub errors: Vec<String>,
 }
 
@@ -324,7 +331,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             .max(1),
         scenarios: scenarios.iter().map(|s| s.name).collect(),
         quick: opts.quick,
-        max_wait_s: opts.max_wait.unwrap_or(if opts.quick { 1 } else { 10 }),
+        max_wait_s: opts.max_wait.unwrap_or(if opts.quick { 1 } else { 3 }),
     };
     preflight()?;
     install_signal_handlers()?;
@@ -535,8 +542,34 @@ fn run_one(s: &Scenario, rep: u32, plan: &Plan) -> Run {
     run
 }
 
-/// Busy fraction above which a run counts as measured under outside load.
+/// Busy fraction above which a run counts as started under outside load.
 const LOADED: f64 = 0.5;
+/// CPUs of work that was not ours during a test above which its values count as
+/// disturbed (a build of the other engineers takes a whole CPU: ~1.0).
+pub const DISTURBED_CPUS: f64 = 0.35;
+
+/// `/proc/stat` around one test, to tell how much CPU went to something else.
+struct CpuWindow(CpuTicks, Vec<CpuTicks>);
+
+impl CpuWindow {
+    fn start() -> Option<Self> {
+        CpuTicks::read_per_cpu().ok().map(|(a, c)| Self(a, c))
+    }
+
+    /// Total and per-CPU ticks since `start`.
+    fn end(self) -> Option<(CpuTicks, Vec<CpuTicks>)> {
+        let (all, cpus) = CpuTicks::read_per_cpu().ok()?;
+        let per = cpus.iter().zip(&self.1).map(|(n, o)| n.since(o)).collect();
+        Some((all.since(&self.0), per))
+    }
+}
+
+/// CPUs' worth of busy time over a window that was not the tools' own: machine busy time
+/// minus `own_cpu_s` (what iperf3 reports for its two processes), per second of window.
+fn foreign_cpus(delta: &CpuTicks, ncpus: usize, own_cpu_s: f64) -> Option<f64> {
+    let window_s = delta.total() as f64 / USER_HZ / ncpus.max(1) as f64;
+    (window_s > 0.0).then(|| (delta.busy() as f64 / USER_HZ - own_cpu_s) / window_s)
+}
 
 /// The tests of one scenario, each bounded; a failed test is recorded and the others run.
 fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
@@ -547,9 +580,26 @@ fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
     run.busy_before = scenarios::wait_quiet(0.15, max_wait).unwrap_or(f64::NAN);
     run.loaded = run.busy_before > LOADED;
     let cpus = Cpus::split();
+    let note_foreign = |run: &mut Run, test: &str, foreign: Option<f64>, metrics: &[Metric]| {
+        if let Some(f) = foreign {
+            run.foreign_cpus.insert(test.to_owned(), f);
+            if f > DISTURBED_CPUS {
+                run.disturbed.extend(metrics);
+            }
+        }
+    };
+    let own = |sender: Option<f64>, receiver: Option<f64>, secs: f64| {
+        (sender.unwrap_or(100.0) + receiver.unwrap_or(0.0)) / 100.0 * secs
+    };
     if s.tcp && !interrupted() {
+        let w = CpuWindow::start();
         match scenarios::iperf3_tcp(client, server, ip, secs, cpus) {
             Ok(t) => {
+                let foreign = w.and_then(CpuWindow::end).and_then(|(d, per)| {
+                    let own = own(t.sender_cpu_pct, t.receiver_cpu_pct, f64::from(secs));
+                    foreign_cpus(&d, per.len(), own)
+                });
+                note_foreign(run, "tcp", foreign, &[Metric::TcpGbps]);
                 run.values.insert(Metric::TcpGbps, t.bits_per_second / 1e9);
                 run.tcp = Some(t);
             }
@@ -557,19 +607,30 @@ fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
         }
     }
     if !interrupted() {
-        let before = CpuTicks::read();
+        let w = CpuWindow::start();
         let udp = scenarios::iperf3_udp(client, server, ip, secs, cpus);
-        let cpu = before.and_then(|b| CpuTicks::read().map(|a| a.since(&b)));
+        let cpu = w.and_then(CpuWindow::end);
         match udp {
             Ok(u) => {
                 run.values.insert(Metric::UdpKpps, u.pps / 1e3);
                 let delivered = u.packets.saturating_sub(u.lost);
-                if let Ok(c) = cpu
+                if let Some((c, per)) = cpu
                     && delivered > 0
                 {
                     let ns = |ticks: u64| ticks as f64 * 1e9 / USER_HZ / delivered as f64;
                     run.values.insert(Metric::CpuNsPerPkt, ns(c.busy()));
                     run.values.insert(Metric::SoftirqNsPerPkt, ns(c.softirq));
+                    let own = own(u.sender_cpu_pct, u.receiver_cpu_pct, u.seconds);
+                    note_foreign(
+                        run,
+                        "udp",
+                        foreign_cpus(&c, per.len(), own),
+                        &[
+                            Metric::UdpKpps,
+                            Metric::CpuNsPerPkt,
+                            Metric::SoftirqNsPerPkt,
+                        ],
+                    );
                     run.udp_cpu_ticks = Some(c);
                 }
                 run.udp = Some(u);
@@ -587,13 +648,28 @@ fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
         if interrupted() {
             break;
         }
+        let w = CpuWindow::start();
         match scenarios::sockperf_ping_pong(client, server, ip, secs, mode) {
             Ok(l) if mode == LatencyMode::Pinned => {
+                // Both ends share the last CPU; anything busy on the others is not ours.
+                let foreign = w.and_then(CpuWindow::end).and_then(|(_, per)| {
+                    let others = &per[..per.len().saturating_sub(1)];
+                    let busy: u64 = others.iter().map(CpuTicks::busy).sum();
+                    let total: u64 = others.iter().map(CpuTicks::total).sum();
+                    (total > 0).then(|| busy as f64 / total as f64 * others.len() as f64)
+                });
+                note_foreign(
+                    run,
+                    "latency",
+                    foreign,
+                    &[Metric::LatMeanUs, Metric::LatP99Us],
+                );
                 run.values.insert(Metric::LatMeanUs, l.mean_us);
                 run.values.insert(Metric::LatP99Us, l.p99_us);
                 run.latency = Some(l);
             }
             Ok(l) => {
+                // Busy polling keeps both CPUs at 100 %: outside load cannot be told apart.
                 run.values.insert(Metric::BusyP50Us, l.p50_us);
                 run.values.insert(Metric::BusyMeanUs, l.mean_us);
                 run.latency_busy = Some(l);

@@ -48,6 +48,8 @@ pub struct Ratio {
     pub metric: Metric,
     pub per_rep: Vec<f64>,
     pub median: Option<f64>,
+    /// False when no repetition had both sides undisturbed, so disturbed pairs were used.
+    pub clean: bool,
 }
 
 /// A goal from issue 4, checked against a median.
@@ -59,6 +61,8 @@ pub struct Target {
     pub goal: String,
     /// `None` when the value could not be measured (scenario filtered out or failed).
     pub met: Option<bool>,
+    /// False when the value rests on samples disturbed by outside load.
+    pub clean: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -87,6 +91,8 @@ pub struct Results {
     pub runs: Vec<Run>,
     /// scenario -> metric -> median over repetitions.
     pub medians: BTreeMap<String, BTreeMap<Metric, f64>>,
+    /// scenario -> metrics whose median had to use disturbed samples (no clean ones).
+    pub disturbed_medians: BTreeMap<String, Vec<Metric>>,
     pub ratios: Vec<Ratio>,
     pub targets: Vec<Target>,
     /// Median VmRSS of host A's agent per xhost scenario, MB.
@@ -129,16 +135,19 @@ impl Results {
         xhost_user: &Path,
     ) -> Self {
         let mut medians: BTreeMap<String, BTreeMap<Metric, f64>> = BTreeMap::new();
+        let mut disturbed_medians: BTreeMap<String, Vec<Metric>> = BTreeMap::new();
         for s in scenarios {
             let m = medians.entry(s.name.to_owned()).or_default();
             for metric in Metric::ALL {
-                let vals: Vec<f64> = runs
-                    .iter()
-                    .filter(|r| r.scenario == s.name)
-                    .filter_map(|r| r.values.get(&metric).copied())
-                    .collect();
+                let (vals, clean) = samples(&runs, s.name, metric);
                 if let Some(v) = median(&vals) {
                     m.insert(metric, v);
+                    if !clean {
+                        disturbed_medians
+                            .entry(s.name.to_owned())
+                            .or_default()
+                            .push(metric);
+                    }
                 }
             }
         }
@@ -194,6 +203,7 @@ impl Results {
                 .collect(),
             runs,
             medians,
+            disturbed_medians,
             ratios,
             targets: Vec::new(),
             agent_rss_mb,
@@ -203,11 +213,43 @@ impl Results {
         results
     }
 
-    fn ratio_median(&self, x: &str, base: &str, metric: Metric) -> Option<f64> {
+    fn find_ratio(&self, x: &str, base: &str, metric: Metric) -> Option<&Ratio> {
         self.ratios
             .iter()
             .find(|r| r.x == x && r.base == base && r.metric == metric)
-            .and_then(|r| r.median)
+    }
+
+    fn ratio_median(&self, x: &str, base: &str, metric: Metric) -> Option<f64> {
+        self.find_ratio(x, base, metric).and_then(|r| r.median)
+    }
+
+    /// The ratio formatted, `*` marking one that rests on disturbed samples.
+    fn ratio_cell(&self, x: &str, base: &str, metric: Metric) -> String {
+        match self.find_ratio(x, base, metric) {
+            Some(Ratio {
+                median: Some(v),
+                clean,
+                ..
+            }) => format!("{v:.2}{}", if *clean { "" } else { "*" }),
+            _ => "-".into(),
+        }
+    }
+
+    fn median_cell(&self, scenario: &str, metric: Metric) -> String {
+        let v = self
+            .medians
+            .get(scenario)
+            .and_then(|m| m.get(&metric))
+            .copied();
+        let disturbed = self
+            .disturbed_medians
+            .get(scenario)
+            .is_some_and(|d| d.contains(&metric));
+        format!(
+            "{}{}",
+            fmt_value(v, metric),
+            if disturbed { "*" } else { "" }
+        )
     }
 
     fn targets(&self) -> Vec<Target> {
@@ -228,6 +270,7 @@ impl Results {
                 value,
                 goal: format!("{op} {goal}"),
                 met: value.map(|v| if op == ">=" { v >= goal } else { v <= goal }),
+                clean: self.find_ratio(x, base, metric).is_none_or(|r| r.clean),
             });
         }
         let rss = self.agent_rss_mb.get(XHOST_100K).copied();
@@ -236,6 +279,7 @@ impl Results {
             value: rss,
             goal: "< 50 MB".into(),
             met: rss.map(|v| v < 50.0),
+            clean: true,
         });
         t
     }
@@ -254,10 +298,9 @@ impl Results {
         header.push("ok reps".into());
         let mut rows = Vec::new();
         for s in &self.scenarios {
-            let m = self.medians.get(&s.name);
             let mut row = vec![s.name.clone()];
             for metric in Metric::TABLE {
-                row.push(fmt_value(m.and_then(|m| m.get(&metric)).copied(), metric));
+                row.push(self.median_cell(&s.name, metric));
             }
             let of = |f: &dyn Fn(&Run) -> bool| {
                 self.runs
@@ -265,13 +308,14 @@ impl Results {
                     .filter(|r| r.scenario == s.name && f(r))
                     .count()
             };
-            let (ok, loaded) = (of(&|r| r.errors.is_empty()), of(&|r| r.loaded));
-            let loaded = if loaded > 0 {
-                format!(" ({loaded} loaded)")
+            let ok = of(&|r| r.errors.is_empty());
+            let disturbed = of(&|r| !r.disturbed.is_empty());
+            let disturbed = if disturbed > 0 {
+                format!(" ({disturbed} disturbed)")
             } else {
                 String::new()
             };
-            row.push(format!("{ok}/{reps}{loaded}"));
+            row.push(format!("{ok}/{reps}{disturbed}"));
             rows.push(row);
         }
         section(
@@ -295,12 +339,7 @@ impl Results {
                 .map(|s| {
                     let mut row = vec![s.name.clone()];
                     for metric in Metric::TABLE {
-                        let vals: Vec<f64> = self
-                            .runs
-                            .iter()
-                            .filter(|r| r.scenario == s.name)
-                            .filter_map(|r| r.values.get(&metric).copied())
-                            .collect();
+                        let (vals, _) = samples(&self.runs, &s.name, metric);
                         row.push(match spread(&vals) {
                             Some(p) => format!("{:.0}%", p * 100.0),
                             None => "-".into(),
@@ -332,10 +371,7 @@ impl Results {
             }
             let mut row = vec![format!("{x} / {base}")];
             for metric in metrics {
-                row.push(match self.ratio_median(x, base, metric) {
-                    Some(v) => format!("{v:.2}"),
-                    None => "-".into(),
-                });
+                row.push(self.ratio_cell(x, base, metric));
             }
             rows.push(row);
         }
@@ -366,19 +402,17 @@ impl Results {
                 if !self.ran(name) {
                     continue;
                 }
-                let m = self.medians.get(name);
-                let get = |metric| m.and_then(|m| m.get(&metric)).copied();
                 let vs = if name == XHOST {
-                    Some(1.0)
+                    "1.00".into()
                 } else {
-                    self.ratio_median(name, XHOST, Metric::UdpKpps)
+                    self.ratio_cell(name, XHOST, Metric::UdpKpps)
                 };
                 rows.push(vec![
                     format!("{routes} ({name})"),
-                    fmt_value(get(Metric::UdpKpps), Metric::UdpKpps),
-                    vs.map_or("-".into(), |v| format!("{v:.2}")),
-                    fmt_value(get(Metric::LatMeanUs), Metric::LatMeanUs),
-                    fmt_value(get(Metric::LatP99Us), Metric::LatP99Us),
+                    self.median_cell(name, Metric::UdpKpps),
+                    vs,
+                    self.median_cell(name, Metric::LatMeanUs),
+                    self.median_cell(name, Metric::LatP99Us),
                     self.agent_rss_mb
                         .get(name)
                         .map_or("-".into(), |v| format!("{v:.1}")),
@@ -406,7 +440,9 @@ impl Results {
             .map(|t| {
                 vec![
                     t.what.clone(),
-                    t.value.map_or("-".into(), |v| format!("{v:.2}")),
+                    t.value.map_or("-".into(), |v| {
+                        format!("{v:.2}{}", if t.clean { "" } else { "*" })
+                    }),
                     t.goal.clone(),
                     match t.met {
                         Some(true) => "met".into(),
@@ -436,24 +472,30 @@ impl Results {
             out,
             "TCP/UDP: iperf3 client on CPU 0, server on CPU 1; UDP -u -l 64 -b 0 (one sender thread), pps = receiver's (packets - lost) / seconds"
         );
-        let loaded: Vec<String> = self
+        let _ = writeln!(
+            out,
+            "Disturbed: a test during which more than {} CPUs of busy time was not the tools' own (other work on the VM); medians and ratios leave such samples out while clean ones exist, and * marks a value that had to use them.",
+            super::DISTURBED_CPUS
+        );
+        let disturbed: Vec<String> = self
             .runs
             .iter()
-            .filter(|r| r.loaded)
+            .filter(|r| !r.disturbed.is_empty())
             .map(|r| {
-                format!(
-                    "rep {} {} ({:.0}% busy)",
-                    r.rep,
-                    r.scenario,
-                    r.busy_before * 100.0
-                )
+                let tests: Vec<String> = r
+                    .foreign_cpus
+                    .iter()
+                    .filter(|(_, f)| **f > super::DISTURBED_CPUS)
+                    .map(|(t, f)| format!("{t} {f:.1}"))
+                    .collect();
+                format!("rep {} {} ({})", r.rep, r.scenario, tests.join(", "))
             })
             .collect();
-        if !loaded.is_empty() {
+        if !disturbed.is_empty() {
             let _ = writeln!(
                 out,
-                "Measured while the machine was busy with other work: {}",
-                loaded.join(", ")
+                "Disturbed tests (foreign CPUs): {}",
+                disturbed.join("; ")
             );
         }
         let failed: Vec<&Run> = self.runs.iter().filter(|r| !r.errors.is_empty()).collect();
@@ -541,7 +583,7 @@ impl Results {
         );
         let _ = writeln!(
             s,
-            r##"<text x="{left}" y="36" fill="#555">medians of per-repetition ratios, {} rep(s) x {} s; latency plotted as wire/x; {}</text>"##,
+            r##"<text x="{left}" y="36" fill="#555">medians of per-repetition ratios (tests disturbed by other load left out), {} rep(s) x {} s; latency as wire/x; {}</text>"##,
             self.plan.reps,
             self.plan.duration_s,
             xml(&self.started_at)
@@ -619,26 +661,49 @@ impl Results {
     }
 }
 
+/// The values of `metric` for `scenario`, leaving out disturbed samples while undisturbed
+/// ones exist; the flag says whether they did.
+fn samples(runs: &[Run], scenario: &str, metric: Metric) -> (Vec<f64>, bool) {
+    let of = |clean_only: bool| -> Vec<f64> {
+        runs.iter()
+            .filter(|r| r.scenario == scenario)
+            .filter(|r| !clean_only || !r.disturbed.contains(&metric))
+            .filter_map(|r| r.values.get(&metric).copied())
+            .collect()
+    };
+    let clean = of(true);
+    if clean.is_empty() {
+        (of(false), false)
+    } else {
+        (clean, true)
+    }
+}
+
 /// Per-repetition `x / base` (or `base / x` when `invert`) for `metric`, paired by
-/// repetition; `None` when no repetition has both.
+/// repetition, from the repetitions where neither side was disturbed (all repetitions when
+/// there are none such); `None` when no repetition has both.
 fn ratio(runs: &[Run], x: &str, base: &str, metric: Metric, invert: bool) -> Option<Ratio> {
-    let value = |name: &str, rep: u32| {
+    let value = |name: &str, rep: u32, clean_only: bool| {
         runs.iter()
             .find(|r| r.scenario == name && r.rep == rep)
+            .filter(|r| !clean_only || !r.disturbed.contains(&metric))
             .and_then(|r| r.values.get(&metric).copied())
     };
-    let mut per_rep = Vec::new();
     let mut reps: Vec<u32> = runs.iter().map(|r| r.rep).collect();
     reps.sort_unstable();
     reps.dedup();
-    for rep in reps {
-        if let (Some(a), Some(b)) = (value(x, rep), value(base, rep))
-            && a > 0.0
-            && b > 0.0
-        {
-            per_rep.push(if invert { b / a } else { a / b });
-        }
-    }
+    let pairs = |clean_only: bool| -> Vec<f64> {
+        reps.iter()
+            .filter_map(|&rep| {
+                let (a, b) = (value(x, rep, clean_only)?, value(base, rep, clean_only)?);
+                (a > 0.0 && b > 0.0).then(|| if invert { b / a } else { a / b })
+            })
+            .collect()
+    };
+    let (per_rep, clean) = match pairs(true) {
+        p if !p.is_empty() => (p, true),
+        _ => (pairs(false), false),
+    };
     if per_rep.is_empty() {
         return None;
     }
@@ -648,6 +713,7 @@ fn ratio(runs: &[Run], x: &str, base: &str, metric: Metric, invert: bool) -> Opt
         metric,
         median: median(&per_rep),
         per_rep,
+        clean,
     })
 }
 
@@ -890,6 +956,18 @@ mod tests {
         let inv = ratio(&runs, XHOST, WIRE, Metric::UdpKpps, true).expect("ratio");
         assert_eq!(inv.per_rep[1], 1.25);
         assert!(ratio(&runs, XHOST, IPTABLES, Metric::UdpKpps, false).is_none());
+
+        // A disturbed sample is left out while clean pairs exist...
+        let mut runs = runs;
+        runs[3].disturbed.insert(Metric::UdpKpps);
+        let r = ratio(&runs, XHOST, WIRE, Metric::UdpKpps, false).expect("ratio");
+        assert_eq!((r.per_rep.as_slice(), r.clean), ([0.9].as_slice(), true));
+        assert_eq!(samples(&runs, XHOST, Metric::UdpKpps), (vec![90.0], true));
+        // ...and used, flagged, when nothing else is left.
+        runs[1].disturbed.insert(Metric::UdpKpps);
+        let r = ratio(&runs, XHOST, WIRE, Metric::UdpKpps, false).expect("ratio");
+        assert_eq!((r.per_rep.len(), r.clean), (2, false));
+        assert!(!samples(&runs, XHOST, Metric::UdpKpps).1);
     }
 
     #[test]
