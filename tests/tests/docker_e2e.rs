@@ -1504,5 +1504,12 @@ fn event_to_map_latency_and_memory_over_100_starts() {
         "p99 start -> map {:.1} ms",
         quantile(&lat, 0.99)
     );
+    // A bulk removal keeps the engine busy for seconds; the agent must not wait for it
+    // (it did: p50 3.3 s when it re-inspected each dead container and published per batch).
+    assert!(
+        quantile(&gone_lat, 0.5) < ms(FOLLOW_BOUND),
+        "p50 die -> removal {:.1} ms",
+        quantile(&gone_lat, 0.5)
+    );
     tb.finish();
 }
