@@ -33,9 +33,11 @@ pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 /// Bounds every API call but the events stream (which bollard does not time out once the
 /// response headers arrived): a wedged engine then counts as unreachable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Reconnect backoff: first retry soon (an engine restart takes ~1 s), then at most every 5 s.
+/// Reconnect backoff: first retry soon (an engine restart takes ~1 s), then at most every 1 s.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+// A failed connect to a local socket costs microseconds, and an engine that
+// comes back should be followed within about a second, not five.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// The events subscription starts this long before the listing, so an event racing the
 /// listing is replayed (and re-inspected, which is idempotent) rather than lost.
 const EVENTS_LOOKBACK: Duration = Duration::from_secs(1);
@@ -1428,12 +1430,12 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_up_to_five_seconds() {
+    fn backoff_doubles_up_to_one_second() {
         let mut b = Backoff::default();
         let seq: Vec<u64> = (0..9)
             .map(|_| u64::try_from(b.next_delay().as_millis()).unwrap_or(0))
             .collect();
-        assert_eq!(seq, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        assert_eq!(seq, [100, 200, 400, 800, 1000, 1000, 1000, 1000, 1000]);
     }
 
     #[test]

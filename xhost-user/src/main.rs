@@ -85,6 +85,8 @@ fn main() -> std::process::ExitCode {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_target(false)
+        // Milliseconds: event-to-map latencies are read off these lines.
+        .format_timestamp_millis()
         .init();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -455,6 +455,9 @@ pub fn export(layout: &Layout) -> anyhow::Result<String> {
     let host = a
         .underlay_ip
         .with_context(|| format!("{} has no IPv4 address", a.iface))?;
+    if s.local_subnets.is_empty() {
+        bail!("no local subnets yet (is Docker up, or a --bridge given?): nothing to export");
+    }
     let subnets: Vec<String> = s
         .local_subnets
         .iter()
