@@ -553,16 +553,17 @@ impl Results {
             .iter()
             .filter(|s| s.name != WIRE && self.ran(&s.name))
             .collect();
+        // The median ratio and whether it rests on undisturbed samples only.
         let value = |s: &str, m: Metric, invert: bool| {
-            let mut r = ratio(&self.runs, s, WIRE, m, invert)?;
-            r.median.take()
+            let r = ratio(&self.runs, s, WIRE, m, invert)?;
+            Some((r.median?, r.clean))
         };
         let max = groups
             .iter()
             .flat_map(|g| {
                 metrics
                     .iter()
-                    .filter_map(|(m, _, _, inv)| value(&g.name, *m, *inv))
+                    .filter_map(|(m, _, _, inv)| value(&g.name, *m, *inv).map(|(v, _)| v))
             })
             .fold(1.2f64, f64::max);
         let top = (max * 5.0).ceil() / 5.0; // round up to 0.2
@@ -583,7 +584,7 @@ impl Results {
         );
         let _ = writeln!(
             s,
-            r##"<text x="{left}" y="36" fill="#555">medians of per-repetition ratios (tests disturbed by other load left out), {} rep(s) x {} s; latency as wire/x; {}</text>"##,
+            r##"<text x="{left}" y="36" fill="#555">medians of per-repetition ratios; * = only tests disturbed by other load were available; {} rep(s) x {} s; latency as wire/x; {}</text>"##,
             self.plan.reps,
             self.plan.duration_s,
             xml(&self.started_at)
@@ -614,11 +615,12 @@ impl Results {
             for (mi, (metric, _, colour, invert)) in metrics.iter().enumerate() {
                 let x = gx + mi as f64 * bar_w;
                 match value(&g.name, *metric, *invert) {
-                    Some(v) => {
+                    Some((v, clean)) => {
                         let (top_y, h) = (y(v.min(top)), v.min(top) / top * plot_h);
+                        let mark = if clean { "" } else { "*" };
                         let _ = writeln!(
                             s,
-                            r#"<rect x="{x:.1}" y="{top_y:.1}" width="{:.1}" height="{h:.1}" fill="{colour}"><title>{} {}: {v:.3}</title></rect><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9">{v:.2}</text>"#,
+                            r#"<rect x="{x:.1}" y="{top_y:.1}" width="{:.1}" height="{h:.1}" fill="{colour}"><title>{} {}: {v:.3}{mark}</title></rect><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9">{v:.2}{mark}</text>"#,
                             bar_w - 3.0,
                             xml(&g.name),
                             metric.label(),
