@@ -506,7 +506,6 @@ fn assert_refused(host: &xhost_tests::Host, args: &[&str], culprit: &str) {
 fn bad_input_is_refused_with_nothing_half_applied() {
     let topo = topology();
     let (a, b) = (topo.host_a(), topo.host_b());
-    let peer = peer_arg(b);
     let base = ["--iface", "ens33", "--bridge", "docker0", "--no-docker"];
     let with = |extra: &[&'static str]| -> Vec<String> {
         base.iter().chain(extra).map(|s| (*s).to_owned()).collect()

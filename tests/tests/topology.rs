@@ -19,7 +19,10 @@ use xhost_tests::{
 /// Root is required to create namespaces: fail loudly rather than pass
 /// having tested nothing.
 fn require_root() {
-    assert!(is_root(), "needs root (netns, veth, iptables): run via cargo xtask test");
+    assert!(
+        is_root(),
+        "needs root (netns, veth, iptables): run via cargo xtask test"
+    );
 }
 
 fn netns_list() -> String {

@@ -259,7 +259,7 @@ pub fn check_peers(peers: &[PeerConfig]) -> Result<(), ConfigError> {
         .iter()
         .flat_map(|p| p.subnets.iter().map(move |n| (*n, p.host)))
         .collect();
-    all.sort_by_key(|(n, _)| (n.addr(), n.len()));
+    all.sort_by_key(|(n, _)| (n.addr(), n.prefix_len()));
     let mut widest: Option<(Ipv4Net, Ipv4Addr)> = None;
     for (n, host) in all {
         if let Some((w, w_host)) = widest {

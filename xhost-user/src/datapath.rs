@@ -69,7 +69,7 @@ pub enum DatapathError {
     Program {
         program: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("attaching {program} to {iface} ({hook})")]
     Attach {
@@ -77,13 +77,13 @@ pub enum DatapathError {
         iface: String,
         hook: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("XDP native mode is not available on {iface} (use --xdp-mode skb or off)")]
     XdpNative {
         iface: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("{iface}: the attachment is not a bpf_link, so it cannot be pinned (kernel < 6.6?)")]
     Link {
@@ -145,7 +145,7 @@ pub struct Datapath {
 }
 
 fn key(net: &Ipv4Net) -> Key<[u8; 4]> {
-    Key::new(u32::from(net.len()), net.addr().octets())
+    Key::new(u32::from(net.prefix_len()), net.addr().octets())
 }
 
 impl Datapath {
@@ -214,13 +214,13 @@ impl Datapath {
             let prog: &mut SchedClassifier = dp.program(name)?;
             prog.load().map_err(|source| DatapathError::Program {
                 program: name,
-                source,
+                source: Box::new(source),
             })?;
         }
         let xdp: &mut Xdp = dp.program(PROG_XDP)?;
         xdp.load().map_err(|source| DatapathError::Program {
             program: PROG_XDP,
-            source,
+            source: Box::new(source),
         })?;
         Ok(dp)
     }
@@ -235,7 +235,7 @@ impl Datapath {
             .ok_or(DatapathError::Missing(name))?;
         prog.try_into().map_err(|source| DatapathError::Program {
             program: name,
-            source,
+            source: Box::new(source),
         })
     }
 
@@ -295,7 +295,7 @@ impl Datapath {
             program: PROG_XDP,
             iface: iface.into(),
             hook: "xdp",
-            source,
+            source: Box::new(source),
         };
         let prog: &mut Xdp = self.program(PROG_XDP)?;
         let id = prog.attach(iface, mode).map_err(|e| {
@@ -335,7 +335,7 @@ impl Datapath {
             program,
             iface: iface.into(),
             hook: hook.as_str(),
-            source,
+            source: Box::new(source),
         };
         let prog: &mut SchedClassifier = self.program(program)?;
         // tcx on kernels >= 6.6 (aya picks it): a bpf_link that can be pinned,
@@ -576,15 +576,14 @@ fn detach(mut a: Attachment) {
 }
 
 /// `statfs(2)` magic of bpffs.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: libc::__fsword_t = 0xcafe_4a11;
 
 /// Makes sure `pin_dir` lives on a bpffs, mounting one at /sys/fs/bpf when
 /// nothing is mounted there yet (minimal machines and fresh VMs).
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
     const ROOT: &str = "/sys/fs/bpf";
-    let on_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-    };
+    let on_bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     // The nearest existing ancestor decides which filesystem the pins land on.
     let existing = pin_dir
         .ancestors()

@@ -34,7 +34,8 @@ impl Ipv4Net {
         self.addr
     }
 
-    pub fn len(&self) -> u8 {
+    /// The prefix length in bits.
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
 
@@ -266,8 +267,17 @@ mod tests {
         assert_eq!(n.to_string(), "192.168.220.0/24");
         assert!(n.contains(Ipv4Addr::new(192, 168, 220, 11)));
         assert!(!n.contains(Ipv4Addr::new(192, 168, 221, 1)));
-        assert_eq!("0.0.0.0/0".parse::<Ipv4Net>().expect("valid").len(), 0);
-        assert_eq!("10.0.0.1/32".parse::<Ipv4Net>().expect("valid").len(), 32);
+        assert_eq!(
+            "0.0.0.0/0".parse::<Ipv4Net>().expect("valid").prefix_len(),
+            0
+        );
+        assert_eq!(
+            "10.0.0.1/32"
+                .parse::<Ipv4Net>()
+                .expect("valid")
+                .prefix_len(),
+            32
+        );
     }
 
     #[test]

@@ -201,7 +201,7 @@ impl Rtnl {
         // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
         m.extend_from_slice(&[
             libc::AF_INET as u8,
-            dst.len(),
+            dst.prefix_len(),
             0,
             0,
             RT_TABLE_MAIN,

@@ -674,6 +674,9 @@ fn to_mac(mut frame: Vec<u8>, mac: [u8; 6]) -> Vec<u8> {
     frame
 }
 
+/// (name, frame, arrival interface, verdict, expected frame out or unchanged).
+type CtrCase = (&'static str, Vec<u8>, &'static str, u32, Option<Vec<u8>>);
+
 #[test]
 fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
     in_test_host(|ebpf| {
@@ -681,7 +684,7 @@ fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
         // The endpoint 192.168.110.11 sits behind br0 in this test host, so
         // frames "arrive" on br0 as they would on the container's veth.
         let fwd = to_mac(ipv4(C1, R1, 64, &[]), GW_MAC);
-        let cases: [(&str, Vec<u8>, &str, u32, Option<Vec<u8>>); 6] = [
+        let cases: [CtrCase; 6] = [
             (
                 "own endpoint to its gateway",
                 fwd.clone(),
