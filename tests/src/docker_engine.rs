@@ -761,23 +761,11 @@ pub fn tcp_transfer(
             secs.as_ref(),
         ],
     )?)?;
-    let sent: SendReport = json_report(&String::from_utf8_lossy(&sender.stdout))?;
+    let sent: SendReport = crate::probe::parse_report(&String::from_utf8_lossy(&sender.stdout))?;
     let line = receiver.wait_for_line(|l| l.starts_with('{'), opts.timeout)?;
-    let received: RecvReport = json_report(&line)?;
+    let received: RecvReport = crate::probe::parse_report(&line)?;
     receiver.wait_timeout(Duration::from_secs(2))?;
     Ok(Transfer { sent, received })
-}
-
-/// The last JSON line of a probe's output.
-fn json_report<T: for<'de> serde::Deserialize<'de>>(text: &str) -> Result<T> {
-    text.lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .and_then(|l| serde_json::from_str(l).ok())
-        .ok_or_else(|| Error::Parse {
-            what: "xh-probe report",
-            input: text.to_owned(),
-        })
 }
 
 /// Removes engine directories (`/tmp/xhd-{pid}-{n}`) left by runs whose process is gone,

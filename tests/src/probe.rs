@@ -213,7 +213,7 @@ pub fn tcp_transfer(
 }
 
 /// The last JSON line of a probe's output.
-fn parse_report<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T> {
+pub(crate) fn parse_report<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T> {
     text.lines()
         .rev()
         .find(|l| l.starts_with('{'))

@@ -9,19 +9,17 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use xhost_tests::{
     Container, Host, Process, Topology, TopologyOpts, TransferOpts, cleanup_stale, pid_alive, ping,
     tcp_transfer,
 };
 
-use crate::{build, workspace};
+use crate::{build, interrupt::interrupted, workspace};
 
 #[derive(Args, Debug)]
 pub struct Options {
@@ -43,14 +41,6 @@ pub struct Options {
     /// Seconds to wait for each xhost-user to print `ready`.
     #[arg(long, default_value_t = 30)]
     pub ready_timeout: u64,
-}
-
-/// Set by SIGINT/SIGTERM; checked between steps so teardown runs through the guards.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    // Only an atomic store: anything else is not async-signal-safe.
-    INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
 const PING_COUNT: u32 = 3;
@@ -75,13 +65,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             bail!("{what} binary {} not found", p.display());
         }
     }
-    install_signal_handlers()?;
+    crate::interrupt::install()?;
     for name in cleanup_stale().context("removing stale namespaces")? {
         println!("removed stale namespace {name}");
     }
     remove_stale_demo_dirs();
     let result = demo(opts, &xhost_user, &probe);
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if interrupted() {
         // The guards in demo() have run by now; 130 is the shell's code for death by SIGINT.
         println!("interrupted: everything has been torn down");
         std::process::exit(130);
@@ -454,21 +444,8 @@ fn demo_dir_pid(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
-fn install_signal_handlers() -> anyhow::Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { sigaction(sig, &action) }.with_context(|| format!("installing {sig} handler"))?;
-    }
-    Ok(())
-}
-
 fn check_interrupted() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if interrupted() {
         bail!("interrupted");
     }
     Ok(())

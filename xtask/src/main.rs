@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod demo;
+mod interrupt;
 mod run;
 mod setup;
 mod test;

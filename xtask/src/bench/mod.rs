@@ -12,13 +12,11 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use serde::Serialize;
 use xhost_tests::{
     scenarios::{
@@ -28,7 +26,7 @@ use xhost_tests::{
     xhost::XHOST_BIN_ENV,
 };
 
-use crate::{build, workspace};
+use crate::{build, interrupt::interrupted, workspace};
 
 /// Routing protocol number xhost-user marks its kernel routes with (`XHOST_RTPROT`).
 const XHOST_RTPROT: u8 = 177;
@@ -274,18 +272,6 @@ pub struct Plan {
     pub max_wait_s: u64,
 }
 
-/// Set by SIGINT/SIGTERM; checked between steps so teardown runs through the guards.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    // Only an atomic store: anything else is not async-signal-safe.
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let scenarios = select(&opts.scenarios)?;
     if opts.list {
@@ -334,7 +320,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         max_wait_s: opts.max_wait.unwrap_or(if opts.quick { 1 } else { 3 }),
     };
     preflight()?;
-    install_signal_handlers()?;
+    crate::interrupt::install()?;
     let started = Instant::now();
     let started_at = report::now_utc();
     eprintln!(
@@ -677,17 +663,4 @@ fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
             Err(e) => run.errors.push(format!("latency ({mode:?}): {e}")),
         }
     }
-}
-
-fn install_signal_handlers() -> anyhow::Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { sigaction(sig, &action) }.with_context(|| format!("installing {sig} handler"))?;
-    }
-    Ok(())
 }
