@@ -306,25 +306,9 @@ impl Engine {
     /// reply), as [`crate::ping`] does for a namespace.
     pub fn ping_from(&self, container: &str, dst: Ipv4Addr, count: u32) -> Result<PingStats> {
         cmd::require_tool("ping", "iputils-ping")?;
-        let out = cmd::output(&mut self.in_container(
-            container,
-            &[
-                "ping",
-                "-n",
-                "-c",
-                &count.max(1).to_string(),
-                "-i",
-                "0.2",
-                "-W",
-                "1",
-                &dst.to_string(),
-            ],
-        )?)?;
-        Ok(crate::probe::parse_ping(&format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )))
+        let out =
+            cmd::output(&mut self.in_container(container, &crate::probe::ping_args(dst, count))?)?;
+        Ok(crate::probe::ping_stats(&out))
     }
 
     /// A running container's endpoint on `network` as Docker and the kernel see it: IP and

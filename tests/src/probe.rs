@@ -44,23 +44,36 @@ impl PingStats {
 /// the last reply. An unreachable destination is not an error: it shows as `received == 0`.
 pub fn ping(ns: &NetNs, dst: Ipv4Addr, count: u32) -> Result<PingStats> {
     cmd::require_tool("ping", "iputils-ping")?;
-    let out = ns.exec(&[
+    let out = ns.exec(&ping_args(dst, count))?;
+    Ok(ping_stats(&out))
+}
+
+/// The `ping` command line both [`ping`] and the Docker harness run.
+pub(crate) fn ping_args(dst: Ipv4Addr, count: u32) -> Vec<String> {
+    let count = count.max(1).to_string();
+    [
         "ping",
         "-n",
         "-c",
-        &count.max(1).to_string(),
+        &count,
         "-i",
         "0.2",
         "-W",
         "1",
         &dst.to_string(),
-    ])?;
-    let text = format!(
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+/// Statistics from a finished ping's output (stdout and stderr).
+pub(crate) fn ping_stats(out: &std::process::Output) -> PingStats {
+    parse_ping(&format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(parse_ping(&text))
+    ))
 }
 
 /// Reads the summary of iputils ping. Output without a summary (e.g. `connect: Network is
