@@ -33,7 +33,7 @@ const XHOST_RTPROT: u8 = 177;
 
 #[derive(Args, Debug, Clone)]
 pub struct Options {
-    /// One repetition with short tests (2 s each, no busy-poll latency): a smoke run in
+    /// One repetition with short tests (2 s each, no pinned latency): a smoke run in
     /// well under two minutes.
     #[arg(long)]
     pub quick: bool,
@@ -166,24 +166,26 @@ pub fn all_scenarios() -> Vec<Scenario> {
 pub enum Metric {
     TcpGbps,
     UdpKpps,
-    /// Latency, [`LatencyMode::Pinned`] (the one the targets use).
+    /// Latency, [`LatencyMode::BusyPoll`]: the method, which the targets use.
     LatMeanUs,
     LatP99Us,
-    /// Latency, [`LatencyMode::BusyPoll`]: its median, since its mean is bimodal here.
-    BusyP50Us,
-    BusyMeanUs,
+    LatP50Us,
+    /// Latency, [`LatencyMode::Pinned`]: blocking sockets on one CPU, a second view.
+    PinnedMeanUs,
+    PinnedP99Us,
     CpuNsPerPkt,
     SoftirqNsPerPkt,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 8] = [
+    pub const ALL: [Metric; 9] = [
         Metric::TcpGbps,
         Metric::UdpKpps,
         Metric::LatMeanUs,
         Metric::LatP99Us,
-        Metric::BusyP50Us,
-        Metric::BusyMeanUs,
+        Metric::LatP50Us,
+        Metric::PinnedMeanUs,
+        Metric::PinnedP99Us,
         Metric::CpuNsPerPkt,
         Metric::SoftirqNsPerPkt,
     ];
@@ -194,7 +196,7 @@ impl Metric {
         Metric::UdpKpps,
         Metric::LatMeanUs,
         Metric::LatP99Us,
-        Metric::BusyP50Us,
+        Metric::PinnedMeanUs,
         Metric::SoftirqNsPerPkt,
     ];
 
@@ -204,8 +206,9 @@ impl Metric {
             Metric::UdpKpps => "UDP64 kpps",
             Metric::LatMeanUs => "lat mean us",
             Metric::LatP99Us => "lat p99 us",
-            Metric::BusyP50Us => "busy-poll p50 us",
-            Metric::BusyMeanUs => "busy-poll mean us",
+            Metric::LatP50Us => "lat p50 us",
+            Metric::PinnedMeanUs => "pinned lat mean us",
+            Metric::PinnedP99Us => "pinned lat p99 us",
             Metric::CpuNsPerPkt => "CPU ns/pkt",
             Metric::SoftirqNsPerPkt => "softirq ns/pkt",
         }
@@ -231,15 +234,15 @@ pub struct Run {
     pub udp: Option<UdpSample>,
     /// `/proc/stat` ticks over the UDP test.
     pub udp_cpu_ticks: Option<CpuTicks>,
-    /// [`LatencyMode::Pinned`].
-    pub latency: Option<LatencySample>,
     /// [`LatencyMode::BusyPoll`].
-    pub latency_busy: Option<LatencySample>,
+    pub latency: Option<LatencySample>,
+    /// [`LatencyMode::Pinned`].
+    pub latency_pinned: Option<LatencySample>,
     pub agents: Vec<AgentReport>,
     /// Per host: the agent's XDP attachment and datapath counters after the tests.
     pub xhost_status: BTreeMap<String, serde_json::Value>,
     pub values: BTreeMap<Metric, f64>,
-    /// Per test (`tcp`, `udp`, `latency`): CPUs' worth of busy time that was not the
+    /// Per test (`tcp`, `udp`, `latency_pinned`): CPUs' worth of busy time that was not the
     /// tools' own while it ran.
     pub foreign_cpus: BTreeMap<String, f64>,
     /// Metrics whose test ran with more than [`DISTURBED_CPUS`] of outside work; medians
@@ -626,9 +629,9 @@ fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
     }
     // --quick keeps to the latency the targets use, to stay well under two minutes.
     let modes: &[LatencyMode] = if plan.quick {
-        &[LatencyMode::Pinned]
+        &[LatencyMode::BusyPoll]
     } else {
-        &[LatencyMode::Pinned, LatencyMode::BusyPoll]
+        &[LatencyMode::BusyPoll, LatencyMode::Pinned]
     };
     for &mode in modes {
         if interrupted() {
@@ -646,19 +649,20 @@ fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
                 });
                 note_foreign(
                     run,
-                    "latency",
+                    "latency_pinned",
                     foreign,
-                    &[Metric::LatMeanUs, Metric::LatP99Us],
+                    &[Metric::PinnedMeanUs, Metric::PinnedP99Us],
                 );
-                run.values.insert(Metric::LatMeanUs, l.mean_us);
-                run.values.insert(Metric::LatP99Us, l.p99_us);
-                run.latency = Some(l);
+                run.values.insert(Metric::PinnedMeanUs, l.mean_us);
+                run.values.insert(Metric::PinnedP99Us, l.p99_us);
+                run.latency_pinned = Some(l);
             }
             Ok(l) => {
                 // Busy polling keeps both CPUs at 100 %: outside load cannot be told apart.
-                run.values.insert(Metric::BusyP50Us, l.p50_us);
-                run.values.insert(Metric::BusyMeanUs, l.mean_us);
-                run.latency_busy = Some(l);
+                run.values.insert(Metric::LatMeanUs, l.mean_us);
+                run.values.insert(Metric::LatP99Us, l.p99_us);
+                run.values.insert(Metric::LatP50Us, l.p50_us);
+                run.latency = Some(l);
             }
             Err(e) => run.errors.push(format!("latency ({mode:?}): {e}")),
         }
