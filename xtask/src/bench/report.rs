@@ -441,7 +441,11 @@ impl Results {
                 vec![
                     t.what.clone(),
                     t.value.map_or("-".into(), |v| {
-                        format!("{v:.2}{}", if t.clean { "" } else { "*" })
+                        format!(
+                            "{}{}",
+                            target_value(v, &t.goal),
+                            if t.clean { "" } else { "*" }
+                        )
                     }),
                     t.goal.clone(),
                     match t.met {
@@ -740,6 +744,25 @@ fn fmt_value(v: Option<f64>, metric: Metric) -> String {
     }
 }
 
+/// A target's value with two decimals, or more where two would print the goal's own
+/// bound for a value that is not exactly on it (1.7998 against `>= 1.8` prints 1.7998,
+/// not a misleading 1.80 next to MISSED).
+fn target_value(v: f64, goal: &str) -> String {
+    let bound = goal
+        .split_whitespace()
+        .nth(1)
+        .and_then(|b| b.parse::<f64>().ok());
+    let mut decimals = 2;
+    loop {
+        let shown = format!("{v:.decimals$}");
+        let on_bound = bound.is_some_and(|b| shown.parse::<f64>().ok() == Some(b) && v != b);
+        if !on_bound || decimals >= 6 {
+            return shown;
+        }
+        decimals += 1;
+    }
+}
+
 /// One titled table, aligned text or GitHub markdown.
 fn section(out: &mut String, markdown: bool, title: &str, header: &[String], rows: &[Vec<String>]) {
     if markdown {
@@ -925,6 +948,15 @@ fn format_utc(secs: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn target_values_never_print_the_bound_they_miss() {
+        assert_eq!(target_value(1.799_813_9, ">= 1.8"), "1.7998");
+        assert_eq!(target_value(0.604, "<= 0.6"), "0.604");
+        assert_eq!(target_value(1.8, ">= 1.8"), "1.80");
+        assert_eq!(target_value(0.8213, ">= 0.8"), "0.82");
+        assert_eq!(target_value(32.07, "< 50 MB"), "32.07");
+    }
+
     use super::*;
 
     #[test]
