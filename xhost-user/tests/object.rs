@@ -11,14 +11,14 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarge
 #[test]
 fn programs_call_no_mem_subprograms() {
     let obj = object::File::parse(xhost_user::datapath::object()).expect("parse eBPF object");
-    let mut programs = 0;
+    let mut sections = 0;
     let mut calls = Vec::new();
     for section in obj.sections() {
         let name = section.name().unwrap_or_default();
         if !(name.starts_with("classifier") || name.starts_with("xdp")) {
             continue;
         }
-        programs += 1;
+        sections += 1;
         for (offset, reloc) in section.relocations() {
             let RelocationTarget::Symbol(idx) = reloc.target() else {
                 continue;
@@ -30,7 +30,7 @@ fn programs_call_no_mem_subprograms() {
             }
         }
     }
-    assert!(programs >= 2, "found only {programs} program sections");
+    assert!(sections >= 2, "found only {sections} program sections");
     let names: Vec<_> = obj
         .symbols()
         .filter_map(|s| s.name().ok())
