@@ -948,6 +948,8 @@ fn format_utc(secs: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn target_values_never_print_the_bound_they_miss() {
         assert_eq!(target_value(1.799_813_9, ">= 1.8"), "1.7998");
@@ -956,8 +958,6 @@ mod tests {
         assert_eq!(target_value(0.8213, ">= 0.8"), "0.82");
         assert_eq!(target_value(32.07, "< 50 MB"), "32.07");
     }
-
-    use super::*;
 
     #[test]
     fn medians() {
