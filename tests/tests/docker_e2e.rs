@@ -182,6 +182,16 @@ impl Testbed {
     }
 
     /// `xhost-user load --iface ens33 --docker-host <engine> --config <cfg>` on host i.
+    /// Starts both hosts' agents and waits until each follows its engine.
+    fn start_agents(&mut self) {
+        for i in 0..2 {
+            self.start_agent(i);
+        }
+        for i in 0..2 {
+            self.wait_docker(i);
+        }
+    }
+
     fn start_agent(&mut self, i: usize) {
         let cfg = self.config(i);
         self.start_agent_with(i, &cfg);
@@ -803,10 +813,7 @@ fn container_started_later_is_served_within_a_second_and_forgotten_on_rm() {
     tb.engine(1)
         .run_container("bridge", None, "b1")
         .expect("run b1");
-    tb.start_agent(0);
-    tb.start_agent(1);
-    tb.wait_docker(0);
-    tb.wait_docker(1);
+    tb.start_agents();
     let (ea, eb) = (tb.engine(0), tb.engine(1));
     let ip_b = ip_of(eb, "b1", "bridge");
     let watch = MapWatch::start(tb.agent(0));
@@ -951,10 +958,7 @@ fn user_network_is_followed_and_forgotten() {
     tb.engine(1)
         .run_container("bridge", None, "b1")
         .expect("run b1");
-    tb.start_agent(0);
-    tb.start_agent(1);
-    tb.wait_docker(0);
-    tb.wait_docker(1);
+    tb.start_agents();
     let (ea, eb) = (tb.engine(0), tb.engine(1));
     let (ip_a1, ip_b) = (ip_of(ea, "a1", "bridge"), ip_of(eb, "b1", "bridge"));
     let ns_a = tb.host(0).ns();
