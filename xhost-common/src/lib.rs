@@ -20,17 +20,25 @@ pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
 pub const MAP_PEER_HOSTS: &str = "PEER_HOSTS";
 /// Name of the per-CPU array of packet/byte counters.
 pub const MAP_STATS: &str = "STATS";
+/// Name of the one-slot array holding the generation of `ROUTES` (a `u64`).
+/// Whoever writes `ROUTES` bumps it afterwards: the datapath caches `ROUTES`
+/// answers per address and drops those read under an older generation.
+pub const MAP_ROUTES_GEN: &str = "ROUTES_GEN";
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 5] = [
+pub const PINNED_MAPS: [&str; 6] = [
     MAP_ROUTES,
     MAP_LOCAL_NETS,
     MAP_ENDPOINTS,
     MAP_PEER_HOSTS,
     MAP_STATS,
+    MAP_ROUTES_GEN,
 ];
 
 /// Capacity of `ROUTES`: enough for the 100 000-route scale benchmark.
 pub const MAX_ROUTES: u32 = 131_072;
+/// Slots per CPU of the datapath's `ROUTES` answer cache (a power of two).
+pub const ROUTE_CACHE_SLOTS: u32 = 4_096;
+const _: () = assert!(ROUTE_CACHE_SLOTS.is_power_of_two());
 /// Capacity of `LOCAL_NETS`.
 pub const MAX_LOCAL_NETS: u32 = 1_024;
 /// Capacity of `ENDPOINTS` (local containers).

@@ -35,7 +35,7 @@ use xhost_common::stat;
 
 use crate::{
     fib::NextHop,
-    maps::{ENDPOINTS, LOCAL_NETS, ROUTES, host_key},
+    maps::{ENDPOINTS, LOCAL_NETS, host_key, route_of},
     parse::{Frame, decrement_ttl, parse},
     stats::count,
 };
@@ -101,11 +101,10 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     };
     // SAFETY: `f.ip` was bounds-checked by `parse`.
     let (src, dst, ttl) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr, (*f.ip).ttl) };
-    let Some(peer) = ROUTES.get(&host_key(dst)) else {
+    let Some(peer_host) = route_of(dst) else {
         // Host-bound, local, or the internet (Docker's MASQUERADE).
         return Verdict::pass(stat::PASS_NOT_OURS);
     };
-    let peer_host = peer.host;
     // SAFETY: reading the ingress ifindex of the skb context.
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // Only this host's containers are routed; anything else sourced behind
@@ -158,7 +157,7 @@ fn try_ingress(ctx: &TcContext) -> Verdict {
     }
     // Docker's isolation is bypassed here, so enforce it (see policy.rs).
     // The same check runs in XDP when attached; it is repeated because XDP
-    // may be off, and costs one LPM lookup.
+    // may be off, and costs one (cached) ROUTES lookup.
     if !policy::source_allowed(ctx, &f, src) {
         debug!(ctx, "drop: source not a peer's");
         return Verdict {

@@ -1,16 +1,24 @@
 //! The routing state the agent writes and the datapath reads.
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
 use xhost_common::{
     Endpoint, LocalNet, MAX_ENDPOINTS, MAX_LOCAL_NETS, MAX_PEER_HOSTS, MAX_ROUTES, Peer, PeerHost,
+    ROUTE_CACHE_SLOTS,
 };
 
-/// Remote container prefixes -> the peer host that owns them.
+/// Remote container prefixes -> the peer host that owns them. Read through
+/// [`route_of`].
 #[btf_map]
-pub static ROUTES: LpmTrie<[u8; 4], Peer, { MAX_ROUTES as usize }> = LpmTrie::new();
+static ROUTES: LpmTrie<[u8; 4], Peer, { MAX_ROUTES as usize }> = LpmTrie::new();
+
+/// Generation of `ROUTES`: the agent bumps slot 0 after every write to it.
+#[btf_map]
+static ROUTES_GEN: Array<u64, 1> = Array::new();
 
 /// This host's container subnets (docker0, user bridges).
 #[btf_map]
@@ -24,8 +32,73 @@ pub static ENDPOINTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = H
 #[btf_map]
 pub static PEER_HOSTS: HashMap<[u8; 4], PeerHost, { MAX_PEER_HOSTS as usize }> = HashMap::new();
 
+/// One address's `ROUTES` answer, as read under generation `generation`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CachedRoute {
+    addr: [u8; 4],
+    /// [`SLOT_EMPTY`], [`SLOT_ROUTED`] (to `host`) or [`SLOT_UNROUTED`].
+    state: u32,
+    generation: u64,
+    host: [u8; 4],
+    _pad: u32,
+}
+
+const SLOT_EMPTY: u32 = 0;
+const SLOT_ROUTED: u32 = 1;
+const SLOT_UNROUTED: u32 = 2;
+
+/// Direct-mapped, per CPU: a slot holds the last address hashed to it.
+#[btf_map]
+static ROUTE_CACHE: PerCpuArray<CachedRoute, { ROUTE_CACHE_SLOTS as usize }> = PerCpuArray::new();
+
 /// Longest-prefix match of a single address.
 #[inline(always)]
 pub fn host_key(addr: [u8; 4]) -> Key<[u8; 4]> {
     Key::new(32, addr)
+}
+
+/// The peer host whose container prefix holds `addr` (`ROUTES`), if any.
+///
+/// The LPM walk gets longer the more prefixes surround `addr`, and each
+/// packet asks for the same few addresses, so answers are cached per CPU.
+/// Every entry carries the generation it was read under; the agent bumps
+/// the generation after each `ROUTES` write, which retires every entry read
+/// before that write. The generation is read before the trie, so an answer
+/// filed under generation g was read either after every write before g's
+/// bump, or before a write that will bump past g.
+#[inline(always)]
+pub fn route_of(addr: [u8; 4]) -> Option<[u8; 4]> {
+    // SAFETY: a plain load of the agent's counter (it only ever grows).
+    let Some(generation) = ROUTES_GEN.get_ptr(0).map(|p| unsafe { read_volatile(p) }) else {
+        return lpm(addr);
+    };
+    let index = u32::from_ne_bytes(addr).wrapping_mul(0x9e37_79b1)
+        >> (32 - ROUTE_CACHE_SLOTS.trailing_zeros());
+    let Some(slot) = ROUTE_CACHE.get_ptr_mut(index) else {
+        return lpm(addr);
+    };
+    // SAFETY: this CPU's slot; networking programs do not nest on a CPU
+    // (softirq, or process context with BHs off), so nothing else touches it
+    // while this program runs.
+    let slot = unsafe { &mut *slot };
+    if slot.state != SLOT_EMPTY && slot.generation == generation && slot.addr == addr {
+        return (slot.state == SLOT_ROUTED).then_some(slot.host);
+    }
+    let found = lpm(addr);
+    slot.addr = addr;
+    slot.generation = generation;
+    slot.host = found.unwrap_or_default();
+    slot.state = if found.is_some() {
+        SLOT_ROUTED
+    } else {
+        SLOT_UNROUTED
+    };
+    found
+}
+
+#[inline(always)]
+fn lpm(addr: [u8; 4]) -> Option<[u8; 4]> {
+    // The agent may replace the entry concurrently: copy the host out at once.
+    ROUTES.get(&host_key(addr)).map(|p| p.host)
 }

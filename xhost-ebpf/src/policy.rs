@@ -10,7 +10,7 @@
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    maps::{PEER_HOSTS, ROUTES, host_key},
+    maps::{PEER_HOSTS, route_of},
     parse::{Ipv4Frame, Packet, ptr_at},
 };
 
@@ -22,7 +22,7 @@ const ICMP_PARAMETERPROB: u8 = 12;
 /// Whether a packet from `src` may be delivered to a local container.
 #[inline(always)]
 pub fn source_allowed<P: Packet>(ctx: &P, f: &Ipv4Frame, src: [u8; 4]) -> bool {
-    if ROUTES.get(&host_key(src)).is_some() {
+    if route_of(src).is_some() {
         return true;
     }
     // SAFETY: `f.ip` was bounds-checked by `parse`.

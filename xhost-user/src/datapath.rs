@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -21,8 +21,8 @@ use aya::{
 };
 use log::{info, warn};
 use xhost_common::{
-    Endpoint, LocalNet, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, PINNED_MAPS,
-    PROG_EGRESS, PROG_FROM_CTR, PROG_INGRESS, PROG_XDP, Peer, PeerHost,
+    Endpoint, LocalNet, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, MAP_ROUTES_GEN,
+    PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR, PROG_INGRESS, PROG_XDP, Peer, PeerHost,
 };
 
 use crate::{
@@ -131,7 +131,7 @@ struct Attachment {
 pub struct Datapath {
     layout: Layout,
     ebpf: Ebpf,
-    routes: LpmTrie<MapData, [u8; 4], Peer>,
+    routes: RouteTable,
     local_nets: LpmTrie<MapData, [u8; 4], LocalNet>,
     endpoints: HashMap<MapData, [u8; 4], Endpoint>,
     peer_hosts: HashMap<MapData, [u8; 4], PeerHost>,
@@ -146,6 +146,67 @@ pub struct Datapath {
 
 fn key(net: &Ipv4Net) -> Key<[u8; 4]> {
     Key::new(u32::from(net.prefix_len()), net.addr().octets())
+}
+
+/// `ROUTES` and its generation, written only together: the datapath caches
+/// `ROUTES` answers per CPU and trusts an entry only while the generation it
+/// was read under is current, so every write is followed by a bump.
+pub struct RouteTable {
+    trie: LpmTrie<MapData, [u8; 4], Peer>,
+    generation: Array<MapData, u64>,
+}
+
+impl RouteTable {
+    /// Takes the two maps of one loaded object.
+    pub fn new(trie: aya::maps::Map, generation: aya::maps::Map) -> Result<Self, DatapathError> {
+        Ok(Self {
+            trie: trie.try_into().map_err(|source| DatapathError::Map {
+                map: MAP_ROUTES,
+                source,
+            })?,
+            generation: generation.try_into().map_err(|source| DatapathError::Map {
+                map: MAP_ROUTES_GEN,
+                source,
+            })?,
+        })
+    }
+
+    /// Routes `net` to the peer host `peer`.
+    pub fn set(&mut self, net: &Ipv4Net, peer: Ipv4Addr) -> Result<(), DatapathError> {
+        let value = Peer {
+            host: peer.octets(),
+            flags: 0,
+        };
+        self.trie
+            .insert(&key(net), value, 0)
+            .map_err(|source| DatapathError::Map {
+                map: MAP_ROUTES,
+                source,
+            })?;
+        self.bump()
+    }
+
+    pub fn remove(&mut self, net: &Ipv4Net) -> Result<(), DatapathError> {
+        self.trie
+            .remove(&key(net))
+            .map_err(|source| DatapathError::Map {
+                map: MAP_ROUTES,
+                source,
+            })?;
+        self.bump()
+    }
+
+    /// Retires every cached answer read before the write just made.
+    fn bump(&mut self) -> Result<(), DatapathError> {
+        let err = |source| DatapathError::Map {
+            map: MAP_ROUTES_GEN,
+            source,
+        };
+        let current = self.generation.get(&0, 0).map_err(err)?;
+        self.generation
+            .set(0, current.wrapping_add(1), 0)
+            .map_err(err)
+    }
 }
 
 impl Datapath {
@@ -194,11 +255,17 @@ impl Datapath {
             maps.push(map);
         }
         let map_err = |map| move |source| DatapathError::Map { map, source };
-        let [routes, local_nets, endpoints, peer_hosts, _stats] =
-            <[aya::maps::Map; 5]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
+        let [
+            routes,
+            local_nets,
+            endpoints,
+            peer_hosts,
+            _stats,
+            routes_gen,
+        ] = <[aya::maps::Map; 6]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
         let mut dp = Self {
             layout: layout.clone(),
-            routes: routes.try_into().map_err(map_err(MAP_ROUTES))?,
+            routes: RouteTable::new(routes, routes_gen)?,
             local_nets: local_nets.try_into().map_err(map_err(MAP_LOCAL_NETS))?,
             endpoints: endpoints.try_into().map_err(map_err(MAP_ENDPOINTS))?,
             peer_hosts: peer_hosts.try_into().map_err(map_err(MAP_PEER_HOSTS))?,
@@ -422,25 +489,11 @@ impl Datapath {
     }
 
     pub fn set_route(&mut self, net: &Ipv4Net, peer: Ipv4Addr) -> Result<(), DatapathError> {
-        let value = Peer {
-            host: peer.octets(),
-            flags: 0,
-        };
-        self.routes
-            .insert(&key(net), value, 0)
-            .map_err(|source| DatapathError::Map {
-                map: MAP_ROUTES,
-                source,
-            })
+        self.routes.set(net, peer)
     }
 
     pub fn remove_route(&mut self, net: &Ipv4Net) -> Result<(), DatapathError> {
-        self.routes
-            .remove(&key(net))
-            .map_err(|source| DatapathError::Map {
-                map: MAP_ROUTES,
-                source,
-            })
+        self.routes.remove(net)
     }
 
     /// Adds the kernel route `net via peer dev oif` (as flannel's host-gw

@@ -19,6 +19,7 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use xhost_common::{Counter, Endpoint, LocalNet, Peer, PeerHost, stat};
+use xhost_user::{datapath::RouteTable, net::Ipv4Net};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -738,5 +739,101 @@ fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
                 assert_counter_moved(ebpf, &before, stat::FWD_EGRESS, frame.len(), name);
             }
         }
+    });
+}
+
+/// `ROUTES` answers are cached per CPU: a route written through
+/// `RouteTable` must still decide the very next packet, on the CPU that
+/// cached the old answer, for the destination (egress) and the source check
+/// (ingress) alike.
+#[test]
+fn route_changes_retire_cached_answers() {
+    in_test_host(|ebpf| {
+        // One CPU for every run, so the second packet meets the first one's
+        // cache entry instead of another CPU's empty slot.
+        let mut one = nix::sched::CpuSet::new();
+        one.set(0).expect("cpu 0");
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("pin to cpu 0");
+        let mut routes = RouteTable::new(
+            ebpf.take_map("ROUTES").expect("ROUTES"),
+            ebpf.take_map("ROUTES_GEN").expect("ROUTES_GEN"),
+        )
+        .expect("route table");
+        let r1_net: Ipv4Net = "192.168.220.0/24".parse().expect("net");
+        let ul0 = mac("ul0");
+        let out = ipv4(C1, R1, 64, &[]);
+        let into = ipv4(R1, C1, 63, &[]);
+        let routed_out = || Case {
+            name: "routed to the first peer",
+            out: Some(routed(&out, ul0, PEER_MAC)),
+            frame: out.clone(),
+            verdict: TC_ACT_REDIRECT,
+            counter: stat::FWD_EGRESS,
+        };
+        let unrouted_out = || Case {
+            name: "route removed: no longer ours",
+            frame: out.clone(),
+            verdict: TC_ACT_OK,
+            out: None,
+            counter: stat::PASS_NOT_OURS,
+        };
+        let allowed_in = || Case {
+            name: "from a routed prefix: delivered",
+            out: Some(routed(&into, GW_MAC, CTR_MAC)),
+            frame: into.clone(),
+            verdict: TC_ACT_REDIRECT,
+            counter: stat::FWD_INGRESS,
+        };
+        let refused_in = || Case {
+            name: "route removed: source refused",
+            frame: into.clone(),
+            verdict: TC_ACT_SHOT,
+            out: None,
+            counter: stat::DROP_SPOOFED,
+        };
+        // Twice each: the second run is answered from the cache.
+        run_tc(
+            ebpf,
+            xhost_common::PROG_EGRESS,
+            "br0",
+            vec![routed_out(), routed_out()],
+        );
+        run_tc(
+            ebpf,
+            xhost_common::PROG_INGRESS,
+            "ul0",
+            vec![allowed_in(), allowed_in()],
+        );
+
+        routes.remove(&r1_net).expect("remove route");
+        run_tc(
+            ebpf,
+            xhost_common::PROG_EGRESS,
+            "br0",
+            vec![unrouted_out(), unrouted_out()],
+        );
+        run_tc(
+            ebpf,
+            xhost_common::PROG_INGRESS,
+            "ul0",
+            vec![refused_in(), refused_in()],
+        );
+
+        // Back, behind the peer whose MAC the kernel does not know.
+        routes
+            .set(&r1_net, [172, 16, 91, 133].into())
+            .expect("set route");
+        let mut neigh_out = out.clone();
+        neigh_out[22] -= 1;
+        set_checksum(&mut neigh_out);
+        let moved = Case {
+            name: "route moved to another peer",
+            out: Some(neigh_out),
+            frame: out.clone(),
+            verdict: TC_ACT_REDIRECT,
+            counter: stat::FWD_EGRESS,
+        };
+        run_tc(ebpf, xhost_common::PROG_EGRESS, "br0", vec![moved]);
+        run_tc(ebpf, xhost_common::PROG_INGRESS, "ul0", vec![allowed_in()]);
     });
 }
