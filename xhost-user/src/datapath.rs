@@ -144,6 +144,11 @@ pub struct Datapath {
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
+/// Wraps a failed operation on the map named `map`.
+fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
 fn key(net: &Ipv4Net) -> Key<[u8; 4]> {
     Key::new(u32::from(net.prefix_len()), net.addr().octets())
 }
@@ -160,14 +165,8 @@ impl RouteTable {
     /// Takes the two maps of one loaded object.
     pub fn new(trie: aya::maps::Map, generation: aya::maps::Map) -> Result<Self, DatapathError> {
         Ok(Self {
-            trie: trie.try_into().map_err(|source| DatapathError::Map {
-                map: MAP_ROUTES,
-                source,
-            })?,
-            generation: generation.try_into().map_err(|source| DatapathError::Map {
-                map: MAP_ROUTES_GEN,
-                source,
-            })?,
+            trie: trie.try_into().map_err(map_error(MAP_ROUTES))?,
+            generation: generation.try_into().map_err(map_error(MAP_ROUTES_GEN))?,
         })
     }
 
@@ -179,33 +178,24 @@ impl RouteTable {
         };
         self.trie
             .insert(&key(net), value, 0)
-            .map_err(|source| DatapathError::Map {
-                map: MAP_ROUTES,
-                source,
-            })?;
+            .map_err(map_error(MAP_ROUTES))?;
         self.bump()
     }
 
     pub fn remove(&mut self, net: &Ipv4Net) -> Result<(), DatapathError> {
-        self.trie
-            .remove(&key(net))
-            .map_err(|source| DatapathError::Map {
-                map: MAP_ROUTES,
-                source,
-            })?;
+        self.trie.remove(&key(net)).map_err(map_error(MAP_ROUTES))?;
         self.bump()
     }
 
     /// Retires every cached answer read before the write just made.
     fn bump(&mut self) -> Result<(), DatapathError> {
-        let err = |source| DatapathError::Map {
-            map: MAP_ROUTES_GEN,
-            source,
-        };
-        let current = self.generation.get(&0, 0).map_err(err)?;
+        let current = self
+            .generation
+            .get(&0, 0)
+            .map_err(map_error(MAP_ROUTES_GEN))?;
         self.generation
             .set(0, current.wrapping_add(1), 0)
-            .map_err(err)
+            .map_err(map_error(MAP_ROUTES_GEN))
     }
 }
 
@@ -254,7 +244,6 @@ impl Datapath {
             guard.paths.push(path);
             maps.push(map);
         }
-        let map_err = |map| move |source| DatapathError::Map { map, source };
         let [
             routes,
             local_nets,
@@ -266,9 +255,9 @@ impl Datapath {
         let mut dp = Self {
             layout: layout.clone(),
             routes: RouteTable::new(routes, routes_gen)?,
-            local_nets: local_nets.try_into().map_err(map_err(MAP_LOCAL_NETS))?,
-            endpoints: endpoints.try_into().map_err(map_err(MAP_ENDPOINTS))?,
-            peer_hosts: peer_hosts.try_into().map_err(map_err(MAP_PEER_HOSTS))?,
+            local_nets: local_nets.try_into().map_err(map_error(MAP_LOCAL_NETS))?,
+            endpoints: endpoints.try_into().map_err(map_error(MAP_ENDPOINTS))?,
+            peer_hosts: peer_hosts.try_into().map_err(map_error(MAP_PEER_HOSTS))?,
             ebpf,
             attachments: BTreeMap::new(),
             pinned_maps: std::mem::take(&mut guard.paths),
@@ -482,10 +471,7 @@ impl Datapath {
     pub fn add_peer_host(&mut self, host: Ipv4Addr) -> Result<(), DatapathError> {
         self.peer_hosts
             .insert(host.octets(), PeerHost { flags: 0 }, 0)
-            .map_err(|source| DatapathError::Map {
-                map: MAP_PEER_HOSTS,
-                source,
-            })
+            .map_err(map_error(MAP_PEER_HOSTS))
     }
 
     pub fn set_route(&mut self, net: &Ipv4Net, peer: Ipv4Addr) -> Result<(), DatapathError> {
@@ -543,37 +529,25 @@ impl Datapath {
         };
         self.local_nets
             .insert(&key(net), value, 0)
-            .map_err(|source| DatapathError::Map {
-                map: MAP_LOCAL_NETS,
-                source,
-            })
+            .map_err(map_error(MAP_LOCAL_NETS))
     }
 
     pub fn remove_local(&mut self, net: &Ipv4Net) -> Result<(), DatapathError> {
         self.local_nets
             .remove(&key(net))
-            .map_err(|source| DatapathError::Map {
-                map: MAP_LOCAL_NETS,
-                source,
-            })
+            .map_err(map_error(MAP_LOCAL_NETS))
     }
 
     pub fn set_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DatapathError> {
         self.endpoints
             .insert(ip.octets(), ep, 0)
-            .map_err(|source| DatapathError::Map {
-                map: MAP_ENDPOINTS,
-                source,
-            })
+            .map_err(map_error(MAP_ENDPOINTS))
     }
 
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
         self.endpoints
             .remove(&ip.octets())
-            .map_err(|source| DatapathError::Map {
-                map: MAP_ENDPOINTS,
-                source,
-            })
+            .map_err(map_error(MAP_ENDPOINTS))
     }
 
     /// Leaves programs, links and maps pinned when this value is dropped
