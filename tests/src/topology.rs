@@ -282,7 +282,7 @@ impl Host {
             .ok_or_else(|| Error::Config(format!("{} has no .1", h.subnet)))?;
         let (bridge, iface, mtu) = (&opts.bridge, &opts.underlay_iface, opts.mtu);
         let bridge_cidr = h.subnet.with_addr(bridge_ip);
-        if opts.underlay_only {
+        let containers = if opts.underlay_only {
             ns.ip_batch(&format!(
                 "link set lo up\n\
                  addr add {} dev {iface}\n\
@@ -292,43 +292,36 @@ impl Host {
             // Forwarding stays off, as on a fresh host: dockerd turns it on and, because it
             // did, sets the FORWARD policy to DROP (with forwarding already on it would
             // leave ACCEPT, which is not what a Docker host looks like).
-            return Ok(Self {
-                containers: Vec::new(),
-                ns,
-                role,
-                subnet: h.subnet.network(),
-                bridge: bridge.clone(),
-                bridge_ip,
-                underlay: h.underlay,
-                underlay_iface: iface.clone(),
-            });
-        }
-        ns.ip_batch(&format!(
-            "link set lo up\n\
-             addr add {} dev {iface}\n\
-             link set {iface} up\n\
-             link add {bridge} mtu {mtu} type bridge\n\
-             addr add {bridge_cidr} brd + dev {bridge}\n\
-             link set {bridge} up\n",
-            h.underlay
-        ))?;
-        docker::apply_docker_host_state(&ns, bridge, h.subnet, opts.docker_iptables)?;
-        let mut containers = Vec::new();
-        for i in 0..opts.containers_per_host {
-            let ip = h
-                .subnet
-                .host(FIRST_CONTAINER + i)
-                .ok_or_else(|| Error::Config(format!("{} too small", h.subnet)))?;
-            let role = format!("ctr-{letter}{}", i + 1);
-            containers.push(Container::build(
-                &ns,
-                &role,
-                h.subnet.with_addr(ip),
-                bridge_ip,
-                bridge,
-                mtu,
-            )?);
-        }
+            Vec::new()
+        } else {
+            ns.ip_batch(&format!(
+                "link set lo up\n\
+                 addr add {} dev {iface}\n\
+                 link set {iface} up\n\
+                 link add {bridge} mtu {mtu} type bridge\n\
+                 addr add {bridge_cidr} brd + dev {bridge}\n\
+                 link set {bridge} up\n",
+                h.underlay
+            ))?;
+            docker::apply_docker_host_state(&ns, bridge, h.subnet, opts.docker_iptables)?;
+            let mut containers = Vec::new();
+            for i in 0..opts.containers_per_host {
+                let ip = h
+                    .subnet
+                    .host(FIRST_CONTAINER + i)
+                    .ok_or_else(|| Error::Config(format!("{} too small", h.subnet)))?;
+                let role = format!("ctr-{letter}{}", i + 1);
+                containers.push(Container::build(
+                    &ns,
+                    &role,
+                    h.subnet.with_addr(ip),
+                    bridge_ip,
+                    bridge,
+                    mtu,
+                )?);
+            }
+            containers
+        };
         Ok(Self {
             containers,
             ns,
