@@ -218,9 +218,16 @@ fn set_checksum(f: &mut [u8]) {
 /// What a router makes of `f`: new MACs, TTL - 1, checksum recomputed from
 /// scratch (the datapath patches it incrementally; both must agree).
 fn routed(f: &[u8], smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
-    let mut o = f.to_vec();
+    let mut o = ttl_decremented(f);
     o[0..6].copy_from_slice(&dmac);
     o[6..12].copy_from_slice(&smac);
+    o
+}
+
+/// `f` with TTL - 1 and its checksum recomputed: what `bpf_redirect_neigh`
+/// is handed (the kernel writes the MACs once the neighbour resolves).
+fn ttl_decremented(f: &[u8]) -> Vec<u8> {
+    let mut o = f.to_vec();
     o[22] -= 1;
     set_checksum(&mut o);
     o
@@ -366,9 +373,7 @@ fn egress_routes_peer_traffic_and_passes_the_rest() {
         let fwd = ipv4(C1, R1, 64, &[]);
         let opts = ipv4(C1, R1, 64, &[1, 1, 1, 0]); // NOP NOP NOP EOL: IHL 6
         let unresolved = ipv4(C1, [192, 168, 230, 5], 64, &[]);
-        let mut unresolved_out = unresolved.clone();
-        unresolved_out[22] -= 1;
-        set_checksum(&mut unresolved_out);
+        let unresolved_out = ttl_decremented(&unresolved);
         let mut bad_sum = ipv4(C1, R1, 64, &[]);
         bad_sum[25] ^= 0xff;
         // IHL 15 claims a 60-byte header; the frame ends after 28 bytes of IP.
@@ -823,12 +828,9 @@ fn route_changes_retire_cached_answers() {
         routes
             .set(&r1_net, [172, 16, 91, 133].into())
             .expect("set route");
-        let mut neigh_out = out.clone();
-        neigh_out[22] -= 1;
-        set_checksum(&mut neigh_out);
         let moved = Case {
             name: "route moved to another peer",
-            out: Some(neigh_out),
+            out: Some(ttl_decremented(&out)),
             frame: out.clone(),
             verdict: TC_ACT_REDIRECT,
             counter: stat::FWD_EGRESS,
