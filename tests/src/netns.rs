@@ -109,6 +109,22 @@ impl NetNs {
         cmd::checked(Command::new("ip").args(["-n", &self.name]).args(args))
     }
 
+    /// The name of the interface with `ifindex`, `None` if there is none.
+    pub fn link_name(&self, ifindex: u32) -> Result<Option<String>> {
+        let out = self.ip(&["-o", "link", "show"])?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if crate::topology::parse_ifindex(line)? == ifindex {
+                // `12: vethabc@if2: <...> ...`
+                let name = line
+                    .split(':')
+                    .nth(1)
+                    .and_then(|n| n.trim().split('@').next());
+                return Ok(name.map(str::to_owned));
+            }
+        }
+        Ok(None)
+    }
+
     /// Feeds a script of `ip` commands (one per line) to `ip -n NAME -batch -`: one process
     /// for a whole namespace's setup instead of one per command.
     pub fn ip_batch(&self, script: &str) -> Result<Output> {

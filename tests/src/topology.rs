@@ -524,7 +524,7 @@ fn docker_mac(ip: Ipv4Addr) -> String {
 }
 
 /// The ifindex from `ip -o link show` output (`12: vethabc@if2: <...> ...`).
-fn parse_ifindex(line: &str) -> Result<u32> {
+pub(crate) fn parse_ifindex(line: &str) -> Result<u32> {
     line.split_once(':')
         .and_then(|(n, _)| n.trim().parse().ok())
         .ok_or_else(|| Error::Parse {

@@ -38,7 +38,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use nix::sys::signal::Signal;
+use nix::{sys::signal::Signal, unistd::Pid};
 use serde_json::Value;
 use xhost_tests::{
     NETNS_DIR, Process, Topology, TopologyOpts, TransferOpts,
@@ -1222,6 +1222,52 @@ fn engine_restart_loses_only_the_containers_down_time() {
 
 /// Issue 3, test 5: an agent loaded before its engine exists stays up, reports Docker as
 /// unreachable, and picks the engine up once it starts.
+/// A container's veth can go while the engine cannot say so (hung, or on its way down): the
+/// agent hears it from the kernel and drops the endpoint at once, so the address falls back
+/// to the bridge instead of being redirected to an interface that is gone, or reused.
+#[test]
+fn veth_gone_while_the_engine_hangs_leaves_the_map() {
+    let mut tb = Testbed::new([true, false]);
+    for name in ["a1", "a2"] {
+        tb.engine(0)
+            .run_container("bridge", None, name)
+            .expect("run a*");
+    }
+    tb.start_agent(0);
+    let before = docker_state(tb.engine(0)).expect("docker state");
+    tb.wait(0, "both endpoints", SETTLE, |s| endpoints(s) == before);
+    let ip = ip_of(tb.engine(0), "a1", "bridge");
+    let ns = tb.host(0).ns();
+    let veth = ns
+        .link_name(before[&ip].1)
+        .expect("links")
+        .expect("a1's veth");
+
+    // The engine hangs: no event, no error, its API just stops answering.
+    let pid =
+        Pid::from_raw(i32::try_from(tb.engine(0).pid().expect("engine A runs")).expect("pid"));
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("SIGSTOP dockerd");
+    let _resume = Resume(pid);
+    ns.ip(&["link", "del", &veth]).expect("delete a1's veth");
+    let mut after = before.clone();
+    after.remove(&ip);
+    let (_, took) = tb.wait(0, "a1 out of the map", FOLLOW_BOUND, |s| {
+        endpoints(s) == after
+    });
+    eprintln!("{veth} deleted with the engine stopped: {ip} left the map {took:?} later");
+    drop(_resume);
+    tb.finish();
+}
+
+/// Sends SIGCONT on drop, also when a test panics: a stopped dockerd cannot be shut down.
+struct Resume(Pid);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, Signal::SIGCONT);
+    }
+}
+
 #[test]
 fn agent_waits_for_an_engine_that_starts_later() {
     let mut tb = Testbed::new([false, true]);

@@ -5,13 +5,17 @@ use std::{io::Write as _, net::Ipv4Addr, time::Duration};
 
 use anyhow::Context as _;
 use log::{info, warn};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
 
 use crate::{
     config::{self, LocalSubnet, Settings},
     datapath::Datapath,
     docker::DockerView,
     layout::Layout,
+    netlink::LinkEvents,
     report::{AgentState, Attachment, DockerStatus},
     state::{self, Desired},
 };
@@ -93,6 +97,15 @@ async fn follow(
     // The last view Docker gave; kept while the engine is unreachable, so
     // the datapath stays as it is until Docker says otherwise.
     let mut view: Option<DockerView> = None;
+    // A container's veth can vanish while Docker cannot say so (the engine
+    // is down or restarting): its endpoint must leave the map at once, so
+    // its address falls back to the bridge instead of being redirected to
+    // an interface that is gone.
+    let events = LinkEvents::open().context("subscribing to link changes")?;
+    // SAFETY: `LinkEvents` owns its socket and always returns that same fd.
+    let mut links = unsafe { AsyncFd::register(events) }
+        .map_err(|e| e.into_parts().1)
+        .context("watching link changes")?;
     let mut rescan = tokio::time::interval(RESCAN);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -116,6 +129,16 @@ async fn follow(
                 }
             }
             _ = rescan.tick(), if !static_locals.is_empty() => {}
+            ready = links.readable_mut() => {
+                let mut ready = ready.context("watching link changes")?;
+                let deleted = ready.get_inner_mut().drain();
+                ready.clear_ready();
+                match deleted {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => warn!("reading link changes: {e}"),
+                }
+            }
         }
         let before = applied.clone();
         reconcile(settings, static_locals, view.as_ref(), dp, applied);

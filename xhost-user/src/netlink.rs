@@ -9,11 +9,12 @@
 use std::{
     io,
     net::Ipv4Addr,
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
 };
 
 use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto, socket,
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, sendto,
+    socket,
 };
 
 use crate::net::Ipv4Net;
@@ -33,6 +34,7 @@ const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
 const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
@@ -57,6 +59,8 @@ const RTN_UNICAST: u8 = 1;
 const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
 /// Attribute type bits (NLA_F_NESTED, NLA_F_NET_BYTEORDER are the top two).
 const NLA_TYPE_MASK: u16 = 0x3fff;
+/// Multicast group of link notifications (`RTMGRP_LINK`).
+const RTMGRP_LINK: u32 = 1;
 /// Dumps restarted because the table changed under them, before giving up.
 const DUMP_TRIES: usize = 3;
 
@@ -273,6 +277,65 @@ impl Rtnl {
             }
         }
     }
+}
+
+/// Link notifications of the namespace of the thread that opened it
+/// (`RTMGRP_LINK`), read without blocking.
+pub struct LinkEvents {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl LinkEvents {
+    pub fn open() -> io::Result<Self> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::NetlinkRoute,
+        )?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, RTMGRP_LINK))?;
+        Ok(Self {
+            fd,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Reads every queued notification. Returns whether a link went away,
+    /// or may have: when the socket overran (`ENOBUFS`) the lost
+    /// notifications are unknown.
+    pub fn drain(&mut self) -> io::Result<bool> {
+        let mut deleted = false;
+        loop {
+            let n = match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EAGAIN) => return Ok(deleted),
+                Err(nix::errno::Errno::ENOBUFS) => {
+                    deleted = true;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            deleted |= has_dellink(&self.buf[..n])?;
+        }
+    }
+}
+
+impl AsRawFd for LinkEvents {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Whether a datagram of notifications (sequence number 0) holds an `RTM_DELLINK`.
+fn has_dellink(buf: &[u8]) -> io::Result<bool> {
+    let mut deleted = false;
+    let mut interrupted = false;
+    parse_replies(buf, 0, &mut interrupted, &mut |ty, _| {
+        deleted |= ty == RTM_DELLINK;
+        Ok(())
+    })?;
+    Ok(deleted)
 }
 
 fn malformed() -> io::Error {
@@ -649,6 +712,43 @@ mod tests {
     }
 
     /// Works unprivileged: the loopback device of the test's own namespace.
+    #[test]
+    fn notifications_tell_deletions_apart() {
+        let mut del = newlink(0, 0, 42, "veth1", [2; 6], None);
+        del[4..6].copy_from_slice(&RTM_DELLINK.to_ne_bytes());
+        let new = newlink(0, 0, 43, "veth2", [2; 6], None);
+        assert!(!has_dellink(&new).expect("parse"));
+        assert!(has_dellink(&[new.clone(), del].concat()).expect("parse"));
+        assert!(has_dellink(&new[..new.len() - 1]).is_err(), "truncated");
+    }
+
+    #[test]
+    fn link_deletions_are_noticed() {
+        // In a namespace of this thread's own: the link made here goes with it.
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("a private netns (needs root)");
+            let mut events = LinkEvents::open().expect("subscribe");
+            let ip = |args: &[&str]| {
+                let st = std::process::Command::new("ip").args(args).status();
+                assert!(st.expect("run ip").success(), "ip {args:?}");
+            };
+            ip(&[
+                "link", "add", "xh-ev0", "type", "veth", "peer", "name", "xh-ev1",
+            ]);
+            ip(&["link", "set", "xh-ev0", "up"]);
+            assert!(
+                !events.drain().expect("drain"),
+                "created and up: nothing gone"
+            );
+            ip(&["link", "del", "xh-ev0"]);
+            assert!(events.drain().expect("drain"), "the deletion");
+            assert!(!events.drain().expect("drain"), "read once");
+        })
+        .join()
+        .expect("test thread");
+    }
+
     #[test]
     fn queries_the_current_namespace() {
         let mut rtnl = Rtnl::open().expect("netlink socket");
