@@ -11,209 +11,16 @@
 //!                                   172.16.91.133 unresolved)
 //! ```
 
-use std::process::Command;
+mod support;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+    maps::PerCpuArray,
+    programs::{TestRun as _, TestRunOptions, Xdp},
 };
-use xhost_common::{Counter, Endpoint, LocalNet, Peer, PeerHost, stat};
+use support::*;
+use xhost_common::{Counter, stat};
 use xhost_user::{datapath::RouteTable, net::Ipv4Net};
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-
-const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x32];
-const LOCAL_NEIGH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
-const CTR_MAC: [u8; 6] = [0x02, 0x42, 0xc0, 0xa8, 0x6e, 0x0b];
-const GW_MAC: [u8; 6] = [0x02, 0x42, 0x00, 0x00, 0x00, 0x01];
-const ANY_MAC: [u8; 6] = [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee];
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn ifindex(name: &str) -> u32 {
-    nix::net::if_::if_nametoindex(name).expect("ifindex")
-}
-
-fn mac(name: &str) -> [u8; 6] {
-    let addrs = nix::ifaddrs::getifaddrs().expect("getifaddrs");
-    addrs
-        .filter(|a| a.interface_name == name)
-        .find_map(|a| a.address?.as_link_addr()?.addr())
-        .expect("mac")
-}
-
-/// Runs `f` on a thread inside a fresh netns holding the host drawn above.
-fn in_test_host(f: impl FnOnce(&mut Ebpf) + Send + 'static) {
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("unshare(CLONE_NEWNET): run as root");
-        for cmd in [
-            "ip link set lo up",
-            "ip link add br0 type bridge",
-            "ip addr add 192.168.110.1/24 dev br0",
-            "ip link set br0 up",
-            "ip link add ul0 type veth peer name ul0p",
-            "ip link set ul0p up",
-            "ip addr add 172.16.91.131/24 dev ul0",
-            "ip link set ul0 up",
-            "ip neigh replace 172.16.91.132 lladdr 02:00:00:00:00:32 nud permanent dev ul0",
-            "ip neigh replace 192.168.110.12 lladdr 02:00:00:00:00:12 nud permanent dev br0",
-            "sysctl -qw net.ipv4.ip_forward=1",
-        ] {
-            sh(&cmd.split(' ').collect::<Vec<_>>());
-        }
-        let mut ebpf = Ebpf::load(xhost_user::datapath::object()).expect("load object");
-        for name in [
-            xhost_common::PROG_EGRESS,
-            xhost_common::PROG_FROM_CTR,
-            xhost_common::PROG_INGRESS,
-        ] {
-            let p: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .expect("prog")
-                .try_into()
-                .expect("tc");
-            p.load().expect("verifier accepts");
-        }
-        let x: &mut Xdp = ebpf
-            .program_mut(xhost_common::PROG_XDP)
-            .expect("prog")
-            .try_into()
-            .expect("xdp");
-        x.load().expect("verifier accepts");
-        fill_maps(&mut ebpf);
-        f(&mut ebpf);
-    })
-    .join()
-    .expect("test thread panicked");
-}
-
-fn net(a: [u8; 4], len: u32) -> Key<[u8; 4]> {
-    Key::new(len, a)
-}
-
-fn fill_maps(ebpf: &mut Ebpf) {
-    let mut routes: LpmTrie<_, [u8; 4], Peer> = ebpf
-        .map_mut("ROUTES")
-        .expect("ROUTES")
-        .try_into()
-        .expect("lpm");
-    routes
-        .insert(
-            &net([192, 168, 220, 0], 24),
-            Peer {
-                host: [172, 16, 91, 132],
-                flags: 0,
-            },
-            0,
-        )
-        .expect("insert");
-    // A peer whose MAC the kernel does not know yet.
-    routes
-        .insert(
-            &net([192, 168, 230, 0], 24),
-            Peer {
-                host: [172, 16, 91, 133],
-                flags: 0,
-            },
-            0,
-        )
-        .expect("insert");
-    let mut local: LpmTrie<_, [u8; 4], LocalNet> = ebpf
-        .map_mut("LOCAL_NETS")
-        .expect("LOCAL_NETS")
-        .try_into()
-        .expect("lpm");
-    local
-        .insert(
-            &net([192, 168, 110, 0], 24),
-            LocalNet {
-                bridge_ifindex: ifindex("br0"),
-                flags: 0,
-            },
-            0,
-        )
-        .expect("insert");
-    let mut eps: HashMap<_, [u8; 4], Endpoint> = ebpf
-        .map_mut("ENDPOINTS")
-        .expect("ENDPOINTS")
-        .try_into()
-        .expect("hash");
-    let ep = Endpoint {
-        ifindex: ifindex("br0"),
-        flags: 0,
-        mac: CTR_MAC,
-        gw_mac: GW_MAC,
-        _pad: [0; 4],
-    };
-    eps.insert([192, 168, 110, 11], ep, 0).expect("insert");
-    let mut hosts: HashMap<_, [u8; 4], PeerHost> = ebpf
-        .map_mut("PEER_HOSTS")
-        .expect("PEER_HOSTS")
-        .try_into()
-        .expect("hash");
-    hosts
-        .insert([172, 16, 91, 132], PeerHost { flags: 0 }, 0)
-        .expect("insert");
-}
-
-/// Ethernet + IPv4 (+ options) + 8 payload bytes, checksum correct.
-fn ipv4(src: [u8; 4], dst: [u8; 4], ttl: u8, options: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&ANY_MAC);
-    f.extend_from_slice(&[0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let ihl = 5 + options.len() / 4;
-    let total = (ihl * 4 + 8) as u16;
-    f.push(0x40 | ihl as u8);
-    f.push(0);
-    f.extend_from_slice(&total.to_be_bytes());
-    f.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, ttl, 17, 0, 0]);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(options);
-    f.extend_from_slice(b"payload!");
-    set_checksum(&mut f);
-    f
-}
-
-fn ip_hdr_len(f: &[u8]) -> usize {
-    usize::from(f[14] & 0x0f) * 4
-}
-
-fn checksum(hdr: &[u8]) -> u16 {
-    let mut sum: u32 = hdr
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn set_checksum(f: &mut [u8]) {
-    let hl = ip_hdr_len(f);
-    f[24] = 0;
-    f[25] = 0;
-    let c = checksum(&f[14..14 + hl]);
-    f[24..26].copy_from_slice(&c.to_be_bytes());
-}
 
 /// What a router makes of `f`: new MACs, TTL - 1, checksum recomputed from
 /// scratch (the datapath patches it incrementally; both must agree).
@@ -277,16 +84,6 @@ fn counters(ebpf: &Ebpf) -> Vec<Counter> {
         .collect()
 }
 
-/// An `__sk_buff` context with `ifindex` and `ingress_ifindex` set: the
-/// device the frame "arrived" on, which the FIB lookup starts from.
-fn skb_ctx(ifindex: u32) -> Vec<u8> {
-    // struct __sk_buff is 192 bytes; ifindex at 40, ingress_ifindex at 36.
-    let mut ctx = vec![0u8; 192];
-    ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    ctx
-}
-
 struct Case {
     name: &'static str,
     frame: Vec<u8>,
@@ -305,24 +102,9 @@ fn tc_test_run(
     frame: &[u8],
     name: &str,
 ) -> (u32, Vec<u8>) {
-    let ctx_in = skb_ctx(ifindex(iface));
-    let p: &mut SchedClassifier = ebpf
-        .program_mut(prog)
-        .expect("prog")
-        .try_into()
-        .expect("tc");
-    let mut out = vec![0u8; frame.len() + 64];
-    let mut ctx_out = vec![0u8; 192];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(frame);
-    opts.data_out = Some(&mut out);
-    opts.ctx_in = Some(&ctx_in);
-    opts.ctx_out = Some(&mut ctx_out);
-    let res = p
-        .test_run(opts)
+    let r = run_tc_prog(ebpf, prog, ifindex(iface), frame, 1)
         .unwrap_or_else(|e| panic!("{name}: test_run: {e}"));
-    out.truncate(res.data_size_out as usize);
-    (res.return_value, out)
+    (r.verdict, r.out)
 }
 
 fn run_tc(ebpf: &mut Ebpf, prog: &str, iface: &str, cases: Vec<Case>) {
@@ -756,9 +538,7 @@ fn route_changes_retire_cached_answers() {
     in_test_host(|ebpf| {
         // One CPU for every run, so the second packet meets the first one's
         // cache entry instead of another CPU's empty slot.
-        let mut one = nix::sched::CpuSet::new();
-        one.set(0).expect("cpu 0");
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("pin to cpu 0");
+        pin_to_cpu0();
         let mut routes = RouteTable::new(
             ebpf.take_map("ROUTES").expect("ROUTES"),
             ebpf.take_map("ROUTES_GEN").expect("ROUTES_GEN"),

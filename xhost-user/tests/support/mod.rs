@@ -1,0 +1,283 @@
+//! The host every BPF_PROG_TEST_RUN of the datapath runs in, shared by the
+//! tests (`prog_test_run.rs`) and the per-program cost benchmark
+//! (`examples/prog_cost.rs`):
+//!
+//! ```text
+//!   br0  192.168.110.1/24 (bridge; neighbour 192.168.110.12 permanent)
+//!   ul0  172.16.91.131/24 (veth;   neighbour 172.16.91.132 permanent,
+//!                                   172.16.91.133 unresolved)
+//! ```
+//!
+//! with the object loaded and its maps holding the routes to 192.168.220.0/24
+//! (peer .132) and 192.168.230.0/24 (peer .133), the local subnet
+//! 192.168.110.0/24 on br0, the endpoint 192.168.110.11 and the peer host .132.
+#![allow(dead_code, reason = "each includer uses its own part")]
+
+use std::{process::Command, time::Duration};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, LpmTrie, lpm_trie::Key},
+    programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+};
+use xhost_common::{Endpoint, LocalNet, Peer, PeerHost};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+pub const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x32];
+pub const LOCAL_NEIGH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+pub const CTR_MAC: [u8; 6] = [0x02, 0x42, 0xc0, 0xa8, 0x6e, 0x0b];
+pub const GW_MAC: [u8; 6] = [0x02, 0x42, 0x00, 0x00, 0x00, 0x01];
+pub const ANY_MAC: [u8; 6] = [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee];
+
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn ifindex(name: &str) -> u32 {
+    nix::net::if_::if_nametoindex(name).expect("ifindex")
+}
+
+pub fn mac(name: &str) -> [u8; 6] {
+    let addrs = nix::ifaddrs::getifaddrs().expect("getifaddrs");
+    addrs
+        .filter(|a| a.interface_name == name)
+        .find_map(|a| a.address?.as_link_addr()?.addr())
+        .expect("mac")
+}
+
+/// Runs `f` on a thread inside a fresh netns holding the host drawn above.
+pub fn in_test_host(f: impl FnOnce(&mut Ebpf) + Send + 'static) {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("unshare(CLONE_NEWNET): run as root");
+        for cmd in [
+            "ip link set lo up",
+            "ip link add br0 type bridge",
+            "ip addr add 192.168.110.1/24 dev br0",
+            "ip link set br0 up",
+            "ip link add ul0 type veth peer name ul0p",
+            "ip link set ul0p up",
+            "ip addr add 172.16.91.131/24 dev ul0",
+            "ip link set ul0 up",
+            "ip neigh replace 172.16.91.132 lladdr 02:00:00:00:00:32 nud permanent dev ul0",
+            "ip neigh replace 192.168.110.12 lladdr 02:00:00:00:00:12 nud permanent dev br0",
+            "sysctl -qw net.ipv4.ip_forward=1",
+        ] {
+            sh(&cmd.split(' ').collect::<Vec<_>>());
+        }
+        let mut ebpf = loaded();
+        f(&mut ebpf);
+    })
+    .join()
+    .expect("test thread panicked");
+}
+
+/// A fresh instance of the datapath object (maps of its own), every program
+/// verified and loaded, maps filled as drawn above. Call inside the test host.
+pub fn loaded() -> Ebpf {
+    let mut ebpf = Ebpf::load(xhost_user::datapath::object()).expect("load object");
+    for name in [
+        xhost_common::PROG_EGRESS,
+        xhost_common::PROG_FROM_CTR,
+        xhost_common::PROG_INGRESS,
+    ] {
+        let p: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .expect("prog")
+            .try_into()
+            .expect("tc");
+        p.load().expect("verifier accepts");
+    }
+    let x: &mut Xdp = ebpf
+        .program_mut(xhost_common::PROG_XDP)
+        .expect("prog")
+        .try_into()
+        .expect("xdp");
+    x.load().expect("verifier accepts");
+    fill_maps(&mut ebpf);
+    ebpf
+}
+
+pub fn net(a: [u8; 4], len: u32) -> Key<[u8; 4]> {
+    Key::new(len, a)
+}
+
+pub fn fill_maps(ebpf: &mut Ebpf) {
+    let mut routes: LpmTrie<_, [u8; 4], Peer> = ebpf
+        .map_mut("ROUTES")
+        .expect("ROUTES")
+        .try_into()
+        .expect("lpm");
+    routes
+        .insert(
+            &net([192, 168, 220, 0], 24),
+            Peer {
+                host: [172, 16, 91, 132],
+                flags: 0,
+            },
+            0,
+        )
+        .expect("insert");
+    // A peer whose MAC the kernel does not know yet.
+    routes
+        .insert(
+            &net([192, 168, 230, 0], 24),
+            Peer {
+                host: [172, 16, 91, 133],
+                flags: 0,
+            },
+            0,
+        )
+        .expect("insert");
+    let mut local: LpmTrie<_, [u8; 4], LocalNet> = ebpf
+        .map_mut("LOCAL_NETS")
+        .expect("LOCAL_NETS")
+        .try_into()
+        .expect("lpm");
+    local
+        .insert(
+            &net([192, 168, 110, 0], 24),
+            LocalNet {
+                bridge_ifindex: ifindex("br0"),
+                flags: 0,
+            },
+            0,
+        )
+        .expect("insert");
+    let mut eps: HashMap<_, [u8; 4], Endpoint> = ebpf
+        .map_mut("ENDPOINTS")
+        .expect("ENDPOINTS")
+        .try_into()
+        .expect("hash");
+    let ep = Endpoint {
+        ifindex: ifindex("br0"),
+        flags: 0,
+        mac: CTR_MAC,
+        gw_mac: GW_MAC,
+        _pad: [0; 4],
+    };
+    eps.insert([192, 168, 110, 11], ep, 0).expect("insert");
+    let mut hosts: HashMap<_, [u8; 4], PeerHost> = ebpf
+        .map_mut("PEER_HOSTS")
+        .expect("PEER_HOSTS")
+        .try_into()
+        .expect("hash");
+    hosts
+        .insert([172, 16, 91, 132], PeerHost { flags: 0 }, 0)
+        .expect("insert");
+}
+
+/// Ethernet + IPv4 (+ options) + 8 payload bytes, checksum correct.
+pub fn ipv4(src: [u8; 4], dst: [u8; 4], ttl: u8, options: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&ANY_MAC);
+    f.extend_from_slice(&[0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let ihl = 5 + options.len() / 4;
+    let total = (ihl * 4 + 8) as u16;
+    f.push(0x40 | ihl as u8);
+    f.push(0);
+    f.extend_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, ttl, 17, 0, 0]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(options);
+    f.extend_from_slice(b"payload!");
+    set_checksum(&mut f);
+    f
+}
+
+pub fn ip_hdr_len(f: &[u8]) -> usize {
+    usize::from(f[14] & 0x0f) * 4
+}
+
+pub fn checksum(hdr: &[u8]) -> u16 {
+    let mut sum: u32 = hdr
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+pub fn set_checksum(f: &mut [u8]) {
+    let hl = ip_hdr_len(f);
+    f[24] = 0;
+    f[25] = 0;
+    let c = checksum(&f[14..14 + hl]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+/// An `__sk_buff` context with `ifindex` and `ingress_ifindex` set: the
+/// device the frame "arrived" on, which the FIB lookup starts from.
+pub fn skb_ctx(ifindex: u32) -> Vec<u8> {
+    // struct __sk_buff is 192 bytes; ifindex at 40, ingress_ifindex at 36.
+    let mut ctx = vec![0u8; 192];
+    ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+/// What one `BPF_PROG_TEST_RUN` of a TC program returned.
+pub struct TcRun {
+    pub verdict: u32,
+    /// The frame as the program left it.
+    pub out: Vec<u8>,
+    /// Mean time per run as the kernel measured it.
+    pub per_run: Duration,
+}
+
+/// Runs TC program `prog` `repeat` times on `frame`, as if it arrived on
+/// `ifindex`.
+pub fn run_tc_prog(
+    ebpf: &mut Ebpf,
+    prog: &str,
+    ifindex: u32,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<TcRun, ProgramError> {
+    let ctx_in = skb_ctx(ifindex);
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(prog)
+        .expect("prog")
+        .try_into()
+        .expect("tc");
+    let mut out = vec![0u8; frame.len() + 64];
+    let mut ctx_out = vec![0u8; 192];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    opts.ctx_in = Some(&ctx_in);
+    opts.ctx_out = Some(&mut ctx_out);
+    opts.repeat = repeat;
+    let res = p.test_run(opts)?;
+    out.truncate(res.data_size_out as usize);
+    Ok(TcRun {
+        verdict: res.return_value,
+        out,
+        per_run: res.duration,
+    })
+}
+
+/// Keeps the calling thread on CPU 0: the route cache is per CPU, so runs
+/// meant to share it must not migrate.
+pub fn pin_to_cpu0() {
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).expect("cpu 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("pin to cpu 0");
+}
