@@ -365,7 +365,7 @@ fn apply_kernel_vxlan(topo: &Topology) -> Result<()> {
 /// LPM trie is dense around the measured destination rather than far away from it; the rest
 /// are /25s carved from 10.0.0.0/8 (131 072 of them, enough for the 100 000-route case).
 pub fn scale_config(extra: u32, avoid: &[Ipv4Cidr]) -> Result<String> {
-    let subnets = extra_subnets(extra, avoid)?;
+    let subnets = scale_subnets(extra, avoid)?;
     let per_peer = subnets.len().div_ceil(EXTRA_PEERS as usize).max(1);
     let mut out = String::from("# Extra routes for the xhost scale benchmark.\n");
     for (i, chunk) in subnets.chunks(per_peer).enumerate() {
@@ -380,7 +380,9 @@ pub fn scale_config(extra: u32, avoid: &[Ipv4Cidr]) -> Result<String> {
     Ok(out)
 }
 
-fn extra_subnets(extra: u32, avoid: &[Ipv4Cidr]) -> Result<Vec<Ipv4Cidr>> {
+/// The subnets of [`scale_config`], in order: also what the per-program cost benchmark
+/// fills `ROUTES` with, so both measure the same trie.
+pub fn scale_subnets(extra: u32, avoid: &[Ipv4Cidr]) -> Result<Vec<Ipv4Cidr>> {
     let overlaps = |n: &Ipv4Cidr| {
         avoid
             .iter()
@@ -1174,7 +1176,7 @@ sockperf: ---> <MIN> observation =    1.714
             "192.168.110.0/24".parse().expect("cidr"),
             "192.168.220.0/24".parse().expect("cidr"),
         ];
-        let nets = extra_subnets(99_999, &avoid).expect("enough room");
+        let nets = scale_subnets(99_999, &avoid).expect("enough room");
         assert_eq!(nets.len(), 99_999);
         assert!(
             nets.iter()
@@ -1193,7 +1195,7 @@ sockperf: ---> <MIN> observation =    1.714
         assert!(text.contains("host = \"172.16.91.140\""));
         assert!(text.contains("host = \"172.16.91.239\""));
         assert_eq!(text.matches('/').count(), 999);
-        assert!(extra_subnets(1 << 20, &avoid).is_err());
+        assert!(scale_subnets(1 << 20, &avoid).is_err());
     }
 
     #[test]

@@ -43,6 +43,13 @@ pub fn with_probe(opts: &Options) -> anyhow::Result<Built> {
     Ok(built)
 }
 
+/// Builds the per-program cost benchmark (`xhost-user/examples/prog_cost.rs`, which embeds
+/// this tree's eBPF object); returns its path.
+pub fn prog_cost(release: bool) -> anyhow::Result<PathBuf> {
+    build(release, &["-p", "xhost-user", "--example", "prog_cost"])?;
+    Ok(profile_dir(release)?.join("examples").join("prog_cost"))
+}
+
 fn build(release: bool, args: &[&str]) -> anyhow::Result<()> {
     let mut cmd = workspace::cargo();
     cmd.arg("build").args(args);

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use xhost_tests::{
     scenarios::{
         self, Bed, CpuTicks, Cpus, LatencyMode, LatencySample, PathKind, TcpSample, USER_HZ,
@@ -60,7 +60,8 @@ pub struct Options {
     /// Skip scripts/setup.sh.
     #[arg(long)]
     pub no_setup: bool,
-    /// Use this xhost-user binary instead of building one.
+    /// Use this xhost-user binary instead of building one (the per-program cost is still
+    /// measured on this tree's eBPF object).
     #[arg(long)]
     pub xhost_user: Option<PathBuf>,
 }
@@ -293,16 +294,18 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             release: true,
             no_setup: opts.no_setup,
         })?;
-        return reexec(&freeze(&built.xhost_user, &out_dir)?);
+        freeze(&build::prog_cost(true)?, &out_dir, PROG_COST)?;
+        return reexec(&freeze(&built.xhost_user, &out_dir, XHOST_USER)?);
     };
     let given = given
         .canonicalize()
         .with_context(|| format!("xhost-user binary {}", given.display()))?;
     // Measure a private copy: others rebuilding target/release/xhost-user during a
     // 10-minute bench must not change the binary under test halfway.
-    let frozen = out_dir.join("xhost-user");
+    let frozen = out_dir.join(XHOST_USER);
     if given != frozen.canonicalize().unwrap_or_default() {
-        return reexec(&freeze(&given, &out_dir)?);
+        freeze(&build::prog_cost(true)?, &out_dir, PROG_COST)?;
+        return reexec(&freeze(&given, &out_dir, XHOST_USER)?);
     }
     let xhost_user = given;
     // Agent::start finds xhost-user through this variable; it is set by re-executing
@@ -333,6 +336,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         plan.duration_s,
         xhost_user.display()
     );
+    let prog_cost = scenarios
+        .iter()
+        .any(|s| matches!(s.kind, PathKind::Xhost(_)))
+        .then(|| {
+            let bin = xhost_user.with_file_name(PROG_COST);
+            eprintln!("bench: per-program cost ({})", bin.display());
+            measure_prog_cost(&bin, plan.quick).map_err(|e| format!("{e:#}"))
+        });
     let runs = run_all(&scenarios, &plan);
     if interrupted() {
         // The guards have run by now; 130 is the shell's code for death by SIGINT.
@@ -346,6 +357,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         started_at,
         started.elapsed(),
         &xhost_user,
+        prog_cost,
     );
     let text = results.text_report();
     print!("{text}");
@@ -379,13 +391,17 @@ fn select(filter: &[String]) -> anyhow::Result<Vec<Scenario>> {
         .collect())
 }
 
-/// Copies `bin` to `<out_dir>/xhost-user` (through a temporary name and a rename, so an
-/// agent of an earlier run still executing the old file is no obstacle) and returns the
-/// copy's path.
-fn freeze(bin: &Path, out_dir: &Path) -> anyhow::Result<PathBuf> {
+/// The frozen binaries' names in the output directory.
+const XHOST_USER: &str = "xhost-user";
+const PROG_COST: &str = "prog_cost";
+
+/// Copies `bin` to `<out_dir>/<name>` (through a temporary name and a rename, so an agent
+/// of an earlier run still executing the old file is no obstacle) and returns the copy's
+/// path.
+fn freeze(bin: &Path, out_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let dest = out_dir.join("xhost-user");
-    let tmp = out_dir.join(format!(".xhost-user.{}", std::process::id()));
+    let dest = out_dir.join(name);
+    let tmp = out_dir.join(format!(".{name}.{}", std::process::id()));
     std::fs::copy(bin, &tmp)
         .with_context(|| format!("copying {} to {}", bin.display(), tmp.display()))?;
     std::fs::rename(&tmp, &dest).with_context(|| format!("renaming to {}", dest.display()))?;
@@ -425,6 +441,48 @@ fn reexec(xhost_user: &Path) -> anyhow::Result<()> {
     let mut cmd = workspace::as_root(cmd);
     let err = cmd.exec();
     Err(err).with_context(|| format!("cannot exec `{}`", workspace::display(&cmd)))
+}
+
+/// What `prog_cost` prints: ns per run of the datapath programs with `BPF_PROG_TEST_RUN`,
+/// per route count.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProgCost {
+    pub rounds: usize,
+    pub warm_samples: usize,
+    pub first_samples: usize,
+    pub samples: Vec<ProgSample>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProgSample {
+    pub program: String,
+    pub routes: u32,
+    /// Median ns of a run after a run of the same packet (route cache warm).
+    pub warm_ns: f64,
+    /// Median ns of a run right after a route write (LPM walk).
+    pub first_ns: f64,
+}
+
+/// Runs the per-program cost benchmark (a few seconds, no traffic: it runs the programs
+/// in a private netns with `BPF_PROG_TEST_RUN`).
+fn measure_prog_cost(bin: &Path, quick: bool) -> anyhow::Result<ProgCost> {
+    let mut cmd = Command::new(bin);
+    if quick {
+        cmd.arg("--quick");
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}): {}",
+            bin.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parsing the output of {}", bin.display()))
 }
 
 /// Fails early, with what to install, when a tool or bpffs is missing.

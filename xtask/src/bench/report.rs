@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use super::{
-    IPTABLES, Metric, Plan, Run, Scenario, VXLAN, WIRE, XHOST, XHOST_1K, XHOST_100K,
+    IPTABLES, Metric, Plan, ProgCost, Run, Scenario, VXLAN, WIRE, XHOST, XHOST_1K, XHOST_100K,
     XHOST_XDP_NATIVE, XHOST_XDP_OFF,
 };
 
@@ -99,6 +99,11 @@ pub struct Results {
     pub agent_rss_mb: BTreeMap<String, f64>,
     /// Median load time (spawn to `ready`) of host A's agent per xhost scenario, s.
     pub agent_load_s: BTreeMap<String, f64>,
+    /// The datapath programs' own cost per route count (`BPF_PROG_TEST_RUN`); `None` when
+    /// no xhost scenario ran.
+    pub prog_cost: Option<ProgCost>,
+    /// Why `prog_cost` is missing although an xhost scenario ran.
+    pub prog_cost_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -133,6 +138,7 @@ impl Results {
         started_at: String,
         wall: Duration,
         xhost_user: &Path,
+        prog_cost: Option<Result<ProgCost, String>>,
     ) -> Self {
         let mut medians: BTreeMap<String, BTreeMap<Metric, f64>> = BTreeMap::new();
         let mut disturbed_medians: BTreeMap<String, Vec<Metric>> = BTreeMap::new();
@@ -208,6 +214,8 @@ impl Results {
             targets: Vec::new(),
             agent_rss_mb,
             agent_load_s,
+            prog_cost_error: prog_cost.as_ref().and_then(|r| r.as_ref().err().cloned()),
+            prog_cost: prog_cost.and_then(Result::ok),
         };
         results.targets = results.targets();
         results
@@ -457,7 +465,75 @@ impl Results {
             })
             .collect();
         section(&mut out, markdown, "Targets (issue 4)", &header, &rows);
+        self.prog_cost_table(&mut out, markdown);
         out
+    }
+
+    /// ns per run of each program per route count, and the largest count over the
+    /// smallest.
+    fn prog_cost_table(&self, out: &mut String, markdown: bool) {
+        let title = "Per-program cost, BPF_PROG_TEST_RUN (ns per run, medians; warm: route cache hit, first: right after a route write)";
+        if let Some(e) = &self.prog_cost_error {
+            let _ = writeln!(out, "\n{title}: not measured: {e}");
+        }
+        let Some(pc) = &self.prog_cost else {
+            return;
+        };
+        let mut programs: Vec<&str> = Vec::new();
+        let mut counts: Vec<u32> = Vec::new();
+        for s in &pc.samples {
+            if !programs.contains(&s.program.as_str()) {
+                programs.push(&s.program);
+            }
+            if !counts.contains(&s.routes) {
+                counts.push(s.routes);
+            }
+        }
+        let find = |program: &str, routes: u32| {
+            pc.samples
+                .iter()
+                .find(|s| s.program == program && s.routes == routes)
+        };
+        let mut header = vec!["routes".to_owned()];
+        for p in &programs {
+            header.push(format!("{p} warm"));
+            header.push(format!("{p} first"));
+        }
+        let cell =
+            |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+        let mut rows: Vec<Vec<String>> = counts
+            .iter()
+            .map(|&n| {
+                let mut row = vec![n.to_string()];
+                for p in &programs {
+                    let s = find(p, n);
+                    row.push(cell(s.map(|s| s.warm_ns), 0));
+                    row.push(cell(s.map(|s| s.first_ns), 0));
+                }
+                row
+            })
+            .collect();
+        if let (Some(&lo), Some(&hi)) = (counts.first(), counts.last())
+            && lo != hi
+        {
+            let mut row = vec![format!("{hi} / {lo}")];
+            for p in &programs {
+                let (a, b) = (find(p, hi), find(p, lo));
+                let r = |f: fn(&super::ProgSample) -> f64| Some(f(a?) / f(b?));
+                row.push(cell(r(|s| s.warm_ns), 2));
+                row.push(cell(r(|s| s.first_ns), 2));
+            }
+            rows.push(row);
+        }
+        section(out, markdown, title, &header, &rows);
+        let _ = writeln!(
+            out,
+            "{}(one run per sample, {} warm and {} first samples per program and count, interleaved over {} rounds; each includes the kernel's two clock reads)",
+            if markdown { "\n" } else { "  " },
+            pc.warm_samples,
+            pc.first_samples,
+            pc.rounds
+        );
     }
 
     /// The whole report for stdout.
@@ -1041,6 +1117,7 @@ mod tests {
             "2025-01-01T00:00:00Z".into(),
             Duration::from_secs(1),
             Path::new("/bin/xhost-user"),
+            Some(Ok(prog_cost())),
         );
         assert_eq!(r.ratio_median(XHOST, WIRE, Metric::TcpGbps), Some(0.95));
         let tcp = &r.targets[0];
@@ -1054,5 +1131,56 @@ mod tests {
         let svg = r.svg();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains(">0.80<"), "latency as wire/x: {svg}");
+        assert!(
+            md.contains("| 100000 | 160 | 220 | 80 | 150 |")
+                && md.contains("| 100000 / 1 | 1.07 | 1.38 | 1.00 | 1.88 |"),
+            "{md}"
+        );
+    }
+
+    fn prog_cost() -> ProgCost {
+        let sample = |program: &str, routes, warm_ns, first_ns| super::super::ProgSample {
+            program: program.into(),
+            routes,
+            warm_ns,
+            first_ns,
+        };
+        ProgCost {
+            rounds: 1,
+            warm_samples: 1,
+            first_samples: 1,
+            samples: vec![
+                sample("xhost_from_ctr", 1, 150.0, 160.0),
+                sample("xhost_ingress", 1, 80.0, 80.0),
+                sample("xhost_from_ctr", 100_000, 160.0, 220.0),
+                sample("xhost_ingress", 100_000, 80.0, 150.0),
+            ],
+        }
+    }
+
+    #[test]
+    fn says_why_the_program_cost_is_missing() {
+        let plan = Plan {
+            reps: 1,
+            duration_s: 1,
+            scenarios: vec![XHOST],
+            quick: true,
+            max_wait_s: 1,
+        };
+        let r = Results::new(
+            &plan,
+            &[],
+            Vec::new(),
+            "2025-01-01T00:00:00Z".into(),
+            Duration::from_secs(1),
+            Path::new("/bin/xhost-user"),
+            Some(Err("prog_cost failed (exit status: 1): no root".into())),
+        );
+        assert!(
+            r.tables(false)
+                .contains("not measured: prog_cost failed (exit status: 1): no root"),
+            "{}",
+            r.tables(false)
+        );
     }
 }
