@@ -3,10 +3,13 @@
 //! the route-scale cost can be told apart from this VM's ±25 % packet-rate
 //! noise. `cargo xtask bench` runs it and reports the result.
 //!
-//! For each route count (the real peer's subnet plus the scale benchmark's
-//! extra subnets, `scale_subnets`), and for `xhost_from_ctr` (a container's
-//! packet to the peer's subnet) and `xhost_ingress` (the peer's packet to a
-//! local endpoint), all on one CPU:
+//! Each route count (the real peer's subnet plus the scale benchmark's extra
+//! subnets, `scale_subnets`) gets a datapath instance of its own, with those
+//! routes in its `ROUTES` and, as the agent installs them, in the FIB of a
+//! test host namespace of its own (`bpf_fib_lookup` walks that FIB). Rounds
+//! interleave the instances. For `xhost_from_ctr` (a container's packet to
+//! the peer's subnet) and `xhost_ingress` (the peer's packet to a local
+//! endpoint), all on one CPU:
 //! * `warm`: a run after a run of the same packet, median of many: the
 //!   steady state, answered from the route cache;
 //! * `first`: a run right after a route write (which retires the cache),
@@ -27,14 +30,23 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::{net::Ipv4Addr, sync::mpsc, time::Duration};
+use std::{
+    fmt::Write as _,
+    fs::File,
+    io::Write as _,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail, ensure};
 use aya::Ebpf;
 use clap::Parser;
+use nix::sched::{CloneFlags, setns};
 use serde::Serialize;
 use support::{
-    CTR_MAC, GW_MAC, TC_ACT_REDIRECT, ifindex, in_test_host, ipv4, loaded, pin_to_cpu0, run_tc_prog,
+    CTR_MAC, GW_MAC, TC_ACT_REDIRECT, enter_test_host, ifindex, ipv4, loaded, pin_to_cpu0,
+    run_tc_prog,
 };
 use xhost_tests::{Ipv4Cidr, scenarios::scale_subnets};
 use xhost_user::{datapath::RouteTable, net::Ipv4Net};
@@ -71,9 +83,38 @@ struct Output {
 const LOCAL: [u8; 4] = [192, 168, 110, 11];
 const REMOTE: [u8; 4] = [192, 168, 220, 11];
 const PEER: Ipv4Addr = Ipv4Addr::new(172, 16, 91, 132);
+/// The peer's container subnet: the one route of the 1-route case.
+const PEER_NET: &str = "192.168.220.0/24";
 /// Peer hosts of the extra routes, as the scale benchmark spreads them.
 const EXTRA_PEER_BASE: u8 = 140;
 const EXTRA_PEERS: usize = 100;
+
+fn extra_peer(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 16, 91, EXTRA_PEER_BASE + (i % EXTRA_PEERS) as u8)
+}
+
+/// `ip -batch -` in this thread's netns.
+fn ip_batch(script: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("ip")
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running ip")?;
+    child
+        .stdin
+        .take()
+        .context("ip's stdin")?
+        .write_all(script.as_bytes())
+        .context("feeding ip")?;
+    let out = child.wait_with_output().context("waiting for ip")?;
+    ensure!(
+        out.status.success(),
+        "ip -batch: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -83,13 +124,12 @@ fn main() -> anyhow::Result<()> {
     } else {
         (20, 250, 100)
     };
-    let (tx, rx) = mpsc::channel();
+    // A thread of its own: it moves through the test hosts' namespaces.
     let routes = args.routes.clone();
-    in_test_host(move |_| {
-        let r = measure(&routes, rounds, warm_per_round, first_per_round);
-        tx.send(r).expect("main thread waits");
-    });
-    let samples = rx.recv().context("measuring thread")??;
+    let samples =
+        std::thread::spawn(move || measure(&routes, rounds, warm_per_round, first_per_round))
+            .join()
+            .map_err(|_| anyhow::anyhow!("the measuring thread panicked"))??;
     let out = Output {
         rounds,
         warm_samples: rounds * warm_per_round,
@@ -108,9 +148,13 @@ fn check_counts(routes: &[u32]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One loaded instance of the datapath with its own `ROUTES` of one size.
+/// One loaded instance of the datapath with its own `ROUTES` of one size, in a test host
+/// of its own whose FIB holds the same routes, as the agent installs them.
 struct Instance {
     routes: u32,
+    netns: File,
+    /// ifindex of br0 and ul0 in `netns`.
+    ifindex: [u32; 2],
     ebpf: Ebpf,
     table: RouteTable,
     /// Per program: warm and first-packet samples.
@@ -133,6 +177,17 @@ fn measure(
     let extra = scale_subnets(max - 1, &avoid)?;
     let mut instances = Vec::new();
     for &routes in counts {
+        enter_test_host();
+        let mut kernel_routes = format!("route add {PEER_NET} via {PEER} dev ul0 proto 177\n");
+        for (i, net) in extra.iter().enumerate().take(routes as usize - 1) {
+            let _ = writeln!(
+                kernel_routes,
+                "route add {net} via {} dev ul0 proto 177",
+                extra_peer(i)
+            );
+        }
+        ip_batch(&kernel_routes)?;
+        let netns = File::open("/proc/thread-self/ns/net").context("this thread's netns")?;
         let mut ebpf = loaded();
         let mut table = RouteTable::new(
             ebpf.take_map("ROUTES").context("ROUTES")?,
@@ -142,11 +197,12 @@ fn measure(
         // the scale scenarios add these.
         table.remove(&"192.168.230.0/24".parse()?)?;
         for (i, net) in extra.iter().enumerate().take(routes as usize - 1) {
-            let peer = Ipv4Addr::new(172, 16, 91, EXTRA_PEER_BASE + (i % EXTRA_PEERS) as u8);
-            table.set(&net.to_string().parse()?, peer)?;
+            table.set(&net.to_string().parse()?, extra_peer(i))?;
         }
         instances.push(Instance {
             routes,
+            netns,
+            ifindex: [ifindex("br0"), ifindex("ul0")],
             ebpf,
             table,
             warm: vec![Vec::new(); 2],
@@ -158,19 +214,23 @@ fn measure(
     out_frame[..6].copy_from_slice(&GW_MAC); // sent to the gateway, as containers do
     let mut in_frame = ipv4(REMOTE, LOCAL, 63, &[]);
     in_frame[..6].copy_from_slice(&CTR_MAC);
+    // (program, arrival device: br0 or ul0, frame)
     let programs = [
-        (xhost_common::PROG_FROM_CTR, ifindex("br0"), out_frame),
-        (xhost_common::PROG_INGRESS, ifindex("ul0"), in_frame),
+        (xhost_common::PROG_FROM_CTR, 0, out_frame),
+        (xhost_common::PROG_INGRESS, 1, in_frame),
     ];
-    let peer_net: Ipv4Net = "192.168.220.0/24".parse()?;
+    let peer_net: Ipv4Net = PEER_NET.parse()?;
     // Rounds interleave the instances, so drift of the machine meets all alike.
     for _ in 0..rounds {
         for inst in &mut instances {
-            for (p, (program, iif, frame)) in programs.iter().enumerate() {
+            // The FIB lookups and the test skb's device are this thread's netns.
+            setns(&inst.netns, CloneFlags::CLONE_NEWNET).context("entering a test host")?;
+            for (p, (program, dev, frame)) in programs.iter().enumerate() {
                 let count = inst.routes;
+                let iif = inst.ifindex[*dev];
                 let ebpf = &mut inst.ebpf;
                 let mut run = || -> anyhow::Result<Duration> {
-                    let r = run_tc_prog(ebpf, program, *iif, frame, 1)?;
+                    let r = run_tc_prog(ebpf, program, iif, frame, 1)?;
                     if r.verdict != TC_ACT_REDIRECT {
                         bail!(
                             "{program} with {count} routes: verdict {} instead of a redirect",
@@ -187,7 +247,7 @@ fn measure(
                 for _ in 0..first_per_round {
                     // Rewriting a route retires every cached answer.
                     inst.table.set(&peer_net, PEER)?;
-                    let d = run_tc_prog(&mut inst.ebpf, program, *iif, frame, 1)?;
+                    let d = run_tc_prog(&mut inst.ebpf, program, iif, frame, 1)?;
                     ensure!(
                         d.verdict == TC_ACT_REDIRECT,
                         "{program} with {count} routes after a route write: verdict {}",
@@ -238,11 +298,10 @@ mod tests {
     /// other verdict), with plausible times.
     #[test]
     fn measures_each_program_at_each_count() {
-        let (tx, rx) = mpsc::channel();
-        in_test_host(move |_| {
-            tx.send(measure(&[1, 300], 2, 20, 10)).expect("receiver");
-        });
-        let samples = rx.recv().expect("result").expect("measured");
+        let samples = std::thread::spawn(|| measure(&[1, 300], 2, 20, 10))
+            .join()
+            .expect("no panic")
+            .expect("measured");
         let got: Vec<(&str, u32)> = samples.iter().map(|s| (s.program, s.routes)).collect();
         assert_eq!(
             got,

@@ -61,28 +61,34 @@ pub fn mac(name: &str) -> [u8; 6] {
 /// Runs `f` on a thread inside a fresh netns holding the host drawn above.
 pub fn in_test_host(f: impl FnOnce(&mut Ebpf) + Send + 'static) {
     std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("unshare(CLONE_NEWNET): run as root");
-        for cmd in [
-            "ip link set lo up",
-            "ip link add br0 type bridge",
-            "ip addr add 192.168.110.1/24 dev br0",
-            "ip link set br0 up",
-            "ip link add ul0 type veth peer name ul0p",
-            "ip link set ul0p up",
-            "ip addr add 172.16.91.131/24 dev ul0",
-            "ip link set ul0 up",
-            "ip neigh replace 172.16.91.132 lladdr 02:00:00:00:00:32 nud permanent dev ul0",
-            "ip neigh replace 192.168.110.12 lladdr 02:00:00:00:00:12 nud permanent dev br0",
-            "sysctl -qw net.ipv4.ip_forward=1",
-        ] {
-            sh(&cmd.split(' ').collect::<Vec<_>>());
-        }
+        enter_test_host();
         let mut ebpf = loaded();
         f(&mut ebpf);
     })
     .join()
     .expect("test thread panicked");
+}
+
+/// Moves the calling thread into a fresh netns holding the host drawn above
+/// (the namespace goes when nothing holds it any more).
+pub fn enter_test_host() {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("unshare(CLONE_NEWNET): run as root");
+    for cmd in [
+        "ip link set lo up",
+        "ip link add br0 type bridge",
+        "ip addr add 192.168.110.1/24 dev br0",
+        "ip link set br0 up",
+        "ip link add ul0 type veth peer name ul0p",
+        "ip link set ul0p up",
+        "ip addr add 172.16.91.131/24 dev ul0",
+        "ip link set ul0 up",
+        "ip neigh replace 172.16.91.132 lladdr 02:00:00:00:00:32 nud permanent dev ul0",
+        "ip neigh replace 192.168.110.12 lladdr 02:00:00:00:00:12 nud permanent dev br0",
+        "sysctl -qw net.ipv4.ip_forward=1",
+    ] {
+        sh(&cmd.split(' ').collect::<Vec<_>>());
+    }
 }
 
 /// A fresh instance of the datapath object (maps of its own), every program
