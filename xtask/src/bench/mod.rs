@@ -3,6 +3,8 @@
 //! single-stream TCP throughput, 64-byte UDP packets per second, UDP ping-pong latency,
 //! CPU per packet, and xhost with 1, 1 000 and 100 000 routes. Repetitions are interleaved
 //! (each repetition runs every scenario) and every comparison is a ratio within one run.
+//! Beside the packet tests, the datapath programs' own cost per route count is measured
+//! with `BPF_PROG_TEST_RUN` (`xhost-user/examples/prog_cost.rs`).
 //! Writes a table to stdout and `results.json`, `table.md`, `ratios.svg` to `--out`.
 
 mod report;
