@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: container A -> container B across two simulated hosts, measured
 //! the same way over every path (bare veth, iptables + routes, kernel VXLAN, xhost):
 //! single-stream TCP throughput, 64-byte UDP packets per second, UDP ping-pong latency,
-//! CPU per packet, and xhost with 1, 1 000 and 100 000 routes. Repetitions are interleaved
-//! (each repetition runs every scenario) and every comparison is a ratio within one run.
+//! CPU per packet, and xhost with 1, 1 000 and 100 000 routes. Every scenario's bed is up
+//! for the whole run; each repetition runs each test on every scenario in turn, and every
+//! comparison is a ratio within one repetition.
 //! Beside the packet tests, the datapath programs' own cost per route count is measured
 //! with `BPF_PROG_TEST_RUN` (`xhost-user/examples/prog_cost.rs`).
 //! Writes a table to stdout and `results.json`, `table.md`, `ratios.svg` to `--out`.
@@ -517,48 +518,90 @@ fn preflight() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every repetition runs every scenario, so slow drift of the VM affects all alike; the
-/// starting scenario rotates so none is always measured right after the heaviest teardown.
+/// One measurement of one scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Test {
+    Tcp,
+    Udp,
+    Latency(LatencyMode),
+}
+
+/// Every bed is built once and stays up for the whole run (idle beds cost the others
+/// nothing measurable: an idle 100 000-route bed left a 1-route bed's pps unchanged).
+/// Each repetition runs each test on every scenario before the next test, so the samples
+/// a ratio pairs lie seconds apart, not minutes: this VM's speed drifts by tens of percent
+/// within a minute. The scenario order rotates from one repetition to the next.
 fn run_all(scenarios: &[Scenario], plan: &Plan) -> Vec<Run> {
-    let mut runs = Vec::new();
     let n = scenarios.len();
+    let mut beds = Vec::with_capacity(n);
+    for s in scenarios {
+        if interrupted() {
+            return Vec::new();
+        }
+        let t = Instant::now();
+        let bed = Bed::build(&s.kind).and_then(|b| b.check_path().map(|()| b));
+        let took = t.elapsed().as_secs_f64();
+        match &bed {
+            Ok(_) => eprintln!("bench: {:<16} up in {took:.1} s", s.name),
+            Err(e) => eprintln!("bench: {:<16} setup failed: {e}", s.name),
+        }
+        beds.push((bed, took));
+    }
+    // --quick keeps to the latency the targets use, to stay well under two minutes.
+    let mut tests = vec![Test::Tcp, Test::Udp, Test::Latency(LatencyMode::BusyPoll)];
+    if !plan.quick {
+        tests.push(Test::Latency(LatencyMode::Pinned));
+    }
+    let mut runs = Vec::new();
     for rep in 1..=plan.reps {
-        for i in 0..n {
-            if interrupted() {
-                return runs;
+        let mut this_rep: Vec<Run> = scenarios
+            .iter()
+            .zip(&beds)
+            .map(|(s, (bed, took))| Run {
+                rep,
+                scenario: s.name.to_owned(),
+                setup_s: *took,
+                errors: bed
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("setup: {e}"))
+                    .into_iter()
+                    .collect(),
+                ..Run::default()
+            })
+            .collect();
+        for &test in &tests {
+            for i in 0..n {
+                if interrupted() {
+                    runs.extend(this_rep);
+                    return runs;
+                }
+                let k = (i + rep as usize - 1) % n;
+                let s = &scenarios[k];
+                if let (Ok(bed), true) = (&beds[k].0, test != Test::Tcp || s.tcp) {
+                    measure(test, bed, plan, &mut this_rep[k]);
+                }
             }
-            let s = &scenarios[(i + rep as usize - 1) % n];
-            let t = Instant::now();
-            let run = run_one(s, rep, plan);
+        }
+        for ((s, (bed, _)), run) in scenarios.iter().zip(&beds).zip(&mut this_rep) {
+            if let Ok(bed) = bed {
+                agent_reports(s, bed, run);
+            }
             eprintln!(
-                "bench: rep {rep}/{} {:<15} {} ({:.1} s)",
+                "bench: rep {rep}/{} {:<15} {}",
                 plan.reps,
                 s.name,
-                report::summary(&run),
-                t.elapsed().as_secs_f64()
+                report::summary(run)
             );
-            runs.push(run);
         }
+        runs.extend(this_rep);
     }
     runs
 }
 
-fn run_one(s: &Scenario, rep: u32, plan: &Plan) -> Run {
-    let mut run = Run {
-        rep,
-        scenario: s.name.to_owned(),
-        ..Run::default()
-    };
-    let t = Instant::now();
-    let bed = match Bed::build(&s.kind).and_then(|b| b.check_path().map(|()| b)) {
-        Ok(b) => b,
-        Err(e) => {
-            run.errors.push(format!("setup: {e}"));
-            return run;
-        }
-    };
-    run.setup_s = t.elapsed().as_secs_f64();
-    measure(s, &bed, plan, &mut run);
+/// The agents' memory, load time and routes after a repetition, and (1-route xhost) the
+/// datapath counters, which show the path the packets took.
+fn agent_reports(s: &Scenario, bed: &Bed, run: &mut Run) {
     for (a, ns) in bed.agents().iter().zip(bed.host_namespaces()) {
         let (rss, hwm) = scenarios::rss_bytes(a.agent.pid())
             .map(|(r, h)| (Some(r), Some(h)))
@@ -572,7 +615,7 @@ fn run_one(s: &Scenario, rep: u32, plan: &Plan) -> Run {
             kernel_routes: scenarios::count_routes(ns, XHOST_RTPROT).ok(),
         });
     }
-    // Counters show which path the packets took; 100 000 routes make status slow and big.
+    // 100 000 routes make status slow and big.
     if matches!(&s.kind, PathKind::Xhost(o) if o.routes <= 1) {
         for (a, ns) in bed.agents().iter().zip(bed.host_namespaces()) {
             match scenarios::agent_status(ns, &a.agent) {
@@ -587,8 +630,6 @@ fn run_one(s: &Scenario, rep: u32, plan: &Plan) -> Run {
             }
         }
     }
-    drop(bed);
-    run
 }
 
 /// Busy fraction above which a run counts as started under outside load.
@@ -620,14 +661,14 @@ fn foreign_cpus(delta: &CpuTicks, ncpus: usize, own_cpu_s: f64) -> Option<f64> {
     (window_s > 0.0).then(|| (delta.busy() as f64 / USER_HZ - own_cpu_s) / window_s)
 }
 
-/// The tests of one scenario, each bounded; a failed test is recorded and the others run.
-fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
+/// One test of one scenario, bounded; a failed test is recorded in `run`.
+fn measure(test: Test, bed: &Bed, plan: &Plan, run: &mut Run) {
     let (client, server, ip, secs) = (bed.client(), bed.server(), bed.server_ip(), plan.duration_s);
-    // Let the previous scenario's teardown (the kernel frees namespaces in a worker) and
-    // whatever else runs on the machine settle first; say so when it did not.
+    // Let whatever else runs on the machine settle first; say so when it did not.
     let max_wait = Duration::from_secs(plan.max_wait_s);
-    run.busy_before = scenarios::wait_quiet(0.15, max_wait).unwrap_or(f64::NAN);
-    run.loaded = run.busy_before > LOADED;
+    let busy = scenarios::wait_quiet(0.15, max_wait).unwrap_or(f64::NAN);
+    run.busy_before = run.busy_before.max(busy);
+    run.loaded |= busy > LOADED;
     let cpus = Cpus::split();
     let note_foreign = |run: &mut Run, test: &str, foreign: Option<f64>, metrics: &[Metric]| {
         if let Some(f) = foreign {
@@ -640,7 +681,7 @@ fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
     let own = |sender: Option<f64>, receiver: Option<f64>, secs: f64| {
         (sender.unwrap_or(100.0) + receiver.unwrap_or(0.0)) / 100.0 * secs
     };
-    if s.tcp && !interrupted() {
+    if test == Test::Tcp {
         let w = CpuWindow::start();
         match scenarios::iperf3_tcp(client, server, ip, secs, cpus) {
             Ok(t) => {
@@ -655,7 +696,7 @@ fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
             Err(e) => run.errors.push(format!("tcp: {e}")),
         }
     }
-    if !interrupted() {
+    if test == Test::Udp {
         let w = CpuWindow::start();
         let udp = scenarios::iperf3_udp(client, server, ip, secs, cpus);
         let cpu = w.and_then(CpuWindow::end);
@@ -687,16 +728,7 @@ fn measure(s: &Scenario, bed: &Bed, plan: &Plan, run: &mut Run) {
             Err(e) => run.errors.push(format!("udp: {e}")),
         }
     }
-    // --quick keeps to the latency the targets use, to stay well under two minutes.
-    let modes: &[LatencyMode] = if plan.quick {
-        &[LatencyMode::BusyPoll]
-    } else {
-        &[LatencyMode::BusyPoll, LatencyMode::Pinned]
-    };
-    for &mode in modes {
-        if interrupted() {
-            break;
-        }
+    if let Test::Latency(mode) = test {
         let w = CpuWindow::start();
         match scenarios::sockperf_ping_pong(client, server, ip, secs, mode) {
             Ok(l) if mode == LatencyMode::Pinned => {
