@@ -39,7 +39,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use aya::Ebpf;
 use clap::Parser;
 use nix::sched::{CloneFlags, setns};
@@ -228,32 +228,24 @@ fn measure(
             for (p, (program, dev, frame)) in programs.iter().enumerate() {
                 let count = inst.routes;
                 let iif = inst.ifindex[*dev];
-                let ebpf = &mut inst.ebpf;
-                let mut run = || -> anyhow::Result<Duration> {
-                    let r = run_tc_prog(ebpf, program, iif, frame, 1)?;
-                    if r.verdict != TC_ACT_REDIRECT {
-                        bail!(
-                            "{program} with {count} routes: verdict {} instead of a redirect",
-                            r.verdict
-                        );
-                    }
-                    Ok(r.per_run)
+                let what = |after_write: bool| {
+                    let when = if after_write {
+                        " after a route write"
+                    } else {
+                        ""
+                    };
+                    format!("{program} with {count} routes{when}")
                 };
-                run()?; // fills this CPU's cache slot
+                forwarded_run(&mut inst.ebpf, program, iif, frame, || what(false))?; // fills this CPU's cache slot
                 for _ in 0..warm_per_round {
-                    let d = run()?;
+                    let d = forwarded_run(&mut inst.ebpf, program, iif, frame, || what(false))?;
                     inst.warm[p].push(d);
                 }
                 for _ in 0..first_per_round {
                     // Rewriting a route retires every cached answer.
                     inst.table.set(&peer_net, PEER)?;
-                    let d = run_tc_prog(&mut inst.ebpf, program, iif, frame, 1)?;
-                    ensure!(
-                        d.verdict == TC_ACT_REDIRECT,
-                        "{program} with {count} routes after a route write: verdict {}",
-                        d.verdict
-                    );
-                    inst.first[p].push(d.per_run);
+                    let d = forwarded_run(&mut inst.ebpf, program, iif, frame, || what(true))?;
+                    inst.first[p].push(d);
                 }
             }
         }
@@ -270,6 +262,24 @@ fn measure(
         }
     }
     Ok(samples)
+}
+
+/// One run that must forward (redirect); its time. `what` names the case in the error.
+fn forwarded_run(
+    ebpf: &mut Ebpf,
+    program: &str,
+    iif: u32,
+    frame: &[u8],
+    what: impl FnOnce() -> String,
+) -> anyhow::Result<Duration> {
+    let r = run_tc_prog(ebpf, program, iif, frame, 1)?;
+    ensure!(
+        r.verdict == TC_ACT_REDIRECT,
+        "{}: verdict {} instead of a redirect",
+        what(),
+        r.verdict
+    );
+    Ok(r.per_run)
 }
 
 fn median_ns(v: &mut [Duration]) -> f64 {
