@@ -1220,8 +1220,6 @@ fn engine_restart_loses_only_the_containers_down_time() {
     tb.finish();
 }
 
-/// Issue 3, test 5: an agent loaded before its engine exists stays up, reports Docker as
-/// unreachable, and picks the engine up once it starts.
 /// A container's veth can go while the engine cannot say so (hung, or on its way down): the
 /// agent hears it from the kernel and drops the endpoint at once, so the address falls back
 /// to the bridge instead of being redirected to an interface that is gone, or reused.
@@ -1247,7 +1245,7 @@ fn veth_gone_while_the_engine_hangs_leaves_the_map() {
     let pid =
         Pid::from_raw(i32::try_from(tb.engine(0).pid().expect("engine A runs")).expect("pid"));
     nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("SIGSTOP dockerd");
-    let _resume = Resume(pid);
+    let resume = Resume(pid);
     ns.ip(&["link", "del", &veth]).expect("delete a1's veth");
     let mut after = before.clone();
     after.remove(&ip);
@@ -1255,7 +1253,7 @@ fn veth_gone_while_the_engine_hangs_leaves_the_map() {
         endpoints(s) == after
     });
     eprintln!("{veth} deleted with the engine stopped: {ip} left the map {took:?} later");
-    drop(_resume);
+    drop(resume);
     tb.finish();
 }
 
@@ -1268,6 +1266,8 @@ impl Drop for Resume {
     }
 }
 
+/// Issue 3, test 5: an agent loaded before its engine exists stays up, reports Docker as
+/// unreachable, and picks the engine up once it starts.
 #[test]
 fn agent_waits_for_an_engine_that_starts_later() {
     let mut tb = Testbed::new([false, true]);
