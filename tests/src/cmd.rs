@@ -36,7 +36,7 @@ pub(crate) fn checked(cmd: &mut Command) -> Result<Output> {
 }
 
 /// Like [`checked`], feeding `input` on stdin (for `ip -batch -` and `iptables-restore`).
-pub(crate) fn checked_with_stdin(cmd: &mut Command, input: &[u8]) -> Result<Output> {
+pub fn checked_with_stdin(cmd: &mut Command, input: &[u8]) -> Result<Output> {
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

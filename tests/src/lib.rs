@@ -9,7 +9,7 @@
 //! Tests that use this crate touch kernel state and must run as root with `--test-threads=1`.
 
 mod cidr;
-mod cmd;
+pub mod cmd;
 pub mod docker;
 pub mod docker_engine;
 mod error;

@@ -30,14 +30,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::{
-    fmt::Write as _,
-    fs::File,
-    io::Write as _,
-    net::Ipv4Addr,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{fmt::Write as _, fs::File, net::Ipv4Addr, process::Command, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use aya::Ebpf;
@@ -48,7 +41,7 @@ use support::{
     CTR_MAC, GW_MAC, TC_ACT_REDIRECT, enter_test_host, ifindex, ipv4, loaded, pin_to_cpu0,
     run_tc_prog,
 };
-use xhost_tests::{Ipv4Cidr, scenarios::scale_subnets};
+use xhost_tests::{Ipv4Cidr, cmd::checked_with_stdin, scenarios::scale_subnets};
 use xhost_user::{datapath::RouteTable, net::Ipv4Net};
 
 #[derive(Parser, Debug)]
@@ -95,24 +88,7 @@ fn extra_peer(i: usize) -> Ipv4Addr {
 
 /// `ip -batch -` in this thread's netns.
 fn ip_batch(script: &str) -> anyhow::Result<()> {
-    let mut child = Command::new("ip")
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running ip")?;
-    child
-        .stdin
-        .take()
-        .context("ip's stdin")?
-        .write_all(script.as_bytes())
-        .context("feeding ip")?;
-    let out = child.wait_with_output().context("waiting for ip")?;
-    ensure!(
-        out.status.success(),
-        "ip -batch: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    checked_with_stdin(Command::new("ip").args(["-batch", "-"]), script.as_bytes())?;
     Ok(())
 }
 
