@@ -127,27 +127,15 @@ pub fn fill_maps(ebpf: &mut Ebpf) {
         .expect("ROUTES")
         .try_into()
         .expect("lpm");
-    routes
-        .insert(
-            &net([192, 168, 220, 0], 24),
-            Peer {
-                host: [172, 16, 91, 132],
-                flags: 0,
-            },
-            0,
-        )
-        .expect("insert");
-    // A peer whose MAC the kernel does not know yet.
-    routes
-        .insert(
-            &net([192, 168, 230, 0], 24),
-            Peer {
-                host: [172, 16, 91, 133],
-                flags: 0,
-            },
-            0,
-        )
-        .expect("insert");
+    // The second peer's MAC is not known to the kernel yet.
+    for (prefix, host) in [
+        ([192, 168, 220, 0], [172, 16, 91, 132]),
+        ([192, 168, 230, 0], [172, 16, 91, 133]),
+    ] {
+        routes
+            .insert(&net(prefix, 24), Peer { host, flags: 0 }, 0)
+            .expect("insert");
+    }
     let mut local: LpmTrie<_, [u8; 4], LocalNet> = ebpf
         .map_mut("LOCAL_NETS")
         .expect("LOCAL_NETS")
