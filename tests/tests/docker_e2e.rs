@@ -572,55 +572,75 @@ impl Drop for MapWatch {
     }
 }
 
-/// `ping -D` output: when each answered echo request was sent (reply time minus round
-/// trip: a request queued on an unresolved neighbour is answered seconds later), and the
-/// summary's count.
+/// `ping -D` output: when each echo request was sent, and the summary's count.
+///
+/// An answered request's send time is its reply's time minus the round trip (a request
+/// queued on an unresolved neighbour is answered seconds later). With `-O`, ping also
+/// prints `no answer yet for icmp_seq=N` right before each attempt to send N + 1 while N
+/// is unanswered, which times the sends of unanswered requests too. That matters: over a
+/// veth "underlay" the requests keep charging the sender's socket while they wait on the
+/// far host's neighbour queue, so ping's small send buffer fills and it stops sending
+/// (retrying every ~0.1 s) until the queue drains. Estimating those sends at one per
+/// interval would place them seconds late.
 #[derive(Debug, Default)]
 struct PingLog {
     transmitted: u32,
+    /// Answered requests: when each was sent.
     replies: BTreeMap<u32, SystemTime>,
+    /// Every request whose send time the output gives: the answered ones and, with `-O`,
+    /// those sent while the one before was unanswered.
+    sent: BTreeMap<u32, f64>,
 }
 
 impl PingLog {
-    /// Parses `[1700000000.123456] 64 bytes from ...: icmp_seq=5 ttl=62 time=0.1 ms` lines
-    /// and `N packets transmitted, ...`.
+    /// Parses `[1700000000.123456] 64 bytes from ...: icmp_seq=5 ttl=62 time=0.1 ms`,
+    /// `[1700000000.223456] no answer yet for icmp_seq=5` and `N packets transmitted, ...`.
     fn parse(text: &str) -> Self {
         let mut log = Self::default();
+        // Seq N + 1 -> the last attempt to send it (the one that succeeded, if any did).
+        let mut attempts = BTreeMap::new();
         for line in text.lines() {
             let field = |key: &str| {
                 line.split_whitespace()
                     .find_map(|w| w.strip_prefix(key))
                     .and_then(|s| s.parse::<f64>().ok())
             };
+            let stamp = line
+                .strip_prefix('[')
+                .and_then(|l| l.split_once(']'))
+                .and_then(|(s, _)| s.parse::<f64>().ok());
             if line.contains("bytes from")
-                && let Some(stamp) = line
-                    .strip_prefix('[')
-                    .and_then(|l| l.split_once(']'))
-                    .and_then(|(s, _)| s.parse::<f64>().ok())
+                && let Some(stamp) = stamp
                 && let Some(seq) = field("icmp_seq=")
                 && let Some(rtt_ms) = field("time=")
             {
-                log.replies.insert(
-                    seq as u32,
-                    UNIX_EPOCH + Duration::from_secs_f64(stamp - rtt_ms / 1e3),
-                );
+                let sent = stamp - rtt_ms / 1e3;
+                log.replies
+                    .insert(seq as u32, UNIX_EPOCH + Duration::from_secs_f64(sent));
+                log.sent.insert(seq as u32, sent);
+            }
+            if line.contains("no answer yet for")
+                && let Some(stamp) = stamp
+                && let Some(seq) = field("icmp_seq=")
+            {
+                attempts.insert(seq as u32 + 1, stamp);
             }
             if let Some((n, _)) = line.split_once(" packets transmitted") {
                 log.transmitted = n.trim().parse().unwrap_or(0);
             }
         }
+        // Attempts past the last request transmitted never succeeded.
+        for (seq, t) in attempts.range(..=log.transmitted) {
+            log.sent.entry(*seq).or_insert(*t);
+        }
         log
     }
 
-    /// Estimated send time of every sequence number 1..=transmitted: known for answered
-    /// ones, interpolated between the nearest answered ones for the others (extrapolated at
+    /// Send time of every sequence number 1..=transmitted: as printed where the output
+    /// gives it, else interpolated between the nearest known ones (extrapolated at
     /// `interval` at the ends).
     fn send_times(&self, interval: f64) -> BTreeMap<u32, f64> {
-        let known: Vec<(u32, f64)> = self
-            .replies
-            .iter()
-            .map(|(s, t)| (*s, unix_secs(*t)))
-            .collect();
+        let known: Vec<(u32, f64)> = self.sent.iter().map(|(s, t)| (*s, *t)).collect();
         let mut out = BTreeMap::new();
         if known.is_empty() {
             return out;
@@ -642,6 +662,45 @@ impl PingLog {
             out.insert(seq, t);
         }
         out
+    }
+}
+
+/// Send times come from the output where it has them: a request sent after a stall of
+/// ping (send buffer full) is not placed one interval after the one before it, and the
+/// requests before the stall are not spread over it.
+#[test]
+fn ping_log_times_the_sends_of_unanswered_requests() {
+    let out = "\
+[100.000100] 64 bytes from 10.0.0.1: icmp_seq=1 ttl=62 time=0.100 ms
+[100.200000] no answer yet for icmp_seq=2
+[100.300000] no answer yet for icmp_seq=3
+[100.400000] no answer yet for icmp_seq=4
+[100.500000] no answer yet for icmp_seq=4
+[101.400000] no answer yet for icmp_seq=4
+[101.500000] no answer yet for icmp_seq=5
+[101.500400] 64 bytes from 10.0.0.1: icmp_seq=6 ttl=62 time=0.400 ms
+[101.700000] no answer yet for icmp_seq=7
+7 packets transmitted, 2 received, 71.4286% packet loss, time 1600ms
+";
+    let log = PingLog::parse(out);
+    assert_eq!(log.transmitted, 7);
+    assert_eq!(log.replies.keys().copied().collect::<Vec<_>>(), [1, 6]);
+    let times = log.send_times(0.1);
+    // 2 between its neighbours; 5, unanswered, at the last attempt to send it (spread
+    // evenly from 1 to 6 it would be 101.2); 7 one interval after 6; the attempt at 8
+    // (never transmitted) ignored.
+    let want = [
+        (1, 100.0),
+        (2, 100.1),
+        (3, 100.2),
+        (4, 100.3),
+        (5, 101.4),
+        (6, 101.5),
+        (7, 101.6),
+    ];
+    assert_eq!(times.len(), want.len(), "{times:?}");
+    for (seq, t) in want {
+        assert!((times[&seq] - t).abs() < 1e-6, "seq {seq}: {times:?}");
     }
 }
 
@@ -1083,6 +1142,7 @@ fn engine_restart_loses_only_the_containers_down_time() {
                     "ping",
                     "-n",
                     "-D",
+                    "-O",
                     "-i",
                     &interval.to_string(),
                     &target.to_string(),
@@ -1199,7 +1259,8 @@ fn engine_restart_loses_only_the_containers_down_time() {
     eprintln!(
         "restart: target down {:.0} ms (FinishedAt -> StartedAt); ping every {interval} s: {} sent, {} answered, {} lost, \
          {sent_down} sent while the container was down; longest loss run {gap:?} from FinishedAt{:+.0} ms to StartedAt{:+.0} ms; \
-         first answered request sent {:.0} ms after StartedAt, {:.0} ms after the engine answered; lost outside the down window: {lost_outside:?}",
+         first answered request sent {:.0} ms after StartedAt, {:.0} ms after the engine answered; lost outside the down window: {lost_outside:?}; \
+         lost (seq, sent ms after StartedAt): {:?}",
         (down_to - down_from) * 1e3,
         log.transmitted,
         log.replies.len(),
@@ -1208,6 +1269,9 @@ fn engine_restart_loses_only_the_containers_down_time() {
         gap_ms.1,
         first_after.map_or(f64::NAN, |t| (t - down_to) * 1e3),
         first_after.map_or(f64::NAN, |t| (t - unix_secs(up)) * 1e3),
+        lost.iter()
+            .map(|s| (*s, ((times[s] - down_to) * 1e3).round()))
+            .collect::<Vec<_>>(),
     );
     assert!(log.transmitted > 20, "{}", ping.output());
     assert!(
