@@ -580,8 +580,9 @@ impl Drop for MapWatch {
 /// is unanswered, which times the sends of unanswered requests too. That matters: over a
 /// veth "underlay" the requests keep charging the sender's socket while they wait on the
 /// far host's neighbour queue, so ping's small send buffer fills and it stops sending
-/// (retrying every ~0.1 s) until the queue drains. Estimating those sends at one per
-/// interval would place them seconds late.
+/// (retrying every ~0.1 s) until the queue drains. Spread evenly between the answered
+/// requests around such a stall, the requests sent before it would be placed up to
+/// seconds late.
 #[derive(Debug, Default)]
 struct PingLog {
     transmitted: u32,
