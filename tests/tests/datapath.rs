@@ -615,3 +615,91 @@ fn bad_input_is_refused_with_nothing_half_applied() {
         "first instance disturbed"
     );
 }
+
+/// An underlay with a smaller MTU than the containers' (1400 against 1500): what does not
+/// fit is not forwarded by the datapath but left to the kernel, which answers ICMP
+/// fragmentation-needed as the router it is. TCP, whose TSO bursts are checked segment by
+/// segment, learns the path MTU from it and gets its payload through intact both ways; a
+/// DF ping one byte too big gets the answer, one that fits gets through.
+#[test]
+fn what_does_not_fit_the_underlay_gets_frag_needed() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let (ca, cb) = (topo.ctr_a(), topo.ctr_b());
+    for h in [a, b] {
+        h.ns()
+            .run(&["ip", "link", "set", h.underlay_iface(), "mtu", "1400"]);
+    }
+    let agent_a = start(a, b, &[]);
+    let agent_b = start(b, a, &[]);
+    let before = [
+        status_json(a.ns(), &agent_a.dirs),
+        status_json(b.ns(), &agent_b.dirs),
+    ];
+
+    for (from, to, port) in [(ca, cb, 45_111u16), (cb, ca, 45_112)] {
+        // A path MTU learned in the other direction would lower the MSS the receiver
+        // advertises, and the sender would never send too much.
+        for c in [from, to] {
+            c.ns().run(&["ip", "route", "flush", "cache"]);
+        }
+        let opts = TransferOpts {
+            port,
+            bytes: 8 << 20,
+            ..TransferOpts::default()
+        };
+        let t = tcp_transfer(from.ns(), to.ns(), to.ip(), &opts).expect("tcp transfer");
+        assert!(t.intact(), "{} -> {}: {t:?}", from.ip(), to.ip());
+        // The sender learned the underlay's MTU from its host's ICMP.
+        let route = from.ns().run(&["ip", "route", "get", &to.ip().to_string()]);
+        assert!(
+            route.contains("mtu 1400"),
+            "{} never learned the path MTU to {}: {route}",
+            from.ip(),
+            to.ip()
+        );
+    }
+    for (i, host) in [a, b].into_iter().enumerate() {
+        let s = status_json(
+            host.ns(),
+            if i == 0 { &agent_a.dirs } else { &agent_b.dirs },
+        );
+        assert!(
+            counter(&s, "pass_fib") > counter(&before[i], "pass_fib"),
+            "{}: no oversized burst was left to the kernel: {s}",
+            host.role()
+        );
+    }
+
+    // Forget the learned MTU, then DF pings of 1400 and 1401 bytes.
+    ca.ns().run(&["ip", "route", "flush", "cache"]);
+    let ping_df = |payload: u32| {
+        let out = ca
+            .ns()
+            .exec(&[
+                "ping",
+                "-n",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                "-M",
+                "do",
+                "-s",
+                &payload.to_string(),
+                &cb.ip().to_string(),
+            ])
+            .expect("ping");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = ping_df(1400 - 28);
+    assert!(ok, "a 1400-byte ping must get through: {text}");
+    let (ok, text) = ping_df(1401 - 28);
+    assert!(
+        !ok && text.contains("Frag needed") && text.contains("mtu = 1400"),
+        "a 1401-byte DF ping must get frag-needed from host A: {text}"
+    );
+}

@@ -4,8 +4,11 @@ use core::mem::{MaybeUninit, align_of, size_of};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{bpf_fib_lookup, bpf_redir_neigh},
-    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect_neigh},
+    bindings::{
+        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS,
+        bpf_fib_lookup, bpf_redir_neigh,
+    },
+    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup_helper, bpf_redirect_neigh},
     programs::TcContext,
 };
 
@@ -29,15 +32,44 @@ pub enum NextHop {
 }
 
 /// Looks up how to reach `dst` for a packet from `src` that arrived on
-/// `ifindex`. `tot_len` stays 0 so the kernel checks the skb itself against
-/// the egress MTU with `is_skb_forwardable`, which understands GSO packets
-/// (a GSO super-packet's IPv4 total length exceeds any MTU).
+/// `ifindex`, `tot_len` bytes long at L3 (its IPv4 total length).
+///
+/// A packet too big for the egress is the kernel's, which sends ICMP
+/// fragmentation-needed (or fragments), as `ip_forward` does. The lookup
+/// gets `tot_len` and compares it with the route's MTU (device, route
+/// metric or learned path MTU) before it even looks at the neighbour. Only
+/// when that fails is the GSO size read: a GSO super-packet (a TSO burst
+/// from a container) is as long as all its segments, so it is looked up
+/// again without a length, and each segment is checked against the egress
+/// device with `bpf_check_mtu(BPF_MTU_CHK_SEGS)`, as `ip_forward` does with
+/// `skb_gso_validate_network_len`.
 #[inline(always)]
-pub fn lookup(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4]) -> NextHop {
+pub fn lookup(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> NextHop {
+    let Some(hop) = ask(ctx, ifindex, src, dst, tot_len) else {
+        // SAFETY: reading the skb's GSO size from its context.
+        if unsafe { (*ctx.skb.skb).gso_size } == 0 {
+            return NextHop::Kernel;
+        }
+        return match ask(ctx, ifindex, src, dst, 0) {
+            Some(
+                hop @ (NextHop::Resolved { ifindex, .. } | NextHop::Unresolved { ifindex, .. }),
+            ) if segments_fit(ctx, ifindex) => hop,
+            _ => NextHop::Kernel,
+        };
+    };
+    hop
+}
+
+/// One `bpf_fib_lookup`; `None` when `tot_len` exceeds the route's MTU.
+/// With `tot_len` 0 the kernel checks the skb with `is_skb_forwardable`,
+/// which passes any GSO packet.
+#[inline(always)]
+fn ask(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Option<NextHop> {
     let mut slot = MaybeUninit::<bpf_fib_lookup>::uninit();
     let p = zeroed_in(&mut slot);
     p.family = AF_INET;
     p.ifindex = ifindex;
+    p.__bindgen_anon_1.tot_len = tot_len;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
@@ -49,7 +81,7 @@ pub fn lookup(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4]) -> Next
             0,
         )
     };
-    match rc as u32 {
+    Some(match rc as u32 {
         aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS => NextHop::Resolved {
             ifindex: p.ifindex,
             smac: p.smac,
@@ -61,8 +93,27 @@ pub fn lookup(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4]) -> Next
             // or the destination itself) in ipv4_dst.
             nexthop: unsafe { p.__bindgen_anon_4.ipv4_dst }.to_ne_bytes(),
         },
+        aya_ebpf::bindings::BPF_FIB_LKUP_RET_FRAG_NEEDED => return None,
         _ => NextHop::Kernel,
-    }
+    })
+}
+
+/// Whether every segment of a GSO packet fits the MTU of `ifindex`.
+#[inline(always)]
+fn segments_fit(ctx: &TcContext, ifindex: u32) -> bool {
+    // In: 0 (measure the skb itself). Out: the device's MTU, unused.
+    let mut mtu_len: u32 = 0;
+    // SAFETY: `mtu_len` is a valid, writable u32.
+    let rc = unsafe {
+        bpf_check_mtu(
+            ctx.as_ptr(),
+            ifindex,
+            &raw mut mtu_len,
+            0,
+            u64::from(BPF_MTU_CHK_SEGS),
+        )
+    };
+    rc == i64::from(BPF_MTU_CHK_RET_SUCCESS)
 }
 
 /// `bpf_redirect_neigh` towards `nexthop` on `ifindex`; the kernel fills in

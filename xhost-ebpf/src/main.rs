@@ -123,7 +123,11 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     }
     // The peer host is the next hop: resolve the route to it, not to the
     // container prefix, which the kernel has no route for.
-    route(&f, fib::lookup(ctx, iif, src, peer_host), stat::FWD_EGRESS)
+    route(
+        &f,
+        fib::lookup(ctx, iif, src, peer_host, f.tot_len),
+        stat::FWD_EGRESS,
+    )
 }
 
 /// Whether `src` is the endpoint attached behind `iif` and the frame is
@@ -177,7 +181,11 @@ fn try_ingress(ctx: &TcContext) -> Verdict {
     }
     // SAFETY: reading the ingress ifindex of the skb context.
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    route(&f, fib::lookup(ctx, iif, src, dst), stat::FWD_INGRESS)
+    route(
+        &f,
+        fib::lookup(ctx, iif, src, dst, f.tot_len),
+        stat::FWD_INGRESS,
+    )
 }
 
 /// Forwards the frame along the FIB's answer, counted under `reason`; no

@@ -12,6 +12,9 @@ use network_types::{
 pub trait Packet {
     fn start(&self) -> usize;
     fn end(&self) -> usize;
+    /// Length of the whole packet from its Ethernet header, nonlinear
+    /// parts included.
+    fn len(&self) -> usize;
 }
 
 impl Packet for TcContext {
@@ -23,6 +26,11 @@ impl Packet for TcContext {
     fn end(&self) -> usize {
         self.data_end()
     }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        // At TC ingress the skb's data starts at the Ethernet header.
+        TcContext::len(self) as usize
+    }
 }
 
 impl Packet for XdpContext {
@@ -33,6 +41,12 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn end(&self) -> usize {
         self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        // The programs are not loaded for multi-buffer XDP (no frags): the
+        // linear buffer is the whole packet.
+        self.data_end() - self.data()
     }
 }
 
@@ -62,6 +76,8 @@ pub enum Frame {
 pub struct Ipv4Frame {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv4Hdr,
+    /// The IPv4 total length (host order), at most what the frame holds.
+    pub tot_len: u16,
 }
 
 /// Longest IPv4 header: IHL is 4 bits of 32-bit words.
@@ -69,8 +85,9 @@ const IPV4_MAX_HDR_WORDS: usize = 30;
 
 /// Parses Ethernet + IPv4. The IPv4 header must be complete (IHL, options
 /// included), consistent (version 4, IHL >= 5, total length covers the
-/// header) and carry a correct header checksum: what the datapath forwards
-/// past `ip_rcv` must be what `ip_rcv` would have accepted.
+/// header and lies within the frame) and carry a correct header checksum:
+/// what the datapath forwards past `ip_rcv` must be what `ip_rcv` would
+/// have accepted.
 #[inline(always)]
 pub fn parse<P: Packet>(ctx: &P) -> Frame {
     let Some(eth) = ptr_at::<EthHdr, P>(ctx, 0) else {
@@ -87,7 +104,11 @@ pub fn parse<P: Packet>(ctx: &P) -> Frame {
     let (vihl, tot_len) = unsafe { ((*ip).vihl, u16::from_be_bytes((*ip).tot_len)) };
     let words = usize::from(vihl & 0x0f) * 2; // 16-bit words in the header
     let hdr_len = words * 2;
-    if vihl >> 4 != 4 || hdr_len < Ipv4Hdr::LEN || usize::from(tot_len) < hdr_len {
+    if vihl >> 4 != 4
+        || hdr_len < Ipv4Hdr::LEN
+        || usize::from(tot_len) < hdr_len
+        || usize::from(tot_len) > ctx.len().saturating_sub(EthHdr::LEN)
+    {
         return Frame::Malformed;
     }
     // One's complement sum over the whole header, options included.
@@ -110,7 +131,7 @@ pub fn parse<P: Packet>(ctx: &P) -> Frame {
     if sum != 0xffff {
         return Frame::Malformed;
     }
-    Frame::Ipv4(Ipv4Frame { eth, ip })
+    Frame::Ipv4(Ipv4Frame { eth, ip, tot_len })
 }
 
 /// Decrements the TTL and patches the header checksum incrementally, as the

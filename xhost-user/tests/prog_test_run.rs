@@ -31,6 +31,16 @@ fn routed(f: &[u8], smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
     o
 }
 
+/// `f` grown (zero payload) to `l3_len` bytes of IPv4, total length and
+/// checksum to match.
+fn with_l3_len(f: &[u8], l3_len: u16) -> Vec<u8> {
+    let mut o = f.to_vec();
+    o.resize(14 + usize::from(l3_len), 0);
+    o[16..18].copy_from_slice(&l3_len.to_be_bytes());
+    set_checksum(&mut o);
+    o
+}
+
 /// `f` with TTL - 1 and its checksum recomputed: what `bpf_redirect_neigh`
 /// is handed (the kernel writes the MACs once the neighbour resolves).
 fn ttl_decremented(f: &[u8]) -> Vec<u8> {
@@ -165,6 +175,15 @@ fn egress_routes_peer_traffic_and_passes_the_rest() {
         let mut short_ihl = ipv4(C1, R1, 64, &[]);
         short_ihl[14] = 0x44;
         set_checksum(&mut short_ihl);
+        // The total length claims one byte more than the frame holds.
+        let mut beyond = ipv4(C1, R1, 64, &[]);
+        beyond[17] += 1;
+        set_checksum(&mut beyond);
+        // ul0's MTU is 1500: a packet of exactly that fits, one byte more is the
+        // kernel's (ICMP frag-needed), also towards a neighbour not yet resolved.
+        let at_mtu = with_l3_len(&fwd, 1500);
+        let over_mtu = with_l3_len(&fwd, 1501);
+        let over_mtu_unresolved = with_l3_len(&unresolved, 1501);
         run_tc(
             ebpf,
             xhost_common::PROG_EGRESS,
@@ -267,6 +286,34 @@ fn egress_routes_peer_traffic_and_passes_the_rest() {
                     verdict: TC_ACT_OK,
                     out: None,
                     counter: stat::PASS_MALFORMED,
+                },
+                Case {
+                    name: "total length beyond the frame",
+                    frame: beyond,
+                    verdict: TC_ACT_OK,
+                    out: None,
+                    counter: stat::PASS_MALFORMED,
+                },
+                Case {
+                    name: "exactly the underlay's MTU",
+                    out: Some(routed(&at_mtu, ul0, PEER_MAC)),
+                    frame: at_mtu,
+                    verdict: TC_ACT_REDIRECT,
+                    counter: stat::FWD_EGRESS,
+                },
+                Case {
+                    name: "one byte over the underlay's MTU",
+                    frame: over_mtu,
+                    verdict: TC_ACT_OK,
+                    out: None,
+                    counter: stat::PASS_FIB,
+                },
+                Case {
+                    name: "over the MTU, neighbour unresolved",
+                    frame: over_mtu_unresolved,
+                    verdict: TC_ACT_OK,
+                    out: None,
+                    counter: stat::PASS_FIB,
                 },
             ],
         );
