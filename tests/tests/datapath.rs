@@ -659,13 +659,10 @@ fn what_does_not_fit_the_underlay_gets_frag_needed() {
             to.ip()
         );
     }
-    for (i, host) in [a, b].into_iter().enumerate() {
-        let s = status_json(
-            host.ns(),
-            if i == 0 { &agent_a.dirs } else { &agent_b.dirs },
-        );
+    for ((host, agent), before) in [(a, &agent_a), (b, &agent_b)].into_iter().zip(&before) {
+        let s = status_json(host.ns(), &agent.dirs);
         assert!(
-            counter(&s, "pass_fib") > counter(&before[i], "pass_fib"),
+            counter(&s, "pass_fib") > counter(before, "pass_fib"),
             "{}: no oversized burst was left to the kernel: {s}",
             host.role()
         );
