@@ -588,6 +588,8 @@ struct PingLog {
     transmitted: u32,
     /// Answered requests: when each was sent.
     replies: BTreeMap<u32, SystemTime>,
+    /// Answered requests: when the reply came.
+    answered: BTreeMap<u32, SystemTime>,
     /// Every request whose send time the output gives: the answered ones and, with `-O`,
     /// those sent while the one before was unanswered.
     sent: BTreeMap<u32, f64>,
@@ -618,6 +620,8 @@ impl PingLog {
                 let sent = stamp - rtt_ms / 1e3;
                 log.replies
                     .insert(seq as u32, UNIX_EPOCH + Duration::from_secs_f64(sent));
+                log.answered
+                    .insert(seq as u32, UNIX_EPOCH + Duration::from_secs_f64(stamp));
                 log.sent.insert(seq as u32, sent);
             }
             if line.contains("no answer yet for")
@@ -686,6 +690,10 @@ fn ping_log_times_the_sends_of_unanswered_requests() {
     let log = PingLog::parse(out);
     assert_eq!(log.transmitted, 7);
     assert_eq!(log.replies.keys().copied().collect::<Vec<_>>(), [1, 6]);
+    assert_eq!(
+        log.answered[&6],
+        UNIX_EPOCH + Duration::from_secs_f64(101.5004)
+    );
     let times = log.send_times(0.1);
     // 2 between its neighbours; 5, unanswered, at the last attempt to send it (spread
     // evenly from 1 to 6 it would be 101.2); 7 one interval after 6; the attempt at 8
@@ -1002,6 +1010,103 @@ fn container_started_later_is_served_within_a_second_and_forgotten_on_rm() {
             .all(|l| !l.starts_with(&format!("{}@", want.host_veth))),
         "{s}"
     );
+    drop(watch);
+    tb.finish();
+}
+
+/// Echo requests to a container that is not up yet wait on host A on an unresolved
+/// neighbour: with no endpoint for the address, the datapath hands them to the kernel
+/// (`bpf_redirect_neigh`). The agent writes the neighbour entry with the endpoint, so they
+/// go as soon as the container is in the map, not at the next ARP probe it answers (the
+/// kernel probes once a second). All requests are sent before the container starts: one
+/// sent after would reach it on the fast path, and its reply's ARP for the gateway would
+/// resolve the entry too. Without the write they went at the next probe: 164-227 ms after
+/// the container entered the map in round 1 (3 runs). The two rounds wait half a second
+/// apart before starting their container, so the probes fall at other offsets and cannot
+/// both land within the bound. Both start it well before the third probe, after which the
+/// kernel drops what waits.
+#[test]
+fn requests_waiting_for_a_starting_container_go_when_it_enters_the_map() {
+    const BOUND: Duration = Duration::from_millis(100);
+    const COUNT: u32 = 6;
+    let mut tb = Testbed::new([true, true]);
+    create_net2(tb.engine(0));
+    // The bridge has a port, and so carrier, before the late containers come.
+    tb.engine(0)
+        .run_container_with(&["--network", "net2"], "keeper")
+        .expect("run keeper");
+    tb.engine(1)
+        .run_container("bridge", None, "b1")
+        .expect("run b1");
+    tb.start_agents();
+    let watch = MapWatch::start(tb.agent(0));
+    for (round, last, lead) in [(1u8, 31u8, 400u64), (2, 32, 900)] {
+        let target = Ipv4Addr::new(192, 168, 111, last);
+        let name = format!("late{round}");
+        // `-c` without `-w`: exactly COUNT requests, then up to `-W` for the replies.
+        let (count, linger) = (COUNT.to_string(), "8");
+        let mut ping = Process::spawn(
+            &format!("ping b1 -> {name}"),
+            tb.engine(1)
+                .in_container(
+                    "b1",
+                    &[
+                        "ping",
+                        "-n",
+                        "-D",
+                        "-i",
+                        "0.05",
+                        "-c",
+                        &count,
+                        "-W",
+                        linger,
+                        &target.to_string(),
+                    ],
+                )
+                .expect("ping command"),
+        )
+        .expect("spawn ping");
+        // All sent (6 x 50 ms) before the container starts.
+        thread::sleep(Duration::from_millis(lead));
+        tb.engine(0)
+            .run_container_with(&["--network", "net2", "--ip", &target.to_string()], &name)
+            .unwrap_or_else(|e| panic!("run {name}: {e}"));
+        let in_map = watch
+            .appeared(target, SETTLE)
+            .unwrap_or_else(|| panic!("{target} never appeared in host A's ENDPOINTS"));
+        ping.wait_timeout(Duration::from_secs(10))
+            .expect("wait ping")
+            .expect("ping ends once answered, or after waiting `-W`");
+        let log = PingLog::parse(&ping.output());
+        // (seq, ms between the container entering the map and the reply).
+        let answered: Vec<(u32, f64)> = log
+            .answered
+            .iter()
+            .map(|(seq, at)| (*seq, diff_ms(*at, in_map)))
+            .collect();
+        eprintln!(
+            "{name} ({target}): {} requests sent, all before it entered the map; answered \
+             (seq, ms after it entered the map): {answered:?}",
+            log.transmitted
+        );
+        assert_eq!(log.transmitted, COUNT, "{}", ping.output());
+        assert!(
+            log.replies.values().all(|sent| *sent < in_map),
+            "a request was sent after {name} entered the map:\n{}",
+            ping.output()
+        );
+        assert_eq!(
+            answered.len(),
+            COUNT as usize,
+            "requests that waited for {name} were lost:\n{}",
+            ping.output()
+        );
+        assert!(
+            answered.iter().all(|(_, late)| *late < ms(BOUND)),
+            "requests that waited for {name} were answered later than {BOUND:?} after it \
+             entered the map: {answered:?}"
+        );
+    }
     drop(watch);
     tb.finish();
 }

@@ -30,6 +30,7 @@ const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP_INTR: u16 = 0x10;
+const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
@@ -64,6 +65,10 @@ const RTMGRP_LINK: u32 = 1;
 /// Dumps restarted because the table changed under them, before giving up.
 const DUMP_TRIES: usize = 3;
 
+/// Neighbour state `REACHABLE`: confirmed now, aged by the kernel as usual.
+pub const NUD_REACHABLE: u16 = 0x02;
+/// Neighbour states an administrator set (`PERMANENT`, `NOARP`).
+pub const NUD_ADMIN: u16 = 0x80 | 0x40;
 /// Neighbour states that carry a usable link-layer address.
 pub const NUD_USABLE: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x80; // REACHABLE STALE DELAY PROBE PERMANENT
 /// FDB flag: the entry is the bridge port's own address (not learned).
@@ -218,6 +223,15 @@ impl Rtnl {
         push_attr(&mut m, RTA_GATEWAY, &gw.octets());
         push_attr(&mut m, RTA_OIF, &oif.to_ne_bytes());
         finish(&mut m);
+        self.transact(&m, |_, _| Ok(())).map(|_| ())
+    }
+
+    /// `ip neigh replace ip lladdr mac dev ifindex nud reachable`: the
+    /// kernel sends what waits in the entry's queue at once, and ages the
+    /// entry as if the neighbour had answered.
+    pub fn set_neighbour(&mut self, ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> io::Result<()> {
+        self.seq = self.seq.wrapping_add(1);
+        let m = newneigh_request(self.seq, ifindex, ip, mac)?;
         self.transact(&m, |_, _| Ok(())).map(|_| ())
     }
 
@@ -392,6 +406,22 @@ fn getneigh_request(seq: u32, family: u8) -> Vec<u8> {
     m
 }
 
+/// Builds an RTM_NEWNEIGH (create or replace) of a reachable IPv4 neighbour.
+fn newneigh_request(seq: u32, ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> io::Result<Vec<u8>> {
+    let index = i32::try_from(ifindex).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+    let mut m = header(RTM_NEWNEIGH, flags, seq);
+    // struct ndmsg: family, pad1, pad2, ifindex, state, flags, type
+    m.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]);
+    m.extend_from_slice(&index.to_ne_bytes());
+    m.extend_from_slice(&NUD_REACHABLE.to_ne_bytes());
+    m.extend_from_slice(&[0, RTN_UNICAST]);
+    push_attr(&mut m, NDA_DST, &ip.octets());
+    push_attr(&mut m, NDA_LLADDR, &mac);
+    finish(&mut m);
+    Ok(m)
+}
+
 fn push_attr(m: &mut Vec<u8>, ty: u16, data: &[u8]) {
     let len = u16::try_from(4 + data.len()).unwrap_or(u16::MAX);
     m.extend_from_slice(&len.to_ne_bytes());
@@ -540,6 +570,8 @@ fn cstr(data: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// An RTM_NEWLINK message as the kernel sends it.
@@ -709,6 +741,104 @@ mod tests {
         assert_eq!(u32::from_ne_bytes(m[8..12].try_into().expect("4")), 9);
         assert_eq!(m.len() % 4, 0);
         assert!(m.windows(8).any(|w| w == b"docker0\0"));
+    }
+
+    #[test]
+    fn neighbour_request_layout() {
+        let ip = Ipv4Addr::new(192, 168, 110, 7);
+        let mac = [2, 0x42, 0xc0, 0xa8, 0x6e, 7];
+        let m = newneigh_request(4, 12, ip, mac).expect("request");
+        assert_eq!(u32_at(&m, 0) as usize, m.len());
+        assert_eq!(u16_at(&m, 4), RTM_NEWNEIGH);
+        assert_eq!(
+            u16_at(&m, 6),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+        );
+        assert_eq!(m[NLMSG_HDRLEN], libc::AF_INET as u8);
+        // The kernel reads it back as the neighbour it asks for.
+        let n = parse_neigh(&m[NLMSG_HDRLEN..]).expect("parse");
+        assert_eq!(
+            (n.ifindex, n.state, n.dst, n.lladdr),
+            (12, NUD_REACHABLE, Some(ip), Some(mac))
+        );
+        assert!(
+            newneigh_request(4, u32::MAX, ip, mac).is_err(),
+            "ifindex out of range"
+        );
+    }
+
+    /// What waits on an unresolved neighbour leaves as soon as the entry is
+    /// written, to the MAC written; until then nothing leaves.
+    #[test]
+    fn writing_a_neighbour_releases_what_waits_on_it() {
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("a private netns (needs root)");
+            let ip = |args: &[&str]| {
+                let st = std::process::Command::new("ip").args(args).status();
+                assert!(st.expect("run ip").success(), "ip {args:?}");
+            };
+            ip(&[
+                "link", "add", "xh-nb0", "type", "veth", "peer", "name", "xh-nb1",
+            ]);
+            ip(&["addr", "add", "10.9.0.1/24", "dev", "xh-nb0"]);
+            ip(&["link", "set", "xh-nb0", "up"]);
+            ip(&["link", "set", "xh-nb1", "up"]);
+            // Every IPv4 frame of the namespace, without blocking.
+            let tap = socket(
+                AddressFamily::Packet,
+                SockType::Raw,
+                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                SockProtocol::EthIp,
+            )
+            .expect("packet socket");
+            let ours = |f: &[u8]| f.len() >= 42 && f[23] == 17 && f.ends_with(b"xhost-queued");
+            let wait_frame = |within: Duration| -> Option<Vec<u8>> {
+                let t = std::time::Instant::now();
+                let mut buf = [0u8; 2048];
+                while t.elapsed() < within {
+                    match recv(tap.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                        Ok(n) if ours(&buf[..n]) => return Some(buf[..n].to_vec()),
+                        Ok(_) => {}
+                        Err(nix::errno::Errno::EAGAIN) => {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        Err(e) => panic!("packet socket: {e}"),
+                    }
+                }
+                None
+            };
+            let dst = Ipv4Addr::new(10, 9, 0, 5);
+            let udp = std::net::UdpSocket::bind("10.9.0.1:0").expect("udp socket");
+            udp.send_to(b"xhost-queued", (dst, 9)).expect("send");
+            let mut rtnl = Rtnl::open().expect("netlink socket");
+            let dev = rtnl.link_by_name("xh-nb0").expect("get").expect("xh-nb0");
+            let entry = |rtnl: &mut Rtnl| {
+                rtnl.ipv4_neighbours(dev.index)
+                    .expect("dump")
+                    .into_iter()
+                    .find(|n| n.dst == Some(dst))
+            };
+            assert_eq!(entry(&mut rtnl).map(|n| n.state), Some(0x01), "INCOMPLETE");
+            assert_eq!(
+                wait_frame(Duration::from_millis(200)),
+                None,
+                "held on the entry"
+            );
+
+            let mac = [2, 0x42, 10, 9, 0, 5];
+            rtnl.set_neighbour(dev.index, dst, mac).expect("write");
+            let frame = wait_frame(Duration::from_millis(200)).expect("released at once");
+            assert_eq!(frame[..6], mac, "to the MAC written");
+            let n = entry(&mut rtnl).expect("entry");
+            assert_eq!((n.state, n.lladdr), (NUD_REACHABLE, Some(mac)));
+            assert!(
+                rtnl.set_neighbour(0x7fff_fff0, dst, mac).is_err(),
+                "no such device"
+            );
+        })
+        .join()
+        .expect("test thread");
     }
 
     /// Works unprivileged: the loopback device of the test's own namespace.
