@@ -700,3 +700,197 @@ fn what_does_not_fit_the_underlay_gets_frag_needed() {
         "a 1401-byte DF ping must get frag-needed from host A: {text}"
     );
 }
+
+/// `prefix via peer` of each `ROUTES` entry `status --json` lists.
+fn route_entries(s: &serde_json::Value) -> Vec<(String, String)> {
+    s["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            Some((
+                r["prefix"].as_str()?.to_owned(),
+                r["peer"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// The kernel routes xhost installed in `ns` (`proto 177`), as `prefix via gw`.
+fn xhost_kernel_routes(ns: &NetNs) -> Vec<String> {
+    ns.run(&["ip", "route", "show", "proto", "177"])
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 3 && w[1] == "via").then(|| format!("{} via {}", w[0], w[2]))
+        })
+        .collect()
+}
+
+/// A config file, removed when dropped.
+struct ConfigFile(std::path::PathBuf);
+impl ConfigFile {
+    fn write(&self, text: &str) {
+        std::fs::write(&self.0, text).expect("write config");
+    }
+}
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// SIGHUP re-reads the config: peers removed, added and put back take effect
+/// without detaching anything (maps and kernel routes follow, traffic stops
+/// and resumes); a config that does not parse, does not validate, or changes
+/// what only a restart can is refused whole, and the running one stays.
+#[test]
+fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let _agent_b = start(b, a, &[]);
+    let cfg =
+        ConfigFile(std::env::temp_dir().join(format!("xhost-reload-{}.toml", std::process::id())));
+    let head = format!(
+        "iface = \"{}\"\nbridges = [\"{}\"]\ndocker = false\n",
+        a.underlay_iface(),
+        a.bridge()
+    );
+    let peer_b = format!(
+        "[[peer]]\nhost = \"{}\"\nsubnets = [\"{}\"]\n",
+        b.underlay_ip(),
+        b.subnet()
+    );
+    // Another host on the underlay (on-link, so it gets a kernel route too).
+    let o = b.underlay_ip().octets();
+    let other_host = std::net::Ipv4Addr::new(o[0], o[1], o[2], 200);
+    let other = format!("[[peer]]\nhost = \"{other_host}\"\nsubnets = [\"10.250.0.0/16\"]\n");
+    cfg.write(&format!("{head}{peer_b}"));
+    let cfg_arg = cfg.0.display().to_string();
+    let mut agent = Agent::start(a.ns(), a.role(), &["--config", &cfg_arg]).expect("load");
+    let (ctr_a, ip_b) = (topo.ctr_a().ns(), topo.ctr_b().ip());
+    let reaches_b = || ping(ctr_a, ip_b, 2).expect("ping").any_received();
+    assert!(reaches_b(), "B reachable with B as peer");
+    // Container A's veth gets its program once the agent has seen the endpoint.
+    xhost_tests::xhost::wait_status(
+        a.ns(),
+        &agent.dirs,
+        "container A's endpoint",
+        std::time::Duration::from_secs(5),
+        |s| s["attached"].as_array().map(Vec::len) == Some(3),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let programs = xhost_programs(a);
+    let route_b = (b.subnet().to_string(), b.underlay_ip().to_string());
+    let kernel_b = format!("{} via {}", b.subnet(), b.underlay_ip());
+    let kernel_other = format!("10.250.0.0/16 via {other_host}");
+    let hup = |agent: &Agent| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent.pid() as i32),
+            Signal::SIGHUP,
+        )
+        .expect("SIGHUP");
+    };
+    let dirs = agent.dirs.clone();
+    let wait_routes = |want: Vec<(String, String)>| {
+        xhost_tests::xhost::wait_status(
+            a.ns(),
+            &dirs,
+            "ROUTES after the reload",
+            std::time::Duration::from_secs(5),
+            // The maps, and the state file the agent writes after them.
+            |s| {
+                let peers: Vec<(String, String)> = s["agent"]["peers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|p| {
+                        let host = p["host"].as_str().unwrap_or_default().to_owned();
+                        p["subnets"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(move |n| Some((n.as_str()?.to_owned(), host.clone())))
+                    })
+                    .collect();
+                route_entries(s) == want && peers == want
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .0
+    };
+
+    // B's subnet out, another peer in.
+    cfg.write(&format!("{head}{other}"));
+    hup(&agent);
+    wait_routes(vec![("10.250.0.0/16".into(), other_host.to_string())]);
+    assert_eq!(
+        xhost_kernel_routes(a.ns()),
+        std::slice::from_ref(&kernel_other)
+    );
+    assert!(!reaches_b(), "B's subnet is no longer a peer's");
+    assert_eq!(
+        xhost_programs(a),
+        programs,
+        "nothing detached or re-attached"
+    );
+
+    // Each refused whole: the log names the problem, the maps stay.
+    let refusals = |agent: &Agent| agent.output().matches("config reload refused").count();
+    for (text, culprit) in [
+        (format!("{head}{other}[[peer]]\nhost = "), "config"),
+        (
+            format!(
+                "{head}{other}[[peer]]\nhost = \"{}\"\nsubnets = [\"10.250.1.0/24\"]\n",
+                b.underlay_ip()
+            ),
+            "overlaps subnet 10.250.1.0/24",
+        ),
+        (
+            format!("{}{other}", head.replace(a.underlay_iface(), "lo")),
+            "iface cannot change while the agent runs",
+        ),
+        (
+            format!("{head}{other}").replace(a.bridge(), "xh-no-such-br"),
+            "xh-no-such-br",
+        ),
+    ] {
+        let before = refusals(&agent);
+        cfg.write(&text);
+        hup(&agent);
+        let t0 = std::time::Instant::now();
+        while refusals(&agent) == before && t0.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = agent.output();
+        let line = out
+            .lines()
+            .filter(|l| l.contains("config reload refused"))
+            .nth(before)
+            .unwrap_or_else(|| panic!("no refusal for {text:?}:\n{out}"));
+        assert!(line.contains(culprit), "{culprit:?} not in {line:?}");
+        assert!(agent.running(), "the agent keeps running");
+        let s = status_json(a.ns(), &agent.dirs);
+        assert_eq!(
+            route_entries(&s),
+            [("10.250.0.0/16".to_owned(), other_host.to_string())]
+        );
+        assert_eq!(
+            xhost_kernel_routes(a.ns()),
+            std::slice::from_ref(&kernel_other)
+        );
+    }
+
+    // B back, the other peer gone: traffic resumes.
+    cfg.write(&format!("{head}{peer_b}"));
+    hup(&agent);
+    wait_routes(vec![route_b]);
+    assert_eq!(xhost_kernel_routes(a.ns()), [kernel_b]);
+    assert!(reaches_b(), "B reachable again");
+    assert_eq!(xhost_programs(a), programs);
+
+    let (status, left) = agent.stop_with(Signal::SIGINT).expect("stop");
+    assert!(status.success(), "agent exit: {status:?}");
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(xhost_kernel_routes(a.ns()), Vec::<String>::new());
+}

@@ -1,39 +1,35 @@
 //! `xhost-user load`: validate, load, attach, fill the maps, then keep them
-//! in step with Docker until SIGINT/SIGTERM, and detach cleanly.
+//! in step with Docker (and the config, re-read on SIGHUP) until
+//! SIGINT/SIGTERM, and detach cleanly.
 
 use std::{io::Write as _, net::Ipv4Addr, time::Duration};
 
 use anyhow::Context as _;
-use log::{info, warn};
+use log::{error, info, warn};
 use tokio::{
     io::unix::AsyncFd,
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
 };
 
 use crate::{
-    config::{self, LocalSubnet, Settings},
+    config::{self, LocalSubnet, Settings, Source},
     datapath::Datapath,
     docker::DockerView,
     layout::Layout,
     netlink::LinkEvents,
     report::{AgentState, Attachment, DockerStatus},
-    state::{self, Desired},
+    state::{self, Desired, Peers},
 };
 
-pub async fn load(settings: Settings, layout: Layout, detach: bool) -> anyhow::Result<()> {
+pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Result<()> {
+    let settings = source.read()?;
     // Everything that can be checked is checked before the kernel is touched.
     let static_locals = config::validate(&settings)?;
     let mut dp = Datapath::load(&layout)?;
     let xdp = dp.attach_underlay(&settings.iface, settings.xdp_mode)?;
     let underlay = crate::net::ifindex(&settings.iface)?;
-    for p in &settings.peers {
-        dp.add_peer_host(p.host)?;
-        for n in &p.subnets {
-            dp.set_route(n, p.host)?;
-            dp.add_kernel_route(n, p.host, underlay)?;
-            info!("route {n} via peer {}: added", p.host);
-        }
-    }
+    let mut peers = Peers::default();
+    state::apply_peers(&mut dp, &mut peers, &Peers::of(&settings.peers), underlay)?;
     let mut applied = Desired::default();
     let want = state::desired(&static_locals, &[], &[], &settings.peers);
     state::apply(&mut dp, &mut applied, &want)?;
@@ -56,17 +52,25 @@ pub async fn load(settings: Settings, layout: Layout, detach: bool) -> anyhow::R
         info!("detached: the datapath stays loaded; `xhost-user unload` removes it");
         return Ok(());
     }
+    // Handlers in place before `ready`: a signal right after it is served.
+    let signals = Signals {
+        int: signal(SignalKind::interrupt())?,
+        term: signal(SignalKind::terminate())?,
+        hup: signal(SignalKind::hangup())?,
+    };
     println!("ready");
     std::io::stdout().flush().ok();
 
-    let res = follow(
-        &settings,
-        &static_locals,
-        &mut dp,
-        &mut applied,
-        &mut report,
-    )
-    .await;
+    let mut agent = Agent {
+        source,
+        settings,
+        static_locals,
+        peers,
+        underlay,
+    };
+    let res = agent
+        .follow(signals, &mut dp, &mut applied, &mut report)
+        .await;
     drop(dp); // detaches and unpins
     let _ = crate::layout::remove_file_if_exists(&layout.state_file());
     let _ = std::fs::remove_dir(&layout.run_dir);
@@ -77,82 +81,140 @@ pub async fn load(settings: Settings, layout: Layout, detach: bool) -> anyhow::R
 /// How often bridges that Docker does not manage are rescanned for endpoints.
 const RESCAN: Duration = Duration::from_secs(1);
 
-/// The single writer: applies Docker's view and the endpoints of static
-/// bridges as they change, until a signal.
-async fn follow(
-    settings: &Settings,
-    static_locals: &[LocalSubnet],
-    dp: &mut Datapath,
-    applied: &mut Desired,
-    report: &mut AgentState,
-) -> anyhow::Result<()> {
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let (tx, mut rx) = tokio::sync::watch::channel(None);
-    let watcher = settings.docker.then(|| {
-        let host = settings.docker_host.clone();
-        tokio::spawn(crate::docker::watch(host, tx))
-    });
-    let mut docker_alive = watcher.is_some();
-    // The last view Docker gave; kept while the engine is unreachable, so
-    // the datapath stays as it is until Docker says otherwise.
-    let mut view: Option<DockerView> = None;
-    // A container's veth can vanish while Docker cannot say so (the engine
-    // is down or restarting): its endpoint must leave the map at once, so
-    // its address falls back to the bridge instead of being redirected to
-    // an interface that is gone.
-    let events = LinkEvents::open().context("subscribing to link changes")?;
-    // SAFETY: `LinkEvents` owns its socket and always returns that same fd.
-    let mut links = unsafe { AsyncFd::register(events) }
-        .map_err(|e| e.into_parts().1)
-        .context("watching link changes")?;
-    let mut rescan = tokio::time::interval(RESCAN);
-    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            changed = rx.changed(), if docker_alive => {
-                if changed.is_err() {
-                    // Cannot happen while the watcher runs (it never gives
-                    // up); if it does, keep serving what is known.
-                    warn!("Docker watcher ended; keeping the datapath as it is");
-                    docker_alive = false;
-                    continue;
+struct Signals {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+/// What the running agent was configured with, and the peers it applied.
+struct Agent {
+    source: Source,
+    settings: Settings,
+    static_locals: Vec<LocalSubnet>,
+    peers: Peers,
+    underlay: u32,
+}
+
+impl Agent {
+    /// The single writer: applies Docker's view, the endpoints of static
+    /// bridges and reloaded configs as they change, until a signal.
+    async fn follow(
+        &mut self,
+        mut signals: Signals,
+        dp: &mut Datapath,
+        applied: &mut Desired,
+        report: &mut AgentState,
+    ) -> anyhow::Result<()> {
+        let (tx, mut rx) = tokio::sync::watch::channel(None);
+        let watcher = self.settings.docker.then(|| {
+            let host = self.settings.docker_host.clone();
+            tokio::spawn(crate::docker::watch(host, tx))
+        });
+        let mut docker_alive = watcher.is_some();
+        // The last view Docker gave; kept while the engine is unreachable, so
+        // the datapath stays as it is until Docker says otherwise.
+        let mut view: Option<DockerView> = None;
+        // A container's veth can vanish while Docker cannot say so (the engine
+        // is down or restarting): its endpoint must leave the map at once, so
+        // its address falls back to the bridge instead of being redirected to
+        // an interface that is gone.
+        let events = LinkEvents::open().context("subscribing to link changes")?;
+        // SAFETY: `LinkEvents` owns its socket and always returns that same fd.
+        let mut links = unsafe { AsyncFd::register(events) }
+            .map_err(|e| e.into_parts().1)
+            .context("watching link changes")?;
+        let mut rescan = tokio::time::interval(RESCAN);
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut reloaded = false;
+            tokio::select! {
+                _ = signals.int.recv() => break,
+                _ = signals.term.recv() => break,
+                _ = signals.hup.recv() => match self.reload(dp) {
+                    Ok(()) => reloaded = true,
+                    Err(e) => {
+                        error!("config reload refused, the running config stays: {e:#}");
+                        continue;
+                    }
+                },
+                changed = rx.changed(), if docker_alive => {
+                    if changed.is_err() {
+                        // Cannot happen while the watcher runs (it never gives
+                        // up); if it does, keep serving what is known.
+                        warn!("Docker watcher ended; keeping the datapath as it is");
+                        docker_alive = false;
+                        continue;
+                    }
+                    match rx.borrow_and_update().clone() {
+                        None => report.docker = Some(DockerStatus::unreachable(&self.settings)),
+                        Some(v) => {
+                            report.docker = Some(DockerStatus::from_view(&self.settings, &v));
+                            view = Some(v);
+                        }
+                    }
                 }
-                match rx.borrow_and_update().clone() {
-                    None => report.docker = Some(DockerStatus::unreachable(settings)),
-                    Some(v) => {
-                        report.docker = Some(DockerStatus::from_view(settings, &v));
-                        view = Some(v);
+                _ = rescan.tick(), if !self.static_locals.is_empty() => {}
+                ready = links.readable_mut() => {
+                    let mut ready = ready.context("watching link changes")?;
+                    let deleted = ready.get_inner_mut().drain();
+                    ready.clear_ready();
+                    match deleted {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => warn!("reading link changes: {e}"),
                     }
                 }
             }
-            _ = rescan.tick(), if !static_locals.is_empty() => {}
-            ready = links.readable_mut() => {
-                let mut ready = ready.context("watching link changes")?;
-                let deleted = ready.get_inner_mut().drain();
-                ready.clear_ready();
-                match deleted {
-                    Ok(true) => {}
-                    Ok(false) => continue,
-                    Err(e) => warn!("reading link changes: {e}"),
+            let before = applied.clone();
+            reconcile(
+                &self.settings,
+                &self.static_locals,
+                view.as_ref(),
+                dp,
+                applied,
+            );
+            if reloaded || *applied != before || report.docker_changed() {
+                report.peers = self.settings.peers.clone();
+                report.refresh(dp, applied);
+                if let Err(e) = report.write(dp.layout()) {
+                    warn!("writing agent state: {e:#}");
                 }
             }
         }
-        let before = applied.clone();
-        reconcile(settings, static_locals, view.as_ref(), dp, applied);
-        if *applied != before || report.docker_changed() {
-            report.refresh(dp, applied);
-            if let Err(e) = report.write(dp.layout()) {
-                warn!("writing agent state: {e:#}");
-            }
+        if let Some(w) = watcher {
+            w.abort();
         }
+        Ok(())
     }
-    if let Some(w) = watcher {
-        w.abort();
+
+    /// SIGHUP: reads the config again and applies its peers and static
+    /// bridges. A config that does not validate, or changes what only a
+    /// restart can (underlay, XDP mode, Docker), is refused whole; a map
+    /// write that fails puts the previous peers back.
+    fn reload(&mut self, dp: &mut Datapath) -> anyhow::Result<()> {
+        let new = self.source.read()?;
+        config::check_reloadable(&self.settings, &new)?;
+        let static_locals = config::validate(&new)?;
+        let want = Peers::of(&new.peers);
+        if let Err(e) = state::apply_peers(dp, &mut self.peers, &want, self.underlay) {
+            let back = Peers::of(&self.settings.peers);
+            if let Err(e) = state::apply_peers(dp, &mut self.peers, &back, self.underlay) {
+                warn!("putting the previous peers back: {e}");
+            }
+            return Err(anyhow::Error::new(e)
+                .context("applying the new peers (the previous ones are back)"));
+        }
+        info!(
+            "config reloaded: {} peer(s), {} route(s), {} static bridge(s)",
+            self.peers.hosts.len(),
+            self.peers.routes.len(),
+            new.bridges.len()
+        );
+        self.settings = new;
+        self.static_locals = static_locals;
+        Ok(())
     }
-    Ok(())
 }
 
 /// One step of the single writer: desired state from every source, diffed

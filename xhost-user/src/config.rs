@@ -1,7 +1,12 @@
 //! The agent's settings: command-line flags and the TOML file, merged and
 //! validated before anything touches the kernel.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, str::FromStr};
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
 
 use crate::net::{self, CidrError, IfaceError, Ipv4Net};
 
@@ -93,6 +98,8 @@ pub enum ConfigError {
     DuplicatePeer(Ipv4Addr),
     #[error("peer {0} has no subnets")]
     EmptyPeer(Ipv4Addr),
+    #[error("{count} peer subnets: the datapath's ROUTES map holds at most {max}")]
+    TooManyRoutes { count: usize, max: u32 },
     #[error("peer address {0} is not a unicast host address")]
     PeerNotUnicast(Ipv4Addr),
     #[error("subnet {a} of peer {peer_a} overlaps subnet {b} of peer {peer_b}")]
@@ -121,6 +128,12 @@ pub enum ConfigError {
     UnderlayIsBridge(String),
     #[error("nothing to serve: give --bridge, or let the agent follow Docker (drop --no-docker)")]
     NothingToServe,
+    #[error("{what} cannot change while the agent runs ({old} -> {new}); restart it")]
+    NeedsRestart {
+        what: &'static str,
+        old: String,
+        new: String,
+    },
     #[error(transparent)]
     Iface(#[from] IfaceError),
 }
@@ -169,7 +182,7 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 /// The flags of `load` that the file can also say.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct FlagConfig {
     pub iface: Option<String>,
     pub bridges: Vec<String>,
@@ -227,6 +240,46 @@ pub fn merge(flags: FlagConfig, file: Option<FileConfig>) -> Result<Settings, Co
     })
 }
 
+/// Where the settings come from: the flags as given, and the file, which
+/// the agent reads again on SIGHUP.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub flags: FlagConfig,
+    pub file: Option<PathBuf>,
+}
+
+impl Source {
+    /// Reads the file (again) and merges it with the flags.
+    pub fn read(&self) -> Result<Settings, ConfigError> {
+        let file = self.file.as_deref().map(read_file).transpose()?;
+        merge(self.flags.clone(), file)
+    }
+}
+
+/// What a running agent can take from a reloaded config: peers and static
+/// bridges. The underlay, its XDP mode and the Docker connection are set up
+/// once, at load.
+pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), ConfigError> {
+    let fixed: [(&'static str, String, String); 4] = [
+        ("iface", running.iface.clone(), new.iface.clone()),
+        (
+            "xdp_mode",
+            format!("{:?}", running.xdp_mode).to_lowercase(),
+            format!("{:?}", new.xdp_mode).to_lowercase(),
+        ),
+        ("docker", running.docker.to_string(), new.docker.to_string()),
+        (
+            "docker_host",
+            format!("{:?}", running.docker_host),
+            format!("{:?}", new.docker_host),
+        ),
+    ];
+    match fixed.into_iter().find(|(_, old, new)| old != new) {
+        Some((what, old, new)) => Err(ConfigError::NeedsRestart { what, old, new }),
+        None => Ok(()),
+    }
+}
+
 /// A container subnet served by a bridge of this host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalSubnet {
@@ -251,6 +304,13 @@ pub fn check_peers(peers: &[PeerConfig]) -> Result<(), ConfigError> {
         if p.subnets.is_empty() {
             return Err(ConfigError::EmptyPeer(p.host));
         }
+    }
+    let count: usize = peers.iter().map(|p| p.subnets.len()).sum();
+    if count > xhost_common::MAX_ROUTES as usize {
+        return Err(ConfigError::TooManyRoutes {
+            count,
+            max: xhost_common::MAX_ROUTES,
+        });
     }
     // Sorted by network address, a prefix can only overlap ones that start
     // inside it, so one pass tracking the widest range seen so far finds
@@ -474,6 +534,124 @@ mod tests {
             "took {:?}",
             start.elapsed()
         );
+    }
+
+    #[test]
+    fn peer_subnets_must_fit_the_routes_map() {
+        let nets = |n: u32| -> Vec<Ipv4Net> {
+            (0..n)
+                .map(|i| Ipv4Net::containing(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24))
+                .collect()
+        };
+        let host = Ipv4Addr::new(172, 16, 0, 2);
+        let max = xhost_common::MAX_ROUTES;
+        assert!(
+            check_peers(&[PeerConfig {
+                host,
+                subnets: nets(max)
+            }])
+            .is_ok()
+        );
+        let e = check_peers(&[PeerConfig {
+            host,
+            subnets: nets(max + 1),
+        }])
+        .expect_err("one too many");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} peer subnets: the datapath's ROUTES map holds at most {max}",
+                max + 1
+            )
+        );
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            iface: "ens33".into(),
+            bridges: vec!["docker0".into()],
+            peers: vec![peer("10.0.0.2=10.1.0.0/16")],
+            docker: true,
+            docker_host: None,
+            xdp_mode: XdpModeArg::Auto,
+        }
+    }
+
+    #[test]
+    fn reload_takes_peers_and_bridges_only() {
+        let running = settings();
+        let mut new = settings();
+        new.peers = vec![peer("10.0.0.3=10.2.0.0/16")];
+        new.bridges.push("br-x".into());
+        assert!(check_reloadable(&running, &new).is_ok());
+        type Change = fn(&mut Settings);
+        let fixed: [(Change, &str); 4] = [
+            (
+                |s| s.iface = "eth1".into(),
+                "iface cannot change while the agent runs (ens33 -> eth1); restart it",
+            ),
+            (
+                |s| s.xdp_mode = XdpModeArg::Off,
+                "xdp_mode cannot change while the agent runs (auto -> off); restart it",
+            ),
+            (
+                |s| s.docker = false,
+                "docker cannot change while the agent runs (true -> false); restart it",
+            ),
+            (
+                |s| s.docker_host = Some("unix:///run/d.sock".into()),
+                "docker_host cannot change while the agent runs (None -> Some(\"unix:///run/d.sock\")); restart it",
+            ),
+        ];
+        for (change, want) in fixed {
+            let mut new = settings();
+            change(&mut new);
+            assert_eq!(
+                check_reloadable(&running, &new)
+                    .expect_err(want)
+                    .to_string(),
+                want
+            );
+        }
+    }
+
+    #[test]
+    fn source_reads_the_file_again() {
+        let path = std::env::temp_dir().join(format!("xhost-source-{}.toml", std::process::id()));
+        let source = Source {
+            flags: FlagConfig {
+                iface: Some("ens33".into()),
+                peers: vec![peer("10.0.0.2=10.1.0.0/16")],
+                ..FlagConfig::default()
+            },
+            file: Some(path.clone()),
+        };
+        std::fs::write(
+            &path,
+            "[[peer]]\nhost = \"10.0.0.3\"\nsubnets = [\"10.2.0.0/16\"]\n",
+        )
+        .expect("write");
+        let hosts = |s: &Settings| {
+            s.peers
+                .iter()
+                .map(|p| p.host.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            hosts(&source.read().expect("read")),
+            ["10.0.0.3", "10.0.0.2"]
+        );
+        std::fs::write(
+            &path,
+            "[[peer]]\nhost = \"10.0.0.4\"\nsubnets = [\"10.3.0.0/16\"]\n",
+        )
+        .expect("write");
+        assert_eq!(
+            hosts(&source.read().expect("read")),
+            ["10.0.0.4", "10.0.0.2"]
+        );
+        std::fs::remove_file(&path).expect("remove");
+        assert!(matches!(source.read(), Err(ConfigError::Read { .. })));
     }
 
     #[test]

@@ -474,6 +474,12 @@ impl Datapath {
             .map_err(map_error(MAP_PEER_HOSTS))
     }
 
+    pub fn remove_peer_host(&mut self, host: Ipv4Addr) -> Result<(), DatapathError> {
+        self.peer_hosts
+            .remove(&host.octets())
+            .map_err(map_error(MAP_PEER_HOSTS))
+    }
+
     pub fn set_route(&mut self, net: &Ipv4Net, peer: Ipv4Addr) -> Result<(), DatapathError> {
         self.routes.set(net, peer)
     }
@@ -515,6 +521,15 @@ impl Datapath {
             }
             Err(e) => Err(rtnl_err(e)),
         }
+    }
+
+    /// Deletes the kernel route this instance added for `net`, if it did.
+    pub fn remove_kernel_route(&mut self, net: &Ipv4Net) {
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.kernel_routes)
+            .into_iter()
+            .partition(|(n, _, _)| n == net);
+        self.kernel_routes = kept;
+        delete_kernel_routes(&gone);
     }
 
     /// Kernel routes this instance added.

@@ -114,7 +114,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             xdp_mode,
             detach,
         } => {
-            let file = config.as_deref().map(config::read_file).transpose()?;
             // Parsed here rather than by clap so a bad value is one line
             // with its cause, like every other input error.
             let peers = peers
@@ -129,12 +128,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 docker_host,
                 xdp_mode,
             };
-            let settings = config::merge(flags, file)?;
+            let source = config::Source {
+                flags,
+                file: config,
+            };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("tokio runtime")?;
-            rt.block_on(agent::load(settings, layout, detach))
+            rt.block_on(agent::load(source, layout, detach))
         }
         Cmd::Unload { iface } => report::unload(&layout, iface.as_deref()),
         Cmd::Status { json } => {

@@ -213,6 +213,74 @@ pub fn apply(
     Ok(())
 }
 
+/// The peer side of the datapath: peer hosts (`PEER_HOSTS`) and their
+/// subnets (`ROUTES`, and a kernel route each).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peers {
+    pub hosts: BTreeSet<Ipv4Addr>,
+    pub routes: BTreeMap<Ipv4Net, Ipv4Addr>,
+}
+
+impl Peers {
+    /// From checked peer settings (disjoint subnets, unique hosts).
+    pub fn of(peers: &[PeerConfig]) -> Self {
+        Self {
+            hosts: peers.iter().map(|p| p.host).collect(),
+            routes: peers
+                .iter()
+                .flat_map(|p| p.subnets.iter().map(|n| (*n, p.host)))
+                .collect(),
+        }
+    }
+}
+
+/// Moves the peer side from `applied` to `want`, as [`apply`] does for the
+/// local side: new hosts first, then routes added or moved to another peer
+/// (a `ROUTES` write replaces the entry in place), then routes and hosts
+/// that are gone. On error `applied` reflects exactly what was done.
+pub fn apply_peers(
+    dp: &mut Datapath,
+    applied: &mut Peers,
+    want: &Peers,
+    underlay: u32,
+) -> Result<(), DatapathError> {
+    for h in want.hosts.difference(&applied.hosts.clone()) {
+        dp.add_peer_host(*h)?;
+        applied.hosts.insert(*h);
+    }
+    for (n, h) in &want.routes {
+        match applied.routes.get(n) {
+            Some(old) if old == h => continue,
+            // The kernel route still goes via the old peer.
+            Some(_) => dp.remove_kernel_route(n),
+            None => {}
+        }
+        dp.set_route(n, *h)?;
+        applied.routes.insert(*n, *h);
+        dp.add_kernel_route(n, *h, underlay)?;
+        info!("route {n} via peer {h}: set");
+    }
+    let gone: Vec<_> = applied
+        .routes
+        .keys()
+        .filter(|n| !want.routes.contains_key(n))
+        .copied()
+        .collect();
+    for n in gone {
+        dp.remove_route(&n)?;
+        applied.routes.remove(&n);
+        dp.remove_kernel_route(&n);
+        info!("route {n}: removed");
+    }
+    let gone: Vec<_> = applied.hosts.difference(&want.hosts).copied().collect();
+    for h in gone {
+        dp.remove_peer_host(h)?;
+        applied.hosts.remove(&h);
+        info!("peer {h}: removed");
+    }
+    Ok(())
+}
+
 /// What a bridge's ARP table needs for an endpoint whose MAC is known.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum NeighbourFix {
