@@ -881,6 +881,40 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
         );
     }
 
+    // A second static bridge followed, then let go.
+    a.ns()
+        .run(&["ip", "link", "add", "xh-br2", "type", "bridge"]);
+    a.ns()
+        .run(&["ip", "addr", "add", "10.77.0.1/24", "dev", "xh-br2"]);
+    a.ns().run(&["ip", "link", "set", "xh-br2", "up"]);
+    let served = |s: &serde_json::Value| {
+        let locals = s["local_subnets"].to_string();
+        let attached = s["attached"].to_string();
+        (
+            locals.contains("10.77.0.0/24"),
+            attached.contains("\"xh-br2\""),
+        )
+    };
+    for (bridges, want) in [
+        (format!("[\"{}\", \"xh-br2\"]", a.bridge()), (true, true)),
+        (format!("[\"{}\"]", a.bridge()), (false, false)),
+    ] {
+        cfg.write(&format!(
+            "{}{other}",
+            head.replace(&format!("[\"{}\"]", a.bridge()), &bridges)
+        ));
+        hup(&agent);
+        xhost_tests::xhost::wait_status(
+            a.ns(),
+            &dirs,
+            "the static bridges after the reload",
+            std::time::Duration::from_secs(5),
+            |s| served(s) == want,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    a.ns().run(&["ip", "link", "del", "xh-br2"]);
+
     // B back, the other peer gone: traffic resumes.
     cfg.write(&format!("{head}{peer_b}"));
     hup(&agent);
