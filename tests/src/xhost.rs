@@ -97,6 +97,21 @@ pub fn status(ns: &NetNs, dirs: &AgentDirs) -> Result<serde_json::Value> {
     })
 }
 
+/// The `ROUTES` entries `status --json` lists, as (prefix, peer).
+pub fn status_routes(s: &serde_json::Value) -> Vec<(String, String)> {
+    s["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            Some((
+                r["prefix"].as_str()?.to_owned(),
+                r["peer"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
 /// Polls [`status`] every 20 ms until `pred` holds, for at most `timeout`; returns the
 /// matching status and how long it took. The timeout error shows the last status.
 pub fn wait_status(

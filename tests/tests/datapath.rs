@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use xhost_tests::{
     CtFilter, NetNs, Topology, TopologyOpts, TransferOpts, conntrack_entries, iptables_counter,
     ping, tcp_transfer,
-    xhost::{Agent, AgentDirs, attached_programs, remove_instance, xhost},
+    xhost::{Agent, AgentDirs, attached_programs, remove_instance, status_routes, xhost},
 };
 
 fn require_root() {
@@ -701,21 +701,6 @@ fn what_does_not_fit_the_underlay_gets_frag_needed() {
     );
 }
 
-/// `prefix via peer` of each `ROUTES` entry `status --json` lists.
-fn route_entries(s: &serde_json::Value) -> Vec<(String, String)> {
-    s["routes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| {
-            Some((
-                r["prefix"].as_str()?.to_owned(),
-                r["peer"].as_str()?.to_owned(),
-            ))
-        })
-        .collect()
-}
-
 /// The kernel routes xhost installed in `ns` (`proto 177`), as `prefix via gw`.
 fn xhost_kernel_routes(ns: &NetNs) -> Vec<String> {
     ns.run(&["ip", "route", "show", "proto", "177"])
@@ -813,7 +798,7 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
                             .filter_map(move |n| Some((n.as_str()?.to_owned(), host.clone())))
                     })
                     .collect();
-                route_entries(s) == want && peers == want
+                status_routes(s) == want && peers == want
             },
         )
         .unwrap_or_else(|e| panic!("{e}"))
@@ -872,7 +857,7 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
         assert!(agent.running(), "the agent keeps running");
         let s = status_json(a.ns(), &agent.dirs);
         assert_eq!(
-            route_entries(&s),
+            status_routes(&s),
             [("10.250.0.0/16".to_owned(), other_host.to_string())]
         );
         assert_eq!(

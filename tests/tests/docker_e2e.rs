@@ -44,7 +44,7 @@ use xhost_tests::{
     NETNS_DIR, Process, Topology, TopologyOpts, TransferOpts,
     docker_engine::{self, Engine, mounts_under, parse_docker_time, processes_mentioning},
     pid_alive,
-    xhost::{Agent, EndpointMap, attached_programs, vm_rss_kib, wait_status, xhost},
+    xhost::{Agent, EndpointMap, attached_programs, status_routes, vm_rss_kib, wait_status, xhost},
 };
 
 /// A user network host A may create; host B's config routes it to A from the start.
@@ -356,21 +356,6 @@ fn local_subnets(s: &Value) -> Vec<String> {
         .collect()
 }
 
-/// (prefix, peer) of the ROUTES map.
-fn routes(s: &Value) -> Vec<(String, String)> {
-    s["routes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| {
-            Some((
-                r["prefix"].as_str()?.to_owned(),
-                r["peer"].as_str()?.to_owned(),
-            ))
-        })
-        .collect()
-}
-
 fn connected(s: &Value) -> bool {
     s["agent"]["docker"]["connected"] == true
 }
@@ -415,6 +400,17 @@ fn create_net2(engine: &Engine) -> String {
         .docker_ok(&["network", "create", "--subnet", NET2, "net2"])
         .expect("docker network create net2");
     format!("br-{}", &id[..12])
+}
+
+/// `ping -n -D <opts> <to>` from a container, running: its output is a [`PingLog`].
+#[track_caller]
+fn spawn_ping(engine: &Engine, from: &str, to: Ipv4Addr, opts: &[&str]) -> Process {
+    let to = to.to_string();
+    let mut args = vec!["ping", "-n", "-D"];
+    args.extend_from_slice(opts);
+    args.push(&to);
+    let cmd = engine.in_container(from, &args).expect("ping command");
+    Process::spawn(&format!("ping {from} -> {to}"), cmd).expect("spawn ping")
 }
 
 #[track_caller]
@@ -829,7 +825,7 @@ fn containers_reach_each_other_by_ip_with_state_from_docker_only() {
         }
         assert!(local_subnets(s).contains(&host.subnet().to_string()), "{s}");
         assert!(
-            routes(s).contains(&(peer.subnet().to_string(), peer.underlay_ip().to_string())),
+            status_routes(s).contains(&(peer.subnet().to_string(), peer.underlay_ip().to_string())),
             "{s}"
         );
         let d = &s["agent"]["docker"];
@@ -1045,27 +1041,12 @@ fn requests_waiting_for_a_starting_container_go_when_it_enters_the_map() {
         let name = format!("late{round}");
         // `-c` without `-w`: exactly COUNT requests, then up to `-W` for the replies.
         let (count, linger) = (COUNT.to_string(), "8");
-        let mut ping = Process::spawn(
-            &format!("ping b1 -> {name}"),
-            tb.engine(1)
-                .in_container(
-                    "b1",
-                    &[
-                        "ping",
-                        "-n",
-                        "-D",
-                        "-i",
-                        "0.05",
-                        "-c",
-                        &count,
-                        "-W",
-                        linger,
-                        &target.to_string(),
-                    ],
-                )
-                .expect("ping command"),
-        )
-        .expect("spawn ping");
+        let mut ping = spawn_ping(
+            tb.engine(1),
+            "b1",
+            target,
+            &["-i", "0.05", "-c", &count, "-W", linger],
+        );
         // All sent (6 x 50 ms) before the container starts.
         thread::sleep(Duration::from_millis(lead));
         tb.engine(0)
@@ -1239,24 +1220,12 @@ fn engine_restart_loses_only_the_containers_down_time() {
     let target: Ipv4Addr = "192.168.111.20".parse().expect("ip");
 
     let interval = 0.1;
-    let mut ping = Process::spawn(
-        "ping b1 -> target",
-        tb.engine(1)
-            .in_container(
-                "b1",
-                &[
-                    "ping",
-                    "-n",
-                    "-D",
-                    "-O",
-                    "-i",
-                    &interval.to_string(),
-                    &target.to_string(),
-                ],
-            )
-            .expect("ping command"),
-    )
-    .expect("spawn ping");
+    let mut ping = spawn_ping(
+        tb.engine(1),
+        "b1",
+        target,
+        &["-O", "-i", &interval.to_string()],
+    );
     ping.wait_for_line(|l| l.contains("bytes from"), Duration::from_secs(5))
         .expect("ping gets through before the restart");
     thread::sleep(Duration::from_secs(1));
@@ -1542,7 +1511,7 @@ fn exported_peer_entry_is_a_working_config() {
     tb.start_agent_with(1, &cfg);
     let s = tb.wait_docker(1);
     let peer = tb.host(0).underlay_ip().to_string();
-    let r = routes(&s);
+    let r = status_routes(&s);
     for n in [&subnet_a, &NET2.to_owned()] {
         assert!(r.contains(&(n.clone(), peer.clone())), "{r:?}");
     }
