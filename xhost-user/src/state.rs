@@ -170,47 +170,39 @@ pub fn apply(
         settle_neighbours(&want.locals, &written);
     }
     // Removals last, endpoints before the subnets and bridges they sit on.
-    let gone: Vec<_> = applied
-        .endpoints
-        .keys()
-        .filter(|ip| !want.endpoints.contains_key(ip))
-        .copied()
-        .collect();
-    for ip in gone {
+    for ip in gone(&applied.endpoints, &want.endpoints) {
         dp.remove_endpoint(ip)?;
         applied.endpoints.remove(&ip);
         info!("endpoint {ip}: removed");
     }
     // Ports of containers that are gone: detach (and unpin) their program.
-    let gone: Vec<_> = applied
-        .ports
-        .keys()
-        .filter(|index| !want.ports.contains_key(index))
-        .copied()
-        .collect();
-    for index in gone {
+    for index in gone(&applied.ports, &want.ports) {
         if let Some(name) = applied.ports.remove(&index) {
             dp.detach_port(&name);
         }
     }
-    let gone: Vec<_> = applied
-        .locals
-        .keys()
-        .filter(|n| !want.locals.contains_key(n))
-        .copied()
-        .collect();
-    for n in gone {
+    for n in gone(&applied.locals, &want.locals) {
         dp.remove_local(&n)?;
         applied.locals.remove(&n);
         info!("local subnet {n}: removed");
     }
-    let gone: Vec<_> = applied.bridges.difference(&want.bridges).cloned().collect();
-    for b in gone {
+    let bridges: Vec<_> = applied.bridges.difference(&want.bridges).cloned().collect();
+    for b in bridges {
         dp.detach_bridge(&b);
         applied.bridges.remove(&b);
         info!("bridge {b}: no longer followed");
     }
     Ok(())
+}
+
+/// Keys of `applied` that `want` no longer has (collected: the caller
+/// removes them from `applied` as it goes).
+fn gone<K: Ord + Copy, A, W>(applied: &BTreeMap<K, A>, want: &BTreeMap<K, W>) -> Vec<K> {
+    applied
+        .keys()
+        .filter(|k| !want.contains_key(k))
+        .copied()
+        .collect()
 }
 
 /// The peer side of the datapath: peer hosts (`PEER_HOSTS`) and their
@@ -260,20 +252,14 @@ pub fn apply_peers(
         dp.add_kernel_route(n, *h, underlay)?;
         info!("route {n} via peer {h}: set");
     }
-    let gone: Vec<_> = applied
-        .routes
-        .keys()
-        .filter(|n| !want.routes.contains_key(n))
-        .copied()
-        .collect();
-    for n in gone {
+    for n in gone(&applied.routes, &want.routes) {
         dp.remove_route(&n)?;
         applied.routes.remove(&n);
         dp.remove_kernel_route(&n);
         info!("route {n}: removed");
     }
-    let gone: Vec<_> = applied.hosts.difference(&want.hosts).copied().collect();
-    for h in gone {
+    let hosts: Vec<_> = applied.hosts.difference(&want.hosts).copied().collect();
+    for h in hosts {
         dp.remove_peer_host(h)?;
         applied.hosts.remove(&h);
         info!("peer {h}: removed");
