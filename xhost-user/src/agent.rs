@@ -174,8 +174,10 @@ impl Agent {
                 dp,
                 applied,
             );
-            if reloaded || *applied != before || report.docker_changed() {
+            if reloaded {
                 report.peers = self.settings.peers.clone();
+            }
+            if reloaded || *applied != before || report.docker_changed() {
                 report.refresh(dp, applied);
                 if let Err(e) = report.write(dp.layout()) {
                     warn!("writing agent state: {e:#}");
@@ -199,11 +201,13 @@ impl Agent {
         let want = Peers::of(&new.peers);
         if let Err(e) = state::apply_peers(dp, &mut self.peers, &want, self.underlay) {
             let back = Peers::of(&self.settings.peers);
-            if let Err(e) = state::apply_peers(dp, &mut self.peers, &back, self.underlay) {
-                warn!("putting the previous peers back: {e}");
-            }
-            return Err(anyhow::Error::new(e)
-                .context("applying the new peers (the previous ones are back)"));
+            let outcome = match state::apply_peers(dp, &mut self.peers, &back, self.underlay) {
+                Ok(()) => "the previous ones are back".to_owned(),
+                Err(e) => format!("putting the previous ones back failed too: {e}"),
+            };
+            return Err(
+                anyhow::Error::new(e).context(format!("applying the new peers ({outcome})"))
+            );
         }
         info!(
             "config reloaded: {} peer(s), {} route(s), {} static bridge(s)",
