@@ -395,6 +395,74 @@ fn ttl_expiring_at_the_host_is_left_to_the_kernel() {
     }
 }
 
+/// The datapath generation the agent in `dirs` pinned (`DATAPATH_GEN`).
+fn datapath_generation(dirs: &AgentDirs) -> u64 {
+    let path = dirs.pin_dir.join("DATAPATH_GEN");
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .expect("run bpftool");
+    assert!(out.status.success(), "bpftool map dump {}", path.display());
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    dump[0]["formatted"]["value"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("generation in {dump}"))
+}
+
+/// Waits (up to 2 s) until the agent has bumped the generation past `past`.
+fn wait_for_bump(dirs: &AgentDirs, past: u64, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while datapath_generation(dirs) <= past {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: the agent did not retire the cached answers"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// The datapath caches its forwarding answers, FIB results included: a
+/// route change in the kernel must reach them through the agent (kernel
+/// notification, generation bump), not wait for them to age out.
+#[test]
+fn kernel_route_changes_retire_cached_answers() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let agent_a = start(a, b, &[]);
+    let _agent_b = start(b, a, &[]);
+    let (ctr_a, dst) = (topo.ctr_a().ns(), topo.ctr_b().ip());
+    let p = ping(ctr_a, dst, 3).expect("ping");
+    assert!(p.all_received(), "before: {}", p.output);
+
+    // The FIB now says the peer host is a blackhole: the datapath must hand
+    // the packets to the kernel instead of forwarding them from its cache.
+    let peer = format!("{}/32", b.underlay_ip());
+    let before = datapath_generation(&agent_a.dirs);
+    a.ns().run(&["ip", "route", "add", "blackhole", &peer]);
+    wait_for_bump(&agent_a.dirs, before, "blackhole route added");
+    let status = status_json(a.ns(), &agent_a.dirs);
+    let (fwd, passed) = (counter(&status, "fwd_egress"), counter(&status, "pass_fib"));
+    let p = ping(ctr_a, dst, 3).expect("ping");
+    let status = status_json(a.ns(), &agent_a.dirs);
+    assert_eq!(
+        counter(&status, "fwd_egress"),
+        fwd,
+        "forwarded despite the blackhole: {}",
+        p.output
+    );
+    assert!(
+        counter(&status, "pass_fib") >= passed + 3,
+        "each echo request left to the kernel: {status}"
+    );
+
+    let before = datapath_generation(&agent_a.dirs);
+    a.ns().run(&["ip", "route", "del", "blackhole", &peer]);
+    wait_for_bump(&agent_a.dirs, before, "blackhole route removed");
+    let p = ping(ctr_a, dst, 3).expect("ping");
+    assert!(p.all_received(), "after: {}", p.output);
+}
+
 #[test]
 fn underlay_hosts_cannot_reach_containers_directly() {
     let topo = topology();

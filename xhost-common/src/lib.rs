@@ -20,10 +20,13 @@ pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
 pub const MAP_PEER_HOSTS: &str = "PEER_HOSTS";
 /// Name of the per-CPU array of packet/byte counters.
 pub const MAP_STATS: &str = "STATS";
-/// Name of the one-slot array holding the generation of `ROUTES` (a `u64`).
-/// Whoever writes `ROUTES` bumps it afterwards: the datapath caches `ROUTES`
-/// answers per address and drops those read under an older generation.
-pub const MAP_ROUTES_GEN: &str = "ROUTES_GEN";
+/// Name of the one-slot array holding the datapath's generation (a `u64`).
+/// The datapath caches answers per CPU (`ROUTES` per address, whole
+/// forwarding decisions per flow) and drops those read under an older
+/// generation. Whoever writes `ROUTES` or `ENDPOINTS` bumps it afterwards,
+/// and the agent bumps it after every route, rule, neighbour, address or
+/// link change the kernel reports.
+pub const MAP_DATAPATH_GEN: &str = "DATAPATH_GEN";
 /// Every map the agent pins, in a fixed order.
 pub const PINNED_MAPS: [&str; 6] = [
     MAP_ROUTES,
@@ -31,7 +34,7 @@ pub const PINNED_MAPS: [&str; 6] = [
     MAP_ENDPOINTS,
     MAP_PEER_HOSTS,
     MAP_STATS,
-    MAP_ROUTES_GEN,
+    MAP_DATAPATH_GEN,
 ];
 
 /// Capacity of `ROUTES`: enough for the 100 000-route scale benchmark.
@@ -39,6 +42,9 @@ pub const MAX_ROUTES: u32 = 131_072;
 /// Slots per CPU of the datapath's `ROUTES` answer cache (a power of two).
 pub const ROUTE_CACHE_SLOTS: u32 = 4_096;
 const _: () = assert!(ROUTE_CACHE_SLOTS.is_power_of_two());
+/// Slots per CPU of the datapath's forwarding answer cache (a power of two).
+pub const FLOW_CACHE_SLOTS: u32 = 1_024;
+const _: () = assert!(FLOW_CACHE_SLOTS.is_power_of_two());
 /// Capacity of `LOCAL_NETS`.
 pub const MAX_LOCAL_NETS: u32 = 1_024;
 /// Capacity of `ENDPOINTS` (local containers).

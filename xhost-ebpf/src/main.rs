@@ -19,6 +19,7 @@
 #![no_main]
 
 mod fib;
+mod flow;
 mod maps;
 mod parse;
 mod policy;
@@ -101,12 +102,28 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     };
     // SAFETY: `f.ip` was bounds-checked by `parse`.
     let (src, dst, ttl) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr, (*f.ip).ttl) };
+    // SAFETY: reading the ingress ifindex of the skb context.
+    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // SAFETY: `f.eth` was bounds-checked by `parse`.
+    let to_mac = unsafe { (*f.eth).dst_addr };
+    let cached = if from_port {
+        flow::lookup(iif, src, dst, f.tot_len)
+    } else {
+        flow::Lookup::Off
+    };
+    if let flow::Lookup::Hit(hop) = &cached {
+        if to_mac == hop.gw_mac {
+            if ttl <= 1 {
+                return Verdict::pass(stat::PASS_TTL);
+            }
+            rewrite(&f, hop.smac, hop.dmac);
+            return redirect(hop.ifindex, stat::FWD_EGRESS);
+        }
+    }
     let Some(peer_host) = route_of(dst) else {
         // Host-bound, local, or the internet (Docker's MASQUERADE).
         return Verdict::pass(stat::PASS_NOT_OURS);
     };
-    // SAFETY: reading the ingress ifindex of the skb context.
-    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // Only this host's containers are routed; anything else sourced behind
     // the bridge is the kernel's business. A veth's own endpoint is local
     // by construction, which spares the LPM lookup on the fast path.
@@ -123,11 +140,29 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     }
     // The peer host is the next hop: resolve the route to it, not to the
     // container prefix, which the kernel has no route for.
-    route(
-        &f,
-        fib::lookup(ctx, iif, src, peer_host, f.tot_len),
-        stat::FWD_EGRESS,
-    )
+    let hop = fib::lookup(ctx, iif, src, peer_host, f.tot_len);
+    // Only an answer the FIB gave for this very length is filed: a GSO
+    // packet's was checked per segment, not against its total length.
+    // SAFETY: reading the skb's GSO size from its context.
+    if let (
+        flow::Lookup::Miss(miss),
+        NextHop::Resolved {
+            ifindex,
+            smac,
+            dmac,
+        },
+        0,
+    ) = (&cached, &hop, unsafe { (*ctx.skb.skb).gso_size })
+    {
+        let answer = flow::Hop {
+            ifindex: *ifindex,
+            smac: *smac,
+            dmac: *dmac,
+            gw_mac: to_mac,
+        };
+        flow::store(miss, iif, src, dst, f.tot_len, &answer);
+    }
+    route(&f, hop, stat::FWD_EGRESS)
 }
 
 /// Whether `src` is the endpoint attached behind `iif` and the frame is

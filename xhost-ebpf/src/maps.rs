@@ -16,9 +16,11 @@ use xhost_common::{
 #[btf_map]
 static ROUTES: LpmTrie<[u8; 4], Peer, { MAX_ROUTES as usize }> = LpmTrie::new();
 
-/// Generation of `ROUTES`: the agent bumps slot 0 after every write to it.
+/// Generation of everything the datapath caches (slot 0): the agent bumps
+/// it after every write to `ROUTES` or `ENDPOINTS` and after every change
+/// the kernel reports to routes, rules, neighbours, addresses or links.
 #[btf_map]
-static ROUTES_GEN: Array<u64, 1> = Array::new();
+pub static DATAPATH_GEN: Array<u64, 1> = Array::new();
 
 /// This host's container subnets (docker0, user bridges).
 #[btf_map]
@@ -70,7 +72,7 @@ pub fn host_key(addr: [u8; 4]) -> Key<[u8; 4]> {
 #[inline(always)]
 pub fn route_of(addr: [u8; 4]) -> Option<[u8; 4]> {
     // SAFETY: a plain load of the agent's counter (it only ever grows).
-    let Some(generation) = ROUTES_GEN.get_ptr(0).map(|p| unsafe { read_volatile(p) }) else {
+    let Some(generation) = DATAPATH_GEN.get_ptr(0).map(|p| unsafe { read_volatile(p) }) else {
         return lpm(addr);
     };
     let index = u32::from_ne_bytes(addr).wrapping_mul(0x9e37_79b1)

@@ -11,8 +11,9 @@
 //! the peer's subnet) and `xhost_ingress` (the peer's packet to a local
 //! endpoint), all on one CPU:
 //! * `warm`: a run after a run of the same packet, median of many: the
-//!   steady state, answered from the route cache;
-//! * `first`: a run right after a route write (which retires the cache),
+//!   steady state, answered from the per-CPU caches (`xhost_from_ctr`'s
+//!   flow cache, `xhost_ingress`'s route cache);
+//! * `first`: a run right after a route write (which retires both caches),
 //!   median of many: the first packet after any route change, which walks
 //!   the LPM trie.
 //!
@@ -167,7 +168,7 @@ fn measure(
         let mut ebpf = loaded();
         let mut table = RouteTable::new(
             ebpf.take_map("ROUTES").context("ROUTES")?,
-            ebpf.take_map("ROUTES_GEN").context("ROUTES_GEN")?,
+            ebpf.take_map("DATAPATH_GEN").context("DATAPATH_GEN")?,
         )?;
         // The bench's hosts have one route, the peer's container subnet, and
         // the scale scenarios add these.

@@ -16,7 +16,7 @@ use crate::{
     datapath::Datapath,
     docker::DockerView,
     layout::Layout,
-    netlink::LinkEvents,
+    netlink::KernelEvents,
     report::{AgentState, Attachment, DockerStatus},
     state::{self, Desired, Peers},
 };
@@ -115,15 +115,19 @@ impl Agent {
         // The last view Docker gave; kept while the engine is unreachable, so
         // the datapath stays as it is until Docker says otherwise.
         let mut view: Option<DockerView> = None;
-        // A container's veth can vanish while Docker cannot say so (the engine
-        // is down or restarting): its endpoint must leave the map at once, so
-        // its address falls back to the bridge instead of being redirected to
-        // an interface that is gone.
-        let events = LinkEvents::open().context("subscribing to link changes")?;
-        // SAFETY: `LinkEvents` owns its socket and always returns that same fd.
-        let mut links = unsafe { AsyncFd::register(events) }
+        // The kernel's changes. A container's veth can vanish while Docker
+        // cannot say so (the engine is down or restarting): its endpoint must
+        // leave the map at once, so its address falls back to the bridge
+        // instead of being redirected to an interface that is gone. And any
+        // route, rule, neighbour, address or link change retires the
+        // datapath's cached forwarding answers, which hold FIB results.
+        let events = KernelEvents::open().context("subscribing to kernel changes")?;
+        // SAFETY: `KernelEvents` owns its socket and always returns that same fd.
+        let mut kernel = unsafe { AsyncFd::register(events) }
             .map_err(|e| e.into_parts().1)
-            .context("watching link changes")?;
+            .context("watching kernel changes")?;
+        // What changed before the subscription is not known: retire it all.
+        retire_cached(dp);
         let mut rescan = tokio::time::interval(RESCAN);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -155,14 +159,23 @@ impl Agent {
                     }
                 }
                 _ = rescan.tick(), if !self.static_locals.is_empty() => {}
-                ready = links.readable_mut() => {
-                    let mut ready = ready.context("watching link changes")?;
-                    let deleted = ready.get_inner_mut().drain();
+                ready = kernel.readable_mut() => {
+                    let mut ready = ready.context("watching kernel changes")?;
+                    let changes = ready.get_inner_mut().drain();
                     ready.clear_ready();
-                    match deleted {
-                        Ok(true) => {}
-                        Ok(false) => continue,
-                        Err(e) => warn!("reading link changes: {e}"),
+                    match changes {
+                        Ok(c) => {
+                            if c.any {
+                                retire_cached(dp);
+                            }
+                            if !c.link_deleted {
+                                continue;
+                            }
+                        }
+                        Err(e) => {
+                            warn!("reading kernel changes: {e}");
+                            retire_cached(dp);
+                        }
                     }
                 }
             }
@@ -218,6 +231,14 @@ impl Agent {
         self.settings = new;
         self.static_locals = static_locals;
         Ok(())
+    }
+}
+
+/// After a kernel change: the datapath's cached answers may hold what the
+/// FIB said before it. Should the bump fail, they age out within 100 ms.
+fn retire_cached(dp: &mut Datapath) {
+    if let Err(e) = dp.kernel_changed() {
+        warn!("retiring the datapath's cached answers: {e}");
     }
 }
 

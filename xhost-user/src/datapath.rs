@@ -21,8 +21,8 @@ use aya::{
 };
 use log::{info, warn};
 use xhost_common::{
-    Endpoint, LocalNet, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, MAP_ROUTES_GEN,
-    PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR, PROG_INGRESS, PROG_XDP, Peer, PeerHost,
+    Endpoint, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS,
+    MAP_ROUTES, PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR, PROG_INGRESS, PROG_XDP, Peer, PeerHost,
 };
 
 use crate::{
@@ -153,9 +153,10 @@ fn key(net: &Ipv4Net) -> Key<[u8; 4]> {
     Key::new(u32::from(net.prefix_len()), net.addr().octets())
 }
 
-/// `ROUTES` and its generation, written only together: the datapath caches
-/// `ROUTES` answers per CPU and trusts an entry only while the generation it
-/// was read under is current, so every write is followed by a bump.
+/// `ROUTES` and the datapath generation, written only together: the
+/// datapath caches answers per CPU (`ROUTES` per address, whole forwarding
+/// decisions per flow) and trusts one only while the generation it was read
+/// under is current, so every write is followed by a bump.
 pub struct RouteTable {
     trie: LpmTrie<MapData, [u8; 4], Peer>,
     generation: Array<MapData, u64>,
@@ -166,7 +167,7 @@ impl RouteTable {
     pub fn new(trie: aya::maps::Map, generation: aya::maps::Map) -> Result<Self, DatapathError> {
         Ok(Self {
             trie: trie.try_into().map_err(map_error(MAP_ROUTES))?,
-            generation: generation.try_into().map_err(map_error(MAP_ROUTES_GEN))?,
+            generation: generation.try_into().map_err(map_error(MAP_DATAPATH_GEN))?,
         })
     }
 
@@ -179,23 +180,25 @@ impl RouteTable {
         self.trie
             .insert(&key(net), value, 0)
             .map_err(map_error(MAP_ROUTES))?;
-        self.bump()
+        self.retire_cached()
     }
 
     pub fn remove(&mut self, net: &Ipv4Net) -> Result<(), DatapathError> {
         self.trie.remove(&key(net)).map_err(map_error(MAP_ROUTES))?;
-        self.bump()
+        self.retire_cached()
     }
 
-    /// Retires every cached answer read before the write just made.
-    fn bump(&mut self) -> Result<(), DatapathError> {
+    /// Bumps the generation: retires every answer the datapath cached
+    /// before the change just made (to `ROUTES`, `ENDPOINTS`, or the
+    /// kernel's routes and neighbours).
+    pub fn retire_cached(&mut self) -> Result<(), DatapathError> {
         let current = self
             .generation
             .get(&0, 0)
-            .map_err(map_error(MAP_ROUTES_GEN))?;
+            .map_err(map_error(MAP_DATAPATH_GEN))?;
         self.generation
             .set(0, current.wrapping_add(1), 0)
-            .map_err(map_error(MAP_ROUTES_GEN))
+            .map_err(map_error(MAP_DATAPATH_GEN))
     }
 }
 
@@ -250,11 +253,11 @@ impl Datapath {
             endpoints,
             peer_hosts,
             _stats,
-            routes_gen,
+            generation,
         ] = <[aya::maps::Map; 6]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
         let mut dp = Self {
             layout: layout.clone(),
-            routes: RouteTable::new(routes, routes_gen)?,
+            routes: RouteTable::new(routes, generation)?,
             local_nets: local_nets.try_into().map_err(map_error(MAP_LOCAL_NETS))?,
             endpoints: endpoints.try_into().map_err(map_error(MAP_ENDPOINTS))?,
             peer_hosts: peer_hosts.try_into().map_err(map_error(MAP_PEER_HOSTS))?,
@@ -556,13 +559,21 @@ impl Datapath {
     pub fn set_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DatapathError> {
         self.endpoints
             .insert(ip.octets(), ep, 0)
-            .map_err(map_error(MAP_ENDPOINTS))
+            .map_err(map_error(MAP_ENDPOINTS))?;
+        self.routes.retire_cached()
     }
 
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
         self.endpoints
             .remove(&ip.octets())
-            .map_err(map_error(MAP_ENDPOINTS))
+            .map_err(map_error(MAP_ENDPOINTS))?;
+        self.routes.retire_cached()
+    }
+
+    /// Retires the datapath's cached answers after a change in the kernel
+    /// (routes, rules, neighbours, addresses, links) that they may depend on.
+    pub fn kernel_changed(&mut self) -> Result<(), DatapathError> {
+        self.routes.retire_cached()
     }
 
     /// Leaves programs, links and maps pinned when this value is dropped

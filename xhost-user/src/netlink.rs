@@ -60,8 +60,13 @@ const RTN_UNICAST: u8 = 1;
 const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
 /// Attribute type bits (NLA_F_NESTED, NLA_F_NET_BYTEORDER are the top two).
 const NLA_TYPE_MASK: u16 = 0x3fff;
-/// Multicast group of link notifications (`RTMGRP_LINK`).
-const RTMGRP_LINK: u32 = 1;
+/// Multicast groups (legacy `RTMGRP_*` masks) of the kernel changes the
+/// agent follows: links, neighbours, IPv4 addresses, routes and rules.
+const RTMGRP_LINK: u32 = 0x1;
+const RTMGRP_NEIGH: u32 = 0x4;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTMGRP_IPV4_RULE: u32 = 0x80;
 /// Dumps restarted because the table changed under them, before giving up.
 const DUMP_TRIES: usize = 3;
 
@@ -293,14 +298,23 @@ impl Rtnl {
     }
 }
 
-/// Link notifications of the namespace of the thread that opened it
-/// (`RTMGRP_LINK`), read without blocking.
-pub struct LinkEvents {
+/// Notifications of link, neighbour, IPv4 address, route and rule changes
+/// in the namespace of the thread that opened it, read without blocking.
+pub struct KernelEvents {
     fd: OwnedFd,
     buf: Vec<u8>,
 }
 
-impl LinkEvents {
+/// What the notifications read so far said.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Something changed (or may have).
+    pub any: bool,
+    /// A link went away (or may have).
+    pub link_deleted: bool,
+}
+
+impl KernelEvents {
     pub fn open() -> io::Result<Self> {
         let fd = socket(
             AddressFamily::Netlink,
@@ -308,34 +322,45 @@ impl LinkEvents {
             SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             SockProtocol::NetlinkRoute,
         )?;
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, RTMGRP_LINK))?;
+        let groups =
+            RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?;
         Ok(Self {
             fd,
             buf: vec![0; 64 * 1024],
         })
     }
 
-    /// Reads every queued notification. Returns whether a link went away,
-    /// or may have: when the socket overran (`ENOBUFS`) or a datagram does
-    /// not parse, what it said is unknown.
-    pub fn drain(&mut self) -> io::Result<bool> {
-        let mut deleted = false;
+    /// Reads every queued notification. When the socket overran
+    /// (`ENOBUFS`) or a datagram does not parse, what was said is unknown:
+    /// anything may have changed, a link may have gone.
+    pub fn drain(&mut self) -> io::Result<Changes> {
+        let mut changes = Changes::default();
+        let unknown = Changes {
+            any: true,
+            link_deleted: true,
+        };
         loop {
             let n = match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()) {
                 Ok(n) => n,
-                Err(nix::errno::Errno::EAGAIN) => return Ok(deleted),
+                Err(nix::errno::Errno::EAGAIN) => return Ok(changes),
                 Err(nix::errno::Errno::ENOBUFS) => {
-                    deleted = true;
+                    changes = unknown;
                     continue;
                 }
                 Err(e) => return Err(e.into()),
             };
-            deleted |= has_dellink(&self.buf[..n]).unwrap_or(true);
+            let said = has_dellink(&self.buf[..n]).map_or(unknown, |deleted| Changes {
+                any: true,
+                link_deleted: deleted,
+            });
+            changes.any |= said.any;
+            changes.link_deleted |= said.link_deleted;
         }
     }
 }
 
-impl AsRawFd for LinkEvents {
+impl AsRawFd for KernelEvents {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
@@ -853,27 +878,60 @@ mod tests {
     }
 
     #[test]
-    fn link_deletions_are_noticed() {
+    fn kernel_changes_are_noticed() {
         // In a namespace of this thread's own: the link made here goes with it.
         std::thread::spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
                 .expect("a private netns (needs root)");
-            let mut events = LinkEvents::open().expect("subscribe");
+            let mut events = KernelEvents::open().expect("subscribe");
             let ip = |args: &[&str]| {
                 let st = std::process::Command::new("ip").args(args).status();
                 assert!(st.expect("run ip").success(), "ip {args:?}");
+            };
+            let changed = Changes {
+                any: true,
+                link_deleted: false,
             };
             ip(&[
                 "link", "add", "xh-ev0", "type", "veth", "peer", "name", "xh-ev1",
             ]);
             ip(&["link", "set", "xh-ev0", "up"]);
-            assert!(
-                !events.drain().expect("drain"),
+            assert_eq!(
+                events.drain().expect("drain"),
+                changed,
                 "created and up: nothing gone"
             );
+            assert_eq!(
+                events.drain().expect("drain"),
+                Changes::default(),
+                "read once"
+            );
+            // Each kind of change the datapath's cached answers depend on.
+            for change in [
+                &["addr", "add", "10.77.0.1/24", "dev", "xh-ev0"][..],
+                &["route", "add", "10.78.0.0/24", "via", "10.77.0.2"],
+                &[
+                    "neigh",
+                    "replace",
+                    "10.77.0.2",
+                    "lladdr",
+                    "02:00:00:00:00:02",
+                    "dev",
+                    "xh-ev0",
+                ],
+                &["rule", "add", "from", "10.79.0.0/24", "lookup", "100"],
+                &["route", "del", "10.78.0.0/24"],
+            ] {
+                ip(change);
+                assert_eq!(events.drain().expect("drain"), changed, "ip {change:?}");
+            }
             ip(&["link", "del", "xh-ev0"]);
-            assert!(events.drain().expect("drain"), "the deletion");
-            assert!(!events.drain().expect("drain"), "read once");
+            assert!(events.drain().expect("drain").link_deleted, "the deletion");
+            assert_eq!(
+                events.drain().expect("drain"),
+                Changes::default(),
+                "read once"
+            );
         })
         .join()
         .expect("test thread");

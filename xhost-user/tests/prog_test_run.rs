@@ -588,7 +588,7 @@ fn route_changes_retire_cached_answers() {
         pin_to_cpu0();
         let mut routes = RouteTable::new(
             ebpf.take_map("ROUTES").expect("ROUTES"),
-            ebpf.take_map("ROUTES_GEN").expect("ROUTES_GEN"),
+            ebpf.take_map("DATAPATH_GEN").expect("DATAPATH_GEN"),
         )
         .expect("route table");
         let r1_net: Ipv4Net = "192.168.220.0/24".parse().expect("net");
@@ -665,4 +665,120 @@ fn route_changes_retire_cached_answers() {
         run_tc(ebpf, xhost_common::PROG_EGRESS, "br0", vec![moved]);
         run_tc(ebpf, xhost_common::PROG_INGRESS, "ul0", vec![allowed_in()]);
     });
+}
+
+/// `xhost_from_ctr` caches whole forwarding answers per CPU, FIB results
+/// included. A bump of the generation (the agent's answer to a kernel
+/// notification or a map write) must decide the very next packet, an answer
+/// must age out by itself within 100 ms (no agent to bump), and a packet
+/// longer than the cached answer has seen fit must be checked again.
+#[test]
+fn cached_forwarding_answers_follow_the_kernel_and_the_maps() {
+    in_test_host(|ebpf| {
+        pin_to_cpu0();
+        let mut generation = RouteTable::new(
+            ebpf.take_map("ROUTES").expect("ROUTES"),
+            ebpf.take_map("DATAPATH_GEN").expect("DATAPATH_GEN"),
+        )
+        .expect("route table");
+        let ul0 = mac("ul0");
+        let new_mac = [0x02, 0, 0, 0, 0, 0x33];
+        let set_peer_mac = |m: [u8; 6]| {
+            let lladdr = m.map(|b| format!("{b:02x}")).join(":");
+            sh(&[
+                "ip",
+                "neigh",
+                "replace",
+                "172.16.91.132",
+                "lladdr",
+                &lladdr,
+                "nud",
+                "permanent",
+                "dev",
+                "ul0",
+            ]);
+        };
+        let fwd = to_mac(ipv4(C1, R1, 64, &[]), GW_MAC);
+        let to = |frame: &[u8], name: &'static str, peer_mac: [u8; 6]| Case {
+            name,
+            out: Some(routed(frame, ul0, peer_mac)),
+            frame: frame.to_vec(),
+            verdict: TC_ACT_REDIRECT,
+            counter: stat::FWD_EGRESS,
+        };
+        // What from_ctr passes goes on to the bridge, which counts it.
+        let passed = |frame: &[u8], name: &'static str| Case {
+            name,
+            frame: frame.to_vec(),
+            verdict: TC_ACT_OK,
+            out: None,
+            counter: UNCOUNTED,
+        };
+        let from_ctr = run_from_ctr;
+
+        from_ctr(ebpf, vec![to(&fwd, "first packet", PEER_MAC)]);
+        set_peer_mac(new_mac);
+        // No bump yet: the answer cached before the change is still used.
+        // (This is what makes the cache measurable here at all.)
+        from_ctr(ebpf, vec![to(&fwd, "cached, not yet retired", PEER_MAC)]);
+        generation.retire_cached().expect("bump");
+        from_ctr(ebpf, vec![to(&fwd, "retired: the FIB's new MAC", new_mac)]);
+
+        set_peer_mac(PEER_MAC);
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        from_ctr(ebpf, vec![to(&fwd, "aged out without a bump", PEER_MAC)]);
+
+        // MTU 1300 on the way to the peer: a packet up to what the cached
+        // answer has seen fit is forwarded from the cache; a longer one is
+        // checked against the FIB again (frag-needed is the kernel's).
+        sh(&["ip", "link", "set", "ul0", "mtu", "1300"]);
+        generation.retire_cached().expect("bump");
+        let fits = with_l3_len(&fwd, 1300);
+        let too_big = with_l3_len(&fwd, 1301);
+        from_ctr(
+            ebpf,
+            vec![
+                to(&fwd, "short packet fills the cache", PEER_MAC),
+                to(&fits, "longest that fits, from the FIB", PEER_MAC),
+                to(&fits, "longest that fits, from the cache", PEER_MAC),
+                passed(&too_big, "longer than the route MTU"),
+            ],
+        );
+
+        // The endpoint leaves ENDPOINTS (as Datapath::remove_endpoint does:
+        // write, then bump): its packets are no longer the fast path's.
+        let mut eps: aya::maps::HashMap<_, [u8; 4], xhost_common::Endpoint> = ebpf
+            .map_mut("ENDPOINTS")
+            .expect("ENDPOINTS")
+            .try_into()
+            .expect("hash");
+        eps.remove(&C1).expect("remove endpoint");
+        generation.retire_cached().expect("bump");
+        from_ctr(ebpf, vec![passed(&fwd, "endpoint removed")]);
+    });
+}
+
+/// The counter of a case that no counter may follow.
+const UNCOUNTED: u32 = u32::MAX;
+
+/// Runs `xhost_from_ctr` on each case as arriving on br0 (where the test
+/// host's endpoint sits).
+fn run_from_ctr(ebpf: &mut Ebpf, cases: Vec<Case>) {
+    for c in cases {
+        let before = counters(ebpf);
+        let (verdict, out) =
+            tc_test_run(ebpf, xhost_common::PROG_FROM_CTR, "br0", &c.frame, c.name);
+        assert_eq!(verdict, c.verdict, "{}: verdict", c.name);
+        assert_eq!(
+            &out,
+            c.out.as_ref().unwrap_or(&c.frame),
+            "{}: output frame",
+            c.name
+        );
+        if c.counter == UNCOUNTED {
+            assert_eq!(counters(ebpf), before, "{}: no counter may move", c.name);
+        } else {
+            assert_counter_moved(ebpf, &before, c.counter, c.frame.len(), c.name);
+        }
+    }
 }

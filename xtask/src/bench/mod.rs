@@ -460,7 +460,7 @@ pub struct ProgCost {
 pub struct ProgSample {
     pub program: String,
     pub routes: u32,
-    /// Median ns of a run after a run of the same packet (route cache warm).
+    /// Median ns of a run after a run of the same packet (caches warm).
     pub warm_ns: f64,
     /// Median ns of a run right after a route write (LPM walk).
     pub first_ns: f64,

@@ -472,7 +472,7 @@ impl Results {
     /// ns per run of each program per route count, and the largest count over the
     /// smallest.
     fn prog_cost_table(&self, out: &mut String, markdown: bool) {
-        let title = "Per-program cost, BPF_PROG_TEST_RUN (ns per run, medians; warm: route cache hit, first: right after a route write)";
+        let title = "Per-program cost, BPF_PROG_TEST_RUN (ns per run, medians; warm: cache hit, first: right after a route write)";
         if let Some(e) = &self.prog_cost_error {
             let _ = writeln!(out, "\n{title}: not measured: {e}");
         }

@@ -1,0 +1,149 @@
+//! Per-CPU cache of `xhost_from_ctr`'s forwarding answers.
+//!
+//! A container's packet to a peer's container costs three lookups before it
+//! can leave: its endpoint (`ENDPOINTS`), the peer owning the destination
+//! (`ROUTES`) and the next hop to that peer (`bpf_fib_lookup`). Their answer
+//! depends only on the ingress veth, the two addresses and the state of the
+//! maps and of the kernel's routes and neighbours, so it is kept per CPU,
+//! direct-mapped by (veth, source, destination), for the following packets.
+//!
+//! An answer is used only while both hold:
+//! * the generation it was read under is current. The agent bumps the
+//!   generation after every map write, and after every route, rule,
+//!   neighbour, address or link change the kernel reports;
+//! * it is younger than [`MAX_AGE_NS`], which bounds what an answer could
+//!   miss if no bump came (a path MTU learned from ICMP, no agent running).
+//!
+//! The packet must also still fit: the answer carries the longest IPv4
+//! length the FIB accepted for the route's MTU; anything longer (and every
+//! GSO packet) takes the full path, which checks the MTU again.
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{btf_maps::PerCpuArray, helpers::bpf_ktime_get_coarse_ns, macros::btf_map};
+use xhost_common::FLOW_CACHE_SLOTS;
+
+use crate::maps::DATAPATH_GEN;
+
+/// Longest an answer is used without a fresh lookup.
+const MAX_AGE_NS: u64 = 100_000_000;
+
+/// One forwarding answer: frames from `src` on veth `iif` (addressed to
+/// `gw_mac`) for `dst` leave on `ifindex` with `smac` -> `dmac`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FlowSlot {
+    iif: u32,
+    src: [u8; 4],
+    dst: [u8; 4],
+    /// Longest IPv4 total length known to fit; 0: the slot is empty.
+    max_len: u32,
+    generation: u64,
+    expires_ns: u64,
+    ifindex: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    gw_mac: [u8; 6],
+    _pad: [u8; 2],
+}
+
+#[btf_map]
+static FLOW_CACHE: PerCpuArray<FlowSlot, { FLOW_CACHE_SLOTS as usize }> = PerCpuArray::new();
+
+/// A cached answer.
+pub struct Hop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub gw_mac: [u8; 6],
+}
+
+/// Where a miss files the answer the full path finds.
+pub struct Miss {
+    slot: *mut FlowSlot,
+    generation: u64,
+    now: u64,
+}
+
+pub enum Lookup {
+    Hit(Hop),
+    Miss(Miss),
+    /// No cache (map missing): nothing to file.
+    Off,
+}
+
+/// Looks `(iif, src, dst)` up for a packet of `tot_len` bytes (IPv4 total
+/// length).
+#[inline(always)]
+pub fn lookup(iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Lookup {
+    // The generation is read before anything the answer is made of (see the
+    // ROUTES cache in maps.rs for why that order is safe).
+    // SAFETY: a plain load of the agent's counter (it only ever grows).
+    let Some(generation) = DATAPATH_GEN.get_ptr(0).map(|p| unsafe { read_volatile(p) }) else {
+        return Lookup::Off;
+    };
+    let key = u32::from_ne_bytes(src) ^ u32::from_ne_bytes(dst).rotate_left(16) ^ iif;
+    let index = key.wrapping_mul(0x9e37_79b1) >> (32 - FLOW_CACHE_SLOTS.trailing_zeros());
+    let Some(slot) = FLOW_CACHE.get_ptr_mut(index) else {
+        return Lookup::Off;
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: this CPU's slot; networking programs do not nest on a CPU.
+    let s = unsafe { &*slot };
+    if u32::from(tot_len) <= s.max_len
+        && s.generation == generation
+        && now < s.expires_ns
+        && s.iif == iif
+        && s.src == src
+        && s.dst == dst
+    {
+        return Lookup::Hit(Hop {
+            ifindex: s.ifindex,
+            smac: s.smac,
+            dmac: s.dmac,
+            gw_mac: s.gw_mac,
+        });
+    }
+    Lookup::Miss(Miss {
+        slot,
+        generation,
+        now,
+    })
+}
+
+/// Files the full path's answer for a packet of `tot_len` bytes.
+#[inline(always)]
+pub fn store(miss: &Miss, iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16, hop: &Hop) {
+    // SAFETY: this CPU's slot (see `lookup`).
+    let s = unsafe { &mut *miss.slot };
+    let same = s.max_len != 0
+        && s.generation == miss.generation
+        && s.iif == iif
+        && s.src == src
+        && s.dst == dst
+        && s.ifindex == hop.ifindex
+        && s.smac == hop.smac
+        && s.dmac == hop.dmac
+        && s.gw_mac == hop.gw_mac;
+    // A longer packet that fit raises what is known to fit; a new answer
+    // starts from this packet's length.
+    let max_len = if same {
+        s.max_len.max(u32::from(tot_len))
+    } else {
+        u32::from(tot_len)
+    };
+    *s = FlowSlot {
+        iif,
+        src,
+        dst,
+        max_len,
+        generation: miss.generation,
+        expires_ns: miss.now + MAX_AGE_NS,
+        ifindex: hop.ifindex,
+        smac: hop.smac,
+        dmac: hop.dmac,
+        gw_mac: hop.gw_mac,
+        _pad: [0; 2],
+    };
+}
