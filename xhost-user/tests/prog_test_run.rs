@@ -576,6 +576,15 @@ fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
     });
 }
 
+/// `ROUTES` and `DATAPATH_GEN` taken over, as the agent holds them.
+fn route_table(ebpf: &mut Ebpf) -> RouteTable {
+    RouteTable::new(
+        ebpf.take_map("ROUTES").expect("ROUTES"),
+        ebpf.take_map("DATAPATH_GEN").expect("DATAPATH_GEN"),
+    )
+    .expect("route table")
+}
+
 /// `ROUTES` answers are cached per CPU: a route written through
 /// `RouteTable` must still decide the very next packet, on the CPU that
 /// cached the old answer, for the destination (egress) and the source check
@@ -586,11 +595,7 @@ fn route_changes_retire_cached_answers() {
         // One CPU for every run, so the second packet meets the first one's
         // cache entry instead of another CPU's empty slot.
         pin_to_cpu0();
-        let mut routes = RouteTable::new(
-            ebpf.take_map("ROUTES").expect("ROUTES"),
-            ebpf.take_map("DATAPATH_GEN").expect("DATAPATH_GEN"),
-        )
-        .expect("route table");
+        let mut routes = route_table(ebpf);
         let r1_net: Ipv4Net = "192.168.220.0/24".parse().expect("net");
         let ul0 = mac("ul0");
         let out = ipv4(C1, R1, 64, &[]);
@@ -676,11 +681,7 @@ fn route_changes_retire_cached_answers() {
 fn cached_forwarding_answers_follow_the_kernel_and_the_maps() {
     in_test_host(|ebpf| {
         pin_to_cpu0();
-        let mut generation = RouteTable::new(
-            ebpf.take_map("ROUTES").expect("ROUTES"),
-            ebpf.take_map("DATAPATH_GEN").expect("DATAPATH_GEN"),
-        )
-        .expect("route table");
+        let mut generation = route_table(ebpf);
         let ul0 = mac("ul0");
         let new_mac = [0x02, 0, 0, 0, 0, 0x33];
         let set_peer_mac = |m: [u8; 6]| {
