@@ -15,8 +15,10 @@
 //!   miss if no bump came (a path MTU learned from ICMP, no agent running).
 //!
 //! The packet must also still fit: the answer carries the longest IPv4
-//! length the FIB accepted for the route's MTU; anything longer (and every
-//! GSO packet) takes the full path, which checks the MTU again.
+//! length the FIB accepted for the route's MTU; anything longer takes the
+//! full path, which checks the MTU again. (A GSO burst is as long as all its
+//! segments, so it takes the full path too; what the FIB says of it,
+//! checked per segment, is never filed.)
 
 use core::ptr::read_volatile;
 

@@ -3,7 +3,8 @@
 //! * `xhost_from_ctr` (TC ingress of each container's host-side veth): a
 //!   container's packet for a peer's subnet is routed straight out the
 //!   underlay towards the peer host, with the container IPs kept, before the
-//!   bridge (and br_netfilter) sees it.
+//!   bridge (and br_netfilter) sees it. Its answers are cached per flow
+//!   (`flow.rs`).
 //! * `xhost_egress` (TC ingress of each Docker bridge): the same decision for
 //!   whatever reaches the bridge device (containers whose veth is not known
 //!   yet); it also counts what `xhost_from_ctr` passed on.
