@@ -128,12 +128,14 @@ pub fn store(miss: &Miss, iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16, ho
         && s.smac == hop.smac
         && s.dmac == hop.dmac
         && s.gw_mac == hop.gw_mac;
-    // A longer packet that fit raises what is known to fit; a new answer
-    // starts from this packet's length.
-    let max_len = if same {
-        s.max_len.max(u32::from(tot_len))
+    // A longer packet that fit raises what is known to fit, until the slot
+    // ages out: the age bounds its oldest fact. A new or aged answer starts
+    // again from this packet's length (a path MTU may have dropped since,
+    // without a notification).
+    let (max_len, expires_ns) = if same && miss.now < s.expires_ns {
+        (s.max_len.max(u32::from(tot_len)), s.expires_ns)
     } else {
-        u32::from(tot_len)
+        (u32::from(tot_len), miss.now + MAX_AGE_NS)
     };
     *s = FlowSlot {
         iif,
@@ -141,7 +143,7 @@ pub fn store(miss: &Miss, iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16, ho
         dst,
         max_len,
         generation: miss.generation,
-        expires_ns: miss.now + MAX_AGE_NS,
+        expires_ns,
         ifindex: hop.ifindex,
         smac: hop.smac,
         dmac: hop.dmac,

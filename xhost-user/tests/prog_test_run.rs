@@ -745,6 +745,13 @@ fn cached_forwarding_answers_follow_the_kernel_and_the_maps() {
                 passed(&too_big, "longer than the route MTU"),
             ],
         );
+        // Aged out and filled again by a short packet: what was seen to fit
+        // before does not carry over, so an MTU drop no notification told of
+        // (here: no agent to bump) is seen by the next longer packet.
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        from_ctr(ebpf, vec![to(&fwd, "aged out, filled again", PEER_MAC)]);
+        sh(&["ip", "link", "set", "ul0", "mtu", "1200"]);
+        from_ctr(ebpf, vec![passed(&fits, "longer than the refilled answer")]);
 
         // The endpoint leaves ENDPOINTS (as Datapath::remove_endpoint does:
         // write, then bump): its packets are no longer the fast path's.
