@@ -64,7 +64,6 @@ pub struct Hop {
 pub struct Miss {
     slot: *mut FlowSlot,
     generation: u64,
-    now: u64,
 }
 
 pub enum Lookup {
@@ -89,16 +88,16 @@ pub fn lookup(iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Lookup {
     let Some(slot) = FLOW_CACHE.get_ptr_mut(index) else {
         return Lookup::Off;
     };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: this CPU's slot; networking programs do not nest on a CPU.
     let s = unsafe { &*slot };
+    // The clock is read only for a slot that answers this packet: traffic
+    // the cache never holds (not for a peer) costs no helper call.
     if u32::from(tot_len) <= s.max_len
         && s.generation == generation
-        && now < s.expires_ns
         && s.iif == iif
         && s.src == src
         && s.dst == dst
+        && coarse_now() < s.expires_ns
     {
         return Lookup::Hit(Hop {
             ifindex: s.ifindex,
@@ -107,11 +106,13 @@ pub fn lookup(iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Lookup {
             gw_mac: s.gw_mac,
         });
     }
-    Lookup::Miss(Miss {
-        slot,
-        generation,
-        now,
-    })
+    Lookup::Miss(Miss { slot, generation })
+}
+
+#[inline(always)]
+fn coarse_now() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Files the full path's answer for a packet of `tot_len` bytes.
@@ -119,6 +120,7 @@ pub fn lookup(iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Lookup {
 pub fn store(miss: &Miss, iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16, hop: &Hop) {
     // SAFETY: this CPU's slot (see `lookup`).
     let s = unsafe { &mut *miss.slot };
+    let now = coarse_now();
     let same = s.max_len != 0
         && s.generation == miss.generation
         && s.iif == iif
@@ -132,10 +134,10 @@ pub fn store(miss: &Miss, iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16, ho
     // ages out: the age bounds its oldest fact. A new or aged answer starts
     // again from this packet's length (a path MTU may have dropped since,
     // without a notification).
-    let (max_len, expires_ns) = if same && miss.now < s.expires_ns {
+    let (max_len, expires_ns) = if same && now < s.expires_ns {
         (s.max_len.max(u32::from(tot_len)), s.expires_ns)
     } else {
-        (u32::from(tot_len), miss.now + MAX_AGE_NS)
+        (u32::from(tot_len), now + MAX_AGE_NS)
     };
     *s = FlowSlot {
         iif,
