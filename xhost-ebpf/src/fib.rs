@@ -11,9 +11,57 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup_helper, bpf_redirect_neigh},
     programs::TcContext,
 };
+use network_types::eth::EthHdr;
+
+use crate::parse::{Ipv4Frame, ptr_at};
 
 /// `AF_INET` from the kernel's socket.h.
 const AF_INET: u8 = 2;
+const IPPROTO_TCP: u8 = 6;
+
+/// What the MTU is checked against for one skb.
+#[derive(Clone, Copy)]
+pub enum WireLen {
+    /// Every packet the skb leaves as is at most this long (IPv4 total
+    /// length): the packet itself, or the longest segment of a TCP GSO
+    /// burst.
+    Max(u16),
+    /// A GSO burst of another kind (UDP, tunnelled): its segments are
+    /// measured by the kernel.
+    Segments,
+}
+
+/// The longest IPv4 packet `f` leaves as. A TCP GSO burst (a container's
+/// TSO send) is cut into segments of the IPv4 and TCP headers plus
+/// `gso_size` bytes, as `skb_gso_network_seglen` counts them; anything
+/// else that is GSO is left to the kernel's own count.
+#[inline(always)]
+pub fn wire_len(ctx: &TcContext, f: &Ipv4Frame) -> WireLen {
+    // SAFETY: reading the skb's GSO size from its context.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        return WireLen::Max(f.tot_len);
+    }
+    // SAFETY: `f.ip` was bounds-checked by `parse`.
+    let (proto, vihl) = unsafe { ((*f.ip).proto, (*f.ip).vihl) };
+    if proto != IPPROTO_TCP {
+        return WireLen::Segments;
+    }
+    // Verifier: IHL is 4 bits, so the offset is bounded.
+    let ip_len = usize::from(vihl & 0x0f) * 4;
+    // The data offset is the high nibble of the TCP header's byte 12 (read
+    // with byte 13: a 1-byte read lets the compiler turn the bounds check
+    // into a `>=` the verifier does not take for a variable offset).
+    let Some(word) = ptr_at::<[u8; 2], TcContext>(ctx, EthHdr::LEN + ip_len + 12) else {
+        return WireLen::Segments;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let tcp_len = usize::from(unsafe { (*word)[0] } >> 4) * 4;
+    match u16::try_from(ip_len + tcp_len + gso_size as usize) {
+        Ok(len) if tcp_len >= 20 => WireLen::Max(len),
+        _ => WireLen::Segments,
+    }
+}
 
 /// The FIB's answer for one packet.
 pub enum NextHop {
@@ -32,32 +80,27 @@ pub enum NextHop {
 }
 
 /// Looks up how to reach `dst` for a packet from `src` that arrived on
-/// `ifindex`, `tot_len` bytes long at L3 (its IPv4 total length).
+/// `ifindex` and leaves as packets of `len` (see [`wire_len`]).
 ///
 /// A packet too big for the egress is the kernel's, which sends ICMP
 /// fragmentation-needed (or fragments), as `ip_forward` does. The lookup
-/// gets `tot_len` and compares it with the route's MTU (device, route
-/// metric or learned path MTU) before it even looks at the neighbour. Only
-/// when that fails is the GSO size read: a GSO super-packet (a TSO burst
-/// from a container) is as long as all its segments, so it is looked up
-/// again without a length, and each segment is checked against the egress
-/// device with `bpf_check_mtu(BPF_MTU_CHK_SEGS)`, as `ip_forward` does with
-/// `skb_gso_validate_network_len`.
+/// gets the length and compares it with the route's MTU (device, route
+/// metric or learned path MTU) before it even looks at the neighbour; for a
+/// TCP GSO burst that is its longest segment, as `ip_forward` checks
+/// segments with `skb_gso_validate_network_len`. Other GSO bursts are
+/// looked up without a length, and each segment is checked against the
+/// egress device with `bpf_check_mtu(BPF_MTU_CHK_SEGS)`.
 #[inline(always)]
-pub fn lookup(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> NextHop {
-    let Some(hop) = ask(ctx, ifindex, src, dst, tot_len) else {
-        // SAFETY: reading the skb's GSO size from its context.
-        if unsafe { (*ctx.skb.skb).gso_size } == 0 {
-            return NextHop::Kernel;
-        }
-        return match ask(ctx, ifindex, src, dst, 0) {
+pub fn lookup(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], len: WireLen) -> NextHop {
+    match len {
+        WireLen::Max(len) => ask(ctx, ifindex, src, dst, len).unwrap_or(NextHop::Kernel),
+        WireLen::Segments => match ask(ctx, ifindex, src, dst, 0) {
             Some(
                 hop @ (NextHop::Resolved { ifindex, .. } | NextHop::Unresolved { ifindex, .. }),
             ) if segments_fit(ctx, ifindex) => hop,
             _ => NextHop::Kernel,
-        };
-    };
-    hop
+        },
+    }
 }
 
 /// One `bpf_fib_lookup`; `None` when `tot_len` exceeds the route's MTU.

@@ -16,9 +16,10 @@
 //!
 //! The packet must also still fit: the answer carries the longest IPv4
 //! length the FIB accepted for the route's MTU; anything longer takes the
-//! full path, which checks the MTU again. (A GSO burst is as long as all its
-//! segments, so it takes the full path too; what the FIB says of it,
-//! checked per segment, is never filed.)
+//! full path, which checks the MTU again. A TCP GSO burst (a container's
+//! TSO send) counts as its longest segment, which is what leaves; other GSO
+//! bursts, whose segments only the kernel measures, always take the full
+//! path and are never filed.
 
 use core::ptr::read_volatile;
 
@@ -73,8 +74,8 @@ pub enum Lookup {
     Off,
 }
 
-/// Looks `(iif, src, dst)` up for a packet of `tot_len` bytes (IPv4 total
-/// length).
+/// Looks `(iif, src, dst)` up for a packet that leaves as IPv4 packets of
+/// at most `tot_len` bytes (see `fib::wire_len`).
 #[inline(always)]
 pub fn lookup(iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Lookup {
     // The generation is read before anything the answer is made of (see the
@@ -115,7 +116,8 @@ fn coarse_now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// Files the full path's answer for a packet of `tot_len` bytes.
+/// Files the full path's answer, found for packets of up to `tot_len`
+/// bytes.
 #[inline(always)]
 pub fn store(miss: &Miss, iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16, hop: &Hop) {
     // SAFETY: this CPU's slot (see `lookup`).

@@ -36,7 +36,7 @@ use aya_log_ebpf::debug;
 use xhost_common::stat;
 
 use crate::{
-    fib::NextHop,
+    fib::{NextHop, WireLen},
     maps::{ENDPOINTS, LOCAL_NETS, host_key, route_of},
     parse::{Frame, decrement_ttl, parse},
     stats::count,
@@ -107,10 +107,10 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // SAFETY: `f.eth` was bounds-checked by `parse`.
     let to_mac = unsafe { (*f.eth).dst_addr };
-    let cached = if from_port {
-        flow::lookup(iif, src, dst, f.tot_len)
-    } else {
-        flow::Lookup::Off
+    let len = fib::wire_len(ctx, &f);
+    let cached = match (from_port, len) {
+        (true, WireLen::Max(len)) => flow::lookup(iif, src, dst, len),
+        _ => flow::Lookup::Off,
     };
     if let flow::Lookup::Hit(hop) = &cached {
         if to_mac == hop.gw_mac {
@@ -141,10 +141,9 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     }
     // The peer host is the next hop: resolve the route to it, not to the
     // container prefix, which the kernel has no route for.
-    let hop = fib::lookup(ctx, iif, src, peer_host, f.tot_len);
-    // Only an answer the FIB gave for this very length is filed: a GSO
-    // packet's was checked per segment, not against its total length.
-    // SAFETY: reading the skb's GSO size from its context.
+    let hop = fib::lookup(ctx, iif, src, peer_host, len);
+    // Only an answer the FIB gave for a length is filed (a miss was looked
+    // up with one): what fits is known only up to that length.
     if let (
         flow::Lookup::Miss(miss),
         NextHop::Resolved {
@@ -152,8 +151,8 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
             smac,
             dmac,
         },
-        0,
-    ) = (&cached, &hop, unsafe { (*ctx.skb.skb).gso_size })
+        WireLen::Max(len),
+    ) = (&cached, &hop, len)
     {
         let answer = flow::Hop {
             ifindex: *ifindex,
@@ -161,7 +160,7 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
             dmac: *dmac,
             gw_mac: to_mac,
         };
-        flow::store(miss, iif, src, dst, f.tot_len, &answer);
+        flow::store(miss, iif, src, dst, len, &answer);
     }
     route(&f, hop, stat::FWD_EGRESS)
 }
@@ -219,7 +218,7 @@ fn try_ingress(ctx: &TcContext) -> Verdict {
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
     route(
         &f,
-        fib::lookup(ctx, iif, src, dst, f.tot_len),
+        fib::lookup(ctx, iif, src, dst, fib::wire_len(ctx, &f)),
         stat::FWD_INGRESS,
     )
 }

@@ -680,6 +680,24 @@ fn route_changes_retire_cached_answers() {
     });
 }
 
+/// Gives the test host's peer 172.16.91.132 a new MAC, as a neighbour
+/// change the kernel would report (here no agent hears of it).
+fn set_peer_mac(m: [u8; 6]) {
+    let lladdr = m.map(|b| format!("{b:02x}")).join(":");
+    sh(&[
+        "ip",
+        "neigh",
+        "replace",
+        "172.16.91.132",
+        "lladdr",
+        &lladdr,
+        "nud",
+        "permanent",
+        "dev",
+        "ul0",
+    ]);
+}
+
 /// `xhost_from_ctr` caches whole forwarding answers per CPU, FIB results
 /// included. A bump of the generation (the agent's answer to a kernel
 /// notification or a map write) must decide the very next packet, an answer
@@ -692,21 +710,6 @@ fn cached_forwarding_answers_follow_the_kernel_and_the_maps() {
         let mut generation = route_table(ebpf);
         let ul0 = mac("ul0");
         let new_mac = [0x02, 0, 0, 0, 0, 0x33];
-        let set_peer_mac = |m: [u8; 6]| {
-            let lladdr = m.map(|b| format!("{b:02x}")).join(":");
-            sh(&[
-                "ip",
-                "neigh",
-                "replace",
-                "172.16.91.132",
-                "lladdr",
-                &lladdr,
-                "nud",
-                "permanent",
-                "dev",
-                "ul0",
-            ]);
-        };
         let fwd = to_mac(ipv4(C1, R1, 64, &[]), GW_MAC);
         let to = |frame: &[u8], name: &'static str, peer_mac: [u8; 6]| Case {
             name,
@@ -773,5 +776,105 @@ fn cached_forwarding_answers_follow_the_kernel_and_the_maps() {
         eps.remove(&C1).expect("remove endpoint");
         generation.retire_cached().expect("bump");
         from_ctr(ebpf, vec![passed(&fwd, "endpoint removed")]);
+    });
+}
+
+/// A TCP packet from `src` to `dst` with a `tcp_len`-byte header and
+/// `payload` zero bytes, sent to the gateway MAC. With a GSO size below the
+/// payload it is a TSO burst.
+fn tcp(src: [u8; 4], dst: [u8; 4], tcp_len: usize, payload: usize) -> Vec<u8> {
+    let mut f = to_mac(ipv4(src, dst, 64, &[]), GW_MAC);
+    f.truncate(14 + 20);
+    f[14 + 9] = 6;
+    let mut header = vec![0u8; tcp_len];
+    header[12] = ((tcp_len / 4) as u8) << 4;
+    f.extend_from_slice(&header);
+    f.resize(f.len() + payload, 0);
+    let tot_len = u16::try_from(20 + tcp_len + payload).expect("fits");
+    f[16..18].copy_from_slice(&tot_len.to_be_bytes());
+    set_checksum(&mut f);
+    f
+}
+
+/// A container's TSO burst leaves as segments of its IPv4 and TCP headers
+/// plus the GSO size: that, not its total length, is what the route's MTU
+/// is checked against, and what the flow cache holds it to. A burst whose
+/// segments fit is forwarded and then answered from the cache; once the
+/// MTU drops below its segments, it goes to the kernel (which segments it
+/// and answers frag-needed), while one with smaller segments still passes.
+#[test]
+fn tso_bursts_are_checked_and_cached_by_their_segments() {
+    in_test_host(|ebpf| {
+        pin_to_cpu0();
+        let mut generation = route_table(ebpf);
+        let ul0 = mac("ul0");
+        let br0 = ifindex("br0");
+        let new_mac = [0x02, 0, 0, 0, 0, 0x33];
+        // Two segments of 1448 bytes behind 20 + 32 bytes of headers: 1500
+        // each, in a 2 948-byte burst.
+        let burst = tcp(C1, R1, 32, 2 * 1448);
+        let mut run = |name: &str, gso_size: u32, verdict: u32, out: Option<Vec<u8>>| {
+            let r = run_tc_prog_ctx(
+                ebpf,
+                xhost_common::PROG_FROM_CTR,
+                &skb_ctx(br0, gso_size),
+                &burst,
+                1,
+            )
+            .unwrap_or_else(|e| panic!("{name}: test_run: {e}"));
+            assert_eq!(r.verdict, verdict, "{name}: verdict");
+            assert_eq!(&r.out, out.as_ref().unwrap_or(&burst), "{name}: frame");
+        };
+        let to = |m| Some(routed(&burst, ul0, m));
+
+        run(
+            "segments of 1500 fit MTU 1500",
+            1448,
+            TC_ACT_REDIRECT,
+            to(PEER_MAC),
+        );
+        set_peer_mac(new_mac);
+        run(
+            "from the cache: the MAC before the change",
+            1448,
+            TC_ACT_REDIRECT,
+            to(PEER_MAC),
+        );
+        generation.retire_cached().expect("bump");
+        run(
+            "retired: the FIB's new MAC",
+            1448,
+            TC_ACT_REDIRECT,
+            to(new_mac),
+        );
+
+        sh(&["ip", "link", "set", "ul0", "mtu", "1499"]);
+        generation.retire_cached().expect("bump");
+        run(
+            "segments of 1500 under MTU 1499: the kernel's",
+            1448,
+            TC_ACT_OK,
+            None,
+        );
+        run(
+            "segments of 1499 still fit",
+            1447,
+            TC_ACT_REDIRECT,
+            to(new_mac),
+        );
+        run(
+            "from the cache, 1499 still fit",
+            1447,
+            TC_ACT_REDIRECT,
+            to(new_mac),
+        );
+        run(
+            "segments of 1500 are not served from it",
+            1448,
+            TC_ACT_OK,
+            None,
+        );
+        // Not GSO, the same bytes are one 2 948-byte packet: too big.
+        run("the burst as one packet: the kernel's", 0, TC_ACT_OK, None);
     });
 }

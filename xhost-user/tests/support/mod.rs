@@ -218,12 +218,15 @@ pub fn set_checksum(f: &mut [u8]) {
 }
 
 /// An `__sk_buff` context with `ifindex` and `ingress_ifindex` set: the
-/// device the frame "arrived" on, which the FIB lookup starts from.
-pub fn skb_ctx(ifindex: u32) -> Vec<u8> {
-    // struct __sk_buff is 192 bytes; ifindex at 40, ingress_ifindex at 36.
+/// device the frame "arrived" on, which the FIB lookup starts from; a
+/// nonzero `gso_size` makes the frame a GSO packet (a TSO burst).
+pub fn skb_ctx(ifindex: u32, gso_size: u32) -> Vec<u8> {
+    // struct __sk_buff is 192 bytes; ifindex at 40, ingress_ifindex at 36,
+    // gso_size at 176.
     let mut ctx = vec![0u8; 192];
     ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
     ctx
 }
 
@@ -245,7 +248,18 @@ pub fn run_tc_prog(
     frame: &[u8],
     repeat: u32,
 ) -> Result<TcRun, ProgramError> {
-    let ctx_in = skb_ctx(ifindex);
+    run_tc_prog_ctx(ebpf, prog, &skb_ctx(ifindex, 0), frame, repeat)
+}
+
+/// Runs TC program `prog` `repeat` times on `frame` with context `ctx_in`
+/// (see [`skb_ctx`]).
+pub fn run_tc_prog_ctx(
+    ebpf: &mut Ebpf,
+    prog: &str,
+    ctx_in: &[u8],
+    frame: &[u8],
+    repeat: u32,
+) -> Result<TcRun, ProgramError> {
     let p: &mut SchedClassifier = ebpf
         .program_mut(prog)
         .expect("prog")
@@ -256,7 +270,7 @@ pub fn run_tc_prog(
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
     opts.data_out = Some(&mut out);
-    opts.ctx_in = Some(&ctx_in);
+    opts.ctx_in = Some(ctx_in);
     opts.ctx_out = Some(&mut ctx_out);
     opts.repeat = repeat;
     let res = p.test_run(opts)?;
