@@ -981,3 +981,92 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
     assert!(left.is_empty(), "left behind: {left:?}");
     assert_eq!(xhost_kernel_routes(a.ns()), Vec::<String>::new());
 }
+
+/// A reload that replaces most routes: 65 636 /24s become their 65 636 lower /25
+/// halves, so old and new together (131 272) would overflow `ROUTES` (131 072). What is
+/// gone leaves first instead of the reload failing half-way; the maps and the kernel
+/// routes end as the new config says, and the peer that stays keeps its traffic.
+#[test]
+fn a_reload_replacing_most_routes_fits_the_routes_map() {
+    const NETS: u32 = 65_636;
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let _agent_b = start(b, a, &[]);
+    let cfg = ConfigFile(
+        std::env::temp_dir().join(format!("xhost-reload-big-{}.toml", std::process::id())),
+    );
+    let o = b.underlay_ip().octets();
+    let other_host = std::net::Ipv4Addr::new(o[0], o[1], o[2], 200);
+    // 10.0.0.0/8 in /24s, then the first 100 /24s of 11.0.0.0/8.
+    let net = |i: u32, len: u8| {
+        let base = if i < 65_536 {
+            0x0a00_0000 + (i << 8)
+        } else {
+            0x0b00_0000 + ((i - 65_536) << 8)
+        };
+        format!("{}/{len}", std::net::Ipv4Addr::from(base))
+    };
+    let config = |len: u8| {
+        let nets: Vec<String> = (0..NETS).map(|i| format!("\"{}\"", net(i, len))).collect();
+        format!(
+            "iface = \"{}\"\nbridges = [\"{}\"]\ndocker = false\n\
+             [[peer]]\nhost = \"{}\"\nsubnets = [\"{}\"]\n\
+             [[peer]]\nhost = \"{other_host}\"\nsubnets = [{}]\n",
+            a.underlay_iface(),
+            a.bridge(),
+            b.underlay_ip(),
+            b.subnet(),
+            nets.join(", ")
+        )
+    };
+    cfg.write(&config(24));
+    let cfg_arg = cfg.0.display().to_string();
+    let agent = Agent::start(a.ns(), a.role(), &["--config", &cfg_arg]).expect("load");
+    let (ctr_a, ip_b) = (topo.ctr_a().ns(), topo.ctr_b().ip());
+    assert!(ping(ctr_a, ip_b, 2).expect("ping").any_received());
+
+    // Routes of `len` as the datapath and the kernel hold them.
+    let holds = |len: u8| {
+        let s = status_json(a.ns(), &agent.dirs);
+        let routes = status_routes(&s);
+        let kernel = xhost_kernel_routes(a.ns());
+        let first = (net(0, len), other_host.to_string());
+        let last = (net(NETS - 1, len), other_host.to_string());
+        routes.len() == NETS as usize + 1
+            && routes.contains(&first)
+            && routes.contains(&last)
+            && kernel.len() == NETS as usize + 1
+            && kernel.contains(&format!("{} via {other_host}", first.0))
+    };
+    assert!(holds(24), "loaded with the /24s");
+
+    cfg.write(&config(25));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    let t0 = std::time::Instant::now();
+    while !holds(25) {
+        let out = agent.output();
+        assert!(
+            !out.contains("config reload refused"),
+            "the reload failed:\n{}",
+            out.lines()
+                .filter(|l| l.contains("refused"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "the /25s never replaced the /24s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(ping(ctr_a, ip_b, 2).expect("ping").any_received());
+
+    let (status, left) = agent.stop_with(Signal::SIGINT).expect("stop");
+    assert!(status.success(), "agent exit: {status:?}");
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(xhost_kernel_routes(a.ns()), Vec::<String>::new());
+}

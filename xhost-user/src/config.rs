@@ -100,6 +100,8 @@ pub enum ConfigError {
     EmptyPeer(Ipv4Addr),
     #[error("{count} peer subnets: the datapath's ROUTES map holds at most {max}")]
     TooManyRoutes { count: usize, max: u32 },
+    #[error("{count} peers: the datapath's PEER_HOSTS map holds at most {max}")]
+    TooManyPeers { count: usize, max: u32 },
     #[error("peer address {0} is not a unicast host address")]
     PeerNotUnicast(Ipv4Addr),
     #[error("subnet {a} of peer {peer_a} overlaps subnet {b} of peer {peer_b}")]
@@ -304,6 +306,12 @@ pub fn check_peers(peers: &[PeerConfig]) -> Result<(), ConfigError> {
         if p.subnets.is_empty() {
             return Err(ConfigError::EmptyPeer(p.host));
         }
+    }
+    if peers.len() > xhost_common::MAX_PEER_HOSTS as usize {
+        return Err(ConfigError::TooManyPeers {
+            count: peers.len(),
+            max: xhost_common::MAX_PEER_HOSTS,
+        });
     }
     let count: usize = peers.iter().map(|p| p.subnets.len()).sum();
     if count > xhost_common::MAX_ROUTES as usize {
@@ -561,6 +569,31 @@ mod tests {
             e.to_string(),
             format!(
                 "{} peer subnets: the datapath's ROUTES map holds at most {max}",
+                max + 1
+            )
+        );
+    }
+
+    #[test]
+    fn peers_must_fit_the_peer_hosts_map() {
+        let peers = |n: u32| -> Vec<PeerConfig> {
+            (0..n)
+                .map(|i| PeerConfig {
+                    host: Ipv4Addr::from(0xac10_0000 + i + 1),
+                    subnets: vec![Ipv4Net::containing(
+                        Ipv4Addr::from(0x0a00_0000 + (i << 8)),
+                        24,
+                    )],
+                })
+                .collect()
+        };
+        let max = xhost_common::MAX_PEER_HOSTS;
+        assert!(check_peers(&peers(max)).is_ok());
+        let e = check_peers(&peers(max + 1)).expect_err("one too many");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} peers: the datapath's PEER_HOSTS map holds at most {max}",
                 max + 1
             )
         );

@@ -229,16 +229,33 @@ impl Peers {
 /// Moves the peer side from `applied` to `want`, as [`apply`] does for the
 /// local side: new hosts first, then routes added or moved to another peer
 /// (a `ROUTES` write replaces the entry in place), then routes and hosts
-/// that are gone. On error `applied` reflects exactly what was done.
+/// that are gone. Adding first leaves no gap when a prefix is split or
+/// merged (a /16 replaced by its /24s is still routed while they are
+/// written). When the old and the new entries together would not fit a map
+/// (`want` fits by itself: the config was checked), what is gone from it
+/// leaves first instead. On error `applied` reflects exactly what was done.
 pub fn apply_peers(
     dp: &mut Datapath,
     applied: &mut Peers,
     want: &Peers,
     underlay: u32,
 ) -> Result<(), DatapathError> {
+    let new_hosts = want.hosts.difference(&applied.hosts).count();
+    if applied.hosts.len() + new_hosts > xhost_common::MAX_PEER_HOSTS as usize {
+        remove_gone_routes(dp, applied, want)?;
+        remove_gone_hosts(dp, applied, want)?;
+    }
     for h in want.hosts.difference(&applied.hosts.clone()) {
         dp.add_peer_host(*h)?;
         applied.hosts.insert(*h);
+    }
+    let new_routes = want
+        .routes
+        .keys()
+        .filter(|n| !applied.routes.contains_key(n))
+        .count();
+    if applied.routes.len() + new_routes > xhost_common::MAX_ROUTES as usize {
+        remove_gone_routes(dp, applied, want)?;
     }
     for (n, h) in &want.routes {
         match applied.routes.get(n) {
@@ -252,12 +269,29 @@ pub fn apply_peers(
         dp.add_kernel_route(n, *h, underlay)?;
         info!("route {n} via peer {h}: set");
     }
+    remove_gone_routes(dp, applied, want)?;
+    remove_gone_hosts(dp, applied, want)
+}
+
+fn remove_gone_routes(
+    dp: &mut Datapath,
+    applied: &mut Peers,
+    want: &Peers,
+) -> Result<(), DatapathError> {
     for n in gone(&applied.routes, &want.routes) {
         dp.remove_route(&n)?;
         applied.routes.remove(&n);
         dp.remove_kernel_route(&n);
         info!("route {n}: removed");
     }
+    Ok(())
+}
+
+fn remove_gone_hosts(
+    dp: &mut Datapath,
+    applied: &mut Peers,
+    want: &Peers,
+) -> Result<(), DatapathError> {
     let hosts: Vec<_> = applied.hosts.difference(&want.hosts).copied().collect();
     for h in hosts {
         dp.remove_peer_host(h)?;
