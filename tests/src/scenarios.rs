@@ -59,6 +59,8 @@ pub struct XhostOpts {
     pub xdp_mode: Option<String>,
     /// Routes in each host's ROUTES map, the real peer's subnet included (1 = no extras).
     pub routes: u32,
+    /// The `xhost-user` binary; `None`: [`xhost::xhost_bin`].
+    pub binary: Option<PathBuf>,
 }
 
 impl Default for XhostOpts {
@@ -66,6 +68,7 @@ impl Default for XhostOpts {
         Self {
             xdp_mode: None,
             routes: 1,
+            binary: None,
         }
     }
 }
@@ -159,7 +162,11 @@ impl Bed {
                 args.extend(["--config", path]);
             }
             let started = Instant::now();
-            let agent = Agent::start(host.ns(), &format!("bench-{}", host.role()), &args)?;
+            let role = format!("bench-{}", host.role());
+            let agent = match &opts.binary {
+                Some(bin) => Agent::start_with(bin, host.ns(), &role, &args)?,
+                None => Agent::start(host.ns(), &role, &args)?,
+            };
             self.agents.push(BedAgent {
                 agent,
                 host: host.role().to_owned(),

@@ -206,8 +206,12 @@ pub struct Agent {
 impl Agent {
     /// Starts `xhost-user load <args>` in `ns` and waits for `ready`.
     pub fn start(ns: &NetNs, role: &str, args: &[&str]) -> Result<Self> {
+        Self::start_with(&xhost_bin()?, ns, role, args)
+    }
+
+    /// As [`Agent::start`], with the `xhost-user` binary `bin`.
+    pub fn start_with(bin: &Path, ns: &NetNs, role: &str, args: &[&str]) -> Result<Self> {
         let dirs = AgentDirs::unique(role);
-        let bin = xhost_bin()?;
         let mut all: Vec<String> = vec![bin.display().to_string()];
         all.extend(dirs.args());
         all.push("load".into());

@@ -67,6 +67,11 @@ pub struct Options {
     /// measured on this tree's eBPF object).
     #[arg(long)]
     pub xhost_user: Option<PathBuf>,
+    /// Also run this xhost-user binary (another build of the datapath) as scenario
+    /// `xhost-baseline`, with xhost's settings, beside the selected scenarios: xhost /
+    /// xhost-baseline is then a variant's ratio measured side by side in one run.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
 }
 
 /// One way of getting from container A to container B.
@@ -89,12 +94,14 @@ pub const XHOST_XDP_OFF: &str = "xhost-xdp-off";
 pub const XHOST_XDP_NATIVE: &str = "xhost-xdp-native";
 pub const XHOST_1K: &str = "xhost-1k";
 pub const XHOST_100K: &str = "xhost-100k";
+pub const XHOST_BASELINE: &str = "xhost-baseline";
 
 pub fn all_scenarios() -> Vec<Scenario> {
     let xhost = |xdp_mode: Option<&str>, routes| {
         PathKind::Xhost(XhostOpts {
             xdp_mode: xdp_mode.map(str::to_owned),
             routes,
+            binary: None,
         })
     };
     let s = |name, kind, tcp, default, about| Scenario {
@@ -160,6 +167,13 @@ pub fn all_scenarios() -> Vec<Scenario> {
             false,
             true,
             "as xhost, 100 000 routes in ROUTES (and in the kernel FIB)",
+        ),
+        s(
+            XHOST_BASELINE,
+            xhost(None, 1),
+            true,
+            false,
+            "as xhost, with the xhost-user binary given by --baseline (only with it)",
         ),
     ]
 }
@@ -280,7 +294,7 @@ pub struct Plan {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
-    let scenarios = select(&opts.scenarios)?;
+    let mut scenarios = select(&opts.scenarios, opts.baseline.is_some())?;
     if opts.list {
         for s in all_scenarios() {
             let mark = if s.default { "" } else { " [not default]" };
@@ -311,6 +325,20 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         return reexec(&freeze(&given, &out_dir, XHOST_USER)?);
     }
     let xhost_user = given;
+    if let Some(bin) = &opts.baseline {
+        // Frozen as the binary under test is, in the process that measures.
+        let bin = freeze(
+            &bin.canonicalize()
+                .with_context(|| format!("baseline binary {}", bin.display()))?,
+            &out_dir,
+            XHOST_USER_BASELINE,
+        )?;
+        for s in &mut scenarios {
+            if let (XHOST_BASELINE, PathKind::Xhost(o)) = (s.name, &mut s.kind) {
+                o.binary = Some(bin.clone());
+            }
+        }
+    }
     // Agent::start finds xhost-user through this variable; it is set by re-executing
     // rather than with set_var, which is unsound once threads exist.
     if !workspace::is_root()
@@ -373,19 +401,25 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The scenarios named in `filter` (all when empty), in the canonical order.
-fn select(filter: &[String]) -> anyhow::Result<Vec<Scenario>> {
+/// The scenarios named in `filter` (all when empty), in the canonical order, and
+/// `xhost-baseline` exactly when a `baseline` binary is given.
+fn select(filter: &[String], baseline: bool) -> anyhow::Result<Vec<Scenario>> {
     let all = all_scenarios();
     for f in filter {
         if !all.iter().any(|s| s.name == f) {
             let names: Vec<_> = all.iter().map(|s| s.name).collect();
             bail!("unknown scenario {f:?}; known: {}", names.join(", "));
         }
+        if f == XHOST_BASELINE && !baseline {
+            bail!("scenario {XHOST_BASELINE} needs --baseline <xhost-user binary>");
+        }
     }
     Ok(all
         .into_iter()
         .filter(|s| {
-            if filter.is_empty() {
+            if s.name == XHOST_BASELINE {
+                baseline
+            } else if filter.is_empty() {
                 s.default
             } else {
                 filter.iter().any(|f| f == s.name)
@@ -396,6 +430,7 @@ fn select(filter: &[String]) -> anyhow::Result<Vec<Scenario>> {
 
 /// The frozen binaries' names in the output directory.
 const XHOST_USER: &str = "xhost-user";
+const XHOST_USER_BASELINE: &str = "xhost-user-baseline";
 const PROG_COST: &str = "prog_cost";
 
 /// Copies `bin` to `<out_dir>/<name>` (through a temporary name and a rename, so an agent
@@ -758,5 +793,30 @@ fn measure(test: Test, bed: &Bed, plan: &Plan, run: &mut Run) {
             }
             Err(e) => run.errors.push(format!("latency ({mode:?}): {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[Scenario]) -> Vec<&'static str> {
+        v.iter().map(|s| s.name).collect()
+    }
+
+    #[test]
+    fn the_baseline_runs_exactly_when_given() {
+        let default = names(&select(&[], false).expect("default"));
+        assert!(!default.contains(&XHOST_BASELINE));
+        let with = names(&select(&[], true).expect("with a baseline"));
+        assert_eq!(with.len(), default.len() + 1);
+        assert_eq!(with.last(), Some(&XHOST_BASELINE));
+        let filtered = select(&[WIRE.into(), XHOST.into()], true).expect("filtered");
+        assert_eq!(names(&filtered), [WIRE, XHOST, XHOST_BASELINE]);
+        let e = select(&[XHOST_BASELINE.into()], false).expect_err("no binary");
+        assert_eq!(
+            e.to_string(),
+            "scenario xhost-baseline needs --baseline <xhost-user binary>"
+        );
     }
 }
