@@ -295,6 +295,11 @@ pub struct Plan {
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let mut scenarios = select(&opts.scenarios, opts.baseline.is_some())?;
+    if let Some(bin) = &opts.baseline {
+        // Before anything is built: a wrong path is named at once.
+        bin.canonicalize()
+            .with_context(|| format!("baseline binary {}", bin.display()))?;
+    }
     if opts.list {
         for s in all_scenarios() {
             let mark = if s.default { "" } else { " [not default]" };
@@ -325,6 +330,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         return reexec(&freeze(&given, &out_dir, XHOST_USER)?);
     }
     let xhost_user = given;
+    // Agent::start finds xhost-user through this variable; it is set by re-executing
+    // rather than with set_var, which is unsound once threads exist.
+    if !workspace::is_root()
+        || std::env::var_os(XHOST_BIN_ENV).map(PathBuf::from) != Some(xhost_user.clone())
+    {
+        return reexec(&xhost_user);
+    }
     if let Some(bin) = &opts.baseline {
         // Frozen as the binary under test is, in the process that measures.
         let bin = freeze(
@@ -338,13 +350,6 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 o.binary = Some(bin.clone());
             }
         }
-    }
-    // Agent::start finds xhost-user through this variable; it is set by re-executing
-    // rather than with set_var, which is unsound once threads exist.
-    if !workspace::is_root()
-        || std::env::var_os(XHOST_BIN_ENV).map(PathBuf::from) != Some(xhost_user.clone())
-    {
-        return reexec(&xhost_user);
     }
     let plan = Plan {
         reps: opts.reps.unwrap_or(if opts.quick { 1 } else { 5 }).max(1),
