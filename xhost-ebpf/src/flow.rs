@@ -50,6 +50,19 @@ struct FlowSlot {
     _pad: [u8; 2],
 }
 
+impl FlowSlot {
+    /// Whether the slot holds an answer for `(iif, src, dst)` read under
+    /// `generation`.
+    #[inline(always)]
+    fn is_for(&self, iif: u32, src: [u8; 4], dst: [u8; 4], generation: u64) -> bool {
+        self.max_len != 0
+            && self.generation == generation
+            && self.iif == iif
+            && self.src == src
+            && self.dst == dst
+    }
+}
+
 #[btf_map]
 static FLOW_CACHE: PerCpuArray<FlowSlot, { FLOW_CACHE_SLOTS as usize }> = PerCpuArray::new();
 
@@ -94,10 +107,7 @@ pub fn lookup(iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Lookup {
     // The clock is read only for a slot that answers this packet: traffic
     // the cache never holds (not for a peer) costs no helper call.
     if u32::from(tot_len) <= s.max_len
-        && s.generation == generation
-        && s.iif == iif
-        && s.src == src
-        && s.dst == dst
+        && s.is_for(iif, src, dst, generation)
         && coarse_now() < s.expires_ns
     {
         return Lookup::Hit(Hop {
@@ -123,11 +133,7 @@ pub fn store(miss: &Miss, iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16, ho
     // SAFETY: this CPU's slot (see `lookup`).
     let s = unsafe { &mut *miss.slot };
     let now = coarse_now();
-    let same = s.max_len != 0
-        && s.generation == miss.generation
-        && s.iif == iif
-        && s.src == src
-        && s.dst == dst
+    let same = s.is_for(iif, src, dst, miss.generation)
         && s.ifindex == hop.ifindex
         && s.smac == hop.smac
         && s.dmac == hop.dmac
