@@ -1070,3 +1070,159 @@ fn a_reload_replacing_most_routes_fits_the_routes_map() {
     assert!(left.is_empty(), "left behind: {left:?}");
     assert_eq!(xhost_kernel_routes(a.ns()), Vec::<String>::new());
 }
+
+/// A reload whose map writes fail half-way is rolled back: the new peer host and the
+/// new route already written, and their kernel route, leave again, and the running
+/// config stays in force. `ROUTES` is filled from outside (through its pin) up to one
+/// free entry, so the second of the reload's new routes gets ENOSPC from the kernel;
+/// once room is made, the same config loads.
+#[test]
+fn a_reload_that_fails_half_way_puts_the_previous_peers_back() {
+    use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let _agent_b = start(b, a, &[]);
+    let cfg = ConfigFile(
+        std::env::temp_dir().join(format!("xhost-reload-undo-{}.toml", std::process::id())),
+    );
+    let head = format!(
+        "iface = \"{}\"\nbridges = [\"{}\"]\ndocker = false\n",
+        a.underlay_iface(),
+        a.bridge()
+    );
+    let o = b.underlay_ip().octets();
+    let other_host = std::net::Ipv4Addr::new(o[0], o[1], o[2], 200);
+    let old = format!(
+        "{head}[[peer]]\nhost = \"{}\"\nsubnets = [\"{}\"]\n",
+        b.underlay_ip(),
+        b.subnet()
+    );
+    // A new peer host with one subnet, and two more subnets for B: applied in prefix
+    // order, 10.98.0.0/24 takes the last free entry and 10.99.1.0/24 finds none.
+    let new = format!(
+        "{head}[[peer]]\nhost = \"{}\"\nsubnets = [\"{}\", \"10.99.1.0/24\", \"10.99.2.0/24\"]\n\
+         [[peer]]\nhost = \"{other_host}\"\nsubnets = [\"10.98.0.0/24\"]\n",
+        b.underlay_ip(),
+        b.subnet()
+    );
+    cfg.write(&old);
+    let cfg_arg = cfg.0.display().to_string();
+    let agent = Agent::start(a.ns(), a.role(), &["--config", &cfg_arg]).expect("load");
+    let (ctr_a, ip_b) = (topo.ctr_a().ns(), topo.ctr_b().ip());
+    assert!(ping(ctr_a, ip_b, 2).expect("ping").any_received());
+    let kernel_b = format!("{} via {}", b.subnet(), b.underlay_ip());
+    assert_eq!(xhost_kernel_routes(a.ns()), std::slice::from_ref(&kernel_b));
+
+    let open = |name: &str| {
+        let data = MapData::from_pin(agent.dirs.pin_dir.join(name)).expect("pinned map");
+        Map::from_map_data(data).expect("map")
+    };
+    let mut routes: LpmTrie<MapData, [u8; 4], [u8; 8]> =
+        open(xhost_common::MAP_ROUTES).try_into().expect("ROUTES");
+    let peer_hosts: HashMap<MapData, [u8; 4], [u8; 4]> = open(xhost_common::MAP_PEER_HOSTS)
+        .try_into()
+        .expect("PEER_HOSTS");
+    let key = |net: &str| {
+        let (ip, len) = net.split_once('/').expect("prefix");
+        let ip: std::net::Ipv4Addr = ip.parse().expect("address");
+        Key::new(len.parse().expect("length"), ip.octets())
+    };
+    let in_routes =
+        |routes: &LpmTrie<MapData, [u8; 4], [u8; 8]>, net: &str| routes.get(&key(net), 0).is_ok();
+    let is_peer_host = |ip: std::net::Ipv4Addr| peer_hosts.get(&ip.octets(), 0).is_ok();
+    // /32s in 10.128.0.0/9 behind an address no test sends to: the map full but one.
+    let filler = xhost_common::MAX_ROUTES - 2;
+    let filler_key = |i: u32| Key::new(32, (0x0a80_0000 + i).to_be_bytes());
+    let nowhere = [172, 16, 91, 250, 0, 0, 0, 0];
+    for i in 0..filler {
+        routes
+            .insert(&filler_key(i), nowhere, 0)
+            .unwrap_or_else(|e| panic!("filling ROUTES at entry {i}: {e}"));
+    }
+    let refusals = |agent: &Agent| agent.output().matches("config reload refused").count();
+    let hup = |agent: &Agent| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent.pid() as i32),
+            Signal::SIGHUP,
+        )
+        .expect("SIGHUP");
+    };
+
+    cfg.write(&new);
+    hup(&agent);
+    let t0 = std::time::Instant::now();
+    while refusals(&agent) == 0 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "the reload was not refused:\n{}",
+            agent.output()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = agent.output();
+    let line = out
+        .lines()
+        .find(|l| l.contains("config reload refused"))
+        .expect("refusal line");
+    let failed = format!("map ROUTES, entry 10.99.1.0/24 via {}", b.underlay_ip());
+    assert!(
+        line.contains("the previous ones are back") && line.contains(&failed),
+        "refusal does not say what failed ({failed}) and that it was undone: {line}"
+    );
+    for net in ["10.98.0.0/24", "10.99.1.0/24", "10.99.2.0/24"] {
+        assert!(!in_routes(&routes, net), "{net} left in ROUTES");
+    }
+    assert!(
+        in_routes(&routes, &b.subnet().to_string()),
+        "B's subnet kept"
+    );
+    assert!(
+        !is_peer_host(other_host),
+        "the new peer host left in PEER_HOSTS"
+    );
+    assert!(is_peer_host(b.underlay_ip()), "B kept in PEER_HOSTS");
+    assert_eq!(xhost_kernel_routes(a.ns()), std::slice::from_ref(&kernel_b));
+    let s = status_json(a.ns(), &agent.dirs);
+    assert_eq!(
+        s["agent"]["peers"].as_array().map(Vec::len),
+        Some(1),
+        "the running config's peers: {}",
+        s["agent"]["peers"]
+    );
+    assert!(ping(ctr_a, ip_b, 2).expect("ping").any_received());
+
+    // With room made, the same config loads.
+    for i in 0..filler {
+        routes
+            .remove(&filler_key(i))
+            .expect("removing a filler entry");
+    }
+    hup(&agent);
+    let t0 = std::time::Instant::now();
+    while !(in_routes(&routes, "10.99.2.0/24") && is_peer_host(other_host)) {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "the config did not load once there was room:\n{}",
+            agent.output()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(refusals(&agent), 1, "{}", agent.output());
+    let mut kernel = xhost_kernel_routes(a.ns());
+    kernel.sort();
+    assert_eq!(
+        kernel,
+        [
+            format!("10.98.0.0/24 via {other_host}"),
+            format!("10.99.1.0/24 via {}", b.underlay_ip()),
+            format!("10.99.2.0/24 via {}", b.underlay_ip()),
+            kernel_b.clone(),
+        ]
+    );
+    assert!(ping(ctr_a, ip_b, 2).expect("ping").any_received());
+
+    let (status, left) = agent.stop_with(Signal::SIGINT).expect("stop");
+    assert!(status.success(), "agent exit: {status:?}");
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(xhost_kernel_routes(a.ns()), Vec::<String>::new());
+}

@@ -110,6 +110,13 @@ pub enum DatapathError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("map {map}, entry {entry}")]
+    Entry {
+        map: &'static str,
+        entry: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
 }
 
 /// Which XDP mode ended up attached.
@@ -149,6 +156,18 @@ fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError
     move |source| DatapathError::Map { map, source }
 }
 
+/// Wraps a failed write or removal of `entry` in the map named `map`.
+fn entry_error(
+    map: &'static str,
+    entry: impl std::fmt::Display,
+) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Entry {
+        map,
+        entry: entry.to_string(),
+        source,
+    }
+}
+
 fn key(net: &Ipv4Net) -> Key<[u8; 4]> {
     Key::new(u32::from(net.prefix_len()), net.addr().octets())
 }
@@ -179,12 +198,14 @@ impl RouteTable {
         };
         self.trie
             .insert(&key(net), value, 0)
-            .map_err(map_error(MAP_ROUTES))?;
+            .map_err(entry_error(MAP_ROUTES, format_args!("{net} via {peer}")))?;
         self.retire_cached()
     }
 
     pub fn remove(&mut self, net: &Ipv4Net) -> Result<(), DatapathError> {
-        self.trie.remove(&key(net)).map_err(map_error(MAP_ROUTES))?;
+        self.trie
+            .remove(&key(net))
+            .map_err(entry_error(MAP_ROUTES, net))?;
         self.retire_cached()
     }
 
@@ -474,13 +495,13 @@ impl Datapath {
     pub fn add_peer_host(&mut self, host: Ipv4Addr) -> Result<(), DatapathError> {
         self.peer_hosts
             .insert(host.octets(), PeerHost { flags: 0 }, 0)
-            .map_err(map_error(MAP_PEER_HOSTS))
+            .map_err(entry_error(MAP_PEER_HOSTS, host))
     }
 
     pub fn remove_peer_host(&mut self, host: Ipv4Addr) -> Result<(), DatapathError> {
         self.peer_hosts
             .remove(&host.octets())
-            .map_err(map_error(MAP_PEER_HOSTS))
+            .map_err(entry_error(MAP_PEER_HOSTS, host))
     }
 
     pub fn set_route(&mut self, net: &Ipv4Net, peer: Ipv4Addr) -> Result<(), DatapathError> {
