@@ -73,6 +73,9 @@ pub struct Machine {
     pub mem_total_kb: Option<u64>,
     pub iperf3: Option<String>,
     pub sockperf: Option<String>,
+    /// The machine's default TCP congestion control, which every namespace of the bench
+    /// inherits (`net.ipv4.tcp_congestion_control`): single-stream TCP depends on it.
+    pub tcp_congestion_control: Option<String>,
     pub xhost_user: String,
     pub xhost_user_sha256: Option<String>,
     /// `git describe --always --dirty` of the workspace at the end of the run.
@@ -537,6 +540,17 @@ impl Results {
         );
     }
 
+    /// How iperf3 ran, congestion control included.
+    fn iperf3_method(&self) -> String {
+        format!(
+            "iperf3 client on CPU 0, server on CPU 1; TCP congestion control {} (the machine's default); UDP -u -l 64 -b 0 (one sender thread), pps = receiver's (packets - lost) / seconds",
+            self.machine
+                .tcp_congestion_control
+                .as_deref()
+                .unwrap_or("unknown")
+        )
+    }
+
     /// The whole report for stdout.
     pub fn text_report(&self) -> String {
         let mut out = String::new();
@@ -549,10 +563,7 @@ impl Results {
         out.push_str(&self.tables(false));
         let _ = writeln!(out, "\nCPU: {}", self.cpu_method);
         let _ = writeln!(out, "Latency: {}", self.latency_method);
-        let _ = writeln!(
-            out,
-            "TCP/UDP: iperf3 client on CPU 0, server on CPU 1; UDP -u -l 64 -b 0 (one sender thread), pps = receiver's (packets - lost) / seconds"
-        );
+        let _ = writeln!(out, "TCP/UDP: {}", self.iperf3_method());
         let _ = writeln!(
             out,
             "Disturbed: a test during which more than {} CPUs of busy time was not the tools' own (other work on the VM); medians and ratios leave such samples out while clean ones exist, and * marks a value that had to use them.",
@@ -603,7 +614,7 @@ impl Results {
         write("results.json", &json)?;
         let m = &self.machine;
         let md = format!(
-            "<!-- cargo xtask bench, {} -->\nKernel {}, {} x {}, {} repetition(s) x {} s per test.\n{}\nCPU: {}.  \nLatency: {}.\n",
+            "<!-- cargo xtask bench, {} -->\nKernel {}, {} x {}, {} repetition(s) x {} s per test.\n{}\nCPU: {}.  \nLatency: {}.  \nTCP/UDP: {}.\n",
             self.started_at,
             m.kernel,
             m.cpus,
@@ -612,7 +623,8 @@ impl Results {
             self.plan.duration_s,
             self.tables(true),
             self.cpu_method,
-            self.latency_method
+            self.latency_method,
+            self.iperf3_method()
         );
         write("table.md", &md)?;
         write("ratios.svg", &self.svg())?;
@@ -978,6 +990,11 @@ fn machine(xhost_user: &Path) -> Machine {
         mem_total_kb,
         iperf3: xhost_tests::scenarios::tool_version("iperf3"),
         sockperf: xhost_tests::scenarios::tool_version("sockperf"),
+        tcp_congestion_control: std::fs::read_to_string(
+            "/proc/sys/net/ipv4/tcp_congestion_control",
+        )
+        .ok()
+        .map(|s| s.trim().to_owned()),
         xhost_user: xhost_user.display().to_string(),
         xhost_user_sha256: Command::new("sha256sum")
             .arg(xhost_user)
