@@ -442,6 +442,12 @@ impl Drop for TempFile {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TcpSample {
     pub bits_per_second: f64,
+    /// The sender's rate in each of iperf3's [`TCP_INTERVAL_S`] intervals (shorter ones,
+    /// such as a tail cut by the timer, left out).
+    pub intervals_bps: Vec<f64>,
+    /// Median of `intervals_bps`: the rate the stream held, apart from slumps that stall
+    /// single-stream TCP for part of a second on any path of this machine.
+    pub steady_bits_per_second: Option<f64>,
     pub retransmits: Option<u64>,
     /// iperf3's CPU figures (sender, receiver), % of one CPU.
     pub sender_cpu_pct: Option<f64>,
@@ -540,6 +546,9 @@ pub enum LatencyMode {
     BusyPoll,
 }
 
+/// Seconds per iperf3 report interval in the TCP test.
+pub const TCP_INTERVAL_S: f64 = 0.5;
+
 /// Single-stream TCP throughput from `client` to `ip` (a server in `server`).
 pub fn iperf3_tcp(
     client: &NetNs,
@@ -549,9 +558,10 @@ pub fn iperf3_tcp(
     cpus: Cpus,
 ) -> Result<TcpSample> {
     let _srv = iperf3_server(server, ip, cpus.server)?;
+    let interval = TCP_INTERVAL_S.to_string();
     let out = run_client(
         client,
-        &iperf3_client_args(ip, secs, cpus.client, &[]),
+        &iperf3_client_args(ip, secs, cpus.client, &["-i", &interval]),
         Duration::from_secs(secs.into()) + CLIENT_SLACK,
     )?;
     parse_iperf3_tcp(&out)
@@ -741,6 +751,21 @@ fn parse_json(what: &'static str, text: &str) -> Result<serde_json::Value> {
 }
 
 /// Receiver-side throughput from `iperf3 -c ... -J` (TCP).
+/// Median of the values (mean of the middle two for an even count); `None` when empty.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    })
+}
+
 pub fn parse_iperf3_tcp(text: &str) -> Result<TcpSample> {
     let v = parse_json("iperf3 TCP JSON", text)?;
     let bits_per_second =
@@ -748,8 +773,18 @@ pub fn parse_iperf3_tcp(text: &str) -> Result<TcpSample> {
             what: "end.sum_received.bits_per_second",
             input: text.to_owned(),
         })?;
+    let intervals_bps: Vec<f64> = v
+        .get("intervals")
+        .and_then(|i| i.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|i| json_f64(i, &["sum", "seconds"]).is_some_and(|s| s >= TCP_INTERVAL_S / 2.0))
+        .filter_map(|i| json_f64(i, &["sum", "bits_per_second"]))
+        .collect();
     Ok(TcpSample {
         bits_per_second,
+        steady_bits_per_second: median(&intervals_bps),
+        intervals_bps,
         retransmits: json_u64(&v, &["end", "sum_sent", "retransmits"]),
         sender_cpu_pct: json_f64(&v, &["end", "cpu_utilization_percent", "host_total"]),
         receiver_cpu_pct: json_f64(&v, &["end", "cpu_utilization_percent", "remote_total"]),
@@ -1054,6 +1089,23 @@ mod tests {
     /// Trimmed from a real `iperf3 -c 192.168.220.11 -t 2 -J` (iperf 3.12) over the wire.
     const IPERF_TCP: &str = r#"{
         "start": {"version": "iperf 3.12"},
+        "intervals": [
+            {"streams": [], "sum": {"start": 0, "end": 0.5, "seconds": 0.5,
+                                    "bytes": 1062500000, "bits_per_second": 17000000000,
+                                    "retransmits": 0, "omitted": false, "sender": true}},
+            {"streams": [], "sum": {"start": 0.5, "end": 1.0, "seconds": 0.5,
+                                    "bytes": 562500000, "bits_per_second": 9000000000,
+                                    "retransmits": 0, "omitted": false, "sender": true}},
+            {"streams": [], "sum": {"start": 1.0, "end": 1.5, "seconds": 0.5,
+                                    "bytes": 1000000000, "bits_per_second": 16000000000,
+                                    "retransmits": 0, "omitted": false, "sender": true}},
+            {"streams": [], "sum": {"start": 1.5, "end": 2.0, "seconds": 0.5,
+                                    "bytes": 1125000000, "bits_per_second": 18000000000,
+                                    "retransmits": 0, "omitted": false, "sender": true}},
+            {"streams": [], "sum": {"start": 2.0, "end": 2.000094, "seconds": 0.000094,
+                                    "bytes": 12000, "bits_per_second": 1021276595,
+                                    "retransmits": 0, "omitted": false, "sender": true}}
+        ],
         "end": {
             "streams": [],
             "sum_sent": {"start": 0, "end": 2.000094, "seconds": 2.000094,
@@ -1118,10 +1170,16 @@ sockperf: ---> <MIN> observation =    1.714
         let s = parse_iperf3_tcp(IPERF_TCP).expect("parse");
         assert!((s.bits_per_second - 16_004_697_984.752_72).abs() < 1e-3);
         assert_eq!(s.retransmits, Some(0));
+        // The timer's 94 us tail is not an interval; the 9 Gbit/s slump is outvoted.
+        assert_eq!(s.intervals_bps, [17e9, 9e9, 16e9, 18e9]);
+        assert_eq!(s.steady_bits_per_second, Some(16.5e9));
         assert_eq!(
             (s.sender_cpu_pct, s.receiver_cpu_pct),
             (Some(55.1), Some(61.2))
         );
+        let no_intervals = IPERF_TCP.replace("\"intervals\"", "\"x_intervals\"");
+        let s = parse_iperf3_tcp(&no_intervals).expect("parse without intervals");
+        assert!(s.intervals_bps.is_empty() && s.steady_bits_per_second.is_none());
         let err = parse_iperf3_tcp(r#"{"start": {}, "end": {}, "error": "unable to connect to server: Connection refused"}"#)
             .expect_err("iperf3 error");
         assert!(err.to_string().contains("Connection refused"), "{err}");

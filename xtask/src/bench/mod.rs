@@ -183,6 +183,9 @@ pub fn all_scenarios() -> Vec<Scenario> {
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
     TcpGbps,
+    /// Median of the TCP test's 0.5 s intervals, a second view: the rate the stream
+    /// held, apart from the slumps that stall single-stream TCP on any path here.
+    TcpSteadyGbps,
     UdpKpps,
     /// Latency, [`LatencyMode::BusyPoll`]: the method, which the targets use.
     LatMeanUs,
@@ -196,8 +199,9 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 9] = [
+    pub const ALL: [Metric; 10] = [
         Metric::TcpGbps,
+        Metric::TcpSteadyGbps,
         Metric::UdpKpps,
         Metric::LatMeanUs,
         Metric::LatP99Us,
@@ -209,8 +213,9 @@ impl Metric {
     ];
 
     /// The columns of the text tables (the JSON has all).
-    pub const TABLE: [Metric; 6] = [
+    pub const TABLE: [Metric; 7] = [
         Metric::TcpGbps,
+        Metric::TcpSteadyGbps,
         Metric::UdpKpps,
         Metric::LatMeanUs,
         Metric::LatP99Us,
@@ -221,6 +226,7 @@ impl Metric {
     pub fn label(self) -> &'static str {
         match self {
             Metric::TcpGbps => "TCP Gbit/s",
+            Metric::TcpSteadyGbps => "TCP steady Gbit/s",
             Metric::UdpKpps => "UDP64 kpps",
             Metric::LatMeanUs => "lat mean us",
             Metric::LatP99Us => "lat p99 us",
@@ -233,7 +239,10 @@ impl Metric {
     }
 
     pub fn higher_is_better(self) -> bool {
-        matches!(self, Metric::TcpGbps | Metric::UdpKpps)
+        matches!(
+            self,
+            Metric::TcpGbps | Metric::TcpSteadyGbps | Metric::UdpKpps
+        )
     }
 }
 
@@ -729,8 +738,16 @@ fn measure(test: Test, bed: &Bed, plan: &Plan, run: &mut Run) {
                     let own = own(t.sender_cpu_pct, t.receiver_cpu_pct, f64::from(secs));
                     foreign_cpus(&d, per.len(), own)
                 });
-                note_foreign(run, "tcp", foreign, &[Metric::TcpGbps]);
+                note_foreign(
+                    run,
+                    "tcp",
+                    foreign,
+                    &[Metric::TcpGbps, Metric::TcpSteadyGbps],
+                );
                 run.values.insert(Metric::TcpGbps, t.bits_per_second / 1e9);
+                if let Some(steady) = t.steady_bits_per_second {
+                    run.values.insert(Metric::TcpSteadyGbps, steady / 1e9);
+                }
                 run.tcp = Some(t);
             }
             Err(e) => run.errors.push(format!("tcp: {e}")),

@@ -11,20 +11,7 @@ use super::{
     XHOST_BASELINE, XHOST_XDP_NATIVE, XHOST_XDP_OFF,
 };
 
-/// Median of the values (mean of the middle two for an even count); `None` when empty.
-pub fn median(values: &[f64]) -> Option<f64> {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    Some(if v.len().is_multiple_of(2) {
-        (v[mid - 1] + v[mid]) / 2.0
-    } else {
-        v[mid]
-    })
-}
+pub use xhost_tests::scenarios::median;
 
 /// `(max - min) / median`, the repetitions' relative range; `None` for fewer than two.
 pub fn spread(values: &[f64]) -> Option<f64> {
@@ -543,11 +530,12 @@ impl Results {
     /// How iperf3 ran, congestion control included.
     fn iperf3_method(&self) -> String {
         format!(
-            "iperf3 client on CPU 0, server on CPU 1; TCP congestion control {} (the machine's default); UDP -u -l 64 -b 0 (one sender thread), pps = receiver's (packets - lost) / seconds",
+            "iperf3 client on CPU 0, server on CPU 1; TCP congestion control {} (the machine's default), TCP steady = median of the sender's {} s intervals; UDP -u -l 64 -b 0 (one sender thread), pps = receiver's (packets - lost) / seconds",
             self.machine
                 .tcp_congestion_control
                 .as_deref()
-                .unwrap_or("unknown")
+                .unwrap_or("unknown"),
+            xhost_tests::scenarios::TCP_INTERVAL_S
         )
     }
 
@@ -823,6 +811,7 @@ fn fmt_value(v: Option<f64>, metric: Metric) -> String {
         (
             Some(v),
             Metric::TcpGbps
+            | Metric::TcpSteadyGbps
             | Metric::LatMeanUs
             | Metric::LatP99Us
             | Metric::LatP50Us
