@@ -793,6 +793,29 @@ impl Drop for ConfigFile {
     }
 }
 
+/// The settings lines of a config for `host` (underlay, bridge, no Docker), before its peers.
+fn config_head(host: &xhost_tests::Host) -> String {
+    format!(
+        "iface = \"{}\"\nbridges = [\"{}\"]\ndocker = false\n",
+        host.underlay_iface(),
+        host.bridge()
+    )
+}
+
+/// Asks the agent to re-read its config.
+fn hup(agent: &Agent) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+}
+
+/// How many reloads the agent has refused so far (one log line each).
+fn refusals(agent: &Agent) -> usize {
+    agent.output().matches("config reload refused").count()
+}
+
 /// SIGHUP re-reads the config: peers removed, added and put back take effect
 /// without detaching anything (maps and kernel routes follow, traffic stops
 /// and resumes); a config that does not parse, does not validate, or changes
@@ -804,11 +827,7 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
     let _agent_b = start(b, a, &[]);
     let cfg =
         ConfigFile(std::env::temp_dir().join(format!("xhost-reload-{}.toml", std::process::id())));
-    let head = format!(
-        "iface = \"{}\"\nbridges = [\"{}\"]\ndocker = false\n",
-        a.underlay_iface(),
-        a.bridge()
-    );
+    let head = config_head(a);
     let peer_b = format!(
         "[[peer]]\nhost = \"{}\"\nsubnets = [\"{}\"]\n",
         b.underlay_ip(),
@@ -837,13 +856,6 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
     let route_b = (b.subnet().to_string(), b.underlay_ip().to_string());
     let kernel_b = format!("{} via {}", b.subnet(), b.underlay_ip());
     let kernel_other = format!("10.250.0.0/16 via {other_host}");
-    let hup = |agent: &Agent| {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(agent.pid() as i32),
-            Signal::SIGHUP,
-        )
-        .expect("SIGHUP");
-    };
     let dirs = agent.dirs.clone();
     let wait_routes = |want: Vec<(String, String)>| {
         xhost_tests::xhost::wait_status(
@@ -889,7 +901,6 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
     );
 
     // Each refused whole: the log names the problem, the maps stay.
-    let refusals = |agent: &Agent| agent.output().matches("config reload refused").count();
     for (text, culprit) in [
         (format!("{head}{other}[[peer]]\nhost = "), "config"),
         (
@@ -1009,11 +1020,9 @@ fn a_reload_replacing_most_routes_fits_the_routes_map() {
     let config = |len: u8| {
         let nets: Vec<String> = (0..NETS).map(|i| format!("\"{}\"", net(i, len))).collect();
         format!(
-            "iface = \"{}\"\nbridges = [\"{}\"]\ndocker = false\n\
-             [[peer]]\nhost = \"{}\"\nsubnets = [\"{}\"]\n\
+            "{}[[peer]]\nhost = \"{}\"\nsubnets = [\"{}\"]\n\
              [[peer]]\nhost = \"{other_host}\"\nsubnets = [{}]\n",
-            a.underlay_iface(),
-            a.bridge(),
+            config_head(a),
             b.underlay_ip(),
             b.subnet(),
             nets.join(", ")
@@ -1041,11 +1050,7 @@ fn a_reload_replacing_most_routes_fits_the_routes_map() {
     assert!(holds(24), "loaded with the /24s");
 
     cfg.write(&config(25));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.pid() as i32),
-        Signal::SIGHUP,
-    )
-    .expect("SIGHUP");
+    hup(&agent);
     let t0 = std::time::Instant::now();
     while !holds(25) {
         let out = agent.output();
@@ -1085,11 +1090,7 @@ fn a_reload_that_fails_half_way_puts_the_previous_peers_back() {
     let cfg = ConfigFile(
         std::env::temp_dir().join(format!("xhost-reload-undo-{}.toml", std::process::id())),
     );
-    let head = format!(
-        "iface = \"{}\"\nbridges = [\"{}\"]\ndocker = false\n",
-        a.underlay_iface(),
-        a.bridge()
-    );
+    let head = config_head(a);
     let o = b.underlay_ip().octets();
     let other_host = std::net::Ipv4Addr::new(o[0], o[1], o[2], 200);
     let old = format!(
@@ -1139,14 +1140,6 @@ fn a_reload_that_fails_half_way_puts_the_previous_peers_back() {
             .insert(&filler_key(i), nowhere, 0)
             .unwrap_or_else(|e| panic!("filling ROUTES at entry {i}: {e}"));
     }
-    let refusals = |agent: &Agent| agent.output().matches("config reload refused").count();
-    let hup = |agent: &Agent| {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(agent.pid() as i32),
-            Signal::SIGHUP,
-        )
-        .expect("SIGHUP");
-    };
 
     cfg.write(&new);
     hup(&agent);
