@@ -750,7 +750,6 @@ fn parse_json(what: &'static str, text: &str) -> Result<serde_json::Value> {
     Ok(v)
 }
 
-/// Receiver-side throughput from `iperf3 -c ... -J` (TCP).
 /// Median of the values (mean of the middle two for an even count); `None` when empty.
 pub fn median(values: &[f64]) -> Option<f64> {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
@@ -766,6 +765,8 @@ pub fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
+/// Receiver-side throughput from `iperf3 -c ... -J` (TCP), and the sender's per-interval
+/// rates.
 pub fn parse_iperf3_tcp(text: &str) -> Result<TcpSample> {
     let v = parse_json("iperf3 TCP JSON", text)?;
     let bits_per_second =
@@ -1086,7 +1087,8 @@ pub fn tool_version(tool: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// Trimmed from a real `iperf3 -c 192.168.220.11 -t 2 -J` (iperf 3.12) over the wire.
+    /// Trimmed from a real `iperf3 -c 192.168.220.11 -t 2 -J` (iperf 3.12) over the wire;
+    /// the intervals are in `-i 0.5`'s form, their rates made up to hold a slump.
     const IPERF_TCP: &str = r#"{
         "start": {"version": "iperf 3.12"},
         "intervals": [
