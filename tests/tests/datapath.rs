@@ -783,6 +783,11 @@ fn xhost_kernel_routes(ns: &NetNs) -> Vec<String> {
 /// A config file, removed when dropped.
 struct ConfigFile(std::path::PathBuf);
 impl ConfigFile {
+    /// `xhost-<tag>-<pid>.toml` in the temporary directory.
+    fn temp(tag: &str) -> Self {
+        Self(std::env::temp_dir().join(format!("xhost-{tag}-{}.toml", std::process::id())))
+    }
+
     fn write(&self, text: &str) {
         std::fs::write(&self.0, text).expect("write config");
     }
@@ -791,6 +796,13 @@ impl Drop for ConfigFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// An address on `peer`'s underlay /24 that no namespace holds (.200): on-link, so a
+/// peer there gets a kernel route, and nothing is ever sent to it.
+fn another_underlay_host(peer: &xhost_tests::Host) -> std::net::Ipv4Addr {
+    let o = peer.underlay_ip().octets();
+    std::net::Ipv4Addr::new(o[0], o[1], o[2], 200)
 }
 
 /// The settings lines of a config for `host` (underlay, bridge, no Docker), before its peers.
@@ -825,8 +837,7 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
     let topo = topology();
     let (a, b) = (topo.host_a(), topo.host_b());
     let _agent_b = start(b, a, &[]);
-    let cfg =
-        ConfigFile(std::env::temp_dir().join(format!("xhost-reload-{}.toml", std::process::id())));
+    let cfg = ConfigFile::temp("reload");
     let head = config_head(a);
     let peer_b = format!(
         "[[peer]]\nhost = \"{}\"\nsubnets = [\"{}\"]\n",
@@ -834,8 +845,7 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
         b.subnet()
     );
     // Another host on the underlay (on-link, so it gets a kernel route too).
-    let o = b.underlay_ip().octets();
-    let other_host = std::net::Ipv4Addr::new(o[0], o[1], o[2], 200);
+    let other_host = another_underlay_host(b);
     let other = format!("[[peer]]\nhost = \"{other_host}\"\nsubnets = [\"10.250.0.0/16\"]\n");
     cfg.write(&format!("{head}{peer_b}"));
     let cfg_arg = cfg.0.display().to_string();
@@ -1003,11 +1013,8 @@ fn a_reload_replacing_most_routes_fits_the_routes_map() {
     let topo = topology();
     let (a, b) = (topo.host_a(), topo.host_b());
     let _agent_b = start(b, a, &[]);
-    let cfg = ConfigFile(
-        std::env::temp_dir().join(format!("xhost-reload-big-{}.toml", std::process::id())),
-    );
-    let o = b.underlay_ip().octets();
-    let other_host = std::net::Ipv4Addr::new(o[0], o[1], o[2], 200);
+    let cfg = ConfigFile::temp("reload-big");
+    let other_host = another_underlay_host(b);
     // 10.0.0.0/8 in /24s, then the first 100 /24s of 11.0.0.0/8.
     let net = |i: u32, len: u8| {
         let base = if i < 65_536 {
@@ -1087,12 +1094,9 @@ fn a_reload_that_fails_half_way_puts_the_previous_peers_back() {
     let topo = topology();
     let (a, b) = (topo.host_a(), topo.host_b());
     let _agent_b = start(b, a, &[]);
-    let cfg = ConfigFile(
-        std::env::temp_dir().join(format!("xhost-reload-undo-{}.toml", std::process::id())),
-    );
+    let cfg = ConfigFile::temp("reload-undo");
     let head = config_head(a);
-    let o = b.underlay_ip().octets();
-    let other_host = std::net::Ipv4Addr::new(o[0], o[1], o[2], 200);
+    let other_host = another_underlay_host(b);
     let old = format!(
         "{head}[[peer]]\nhost = \"{}\"\nsubnets = [\"{}\"]\n",
         b.underlay_ip(),
