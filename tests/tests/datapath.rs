@@ -823,6 +823,14 @@ fn hup(agent: &Agent) {
     .expect("SIGHUP");
 }
 
+/// Ctrl-C: the agent exits cleanly, with no pin, run file or kernel route of its left.
+fn stop_leaving_nothing(agent: Agent, ns: &NetNs) {
+    let (status, left) = agent.stop_with(Signal::SIGINT).expect("stop");
+    assert!(status.success(), "agent exit: {status:?}");
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(xhost_kernel_routes(ns), Vec::<String>::new());
+}
+
 /// How many reloads the agent has refused so far (one log line each).
 fn refusals(agent: &Agent) -> usize {
     agent.output().matches("config reload refused").count()
@@ -997,10 +1005,7 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
     assert!(reaches_b(), "B reachable again");
     assert_eq!(xhost_programs(a), programs);
 
-    let (status, left) = agent.stop_with(Signal::SIGINT).expect("stop");
-    assert!(status.success(), "agent exit: {status:?}");
-    assert!(left.is_empty(), "left behind: {left:?}");
-    assert_eq!(xhost_kernel_routes(a.ns()), Vec::<String>::new());
+    stop_leaving_nothing(agent, a.ns());
 }
 
 /// A reload that replaces most routes: 65 636 /24s become their 65 636 lower /25
@@ -1077,10 +1082,7 @@ fn a_reload_replacing_most_routes_fits_the_routes_map() {
     }
     assert!(ping(ctr_a, ip_b, 2).expect("ping").any_received());
 
-    let (status, left) = agent.stop_with(Signal::SIGINT).expect("stop");
-    assert!(status.success(), "agent exit: {status:?}");
-    assert!(left.is_empty(), "left behind: {left:?}");
-    assert_eq!(xhost_kernel_routes(a.ns()), Vec::<String>::new());
+    stop_leaving_nothing(agent, a.ns());
 }
 
 /// A reload whose map writes fail half-way is rolled back: the new peer host and the
@@ -1218,8 +1220,5 @@ fn a_reload_that_fails_half_way_puts_the_previous_peers_back() {
     );
     assert!(ping(ctr_a, ip_b, 2).expect("ping").any_received());
 
-    let (status, left) = agent.stop_with(Signal::SIGINT).expect("stop");
-    assert!(status.success(), "agent exit: {status:?}");
-    assert!(left.is_empty(), "left behind: {left:?}");
-    assert_eq!(xhost_kernel_routes(a.ns()), Vec::<String>::new());
+    stop_leaving_nothing(agent, a.ns());
 }
