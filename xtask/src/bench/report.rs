@@ -26,8 +26,53 @@ pub fn spread(values: &[f64]) -> Option<f64> {
     median(values).filter(|m| *m > 0.0).map(|m| (hi - lo) / m)
 }
 
-/// `x / base` of one metric: the per-repetition ratios (pairs from the same repetition)
-/// and their median.
+/// Coverage the median's interval aims for.
+pub const INTERVAL_LEVEL: f64 = 0.95;
+
+/// A distribution-free confidence interval for a median: the `k`-th smallest and `k`-th
+/// largest of `n` samples cover the true median with probability `1 - 2 P(B <= k - 1)`,
+/// `B ~ Binomial(n, 1/2)` (the sign-test interval; no assumption on the samples'
+/// distribution, only that repetitions are independent).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct MedianInterval {
+    pub low: f64,
+    pub high: f64,
+    /// The probability that the interval covers the median: the narrowest interval with
+    /// at least [`INTERVAL_LEVEL`], or with fewer samples than that needs (5 or less),
+    /// the smallest to the largest sample and the lower coverage they give.
+    pub coverage: f64,
+}
+
+/// The median's interval of `values` (NaNs left out); `None` for fewer than two.
+pub fn median_interval(values: &[f64]) -> Option<MedianInterval> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+    let n = v.len();
+    if n < 2 {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    // P(B <= j) for B ~ Binomial(n, 1/2), j = 0..n.
+    let mut cdf = Vec::with_capacity(n + 1);
+    let (mut term, mut sum) = (0.5f64.powi(n as i32), 0.0);
+    for j in 0..=n {
+        sum += term;
+        cdf.push(sum);
+        term = term * (n - j) as f64 / (j + 1) as f64;
+    }
+    let coverage = |k: usize| 1.0 - 2.0 * cdf[k - 1];
+    let k = (1..=n / 2)
+        .rev()
+        .find(|&k| coverage(k) >= INTERVAL_LEVEL)
+        .unwrap_or(1);
+    Some(MedianInterval {
+        low: v[k - 1],
+        high: v[n - k],
+        coverage: coverage(k),
+    })
+}
+
+/// `x / base` of one metric: the per-repetition ratios (pairs from the same repetition),
+/// their median and the median's interval.
 #[derive(Debug, Serialize)]
 pub struct Ratio {
     pub x: String,
@@ -35,6 +80,7 @@ pub struct Ratio {
     pub metric: Metric,
     pub per_rep: Vec<f64>,
     pub median: Option<f64>,
+    pub interval: Option<MedianInterval>,
     /// False when no repetition had both sides undisturbed, so disturbed pairs were used.
     pub clean: bool,
 }
@@ -48,6 +94,11 @@ pub struct Target {
     pub goal: String,
     /// `None` when the value could not be measured (scenario filtered out or failed).
     pub met: Option<bool>,
+    /// The median's interval, for targets on a ratio.
+    pub interval: Option<MedianInterval>,
+    /// Whether the whole interval lies on the verdict's side of the bound, so that the
+    /// repetitions' spread could not have turned the verdict; `None` without an interval.
+    pub settled: Option<bool>,
     /// False when the value rests on samples disturbed by outside load.
     pub clean: bool,
 }
@@ -263,12 +314,19 @@ impl Results {
             (XHOST_100K, XHOST, Metric::UdpKpps, ">=", 0.95),
         ];
         for (x, base, metric, op, goal) in goals {
+            let meets = |v: f64| if op == ">=" { v >= goal } else { v <= goal };
             let value = self.ratio_median(x, base, metric);
+            let met = value.map(meets);
+            let interval = self.find_ratio(x, base, metric).and_then(|r| r.interval);
             t.push(Target {
                 what: format!("{x} / {base}: {}", metric.label()),
                 value,
                 goal: format!("{op} {goal}"),
-                met: value.map(|v| if op == ">=" { v >= goal } else { v <= goal }),
+                met,
+                interval,
+                settled: interval
+                    .zip(met)
+                    .map(|(i, met)| meets(i.low) == met && meets(i.high) == met),
                 clean: self.find_ratio(x, base, metric).is_none_or(|r| r.clean),
             });
         }
@@ -278,6 +336,8 @@ impl Results {
             value: rss,
             goal: "< 50 MB".into(),
             met: rss.map(|v| v < 50.0),
+            interval: None,
+            settled: None,
             clean: true,
         });
         t
@@ -430,9 +490,16 @@ impl Results {
         }
 
         // Targets.
-        let header: Vec<String> = ["target", "value", "goal", "verdict"]
-            .map(str::to_owned)
-            .to_vec();
+        let header: Vec<String> = [
+            "target",
+            "value",
+            "goal",
+            "verdict",
+            "median's interval",
+            "interval clear of the goal",
+        ]
+        .map(str::to_owned)
+        .to_vec();
         let rows: Vec<Vec<String>> = self
             .targets
             .iter()
@@ -452,10 +519,31 @@ impl Results {
                         Some(false) => "MISSED".into(),
                         None => "n/a".into(),
                     },
+                    t.interval.map_or("-".into(), |i| {
+                        format!(
+                            "{}-{} ({:.0} %)",
+                            target_value(i.low, &t.goal),
+                            target_value(i.high, &t.goal),
+                            i.coverage * 100.0
+                        )
+                    }),
+                    match t.settled {
+                        Some(true) => "yes".into(),
+                        Some(false) => "no: within the spread".into(),
+                        None => "-".into(),
+                    },
                 ]
             })
             .collect();
-        section(&mut out, markdown, "Targets (issue 4)", &header, &rows);
+        section(
+            &mut out,
+            markdown,
+            "Targets (issue 4; verdict on the median of per-repetition ratios; interval: \
+             sign-test confidence interval of that median, from the repetitions' order \
+             statistics)",
+            &header,
+            &rows,
+        );
         self.prog_cost_table(&mut out, markdown);
         out
     }
@@ -639,17 +727,17 @@ impl Results {
             .iter()
             .filter(|s| s.name != WIRE && self.ran(&s.name))
             .collect();
-        // The median ratio and whether it rests on undisturbed samples only.
+        // The median ratio, its interval and whether it rests on undisturbed samples only.
         let value = |s: &str, m: Metric, invert: bool| {
             let r = ratio(&self.runs, s, WIRE, m, invert)?;
-            Some((r.median?, r.clean))
+            Some((r.median?, r.interval, r.clean))
         };
         let max = groups
             .iter()
             .flat_map(|g| {
-                metrics
-                    .iter()
-                    .filter_map(|(m, _, _, inv)| value(&g.name, *m, *inv).map(|(v, _)| v))
+                metrics.iter().filter_map(|(m, _, _, inv)| {
+                    value(&g.name, *m, *inv).map(|(v, i, _)| i.map_or(v, |i| v.max(i.high)))
+                })
             })
             .fold(1.2f64, f64::max);
         let top = (max * 5.0).ceil() / 5.0; // round up to 0.2
@@ -670,7 +758,7 @@ impl Results {
         );
         let _ = writeln!(
             s,
-            r##"<text x="{left}" y="36" fill="#555">medians of per-repetition ratios; * = only tests disturbed by other load were available; {} rep(s) x {} s; latency as wire/x; {}</text>"##,
+            r##"<text x="{left}" y="36" fill="#555">medians of per-repetition ratios, whiskers: the median's interval (sign test, 95 % from 6 reps); * = only disturbed tests were available; {} rep(s) x {} s; latency as wire/x; {}</text>"##,
             self.plan.reps,
             self.plan.duration_s,
             xml(&self.started_at)
@@ -701,17 +789,37 @@ impl Results {
             for (mi, (metric, _, colour, invert)) in metrics.iter().enumerate() {
                 let x = gx + mi as f64 * bar_w;
                 match value(&g.name, *metric, *invert) {
-                    Some((v, clean)) => {
+                    Some((v, interval, clean)) => {
                         let (top_y, h) = (y(v.min(top)), v.min(top) / top * plot_h);
                         let mark = if clean { "" } else { "*" };
+                        let mid = x + (bar_w - 3.0) / 2.0;
+                        let range = interval.map_or(String::new(), |i| {
+                            format!(" ({:.3}-{:.3}, {:.0} %)", i.low, i.high, i.coverage * 100.0)
+                        });
                         let _ = writeln!(
                             s,
-                            r#"<rect x="{x:.1}" y="{top_y:.1}" width="{:.1}" height="{h:.1}" fill="{colour}"><title>{} {}: {v:.3}{mark}</title></rect><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9">{v:.2}{mark}</text>"#,
+                            r#"<rect x="{x:.1}" y="{top_y:.1}" width="{:.1}" height="{h:.1}" fill="{colour}"><title>{} {}: {v:.3}{mark}{range}</title></rect>"#,
                             bar_w - 3.0,
                             xml(&g.name),
                             metric.label(),
-                            x + (bar_w - 3.0) / 2.0,
-                            top_y - 3.0
+                        );
+                        let label_y = match interval {
+                            Some(i) => {
+                                let (lo, hi) = (y(i.low.min(top)), y(i.high.min(top)));
+                                let _ = writeln!(
+                                    s,
+                                    r##"<path d="M{mid:.1} {lo:.1}V{hi:.1}M{:.1} {lo:.1}h6M{:.1} {hi:.1}h6" stroke="#333" fill="none"/>"##,
+                                    mid - 3.0,
+                                    mid - 3.0
+                                );
+                                top_y.min(hi)
+                            }
+                            None => top_y,
+                        };
+                        let _ = writeln!(
+                            s,
+                            r#"<text x="{mid:.1}" y="{:.1}" text-anchor="middle" font-size="9">{v:.2}{mark}</text>"#,
+                            label_y - 3.0
                         );
                     }
                     None => {
@@ -800,6 +908,7 @@ fn ratio(runs: &[Run], x: &str, base: &str, metric: Metric, invert: bool) -> Opt
         base: base.to_owned(),
         metric,
         median: median(&per_rep),
+        interval: median_interval(&per_rep),
         per_rep,
         clean,
     })
@@ -1040,6 +1149,96 @@ mod tests {
         assert_eq!(target_value(1.8, ">= 1.8"), "1.80");
         assert_eq!(target_value(0.8213, ">= 0.8"), "0.82");
         assert_eq!(target_value(32.07, "< 50 MB"), "32.07");
+    }
+
+    #[test]
+    fn median_intervals_are_the_sign_test_order_statistics() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert_eq!(median_interval(&[]), None);
+        assert_eq!(median_interval(&[1.0, f64::NAN]), None);
+        // Two samples: the range, covering the median half the time.
+        let i = median_interval(&[2.0, 1.0]).expect("interval");
+        assert_eq!((i.low, i.high), (1.0, 2.0));
+        assert!(close(i.coverage, 0.5));
+        // Five: no pair reaches 95 %; the range gives 1 - 2/32.
+        let i = median_interval(&[5.0, 1.0, 4.0, 2.0, 3.0]).expect("interval");
+        assert_eq!((i.low, i.high), (1.0, 5.0));
+        assert!(close(i.coverage, 1.0 - 2.0 / 32.0));
+        // Nine (the README's runs): 2nd to 8th, 1 - 2 * 10/512 = 96.1 %.
+        let nine: Vec<f64> = (1..=9).rev().map(f64::from).collect();
+        let i = median_interval(&nine).expect("interval");
+        assert_eq!((i.low, i.high), (2.0, 8.0));
+        assert!(close(i.coverage, 1.0 - 2.0 * 10.0 / 512.0));
+        // Twenty: 6th to 15th (P(B <= 5) = 21 700 / 2^20; one further in would be < 95 %).
+        let twenty: Vec<f64> = (1..=20).map(f64::from).collect();
+        let i = median_interval(&twenty).expect("interval");
+        assert_eq!((i.low, i.high), (6.0, 15.0));
+        assert!(close(i.coverage, 1.0 - 2.0 * 21_700.0 / 1_048_576.0));
+        assert!(i.coverage >= INTERVAL_LEVEL);
+    }
+
+    #[test]
+    fn a_verdict_is_settled_only_when_the_interval_clears_the_goal() {
+        let mut runs = Vec::new();
+        for (rep, (x, base)) in [
+            (1.10, 1.0),
+            (1.25, 1.0),
+            (1.30, 1.0),
+            (1.22, 1.0),
+            (1.21, 1.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let rep = rep as u32 + 1;
+            let mut a = run(XHOST, rep, Metric::TcpGbps, x);
+            a.values.insert(Metric::LatMeanUs, 0.5 * x);
+            let mut b = run(IPTABLES, rep, Metric::TcpGbps, base);
+            b.values.insert(Metric::LatMeanUs, base);
+            runs.extend([a, b, run(WIRE, rep, Metric::TcpGbps, 1.0)]);
+        }
+        let plan = Plan {
+            reps: 5,
+            duration_s: 4,
+            scenarios: vec![XHOST, IPTABLES],
+            quick: false,
+            max_wait_s: 3,
+        };
+        let scenarios: Vec<Scenario> = super::super::all_scenarios()
+            .into_iter()
+            .filter(|s| [WIRE, IPTABLES, XHOST].contains(&s.name))
+            .collect();
+        let r = Results::new(
+            &plan,
+            &scenarios,
+            runs,
+            "now".into(),
+            Duration::ZERO,
+            Path::new("/nonexistent"),
+            None,
+        );
+        let target = |what: &str| {
+            r.targets
+                .iter()
+                .find(|t| t.what == what)
+                .unwrap_or_else(|| panic!("no target {what}"))
+        };
+        // Median 1.22 meets >= 1.2, but the interval 1.10-1.30 reaches below it.
+        let tcp = target("xhost / iptables-routes: TCP Gbit/s");
+        assert_eq!((tcp.met, tcp.settled), (Some(true), Some(false)));
+        assert_eq!(tcp.interval.map(|i| (i.low, i.high)), Some((1.10, 1.30)));
+        // Latency 0.55-0.65 around a 0.61 median against <= 0.6: missed, not settled.
+        let lat = target("xhost / iptables-routes: lat mean us");
+        assert_eq!((lat.met, lat.settled), (Some(false), Some(false)));
+        let text = r.text_report();
+        assert!(text.contains("no: within the spread"), "{text}");
+        assert!(text.contains("1.10-1.30 (94 %)"), "{text}");
+        // The chart draws the interval as a whisker on the bar (xhost's TCP over wire).
+        let svg = r.svg();
+        assert!(
+            svg.contains("TCP Gbit/s: 1.220 (1.100-1.300, 94 %)") && svg.contains("<path d=\"M"),
+            "{svg}"
+        );
     }
 
     #[test]
