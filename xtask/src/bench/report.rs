@@ -758,7 +758,7 @@ impl Results {
         );
         let _ = writeln!(
             s,
-            r##"<text x="{left}" y="36" fill="#555">medians of per-repetition ratios, whiskers: the median's interval (sign test, 95 % from 6 reps); * = only disturbed tests were available; {} rep(s) x {} s; latency as wire/x; {}</text>"##,
+            r##"<text x="{left}" y="34" fill="#555">medians of per-repetition ratios; whiskers: the median's interval (sign test, 95 % from 6 reps)</text><text x="{left}" y="48" fill="#555">* = only disturbed tests were available; {} rep(s) x {} s; latency as wire/x; {}</text>"##,
             self.plan.reps,
             self.plan.duration_s,
             xml(&self.started_at)
