@@ -1197,17 +1197,7 @@ mod tests {
             b.values.insert(Metric::LatMeanUs, base);
             runs.extend([a, b, run(WIRE, rep, Metric::TcpGbps, 1.0)]);
         }
-        let plan = Plan {
-            reps: 5,
-            duration_s: 4,
-            scenarios: vec![XHOST, IPTABLES],
-            quick: false,
-            max_wait_s: 3,
-        };
-        let scenarios: Vec<Scenario> = super::super::all_scenarios()
-            .into_iter()
-            .filter(|s| [WIRE, IPTABLES, XHOST].contains(&s.name))
-            .collect();
+        let (plan, scenarios) = plan(5, &[WIRE, IPTABLES, XHOST]);
         let r = Results::new(
             &plan,
             &scenarios,
@@ -1250,6 +1240,23 @@ mod tests {
         assert_eq!(median(&[f64::NAN, 2.0]), Some(2.0));
         assert_eq!(spread(&[1.0]), None);
         assert_eq!(spread(&[1.0, 3.0, 2.0]), Some(1.0));
+    }
+
+    /// A plan of `reps` repetitions (one is a --quick run) over the scenarios `names`.
+    fn plan(reps: u32, names: &[&'static str]) -> (Plan, Vec<Scenario>) {
+        let quick = reps == 1;
+        let plan = Plan {
+            reps,
+            duration_s: if quick { 1 } else { 4 },
+            scenarios: names.to_vec(),
+            quick,
+            max_wait_s: if quick { 1 } else { 3 },
+        };
+        let scenarios = super::super::all_scenarios()
+            .into_iter()
+            .filter(|s| names.contains(&s.name))
+            .collect();
+        (plan, scenarios)
     }
 
     fn run(scenario: &str, rep: u32, metric: Metric, v: f64) -> Run {
@@ -1301,17 +1308,7 @@ mod tests {
 
     #[test]
     fn renders_tables_and_chart() {
-        let plan = Plan {
-            reps: 1,
-            duration_s: 1,
-            scenarios: vec![WIRE, XHOST],
-            quick: true,
-            max_wait_s: 1,
-        };
-        let scenarios: Vec<Scenario> = super::super::all_scenarios()
-            .into_iter()
-            .filter(|s| s.name == WIRE || s.name == XHOST)
-            .collect();
+        let (plan, scenarios) = plan(1, &[WIRE, XHOST]);
         let mut w = run(WIRE, 1, Metric::TcpGbps, 10.0);
         w.values.insert(Metric::LatMeanUs, 2.0);
         let mut x = run(XHOST, 1, Metric::TcpGbps, 9.5);
