@@ -146,7 +146,11 @@ fn main() -> anyhow::Result<()> {
     let window = Duration::from_secs_f64(cli.window);
     let start = Instant::now();
     let (mut rates, mut last, mut next) = (Vec::new(), 0u64, start + window);
-    while next <= start + Duration::from_secs_f64(cli.secs) && !writer.is_finished() {
+    // A thread ends early only when it could not be pinned: stop and report that.
+    while next <= start + Duration::from_secs_f64(cli.secs)
+        && !writer.is_finished()
+        && !reader.is_finished()
+    {
         thread::sleep(next.saturating_duration_since(Instant::now()));
         let now = copied.load(Ordering::Relaxed);
         let gbps = (now - last) as f64 * 8.0 / cli.window / 1e9;
