@@ -304,11 +304,15 @@ pub struct Plan {
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let mut scenarios = select(&opts.scenarios, opts.baseline.is_some())?;
-    if let Some(bin) = &opts.baseline {
-        // Before anything is built: a wrong path is named at once.
-        bin.canonicalize()
-            .with_context(|| format!("baseline binary {}", bin.display()))?;
-    }
+    // Resolved before anything is built: a wrong path is named at once.
+    let baseline = opts
+        .baseline
+        .as_ref()
+        .map(|bin| {
+            bin.canonicalize()
+                .with_context(|| format!("baseline binary {}", bin.display()))
+        })
+        .transpose()?;
     if opts.list {
         for s in all_scenarios() {
             let mark = if s.default { "" } else { " [not default]" };
@@ -346,14 +350,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     {
         return reexec(&xhost_user);
     }
-    if let Some(bin) = &opts.baseline {
+    if let Some(bin) = &baseline {
         // Frozen as the binary under test is, in the process that measures.
-        let bin = freeze(
-            &bin.canonicalize()
-                .with_context(|| format!("baseline binary {}", bin.display()))?,
-            &out_dir,
-            XHOST_USER_BASELINE,
-        )?;
+        let bin = freeze(bin, &out_dir, XHOST_USER_BASELINE)?;
         for s in &mut scenarios {
             if let (XHOST_BASELINE, PathKind::Xhost(o)) = (s.name, &mut s.kind) {
                 o.binary = Some(bin.clone());
