@@ -43,9 +43,10 @@ pub struct MedianInterval {
     pub coverage: f64,
 }
 
-/// The median's interval of `values` (NaNs left out); `None` for fewer than two.
+/// The median's interval of `values`, over the same finite values [`median`] takes;
+/// `None` for fewer than two.
 pub fn median_interval(values: &[f64]) -> Option<MedianInterval> {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     let n = v.len();
     if n < 2 {
         return None;
