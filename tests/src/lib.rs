@@ -27,7 +27,10 @@ pub use netfilter::{
     ChainCounters, CtEntry, CtFilter, RuleCounter, conntrack_entries, iptables_counter,
 };
 pub use netns::{NETNS_DIR, NetNs, cleanup_stale, parse_netns_name, pid_alive};
-pub use probe::{PingStats, Transfer, TransferOpts, ping, tcp_transfer};
+pub use probe::{
+    PingStats, Transfer, TransferOpts, UdpGsoOpts, UdpTransfer, ping, tcp_transfer,
+    udp_gso_transfer,
+};
 pub use process::Process;
 pub use topology::{Container, Host, HostOpts, Topology, TopologyOpts};
 

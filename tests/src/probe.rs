@@ -3,7 +3,7 @@
 
 use std::{
     io::{self, Read, Write},
-    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::PathBuf,
     thread,
     time::{Duration, Instant},
@@ -223,6 +223,205 @@ pub fn tcp_transfer(
     let received: RecvReport = parse_report(&line)?;
     receiver.wait_timeout(Duration::from_secs(2))?;
     Ok(Transfer { sent, received })
+}
+
+/// Parameters of [`udp_gso_transfer`].
+#[derive(Clone, Debug)]
+pub struct UdpGsoOpts {
+    /// Port the receiver binds (all addresses of its namespace).
+    pub port: u16,
+    /// Payload bytes per datagram (`UDP_SEGMENT`).
+    pub segment: u16,
+    /// Datagrams per send: each send leaves the sender as one GSO skb.
+    pub segments: u16,
+    /// Number of sends.
+    pub bursts: u32,
+    /// How long the receiver waits for all the datagrams.
+    pub timeout: Duration,
+    /// The `xh-probe` binary to run; `None` finds it with [`probe_bin`].
+    pub probe: Option<PathBuf>,
+}
+
+impl Default for UdpGsoOpts {
+    fn default() -> Self {
+        Self {
+            port: 45_201,
+            segment: 1400,
+            segments: 8,
+            bursts: 10,
+            timeout: Duration::from_secs(5),
+            probe: None,
+        }
+    }
+}
+
+/// What `xh-probe udp-gso-send` prints when done (one JSON line).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UdpSendReport {
+    pub to: SocketAddr,
+    pub bursts: u32,
+    pub segment: u16,
+    pub segments: u16,
+}
+
+/// What `xh-probe udp-recv` prints (one JSON line): what arrived before the
+/// expected count was reached or the time ran out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UdpRecvReport {
+    pub datagrams: u64,
+    pub bytes: u64,
+    /// Datagrams of another length than the expected one.
+    pub odd_sizes: u64,
+}
+
+/// Both ends' view of one [`udp_gso_transfer`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct UdpTransfer {
+    pub sent: UdpSendReport,
+    pub received: UdpRecvReport,
+}
+
+impl UdpTransfer {
+    /// Every datagram sent arrived, each of the segment's length.
+    pub fn complete(&self) -> bool {
+        let expected = u64::from(self.sent.bursts) * u64::from(self.sent.segments);
+        self.received.datagrams == expected && self.received.odd_sizes == 0
+    }
+}
+
+/// Sends `opts.bursts` UDP GSO sends of `opts.segments` datagrams from `from`
+/// to `to_ip:opts.port`, where a receiver runs in `to`, and returns both
+/// ends' reports. Datagrams that never arrive are not an error: the
+/// receiver reports what it got within `opts.timeout`.
+pub fn udp_gso_transfer(
+    from: &NetNs,
+    to: &NetNs,
+    to_ip: Ipv4Addr,
+    opts: &UdpGsoOpts,
+) -> Result<UdpTransfer> {
+    let bin = match &opts.probe {
+        Some(p) => p.clone(),
+        None => probe_bin()?,
+    };
+    let secs = opts.timeout.as_secs_f64().to_string();
+    let expect = u64::from(opts.bursts) * u64::from(opts.segments);
+    let mut receiver = to.spawn(
+        &format!("xh-probe udp-recv in {}", to.name()),
+        &[
+            bin.as_os_str(),
+            "udp-recv".as_ref(),
+            "--port".as_ref(),
+            opts.port.to_string().as_ref(),
+            "--datagrams".as_ref(),
+            expect.to_string().as_ref(),
+            "--size".as_ref(),
+            opts.segment.to_string().as_ref(),
+            "--timeout".as_ref(),
+            secs.as_ref(),
+        ],
+    )?;
+    // Datagrams sent before the socket is bound would be refused.
+    receiver.wait_for_line(|l| l.starts_with("listening"), Duration::from_secs(5))?;
+    let sender = cmd::checked(&mut from.command(&[
+        bin.as_os_str(),
+        "udp-gso-send".as_ref(),
+        "--to".as_ref(),
+        SocketAddr::from((to_ip, opts.port)).to_string().as_ref(),
+        "--segment".as_ref(),
+        opts.segment.to_string().as_ref(),
+        "--segments".as_ref(),
+        opts.segments.to_string().as_ref(),
+        "--bursts".as_ref(),
+        opts.bursts.to_string().as_ref(),
+    ]))?;
+    let sent: UdpSendReport = parse_report(&String::from_utf8_lossy(&sender.stdout))?;
+    let line = receiver.wait_for_line(|l| l.starts_with('{'), opts.timeout * 2)?;
+    let received: UdpRecvReport = parse_report(&line)?;
+    receiver.wait_timeout(Duration::from_secs(2))?;
+    Ok(UdpTransfer { sent, received })
+}
+
+/// Receiver side of [`udp_gso_transfer`]: binds `bind`, calls
+/// `on_listening`, and counts datagrams until `expect` arrived or `timeout`
+/// passed.
+pub fn run_udp_recv(
+    bind: SocketAddr,
+    expect: u64,
+    size: usize,
+    timeout: Duration,
+    on_listening: impl FnOnce(SocketAddr),
+) -> io::Result<UdpRecvReport> {
+    let deadline = Instant::now() + timeout;
+    let socket = UdpSocket::bind(bind)?;
+    on_listening(socket.local_addr()?);
+    let mut report = UdpRecvReport {
+        datagrams: 0,
+        bytes: 0,
+        odd_sizes: 0,
+    };
+    let mut buf = vec![0u8; CHUNK];
+    while report.datagrams < expect {
+        let Ok(left) = remaining(deadline, "receiving") else {
+            break;
+        };
+        socket.set_read_timeout(Some(left))?;
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                report.datagrams += 1;
+                report.bytes += n as u64;
+                report.odd_sizes += u64::from(n != size);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(report)
+}
+
+/// Sender side of [`udp_gso_transfer`]: `bursts` sends of `segments` x
+/// `segment` bytes with `UDP_SEGMENT`, each leaving as one GSO skb, a
+/// millisecond apart so the receiver's buffer keeps up.
+pub fn run_udp_gso_send(
+    to: SocketAddr,
+    segment: u16,
+    segments: u16,
+    bursts: u32,
+) -> io::Result<UdpSendReport> {
+    let socket = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+    socket.connect(to)?;
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::UdpGsoSegment,
+        &i32::from(segment),
+    )
+    .map_err(io::Error::from)?;
+    let mut buf = vec![0u8; usize::from(segment) * usize::from(segments)];
+    let mut pattern = Pattern::new(u64::from(segment));
+    for _ in 0..bursts {
+        pattern.fill(&mut buf);
+        let n = socket.send(&buf)?;
+        if n != buf.len() {
+            return Err(io::Error::other(format!(
+                "sent {n} of {} bytes in one send",
+                buf.len()
+            )));
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    Ok(UdpSendReport {
+        to,
+        bursts,
+        segment,
+        segments,
+    })
 }
 
 /// The last JSON line of a probe's output.

@@ -12,8 +12,8 @@
 
 use nix::sys::signal::Signal;
 use xhost_tests::{
-    CtFilter, NetNs, Topology, TopologyOpts, TransferOpts, conntrack_entries, iptables_counter,
-    ping, tcp_transfer,
+    CtFilter, NetNs, Topology, TopologyOpts, TransferOpts, UdpGsoOpts, conntrack_entries,
+    iptables_counter, ping, tcp_transfer, udp_gso_transfer,
     xhost::{Agent, AgentDirs, attached_programs, remove_instance, status_routes, xhost},
 };
 
@@ -766,6 +766,64 @@ fn what_does_not_fit_the_underlay_gets_frag_needed() {
     assert!(
         !ok && text.contains("Frag needed") && text.contains("mtu = 1400"),
         "a 1401-byte DF ping must get frag-needed from host A: {text}"
+    );
+}
+
+/// A container's UDP GSO burst (`UDP_SEGMENT`) is no TCP burst: its
+/// segments are checked against the underlay by the kernel
+/// (`bpf_check_mtu` per segment). One whose segments fit is forwarded as one
+/// skb and arrives whole; once they exceed the underlay's MTU the burst is
+/// the kernel's (which drops it with frag-needed), not forwarded.
+#[test]
+fn udp_gso_bursts_are_checked_by_their_segments() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let (ca, cb) = (topo.ctr_a(), topo.ctr_b());
+    let agent_a = start(a, b, &[]);
+    let _agent_b = start(b, a, &[]);
+    let counters = || {
+        let s = status_json(a.ns(), &agent_a.dirs);
+        (counter(&s, "fwd_egress"), counter(&s, "pass_fib"))
+    };
+    let opts = UdpGsoOpts::default();
+    let datagrams = u64::from(opts.bursts) * u64::from(opts.segments);
+
+    // 1428-byte segments on an MTU of 1500.
+    let (fwd, pass) = counters();
+    let t = udp_gso_transfer(ca.ns(), cb.ns(), cb.ip(), &opts).expect("udp gso transfer");
+    assert!(t.complete(), "every datagram must arrive whole: {t:?}");
+    let (fwd_after, pass_after) = counters();
+    let bursts = u64::from(opts.bursts);
+    assert!(
+        (bursts..datagrams).contains(&(fwd_after - fwd)),
+        "{} bursts of {} datagrams must be forwarded as {} skbs, not segmented first: \
+         fwd_egress moved by {}",
+        opts.bursts,
+        opts.segments,
+        opts.bursts,
+        fwd_after - fwd
+    );
+    assert_eq!(pass_after, pass, "no burst fitting the MTU is the kernel's");
+
+    // The same segments over an underlay of MTU 1400.
+    a.ns()
+        .run(&["ip", "link", "set", a.underlay_iface(), "mtu", "1400"]);
+    let opts = UdpGsoOpts {
+        port: opts.port + 1,
+        bursts: 1,
+        timeout: std::time::Duration::from_secs(1),
+        ..opts
+    };
+    let t = udp_gso_transfer(ca.ns(), cb.ns(), cb.ip(), &opts).expect("udp gso transfer");
+    assert_eq!(
+        t.received.datagrams, 0,
+        "segments over the underlay's MTU must not be forwarded: {t:?}"
+    );
+    let (fwd_last, pass_last) = counters();
+    assert_eq!(fwd_last, fwd_after, "an oversized burst was forwarded");
+    assert!(
+        pass_last > pass_after,
+        "the oversized burst was not left to the kernel (pass_fib {pass_after} -> {pass_last})"
     );
 }
 

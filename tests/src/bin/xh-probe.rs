@@ -5,6 +5,11 @@
 //!   it to EOF and prints `{"peer":..,"bytes":..,"checksum":..,"elapsed_ms":..}`.
 //! * `xh-probe tcp-send --to IP:P --bytes N`: sends N pattern bytes and prints
 //!   `{"local":..,"to":..,"bytes":..,"checksum":..,"elapsed_ms":..}`.
+//! * `xh-probe udp-recv --port P --datagrams N --size S`: prints `listening ADDR`, counts
+//!   datagrams until N arrived or the time is up and prints
+//!   `{"datagrams":..,"bytes":..,"odd_sizes":..}` (sizes other than S).
+//! * `xh-probe udp-gso-send --to IP:P --segment S --segments K --bursts B`: B sends of K
+//!   datagrams of S bytes with `UDP_SEGMENT` (one GSO skb each).
 
 use std::{
     io::Write,
@@ -14,10 +19,10 @@ use std::{
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use xhost_tests::probe::{run_recv, run_send};
+use xhost_tests::probe::{run_recv, run_send, run_udp_gso_send, run_udp_recv};
 
 #[derive(Parser)]
-#[command(about = "TCP probe endpoints for the xhost testbed")]
+#[command(about = "TCP and UDP probe endpoints for the xhost testbed")]
 struct Cli {
     #[command(subcommand)]
     mode: Mode,
@@ -47,6 +52,36 @@ enum Mode {
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
     },
+    /// Count the UDP datagrams that arrive (missing ones are reported, not an error).
+    UdpRecv {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = Ipv4Addr::UNSPECIFIED)]
+        bind: Ipv4Addr,
+        /// Stop once this many arrived.
+        #[arg(long)]
+        datagrams: u64,
+        /// The expected length of each datagram.
+        #[arg(long)]
+        size: usize,
+        /// Seconds to wait for them.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+    },
+    /// Send UDP GSO bursts (`UDP_SEGMENT`).
+    UdpGsoSend {
+        #[arg(long)]
+        to: SocketAddr,
+        /// Payload bytes per datagram.
+        #[arg(long)]
+        segment: u16,
+        /// Datagrams per send.
+        #[arg(long)]
+        segments: u16,
+        /// Number of sends.
+        #[arg(long)]
+        bursts: u32,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +108,36 @@ fn main() -> anyhow::Result<()> {
         } => {
             let report = run_send(to, bytes, seed, seconds(timeout)?)
                 .with_context(|| format!("tcp-send to {to}"))?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Mode::UdpRecv {
+            port,
+            bind,
+            datagrams,
+            size,
+            timeout,
+        } => {
+            let report = run_udp_recv(
+                SocketAddr::from((bind, port)),
+                datagrams,
+                size,
+                seconds(timeout)?,
+                |addr| {
+                    println!("listening {addr}");
+                    let _ = std::io::stdout().flush();
+                },
+            )
+            .with_context(|| format!("udp-recv on port {port}"))?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Mode::UdpGsoSend {
+            to,
+            segment,
+            segments,
+            bursts,
+        } => {
+            let report = run_udp_gso_send(to, segment, segments, bursts)
+                .with_context(|| format!("udp-gso-send to {to}"))?;
             println!("{}", serde_json::to_string(&report)?);
         }
     }
