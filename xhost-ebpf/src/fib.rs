@@ -93,21 +93,28 @@ pub enum NextHop {
 #[inline(always)]
 pub fn lookup(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], len: WireLen) -> NextHop {
     match len {
-        WireLen::Max(len) => ask(ctx, ifindex, src, dst, len).unwrap_or(NextHop::Kernel),
-        WireLen::Segments => match ask(ctx, ifindex, src, dst, 0) {
-            Some(
-                hop @ (NextHop::Resolved { ifindex, .. } | NextHop::Unresolved { ifindex, .. }),
-            ) if segments_fit(ctx, ifindex) => hop,
-            _ => NextHop::Kernel,
-        },
+        WireLen::Max(len) => ask(ctx, ifindex, src, dst, len, false),
+        WireLen::Segments => ask(ctx, ifindex, src, dst, 0, true),
     }
 }
 
-/// One `bpf_fib_lookup`; `None` when `tot_len` exceeds the route's MTU.
-/// With `tot_len` 0 the kernel checks the skb with `is_skb_forwardable`,
-/// which passes any GSO packet.
+/// One `bpf_fib_lookup`; the kernel's when `tot_len` exceeds the route's
+/// MTU. With `tot_len` 0 the kernel checks the skb with
+/// `is_skb_forwardable`, which passes any GSO packet: `segments` then has
+/// each segment checked against the egress device.
+///
+/// The segment check runs before the answer is built: an answer moved past
+/// a helper call lets LLVM spill the bytes its variant leaves undefined,
+/// which the verifier refuses to read.
 #[inline(always)]
-fn ask(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Option<NextHop> {
+fn ask(
+    ctx: &TcContext,
+    ifindex: u32,
+    src: [u8; 4],
+    dst: [u8; 4],
+    tot_len: u16,
+    segments: bool,
+) -> NextHop {
     let mut slot = MaybeUninit::<bpf_fib_lookup>::uninit();
     let p = zeroed_in(&mut slot);
     p.family = AF_INET;
@@ -124,7 +131,13 @@ fn ask(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) 
             0,
         )
     };
-    Some(match rc as u32 {
+    let rc = rc as u32;
+    let found = rc == aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS
+        || rc == aya_ebpf::bindings::BPF_FIB_LKUP_RET_NO_NEIGH;
+    if found && segments && !segments_fit(ctx, p.ifindex) {
+        return NextHop::Kernel;
+    }
+    match rc {
         aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS => NextHop::Resolved {
             ifindex: p.ifindex,
             smac: p.smac,
@@ -136,9 +149,9 @@ fn ask(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) 
             // or the destination itself) in ipv4_dst.
             nexthop: unsafe { p.__bindgen_anon_4.ipv4_dst }.to_ne_bytes(),
         },
-        aya_ebpf::bindings::BPF_FIB_LKUP_RET_FRAG_NEEDED => return None,
+        // FRAG_NEEDED included: the kernel sends the ICMP error.
         _ => NextHop::Kernel,
-    })
+    }
 }
 
 /// Whether every segment of a GSO packet fits the MTU of `ifindex`.
