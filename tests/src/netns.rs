@@ -55,6 +55,31 @@ impl NetNs {
         Path::new(NETNS_DIR).join(&self.name)
     }
 
+    /// Runs `f` on a thread that entered this namespace (network namespaces
+    /// are per thread), for sockets that must live in it.
+    pub fn within<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let path = self.path();
+        std::thread::spawn(move || -> Result<T> {
+            let file = std::fs::File::open(&path).map_err(|source| Error::Io {
+                what: format!("opening {}", path.display()),
+                source,
+            })?;
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                Error::Io {
+                    what: format!("setns {}", path.display()),
+                    source: e.into(),
+                }
+            })?;
+            f()
+        })
+        .join()
+        .map_err(|_| Error::Config(format!("{what}: thread in {} panicked", self.name)))?
+    }
+
     /// `ip netns exec NAME args...`, not yet run.
     ///
     /// `ip netns exec` also remounts `/sys` so `/sys/class/net` shows this namespace's

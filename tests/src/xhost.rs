@@ -293,18 +293,8 @@ pub fn remove_instance(dirs: &AgentDirs) {
 /// bpftool 7.1 (Debian 12) lists neither tcx nor link-based XDP, hence this.
 pub fn attached_programs(ns: &NetNs, ifaces: &[&str]) -> Result<Vec<String>> {
     use aya::programs::{SchedClassifier, TcAttachType};
-    let path = ns.path();
     let ifaces: Vec<String> = ifaces.iter().map(|s| (*s).to_owned()).collect();
-    // Network namespaces are per thread: query from a thread that entered it.
-    std::thread::spawn(move || -> Result<Vec<String>> {
-        let file = std::fs::File::open(&path).map_err(|source| Error::Io {
-            what: format!("opening {}", path.display()),
-            source,
-        })?;
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| Error::Io {
-            what: format!("setns {}", path.display()),
-            source: e.into(),
-        })?;
+    ns.within("attachment query", move || {
         let mut found = Vec::new();
         for iface in &ifaces {
             for (hook, at) in [
@@ -331,6 +321,4 @@ pub fn attached_programs(ns: &NetNs, ifaces: &[&str]) -> Result<Vec<String>> {
         }
         Ok(found)
     })
-    .join()
-    .map_err(|_| Error::Config("attachment query thread panicked".into()))?
 }
