@@ -13,6 +13,7 @@ pub mod cmd;
 pub mod docker;
 pub mod docker_engine;
 mod error;
+pub mod link;
 pub mod netfilter;
 mod netns;
 pub mod probe;

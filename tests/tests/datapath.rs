@@ -13,7 +13,9 @@
 use nix::sys::signal::Signal;
 use xhost_tests::{
     CtFilter, NetNs, Topology, TopologyOpts, TransferOpts, UdpGsoOpts, conntrack_entries,
-    iptables_counter, ping, tcp_transfer, udp_gso_transfer,
+    iptables_counter,
+    link::set_gso_ipv4_max_size,
+    ping, tcp_transfer, udp_gso_transfer,
     xhost::{Agent, AgentDirs, attached_programs, remove_instance, status_routes, xhost},
 };
 
@@ -824,6 +826,61 @@ fn udp_gso_bursts_are_checked_by_their_segments() {
     assert!(
         pass_last > pass_after,
         "the oversized burst was not left to the kernel (pass_fib {pass_after} -> {pass_last})"
+    );
+}
+
+/// A container sending BIG TCP bursts (`gso_ipv4_max_size` above 64 KB,
+/// Linux 6.3+: TCP GSO skbs whose IPv4 total length is 0) is routed on the
+/// fast path like any TSO burst, out of host A and into container B. Left
+/// to the kernel, a Docker host would masquerade the bursts and the peer's
+/// datapath would drop them as no peer container's.
+#[test]
+fn big_tcp_bursts_take_the_fast_path() {
+    const BIG: u32 = 131_072;
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let (ca, cb) = (topo.ctr_a(), topo.ctr_b());
+    // The container's stack builds the bursts; host A's underlay must take
+    // them whole, or it cuts them into segments on the way out.
+    for (ns, iface) in [(ca.ns(), "eth0"), (a.ns(), a.underlay_iface())] {
+        let got = set_gso_ipv4_max_size(ns, iface, BIG).expect("set gso_ipv4_max_size");
+        assert_eq!(
+            got, BIG,
+            "{iface}: this kernel has no BIG TCP for IPv4 (Linux 6.3+)"
+        );
+    }
+    let agent_a = start(a, b, &[]);
+    let agent_b = start(b, a, &[]);
+    let hosts = [(a, &agent_a), (b, &agent_b)];
+    let before: Vec<_> = hosts
+        .iter()
+        .map(|(h, agent)| status_json(h.ns(), &agent.dirs))
+        .collect();
+
+    let opts = TransferOpts {
+        port: 45_121,
+        bytes: 32 << 20,
+        ..TransferOpts::default()
+    };
+    let t = tcp_transfer(ca.ns(), cb.ns(), cb.ip(), &opts).expect("tcp transfer");
+    assert!(t.intact(), "{t:?}");
+
+    for ((host, agent), before) in hosts.iter().zip(&before) {
+        let s = status_json(host.ns(), &agent.dirs);
+        assert_eq!(
+            counter(&s, "pass_malformed"),
+            counter(before, "pass_malformed"),
+            "{}: a BIG TCP burst was taken for malformed: {s}",
+            host.role()
+        );
+    }
+    let forwarded = |i: usize, name: &str| {
+        let s = status_json(hosts[i].0.ns(), &hosts[i].1.dirs);
+        counter(&s, name) - counter(&before[i], name)
+    };
+    assert!(
+        forwarded(0, "fwd_egress") > 0 && forwarded(1, "fwd_ingress") > 0,
+        "the transfer did not take the fast path"
     );
 }
 

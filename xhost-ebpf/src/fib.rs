@@ -13,11 +13,10 @@ use aya_ebpf::{
 };
 use network_types::eth::EthHdr;
 
-use crate::parse::{Ipv4Frame, ptr_at};
+use crate::parse::{IPPROTO_TCP, Ipv4Frame, ptr_at};
 
 /// `AF_INET` from the kernel's socket.h.
 const AF_INET: u8 = 2;
-const IPPROTO_TCP: u8 = 6;
 
 /// What the MTU is checked against for one skb.
 #[derive(Clone, Copy)]

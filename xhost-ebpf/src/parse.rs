@@ -15,6 +15,8 @@ pub trait Packet {
     /// Length of the whole packet from its Ethernet header, nonlinear
     /// parts included.
     fn len(&self) -> usize;
+    /// Whether the buffer is a GSO burst (an skb with a GSO size).
+    fn gso(&self) -> bool;
 }
 
 impl Packet for TcContext {
@@ -30,6 +32,11 @@ impl Packet for TcContext {
     fn len(&self) -> usize {
         // At TC ingress the skb's data starts at the Ethernet header.
         TcContext::len(self) as usize
+    }
+    #[inline(always)]
+    fn gso(&self) -> bool {
+        // SAFETY: reading the skb's GSO size from its context.
+        unsafe { (*self.skb.skb).gso_size != 0 }
     }
 }
 
@@ -47,6 +54,11 @@ impl Packet for XdpContext {
         // The programs are not loaded for multi-buffer XDP (no frags): the
         // linear buffer is the whole packet.
         self.data_end() - self.data()
+    }
+    #[inline(always)]
+    fn gso(&self) -> bool {
+        // An XDP buffer is one packet off the wire.
+        false
     }
 }
 
@@ -76,9 +88,13 @@ pub enum Frame {
 pub struct Ipv4Frame {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv4Hdr,
-    /// The IPv4 total length (host order), at most what the frame holds.
+    /// The IPv4 total length (host order), at most what the frame holds;
+    /// 0 for a BIG TCP burst (see [`parse`]).
     pub tot_len: u16,
 }
+
+/// `IPPROTO_TCP` from the kernel's in.h.
+pub const IPPROTO_TCP: u8 = 6;
 
 /// Longest IPv4 header: IHL is 4 bits of 32-bit words.
 const IPV4_MAX_HDR_WORDS: usize = 30;
@@ -88,6 +104,11 @@ const IPV4_MAX_HDR_WORDS: usize = 30;
 /// header and lies within the frame) and carry a correct header checksum:
 /// what the datapath forwards past `ip_rcv` must be what `ip_rcv` would
 /// have accepted.
+///
+/// A total length of 0 is BIG TCP's (Linux 6.3+): a TCP GSO burst longer
+/// than an IPv4 packet can say, whose length is the skb's. `ip_rcv` takes
+/// it from any TCP GSO skb; here it must also be TCP and longer than 64 KB,
+/// as the sender's stack only writes 0 then.
 #[inline(always)]
 pub fn parse<P: Packet>(ctx: &P) -> Frame {
     let Some(eth) = ptr_at::<EthHdr, P>(ctx, 0) else {
@@ -101,14 +122,20 @@ pub fn parse<P: Packet>(ctx: &P) -> Frame {
         return Frame::Malformed;
     };
     // SAFETY: `ip` is bounds-checked by ptr_at.
-    let (vihl, tot_len) = unsafe { ((*ip).vihl, u16::from_be_bytes((*ip).tot_len)) };
+    let (vihl, tot_len, proto) =
+        unsafe { ((*ip).vihl, u16::from_be_bytes((*ip).tot_len), (*ip).proto) };
     let words = usize::from(vihl & 0x0f) * 2; // 16-bit words in the header
     let hdr_len = words * 2;
-    if vihl >> 4 != 4
-        || hdr_len < Ipv4Hdr::LEN
-        || usize::from(tot_len) < hdr_len
-        || usize::from(tot_len) > ctx.len().saturating_sub(EthHdr::LEN)
-    {
+    let ip_len = ctx.len().saturating_sub(EthHdr::LEN);
+    if vihl >> 4 != 4 || hdr_len < Ipv4Hdr::LEN {
+        return Frame::Malformed;
+    }
+    if tot_len == 0 {
+        let big_tcp = proto == IPPROTO_TCP && ip_len > usize::from(u16::MAX) && ctx.gso();
+        if !big_tcp {
+            return Frame::Malformed;
+        }
+    } else if usize::from(tot_len) < hdr_len || usize::from(tot_len) > ip_len {
         return Frame::Malformed;
     }
     // One's complement sum over the whole header, options included.

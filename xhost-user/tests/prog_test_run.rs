@@ -187,6 +187,10 @@ fn egress_routes_peer_traffic_and_passes_the_rest() {
         let mut beyond = ipv4(C1, R1, 64, &[]);
         beyond[17] += 1;
         set_checksum(&mut beyond);
+        // Total length 0 is BIG TCP's, and only for GSO bursts beyond 64 KB.
+        let mut zero_len = ipv4(C1, R1, 64, &[]);
+        zero_len[16..18].copy_from_slice(&[0, 0]);
+        set_checksum(&mut zero_len);
         // ul0's MTU is 1500: a packet of exactly that fits, one byte more is the
         // kernel's (ICMP frag-needed), also towards a neighbour not yet resolved.
         let at_mtu = with_l3_len(&fwd, 1500);
@@ -298,6 +302,13 @@ fn egress_routes_peer_traffic_and_passes_the_rest() {
                 Case {
                     name: "total length beyond the frame",
                     frame: beyond,
+                    verdict: TC_ACT_OK,
+                    out: None,
+                    counter: stat::PASS_MALFORMED,
+                },
+                Case {
+                    name: "total length 0, not a GSO burst",
+                    frame: zero_len,
                     verdict: TC_ACT_OK,
                     out: None,
                     counter: stat::PASS_MALFORMED,
@@ -876,5 +887,32 @@ fn tso_bursts_are_checked_and_cached_by_their_segments() {
         );
         // Not GSO, the same bytes are one 2 948-byte packet: too big.
         run("the burst as one packet: the kernel's", 0, TC_ACT_OK, None);
+
+        // BIG TCP writes total length 0 only on bursts beyond 64 KB (which
+        // BPF_PROG_TEST_RUN cannot hold): on this one it is malformed.
+        let mut zero_len = burst.clone();
+        zero_len[16..18].copy_from_slice(&[0, 0]);
+        set_checksum(&mut zero_len);
+        let before = counters(ebpf);
+        let r = run_tc_prog_ctx(
+            ebpf,
+            xhost_common::PROG_EGRESS,
+            &skb_ctx(br0, 1448),
+            &zero_len,
+            1,
+        )
+        .expect("test_run");
+        assert_eq!(
+            (r.verdict, &r.out),
+            (TC_ACT_OK, &zero_len),
+            "total length 0 on a 2 948-byte burst: the kernel's"
+        );
+        assert_counter_moved(
+            ebpf,
+            &before,
+            stat::PASS_MALFORMED,
+            zero_len.len(),
+            "total length 0 on a 2 948-byte burst",
+        );
     });
 }
