@@ -4,7 +4,7 @@
 use std::{
     io::{self, Read, Write},
     net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::PathBuf,
+    path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
 };
@@ -190,39 +190,59 @@ pub fn tcp_transfer(
     to_ip: Ipv4Addr,
     opts: &TransferOpts,
 ) -> Result<Transfer> {
-    let bin = match &opts.probe {
-        Some(p) => p.clone(),
+    let secs = opts.timeout.as_secs_f64().to_string();
+    let to_addr = SocketAddr::from((to_ip, opts.port)).to_string();
+    let port = opts.port.to_string();
+    let bytes = opts.bytes.to_string();
+    let (sent, received) = probe_pair(
+        (from, to),
+        opts.probe.as_deref(),
+        &["tcp-recv", "--port", &port, "--timeout", &secs],
+        &[
+            "tcp-send",
+            "--to",
+            &to_addr,
+            "--bytes",
+            &bytes,
+            "--timeout",
+            &secs,
+        ],
+        opts.timeout,
+    )?;
+    Ok(Transfer { sent, received })
+}
+
+/// Starts `xh-probe <recv_args>` in `to`, waits for its `listening` line
+/// (a connection or datagram sent before it would be refused), runs
+/// `xh-probe <send_args>` in `from` to the end, and returns the sender's
+/// report and the receiver's (which it must print within `wait`).
+fn probe_pair<S: for<'de> Deserialize<'de>, R: for<'de> Deserialize<'de>>(
+    (from, to): (&NetNs, &NetNs),
+    probe: Option<&Path>,
+    recv_args: &[&str],
+    send_args: &[&str],
+    wait: Duration,
+) -> Result<(S, R)> {
+    let bin = match probe {
+        Some(p) => p.to_owned(),
         None => probe_bin()?,
     };
-    let secs = opts.timeout.as_secs_f64().to_string();
+    let with_bin = |args: &[&str]| -> Vec<std::ffi::OsString> {
+        std::iter::once(bin.clone().into_os_string())
+            .chain(args.iter().map(Into::into))
+            .collect()
+    };
     let mut receiver = to.spawn(
-        &format!("xh-probe tcp-recv in {}", to.name()),
-        &[
-            bin.as_os_str(),
-            "tcp-recv".as_ref(),
-            "--port".as_ref(),
-            opts.port.to_string().as_ref(),
-            "--timeout".as_ref(),
-            secs.as_ref(),
-        ],
+        &format!("xh-probe {} in {}", recv_args[0], to.name()),
+        &with_bin(recv_args),
     )?;
-    // Connecting before the listener exists would fail with a reset, not a timeout.
     receiver.wait_for_line(|l| l.starts_with("listening"), Duration::from_secs(5))?;
-    let sender = cmd::checked(&mut from.command(&[
-        bin.as_os_str(),
-        "tcp-send".as_ref(),
-        "--to".as_ref(),
-        SocketAddr::from((to_ip, opts.port)).to_string().as_ref(),
-        "--bytes".as_ref(),
-        opts.bytes.to_string().as_ref(),
-        "--timeout".as_ref(),
-        secs.as_ref(),
-    ]))?;
-    let sent: SendReport = parse_report(&String::from_utf8_lossy(&sender.stdout))?;
-    let line = receiver.wait_for_line(|l| l.starts_with('{'), opts.timeout)?;
-    let received: RecvReport = parse_report(&line)?;
+    let sender = cmd::checked(&mut from.command(&with_bin(send_args)))?;
+    let sent: S = parse_report(&String::from_utf8_lossy(&sender.stdout))?;
+    let line = receiver.wait_for_line(|l| l.starts_with('{'), wait)?;
+    let received: R = parse_report(&line)?;
     receiver.wait_timeout(Duration::from_secs(2))?;
-    Ok(Transfer { sent, received })
+    Ok((sent, received))
 }
 
 /// Parameters of [`udp_gso_transfer`].
@@ -299,45 +319,42 @@ pub fn udp_gso_transfer(
     to_ip: Ipv4Addr,
     opts: &UdpGsoOpts,
 ) -> Result<UdpTransfer> {
-    let bin = match &opts.probe {
-        Some(p) => p.clone(),
-        None => probe_bin()?,
-    };
     let secs = opts.timeout.as_secs_f64().to_string();
-    let expect = u64::from(opts.bursts) * u64::from(opts.segments);
-    let mut receiver = to.spawn(
-        &format!("xh-probe udp-recv in {}", to.name()),
+    let to_addr = SocketAddr::from((to_ip, opts.port)).to_string();
+    let port = opts.port.to_string();
+    let expect = (u64::from(opts.bursts) * u64::from(opts.segments)).to_string();
+    let (segment, segments, bursts) = (
+        opts.segment.to_string(),
+        opts.segments.to_string(),
+        opts.bursts.to_string(),
+    );
+    let (sent, received) = probe_pair(
+        (from, to),
+        opts.probe.as_deref(),
         &[
-            bin.as_os_str(),
-            "udp-recv".as_ref(),
-            "--port".as_ref(),
-            opts.port.to_string().as_ref(),
-            "--datagrams".as_ref(),
-            expect.to_string().as_ref(),
-            "--size".as_ref(),
-            opts.segment.to_string().as_ref(),
-            "--timeout".as_ref(),
-            secs.as_ref(),
+            "udp-recv",
+            "--port",
+            &port,
+            "--datagrams",
+            &expect,
+            "--size",
+            &segment,
+            "--timeout",
+            &secs,
         ],
+        &[
+            "udp-gso-send",
+            "--to",
+            &to_addr,
+            "--segment",
+            &segment,
+            "--segments",
+            &segments,
+            "--bursts",
+            &bursts,
+        ],
+        opts.timeout * 2,
     )?;
-    // Datagrams sent before the socket is bound would be refused.
-    receiver.wait_for_line(|l| l.starts_with("listening"), Duration::from_secs(5))?;
-    let sender = cmd::checked(&mut from.command(&[
-        bin.as_os_str(),
-        "udp-gso-send".as_ref(),
-        "--to".as_ref(),
-        SocketAddr::from((to_ip, opts.port)).to_string().as_ref(),
-        "--segment".as_ref(),
-        opts.segment.to_string().as_ref(),
-        "--segments".as_ref(),
-        opts.segments.to_string().as_ref(),
-        "--bursts".as_ref(),
-        opts.bursts.to_string().as_ref(),
-    ]))?;
-    let sent: UdpSendReport = parse_report(&String::from_utf8_lossy(&sender.stdout))?;
-    let line = receiver.wait_for_line(|l| l.starts_with('{'), opts.timeout * 2)?;
-    let received: UdpRecvReport = parse_report(&line)?;
-    receiver.wait_timeout(Duration::from_secs(2))?;
     Ok(UdpTransfer { sent, received })
 }
 
