@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use network_types::eth::EthHdr;
 
-use crate::parse::{IPPROTO_TCP, Ipv4Frame, ptr_at};
+use crate::parse::{IPPROTO_TCP, Ipv4Frame, Packet as _, ptr_at};
 
 /// `AF_INET` from the kernel's socket.h.
 const AF_INET: u8 = 2;
@@ -36,8 +36,7 @@ pub enum WireLen {
 /// else that is GSO is left to the kernel's own count.
 #[inline(always)]
 pub fn wire_len(ctx: &TcContext, f: &Ipv4Frame) -> WireLen {
-    // SAFETY: reading the skb's GSO size from its context.
-    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    let gso_size = ctx.gso_size();
     if gso_size == 0 {
         return WireLen::Max(f.tot_len);
     }

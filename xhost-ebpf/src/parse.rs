@@ -15,8 +15,8 @@ pub trait Packet {
     /// Length of the whole packet from its Ethernet header, nonlinear
     /// parts included.
     fn len(&self) -> usize;
-    /// Whether the buffer is a GSO burst (an skb with a GSO size).
-    fn gso(&self) -> bool;
+    /// The skb's GSO size: non-zero for a GSO burst, 0 for one packet.
+    fn gso_size(&self) -> u32;
 }
 
 impl Packet for TcContext {
@@ -34,9 +34,9 @@ impl Packet for TcContext {
         TcContext::len(self) as usize
     }
     #[inline(always)]
-    fn gso(&self) -> bool {
+    fn gso_size(&self) -> u32 {
         // SAFETY: reading the skb's GSO size from its context.
-        unsafe { (*self.skb.skb).gso_size != 0 }
+        unsafe { (*self.skb.skb).gso_size }
     }
 }
 
@@ -56,9 +56,9 @@ impl Packet for XdpContext {
         self.data_end() - self.data()
     }
     #[inline(always)]
-    fn gso(&self) -> bool {
+    fn gso_size(&self) -> u32 {
         // An XDP buffer is one packet off the wire.
-        false
+        0
     }
 }
 
@@ -131,7 +131,7 @@ pub fn parse<P: Packet>(ctx: &P) -> Frame {
         return Frame::Malformed;
     }
     if tot_len == 0 {
-        let big_tcp = proto == IPPROTO_TCP && ip_len > usize::from(u16::MAX) && ctx.gso();
+        let big_tcp = proto == IPPROTO_TCP && ip_len > usize::from(u16::MAX) && ctx.gso_size() != 0;
         if !big_tcp {
             return Frame::Malformed;
         }
