@@ -92,12 +92,8 @@ fn main() -> anyhow::Result<()> {
             bind,
             timeout,
         } => {
-            let report = run_recv(SocketAddr::from((bind, port)), seconds(timeout)?, |addr| {
-                // Flushed at once: the testbed waits for this line before connecting.
-                println!("listening {addr}");
-                let _ = std::io::stdout().flush();
-            })
-            .with_context(|| format!("tcp-recv on port {port}"))?;
+            let report = run_recv(SocketAddr::from((bind, port)), seconds(timeout)?, listening)
+                .with_context(|| format!("tcp-recv on port {port}"))?;
             println!("{}", serde_json::to_string(&report)?);
         }
         Mode::TcpSend {
@@ -122,10 +118,7 @@ fn main() -> anyhow::Result<()> {
                 datagrams,
                 size,
                 seconds(timeout)?,
-                |addr| {
-                    println!("listening {addr}");
-                    let _ = std::io::stdout().flush();
-                },
+                listening,
             )
             .with_context(|| format!("udp-recv on port {port}"))?;
             println!("{}", serde_json::to_string(&report)?);
@@ -142,6 +135,13 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Announces the bound address, flushed at once: the testbed waits for this line before
+/// it sends.
+fn listening(addr: SocketAddr) {
+    println!("listening {addr}");
+    let _ = std::io::stdout().flush();
 }
 
 fn seconds(s: f64) -> anyhow::Result<Duration> {
