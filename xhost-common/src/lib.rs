@@ -58,6 +58,18 @@ pub const PROG_EGRESS: &str = "xhost_egress";
 pub const PROG_FROM_CTR: &str = "xhost_from_ctr";
 pub const PROG_INGRESS: &str = "xhost_ingress";
 pub const PROG_XDP: &str = "xhost_xdp";
+pub const PROG_TO_TUNNEL: &str = "xhost_to_tun";
+pub const PROG_FROM_TUNNEL: &str = "xhost_from_tun";
+
+/// Constants of the object the loader sets (VXLAN mode): the vxlan
+/// device's ifindex (0: native routing) and the VNI.
+pub const GLOBAL_TUNNEL_IFINDEX: &str = "TUNNEL_IFINDEX";
+pub const GLOBAL_TUNNEL_VNI: &str = "TUNNEL_VNI";
+/// Bytes VXLAN adds in front of the inner frame: outer IPv4, UDP, VXLAN
+/// headers and the inner Ethernet header.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// Largest VXLAN network identifier (24 bits).
+pub const MAX_VNI: u32 = (1 << 24) - 1;
 
 /// Value of `ROUTES`: the peer host a remote prefix lives behind.
 #[repr(C)]
@@ -135,12 +147,18 @@ pub mod stat {
     pub const PASS_MALFORMED: u32 = 5;
     /// The FIB had no usable answer (no route, forwarding off, MTU, ...).
     pub const PASS_FIB: u32 = 6;
-    /// Dropped: destination is a local container, source is no peer's.
+    /// Dropped: destination is a local container, source is no peer's. In
+    /// VXLAN mode also: container traffic that arrives bare, and tunnel
+    /// packets with another VNI, from no peer host, or with an inner source
+    /// that is not the sending peer's.
     pub const DROP_SPOOFED: u32 = 7;
     /// Dropped: a redirect helper failed after the packet was rewritten.
     pub const DROP_REDIRECT: u32 = 8;
+    /// Dropped at the vxlan device's egress (VXLAN mode): not IPv4, or no
+    /// peer owns the destination.
+    pub const DROP_TUNNEL: u32 = 9;
     /// Number of slots.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 
     /// Names as printed by `xhost-user status`, indexed by the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -153,6 +171,7 @@ pub mod stat {
         "pass_fib",
         "drop_spoofed",
         "drop_redirect",
+        "drop_tunnel",
     ];
 }
 

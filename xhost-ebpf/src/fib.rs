@@ -61,20 +61,31 @@ pub fn wire_len(ctx: &TcContext, f: &Ipv4Frame) -> WireLen {
     }
 }
 
-/// The FIB's answer for one packet.
-pub enum NextHop {
-    /// Neighbour resolved: write these MACs and `bpf_redirect` to `ifindex`.
-    Resolved {
-        ifindex: u32,
-        smac: [u8; 6],
-        dmac: [u8; 6],
-    },
+/// What the FIB answered for one packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Neighbour resolved: write `smac`/`dmac` and `bpf_redirect` to
+    /// `ifindex`.
+    Resolved,
     /// Route known, neighbour not: `bpf_redirect_neigh` lets the kernel
-    /// resolve `nexthop` (network order) on `ifindex`.
-    Unresolved { ifindex: u32, nexthop: [u8; 4] },
+    /// resolve `nexthop` on `ifindex`.
+    Unresolved,
     /// No forwarding answer (no route, local, forwarding disabled, MTU,
     /// ...): the kernel must handle the packet.
     Kernel,
+}
+
+/// The FIB's answer for one packet. A plain struct whose every byte is
+/// written, not an enum with data: LLVM copies an enum's bytes that its
+/// variant leaves undefined, and the verifier refuses to read them.
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    pub answer: Answer,
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// The gateway, or the destination itself (network order).
+    pub nexthop: [u8; 4],
 }
 
 /// Looks up how to reach `dst` for a packet from `src` that arrived on
@@ -101,9 +112,6 @@ pub fn lookup(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], len: Wi
 /// `is_skb_forwardable`, which passes any GSO packet: `segments` then has
 /// each segment checked against the egress device.
 ///
-/// The segment check runs before the answer is built: an answer moved past
-/// a helper call lets LLVM spill the bytes its variant leaves undefined,
-/// which the verifier refuses to read.
 #[inline(always)]
 fn ask(
     ctx: &TcContext,
@@ -129,32 +137,32 @@ fn ask(
             0,
         )
     };
-    let rc = rc as u32;
-    let found = rc == aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS
-        || rc == aya_ebpf::bindings::BPF_FIB_LKUP_RET_NO_NEIGH;
-    if found && segments && !segments_fit(ctx, p.ifindex) {
-        return NextHop::Kernel;
-    }
-    match rc {
-        aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS => NextHop::Resolved {
-            ifindex: p.ifindex,
-            smac: p.smac,
-            dmac: p.dmac,
-        },
-        aya_ebpf::bindings::BPF_FIB_LKUP_RET_NO_NEIGH => NextHop::Unresolved {
-            ifindex: p.ifindex,
-            // SAFETY: for AF_INET the kernel leaves the next hop (gateway
-            // or the destination itself) in ipv4_dst.
-            nexthop: unsafe { p.__bindgen_anon_4.ipv4_dst }.to_ne_bytes(),
-        },
+    let answer = match rc as u32 {
+        aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS => Answer::Resolved,
+        aya_ebpf::bindings::BPF_FIB_LKUP_RET_NO_NEIGH => Answer::Unresolved,
         // FRAG_NEEDED included: the kernel sends the ICMP error.
-        _ => NextHop::Kernel,
+        _ => Answer::Kernel,
+    };
+    let answer = if answer != Answer::Kernel && segments && !fits(ctx, p.ifindex) {
+        Answer::Kernel
+    } else {
+        answer
+    };
+    NextHop {
+        answer,
+        ifindex: p.ifindex,
+        smac: p.smac,
+        dmac: p.dmac,
+        // SAFETY: for AF_INET the kernel leaves the next hop (gateway or
+        // the destination itself) in ipv4_dst; zero-filled before.
+        nexthop: unsafe { p.__bindgen_anon_4.ipv4_dst }.to_ne_bytes(),
     }
 }
 
-/// Whether every segment of a GSO packet fits the MTU of `ifindex`.
+/// Whether the packet fits the MTU of `ifindex`; a GSO packet is checked
+/// segment by segment.
 #[inline(always)]
-fn segments_fit(ctx: &TcContext, ifindex: u32) -> bool {
+pub fn fits(ctx: &TcContext, ifindex: u32) -> bool {
     // In: 0 (measure the skb itself). Out: the device's MTU, unused.
     let mut mtu_len: u32 = 0;
     // SAFETY: `mtu_len` is a valid, writable u32.
@@ -196,7 +204,7 @@ pub fn redirect_neigh(ifindex: u32, nexthop: [u8; 4]) -> i32 {
 /// 400 kpps); volatile word stores in place are neither merged nor turned
 /// into one.
 #[inline(always)]
-fn zeroed_in<T: Copy>(slot: &mut MaybeUninit<T>) -> &mut T {
+pub fn zeroed_in<T: Copy>(slot: &mut MaybeUninit<T>) -> &mut T {
     const { assert!(size_of::<T>() % 4 == 0 && align_of::<T>() >= 4) };
     let words = slot.as_mut_ptr().cast::<u32>();
     for i in 0..size_of::<T>() / 4 {

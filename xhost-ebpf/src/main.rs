@@ -15,6 +15,10 @@
 //!   `bpf_redirect_peer`, or through the bridge when the endpoint is not
 //!   known, skipping netfilter either way.
 //!
+//! * `xhost_to_tun` / `xhost_from_tun` (TC egress and ingress of
+//!   the vxlan device, VXLAN mode only): encapsulation towards the peer
+//!   host, and checked delivery of what peers send (`tunnel.rs`).
+//!
 //! Everything the programs do not own goes to the kernel untouched.
 #![no_std]
 #![no_main]
@@ -25,18 +29,19 @@ mod maps;
 mod parse;
 mod policy;
 mod stats;
+mod tunnel;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
-    helpers::{bpf_redirect, bpf_redirect_peer},
+    helpers::{bpf_redirect, bpf_redirect_peer, bpf_skb_change_type},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use xhost_common::stat;
+use xhost_common::{Endpoint, stat};
 
 use crate::{
-    fib::{NextHop, WireLen},
+    fib::{Answer, NextHop, WireLen},
     maps::{ENDPOINTS, LOCAL_NETS, host_key, route_of},
     parse::{Frame, decrement_ttl, parse},
     stats::count,
@@ -55,7 +60,26 @@ impl Verdict {
             reason,
         }
     }
+
+    const fn drop(reason: u32) -> Self {
+        Self {
+            action: TC_ACT_SHOT as i32,
+            reason,
+        }
+    }
 }
+
+/// What a missing `ENDPOINTS` entry reads as.
+const NO_ENDPOINT: Endpoint = Endpoint {
+    ifindex: 0,
+    flags: 0,
+    mac: [0; 6],
+    gw_mac: [0; 6],
+    _pad: [0; 4],
+};
+
+/// `PACKET_HOST` from the kernel's if_packet.h.
+const PACKET_HOST: u32 = 0;
 
 #[classifier]
 pub fn xhost_egress(ctx: TcContext) -> i32 {
@@ -77,6 +101,36 @@ pub fn xhost_from_ctr(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn xhost_ingress(ctx: TcContext) -> i32 {
     finish(&ctx, try_ingress(&ctx))
+}
+
+#[classifier]
+pub fn xhost_from_tun(ctx: TcContext) -> i32 {
+    let v = try_from_tunnel(&ctx);
+    if v.action == TC_ACT_OK as i32 {
+        // The inner frame is addressed to the sending host's gateway MAC,
+        // so the device marked it for another host, which ip_rcv drops:
+        // what the kernel is handed here (TTL expiry, ...) is for this one.
+        // SAFETY: plain helper call.
+        unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+    }
+    finish(&ctx, v)
+}
+
+#[classifier]
+pub fn xhost_to_tun(ctx: TcContext) -> i32 {
+    let dst = match parse(&ctx) {
+        // SAFETY: `f.ip` was bounds-checked by `parse`.
+        Frame::Ipv4(f) => unsafe { (*f.ip).dst_addr },
+        // The tunnel carries IPv4 only (the device's own IPv6 chatter).
+        _ => return finish(&ctx, Verdict::drop(stat::DROP_TUNNEL)),
+    };
+    if tunnel::set_key(&ctx, dst) {
+        // Counted where it was decided (xhost_from_ctr, xhost_egress), or a
+        // packet of the kernel's own.
+        TC_ACT_OK as i32
+    } else {
+        finish(&ctx, Verdict::drop(stat::DROP_TUNNEL))
+    }
 }
 
 /// Counts the verdict and returns exactly the action that was computed.
@@ -108,8 +162,10 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     // SAFETY: `f.eth` was bounds-checked by `parse`.
     let to_mac = unsafe { (*f.eth).dst_addr };
     let len = fib::wire_len(ctx, &f);
-    let cached = match (from_port, len) {
-        (true, WireLen::Max(len)) => flow::lookup(iif, src, dst, len),
+    let tunnel = tunnel::device();
+    // The cache holds FIB answers; the tunnel needs none.
+    let cached = match (from_port, len, tunnel) {
+        (true, WireLen::Max(len), None) => flow::lookup(iif, src, dst, len),
         _ => flow::Lookup::Off,
     };
     if let flow::Lookup::Hit(hop) = &cached {
@@ -139,25 +195,28 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     if ttl <= 1 {
         return Verdict::pass(stat::PASS_TTL);
     }
+    if let Some(device) = tunnel {
+        // Too big for the tunnel: the kernel's route through the device
+        // answers fragmentation-needed.
+        if !fib::fits(ctx, device) {
+            return Verdict::pass(stat::PASS_FIB);
+        }
+        // xhost_to_tun addresses it to the peer host.
+        decrement_ttl(f.ip);
+        return redirect(device, stat::FWD_EGRESS);
+    }
     // The peer host is the next hop: resolve the route to it, not to the
     // container prefix, which the kernel has no route for.
     let hop = fib::lookup(ctx, iif, src, peer_host, len);
     // Only an answer the FIB gave for a length is filed (a miss was looked
     // up with one): what fits is known only up to that length.
-    if let (
-        flow::Lookup::Miss(miss),
-        NextHop::Resolved {
-            ifindex,
-            smac,
-            dmac,
-        },
-        WireLen::Max(len),
-    ) = (&cached, &hop, len)
+    if let (flow::Lookup::Miss(miss), Answer::Resolved, WireLen::Max(len)) =
+        (&cached, hop.answer, len)
     {
         let answer = flow::Hop {
-            ifindex: *ifindex,
-            smac: *smac,
-            dmac: *dmac,
+            ifindex: hop.ifindex,
+            smac: hop.smac,
+            dmac: hop.dmac,
             gw_mac: to_mac,
         };
         flow::store(miss, iif, src, dst, len, &answer);
@@ -185,30 +244,64 @@ fn try_ingress(ctx: &TcContext) -> Verdict {
         Frame::NotIpv4 => return Verdict::pass(stat::PASS_NOT_IPV4),
         Frame::Malformed => return Verdict::pass(stat::PASS_MALFORMED),
     };
+    deliver(ctx, &f, tunnel::device().is_some())
+}
+
+/// Decapsulated by the vxlan device: delivered as on the underlay, once the
+/// tunnel vouches for its sender.
+#[inline(always)]
+fn try_from_tunnel(ctx: &TcContext) -> Verdict {
+    let Some(outer) = tunnel::sender(ctx) else {
+        debug!(ctx, "drop: tunnel packet not from a peer host with our VNI");
+        return Verdict::drop(stat::DROP_SPOOFED);
+    };
+    let f = match parse(ctx) {
+        Frame::Ipv4(f) => f,
+        Frame::NotIpv4 => return Verdict::pass(stat::PASS_NOT_IPV4),
+        Frame::Malformed => return Verdict::pass(stat::PASS_MALFORMED),
+    };
+    // SAFETY: `f.ip` was bounds-checked by `parse`.
+    let src = unsafe { (*f.ip).src_addr };
+    if !tunnel::sent_by(src, outer) {
+        debug!(ctx, "drop: inner source not the sending peer's");
+        return Verdict::drop(stat::DROP_SPOOFED);
+    }
+    deliver(ctx, &f, false)
+}
+
+/// Delivers a peer's packet for a local container. With `encapsulated_only`
+/// (VXLAN mode, on the underlay) none arrives bare: such a packet is
+/// dropped.
+#[inline(always)]
+fn deliver(ctx: &TcContext, f: &parse::Ipv4Frame, encapsulated_only: bool) -> Verdict {
     // SAFETY: `f.ip` was bounds-checked by `parse`.
     let (src, dst, ttl) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr, (*f.ip).ttl) };
     // A known endpoint is local; only unknown destinations need the LPM.
+    // An absent endpoint reads as ifindex 0 (no interface has it): every
+    // byte defined, where an `Option` would leave some to LLVM, which then
+    // copies them and the verifier refuses.
     // SAFETY: HashMap::get hands out a reference the agent may overwrite
     // concurrently; the value is copied out at once.
-    let endpoint = unsafe { ENDPOINTS.get(&dst) }.copied();
-    if endpoint.is_none() && LOCAL_NETS.get(&host_key(dst)).is_none() {
+    let ep = unsafe { ENDPOINTS.get(&dst) }.map_or(NO_ENDPOINT, |e| *e);
+    if ep.ifindex == 0 && LOCAL_NETS.get(&host_key(dst)).is_none() {
         return Verdict::pass(stat::PASS_NOT_OURS);
+    }
+    if encapsulated_only {
+        debug!(ctx, "drop: container traffic not encapsulated");
+        return Verdict::drop(stat::DROP_SPOOFED);
     }
     // Docker's isolation is bypassed here, so enforce it (see policy.rs).
     // The same check runs in XDP when attached; it is repeated because XDP
     // may be off, and costs one (cached) ROUTES lookup.
-    if !policy::source_allowed(ctx, &f, src) {
+    if !policy::source_allowed(ctx, f, src) {
         debug!(ctx, "drop: source not a peer's");
-        return Verdict {
-            action: TC_ACT_SHOT as i32,
-            reason: stat::DROP_SPOOFED,
-        };
+        return Verdict::drop(stat::DROP_SPOOFED);
     }
     if ttl <= 1 {
         return Verdict::pass(stat::PASS_TTL);
     }
-    if let Some(ep) = endpoint {
-        rewrite(&f, ep.gw_mac, ep.mac);
+    if ep.ifindex != 0 {
+        rewrite(f, ep.gw_mac, ep.mac);
         // Straight into the container's netns: no bridge, no backlog.
         // SAFETY: plain helper call.
         let action = unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32;
@@ -217,8 +310,8 @@ fn try_ingress(ctx: &TcContext) -> Verdict {
     // SAFETY: reading the ingress ifindex of the skb context.
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
     route(
-        &f,
-        fib::lookup(ctx, iif, src, dst, fib::wire_len(ctx, &f)),
+        f,
+        fib::lookup(ctx, iif, src, dst, fib::wire_len(ctx, f)),
         stat::FWD_INGRESS,
     )
 }
@@ -228,20 +321,16 @@ fn try_ingress(ctx: &TcContext) -> Verdict {
 /// leaves it to the kernel.
 #[inline(always)]
 fn route(f: &parse::Ipv4Frame, hop: NextHop, reason: u32) -> Verdict {
-    match hop {
-        NextHop::Resolved {
-            ifindex,
-            smac,
-            dmac,
-        } => {
-            rewrite(f, smac, dmac);
-            redirect(ifindex, reason)
+    match hop.answer {
+        Answer::Resolved => {
+            rewrite(f, hop.smac, hop.dmac);
+            redirect(hop.ifindex, reason)
         }
-        NextHop::Unresolved { ifindex, nexthop } => {
+        Answer::Unresolved => {
             decrement_ttl(f.ip);
-            forwarded(fib::redirect_neigh(ifindex, nexthop), reason)
+            forwarded(fib::redirect_neigh(hop.ifindex, hop.nexthop), reason)
         }
-        NextHop::Kernel => Verdict::pass(stat::PASS_FIB),
+        Answer::Kernel => Verdict::pass(stat::PASS_FIB),
     }
 }
 
@@ -271,10 +360,7 @@ fn forwarded(action: i32, reason: u32) -> Verdict {
     if action == TC_ACT_REDIRECT as i32 {
         Verdict { action, reason }
     } else {
-        Verdict {
-            action: TC_ACT_SHOT as i32,
-            reason: stat::DROP_REDIRECT,
-        }
+        Verdict::drop(stat::DROP_REDIRECT)
     }
 }
 
@@ -287,7 +373,10 @@ pub fn xhost_xdp(ctx: XdpContext) -> u32 {
     };
     // SAFETY: `f.ip` was bounds-checked by `parse`.
     let (src, dst) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr) };
-    if LOCAL_NETS.get(&host_key(dst)).is_some() && !policy::source_allowed(&ctx, &f, src) {
+    // In VXLAN mode container traffic arrives encapsulated only.
+    if LOCAL_NETS.get(&host_key(dst)).is_some()
+        && (tunnel::device().is_some() || !policy::source_allowed(&ctx, &f, src))
+    {
         count(stat::DROP_SPOOFED, (ctx.data_end() - ctx.data()) as u32);
         return xdp_action::XDP_DROP;
     }
