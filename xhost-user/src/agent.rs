@@ -19,17 +19,22 @@ use crate::{
     netlink::KernelEvents,
     report::{AgentState, Attachment, DockerStatus},
     state::{self, Desired, Peers},
+    tunnel::RouteDevice,
 };
 
 pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Result<()> {
     let settings = source.read()?;
     // Everything that can be checked is checked before the kernel is touched.
     let static_locals = config::validate(&settings)?;
-    let mut dp = Datapath::load(&layout)?;
+    let mut dp = Datapath::load(
+        &layout,
+        settings.tunnel.map(|v| (settings.iface.as_str(), v)),
+    )?;
     let xdp = dp.attach_underlay(&settings.iface, settings.xdp_mode)?;
-    let underlay = crate::net::ifindex(&settings.iface)?;
+    dp.attach_tunnel()?;
+    let route_dev = dp.route_device(crate::net::ifindex(&settings.iface)?);
     let mut peers = Peers::default();
-    state::apply_peers(&mut dp, &mut peers, &Peers::of(&settings.peers), underlay)?;
+    state::apply_peers(&mut dp, &mut peers, &Peers::of(&settings.peers), route_dev)?;
     let mut applied = Desired::default();
     let want = state::desired(&static_locals, &[], &[], &settings.peers);
     state::apply(&mut dp, &mut applied, &want)?;
@@ -43,6 +48,13 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         );
     }
 
+    if let Some(t) = dp.tunnel() {
+        info!(
+            "VXLAN mode: packets over MTU {} take the kernel's route through {}, which answers fragmentation-needed; give Docker networks that MTU (daemon.json \"mtu\", or -o com.docker.network.driver.mtu) to spare the round trip",
+            t.mtu,
+            crate::tunnel::DEVICE
+        );
+    }
     let mut report = AgentState::new(&settings, xdp, detach);
     report.refresh(&dp, &applied);
     report.write(&layout).context("writing agent state")?;
@@ -66,7 +78,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         settings,
         static_locals,
         peers,
-        underlay,
+        route_dev,
     };
     let res = agent
         .follow(signals, &mut dp, &mut applied, &mut report)
@@ -93,7 +105,7 @@ struct Agent {
     settings: Settings,
     static_locals: Vec<LocalSubnet>,
     peers: Peers,
-    underlay: u32,
+    route_dev: RouteDevice,
 }
 
 impl Agent {
@@ -212,9 +224,9 @@ impl Agent {
         config::check_reloadable(&self.settings, &new)?;
         let static_locals = config::validate(&new)?;
         let want = Peers::of(&new.peers);
-        if let Err(e) = state::apply_peers(dp, &mut self.peers, &want, self.underlay) {
+        if let Err(e) = state::apply_peers(dp, &mut self.peers, &want, self.route_dev) {
             let back = Peers::of(&self.settings.peers);
-            let outcome = match state::apply_peers(dp, &mut self.peers, &back, self.underlay) {
+            let outcome = match state::apply_peers(dp, &mut self.peers, &back, self.route_dev) {
                 Ok(()) => "the previous ones are back".to_owned(),
                 Err(e) => format!("putting the previous ones back failed too: {e}"),
             };
@@ -285,6 +297,13 @@ impl AgentState {
             })
             .collect();
         self.bridges = applied.bridges.iter().cloned().collect();
+        self.tunnel = dp.tunnel().map(|t| crate::report::TunnelState {
+            device: crate::tunnel::DEVICE.into(),
+            ifindex: t.ifindex,
+            vni: t.vxlan.vni,
+            port: t.vxlan.port,
+            mtu: t.mtu,
+        });
         self.kernel_routes = dp
             .kernel_routes()
             .iter()

@@ -15,6 +15,9 @@ use crate::net::{self, CidrError, IfaceError, Ipv4Net};
 /// iface = "ens33"
 /// bridges = ["docker0"]
 /// docker = true
+/// tunnel = "vxlan"    # optional: encapsulate (default "none": native routing)
+/// vni = 1             # VXLAN network identifier (default 1)
+/// vxlan_port = 8472   # UDP port (default 8472, as Linux, flannel and Cilium)
 /// [[peer]]
 /// host = "172.16.91.132"
 /// subnets = ["192.168.220.0/24"]
@@ -28,9 +31,46 @@ pub struct FileConfig {
     pub docker: Option<bool>,
     pub docker_host: Option<String>,
     pub xdp_mode: Option<XdpModeArg>,
+    pub tunnel: Option<TunnelArg>,
+    pub vni: Option<u32>,
+    pub vxlan_port: Option<u16>,
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerConfig>,
 }
+
+/// How container traffic crosses the underlay.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum TunnelArg {
+    /// Native routing: container IPs on the underlay (a shared L2 segment,
+    /// or an underlay that routes the container subnets).
+    #[default]
+    None,
+    /// VXLAN between the hosts' underlay addresses: for underlays that do
+    /// not carry container IPs (clouds, routed L3 networks).
+    Vxlan,
+}
+
+/// VXLAN settings, the same on every host of a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct Vxlan {
+    pub vni: u32,
+    pub port: u16,
+}
+
+/// Defaults of the VXLAN settings.
+pub const DEFAULT_VNI: u32 = 1;
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 
 /// One remote host and the container subnets behind it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -92,6 +132,19 @@ pub enum ConfigError {
     DockerConflict,
     #[error("--xdp-mode {flag:?} conflicts with xdp_mode = {file:?} in the config file")]
     XdpConflict { flag: XdpModeArg, file: XdpModeArg },
+    #[error("--{what} {flag} conflicts with {what_file} = {file} in the config file")]
+    Conflict {
+        what: &'static str,
+        what_file: &'static str,
+        flag: String,
+        file: String,
+    },
+    #[error("--{0} ({1} in the config file) is a VXLAN setting: it needs --tunnel vxlan")]
+    NotTunnelled(&'static str, &'static str),
+    #[error("VNI {0} out of range: a VXLAN network identifier is 1..={max}", max = xhost_common::MAX_VNI)]
+    VniRange(u32),
+    #[error("VXLAN port 0: give the UDP port the peers listen on (default {DEFAULT_VXLAN_PORT})")]
+    VxlanPortZero,
     #[error("no underlay interface: give --iface or iface = \"...\" in the config file")]
     NoIface,
     #[error("peer {0} is given more than once")]
@@ -192,6 +245,9 @@ pub struct FlagConfig {
     pub no_docker: bool,
     pub docker_host: Option<String>,
     pub xdp_mode: Option<XdpModeArg>,
+    pub tunnel: Option<TunnelArg>,
+    pub vni: Option<u32>,
+    pub vxlan_port: Option<u16>,
 }
 
 /// Flags and file merged; not yet checked against the kernel.
@@ -203,12 +259,61 @@ pub struct Settings {
     pub docker: bool,
     pub docker_host: Option<String>,
     pub xdp_mode: XdpModeArg,
+    /// VXLAN mode; `None`: native routing.
+    pub tunnel: Option<Vxlan>,
+}
+
+/// One setting given by a flag and the file: equal, or an error.
+fn agree<T: PartialEq + std::fmt::Debug>(
+    what: &'static str,
+    what_file: &'static str,
+    flag: Option<T>,
+    file: Option<T>,
+) -> Result<Option<T>, ConfigError> {
+    match (flag, file) {
+        (Some(a), Some(b)) if a != b => Err(ConfigError::Conflict {
+            what,
+            what_file,
+            flag: format!("{a:?}").to_lowercase(),
+            file: format!("{b:?}").to_lowercase(),
+        }),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
+/// The VXLAN settings of flags and file, checked.
+fn merge_tunnel(flags: &FlagConfig, file: &FileConfig) -> Result<Option<Vxlan>, ConfigError> {
+    let mode = agree("tunnel", "tunnel", flags.tunnel, file.tunnel)?.unwrap_or_default();
+    let vni = agree("vni", "vni", flags.vni, file.vni)?;
+    let port = agree(
+        "vxlan-port",
+        "vxlan_port",
+        flags.vxlan_port,
+        file.vxlan_port,
+    )?;
+    if mode == TunnelArg::None {
+        return match (vni, port) {
+            (Some(_), _) => Err(ConfigError::NotTunnelled("vni", "vni")),
+            (_, Some(_)) => Err(ConfigError::NotTunnelled("vxlan-port", "vxlan_port")),
+            _ => Ok(None),
+        };
+    }
+    let vni = vni.unwrap_or(DEFAULT_VNI);
+    if vni == 0 || vni > xhost_common::MAX_VNI {
+        return Err(ConfigError::VniRange(vni));
+    }
+    let port = port.unwrap_or(DEFAULT_VXLAN_PORT);
+    if port == 0 {
+        return Err(ConfigError::VxlanPortZero);
+    }
+    Ok(Some(Vxlan { vni, port }))
 }
 
 /// Combines flags and file. Both may add bridges and peers; a value given
 /// differently by both is an error, never a silent override.
 pub fn merge(flags: FlagConfig, file: Option<FileConfig>) -> Result<Settings, ConfigError> {
     let file = file.unwrap_or_default();
+    let tunnel = merge_tunnel(&flags, &file)?;
     let iface = match (flags.iface, file.iface) {
         (Some(a), Some(b)) if a != b => {
             return Err(ConfigError::IfaceConflict { flag: a, file: b });
@@ -239,6 +344,7 @@ pub fn merge(flags: FlagConfig, file: Option<FileConfig>) -> Result<Settings, Co
         docker: !flags.no_docker && file.docker != Some(false),
         docker_host: flags.docker_host.or(file.docker_host),
         xdp_mode,
+        tunnel,
     })
 }
 
@@ -262,7 +368,7 @@ impl Source {
 /// bridges. The underlay, its XDP mode and the Docker connection are set up
 /// once, at load.
 pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), ConfigError> {
-    let fixed: [(&'static str, String, String); 4] = [
+    let fixed: [(&'static str, String, String); 5] = [
         ("iface", running.iface.clone(), new.iface.clone()),
         (
             "xdp_mode",
@@ -275,10 +381,23 @@ pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), Config
             format!("{:?}", running.docker_host),
             format!("{:?}", new.docker_host),
         ),
+        (
+            "tunnel",
+            describe_tunnel(running.tunnel),
+            describe_tunnel(new.tunnel),
+        ),
     ];
     match fixed.into_iter().find(|(_, old, new)| old != new) {
         Some((what, old, new)) => Err(ConfigError::NeedsRestart { what, old, new }),
         None => Ok(()),
+    }
+}
+
+/// `none`, or `vxlan vni N port P`.
+pub fn describe_tunnel(t: Option<Vxlan>) -> String {
+    match t {
+        None => "none".into(),
+        Some(v) => format!("vxlan vni {} port {}", v.vni, v.port),
     }
 }
 
@@ -607,7 +726,83 @@ mod tests {
             docker: true,
             docker_host: None,
             xdp_mode: XdpModeArg::Auto,
+            tunnel: None,
         }
+    }
+
+    #[test]
+    fn tunnel_settings_merge_and_check() {
+        let flags = |tunnel, vni, vxlan_port| FlagConfig {
+            iface: Some("ens33".into()),
+            tunnel,
+            vni,
+            vxlan_port,
+            ..FlagConfig::default()
+        };
+        let tunnel = |f, file| merge(f, file).map(|s| s.tunnel);
+        assert_eq!(tunnel(flags(None, None, None), None).expect("native"), None);
+        assert_eq!(
+            tunnel(flags(Some(TunnelArg::Vxlan), None, None), None).expect("defaults"),
+            Some(Vxlan {
+                vni: DEFAULT_VNI,
+                port: DEFAULT_VXLAN_PORT
+            })
+        );
+        let file: FileConfig =
+            toml::from_str("tunnel = \"vxlan\"\nvni = 42\nvxlan_port = 4789\n").expect("toml");
+        assert_eq!(
+            tunnel(flags(None, Some(42), None), Some(file)).expect("file"),
+            Some(Vxlan {
+                vni: 42,
+                port: 4789
+            })
+        );
+        let cases = [
+            (
+                flags(Some(TunnelArg::Vxlan), Some(0), None),
+                format!(
+                    "VNI 0 out of range: a VXLAN network identifier is 1..={}",
+                    xhost_common::MAX_VNI
+                ),
+            ),
+            (
+                flags(Some(TunnelArg::Vxlan), Some(1 << 24), None),
+                format!(
+                    "VNI 16777216 out of range: a VXLAN network identifier is 1..={}",
+                    xhost_common::MAX_VNI
+                ),
+            ),
+            (
+                flags(Some(TunnelArg::Vxlan), None, Some(0)),
+                "VXLAN port 0: give the UDP port the peers listen on (default 8472)".into(),
+            ),
+            (
+                flags(None, Some(7), None),
+                "--vni (vni in the config file) is a VXLAN setting: it needs --tunnel vxlan".into(),
+            ),
+            (
+                flags(Some(TunnelArg::None), None, Some(4789)),
+                "--vxlan-port (vxlan_port in the config file) is a VXLAN setting: it needs --tunnel vxlan".into(),
+            ),
+        ];
+        for (f, want) in cases {
+            assert_eq!(tunnel(f, None).expect_err(&want).to_string(), want);
+        }
+        let file: FileConfig = toml::from_str("tunnel = \"vxlan\"\nvni = 5\n").expect("toml");
+        assert_eq!(
+            tunnel(flags(None, Some(6), None), Some(file))
+                .expect_err("conflict")
+                .to_string(),
+            "--vni 6 conflicts with vni = 5 in the config file"
+        );
+        let file: FileConfig = toml::from_str("tunnel = \"none\"\n").expect("toml");
+        assert_eq!(
+            tunnel(flags(Some(TunnelArg::Vxlan), None, None), Some(file))
+                .expect_err("conflict")
+                .to_string(),
+            "--tunnel vxlan conflicts with tunnel = none in the config file"
+        );
+        assert!(toml::from_str::<FileConfig>("tunnel = \"gre\"\n").is_err());
     }
 
     #[test]
@@ -618,7 +813,7 @@ mod tests {
         new.bridges.push("br-x".into());
         assert!(check_reloadable(&running, &new).is_ok());
         type Change = fn(&mut Settings);
-        let fixed: [(Change, &str); 4] = [
+        let fixed: [(Change, &str); 5] = [
             (
                 |s| s.iface = "eth1".into(),
                 "iface cannot change while the agent runs (ens33 -> eth1); restart it",
@@ -634,6 +829,10 @@ mod tests {
             (
                 |s| s.docker_host = Some("unix:///run/d.sock".into()),
                 "docker_host cannot change while the agent runs (None -> Some(\"unix:///run/d.sock\")); restart it",
+            ),
+            (
+                |s| s.tunnel = Some(Vxlan { vni: 1, port: 8472 }),
+                "tunnel cannot change while the agent runs (none -> vxlan vni 1 port 8472); restart it",
             ),
         ];
         for (change, want) in fixed {

@@ -21,16 +21,21 @@ use aya::{
 };
 use log::{info, warn};
 use xhost_common::{
-    Endpoint, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS,
-    MAP_ROUTES, PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR, PROG_INGRESS, PROG_XDP, Peer, PeerHost,
+    Endpoint, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_VNI, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINTS,
+    MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR,
+    PROG_FROM_TUNNEL, PROG_INGRESS, PROG_TO_TUNNEL, PROG_XDP, Peer, PeerHost,
 };
 
 use crate::{
-    config::XdpModeArg,
+    config::{Vxlan, XdpModeArg},
     layout::{Hook, Layout, remove_file_if_exists},
     net::Ipv4Net,
     netlink::Rtnl,
+    tunnel::{self, RouteDevice, TunnelDevice, TunnelError},
 };
+
+/// A kernel route xhost added: prefix, gateway (none into the tunnel), oif.
+pub type KernelRouteEntry = (Ipv4Net, Option<Ipv4Addr>, u32);
 
 /// The datapath object, built by xhost-user's build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xhost"));
@@ -91,13 +96,15 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::links::LinkError,
     },
-    #[error("kernel route {net} via {peer}")]
+    #[error("kernel route {net} (peer {peer})")]
     Route {
         net: Ipv4Net,
         peer: Ipv4Addr,
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
     #[error("pinning {path}")]
     Pin {
         path: PathBuf,
@@ -144,8 +151,10 @@ pub struct Datapath {
     peer_hosts: HashMap<MapData, [u8; 4], PeerHost>,
     attachments: BTreeMap<(String, Hook), Attachment>,
     pinned_maps: Vec<PathBuf>,
-    /// Kernel routes this instance added (prefix, via, oif).
-    kernel_routes: Vec<(Ipv4Net, Ipv4Addr, u32)>,
+    /// Kernel routes this instance added.
+    kernel_routes: Vec<KernelRouteEntry>,
+    /// VXLAN mode's device; dropped (deleted) after everything else.
+    tunnel: Option<TunnelDevice>,
     /// Set by `keep_running`: leave everything in place on drop.
     keep: bool,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -224,13 +233,19 @@ impl RouteTable {
 }
 
 impl Datapath {
-    /// Loads and verifies the programs, creates and pins the maps.
-    /// Attaches nothing yet.
-    pub fn load(layout: &Layout) -> Result<Self, DatapathError> {
+    /// Loads and verifies the programs, creates and pins the maps, and in
+    /// VXLAN mode (`tunnel`: the underlay and the settings) creates the
+    /// vxlan device. Attaches nothing yet.
+    pub fn load(layout: &Layout, tunnel: Option<(&str, Vxlan)>) -> Result<Self, DatapathError> {
         if layout.in_use() {
             return Err(DatapathError::AlreadyLoaded(layout.pin_dir.clone()));
         }
         ensure_bpffs(&layout.pin_dir)?;
+        // Deleted again if anything below fails (dropped with the error).
+        let tunnel = tunnel
+            .map(|(underlay, vxlan)| TunnelDevice::create(underlay, vxlan))
+            .transpose()?;
+        let (tunnel_ifindex, vni) = tunnel.as_ref().map_or((0, 0), |t| (t.ifindex, t.vxlan.vni));
         let mut guard = PinGuard {
             paths: Vec::new(),
             layout: layout.clone(),
@@ -246,6 +261,8 @@ impl Datapath {
         let level = log_level_mask();
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
+            .override_global(GLOBAL_TUNNEL_IFINDEX, &tunnel_ifindex, true)
+            .override_global(GLOBAL_TUNNEL_VNI, &vni, true)
             .load(OBJECT)
             .map_err(|e| DatapathError::Object(Box::new(e)))?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -286,11 +303,20 @@ impl Datapath {
             attachments: BTreeMap::new(),
             pinned_maps: std::mem::take(&mut guard.paths),
             kernel_routes: Vec::new(),
+            tunnel,
             keep: false,
             _logger: logger,
         };
         // From here on, Drop undoes whatever is done.
-        for name in [PROG_EGRESS, PROG_FROM_CTR, PROG_INGRESS] {
+        let tunnel_progs: &[&'static str] = if dp.tunnel.is_some() {
+            &[PROG_TO_TUNNEL, PROG_FROM_TUNNEL]
+        } else {
+            &[]
+        };
+        for &name in [PROG_EGRESS, PROG_FROM_CTR, PROG_INGRESS]
+            .iter()
+            .chain(tunnel_progs)
+        {
             let prog: &mut SchedClassifier = dp.program(name)?;
             prog.load().map_err(|source| DatapathError::Program {
                 program: name,
@@ -370,6 +396,35 @@ impl Datapath {
         Ok(attached)
     }
 
+    /// VXLAN mode: attaches the tunnel programs to the vxlan device.
+    pub fn attach_tunnel(&mut self) -> Result<(), DatapathError> {
+        if self.tunnel.is_some() {
+            self.attach_tc(tunnel::DEVICE, Hook::TunnelIngress)?;
+            self.attach_tc(tunnel::DEVICE, Hook::TunnelEgress)?;
+        }
+        Ok(())
+    }
+
+    /// The vxlan device, in VXLAN mode.
+    pub fn tunnel(&self) -> Option<&TunnelDevice> {
+        self.tunnel.as_ref()
+    }
+
+    /// Where the kernel's routes of peer subnets lead: into the vxlan
+    /// device in VXLAN mode, else via the peer host out of `underlay`.
+    pub fn route_device(&self, underlay: u32) -> RouteDevice {
+        match &self.tunnel {
+            Some(t) => RouteDevice {
+                oif: t.ifindex,
+                via_peer: false,
+            },
+            None => RouteDevice {
+                oif: underlay,
+                via_peer: true,
+            },
+        }
+    }
+
     fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<(), DatapathError> {
         let attach_err = |source| DatapathError::Attach {
             program: PROG_XDP,
@@ -417,12 +472,14 @@ impl Datapath {
             hook: hook.as_str(),
             source: Box::new(source),
         };
+        let at = match hook {
+            Hook::TunnelEgress => TcAttachType::Egress,
+            _ => TcAttachType::Ingress,
+        };
         let prog: &mut SchedClassifier = self.program(program)?;
         // tcx on kernels >= 6.6 (aya picks it): a bpf_link that can be pinned,
         // needs no qdisc, and leaves nothing behind when closed.
-        let id = prog
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(attach_err)?;
+        let id = prog.attach(iface, at).map_err(attach_err)?;
         let link = prog.take_link(id).map_err(attach_err)?;
         let fd: FdLink = link.try_into().map_err(|source| DatapathError::Link {
             iface: iface.into(),
@@ -512,17 +569,19 @@ impl Datapath {
         self.routes.remove(net)
     }
 
-    /// Adds the kernel route `net via peer dev oif` (as flannel's host-gw
-    /// does). The datapath never uses it; it lets the kernel handle what the
-    /// datapath hands it (TTL expiry -> ICMP time exceeded, frag-needed)
-    /// instead of answering "net unreachable". An existing route for `net`
-    /// is the operator's and is left alone; a peer that is not on-link gets
-    /// no route (warning), the datapath forwards all the same.
+    /// Adds the kernel route of `peer`'s subnet `net`: `net via peer dev
+    /// underlay` (as flannel's host-gw does), or `net dev xhost_vxlan` in
+    /// VXLAN mode (as flannel's vxlan does). The datapath never uses it; it
+    /// lets the kernel handle what the datapath hands it (TTL expiry -> ICMP
+    /// time exceeded, frag-needed) instead of answering "net unreachable".
+    /// An existing route for `net` is the operator's and is left alone; a
+    /// peer that is not on-link gets no route (warning), the datapath
+    /// forwards all the same.
     pub fn add_kernel_route(
         &mut self,
         net: &Ipv4Net,
         peer: Ipv4Addr,
-        oif: u32,
+        dev: RouteDevice,
     ) -> Result<(), DatapathError> {
         let rtnl_err = |source| DatapathError::Route {
             net: *net,
@@ -530,9 +589,10 @@ impl Datapath {
             source,
         };
         let mut rtnl = Rtnl::open().map_err(rtnl_err)?;
-        match rtnl.add_route(net, peer, oif) {
+        let gw = dev.gateway(peer);
+        match rtnl.add_route(net, gw, dev.oif) {
             Ok(()) => {
-                self.kernel_routes.push((*net, peer, oif));
+                self.kernel_routes.push((*net, gw, dev.oif));
                 Ok(())
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -557,7 +617,7 @@ impl Datapath {
     }
 
     /// Kernel routes this instance added.
-    pub fn kernel_routes(&self) -> &[(Ipv4Net, Ipv4Addr, u32)] {
+    pub fn kernel_routes(&self) -> &[KernelRouteEntry] {
         &self.kernel_routes
     }
 
@@ -601,6 +661,9 @@ impl Datapath {
     /// (`load --detach`); `xhost-user unload` removes them.
     pub fn keep_running(mut self) {
         self.keep = true;
+        if let Some(t) = self.tunnel.as_mut() {
+            t.keep();
+        }
     }
 
     pub fn layout(&self) -> &Layout {
@@ -627,10 +690,10 @@ impl Drop for Datapath {
 }
 
 /// Deletes routes `add_kernel_route` made; already gone is fine.
-pub fn delete_kernel_routes(routes: &[(Ipv4Net, Ipv4Addr, u32)]) {
+pub fn delete_kernel_routes(routes: &[KernelRouteEntry]) {
     let Ok(mut rtnl) = Rtnl::open() else { return };
-    for (net, peer, oif) in routes {
-        match rtnl.delete_route(net, *peer, *oif) {
+    for (net, gw, oif) in routes {
+        match rtnl.delete_route(net, *gw, *oif) {
             Err(e) if e.raw_os_error() != Some(libc::ESRCH) => warn!("deleting route {net}: {e}"),
             _ => {}
         }

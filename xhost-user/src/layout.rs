@@ -69,6 +69,10 @@ pub enum Hook {
     /// TC (tcx) ingress of a container's host-side veth.
     #[serde(rename = "ctr-ingress")]
     ContainerIngress,
+    /// TC (tcx) ingress of the vxlan device (VXLAN mode).
+    TunnelIngress,
+    /// TC (tcx) egress of the vxlan device (VXLAN mode).
+    TunnelEgress,
 }
 
 impl Hook {
@@ -78,6 +82,8 @@ impl Hook {
             Self::UnderlayIngress => "underlay-ingress",
             Self::BridgeIngress => "bridge-ingress",
             Self::ContainerIngress => "ctr-ingress",
+            Self::TunnelIngress => "tunnel-ingress",
+            Self::TunnelEgress => "tunnel-egress",
         }
     }
 
@@ -87,6 +93,8 @@ impl Hook {
             Self::UnderlayIngress => xhost_common::PROG_INGRESS,
             Self::BridgeIngress => xhost_common::PROG_EGRESS,
             Self::ContainerIngress => xhost_common::PROG_FROM_CTR,
+            Self::TunnelIngress => xhost_common::PROG_FROM_TUNNEL,
+            Self::TunnelEgress => xhost_common::PROG_TO_TUNNEL,
         }
     }
 
@@ -96,6 +104,8 @@ impl Hook {
             Self::UnderlayIngress,
             Self::BridgeIngress,
             Self::ContainerIngress,
+            Self::TunnelIngress,
+            Self::TunnelEgress,
         ]
         .into_iter()
         .find(|h| h.as_str() == s)
@@ -124,6 +134,7 @@ mod tests {
             ("ens33", Hook::Xdp),
             ("ens33.100", Hook::UnderlayIngress),
             ("br-0a1b", Hook::BridgeIngress),
+            ("xhost_vxlan", Hook::TunnelEgress),
         ] {
             let p = l.link(iface, hook);
             let name = p.file_name().and_then(|n| n.to_str()).expect("utf-8 name");

@@ -10,3 +10,4 @@ pub mod net;
 pub mod netlink;
 pub mod report;
 pub mod state;
+pub mod tunnel;

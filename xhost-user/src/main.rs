@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use xhost_user::{
     agent,
-    config::{self, FlagConfig, PeerConfig, XdpModeArg},
+    config::{self, FlagConfig, PeerConfig, TunnelArg, XdpModeArg},
     layout::{DEFAULT_PIN_DIR, DEFAULT_RUN_DIR, Layout},
     report,
 };
@@ -57,6 +57,16 @@ enum Cmd {
         /// How the XDP validator attaches to the underlay.
         #[arg(long, value_enum)]
         xdp_mode: Option<XdpModeArg>,
+        /// How container traffic crosses the underlay: natively routed
+        /// (default), or in VXLAN for underlays that do not carry container IPs.
+        #[arg(long, value_enum)]
+        tunnel: Option<TunnelArg>,
+        /// VXLAN network identifier, the same on every host (default 1).
+        #[arg(long)]
+        vni: Option<u32>,
+        /// VXLAN UDP port, the same on every host (default 8472).
+        #[arg(long)]
+        vxlan_port: Option<u16>,
         /// Pin everything and exit; the datapath keeps forwarding.
         #[arg(long)]
         detach: bool,
@@ -112,6 +122,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_docker,
             docker_host,
             xdp_mode,
+            tunnel,
+            vni,
+            vxlan_port,
             detach,
         } => {
             // Parsed here rather than by clap so a bad value is one line
@@ -127,6 +140,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 no_docker,
                 docker_host,
                 xdp_mode,
+                tunnel,
+                vni,
+                vxlan_port,
             };
             let source = config::Source {
                 flags,

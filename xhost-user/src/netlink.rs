@@ -48,6 +48,15 @@ const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_EXT_MASK: u16 = 29;
 const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const IFLA_MTU: u16 = 4;
+const IFLA_VXLAN_LEARNING: u16 = 7;
+const IFLA_VXLAN_PORT: u16 = 15;
+const IFLA_VXLAN_COLLECT_METADATA: u16 = 25;
+const IFF_UP: u32 = 0x1;
+const IFF_NOARP: u32 = 0x80;
+const RT_SCOPE_UNIVERSE: u8 = 0;
+const RT_SCOPE_LINK: u8 = 253;
 const NDA_DST: u16 = 1;
 const NDA_LLADDR: u16 = 2;
 const NDA_MASTER: u16 = 9;
@@ -91,6 +100,7 @@ pub struct Link {
     pub link: Option<u32>,
     pub master: Option<u32>,
     pub kind: Option<String>,
+    pub mtu: Option<u32>,
 }
 
 /// One `RTM_NEWNEIGH`: an IPv4 neighbour, or (AF_BRIDGE) an FDB entry.
@@ -190,15 +200,42 @@ impl Rtnl {
             .collect())
     }
 
-    /// Adds `dst via gw dev oif` to the main table, marked as xhost's.
-    /// Fails with `AlreadyExists` if any route for `dst` is there: an
-    /// operator's route is never replaced (nor later deleted) by xhost.
-    pub fn add_route(&mut self, dst: &Ipv4Net, gw: Ipv4Addr, oif: u32) -> io::Result<()> {
+    /// Creates `name`, a VXLAN device in external (collect_md) mode on UDP
+    /// `port`, without learning, ARP or address, with `mtu`, and sets it
+    /// up: `ip link add name type vxlan external dstport port nolearning`.
+    /// Fails with `AlreadyExists` if `name` exists.
+    pub fn create_vxlan(&mut self, name: &str, port: u16, mtu: u32) -> io::Result<()> {
+        self.seq = self.seq.wrapping_add(1);
+        let m = newvxlan_request(self.seq, name, port, mtu);
+        self.transact(&m, |_, _| Ok(())).map(|_| ())
+    }
+
+    /// Deletes the interface with `index`.
+    pub fn delete_link(&mut self, index: u32) -> io::Result<()> {
+        let index =
+            i32::try_from(index).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        self.seq = self.seq.wrapping_add(1);
+        let mut m = header(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, self.seq);
+        push_ifinfomsg(&mut m, index, 0, 0);
+        finish(&mut m);
+        self.transact(&m, |_, _| Ok(())).map(|_| ())
+    }
+
+    /// Adds `dst via gw dev oif` (`dst dev oif` without `gw`) to the main
+    /// table, marked as xhost's. Fails with `AlreadyExists` if any route for
+    /// `dst` is there: an operator's route is never replaced (nor later
+    /// deleted) by xhost.
+    pub fn add_route(&mut self, dst: &Ipv4Net, gw: Option<Ipv4Addr>, oif: u32) -> io::Result<()> {
         self.route(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, dst, gw, oif)
     }
 
     /// Deletes the route `add_route` made.
-    pub fn delete_route(&mut self, dst: &Ipv4Net, gw: Ipv4Addr, oif: u32) -> io::Result<()> {
+    pub fn delete_route(
+        &mut self,
+        dst: &Ipv4Net,
+        gw: Option<Ipv4Addr>,
+        oif: u32,
+    ) -> io::Result<()> {
         self.route(RTM_DELROUTE, 0, dst, gw, oif)
     }
 
@@ -207,7 +244,7 @@ impl Rtnl {
         kind: u16,
         flags: u16,
         dst: &Ipv4Net,
-        gw: Ipv4Addr,
+        gw: Option<Ipv4Addr>,
         oif: u32,
     ) -> io::Result<()> {
         self.seq = self.seq.wrapping_add(1);
@@ -220,12 +257,19 @@ impl Rtnl {
             0,
             RT_TABLE_MAIN,
             XHOST_RTPROT,
-            0,
+            // A route without a gateway reaches its prefix on the link.
+            if gw.is_some() {
+                RT_SCOPE_UNIVERSE
+            } else {
+                RT_SCOPE_LINK
+            },
             RTN_UNICAST,
         ]);
         m.extend_from_slice(&0u32.to_ne_bytes());
         push_attr(&mut m, RTA_DST, &dst.addr().octets());
-        push_attr(&mut m, RTA_GATEWAY, &gw.octets());
+        if let Some(gw) = gw {
+            push_attr(&mut m, RTA_GATEWAY, &gw.octets());
+        }
         push_attr(&mut m, RTA_OIF, &oif.to_ne_bytes());
         finish(&mut m);
         self.transact(&m, |_, _| Ok(())).map(|_| ())
@@ -397,15 +441,19 @@ fn finish(m: &mut [u8]) {
     m[..4].copy_from_slice(&len.to_ne_bytes());
 }
 
-/// Builds an RTM_GETLINK request (host byte order, as netlink wants).
-fn getlink_request(seq: u32, flags: u16, index: i32, name: Option<&str>) -> Vec<u8> {
-    let mut m = header(RTM_GETLINK, flags, seq);
-    // struct ifinfomsg: family, pad, type, index, flags, change
+/// Appends a `struct ifinfomsg`: family, pad, type, index, flags, change.
+fn push_ifinfomsg(m: &mut Vec<u8>, index: i32, flags: u32, change: u32) {
     m.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]);
     m.extend_from_slice(&0u16.to_ne_bytes());
     m.extend_from_slice(&index.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&change.to_ne_bytes());
+}
+
+/// Builds an RTM_GETLINK request (host byte order, as netlink wants).
+fn getlink_request(seq: u32, flags: u16, index: i32, name: Option<&str>) -> Vec<u8> {
+    let mut m = header(RTM_GETLINK, flags, seq);
+    push_ifinfomsg(&mut m, index, 0, 0);
     push_attr(
         &mut m,
         IFLA_EXT_MASK,
@@ -416,6 +464,30 @@ fn getlink_request(seq: u32, flags: u16, index: i32, name: Option<&str>) -> Vec<
         z.push(0);
         push_attr(&mut m, IFLA_IFNAME, &z);
     }
+    finish(&mut m);
+    m
+}
+
+/// Builds the RTM_NEWLINK that creates an external-mode VXLAN device, up
+/// and without ARP.
+fn newvxlan_request(seq: u32, name: &str, port: u16, mtu: u32) -> Vec<u8> {
+    let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    let mut m = header(RTM_NEWLINK, flags, seq);
+    let up = IFF_UP | IFF_NOARP;
+    push_ifinfomsg(&mut m, 0, up, up);
+    let mut z = name.as_bytes().to_vec();
+    z.push(0);
+    push_attr(&mut m, IFLA_IFNAME, &z);
+    push_attr(&mut m, IFLA_MTU, &mtu.to_ne_bytes());
+    let mut data = Vec::new();
+    push_attr(&mut data, IFLA_VXLAN_COLLECT_METADATA, &[1]);
+    push_attr(&mut data, IFLA_VXLAN_LEARNING, &[0]);
+    // The one attribute netlink wants in network byte order.
+    push_attr(&mut data, IFLA_VXLAN_PORT, &port.to_be_bytes());
+    let mut info = Vec::new();
+    push_attr(&mut info, IFLA_INFO_KIND, b"vxlan\0");
+    push_attr(&mut info, IFLA_INFO_DATA, &data);
+    push_attr(&mut m, IFLA_LINKINFO, &info);
     finish(&mut m);
     m
 }
@@ -525,6 +597,7 @@ fn parse_link(payload: &[u8]) -> Option<Link> {
             IFLA_ADDRESS => link.mac = data.try_into().ok(),
             IFLA_LINK => link.link = u32_of(data).filter(|&i| i != 0),
             IFLA_MASTER => link.master = u32_of(data).filter(|&i| i != 0),
+            IFLA_MTU => link.mtu = u32_of(data),
             IFLA_LINKINFO => {
                 link.kind = attrs(data)
                     .find(|(t, _)| *t == IFLA_INFO_KIND)

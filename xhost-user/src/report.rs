@@ -107,6 +107,10 @@ pub struct AgentState {
     pub peers: Vec<PeerConfig>,
     /// Kernel routes the agent added, for `unload` of a detached datapath.
     pub kernel_routes: Vec<KernelRoute>,
+    /// VXLAN mode's device, for status and for `unload` of a detached
+    /// datapath.
+    #[serde(default)]
+    pub tunnel: Option<TunnelState>,
     pub docker: Option<DockerStatus>,
     pub updated_unix_ms: u64,
     /// The Docker status last written to disk (not serialized).
@@ -126,6 +130,7 @@ impl AgentState {
             bridges: Vec::new(),
             peers: s.peers.clone(),
             kernel_routes: Vec::new(),
+            tunnel: None,
             docker: s.docker.then(|| DockerStatus::unreachable(s)),
             updated_unix_ms: now_ms(),
             written_docker: None,
@@ -158,8 +163,19 @@ impl AgentState {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KernelRoute {
     pub prefix: Ipv4Net,
-    pub via: Ipv4Addr,
+    /// The peer host; none for a route into the vxlan device.
+    pub via: Option<Ipv4Addr>,
     pub oif: u32,
+}
+
+/// The vxlan device of VXLAN mode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelState {
+    pub device: String,
+    pub ifindex: u32,
+    pub vni: u32,
+    pub port: u16,
+    pub mtu: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -311,6 +327,12 @@ pub fn print_status(s: &Status) {
         ),
         None => println!("xhost, pins {} (no agent state)", s.pin_dir),
     }
+    if let Some(t) = s.agent.as_ref().and_then(|a| a.tunnel.as_ref()) {
+        println!(
+            "tunnel: {} (ifindex {}), VXLAN VNI {} on UDP {}, MTU {}",
+            t.device, t.ifindex, t.vni, t.port, t.mtu
+        );
+    }
     println!("attached:");
     for a in &s.attached {
         println!("  {:<16} {:<17} {}", a.iface, a.hook.as_str(), a.program);
@@ -439,6 +461,9 @@ pub fn unload(layout: &Layout, iface: Option<&str>) -> anyhow::Result<()> {
             .map(|r| (r.prefix, r.via, r.oif))
             .collect();
         crate::datapath::delete_kernel_routes(&routes);
+        if let Some(t) = &a.tunnel {
+            crate::tunnel::delete(t.ifindex);
+        }
     }
     remove_file_if_exists(&layout.state_file())?;
     let _ = std::fs::remove_dir(&layout.run_dir);

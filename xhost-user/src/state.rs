@@ -16,6 +16,7 @@ use crate::{
     datapath::{Datapath, DatapathError},
     net::{self, Ipv4Net, fmt_mac},
     netlink::{NUD_ADMIN, NUD_USABLE, Neigh, Rtnl},
+    tunnel::RouteDevice,
 };
 
 /// What the datapath should hold for this host's own side.
@@ -238,7 +239,7 @@ pub fn apply_peers(
     dp: &mut Datapath,
     applied: &mut Peers,
     want: &Peers,
-    underlay: u32,
+    route_dev: RouteDevice,
 ) -> Result<(), DatapathError> {
     let new_hosts = want.hosts.difference(&applied.hosts).count();
     if applied.hosts.len() + new_hosts > xhost_common::MAX_PEER_HOSTS as usize {
@@ -266,7 +267,7 @@ pub fn apply_peers(
         }
         dp.set_route(n, *h)?;
         applied.routes.insert(*n, *h);
-        dp.add_kernel_route(n, *h, underlay)?;
+        dp.add_kernel_route(n, *h, route_dev)?;
         info!("route {n} via peer {h}: set");
     }
     remove_gone_routes(dp, applied, want)?;

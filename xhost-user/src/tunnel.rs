@@ -1,0 +1,141 @@
+//! VXLAN mode's device: the kernel's vxlan driver in external (collect_md)
+//! mode, which the datapath hands packets with a tunnel key (the peer host,
+//! the VNI) and which hands back decapsulated ones with theirs. Created at
+//! load, deleted at unload; owned by the `Datapath`.
+
+use std::net::Ipv4Addr;
+
+use log::{info, warn};
+use xhost_common::VXLAN_OVERHEAD;
+
+use crate::{config::Vxlan, netlink::Rtnl};
+
+/// Name of the device (one xhost instance per network namespace uses it).
+pub const DEVICE: &str = "xhost_vxlan";
+
+/// Smallest MTU IPv4 allows a link (RFC 791).
+const MIN_IPV4_MTU: u32 = 68;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error(
+        "{DEVICE} exists already (another xhost instance in VXLAN mode here? `xhost-user unload`, or `ip link del {DEVICE}` if it is a leftover)"
+    )]
+    Exists,
+    #[error("underlay {iface} not found")]
+    NoUnderlay { iface: String },
+    #[error(
+        "underlay {iface} has MTU {mtu}: VXLAN needs {VXLAN_OVERHEAD} bytes of it and leaves too little"
+    )]
+    MtuTooSmall { iface: String, mtu: u32 },
+    #[error("creating {DEVICE}")]
+    Create(#[source] std::io::Error),
+}
+
+/// The vxlan device of this instance; deleted when dropped unless kept.
+#[derive(Debug)]
+pub struct TunnelDevice {
+    pub ifindex: u32,
+    pub mtu: u32,
+    pub vxlan: Vxlan,
+    keep: bool,
+}
+
+impl TunnelDevice {
+    /// Creates the device for `vxlan` with the underlay's MTU less the
+    /// VXLAN overhead, so that what fits it fits the underlay once
+    /// encapsulated.
+    pub fn create(underlay: &str, vxlan: Vxlan) -> Result<Self, TunnelError> {
+        let mut rtnl = Rtnl::open().map_err(TunnelError::Create)?;
+        let link = rtnl
+            .link_by_name(underlay)
+            .map_err(TunnelError::Create)?
+            .ok_or_else(|| TunnelError::NoUnderlay {
+                iface: underlay.into(),
+            })?;
+        let underlay_mtu = link.mtu.unwrap_or(1500);
+        let mtu = underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
+        if mtu < MIN_IPV4_MTU {
+            return Err(TunnelError::MtuTooSmall {
+                iface: underlay.into(),
+                mtu: underlay_mtu,
+            });
+        }
+        match rtnl.create_vxlan(DEVICE, vxlan.port, mtu) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(TunnelError::Exists);
+            }
+            r => r.map_err(TunnelError::Create)?,
+        }
+        let ifindex = match rtnl.link_by_name(DEVICE) {
+            Ok(Some(l)) => l.index,
+            Ok(None) => {
+                return Err(TunnelError::Create(std::io::Error::other(
+                    "created, then gone",
+                )));
+            }
+            Err(e) => return Err(TunnelError::Create(e)),
+        };
+        let dev = Self {
+            ifindex,
+            mtu,
+            vxlan,
+            keep: false,
+        };
+        // The device's own IPv6 chatter (router solicitations, MLD) has no
+        // peer to go to; without IPv6 there is none.
+        let sysctl = format!("/proc/sys/net/ipv6/conf/{DEVICE}/disable_ipv6");
+        if let Err(e) = std::fs::write(&sysctl, "1")
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!("{sysctl}: {e}");
+        }
+        info!(
+            "created {DEVICE} (ifindex {ifindex}): VXLAN VNI {} on UDP {}, MTU {mtu}",
+            vxlan.vni, vxlan.port
+        );
+        Ok(dev)
+    }
+
+    /// Leaves the device in place when dropped (`load --detach`).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for TunnelDevice {
+    fn drop(&mut self) {
+        if !self.keep {
+            delete(self.ifindex);
+        }
+    }
+}
+
+/// Deletes the device with `ifindex` if it is still xhost's vxlan device.
+pub fn delete(ifindex: u32) {
+    let Ok(mut rtnl) = Rtnl::open() else { return };
+    match rtnl.link_by_index(ifindex) {
+        Ok(Some(l)) if l.name == DEVICE && l.kind.as_deref() == Some("vxlan") => {
+            if let Err(e) = rtnl.delete_link(ifindex) {
+                warn!("deleting {DEVICE}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!("looking up {DEVICE}: {e}"),
+    }
+}
+
+/// Where the kernel's routes of peer subnets lead: via the peer host on the
+/// underlay (native), or into the vxlan device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteDevice {
+    pub oif: u32,
+    pub via_peer: bool,
+}
+
+impl RouteDevice {
+    /// The gateway of the route to a subnet of `peer`.
+    pub fn gateway(self, peer: Ipv4Addr) -> Option<Ipv4Addr> {
+        self.via_peer.then_some(peer)
+    }
+}
