@@ -511,6 +511,7 @@ fn assert_refused(host: &xhost_tests::Host, args: &[&str], culprit: &str) {
     let _cleanup = Cleanup(std::slice::from_ref(&dirs));
     let mut all = vec!["load"];
     all.extend_from_slice(args);
+    let links = link_names(host.ns());
     let out = xhost(host.ns(), &dirs, &all).expect("run load");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -541,6 +542,23 @@ fn assert_refused(host: &xhost_tests::Host, args: &[&str], culprit: &str) {
         "",
         "load {args:?} left programs attached"
     );
+    assert_eq!(
+        link_names(host.ns()),
+        links,
+        "load {args:?} left interfaces behind"
+    );
+}
+
+/// Names of the interfaces of `ns`, sorted.
+fn link_names(ns: &NetNs) -> Vec<String> {
+    let mut names: Vec<String> = ns
+        .run(&["ip", "-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 #[test]
@@ -604,6 +622,15 @@ fn bad_input_is_refused_with_nothing_half_applied() {
             vec!["--iface".into(), "ens33".into(), "--no-docker".into()],
             "nothing to serve",
         ),
+        (
+            with(&["--tunnel", "vxlan", "--vni", "16777216"]),
+            "VNI 16777216 out of range",
+        ),
+        (with(&["--vni", "7"]), "it needs --tunnel vxlan"),
+        (
+            with(&["--tunnel", "vxlan", "--vxlan-port", "0"]),
+            "VXLAN port 0",
+        ),
     ];
     for (args, culprit) in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -650,6 +677,28 @@ fn bad_input_is_refused_with_nothing_half_applied() {
     assert_refused(a, &["--config", &missing, "--no-docker"], "missing.toml");
     let _ = std::fs::remove_dir_all(&dir);
 
+    // VXLAN mode: a device of that name that is not ours is left alone.
+    a.ns().run(&[
+        "ip",
+        "link",
+        "add",
+        "xhost_vxlan",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "xh-other",
+    ]);
+    assert_refused(
+        a,
+        &with(&["--tunnel", "vxlan"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        "xhost_vxlan exists already",
+    );
+    a.ns().run(&["ip", "link", "del", "xhost_vxlan"]);
+
     // Already loaded: a second instance on the same underlay is refused,
     // whether it shares the pin dir or not; the first keeps forwarding.
     let first = start(a, b, &[]);
@@ -667,17 +716,25 @@ fn bad_input_is_refused_with_nothing_half_applied() {
     );
     let other = AgentDirs::unique("dup");
     let _cleanup = Cleanup(std::slice::from_ref(&other));
-    let out = xhost(a.ns(), &other, &all).expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("ens33 already has"),
-        "{stderr}"
-    );
-    assert!(
-        other.leftovers().is_empty(),
-        "refused load left {:?}",
-        other.leftovers()
-    );
+    let links = link_names(a.ns());
+    // The second in VXLAN mode too: its device is made before the underlay
+    // refuses it, and must go again.
+    let mut tunnelled = all.clone();
+    tunnelled.extend(["--tunnel", "vxlan"]);
+    for args in [&all, &tunnelled] {
+        let out = xhost(a.ns(), &other, args).expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("ens33 already has"),
+            "{stderr}"
+        );
+        assert!(
+            other.leftovers().is_empty(),
+            "refused load left {:?}",
+            other.leftovers()
+        );
+        assert_eq!(link_names(a.ns()), links, "refused load left interfaces");
+    }
     assert!(
         ping(topo.ctr_a().ns(), topo.ctr_b().ip(), 2)
             .expect("ping")
@@ -1337,4 +1394,272 @@ fn a_reload_that_fails_half_way_puts_the_previous_peers_back() {
     assert!(ping(ctr_a, ip_b, 2).expect("ping").any_received());
 
     stop_leaving_nothing(agent, a.ns());
+}
+
+/// Puts a "cloud" between the hosts, as a VPC with source/destination
+/// checks is: their underlay ends become ports of a bridge in a namespace of
+/// its own, whose FORWARD chain (br_netfilter) drops every frame to or from
+/// a container subnet. The hosts keep their underlay addresses.
+fn cloud_underlay(topo: &Topology) -> NetNs {
+    let cloud = NetNs::new("cloud").expect("cloud netns");
+    let (a, b) = (topo.host_a(), topo.host_b());
+    // Deleting one end of the direct pair deletes both.
+    a.ns().run(&["ip", "link", "del", a.underlay_iface()]);
+    for (h, port) in [(a, "to-a"), (b, "to-b")] {
+        h.ns()
+            .ip_batch(&format!(
+                "link add {iface} type veth peer name {port} netns {cloud}\n\
+                 addr add {addr} dev {iface}\n\
+                 link set {iface} up\n",
+                iface = h.underlay_iface(),
+                cloud = cloud.name(),
+                addr = h.underlay(),
+            ))
+            .expect("host side of the cloud");
+    }
+    cloud
+        .ip_batch(
+            "link add br0 type bridge\n\
+             link set to-a master br0\n\
+             link set to-b master br0\n\
+             link set to-a up\n\
+             link set to-b up\n\
+             link set br0 up\n",
+        )
+        .expect("cloud bridge");
+    cloud
+        .sysctl("net.bridge.bridge-nf-call-iptables", "1")
+        .expect("br_netfilter in the cloud");
+    for (h, dir) in [(a, "-s"), (a, "-d"), (b, "-s"), (b, "-d")] {
+        cloud.run(&[
+            "iptables",
+            "-w",
+            "-A",
+            "FORWARD",
+            dir,
+            &h.subnet().to_string(),
+            "-j",
+            "DROP",
+        ]);
+    }
+    cloud
+}
+
+/// Frames with a container address the cloud dropped.
+fn cloud_drops(cloud: &NetNs) -> u64 {
+    iptables_counter(cloud, "FORWARD")
+        .expect("cloud FORWARD counters")
+        .rules
+        .iter()
+        .map(|r| r.packets)
+        .sum()
+}
+
+/// An underlay that drops container addresses (a cloud) defeats native
+/// routing; in VXLAN mode the same containers talk through it, container
+/// IPs kept, with TCP learning the tunnel's smaller MTU from the kernel's
+/// frag-needed. Unloading removes the vxlan device and its routes.
+#[test]
+fn vxlan_crosses_an_underlay_that_drops_container_ips() {
+    let topo = topology();
+    let cloud = cloud_underlay(&topo);
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let (ca, cb) = (topo.ctr_a(), topo.ctr_b());
+    let ping_underlay = ping(a.ns(), b.underlay_ip(), 1).expect("ping B's underlay");
+    assert!(
+        ping_underlay.all_received(),
+        "the cloud carries host traffic"
+    );
+
+    // Native routing puts container IPs on the wire: the cloud drops them.
+    let agent_a = start(a, b, &[]);
+    let agent_b = start(b, a, &[]);
+    let drops = cloud_drops(&cloud);
+    assert!(
+        !ping(ca.ns(), cb.ip(), 1).expect("ping").any_received(),
+        "native routing crossed a cloud that drops container IPs"
+    );
+    assert!(cloud_drops(&cloud) > drops, "the cloud dropped nothing");
+    stop_leaving_nothing(agent_a, a.ns());
+    stop_leaving_nothing(agent_b, b.ns());
+
+    let vxlan = ["--tunnel", "vxlan", "--vni", "4242"];
+    let agent_a = start(a, b, &vxlan);
+    let agent_b = start(b, a, &vxlan);
+    for (h, agent) in [(a, &agent_a), (b, &agent_b)] {
+        let s = status_json(h.ns(), &agent.dirs);
+        assert_eq!(s["agent"]["tunnel"]["vni"], 4242, "{s}");
+        // The underlay's 1500 less 50 bytes of VXLAN.
+        assert_eq!(s["agent"]["tunnel"]["mtu"], 1450, "{s}");
+        let dev = h.ns().run(&["ip", "-d", "link", "show", "xhost_vxlan"]);
+        assert!(
+            dev.contains("mtu 1450") && dev.contains("external") && dev.contains("dstport 8472"),
+            "{}: {dev}",
+            h.role()
+        );
+        let progs = attached_programs(h.ns(), &["xhost_vxlan"]).expect("bpftool");
+        assert_eq!(
+            progs,
+            [
+                "xhost_vxlan tcx-ingress xhost_from_tun",
+                "xhost_vxlan tcx-egress xhost_to_tun"
+            ],
+            "{}",
+            h.role()
+        );
+    }
+    let routes = a.ns().run(&["ip", "route", "show", "proto", "177"]);
+    assert!(
+        routes.contains(&format!("{} dev xhost_vxlan scope link", b.subnet())),
+        "host A's kernel route into the tunnel: {routes}"
+    );
+    let drops = cloud_drops(&cloud);
+    let before = [
+        status_json(a.ns(), &agent_a.dirs),
+        status_json(b.ns(), &agent_b.dirs),
+    ];
+    let p = ping(ca.ns(), cb.ip(), 5).expect("ping A->B");
+    assert!(p.all_received(), "ping A->B over VXLAN: {p:?}");
+    for (from, to, port) in [(ca, cb, 45_131u16), (cb, ca, 45_132)] {
+        // A path MTU learned in the other direction would lower the MSS the
+        // receiver advertises, and the sender would never send too much.
+        for c in [from, to] {
+            c.ns().run(&["ip", "route", "flush", "cache"]);
+        }
+        let opts = TransferOpts {
+            port,
+            bytes: 16 << 20,
+            ..TransferOpts::default()
+        };
+        let t = tcp_transfer(from.ns(), to.ns(), to.ip(), &opts).expect("tcp transfer");
+        assert!(t.intact(), "{} -> {}: {t:?}", from.ip(), to.ip());
+        assert_eq!(t.source_ip(), from.ip(), "container IPs kept, no NAT");
+        // 1500-byte containers learn the tunnel's MTU from their host.
+        let route = from.ns().run(&["ip", "route", "get", &to.ip().to_string()]);
+        assert!(route.contains("mtu 1450"), "{}: {route}", from.ip());
+    }
+    assert_eq!(
+        cloud_drops(&cloud),
+        drops,
+        "no container IP crossed the cloud"
+    );
+    for ((h, agent), before) in [(a, &agent_a), (b, &agent_b)].into_iter().zip(&before) {
+        let s = status_json(h.ns(), &agent.dirs);
+        for name in ["fwd_egress", "fwd_ingress", "pass_fib"] {
+            assert!(
+                counter(&s, name) > counter(before, name),
+                "{}: {name} did not move: {s}",
+                h.role()
+            );
+        }
+        for name in ["drop_spoofed", "drop_tunnel", "drop_redirect"] {
+            assert_eq!(counter(&s, name), 0, "{}: {name}: {s}", h.role());
+        }
+    }
+    for (h, agent) in [(a, agent_a), (b, agent_b)] {
+        stop_leaving_nothing(agent, h.ns());
+        let links = h.ns().run(&["ip", "-o", "link", "show"]);
+        assert!(!links.contains("xhost_vxlan"), "{}: {links}", h.role());
+        assert!(
+            h.ns()
+                .run(&["ip", "route", "show", "proto", "177"])
+                .is_empty(),
+            "{}: kernel routes left",
+            h.role()
+        );
+    }
+}
+
+/// In VXLAN mode only what the tunnel vouches for is delivered: our VNI,
+/// from a peer host, with an inner source in that peer's own subnets. A
+/// third host speaks the kernel's own VXLAN to host B, once as the peer it
+/// is configured as (delivered), then with each of those wrong (dropped
+/// and counted).
+#[test]
+fn vxlan_delivers_only_what_a_peer_host_encapsulates() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let cb = topo.ctr_b();
+    let c = NetNs::new("host-c").expect("host C netns");
+    b.ns()
+        .ip_batch(&format!(
+            "link add ul1 type veth peer name ul1 netns {}\n\
+             addr add 172.16.92.2/24 dev ul1\n\
+             link set ul1 up\n",
+            c.name()
+        ))
+        .expect("B's link to C");
+    c.ip_batch(
+        "link set lo up\n\
+         addr add 172.16.92.1/24 dev ul1\n\
+         addr add 172.16.92.3/24 dev ul1\n\
+         link set ul1 up\n",
+    )
+    .expect("host C");
+    // Only the pings cross: no IPv6 chatter from C's devices.
+    c.sysctl("net.ipv6.conf.default.disable_ipv6", "1")
+        .expect("IPv6 off on host C");
+    let vxlan = ["--tunnel", "vxlan"];
+    let _agent_a = start(a, b, &vxlan);
+    let agent_b = start(
+        b,
+        a,
+        &[
+            "--tunnel",
+            "vxlan",
+            "--peer",
+            "172.16.92.1=192.168.130.0/24",
+        ],
+    );
+
+    // Host C sends from `inner` through a VXLAN device with `vni`, whose
+    // outer source is `local`.
+    let ping_from_c = |vni: &str, local: &str, inner: &str| {
+        c.ip_batch(&format!(
+            "link add vx0 type vxlan id {vni} local {local} remote 172.16.92.2 dstport 8472 nolearning\n\
+             addr add {inner}/32 dev vx0\n\
+             link set vx0 up\n\
+             route add 192.168.220.0/24 dev vx0 src {inner}\n\
+             neigh add {ctr} lladdr 02:42:00:00:00:01 dev vx0\n",
+            ctr = cb.ip(),
+        ))
+        .expect("host C's vxlan device");
+        let counters = || {
+            let s = status_json(b.ns(), &agent_b.dirs);
+            [counter(&s, "fwd_ingress"), counter(&s, "drop_spoofed")]
+        };
+        let before = counters();
+        ping(&c, cb.ip(), 2).expect("ping from C");
+        let after = counters();
+        c.run(&["ip", "link", "del", "vx0"]);
+        [after[0] - before[0], after[1] - before[1]]
+    };
+    // The echoes are delivered. (The replies are not checked: the kernel's
+    // VXLAN wants them sent to its own MAC, which only a peer's FDB says.)
+    assert_eq!(
+        ping_from_c("1", "172.16.92.1", "192.168.130.5"),
+        [2, 0],
+        "peer C, its subnet, our VNI: [delivered, dropped]"
+    );
+    for (vni, local, inner, what) in [
+        (
+            "1",
+            "172.16.92.3",
+            "192.168.130.5",
+            "outer source no peer host",
+        ),
+        (
+            "1",
+            "172.16.92.1",
+            "192.168.110.77",
+            "inner source host A's, sent by C",
+        ),
+        ("2", "172.16.92.1", "192.168.130.5", "another VNI"),
+    ] {
+        assert_eq!(
+            ping_from_c(vni, local, inner),
+            [0, 2],
+            "{what}: [delivered, dropped]"
+        );
+    }
 }
