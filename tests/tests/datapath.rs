@@ -1556,10 +1556,12 @@ fn vxlan_crosses_an_underlay_that_drops_container_ips() {
             assert_eq!(counter(&s, name), 0, "{}: {name}: {s}", h.role());
         }
     }
-    for (h, agent) in [(a, agent_a), (b, agent_b)] {
-        stop_leaving_nothing(agent, h.ns());
-        let links = h.ns().run(&["ip", "-o", "link", "show"]);
-        assert!(!links.contains("xhost_vxlan"), "{}: {links}", h.role());
+    let tunnel_left = |h: &xhost_tests::Host| {
+        assert!(
+            !link_names(h.ns()).contains(&"xhost_vxlan".to_owned()),
+            "{}: xhost_vxlan left",
+            h.role()
+        );
         assert!(
             h.ns()
                 .run(&["ip", "route", "show", "proto", "177"])
@@ -1567,7 +1569,37 @@ fn vxlan_crosses_an_underlay_that_drops_container_ips() {
             "{}: kernel routes left",
             h.role()
         );
+    };
+    for (h, agent) in [(a, agent_a), (b, agent_b)] {
+        stop_leaving_nothing(agent, h.ns());
+        tunnel_left(h);
     }
+
+    // Detached, the device outlives the loading process; unload removes it.
+    let dirs = AgentDirs::unique("a");
+    let _guard = scopeguard(std::slice::from_ref(&dirs));
+    let mut args = vec!["load".to_owned()];
+    args.extend(load_args(a, b, &["--tunnel", "vxlan", "--detach"]));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = xhost(a.ns(), &dirs, &args).expect("load --detach");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(link_names(a.ns()).contains(&"xhost_vxlan".to_owned()));
+    let out = xhost(a.ns(), &dirs, &["unload"]).expect("unload");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        dirs.leftovers().is_empty(),
+        "unload left {:?}",
+        dirs.leftovers()
+    );
+    tunnel_left(a);
 }
 
 /// In VXLAN mode only what the tunnel vouches for is delivered: our VNI,
