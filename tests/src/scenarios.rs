@@ -61,6 +61,9 @@ pub struct XhostOpts {
     pub routes: u32,
     /// The `xhost-user` binary; `None`: [`xhost::xhost_bin`].
     pub binary: Option<PathBuf>,
+    /// VXLAN mode (`--tunnel vxlan`), with the containers at [`VXLAN_MTU`] as an operator
+    /// configures Docker for it (and as the kernel VXLAN scenario has them).
+    pub tunnel: bool,
 }
 
 impl Default for XhostOpts {
@@ -69,6 +72,7 @@ impl Default for XhostOpts {
             xdp_mode: None,
             routes: 1,
             binary: None,
+            tunnel: false,
         }
     }
 }
@@ -116,6 +120,11 @@ impl Bed {
             }
             PathKind::Xhost(opts) => {
                 let topo = Topology::two_hosts(TopologyOpts::default())?;
+                if opts.tunnel {
+                    for host in topo.hosts() {
+                        set_container_mtu(host, VXLAN_MTU)?;
+                    }
+                }
                 let mut bed = Self::hosts(topo);
                 bed.start_agents(opts)?;
                 Ok(bed)
@@ -156,6 +165,9 @@ impl Bed {
             ];
             if let Some(mode) = &opts.xdp_mode {
                 args.extend(["--xdp-mode", mode]);
+            }
+            if opts.tunnel {
+                args.extend(["--tunnel", "vxlan"]);
             }
             let config = self.config.as_ref().map(|f| f.path.display().to_string());
             if let Some(path) = &config {
@@ -327,25 +339,21 @@ fn apply_kernel_vxlan(topo: &Topology) -> Result<()> {
     ] {
         let ns = host.ns();
         let (me, peer_vtep, peer_mac) = (vxlan_ip(n), vxlan_ip(peer_n), vxlan_mac(peer_n));
-        let mut script = format!(
+        let script = format!(
             "link add vxlan0 type vxlan id 42 dstport 4789 local {} dev {} nolearning\n\
              link set vxlan0 address {}\n\
              link set vxlan0 mtu {mtu}\n\
              addr add {me}/24 dev vxlan0\n\
              link set vxlan0 up\n\
              neigh replace {peer_vtep} lladdr {peer_mac} dev vxlan0 nud permanent\n\
-             route add {} via {peer_vtep} dev vxlan0 onlink\n\
-             link set {} mtu {mtu}\n",
+             route add {} via {peer_vtep} dev vxlan0 onlink\n",
             host.underlay_ip(),
             host.underlay_iface(),
             vxlan_mac(n),
             peer.subnet(),
-            host.bridge(),
         );
-        for c in host.containers() {
-            let _ = writeln!(script, "link set {} mtu {mtu}", c.host_veth());
-        }
         ns.ip_batch(&script)?;
+        set_container_mtu(host, mtu)?;
         ns.try_run(&[
             "bridge",
             "fdb",
@@ -356,11 +364,22 @@ fn apply_kernel_vxlan(topo: &Topology) -> Result<()> {
             "dev",
             "vxlan0",
         ])?;
-        for c in host.containers() {
-            c.ns()
-                .ip(&["link", "set", c.iface(), "mtu", &mtu.to_string()])?;
-        }
         exempt_and_accept(ns, &host.subnet().to_string(), &peer.subnet().to_string())?;
+    }
+    Ok(())
+}
+
+/// `mtu` on every container-side link of `host`: its bridge, the host ends of the container
+/// veths and the containers' eth0 (Docker's `mtu` setting).
+fn set_container_mtu(host: &crate::Host, mtu: u32) -> Result<()> {
+    let mut script = format!("link set {} mtu {mtu}\n", host.bridge());
+    for c in host.containers() {
+        let _ = writeln!(script, "link set {} mtu {mtu}", c.host_veth());
+    }
+    host.ns().ip_batch(&script)?;
+    for c in host.containers() {
+        c.ns()
+            .ip(&["link", "set", c.iface(), "mtu", &mtu.to_string()])?;
     }
     Ok(())
 }

@@ -95,13 +95,14 @@ pub const XHOST_XDP_NATIVE: &str = "xhost-xdp-native";
 pub const XHOST_1K: &str = "xhost-1k";
 pub const XHOST_100K: &str = "xhost-100k";
 pub const XHOST_BASELINE: &str = "xhost-baseline";
+pub const XHOST_VXLAN: &str = "xhost-vxlan";
 
 pub fn all_scenarios() -> Vec<Scenario> {
     let xhost = |xdp_mode: Option<&str>, routes| {
         PathKind::Xhost(XhostOpts {
             xdp_mode: xdp_mode.map(str::to_owned),
             routes,
-            binary: None,
+            ..XhostOpts::default()
         })
     };
     let s = |name, kind, tcp, default, about| Scenario {
@@ -139,6 +140,16 @@ pub fn all_scenarios() -> Vec<Scenario> {
             true,
             true,
             "Docker-like hosts + xhost-user on each, default XDP mode (auto), 1 route",
+        ),
+        s(
+            XHOST_VXLAN,
+            PathKind::Xhost(XhostOpts {
+                tunnel: true,
+                ..XhostOpts::default()
+            }),
+            true,
+            true,
+            "as xhost, --tunnel vxlan (containers at MTU 1450, as in kernel-vxlan)",
         ),
         s(
             XHOST_XDP_NATIVE,
