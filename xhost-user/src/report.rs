@@ -294,13 +294,15 @@ pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
     })
 }
 
-/// Sums each counter over all CPUs.
+/// Sums each counter over all CPUs. A datapath pinned by an older build has fewer
+/// counters: those it lacks are left out.
 pub fn read_counters(
     layout: &Layout,
 ) -> anyhow::Result<std::collections::BTreeMap<String, CounterRow>> {
     let stats: PerCpuArray<MapData, Counter> = open_pinned(layout, MAP_STATS)?.try_into()?;
     let mut out = std::collections::BTreeMap::new();
-    for (i, name) in stat::NAMES.iter().enumerate() {
+    let slots = stats.len() as usize;
+    for (i, name) in stat::NAMES.iter().enumerate().take(slots) {
         let per_cpu = stats.get(&(i as u32), 0)?;
         let mut sum = CounterRow::default();
         for c in per_cpu.iter() {
