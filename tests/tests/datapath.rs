@@ -374,26 +374,32 @@ fn scopeguard(dirs: &[AgentDirs]) -> Cleanup<'_> {
     Cleanup(dirs)
 }
 
+/// Natively and in VXLAN mode. In VXLAN mode B's answer leaves through
+/// its kernel's route into `xhost_vxlan`, gets its tunnel key from
+/// `xhost_to_tun`, and arrives at A with B itself as the inner source.
 #[test]
 fn ttl_expiring_at_the_host_is_left_to_the_kernel() {
     let topo = topology();
     let (a, b) = (topo.host_a(), topo.host_b());
-    let _agents = (start(a, b, &[]), start(b, a, &[]));
-    // TTL 1 expires at host A, TTL 2 at host B (A's datapath forwarded it
-    // with TTL 1): each host's kernel must answer "time exceeded", and B's
-    // answer must get through A's isolation check (ICMP error, peer host).
-    for (ttl, at) in [("1", "host A"), ("2", "host B")] {
-        let dst = topo.ctr_b().ip().to_string();
-        let out = topo
-            .ctr_a()
-            .ns()
-            .exec(&["ping", "-n", "-c", "1", "-W", "1", "-t", ttl, &dst])
-            .expect("ping");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            text.contains("Time to live exceeded"),
-            "expected ICMP time exceeded from {at}: {text}"
-        );
+    for mode in [&[][..], &["--tunnel", "vxlan"][..]] {
+        let _agents = (start(a, b, mode), start(b, a, mode));
+        // TTL 1 expires at host A, TTL 2 at host B (A's datapath forwarded
+        // it with TTL 1): each host's kernel must answer "time exceeded",
+        // and B's answer must get through A's isolation check (ICMP error,
+        // peer host).
+        for (ttl, at) in [("1", "host A"), ("2", "host B")] {
+            let dst = topo.ctr_b().ip().to_string();
+            let out = topo
+                .ctr_a()
+                .ns()
+                .exec(&["ping", "-n", "-c", "1", "-W", "1", "-t", ttl, &dst])
+                .expect("ping");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("Time to live exceeded"),
+                "{mode:?}: expected ICMP time exceeded from {at}: {text}"
+            );
+        }
     }
 }
 
