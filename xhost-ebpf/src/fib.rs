@@ -111,7 +111,6 @@ pub fn lookup(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], len: Wi
 /// MTU. With `tot_len` 0 the kernel checks the skb with
 /// `is_skb_forwardable`, which passes any GSO packet: `segments` then has
 /// each segment checked against the egress device.
-///
 #[inline(always)]
 fn ask(
     ctx: &TcContext,
