@@ -771,26 +771,7 @@ fn what_does_not_fit_the_underlay_gets_frag_needed() {
     ];
 
     for (from, to, port) in [(ca, cb, 45_111u16), (cb, ca, 45_112)] {
-        // A path MTU learned in the other direction would lower the MSS the receiver
-        // advertises, and the sender would never send too much.
-        for c in [from, to] {
-            c.ns().run(&["ip", "route", "flush", "cache"]);
-        }
-        let opts = TransferOpts {
-            port,
-            bytes: 8 << 20,
-            ..TransferOpts::default()
-        };
-        let t = tcp_transfer(from.ns(), to.ns(), to.ip(), &opts).expect("tcp transfer");
-        assert!(t.intact(), "{} -> {}: {t:?}", from.ip(), to.ip());
-        // The sender learned the underlay's MTU from its host's ICMP.
-        let route = from.ns().run(&["ip", "route", "get", &to.ip().to_string()]);
-        assert!(
-            route.contains("mtu 1400"),
-            "{} never learned the path MTU to {}: {route}",
-            from.ip(),
-            to.ip()
-        );
+        transfer_learning_mtu(from, to, port, 8 << 20, 1400);
     }
     for ((host, agent), before) in [(a, &agent_a), (b, &agent_b)].into_iter().zip(&before) {
         let s = status_json(host.ns(), &agent.dirs);
@@ -832,6 +813,37 @@ fn what_does_not_fit_the_underlay_gets_frag_needed() {
         !ok && text.contains("Frag needed") && text.contains("mtu = 1400"),
         "a 1401-byte DF ping must get frag-needed from host A: {text}"
     );
+}
+
+/// A checksummed TCP transfer of `bytes` from `from` to `to`, which must arrive intact
+/// while `from` learns the path MTU `mtu` from its host's frag-needed. Both forget what
+/// they learned first: a path MTU learned in the other direction would lower the MSS the
+/// receiver advertises, and the sender would never send too much.
+fn transfer_learning_mtu(
+    from: &xhost_tests::Container,
+    to: &xhost_tests::Container,
+    port: u16,
+    bytes: u64,
+    mtu: u32,
+) -> xhost_tests::Transfer {
+    for c in [from, to] {
+        c.ns().run(&["ip", "route", "flush", "cache"]);
+    }
+    let opts = TransferOpts {
+        port,
+        bytes,
+        ..TransferOpts::default()
+    };
+    let t = tcp_transfer(from.ns(), to.ns(), to.ip(), &opts).expect("tcp transfer");
+    assert!(t.intact(), "{} -> {}: {t:?}", from.ip(), to.ip());
+    let route = from.ns().run(&["ip", "route", "get", &to.ip().to_string()]);
+    assert!(
+        route.contains(&format!("mtu {mtu}")),
+        "{} never learned the path MTU {mtu} to {}: {route}",
+        from.ip(),
+        to.ip()
+    );
+    t
 }
 
 /// A container's UDP GSO burst (`UDP_SEGMENT`) is no TCP burst: its
@@ -1527,22 +1539,9 @@ fn vxlan_crosses_an_underlay_that_drops_container_ips() {
     let p = ping(ca.ns(), cb.ip(), 5).expect("ping A->B");
     assert!(p.all_received(), "ping A->B over VXLAN: {p:?}");
     for (from, to, port) in [(ca, cb, 45_131u16), (cb, ca, 45_132)] {
-        // A path MTU learned in the other direction would lower the MSS the
-        // receiver advertises, and the sender would never send too much.
-        for c in [from, to] {
-            c.ns().run(&["ip", "route", "flush", "cache"]);
-        }
-        let opts = TransferOpts {
-            port,
-            bytes: 16 << 20,
-            ..TransferOpts::default()
-        };
-        let t = tcp_transfer(from.ns(), to.ns(), to.ip(), &opts).expect("tcp transfer");
-        assert!(t.intact(), "{} -> {}: {t:?}", from.ip(), to.ip());
-        assert_eq!(t.source_ip(), from.ip(), "container IPs kept, no NAT");
         // 1500-byte containers learn the tunnel's MTU from their host.
-        let route = from.ns().run(&["ip", "route", "get", &to.ip().to_string()]);
-        assert!(route.contains("mtu 1450"), "{}: {route}", from.ip());
+        let t = transfer_learning_mtu(from, to, port, 16 << 20, 1450);
+        assert_eq!(t.source_ip(), from.ip(), "container IPs kept, no NAT");
     }
     assert_eq!(
         cloud_drops(&cloud),
