@@ -130,8 +130,6 @@ pub enum ConfigError {
     IfaceConflict { flag: String, file: String },
     #[error("--no-docker conflicts with docker = true in the config file")]
     DockerConflict,
-    #[error("--xdp-mode {flag:?} conflicts with xdp_mode = {file:?} in the config file")]
-    XdpConflict { flag: XdpModeArg, file: XdpModeArg },
     #[error("--{what} {flag} conflicts with {what_file} = {file} in the config file")]
     Conflict {
         what: &'static str,
@@ -263,7 +261,8 @@ pub struct Settings {
     pub tunnel: Option<Vxlan>,
 }
 
-/// One setting given by a flag and the file: equal, or an error.
+/// One setting given by a flag and the file: equal, or an error naming both
+/// values as they are written (lowercase).
 fn agree<T: PartialEq + std::fmt::Debug>(
     what: &'static str,
     what_file: &'static str,
@@ -324,11 +323,8 @@ pub fn merge(flags: FlagConfig, file: Option<FileConfig>) -> Result<Settings, Co
     if flags.no_docker && file.docker == Some(true) {
         return Err(ConfigError::DockerConflict);
     }
-    let xdp_mode = match (flags.xdp_mode, file.xdp_mode) {
-        (Some(a), Some(b)) if a != b => return Err(ConfigError::XdpConflict { flag: a, file: b }),
-        (Some(a), _) | (None, Some(a)) => a,
-        (None, None) => XdpModeArg::default(),
-    };
+    let xdp_mode =
+        agree("xdp-mode", "xdp_mode", flags.xdp_mode, file.xdp_mode)?.unwrap_or_default();
     let mut bridges = file.bridges;
     for b in flags.bridges {
         if !bridges.contains(&b) {
@@ -596,6 +592,19 @@ mod tests {
             merge(FlagConfig::default(), None),
             Err(ConfigError::NoIface)
         ));
+        let file = FileConfig {
+            xdp_mode: Some(XdpModeArg::Skb),
+            ..Default::default()
+        };
+        let flags = FlagConfig {
+            iface: Some("ens33".into()),
+            xdp_mode: Some(XdpModeArg::Native),
+            ..Default::default()
+        };
+        assert_eq!(
+            merge(flags, Some(file)).expect_err("conflict").to_string(),
+            "--xdp-mode native conflicts with xdp_mode = skb in the config file"
+        );
     }
 
     #[test]
