@@ -15,6 +15,7 @@ use xhost_tests::{
     CtFilter, NetNs, Topology, TopologyOpts, TransferOpts, UdpGsoOpts, conntrack_entries,
     iptables_counter,
     link::set_gso_ipv4_max_size,
+    netfilter::iptables_table_counter,
     ping, tcp_transfer, udp_gso_transfer,
     xhost::{Agent, AgentDirs, attached_programs, remove_instance, status_routes, xhost},
 };
@@ -1473,10 +1474,77 @@ fn cloud_drops(cloud: &NetNs) -> u64 {
         .sum()
 }
 
+/// Counts, in the cloud's mangle FORWARD chain, the VXLAN packets each
+/// host sends the other on `port` (rule 2n) and those of them whose outer
+/// headers are what the kernel's vxlan devices write (rule 2n + 1): TTL 64,
+/// no DF, a source port in the kernel's range.
+fn count_outer_headers(cloud: &NetNs, topo: &Topology, port: u16) {
+    let (a, b) = (topo.host_a(), topo.host_b());
+    for (from, to) in [(a, b), (b, a)] {
+        let flow = [
+            "iptables",
+            "-w",
+            "-t",
+            "mangle",
+            "-A",
+            "FORWARD",
+            "-p",
+            "udp",
+            "-s",
+            &from.underlay_ip().to_string(),
+            "-d",
+            &to.underlay_ip().to_string(),
+            "--dport",
+            &port.to_string(),
+        ]
+        .map(str::to_owned);
+        cloud.run(&flow.iter().map(String::as_str).collect::<Vec<_>>());
+        let mut good = flow.to_vec();
+        good.extend(
+            [
+                "--sport",
+                "32768:60998",
+                "-m",
+                "ttl",
+                "--ttl-eq",
+                "64",
+                "-m",
+                "u32",
+                "--u32",
+                "4&0x4000=0",
+            ]
+            .map(str::to_owned),
+        );
+        cloud.run(&good.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+}
+
+/// (sent, well-formed) VXLAN packets per direction, A->B then B->A, from
+/// the rules of [`count_outer_headers`].
+fn outer_headers(cloud: &NetNs) -> [(u64, u64); 2] {
+    let rules = iptables_table_counter(cloud, "mangle", "FORWARD")
+        .expect("cloud mangle counters")
+        .rules;
+    assert_eq!(rules.len(), 4, "{rules:?}");
+    [
+        (rules[0].packets, rules[1].packets),
+        (rules[2].packets, rules[3].packets),
+    ]
+}
+
+/// Packets `ns`'s vxlan device has sent.
+fn tunnel_tx_packets(ns: &NetNs) -> u64 {
+    let out = ns.run(&["cat", "/sys/class/net/xhost_vxlan/statistics/tx_packets"]);
+    out.trim().parse().expect("tx_packets")
+}
+
 /// An underlay that drops container addresses (a cloud) defeats native
 /// routing; in VXLAN mode the same containers talk through it, container
 /// IPs kept, with TCP learning the tunnel's smaller MTU from the kernel's
-/// frag-needed. Unloading removes the vxlan device and its routes.
+/// frag-needed. The datapath encapsulates every packet itself (the vxlan
+/// device sends none), on the configured port, with the outer headers the
+/// kernel's vxlan writes. Unloading removes the vxlan device and its
+/// routes.
 #[test]
 fn vxlan_crosses_an_underlay_that_drops_container_ips() {
     let topo = topology();
@@ -1501,9 +1569,12 @@ fn vxlan_crosses_an_underlay_that_drops_container_ips() {
     stop_leaving_nothing(agent_a, a.ns());
     stop_leaving_nothing(agent_b, b.ns());
 
-    let vxlan = ["--tunnel", "vxlan", "--vni", "4242"];
+    // The IANA port, not the default: the datapath's own packets must go
+    // where the devices listen.
+    let vxlan = ["--tunnel", "vxlan", "--vni", "4242", "--vxlan-port", "4789"];
     let agent_a = start(a, b, &vxlan);
     let agent_b = start(b, a, &vxlan);
+    count_outer_headers(&cloud, &topo, 4789);
     for (h, agent) in [(a, &agent_a), (b, &agent_b)] {
         let s = status_json(h.ns(), &agent.dirs);
         assert_eq!(s["agent"]["tunnel"]["vni"], 4242, "{s}");
@@ -1511,7 +1582,7 @@ fn vxlan_crosses_an_underlay_that_drops_container_ips() {
         assert_eq!(s["agent"]["tunnel"]["mtu"], 1450, "{s}");
         let dev = h.ns().run(&["ip", "-d", "link", "show", "xhost_vxlan"]);
         assert!(
-            dev.contains("mtu 1450") && dev.contains("external") && dev.contains("dstport 8472"),
+            dev.contains("mtu 1450") && dev.contains("external") && dev.contains("dstport 4789"),
             "{}: {dev}",
             h.role()
         );
@@ -1536,6 +1607,7 @@ fn vxlan_crosses_an_underlay_that_drops_container_ips() {
         status_json(a.ns(), &agent_a.dirs),
         status_json(b.ns(), &agent_b.dirs),
     ];
+    let tunnel_tx = [tunnel_tx_packets(a.ns()), tunnel_tx_packets(b.ns())];
     let p = ping(ca.ns(), cb.ip(), 5).expect("ping A->B");
     assert!(p.all_received(), "ping A->B over VXLAN: {p:?}");
     for (from, to, port) in [(ca, cb, 45_131u16), (cb, ca, 45_132)] {
@@ -1547,6 +1619,15 @@ fn vxlan_crosses_an_underlay_that_drops_container_ips() {
         cloud_drops(&cloud),
         drops,
         "no container IP crossed the cloud"
+    );
+    for (dir, (sent, good)) in ["A->B", "B->A"].into_iter().zip(outer_headers(&cloud)) {
+        assert!(sent > 100, "{dir}: {sent} VXLAN packets on port 4789");
+        assert_eq!(good, sent, "{dir}: outer headers unlike the kernel's");
+    }
+    assert_eq!(
+        [tunnel_tx_packets(a.ns()), tunnel_tx_packets(b.ns())],
+        tunnel_tx,
+        "the vxlan devices sent what the datapath encapsulates itself"
     );
     for ((h, agent), before) in [(a, &agent_a), (b, &agent_b)].into_iter().zip(&before) {
         let s = status_json(h.ns(), &agent.dirs);
@@ -1605,6 +1686,71 @@ fn vxlan_crosses_an_underlay_that_drops_container_ips() {
         dirs.leftovers()
     );
     tunnel_left(a);
+}
+
+/// In VXLAN mode a UDP GSO burst is one the program cannot encapsulate in
+/// place (its segments only the kernel measures): it goes to the vxlan
+/// device whole, once its segments fit the device's MTU, and its datagrams
+/// arrive whole. One whose segments do not fit is the kernel's (its route
+/// into the device answers frag-needed) and is not delivered.
+#[test]
+fn vxlan_mode_hands_udp_gso_bursts_to_the_device() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let (ca, cb) = (topo.ctr_a(), topo.ctr_b());
+    let vxlan = ["--tunnel", "vxlan"];
+    let agent_a = start(a, b, &vxlan);
+    let _agent_b = start(b, a, &vxlan);
+    let counters = || {
+        let s = status_json(a.ns(), &agent_a.dirs);
+        (
+            counter(&s, "fwd_egress"),
+            counter(&s, "pass_fib"),
+            tunnel_tx_packets(a.ns()),
+        )
+    };
+    // 1428 bytes of IPv4 per datagram: they fit the device's 1450.
+    let opts = UdpGsoOpts::default();
+    let bursts = u64::from(opts.bursts);
+    let datagrams = bursts * u64::from(opts.segments);
+    let (fwd, pass, tx) = counters();
+    let t = udp_gso_transfer(ca.ns(), cb.ns(), cb.ip(), &opts).expect("udp gso transfer");
+    assert!(t.complete(), "every datagram must arrive whole: {t:?}");
+    let (fwd_after, pass_after, tx_after) = counters();
+    assert!(
+        (bursts..datagrams).contains(&(fwd_after - fwd)),
+        "{bursts} bursts must be forwarded as that many skbs: fwd_egress moved by {}",
+        fwd_after - fwd
+    );
+    assert!(
+        tx_after - tx >= bursts,
+        "the bursts did not go through the vxlan device (its tx moved by {})",
+        tx_after - tx
+    );
+    assert_eq!(
+        pass_after, pass,
+        "no burst fitting the device is the kernel's"
+    );
+
+    // 1468 bytes of IPv4 per datagram: over the device's MTU.
+    let opts = UdpGsoOpts {
+        port: opts.port + 1,
+        segment: 1440,
+        bursts: 1,
+        timeout: std::time::Duration::from_secs(1),
+        ..opts
+    };
+    let t = udp_gso_transfer(ca.ns(), cb.ns(), cb.ip(), &opts).expect("udp gso transfer");
+    assert_eq!(
+        t.received.datagrams, 0,
+        "segments over the device's MTU must not be forwarded: {t:?}"
+    );
+    let (fwd_last, pass_last, _) = counters();
+    assert_eq!(fwd_last, fwd_after, "an oversized burst was forwarded");
+    assert!(
+        pass_last > pass_after,
+        "the oversized burst was not left to the kernel (pass_fib {pass_after} -> {pass_last})"
+    );
 }
 
 /// In VXLAN mode only what the tunnel vouches for is delivered: our VNI,

@@ -62,9 +62,11 @@ pub const PROG_TO_TUNNEL: &str = "xhost_to_tun";
 pub const PROG_FROM_TUNNEL: &str = "xhost_from_tun";
 
 /// Constants of the object the loader sets (VXLAN mode): the vxlan
-/// device's ifindex (0: native routing) and the VNI.
+/// device's ifindex (0: native routing), the VNI and the UDP port the
+/// datapath sends its own encapsulated packets to.
 pub const GLOBAL_TUNNEL_IFINDEX: &str = "TUNNEL_IFINDEX";
 pub const GLOBAL_TUNNEL_VNI: &str = "TUNNEL_VNI";
+pub const GLOBAL_TUNNEL_PORT: &str = "TUNNEL_PORT";
 /// Bytes VXLAN adds in front of the inner frame: outer IPv4, UDP, VXLAN
 /// headers and the inner Ethernet header.
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -154,8 +156,9 @@ pub mod stat {
     pub const DROP_SPOOFED: u32 = 7;
     /// Dropped: a redirect helper failed after the packet was rewritten.
     pub const DROP_REDIRECT: u32 = 8;
-    /// Dropped at the vxlan device's egress (VXLAN mode): not IPv4, or no
-    /// peer owns the destination.
+    /// Dropped in VXLAN mode: at the vxlan device's egress, not IPv4 or no
+    /// peer owns the destination; or the datapath could not encapsulate a
+    /// packet it had already rewritten.
     pub const DROP_TUNNEL: u32 = 9;
     /// Number of slots.
     pub const COUNT: u32 = 10;

@@ -5,8 +5,8 @@ use core::mem::{MaybeUninit, align_of, size_of};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS,
-        bpf_fib_lookup, bpf_redir_neigh,
+        BPF_FIB_LOOKUP_SRC, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup_helper, bpf_redirect_neigh},
     programs::TcContext,
@@ -86,6 +86,35 @@ pub struct NextHop {
     pub dmac: [u8; 6],
     /// The gateway, or the destination itself (network order).
     pub nexthop: [u8; 4],
+    /// With [`Source::Route`]: the source address the route gives this
+    /// host's own packets to the destination (its preferred source, else
+    /// the egress device's address), as the kernel's tunnels pick it.
+    pub source: [u8; 4],
+}
+
+impl NextHop {
+    /// A resolved answer from the flow cache.
+    #[inline(always)]
+    pub fn resolved(hop: &crate::flow::Hop) -> Self {
+        Self {
+            answer: Answer::Resolved,
+            ifindex: hop.ifindex,
+            smac: hop.smac,
+            dmac: hop.dmac,
+            // Used by unresolved answers only.
+            nexthop: [0; 4],
+            source: hop.source,
+        }
+    }
+}
+
+/// Which source address the answer is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The packet's own (routing a container's packet).
+    Packet,
+    /// This host's, chosen by the route (a packet encapsulated here).
+    Route,
 }
 
 /// Looks up how to reach `dst` for a packet from `src` that arrived on
@@ -99,11 +128,21 @@ pub struct NextHop {
 /// segments with `skb_gso_validate_network_len`. Other GSO bursts are
 /// looked up without a length, and each segment is checked against the
 /// egress device with `bpf_check_mtu(BPF_MTU_CHK_SEGS)`.
+///
+/// With [`Source::Route`] the answer also carries this host's source
+/// address for the route, and is the kernel's if there is none.
 #[inline(always)]
-pub fn lookup(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], len: WireLen) -> NextHop {
+pub fn lookup(
+    ctx: &TcContext,
+    ifindex: u32,
+    src: [u8; 4],
+    dst: [u8; 4],
+    len: WireLen,
+    source: Source,
+) -> NextHop {
     match len {
-        WireLen::Max(len) => ask(ctx, ifindex, src, dst, len, false),
-        WireLen::Segments => ask(ctx, ifindex, src, dst, 0, true),
+        WireLen::Max(len) => ask(ctx, ifindex, src, dst, len, false, source),
+        WireLen::Segments => ask(ctx, ifindex, src, dst, 0, true, source),
     }
 }
 
@@ -119,6 +158,7 @@ fn ask(
     dst: [u8; 4],
     tot_len: u16,
     segments: bool,
+    source: Source,
 ) -> NextHop {
     let mut slot = MaybeUninit::<bpf_fib_lookup>::uninit();
     let p = zeroed_in(&mut slot);
@@ -127,26 +167,31 @@ fn ask(
     p.__bindgen_anon_1.tot_len = tot_len;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    let flags = match source {
+        Source::Packet => 0,
+        Source::Route => BPF_FIB_LOOKUP_SRC,
+    };
     // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
     let rc = unsafe {
         fib_lookup_helper(
             ctx.as_ptr(),
             &raw mut *p,
             size_of::<bpf_fib_lookup>() as i32,
-            0,
+            flags,
         )
     };
+    // SAFETY: an IPv4 lookup reads and writes ipv4_src.
+    let from = unsafe { p.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
     let answer = match rc as u32 {
         aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS => Answer::Resolved,
         aya_ebpf::bindings::BPF_FIB_LKUP_RET_NO_NEIGH => Answer::Unresolved,
         // FRAG_NEEDED included: the kernel sends the ICMP error.
         _ => Answer::Kernel,
     };
-    let answer = if answer != Answer::Kernel && segments && !fits(ctx, p.ifindex) {
-        Answer::Kernel
-    } else {
-        answer
-    };
+    // An IPv4 route with no address to send from answers source 0.
+    let unusable =
+        (segments && !fits(ctx, p.ifindex)) || (source == Source::Route && from == [0; 4]);
+    let answer = if unusable { Answer::Kernel } else { answer };
     NextHop {
         answer,
         ifindex: p.ifindex,
@@ -155,6 +200,7 @@ fn ask(
         // SAFETY: for AF_INET the kernel leaves the next hop (gateway or
         // the destination itself) in ipv4_dst; zero-filled before.
         nexthop: unsafe { p.__bindgen_anon_4.ipv4_dst }.to_ne_bytes(),
+        source: from,
     }
 }
 

@@ -32,7 +32,8 @@ use crate::maps::DATAPATH_GEN;
 const MAX_AGE_NS: u64 = 100_000_000;
 
 /// One forwarding answer: frames from `src` on veth `iif` (addressed to
-/// `gw_mac`) for `dst` leave on `ifindex` with `smac` -> `dmac`.
+/// `gw_mac`) for `dst` leave on `ifindex` with `smac` -> `dmac`; in VXLAN
+/// mode encapsulated from `source` to peer host `peer`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct FlowSlot {
@@ -48,6 +49,8 @@ struct FlowSlot {
     dmac: [u8; 6],
     gw_mac: [u8; 6],
     _pad: [u8; 2],
+    peer: [u8; 4],
+    source: [u8; 4],
 }
 
 impl FlowSlot {
@@ -72,6 +75,9 @@ pub struct Hop {
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
     pub gw_mac: [u8; 6],
+    /// VXLAN mode: the outer destination (the peer host) and source.
+    pub peer: [u8; 4],
+    pub source: [u8; 4],
 }
 
 /// Where a miss files the answer the full path finds.
@@ -115,6 +121,8 @@ pub fn lookup(iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Lookup {
             smac: s.smac,
             dmac: s.dmac,
             gw_mac: s.gw_mac,
+            peer: s.peer,
+            source: s.source,
         });
     }
     Lookup::Miss(Miss { slot, generation })
@@ -137,7 +145,9 @@ pub fn store(miss: &Miss, iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16, ho
         && s.ifindex == hop.ifindex
         && s.smac == hop.smac
         && s.dmac == hop.dmac
-        && s.gw_mac == hop.gw_mac;
+        && s.gw_mac == hop.gw_mac
+        && s.peer == hop.peer
+        && s.source == hop.source;
     // A longer packet that fit raises what is known to fit, until the slot
     // ages out: the age bounds its oldest fact. A new or aged answer starts
     // again from this packet's length (a path MTU may have dropped since,
@@ -159,5 +169,7 @@ pub fn store(miss: &Miss, iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16, ho
         dmac: hop.dmac,
         gw_mac: hop.gw_mac,
         _pad: [0; 2],
+        peer: hop.peer,
+        source: hop.source,
     };
 }

@@ -41,7 +41,7 @@ use aya_log_ebpf::debug;
 use xhost_common::{Endpoint, stat};
 
 use crate::{
-    fib::{Answer, NextHop, WireLen},
+    fib::{Answer, NextHop, Source, WireLen},
     maps::{ENDPOINTS, LOCAL_NETS, host_key, route_of},
     parse::{Frame, decrement_ttl, parse},
     stats::count,
@@ -83,17 +83,20 @@ const PACKET_HOST: u32 = 0;
 
 #[classifier]
 pub fn xhost_egress(ctx: TcContext) -> i32 {
-    finish(&ctx, try_egress(&ctx, false))
+    // Counted as it arrived (VXLAN mode may grow it).
+    let len = ctx.len();
+    finish_len(len, try_egress(&ctx, false))
 }
 
 #[classifier]
 pub fn xhost_from_ctr(ctx: TcContext) -> i32 {
+    let len = ctx.len();
     let v = try_egress(&ctx, true);
     // What this program passes goes on into the bridge, where xhost_egress
     // decides (and counts) again if it reaches the bridge device: counting
     // here too would count those packets twice.
     if v.action != TC_ACT_OK as i32 {
-        count(v.reason, ctx.len());
+        count(v.reason, len);
     }
     v.action
 }
@@ -136,7 +139,13 @@ pub fn xhost_to_tun(ctx: TcContext) -> i32 {
 /// Counts the verdict and returns exactly the action that was computed.
 #[inline(always)]
 fn finish(ctx: &TcContext, v: Verdict) -> i32 {
-    count(v.reason, ctx.len());
+    finish_len(ctx.len(), v)
+}
+
+/// [`finish`] for a frame of `len` bytes.
+#[inline(always)]
+fn finish_len(len: u32, v: Verdict) -> i32 {
+    count(v.reason, len);
     v.action
 }
 
@@ -161,17 +170,27 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // SAFETY: `f.eth` was bounds-checked by `parse`.
     let to_mac = unsafe { (*f.eth).dst_addr };
-    let len = fib::wire_len(ctx, &f);
     let tunnel = tunnel::device();
-    // The cache holds FIB answers; the tunnel needs none.
-    let cached = match (from_port, len, tunnel) {
-        (true, WireLen::Max(len), None) => flow::lookup(iif, src, dst, len),
+    // What leaves the underlay: the packet itself, or in VXLAN mode the
+    // packet encapsulated here (`Encap::No` when it cannot be).
+    let (len, encap) = match (tunnel, fib::wire_len(ctx, &f)) {
+        (None, len) => (len, Encap::No),
+        (Some(_), len) => match tunnel::outer_len(ctx, len) {
+            Some(outer) => (WireLen::Max(outer), Encap::Here),
+            None => (len, Encap::Device),
+        },
+    };
+    let cached = match (from_port, len, encap) {
+        (true, WireLen::Max(len), Encap::No | Encap::Here) => flow::lookup(iif, src, dst, len),
         _ => flow::Lookup::Off,
     };
     if let flow::Lookup::Hit(hop) = &cached {
         if to_mac == hop.gw_mac {
             if ttl <= 1 {
                 return Verdict::pass(stat::PASS_TTL);
+            }
+            if encap == Encap::Here {
+                return send_encapsulated(ctx, &f, hop.peer, &NextHop::resolved(hop));
             }
             rewrite(&f, hop.smac, hop.dmac);
             return redirect(hop.ifindex, stat::FWD_EGRESS);
@@ -195,7 +214,7 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     if ttl <= 1 {
         return Verdict::pass(stat::PASS_TTL);
     }
-    if let Some(device) = tunnel {
+    if let (Some(device), Encap::Device) = (tunnel, encap) {
         // Too big for the tunnel: the kernel's route through the device
         // answers fragmentation-needed.
         if !fib::fits(ctx, device) {
@@ -205,9 +224,14 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
         decrement_ttl(f.ip);
         return redirect(device, stat::FWD_EGRESS);
     }
-    // The peer host is the next hop: resolve the route to it, not to the
-    // container prefix, which the kernel has no route for.
-    let hop = fib::lookup(ctx, iif, src, peer_host, len);
+    // The peer host is the next hop, or the outer destination: resolve the
+    // route to it, not to the container prefix, which the kernel has no
+    // route for (or one into the vxlan device).
+    let source = match encap {
+        Encap::Here => Source::Route,
+        _ => Source::Packet,
+    };
+    let hop = fib::lookup(ctx, iif, src, peer_host, len, source);
     // Only an answer the FIB gave for a length is filed (a miss was looked
     // up with one): what fits is known only up to that length.
     if let (flow::Lookup::Miss(miss), Answer::Resolved, WireLen::Max(len)) =
@@ -218,10 +242,52 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
             smac: hop.smac,
             dmac: hop.dmac,
             gw_mac: to_mac,
+            peer: peer_host,
+            source: hop.source,
         };
         flow::store(miss, iif, src, dst, len, &answer);
     }
+    if encap == Encap::Here {
+        return send_encapsulated(ctx, &f, peer_host, &hop);
+    }
     route(&f, hop, stat::FWD_EGRESS)
+}
+
+/// How a routed packet crosses the underlay.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Encap {
+    /// Native routing: as it is.
+    No,
+    /// VXLAN mode: encapsulated by the program (`tunnel::encapsulate`).
+    Here,
+    /// VXLAN mode: by the vxlan device, for what the program cannot grow.
+    Device,
+}
+
+/// VXLAN mode: routes the frame one hop (TTL - 1), encapsulates it for peer
+/// host `peer` and sends it along `hop`, the FIB's answer for the outer
+/// packet. No answer leaves the frame to the kernel, whose route into the
+/// vxlan device answers what the FIB refused (fragmentation-needed).
+#[inline(always)]
+fn send_encapsulated(
+    ctx: &TcContext,
+    f: &parse::Ipv4Frame,
+    peer: [u8; 4],
+    hop: &NextHop,
+) -> Verdict {
+    if hop.answer == Answer::Kernel {
+        return Verdict::pass(stat::PASS_FIB);
+    }
+    decrement_ttl(f.ip);
+    if !tunnel::encapsulate(ctx, f, hop.source, peer, hop.smac, hop.dmac) {
+        return Verdict::drop(stat::DROP_TUNNEL);
+    }
+    let action = match hop.answer {
+        Answer::Unresolved => fib::redirect_neigh(hop.ifindex, hop.nexthop),
+        // SAFETY: plain helper call.
+        _ => (unsafe { bpf_redirect(hop.ifindex, 0) }) as i32,
+    };
+    forwarded(action, stat::FWD_EGRESS)
 }
 
 /// Whether `src` is the endpoint attached behind `iif` and the frame is
@@ -311,7 +377,7 @@ fn deliver(ctx: &TcContext, f: &parse::Ipv4Frame, encapsulated_only: bool) -> Ve
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
     route(
         f,
-        fib::lookup(ctx, iif, src, dst, fib::wire_len(ctx, f)),
+        fib::lookup(ctx, iif, src, dst, fib::wire_len(ctx, f), Source::Packet),
         stat::FWD_INGRESS,
     )
 }

@@ -1,16 +1,22 @@
 //! VXLAN mode: container traffic crosses the underlay encapsulated, for
 //! underlays that do not carry container addresses (clouds, routed L3).
 //!
-//! The encapsulation itself is the kernel's vxlan device in external
-//! (collect_md) mode, as in Cilium's tunnel mode: the datapath decides,
-//! the device builds and parses the outer headers (with UDP tunnel GSO and
-//! GRO). Its ifindex and the VNI are constants of the loaded object, set
-//! by the loader; ifindex 0 is native routing, and the verifier prunes
-//! every tunnel branch then.
+//! The datapath encapsulates what it forwards itself and leaves the rest,
+//! and all decapsulation, to the kernel's vxlan device in external
+//! (collect_md) mode, as in Cilium's tunnel mode. The device's ifindex, the
+//! VNI and the UDP port are constants of the loaded object, set by the
+//! loader; ifindex 0 is native routing, and the verifier prunes every
+//! tunnel branch then.
 //!
-//! * `xhost_from_ctr` / `xhost_egress` redirect a routed packet to the
-//!   device once it fits the device's MTU (the underlay's less the 50-byte
-//!   VXLAN overhead); a bigger one is the kernel's, whose route through the
+//! * `xhost_from_ctr` / `xhost_egress` encapsulate a routed packet in
+//!   place ([`encapsulate`]) and send it out the underlay to the peer host,
+//!   along the FIB's answer for the outer packet, which must fit the
+//!   route's MTU. So the sending host's stack sees no inner packet and no
+//!   outer one: no vxlan transmit, no output route lookup, no netfilter. A
+//!   packet the program cannot grow in place (a GSO burst other than TCP,
+//!   or one beyond 64 KB once encapsulated) goes to the device instead,
+//!   once it fits the device's MTU (the underlay's less the 50-byte VXLAN
+//!   overhead); a bigger one is the kernel's, whose route through the
 //!   device answers ICMP fragmentation-needed.
 //! * `xhost_to_tun` (TC egress of the device) sets the tunnel key of
 //!   every packet the device sends: the peer host that owns the destination
@@ -20,6 +26,11 @@
 //!   packets like `xhost_ingress` does, after checking that the VNI is
 //!   ours, the outer source is a peer host and the inner source belongs to
 //!   that peer (one of its container subnets, or the host itself).
+//!
+//! What the program writes is what the device would: outer IPv4 without DF,
+//! TTL 64, the inner packet's ECN; UDP from a port hashed from the inner
+//! flow (the kernel's default range) with a zero checksum; the VXLAN header
+//! with the I flag and the VNI; the inner frame's own Ethernet header.
 
 use core::{
     mem::{MaybeUninit, size_of},
@@ -27,14 +38,24 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::{BPF_F_ZERO_CSUM_TX, bpf_tunnel_key},
-    helpers::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
+    bindings::{
+        BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ZERO_CSUM_TX,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_tunnel_key,
+    },
+    helpers::{
+        bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_skb_adjust_room, bpf_skb_get_tunnel_key,
+        bpf_skb_set_tunnel_key,
+    },
     programs::TcContext,
 };
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
+use xhost_common::VXLAN_OVERHEAD;
 
 use crate::{
-    fib::zeroed_in,
+    fib::{WireLen, zeroed_in},
     maps::{PEER_HOSTS, route_of},
+    parse::{Ipv4Frame, Packet, ptr_at},
 };
 
 /// ifindex of the vxlan device; 0: native routing. Set by the loader
@@ -47,8 +68,44 @@ static TUNNEL_IFINDEX: u32 = 0;
 #[unsafe(no_mangle)]
 static TUNNEL_VNI: u32 = 0;
 
+/// The UDP port VXLAN is sent to. Set by the loader
+/// (`xhost_common::GLOBAL_TUNNEL_PORT`).
+#[unsafe(no_mangle)]
+static TUNNEL_PORT: u32 = 0;
+
 /// TTL of the outer header.
 const OUTER_TTL: u8 = 64;
+
+/// The range outer UDP source ports are hashed into, `SPORT_MIN` up to
+/// but not including `SPORT_MAX`: what the kernel's vxlan devices use
+/// unless configured (`udp_flow_src_port` over the default local port
+/// range).
+const SPORT_MIN: u32 = 32_768;
+const SPORT_MAX: u32 = 60_999;
+
+/// `IPPROTO_UDP` from the kernel's in.h.
+const IPPROTO_UDP: u8 = 17;
+
+/// The VXLAN header's flags byte: I, the VNI is valid (RFC 7348).
+const VXLAN_FLAG_VNI: u8 = 0x08;
+
+/// ECN codepoints (RFC 3168): the low two bits of the TOS byte.
+const ECN_MASK: u8 = 0x03;
+const ECN_ECT_0: u8 = 0x02;
+const ECN_CE: u8 = 0x03;
+
+/// The headers [`encapsulate`] puts in front of the inner IPv4 header: the
+/// frame's Ethernet header becomes the outer one, and a copy of it the
+/// inner one.
+#[repr(C)]
+struct Encap {
+    eth: EthHdr,
+    ip: Ipv4Hdr,
+    udp: UdpHdr,
+    vxlan: [u8; 8],
+    inner: EthHdr,
+}
+const _: () = assert!(size_of::<Encap>() == EthHdr::LEN + VXLAN_OVERHEAD as usize);
 
 /// The vxlan device, or `None` in native mode.
 #[inline(always)]
@@ -63,6 +120,125 @@ pub fn device() -> Option<u32> {
 fn vni() -> u32 {
     // SAFETY: as in `device`.
     unsafe { read_volatile(&raw const TUNNEL_VNI) }
+}
+
+#[inline(always)]
+fn port() -> u16 {
+    // SAFETY: as in `device`.
+    unsafe { read_volatile(&raw const TUNNEL_PORT) as u16 }
+}
+
+/// The longest packet the skb leaves the underlay as once [`encapsulate`]d
+/// (see `fib::wire_len`), or `None` if the program cannot encapsulate it:
+/// a GSO burst other than TCP (whose segments only the kernel measures,
+/// and whose size `bpf_skb_adjust_room` would not keep), or an skb whose
+/// outer IPv4 and UDP lengths would not fit 16 bits.
+#[inline(always)]
+pub fn outer_len(ctx: &TcContext, len: WireLen) -> Option<u16> {
+    let WireLen::Max(len) = len else {
+        return None;
+    };
+    let whole = Packet::len(ctx) - EthHdr::LEN + VXLAN_OVERHEAD as usize;
+    if whole > usize::from(u16::MAX) {
+        return None;
+    }
+    len.checked_add(VXLAN_OVERHEAD as u16)
+}
+
+/// Encapsulates the frame in place for peer host `peer`, sent from
+/// `source`, the outer frame from `smac` to `dmac`. A GSO burst keeps its
+/// segment size: what it leaves as was measured by [`outer_len`].
+///
+/// `false` if the kernel could not make room (the frame is as it was, and
+/// the caller drops it: it has been routed already). Either way `f`'s
+/// pointers are stale afterwards.
+#[inline(always)]
+pub fn encapsulate(
+    ctx: &TcContext,
+    f: &Ipv4Frame,
+    source: [u8; 4],
+    peer: [u8; 4],
+    smac: [u8; 6],
+    dmac: [u8; 6],
+) -> bool {
+    // SAFETY: `f.eth` and `f.ip` were bounds-checked by `parse`, and
+    // nothing has moved packet data since.
+    let (inner, inner_tos) = unsafe { (*f.eth, (*f.ip).tos) };
+    // The inner flow's hash, for the outer source port: the underlay's
+    // ECMP and RSS spread flows by it, as for the kernel's vxlan.
+    // SAFETY: plain helper calls.
+    let (hash, id) = unsafe { (bpf_get_hash_recalc(ctx.skb.skb), bpf_get_prandom_u32()) };
+    let flags = u64::from(
+        BPF_F_ADJ_ROOM_FIXED_GSO
+            | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+            | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+            | BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+    ) | ((EthHdr::LEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
+    // SAFETY: plain helper call.
+    let rc =
+        unsafe { bpf_skb_adjust_room(ctx.skb.skb, VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags) };
+    if rc != 0 {
+        return false;
+    }
+    let Some(e) = ptr_at::<Encap, TcContext>(ctx, 0) else {
+        // The helper made the room in the linear part: unreachable.
+        return false;
+    };
+    let ip_len = (Packet::len(ctx) - EthHdr::LEN) as u16;
+    let tos = match inner_tos & ECN_MASK {
+        ECN_CE => ECN_ECT_0,
+        ecn => ecn,
+    };
+    let h = hash ^ (hash << 16);
+    let sport =
+        (((u64::from(h) * u64::from(SPORT_MAX - SPORT_MIN)) >> 32) as u32 + SPORT_MIN) as u16;
+    let vni = vni().to_be_bytes();
+    let id = (id as u16).to_be_bytes();
+    // SAFETY: `e` was bounds-checked by ptr_at after the helper ran.
+    unsafe {
+        (*e).eth.src_addr = smac;
+        (*e).eth.dst_addr = dmac;
+        (*e).ip = Ipv4Hdr {
+            vihl: 0x45,
+            tos,
+            tot_len: ip_len.to_be_bytes(),
+            id,
+            frags: [0; 2],
+            ttl: OUTER_TTL,
+            proto: IPPROTO_UDP,
+            check: ipv4_check(tos, ip_len, id, source, peer),
+            src_addr: source,
+            dst_addr: peer,
+        };
+        (*e).udp = UdpHdr {
+            src: sport.to_be_bytes(),
+            dst: port().to_be_bytes(),
+            len: (ip_len - Ipv4Hdr::LEN as u16).to_be_bytes(),
+            // Zero, as the kernel's vxlan devices send by default: the
+            // inner packet carries its own.
+            check: [0; 2],
+        };
+        (*e).vxlan = [VXLAN_FLAG_VNI, 0, 0, 0, vni[1], vni[2], vni[3], 0];
+        (*e).inner = inner;
+    }
+    true
+}
+
+/// The header checksum of the outer IPv4 header [`encapsulate`] writes.
+#[inline(always)]
+fn ipv4_check(tos: u8, tot_len: u16, id: [u8; 2], src: [u8; 4], dst: [u8; 4]) -> [u8; 2] {
+    let word = |b: [u8; 2]| u32::from(u16::from_be_bytes(b));
+    let mut sum = word([0x45, tos])
+        + u32::from(tot_len)
+        + word(id)
+        + word([OUTER_TTL, IPPROTO_UDP])
+        + word([src[0], src[1]])
+        + word([src[2], src[3]])
+        + word([dst[0], dst[1]])
+        + word([dst[2], dst[3]]);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_be_bytes()
 }
 
 /// Sets the tunnel key that sends the packet to the peer owning `dst`.

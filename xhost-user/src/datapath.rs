@@ -21,9 +21,10 @@ use aya::{
 };
 use log::{info, warn};
 use xhost_common::{
-    Endpoint, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_VNI, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINTS,
-    MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR,
-    PROG_FROM_TUNNEL, PROG_INGRESS, PROG_TO_TUNNEL, PROG_XDP, Peer, PeerHost,
+    Endpoint, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT, GLOBAL_TUNNEL_VNI, LocalNet,
+    MAP_DATAPATH_GEN, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, PINNED_MAPS,
+    PROG_EGRESS, PROG_FROM_CTR, PROG_FROM_TUNNEL, PROG_INGRESS, PROG_TO_TUNNEL, PROG_XDP, Peer,
+    PeerHost,
 };
 
 use crate::{
@@ -245,7 +246,9 @@ impl Datapath {
         let tunnel = tunnel
             .map(|(underlay, vxlan)| TunnelDevice::create(underlay, vxlan))
             .transpose()?;
-        let (tunnel_ifindex, vni) = tunnel.as_ref().map_or((0, 0), |t| (t.ifindex, t.vxlan.vni));
+        let (tunnel_ifindex, vni, port) = tunnel.as_ref().map_or((0, 0, 0), |t| {
+            (t.ifindex, t.vxlan.vni, u32::from(t.vxlan.port))
+        });
         let mut guard = PinGuard {
             paths: Vec::new(),
             layout: layout.clone(),
@@ -263,6 +266,7 @@ impl Datapath {
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(GLOBAL_TUNNEL_IFINDEX, &tunnel_ifindex, true)
             .override_global(GLOBAL_TUNNEL_VNI, &vni, true)
+            .override_global(GLOBAL_TUNNEL_PORT, &port, true)
             .load(OBJECT)
             .map_err(|e| DatapathError::Object(Box::new(e)))?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {

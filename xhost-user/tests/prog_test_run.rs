@@ -916,3 +916,206 @@ fn tso_bursts_are_checked_and_cached_by_their_segments() {
         );
     });
 }
+
+const VNI: u32 = 0x12_3456;
+const VXLAN_PORT: u16 = 4789;
+/// A peer container behind the unresolved peer host 172.16.91.133.
+const R2: [u8; 4] = [192, 168, 230, 11];
+
+/// Runs `f` in the test host with a vxlan device `vx0` (MTU 1450, external)
+/// and the datapath loaded in VXLAN mode for it.
+fn in_vxlan_test_host(f: impl FnOnce(&mut Ebpf) + Send + 'static) {
+    std::thread::spawn(move || {
+        enter_test_host();
+        for cmd in [
+            "ip link add vx0 mtu 1450 type vxlan external dstport 4789",
+            "ip link set vx0 up",
+        ] {
+            sh(&cmd.split(' ').collect::<Vec<_>>());
+        }
+        let mut ebpf = loaded_vxlan(ifindex("vx0"), VNI, VXLAN_PORT);
+        f(&mut ebpf);
+    })
+    .join()
+    .expect("test thread panicked");
+}
+
+/// What the kernel's vxlan device would send for `inner` (already routed:
+/// TTL - 1) from 172.16.91.131 to `peer`: outer Ethernet `smac` -> `dmac`,
+/// IPv4 without DF, TTL 64, `tos`, UDP to the configured port with a zero
+/// checksum, the VXLAN header with our VNI. The IP ID and the UDP source
+/// port are taken from `got`, which is checked to hold them in range.
+fn vxlan_frame(
+    inner: &[u8],
+    peer: [u8; 4],
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    tos: u8,
+    got: &[u8],
+) -> Vec<u8> {
+    assert!(
+        got.len() >= 50 + 14,
+        "output too short to be VXLAN: {got:?}"
+    );
+    let sport = u16::from_be_bytes([got[34], got[35]]);
+    assert!(
+        (32_768..60_999).contains(&sport),
+        "outer source port {sport} outside the kernel's vxlan range"
+    );
+    let mut f = Vec::new();
+    f.extend_from_slice(&dmac);
+    f.extend_from_slice(&smac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let ip_len = (20 + 8 + 8 + inner.len()) as u16;
+    f.extend_from_slice(&[0x45, tos]);
+    f.extend_from_slice(&ip_len.to_be_bytes());
+    f.extend_from_slice(&got[18..20]);
+    f.extend_from_slice(&[0, 0, 64, 17, 0, 0]);
+    f.extend_from_slice(&[172, 16, 91, 131]);
+    f.extend_from_slice(&peer);
+    let check = checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&check.to_be_bytes());
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&VXLAN_PORT.to_be_bytes());
+    f.extend_from_slice(&(ip_len - 20).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    let vni = VNI.to_be_bytes();
+    f.extend_from_slice(&[0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0]);
+    f.extend_from_slice(inner);
+    f
+}
+
+/// `f` with TOS byte `tos`, checksum to match.
+fn with_tos(f: &[u8], tos: u8) -> Vec<u8> {
+    let mut o = f.to_vec();
+    o[15] = tos;
+    set_checksum(&mut o);
+    o
+}
+
+/// VXLAN mode: a container's packet for a peer's container is encapsulated
+/// by the program itself, exactly as the kernel's vxlan device would
+/// (headers checked byte by byte, ECN carried out, the flow's source port
+/// stable), routed (inner TTL - 1) and sent along the FIB's answer for the
+/// peer host, then answered from the flow cache. What would not fit the
+/// underlay once encapsulated is the kernel's; a GSO burst the program
+/// cannot grow goes to the vxlan device as it is.
+#[test]
+fn vxlan_mode_encapsulates_in_the_program() {
+    in_vxlan_test_host(|ebpf| {
+        pin_to_cpu0();
+        let ul0 = mac("ul0");
+        let br0 = ifindex("br0");
+        let fwd = to_mac(ipv4(C1, R1, 64, &[]), GW_MAC);
+        let mut sport = None;
+        for (name, tos, outer_tos) in [
+            ("not ECN-capable", 0x10, 0x00),
+            ("from the cache: ECT(1) carried out", 0x11, 0x01),
+            ("CE is carried out as ECT(0)", 0x13, 0x02),
+        ] {
+            let frame = with_tos(&fwd, tos);
+            let before = counters(ebpf);
+            let (verdict, out) =
+                tc_test_run(ebpf, xhost_common::PROG_FROM_CTR, "br0", &frame, name);
+            assert_eq!(verdict, TC_ACT_REDIRECT, "{name}: verdict");
+            let want = vxlan_frame(
+                &ttl_decremented(&frame),
+                [172, 16, 91, 132],
+                ul0,
+                PEER_MAC,
+                outer_tos,
+                &out,
+            );
+            assert_eq!(out, want, "{name}: output frame");
+            // Counted as the container sent it.
+            assert_counter_moved(ebpf, &before, stat::FWD_EGRESS, frame.len(), name);
+            let port = [out[34], out[35]];
+            assert_eq!(
+                *sport.get_or_insert(port),
+                port,
+                "{name}: one flow, one source port"
+            );
+        }
+
+        // The bridge's program encapsulates the same way.
+        let before = counters(ebpf);
+        let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_EGRESS, "br0", &fwd, "bridge");
+        assert_eq!(verdict, TC_ACT_REDIRECT, "bridge: verdict");
+        let want = vxlan_frame(
+            &ttl_decremented(&fwd),
+            [172, 16, 91, 132],
+            ul0,
+            PEER_MAC,
+            0,
+            &out,
+        );
+        assert_eq!(out, want, "bridge: output frame");
+        assert_counter_moved(ebpf, &before, stat::FWD_EGRESS, fwd.len(), "bridge");
+
+        // The peer host's MAC is not resolved: encapsulated for it all the
+        // same, and handed to bpf_redirect_neigh (which writes the MACs).
+        let unresolved = to_mac(ipv4(C1, R2, 64, &[]), GW_MAC);
+        let (verdict, out) = tc_test_run(
+            ebpf,
+            xhost_common::PROG_FROM_CTR,
+            "br0",
+            &unresolved,
+            "unresolved",
+        );
+        assert_eq!(verdict, TC_ACT_REDIRECT, "unresolved: verdict");
+        let want = vxlan_frame(
+            &ttl_decremented(&unresolved),
+            [172, 16, 91, 133],
+            [0; 6],
+            [0; 6],
+            0,
+            &out,
+        );
+        assert_eq!(
+            out[12..],
+            want[12..],
+            "unresolved: output frame past the MACs"
+        );
+
+        // 1450 bytes of IPv4 are 1500 on the underlay; one more is the
+        // kernel's (its route into the vxlan device answers frag-needed).
+        let fits = with_l3_len(&fwd, 1450);
+        let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_FROM_CTR, "br0", &fits, "1450");
+        assert_eq!(verdict, TC_ACT_REDIRECT, "1450: verdict");
+        assert_eq!(out.len(), fits.len() + 50, "1450: encapsulated");
+        let big = with_l3_len(&fwd, 1451);
+        let before = counters(ebpf);
+        let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_EGRESS, "br0", &big, "1451");
+        assert_eq!(
+            (verdict, &out),
+            (TC_ACT_OK, &big),
+            "1451: the kernel's, untouched"
+        );
+        assert_counter_moved(ebpf, &before, stat::PASS_FIB, big.len(), "1451");
+
+        // TTL 1: the kernel's (time exceeded), untouched.
+        let expiring = to_mac(ipv4(C1, R1, 1, &[]), GW_MAC);
+        let (verdict, out) =
+            tc_test_run(ebpf, xhost_common::PROG_FROM_CTR, "br0", &expiring, "ttl");
+        assert_eq!((verdict, &out), (TC_ACT_OK, &expiring), "TTL 1");
+
+        // A UDP GSO burst (gso_size on a UDP packet): its segments only the
+        // kernel measures, so it goes to the vxlan device, routed but not
+        // encapsulated here.
+        let udp_burst = with_l3_len(&fwd, 1000);
+        let r = run_tc_prog_ctx(
+            ebpf,
+            xhost_common::PROG_FROM_CTR,
+            &skb_ctx(br0, 400),
+            &udp_burst,
+            1,
+        )
+        .expect("test_run");
+        assert_eq!(r.verdict, TC_ACT_REDIRECT, "UDP GSO: verdict");
+        assert_eq!(
+            r.out,
+            ttl_decremented(&udp_burst),
+            "UDP GSO: routed, as it is"
+        );
+    });
+}

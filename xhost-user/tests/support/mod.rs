@@ -16,7 +16,7 @@
 use std::{process::Command, time::Duration};
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, lpm_trie::Key},
     programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
@@ -94,7 +94,24 @@ pub fn enter_test_host() {
 /// A fresh instance of the datapath object (maps of its own), every program
 /// verified and loaded, maps filled as drawn above. Call inside the test host.
 pub fn loaded() -> Ebpf {
-    let mut ebpf = Ebpf::load(xhost_user::datapath::object()).expect("load object");
+    load(&mut EbpfLoader::new())
+}
+
+/// [`loaded`] in VXLAN mode: the vxlan device `ifindex`, `vni` and `port`
+/// as the loader sets them.
+pub fn loaded_vxlan(ifindex: u32, vni: u32, port: u16) -> Ebpf {
+    load(
+        EbpfLoader::new()
+            .override_global(xhost_common::GLOBAL_TUNNEL_IFINDEX, &ifindex, true)
+            .override_global(xhost_common::GLOBAL_TUNNEL_VNI, &vni, true)
+            .override_global(xhost_common::GLOBAL_TUNNEL_PORT, &u32::from(port), true),
+    )
+}
+
+fn load(loader: &mut EbpfLoader) -> Ebpf {
+    let mut ebpf = loader
+        .load(xhost_user::datapath::object())
+        .expect("load object");
     for name in [
         xhost_common::PROG_EGRESS,
         xhost_common::PROG_FROM_CTR,
