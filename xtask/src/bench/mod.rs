@@ -68,8 +68,9 @@ pub struct Options {
     #[arg(long)]
     pub xhost_user: Option<PathBuf>,
     /// Also run this xhost-user binary (another build of the datapath) as scenario
-    /// `xhost-baseline`, with xhost's settings, beside the selected scenarios: xhost /
-    /// xhost-baseline is then a variant's ratio measured side by side in one run.
+    /// `xhost-baseline` with xhost's settings beside xhost, and as `xhost-vxlan-baseline`
+    /// beside xhost-vxlan (whichever of the two are selected): xhost / xhost-baseline is
+    /// then a variant's ratio measured side by side in one run.
     #[arg(long)]
     pub baseline: Option<PathBuf>,
 }
@@ -96,6 +97,11 @@ pub const XHOST_1K: &str = "xhost-1k";
 pub const XHOST_100K: &str = "xhost-100k";
 pub const XHOST_BASELINE: &str = "xhost-baseline";
 pub const XHOST_VXLAN: &str = "xhost-vxlan";
+pub const XHOST_VXLAN_BASELINE: &str = "xhost-vxlan-baseline";
+
+/// The scenarios `--baseline` adds, each beside the scenario whose settings it runs
+/// with: (baseline, counterpart).
+const BASELINES: [(&str, &str); 2] = [(XHOST_BASELINE, XHOST), (XHOST_VXLAN_BASELINE, XHOST_VXLAN)];
 
 pub fn all_scenarios() -> Vec<Scenario> {
     let xhost = |xdp_mode: Option<&str>, routes| {
@@ -185,6 +191,16 @@ pub fn all_scenarios() -> Vec<Scenario> {
             true,
             false,
             "as xhost, with the xhost-user binary given by --baseline (only with it)",
+        ),
+        s(
+            XHOST_VXLAN_BASELINE,
+            PathKind::Xhost(XhostOpts {
+                tunnel: true,
+                ..XhostOpts::default()
+            }),
+            true,
+            false,
+            "as xhost-vxlan, with the xhost-user binary given by --baseline (only with it)",
         ),
     ]
 }
@@ -365,7 +381,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         // Frozen as the binary under test is, in the process that measures.
         let bin = freeze(bin, &out_dir, XHOST_USER_BASELINE)?;
         for s in &mut scenarios {
-            if let (XHOST_BASELINE, PathKind::Xhost(o)) = (s.name, &mut s.kind) {
+            if let PathKind::Xhost(o) = &mut s.kind
+                && BASELINES.iter().any(|(b, _)| *b == s.name)
+            {
                 o.binary = Some(bin.clone());
             }
         }
@@ -425,8 +443,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The scenarios named in `filter` (all when empty), in the canonical order, and
-/// `xhost-baseline` exactly when a `baseline` binary is given.
+/// The scenarios named in `filter` (all when empty), in the canonical order; with a
+/// `baseline` binary, each baseline scenario whose counterpart is among them (or that is
+/// named itself).
 fn select(filter: &[String], baseline: bool) -> anyhow::Result<Vec<Scenario>> {
     let all = all_scenarios();
     for f in filter {
@@ -434,22 +453,33 @@ fn select(filter: &[String], baseline: bool) -> anyhow::Result<Vec<Scenario>> {
             let names: Vec<_> = all.iter().map(|s| s.name).collect();
             bail!("unknown scenario {f:?}; known: {}", names.join(", "));
         }
-        if f == XHOST_BASELINE && !baseline {
-            bail!("scenario {XHOST_BASELINE} needs --baseline <xhost-user binary>");
+        if !baseline && BASELINES.iter().any(|(b, _)| b == f) {
+            bail!("scenario {f} needs --baseline <xhost-user binary>");
         }
     }
-    Ok(all
-        .into_iter()
-        .filter(|s| {
-            if s.name == XHOST_BASELINE {
-                baseline
-            } else if filter.is_empty() {
-                s.default
-            } else {
-                filter.iter().any(|f| f == s.name)
-            }
+    let chosen = |name: &str| {
+        if filter.is_empty() {
+            all.iter().any(|s| s.name == name && s.default)
+        } else {
+            filter.iter().any(|f| f == name)
+        }
+    };
+    let picked: Vec<Scenario> = all
+        .iter()
+        .filter(|s| match BASELINES.iter().find(|(b, _)| *b == s.name) {
+            Some((_, of)) => baseline && (chosen(of) || chosen(s.name)),
+            None => chosen(s.name),
         })
-        .collect())
+        .cloned()
+        .collect();
+    if baseline
+        && !picked
+            .iter()
+            .any(|s| BASELINES.iter().any(|(b, _)| *b == s.name))
+    {
+        bail!("--baseline runs beside {XHOST} or {XHOST_VXLAN}: select one of them");
+    }
+    Ok(picked)
 }
 
 /// The frozen binaries' names in the output directory.
@@ -840,15 +870,28 @@ mod tests {
     fn the_baseline_runs_exactly_when_given() {
         let default = names(&select(&[], false).expect("default"));
         assert!(!default.contains(&XHOST_BASELINE));
+        assert!(!default.contains(&XHOST_VXLAN_BASELINE));
         let with = names(&select(&[], true).expect("with a baseline"));
-        assert_eq!(with.len(), default.len() + 1);
-        assert_eq!(with.last(), Some(&XHOST_BASELINE));
+        assert_eq!(with.len(), default.len() + 2);
+        assert_eq!(
+            with[with.len() - 2..],
+            [XHOST_BASELINE, XHOST_VXLAN_BASELINE]
+        );
         let filtered = select(&[WIRE.into(), XHOST.into()], true).expect("filtered");
         assert_eq!(names(&filtered), [WIRE, XHOST, XHOST_BASELINE]);
-        let e = select(&[XHOST_BASELINE.into()], false).expect_err("no binary");
+        let filtered = select(&[VXLAN.into(), XHOST_VXLAN.into()], true).expect("filtered");
+        assert_eq!(names(&filtered), [VXLAN, XHOST_VXLAN, XHOST_VXLAN_BASELINE]);
+        for b in [XHOST_BASELINE, XHOST_VXLAN_BASELINE] {
+            let e = select(&[b.into()], false).expect_err("no binary");
+            assert_eq!(
+                e.to_string(),
+                format!("scenario {b} needs --baseline <xhost-user binary>")
+            );
+        }
+        let e = select(&[WIRE.into()], true).expect_err("nothing to compare");
         assert_eq!(
             e.to_string(),
-            "scenario xhost-baseline needs --baseline <xhost-user binary>"
+            "--baseline runs beside xhost or xhost-vxlan: select one of them"
         );
     }
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{
     IPTABLES, Metric, Plan, ProgCost, Run, Scenario, VXLAN, WIRE, XHOST, XHOST_1K, XHOST_100K,
-    XHOST_BASELINE, XHOST_VXLAN, XHOST_XDP_NATIVE, XHOST_XDP_OFF,
+    XHOST_BASELINE, XHOST_VXLAN, XHOST_VXLAN_BASELINE, XHOST_XDP_NATIVE, XHOST_XDP_OFF,
 };
 
 pub use xhost_tests::scenarios::median;
@@ -158,7 +158,7 @@ const CPU_METHOD: &str = "/proc/stat ticks (USER_HZ=100, whole machine, tick-sam
 const LATENCY_METHOD: &str = "sockperf ping-pong, UDP, 64-byte messages, latency = RTT/2 as sockperf reports it. lat mean/p99/p50 (the targets): --nonblocked --timeout 0 on both ends (busy polling, as issue 4 specifies), client on CPU 0, server on CPU 1. pinned lat: blocking sockets, client and server on the same CPU (local wakeups), a second view that does not depend on both CPUs being free";
 
 /// The comparisons reported, as (x, base); those whose scenarios did not run are skipped.
-const COMPARISONS: [(&str, &str); 14] = [
+const COMPARISONS: [(&str, &str); 15] = [
     (XHOST, WIRE),
     (XHOST, IPTABLES),
     (XHOST, VXLAN),
@@ -173,6 +173,7 @@ const COMPARISONS: [(&str, &str); 14] = [
     (XHOST_100K, XHOST),
     (XHOST_100K, XHOST_1K),
     (XHOST, XHOST_BASELINE),
+    (XHOST_VXLAN, XHOST_VXLAN_BASELINE),
 ];
 
 impl Results {
