@@ -15,9 +15,10 @@
 //!   `bpf_redirect_peer`, or through the bridge when the endpoint is not
 //!   known, skipping netfilter either way.
 //!
-//! * `xhost_to_tun` / `xhost_from_tun` (TC egress and ingress of
-//!   the vxlan device, VXLAN mode only): encapsulation towards the peer
-//!   host, and checked delivery of what peers send (`tunnel.rs`).
+//! * VXLAN mode (`tunnel.rs`): `xhost_from_ctr` / `xhost_egress`
+//!   encapsulate in place and `xhost_ingress` decapsulates; `xhost_to_tun`
+//!   / `xhost_from_tun` (TC egress and ingress of the vxlan device) key and
+//!   check what the kernel's device carries instead.
 //!
 //! Everything the programs do not own goes to the kernel untouched.
 #![no_std]
@@ -38,12 +39,13 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
+use network_types::eth::EthHdr;
 use xhost_common::{Endpoint, stat};
 
 use crate::{
     fib::{Answer, NextHop, Source, WireLen},
     maps::{ENDPOINTS, LOCAL_NETS, host_key, route_of},
-    parse::{Frame, decrement_ttl, parse},
+    parse::{Frame, decrement_ttl, parse, ptr_at},
     stats::count,
 };
 
@@ -310,7 +312,60 @@ fn try_ingress(ctx: &TcContext) -> Verdict {
         Frame::NotIpv4 => return Verdict::pass(stat::PASS_NOT_IPV4),
         Frame::Malformed => return Verdict::pass(stat::PASS_MALFORMED),
     };
+    if tunnel::device().is_some()
+        && let Some(v) = deliver_decapsulated(ctx, &f)
+    {
+        return v;
+    }
     deliver(ctx, &f, tunnel::device().is_some())
+}
+
+/// VXLAN mode, on the underlay: a peer's VXLAN packet for a local
+/// container's endpoint, decapsulated and delivered by the program, so
+/// that it skips the host's stack (netfilter and conntrack of the outer
+/// UDP, the UDP socket, the vxlan device and its GRO cell). It must be one
+/// the program may decapsulate (`tunnel::inbound`), with an inner source
+/// in the sending peer's subnets (which `policy` allows), a TTL to route
+/// it with and a known endpoint. `None`: the kernel's, as before.
+#[inline(always)]
+fn deliver_decapsulated(ctx: &TcContext, f: &parse::Ipv4Frame) -> Option<Verdict> {
+    let t = tunnel::inbound(ctx, f)?;
+    // SAFETY: `t.inner.ip` was bounds-checked by `parse_at`.
+    let (src, dst, ttl) = unsafe {
+        (
+            (*t.inner.ip).src_addr,
+            (*t.inner.ip).dst_addr,
+            (*t.inner.ip).ttl,
+        )
+    };
+    if ttl <= 1 || route_of(src) != Some(t.peer) {
+        return None;
+    }
+    // SAFETY: the value is copied out at once (see deliver).
+    let ep = unsafe { ENDPOINTS.get(&dst) }.map_or(NO_ENDPOINT, |e| *e);
+    if ep.ifindex == 0 {
+        return None;
+    }
+    if !tunnel::decapsulate(ctx) {
+        // The frame is as it was, for the kernel's device to decapsulate;
+        // `f` is stale (the helper may have moved the packet).
+        return Some(Verdict::pass(stat::PASS_NOT_OURS));
+    }
+    // The frame is now the outer Ethernet header and the inner packet,
+    // which was parsed where it lay a moment ago.
+    let (Some(eth), Some(ip)) = (ptr_at(ctx, 0), ptr_at(ctx, EthHdr::LEN)) else {
+        // The helper leaves the headers in the linear part: unreachable.
+        return Some(Verdict::drop(stat::DROP_TUNNEL));
+    };
+    let inner = parse::Ipv4Frame {
+        eth,
+        ip,
+        tot_len: t.inner.tot_len,
+    };
+    rewrite(&inner, ep.gw_mac, ep.mac);
+    // SAFETY: plain helper call.
+    let action = unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32;
+    Some(forwarded(action, stat::FWD_INGRESS))
 }
 
 /// Decapsulated by the vxlan device: delivered as on the underlay, once the

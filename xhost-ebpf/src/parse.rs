@@ -111,14 +111,21 @@ const IPV4_MAX_HDR_WORDS: usize = 30;
 /// as the sender's stack only writes 0 then.
 #[inline(always)]
 pub fn parse<P: Packet>(ctx: &P) -> Frame {
-    let Some(eth) = ptr_at::<EthHdr, P>(ctx, 0) else {
+    parse_at(ctx, 0)
+}
+
+/// [`parse`] for a frame that starts `off` bytes into the packet (the
+/// inner frame of a tunnel packet).
+#[inline(always)]
+pub fn parse_at<P: Packet>(ctx: &P, off: usize) -> Frame {
+    let Some(eth) = ptr_at::<EthHdr, P>(ctx, off) else {
         return Frame::Malformed;
     };
     // SAFETY: `eth` is bounds-checked by ptr_at.
     if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
         return Frame::NotIpv4;
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr, P>(ctx, EthHdr::LEN) else {
+    let Some(ip) = ptr_at::<Ipv4Hdr, P>(ctx, off + EthHdr::LEN) else {
         return Frame::Malformed;
     };
     // SAFETY: `ip` is bounds-checked by ptr_at.
@@ -126,7 +133,7 @@ pub fn parse<P: Packet>(ctx: &P) -> Frame {
         unsafe { ((*ip).vihl, u16::from_be_bytes((*ip).tot_len), (*ip).proto) };
     let words = usize::from(vihl & 0x0f) * 2; // 16-bit words in the header
     let hdr_len = words * 2;
-    let ip_len = ctx.len().saturating_sub(EthHdr::LEN);
+    let ip_len = ctx.len().saturating_sub(off + EthHdr::LEN);
     if vihl >> 4 != 4 || hdr_len < Ipv4Hdr::LEN {
         return Frame::Malformed;
     }
@@ -146,7 +153,7 @@ pub fn parse<P: Packet>(ctx: &P) -> Frame {
         if i >= words {
             break;
         }
-        let Some(w) = ptr_at::<[u8; 2], P>(ctx, EthHdr::LEN + i * 2) else {
+        let Some(w) = ptr_at::<[u8; 2], P>(ctx, off + EthHdr::LEN + i * 2) else {
             return Frame::Malformed;
         };
         // SAFETY: bounds-checked by ptr_at.

@@ -1,12 +1,12 @@
 //! VXLAN mode: container traffic crosses the underlay encapsulated, for
 //! underlays that do not carry container addresses (clouds, routed L3).
 //!
-//! The datapath encapsulates what it forwards itself and leaves the rest,
-//! and all decapsulation, to the kernel's vxlan device in external
-//! (collect_md) mode, as in Cilium's tunnel mode. The device's ifindex, the
-//! VNI and the UDP port are constants of the loaded object, set by the
-//! loader; ifindex 0 is native routing, and the verifier prunes every
-//! tunnel branch then.
+//! The datapath encapsulates and decapsulates in place what it forwards
+//! itself, and leaves the rest to the kernel's vxlan device in external
+//! (collect_md) mode, as Cilium's tunnel mode leaves all of it. The
+//! device's ifindex, the VNI and the UDP port are constants of the loaded
+//! object, set by the loader; ifindex 0 is native routing, and the verifier
+//! prunes every tunnel branch then.
 //!
 //! * `xhost_from_ctr` / `xhost_egress` encapsulate a routed packet in
 //!   place ([`encapsulate`]) and send it out the underlay to the peer host,
@@ -22,8 +22,16 @@
 //!   every packet the device sends: the peer host that owns the destination
 //!   and the VNI. Packets the kernel itself routes there (ICMP errors) are
 //!   encapsulated the same way; what no peer owns is dropped.
-//! * `xhost_from_tun` (TC ingress of the device) delivers decapsulated
-//!   packets like `xhost_ingress` does, after checking that the VNI is
+//! * `xhost_ingress` (TC ingress of the underlay) decapsulates a single
+//!   VXLAN packet ([`inbound`], [`decapsulate`]) for a local container's
+//!   endpoint and delivers it with `bpf_redirect_peer`, once the VNI is
+//!   ours, the outer source a peer host and the inner source in that
+//!   peer's subnets; the receiving host's stack sees neither packet. GSO
+//!   packets and GRO aggregates are the device's: this kernel's
+//!   `bpf_skb_adjust_room` cannot clear their tunnel GSO state (Linux
+//!   later gained `BPF_F_ADJ_ROOM_DECAP_L4_UDP` for that).
+//! * `xhost_from_tun` (TC ingress of the device) delivers what the device
+//!   decapsulated like `xhost_ingress` does, after checking that the VNI is
 //!   ours, the outer source is a peer host and the inner source belongs to
 //!   that peer (one of its container subnets, or the host itself).
 //!
@@ -55,7 +63,7 @@ use xhost_common::VXLAN_OVERHEAD;
 use crate::{
     fib::{WireLen, zeroed_in},
     maps::{PEER_HOSTS, route_of},
-    parse::{Ipv4Frame, Packet, ptr_at},
+    parse::{Frame, Ipv4Frame, Packet, parse_at, ptr_at},
 };
 
 /// ifindex of the vxlan device; 0: native routing. Set by the loader
@@ -222,6 +230,87 @@ pub fn encapsulate(
         (*e).inner = inner;
     }
     true
+}
+
+/// A VXLAN packet the program may decapsulate itself (see [`inbound`]).
+pub struct Inbound {
+    /// The peer host that sent it (outer source).
+    pub peer: [u8; 4],
+    /// The inner frame, [`INNER_OFFSET`] bytes into the packet.
+    pub inner: Ipv4Frame,
+}
+
+/// Where the inner frame of a VXLAN packet starts: behind the outer
+/// Ethernet, IPv4 (no options), UDP and VXLAN headers.
+pub const INNER_OFFSET: usize = EthHdr::LEN + Ipv4Hdr::LEN + UdpHdr::LEN + VXLAN_HDR_LEN;
+const VXLAN_HDR_LEN: usize = 8;
+// The inner IPv4 header sits right behind the outer Ethernet header and the
+// overhead: what decapsulation removes is exactly what encapsulation adds.
+const _: () = assert!(INNER_OFFSET + EthHdr::LEN == EthHdr::LEN + VXLAN_OVERHEAD as usize);
+
+/// `PACKET_HOST` from the kernel's if_packet.h.
+const PACKET_HOST: u32 = 0;
+
+/// The VXLAN packet in `f` (received on the underlay), if the program may
+/// decapsulate it itself: one packet (no GSO burst or GRO aggregate, whose
+/// tunnel GSO state this kernel's `bpf_skb_adjust_room` cannot clear),
+/// addressed to this host's MAC, plain UDP (no IPv4 options, no fragment,
+/// lengths that agree, a zero checksum, as VXLAN senders write it) to our
+/// port, a VXLAN header with the I flag alone and our VNI, from a peer
+/// host, around an inner IPv4 frame that parses as `parse` demands.
+/// Anything else (`None`) is the kernel's: its vxlan device decapsulates,
+/// and `xhost_from_tun` checks and counts as before.
+#[inline(always)]
+pub fn inbound(ctx: &TcContext, f: &Ipv4Frame) -> Option<Inbound> {
+    // SAFETY: reading fields of the skb context.
+    let (gso_size, pkt_type) = unsafe { ((*ctx.skb.skb).gso_size, (*ctx.skb.skb).pkt_type) };
+    if gso_size != 0 || pkt_type != PACKET_HOST {
+        return None;
+    }
+    // SAFETY: `f.ip` was bounds-checked by `parse`.
+    let (vihl, proto, frags, peer) =
+        unsafe { ((*f.ip).vihl, (*f.ip).proto, (*f.ip).frags, (*f.ip).src_addr) };
+    // MF and the fragment offset: a fragment is the kernel's to reassemble.
+    if vihl != 0x45 || proto != IPPROTO_UDP || frags[0] & 0x3f != 0 || frags[1] != 0 {
+        return None;
+    }
+    let udp = ptr_at::<UdpHdr, TcContext>(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
+    let vxlan = ptr_at::<[u8; VXLAN_HDR_LEN], TcContext>(ctx, INNER_OFFSET - VXLAN_HDR_LEN)?;
+    let vni = vni().to_be_bytes();
+    // SAFETY: both bounds-checked by ptr_at.
+    let (udp, vxlan) = unsafe { (*udp, *vxlan) };
+    let udp_len = u16::from_be_bytes(udp.len);
+    if u16::from_be_bytes(udp.dst) != port()
+        || udp.check != [0; 2]
+        || usize::from(udp_len) + Ipv4Hdr::LEN != usize::from(f.tot_len)
+        || vxlan != [VXLAN_FLAG_VNI, 0, 0, 0, vni[1], vni[2], vni[3], 0]
+    {
+        return None;
+    }
+    // SAFETY: lookup of a plain key; the value is not dereferenced.
+    unsafe { PEER_HOSTS.get(&peer) }?;
+    let Frame::Ipv4(inner) = parse_at(ctx, INNER_OFFSET) else {
+        return None;
+    };
+    // The inner packet lies within the UDP payload.
+    if usize::from(inner.tot_len) + INNER_OFFSET > EthHdr::LEN + usize::from(f.tot_len) {
+        return None;
+    }
+    Some(Inbound { peer, inner })
+}
+
+/// Strips the outer IPv4, UDP and VXLAN headers and the inner Ethernet
+/// header: the frame keeps its outer Ethernet header in front of the inner
+/// IPv4 packet. A checksum the device vouched for is no longer taken as
+/// verified (`bpf_skb_adjust_room` resets CHECKSUM_UNNECESSARY), so the
+/// inner one is checked as the kernel's decapsulation would. `false`: the
+/// frame is as it was.
+#[inline(always)]
+pub fn decapsulate(ctx: &TcContext) -> bool {
+    // SAFETY: plain helper call.
+    let rc =
+        unsafe { bpf_skb_adjust_room(ctx.skb.skb, -(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0) };
+    rc == 0
 }
 
 /// The header checksum of the outer IPv4 header [`encapsulate`] writes.

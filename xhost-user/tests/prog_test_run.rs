@@ -940,49 +940,83 @@ fn in_vxlan_test_host(f: impl FnOnce(&mut Ebpf) + Send + 'static) {
     .expect("test thread panicked");
 }
 
-/// What the kernel's vxlan device would send for `inner` (already routed:
-/// TTL - 1) from 172.16.91.131 to `peer`: outer Ethernet `smac` -> `dmac`,
-/// IPv4 without DF, TTL 64, `tos`, UDP to the configured port with a zero
-/// checksum, the VXLAN header with our VNI. The IP ID and the UDP source
-/// port are taken from `got`, which is checked to hold them in range.
-fn vxlan_frame(
-    inner: &[u8],
-    peer: [u8; 4],
+/// The outer headers of a VXLAN packet.
+#[derive(Clone, Copy)]
+struct Outer {
+    src: [u8; 4],
+    dst: [u8; 4],
     smac: [u8; 6],
     dmac: [u8; 6],
     tos: u8,
-    got: &[u8],
-) -> Vec<u8> {
-    assert!(
-        got.len() >= 50 + 14,
-        "output too short to be VXLAN: {got:?}"
-    );
-    let sport = u16::from_be_bytes([got[34], got[35]]);
-    assert!(
-        (32_768..60_999).contains(&sport),
-        "outer source port {sport} outside the kernel's vxlan range"
-    );
-    let mut f = Vec::new();
-    f.extend_from_slice(&dmac);
-    f.extend_from_slice(&smac);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let ip_len = (20 + 8 + 8 + inner.len()) as u16;
-    f.extend_from_slice(&[0x45, tos]);
-    f.extend_from_slice(&ip_len.to_be_bytes());
-    f.extend_from_slice(&got[18..20]);
-    f.extend_from_slice(&[0, 0, 64, 17, 0, 0]);
-    f.extend_from_slice(&[172, 16, 91, 131]);
-    f.extend_from_slice(&peer);
-    let check = checksum(&f[14..34]);
-    f[24..26].copy_from_slice(&check.to_be_bytes());
-    f.extend_from_slice(&sport.to_be_bytes());
-    f.extend_from_slice(&VXLAN_PORT.to_be_bytes());
-    f.extend_from_slice(&(ip_len - 20).to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    let vni = VNI.to_be_bytes();
-    f.extend_from_slice(&[0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0]);
-    f.extend_from_slice(inner);
-    f
+    id: [u8; 2],
+    frags: [u8; 2],
+    sport: u16,
+    port: u16,
+    udp_check: [u8; 2],
+    vni: u32,
+}
+
+impl Outer {
+    /// What the kernel's vxlan device sends from 172.16.91.131 to `peer`:
+    /// IPv4 without DF, TTL 64, UDP to the configured port with a zero
+    /// checksum, the VXLAN header with the I flag and our VNI.
+    fn to_peer(peer: [u8; 4], smac: [u8; 6], dmac: [u8; 6]) -> Self {
+        Self {
+            src: [172, 16, 91, 131],
+            dst: peer,
+            smac,
+            dmac,
+            tos: 0,
+            id: [0; 2],
+            frags: [0; 2],
+            sport: 40_000,
+            port: VXLAN_PORT,
+            udp_check: [0; 2],
+            vni: VNI,
+        }
+    }
+
+    /// As `got`, a packet the datapath encapsulated, says for the fields it
+    /// chooses per packet (IP ID, UDP source port), checked to be in range.
+    fn as_sent(self, got: &[u8]) -> Self {
+        assert!(got.len() >= 64, "output too short to be VXLAN: {got:?}");
+        let sport = u16::from_be_bytes([got[34], got[35]]);
+        assert!(
+            (32_768..60_999).contains(&sport),
+            "outer source port {sport} outside the kernel's vxlan range"
+        );
+        Self {
+            id: [got[18], got[19]],
+            sport,
+            ..self
+        }
+    }
+
+    /// `inner` (a whole frame) wrapped in these headers.
+    fn wrap(&self, inner: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&self.dmac);
+        f.extend_from_slice(&self.smac);
+        f.extend_from_slice(&[0x08, 0x00]);
+        let ip_len = (20 + 8 + 8 + inner.len()) as u16;
+        f.extend_from_slice(&[0x45, self.tos]);
+        f.extend_from_slice(&ip_len.to_be_bytes());
+        f.extend_from_slice(&self.id);
+        f.extend_from_slice(&self.frags);
+        f.extend_from_slice(&[64, 17, 0, 0]);
+        f.extend_from_slice(&self.src);
+        f.extend_from_slice(&self.dst);
+        let check = checksum(&f[14..34]);
+        f[24..26].copy_from_slice(&check.to_be_bytes());
+        f.extend_from_slice(&self.sport.to_be_bytes());
+        f.extend_from_slice(&self.port.to_be_bytes());
+        f.extend_from_slice(&(ip_len - 20).to_be_bytes());
+        f.extend_from_slice(&self.udp_check);
+        let vni = self.vni.to_be_bytes();
+        f.extend_from_slice(&[0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0]);
+        f.extend_from_slice(inner);
+        f
+    }
 }
 
 /// `f` with TOS byte `tos`, checksum to match.
@@ -1018,14 +1052,11 @@ fn vxlan_mode_encapsulates_in_the_program() {
             let (verdict, out) =
                 tc_test_run(ebpf, xhost_common::PROG_FROM_CTR, "br0", &frame, name);
             assert_eq!(verdict, TC_ACT_REDIRECT, "{name}: verdict");
-            let want = vxlan_frame(
-                &ttl_decremented(&frame),
-                [172, 16, 91, 132],
-                ul0,
-                PEER_MAC,
-                outer_tos,
-                &out,
-            );
+            let want = Outer {
+                tos: outer_tos,
+                ..Outer::to_peer([172, 16, 91, 132], ul0, PEER_MAC).as_sent(&out)
+            }
+            .wrap(&ttl_decremented(&frame));
             assert_eq!(out, want, "{name}: output frame");
             // Counted as the container sent it.
             assert_counter_moved(ebpf, &before, stat::FWD_EGRESS, frame.len(), name);
@@ -1041,14 +1072,9 @@ fn vxlan_mode_encapsulates_in_the_program() {
         let before = counters(ebpf);
         let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_EGRESS, "br0", &fwd, "bridge");
         assert_eq!(verdict, TC_ACT_REDIRECT, "bridge: verdict");
-        let want = vxlan_frame(
-            &ttl_decremented(&fwd),
-            [172, 16, 91, 132],
-            ul0,
-            PEER_MAC,
-            0,
-            &out,
-        );
+        let want = Outer::to_peer([172, 16, 91, 132], ul0, PEER_MAC)
+            .as_sent(&out)
+            .wrap(&ttl_decremented(&fwd));
         assert_eq!(out, want, "bridge: output frame");
         assert_counter_moved(ebpf, &before, stat::FWD_EGRESS, fwd.len(), "bridge");
 
@@ -1063,14 +1089,9 @@ fn vxlan_mode_encapsulates_in_the_program() {
             "unresolved",
         );
         assert_eq!(verdict, TC_ACT_REDIRECT, "unresolved: verdict");
-        let want = vxlan_frame(
-            &ttl_decremented(&unresolved),
-            [172, 16, 91, 133],
-            [0; 6],
-            [0; 6],
-            0,
-            &out,
-        );
+        let want = Outer::to_peer([172, 16, 91, 133], [0; 6], [0; 6])
+            .as_sent(&out)
+            .wrap(&ttl_decremented(&unresolved));
         assert_eq!(
             out[12..],
             want[12..],
@@ -1117,5 +1138,118 @@ fn vxlan_mode_encapsulates_in_the_program() {
             ttl_decremented(&udp_burst),
             "UDP GSO: routed, as it is"
         );
+    });
+}
+
+/// VXLAN mode, on the underlay: a peer's VXLAN packet for a local
+/// endpoint is decapsulated and delivered by the program (routed: the
+/// container's MACs, TTL - 1), counted at its inner length as the vxlan
+/// device's path counts it. Every packet the program may not take itself
+/// goes to the kernel untouched (its vxlan device decapsulates, and
+/// `xhost_from_tun` checks and counts).
+#[test]
+fn vxlan_mode_decapsulates_in_the_program() {
+    in_vxlan_test_host(|ebpf| {
+        let ul0 = mac("ul0");
+        let from_peer = Outer {
+            src: [172, 16, 91, 132],
+            dst: [172, 16, 91, 131],
+            ..Outer::to_peer([0; 4], PEER_MAC, ul0)
+        };
+        let inner = ipv4(R1, C1, 63, &[]);
+        let frame = from_peer.wrap(&inner);
+        let before = counters(ebpf);
+        let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_INGRESS, "ul0", &frame, "valid");
+        assert_eq!(verdict, TC_ACT_REDIRECT, "valid: verdict");
+        assert_eq!(out, routed(&inner, GW_MAC, CTR_MAC), "valid: output frame");
+        assert_counter_moved(ebpf, &before, stat::FWD_INGRESS, inner.len(), "valid");
+
+        let fragment = Outer {
+            frags: [0x20, 0],
+            ..from_peer
+        };
+        // (what, frame, GSO size)
+        let kernels: [(&str, Vec<u8>, u32); 11] = [
+            (
+                "not to this host's MAC",
+                Outer {
+                    dmac: ANY_MAC,
+                    ..from_peer
+                }
+                .wrap(&inner),
+                0,
+            ),
+            (
+                "another VNI",
+                Outer {
+                    vni: 7,
+                    ..from_peer
+                }
+                .wrap(&inner),
+                0,
+            ),
+            (
+                "another port",
+                Outer {
+                    port: 8472,
+                    ..from_peer
+                }
+                .wrap(&inner),
+                0,
+            ),
+            (
+                "a UDP checksum (the kernel verifies it)",
+                Outer {
+                    udp_check: [0x12, 0x34],
+                    ..from_peer
+                }
+                .wrap(&inner),
+                0,
+            ),
+            ("a fragment", fragment.wrap(&inner), 0),
+            (
+                "from no peer host",
+                Outer {
+                    src: [172, 16, 91, 150],
+                    ..from_peer
+                }
+                .wrap(&inner),
+                0,
+            ),
+            (
+                "inner source of another peer",
+                from_peer.wrap(&ipv4(R2, C1, 63, &[])),
+                0,
+            ),
+            (
+                "inner source the peer host itself",
+                from_peer.wrap(&icmp([172, 16, 91, 132], C1, 11)),
+                0,
+            ),
+            ("inner TTL 1", from_peer.wrap(&ipv4(R1, C1, 1, &[])), 0),
+            (
+                "no endpoint for the inner destination",
+                from_peer.wrap(&ipv4(R1, C2, 63, &[])),
+                0,
+            ),
+            ("a GSO packet", frame.clone(), 400),
+        ];
+        for (name, f, gso_size) in kernels {
+            let before = counters(ebpf);
+            let r = run_tc_prog_ctx(
+                ebpf,
+                xhost_common::PROG_INGRESS,
+                &skb_ctx(ifindex("ul0"), gso_size),
+                &f,
+                1,
+            )
+            .unwrap_or_else(|e| panic!("{name}: test_run: {e}"));
+            assert_eq!(
+                (r.verdict, &r.out),
+                (TC_ACT_OK, &f),
+                "{name}: the kernel's, untouched"
+            );
+            assert_counter_moved(ebpf, &before, stat::PASS_NOT_OURS, f.len(), name);
+        }
     });
 }
