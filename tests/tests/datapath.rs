@@ -886,22 +886,49 @@ fn udp_gso_bursts_are_checked_by_their_segments() {
     // The same segments over an underlay of MTU 1400.
     a.ns()
         .run(&["ip", "link", "set", a.underlay_iface(), "mtu", "1400"]);
+    assert_burst_left_to_kernel(
+        &topo,
+        &agent_a,
+        opts.port + 1,
+        opts.segment,
+        "the underlay's",
+    );
+}
+
+/// Sends one UDP GSO burst of `segment`-byte datagrams from container A to
+/// B, whose segments do not fit `what` MTU, and checks that it is the
+/// kernel's: none delivered, `fwd_egress` still, `pass_fib` moved.
+fn assert_burst_left_to_kernel(
+    topo: &Topology,
+    agent_a: &Agent,
+    port: u16,
+    segment: u16,
+    what: &str,
+) {
+    let a = topo.host_a();
+    let counters = || {
+        let s = status_json(a.ns(), &agent_a.dirs);
+        (counter(&s, "fwd_egress"), counter(&s, "pass_fib"))
+    };
+    let (fwd, pass) = counters();
     let opts = UdpGsoOpts {
-        port: opts.port + 1,
+        port,
+        segment,
         bursts: 1,
         timeout: std::time::Duration::from_secs(1),
-        ..opts
+        ..UdpGsoOpts::default()
     };
+    let (ca, cb) = (topo.ctr_a(), topo.ctr_b());
     let t = udp_gso_transfer(ca.ns(), cb.ns(), cb.ip(), &opts).expect("udp gso transfer");
     assert_eq!(
         t.received.datagrams, 0,
-        "segments over the underlay's MTU must not be forwarded: {t:?}"
+        "segments over {what} MTU must not be forwarded: {t:?}"
     );
-    let (fwd_last, pass_last) = counters();
-    assert_eq!(fwd_last, fwd_after, "an oversized burst was forwarded");
+    let (fwd_after, pass_after) = counters();
+    assert_eq!(fwd_after, fwd, "an oversized burst was forwarded");
     assert!(
-        pass_last > pass_after,
-        "the oversized burst was not left to the kernel (pass_fib {pass_after} -> {pass_last})"
+        pass_after > pass,
+        "the oversized burst was not left to the kernel (pass_fib {pass} -> {pass_after})"
     );
 }
 
@@ -1771,24 +1798,7 @@ fn vxlan_mode_hands_udp_gso_bursts_to_the_device() {
     );
 
     // 1468 bytes of IPv4 per datagram: over the device's MTU.
-    let opts = UdpGsoOpts {
-        port: opts.port + 1,
-        segment: 1440,
-        bursts: 1,
-        timeout: std::time::Duration::from_secs(1),
-        ..opts
-    };
-    let t = udp_gso_transfer(ca.ns(), cb.ns(), cb.ip(), &opts).expect("udp gso transfer");
-    assert_eq!(
-        t.received.datagrams, 0,
-        "segments over the device's MTU must not be forwarded: {t:?}"
-    );
-    let (fwd_last, pass_last, _) = counters();
-    assert_eq!(fwd_last, fwd_after, "an oversized burst was forwarded");
-    assert!(
-        pass_last > pass_after,
-        "the oversized burst was not left to the kernel (pass_fib {pass_after} -> {pass_last})"
-    );
+    assert_burst_left_to_kernel(&topo, &agent_a, opts.port + 1, 1440, "the device's");
 }
 
 /// In VXLAN mode only what the tunnel vouches for is delivered: our VNI,

@@ -189,8 +189,8 @@ fn ask(
         _ => Answer::Kernel,
     };
     // An IPv4 route with no address to send from answers source 0.
-    let unusable =
-        (segments && !fits(ctx, p.ifindex)) || (source == Source::Route && from == [0; 4]);
+    let unusable = answer != Answer::Kernel
+        && ((segments && !fits(ctx, p.ifindex)) || (source == Source::Route && from == [0; 4]));
     let answer = if unusable { Answer::Kernel } else { answer };
     NextHop {
         answer,

@@ -45,7 +45,7 @@ use xhost_common::{Endpoint, stat};
 use crate::{
     fib::{Answer, NextHop, Source, WireLen},
     maps::{ENDPOINTS, LOCAL_NETS, host_key, route_of},
-    parse::{Frame, decrement_ttl, parse, ptr_at},
+    parse::{Frame, PACKET_HOST, decrement_ttl, parse, ptr_at},
     stats::count,
 };
 
@@ -79,9 +79,6 @@ const NO_ENDPOINT: Endpoint = Endpoint {
     gw_mac: [0; 6],
     _pad: [0; 4],
 };
-
-/// `PACKET_HOST` from the kernel's if_packet.h.
-const PACKET_HOST: u32 = 0;
 
 #[classifier]
 pub fn xhost_egress(ctx: TcContext) -> i32 {
@@ -174,7 +171,8 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     let to_mac = unsafe { (*f.eth).dst_addr };
     let tunnel = tunnel::device();
     // What leaves the underlay: the packet itself, or in VXLAN mode the
-    // packet encapsulated here (`Encap::No` when it cannot be).
+    // packet encapsulated here (or by the device, for what the program
+    // cannot grow).
     let (len, encap) = match (tunnel, fib::wire_len(ctx, &f)) {
         (None, len) => (len, Encap::No),
         (Some(_), len) => match tunnel::outer_len(ctx, len) {

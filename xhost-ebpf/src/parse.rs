@@ -93,6 +93,10 @@ pub struct Ipv4Frame {
     pub tot_len: u16,
 }
 
+/// `PACKET_HOST` from the kernel's if_packet.h: `skb->pkt_type` of a frame
+/// addressed to this host.
+pub const PACKET_HOST: u32 = 0;
+
 /// `IPPROTO_TCP` from the kernel's in.h.
 pub const IPPROTO_TCP: u8 = 6;
 

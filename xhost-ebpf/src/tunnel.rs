@@ -28,7 +28,7 @@
 //!   ours, the outer source a peer host and the inner source in that
 //!   peer's subnets; the receiving host's stack sees neither packet. GSO
 //!   packets and GRO aggregates are the device's: this kernel's
-//!   `bpf_skb_adjust_room` cannot clear their tunnel GSO state (Linux
+//!   `bpf_skb_adjust_room` cannot clear their tunnel GSO state (bpf-next
 //!   later gained `BPF_F_ADJ_ROOM_DECAP_L4_UDP` for that).
 //! * `xhost_from_tun` (TC ingress of the device) delivers what the device
 //!   decapsulated like `xhost_ingress` does, after checking that the VNI is
@@ -63,7 +63,7 @@ use xhost_common::VXLAN_OVERHEAD;
 use crate::{
     fib::{WireLen, zeroed_in},
     maps::{PEER_HOSTS, route_of},
-    parse::{Frame, Ipv4Frame, Packet, parse_at, ptr_at},
+    parse::{Frame, Ipv4Frame, PACKET_HOST, Packet, parse_at, ptr_at},
 };
 
 /// ifindex of the vxlan device; 0: native routing. Set by the loader
@@ -248,9 +248,6 @@ const VXLAN_HDR_LEN: usize = 8;
 // overhead: what decapsulation removes is exactly what encapsulation adds.
 const _: () = assert!(INNER_OFFSET + EthHdr::LEN == EthHdr::LEN + VXLAN_OVERHEAD as usize);
 
-/// `PACKET_HOST` from the kernel's if_packet.h.
-const PACKET_HOST: u32 = 0;
-
 /// The VXLAN packet in `f` (received on the underlay), if the program may
 /// decapsulate it itself: one packet (no GSO burst or GRO aggregate, whose
 /// tunnel GSO state this kernel's `bpf_skb_adjust_room` cannot clear),
@@ -301,7 +298,7 @@ pub fn inbound(ctx: &TcContext, f: &Ipv4Frame) -> Option<Inbound> {
 
 /// Strips the outer IPv4, UDP and VXLAN headers and the inner Ethernet
 /// header: the frame keeps its outer Ethernet header in front of the inner
-/// IPv4 packet. A checksum the device vouched for is no longer taken as
+/// IPv4 packet. A checksum the NIC vouched for is no longer taken as
 /// verified (`bpf_skb_adjust_room` resets CHECKSUM_UNNECESSARY), so the
 /// inner one is checked as the kernel's decapsulation would. `false`: the
 /// frame is as it was.
