@@ -282,12 +282,13 @@ fn send_encapsulated(
     if !tunnel::encapsulate(ctx, f, hop.source, peer, hop.smac, hop.dmac) {
         return Verdict::drop(stat::DROP_TUNNEL);
     }
-    let action = match hop.answer {
-        Answer::Unresolved => fib::redirect_neigh(hop.ifindex, hop.nexthop),
-        // SAFETY: plain helper call.
-        _ => (unsafe { bpf_redirect(hop.ifindex, 0) }) as i32,
-    };
-    forwarded(action, stat::FWD_EGRESS)
+    match hop.answer {
+        Answer::Unresolved => forwarded(
+            fib::redirect_neigh(hop.ifindex, hop.nexthop),
+            stat::FWD_EGRESS,
+        ),
+        _ => redirect(hop.ifindex, stat::FWD_EGRESS),
+    }
 }
 
 /// Whether `src` is the endpoint attached behind `iif` and the frame is
@@ -339,8 +340,7 @@ fn deliver_decapsulated(ctx: &TcContext, f: &parse::Ipv4Frame) -> Option<Verdict
     if ttl <= 1 || route_of(src) != Some(t.peer) {
         return None;
     }
-    // SAFETY: the value is copied out at once (see deliver).
-    let ep = unsafe { ENDPOINTS.get(&dst) }.map_or(NO_ENDPOINT, |e| *e);
+    let ep = endpoint(dst);
     if ep.ifindex == 0 {
         return None;
     }
@@ -360,10 +360,28 @@ fn deliver_decapsulated(ctx: &TcContext, f: &parse::Ipv4Frame) -> Option<Verdict
         ip,
         tot_len: t.inner.tot_len,
     };
-    rewrite(&inner, ep.gw_mac, ep.mac);
+    Some(into_endpoint(&inner, &ep))
+}
+
+/// Routes the frame to local endpoint `ep` (its MACs, TTL - 1) and puts it
+/// straight into the container's netns: no bridge, no backlog.
+#[inline(always)]
+fn into_endpoint(f: &parse::Ipv4Frame, ep: &Endpoint) -> Verdict {
+    rewrite(f, ep.gw_mac, ep.mac);
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32;
-    Some(forwarded(action, stat::FWD_INGRESS))
+    forwarded(action, stat::FWD_INGRESS)
+}
+
+/// The endpoint of local container `addr`. An absent one reads as
+/// [`NO_ENDPOINT`], ifindex 0 (no interface has it): every byte defined,
+/// where an `Option` would leave some to LLVM, which then copies them and
+/// the verifier refuses.
+#[inline(always)]
+fn endpoint(addr: [u8; 4]) -> Endpoint {
+    // SAFETY: HashMap::get hands out a reference the agent may overwrite
+    // concurrently; the value is copied out at once.
+    unsafe { ENDPOINTS.get(&addr) }.map_or(NO_ENDPOINT, |e| *e)
 }
 
 /// Decapsulated by the vxlan device: delivered as on the underlay, once the
@@ -396,12 +414,7 @@ fn deliver(ctx: &TcContext, f: &parse::Ipv4Frame, encapsulated_only: bool) -> Ve
     // SAFETY: `f.ip` was bounds-checked by `parse`.
     let (src, dst, ttl) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr, (*f.ip).ttl) };
     // A known endpoint is local; only unknown destinations need the LPM.
-    // An absent endpoint reads as ifindex 0 (no interface has it): every
-    // byte defined, where an `Option` would leave some to LLVM, which then
-    // copies them and the verifier refuses.
-    // SAFETY: HashMap::get hands out a reference the agent may overwrite
-    // concurrently; the value is copied out at once.
-    let ep = unsafe { ENDPOINTS.get(&dst) }.map_or(NO_ENDPOINT, |e| *e);
+    let ep = endpoint(dst);
     if ep.ifindex == 0 && LOCAL_NETS.get(&host_key(dst)).is_none() {
         return Verdict::pass(stat::PASS_NOT_OURS);
     }
@@ -420,11 +433,7 @@ fn deliver(ctx: &TcContext, f: &parse::Ipv4Frame, encapsulated_only: bool) -> Ve
         return Verdict::pass(stat::PASS_TTL);
     }
     if ep.ifindex != 0 {
-        rewrite(f, ep.gw_mac, ep.mac);
-        // Straight into the container's netns: no bridge, no backlog.
-        // SAFETY: plain helper call.
-        let action = unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32;
-        return forwarded(action, stat::FWD_INGRESS);
+        return into_endpoint(f, &ep);
     }
     // SAFETY: reading the ingress ifindex of the skb context.
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };

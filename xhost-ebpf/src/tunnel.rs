@@ -110,7 +110,7 @@ struct Encap {
     eth: EthHdr,
     ip: Ipv4Hdr,
     udp: UdpHdr,
-    vxlan: [u8; 8],
+    vxlan: [u8; VXLAN_HDR_LEN],
     inner: EthHdr,
 }
 const _: () = assert!(size_of::<Encap>() == EthHdr::LEN + VXLAN_OVERHEAD as usize);
@@ -128,6 +128,13 @@ pub fn device() -> Option<u32> {
 fn vni() -> u32 {
     // SAFETY: as in `device`.
     unsafe { read_volatile(&raw const TUNNEL_VNI) }
+}
+
+/// Our VXLAN header: the I flag alone and our VNI (RFC 7348).
+#[inline(always)]
+fn vxlan_header() -> [u8; VXLAN_HDR_LEN] {
+    let vni = vni().to_be_bytes();
+    [VXLAN_FLAG_VNI, 0, 0, 0, vni[1], vni[2], vni[3], 0]
 }
 
 #[inline(always)]
@@ -200,7 +207,6 @@ pub fn encapsulate(
     let h = hash ^ (hash << 16);
     let sport =
         (((u64::from(h) * u64::from(SPORT_MAX - SPORT_MIN)) >> 32) as u32 + SPORT_MIN) as u16;
-    let vni = vni().to_be_bytes();
     let id = (id as u16).to_be_bytes();
     // SAFETY: `e` was bounds-checked by ptr_at after the helper ran.
     unsafe {
@@ -226,7 +232,7 @@ pub fn encapsulate(
             // inner packet carries its own.
             check: [0; 2],
         };
-        (*e).vxlan = [VXLAN_FLAG_VNI, 0, 0, 0, vni[1], vni[2], vni[3], 0];
+        (*e).vxlan = vxlan_header();
         (*e).inner = inner;
     }
     true
@@ -273,14 +279,13 @@ pub fn inbound(ctx: &TcContext, f: &Ipv4Frame) -> Option<Inbound> {
     }
     let udp = ptr_at::<UdpHdr, TcContext>(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
     let vxlan = ptr_at::<[u8; VXLAN_HDR_LEN], TcContext>(ctx, INNER_OFFSET - VXLAN_HDR_LEN)?;
-    let vni = vni().to_be_bytes();
     // SAFETY: both bounds-checked by ptr_at.
     let (udp, vxlan) = unsafe { (*udp, *vxlan) };
     let udp_len = u16::from_be_bytes(udp.len);
     if u16::from_be_bytes(udp.dst) != port()
         || udp.check != [0; 2]
         || usize::from(udp_len) + Ipv4Hdr::LEN != usize::from(f.tot_len)
-        || vxlan != [VXLAN_FLAG_VNI, 0, 0, 0, vni[1], vni[2], vni[3], 0]
+        || vxlan != vxlan_header()
     {
         return None;
     }

@@ -925,19 +925,16 @@ const R2: [u8; 4] = [192, 168, 230, 11];
 /// Runs `f` in the test host with a vxlan device `vx0` (MTU 1450, external)
 /// and the datapath loaded in VXLAN mode for it.
 fn in_vxlan_test_host(f: impl FnOnce(&mut Ebpf) + Send + 'static) {
-    std::thread::spawn(move || {
-        enter_test_host();
+    let load = || {
         for cmd in [
             "ip link add vx0 mtu 1450 type vxlan external dstport 4789",
             "ip link set vx0 up",
         ] {
             sh(&cmd.split(' ').collect::<Vec<_>>());
         }
-        let mut ebpf = loaded_vxlan(ifindex("vx0"), VNI, VXLAN_PORT);
-        f(&mut ebpf);
-    })
-    .join()
-    .expect("test thread panicked");
+        loaded_vxlan(ifindex("vx0"), VNI, VXLAN_PORT)
+    };
+    in_test_host_with(load, f);
 }
 
 /// The outer headers of a VXLAN packet.

@@ -60,9 +60,18 @@ pub fn mac(name: &str) -> [u8; 6] {
 
 /// Runs `f` on a thread inside a fresh netns holding the host drawn above.
 pub fn in_test_host(f: impl FnOnce(&mut Ebpf) + Send + 'static) {
+    in_test_host_with(loaded, f);
+}
+
+/// [`in_test_host`] with the datapath from `load`, called inside the test
+/// host (which it may add to first).
+pub fn in_test_host_with(
+    load: impl FnOnce() -> Ebpf + Send + 'static,
+    f: impl FnOnce(&mut Ebpf) + Send + 'static,
+) {
     std::thread::spawn(move || {
         enter_test_host();
-        let mut ebpf = loaded();
+        let mut ebpf = load();
         f(&mut ebpf);
     })
     .join()
