@@ -37,6 +37,8 @@ const NLM_F_DUMP: u16 = 0x300;
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
 const RTM_GETLINK: u16 = 18;
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_NEWNEIGH: u16 = 28;
@@ -329,10 +331,15 @@ impl Rtnl {
         let mut replies = 0usize;
         loop {
             let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
-            let reply = parse_replies(&self.buf[..n], self.seq, &mut interrupted, &mut |ty, p| {
-                replies += 1;
-                on(ty, p)
-            })?;
+            let reply = parse_replies(
+                &self.buf[..n],
+                Some(self.seq),
+                &mut interrupted,
+                &mut |ty, p| {
+                    replies += 1;
+                    on(ty, p)
+                },
+            )?;
             match reply {
                 Reply::Done => return Ok(interrupted),
                 Reply::More if !dump && replies > 0 => return Ok(interrupted),
@@ -356,6 +363,8 @@ pub struct Changes {
     pub any: bool,
     /// A link went away (or may have).
     pub link_deleted: bool,
+    /// An IPv4 address was added or removed (or may have been).
+    pub addresses: bool,
 }
 
 impl KernelEvents {
@@ -383,6 +392,7 @@ impl KernelEvents {
         let unknown = Changes {
             any: true,
             link_deleted: true,
+            addresses: true,
         };
         loop {
             let n = match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()) {
@@ -394,12 +404,10 @@ impl KernelEvents {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let said = has_dellink(&self.buf[..n]).map_or(unknown, |deleted| Changes {
-                any: true,
-                link_deleted: deleted,
-            });
+            let said = kinds(&self.buf[..n]).unwrap_or(unknown);
             changes.any |= said.any;
             changes.link_deleted |= said.link_deleted;
+            changes.addresses |= said.addresses;
         }
     }
 }
@@ -410,15 +418,21 @@ impl AsRawFd for KernelEvents {
     }
 }
 
-/// Whether a datagram of notifications (sequence number 0) holds an `RTM_DELLINK`.
-fn has_dellink(buf: &[u8]) -> io::Result<bool> {
-    let mut deleted = false;
+/// What a datagram of notifications says changed.
+fn kinds(buf: &[u8]) -> io::Result<Changes> {
+    let mut said = Changes {
+        any: true,
+        ..Changes::default()
+    };
     let mut interrupted = false;
-    parse_replies(buf, 0, &mut interrupted, &mut |ty, _| {
-        deleted |= ty == RTM_DELLINK;
+    // Not filtered by sequence number: a notification caused by a request
+    // carries the requester's (`ip addr add` gives its own, not 0).
+    parse_replies(buf, None, &mut interrupted, &mut |ty, _| {
+        said.link_deleted |= ty == RTM_DELLINK;
+        said.addresses |= ty == RTM_NEWADDR || ty == RTM_DELADDR;
         Ok(())
     })?;
-    Ok(deleted)
+    Ok(said)
 }
 
 fn malformed() -> io::Error {
@@ -544,7 +558,7 @@ enum Reply {
 /// become `io::Error`s with its errno.
 fn parse_replies(
     mut buf: &[u8],
-    seq: u32,
+    seq: Option<u32>,
     interrupted: &mut bool,
     on: &mut dyn FnMut(u16, &[u8]) -> io::Result<()>,
 ) -> io::Result<Reply> {
@@ -558,7 +572,7 @@ fn parse_replies(
         let msg_seq = u32_at(buf, 8);
         let payload = &buf[NLMSG_HDRLEN..len];
         buf = &buf[align4(len).min(buf.len())..];
-        if msg_seq != seq {
+        if seq.is_some_and(|s| s != msg_seq) {
             continue; // a late reply to an earlier request
         }
         *interrupted |= flags & NLM_F_DUMP_INTR != 0;
@@ -726,7 +740,7 @@ mod tests {
         buf.extend(newlink(7, 0x2 | 0x10, 1, "lo", [0; 6], None));
         buf.extend(control(7, 3, 0)); // NLMSG_DONE
         let (mut links, mut intr) = (Vec::new(), false);
-        let r = parse_replies(&buf, 7, &mut intr, &mut |ty, p| {
+        let r = parse_replies(&buf, Some(7), &mut intr, &mut |ty, p| {
             assert_eq!(ty, RTM_NEWLINK);
             links.push(parse_link(p).expect("well-formed"));
             Ok(())
@@ -749,16 +763,21 @@ mod tests {
     fn kernel_errors_become_errnos() {
         let mut intr = false;
         let mut ignore = |_: u16, _: &[u8]| Ok(());
-        let err = parse_replies(&control(3, 2, -libc::ENODEV), 3, &mut intr, &mut ignore)
-            .expect_err("ENODEV");
+        let err = parse_replies(
+            &control(3, 2, -libc::ENODEV),
+            Some(3),
+            &mut intr,
+            &mut ignore,
+        )
+        .expect_err("ENODEV");
         assert_eq!(err.raw_os_error(), Some(libc::ENODEV));
         assert_eq!(
-            parse_replies(&control(3, 2, 0), 3, &mut intr, &mut ignore).expect("ack"),
+            parse_replies(&control(3, 2, 0), Some(3), &mut intr, &mut ignore).expect("ack"),
             Reply::Done
         );
         let mut truncated = newlink(3, 0, 1, "x", [0; 6], None);
         truncated.truncate(20);
-        assert!(parse_replies(&truncated, 3, &mut intr, &mut ignore).is_err());
+        assert!(parse_replies(&truncated, Some(3), &mut intr, &mut ignore).is_err());
         assert!(parse_link(&[0; 8]).is_none());
         assert!(parse_neigh(&[0; 8]).is_none());
     }
@@ -812,7 +831,7 @@ mod tests {
         buf.extend(control(5, 3, 0));
         let mut seen = Vec::new();
         let mut intr = false;
-        parse_replies(&buf, 5, &mut intr, &mut |ty, p| {
+        parse_replies(&buf, Some(5), &mut intr, &mut |ty, p| {
             assert_eq!(ty, RTM_NEWNEIGH);
             seen.push(parse_neigh(p).expect("well-formed"));
             Ok(())
@@ -941,13 +960,39 @@ mod tests {
 
     /// Works unprivileged: the loopback device of the test's own namespace.
     #[test]
-    fn notifications_tell_deletions_apart() {
-        let mut del = newlink(0, 0, 42, "veth1", [2; 6], None);
-        del[4..6].copy_from_slice(&RTM_DELLINK.to_ne_bytes());
+    fn notifications_tell_deletions_and_addresses_apart() {
+        // A notification may carry the sequence number of the request
+        // that caused it (address changes do).
+        let retyped = |ty: u16| {
+            let mut m = newlink(9, 0, 42, "veth1", [2; 6], None);
+            m[4..6].copy_from_slice(&ty.to_ne_bytes());
+            m
+        };
         let new = newlink(0, 0, 43, "veth2", [2; 6], None);
-        assert!(!has_dellink(&new).expect("parse"));
-        assert!(has_dellink(&[new.clone(), del].concat()).expect("parse"));
-        assert!(has_dellink(&new[..new.len() - 1]).is_err(), "truncated");
+        let only_any = Changes {
+            any: true,
+            ..Changes::default()
+        };
+        assert_eq!(kinds(&new).expect("parse"), only_any);
+        let del = [new.clone(), retyped(RTM_DELLINK)].concat();
+        assert_eq!(
+            kinds(&del).expect("parse"),
+            Changes {
+                link_deleted: true,
+                ..only_any
+            }
+        );
+        for ty in [RTM_NEWADDR, RTM_DELADDR] {
+            assert_eq!(
+                kinds(&[retyped(ty), new.clone()].concat()).expect("parse"),
+                Changes {
+                    addresses: true,
+                    ..only_any
+                },
+                "type {ty}"
+            );
+        }
+        assert!(kinds(&new[..new.len() - 1]).is_err(), "truncated");
     }
 
     #[test]
@@ -963,7 +1008,11 @@ mod tests {
             };
             let changed = Changes {
                 any: true,
-                link_deleted: false,
+                ..Changes::default()
+            };
+            let addressed = Changes {
+                addresses: true,
+                ..changed
             };
             ip(&[
                 "link", "add", "xh-ev0", "type", "veth", "peer", "name", "xh-ev1",
@@ -980,23 +1029,36 @@ mod tests {
                 "read once"
             );
             // Each kind of change the datapath's cached answers depend on.
-            for change in [
-                &["addr", "add", "10.77.0.1/24", "dev", "xh-ev0"][..],
-                &["route", "add", "10.78.0.0/24", "via", "10.77.0.2"],
-                &[
-                    "neigh",
-                    "replace",
-                    "10.77.0.2",
-                    "lladdr",
-                    "02:00:00:00:00:02",
-                    "dev",
-                    "xh-ev0",
-                ],
-                &["rule", "add", "from", "10.79.0.0/24", "lookup", "100"],
-                &["route", "del", "10.78.0.0/24"],
+            for (change, said) in [
+                (
+                    &["addr", "add", "10.77.0.1/24", "dev", "xh-ev0"][..],
+                    addressed,
+                ),
+                (
+                    &["route", "add", "10.78.0.0/24", "via", "10.77.0.2"],
+                    changed,
+                ),
+                (
+                    &[
+                        "neigh",
+                        "replace",
+                        "10.77.0.2",
+                        "lladdr",
+                        "02:00:00:00:00:02",
+                        "dev",
+                        "xh-ev0",
+                    ],
+                    changed,
+                ),
+                (
+                    &["rule", "add", "from", "10.79.0.0/24", "lookup", "100"],
+                    changed,
+                ),
+                (&["route", "del", "10.78.0.0/24"], changed),
+                (&["addr", "del", "10.77.0.1/24", "dev", "xh-ev0"], addressed),
             ] {
                 ip(change);
-                assert_eq!(events.drain().expect("drain"), changed, "ip {change:?}");
+                assert_eq!(events.drain().expect("drain"), said, "ip {change:?}");
             }
             ip(&["link", "del", "xh-ev0"]);
             assert!(events.drain().expect("drain").link_deleted, "the deletion");
