@@ -472,6 +472,84 @@ fn kernel_route_changes_retire_cached_answers() {
     assert!(p.all_received(), "after: {}", p.output);
 }
 
+/// What the agent pinned in `UNDERLAY_ADDRS`: (address, ifindex), sorted.
+fn underlay_addrs(dirs: &AgentDirs) -> Vec<(std::net::Ipv4Addr, u32)> {
+    use aya::maps::{HashMap, Map, MapData};
+    let data = MapData::from_pin(dirs.pin_dir.join(xhost_common::MAP_UNDERLAY_ADDRS))
+        .expect("pinned UNDERLAY_ADDRS");
+    let map: HashMap<MapData, [u8; 4], u32> = Map::from_map_data(data)
+        .expect("map")
+        .try_into()
+        .expect("hash map");
+    let mut held: Vec<_> = map
+        .iter()
+        .map(|e| e.map(|(k, v)| (std::net::Ipv4Addr::from(k), v)))
+        .collect::<Result<_, _>>()
+        .expect("read UNDERLAY_ADDRS");
+    held.sort();
+    held
+}
+
+/// Waits (up to 2 s) until `UNDERLAY_ADDRS` holds exactly `want`.
+fn wait_for_underlay_addrs(dirs: &AgentDirs, want: &[(std::net::Ipv4Addr, u32)], what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let held = underlay_addrs(dirs);
+        if held == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: UNDERLAY_ADDRS holds {held:?}, not {want:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// `UNDERLAY_ADDRS` (where VXLAN mode's datapath may take a peer's packet
+/// itself) holds the underlay's addresses from the load on, follows the
+/// kernel's address notifications, and leaves with the agent.
+#[test]
+fn underlay_addresses_follow_the_kernel() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let agent = start(a, b, &[]);
+    let link = a
+        .ns()
+        .run(&["ip", "-j", "link", "show", "dev", a.underlay_iface()]);
+    let link: serde_json::Value = serde_json::from_str(&link).expect("ip -j link");
+    let ifindex = link[0]["ifindex"]
+        .as_u64()
+        .and_then(|i| u32::try_from(i).ok())
+        .unwrap_or_else(|| panic!("ifindex in {link}"));
+    let main = (a.underlay_ip(), ifindex);
+    assert_eq!(underlay_addrs(&agent.dirs), vec![main], "at load");
+
+    let extra = std::net::Ipv4Addr::new(10, 254, 0, 1);
+    let extra_arg = format!("{extra}/32");
+    let mut both = vec![main, (extra, ifindex)];
+    both.sort();
+    a.ns()
+        .run(&["ip", "addr", "add", &extra_arg, "dev", a.underlay_iface()]);
+    wait_for_underlay_addrs(&agent.dirs, &both, "address added");
+    let mut shown = vec![a.underlay_ip().to_string(), extra.to_string()];
+    shown.sort_by_key(|s| s.parse::<std::net::Ipv4Addr>().expect("address"));
+    assert_eq!(
+        status_json(a.ns(), &agent.dirs)["underlay_addrs"],
+        serde_json::json!(shown),
+        "status shows them"
+    );
+    // An address on another link is not the underlay's.
+    a.ns()
+        .run(&["ip", "addr", "add", "10.254.0.2/32", "dev", a.bridge()]);
+    a.ns()
+        .run(&["ip", "addr", "del", &extra_arg, "dev", a.underlay_iface()]);
+    wait_for_underlay_addrs(&agent.dirs, &[main], "address removed");
+    a.ns()
+        .run(&["ip", "addr", "del", "10.254.0.2/32", "dev", a.bridge()]);
+    stop_leaving_nothing(agent, a.ns());
+}
+
 #[test]
 fn underlay_hosts_cannot_reach_containers_directly() {
     let topo = topology();

@@ -27,14 +27,19 @@ pub const MAP_STATS: &str = "STATS";
 /// and the agent bumps it after every route, rule, neighbour, address or
 /// link change the kernel reports.
 pub const MAP_DATAPATH_GEN: &str = "DATAPATH_GEN";
+/// Name of the hash map from this host's IPv4 addresses on the underlay
+/// (network order) to the underlay's ifindex: where VXLAN packets from
+/// peers may be addressed for the datapath to decapsulate them itself.
+pub const MAP_UNDERLAY_ADDRS: &str = "UNDERLAY_ADDRS";
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 6] = [
+pub const PINNED_MAPS: [&str; 7] = [
     MAP_ROUTES,
     MAP_LOCAL_NETS,
     MAP_ENDPOINTS,
     MAP_PEER_HOSTS,
     MAP_STATS,
     MAP_DATAPATH_GEN,
+    MAP_UNDERLAY_ADDRS,
 ];
 
 /// Capacity of `ROUTES`: enough for the 100 000-route scale benchmark.
@@ -52,6 +57,9 @@ pub const MAX_ENDPOINTS: u32 = 65_536;
 
 /// Capacity of `PEER_HOSTS`.
 pub const MAX_PEER_HOSTS: u32 = 16_384;
+/// Capacity of `UNDERLAY_ADDRS`: addresses beyond it are left out (their
+/// VXLAN packets are decapsulated by the kernel's device instead).
+pub const MAX_UNDERLAY_ADDRS: u32 = 64;
 
 /// Program names, as the loader looks them up in the object.
 pub const PROG_EGRESS: &str = "xhost_egress";

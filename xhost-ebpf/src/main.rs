@@ -324,8 +324,9 @@ fn try_ingress(ctx: &TcContext) -> Verdict {
 /// that it skips the host's stack (netfilter and conntrack of the outer
 /// UDP, the UDP socket, the vxlan device and its GRO cell). It must be one
 /// the program may decapsulate (`tunnel::inbound`), with an inner source
-/// in the sending peer's subnets (which `policy` allows), a TTL to route
-/// it with and a known endpoint. `None`: the kernel's, as before.
+/// in the subnets `ROUTES` gives the outer source (so the sender is a peer
+/// host, and `policy` allows the source), a TTL to route it with and a
+/// known endpoint. `None`: the kernel's, as before.
 #[inline(always)]
 fn deliver_decapsulated(ctx: &TcContext, f: &parse::Ipv4Frame) -> Option<Verdict> {
     let t = tunnel::inbound(ctx, f)?;

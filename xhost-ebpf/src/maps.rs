@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use xhost_common::{
-    Endpoint, LocalNet, MAX_ENDPOINTS, MAX_LOCAL_NETS, MAX_PEER_HOSTS, MAX_ROUTES, Peer, PeerHost,
-    ROUTE_CACHE_SLOTS,
+    Endpoint, LocalNet, MAX_ENDPOINTS, MAX_LOCAL_NETS, MAX_PEER_HOSTS, MAX_ROUTES,
+    MAX_UNDERLAY_ADDRS, Peer, PeerHost, ROUTE_CACHE_SLOTS,
 };
 
 /// Remote container prefixes -> the peer host that owns them. Read through
@@ -33,6 +33,11 @@ pub static ENDPOINTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = H
 /// Underlay addresses of the peer hosts (network order).
 #[btf_map]
 pub static PEER_HOSTS: HashMap<[u8; 4], PeerHost, { MAX_PEER_HOSTS as usize }> = HashMap::new();
+
+/// This host's IPv4 addresses on the underlay (network order) -> the
+/// underlay's ifindex, as the agent reads them from the kernel.
+#[btf_map]
+pub static UNDERLAY_ADDRS: HashMap<[u8; 4], u32, { MAX_UNDERLAY_ADDRS as usize }> = HashMap::new();
 
 /// One address's `ROUTES` answer, as read under generation `generation`.
 #[repr(C)]

@@ -25,8 +25,9 @@
 //! * `xhost_ingress` (TC ingress of the underlay) decapsulates a single
 //!   VXLAN packet ([`inbound`], [`decapsulate`]) for a local container's
 //!   endpoint and delivers it with `bpf_redirect_peer`, once the VNI is
-//!   ours, the outer source a peer host and the inner source in that
-//!   peer's subnets; the receiving host's stack sees neither packet. GSO
+//!   ours, the outer destination one of this host's underlay addresses and
+//!   the inner source in the subnets of the peer host that is the outer
+//!   source; the receiving host's stack sees neither packet. GSO
 //!   packets and GRO aggregates are the device's: this kernel's
 //!   `bpf_skb_adjust_room` cannot clear their tunnel GSO state (bpf-next
 //!   later gained `BPF_F_ADJ_ROOM_DECAP_L4_UDP` for that).
@@ -62,7 +63,7 @@ use xhost_common::VXLAN_OVERHEAD;
 
 use crate::{
     fib::{WireLen, zeroed_in},
-    maps::{PEER_HOSTS, route_of},
+    maps::{PEER_HOSTS, UNDERLAY_ADDRS, route_of},
     parse::{Frame, Ipv4Frame, PACKET_HOST, Packet, parse_at, ptr_at},
 };
 
@@ -240,7 +241,9 @@ pub fn encapsulate(
 
 /// A VXLAN packet the program may decapsulate itself (see [`inbound`]).
 pub struct Inbound {
-    /// The peer host that sent it (outer source).
+    /// The outer source. The caller requires the inner source to lie in a
+    /// subnet `ROUTES` gives to exactly this host, which makes it a peer
+    /// host: every `ROUTES` value is one.
     pub peer: [u8; 4],
     /// The inner frame, [`INNER_OFFSET`] bytes into the packet.
     pub inner: Ipv4Frame,
@@ -257,10 +260,12 @@ const _: () = assert!(INNER_OFFSET + EthHdr::LEN == EthHdr::LEN + VXLAN_OVERHEAD
 /// The VXLAN packet in `f` (received on the underlay), if the program may
 /// decapsulate it itself: one packet (no GSO burst or GRO aggregate, whose
 /// tunnel GSO state this kernel's `bpf_skb_adjust_room` cannot clear),
-/// addressed to this host's MAC, plain UDP (no IPv4 options, no fragment,
-/// lengths that agree, a zero checksum, as VXLAN senders write it) to our
-/// port, a VXLAN header with the I flag alone and our VNI, from a peer
-/// host, around an inner IPv4 frame that parses as `parse` demands.
+/// addressed to this host's MAC and to one of its underlay addresses
+/// (`UNDERLAY_ADDRS`: the frame is for this host, not one it would route
+/// on), plain UDP (no IPv4 options, no fragment, lengths that agree, a zero
+/// checksum, as VXLAN senders write it) to our port, a VXLAN header with
+/// the I flag alone and our VNI, around an inner IPv4 frame that parses as
+/// `parse` demands. The caller checks the sender.
 /// Anything else (`None`) is the kernel's: its vxlan device decapsulates,
 /// and `xhost_from_tun` checks and counts as before.
 #[inline(always)]
@@ -271,8 +276,15 @@ pub fn inbound(ctx: &TcContext, f: &Ipv4Frame) -> Option<Inbound> {
         return None;
     }
     // SAFETY: `f.ip` was bounds-checked by `parse`.
-    let (vihl, proto, frags, peer) =
-        unsafe { ((*f.ip).vihl, (*f.ip).proto, (*f.ip).frags, (*f.ip).src_addr) };
+    let (vihl, proto, frags, peer, dst) = unsafe {
+        (
+            (*f.ip).vihl,
+            (*f.ip).proto,
+            (*f.ip).frags,
+            (*f.ip).src_addr,
+            (*f.ip).dst_addr,
+        )
+    };
     // MF and the fragment offset: a fragment is the kernel's to reassemble.
     if vihl != 0x45 || proto != IPPROTO_UDP || frags[0] & 0x3f != 0 || frags[1] != 0 {
         return None;
@@ -290,7 +302,7 @@ pub fn inbound(ctx: &TcContext, f: &Ipv4Frame) -> Option<Inbound> {
         return None;
     }
     // SAFETY: lookup of a plain key; the value is not dereferenced.
-    unsafe { PEER_HOSTS.get(&peer) }?;
+    unsafe { UNDERLAY_ADDRS.get(&dst) }?;
     let Frame::Ipv4(inner) = parse_at(ctx, INNER_OFFSET) else {
         return None;
     };

@@ -32,7 +32,9 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     )?;
     let xdp = dp.attach_underlay(&settings.iface, settings.xdp_mode)?;
     dp.attach_tunnel()?;
-    let route_dev = dp.route_device(crate::net::ifindex(&settings.iface)?);
+    let underlay = crate::net::ifindex(&settings.iface)?;
+    set_underlay_addrs(&mut dp, &settings.iface, underlay)?;
+    let route_dev = dp.route_device(underlay);
     let mut peers = Peers::default();
     state::apply_peers(&mut dp, &mut peers, &Peers::of(&settings.peers), route_dev)?;
     let mut applied = Desired::default();
@@ -79,6 +81,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         static_locals,
         peers,
         route_dev,
+        underlay,
     };
     let res = agent
         .follow(signals, &mut dp, &mut applied, &mut report)
@@ -106,6 +109,8 @@ struct Agent {
     static_locals: Vec<LocalSubnet>,
     peers: Peers,
     route_dev: RouteDevice,
+    /// The underlay's ifindex.
+    underlay: u32,
 }
 
 impl Agent {
@@ -180,6 +185,9 @@ impl Agent {
                             if c.any {
                                 retire_cached(dp);
                             }
+                            if c.addresses {
+                                self.follow_underlay_addrs(dp);
+                            }
                             if !c.link_deleted {
                                 continue;
                             }
@@ -187,6 +195,7 @@ impl Agent {
                         Err(e) => {
                             warn!("reading kernel changes: {e}");
                             retire_cached(dp);
+                            self.follow_underlay_addrs(dp);
                         }
                     }
                 }
@@ -213,6 +222,14 @@ impl Agent {
             w.abort();
         }
         Ok(())
+    }
+
+    /// After the kernel reported address changes: `UNDERLAY_ADDRS` holds
+    /// what the underlay has now. Kept as it was if that cannot be read.
+    fn follow_underlay_addrs(&self, dp: &mut Datapath) {
+        if let Err(e) = set_underlay_addrs(dp, &self.settings.iface, self.underlay) {
+            warn!("{e:#}");
+        }
     }
 
     /// SIGHUP: reads the config again and applies its peers and static
@@ -244,6 +261,18 @@ impl Agent {
         self.static_locals = static_locals;
         Ok(())
     }
+}
+
+/// Writes the underlay's IPv4 addresses, as the kernel has them now, to
+/// `UNDERLAY_ADDRS` (VXLAN packets to them may be decapsulated by the
+/// datapath itself).
+fn set_underlay_addrs(dp: &mut Datapath, iface: &str, ifindex: u32) -> anyhow::Result<()> {
+    let addrs: Vec<Ipv4Addr> = crate::net::ipv4_subnets(iface)?
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    dp.set_underlay_addrs(ifindex, &addrs)
+        .with_context(|| format!("writing {iface}'s addresses"))
 }
 
 /// After a kernel change: the datapath's cached answers may hold what the

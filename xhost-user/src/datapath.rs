@@ -22,9 +22,9 @@ use aya::{
 use log::{info, warn};
 use xhost_common::{
     Endpoint, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT, GLOBAL_TUNNEL_VNI, LocalNet,
-    MAP_DATAPATH_GEN, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, PINNED_MAPS,
-    PROG_EGRESS, PROG_FROM_CTR, PROG_FROM_TUNNEL, PROG_INGRESS, PROG_TO_TUNNEL, PROG_XDP, Peer,
-    PeerHost,
+    MAP_DATAPATH_GEN, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES,
+    MAP_UNDERLAY_ADDRS, MAX_UNDERLAY_ADDRS, PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR,
+    PROG_FROM_TUNNEL, PROG_INGRESS, PROG_TO_TUNNEL, PROG_XDP, Peer, PeerHost,
 };
 
 use crate::{
@@ -150,6 +150,7 @@ pub struct Datapath {
     local_nets: LpmTrie<MapData, [u8; 4], LocalNet>,
     endpoints: HashMap<MapData, [u8; 4], Endpoint>,
     peer_hosts: HashMap<MapData, [u8; 4], PeerHost>,
+    underlay_addrs: HashMap<MapData, [u8; 4], u32>,
     attachments: BTreeMap<(String, Hook), Attachment>,
     pinned_maps: Vec<PathBuf>,
     /// Kernel routes this instance added.
@@ -296,13 +297,17 @@ impl Datapath {
             peer_hosts,
             _stats,
             generation,
-        ] = <[aya::maps::Map; 6]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
+            underlay_addrs,
+        ] = <[aya::maps::Map; 7]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
         let mut dp = Self {
             layout: layout.clone(),
             routes: RouteTable::new(routes, generation)?,
             local_nets: local_nets.try_into().map_err(map_error(MAP_LOCAL_NETS))?,
             endpoints: endpoints.try_into().map_err(map_error(MAP_ENDPOINTS))?,
             peer_hosts: peer_hosts.try_into().map_err(map_error(MAP_PEER_HOSTS))?,
+            underlay_addrs: underlay_addrs
+                .try_into()
+                .map_err(map_error(MAP_UNDERLAY_ADDRS))?,
             ebpf,
             attachments: BTreeMap::new(),
             pinned_maps: std::mem::take(&mut guard.paths),
@@ -563,6 +568,46 @@ impl Datapath {
         self.peer_hosts
             .remove(&host.octets())
             .map_err(entry_error(MAP_PEER_HOSTS, host))
+    }
+
+    /// Makes `UNDERLAY_ADDRS` hold `addrs`, the addresses of the underlay
+    /// `ifindex`, and nothing else: new ones are written before stale ones
+    /// go. Beyond the map's capacity the rest are left out (and said so):
+    /// VXLAN packets to them are the kernel's device's to decapsulate.
+    pub fn set_underlay_addrs(
+        &mut self,
+        ifindex: u32,
+        addrs: &[Ipv4Addr],
+    ) -> Result<(), DatapathError> {
+        let max = MAX_UNDERLAY_ADDRS as usize;
+        if addrs.len() > max {
+            warn!(
+                "the underlay has {} IPv4 addresses; {MAP_UNDERLAY_ADDRS} holds {max}: VXLAN packets to the others are decapsulated by the kernel",
+                addrs.len()
+            );
+        }
+        let want = &addrs[..addrs.len().min(max)];
+        let held = self
+            .underlay_addrs
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_error(MAP_UNDERLAY_ADDRS))?;
+        for a in want {
+            if !held.contains(&a.octets()) {
+                self.underlay_addrs
+                    .insert(a.octets(), ifindex, 0)
+                    .map_err(entry_error(MAP_UNDERLAY_ADDRS, a))?;
+            }
+        }
+        for k in held {
+            let a = Ipv4Addr::from(k);
+            if !want.contains(&a) {
+                self.underlay_addrs
+                    .remove(&k)
+                    .map_err(entry_error(MAP_UNDERLAY_ADDRS, a))?;
+            }
+        }
+        Ok(())
     }
 
     pub fn set_route(&mut self, net: &Ipv4Net, peer: Ipv4Addr) -> Result<(), DatapathError> {

@@ -1,7 +1,8 @@
 //! Where xhost keeps what must outlive a process: bpffs pins and run state.
 //!
 //! ```text
-//! <pin-dir>/ROUTES, LOCAL_NETS, ENDPOINTS, STATS   maps (bpftool map dump pinned ...)
+//! <pin-dir>/ROUTES, LOCAL_NETS, ENDPOINTS, ...      maps (bpftool map dump pinned ...;
+//!                                                   every name in PINNED_MAPS)
 //! <pin-dir>/links/<iface>@<hook>                   tcx / XDP links (detach = unlink)
 //! <run-dir>/agent.json                              what is attached where, Docker view
 //! ```

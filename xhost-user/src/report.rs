@@ -11,7 +11,8 @@ use anyhow::{Context as _, bail};
 use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray};
 use serde::{Deserialize, Serialize};
 use xhost_common::{
-    Counter, Endpoint, LocalNet, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_ROUTES, MAP_STATS, Peer, stat,
+    Counter, Endpoint, LocalNet, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_ROUTES, MAP_STATS,
+    MAP_UNDERLAY_ADDRS, Peer, stat,
 };
 
 use crate::{
@@ -214,6 +215,9 @@ pub struct Status {
     pub routes: Vec<Route>,
     pub local_subnets: Vec<Local>,
     pub endpoints: Vec<EndpointRow>,
+    /// `UNDERLAY_ADDRS`: where VXLAN mode's datapath takes a peer's packets
+    /// itself. Empty for a datapath pinned by a build without the map.
+    pub underlay_addrs: Vec<Ipv4Addr>,
     pub counters: std::collections::BTreeMap<String, CounterRow>,
 }
 
@@ -281,6 +285,15 @@ pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
         });
     }
     endpoints.sort_by_key(|e| e.ip);
+    let mut underlay_addrs = Vec::new();
+    if layout.map(MAP_UNDERLAY_ADDRS).exists() {
+        let addrs: HashMap<MapData, [u8; 4], u32> =
+            open_pinned(layout, MAP_UNDERLAY_ADDRS)?.try_into()?;
+        for k in addrs.keys() {
+            underlay_addrs.push(Ipv4Addr::from(k?));
+        }
+        underlay_addrs.sort();
+    }
     let counters = read_counters(layout)?;
     Ok(Status {
         pin_dir: layout.pin_dir.display().to_string(),
@@ -290,6 +303,7 @@ pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
         routes,
         local_subnets,
         endpoints,
+        underlay_addrs,
         counters,
     })
 }
@@ -335,6 +349,11 @@ pub fn print_status(s: &Status) {
             t.device, t.ifindex, t.vni, t.port, t.mtu
         );
     }
+    let addrs: Vec<String> = s.underlay_addrs.iter().map(Ipv4Addr::to_string).collect();
+    println!(
+        "underlay addresses ({MAP_UNDERLAY_ADDRS}): {}",
+        addrs.join(", ")
+    );
     println!("attached:");
     for a in &s.attached {
         println!("  {:<16} {:<17} {}", a.iface, a.hook.as_str(), a.program);

@@ -1166,11 +1166,20 @@ fn vxlan_mode_decapsulates_in_the_program() {
             ..from_peer
         };
         // (what, frame, GSO size)
-        let kernels: [(&str, Vec<u8>, u32); 11] = [
+        let kernels: [(&str, Vec<u8>, u32); 12] = [
             (
                 "not to this host's MAC",
                 Outer {
                     dmac: ANY_MAC,
+                    ..from_peer
+                }
+                .wrap(&inner),
+                0,
+            ),
+            (
+                "to our MAC but another host's address",
+                Outer {
+                    dst: [172, 16, 91, 140],
                     ..from_peer
                 }
                 .wrap(&inner),

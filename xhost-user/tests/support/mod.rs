@@ -10,7 +10,8 @@
 //!
 //! with the object loaded and its maps holding the routes to 192.168.220.0/24
 //! (peer .132) and 192.168.230.0/24 (peer .133), the local subnet
-//! 192.168.110.0/24 on br0, the endpoint 192.168.110.11 and the peer host .132.
+//! 192.168.110.0/24 on br0, the endpoint 192.168.110.11, the peer host .132
+//! and the underlay address .131 on ul0.
 #![allow(dead_code, reason = "each includer uses its own part")]
 
 use std::{process::Command, time::Duration};
@@ -197,6 +198,14 @@ pub fn fill_maps(ebpf: &mut Ebpf) {
         .expect("hash");
     hosts
         .insert([172, 16, 91, 132], PeerHost { flags: 0 }, 0)
+        .expect("insert");
+    let mut addrs: HashMap<_, [u8; 4], u32> = ebpf
+        .map_mut("UNDERLAY_ADDRS")
+        .expect("UNDERLAY_ADDRS")
+        .try_into()
+        .expect("hash");
+    addrs
+        .insert([172, 16, 91, 131], ifindex("ul0"), 0)
         .expect("insert");
 }
 
