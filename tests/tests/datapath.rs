@@ -419,16 +419,22 @@ fn datapath_generation(dirs: &AgentDirs) -> u64 {
         .unwrap_or_else(|| panic!("generation in {dump}"))
 }
 
-/// Waits (up to 2 s) until the agent has bumped the generation past `past`.
-fn wait_for_bump(dirs: &AgentDirs, past: u64, what: &str) {
+/// Polls `check` every 10 ms until it finds nothing wrong (`None`); after 2 s,
+/// fails with what it found last.
+fn within_2s(what: &str, mut check: impl FnMut() -> Option<String>) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while datapath_generation(dirs) <= past {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: the agent did not retire the cached answers"
-        );
+    while let Some(wrong) = check() {
+        assert!(std::time::Instant::now() < deadline, "{what}: {wrong}");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+/// Waits (up to 2 s) until the agent has bumped the generation past `past`.
+fn wait_for_bump(dirs: &AgentDirs, past: u64, what: &str) {
+    within_2s(what, || {
+        (datapath_generation(dirs) <= past)
+            .then(|| "the agent did not retire the cached answers".to_owned())
+    });
 }
 
 /// The datapath caches its forwarding answers, FIB results included: a
@@ -492,18 +498,10 @@ fn underlay_addrs(dirs: &AgentDirs) -> Vec<(std::net::Ipv4Addr, u32)> {
 
 /// Waits (up to 2 s) until `UNDERLAY_ADDRS` holds exactly `want`.
 fn wait_for_underlay_addrs(dirs: &AgentDirs, want: &[(std::net::Ipv4Addr, u32)], what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
+    within_2s(what, || {
         let held = underlay_addrs(dirs);
-        if held == want {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: UNDERLAY_ADDRS holds {held:?}, not {want:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+        (held != want).then(|| format!("UNDERLAY_ADDRS holds {held:?}, not {want:?}"))
+    });
 }
 
 /// `UNDERLAY_ADDRS` (where VXLAN mode's datapath may take a peer's packet
@@ -547,6 +545,59 @@ fn underlay_addresses_follow_the_kernel() {
     wait_for_underlay_addrs(&agent.dirs, &[main], "address removed");
     a.ns()
         .run(&["ip", "addr", "del", "10.254.0.2/32", "dev", a.bridge()]);
+
+    // More addresses than the map holds: it is filled, and when some of
+    // those it holds go, the ones left out take their places (the stale
+    // entries leave first, or the new ones would not fit).
+    let max = xhost_common::MAX_UNDERLAY_ADDRS as usize;
+    let many: Vec<std::net::Ipv4Addr> = (1..=max as u8 + 6)
+        .map(|i| std::net::Ipv4Addr::new(10, 254, 1, i))
+        .collect();
+    let on_underlay = |verb: &str, ip: &std::net::Ipv4Addr| {
+        let ip = format!("{ip}/32");
+        a.ns()
+            .run(&["ip", "addr", verb, &ip, "dev", a.underlay_iface()]);
+    };
+    for ip in &many {
+        on_underlay("add", ip);
+    }
+    within_2s("more addresses than the map holds", || {
+        let held = underlay_addrs(&agent.dirs);
+        let ok = held.len() == max
+            && held.contains(&main)
+            && held
+                .iter()
+                .all(|(ip, i)| *i == ifindex && (many.contains(ip) || *ip == a.underlay_ip()));
+        (!ok).then(|| format!("UNDERLAY_ADDRS holds {held:?}"))
+    });
+    assert!(
+        agent
+            .output()
+            .contains("VXLAN packets to the others are decapsulated by the kernel"),
+        "the addresses left out are not said: {}",
+        agent.output()
+    );
+    let gone: Vec<_> = underlay_addrs(&agent.dirs)
+        .into_iter()
+        .map(|(ip, _)| ip)
+        .filter(|ip| many.contains(ip))
+        .take(10)
+        .collect();
+    for ip in &gone {
+        on_underlay("del", ip);
+    }
+    let mut rest: Vec<_> = many
+        .iter()
+        .filter(|ip| !gone.contains(ip))
+        .map(|ip| (*ip, ifindex))
+        .chain([main])
+        .collect();
+    rest.sort();
+    wait_for_underlay_addrs(&agent.dirs, &rest, "ten held addresses removed");
+    for ip in many.iter().filter(|ip| !gone.contains(ip)) {
+        on_underlay("del", ip);
+    }
+    wait_for_underlay_addrs(&agent.dirs, &[main], "all extra addresses removed");
     stop_leaving_nothing(agent, a.ns());
 }
 

@@ -572,8 +572,9 @@ impl Datapath {
 
     /// Makes `UNDERLAY_ADDRS` hold `addrs`, the addresses of the underlay
     /// `ifindex`, and nothing else: new ones are written before stale ones
-    /// go. Beyond the map's capacity the rest are left out (and said so):
-    /// VXLAN packets to them are the kernel's device's to decapsulate.
+    /// go, unless both would not fit the map together. Beyond the map's
+    /// capacity the rest are left out (and said so): VXLAN packets to them
+    /// are the kernel's device's to decapsulate.
     pub fn set_underlay_addrs(
         &mut self,
         ifindex: u32,
@@ -592,20 +593,36 @@ impl Datapath {
             .keys()
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_error(MAP_UNDERLAY_ADDRS))?;
-        for a in want {
-            if !held.contains(&a.octets()) {
-                self.underlay_addrs
-                    .insert(a.octets(), ifindex, 0)
-                    .map_err(entry_error(MAP_UNDERLAY_ADDRS, a))?;
-            }
+        let new: Vec<Ipv4Addr> = want
+            .iter()
+            .filter(|a| !held.contains(&a.octets()))
+            .copied()
+            .collect();
+        let stale: Vec<Ipv4Addr> = held
+            .iter()
+            .map(|k| Ipv4Addr::from(*k))
+            .filter(|a| !want.contains(a))
+            .collect();
+        let stale_first = held.len() + new.len() > max;
+        if stale_first {
+            self.remove_underlay_addrs(&stale)?;
         }
-        for k in held {
-            let a = Ipv4Addr::from(k);
-            if !want.contains(&a) {
-                self.underlay_addrs
-                    .remove(&k)
-                    .map_err(entry_error(MAP_UNDERLAY_ADDRS, a))?;
-            }
+        for a in &new {
+            self.underlay_addrs
+                .insert(a.octets(), ifindex, 0)
+                .map_err(entry_error(MAP_UNDERLAY_ADDRS, a))?;
+        }
+        if !stale_first {
+            self.remove_underlay_addrs(&stale)?;
+        }
+        Ok(())
+    }
+
+    fn remove_underlay_addrs(&mut self, addrs: &[Ipv4Addr]) -> Result<(), DatapathError> {
+        for a in addrs {
+            self.underlay_addrs
+                .remove(&a.octets())
+                .map_err(entry_error(MAP_UNDERLAY_ADDRS, a))?;
         }
         Ok(())
     }
