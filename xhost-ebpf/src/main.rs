@@ -295,12 +295,9 @@ fn send_encapsulated(
 /// addressed to its gateway.
 #[inline(always)]
 fn sent_by_endpoint(f: &parse::Ipv4Frame, src: [u8; 4], iif: u32) -> bool {
-    // SAFETY: the value is copied out at once (see try_ingress).
-    let Some(ep) = (unsafe { ENDPOINTS.get(&src) }).copied() else {
-        return false;
-    };
+    let ep = endpoint(src);
     // SAFETY: `f.eth` was bounds-checked by `parse`.
-    ep.ifindex == iif && unsafe { (*f.eth).dst_addr } == ep.gw_mac
+    ep.ifindex != 0 && ep.ifindex == iif && unsafe { (*f.eth).dst_addr } == ep.gw_mac
 }
 
 /// Remote container -> local container, seen on the underlay's ingress.

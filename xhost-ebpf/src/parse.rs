@@ -99,6 +99,8 @@ pub const PACKET_HOST: u32 = 0;
 
 /// `IPPROTO_TCP` from the kernel's in.h.
 pub const IPPROTO_TCP: u8 = 6;
+/// `IPPROTO_UDP` from the kernel's in.h.
+pub const IPPROTO_UDP: u8 = 17;
 
 /// Longest IPv4 header: IHL is 4 bits of 32-bit words.
 const IPV4_MAX_HDR_WORDS: usize = 30;

@@ -64,7 +64,7 @@ use xhost_common::VXLAN_OVERHEAD;
 use crate::{
     fib::{WireLen, zeroed_in},
     maps::{PEER_HOSTS, UNDERLAY_ADDRS, route_of},
-    parse::{Frame, Ipv4Frame, PACKET_HOST, Packet, parse_at, ptr_at},
+    parse::{Frame, IPPROTO_UDP, Ipv4Frame, PACKET_HOST, Packet, parse_at, ptr_at},
 };
 
 /// ifindex of the vxlan device; 0: native routing. Set by the loader
@@ -91,9 +91,6 @@ const OUTER_TTL: u8 = 64;
 /// range).
 const SPORT_MIN: u32 = 32_768;
 const SPORT_MAX: u32 = 60_999;
-
-/// `IPPROTO_UDP` from the kernel's in.h.
-const IPPROTO_UDP: u8 = 17;
 
 /// The VXLAN header's flags byte: I, the VNI is valid (RFC 7348).
 const VXLAN_FLAG_VNI: u8 = 0x08;
