@@ -103,6 +103,15 @@ pub const XHOST_VXLAN_BASELINE: &str = "xhost-vxlan-baseline";
 /// with: (baseline, counterpart).
 const BASELINES: [(&str, &str); 2] = [(XHOST_BASELINE, XHOST), (XHOST_VXLAN_BASELINE, XHOST_VXLAN)];
 
+/// The scenario whose settings baseline scenario `name` runs with; `None` for any
+/// scenario that is not a baseline.
+fn counterpart(name: &str) -> Option<&'static str> {
+    BASELINES
+        .iter()
+        .find(|(b, _)| *b == name)
+        .map(|(_, of)| *of)
+}
+
 pub fn all_scenarios() -> Vec<Scenario> {
     let xhost = |xdp_mode: Option<&str>, routes| {
         PathKind::Xhost(XhostOpts {
@@ -382,7 +391,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         let bin = freeze(bin, &out_dir, XHOST_USER_BASELINE)?;
         for s in &mut scenarios {
             if let PathKind::Xhost(o) = &mut s.kind
-                && BASELINES.iter().any(|(b, _)| *b == s.name)
+                && counterpart(s.name).is_some()
             {
                 o.binary = Some(bin.clone());
             }
@@ -453,7 +462,7 @@ fn select(filter: &[String], baseline: bool) -> anyhow::Result<Vec<Scenario>> {
             let names: Vec<_> = all.iter().map(|s| s.name).collect();
             bail!("unknown scenario {f:?}; known: {}", names.join(", "));
         }
-        if !baseline && BASELINES.iter().any(|(b, _)| b == f) {
+        if !baseline && counterpart(f).is_some() {
             bail!("scenario {f} needs --baseline <xhost-user binary>");
         }
     }
@@ -466,17 +475,13 @@ fn select(filter: &[String], baseline: bool) -> anyhow::Result<Vec<Scenario>> {
     };
     let picked: Vec<Scenario> = all
         .iter()
-        .filter(|s| match BASELINES.iter().find(|(b, _)| *b == s.name) {
-            Some((_, of)) => baseline && (chosen(of) || chosen(s.name)),
+        .filter(|s| match counterpart(s.name) {
+            Some(of) => baseline && (chosen(of) || chosen(s.name)),
             None => chosen(s.name),
         })
         .cloned()
         .collect();
-    if baseline
-        && !picked
-            .iter()
-            .any(|s| BASELINES.iter().any(|(b, _)| *b == s.name))
-    {
+    if baseline && !picked.iter().any(|s| counterpart(s.name).is_some()) {
         bail!("--baseline runs beside {XHOST} or {XHOST_VXLAN}: select one of them");
     }
     Ok(picked)
