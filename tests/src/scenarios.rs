@@ -1025,6 +1025,46 @@ impl CpuTicks {
     }
 }
 
+/// Function-call IPIs each CPU has taken (the `CAL` row of `/proc/interrupts`, `CPU0`
+/// first). A task woken from another CPU while its own CPU sleeps costs the waker one:
+/// on a guest whose idle CPUs halt (this VM's `haltpoll` with no polling), each is an
+/// exit to the hypervisor on the waker's CPU, which runs the whole packet path here.
+pub fn call_ipis() -> Result<Vec<u64>> {
+    let text = std::fs::read_to_string("/proc/interrupts").map_err(|source| Error::Io {
+        what: "reading /proc/interrupts".into(),
+        source,
+    })?;
+    parse_call_ipis(&text)
+}
+
+fn parse_call_ipis(text: &str) -> Result<Vec<u64>> {
+    let bad = || Error::Parse {
+        what: "/proc/interrupts CAL row",
+        input: text.lines().next().unwrap_or_default().to_owned(),
+    };
+    let ncpus = text
+        .lines()
+        .next()
+        .ok_or_else(bad)?
+        .split_whitespace()
+        .count();
+    let row = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("CAL:"))
+        .ok_or_else(bad)?;
+    let counts: Vec<u64> = row
+        .split_whitespace()
+        .skip(1)
+        .take(ncpus)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    if ncpus == 0 || counts.len() != ncpus {
+        return Err(bad());
+    }
+    Ok(counts)
+}
+
 /// Waits, at most `max`, until the machine is mostly idle (busy below `threshold` over a
 /// 300 ms window): background work such as the kernel tearing down the previous scenario's
 /// namespaces should not be measured with the next one. Returns the last window's busy
@@ -1250,6 +1290,16 @@ sockperf: ---> <MIN> observation =    1.714
             Some(7)
         );
         assert!(CpuTicks::parse_line(stat, "cpu1 ").is_err());
+
+        let irqs = "           CPU0       CPU1       \n 24:          1          0  IO-APIC   5-edge      ACPI:Ged\n\
+                    RES:    2454714    2777286   Rescheduling interrupts\n\
+                    CAL:    9569080  175512669   Function call interrupts\n";
+        assert_eq!(
+            parse_call_ipis(irqs).ok(),
+            Some(vec![9_569_080, 175_512_669])
+        );
+        assert!(parse_call_ipis("           CPU0       CPU1\nRES: 1 2\n").is_err());
+        assert!(parse_call_ipis("           CPU0       CPU1\nCAL: 1 Function\n").is_err());
 
         let status = "Name:\txhost-user\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\n";
         assert_eq!(parse_rss(status), Some((10_240 * 1024, 20_480 * 1024)));

@@ -232,10 +232,17 @@ pub enum Metric {
     PinnedP99Us,
     CpuNsPerPkt,
     SoftirqNsPerPkt,
+    /// Function-call IPIs the receiver's CPU took over the UDP test, per 100 packets
+    /// delivered: mostly the sender's softirq waking the receiver from a halted CPU, which
+    /// the sending CPU pays for (see `scenarios::call_ipis`).
+    #[serde(rename = "rx_wake_ipis_per_100_pkts")]
+    RxWakeIpisPer100Pkts,
+    /// Idle share of the receiver's CPU over the UDP test, %.
+    RxIdlePct,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 10] = [
+    pub const ALL: [Metric; 12] = [
         Metric::TcpGbps,
         Metric::TcpSteadyGbps,
         Metric::UdpKpps,
@@ -246,10 +253,12 @@ impl Metric {
         Metric::PinnedP99Us,
         Metric::CpuNsPerPkt,
         Metric::SoftirqNsPerPkt,
+        Metric::RxWakeIpisPer100Pkts,
+        Metric::RxIdlePct,
     ];
 
     /// The columns of the text tables (the JSON has all).
-    pub const TABLE: [Metric; 7] = [
+    pub const TABLE: [Metric; 8] = [
         Metric::TcpGbps,
         Metric::TcpSteadyGbps,
         Metric::UdpKpps,
@@ -257,6 +266,7 @@ impl Metric {
         Metric::LatP99Us,
         Metric::PinnedMeanUs,
         Metric::SoftirqNsPerPkt,
+        Metric::RxWakeIpisPer100Pkts,
     ];
 
     pub fn label(self) -> &'static str {
@@ -271,6 +281,8 @@ impl Metric {
             Metric::PinnedP99Us => "pinned lat p99 us",
             Metric::CpuNsPerPkt => "CPU ns/pkt",
             Metric::SoftirqNsPerPkt => "softirq ns/pkt",
+            Metric::RxWakeIpisPer100Pkts => "rx wake IPIs/100 pkt",
+            Metric::RxIdlePct => "rx CPU idle %",
         }
     }
 
@@ -297,6 +309,9 @@ pub struct Run {
     pub udp: Option<UdpSample>,
     /// `/proc/stat` ticks over the UDP test.
     pub udp_cpu_ticks: Option<CpuTicks>,
+    /// The receiver's CPU over the UDP test: its `/proc/stat` ticks and the function-call
+    /// IPIs it took.
+    pub udp_receiver: Option<ReceiverCpu>,
     /// [`LatencyMode::BusyPoll`].
     pub latency: Option<LatencySample>,
     /// [`LatencyMode::Pinned`].
@@ -726,6 +741,14 @@ fn agent_reports(s: &Scenario, bed: &Bed, run: &mut Run) {
     }
 }
 
+/// The receiver's CPU over one UDP test.
+#[derive(Debug, Serialize)]
+pub struct ReceiverCpu {
+    pub cpu: usize,
+    pub ticks: CpuTicks,
+    pub call_ipis: u64,
+}
+
 /// Busy fraction above which a run counts as started under outside load.
 const LOADED: f64 = 0.5;
 /// CPUs of work that was not ours during a test above which its values count as
@@ -800,8 +823,10 @@ fn measure(test: Test, bed: &Bed, plan: &Plan, run: &mut Run) {
     }
     if test == Test::Udp {
         let w = CpuWindow::start();
+        let ipis = scenarios::call_ipis().ok();
         let udp = scenarios::iperf3_udp(client, server, ip, secs, cpus);
         let cpu = w.and_then(CpuWindow::end);
+        let ipis = ipis.zip(scenarios::call_ipis().ok());
         match udp {
             Ok(u) => {
                 run.values.insert(Metric::UdpKpps, u.pps / 1e3);
@@ -821,8 +846,31 @@ fn measure(test: Test, bed: &Bed, plan: &Plan, run: &mut Run) {
                             Metric::UdpKpps,
                             Metric::CpuNsPerPkt,
                             Metric::SoftirqNsPerPkt,
+                            Metric::RxWakeIpisPer100Pkts,
+                            Metric::RxIdlePct,
                         ],
                     );
+                    if let (Some(rx), Some((before, after))) = (cpus.server, ipis)
+                        && let (Some(ticks), Some(&b), Some(&a)) =
+                            (per.get(rx), before.get(rx), after.get(rx))
+                    {
+                        let call_ipis = a.saturating_sub(b);
+                        run.values.insert(
+                            Metric::RxWakeIpisPer100Pkts,
+                            call_ipis as f64 * 100.0 / delivered as f64,
+                        );
+                        if ticks.total() > 0 {
+                            run.values.insert(
+                                Metric::RxIdlePct,
+                                ticks.idle as f64 * 100.0 / ticks.total() as f64,
+                            );
+                        }
+                        run.udp_receiver = Some(ReceiverCpu {
+                            cpu: rx,
+                            ticks: *ticks,
+                            call_ipis,
+                        });
+                    }
                     run.udp_cpu_ticks = Some(c);
                 }
                 run.udp = Some(u);

@@ -154,7 +154,7 @@ pub struct ScenarioInfo {
     pub about: String,
 }
 
-const CPU_METHOD: &str = "/proc/stat ticks (USER_HZ=100, whole machine, tick-sampled) over the UDP test divided by delivered packets: softirq alone (table) and user+nice+system+irq+softirq (JSON cpu_ns_per_pkt); perf has no hardware counters in this VM";
+const CPU_METHOD: &str = "/proc/stat ticks (USER_HZ=100, whole machine, tick-sampled) over the UDP test divided by delivered packets: softirq alone (table) and user+nice+system+irq+softirq (JSON cpu_ns_per_pkt); perf has no hardware counters in this VM. rx wake IPIs/100 pkt: function-call IPIs (CAL, /proc/interrupts) the receiver's CPU took over the UDP test per 100 delivered packets, mostly wakeups of the receiver from a halted CPU, each paid on the sending CPU, which runs the whole path (JSON also: rx_idle_pct)";
 const LATENCY_METHOD: &str = "sockperf ping-pong, UDP, 64-byte messages, latency = RTT/2 as sockperf reports it. lat mean/p99/p50 (the targets): --nonblocked --timeout 0 on both ends (busy polling, as issue 4 specifies), client on CPU 0, server on CPU 1. pinned lat: blocking sockets, client and server on the same CPU (local wakeups), a second view that does not depend on both CPUs being free";
 
 /// The comparisons reported, as (x, base); those whose scenarios did not run are skipped.
@@ -931,6 +931,7 @@ fn fmt_value(v: Option<f64>, metric: Metric) -> String {
             | Metric::PinnedMeanUs
             | Metric::PinnedP99Us,
         ) => format!("{v:.2}"),
+        (Some(v), Metric::RxWakeIpisPer100Pkts) => format!("{v:.1}"),
         (Some(v), _) => format!("{v:.0}"),
     }
 }
