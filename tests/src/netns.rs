@@ -134,6 +134,12 @@ impl NetNs {
         cmd::checked(Command::new("ip").args(["-n", &self.name]).args(args))
     }
 
+    /// The ifindex of interface `name`.
+    pub fn ifindex(&self, name: &str) -> Result<u32> {
+        let out = self.ip(&["-o", "link", "show", "dev", name])?;
+        crate::topology::parse_ifindex(&String::from_utf8_lossy(&out.stdout))
+    }
+
     /// The name of the interface with `ifindex`, `None` if there is none.
     pub fn link_name(&self, ifindex: u32) -> Result<Option<String>> {
         let out = self.ip(&["-o", "link", "show"])?;

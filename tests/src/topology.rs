@@ -445,8 +445,7 @@ impl Container {
              link set {CONTAINER_IFACE} up\n\
              route add default via {gateway}\n"
         ))?;
-        let out = host.ip(&["-o", "link", "show", "dev", &host_veth])?;
-        let host_veth_ifindex = parse_ifindex(&String::from_utf8_lossy(&out.stdout))?;
+        let host_veth_ifindex = host.ifindex(&host_veth)?;
         Ok(Self {
             ns,
             role: role.to_owned(),

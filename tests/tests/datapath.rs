@@ -512,14 +512,10 @@ fn underlay_addresses_follow_the_kernel() {
     let topo = topology();
     let (a, b) = (topo.host_a(), topo.host_b());
     let agent = start(a, b, &[]);
-    let link = a
+    let ifindex = a
         .ns()
-        .run(&["ip", "-j", "link", "show", "dev", a.underlay_iface()]);
-    let link: serde_json::Value = serde_json::from_str(&link).expect("ip -j link");
-    let ifindex = link[0]["ifindex"]
-        .as_u64()
-        .and_then(|i| u32::try_from(i).ok())
-        .unwrap_or_else(|| panic!("ifindex in {link}"));
+        .ifindex(a.underlay_iface())
+        .expect("underlay ifindex");
     let main = (a.underlay_ip(), ifindex);
     assert_eq!(underlay_addrs(&agent.dirs), vec![main], "at load");
 
