@@ -6,8 +6,11 @@
 //! comparison is a ratio within one repetition.
 //! Beside the packet tests, the datapath programs' own cost per route count is measured
 //! with `BPF_PROG_TEST_RUN` (`xhost-user/examples/prog_cost.rs`).
-//! Writes a table to stdout and `results.json`, `table.md`, `ratios.svg` to `--out`.
+//! Writes a table to stdout and `results.json`, `summary.json` (the same without the raw
+//! samples), `table.md`, `ratios.svg` to `--out`. `--pool` checks the targets on several
+//! earlier runs' repetitions together (`pool.rs`).
 
+mod pool;
 mod report;
 
 use std::{
@@ -73,6 +76,15 @@ pub struct Options {
     /// then a variant's ratio measured side by side in one run.
     #[arg(long)]
     pub baseline: Option<PathBuf>,
+    /// Run nothing: check the targets on the repetitions of these earlier runs pooled
+    /// (their results.json files, comma-separated; runs of this machine, each once),
+    /// with every run's own median beside the pooled one.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with_all = ["quick", "reps", "duration", "scenarios", "max_wait", "out", "list", "no_setup", "xhost_user", "baseline"]
+    )]
+    pub pool: Vec<PathBuf>,
 }
 
 /// One way of getting from container A to container B.
@@ -269,6 +281,14 @@ impl Metric {
         Metric::RxWakeIpisPer100Pkts,
     ];
 
+    /// The metric's name in `results.json`.
+    pub fn json_name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Metric::TcpGbps => "TCP Gbit/s",
@@ -354,6 +374,9 @@ pub struct Plan {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
+    if !opts.pool.is_empty() {
+        return pool::run(&opts.pool);
+    }
     let mut scenarios = select(&opts.scenarios, opts.baseline.is_some())?;
     // Resolved before anything is built: a wrong path is named at once.
     let baseline = opts
@@ -460,7 +483,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     print!("{text}");
     results.write(&out_dir)?;
     println!(
-        "\nwrote {0}/results.json, {0}/table.md, {0}/ratios.svg (wall {1:.0} s)",
+        "\nwrote {0}/results.json, {0}/summary.json, {0}/table.md, {0}/ratios.svg (wall {1:.0} s)",
         out_dir.display(),
         started.elapsed().as_secs_f64()
     );

@@ -157,6 +157,72 @@ pub struct ScenarioInfo {
 const CPU_METHOD: &str = "/proc/stat ticks (USER_HZ=100, whole machine, tick-sampled) over the UDP test divided by delivered packets: softirq alone (table) and user+nice+system+irq+softirq (JSON cpu_ns_per_pkt); perf has no hardware counters in this VM. rx wake IPIs/100 pkt: function-call IPIs (CAL, /proc/interrupts) the receiver's CPU took over the UDP test per 100 delivered packets, mostly wakeups of the receiver from a halted CPU, each paid on the sending CPU, which runs the whole path (JSON also: rx_idle_pct)";
 const LATENCY_METHOD: &str = "sockperf ping-pong, UDP, 64-byte messages, latency = RTT/2 as sockperf reports it. lat mean/p99/p50 (the targets): --nonblocked --timeout 0 on both ends (busy polling, as issue 4 specifies), client on CPU 0, server on CPU 1. pinned lat: blocking sockets, client and server on the same CPU (local wakeups), a second view that does not depend on both CPUs being free";
 
+/// A goal of issue 4 on a within-run ratio: `x / base` of `metric`, `op` (`>=` or `<=`)
+/// `bound`.
+#[derive(Clone, Copy, Debug)]
+pub struct Goal {
+    pub x: &'static str,
+    pub base: &'static str,
+    pub metric: Metric,
+    pub op: &'static str,
+    pub bound: f64,
+}
+
+impl Goal {
+    const fn new(
+        x: &'static str,
+        base: &'static str,
+        metric: Metric,
+        op: &'static str,
+        bound: f64,
+    ) -> Self {
+        Self {
+            x,
+            base,
+            metric,
+            op,
+            bound,
+        }
+    }
+
+    fn meets(&self, v: f64) -> bool {
+        if self.op == ">=" {
+            v >= self.bound
+        } else {
+            v <= self.bound
+        }
+    }
+
+    /// The goal checked against `ratio`'s median and interval (`None`: not measured).
+    pub fn check(&self, ratio: Option<&Ratio>) -> Target {
+        let value = ratio.and_then(|r| r.median);
+        let met = value.map(|v| self.meets(v));
+        let interval = ratio.and_then(|r| r.interval);
+        Target {
+            what: format!("{} / {}: {}", self.x, self.base, self.metric.label()),
+            value,
+            goal: format!("{} {}", self.op, self.bound),
+            met,
+            interval,
+            settled: interval
+                .zip(met)
+                .map(|(i, met)| self.meets(i.low) == met && self.meets(i.high) == met),
+            clean: ratio.is_none_or(|r| r.clean),
+        }
+    }
+}
+
+/// Issue 4's targets on ratios (the agent's memory is the eighth).
+pub const GOALS: [Goal; 7] = [
+    Goal::new(XHOST, WIRE, Metric::TcpGbps, ">=", 0.9),
+    Goal::new(XHOST, WIRE, Metric::UdpKpps, ">=", 0.8),
+    Goal::new(XHOST, WIRE, Metric::LatMeanUs, "<=", 1.3),
+    Goal::new(XHOST, IPTABLES, Metric::TcpGbps, ">=", 1.2),
+    Goal::new(XHOST, IPTABLES, Metric::UdpKpps, ">=", 1.8),
+    Goal::new(XHOST, IPTABLES, Metric::LatMeanUs, "<=", 0.6),
+    Goal::new(XHOST_100K, XHOST, Metric::UdpKpps, ">=", 0.95),
+];
+
 /// The comparisons reported, as (x, base); those whose scenarios did not run are skipped.
 const COMPARISONS: [(&str, &str); 15] = [
     (XHOST, WIRE),
@@ -273,10 +339,6 @@ impl Results {
             .find(|r| r.x == x && r.base == base && r.metric == metric)
     }
 
-    fn ratio_median(&self, x: &str, base: &str, metric: Metric) -> Option<f64> {
-        self.find_ratio(x, base, metric).and_then(|r| r.median)
-    }
-
     /// The ratio formatted, `*` marking one that rests on disturbed samples.
     fn ratio_cell(&self, x: &str, base: &str, metric: Metric) -> String {
         match self.find_ratio(x, base, metric) {
@@ -307,33 +369,10 @@ impl Results {
     }
 
     fn targets(&self) -> Vec<Target> {
-        let mut t = Vec::new();
-        let goals: [(&str, &str, Metric, &str, f64); 7] = [
-            (XHOST, WIRE, Metric::TcpGbps, ">=", 0.9),
-            (XHOST, WIRE, Metric::UdpKpps, ">=", 0.8),
-            (XHOST, WIRE, Metric::LatMeanUs, "<=", 1.3),
-            (XHOST, IPTABLES, Metric::TcpGbps, ">=", 1.2),
-            (XHOST, IPTABLES, Metric::UdpKpps, ">=", 1.8),
-            (XHOST, IPTABLES, Metric::LatMeanUs, "<=", 0.6),
-            (XHOST_100K, XHOST, Metric::UdpKpps, ">=", 0.95),
-        ];
-        for (x, base, metric, op, goal) in goals {
-            let meets = |v: f64| if op == ">=" { v >= goal } else { v <= goal };
-            let value = self.ratio_median(x, base, metric);
-            let met = value.map(meets);
-            let interval = self.find_ratio(x, base, metric).and_then(|r| r.interval);
-            t.push(Target {
-                what: format!("{x} / {base}: {}", metric.label()),
-                value,
-                goal: format!("{op} {goal}"),
-                met,
-                interval,
-                settled: interval
-                    .zip(met)
-                    .map(|(i, met)| meets(i.low) == met && meets(i.high) == met),
-                clean: self.find_ratio(x, base, metric).is_none_or(|r| r.clean),
-            });
-        }
+        let mut t: Vec<Target> = GOALS
+            .iter()
+            .map(|g| g.check(self.find_ratio(g.x, g.base, g.metric)))
+            .collect();
         let rss = self.agent_rss_mb.get(XHOST_100K).copied();
         t.push(Target {
             what: "agent RSS with 100k routes (MB)".into(),
@@ -494,51 +533,7 @@ impl Results {
         }
 
         // Targets.
-        let header: Vec<String> = [
-            "target",
-            "value",
-            "goal",
-            "verdict",
-            "median's interval",
-            "interval clear of the goal",
-        ]
-        .map(str::to_owned)
-        .to_vec();
-        let rows: Vec<Vec<String>> = self
-            .targets
-            .iter()
-            .map(|t| {
-                vec![
-                    t.what.clone(),
-                    t.value.map_or("-".into(), |v| {
-                        format!(
-                            "{}{}",
-                            target_value(v, &t.goal),
-                            if t.clean { "" } else { "*" }
-                        )
-                    }),
-                    t.goal.clone(),
-                    match t.met {
-                        Some(true) => "met".into(),
-                        Some(false) => "MISSED".into(),
-                        None => "n/a".into(),
-                    },
-                    t.interval.map_or("-".into(), |i| {
-                        format!(
-                            "{}-{} ({:.0} %)",
-                            target_value(i.low, &t.goal),
-                            target_value(i.high, &t.goal),
-                            i.coverage * 100.0
-                        )
-                    }),
-                    match t.settled {
-                        Some(true) => "yes".into(),
-                        Some(false) => "no: within the spread".into(),
-                        None => "-".into(),
-                    },
-                ]
-            })
-            .collect();
+        let (header, rows) = target_table(&self.targets);
         section(
             &mut out,
             markdown,
@@ -683,7 +678,7 @@ impl Results {
         out
     }
 
-    /// `results.json`, `table.md`, `ratios.svg` in `dir`.
+    /// `results.json`, `summary.json`, `table.md`, `ratios.svg` in `dir`.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let json = serde_json::to_string_pretty(self).context("serialising results")?;
@@ -692,6 +687,12 @@ impl Results {
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
         };
         write("results.json", &json)?;
+        // The run without its raw samples: what bench/runs keeps and --pool reads.
+        let mut summary = serde_json::to_value(self).context("serialising results")?;
+        if let Some(o) = summary.as_object_mut() {
+            o.remove("runs");
+        }
+        write("summary.json", &summary.to_string())?;
         let m = &self.machine;
         let md = format!(
             "<!-- cargo xtask bench, {} -->\nKernel {}, {} x {}, {} repetition(s) x {} s per test.\n{}\nCPU: {}.  \nLatency: {}.  \nTCP/UDP: {}.\n",
@@ -955,8 +956,65 @@ fn target_value(v: f64, goal: &str) -> String {
     }
 }
 
+/// The targets' table: header and one row per target.
+pub fn target_table<'a>(
+    targets: impl IntoIterator<Item = &'a Target>,
+) -> (Vec<String>, Vec<Vec<String>>) {
+    let header: Vec<String> = [
+        "target",
+        "value",
+        "goal",
+        "verdict",
+        "median's interval",
+        "interval clear of the goal",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let rows: Vec<Vec<String>> = targets
+        .into_iter()
+        .map(|t| {
+            vec![
+                t.what.clone(),
+                t.value.map_or("-".into(), |v| {
+                    format!(
+                        "{}{}",
+                        target_value(v, &t.goal),
+                        if t.clean { "" } else { "*" }
+                    )
+                }),
+                t.goal.clone(),
+                match t.met {
+                    Some(true) => "met".into(),
+                    Some(false) => "MISSED".into(),
+                    None => "n/a".into(),
+                },
+                t.interval.map_or("-".into(), |i| {
+                    format!(
+                        "{}-{} ({:.0} %)",
+                        target_value(i.low, &t.goal),
+                        target_value(i.high, &t.goal),
+                        i.coverage * 100.0
+                    )
+                }),
+                match t.settled {
+                    Some(true) => "yes".into(),
+                    Some(false) => "no: within the spread".into(),
+                    None => "-".into(),
+                },
+            ]
+        })
+        .collect();
+    (header, rows)
+}
+
 /// One titled table, aligned text or GitHub markdown.
-fn section(out: &mut String, markdown: bool, title: &str, header: &[String], rows: &[Vec<String>]) {
+pub fn section(
+    out: &mut String,
+    markdown: bool,
+    title: &str,
+    header: &[String],
+    rows: &[Vec<String>],
+) {
     if markdown {
         let _ = writeln!(out, "\n**{title}**\n");
         let _ = writeln!(out, "| {} |", header.join(" | "));
@@ -1327,7 +1385,11 @@ mod tests {
             Path::new("/bin/xhost-user"),
             Some(Ok(prog_cost())),
         );
-        assert_eq!(r.ratio_median(XHOST, WIRE, Metric::TcpGbps), Some(0.95));
+        assert_eq!(
+            r.find_ratio(XHOST, WIRE, Metric::TcpGbps)
+                .and_then(|q| q.median),
+            Some(0.95)
+        );
         let tcp = &r.targets[0];
         assert_eq!((tcp.met, tcp.goal.as_str()), (Some(true), ">= 0.9"));
         assert_eq!(r.targets[2].value, Some(1.25)); // latency x/wire
@@ -1344,6 +1406,35 @@ mod tests {
                 && md.contains("| 100000 / 1 | 1.07 | 1.38 | 1.00 | 1.88 |"),
             "{md}"
         );
+
+        // What it writes, and --pool reads back the same targets from summary.json.
+        let dir = std::env::temp_dir().join(format!("xtask-report-{}", std::process::id()));
+        r.write(&dir).expect("write");
+        let written: Vec<String> = ["results.json", "summary.json", "table.md", "ratios.svg"]
+            .into_iter()
+            .filter(|f| dir.join(f).is_file())
+            .map(str::to_owned)
+            .collect();
+        let summary = std::fs::read_to_string(dir.join("summary.json")).unwrap_or_default();
+        let saved = super::super::pool::read(&[dir.join("summary.json")]);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(written.len(), 4, "{written:?}");
+        assert!(
+            !summary.contains("\"runs\""),
+            "raw samples left in: {summary}"
+        );
+        let pooled = super::super::pool::pool(&saved.expect("summary.json reads back"));
+        let again: Vec<(Option<f64>, Option<bool>)> = pooled
+            .iter()
+            .map(|p| (p.target.value, p.target.met))
+            .collect();
+        let first: Vec<(Option<f64>, Option<bool>)> = r
+            .targets
+            .iter()
+            .take(GOALS.len())
+            .map(|t| (t.value, t.met))
+            .collect();
+        assert_eq!(again, first);
     }
 
     fn prog_cost() -> ProgCost {
