@@ -6,7 +6,7 @@
 //! still measured within that repetition; pooling the per-repetition ratios of several
 //! runs on the same machine gives the median more samples and a narrower interval, so a
 //! target is shown met or missed with all of them behind it, or shown to sit on its bound.
-//! It runs nothing: it reads the runs' `results.json`.
+//! It runs nothing: it reads the runs' `results.json` or `summary.json`.
 
 use std::{collections::BTreeSet, fmt::Write as _, path::PathBuf};
 
@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::report::{self, GOALS, Goal, Ratio, Target, median, median_interval};
 
-/// What `--pool` reads back of a run's `results.json`.
+/// What `--pool` reads back of a run's `results.json` (or `summary.json`).
 #[derive(Debug, Deserialize)]
 pub struct SavedRun {
     pub started_at: String,
@@ -68,15 +68,19 @@ pub struct PooledTarget {
     pub per_run: Vec<Option<f64>>,
 }
 
-/// Reads the runs at `paths`: every one a bench `results.json` of this machine, each run
-/// once.
+/// Reads the runs at `paths`: every one a bench `results.json` or `summary.json`, all of
+/// one machine, each run once.
 pub fn read(paths: &[PathBuf]) -> anyhow::Result<Vec<SavedRun>> {
     let mut runs: Vec<SavedRun> = Vec::with_capacity(paths.len());
     for path in paths {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("--pool: reading {}", path.display()))?;
-        let run: SavedRun = serde_json::from_str(&text)
-            .with_context(|| format!("--pool: {} is not a bench results.json", path.display()))?;
+        let run: SavedRun = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "--pool: {} is not a bench results.json or summary.json",
+                path.display()
+            )
+        })?;
         if let Some(first) = runs.first() {
             let (a, b) = (&first.machine, &run.machine);
             if (&a.kernel, a.cpus, &a.model_name) != (&b.kernel, b.cpus, &b.model_name) {
@@ -144,7 +148,14 @@ pub fn text(paths: &[PathBuf], runs: &[SavedRun], pooled: &[PooledTarget]) -> St
     let mut out = String::new();
     let _ = writeln!(out, "\nxhost bench --pool: {} run(s)", runs.len());
     for (i, (path, r)) in paths.iter().zip(runs).enumerate() {
-        let sha = r.machine.xhost_user_sha256.as_deref().unwrap_or("-");
+        let sha: String = r
+            .machine
+            .xhost_user_sha256
+            .as_deref()
+            .unwrap_or("-")
+            .chars()
+            .take(12)
+            .collect();
         let _ = writeln!(
             out,
             "  run {}: {} | {} | {} reps | git {} | xhost-user sha256 {}",
@@ -153,7 +164,7 @@ pub fn text(paths: &[PathBuf], runs: &[SavedRun], pooled: &[PooledTarget]) -> St
             r.started_at,
             r.plan.reps,
             r.machine.git.as_deref().unwrap_or("-"),
-            &sha[..sha.len().min(12)]
+            sha
         );
     }
     if let Some(r) = runs.first() {
