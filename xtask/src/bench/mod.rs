@@ -77,7 +77,8 @@ pub struct Options {
     #[arg(long)]
     pub baseline: Option<PathBuf>,
     /// Run nothing: check the targets on the repetitions of these earlier runs pooled
-    /// (their results.json files, comma-separated; runs of this machine, each once),
+    /// (their results.json or summary.json files, comma-separated; runs of one machine,
+    /// each once),
     /// with every run's own median beside the pooled one.
     #[arg(
         long,

@@ -13,29 +13,20 @@ use std::{collections::BTreeSet, fmt::Write as _, path::PathBuf};
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
-use super::report::{self, GOALS, Goal, Ratio, Target, median, median_interval};
+use super::report::{self, GOALS, Goal, Machine, Ratio, Target, median, median_interval};
 
 /// What `--pool` reads back of a run's `results.json` (or `summary.json`).
 #[derive(Debug, Deserialize)]
 pub struct SavedRun {
     pub started_at: String,
     pub plan: SavedPlan,
-    pub machine: SavedMachine,
+    pub machine: Machine,
     pub ratios: Vec<SavedRatio>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct SavedPlan {
     pub reps: u32,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct SavedMachine {
-    pub kernel: String,
-    pub cpus: usize,
-    pub model_name: String,
-    pub git: Option<String>,
-    pub xhost_user_sha256: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -250,7 +241,8 @@ mod tests {
             "plan": {"reps": pps.len(), "duration_s": 4},
             "machine": {
                 "kernel": "6.18.44", "cpus": 2, "model_name": "AMD EPYC",
-                "git": "abc1234", "xhost_user_sha256": started_at,
+                "xhost_user": "/bench/xhost-user", "git": "abc1234",
+                "xhost_user_sha256": started_at,
             },
             "ratios": ratios,
             "targets": [],

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::Context as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     IPTABLES, Metric, Plan, ProgCost, Run, Scenario, VXLAN, WIRE, XHOST, XHOST_1K, XHOST_100K,
@@ -104,7 +104,7 @@ pub struct Target {
     pub clean: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Machine {
     pub kernel: String,
     pub cpus: usize,
