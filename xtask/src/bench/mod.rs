@@ -333,6 +333,13 @@ pub struct Run {
     /// The receiver's CPU over the UDP test: its `/proc/stat` ticks and the function-call
     /// IPIs it took.
     pub udp_receiver: Option<ReceiverCpu>,
+    /// Per host (`host-a`, `host-b`), its IPv4 neighbour entries (`"<dev> <address>"`) and
+    /// their state just before the UDP test. A forwarding host's entries are confirmed by
+    /// no traffic of the test: one that starts STALE sends every packet through the slow
+    /// neighbour output for the 5 s of DELAY, which costs `iptables-routes` about 4 % of
+    /// its pps (README).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub udp_neigh: BTreeMap<String, BTreeMap<String, String>>,
     /// [`LatencyMode::BusyPoll`].
     pub latency: Option<LatencySample>,
     /// [`LatencyMode::Pinned`].
@@ -846,6 +853,7 @@ fn measure(test: Test, bed: &Bed, plan: &Plan, run: &mut Run) {
         }
     }
     if test == Test::Udp {
+        record_neighbours(bed, run);
         let w = CpuWindow::start();
         let ipis = scenarios::call_ipis().ok();
         let udp = scenarios::iperf3_udp(client, server, ip, secs, cpus);
@@ -935,9 +943,64 @@ fn measure(test: Test, bed: &Bed, plan: &Plan, run: &mut Run) {
     }
 }
 
+/// Records the hosts' neighbour states into `run.udp_neigh` (errors into `run.errors`).
+fn record_neighbours(bed: &Bed, run: &mut Run) {
+    for (ns, host) in bed.host_namespaces().into_iter().zip(["host-a", "host-b"]) {
+        let states = ns
+            .try_run(&["ip", "-4", "-j", "neigh", "show"])
+            .map_err(anyhow::Error::from)
+            .and_then(|out| parse_neigh_states(&String::from_utf8_lossy(&out.stdout)));
+        match states {
+            Ok(s) => {
+                run.udp_neigh.insert(host.to_owned(), s);
+            }
+            Err(e) => run.errors.push(format!("neighbours of {host}: {e:#}")),
+        }
+    }
+}
+
+/// `ip -j neigh show` output -> `"<dev> <address>"` -> state (`REACHABLE`, `STALE`, ...;
+/// several flags joined by `+`).
+fn parse_neigh_states(json: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    #[derive(Deserialize)]
+    struct Entry {
+        dst: String,
+        dev: String,
+        #[serde(default)]
+        state: Vec<String>,
+    }
+    let entries: Vec<Entry> =
+        serde_json::from_str(json).context("`ip -j neigh show` output is not its JSON")?;
+    Ok(entries
+        .into_iter()
+        .map(|e| (format!("{} {}", e.dev, e.dst), e.state.join("+")))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_neighbour_states() {
+        let out = r#"[{"dst":"172.16.91.132","dev":"ens33","lladdr":"d2:53:d2:2d:48:51","state":["STALE"]},
+            {"dst":"192.168.220.11","dev":"docker0","lladdr":"02:42:c0:a8:dc:0b","state":["REACHABLE"]},
+            {"dst":"192.168.220.12","dev":"docker0","state":["FAILED"]},
+            {"dst":"192.168.220.1","dev":"docker0","lladdr":"02:42:c0:a8:dc:01","router":null,"state":["PERMANENT","NOARP"]}]"#;
+        let states = parse_neigh_states(out).expect("parses");
+        assert_eq!(
+            states.into_iter().collect::<Vec<_>>(),
+            [
+                ("docker0 192.168.220.1".into(), "PERMANENT+NOARP".into()),
+                ("docker0 192.168.220.11".into(), "REACHABLE".into()),
+                ("docker0 192.168.220.12".into(), "FAILED".into()),
+                ("ens33 172.16.91.132".into(), "STALE".into()),
+            ]
+        );
+        assert!(parse_neigh_states("[]").expect("no entries").is_empty());
+        let err = parse_neigh_states(r#"Object "neigh" is unknown"#).expect_err("not JSON");
+        assert!(format!("{err:#}").contains("not its JSON"), "{err:#}");
+    }
 
     fn names(v: &[Scenario]) -> Vec<&'static str> {
         v.iter().map(|s| s.name).collect()
