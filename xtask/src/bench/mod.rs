@@ -947,7 +947,7 @@ fn measure(test: Test, bed: &Bed, plan: &Plan, run: &mut Run) {
 fn record_neighbours(bed: &Bed, run: &mut Run) {
     for (ns, host) in bed.host_namespaces().into_iter().zip(["host-a", "host-b"]) {
         let states = ns
-            .try_run(&["ip", "-4", "-j", "neigh", "show"])
+            .ip(&["-4", "-j", "neigh", "show"])
             .map_err(anyhow::Error::from)
             .and_then(|out| parse_neigh_states(&String::from_utf8_lossy(&out.stdout)));
         match states {
