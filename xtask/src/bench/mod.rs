@@ -336,8 +336,8 @@ pub struct Run {
     /// Per host (`host-a`, `host-b`), its IPv4 neighbour entries (`"<dev> <address>"`) and
     /// their state just before the UDP test. A forwarding host's entries are confirmed by
     /// no traffic of the test: one that starts STALE sends every packet through the slow
-    /// neighbour output for the 5 s of DELAY, which costs `iptables-routes` about 4 % of
-    /// its pps (README).
+    /// neighbour output for the 5 s of DELAY, which cost `iptables-routes` about 4 % of
+    /// its pps on a held bed; in the bench's runs it did not move the ratio (README).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub udp_neigh: BTreeMap<String, BTreeMap<String, String>>,
     /// [`LatencyMode::BusyPoll`].
