@@ -211,7 +211,19 @@ impl Agent {
 
     /// As [`Agent::start`], with the `xhost-user` binary `bin`.
     pub fn start_with(bin: &Path, ns: &NetNs, role: &str, args: &[&str]) -> Result<Self> {
-        let dirs = AgentDirs::unique(role);
+        let mut agent = Self::spawn(bin, ns, role, AgentDirs::unique(role), args)?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// Starts `xhost-user <dirs> load <args>` in `ns` without waiting for it.
+    pub fn spawn(
+        bin: &Path,
+        ns: &NetNs,
+        role: &str,
+        dirs: AgentDirs,
+        args: &[&str],
+    ) -> Result<Self> {
         let mut all: Vec<String> = vec![bin.display().to_string()];
         all.extend(dirs.args());
         all.push("load".into());
@@ -219,12 +231,18 @@ impl Agent {
         let mut process =
             Process::spawn_echoing(&format!("xhost-user@{role}"), ns.nsenter_command(&all))?;
         process.set_grace(Duration::from_secs(10));
-        process.wait_for_line(|l| l.trim() == "ready", Duration::from_secs(20))?;
         Ok(Self {
             process,
             dirs,
             ns_path: ns.path(),
         })
+    }
+
+    /// Waits for the agent's `ready` line.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        self.process
+            .wait_for_line(|l| l.trim() == "ready", Duration::from_secs(20))
+            .map(drop)
     }
 
     pub fn pid(&self) -> u32 {

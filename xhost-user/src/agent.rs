@@ -59,7 +59,12 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     }
     let mut report = AgentState::new(&settings, xdp, detach);
     report.refresh(&dp, &applied);
-    report.write(&layout).context("writing agent state")?;
+    // The state file is what `status` reads; failing to write it does not
+    // stop the datapath (the maps are the truth), and the next change
+    // writes it again.
+    if let Err(e) = report.write(&layout) {
+        warn!("agent state: {e:#}");
+    }
     if detach {
         dp.keep_running();
         println!("ready");
@@ -214,7 +219,7 @@ impl Agent {
             if reloaded || *applied != before || report.docker_changed() {
                 report.refresh(dp, applied);
                 if let Err(e) = report.write(dp.layout()) {
-                    warn!("writing agent state: {e:#}");
+                    warn!("agent state: {e:#}");
                 }
             }
         }

@@ -4,10 +4,12 @@
 //! <pin-dir>/ROUTES, LOCAL_NETS, ENDPOINTS, ...      maps (bpftool map dump pinned ...;
 //!                                                   every name in PINNED_MAPS)
 //! <pin-dir>/links/<iface>@<hook>                   tcx / XDP links (detach = unlink)
-//! <run-dir>/agent.json                              what is attached where, Docker view
+//! <run-dir>/<instance>.json                         what is attached where, Docker view
 //! ```
 //! One pin dir is one xhost instance (one underlay). Hosts simulated as
-//! network namespaces share a bpffs, so each gets its own `--pin-dir`.
+//! network namespaces share a bpffs, so each gets its own `--pin-dir`; the
+//! instance's state file is named after its pin dir, so instances may share
+//! a run dir (the default `/sys/fs/bpf/xhost` writes `<run-dir>/xhost.json`).
 
 use std::path::{Path, PathBuf};
 
@@ -45,8 +47,30 @@ impl Layout {
         Some((iface.replace(':', "."), Hook::parse(hook)?))
     }
 
+    /// The instance's name: its pin dir below `/sys/fs/bpf` (or its whole
+    /// path elsewhere), components joined with `-`.
+    pub fn instance(&self) -> String {
+        let rel = self
+            .pin_dir
+            .strip_prefix("/sys/fs/bpf")
+            .unwrap_or(&self.pin_dir);
+        let name: Vec<_> = rel
+            .components()
+            .filter_map(|c| match c {
+                std::path::Component::Normal(s) => Some(s.to_string_lossy()),
+                _ => None,
+            })
+            .collect();
+        if name.is_empty() {
+            "bpffs".to_owned()
+        } else {
+            name.join("-")
+        }
+    }
+
+    /// This instance's state file in the (possibly shared) run dir.
     pub fn state_file(&self) -> PathBuf {
-        self.run_dir.join("agent.json")
+        self.run_dir.join(format!("{}.json", self.instance()))
     }
 
     /// Whether anything of an xhost instance is pinned here.
@@ -146,5 +170,29 @@ mod tests {
             );
         }
         assert_eq!(Layout::parse_link_name("ens33@bogus"), None);
+    }
+
+    #[test]
+    fn instances_sharing_a_run_dir_get_their_own_state_file() {
+        let at = |pin: &str| Layout {
+            pin_dir: pin.into(),
+            run_dir: "/run/xhost".into(),
+        };
+        assert_eq!(
+            at("/sys/fs/bpf/xhost").state_file(),
+            Path::new("/run/xhost/xhost.json")
+        );
+        assert_eq!(
+            at("/sys/fs/bpf/a/xhost").state_file(),
+            Path::new("/run/xhost/a-xhost.json")
+        );
+        assert_eq!(
+            at("/mnt/bpf/xh/").state_file(),
+            Path::new("/run/xhost/mnt-bpf-xh.json")
+        );
+        assert_ne!(
+            at("/sys/fs/bpf/a").state_file(),
+            at("/sys/fs/bpf/b").state_file()
+        );
     }
 }

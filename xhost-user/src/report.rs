@@ -143,15 +143,34 @@ impl AgentState {
         self.docker != self.written_docker
     }
 
-    /// Atomic replace, so a reader never sees half a file.
+    /// Atomic replace, so a reader never sees half a file. The temporary
+    /// file is this process's own (instances may share the run dir); should
+    /// another instance remove the emptied run dir in between, it is made
+    /// again and the write retried.
     pub fn write(&mut self, layout: &Layout) -> anyhow::Result<()> {
         self.updated_unix_ms = now_ms();
         self.written_docker = self.docker.clone();
-        std::fs::create_dir_all(&layout.run_dir)?;
-        let tmp = layout.run_dir.join("agent.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(&tmp, layout.state_file())?;
-        Ok(())
+        let text = serde_json::to_vec_pretty(self)?;
+        let path = layout.state_file();
+        let tmp = layout
+            .run_dir
+            .join(format!(".{}.{}.tmp", layout.instance(), std::process::id()));
+        let attempt = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&layout.run_dir)?;
+            std::fs::write(&tmp, &text)?;
+            std::fs::rename(&tmp, &path)
+        };
+        let mut res = attempt();
+        for _ in 0..3 {
+            match &res {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => res = attempt(),
+                _ => break,
+            }
+        }
+        if res.is_err() {
+            let _ = remove_file_if_exists(&tmp);
+        }
+        res.with_context(|| format!("writing {}", path.display()))
     }
 
     pub fn read(layout: &Layout) -> anyhow::Result<Self> {
