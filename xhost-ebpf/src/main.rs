@@ -58,14 +58,14 @@ struct Verdict {
 impl Verdict {
     const fn pass(reason: u32) -> Self {
         Self {
-            action: TC_ACT_OK as i32,
+            action: TC_ACT_OK,
             reason,
         }
     }
 
     const fn drop(reason: u32) -> Self {
         Self {
-            action: TC_ACT_SHOT as i32,
+            action: TC_ACT_SHOT,
             reason,
         }
     }
@@ -94,7 +94,7 @@ pub fn xhost_from_ctr(ctx: TcContext) -> i32 {
     // What this program passes goes on into the bridge, where xhost_egress
     // decides (and counts) again if it reaches the bridge device: counting
     // here too would count those packets twice.
-    if v.action != TC_ACT_OK as i32 {
+    if v.action != TC_ACT_OK {
         count(v.reason, len);
     }
     v.action
@@ -108,7 +108,7 @@ pub fn xhost_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn xhost_from_tun(ctx: TcContext) -> i32 {
     let v = try_from_tunnel(&ctx);
-    if v.action == TC_ACT_OK as i32 {
+    if v.action == TC_ACT_OK {
         // The inner frame is addressed to the sending host's gateway MAC,
         // so the device marked it for another host, which ip_rcv drops:
         // what the kernel is handed here (TTL expiry, ...) is for this one.
@@ -129,7 +129,7 @@ pub fn xhost_to_tun(ctx: TcContext) -> i32 {
     if tunnel::set_key(&ctx, dst) {
         // Counted where it was decided (xhost_from_ctr, xhost_egress), or a
         // packet of the kernel's own.
-        TC_ACT_OK as i32
+        TC_ACT_OK
     } else {
         finish(&ctx, Verdict::drop(stat::DROP_TUNNEL))
     }
@@ -184,17 +184,17 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
         (true, WireLen::Max(len), Encap::No | Encap::Here) => flow::lookup(iif, src, dst, len),
         _ => flow::Lookup::Off,
     };
-    if let flow::Lookup::Hit(hop) = &cached {
-        if to_mac == hop.gw_mac {
-            if ttl <= 1 {
-                return Verdict::pass(stat::PASS_TTL);
-            }
-            if encap == Encap::Here {
-                return send_encapsulated(ctx, &f, hop.peer, &NextHop::resolved(hop));
-            }
-            rewrite(&f, hop.smac, hop.dmac);
-            return redirect(hop.ifindex, stat::FWD_EGRESS);
+    if let flow::Lookup::Hit(hop) = &cached
+        && to_mac == hop.gw_mac
+    {
+        if ttl <= 1 {
+            return Verdict::pass(stat::PASS_TTL);
         }
+        if encap == Encap::Here {
+            return send_encapsulated(ctx, &f, hop.peer, &NextHop::resolved(hop));
+        }
+        rewrite(&f, hop.smac, hop.dmac);
+        return redirect(hop.ifindex, stat::FWD_EGRESS);
     }
     let Some(peer_host) = route_of(dst) else {
         // Host-bound, local, or the internet (Docker's MASQUERADE).
@@ -379,7 +379,7 @@ fn into_endpoint(f: &parse::Ipv4Frame, ep: &Endpoint) -> Verdict {
 fn endpoint(addr: [u8; 4]) -> Endpoint {
     // SAFETY: HashMap::get hands out a reference the agent may overwrite
     // concurrently; the value is copied out at once.
-    unsafe { ENDPOINTS.get(&addr) }.map_or(NO_ENDPOINT, |e| *e)
+    unsafe { ENDPOINTS.get(addr) }.map_or(NO_ENDPOINT, |e| *e)
 }
 
 /// Decapsulated by the vxlan device: delivered as on the underlay, once the
@@ -483,7 +483,7 @@ fn redirect(ifindex: u32, reason: u32) -> Verdict {
 /// already rewritten, so it cannot go back to the kernel).
 #[inline(always)]
 fn forwarded(action: i32, reason: u32) -> Verdict {
-    if action == TC_ACT_REDIRECT as i32 {
+    if action == TC_ACT_REDIRECT {
         Verdict { action, reason }
     } else {
         Verdict::drop(stat::DROP_REDIRECT)
