@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing xhost needs, skipping what is there.
-# Safe to run any number of times. See ../shared/TOOLCHAIN.md for why each
-# piece is needed:
+# Safe to run any number of times. docs/building.md says why each piece is
+# needed:
 #   - a Rust compiler with the `core` sources for the eBPF target: rustup's
 #     nightly with rust-src if present, else Debian's rustc-web +
 #     rust-web-src, linked into rustup as the toolchain `xhost-bpf`;
