@@ -1,24 +1,34 @@
-//! `cargo xtask test`: setup, build, then every test of the workspace in release mode, as
-//! root and on one thread (the tests create namespaces and load eBPF programs).
+//! `cargo xtask test`: setup, the lints (`cargo fmt --check`, clippy with `-D warnings` on
+//! the workspace and on the eBPF crate), build, then every test of the workspace in release
+//! mode, as root and on one thread (the tests create namespaces and load eBPF programs).
 
 use clap::Args;
 
-use crate::{build, workspace};
+use crate::{build, setup, workspace};
 
 #[derive(Args, Debug)]
 pub struct Options {
     /// Skip scripts/setup.sh.
     #[arg(long)]
     pub no_setup: bool,
+    /// Skip the format and clippy checks.
+    #[arg(long)]
+    pub no_lint: bool,
     /// Extra arguments for the test binaries (after `--`), e.g. a test name filter.
     #[arg(last = true)]
     pub args: Vec<String>,
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
+    if !opts.no_setup {
+        setup::run()?;
+    }
+    if !opts.no_lint {
+        lint()?;
+    }
     build::run(&build::Options {
         release: true,
-        no_setup: opts.no_setup,
+        no_setup: true,
     })?;
     let mut cmd = workspace::cargo();
     // `--workspace` overrides default-members, so the eBPF crate has to be left out by
@@ -40,4 +50,35 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     cmd.args(["--", "--test-threads=1"]).args(&opts.args);
     workspace::run_status(&mut cmd)
+}
+
+/// The checks CI holds every change to, before any test runs: formatting, then clippy with
+/// warnings as errors on the host crates and, separately, on the eBPF crate.
+fn lint() -> anyhow::Result<()> {
+    workspace::run_status(workspace::cargo().args(["fmt", "--all", "--check"]))?;
+    workspace::run_status(workspace::cargo().args([
+        "clippy",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "xhost-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The compilers with the `core` sources the BPF target needs (Debian's rustc-web) come
+    // without clippy, so the eBPF crate is linted for the host target, as aya-template's CI
+    // does; a no_std binary checks there only with panic=abort.
+    workspace::run_status(workspace::cargo().args([
+        "clippy",
+        "--release",
+        "--package",
+        "xhost-ebpf",
+        "--config",
+        "profile.release.panic=\"abort\"",
+        "--",
+        "-D",
+        "warnings",
+    ]))
 }
