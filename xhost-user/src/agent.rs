@@ -47,7 +47,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         peers,
     };
     host.write(&want)?;
-    let agent = Agent {
+    let mut agent = Agent {
         source,
         settings,
         static_locals,
@@ -97,7 +97,6 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     println!("ready");
     std::io::stdout().flush().ok();
 
-    let mut agent = agent;
     let res = agent.follow(signals, &mut host, &mut report).await;
     drop(host); // deletes the kernel routes, detaches and unpins
     let _ = crate::layout::remove_file_if_exists(&layout.state_file());
