@@ -51,7 +51,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         source,
         settings,
         static_locals,
-        peers: want.peers,
+        want,
         underlay,
     };
     // Endpoints already on static bridges, so the first packets take the
@@ -120,8 +120,9 @@ struct Agent {
     source: Source,
     settings: Settings,
     static_locals: Vec<LocalSubnet>,
-    /// The desired peers, gathered from every source of peers.
-    peers: Peers,
+    /// The desired state: the peers gathered from every source of peers,
+    /// and this host's side as the last step gathered it.
+    want: State,
     /// The underlay's ifindex.
     underlay: u32,
 }
@@ -273,12 +274,9 @@ impl Agent {
 
     /// One step of the single writer: the desired state from every source,
     /// planned against what is applied and written.
-    fn reconcile(&self, view: Option<&DockerView>, host: &mut Host) {
-        let want = State {
-            local: sources::local(&self.static_locals, view, &self.peers),
-            peers: self.peers.clone(),
-        };
-        if let Err(e) = host.write(&want) {
+    fn reconcile(&mut self, view: Option<&DockerView>, host: &mut Host) {
+        self.want.local = sources::local(&self.static_locals, view, &self.want.peers);
+        if let Err(e) = host.write(&self.want) {
             warn!("applying state: {e}");
         }
     }
@@ -301,7 +299,7 @@ impl Agent {
         let static_locals = config::validate(&new)?;
         let peers = desired_peers(&new)?;
         if let Err(e) = host.write_peers(&peers) {
-            let outcome = match host.write_peers(&self.peers) {
+            let outcome = match host.write_peers(&self.want.peers) {
                 Ok(()) => "the previous ones are back".to_owned(),
                 Err(e) => format!("putting the previous ones back failed too: {e}"),
             };
@@ -317,7 +315,7 @@ impl Agent {
         );
         self.settings = new;
         self.static_locals = static_locals;
-        self.peers = peers;
+        self.want.peers = peers;
         Ok(())
     }
 }

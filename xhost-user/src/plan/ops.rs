@@ -97,10 +97,18 @@ impl Limits {
 /// bridges they sit on.
 pub fn plan(want: &State, applied: &State, limits: &Limits) -> Vec<Op> {
     let mut p = Planner {
-        sim: applied.clone(),
+        sim: State {
+            peers: Peers::default(),
+            local: applied.local.clone(),
+        },
         ops: Vec::new(),
     };
-    p.peers(&want.peers, limits);
+    // Most steps change only this host's side: the peers (up to the
+    // datapath's MAX_ROUTES) are simulated only when they differ.
+    if want.peers != applied.peers {
+        p.sim.peers = applied.peers.clone();
+        p.peers(&want.peers, limits);
+    }
     p.local(want);
     p.ops
 }
