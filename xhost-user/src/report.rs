@@ -20,6 +20,7 @@ use crate::{
     datapath::{XdpAttached, open_pinned},
     layout::{Hook, Layout, remove_file_if_exists},
     net::{Ipv4Net, fmt_mac},
+    writer::KernelRoute,
 };
 
 fn now_ms() -> u64 {
@@ -178,14 +179,6 @@ impl AgentState {
         let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
     }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct KernelRoute {
-    pub prefix: Ipv4Net,
-    /// The peer host; none for a route into the vxlan device.
-    pub via: Option<Ipv4Addr>,
-    pub oif: u32,
 }
 
 /// The vxlan device of VXLAN mode.
@@ -495,12 +488,7 @@ pub fn unload(layout: &Layout, iface: Option<&str>) -> anyhow::Result<()> {
             )
         })?;
     if let Some(a) = agent.as_ref() {
-        let routes: Vec<_> = a
-            .kernel_routes
-            .iter()
-            .map(|r| (r.prefix, r.via, r.oif))
-            .collect();
-        crate::datapath::delete_kernel_routes(&routes);
+        crate::writer::routes::delete(&a.kernel_routes);
         if let Some(t) = &a.tunnel {
             crate::tunnel::delete(t.ifindex);
         }
