@@ -6,13 +6,17 @@
 #     nightly with rust-src if present, else Debian's rustc-web +
 #     rust-web-src, linked into rustup as the toolchain `xhost-bpf`;
 #   - bpf-linker 0.13 built against LLVM 22;
-#   - the network and Docker tools the tests and the demo drive.
+#   - the network and Docker tools the tests and the demo drive;
+#   - etcd (server and etcdctl) for cluster mode's tests, and protoc with the
+#     well-known .proto files (libprotobuf-dev, only "Recommended" by
+#     protobuf-compiler, so named here) that the etcd-client crate builds with.
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
 LLVM=/usr/lib/llvm-22
 APT_TOOLS=(iproute2 iputils-ping iperf3 sockperf tcpdump iptables ethtool conntrack bpftool
-           docker.io busybox-static curl ca-certificates)
+           docker.io busybox-static curl ca-certificates
+           etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 APT_RUST=(rustc-web cargo-web rust-web-src)
 APT_LLVM=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev)
 

@@ -201,6 +201,8 @@ pub struct Agent {
     process: Process,
     pub dirs: AgentDirs,
     ns_path: PathBuf,
+    /// Leave pins and run state behind on drop ([`Agent::kill`]).
+    keep: bool,
 }
 
 impl Agent {
@@ -212,6 +214,20 @@ impl Agent {
     /// As [`Agent::start`], with the `xhost-user` binary `bin`.
     pub fn start_with(bin: &Path, ns: &NetNs, role: &str, args: &[&str]) -> Result<Self> {
         let mut agent = Self::spawn(bin, ns, role, AgentDirs::unique(role), args)?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// As [`Agent::start_with`], in the pin and run directories `dirs`
+    /// (a restart of an agent that [`Agent::kill`] left behind).
+    pub fn start_in(
+        bin: &Path,
+        ns: &NetNs,
+        role: &str,
+        dirs: AgentDirs,
+        args: &[&str],
+    ) -> Result<Self> {
+        let mut agent = Self::spawn(bin, ns, role, dirs, args)?;
         agent.wait_ready()?;
         Ok(agent)
     }
@@ -235,6 +251,7 @@ impl Agent {
             process,
             dirs,
             ns_path: ns.path(),
+            keep: false,
         })
     }
 
@@ -243,6 +260,17 @@ impl Agent {
         self.process
             .wait_for_line(|l| l.trim() == "ready", Duration::from_secs(20))
             .map(drop)
+    }
+
+    /// SIGKILLs the agent and waits for it: its pinned datapath keeps
+    /// forwarding and its run state stays. The caller owns the returned
+    /// directories (clean them with `xhost-user unload` and
+    /// [`remove_instance`]).
+    pub fn kill(mut self) -> Result<AgentDirs> {
+        self.process.signal(Signal::SIGKILL)?;
+        self.process.wait_timeout(Duration::from_secs(10))?;
+        self.keep = true;
+        Ok(self.dirs.clone())
     }
 
     pub fn pid(&self) -> u32 {
@@ -285,7 +313,9 @@ impl Drop for Agent {
         // left are removed here so no test leaks them.
         let _ = self.process.signal(Signal::SIGTERM);
         let _ = self.process.wait_timeout(Duration::from_secs(10));
-        remove_instance(&self.dirs);
+        if !self.keep {
+            remove_instance(&self.dirs);
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! in step with Docker (and the config, re-read on SIGHUP) until
 //! SIGINT/SIGTERM, and detach cleanly.
 
-use std::{io::Write as _, net::Ipv4Addr, time::Duration};
+use std::{collections::BTreeSet, io::Write as _, net::Ipv4Addr, time::Duration};
 
 use anyhow::Context as _;
 use log::{error, info, warn};
@@ -12,7 +12,7 @@ use tokio::{
 };
 
 use crate::{
-    config::{self, LocalSubnet, Settings, Source},
+    config::{self, LocalSubnet, PeerConfig, Settings, Source},
     datapath::Datapath,
     docker::DockerView,
     layout::Layout,
@@ -20,6 +20,7 @@ use crate::{
     plan::{self, Limits, Peers, State},
     report::{AgentState, Attachment, DockerStatus},
     sources::{self, PeerSource},
+    store::{source::ClusterSource, sync::ClusterState},
     writer::{KernelRoutes, KernelWriter, WriteError},
 };
 
@@ -27,7 +28,28 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     let settings = source.read()?;
     // Everything that can be checked is checked before the kernel is touched.
     let static_locals = config::validate(&settings)?;
-    let peers = desired_peers(&settings)?;
+    if settings.cluster.is_some() && detach {
+        anyhow::bail!(
+            "cluster mode needs the agent running to renew this host's lease: drop --detach"
+        );
+    }
+    // Cluster mode: the store is a source of peers next to the config.
+    let mut cluster = match &settings.cluster {
+        Some(c) => {
+            let addr = underlay_address(&settings.iface)
+                .with_context(|| format!("{} has no IPv4 address to publish", settings.iface))?;
+            Some(ClusterSource::start(c, &settings, &layout, addr)?)
+        }
+        None => None,
+    };
+    let store_peers = match cluster.as_mut() {
+        Some(c) => {
+            let locals = static_locals.iter().map(|l| l.net).collect();
+            c.peers(&locals, &settings.peers).unwrap_or_default()
+        }
+        None => Vec::new(),
+    };
+    let peers = desired_peers(&settings, &store_peers)?;
     let mut dp = Datapath::load(
         &layout,
         settings.tunnel.map(|v| (settings.iface.as_str(), v)),
@@ -53,6 +75,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         static_locals,
         want,
         underlay,
+        cluster,
     };
     // Endpoints already on static bridges, so the first packets take the
     // fast path; Docker's arrive asynchronously once it answers.
@@ -73,6 +96,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         );
     }
     let mut report = AgentState::new(settings, xdp, detach);
+    report.cluster = agent.cluster.as_ref().map(|c| c.report.clone());
     report.refresh(&host);
     // The state file is what `status` reads; failing to write it does not
     // stop the datapath (the maps are the truth), and the next change
@@ -98,6 +122,10 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     std::io::stdout().flush().ok();
 
     let res = agent.follow(signals, &mut host, &mut report).await;
+    // Revoke first: the other hosts drop this host's routes at once.
+    if let Some(c) = agent.cluster.take() {
+        c.stop().await;
+    }
     drop(host); // deletes the kernel routes, detaches and unpins
     let _ = crate::layout::remove_file_if_exists(&layout.state_file());
     let _ = std::fs::remove_dir(&layout.run_dir);
@@ -125,6 +153,8 @@ struct Agent {
     want: State,
     /// The underlay's ifindex.
     underlay: u32,
+    /// Cluster mode's store, a source of peers.
+    cluster: Option<ClusterSource>,
 }
 
 /// The single writer's side: what it writes to, and what it has written.
@@ -157,15 +187,36 @@ impl Host {
     }
 }
 
-/// The peers every source of peers wants, checked together.
-fn desired_peers(settings: &Settings) -> Result<Peers, sources::PeerError> {
+/// The peers every source of peers wants, checked together: the config's
+/// and the cluster store's (whose plan already skips what overlaps the
+/// config, naming both).
+fn desired_peers(settings: &Settings, store: &[PeerConfig]) -> Result<Peers, sources::PeerError> {
     sources::peers(
-        &[PeerSource {
-            name: sources::CONFIG,
-            peers: &settings.peers,
-        }],
+        &[
+            PeerSource {
+                name: sources::CONFIG,
+                peers: &settings.peers,
+            },
+            PeerSource {
+                name: CLUSTER,
+                peers: store,
+            },
+        ],
         &Limits::DATAPATH,
     )
+}
+
+/// The cluster store as a source of peers.
+const CLUSTER: &str = "cluster store";
+
+/// Waits for the store's next state; never, without a store.
+async fn cluster_changed(
+    rx: &mut Option<tokio::sync::watch::Receiver<ClusterState>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match rx {
+        Some(r) => r.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Agent {
@@ -199,6 +250,7 @@ impl Agent {
             .context("watching kernel changes")?;
         // What changed before the subscription is not known: retire it all.
         retire_cached(&mut host.dp);
+        let mut cluster_rx = self.cluster.as_ref().map(ClusterSource::subscribe);
         let mut rescan = tokio::time::interval(RESCAN);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -230,6 +282,9 @@ impl Agent {
                     }
                 }
                 _ = rescan.tick(), if !self.static_locals.is_empty() => {}
+                changed = cluster_changed(&mut cluster_rx) => if changed.is_err() {
+                    cluster_rx = None;
+                },
                 ready = kernel.readable_mut() => {
                     let mut ready = ready.context("watching kernel changes")?;
                     let changes = ready.get_inner_mut().drain();
@@ -259,7 +314,8 @@ impl Agent {
             if reloaded {
                 report.peers = self.settings.peers.clone();
             }
-            if reloaded || host.applied != before || report.docker_changed() {
+            let cluster_report = self.follow_cluster(host, report);
+            if reloaded || host.applied != before || report.docker_changed() || cluster_report {
                 report.refresh(host);
                 if let Err(e) = report.write(host.dp.layout()) {
                     warn!("agent state: {e:#}");
@@ -281,6 +337,33 @@ impl Agent {
         }
     }
 
+    /// Cluster mode: claims the local subnets in the store and, when the
+    /// store's peers change, writes them with the config's through the same
+    /// writer. Whether the report changed.
+    fn follow_cluster(&mut self, host: &mut Host, report: &mut AgentState) -> bool {
+        let Some(c) = self.cluster.as_mut() else {
+            return false;
+        };
+        let locals: BTreeSet<_> = host.applied.local.locals.keys().copied().collect();
+        c.set_locals(locals.clone());
+        if let Some(store) = c.peers(&locals, &self.settings.peers) {
+            match desired_peers(&self.settings, &store) {
+                Ok(peers) => {
+                    self.want.peers = peers;
+                    if let Err(e) = host.write(&self.want) {
+                        warn!("applying the cluster's peers: {e}");
+                    }
+                }
+                Err(e) => error!("the cluster's peers are refused, the previous ones stay: {e}"),
+            }
+        }
+        if report.cluster.as_ref() == Some(&c.report) {
+            return false;
+        }
+        report.cluster = Some(c.report.clone());
+        true
+    }
+
     /// After the kernel reported address changes: `UNDERLAY_ADDRS` holds
     /// what the underlay has now. Kept as it was if that cannot be read.
     fn follow_underlay_addrs(&self, dp: &mut Datapath) {
@@ -297,7 +380,8 @@ impl Agent {
         let new = self.source.read()?;
         config::check_reloadable(&self.settings, &new)?;
         let static_locals = config::validate(&new)?;
-        let peers = desired_peers(&new)?;
+        let store: &[PeerConfig] = self.cluster.as_ref().map_or(&[], |c| c.current());
+        let peers = desired_peers(&new, store)?;
         if let Err(e) = host.write_peers(&peers) {
             let outcome = match host.write_peers(&self.want.peers) {
                 Ok(()) => "the previous ones are back".to_owned(),

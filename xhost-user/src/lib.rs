@@ -11,5 +11,6 @@ pub mod netlink;
 pub mod plan;
 pub mod report;
 pub mod sources;
+pub mod store;
 pub mod tunnel;
 pub mod writer;

@@ -70,6 +70,8 @@ enum Cmd {
         /// Pin everything and exit; the datapath keeps forwarding.
         #[arg(long)]
         detach: bool,
+        #[command(flatten)]
+        etcd: EtcdArgs,
     },
     /// Remove the datapath (stops a running agent first).
     Unload {
@@ -84,6 +86,52 @@ enum Cmd {
     },
     /// Print this host's `[[peer]]` entry for the other hosts' configs.
     Export,
+    /// Cluster mode: what the running agent knows of the cluster.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// The cluster's hosts and subnets as this host's agent sees them.
+    Hosts {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Cluster mode: hosts find each other's container subnets in etcd.
+#[derive(clap::Args)]
+struct EtcdArgs {
+    /// etcd endpoints, comma-separated: http(s)://HOST:PORT[,...]. Turns on cluster mode.
+    #[arg(long, value_delimiter = ',', value_name = "URL[,URL...]")]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix in etcd (default /xhost/v1).
+    #[arg(long)]
+    etcd_prefix: Option<String>,
+    /// CA certificate (PEM) the etcd server's certificate must chain to.
+    #[arg(long)]
+    etcd_cafile: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate authentication.
+    #[arg(long)]
+    etcd_certfile: Option<PathBuf>,
+    /// Key of --etcd-certfile (PEM).
+    #[arg(long)]
+    etcd_keyfile: Option<PathBuf>,
+    /// etcd user name (with --etcd-password).
+    #[arg(long)]
+    etcd_username: Option<String>,
+    /// etcd password; better given in the environment than on the command line.
+    #[arg(long, env = "XHOST_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
+    /// Seconds this host's claims outlive its agent (default 10).
+    #[arg(long)]
+    lease_ttl: Option<i64>,
+    /// This host's id in the cluster (default: its underlay address).
+    #[arg(long)]
+    host_id: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -126,6 +174,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             vni,
             vxlan_port,
             detach,
+            etcd,
         } => {
             // Parsed here rather than by clap so a bad value is one line
             // with its cause, like every other input error.
@@ -143,6 +192,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tunnel,
                 vni,
                 vxlan_port,
+                etcd: config::EtcdFlags {
+                    endpoints: etcd.etcd_endpoints,
+                    prefix: etcd.etcd_prefix,
+                    cafile: etcd.etcd_cafile,
+                    certfile: etcd.etcd_certfile,
+                    keyfile: etcd.etcd_keyfile,
+                    username: etcd.etcd_username,
+                    password: etcd.etcd_password,
+                    lease_ttl: etcd.lease_ttl,
+                    host_id: etcd.host_id,
+                },
             };
             let source = config::Source {
                 flags,
@@ -166,6 +226,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Export => {
             print!("{}", report::export(&layout)?);
+            Ok(())
+        }
+        Cmd::Cluster {
+            cmd: ClusterCmd::Hosts { json },
+        } => {
+            let c = report::cluster(&layout)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                report::print_cluster(&c);
+            }
             Ok(())
         }
     }
