@@ -180,6 +180,55 @@ impl EndpointMap {
     }
 }
 
+/// Name of the pinned route map (`xhost_common::MAP_ROUTES`).
+const MAP_ROUTES: &str = "ROUTES";
+/// Size of its value (`xhost_common::Peer`: host address, flags).
+const PEER_SIZE: usize = 8;
+
+/// An instance's pinned `ROUTES` map, read in-process, for benches that
+/// poll it every few hundred microseconds.
+pub struct RoutesMap {
+    map: aya::maps::LpmTrie<aya::maps::MapData, [u8; 4], [u8; PEER_SIZE]>,
+}
+
+impl RoutesMap {
+    pub fn open(dirs: &AgentDirs) -> Result<Self> {
+        let path = dirs.pin_dir.join(MAP_ROUTES);
+        let err = |e: aya::maps::MapError| {
+            Error::Config(format!("opening pinned map {}: {e}", path.display()))
+        };
+        let data = aya::maps::MapData::from_pin(&path).map_err(err)?;
+        let map = aya::maps::Map::from_map_data(data).map_err(err)?;
+        Ok(Self {
+            map: map.try_into().map_err(err)?,
+        })
+    }
+
+    /// Every prefix in the map.
+    pub fn prefixes(&self) -> Result<std::collections::BTreeSet<(Ipv4Addr, u8)>> {
+        let mut out = std::collections::BTreeSet::new();
+        for k in self.map.keys() {
+            let k = k.map_err(|e| Error::Config(format!("reading ROUTES: {e}")))?;
+            out.insert((Ipv4Addr::from(k.data()), k.prefix_len() as u8));
+        }
+        Ok(out)
+    }
+
+    pub fn count(&self) -> Result<usize> {
+        Ok(self.prefixes()?.len())
+    }
+
+    /// Whether a lookup of `addr/len` finds a route (longest match).
+    pub fn contains(&self, addr: Ipv4Addr, len: u8) -> Result<bool> {
+        let key = aya::maps::lpm_trie::Key::new(u32::from(len), addr.octets());
+        match self.map.get(&key, 0) {
+            Ok(_) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(Error::Config(format!("reading ROUTES: {e}"))),
+        }
+    }
+}
+
 /// Resident memory of a process in KiB (`VmRSS` of `/proc/<pid>/status`).
 pub fn vm_rss_kib(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/status");

@@ -10,6 +10,8 @@
 //!             \                        |                       /
 //!              ul netns: ul0 bridge 172.16.91.5/24 + etcd :23790
 //! ```
+//! `cluster_docker_engines` runs a real dockerd on host-a and host-b instead
+//! of their simulated bridge and container.
 
 use std::{
     collections::BTreeSet,
@@ -21,6 +23,7 @@ use nix::sys::signal::Signal;
 use xhost_tests::{
     Host,
     cluster::{ClusterBed, ClusterOpts, Etcd},
+    docker_engine::Engine,
     ping,
     xhost::{Agent, AgentDirs, remove_instance, status, status_routes, xhost, xhost_bin},
 };
@@ -631,4 +634,180 @@ fn cluster_compacted_watch_lists_again() {
         |r| r.contains(&z_route) && r.contains(&route_of(hb)),
     );
     assert!(a.output().contains("was compacted"), "{}", a.output());
+}
+
+/// Real Docker engines on two of the three hosts: their `docker0` subnets
+/// and a network created after the agents started are published, routed by
+/// the others, and leave when the network is removed.
+#[test]
+fn cluster_docker_engines() {
+    require_root();
+    assert!(
+        std::path::Path::new("/usr/sbin/dockerd").exists(),
+        "dockerd missing: apt-get install docker.io busybox-static (scripts/setup.sh)"
+    );
+    let bed = ClusterBed::new(&ClusterOpts {
+        hosts: 3,
+        underlay_only: vec![0, 1],
+        ..ClusterOpts::default()
+    })
+    .expect("testbed");
+    let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let (ha, hb, hc) = (bed.host(0), bed.host(1), bed.host(2));
+    let engine = |h: &Host| {
+        let mut e = Engine::prepare_in_netns(h.name(), &h.bip()).expect("prepare dockerd");
+        e.boot().expect("start dockerd");
+        e.import_busybox().expect("import busybox");
+        e
+    };
+    let (ea, eb) = (engine(ha), engine(hb));
+    let docker_agent = |h: &Host, e: &Engine| {
+        let host = e.host();
+        let ep = etcd.endpoint();
+        Agent::start(
+            h.ns(),
+            h.role(),
+            &[
+                "--iface",
+                "ens33",
+                "--docker-host",
+                &host,
+                "--etcd-endpoints",
+                &ep,
+            ],
+        )
+        .expect("agent")
+    };
+    let a = docker_agent(ha, &ea);
+    let b = docker_agent(hb, &eb);
+    let c = start(hc, &etcd, &[]);
+    ea.run_container("bridge", None, "a1")
+        .expect("container a1");
+    eb.run_container("bridge", None, "b1")
+        .expect("container b1");
+    wait_full_mesh(&[ha, hb, hc], &[&a, &b, &c]);
+    let ip = |e: &Engine, name: &str, net: &str| -> Ipv4Addr {
+        let f = format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}");
+        e.inspect(name, &f)
+            .expect("inspect")
+            .parse()
+            .expect("container IP")
+    };
+    let (a1, b1) = (ip(&ea, "a1", "bridge"), ip(&eb, "b1", "bridge"));
+    let c1 = hc.containers()[0].ip();
+    let ok = |p: xhost_tests::PingStats, what: &str| {
+        assert!(
+            p.transmitted > 0 && p.received == p.transmitted,
+            "{what}: {}",
+            p.output
+        );
+    };
+    ok(
+        ping(hc.containers()[0].ns(), a1, 3).expect("ping"),
+        "c1 -> a1",
+    );
+    ok(
+        ping(hc.containers()[0].ns(), b1, 3).expect("ping"),
+        "c1 -> b1",
+    );
+    ok(ea.ping_from("a1", b1, 3).expect("ping"), "a1 -> b1");
+    ok(eb.ping_from("b1", c1, 3).expect("ping"), "b1 -> c1");
+    // A network created now on host-a appears on the others.
+    ea.docker_ok(&["network", "create", "--subnet", "10.31.0.0/24", "late"])
+        .expect("network create");
+    ea.run_container("late", Some("10.31.0.10"), "a2")
+        .expect("container a2");
+    let late = ("10.31.0.0/24".to_owned(), ha.underlay_ip().to_string());
+    for (h, ag) in [(hb, &b), (hc, &c)] {
+        wait_routes(
+            h,
+            &ag.dirs,
+            "the new network's route",
+            Duration::from_secs(10),
+            |r| r.contains(&late),
+        );
+    }
+    let a2 = Ipv4Addr::new(10, 31, 0, 10);
+    ok(
+        ping(hc.containers()[0].ns(), a2, 3).expect("ping"),
+        "c1 -> a2",
+    );
+    ok(eb.ping_from("b1", a2, 3).expect("ping"), "b1 -> a2");
+    // And leaves when it is removed.
+    ea.docker_ok(&["rm", "-f", "a2"]).expect("rm");
+    ea.docker_ok(&["network", "rm", "late"])
+        .expect("network rm");
+    for (h, ag) in [(hb, &b), (hc, &c)] {
+        wait_routes(
+            h,
+            &ag.dirs,
+            "the removed network's route to leave",
+            Duration::from_secs(10),
+            |r| !r.contains(&late),
+        );
+    }
+    // A cluster pool: each Docker host claims a subnet of it and creates
+    // the `xhost` network with it; containers on it reach each other.
+    let o = xhost(
+        hc.ns(),
+        &c.dirs,
+        &[
+            "cluster",
+            "init",
+            "--pool",
+            "10.200.0.0/16",
+            "--host-prefix",
+            "24",
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+        ],
+    )
+    .expect("cluster init");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pool_subnet = |e: &Engine| -> String {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(s) = e.docker_ok(&[
+                "network",
+                "inspect",
+                "-f",
+                "{{(index .IPAM.Config 0).Subnet}}",
+                "xhost",
+            ]) {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "no xhost network made from the pool"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (pa, pb) = (pool_subnet(&ea), pool_subnet(&eb));
+    assert_ne!(pa, pb);
+    assert!(
+        pa.starts_with("10.200.") && pb.starts_with("10.200."),
+        "{pa} {pb}"
+    );
+    ea.run_container("xhost", None, "a3").expect("container a3");
+    eb.run_container("xhost", None, "b3").expect("container b3");
+    let want = [
+        (pa.clone(), ha.underlay_ip().to_string()),
+        (pb.clone(), hb.underlay_ip().to_string()),
+    ];
+    wait_routes(
+        hc,
+        &c.dirs,
+        "the pool networks' routes",
+        Duration::from_secs(10),
+        |r| want.iter().all(|w| r.contains(w)),
+    );
+    let (a3, b3) = (ip(&ea, "a3", "xhost"), ip(&eb, "b3", "xhost"));
+    ok(ea.ping_from("a3", b3, 3).expect("ping"), "a3 -> b3");
+    ok(
+        ping(hc.containers()[0].ns(), a3, 3).expect("ping"),
+        "c1 -> a3",
+    );
+    drop((a, b, c));
+    drop((ea, eb));
 }

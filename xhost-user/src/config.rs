@@ -60,6 +60,7 @@ pub struct EtcdFile {
     pub password: Option<String>,
     pub lease_ttl: Option<i64>,
     pub host_id: Option<String>,
+    pub pool_network: Option<String>,
 }
 
 /// Cluster mode's flags, as given.
@@ -74,6 +75,7 @@ pub struct EtcdFlags {
     pub password: Option<String>,
     pub lease_ttl: Option<i64>,
     pub host_id: Option<String>,
+    pub pool_network: Option<String>,
 }
 
 /// Default key prefix in etcd.
@@ -96,6 +98,8 @@ pub struct ClusterSettings {
     pub lease_ttl: i64,
     /// `None`: this host's underlay address.
     pub host_id: Option<String>,
+    /// Docker network made from the cluster pool, if one is set.
+    pub pool_network: String,
 }
 
 /// How container traffic crosses the underlay.
@@ -413,7 +417,7 @@ pub fn merge(flags: FlagConfig, file: Option<FileConfig>) -> Result<Settings, Co
 
 /// The `--etcd-*` flags and the `[etcd]` table, checked: `None` without
 /// endpoints (and then no other etcd setting may be given).
-fn merge_cluster(
+pub fn merge_cluster(
     f: EtcdFlags,
     file: Option<EtcdFile>,
 ) -> Result<Option<ClusterSettings>, ConfigError> {
@@ -449,6 +453,12 @@ fn merge_cluster(
     let password = f.password.or(file.password);
     let lease_ttl = agree("lease-ttl", "lease_ttl", f.lease_ttl, file.lease_ttl)?;
     let host_id = agree("host-id", "host_id", f.host_id, file.host_id)?;
+    let pool_network = agree(
+        "pool-network",
+        "pool_network",
+        f.pool_network,
+        file.pool_network,
+    )?;
     if endpoints.is_empty() {
         let given = [
             ("--etcd-prefix", prefix.is_some()),
@@ -459,6 +469,7 @@ fn merge_cluster(
             ("--etcd-password", password.is_some()),
             ("--lease-ttl", lease_ttl.is_some()),
             ("--host-id", host_id.is_some()),
+            ("--pool-network", pool_network.is_some()),
         ];
         return match given.iter().find(|(_, g)| *g) {
             Some((flag, _)) => bad(format!(
@@ -528,6 +539,8 @@ fn merge_cluster(
         prefix,
         lease_ttl,
         host_id,
+        pool_network: pool_network
+            .unwrap_or_else(|| crate::store::pool::DEFAULT_NETWORK.to_owned()),
     }))
 }
 

@@ -379,6 +379,17 @@ fn coalesce(changes: Vec<Change>) -> Vec<Change> {
         .collect()
 }
 
+/// A negotiated client for `docker_host` (`None`: `DOCKER_HOST` or the
+/// default socket), for one-off requests outside the watcher.
+pub async fn client(docker_host: Option<&str>) -> Result<Docker, BollardError> {
+    let host = docker_host
+        .map(str::to_owned)
+        .or_else(|| std::env::var("DOCKER_HOST").ok())
+        .filter(|h| !h.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_owned());
+    connect(&host)?.negotiate_version().await
+}
+
 /// A bollard client for `host`, with the agent's request timeout.
 fn connect(host: &str) -> Result<Docker, BollardError> {
     let host = if host.starts_with('/') {

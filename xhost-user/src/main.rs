@@ -100,6 +100,18 @@ enum ClusterCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Store the cluster's subnet pool: each agent following Docker then
+    /// claims a --host-prefix subnet of it and creates a Docker network with it.
+    Init {
+        /// The pool, e.g. 10.200.0.0/16.
+        #[arg(long)]
+        pool: String,
+        /// Prefix length of each host's subnet, e.g. 24.
+        #[arg(long)]
+        host_prefix: u8,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
 }
 
 /// Cluster mode: hosts find each other's container subnets in etcd.
@@ -132,6 +144,26 @@ struct EtcdArgs {
     /// This host's id in the cluster (default: its underlay address).
     #[arg(long)]
     host_id: Option<String>,
+    /// Docker network created from the cluster pool (default xhost).
+    #[arg(long)]
+    pool_network: Option<String>,
+}
+
+impl EtcdArgs {
+    fn flags(self) -> config::EtcdFlags {
+        config::EtcdFlags {
+            endpoints: self.etcd_endpoints,
+            prefix: self.etcd_prefix,
+            cafile: self.etcd_cafile,
+            certfile: self.etcd_certfile,
+            keyfile: self.etcd_keyfile,
+            username: self.etcd_username,
+            password: self.etcd_password,
+            lease_ttl: self.lease_ttl,
+            host_id: self.host_id,
+            pool_network: self.pool_network,
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -192,17 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tunnel,
                 vni,
                 vxlan_port,
-                etcd: config::EtcdFlags {
-                    endpoints: etcd.etcd_endpoints,
-                    prefix: etcd.etcd_prefix,
-                    cafile: etcd.etcd_cafile,
-                    certfile: etcd.etcd_certfile,
-                    keyfile: etcd.etcd_keyfile,
-                    username: etcd.etcd_username,
-                    password: etcd.etcd_password,
-                    lease_ttl: etcd.lease_ttl,
-                    host_id: etcd.host_id,
-                },
+                etcd: etcd.flags(),
             };
             let source = config::Source {
                 flags,
@@ -226,6 +248,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Export => {
             print!("{}", report::export(&layout)?);
+            Ok(())
+        }
+        Cmd::Cluster {
+            cmd:
+                ClusterCmd::Init {
+                    pool,
+                    host_prefix,
+                    etcd,
+                },
+        } => {
+            let c = config::merge_cluster(etcd.flags(), None)?.context("give --etcd-endpoints")?;
+            let pool = pool.parse().map_err(|e| anyhow::anyhow!("--pool {e}"))?;
+            let pool = xhost_user::store::pool::Pool::new(pool, host_prefix)
+                .map_err(anyhow::Error::msg)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("tokio runtime")?;
+            let keys = xhost_user::store::view::Keys::new(&c.prefix);
+            let set = rt.block_on(async {
+                let mut st = xhost_user::store::etcd::Etcd::connect(&c.etcd)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("etcd {}: {e}", c.etcd.endpoints.join(",")))?;
+                xhost_user::store::pool::init(&mut st, &keys, pool)
+                    .await
+                    .map_err(anyhow::Error::msg)
+            })?;
+            println!(
+                "pool {} with /{} host subnets at {}",
+                set.pool,
+                set.host_prefix,
+                keys.pool()
+            );
             Ok(())
         }
         Cmd::Cluster {

@@ -50,13 +50,23 @@ pub struct Etcd {
 /// etcd-client's error as one line: the gRPC status' code and message, or
 /// the transport error's whole cause chain.
 fn describe(e: &etcd_client::Error) -> (bool, String) {
-    if let etcd_client::Error::GRpcStatus(s) = e {
-        // tonic::Code: 7 PermissionDenied, 16 Unauthenticated.
-        let auth = matches!(s.code() as i32, 7 | 16);
-        return (auth, format!("{:?}: {}", s.code(), s.message()));
-    }
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
+    let (mut msg, mut src) = match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            // tonic::Code: 7 PermissionDenied, 16 Unauthenticated.
+            // etcd 3.4 answers a wrong password with InvalidArgument.
+            if matches!(s.code() as i32, 7 | 16) || s.message().contains("authentication failed")
+            {
+                return (true, format!("{:?}: {}", s.code(), s.message()));
+            }
+            // A transport failure (refused, TLS handshake) hides in the
+            // status' source.
+            (
+                format!("{:?}: {}", s.code(), s.message()),
+                std::error::Error::source(s),
+            )
+        }
+        _ => (e.to_string(), std::error::Error::source(e)),
+    };
     while let Some(s) = src {
         let part = s.to_string();
         if !msg.contains(&part) {

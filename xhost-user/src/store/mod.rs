@@ -9,9 +9,11 @@
 //! ```text
 //! <prefix>/hosts/<host-id>          {"id","underlay","mode":{...}}   leased
 //! <prefix>/subnets/<a.b.c.d>-<len>  {"host":"<host-id>"}             leased
+//! <prefix>/config/pool              {"pool":"10.200.0.0/16","host_prefix":24}
 //! ```
 
 pub mod etcd;
+pub mod pool;
 pub mod source;
 pub mod sync;
 pub mod view;

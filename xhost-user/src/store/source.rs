@@ -97,6 +97,10 @@ impl ClusterSource {
             ttl: c.lease_ttl,
             endpoints: c.etcd.endpoints.clone(),
             snapshot: layout.run_dir.join("cluster.json"),
+            pool_network: s.docker.then(|| super::pool::PoolNetwork {
+                docker_host: s.docker_host.clone(),
+                name: c.pool_network.clone(),
+            }),
         };
         let snap = read_snapshot(&settings.snapshot, &id);
         let mut initial = ClusterState::default();

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
@@ -37,6 +37,8 @@ pub struct SyncSettings {
     pub endpoints: Vec<String>,
     /// `<run-dir>/cluster.json`.
     pub snapshot: PathBuf,
+    /// With a cluster pool: the Docker network to create from it.
+    pub pool_network: Option<super::pool::PoolNetwork>,
 }
 
 /// The store as `status` shows it.
@@ -183,7 +185,12 @@ struct Task {
     view_version: u64,
     /// The snapshot on disk is older than the view.
     dirty: bool,
-    last_logged: Option<String>,
+    /// The pool network's subnet, once it exists: claimed even before
+    /// Docker's view shows the network as local.
+    pool_subnet: Option<Ipv4Net>,
+    /// Whether the last logged error was an authentication one; `None`:
+    /// connected since.
+    last_logged: Option<bool>,
 }
 
 async fn run<S, F, Fut>(
@@ -207,6 +214,7 @@ async fn run<S, F, Fut>(
         view,
         view_version: 0,
         dirty: false,
+        pool_subnet: None,
         last_logged: None,
     };
     let mut backoff = Duration::from_millis(200);
@@ -226,9 +234,15 @@ async fn run<S, F, Fut>(
                     "etcd {}: {e}; the datapath keeps the last known state, retrying",
                     t.s.endpoints.join(",")
                 );
-                if t.last_logged.as_deref() != Some(line.as_str()) {
+                // One line per kind of trouble while it lasts (a refused
+                // TLS handshake alternates between messages); the latest
+                // is always in `status`.
+                let kind = matches!(e, StoreError::Auth { .. });
+                if t.last_logged != Some(kind) {
                     warn!("{line}");
-                    t.last_logged = Some(line);
+                    t.last_logged = Some(kind);
+                } else {
+                    debug!("{line}");
                 }
                 t.out.send_modify(|st| {
                     st.status.connected = false;
@@ -333,6 +347,7 @@ impl Task {
         self.publish_host(st, lease).await?;
         let want = self.locals.borrow_and_update().clone();
         self.claim(st, lease, &want).await?;
+        self.pool_network(st, lease).await?;
         if self.last_logged.take().is_some() || kept.is_none() {
             info!(
                 "etcd {}: connected, {} host(s), {} subnet(s) at revision {rev}",
@@ -370,9 +385,12 @@ impl Task {
                     return Ok(End::Stopped);
                 }
                 _ = renew.tick() => match st.keep_alive(lease).await? {
-                    Some(t) => self.publish(false, |s| {
-                        s.lease_expires_unix_ms = Some(now_ms() + t as u64 * 1000);
-                    }),
+                    Some(t) => {
+                        self.publish(false, |s| {
+                            s.lease_expires_unix_ms = Some(now_ms() + t as u64 * 1000);
+                        });
+                        self.pool_network(st, lease).await?;
+                    }
                     None => {
                         self.lease = None;
                         return Err(StoreError::Failed {
@@ -408,12 +426,45 @@ impl Task {
                     self.publish_host(st, lease).await?;
                     let want = self.locals.borrow().clone();
                     self.claim(st, lease, &want).await?;
+                    self.pool_network(st, lease).await?;
                 }
                 _ = snap.tick() => if self.dirty {
                     self.save();
                 },
             }
         }
+    }
+
+    /// With a pool and Docker: makes sure the pool's Docker network exists.
+    async fn pool_network<S: Store>(
+        &mut self,
+        st: &mut S,
+        lease: LeaseId,
+    ) -> Result<(), StoreError> {
+        let (Some(net), Some(pool)) = (&self.s.pool_network, self.view.pool) else {
+            return Ok(());
+        };
+        if self.pool_subnet.is_some() {
+            return Ok(());
+        }
+        let locals: Vec<Ipv4Net> = self.locals.borrow().iter().copied().collect();
+        self.pool_subnet = super::pool::ensure_network(
+            st,
+            &self.s.keys,
+            &self.s.host.id,
+            lease,
+            &self.view,
+            pool,
+            &locals,
+            net,
+        )
+        .await?;
+        if let Some(n) = self.pool_subnet {
+            let mut want = self.locals.borrow().clone();
+            want.insert(n);
+            self.claim(st, lease, &want).await?;
+        }
+        Ok(())
     }
 
     /// Creates (or takes over from this host's older lease) the host key.
@@ -459,6 +510,9 @@ impl Task {
         lease: LeaseId,
         want: &BTreeSet<Ipv4Net>,
     ) -> Result<(), StoreError> {
+        let mut want = want.clone();
+        want.extend(self.pool_subnet);
+        let want = &want;
         let value = serde_json::to_vec(&SubnetRecord {
             host: self.s.host.id.clone(),
         })

@@ -61,7 +61,9 @@ pub enum KeyKind {
     Subnet(Ipv4Net),
     /// Under the prefix but not understood (a bad subnet, an unknown folder).
     Bad(String),
-    /// The cluster's settings (pool); not a claim.
+    /// The cluster's subnet pool.
+    Pool,
+    /// Another cluster setting; not a claim.
     Setting,
 }
 
@@ -112,6 +114,9 @@ impl Keys {
                 Err(e) => KeyKind::Bad(e.to_string()),
             };
         }
+        if rest == "config/pool" {
+            return KeyKind::Pool;
+        }
         if rest.starts_with("config/") {
             return KeyKind::Setting;
         }
@@ -155,6 +160,9 @@ pub struct View {
     pub subnets: BTreeMap<Ipv4Net, Claim>,
     /// Keys whose name or value does not parse -> why.
     pub bad: BTreeMap<String, String>,
+    /// The subnet pool, once `cluster init` set one.
+    #[serde(default)]
+    pub pool: Option<super::pool::Pool>,
 }
 
 impl View {
@@ -185,6 +193,7 @@ impl View {
                     match keys.kind(key) {
                         KeyKind::Host(id) => changed |= self.hosts.remove(&id).is_some(),
                         KeyKind::Subnet(n) => changed |= self.subnets.remove(&n).is_some(),
+                        KeyKind::Pool => changed |= self.pool.take().is_some(),
                         _ => {}
                     }
                 }
@@ -209,6 +218,13 @@ impl View {
         };
         match keys.kind(&k.key) {
             KeyKind::Setting => false,
+            KeyKind::Pool => match serde_json::from_slice::<super::pool::Pool>(&k.value) {
+                Ok(p) => {
+                    self.bad.remove(&k.key);
+                    self.pool.replace(p) != Some(p)
+                }
+                Err(e) => bad(self, format!("not a pool: {e}")),
+            },
             KeyKind::Bad(why) => bad(self, why),
             KeyKind::Host(id) => match serde_json::from_slice::<HostRecord>(&k.value) {
                 Ok(r) if r.id == id => {
