@@ -100,18 +100,26 @@ fn main() {
     })
     .expect("testbed");
     let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    // The underlay is reached from inside host-a: run on a thread that
+    // entered it (and has left, with its end, before the namespaces go).
+    std::thread::scope(|s| {
+        let (ep, args, bed) = (etcd.endpoint(), &args, &bed);
+        s.spawn(move || run(args, bed, &ep))
+            .join()
+            .expect("bench thread");
+    });
+}
+
+fn run(args: &Args, bed: &ClusterBed, ep: &str) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    // The client runs in etcd's namespace's reach: from the root namespace
-    // the underlay is not routed, so connect from a thread inside host-a.
     let ns = bed.host(0).ns().path();
-    let ep = etcd.endpoint();
     let file = std::fs::File::open(&ns).expect("netns");
     nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
     let mut c = rt
-        .block_on(Client::connect([ep.as_str()], None))
+        .block_on(Client::connect([ep], None))
         .expect("etcd client");
     let total = args.hosts * args.subnets;
     let t = Instant::now();
@@ -141,7 +149,7 @@ fn main() {
             "--tunnel",
             "vxlan",
             "--etcd-endpoints",
-            &ep,
+            ep,
         ],
     )
     .expect("agent");
@@ -240,4 +248,6 @@ fn main() {
         args.churn
     );
     drop(agent);
+    drop(c);
+    drop(rt);
 }

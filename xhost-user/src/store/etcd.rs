@@ -54,8 +54,7 @@ fn describe(e: &etcd_client::Error) -> (bool, String) {
         etcd_client::Error::GRpcStatus(s) => {
             // tonic::Code: 7 PermissionDenied, 16 Unauthenticated.
             // etcd 3.4 answers a wrong password with InvalidArgument.
-            if matches!(s.code() as i32, 7 | 16) || s.message().contains("authentication failed")
-            {
+            if matches!(s.code() as i32, 7 | 16) || s.message().contains("authentication failed") {
                 return (true, format!("{:?}: {}", s.code(), s.message()));
             }
             // A transport failure (refused, TLS handshake) hides in the
