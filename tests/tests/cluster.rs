@@ -575,9 +575,21 @@ fn cluster_tls_and_credentials() {
         &["--etcd-username", "root", "--etcd-password", "rootpw"],
     );
     wait_full_mesh(&[ha, hb], &[&a, &b]);
-    // The password never reaches agent.json.
-    let state = std::fs::read_to_string(a.dirs.run_dir.join("agent.json")).expect("agent.json");
-    assert!(!state.contains("rootpw"), "{state}");
+    // The password never reaches the run dir (state file, snapshot).
+    let mut files = 0;
+    for e in std::fs::read_dir(&a.dirs.run_dir)
+        .expect("run dir")
+        .flatten()
+    {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        assert!(!text.contains("rootpw"), "{}: {text}", e.path().display());
+        files += 1;
+    }
+    assert!(
+        files >= 2,
+        "state file and snapshot expected in {}",
+        a.dirs.run_dir.display()
+    );
 }
 
 /// An agent cut off from etcd resumes its watch from the revision it had;

@@ -1118,6 +1118,92 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_merge_and_check() {
+        let flags = |endpoints: &[&str], f: fn(&mut EtcdFlags)| {
+            let mut e = EtcdFlags {
+                endpoints: endpoints.iter().map(|s| (*s).to_owned()).collect(),
+                ..EtcdFlags::default()
+            };
+            f(&mut e);
+            FlagConfig {
+                iface: Some("ens33".into()),
+                etcd: e,
+                ..FlagConfig::default()
+            }
+        };
+        let c = merge(flags(&["http://10.0.0.5:2379"], |_| {}), None)
+            .expect("merges")
+            .cluster
+            .expect("cluster mode");
+        assert_eq!(c.prefix, DEFAULT_ETCD_PREFIX);
+        assert_eq!(c.lease_ttl, DEFAULT_LEASE_TTL);
+        assert_eq!(c.pool_network, "xhost");
+        assert!(
+            merge(flags(&[], |_| {}), None)
+                .expect("off")
+                .cluster
+                .is_none()
+        );
+        let file: FileConfig = toml::from_str(
+            "[etcd]\nendpoints = [\"https://10.0.0.5:2379\"]\ncafile = \"/ca.pem\"\nlease_ttl = 30\n",
+        )
+        .expect("toml");
+        let c = merge(flags(&[], |_| {}), Some(file))
+            .expect("file")
+            .cluster
+            .expect("cluster");
+        assert_eq!((c.lease_ttl, c.etcd.endpoints.len()), (30, 1));
+        let cases: [(FlagConfig, &str); 7] = [
+            (
+                flags(&[], |e| e.lease_ttl = Some(5)),
+                "--lease-ttl is a cluster setting: it needs --etcd-endpoints (or endpoints in [etcd])",
+            ),
+            (
+                flags(&["10.0.0.5:2379"], |_| {}),
+                "etcd endpoint `10.0.0.5:2379`: expected http://HOST:PORT or https://HOST:PORT",
+            ),
+            (
+                flags(&["https://10.0.0.5:2379"], |_| {}),
+                "etcd endpoint `https://10.0.0.5:2379` is https://: give --etcd-cafile (and --etcd-certfile/--etcd-keyfile for a client certificate)",
+            ),
+            (
+                flags(&["http://10.0.0.5:2379"], |e| e.cafile = Some("/ca".into())),
+                "etcd endpoint `http://10.0.0.5:2379` is http:// but TLS files are given: use https://",
+            ),
+            (
+                flags(&["http://10.0.0.5:2379"], |e| e.username = Some("u".into())),
+                "--etcd-username and --etcd-password (or XHOST_ETCD_PASSWORD) go together",
+            ),
+            (
+                flags(&["http://10.0.0.5:2379"], |e| e.lease_ttl = Some(1)),
+                "lease TTL 1 s out of range 2..=3600",
+            ),
+            (
+                flags(&["http://10.0.0.5:2379"], |e| {
+                    e.host_id = Some("a/b".into())
+                }),
+                "host id `a/b`: 1 to 64 of A-Z a-z 0-9 . _ -",
+            ),
+        ];
+        for (f, want) in cases {
+            assert_eq!(merge(f, None).expect_err(want).to_string(), want);
+        }
+        // The password never shows in what a refused reload prints.
+        let mut running = settings();
+        running.cluster = merge(
+            flags(&["http://10.0.0.5:2379"], |e| {
+                e.username = Some("u".into());
+                e.password = Some("secret".into());
+            }),
+            None,
+        )
+        .expect("merges")
+        .cluster;
+        let e = check_reloadable(&running, &settings()).expect_err("etcd changed");
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
+
+    #[test]
     fn local_checks() {
         let local = LocalSubnet {
             net: "192.168.110.0/24".parse().expect("valid"),

@@ -21,7 +21,7 @@ pub struct EtcdOptions {
     pub certfile: Option<PathBuf>,
     pub keyfile: Option<PathBuf>,
     pub username: Option<String>,
-    /// Never serialized: agent.json is world-readable.
+    /// Never serialized: the state file is world-readable.
     #[serde(skip)]
     pub password: Option<String>,
 }

@@ -38,7 +38,7 @@ pub struct ClusterHost {
     pub routed: Vec<Ipv4Net>,
 }
 
-/// The cluster section of `agent.json`.
+/// The cluster section of the state file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterReport {
     pub store: StoreStatus,
@@ -52,6 +52,7 @@ pub struct ClusterReport {
 /// The running store source.
 pub struct ClusterSource {
     handle: Handle,
+    snapshot: std::path::PathBuf,
     id: String,
     mode: Mode,
     iface: String,
@@ -96,13 +97,14 @@ impl ClusterSource {
             },
             ttl: c.lease_ttl,
             endpoints: c.etcd.endpoints.clone(),
-            snapshot: layout.run_dir.join("cluster.json"),
+            snapshot: layout.cluster_snapshot(),
             pool_network: s.docker.then(|| super::pool::PoolNetwork {
                 docker_host: s.docker_host.clone(),
                 name: c.pool_network.clone(),
             }),
         };
-        let snap = read_snapshot(&settings.snapshot, &id);
+        let snapshot = settings.snapshot.clone();
+        let snap = read_snapshot(&snapshot, &id);
         let mut initial = ClusterState::default();
         initial.status.endpoints = c.etcd.endpoints.clone();
         initial.status.prefix = c.prefix.clone();
@@ -134,6 +136,7 @@ impl ClusterSource {
         );
         Ok(Self {
             handle,
+            snapshot,
             id,
             mode,
             iface: s.iface.clone(),
@@ -254,8 +257,10 @@ impl ClusterSource {
         &self.peers
     }
 
-    /// Clean exit: revokes the lease.
+    /// Clean exit: revokes the lease; the snapshot goes too (the datapath
+    /// it fed is unloaded).
     pub async fn stop(self) {
         self.handle.stop().await;
+        let _ = std::fs::remove_file(&self.snapshot);
     }
 }

@@ -35,7 +35,7 @@ pub struct SyncSettings {
     /// Lease TTL in seconds.
     pub ttl: i64,
     pub endpoints: Vec<String>,
-    /// `<run-dir>/cluster.json`.
+    /// `<run-dir>/<instance>.cluster.json`.
     pub snapshot: PathBuf,
     /// With a cluster pool: the Docker network to create from it.
     pub pool_network: Option<super::pool::PoolNetwork>,
@@ -69,7 +69,7 @@ pub struct ClusterState {
     pub status: StoreStatus,
 }
 
-/// `<run-dir>/cluster.json`.
+/// The snapshot file.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Snapshot {
     pub host_id: String,
