@@ -94,6 +94,10 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing would only obscure the clap derive"
+)]
 enum ClusterCmd {
     /// The cluster's hosts and subnets as this host's agent sees them.
     Hosts {
