@@ -447,7 +447,8 @@ pub fn plan(view: &View, me: &Me, locals: &BTreeSet<Ipv4Net>, config: &[PeerConf
         }
         by_host.entry(&c.host).or_default().push(*n);
     }
-    for (id, subnets) in by_host {
+    for (id, mut subnets) in by_host {
+        subnets.sort();
         if let Some(h) = view.hosts.get(id) {
             p.peers.push(PeerConfig {
                 host: h.record.underlay,
