@@ -17,6 +17,9 @@ use anyhow::{Context as _, bail};
 
 use super::{catalog::Kernel, results::MARKER};
 
+/// How often init runs a failed test again.
+pub const RETRIES: u32 = 2;
+
 /// Where the guest finds the test binaries.
 pub const BIN_DIR: &str = "/xh";
 
@@ -328,8 +331,8 @@ for m in {preload}; do modprobe "$m" 2>/dev/null || missing="$missing $m"; done
 ip link set lo up
 export XHOST_USER_BIN={BIN_DIR}/xhost-user XH_PROBE_BIN={BIN_DIR}/xh-probe RUST_BACKTRACE=1
 # run SUITE ATTACH ENV BINARY ARGS...: its output goes to the results port as it comes;
-# the tests that failed run once more on their own, reported as a retry (timing-bound
-# tests can lose a race under TCG; a test that fails twice fails).
+# the tests that failed run again on their own, up to {RETRIES} times, each reported as a
+# retry (timing-bound tests can lose a race under TCG; a test failing every time fails).
 run() {{
   suite=$1 attach=$2 envs=$3 bin=$4
   shift 4
@@ -337,12 +340,16 @@ run() {{
   env $envs "$bin" "$@" 2>&1 | tee /tmp/run.out > $R
   rc=$?
   say end "$suite" "$attach" "$rc" "$(up)"
+  tries=0
   failed=$(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' /tmp/run.out)
-  if [ "$rc" != 0 ] && [ -n "$failed" ]; then
+  while [ "$rc" != 0 ] && [ -n "$failed" ] && [ "$tries" -lt {RETRIES} ]; do
+    tries=$((tries + 1))
     say begin-retry "$suite" "$attach" "$(up)"
-    env $envs "$bin" --test-threads=1 --exact $failed > $R 2>&1
-    say end-retry "$suite" "$attach" "$?" "$(up)"
-  fi
+    env $envs "$bin" --test-threads=1 --exact $failed 2>&1 | tee /tmp/run.out > $R
+    rc=$?
+    say end-retry "$suite" "$attach" "$rc" "$(up)"
+    failed=$(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' /tmp/run.out)
+  done
 }}
 "#
     );

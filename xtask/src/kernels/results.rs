@@ -32,8 +32,8 @@ pub struct SuiteRun {
     pub secs: Option<f64>,
     /// Everything the binary printed.
     pub output: String,
-    /// The failed tests run once more on their own.
-    pub retry: Option<Box<SuiteRun>>,
+    /// The failed tests run again on their own, each retry the ones still failing.
+    pub retries: Vec<SuiteRun>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -55,26 +55,24 @@ impl SuiteRun {
     }
 
     /// Tests that failed and then passed when run again on their own: all of the failed
-    /// ones, or none (a run with any test failing twice is not flaky but failed).
+    /// ones, or none (a run with any test failing every time is not flaky but failed).
     pub fn flaky(&self) -> Vec<String> {
-        let Some(retry) = self.retry.as_deref() else {
+        let Some(last) = self.retries.last() else {
             return Vec::new();
         };
         let failed = self.counts.map_or(0, |c| c.failed as usize);
-        let all_passed = retry.clean()
-            && retry.counts.is_some_and(|c| c.passed as usize == failed)
-            && failed == self.failed_tests.len();
-        if all_passed {
+        if last.clean() && failed == self.failed_tests.len() {
             self.failed_tests.clone()
         } else {
             Vec::new()
         }
     }
 
-    /// Tests that failed and, run again, failed again (or were not run again).
+    /// Tests that failed every time they ran (the first run's failures if none was
+    /// run again).
     pub fn failed_twice(&self) -> Vec<String> {
-        match self.retry.as_deref() {
-            Some(retry) if retry.counts.is_some() => retry.failed_tests.clone(),
+        match self.retries.last() {
+            Some(last) if last.counts.is_some() => last.failed_tests.clone(),
             _ => self.failed_tests.clone(),
         }
     }
@@ -186,7 +184,7 @@ pub fn parse(text: &str) -> Report {
                         .rev()
                         .find(|r| r.suite == run.suite && r.attach == run.attach);
                     match first {
-                        Some(first) if retrying => first.retry = Some(Box::new(run)),
+                        Some(first) if retrying => first.retries.push(run),
                         _ => report.runs.push(run),
                     }
                 }
@@ -318,6 +316,26 @@ test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 20 filtered out; fin
         assert!(!parse(first).runs[0].ok(), "no retry");
         assert!(r.runs[0].ok_except(&["b"]), "a known failure");
         assert!(!r.runs[0].ok_except(&["c"]), "an unknown one");
+    }
+
+    #[test]
+    fn each_retry_runs_what_still_fails() {
+        let text = "@@xhkm begin datapath tc 1.0\n\
+            test a ... FAILED\ntest b ... FAILED\ntest c ... ok\n\
+            test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out\n\
+            @@xhkm end datapath tc 101 2.0\n\
+            @@xhkm begin-retry datapath tc 2.0\ntest a ... ok\ntest b ... FAILED\n\
+            test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 1 filtered out\n\
+            @@xhkm end-retry datapath tc 101 3.0\n\
+            @@xhkm begin-retry datapath tc 3.0\ntest b ... ok\n\
+            test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 2 filtered out\n\
+            @@xhkm end-retry datapath tc 0 4.0\n@@xhkm done 4.0\n";
+        let r = parse(text);
+        assert_eq!(r.runs.len(), 1);
+        assert_eq!(r.runs[0].retries.len(), 2);
+        assert!(r.runs[0].ok());
+        assert_eq!(r.runs[0].flaky(), ["a", "b"]);
+        assert!(r.runs[0].failed_twice().is_empty());
     }
 
     #[test]
