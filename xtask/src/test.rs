@@ -1,10 +1,11 @@
 //! `cargo xtask test`: setup, the lints (`cargo fmt --check`, clippy with `-D warnings` on
 //! the workspace and on the eBPF crate), build, then every test of the workspace in release
-//! mode, as root and on one thread (the tests create namespaces and load eBPF programs).
+//! mode, as root and on one thread (the tests create namespaces and load eBPF programs),
+//! then the kernel matrix (older kernels in qemu, see [`crate::kernels`]).
 
 use clap::Args;
 
-use crate::{build, setup, workspace};
+use crate::{build, kernels, setup, workspace};
 
 #[derive(Args, Debug)]
 pub struct Options {
@@ -14,7 +15,14 @@ pub struct Options {
     /// Skip the format and clippy checks.
     #[arg(long)]
     pub no_lint: bool,
-    /// Extra arguments for the test binaries (after `--`), e.g. a test name filter.
+    /// Only the kernel matrix, not the tests on this machine's kernel.
+    #[arg(long, conflicts_with = "no_kernels")]
+    pub kernels: bool,
+    /// Skip the kernel matrix (quick local runs).
+    #[arg(long)]
+    pub no_kernels: bool,
+    /// Extra arguments for the test binaries (after `--`), e.g. a test name filter. They
+    /// apply to the tests on this machine's kernel only.
     #[arg(last = true)]
     pub args: Vec<String>,
 }
@@ -30,6 +38,30 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         release: true,
         no_setup: true,
     })?;
+    // A failing host test must not hide the matrix's results, nor the other way round.
+    let host = if opts.kernels {
+        Ok(())
+    } else {
+        host_tests(opts)
+    };
+    let matrix = if opts.no_kernels {
+        Ok(())
+    } else {
+        kernels::run(&kernels::Options {
+            // Setup ran above (or was told not to).
+            no_setup: true,
+            ..kernels::Options::default()
+        })
+    };
+    match (host, matrix) {
+        (Err(h), Err(m)) => Err(h.context(format!("and the kernel matrix failed too: {m:#}"))),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}
+
+/// Every crate's tests on this machine's kernel.
+fn host_tests(opts: &Options) -> anyhow::Result<()> {
     let mut cmd = workspace::cargo();
     // `--workspace` overrides default-members, so the eBPF crate has to be left out by
     // name: it only builds for bpfel-unknown-none (xhost-user's build script builds it, and
