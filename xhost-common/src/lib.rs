@@ -168,8 +168,15 @@ pub mod stat {
     /// peer owns the destination; or the datapath could not encapsulate a
     /// packet it had already rewritten.
     pub const DROP_TUNNEL: u32 = 9;
+    /// Dropped on this host before it left: a packet for a peer's subnet
+    /// whose source is not the address (and MAC) of the container that sent
+    /// it. On a known container's veth: any other source; at the bridge: a
+    /// known container's address that did not come through its own veth, or
+    /// an unknown address the bridge's neighbour entry does not give the
+    /// frame's source MAC (see docs/security.md).
+    pub const DROP_SPOOFED_LOCAL: u32 = 10;
     /// Number of slots.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 
     /// Names as printed by `xhost-user status`, indexed by the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -183,6 +190,7 @@ pub mod stat {
         "drop_spoofed",
         "drop_redirect",
         "drop_tunnel",
+        "drop_spoofed_local",
     ];
 }
 
