@@ -2083,6 +2083,10 @@ fn ping_from(ns: &NetNs, src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr) {
 ///   bridge's endpoints are what its tables say: that case is checked
 ///   packet by packet in xhost-user/tests/prog_test_run.rs.)
 ///
+/// * VXLAN mode: ctr-a's own VXLAN packets with xhost's VNI and port,
+///   which host A's NAT would pass off as host A's: dropped on host A as
+///   `drop_spoofed_local`.
+///
 /// None of them arrives in ctr-b (counted in its raw PREROUTING); ctr-a's
 /// and ctr-a2's own echo requests do, throughout.
 fn only_own_sources_reach_the_peer(extra: &[&str]) {
@@ -2203,6 +2207,49 @@ fn only_own_sources_reach_the_peer(extra: &[&str]) {
             "{what}: each counted as drop_spoofed_local on host A"
         );
     }
+    if extra.contains(&"vxlan") {
+        // ctr-a tunnels by itself: its own VXLAN device with xhost's VNI
+        // and port, to host B's underlay address. Host A's NAT gives the
+        // outer packet host A's address, so host B would take it for one
+        // host A encapsulated and deliver what it carries, from any source
+        // of host A's subnet.
+        ca.ns()
+            .ip_batch(&format!(
+                "link add vx0 type vxlan id 1 remote {} dstport 8472 nolearning
+                 addr add {unused}/32 dev vx0
+                 link set vx0 up
+                 route add {ctr}/32 dev vx0 src {unused}
+                 neigh add {ctr} lladdr 02:42:00:00:00:01 dev vx0
+",
+                b.underlay_ip(),
+                ctr = cb.ip(),
+            ))
+            .expect("ctr-a's own vxlan device");
+        let before = (dropped(), arrived_from(cb.ns(), unused));
+        ca.ns()
+            .exec(&[
+                "ping",
+                "-n",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                &cb.ip().to_string(),
+            ])
+            .expect("ping through ctr-a's vxlan device");
+        ca.ns().run(&["ip", "link", "del", "vx0"]);
+        assert_eq!(
+            (
+                arrived_from(cb.ns(), unused) - before.1,
+                dropped() - before.0
+            ),
+            (0, 3),
+            "a container's own VXLAN packets with our VNI: [arrived, dropped]"
+        );
+    }
+
     // The owners' own addresses still work, and each of their echo
     // requests arrived.
     for c in [ca, ca2] {

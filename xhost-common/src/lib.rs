@@ -173,7 +173,9 @@ pub mod stat {
     /// it. On a known container's veth: any other source; at the bridge: a
     /// known container's address that did not come through its own veth, or
     /// an unknown address the bridge's neighbour entry does not give the
-    /// frame's source MAC (see docs/security.md).
+    /// frame's source MAC. In VXLAN mode also: a container's own VXLAN
+    /// packet with our VNI to our port, which the host's NAT would make look
+    /// like one of ours (see docs/security.md).
     pub const DROP_SPOOFED_LOCAL: u32 = 10;
     /// Number of slots.
     pub const COUNT: u32 = 11;

@@ -206,6 +206,10 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
         return redirect(hop.ifindex, stat::FWD_EGRESS);
     }
     let Some(peer_host) = route_of(dst) else {
+        if tunnel.is_some() && tunnel::is_ours_from_container(ctx, &f) {
+            debug!(ctx, "drop: a container's own VXLAN packet with our VNI");
+            return Verdict::drop(stat::DROP_SPOOFED_LOCAL);
+        }
         // Host-bound, local, or the internet (Docker's MASQUERADE).
         return Verdict::pass(stat::PASS_NOT_OURS);
     };

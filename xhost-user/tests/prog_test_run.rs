@@ -1562,7 +1562,8 @@ fn bridge_forwards_only_what_its_tables_say_the_sender_owns() {
 }
 
 /// VXLAN mode checks the source the same way before it encapsulates, on
-/// both paths.
+/// both paths, and a container may not send VXLAN packets of its own with
+/// our VNI to our port (through the host's NAT they would pass for ours).
 #[test]
 fn vxlan_mode_drops_spoofed_sources_before_encapsulating() {
     in_vxlan_test_host(|ebpf| {
@@ -1613,6 +1614,71 @@ fn vxlan_mode_drops_spoofed_sources_before_encapsulating() {
                 spoofed("bridge: unknown address, another MAC", C2, CTR_MAC, 0),
             ],
         );
+        // A container's own VXLAN packet with our VNI and port, sent from its
+        // own address to a peer host (or anyone): once NATed to this host's
+        // address a peer would deliver what it carries, from whatever source.
+        // Another VNI or port is not ours.
+        let inner = frame(UNUSED, CTR_MAC);
+        let vxlan_from_c1 = |vni, port| {
+            Outer {
+                src: C1,
+                vni,
+                port,
+                ..Outer::to_peer([172, 16, 91, 132], CTR_MAC, GW_MAC)
+            }
+            .wrap(&inner)
+        };
+        run_ctr_cases(
+            ebpf,
+            [
+                (
+                    "veth: a container's VXLAN packet with our VNI",
+                    vxlan_from_c1(VNI, VXLAN_PORT),
+                    "br0",
+                    TC_ACT_SHOT,
+                    None,
+                    stat::DROP_SPOOFED_LOCAL,
+                ),
+                (
+                    "veth: with another VNI",
+                    vxlan_from_c1(VNI + 1, VXLAN_PORT),
+                    "br0",
+                    TC_ACT_OK,
+                    None,
+                    UNCOUNTED,
+                ),
+                (
+                    "veth: to another port",
+                    vxlan_from_c1(VNI, VXLAN_PORT + 1),
+                    "br0",
+                    TC_ACT_OK,
+                    None,
+                    UNCOUNTED,
+                ),
+            ],
+        );
+        run_bridge_cases(
+            ebpf,
+            [
+                (
+                    "bridge: a container's VXLAN packet with our VNI",
+                    vxlan_from_c1(VNI, VXLAN_PORT),
+                    0,
+                    TC_ACT_SHOT,
+                    None,
+                    stat::DROP_SPOOFED_LOCAL,
+                ),
+                (
+                    "bridge: with another VNI",
+                    vxlan_from_c1(VNI + 1, VXLAN_PORT),
+                    0,
+                    TC_ACT_OK,
+                    None,
+                    stat::PASS_NOT_OURS,
+                ),
+            ],
+        );
+
         // The unknown container's own packet is encapsulated.
         let own = frame(C2, LOCAL_NEIGH_MAC);
         let before = counters(ebpf);
