@@ -2156,7 +2156,13 @@ fn only_own_sources_reach_the_peer(extra: &[&str]) {
     // Known after its first packets, which therefore took the bridge path.
     for c in [ca, ca2] {
         let p = ping(c.ns(), cb.ip(), 3).expect("ping");
-        assert!(p.all_received(), "{} before it is known: {p:?}", c.ip());
+        assert!(
+            p.all_received(),
+            "{} before it is known: {p:?}\nhost A: {}\nhost B: {}",
+            c.ip(),
+            status_json(a.ns(), &agent_a.dirs)["counters"],
+            status_json(b.ns(), &agent_b.dirs)["counters"]
+        );
     }
     let known = |s: &serde_json::Value| {
         let ips: Vec<&str> = s["endpoints"]
@@ -2212,7 +2218,10 @@ fn only_own_sources_reach_the_peer(extra: &[&str]) {
         // and port, to host B's underlay address. Host A's NAT gives the
         // outer packet host A's address, so host B would take it for one
         // host A encapsulated and deliver what it carries, from any source
-        // of host A's subnet.
+        // of host A's subnet. (No IPv6 on the device: only the echoes go.)
+        ca.ns()
+            .sysctl("net.ipv6.conf.default.disable_ipv6", "1")
+            .expect("IPv6 off for new devices in ctr-a");
         ca.ns()
             .ip_batch(&format!(
                 "link add vx0 type vxlan id 1 remote {} dstport 8472 nolearning

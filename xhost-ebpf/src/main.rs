@@ -44,7 +44,7 @@ use xhost_common::{Endpoint, stat};
 
 use crate::{
     fib::{Answer, NextHop, Source, WireLen},
-    maps::{ENDPOINTS, LOCAL_NETS, host_key, route_of},
+    maps::{ENDPOINT_PORTS, ENDPOINTS, LOCAL_NETS, host_key, route_of},
     parse::{Frame, PACKET_HOST, decrement_ttl, parse, ptr_at},
     stats::count,
 };
@@ -217,7 +217,14 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     // anything else (TTL included) is decided.
     if from_port {
         let ep = endpoint(src);
-        if ep.ifindex == 0 || ep.ifindex != iif || from_mac != ep.mac {
+        if ep.ifindex != iif || from_mac != ep.mac {
+            // SAFETY: lookup of a plain key; the value is not dereferenced.
+            if ep.ifindex == 0 && unsafe { ENDPOINT_PORTS.get(&iif) }.is_none() {
+                // The veth's endpoints are not all written (yet, or any
+                // more): an address it does not know is the bridge's to
+                // check, unmarked.
+                return Verdict::pass(stat::PASS_NOT_OURS);
+            }
             debug!(ctx, "drop: not the address of this veth's endpoint");
             return Verdict::drop(stat::DROP_SPOOFED_LOCAL);
         }

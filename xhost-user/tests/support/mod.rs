@@ -10,8 +10,8 @@
 //!
 //! with the object loaded and its maps holding the routes to 192.168.220.0/24
 //! (peer .132) and 192.168.230.0/24 (peer .133), the local subnet
-//! 192.168.110.0/24 on br0, the endpoint 192.168.110.11, the peer host .132
-//! and the underlay address .131 on ul0.
+//! 192.168.110.0/24 on br0, the endpoint 192.168.110.11 behind br0 (armed),
+//! the peer host .132 and the underlay address .131 on ul0.
 #![allow(dead_code, reason = "each includer uses its own part")]
 
 use std::{process::Command, time::Duration};
@@ -191,6 +191,15 @@ pub fn fill_maps(ebpf: &mut Ebpf) {
         _pad: [0; 4],
     };
     eps.insert([192, 168, 110, 11], ep, 0).expect("insert");
+    // Its veth (br0 here) is armed, as the agent arms it once written.
+    let mut ports: HashMap<_, u32, u32> = ebpf
+        .map_mut("ENDPOINT_PORTS")
+        .expect("ENDPOINT_PORTS")
+        .try_into()
+        .expect("hash");
+    ports
+        .insert(ifindex("br0"), xhost_common::ARMED, 0)
+        .expect("insert");
     let mut hosts: HashMap<_, [u8; 4], PeerHost> = ebpf
         .map_mut("PEER_HOSTS")
         .expect("PEER_HOSTS")
