@@ -59,7 +59,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
-use xhost_common::VXLAN_OVERHEAD;
+use xhost_common::{MAX_VNI, VXLAN_OVERHEAD};
 
 use crate::{
     fib::{WireLen, zeroed_in},
@@ -332,10 +332,12 @@ pub fn is_ours_from_container(ctx: &TcContext, f: &Ipv4Frame) -> bool {
     };
     // SAFETY: bounds-checked by ptr_at.
     let head = unsafe { *head };
-    let vni = vni().to_be_bytes();
     // The UDP destination port, and the VNI whatever the flags (the
     // kernel's device takes reserved bits it does not know as zero).
-    u16::from_be_bytes([head[2], head[3]]) == port() && head[12..15] == vni[1..4]
+    // Compared as integers: a slice comparison compiles to a call into a
+    // byte-wise `memcmp` subprogram.
+    u16::from_be_bytes([head[2], head[3]]) == port()
+        && u32::from_be_bytes([0, head[12], head[13], head[14]]) == vni() & MAX_VNI
 }
 
 /// Strips the outer IPv4, UDP and VXLAN headers and the inner Ethernet
