@@ -219,7 +219,7 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
         let ep = endpoint(src);
         if ep.ifindex != iif || from_mac != ep.mac {
             // SAFETY: lookup of a plain key; the value is not dereferenced.
-            if ep.ifindex == 0 && unsafe { ENDPOINT_PORTS.get(&iif) }.is_none() {
+            if ep.ifindex == 0 && unsafe { ENDPOINT_PORTS.get(iif) }.is_none() {
                 // The veth's endpoints are not all written (yet, or any
                 // more): an address it does not know is the bridge's to
                 // check, unmarked.
