@@ -2023,3 +2023,269 @@ fn vxlan_delivers_only_what_a_peer_host_encapsulates() {
         );
     }
 }
+
+/// Echo requests from `src` that reached the stack of the container in
+/// `ns`: a counting rule in its raw PREROUTING, which sees every packet
+/// that arrives, before anything else in it decides.
+fn arrived_from(ns: &NetNs, src: std::net::Ipv4Addr) -> u64 {
+    let rule = format!("-A PREROUTING -s {src}/32 -p icmp");
+    let saved = ns.run(&["iptables-save", "-c", "-t", "raw"]);
+    saved
+        .lines()
+        .find(|l| l.ends_with(&rule))
+        .and_then(|l| l.strip_prefix('[')?.split(':').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no counting rule for {src} in {}: {saved}", ns.name()))
+}
+
+/// Three echo requests from `ns` to `dst` with source address `src`, which
+/// is added to eth0 for the purpose and removed again. No reply is
+/// expected.
+fn ping_from(ns: &NetNs, src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr) {
+    let own = src.to_string();
+    ns.run(&["ip", "addr", "add", &format!("{own}/32"), "dev", "eth0"]);
+    ns.exec(&[
+        "ping",
+        "-n",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "1",
+        "-I",
+        &own,
+        &dst.to_string(),
+    ])
+    .expect("ping");
+    ns.run(&["ip", "addr", "del", &format!("{own}/32"), "dev", "eth0"]);
+}
+
+/// A container reaches the other host only with its own address, on both
+/// paths, with the topology below (three containers a host; A's agent knows
+/// ctr-a and ctr-a2 from the bridge's neighbour and FDB tables, never
+/// ctr-a3, which has a static entry for its gateway and so never ARPs):
+///
+/// ```text
+///  ctr-a  .11 ---veth (xhost_from_ctr)--+
+///  ctr-a2 .12 ---veth (xhost_from_ctr)--+ docker0 (xhost_egress) 192.168.110.1
+///  ctr-a3 .13 ---veth (nothing)---------+    |  ens33 ====== ens33   host B
+///                                                                 ctr-b 192.168.220.11
+/// ```
+///
+/// * ctr-a's own address works before its endpoint is known (its first
+///   packets take the bridge path) and after.
+/// * ctr-a, on its veth, from an unused address of its subnet, ctr-a2's,
+///   a peer's and a foreign subnet's: dropped on host A as
+///   `drop_spoofed_local`.
+/// * ctr-a3, on the bridge path, from ctr-a2's address and from an unused
+///   one: dropped on host A as `drop_spoofed_local`. (With ctr-a2's MAC as
+///   well, the bridge's FDB moves that MAC to ctr-a3's port, and a static
+///   bridge's endpoints are what its tables say: that case is checked
+///   packet by packet in xhost-user/tests/prog_test_run.rs.)
+///
+/// * VXLAN mode: ctr-a's own VXLAN packets with xhost's VNI and port,
+///   which host A's NAT would pass off as host A's: dropped on host A as
+///   `drop_spoofed_local`.
+///
+/// None of them arrives in ctr-b (counted in its raw PREROUTING); ctr-a's
+/// and ctr-a2's own echo requests do, throughout.
+fn only_own_sources_reach_the_peer(extra: &[&str]) {
+    require_root();
+    let topo = Topology::two_hosts(TopologyOpts {
+        containers_per_host: 3,
+        ..TopologyOpts::default()
+    })
+    .expect("build two-host topology");
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let [ca, ca2, ca3] = [0, 1, 2].map(|i| &a.containers()[i]);
+    let cb = topo.ctr_b();
+    let unused: std::net::Ipv4Addr = "192.168.110.99".parse().expect("addr");
+    let peer_subnet: std::net::Ipv4Addr = "192.168.220.77".parse().expect("addr");
+    let foreign: std::net::Ipv4Addr = "10.1.2.3".parse().expect("addr");
+    for src in [ca.ip(), ca2.ip(), unused, peer_subnet, foreign] {
+        cb.ns().run(&[
+            "iptables",
+            "-w",
+            "-t",
+            "raw",
+            "-A",
+            "PREROUTING",
+            "-s",
+            &format!("{src}/32"),
+            "-p",
+            "icmp",
+        ]);
+    }
+    // ARP requests name the address a packet is sent from unless told to
+    // take the interface's own: on a static bridge an address announced
+    // by ARP becomes that container's endpoint (docs/security.md), which
+    // is not what this test is about.
+    for c in [ca, ca2] {
+        c.ns()
+            .sysctl("net.ipv4.conf.all.arp_announce", "2")
+            .expect("arp_announce");
+    }
+    // ctr-a3 never ARPs: host A's neighbour table never names it.
+    let link = a.ns().run(&["ip", "-br", "link", "show", a.bridge()]);
+    let gw_mac = link
+        .split_whitespace()
+        .nth(2)
+        .expect("bridge MAC")
+        .to_owned();
+    ca3.ns().run(&[
+        "ip",
+        "neigh",
+        "replace",
+        &ca3.gateway().to_string(),
+        "lladdr",
+        &gw_mac,
+        "nud",
+        "permanent",
+        "dev",
+        "eth0",
+    ]);
+
+    let agent_a = start(a, b, extra);
+    let agent_b = start(b, a, extra);
+    let s = status_json(a.ns(), &agent_a.dirs);
+    assert_eq!(
+        s["endpoints"].as_array().map(Vec::len),
+        Some(0),
+        "no endpoint known before any container sent: {s}"
+    );
+    // Known after its first packets, which therefore took the bridge path.
+    for c in [ca, ca2] {
+        let p = ping(c.ns(), cb.ip(), 3).expect("ping");
+        assert!(
+            p.all_received(),
+            "{} before it is known: {p:?}\nhost A: {}\nhost B: {}",
+            c.ip(),
+            status_json(a.ns(), &agent_a.dirs)["counters"],
+            status_json(b.ns(), &agent_b.dirs)["counters"]
+        );
+    }
+    let known = |s: &serde_json::Value| {
+        let ips: Vec<&str> = s["endpoints"]
+            .as_array()
+            .map(|e| e.iter().filter_map(|e| e["ip"].as_str()).collect())
+            .unwrap_or_default();
+        [ca.ip(), ca2.ip()]
+            .iter()
+            .all(|ip| ips.contains(&ip.to_string().as_str()))
+            && !ips.contains(&ca3.ip().to_string().as_str())
+    };
+    xhost_tests::xhost::wait_status(
+        a.ns(),
+        &agent_a.dirs,
+        "ctr-a and ctr-a2 known, ctr-a3 not",
+        std::time::Duration::from_secs(5),
+        known,
+    )
+    .expect("endpoints");
+
+    let dropped = || counter(&status_json(a.ns(), &agent_a.dirs), "drop_spoofed_local");
+    let own_before = (
+        arrived_from(cb.ns(), ca.ip()),
+        arrived_from(cb.ns(), ca2.ip()),
+    );
+    for (who, src, what) in [
+        (ca, unused, "an unused address of its subnet, on its veth"),
+        (ca, ca2.ip(), "ctr-a2's address, on ctr-a's veth"),
+        (
+            ca,
+            peer_subnet,
+            "an address of the peer's subnet, on its veth",
+        ),
+        (ca, foreign, "a foreign address, on its veth"),
+        (ca3, ca2.ip(), "ctr-a2's address, on the bridge path"),
+        (ca3, unused, "an unused address, on the bridge path"),
+    ] {
+        let before = (dropped(), arrived_from(cb.ns(), src));
+        ping_from(who.ns(), src, cb.ip());
+        assert_eq!(
+            arrived_from(cb.ns(), src) - before.1,
+            0,
+            "{what}: arrived in ctr-b"
+        );
+        assert_eq!(
+            dropped() - before.0,
+            3,
+            "{what}: each counted as drop_spoofed_local on host A"
+        );
+    }
+    if extra.contains(&"vxlan") {
+        // ctr-a tunnels by itself: its own VXLAN device with xhost's VNI
+        // and port, to host B's underlay address. Host A's NAT gives the
+        // outer packet host A's address, so host B would take it for one
+        // host A encapsulated and deliver what it carries, from any source
+        // of host A's subnet. (No IPv6 on the device: only the echoes go.)
+        ca.ns()
+            .sysctl("net.ipv6.conf.default.disable_ipv6", "1")
+            .expect("IPv6 off for new devices in ctr-a");
+        ca.ns()
+            .ip_batch(&format!(
+                "link add vx0 type vxlan id 1 remote {} dstport 8472 nolearning
+                 addr add {unused}/32 dev vx0
+                 link set vx0 up
+                 route add {ctr}/32 dev vx0 src {unused}
+                 neigh add {ctr} lladdr 02:42:00:00:00:01 dev vx0
+",
+                b.underlay_ip(),
+                ctr = cb.ip(),
+            ))
+            .expect("ctr-a's own vxlan device");
+        let before = (dropped(), arrived_from(cb.ns(), unused));
+        ca.ns()
+            .exec(&[
+                "ping",
+                "-n",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                &cb.ip().to_string(),
+            ])
+            .expect("ping through ctr-a's vxlan device");
+        ca.ns().run(&["ip", "link", "del", "vx0"]);
+        assert_eq!(
+            (
+                arrived_from(cb.ns(), unused) - before.1,
+                dropped() - before.0
+            ),
+            (0, 3),
+            "a container's own VXLAN packets with our VNI: [arrived, dropped]"
+        );
+    }
+
+    // The owners' own addresses still work, and each of their echo
+    // requests arrived.
+    for c in [ca, ca2] {
+        let p = ping(c.ns(), cb.ip(), 3).expect("ping");
+        assert!(p.all_received(), "{} afterwards: {p:?}", c.ip());
+    }
+    assert_eq!(
+        (
+            arrived_from(cb.ns(), ca.ip()) - own_before.0,
+            arrived_from(cb.ns(), ca2.ip()) - own_before.1
+        ),
+        (3, 3),
+        "own echo requests arrived in ctr-b"
+    );
+    assert_eq!(
+        counter(&status_json(b.ns(), &agent_b.dirs), "drop_spoofed"),
+        0,
+        "nothing reached host B to be dropped there"
+    );
+}
+
+#[test]
+fn only_own_sources_reach_the_peer_native() {
+    only_own_sources_reach_the_peer(&[]);
+}
+
+#[test]
+fn only_own_sources_reach_the_peer_vxlan() {
+    only_own_sources_reach_the_peer(&["--tunnel", "vxlan"]);
+}

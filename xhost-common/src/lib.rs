@@ -31,8 +31,16 @@ pub const MAP_DATAPATH_GEN: &str = "DATAPATH_GEN";
 /// (network order) to the underlay's ifindex: where VXLAN packets from
 /// peers may be addressed for the datapath to decapsulate them itself.
 pub const MAP_UNDERLAY_ADDRS: &str = "UNDERLAY_ADDRS";
+/// Name of the hash map from the ifindex of a known endpoint's veth to
+/// `ARMED`: on such a veth `xhost_from_ctr` drops every source for a peer
+/// that is not its endpoint's. Written after the veth's endpoint, removed
+/// before it, so a veth whose endpoint is not (or no longer) written hands
+/// what it does not know on to the bridge, which checks it there.
+pub const MAP_ENDPOINT_PORTS: &str = "ENDPOINT_PORTS";
+/// Value of `ENDPOINT_PORTS`.
+pub const ARMED: u32 = 1;
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 8] = [
     MAP_ROUTES,
     MAP_LOCAL_NETS,
     MAP_ENDPOINTS,
@@ -40,6 +48,7 @@ pub const PINNED_MAPS: [&str; 7] = [
     MAP_STATS,
     MAP_DATAPATH_GEN,
     MAP_UNDERLAY_ADDRS,
+    MAP_ENDPOINT_PORTS,
 ];
 
 /// Capacity of `ROUTES`: enough for the 100 000-route scale benchmark.
@@ -181,8 +190,17 @@ pub mod stat {
     /// peer owns the destination; or the datapath could not encapsulate a
     /// packet it had already rewritten.
     pub const DROP_TUNNEL: u32 = 9;
+    /// Dropped on this host before it left: a packet for a peer's subnet
+    /// whose source is not the address (and MAC) of the container that sent
+    /// it. On a known container's veth: any other source; at the bridge: a
+    /// known container's address that did not come through its own veth, or
+    /// an unknown address the bridge's neighbour entry does not give the
+    /// frame's source MAC. In VXLAN mode also: a container's own VXLAN
+    /// packet with our VNI to our port, which the host's NAT would make look
+    /// like one of ours (see docs/security.md).
+    pub const DROP_SPOOFED_LOCAL: u32 = 10;
     /// Number of slots.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 
     /// Names as printed by `xhost-user status`, indexed by the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -196,6 +214,7 @@ pub mod stat {
         "drop_spoofed",
         "drop_redirect",
         "drop_tunnel",
+        "drop_spoofed_local",
     ];
 }
 

@@ -11,7 +11,7 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup_helper, bpf_redirect_neigh},
     programs::TcContext,
 };
-use network_types::eth::EthHdr;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use xhost_common::HELPER_CHECK_MTU;
 
@@ -207,6 +207,41 @@ fn ask(
         nexthop: unsafe { p.__bindgen_anon_4.ipv4_dst }.to_ne_bytes(),
         source: from,
     }
+}
+
+/// The MAC the kernel's neighbour entry on `bridge` gives `addr`, if the
+/// route to `addr` (as seen from `bridge`, for a packet to `peer`) leads
+/// straight back out of `bridge` and the entry is valid (reachable, stale,
+/// permanent, ...). This is the bridge's own ARP table, read live: a
+/// container that asks for its gateway has taught it its address and MAC
+/// (the kernel files the sender of every ARP request for one of its own
+/// addresses) before its first packet arrives.
+#[inline(always)]
+pub fn neighbour_mac(
+    ctx: &TcContext,
+    bridge: u32,
+    addr: [u8; 4],
+    peer: [u8; 4],
+) -> Option<[u8; 6]> {
+    let mut slot = MaybeUninit::<bpf_fib_lookup>::uninit();
+    let p = zeroed_in(&mut slot);
+    p.family = AF_INET;
+    p.ifindex = bridge;
+    // Any length fits: only the route and the neighbour are of interest.
+    p.__bindgen_anon_1.tot_len = Ipv4Hdr::LEN as u16;
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(peer);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(addr);
+    // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
+    let rc = unsafe {
+        fib_lookup_helper(
+            ctx.as_ptr(),
+            &raw mut *p,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    (rc as u32 == aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS && p.ifindex == bridge)
+        .then_some(p.dmac)
 }
 
 /// Whether the packet fits the MTU of `ifindex`; a GSO packet is checked

@@ -35,9 +35,11 @@ use crate::{kernel, maps::DATAPATH_GEN};
 /// Longest an answer is used without a fresh lookup.
 const MAX_AGE_NS: u64 = 100_000_000;
 
-/// One forwarding answer: frames from `src` on veth `iif` (addressed to
-/// `gw_mac`) for `dst` leave on `ifindex` with `smac` -> `dmac`; in VXLAN
-/// mode encapsulated from `source` to peer host `peer`.
+/// One forwarding answer: frames from `src` on veth `iif` (sent by
+/// `ctr_mac`, addressed to `gw_mac`) for `dst` leave on `ifindex` with
+/// `smac` -> `dmac`; in VXLAN mode encapsulated from `source` to peer host
+/// `peer`. Only frames whose source was checked are filed, so a hit is
+/// also that check's verdict.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct FlowSlot {
@@ -52,9 +54,11 @@ struct FlowSlot {
     smac: [u8; 6],
     dmac: [u8; 6],
     gw_mac: [u8; 6],
-    _pad: [u8; 2],
+    ctr_mac: [u8; 6],
     peer: [u8; 4],
     source: [u8; 4],
+    /// Explicit padding to the 8-byte alignment.
+    _pad: u32,
 }
 
 impl FlowSlot {
@@ -79,6 +83,8 @@ pub struct Hop {
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
     pub gw_mac: [u8; 6],
+    /// The container's MAC: the source MAC of the frames it answers.
+    pub ctr_mac: [u8; 6],
     /// VXLAN mode: the outer destination (the peer host) and source.
     pub peer: [u8; 4],
     pub source: [u8; 4],
@@ -125,6 +131,7 @@ pub fn lookup(iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Lookup {
             smac: s.smac,
             dmac: s.dmac,
             gw_mac: s.gw_mac,
+            ctr_mac: s.ctr_mac,
             peer: s.peer,
             source: s.source,
         });
@@ -157,6 +164,7 @@ pub fn store(miss: &Miss, iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16, ho
         && s.smac == hop.smac
         && s.dmac == hop.dmac
         && s.gw_mac == hop.gw_mac
+        && s.ctr_mac == hop.ctr_mac
         && s.peer == hop.peer
         && s.source == hop.source;
     // A longer packet that fit raises what is known to fit, until the slot
@@ -179,8 +187,9 @@ pub fn store(miss: &Miss, iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16, ho
         smac: hop.smac,
         dmac: hop.dmac,
         gw_mac: hop.gw_mac,
-        _pad: [0; 2],
+        ctr_mac: hop.ctr_mac,
         peer: hop.peer,
         source: hop.source,
+        _pad: 0,
     };
 }

@@ -45,7 +45,7 @@ use xhost_common::{Endpoint, stat};
 
 use crate::{
     fib::{Answer, NextHop, Source, WireLen},
-    maps::{ENDPOINTS, LOCAL_NETS, host_key, route_of},
+    maps::{ENDPOINT_PORTS, ENDPOINTS, LOCAL_NETS, host_key, route_of},
     parse::{Frame, PACKET_HOST, decrement_ttl, parse, ptr_at},
     stats::count,
 };
@@ -153,10 +153,15 @@ fn finish_len(len: u32, v: Verdict) -> i32 {
 /// it sends) or on the bridge's ingress (frames addressed to the gateway
 /// MAC, which the bridge hands up to its own device).
 ///
-/// On a container's veth (`from_port`), only frames the known endpoint of
-/// that veth sends to its gateway are routed: a container cannot borrow
-/// another's address on the fast path, and a frame for another local
-/// container is left to the bridge.
+/// A packet for a peer's subnet leaves only with the address of the
+/// container that sent it (docs/security.md); anything else is dropped as
+/// `DROP_SPOOFED_LOCAL`, whichever of the two paths it takes:
+/// * on a known endpoint's veth (`from_port`): its own address and MAC.
+///   Frames to its gateway are routed here; others go on into the bridge,
+///   marked as checked on this port ([`hand_on`]).
+/// * at the bridge: a known endpoint's address only as marked by its own
+///   veth, an unknown one only with the MAC the bridge's neighbour entry
+///   gives it ([`bridge_sender`]).
 #[inline(always)]
 fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     let f = match parse(ctx) {
@@ -169,7 +174,9 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     // SAFETY: reading the ingress ifindex of the skb context.
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // SAFETY: `f.eth` was bounds-checked by `parse`.
-    let to_mac = unsafe { (*f.eth).dst_addr };
+    let (to_mac, from_mac) = unsafe { ((*f.eth).dst_addr, (*f.eth).src_addr) };
+    // What a veth hands on to the bridge is marked as checked on it.
+    let mark = if from_port { iif } else { 0 };
     let tunnel = tunnel::device();
     // What leaves the underlay: the packet itself, or in VXLAN mode the
     // packet encapsulated here (or by the device, for what the program
@@ -185,11 +192,13 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
         (true, WireLen::Max(len), Encap::No | Encap::Here) => flow::lookup(iif, src, dst, len),
         _ => flow::Lookup::Off,
     };
+    // Only checked sources are filed: a hit from the same MAC is checked.
     if let flow::Lookup::Hit(hop) = &cached
         && to_mac == hop.gw_mac
+        && from_mac == hop.ctr_mac
     {
         if ttl <= 1 {
-            return Verdict::pass(stat::PASS_TTL);
+            return hand_on(ctx, mark, Verdict::pass(stat::PASS_TTL));
         }
         if encap == Encap::Here {
             return send_encapsulated(ctx, &f, hop.peer, &NextHop::resolved(hop));
@@ -198,28 +207,53 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
         return redirect(hop.ifindex, stat::FWD_EGRESS);
     }
     let Some(peer_host) = route_of(dst) else {
+        if tunnel.is_some() && tunnel::is_ours_from_container(ctx, &f) {
+            debug!(ctx, "drop: a container's own VXLAN packet with our VNI");
+            return Verdict::drop(stat::DROP_SPOOFED_LOCAL);
+        }
         // Host-bound, local, or the internet (Docker's MASQUERADE).
         return Verdict::pass(stat::PASS_NOT_OURS);
     };
-    // Only this host's containers are routed; anything else sourced behind
-    // the bridge is the kernel's business. A veth's own endpoint is local
-    // by construction, which spares the LPM lookup on the fast path.
-    let local = if from_port {
-        sent_by_endpoint(&f, src, iif)
+    // For a peer: only from the sender's own address, checked before
+    // anything else (TTL included) is decided.
+    if from_port {
+        let ep = endpoint(src);
+        if ep.ifindex != iif || from_mac != ep.mac {
+            // SAFETY: lookup of a plain key; the value is not dereferenced.
+            if ep.ifindex == 0 && unsafe { ENDPOINT_PORTS.get(iif) }.is_none() {
+                // The veth's endpoints are not all written (yet, or any
+                // more): an address it does not know is the bridge's to
+                // check, unmarked.
+                return Verdict::pass(stat::PASS_NOT_OURS);
+            }
+            debug!(ctx, "drop: not the address of this veth's endpoint");
+            return Verdict::drop(stat::DROP_SPOOFED_LOCAL);
+        }
+        if to_mac != ep.gw_mac {
+            // For another host on the bridge, which routes it if it is its
+            // own: checked here, so the bridge device accepts it.
+            return hand_on(ctx, mark, Verdict::pass(stat::PASS_NOT_OURS));
+        }
     } else {
-        LOCAL_NETS.get(&host_key(src)).is_some()
-    };
-    if !local {
-        return Verdict::pass(stat::PASS_NOT_OURS);
+        match bridge_sender(ctx, src, from_mac, iif, dst) {
+            Sender::Owner => {}
+            // Not this host's containers' business: the kernel's, as
+            // before; the peer drops it as `DROP_SPOOFED`.
+            Sender::NotLocal => return Verdict::pass(stat::PASS_NOT_OURS),
+            Sender::Spoofed => {
+                debug!(ctx, "drop: source not the sending container's");
+                return Verdict::drop(stat::DROP_SPOOFED_LOCAL);
+            }
+        }
     }
     if ttl <= 1 {
-        return Verdict::pass(stat::PASS_TTL);
+        return hand_on(ctx, mark, Verdict::pass(stat::PASS_TTL));
     }
     if let (Some(device), Encap::Device) = (tunnel, encap) {
         // Too big for the tunnel: the kernel's route through the device
         // answers fragmentation-needed.
         if !fib::fits(ctx, device) {
-            return Verdict::pass(stat::PASS_FIB);
+            return hand_on(ctx, mark, Verdict::pass(stat::PASS_FIB));
         }
         // xhost_to_tun addresses it to the peer host.
         decrement_ttl(f.ip);
@@ -243,15 +277,89 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
             smac: hop.smac,
             dmac: hop.dmac,
             gw_mac: to_mac,
+            ctr_mac: from_mac,
             peer: peer_host,
             source: hop.source,
         };
         flow::store(miss, iif, src, dst, len, &answer);
     }
-    if encap == Encap::Here {
-        return send_encapsulated(ctx, &f, peer_host, &hop);
+    let v = if encap == Encap::Here {
+        send_encapsulated(ctx, &f, peer_host, &hop)
+    } else {
+        route(&f, hop, stat::FWD_EGRESS)
+    };
+    hand_on(ctx, mark, v)
+}
+
+/// `v`, and when it passes the frame on (to the bridge, from a veth whose
+/// endpoint sent it: `mark` is the veth's ifindex, else 0) the frame marked
+/// as checked on that veth, for [`bridge_sender`].
+///
+/// The mark is the skb's priority: every veth zeroes it as a frame leaves
+/// the container's netns (`__dev_forward_skb`), so a container cannot set
+/// it, the bridge keeps it, and the bridge's program zeroes it again, so
+/// the kernel's path after it sees the priority it would have seen. Only
+/// what is handed on to the bridge is marked, never a redirected frame.
+#[inline(always)]
+fn hand_on(ctx: &TcContext, mark: u32, v: Verdict) -> Verdict {
+    if mark != 0 && v.action == TC_ACT_OK {
+        // SAFETY: TC programs may write the skb's priority.
+        unsafe { (*ctx.skb.skb).priority = mark };
     }
-    route(&f, hop, stat::FWD_EGRESS)
+    v
+}
+
+/// Who sent a frame that reached the bridge, as far as it can be told.
+enum Sender {
+    /// The owner of its source address.
+    Owner,
+    /// Not from this host's container subnets.
+    NotLocal,
+    /// A container that does not own the source address.
+    Spoofed,
+}
+
+/// The bridge path: whether a frame for a peer from `src` (source MAC
+/// `from_mac`) that reached bridge `bridge` was sent by the owner of `src`.
+///
+/// The bridge device cannot see which port a frame came in on (the skb's
+/// ingress ifindex is the bridge's own by now), but the mark
+/// [`hand_on`] leaves says which known endpoint's veth checked it.
+/// * A known endpoint's address must carry its own veth's mark and MAC:
+///   unmarked, it came from a port that is not its own.
+/// * An unknown address of this host's container subnets must come
+///   unmarked (a marked port hands on only its endpoint's address), with
+///   the source MAC the bridge's own neighbour entry gives it, read live
+///   through the FIB: what the container taught the bridge when it asked
+///   for its gateway. An address no container announced has no entry.
+/// * Any other address is not this host's containers' (`NotLocal`).
+#[inline(always)]
+fn bridge_sender(
+    ctx: &TcContext,
+    src: [u8; 4],
+    from_mac: [u8; 6],
+    bridge: u32,
+    dst: [u8; 4],
+) -> Sender {
+    // SAFETY: reading the skb's priority from its context.
+    let mark = unsafe { (*ctx.skb.skb).priority };
+    if mark != 0 {
+        // SAFETY: TC programs may write the skb's priority.
+        unsafe { (*ctx.skb.skb).priority = 0 };
+    }
+    let ep = endpoint(src);
+    let owner = if ep.ifindex != 0 {
+        mark == ep.ifindex && from_mac == ep.mac
+    } else if LOCAL_NETS.get(&host_key(src)).is_none() {
+        return Sender::NotLocal;
+    } else {
+        mark == 0 && fib::neighbour_mac(ctx, bridge, src, dst) == Some(from_mac)
+    };
+    if owner {
+        Sender::Owner
+    } else {
+        Sender::Spoofed
+    }
 }
 
 /// How a routed packet crosses the underlay.
@@ -290,15 +398,6 @@ fn send_encapsulated(
         ),
         _ => redirect(hop.ifindex, stat::FWD_EGRESS),
     }
-}
-
-/// Whether `src` is the endpoint attached behind `iif` and the frame is
-/// addressed to its gateway.
-#[inline(always)]
-fn sent_by_endpoint(f: &parse::Ipv4Frame, src: [u8; 4], iif: u32) -> bool {
-    let ep = endpoint(src);
-    // SAFETY: `f.eth` was bounds-checked by `parse`.
-    ep.ifindex != 0 && ep.ifindex == iif && unsafe { (*f.eth).dst_addr } == ep.gw_mac
 }
 
 /// Remote container -> local container, seen on the underlay's ingress.

@@ -30,6 +30,12 @@ pub static LOCAL_NETS: LpmTrie<[u8; 4], LocalNet, { MAX_LOCAL_NETS as usize }> =
 #[btf_map]
 pub static ENDPOINTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
 
+/// Veths of known endpoints (ifindex) whose endpoints are all written:
+/// there any other source for a peer is dropped (see
+/// `xhost_common::MAP_ENDPOINT_PORTS`).
+#[btf_map]
+pub static ENDPOINT_PORTS: HashMap<u32, u32, { MAX_ENDPOINTS as usize }> = HashMap::new();
+
 /// Underlay addresses of the peer hosts (network order).
 #[btf_map]
 pub static PEER_HOSTS: HashMap<[u8; 4], PeerHost, { MAX_PEER_HOSTS as usize }> = HashMap::new();

@@ -59,7 +59,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
-use xhost_common::VXLAN_OVERHEAD;
+use xhost_common::{MAX_VNI, VXLAN_OVERHEAD};
 
 use crate::{
     fib::{WireLen, zeroed_in},
@@ -308,6 +308,36 @@ pub fn inbound(ctx: &TcContext, f: &Ipv4Frame) -> Option<Inbound> {
         return None;
     }
     Some(Inbound { peer, inner })
+}
+
+/// Whether `f`, sent by a local container, is a VXLAN packet with our VNI
+/// to our port. Through the host's NAT (Docker's MASQUERADE) it leaves with
+/// this host's address, and a peer would take it for one this host
+/// encapsulated and deliver the packet inside, whatever (local) source that
+/// claims: a container's way around the source checks.
+#[inline(always)]
+pub fn is_ours_from_container(ctx: &TcContext, f: &Ipv4Frame) -> bool {
+    // SAFETY: `f.ip` was bounds-checked by `parse`.
+    let (vihl, proto, frags) = unsafe { ((*f.ip).vihl, (*f.ip).proto, (*f.ip).frags) };
+    // A later fragment carries no UDP header (the first one is checked).
+    if proto != IPPROTO_UDP || frags[0] & 0x1f != 0 || frags[1] != 0 {
+        return false;
+    }
+    // Verifier: IHL is 4 bits, so the offset is bounded.
+    let ip_len = usize::from(vihl & 0x0f) * 4;
+    let Some(head) =
+        ptr_at::<[u8; UdpHdr::LEN + VXLAN_HDR_LEN], TcContext>(ctx, EthHdr::LEN + ip_len)
+    else {
+        return false;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let head = unsafe { *head };
+    // The UDP destination port, and the VNI whatever the flags (the
+    // kernel's device takes reserved bits it does not know as zero).
+    // Compared as integers: a slice comparison compiles to a call into a
+    // byte-wise `memcmp` subprogram.
+    u16::from_be_bytes([head[2], head[3]]) == port()
+        && u32::from_be_bytes([0, head[12], head[13], head[14]]) == vni() & MAX_VNI
 }
 
 /// Strips the outer IPv4, UDP and VXLAN headers and the inner Ethernet

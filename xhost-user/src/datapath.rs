@@ -21,11 +21,11 @@ use aya::{
 };
 use log::{info, warn};
 use xhost_common::{
-    Endpoint, GLOBAL_HELPERS, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT, GLOBAL_TUNNEL_VNI,
-    HELPER_CHECK_MTU, HELPER_KTIME_COARSE, HELPERS_ALL, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINTS,
-    MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, MAP_UNDERLAY_ADDRS, MAX_UNDERLAY_ADDRS,
-    PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR, PROG_FROM_TUNNEL, PROG_INGRESS, PROG_TO_TUNNEL,
-    PROG_XDP, Peer, PeerHost,
+    ARMED, Endpoint, GLOBAL_HELPERS, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT, GLOBAL_TUNNEL_VNI,
+    HELPER_CHECK_MTU, HELPER_KTIME_COARSE, HELPERS_ALL, LocalNet, MAP_DATAPATH_GEN,
+    MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES,
+    MAP_UNDERLAY_ADDRS, MAX_UNDERLAY_ADDRS, PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR,
+    PROG_FROM_TUNNEL, PROG_INGRESS, PROG_TO_TUNNEL, PROG_XDP, Peer, PeerHost,
 };
 
 use crate::{
@@ -157,6 +157,7 @@ pub struct Datapath {
     routes: RouteTable,
     local_nets: LpmTrie<MapData, [u8; 4], LocalNet>,
     endpoints: HashMap<MapData, [u8; 4], Endpoint>,
+    endpoint_ports: HashMap<MapData, u32, u32>,
     peer_hosts: HashMap<MapData, [u8; 4], PeerHost>,
     underlay_addrs: HashMap<MapData, [u8; 4], u32>,
     attachments: BTreeMap<(String, Hook), Attachment>,
@@ -314,12 +315,16 @@ impl Datapath {
             _stats,
             generation,
             underlay_addrs,
-        ] = <[aya::maps::Map; 7]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
+            endpoint_ports,
+        ] = <[aya::maps::Map; 8]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
         let mut dp = Self {
             layout: layout.clone(),
             routes: RouteTable::new(routes, generation)?,
             local_nets: local_nets.try_into().map_err(map_error(MAP_LOCAL_NETS))?,
             endpoints: endpoints.try_into().map_err(map_error(MAP_ENDPOINTS))?,
+            endpoint_ports: endpoint_ports
+                .try_into()
+                .map_err(map_error(MAP_ENDPOINT_PORTS))?,
             peer_hosts: peer_hosts.try_into().map_err(map_error(MAP_PEER_HOSTS))?,
             underlay_addrs: underlay_addrs
                 .try_into()
@@ -666,18 +671,45 @@ impl Datapath {
             .map_err(map_error(MAP_LOCAL_NETS))
     }
 
+    /// Writes endpoint `ip`, then arms its veth (`ENDPOINT_PORTS`): the
+    /// plan attaches the veth first, so a source the veth does not know is
+    /// handed to the bridge's check until its endpoint is written, and
+    /// dropped from then on.
     pub fn set_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DatapathError> {
         self.endpoints
             .insert(ip.octets(), ep, 0)
             .map_err(map_error(MAP_ENDPOINTS))?;
-        self.routes.retire_cached()
+        self.routes.retire_cached()?;
+        self.arm_port(ep.ifindex)
     }
 
+    /// Disarms the veth of endpoint `ip` (its other addresses, if any, take
+    /// the bridge's check until one is written again), then removes it.
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        if let Ok(ep) = self.endpoints.get(&ip.octets(), 0) {
+            self.disarm_port(ep.ifindex)?;
+        }
         self.endpoints
             .remove(&ip.octets())
             .map_err(map_error(MAP_ENDPOINTS))?;
         self.routes.retire_cached()
+    }
+
+    /// From now on `xhost_from_ctr` on veth `ifindex` drops every source
+    /// for a peer but its endpoints' (call once they are written).
+    pub fn arm_port(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        self.endpoint_ports
+            .insert(ifindex, ARMED, 0)
+            .map_err(entry_error(MAP_ENDPOINT_PORTS, ifindex))
+    }
+
+    /// Undoes [`Datapath::arm_port`] (call before its endpoints go): what
+    /// the veth does not know goes on to the bridge's check.
+    pub fn disarm_port(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        match self.endpoint_ports.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(entry_error(MAP_ENDPOINT_PORTS, ifindex)(e)),
+        }
     }
 
     /// Retires the datapath's cached answers after a change in the kernel

@@ -528,8 +528,22 @@ fn to_mac(mut frame: Vec<u8>, mac: [u8; 6]) -> Vec<u8> {
     frame
 }
 
-/// (name, frame, arrival interface, verdict, expected frame out or unchanged).
-type CtrCase = (&'static str, Vec<u8>, &'static str, u32, Option<Vec<u8>>);
+/// (name, frame, arrival interface, verdict, expected frame out or
+/// unchanged, counter or `UNCOUNTED`).
+type CtrCase = (
+    &'static str,
+    Vec<u8>,
+    &'static str,
+    u32,
+    Option<Vec<u8>>,
+    u32,
+);
+
+/// `frame` with its source MAC set to `mac`.
+fn from_mac(mut frame: Vec<u8>, mac: [u8; 6]) -> Vec<u8> {
+    frame[6..12].copy_from_slice(&mac);
+    frame
+}
 
 #[test]
 fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
@@ -545,6 +559,7 @@ fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
                 "br0",
                 TC_ACT_REDIRECT,
                 Some(routed(&fwd, ul0, PEER_MAC)),
+                stat::FWD_EGRESS,
             ),
             (
                 "not addressed to the gateway MAC",
@@ -552,20 +567,23 @@ fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
                 "br0",
                 TC_ACT_OK,
                 None,
+                UNCOUNTED,
             ),
             (
                 "source is no known endpoint",
                 to_mac(ipv4(C2, R1, 64, &[]), GW_MAC),
                 "br0",
-                TC_ACT_OK,
+                TC_ACT_SHOT,
                 None,
+                stat::DROP_SPOOFED_LOCAL,
             ),
             (
                 "endpoint's address from another port",
                 fwd.clone(),
                 "ul0",
-                TC_ACT_OK,
+                TC_ACT_SHOT,
                 None,
+                stat::DROP_SPOOFED_LOCAL,
             ),
             (
                 "to a non-peer destination",
@@ -573,26 +591,32 @@ fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
                 "br0",
                 TC_ACT_OK,
                 None,
+                UNCOUNTED,
             ),
-            ("ARP", arp(), "br0", TC_ACT_OK, None),
+            ("ARP", arp(), "br0", TC_ACT_OK, None, UNCOUNTED),
         ];
-        for (name, frame, iface, verdict, out_want) in cases {
-            let before = counters(ebpf);
-            let (got, out) = tc_test_run(ebpf, xhost_common::PROG_FROM_CTR, iface, &frame, name);
-            assert_eq!(got, verdict, "{name}: verdict");
-            assert_eq!(
-                &out,
-                out_want.as_ref().unwrap_or(&frame),
-                "{name}: output frame"
-            );
-            if verdict == TC_ACT_OK {
-                // Passed frames go on into the bridge, which counts them.
-                assert_eq!(counters(ebpf), before, "{name}: no counter may move");
-            } else {
-                assert_counter_moved(ebpf, &before, stat::FWD_EGRESS, frame.len(), name);
-            }
-        }
+        run_ctr_cases(ebpf, cases);
     });
+}
+
+/// Runs `xhost_from_ctr` on each case. What it passes goes on into the
+/// bridge, which counts it: no counter may move then.
+fn run_ctr_cases<const N: usize>(ebpf: &mut Ebpf, cases: [CtrCase; N]) {
+    for (name, frame, iface, verdict, out_want, counter) in cases {
+        let before = counters(ebpf);
+        let (got, out) = tc_test_run(ebpf, xhost_common::PROG_FROM_CTR, iface, &frame, name);
+        assert_eq!(got, verdict, "{name}: verdict");
+        assert_eq!(
+            &out,
+            out_want.as_ref().unwrap_or(&frame),
+            "{name}: output frame"
+        );
+        if counter == UNCOUNTED {
+            assert_eq!(counters(ebpf), before, "{name}: no counter may move");
+        } else {
+            assert_counter_moved(ebpf, &before, counter, frame.len(), name);
+        }
+    }
 }
 
 /// `ROUTES` and `DATAPATH_GEN` taken over, as the agent holds them.
@@ -777,8 +801,10 @@ fn cached_forwarding_answers_follow_the_kernel_and_the_maps() {
         sh(&["ip", "link", "set", "ul0", "mtu", "1200"]);
         from_ctr(ebpf, vec![passed(&fits, "longer than the refilled answer")]);
 
-        // The endpoint leaves ENDPOINTS (as Datapath::remove_endpoint does:
-        // write, then bump): its packets are no longer the fast path's.
+        // The endpoint leaves ENDPOINTS (as the agent does: its veth
+        // disarmed first, then Datapath::remove_endpoint: write, then bump):
+        // its packets are no longer the fast path's, but the bridge's.
+        disarm(ebpf, "br0");
         let mut eps: aya::maps::HashMap<_, [u8; 4], xhost_common::Endpoint> = ebpf
             .map_mut("ENDPOINTS")
             .expect("ENDPOINTS")
@@ -788,6 +814,28 @@ fn cached_forwarding_answers_follow_the_kernel_and_the_maps() {
         generation.retire_cached().expect("bump");
         from_ctr(ebpf, vec![passed(&fwd, "endpoint removed")]);
     });
+}
+
+/// Puts `port` in `ENDPOINT_PORTS`, as `Datapath::arm_port` does.
+fn arm(ebpf: &mut Ebpf, port: &str) {
+    let mut ports: aya::maps::HashMap<_, u32, u32> = ebpf
+        .map_mut("ENDPOINT_PORTS")
+        .expect("ENDPOINT_PORTS")
+        .try_into()
+        .expect("hash");
+    ports
+        .insert(ifindex(port), xhost_common::ARMED, 0)
+        .expect("arm");
+}
+
+/// Takes `port` out of `ENDPOINT_PORTS`, as `Datapath::disarm_port` does.
+fn disarm(ebpf: &mut Ebpf, port: &str) {
+    let mut ports: aya::maps::HashMap<_, u32, u32> = ebpf
+        .map_mut("ENDPOINT_PORTS")
+        .expect("ENDPOINT_PORTS")
+        .try_into()
+        .expect("hash");
+    ports.remove(&ifindex(port)).expect("disarm");
 }
 
 /// A TCP packet from `src` to `dst` with a `tcp_len`-byte header and
@@ -1257,5 +1305,447 @@ fn vxlan_mode_decapsulates_in_the_program() {
             );
             assert_counter_moved(ebpf, &before, stat::PASS_NOT_OURS, f.len(), name);
         }
+    });
+}
+
+/// The test host's other local neighbour (192.168.110.12, permanent entry
+/// on br0 with `LOCAL_NEIGH_MAC`) has no endpoint: as a container the agent
+/// does not know yet. 192.168.110.13 is a known endpoint behind ul0 (another
+/// veth than br0, where the endpoint 192.168.110.11 sits).
+const C3: [u8; 4] = [192, 168, 110, 13];
+const C3_MAC: [u8; 6] = [0x02, 0x42, 0xc0, 0xa8, 0x6e, 0x0d];
+/// An address of the local subnet no container holds (no neighbour entry).
+const UNUSED: [u8; 4] = [192, 168, 110, 99];
+/// An address of the peer's subnet, and one of nobody's.
+const PEER_SUBNET: [u8; 4] = [192, 168, 220, 77];
+const FOREIGN: [u8; 4] = [10, 1, 2, 3];
+
+fn add_endpoint_behind_ul0(ebpf: &mut Ebpf) {
+    let mut eps: aya::maps::HashMap<_, [u8; 4], xhost_common::Endpoint> = ebpf
+        .map_mut("ENDPOINTS")
+        .expect("ENDPOINTS")
+        .try_into()
+        .expect("hash");
+    let ep = xhost_common::Endpoint {
+        ifindex: ifindex("ul0"),
+        flags: 0,
+        mac: C3_MAC,
+        gw_mac: GW_MAC,
+        _pad: [0; 4],
+    };
+    eps.insert(C3, ep, 0).expect("insert");
+}
+
+/// A packet for a peer's subnet leaves only with the address (and MAC) of
+/// the container that sent it. On an endpoint's veth (`xhost_from_ctr`):
+/// every other source is dropped and counted as `drop_spoofed_local`, and
+/// what the veth hands on to the bridge carries its mark; traffic not for a
+/// peer is left alone.
+#[test]
+fn from_ctr_drops_every_source_but_its_endpoints_own() {
+    in_test_host(|ebpf| {
+        add_endpoint_behind_ul0(ebpf);
+        let spoofed = |name, src: [u8; 4], smac| {
+            (
+                name,
+                from_mac(to_mac(ipv4(src, R1, 64, &[]), GW_MAC), smac),
+                "br0",
+                TC_ACT_SHOT,
+                None,
+                stat::DROP_SPOOFED_LOCAL,
+            )
+        };
+        let cases: [CtrCase; 9] = [
+            spoofed("an unused address of its own subnet", UNUSED, CTR_MAC),
+            spoofed(
+                "the address of a container the agent does not know",
+                C2,
+                CTR_MAC,
+            ),
+            spoofed("the address and MAC of another known container", C3, C3_MAC),
+            spoofed("an address of the peer's subnet", PEER_SUBNET, CTR_MAC),
+            spoofed("a foreign address", FOREIGN, CTR_MAC),
+            spoofed("its own address from another MAC", C1, ANY_MAC),
+            (
+                "an unused address, TTL 1: dropped before the TTL is looked at",
+                to_mac(ipv4(UNUSED, R1, 1, &[]), GW_MAC),
+                "br0",
+                TC_ACT_SHOT,
+                None,
+                stat::DROP_SPOOFED_LOCAL,
+            ),
+            (
+                "a foreign address to the internet: not a peer's business",
+                to_mac(ipv4(FOREIGN, [8, 8, 8, 8], 64, &[]), GW_MAC),
+                "br0",
+                TC_ACT_OK,
+                None,
+                UNCOUNTED,
+            ),
+            (
+                "an unused address to a local container",
+                to_mac(ipv4(UNUSED, C2, 64, &[]), LOCAL_NEIGH_MAC),
+                "br0",
+                TC_ACT_OK,
+                None,
+                UNCOUNTED,
+            ),
+        ];
+        run_ctr_cases(ebpf, cases);
+
+        // A veth whose endpoints are not all written yet (or any more) is not
+        // armed: an address it does not know goes on to the bridge, unmarked,
+        // for the bridge's check. A known endpoint's address from another
+        // veth is still dropped there.
+        disarm(ebpf, "br0");
+        let unknown = to_mac(ipv4(UNUSED, R1, 64, &[]), GW_MAC);
+        let r = run_tc_prog_ctx(
+            ebpf,
+            xhost_common::PROG_FROM_CTR,
+            &skb_ctx_marked(ifindex("br0"), 0, 0),
+            &unknown,
+            1,
+        )
+        .expect("test_run");
+        assert_eq!(
+            (r.verdict, r.priority, &r.out),
+            (TC_ACT_OK, 0, &unknown),
+            "veth not armed, unknown address: handed on unmarked"
+        );
+        run_ctr_cases(
+            ebpf,
+            [(
+                "veth not armed: another known container's address",
+                from_mac(to_mac(ipv4(C3, R1, 64, &[]), GW_MAC), C3_MAC),
+                "br0",
+                TC_ACT_SHOT,
+                None,
+                stat::DROP_SPOOFED_LOCAL,
+            )],
+        );
+        arm(ebpf, "br0");
+
+        // What the veth hands on to the bridge (here: TTL 1, for the
+        // kernel's ICMP) is marked with the veth's ifindex; nothing else is.
+        let br0 = ifindex("br0");
+        let expiring = to_mac(ipv4(C1, R1, 1, &[]), GW_MAC);
+        let r = run_tc_prog_ctx(
+            ebpf,
+            xhost_common::PROG_FROM_CTR,
+            &skb_ctx_marked(br0, 0, 0),
+            &expiring,
+            1,
+        )
+        .expect("test_run");
+        assert_eq!(
+            (r.verdict, r.priority),
+            (TC_ACT_OK, br0),
+            "own packet handed on to the bridge: marked with its veth"
+        );
+        let internet = to_mac(ipv4(C1, [8, 8, 8, 8], 64, &[]), GW_MAC);
+        let r = run_tc_prog_ctx(
+            ebpf,
+            xhost_common::PROG_FROM_CTR,
+            &skb_ctx_marked(br0, 0, 0),
+            &internet,
+            1,
+        )
+        .expect("test_run");
+        assert_eq!(
+            (r.verdict, r.priority),
+            (TC_ACT_OK, 0),
+            "traffic not for a peer: unmarked"
+        );
+    });
+}
+
+/// (name, frame, mark, verdict, expected frame out or unchanged, counter).
+type BridgeCase = (&'static str, Vec<u8>, u32, u32, Option<Vec<u8>>, u32);
+
+/// Runs `xhost_egress` on br0 for each case, the frame marked as given; the
+/// mark must be gone afterwards, whatever the verdict.
+fn run_bridge_cases<const N: usize>(ebpf: &mut Ebpf, cases: [BridgeCase; N]) {
+    let br0 = ifindex("br0");
+    for (name, frame, mark, verdict, out_want, counter) in cases {
+        let before = counters(ebpf);
+        let r = run_tc_prog_ctx(
+            ebpf,
+            xhost_common::PROG_EGRESS,
+            &skb_ctx_marked(br0, 0, mark),
+            &frame,
+            1,
+        )
+        .unwrap_or_else(|e| panic!("{name}: test_run: {e}"));
+        assert_eq!(r.verdict, verdict, "{name}: verdict");
+        assert_eq!(
+            &r.out,
+            out_want.as_ref().unwrap_or(&frame),
+            "{name}: output frame"
+        );
+        assert_counter_moved(ebpf, &before, counter, frame.len(), name);
+        if mark != 0 {
+            assert_eq!(r.priority, 0, "{name}: the mark is taken off");
+        }
+    }
+}
+
+/// The bridge path (`xhost_egress`), for containers whose veth carries no
+/// `xhost_from_ctr` (not known yet): a known container's address only as
+/// marked by its own veth and from its own MAC; an unknown address only
+/// from the MAC the bridge's neighbour entry gives it; everything else from
+/// the local subnet for a peer is dropped as `drop_spoofed_local`. Other
+/// sources, and traffic for others, are the kernel's as before (a peer
+/// drops a source that is not this host's as `drop_spoofed`).
+#[test]
+fn bridge_forwards_only_what_its_tables_say_the_sender_owns() {
+    in_test_host(|ebpf| {
+        add_endpoint_behind_ul0(ebpf);
+        let ul0 = mac("ul0");
+        let (br0, ul0_index) = (ifindex("br0"), ifindex("ul0"));
+        let frame = |src, smac| from_mac(to_mac(ipv4(src, R1, 64, &[]), GW_MAC), smac);
+        let spoofed = |name, src, smac, mark| {
+            (
+                name,
+                frame(src, smac),
+                mark,
+                TC_ACT_SHOT,
+                None,
+                stat::DROP_SPOOFED_LOCAL,
+            )
+        };
+        let own = frame(C1, CTR_MAC);
+        let unknown = frame(C2, LOCAL_NEIGH_MAC);
+        let cases: [BridgeCase; 13] = [
+            (
+                "known container, marked by its veth",
+                own.clone(),
+                br0,
+                TC_ACT_REDIRECT,
+                Some(routed(&own, ul0, PEER_MAC)),
+                stat::FWD_EGRESS,
+            ),
+            (
+                "unknown container, with the MAC of its neighbour entry",
+                unknown.clone(),
+                0,
+                TC_ACT_REDIRECT,
+                Some(routed(&unknown, ul0, PEER_MAC)),
+                stat::FWD_EGRESS,
+            ),
+            spoofed(
+                "known container's address and MAC, unmarked (another port)",
+                C1,
+                CTR_MAC,
+                0,
+            ),
+            spoofed(
+                "known container's address and MAC, marked by another veth",
+                C1,
+                CTR_MAC,
+                ul0_index,
+            ),
+            spoofed(
+                "known container's address, marked by its veth, another MAC",
+                C1,
+                ANY_MAC,
+                br0,
+            ),
+            spoofed(
+                "another known container's address and MAC (not its veth's mark)",
+                C3,
+                C3_MAC,
+                br0,
+            ),
+            spoofed(
+                "unknown container's address from another MAC",
+                C2,
+                CTR_MAC,
+                0,
+            ),
+            spoofed(
+                "unknown container's address, marked (a known veth's)",
+                C2,
+                LOCAL_NEIGH_MAC,
+                br0,
+            ),
+            spoofed("an unused address (no neighbour entry)", UNUSED, CTR_MAC, 0),
+            (
+                "an address of the peer's subnet: the kernel's (the peer drops it)",
+                frame(PEER_SUBNET, CTR_MAC),
+                0,
+                TC_ACT_OK,
+                None,
+                stat::PASS_NOT_OURS,
+            ),
+            (
+                "a foreign address: the kernel's (the peer drops it)",
+                frame(FOREIGN, CTR_MAC),
+                0,
+                TC_ACT_OK,
+                None,
+                stat::PASS_NOT_OURS,
+            ),
+            (
+                "a foreign address to the internet: the kernel's, as before",
+                to_mac(ipv4(FOREIGN, [8, 8, 8, 8], 64, &[]), GW_MAC),
+                0,
+                TC_ACT_OK,
+                None,
+                stat::PASS_NOT_OURS,
+            ),
+            (
+                "an unused address to a local container: the kernel's",
+                to_mac(ipv4(UNUSED, C2, 64, &[]), GW_MAC),
+                0,
+                TC_ACT_OK,
+                None,
+                stat::PASS_NOT_OURS,
+            ),
+        ];
+        run_bridge_cases(ebpf, cases);
+    });
+}
+
+/// VXLAN mode checks the source the same way before it encapsulates, on
+/// both paths, and a container may not send VXLAN packets of its own with
+/// our VNI to our port (through the host's NAT they would pass for ours).
+#[test]
+fn vxlan_mode_drops_spoofed_sources_before_encapsulating() {
+    in_vxlan_test_host(|ebpf| {
+        add_endpoint_behind_ul0(ebpf);
+        let frame = |src, smac| from_mac(to_mac(ipv4(src, R1, 64, &[]), GW_MAC), smac);
+        let cases: [CtrCase; 3] = [
+            (
+                "veth: an unused address",
+                frame(UNUSED, CTR_MAC),
+                "br0",
+                TC_ACT_SHOT,
+                None,
+                stat::DROP_SPOOFED_LOCAL,
+            ),
+            (
+                "veth: another known container's address",
+                frame(C3, C3_MAC),
+                "br0",
+                TC_ACT_SHOT,
+                None,
+                stat::DROP_SPOOFED_LOCAL,
+            ),
+            (
+                "veth: a foreign address",
+                frame(FOREIGN, CTR_MAC),
+                "br0",
+                TC_ACT_SHOT,
+                None,
+                stat::DROP_SPOOFED_LOCAL,
+            ),
+        ];
+        run_ctr_cases(ebpf, cases);
+        let spoofed = |name, src, smac, mark| {
+            (
+                name,
+                frame(src, smac),
+                mark,
+                TC_ACT_SHOT,
+                None,
+                stat::DROP_SPOOFED_LOCAL,
+            )
+        };
+        run_bridge_cases(
+            ebpf,
+            [
+                spoofed("bridge: known address, unmarked", C1, CTR_MAC, 0),
+                spoofed("bridge: an unused address", UNUSED, CTR_MAC, 0),
+                spoofed("bridge: unknown address, another MAC", C2, CTR_MAC, 0),
+            ],
+        );
+        // A container's own VXLAN packet with our VNI and port, sent from its
+        // own address to a peer host (or anyone): once NATed to this host's
+        // address a peer would deliver what it carries, from whatever source.
+        // Another VNI or port is not ours.
+        let inner = frame(UNUSED, CTR_MAC);
+        let vxlan_from_c1 = |vni, port| {
+            Outer {
+                src: C1,
+                vni,
+                port,
+                ..Outer::to_peer([172, 16, 91, 132], CTR_MAC, GW_MAC)
+            }
+            .wrap(&inner)
+        };
+        run_ctr_cases(
+            ebpf,
+            [
+                (
+                    "veth: a container's VXLAN packet with our VNI",
+                    vxlan_from_c1(VNI, VXLAN_PORT),
+                    "br0",
+                    TC_ACT_SHOT,
+                    None,
+                    stat::DROP_SPOOFED_LOCAL,
+                ),
+                (
+                    "veth: with another VNI",
+                    vxlan_from_c1(VNI + 1, VXLAN_PORT),
+                    "br0",
+                    TC_ACT_OK,
+                    None,
+                    UNCOUNTED,
+                ),
+                (
+                    "veth: to another port",
+                    vxlan_from_c1(VNI, VXLAN_PORT + 1),
+                    "br0",
+                    TC_ACT_OK,
+                    None,
+                    UNCOUNTED,
+                ),
+            ],
+        );
+        run_bridge_cases(
+            ebpf,
+            [
+                (
+                    "bridge: a container's VXLAN packet with our VNI",
+                    vxlan_from_c1(VNI, VXLAN_PORT),
+                    0,
+                    TC_ACT_SHOT,
+                    None,
+                    stat::DROP_SPOOFED_LOCAL,
+                ),
+                (
+                    "bridge: with another VNI",
+                    vxlan_from_c1(VNI + 1, VXLAN_PORT),
+                    0,
+                    TC_ACT_OK,
+                    None,
+                    stat::PASS_NOT_OURS,
+                ),
+            ],
+        );
+
+        // The unknown container's own packet is encapsulated.
+        let own = frame(C2, LOCAL_NEIGH_MAC);
+        let before = counters(ebpf);
+        let r = run_tc_prog_ctx(
+            ebpf,
+            xhost_common::PROG_EGRESS,
+            &skb_ctx_marked(ifindex("br0"), 0, 0),
+            &own,
+            1,
+        )
+        .expect("test_run");
+        assert_eq!(r.verdict, TC_ACT_REDIRECT, "unknown container: verdict");
+        let want = Outer::to_peer([172, 16, 91, 132], mac("ul0"), PEER_MAC)
+            .as_sent(&r.out)
+            .wrap(&ttl_decremented(&own));
+        assert_eq!(r.out, want, "unknown container: encapsulated");
+        assert_counter_moved(
+            ebpf,
+            &before,
+            stat::FWD_EGRESS,
+            own.len(),
+            "unknown container",
+        );
     });
 }

@@ -10,8 +10,8 @@
 //!
 //! with the object loaded and its maps holding the routes to 192.168.220.0/24
 //! (peer .132) and 192.168.230.0/24 (peer .133), the local subnet
-//! 192.168.110.0/24 on br0, the endpoint 192.168.110.11, the peer host .132
-//! and the underlay address .131 on ul0.
+//! 192.168.110.0/24 on br0, the endpoint 192.168.110.11 behind br0 (armed),
+//! the peer host .132 and the underlay address .131 on ul0.
 #![allow(dead_code, reason = "each includer uses its own part")]
 
 use std::{process::Command, time::Duration};
@@ -196,6 +196,15 @@ pub fn fill_maps(ebpf: &mut Ebpf) {
         _pad: [0; 4],
     };
     eps.insert([192, 168, 110, 11], ep, 0).expect("insert");
+    // Its veth (br0 here) is armed, as the agent arms it once written.
+    let mut ports: HashMap<_, u32, u32> = ebpf
+        .map_mut("ENDPOINT_PORTS")
+        .expect("ENDPOINT_PORTS")
+        .try_into()
+        .expect("hash");
+    ports
+        .insert(ifindex("br0"), xhost_common::ARMED, 0)
+        .expect("insert");
     let mut hosts: HashMap<_, [u8; 4], PeerHost> = ebpf
         .map_mut("PEER_HOSTS")
         .expect("PEER_HOSTS")
@@ -214,11 +223,12 @@ pub fn fill_maps(ebpf: &mut Ebpf) {
         .expect("insert");
 }
 
-/// Ethernet + IPv4 (+ options) + 8 payload bytes, checksum correct.
+/// Ethernet + IPv4 (+ options) + 8 payload bytes, checksum correct, from
+/// the endpoint's MAC (`CTR_MAC`).
 pub fn ipv4(src: [u8; 4], dst: [u8; 4], ttl: u8, options: &[u8]) -> Vec<u8> {
     let mut f = Vec::new();
     f.extend_from_slice(&ANY_MAC);
-    f.extend_from_slice(&[0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
+    f.extend_from_slice(&CTR_MAC);
     f.extend_from_slice(&[0x08, 0x00]);
     let ihl = 5 + options.len() / 4;
     let total = (ihl * 4 + 8) as u16;
@@ -260,10 +270,25 @@ pub fn set_checksum(f: &mut [u8]) {
 /// An `__sk_buff` context with `ifindex` and `ingress_ifindex` set: the
 /// device the frame "arrived" on, which the FIB lookup starts from; a
 /// nonzero `gso_size` makes the frame a GSO packet (a TSO burst).
+///
+/// Its priority is `ifindex` too: the mark `xhost_from_ctr` leaves on what
+/// an endpoint's veth hands on to the bridge, which only `xhost_egress`
+/// reads. In the test host the endpoint 192.168.110.11 sits behind br0, so
+/// a frame "arriving" on br0 comes as if through that endpoint's veth.
 pub fn skb_ctx(ifindex: u32, gso_size: u32) -> Vec<u8> {
-    // struct __sk_buff is 192 bytes; ifindex at 40, ingress_ifindex at 36,
-    // gso_size at 176.
+    skb_ctx_marked(ifindex, gso_size, ifindex)
+}
+
+/// Offset of `priority` in `struct __sk_buff`.
+pub const SKB_PRIORITY: usize = 32;
+
+/// [`skb_ctx`] with priority `mark` (0: as from a port without
+/// `xhost_from_ctr`).
+pub fn skb_ctx_marked(ifindex: u32, gso_size: u32, mark: u32) -> Vec<u8> {
+    // struct __sk_buff is 192 bytes; priority at 32, ifindex at 40,
+    // ingress_ifindex at 36, gso_size at 176.
     let mut ctx = vec![0u8; 192];
+    ctx[SKB_PRIORITY..SKB_PRIORITY + 4].copy_from_slice(&mark.to_ne_bytes());
     ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
     ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
@@ -277,6 +302,8 @@ pub struct TcRun {
     pub out: Vec<u8>,
     /// Mean time per run as the kernel measured it.
     pub per_run: Duration,
+    /// The skb's priority as the program left it (the bridge mark).
+    pub priority: u32,
 }
 
 /// Runs TC program `prog` `repeat` times on `frame`, as if it arrived on
@@ -319,6 +346,11 @@ pub fn run_tc_prog_ctx(
         verdict: res.return_value,
         out,
         per_run: res.duration,
+        priority: u32::from_ne_bytes(
+            ctx_out[SKB_PRIORITY..SKB_PRIORITY + 4]
+                .try_into()
+                .expect("4 bytes"),
+        ),
     })
 }
 
