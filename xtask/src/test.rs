@@ -1,5 +1,8 @@
 //! `cargo xtask test`: setup, build, then every test of the workspace in release mode, as
-//! root and on one thread (the tests create namespaces and load eBPF programs).
+//! root and on one thread (the tests create namespaces and load eBPF programs); then the
+//! datapath's real-packet tests a second time with every agent attached through classic tc
+//! (`XHOST_TEST_ATTACH=tc`), the first run having used the kernel's default (tcx where
+//! present).
 
 use clap::Args;
 
@@ -15,11 +18,25 @@ pub struct Options {
     pub args: Vec<String>,
 }
 
+/// The test binaries of the datapath that run again with classic tc.
+const ATTACH_RUNS: [&str; 2] = ["datapath", "topology"];
+
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     build::run(&build::Options {
         release: true,
         no_setup: opts.no_setup,
     })?;
+    // Both runs go ahead even if the first fails: one must not hide the other's results.
+    let all = all_tests(opts);
+    println!(
+        "xtask test: datapath tests again, attached through classic tc (XHOST_TEST_ATTACH=tc)"
+    );
+    let tc = tc_run(opts);
+    all.and(tc)
+}
+
+/// Every crate's tests, agents attached as the kernel's default.
+fn all_tests(opts: &Options) -> anyhow::Result<()> {
     let mut cmd = workspace::cargo();
     // `--workspace` overrides default-members, so the eBPF crate has to be left out by
     // name: it only builds for bpfel-unknown-none (xhost-user's build script builds it, and
@@ -38,6 +55,21 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         // the target directory does not fill with root-owned files.
         cmd.args(["--config", "target.'cfg(all())'.runner = ['sudo', '-E']"]);
     }
+    cmd.args(["--", "--test-threads=1"]).args(&opts.args);
+    workspace::run_status(&mut cmd)
+}
+
+/// The datapath's real-packet tests with `--attach tc`.
+fn tc_run(opts: &Options) -> anyhow::Result<()> {
+    let mut cmd = workspace::cargo();
+    cmd.args(["test", "-p", "xhost-tests", "--release", "--no-fail-fast"]);
+    for t in ATTACH_RUNS {
+        cmd.args(["--test", t]);
+    }
+    if !workspace::is_root() {
+        cmd.args(["--config", "target.'cfg(all())'.runner = ['sudo', '-E']"]);
+    }
+    cmd.env("XHOST_TEST_ATTACH", "tc");
     cmd.args(["--", "--test-threads=1"]).args(&opts.args);
     workspace::run_status(&mut cmd)
 }
