@@ -13,6 +13,9 @@
 /// Prefix of every line the guest's init writes (test output never starts with it).
 pub const MARKER: &str = "@@xhkm";
 
+/// Characters of an output line a failure excerpt shows.
+const MAX_LINE: usize = 400;
+
 /// One test binary's run inside the guest.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SuiteRun {
@@ -54,10 +57,14 @@ impl SuiteRun {
             .position(|l| *l == "failures:")
             .unwrap_or(lines.len().saturating_sub(max_lines));
         let shown = &lines[start..];
+        // Frames printed as byte arrays run to thousands of characters a line.
         let mut text = shown
             .iter()
             .take(max_lines)
-            .copied()
+            .map(|l| match l.char_indices().nth(MAX_LINE) {
+                Some((at, _)) => format!("{} ...", &l[..at]),
+                None => (*l).to_owned(),
+            })
             .collect::<Vec<_>>()
             .join("\n");
         if shown.len() > max_lines {
