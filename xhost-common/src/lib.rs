@@ -75,6 +75,19 @@ pub const PROG_FROM_TUNNEL: &str = "xhost_from_tun";
 pub const GLOBAL_TUNNEL_IFINDEX: &str = "TUNNEL_IFINDEX";
 pub const GLOBAL_TUNNEL_VNI: &str = "TUNNEL_VNI";
 pub const GLOBAL_TUNNEL_PORT: &str = "TUNNEL_PORT";
+/// Which newer helpers the kernel has (`HELPER_*` bits), set by the loader
+/// from a probe. The object's default is all of them; where one is missing
+/// the programs take the next best path, and the verifier (which never
+/// looks at a branch a read-only constant rules out) does not see the call.
+pub const GLOBAL_HELPERS: &str = "HELPERS";
+/// `bpf_check_mtu` (Linux 5.12). Without it a GSO burst other than TCP's,
+/// whose segments only the kernel can measure, is left to the kernel.
+pub const HELPER_CHECK_MTU: u32 = 1 << 0;
+/// `bpf_ktime_get_coarse_ns` (Linux 5.11). Without it the flow cache reads
+/// the precise clock, `bpf_ktime_get_ns`, a little dearer.
+pub const HELPER_KTIME_COARSE: u32 = 1 << 1;
+/// Every `HELPER_*` bit.
+pub const HELPERS_ALL: u32 = HELPER_CHECK_MTU | HELPER_KTIME_COARSE;
 /// Bytes VXLAN adds in front of the inner frame: outer IPv4, UDP, VXLAN
 /// headers and the inner Ethernet header.
 pub const VXLAN_OVERHEAD: u32 = 50;

@@ -13,7 +13,12 @@ use aya_ebpf::{
 };
 use network_types::eth::EthHdr;
 
-use crate::parse::{IPPROTO_TCP, Ipv4Frame, Packet as _, ptr_at};
+use xhost_common::HELPER_CHECK_MTU;
+
+use crate::{
+    kernel,
+    parse::{IPPROTO_TCP, Ipv4Frame, Packet as _, ptr_at},
+};
 
 /// `AF_INET` from the kernel's socket.h.
 const AF_INET: u8 = 2;
@@ -205,9 +210,14 @@ fn ask(
 }
 
 /// Whether the packet fits the MTU of `ifindex`; a GSO packet is checked
-/// segment by segment.
+/// segment by segment. Always false on a kernel without `bpf_check_mtu`.
 #[inline(always)]
 pub fn fits(ctx: &TcContext, ifindex: u32) -> bool {
+    // Without bpf_check_mtu (before Linux 5.12) only the kernel can measure
+    // the segments: such a burst is the kernel's.
+    if !kernel::has(HELPER_CHECK_MTU) {
+        return false;
+    }
     // In: 0 (measure the skb itself). Out: the device's MTU, unused.
     let mut mtu_len: u32 = 0;
     // SAFETY: `mtu_len` is a valid, writable u32.

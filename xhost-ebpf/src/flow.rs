@@ -23,10 +23,14 @@
 
 use core::ptr::read_volatile;
 
-use aya_ebpf::{btf_maps::PerCpuArray, helpers::bpf_ktime_get_coarse_ns, macros::btf_map};
-use xhost_common::FLOW_CACHE_SLOTS;
+use aya_ebpf::{
+    btf_maps::PerCpuArray,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    macros::btf_map,
+};
+use xhost_common::{FLOW_CACHE_SLOTS, HELPER_KTIME_COARSE};
 
-use crate::maps::DATAPATH_GEN;
+use crate::{kernel, maps::DATAPATH_GEN};
 
 /// Longest an answer is used without a fresh lookup.
 const MAX_AGE_NS: u64 = 100_000_000;
@@ -130,8 +134,15 @@ pub fn lookup(iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Lookup {
 
 #[inline(always)]
 fn coarse_now() -> u64 {
-    // SAFETY: plain helper call.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    // The coarse clock is enough for ages of a second and cheaper; before
+    // Linux 5.11 there is only the precise one (same clock, CLOCK_MONOTONIC).
+    if kernel::has(HELPER_KTIME_COARSE) {
+        // SAFETY: plain helper call.
+        unsafe { bpf_ktime_get_coarse_ns() }
+    } else {
+        // SAFETY: plain helper call.
+        unsafe { bpf_ktime_get_ns() }
+    }
 }
 
 /// Files the full path's answer, found for packets of up to `tot_len`

@@ -26,6 +26,7 @@
 
 mod fib;
 mod flow;
+mod kernel;
 mod maps;
 mod parse;
 mod policy;

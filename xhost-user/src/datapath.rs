@@ -22,10 +22,11 @@ use aya::{
 };
 use log::{info, warn};
 use xhost_common::{
-    Endpoint, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT, GLOBAL_TUNNEL_VNI, LocalNet,
-    MAP_DATAPATH_GEN, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES,
-    MAP_UNDERLAY_ADDRS, MAX_UNDERLAY_ADDRS, PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR,
-    PROG_FROM_TUNNEL, PROG_INGRESS, PROG_TO_TUNNEL, PROG_XDP, Peer, PeerHost,
+    Endpoint, GLOBAL_HELPERS, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT, GLOBAL_TUNNEL_VNI,
+    HELPER_CHECK_MTU, HELPER_KTIME_COARSE, HELPERS_ALL, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINTS,
+    MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, MAP_UNDERLAY_ADDRS, MAX_UNDERLAY_ADDRS,
+    PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR, PROG_FROM_TUNNEL, PROG_INGRESS, PROG_TO_TUNNEL,
+    PROG_XDP, Peer, PeerHost,
 };
 
 use crate::{
@@ -46,6 +47,24 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xh
 /// The embedded eBPF object (for tests that load it on their own).
 pub fn object() -> &'static [u8] {
     OBJECT
+}
+
+/// The `HELPER_*` bits of the newer helpers this kernel gives TC programs,
+/// probed the way `bpftool feature probe` does (a one-call program through
+/// the verifier), for the object's `GLOBAL_HELPERS`. A probe that cannot
+/// tell counts the helper as present: the load then fails loudly instead of
+/// the datapath quietly doing less.
+pub fn kernel_helpers() -> u32 {
+    use aya::{programs::ProgramType, sys::BpfHelper, sys::is_helper_supported};
+    [
+        (HELPER_CHECK_MTU, BpfHelper::BPF_FUNC_check_mtu),
+        (HELPER_KTIME_COARSE, BpfHelper::BPF_FUNC_ktime_get_coarse_ns),
+    ]
+    .into_iter()
+    .filter(|(_, helper)| {
+        is_helper_supported(ProgramType::SchedClassifier, *helper).unwrap_or(true)
+    })
+    .fold(0, |bits, (bit, _)| bits | bit)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -313,8 +332,18 @@ impl Datapath {
         // Only the log levels the agent prints are compiled in at load time,
         // so disabled aya-log statements cost one branch in the kernel.
         let level = log_level_mask();
+        let helpers = kernel_helpers();
+        if helpers != HELPERS_ALL {
+            info!(
+                "kernel without bpf_check_mtu ({}) or bpf_ktime_get_coarse_ns ({}): \
+                 non-TCP GSO bursts take the kernel's path, the flow cache reads the precise clock",
+                helpers & HELPER_CHECK_MTU == 0,
+                helpers & HELPER_KTIME_COARSE == 0
+            );
+        }
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
+            .override_global(GLOBAL_HELPERS, &helpers, true)
             .override_global(GLOBAL_TUNNEL_IFINDEX, &tunnel_ifindex, true)
             .override_global(GLOBAL_TUNNEL_VNI, &vni, true)
             .override_global(GLOBAL_TUNNEL_PORT, &port, true)

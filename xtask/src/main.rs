@@ -7,6 +7,7 @@ mod bench;
 mod build;
 mod demo;
 mod interrupt;
+mod kernels;
 mod run;
 mod setup;
 mod test;
@@ -37,6 +38,9 @@ enum Command {
     Demo(demo::Options),
     /// Set up, build, and run every test of the workspace (as root, one thread).
     Test(test::Options),
+    /// The kernel matrix: Debian's 5.10, 6.1 and 6.12 kernels in qemu, each running the
+    /// BPF_PROG_TEST_RUN suite and the namespace tests per attach method.
+    Kernels(kernels::Options),
     /// Benchmark container-to-container paths: wire, iptables routes, kernel VXLAN, xhost.
     Bench(bench::Options),
 }
@@ -48,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(opts) => run::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
         Command::Test(opts) => test::run(&opts),
+        Command::Kernels(opts) => kernels::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
     }
 }
