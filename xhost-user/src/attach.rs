@@ -104,33 +104,63 @@ impl TcMethod {
     }
 }
 
+/// A helper the programs call: the kernel that brought it, and, for one
+/// the programs can do without, what they do instead (the loader tells
+/// them through a constant of the object).
+pub type Helper = (BpfHelper, &'static str, Option<Fallback>);
+
+/// How the programs do without a helper.
+#[derive(Clone, Copy, Debug)]
+pub struct Fallback {
+    /// The helper's bit in the object's `HELPERS` constant
+    /// (`xhost_common::GLOBAL_HELPERS`).
+    pub bit: u32,
+    /// What differs without it.
+    pub instead: &'static str,
+}
+
 /// Helpers the TC programs call (`tests/object.rs` checks this against
 /// the object), with the kernel that brought each.
-pub const TC_HELPERS: &[(BpfHelper, &str)] = &[
-    (BpfHelper::BPF_FUNC_map_lookup_elem, "3.19"),
-    (BpfHelper::BPF_FUNC_get_prandom_u32, "4.1"),
-    (BpfHelper::BPF_FUNC_redirect, "4.4"),
-    (BpfHelper::BPF_FUNC_skb_get_tunnel_key, "4.3"),
-    (BpfHelper::BPF_FUNC_skb_set_tunnel_key, "4.3"),
-    (BpfHelper::BPF_FUNC_skb_change_type, "4.8"),
-    (BpfHelper::BPF_FUNC_get_hash_recalc, "4.8"),
-    (BpfHelper::BPF_FUNC_skb_adjust_room, "4.13"),
-    (BpfHelper::BPF_FUNC_fib_lookup, "4.18"),
-    (BpfHelper::BPF_FUNC_ringbuf_reserve, "5.8"),
-    (BpfHelper::BPF_FUNC_ringbuf_submit, "5.8"),
-    (BpfHelper::BPF_FUNC_ringbuf_discard, "5.8"),
-    (BpfHelper::BPF_FUNC_redirect_neigh, "5.10"),
-    (BpfHelper::BPF_FUNC_redirect_peer, "5.10"),
-    (BpfHelper::BPF_FUNC_ktime_get_coarse_ns, "5.11"),
-    (BpfHelper::BPF_FUNC_check_mtu, "5.12"),
+pub const TC_HELPERS: &[Helper] = &[
+    (BpfHelper::BPF_FUNC_map_lookup_elem, "3.19", None),
+    (BpfHelper::BPF_FUNC_get_prandom_u32, "4.1", None),
+    (BpfHelper::BPF_FUNC_ktime_get_ns, "4.1", None),
+    (BpfHelper::BPF_FUNC_redirect, "4.4", None),
+    (BpfHelper::BPF_FUNC_skb_get_tunnel_key, "4.3", None),
+    (BpfHelper::BPF_FUNC_skb_set_tunnel_key, "4.3", None),
+    (BpfHelper::BPF_FUNC_skb_change_type, "4.8", None),
+    (BpfHelper::BPF_FUNC_get_hash_recalc, "4.8", None),
+    (BpfHelper::BPF_FUNC_skb_adjust_room, "4.13", None),
+    (BpfHelper::BPF_FUNC_fib_lookup, "4.18", None),
+    (BpfHelper::BPF_FUNC_ringbuf_reserve, "5.8", None),
+    (BpfHelper::BPF_FUNC_ringbuf_submit, "5.8", None),
+    (BpfHelper::BPF_FUNC_ringbuf_discard, "5.8", None),
+    (BpfHelper::BPF_FUNC_redirect_neigh, "5.10", None),
+    (BpfHelper::BPF_FUNC_redirect_peer, "5.10", None),
+    (
+        BpfHelper::BPF_FUNC_ktime_get_coarse_ns,
+        "5.11",
+        Some(Fallback {
+            bit: xhost_common::HELPER_KTIME_COARSE,
+            instead: "the flow cache's clock is bpf_ktime_get_ns (a little dearer per cached packet)",
+        }),
+    ),
+    (
+        BpfHelper::BPF_FUNC_check_mtu,
+        "5.12",
+        Some(Fallback {
+            bit: xhost_common::HELPER_CHECK_MTU,
+            instead: "GSO bursts whose segments must be checked one by one (UDP GSO, VXLAN-encapsulated TCP) are left to the kernel",
+        }),
+    ),
 ];
 
 /// Helpers the XDP program calls.
-pub const XDP_HELPERS: &[(BpfHelper, &str)] = &[
-    (BpfHelper::BPF_FUNC_map_lookup_elem, "3.19"),
-    (BpfHelper::BPF_FUNC_ringbuf_reserve, "5.8"),
-    (BpfHelper::BPF_FUNC_ringbuf_submit, "5.8"),
-    (BpfHelper::BPF_FUNC_ringbuf_discard, "5.8"),
+pub const XDP_HELPERS: &[Helper] = &[
+    (BpfHelper::BPF_FUNC_map_lookup_elem, "3.19", None),
+    (BpfHelper::BPF_FUNC_ringbuf_reserve, "5.8", None),
+    (BpfHelper::BPF_FUNC_ringbuf_submit, "5.8", None),
+    (BpfHelper::BPF_FUNC_ringbuf_discard, "5.8", None),
 ];
 
 /// `bpf_redirect_peer` for `BPF_FUNC_redirect_peer`.
@@ -164,6 +194,10 @@ pub struct KernelFeatures {
     /// Every helper the programs call, by name: whether the kernel has it
     /// for the program's type.
     pub helpers: Vec<(String, bool)>,
+    /// Helpers the kernel lacks that the programs do without, and what
+    /// differs for it.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
 }
 
 impl KernelFeatures {
@@ -183,16 +217,23 @@ impl KernelFeatures {
             }
         }
         let mut helpers = Vec::new();
+        let mut fallbacks = Vec::new();
         if missing.is_empty() {
             for (ty, list, kind) in [
                 (ProgramType::SchedClassifier, TC_HELPERS, "tc"),
                 (ProgramType::Xdp, XDP_HELPERS, "xdp"),
             ] {
-                for &(h, since) in list {
+                for &(h, since, fallback) in list {
                     let name = helper_name(h);
                     let ok = is_helper_supported(ty, h).map_err(|e| probe_err(&name, e))?;
-                    if !ok {
-                        missing.push(format!("no {name} for {kind} programs (Linux {since})"));
+                    match (ok, fallback) {
+                        (true, _) => {}
+                        (false, Some(f)) => {
+                            fallbacks.push(format!("no {name} (Linux {since}): {}", f.instead));
+                        }
+                        (false, None) => {
+                            missing.push(format!("no {name} for {kind} programs (Linux {since})"));
+                        }
                     }
                     if !helpers.iter().any(|(n, _)| *n == name) {
                         helpers.push((name, ok));
@@ -210,7 +251,23 @@ impl KernelFeatures {
             tcx: probe_tcx()?,
             release,
             helpers,
+            fallbacks,
         })
+    }
+
+    /// Whether the kernel has helper `h` (for the programs that call it).
+    pub fn has(&self, h: BpfHelper) -> bool {
+        let name = helper_name(h);
+        self.helpers.iter().any(|(n, ok)| *n == name && *ok)
+    }
+
+    /// The object's `HELPERS` constant: the bits of the helpers the
+    /// programs can do without that this kernel has.
+    pub fn helper_bits(&self) -> u32 {
+        TC_HELPERS
+            .iter()
+            .filter_map(|&(h, _, f)| f.filter(|_| self.has(h)).map(|f| f.bit))
+            .fold(0, |bits, bit| bits | bit)
     }
 
     /// The method `arg` asks for, if this kernel has it.
@@ -360,6 +417,7 @@ mod tests {
             release: "x".into(),
             tcx,
             helpers: Vec::new(),
+            fallbacks: Vec::new(),
         }
     }
 
@@ -411,6 +469,22 @@ mod tests {
         ] {
             assert!(!is_xhost_filter(&other), "{other:?}");
         }
+    }
+
+    #[test]
+    fn a_missing_optional_helper_clears_its_bit_only() {
+        let mut k = features(false);
+        k.helpers = TC_HELPERS
+            .iter()
+            .map(|(h, _, _)| (helper_name(*h), true))
+            .collect();
+        assert_eq!(k.helper_bits(), xhost_common::HELPERS_ALL);
+        for (name, ok) in &mut k.helpers {
+            if name == "bpf_check_mtu" {
+                *ok = false;
+            }
+        }
+        assert_eq!(k.helper_bits(), xhost_common::HELPER_KTIME_COARSE);
     }
 
     #[test]

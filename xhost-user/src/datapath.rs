@@ -23,7 +23,7 @@ use aya::{
 use log::{info, warn};
 use xhost_common::{
     Endpoint, GLOBAL_HELPERS, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT, GLOBAL_TUNNEL_VNI,
-    HELPER_CHECK_MTU, HELPER_KTIME_COARSE, HELPERS_ALL, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINTS,
+    HELPER_CHECK_MTU, HELPER_KTIME_COARSE, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINTS,
     MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, MAP_UNDERLAY_ADDRS, MAX_UNDERLAY_ADDRS,
     PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR, PROG_FROM_TUNNEL, PROG_INGRESS, PROG_TO_TUNNEL,
     PROG_XDP, Peer, PeerHost,
@@ -332,15 +332,10 @@ impl Datapath {
         // Only the log levels the agent prints are compiled in at load time,
         // so disabled aya-log statements cost one branch in the kernel.
         let level = log_level_mask();
-        let helpers = kernel_helpers();
-        if helpers != HELPERS_ALL {
-            info!(
-                "kernel without bpf_check_mtu ({}) or bpf_ktime_get_coarse_ns ({}): \
-                 non-TCP GSO bursts take the kernel's path, the flow cache reads the precise clock",
-                helpers & HELPER_CHECK_MTU == 0,
-                helpers & HELPER_KTIME_COARSE == 0
-            );
+        for f in &features.fallbacks {
+            warn!("kernel {}: {f}", features.release);
         }
+        let helpers = features.helper_bits();
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(GLOBAL_HELPERS, &helpers, true)

@@ -432,6 +432,9 @@ pub fn print_status(s: &Status) {
                 if k.tcx { "yes" } else { "no" },
                 k.helpers.len()
             );
+            for f in &k.fallbacks {
+                println!("  {f}");
+            }
         }
     }
     let addrs: Vec<String> = s.underlay_addrs.iter().map(Ipv4Addr::to_string).collect();

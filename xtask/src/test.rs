@@ -39,7 +39,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         if let Err(e) = host_tests(opts) {
             failed.push(e);
         }
-        println!("xtask test: datapath tests again, attached through classic tc (XHOST_TEST_ATTACH=tc)");
+        println!(
+            "xtask test: datapath tests again, attached through classic tc (XHOST_TEST_ATTACH=tc)"
+        );
         if let Err(e) = tc_tests(opts) {
             failed.push(e);
         }
