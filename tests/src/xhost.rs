@@ -23,9 +23,9 @@ pub const XHOST_BIN_ENV: &str = "XHOST_USER_BIN";
 /// once with each of tcx and tc.
 pub const ATTACH_ENV: &str = "XHOST_TEST_ATTACH";
 
-/// The `--attach` value the tests ask for, if any.
+/// The `--attach` value the tests ask for, if any (empty: none).
 pub fn test_attach() -> Option<String> {
-    let v = std::env::var(ATTACH_ENV).ok()?;
+    let v = std::env::var(ATTACH_ENV).ok().filter(|v| !v.is_empty())?;
     assert!(
         matches!(v.as_str(), "tc" | "tcx" | "auto"),
         "{ATTACH_ENV}={v}: expected tc, tcx or auto"
@@ -40,9 +40,14 @@ pub fn expect_tcx() -> bool {
     match test_attach().as_deref() {
         Some("tc") => false,
         Some("tcx") => true,
-        _ => aya::programs::SchedClassifier::query_tcx("lo", aya::programs::TcAttachType::Ingress)
-            .is_ok(),
+        _ => kernel_has_tcx(),
     }
+}
+
+/// Whether the running kernel has tcx (6.6+): its `BPF_PROG_QUERY` knows
+/// `BPF_TCX_INGRESS` (asked for `lo`, which every namespace has).
+pub fn kernel_has_tcx() -> bool {
+    aya::programs::SchedClassifier::query_tcx("lo", aya::programs::TcAttachType::Ingress).is_ok()
 }
 
 /// How [`attached_programs`] names the TC hook `dir` (`ingress`,
@@ -351,7 +356,8 @@ pub fn remove_instance(dirs: &AgentDirs) {
     }
     let _ = std::fs::remove_dir(&clsact);
     let links = dirs.pin_dir.join("links");
-    for dir in [&links, &dirs.pin_dir, &dirs.run_dir] {
+    let filters = dirs.pin_dir.join("filters");
+    for dir in [&links, &filters, &dirs.pin_dir, &dirs.run_dir] {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
                 if e.path().is_file() || !e.path().is_dir() {
@@ -360,7 +366,7 @@ pub fn remove_instance(dirs: &AgentDirs) {
             }
         }
     }
-    for dir in [&links, &dirs.pin_dir, &dirs.run_dir] {
+    for dir in [&links, &filters, &dirs.pin_dir, &dirs.run_dir] {
         let _ = std::fs::remove_dir(dir);
     }
 }
@@ -373,13 +379,18 @@ pub fn remove_instance(dirs: &AgentDirs) {
 pub fn attached_programs(ns: &NetNs, ifaces: &[&str]) -> Result<Vec<String>> {
     use aya::programs::{SchedClassifier, TcAttachType};
     let ifaces: Vec<String> = ifaces.iter().map(|s| (*s).to_owned()).collect();
+    // A kernel without tcx has no tcx programs to list (and refuses the query).
+    let tcx = kernel_has_tcx();
     ns.within("attachment query", move || {
         let mut found = Vec::new();
         for iface in &ifaces {
             for (hook, at) in [
                 ("tcx-ingress", TcAttachType::Ingress),
                 ("tcx-egress", TcAttachType::Egress),
-            ] {
+            ]
+            .into_iter()
+            .filter(|_| tcx)
+            {
                 let (_, progs) = SchedClassifier::query_tcx(iface, at)
                     .map_err(|e| Error::Config(format!("query_tcx {iface} {hook}: {e}")))?;
                 for p in progs {

@@ -511,6 +511,71 @@ fn other_tc_filters_keep_working_through_load_crash_and_unload() {
     }
 }
 
+/// `status` names the attach method in use (auto: tcx where the kernel has
+/// it) and what the kernel offered, and per attachment how it is held; a
+/// classic filter deleted behind xhost's back shows as missing. A forced
+/// method the kernel lacks is one error line with nothing touched.
+#[test]
+fn status_names_the_attach_method_and_a_forced_one_the_kernel_lacks_is_refused() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let kernel_tcx = xhost_tests::xhost::kernel_has_tcx();
+    if !kernel_tcx {
+        let args = load_args(a, b, &["--attach", "tcx"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_refused(a, &args, "has no tcx (Linux 6.6 or newer)");
+    }
+    let method = if xhost_tests::xhost::expect_tcx() {
+        "tcx"
+    } else {
+        "tc"
+    };
+    let agent = start(a, b, &[]);
+    let s = status_json(a.ns(), &agent.dirs);
+    assert_eq!(s["agent"]["attach"], method, "{s}");
+    assert_eq!(s["agent"]["kernel"]["tcx"], kernel_tcx, "{s}");
+    let helpers = s["agent"]["kernel"]["helpers"].as_array().expect("helpers");
+    assert!(
+        helpers
+            .iter()
+            .any(|h| h[0] == "bpf_redirect_peer" && h[1] == true),
+        "{s}"
+    );
+    let via = |s: &serde_json::Value, iface: &str| {
+        s["attached"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["iface"] == iface)
+            .map(|x| x["via"].clone())
+            .unwrap_or_default()
+    };
+    let held = if method == "tcx" { "link" } else { "tc-filter" };
+    assert_eq!(via(&s, "ens33"), held, "{s}");
+    assert_eq!(via(&s, "docker0"), held, "{s}");
+    let text = xhost(a.ns(), &agent.dirs, &["status"]).expect("status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("attach: {method} ("))),
+        "{text}"
+    );
+    if method == "tc" {
+        // Someone removes the bridge's qdisc, and xhost's filter with it.
+        a.ns()
+            .run(&["tc", "qdisc", "del", "dev", "docker0", "clsact"]);
+        let s = status_json(a.ns(), &agent.dirs);
+        assert_eq!(via(&s, "docker0"), "tc-filter-missing", "{s}");
+        assert_eq!(via(&s, "ens33"), "tc-filter", "{s}");
+    }
+    stop_leaving_nothing(agent, a.ns());
+    assert_eq!(xhost_programs(a), "", "left attached");
+    assert!(
+        !a.ns().run(&["tc", "qdisc", "show"]).contains("clsact"),
+        "a clsact qdisc xhost added stayed"
+    );
+}
+
 fn unload_ok(host: &xhost_tests::Host, dirs: &AgentDirs) {
     let out = xhost(host.ns(), dirs, &["unload"]).expect("unload");
     assert!(

@@ -8,7 +8,7 @@
 //! A classic filter of xhost's has priority [`TC_PRIORITY`], the handle of
 //! its hook ([`tc_handle`]) and the program's name (aya names the filter
 //! after the program), and the program it runs is the one pinned at
-//! `<pin-dir>/links/<iface>@<hook>`: unload, a restart after a crash and
+//! `<pin-dir>/filters/<iface>@<hook>`: unload, a restart after a crash and
 //! `status` go by those, and leave every other filter alone.
 
 use std::{io, path::Path};
@@ -346,11 +346,10 @@ pub fn delete_filter(iface: &str, hook: Hook) -> Result<(), ProgramError> {
     }
 }
 
-/// Removes what a pin at `<pin-dir>/links/<iface>@<hook>` stands for: a
-/// link detaches when its last reference goes (the pin, once no process
-/// holds it); a pinned program is a classic tc filter of this instance,
-/// deleted here if it still runs that very program. Then removes the pin.
-pub fn remove_pinned(path: &Path, iface: &str, hook: Hook) -> io::Result<()> {
+/// Removes the classic tc filter whose program is pinned at
+/// `<pin-dir>/filters/<iface>@<hook>`, if it still runs that very program
+/// (else it is not this instance's), then the pin.
+pub fn remove_filter(path: &Path, iface: &str, hook: Hook) -> io::Result<()> {
     if let Ok(info) = ProgramInfo::from_pin(path) {
         let ifindex = crate::net::ifindex(iface).ok();
         let ours = match (ifindex, Rtnl::open()) {

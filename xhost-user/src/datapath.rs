@@ -178,8 +178,8 @@ enum Attachment {
         link: Option<PinnedLink>,
         path: PathBuf,
     },
-    /// A classic tc filter, found by its priority and handle; `path` pins
-    /// the program it runs (the record that lets `unload` find it after
+    /// A classic tc filter, found by its priority and handle; `path`
+    /// (under `<pin-dir>/filters`) pins the program it runs (the record that lets `unload` find it after
     /// this process is gone).
     Filter {
         iface: String,
@@ -600,8 +600,8 @@ impl Datapath {
             source: Box::new(source),
         };
         self.ensure_clsact(iface)?;
-        let path = self.layout.link(iface, hook);
-        let dir = self.layout.links_dir();
+        let path = self.layout.filter(iface, hook);
+        let dir = self.layout.filters_dir();
         std::fs::create_dir_all(&dir)
             .map_err(|source| DatapathError::PinDir { path: dir, source })?;
         let _ = remove_file_if_exists(&path);
@@ -1066,6 +1066,7 @@ impl Drop for PinGuard {
 fn remove_empty_dirs(layout: &Layout) {
     for dir in [
         layout.links_dir(),
+        layout.filters_dir(),
         layout.clsact_dir(),
         layout.pin_dir.clone(),
     ] {

@@ -3,9 +3,9 @@
 //! ```text
 //! <pin-dir>/ROUTES, LOCAL_NETS, ENDPOINTS, ...      maps (bpftool map dump pinned ...;
 //!                                                   every name in PINNED_MAPS)
-//! <pin-dir>/links/<iface>@<hook>                   tcx / XDP links (detach = unlink), or
-//!                                                   with classic tc the program its
-//!                                                   filter runs (unload deletes the filter)
+//! <pin-dir>/links/<iface>@<hook>                   tcx / XDP links (detach = unlink)
+//! <pin-dir>/filters/<iface>@<hook>                 classic tc: the program xhost's filter
+//!                                                   there runs (unload deletes the filter)
 //! <pin-dir>/clsact/<iface>                          (empty directory) xhost added the
 //!                                                   clsact qdisc of <iface>
 //! <run-dir>/<instance>.json                         what is attached where, Docker view
@@ -35,6 +35,18 @@ impl Layout {
 
     pub fn links_dir(&self) -> PathBuf {
         self.pin_dir.join("links")
+    }
+
+    /// Directory of the classic tc filters' program pins.
+    pub fn filters_dir(&self) -> PathBuf {
+        self.pin_dir.join("filters")
+    }
+
+    /// The program pin of xhost's classic tc filter at `hook` of `iface`
+    /// (named as [`Layout::link`]).
+    pub fn filter(&self, iface: &str, hook: Hook) -> PathBuf {
+        self.filters_dir()
+            .join(format!("{}@{}", iface.replace('.', ":"), hook.as_str()))
     }
 
     /// Directory of the clsact markers.

@@ -53,24 +53,22 @@ pub enum Via {
 }
 
 impl Via {
-    /// What a pin at `path` for `iface`/`hook` stands for.
-    fn of(path: &std::path::Path, iface: &str, hook: Hook) -> Option<Self> {
-        let info = match aya::programs::ProgramInfo::from_pin(path) {
-            Ok(info) => info,
-            Err(_) => {
-                return aya::programs::links::PinnedLink::from_pin(path)
-                    .ok()
-                    .map(|_| Self::Link);
-            }
+    /// Whether the filter whose program is pinned at `path` is in place:
+    /// xhost's filter at `hook` of `iface`, running that program.
+    fn filter(path: &std::path::Path, iface: &str, hook: Hook) -> Self {
+        let live = || -> Option<bool> {
+            let info = aya::programs::ProgramInfo::from_pin(path).ok()?;
+            let ifindex = crate::net::ifindex(iface).ok()?;
+            let mut rtnl = crate::netlink::Rtnl::open().ok()?;
+            crate::attach::find_filter(&mut rtnl, ifindex, hook, Some(info.id()))
+                .ok()
+                .map(|f| f.is_some())
         };
-        let ifindex = crate::net::ifindex(iface).ok()?;
-        let mut rtnl = crate::netlink::Rtnl::open().ok()?;
-        let live = crate::attach::find_filter(&mut rtnl, ifindex, hook, Some(info.id())).ok()?;
-        Some(if live.is_some() {
+        if live() == Some(true) {
             Self::TcFilter
         } else {
             Self::TcFilterMissing
-        })
+        }
     }
 }
 
@@ -304,12 +302,16 @@ pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
         .as_ref()
         .is_some_and(|a| !a.detached && pid_alive(a.pid));
     let mut attached = Vec::new();
-    if let Ok(dir) = std::fs::read_dir(layout.links_dir()) {
-        for entry in dir.flatten() {
+    for (dir, filters) in [(layout.links_dir(), false), (layout.filters_dir(), true)] {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some((iface, hook)) = Layout::parse_link_name(&name) {
                 attached.push(Attachment {
-                    via: Via::of(&entry.path(), &iface, hook),
+                    via: Some(if filters {
+                        Via::filter(&entry.path(), &iface, hook)
+                    } else {
+                        Via::Link
+                    }),
                     iface,
                     hook,
                     program: hook.program().into(),
@@ -551,18 +553,24 @@ pub fn unload(layout: &Layout, iface: Option<&str>) -> anyhow::Result<()> {
         }
     }
     // Whatever remains: unlinking a link pin detaches its program once no
-    // process holds it; a pinned program is a classic tc filter's, deleted
-    // first; unlinking map pins frees the maps.
+    // process holds it; a classic tc filter is deleted, then its program's
+    // pin; unlinking map pins frees the maps.
     if let Ok(dir) = std::fs::read_dir(layout.links_dir()) {
+        for entry in dir.flatten() {
+            remove_file_if_exists(&entry.path())?;
+        }
+    }
+    let _ = std::fs::remove_dir(layout.links_dir());
+    if let Ok(dir) = std::fs::read_dir(layout.filters_dir()) {
         for entry in dir.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             match Layout::parse_link_name(&name) {
-                Some((iface, hook)) => crate::attach::remove_pinned(&entry.path(), &iface, hook)?,
+                Some((iface, hook)) => crate::attach::remove_filter(&entry.path(), &iface, hook)?,
                 None => remove_file_if_exists(&entry.path())?,
             }
         }
     }
-    let _ = std::fs::remove_dir(layout.links_dir());
+    let _ = std::fs::remove_dir(layout.filters_dir());
     for iface in layout.clsact_marked() {
         if let Err(e) = crate::attach::remove_clsact_if_unused(&iface) {
             log::warn!("removing the clsact qdisc of {iface}: {e}");

@@ -33,11 +33,16 @@ use results::{Report, SuiteRun};
 /// both ways with FORWARD and conntrack untouched, Docker's isolation (a peer host cannot
 /// reach containers directly), TTL expiry left to the kernel (natively and in VXLAN
 /// mode), and a detached datapath that keeps forwarding until `unload` leaves nothing.
-const NAMESPACE_TESTS: [&str; 4] = [
+const NAMESPACE_TESTS: [&str; 6] = [
     "containers_reach_each_other_only_through_xhost",
     "underlay_hosts_cannot_reach_containers_directly",
     "ttl_expiring_at_the_host_is_left_to_the_kernel",
     "detached_datapath_keeps_forwarding_until_unload",
+    // The attach method: status names it, a forced method the kernel lacks is
+    // refused, and another tool's tc filter keeps working through load, a crash
+    // and unload.
+    "status_names_the_attach_method_and_a_forced_one_the_kernel_lacks_is_refused",
+    "other_tc_filters_keep_working_through_load_crash_and_unload",
 ];
 
 /// The BPF_PROG_TEST_RUN tests that hand the program the device a frame arrived on
