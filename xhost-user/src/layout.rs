@@ -3,7 +3,11 @@
 //! ```text
 //! <pin-dir>/ROUTES, LOCAL_NETS, ENDPOINTS, ...      maps (bpftool map dump pinned ...;
 //!                                                   every name in PINNED_MAPS)
-//! <pin-dir>/links/<iface>@<hook>                   tcx / XDP links (detach = unlink)
+//! <pin-dir>/links/<iface>@<hook>                   tcx / XDP links (detach = unlink), or
+//!                                                   with classic tc the program its
+//!                                                   filter runs (unload deletes the filter)
+//! <pin-dir>/clsact/<iface>                          (empty directory) xhost added the
+//!                                                   clsact qdisc of <iface>
 //! <run-dir>/<instance>.json                         what is attached where, Docker view
 //! ```
 //! One pin dir is one xhost instance (one underlay). Hosts simulated as
@@ -31,6 +35,28 @@ impl Layout {
 
     pub fn links_dir(&self) -> PathBuf {
         self.pin_dir.join("links")
+    }
+
+    /// Directory of the clsact markers.
+    pub fn clsact_dir(&self) -> PathBuf {
+        self.pin_dir.join("clsact")
+    }
+
+    /// Marks that xhost added the clsact qdisc of `iface` (an empty
+    /// directory: bpffs holds no regular files), so that only that one is
+    /// removed again. Names escaped as in [`Layout::link`].
+    pub fn clsact_marker(&self, iface: &str) -> PathBuf {
+        self.clsact_dir().join(iface.replace('.', ":"))
+    }
+
+    /// Interfaces whose clsact qdisc xhost added.
+    pub fn clsact_marked(&self) -> Vec<String> {
+        std::fs::read_dir(self.clsact_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().replace(':', "."))
+            .collect()
     }
 
     /// `<iface>@<hook>`. bpffs refuses names containing '.', which
@@ -87,16 +113,16 @@ impl Layout {
 pub enum Hook {
     /// XDP on the underlay.
     Xdp,
-    /// TC (tcx) ingress of the underlay.
+    /// TC ingress of the underlay.
     UnderlayIngress,
-    /// TC (tcx) ingress of a Docker bridge.
+    /// TC ingress of a Docker bridge.
     BridgeIngress,
-    /// TC (tcx) ingress of a container's host-side veth.
+    /// TC ingress of a container's host-side veth.
     #[serde(rename = "ctr-ingress")]
     ContainerIngress,
-    /// TC (tcx) ingress of the vxlan device (VXLAN mode).
+    /// TC ingress of the vxlan device (VXLAN mode).
     TunnelIngress,
-    /// TC (tcx) egress of the vxlan device (VXLAN mode).
+    /// TC egress of the vxlan device (VXLAN mode).
     TunnelEgress,
 }
 

@@ -225,91 +225,91 @@ fn egress_routes_peer_traffic_and_passes_the_rest() {
                 Case {
                     name: "ARP",
                     frame: arp(),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_IPV4,
                 },
                 Case {
                     name: "IPv6",
                     frame: ipv6(),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_IPV4,
                 },
                 Case {
                     name: "to the peer host itself",
                     frame: ipv4(C1, [172, 16, 91, 132], 64, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_OURS,
                 },
                 Case {
                     name: "non-peer destination (MASQUERADE's)",
                     frame: ipv4(C1, [8, 8, 8, 8], 64, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_OURS,
                 },
                 Case {
                     name: "to the gateway",
                     frame: ipv4(C1, [192, 168, 110, 1], 64, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_OURS,
                 },
                 Case {
                     name: "source not a local container",
                     frame: ipv4([10, 9, 9, 9], R1, 64, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_OURS,
                 },
                 Case {
                     name: "TTL 1",
                     frame: ipv4(C1, R1, 1, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_TTL,
                 },
                 Case {
                     name: "TTL 0",
                     frame: ipv4(C1, R1, 0, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_TTL,
                 },
                 Case {
                     name: "bad header checksum",
                     frame: bad_sum,
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_MALFORMED,
                 },
                 Case {
                     name: "truncated IPv4 header",
                     frame: truncated,
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_MALFORMED,
                 },
                 Case {
                     name: "IHL < 5",
                     frame: short_ihl,
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_MALFORMED,
                 },
                 Case {
                     name: "total length beyond the frame",
                     frame: beyond,
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_MALFORMED,
                 },
                 Case {
                     name: "total length 0, not a GSO burst",
                     frame: zero_len,
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_MALFORMED,
                 },
@@ -323,14 +323,14 @@ fn egress_routes_peer_traffic_and_passes_the_rest() {
                 Case {
                     name: "one byte over the underlay's MTU",
                     frame: over_mtu,
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_FIB,
                 },
                 Case {
                     name: "over the MTU, neighbour unresolved",
                     frame: over_mtu_unresolved,
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_FIB,
                 },
@@ -409,35 +409,35 @@ fn ingress_delivers_validated_traffic_and_drops_spoofed() {
                 Case {
                     name: "host-bound",
                     frame: ipv4(R1, [172, 16, 91, 131], 63, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_OURS,
                 },
                 Case {
                     name: "to the gateway address",
                     frame: ipv4(R1, [192, 168, 110, 1], 63, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_FIB,
                 },
                 Case {
                     name: "TTL 1",
                     frame: ipv4(R1, C1, 1, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_TTL,
                 },
                 Case {
                     name: "ARP",
                     frame: arp(),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_IPV4,
                 },
                 Case {
                     name: "IPv6",
                     frame: ipv6(),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_IPV4,
                 },
@@ -550,31 +550,31 @@ fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
                 "not addressed to the gateway MAC",
                 ipv4(C1, R1, 64, &[]),
                 "br0",
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 None,
             ),
             (
                 "source is no known endpoint",
                 to_mac(ipv4(C2, R1, 64, &[]), GW_MAC),
                 "br0",
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 None,
             ),
             (
                 "endpoint's address from another port",
                 fwd.clone(),
                 "ul0",
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 None,
             ),
             (
                 "to a non-peer destination",
                 to_mac(ipv4(C1, [8, 8, 8, 8], 64, &[]), GW_MAC),
                 "br0",
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 None,
             ),
-            ("ARP", arp(), "br0", TC_ACT_OK, None),
+            ("ARP", arp(), "br0", TC_ACT_UNSPEC, None),
         ];
         for (name, frame, iface, verdict, out_want) in cases {
             let before = counters(ebpf);
@@ -585,7 +585,7 @@ fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
                 out_want.as_ref().unwrap_or(&frame),
                 "{name}: output frame"
             );
-            if verdict == TC_ACT_OK {
+            if verdict == TC_ACT_UNSPEC {
                 // Passed frames go on into the bridge, which counts them.
                 assert_eq!(counters(ebpf), before, "{name}: no counter may move");
             } else {
@@ -629,7 +629,7 @@ fn route_changes_retire_cached_answers() {
         let unrouted_out = || Case {
             name: "route removed: no longer ours",
             frame: out.clone(),
-            verdict: TC_ACT_OK,
+            verdict: TC_ACT_UNSPEC,
             out: None,
             counter: stat::PASS_NOT_OURS,
         };
@@ -733,7 +733,7 @@ fn cached_forwarding_answers_follow_the_kernel_and_the_maps() {
         let passed = |frame: &[u8], name: &'static str| Case {
             name,
             frame: frame.to_vec(),
-            verdict: TC_ACT_OK,
+            verdict: TC_ACT_UNSPEC,
             out: None,
             counter: UNCOUNTED,
         };
@@ -864,7 +864,7 @@ fn tso_bursts_are_checked_and_cached_by_their_segments() {
         run(
             "segments of 1500 under MTU 1499: the kernel's",
             1448,
-            TC_ACT_OK,
+            TC_ACT_UNSPEC,
             None,
         );
         run(
@@ -882,11 +882,16 @@ fn tso_bursts_are_checked_and_cached_by_their_segments() {
         run(
             "segments of 1500 are not served from it",
             1448,
-            TC_ACT_OK,
+            TC_ACT_UNSPEC,
             None,
         );
         // Not GSO, the same bytes are one 2 948-byte packet: too big.
-        run("the burst as one packet: the kernel's", 0, TC_ACT_OK, None);
+        run(
+            "the burst as one packet: the kernel's",
+            0,
+            TC_ACT_UNSPEC,
+            None,
+        );
 
         // BIG TCP writes total length 0 only on bursts beyond 64 KB (which
         // BPF_PROG_TEST_RUN cannot hold): on this one it is malformed.
@@ -904,7 +909,7 @@ fn tso_bursts_are_checked_and_cached_by_their_segments() {
         .expect("test_run");
         assert_eq!(
             (r.verdict, &r.out),
-            (TC_ACT_OK, &zero_len),
+            (TC_ACT_UNSPEC, &zero_len),
             "total length 0 on a 2 948-byte burst: the kernel's"
         );
         assert_counter_moved(
@@ -1106,7 +1111,7 @@ fn vxlan_mode_encapsulates_in_the_program() {
         let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_EGRESS, "br0", &big, "1451");
         assert_eq!(
             (verdict, &out),
-            (TC_ACT_OK, &big),
+            (TC_ACT_UNSPEC, &big),
             "1451: the kernel's, untouched"
         );
         assert_counter_moved(ebpf, &before, stat::PASS_FIB, big.len(), "1451");
@@ -1115,7 +1120,7 @@ fn vxlan_mode_encapsulates_in_the_program() {
         let expiring = to_mac(ipv4(C1, R1, 1, &[]), GW_MAC);
         let (verdict, out) =
             tc_test_run(ebpf, xhost_common::PROG_FROM_CTR, "br0", &expiring, "ttl");
-        assert_eq!((verdict, &out), (TC_ACT_OK, &expiring), "TTL 1");
+        assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &expiring), "TTL 1");
 
         // A UDP GSO burst (gso_size on a UDP packet): its segments only the
         // kernel measures, so it goes to the vxlan device, routed but not
@@ -1252,7 +1257,7 @@ fn vxlan_mode_decapsulates_in_the_program() {
             .unwrap_or_else(|e| panic!("{name}: test_run: {e}"));
             assert_eq!(
                 (r.verdict, &r.out),
-                (TC_ACT_OK, &f),
+                (TC_ACT_UNSPEC, &f),
                 "{name}: the kernel's, untouched"
             );
             assert_counter_moved(ebpf, &before, stat::PASS_NOT_OURS, f.len(), name);
