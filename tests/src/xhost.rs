@@ -380,8 +380,19 @@ pub fn attached_programs(ns: &NetNs, ifaces: &[&str]) -> Result<Vec<String>> {
                 ("tcx-ingress", TcAttachType::Ingress),
                 ("tcx-egress", TcAttachType::Egress),
             ] {
-                let (_, progs) = SchedClassifier::query_tcx(iface, at)
-                    .map_err(|e| Error::Config(format!("query_tcx {iface} {hook}: {e}")))?;
+                let progs = match SchedClassifier::query_tcx(iface, at) {
+                    Ok((_, progs)) => progs,
+                    // A kernel without tcx (before 6.6) does not know the attach
+                    // type: nothing can be attached through it.
+                    Err(aya::programs::ProgramError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(nix::libc::EINVAL) =>
+                    {
+                        Vec::new()
+                    }
+                    Err(e) => {
+                        return Err(Error::Config(format!("query_tcx {iface} {hook}: {e}")));
+                    }
+                };
                 for p in progs {
                     found.push(format!("{iface} {hook} {}", p.name_as_str().unwrap_or("?")));
                 }

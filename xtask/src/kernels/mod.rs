@@ -96,9 +96,12 @@ impl Default for Options {
     }
 }
 
-/// Where the kernel packages, their unpacked trees and the logs live.
+/// Where the kernel packages, their unpacked trees and the logs live, in the target
+/// directory (`scripts/setup.sh` is told the same place).
+pub const CACHE_DIR: &str = "kernels";
+
 fn cache_dir() -> anyhow::Result<PathBuf> {
-    Ok(workspace::target_dir()?.join("kernels"))
+    Ok(workspace::target_dir()?.join(CACHE_DIR))
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -152,8 +155,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     for kernel in &kernels {
         let plan = plan(kernel, &agent_attach, &opts.attach);
         let mut tree = Tree::new(scratch.0.join(&kernel.release))?;
-        let modules = tree.add_modules(kernel)?;
-        tree.add_init(&plan.runs)?;
+        let preload = tree.add_modules(kernel)?;
+        tree.add_init(&preload, &plan.runs)?;
         let kernel_cpio = scratch.0.join(format!("{}.cpio", kernel.release));
         tree.pack(&kernel_cpio)?;
         drop(tree);
@@ -161,9 +164,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         let initrd = scratch.0.join(format!("{}.initrd", kernel.release));
         concat(&[&userland_cpio, &kernel_cpio], &initrd)?;
         eprintln!(
-            "kernels: booting {} ({}, {modules} modules) for: {}",
+            "kernels: booting {} ({}, loading {}) for: {}",
             kernel.release,
             kernel.suite,
+            preload.join(" "),
             plan.runs
                 .iter()
                 .map(|r| format!("{} [{}]", r.suite, r.attach))
@@ -491,6 +495,9 @@ fn print_matrix(rows: &[KernelRow]) {
             let c = r.and_then(|r| r.counts);
             let num = |f: fn(&results::Counts) -> u32| c.map_or("-".into(), |c| f(&c).to_string());
             let result = match r {
+                Some(r) if r.ok() && !r.flaky().is_empty() => {
+                    format!("ok; passed on retry: {}", r.flaky().join(", "))
+                }
                 Some(r) if r.ok() => "ok".to_owned(),
                 Some(_) => "FAILED".to_owned(),
                 None => "not run".to_owned(),
@@ -542,6 +549,15 @@ fn print_matrix(rows: &[KernelRow]) {
     );
     for row in rows {
         for planned in &row.plan.runs {
+            if let Some(r) = row.reported(planned).filter(|r| !r.flaky().is_empty()) {
+                println!(
+                    "\n--- {} {} [{}]: failed, then passed on retry ---\n{}",
+                    row.kernel.release,
+                    r.suite,
+                    r.attach,
+                    r.failure_excerpt(30)
+                );
+            }
             if let Some(r) = row.reported(planned).filter(|r| !r.ok()) {
                 println!(
                     "\n--- {} {} [{}] ---\n{}",
