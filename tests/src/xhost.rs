@@ -379,20 +379,26 @@ pub fn remove_instance(dirs: &AgentDirs) {
 pub fn attached_programs(ns: &NetNs, ifaces: &[&str]) -> Result<Vec<String>> {
     use aya::programs::{SchedClassifier, TcAttachType};
     let ifaces: Vec<String> = ifaces.iter().map(|s| (*s).to_owned()).collect();
-    // A kernel without tcx has no tcx programs to list (and refuses the query).
-    let tcx = kernel_has_tcx();
     ns.within("attachment query", move || {
         let mut found = Vec::new();
         for iface in &ifaces {
             for (hook, at) in [
                 ("tcx-ingress", TcAttachType::Ingress),
                 ("tcx-egress", TcAttachType::Egress),
-            ]
-            .into_iter()
-            .filter(|_| tcx)
-            {
-                let (_, progs) = SchedClassifier::query_tcx(iface, at)
-                    .map_err(|e| Error::Config(format!("query_tcx {iface} {hook}: {e}")))?;
+            ] {
+                let progs = match SchedClassifier::query_tcx(iface, at) {
+                    Ok((_, progs)) => progs,
+                    // A kernel without tcx (before 6.6) does not know the attach
+                    // type: nothing can be attached through it.
+                    Err(aya::programs::ProgramError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(nix::libc::EINVAL) =>
+                    {
+                        Vec::new()
+                    }
+                    Err(e) => {
+                        return Err(Error::Config(format!("query_tcx {iface} {hook}: {e}")));
+                    }
+                };
                 for p in progs {
                     found.push(format!("{iface} {hook} {}", p.name_as_str().unwrap_or("?")));
                 }

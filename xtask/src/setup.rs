@@ -21,6 +21,12 @@ pub fn run() -> anyhow::Result<()> {
     }
     let mut cmd = Command::new("bash");
     cmd.arg("scripts/setup.sh").current_dir(&root);
+    // The kernel matrix's packages go to the target directory cargo uses, wherever
+    // that is (CARGO_TARGET_DIR, build.target-dir).
+    cmd.env(
+        "XHOST_KERNELS_DIR",
+        workspace::target_dir()?.join(crate::kernels::CACHE_DIR),
+    );
     let mut setup = Process::spawn_echoing("setup", workspace::as_root(cmd))
         .context("starting scripts/setup.sh")?;
     let status = setup.wait_timeout(SETUP_TIMEOUT)?;

@@ -33,39 +33,34 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         release: true,
         no_setup: opts.no_setup,
     })?;
-    // A failing run must not hide the others' results.
-    let mut failed = Vec::new();
+    // Every part goes ahead even if one fails: one must not hide the others' results.
+    let mut results = Vec::new();
     if !opts.kernels {
-        if let Err(e) = host_tests(opts) {
-            failed.push(e);
-        }
+        results.push(all_tests(opts));
         println!(
             "xtask test: datapath tests again, attached through classic tc (XHOST_TEST_ATTACH=tc)"
         );
-        if let Err(e) = tc_tests(opts) {
-            failed.push(e);
-        }
+        results.push(tc_run(opts));
     }
-    if !opts.no_kernels
-        && let Err(e) = kernels::run(&kernels::Options {
+    if !opts.no_kernels {
+        results.push(kernels::run(&kernels::Options {
             // build::run above already ran setup (or was told not to).
             no_setup: true,
             ..kernels::Options::default()
-        })
-    {
-        failed.push(e.context("the kernel matrix"));
+        }));
     }
-    match failed.len() {
-        0 => Ok(()),
-        1 => Err(failed.remove(0)),
-        _ => {
-            let all: Vec<String> = failed.iter().map(|e| format!("{e:#}")).collect();
-            anyhow::bail!("{} test runs failed: {}", all.len(), all.join("; "))
-        }
+    let errors: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+        .collect();
+    match errors.as_slice() {
+        [] => Ok(()),
+        _ => anyhow::bail!("{}", errors.join("\n")),
     }
 }
 
-fn host_tests(opts: &Options) -> anyhow::Result<()> {
+/// Every crate's tests, agents attached as the kernel's default.
+fn all_tests(opts: &Options) -> anyhow::Result<()> {
     let mut cmd = workspace::cargo();
     // `--workspace` overrides default-members, so the eBPF crate has to be left out by
     // name: it only builds for bpfel-unknown-none (xhost-user's build script builds it, and
@@ -79,28 +74,26 @@ fn host_tests(opts: &Options) -> anyhow::Result<()> {
         "--release",
         "--no-fail-fast",
     ]);
-    as_root_runner(&mut cmd);
+    if !workspace::is_root() {
+        // Build as the user, run only the test binaries as root (as aya's xtask does), so
+        // the target directory does not fill with root-owned files.
+        cmd.args(["--config", "target.'cfg(all())'.runner = ['sudo', '-E']"]);
+    }
     cmd.args(["--", "--test-threads=1"]).args(&opts.args);
     workspace::run_status(&mut cmd)
 }
 
-/// The datapath's real-packet tests with every agent on `--attach tc`.
-fn tc_tests(opts: &Options) -> anyhow::Result<()> {
+/// The datapath's real-packet tests with `--attach tc`.
+fn tc_run(opts: &Options) -> anyhow::Result<()> {
     let mut cmd = workspace::cargo();
     cmd.args(["test", "-p", "xhost-tests", "--release", "--no-fail-fast"]);
     for t in ATTACH_RUNS {
         cmd.args(["--test", t]);
     }
-    as_root_runner(&mut cmd);
-    cmd.env("XHOST_TEST_ATTACH", "tc");
-    cmd.args(["--", "--test-threads=1"]).args(&opts.args);
-    workspace::run_status(&mut cmd)
-}
-
-/// Build as the user, run only the test binaries as root (as aya's xtask does), so the
-/// target directory does not fill with root-owned files.
-fn as_root_runner(cmd: &mut std::process::Command) {
     if !workspace::is_root() {
         cmd.args(["--config", "target.'cfg(all())'.runner = ['sudo', '-E']"]);
     }
+    cmd.env("XHOST_TEST_ATTACH", "tc");
+    cmd.args(["--", "--test-threads=1"]).args(&opts.args);
+    workspace::run_status(&mut cmd)
 }

@@ -39,7 +39,9 @@ const MODULE_DIRS: [&str; 8] = [
 
 /// Modules init loads up front (the kernel would also load most of them on demand
 /// through modprobe; loading them first makes a missing one visible in the report).
-pub const PRELOAD: [&str; 16] = [
+pub const PRELOAD: [&str; 17] = [
+    // iptables-nft counts every rule: a module of its own in 5.10, built in later.
+    "nft_counter",
     "veth",
     "dummy",
     "bridge",
@@ -88,6 +90,22 @@ impl Kernel {
     /// `major.minor`, as the matrix prints it.
     pub fn series(&self) -> String {
         format!("{}.{}", self.version.0, self.version.1)
+    }
+
+    /// The modules of [`PRELOAD`] this kernel has as modules (the others are built in).
+    pub fn preload(&self, wanted: &[String]) -> Vec<String> {
+        PRELOAD
+            .iter()
+            .filter(|m| {
+                wanted.iter().any(|w| {
+                    w.rsplit('/')
+                        .next()
+                        .and_then(|f| f.split('.').next())
+                        .is_some_and(|stem| stem == **m)
+                })
+            })
+            .map(|m| (*m).to_owned())
+            .collect()
     }
 
     /// The module files (relative to [`Kernel::modules_dir`]) of [`MODULE_DIRS`] plus

@@ -175,7 +175,8 @@ impl Tree {
 
     /// The kernel's modules for the testbed (see [`Kernel::wanted_modules`]) with the
     /// `modules.*` indexes busybox's modprobe reads.
-    pub fn add_modules(&mut self, kernel: &Kernel) -> anyhow::Result<usize> {
+    /// Returns the modules init is to load up front.
+    pub fn add_modules(&mut self, kernel: &Kernel) -> anyhow::Result<Vec<String>> {
         let src = kernel.modules_dir();
         let guest = Path::new("/lib/modules").join(&kernel.release);
         let wanted = kernel.wanted_modules()?;
@@ -189,13 +190,13 @@ impl Tree {
                 self.copy(&path, &guest.join(&name))?;
             }
         }
-        Ok(wanted.len())
+        Ok(kernel.preload(&wanted))
     }
 
     /// The init script: mounts, modules, then each run with its output on the results
     /// port between marker lines, then power off.
-    pub fn add_init(&self, runs: &[Run]) -> anyhow::Result<()> {
-        self.write(Path::new("/init"), &init_script(runs), 0o755)
+    pub fn add_init(&self, preload: &[String], runs: &[Run]) -> anyhow::Result<()> {
+        self.write(Path::new("/init"), &init_script(preload, runs), 0o755)
     }
 
     /// Packs the tree as an uncompressed newc cpio archive (the kernel unpacks it fastest
@@ -301,8 +302,8 @@ fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-fn init_script(runs: &[Run]) -> String {
-    let preload = super::catalog::PRELOAD.join(" ");
+fn init_script(preload: &[String], runs: &[Run]) -> String {
+    let preload = preload.join(" ");
     let mut s = format!(
         r#"#!/bin/busybox sh
 # The kernel matrix's guest init, written by `cargo xtask kernels`: runs the test
@@ -315,6 +316,7 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mount -t bpf bpf /sys/fs/bpf
+set -o pipefail
 R=/dev/ttyS1
 say() {{ echo "{MARKER} $*" > $R; }}
 up() {{ cut -d' ' -f1 /proc/uptime; }}
@@ -325,25 +327,39 @@ for m in {preload}; do modprobe "$m" 2>/dev/null || missing="$missing $m"; done
 [ -n "$missing" ] && say missing-module $missing
 ip link set lo up
 export XHOST_USER_BIN={BIN_DIR}/xhost-user XH_PROBE_BIN={BIN_DIR}/xh-probe RUST_BACKTRACE=1
+# run SUITE ATTACH ENV BINARY ARGS...: its output goes to the results port as it comes;
+# the tests that failed run once more on their own, reported as a retry (timing-bound
+# tests can lose a race under TCG; a test that fails twice fails).
 run() {{
-  suite=$1 attach=$2
-  shift 2
+  suite=$1 attach=$2 envs=$3 bin=$4
+  shift 4
   say begin "$suite" "$attach" "$(up)"
-  "$@" > $R 2>&1
+  env $envs "$bin" "$@" 2>&1 | tee /tmp/run.out > $R
   rc=$?
   say end "$suite" "$attach" "$rc" "$(up)"
+  failed=$(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' /tmp/run.out)
+  if [ "$rc" != 0 ] && [ -n "$failed" ]; then
+    say begin-retry "$suite" "$attach" "$(up)"
+    env $envs "$bin" --test-threads=1 --exact $failed > $R 2>&1
+    say end-retry "$suite" "$attach" "$?" "$(up)"
+  fi
 }}
 "#
     );
     for r in runs {
-        let mut line = format!("run {} {}", quote(&r.suite), quote(&r.attach));
-        if !r.env.is_empty() {
-            line.push_str(" env");
-            for (k, v) in &r.env {
-                line.push(' ');
-                line.push_str(&quote(&format!("{k}={v}")));
-            }
-        }
+        // Split by the guest's shell: names and values are plain words.
+        let envs = r
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut line = format!(
+            "run {} {} {}",
+            quote(&r.suite),
+            quote(&r.attach),
+            quote(&envs)
+        );
         for a in &r.argv {
             line.push(' ');
             line.push_str(&quote(a));
@@ -376,14 +392,17 @@ mod tests {
 
     #[test]
     fn init_runs_each_suite_between_markers() {
-        let s = init_script(&[Run {
-            suite: "datapath".into(),
-            attach: "tc".into(),
-            env: vec![("XHOST_TEST_ATTACH".into(), "tc".into())],
-            argv: vec!["/xh/datapath".into(), "--exact".into(), "a_test".into()],
-        }]);
+        let s = init_script(
+            &["veth".to_owned()],
+            &[Run {
+                suite: "datapath".into(),
+                attach: "tc".into(),
+                env: vec![("XHOST_TEST_ATTACH".into(), "tc".into())],
+                argv: vec!["/xh/datapath".into(), "--exact".into(), "a_test".into()],
+            }],
+        );
         assert!(s.contains(
-            "run 'datapath' 'tc' env 'XHOST_TEST_ATTACH=tc' '/xh/datapath' '--exact' 'a_test'\n"
+            "run 'datapath' 'tc' 'XHOST_TEST_ATTACH=tc' '/xh/datapath' '--exact' 'a_test'\n"
         ));
         assert!(s.ends_with("say done \"$(up)\"\npoweroff -f\n"));
         assert_eq!(quote("it's"), r"'it'\''s'");

@@ -65,6 +65,18 @@ const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 8] = [
 /// First kernel whose BPF_PROG_TEST_RUN takes `__sk_buff.ingress_ifindex`.
 const TEST_RUN_INGRESS_IFINDEX_SINCE: (u32, u32) = (5, 16);
 
+/// Tests known to fail on a kernel, still run and shown, that do not fail the matrix:
+/// (kernel series, attach method, suite, test, what is known). Each is a finding to fix
+/// in the datapath; a known failure that passes is reported so it can come off the list.
+const KNOWN_FAILURES: &[((u32, u32), &str, &str, &str, &str)] = &[(
+    (5, 10),
+    "tc",
+    "datapath",
+    "ttl_expiring_at_the_host_is_left_to_the_kernel",
+    "VXLAN mode on 5.10: host B's ICMP time exceeded for a packet it got through the tunnel \
+     does not reach container A (native mode passes); not yet found",
+)];
+
 /// Environment variable telling the namespace tests which attach method to ask the
 /// agent for.
 const ATTACH_ENV: &str = "XHOST_TEST_ATTACH";
@@ -101,9 +113,12 @@ impl Default for Options {
     }
 }
 
-/// Where the kernel packages, their unpacked trees and the logs live.
+/// Where the kernel packages, their unpacked trees and the logs live, in the target
+/// directory (`scripts/setup.sh` is told the same place).
+pub const CACHE_DIR: &str = "kernels";
+
 fn cache_dir() -> anyhow::Result<PathBuf> {
-    Ok(workspace::target_dir()?.join("kernels"))
+    Ok(workspace::target_dir()?.join(CACHE_DIR))
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -157,8 +172,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     for kernel in &kernels {
         let plan = plan(kernel, &agent_attach, &opts.attach);
         let mut tree = Tree::new(scratch.0.join(&kernel.release))?;
-        let modules = tree.add_modules(kernel)?;
-        tree.add_init(&plan.runs)?;
+        let preload = tree.add_modules(kernel)?;
+        tree.add_init(&preload, &plan.runs)?;
         let kernel_cpio = scratch.0.join(format!("{}.cpio", kernel.release));
         tree.pack(&kernel_cpio)?;
         drop(tree);
@@ -166,9 +181,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         let initrd = scratch.0.join(format!("{}.initrd", kernel.release));
         concat(&[&userland_cpio, &kernel_cpio], &initrd)?;
         eprintln!(
-            "kernels: booting {} ({}, {modules} modules) for: {}",
+            "kernels: booting {} ({}, loading {}) for: {}",
             kernel.release,
             kernel.suite,
+            preload.join(" "),
             plan.runs
                 .iter()
                 .map(|r| format!("{} [{}]", r.suite, r.attach))
@@ -434,6 +450,23 @@ struct KernelRow {
 }
 
 impl KernelRow {
+    /// The known failures of a planned run on this kernel, with what is known.
+    fn known(&self, planned: &Run) -> Vec<(&'static str, &'static str)> {
+        KNOWN_FAILURES
+            .iter()
+            .filter(|(series, attach, suite, _, _)| {
+                *series == self.kernel.version
+                    && *attach == planned.attach
+                    && *suite == planned.suite
+            })
+            .map(|(_, _, _, test, why)| (*test, *why))
+            .collect()
+    }
+
+    fn known_names(&self, planned: &Run) -> Vec<&'static str> {
+        self.known(planned).into_iter().map(|(t, _)| t).collect()
+    }
+
     /// The run the guest reported for a planned run, if any.
     fn reported(&self, planned: &Run) -> Option<&SuiteRun> {
         self.report
@@ -457,7 +490,7 @@ impl KernelRow {
         }
         for planned in &self.plan.runs {
             match self.reported(planned) {
-                Some(r) if r.ok() => {}
+                Some(r) if r.ok_except(&self.known_names(planned)) => {}
                 Some(r) => out.push(format!(
                     "{k} {} [{}]: {}",
                     r.suite,
@@ -495,8 +528,15 @@ fn print_matrix(rows: &[KernelRow]) {
             let r = row.reported(planned);
             let c = r.and_then(|r| r.counts);
             let num = |f: fn(&results::Counts) -> u32| c.map_or("-".into(), |c| f(&c).to_string());
+            let known = row.known_names(planned);
             let result = match r {
+                Some(r) if r.ok() && !r.flaky().is_empty() => {
+                    format!("ok; passed on retry: {}", r.flaky().join(", "))
+                }
                 Some(r) if r.ok() => "ok".to_owned(),
+                Some(r) if r.ok_except(&known) => {
+                    format!("ok but for known failures: {}", r.failed_twice().join(", "))
+                }
                 Some(_) => "FAILED".to_owned(),
                 None => "not run".to_owned(),
             };
@@ -547,6 +587,32 @@ fn print_matrix(rows: &[KernelRow]) {
     );
     for row in rows {
         for planned in &row.plan.runs {
+            if let Some(r) = row.reported(planned).filter(|r| !r.flaky().is_empty()) {
+                println!(
+                    "\n--- {} {} [{}]: failed, then passed on retry ---\n{}",
+                    row.kernel.release,
+                    r.suite,
+                    r.attach,
+                    r.failure_excerpt(30)
+                );
+            }
+            let known = row.known(planned);
+            if let Some(r) = row.reported(planned) {
+                let still = r.failed_twice();
+                for (test, why) in &known {
+                    if r.ok() || !still.iter().any(|t| t == test) {
+                        println!(
+                            "{} {} [{}]: known failure {test} passed: take it off KNOWN_FAILURES",
+                            row.kernel.release, r.suite, r.attach
+                        );
+                    } else {
+                        println!(
+                            "{} {} [{}]: known failure {test}: {why}",
+                            row.kernel.release, r.suite, r.attach
+                        );
+                    }
+                }
+            }
             if let Some(r) = row.reported(planned).filter(|r| !r.ok()) {
                 println!(
                     "\n--- {} {} [{}] ---\n{}",

@@ -32,6 +32,8 @@ pub struct SuiteRun {
     pub secs: Option<f64>,
     /// Everything the binary printed.
     pub output: String,
+    /// The failed tests run once more on their own.
+    pub retry: Option<Box<SuiteRun>>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,7 +47,50 @@ impl SuiteRun {
     /// Passed: the binary exited 0, libtest reported no failure, and at least one test ran
     /// (a filter that matches nothing must not look like success).
     pub fn ok(&self) -> bool {
+        self.clean() || !self.flaky().is_empty()
+    }
+
+    fn clean(&self) -> bool {
         self.exit == Some(0) && self.counts.is_some_and(|c| c.failed == 0 && c.passed > 0)
+    }
+
+    /// Tests that failed and then passed when run again on their own: all of the failed
+    /// ones, or none (a run with any test failing twice is not flaky but failed).
+    pub fn flaky(&self) -> Vec<String> {
+        let Some(retry) = self.retry.as_deref() else {
+            return Vec::new();
+        };
+        let failed = self.counts.map_or(0, |c| c.failed as usize);
+        let all_passed = retry.clean()
+            && retry.counts.is_some_and(|c| c.passed as usize == failed)
+            && failed == self.failed_tests.len();
+        if all_passed {
+            self.failed_tests.clone()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Tests that failed and, run again, failed again (or were not run again).
+    pub fn failed_twice(&self) -> Vec<String> {
+        match self.retry.as_deref() {
+            Some(retry) if retry.counts.is_some() => retry.failed_tests.clone(),
+            _ => self.failed_tests.clone(),
+        }
+    }
+
+    /// [`SuiteRun::ok`], or every test that failed twice is one of `known` (a known
+    /// failure on this kernel) and the run otherwise completed.
+    pub fn ok_except(&self, known: &[&str]) -> bool {
+        if self.ok() {
+            return true;
+        }
+        let still = self.failed_twice();
+        let complete = self.exit.is_some()
+            && self
+                .counts
+                .is_some_and(|c| c.passed > 0 && c.failed as usize == self.failed_tests.len());
+        complete && !still.is_empty() && still.iter().all(|t| known.contains(&t.as_str()))
     }
 
     /// libtest's `failures:` section (panic messages, verifier logs), else the output's
@@ -99,6 +144,7 @@ impl Report {
 pub fn parse(text: &str) -> Report {
     let mut report = Report::default();
     let mut current: Option<(SuiteRun, f64)> = None;
+    let mut retrying = false;
     for raw in text.lines() {
         let line = raw.trim_end_matches('\r');
         let Some(rest) = line.strip_prefix(MARKER) else {
@@ -117,7 +163,7 @@ pub fn parse(text: &str) -> Report {
             Some("missing-module") => report
                 .missing_modules
                 .extend(words[1..].iter().map(|s| (*s).to_owned())),
-            Some("begin") if words.len() >= 3 => {
+            Some(kind @ ("begin" | "begin-retry")) if words.len() >= 3 => {
                 // A begin without an end: the previous run was cut short.
                 if let Some((run, _)) = current.take() {
                     report.runs.push(run);
@@ -128,13 +174,23 @@ pub fn parse(text: &str) -> Report {
                     ..SuiteRun::default()
                 };
                 current = Some((run, num(3).unwrap_or(0.0)));
+                retrying = kind == "begin-retry";
             }
-            Some("end") if words.len() >= 4 => {
+            Some("end" | "end-retry") if words.len() >= 4 => {
                 if let Some((mut run, began)) = current.take() {
                     run.exit = words[3].parse().ok();
                     run.secs = num(4).map(|t| t - began);
-                    report.runs.push(run);
+                    let first = report
+                        .runs
+                        .iter_mut()
+                        .rev()
+                        .find(|r| r.suite == run.suite && r.attach == run.attach);
+                    match first {
+                        Some(first) if retrying => first.retry = Some(Box::new(run)),
+                        _ => report.runs.push(run),
+                    }
                 }
+                retrying = false;
             }
             Some("done") => report.done_uptime = num(1),
             _ => {}
@@ -237,6 +293,31 @@ test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 20 filtered out; fin
         assert!(d.ok(), "{d:?}");
         assert_eq!(d.attach, "tc");
         assert!((d.secs.unwrap_or(0.0) - 30.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_retry_passing_every_failed_test_is_flaky_not_failed() {
+        let first = "@@xhkm begin prog_test_run - 1.0\n\
+                     test a ... ok\ntest b ... FAILED\n\
+                     test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out\n\
+                     @@xhkm end prog_test_run - 101 2.0\n";
+        let retry_ok = "@@xhkm begin-retry prog_test_run - 2.0\ntest b ... ok\n\
+                        test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 1 filtered out\n\
+                        @@xhkm end-retry prog_test_run - 0 3.0\n@@xhkm done 3.0\n";
+        let r = parse(&format!("{first}{retry_ok}"));
+        assert_eq!(r.runs.len(), 1);
+        assert!(r.runs[0].ok());
+        assert_eq!(r.runs[0].flaky(), ["b"]);
+        let retry_failed = retry_ok
+            .replace("test b ... ok", "test b ... FAILED")
+            .replace("ok. 1 passed; 0 failed", "FAILED. 0 passed; 1 failed")
+            .replace("- 0 3.0", "- 101 3.0");
+        let r = parse(&format!("{first}{retry_failed}"));
+        assert!(!r.runs[0].ok(), "failed twice");
+        assert!(r.runs[0].flaky().is_empty());
+        assert!(!parse(first).runs[0].ok(), "no retry");
+        assert!(r.runs[0].ok_except(&["b"]), "a known failure");
+        assert!(!r.runs[0].ok_except(&["c"]), "an unknown one");
     }
 
     #[test]
