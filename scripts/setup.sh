@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing xhost needs, skipping what is there.
-# Safe to run any number of times. See ../shared/TOOLCHAIN.md for why each
-# piece is needed:
+# Safe to run any number of times. docs/building.md says why each piece is
+# needed:
 #   - a Rust compiler with the `core` sources for the eBPF target: rustup's
 #     nightly with rust-src if present, else Debian's rustc-web +
 #     rust-web-src, linked into rustup as the toolchain `xhost-bpf`;
@@ -12,6 +12,9 @@
 #     Debian's cloud kernel packages (5.10 from bullseye, 6.1 from bookworm,
 #     6.12 from bookworm-backports), downloaded once into the kernel cache
 #     ($XHOST_KERNELS_DIR, else target/kernels) and never installed.
+#   - etcd (server and etcdctl) for cluster mode's tests, and protoc with the
+#     well-known .proto files (libprotobuf-dev, only "Recommended" by
+#     protobuf-compiler, so named here) that the etcd-client crate builds with.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -19,7 +22,8 @@ cd "$(dirname "$0")/.."
 BPF_LINKER_VERSION=0.13.0
 LLVM=/usr/lib/llvm-22
 APT_TOOLS=(iproute2 iputils-ping iperf3 sockperf tcpdump iptables ethtool conntrack bpftool
-           docker.io busybox-static curl ca-certificates cpio procps util-linux)
+           docker.io busybox-static curl ca-certificates cpio procps util-linux
+           etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 APT_RUST=(rustc-web cargo-web rust-web-src)
 APT_LLVM=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev)
 

@@ -2,7 +2,9 @@
 //! namespace with its own data root, exec root and socket, and torn down on drop
 //! (containers, daemon, leftover processes, mounts, directory).
 //!
-//! Recipe and engine facts: `/work/shared/DOCKER.md`. Nothing here pulls images or
+//! Engine facts this relies on: `nsenter --net` rather than `ip netns exec` (which remounts
+//! /sys and hides the cgroup mounts dockerd needs), and `--init` so that `sleep` as PID 1
+//! stops on SIGTERM instead of after the 10 s grace. Nothing here pulls images or
 //! resolves names: the only image is [`BUSYBOX_IMAGE`], imported from the local busybox.
 
 use std::{
@@ -855,7 +857,7 @@ fn stop_child(child: &mut Child, grace: Duration) -> Result<ExitStatus> {
     child.wait().map_err(io("waiting for dockerd"))
 }
 
-/// Populates `rootfs` as in DOCKER.md: busybox, its applet links, passwd/group, /tmp.
+/// Populates `rootfs` for `docker import`: busybox, its applet links, passwd/group, /tmp.
 fn build_rootfs(busybox: &Path, rootfs: &Path) -> Result<()> {
     for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "root"] {
         fs::create_dir_all(rootfs.join(d)).map_err(io("creating the rootfs"))?;

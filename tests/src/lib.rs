@@ -9,6 +9,7 @@
 //! Tests that use this crate touch kernel state and must run as root with `--test-threads=1`.
 
 mod cidr;
+pub mod cluster;
 pub mod cmd;
 pub mod docker;
 pub mod docker_engine;

@@ -558,7 +558,7 @@ pub enum LatencyMode {
     /// ~20 us when the other vCPU is halted) and no busy loop starving ksoftirqd.
     Pinned,
     /// `--nonblocked --timeout 0` on both ends (busy polling), client and server on
-    /// different CPUs: the method issue 4 asks for, and the lowest latency. It needs both
+    /// different CPUs: the method the latency targets ask for, and the lowest latency. It needs both
     /// CPUs of a 2-vCPU VM: if softirq work is deferred to ksoftirqd, the spinning
     /// process keeps it off the CPU until the next scheduler tick (~4 ms at HZ=250), so
     /// the p50 is kept next to the mean to show such a run.

@@ -274,7 +274,12 @@ impl Topology {
 }
 
 impl Host {
-    fn build(letter: &str, ns: NetNs, h: &HostOpts, opts: &TopologyOpts) -> Result<Self> {
+    pub(crate) fn build(
+        letter: &str,
+        ns: NetNs,
+        h: &HostOpts,
+        opts: &TopologyOpts,
+    ) -> Result<Self> {
         let role = format!("host-{letter}");
         let bridge_ip = h
             .subnet
@@ -385,6 +390,31 @@ impl Host {
         &self.underlay_iface
     }
 
+    /// Adds a simulated container with address `ip` on the bridge.
+    pub(crate) fn add_container(&mut self, role: &str, ip: Ipv4Addr) -> Result<()> {
+        let mtu = self
+            .ns
+            .ip(&["-o", "link", "show", "dev", &self.bridge])
+            .ok()
+            .and_then(|o| {
+                let t = String::from_utf8_lossy(&o.stdout).into_owned();
+                t.split_whitespace()
+                    .skip_while(|w| *w != "mtu")
+                    .nth(1)
+                    .and_then(|m| m.parse().ok())
+            });
+        let c = Container::build(
+            &self.ns,
+            role,
+            self.subnet.with_addr(ip),
+            self.bridge_ip,
+            &self.bridge,
+            mtu.unwrap_or(1500),
+        )?;
+        self.containers.push(c);
+        Ok(())
+    }
+
     /// The host's containers, in address order.
     pub fn containers(&self) -> &[Container] {
         &self.containers
@@ -421,7 +451,7 @@ impl Host {
 }
 
 impl Container {
-    fn build(
+    pub(crate) fn build(
         host: &NetNs,
         role: &str,
         ip: Ipv4Cidr,

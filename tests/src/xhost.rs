@@ -236,6 +236,55 @@ impl EndpointMap {
     }
 }
 
+/// Name of the pinned route map (`xhost_common::MAP_ROUTES`).
+const MAP_ROUTES: &str = "ROUTES";
+/// Size of its value (`xhost_common::Peer`: host address, flags).
+const PEER_SIZE: usize = 8;
+
+/// An instance's pinned `ROUTES` map, read in-process, for benches that
+/// poll it every few hundred microseconds.
+pub struct RoutesMap {
+    map: aya::maps::LpmTrie<aya::maps::MapData, [u8; 4], [u8; PEER_SIZE]>,
+}
+
+impl RoutesMap {
+    pub fn open(dirs: &AgentDirs) -> Result<Self> {
+        let path = dirs.pin_dir.join(MAP_ROUTES);
+        let err = |e: aya::maps::MapError| {
+            Error::Config(format!("opening pinned map {}: {e}", path.display()))
+        };
+        let data = aya::maps::MapData::from_pin(&path).map_err(err)?;
+        let map = aya::maps::Map::from_map_data(data).map_err(err)?;
+        Ok(Self {
+            map: map.try_into().map_err(err)?,
+        })
+    }
+
+    /// Every prefix in the map.
+    pub fn prefixes(&self) -> Result<std::collections::BTreeSet<(Ipv4Addr, u8)>> {
+        let mut out = std::collections::BTreeSet::new();
+        for k in self.map.keys() {
+            let k = k.map_err(|e| Error::Config(format!("reading ROUTES: {e}")))?;
+            out.insert((Ipv4Addr::from(k.data()), k.prefix_len() as u8));
+        }
+        Ok(out)
+    }
+
+    pub fn count(&self) -> Result<usize> {
+        Ok(self.prefixes()?.len())
+    }
+
+    /// Whether a lookup of `addr/len` finds a route (longest match).
+    pub fn contains(&self, addr: Ipv4Addr, len: u8) -> Result<bool> {
+        let key = aya::maps::lpm_trie::Key::new(u32::from(len), addr.octets());
+        match self.map.get(&key, 0) {
+            Ok(_) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(Error::Config(format!("reading ROUTES: {e}"))),
+        }
+    }
+}
+
 /// Resident memory of a process in KiB (`VmRSS` of `/proc/<pid>/status`).
 pub fn vm_rss_kib(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
@@ -257,6 +306,8 @@ pub struct Agent {
     process: Process,
     pub dirs: AgentDirs,
     ns_path: PathBuf,
+    /// Leave pins and run state behind on drop ([`Agent::kill`]).
+    keep: bool,
 }
 
 impl Agent {
@@ -268,6 +319,20 @@ impl Agent {
     /// As [`Agent::start`], with the `xhost-user` binary `bin`.
     pub fn start_with(bin: &Path, ns: &NetNs, role: &str, args: &[&str]) -> Result<Self> {
         let mut agent = Self::spawn(bin, ns, role, AgentDirs::unique(role), args)?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// As [`Agent::start_with`], in the pin and run directories `dirs`
+    /// (a restart of an agent that [`Agent::kill`] left behind).
+    pub fn start_in(
+        bin: &Path,
+        ns: &NetNs,
+        role: &str,
+        dirs: AgentDirs,
+        args: &[&str],
+    ) -> Result<Self> {
+        let mut agent = Self::spawn(bin, ns, role, dirs, args)?;
         agent.wait_ready()?;
         Ok(agent)
     }
@@ -291,6 +356,7 @@ impl Agent {
             process,
             dirs,
             ns_path: ns.path(),
+            keep: false,
         })
     }
 
@@ -299,6 +365,17 @@ impl Agent {
         self.process
             .wait_for_line(|l| l.trim() == "ready", Duration::from_secs(20))
             .map(drop)
+    }
+
+    /// SIGKILLs the agent and waits for it: its pinned datapath keeps
+    /// forwarding and its run state stays. The caller owns the returned
+    /// directories (clean them with `xhost-user unload` and
+    /// [`remove_instance`]).
+    pub fn kill(mut self) -> Result<AgentDirs> {
+        self.process.signal(Signal::SIGKILL)?;
+        self.process.wait_timeout(Duration::from_secs(10))?;
+        self.keep = true;
+        Ok(self.dirs.clone())
     }
 
     pub fn pid(&self) -> u32 {
@@ -341,7 +418,9 @@ impl Drop for Agent {
         // left are removed here so no test leaks them.
         let _ = self.process.signal(Signal::SIGTERM);
         let _ = self.process.wait_timeout(Duration::from_secs(10));
-        remove_instance(&self.dirs);
+        if !self.keep {
+            remove_instance(&self.dirs);
+        }
     }
 }
 

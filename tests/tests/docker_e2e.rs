@@ -760,7 +760,7 @@ fn run_batches(
 
 // --- The tests -------------------------------------------------------------------------------
 
-/// Issue 3, test 1: containers on two real engines reach each other by container IP, both
+/// Containers on two real engines reach each other by container IP, both
 /// ways, with Docker's own rules in place and no route or rule added by hand; `status`
 /// shows what the agent learnt from Docker.
 #[test]
@@ -881,7 +881,7 @@ fn assert_both_ways_through_xhost(tb: &Testbed, ip_a: Ipv4Addr, ip_b: Ipv4Addr, 
     }
 }
 
-/// Issue 3, test 2: a container started after the agent is served within a second of its
+/// A container started after the agent is served within a second of its
 /// start event; one removed with `docker rm -f` leaves the maps.
 #[test]
 fn container_started_later_is_served_within_a_second_and_forgotten_on_rm() {
@@ -1104,7 +1104,7 @@ fn requests_waiting_for_a_starting_container_go_when_it_enters_the_map() {
     tb.finish();
 }
 
-/// Issue 3, test 3: a user network created after the agent is followed (its bridge gets
+/// A user network created after the agent is followed (its bridge gets
 /// the program, its subnet is local, its containers reach host B), and `docker network
 /// rm` takes all of it away again.
 #[test]
@@ -1194,7 +1194,7 @@ fn user_network_is_followed_and_forgotten() {
     tb.finish();
 }
 
-/// Issue 3, test 4: an engine restart while a ping runs through it loses only what was
+/// An engine restart while a ping runs through it loses only what was
 /// sent while the container itself was down, and the maps equal Docker's state afterwards.
 #[test]
 fn engine_restart_loses_only_the_containers_down_time() {
@@ -1417,7 +1417,7 @@ impl Drop for Resume {
     }
 }
 
-/// Issue 3, test 5: an agent loaded before its engine exists stays up, reports Docker as
+/// An agent loaded before its engine exists stays up, reports Docker as
 /// unreachable, and picks the engine up once it starts.
 #[test]
 fn agent_waits_for_an_engine_that_starts_later() {
@@ -1471,7 +1471,7 @@ fn agent_waits_for_an_engine_that_starts_later() {
     tb.finish();
 }
 
-/// Issue 3, test 6: `xhost-user export` on host A prints its `[[peer]]` entry with the
+/// `xhost-user export` on host A prints its `[[peer]]` entry with the
 /// Docker subnets, and host B runs on exactly that as its config.
 #[test]
 fn exported_peer_entry_is_a_working_config() {
@@ -1541,7 +1541,7 @@ fn exported_peer_entry_is_a_working_config() {
     tb.finish();
 }
 
-/// Issue 3, test 7: a test failing with everything running (engines, containers, a user
+/// A test failing with everything running (engines, containers, a user
 /// network, agents) still leaves nothing behind: the guards run while unwinding.
 #[test]
 fn testbed_leaves_nothing_behind_even_when_a_test_panics() {

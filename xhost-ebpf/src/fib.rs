@@ -260,7 +260,7 @@ pub fn redirect_neigh(ifindex: u32, nexthop: [u8; 4]) -> i32 {
 /// into one.
 #[inline(always)]
 pub fn zeroed_in<T: Copy>(slot: &mut MaybeUninit<T>) -> &mut T {
-    const { assert!(size_of::<T>() % 4 == 0 && align_of::<T>() >= 4) };
+    const { assert!(size_of::<T>().is_multiple_of(4) && align_of::<T>() >= 4) };
     let words = slot.as_mut_ptr().cast::<u32>();
     for i in 0..size_of::<T>() / 4 {
         // SAFETY: word `i` lies within `slot`, which is 4-aligned.

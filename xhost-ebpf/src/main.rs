@@ -74,7 +74,7 @@ impl Verdict {
 
     const fn drop(reason: u32) -> Self {
         Self {
-            action: TC_ACT_SHOT as i32,
+            action: TC_ACT_SHOT,
             reason,
         }
     }
@@ -193,17 +193,17 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
         (true, WireLen::Max(len), Encap::No | Encap::Here) => flow::lookup(iif, src, dst, len),
         _ => flow::Lookup::Off,
     };
-    if let flow::Lookup::Hit(hop) = &cached {
-        if to_mac == hop.gw_mac {
-            if ttl <= 1 {
-                return Verdict::pass(stat::PASS_TTL);
-            }
-            if encap == Encap::Here {
-                return send_encapsulated(ctx, &f, hop.peer, &NextHop::resolved(hop));
-            }
-            rewrite(&f, hop.smac, hop.dmac);
-            return redirect(hop.ifindex, stat::FWD_EGRESS);
+    if let flow::Lookup::Hit(hop) = &cached
+        && to_mac == hop.gw_mac
+    {
+        if ttl <= 1 {
+            return Verdict::pass(stat::PASS_TTL);
         }
+        if encap == Encap::Here {
+            return send_encapsulated(ctx, &f, hop.peer, &NextHop::resolved(hop));
+        }
+        rewrite(&f, hop.smac, hop.dmac);
+        return redirect(hop.ifindex, stat::FWD_EGRESS);
     }
     let Some(peer_host) = route_of(dst) else {
         // Host-bound, local, or the internet (Docker's MASQUERADE).
@@ -388,7 +388,7 @@ fn into_endpoint(f: &parse::Ipv4Frame, ep: &Endpoint) -> Verdict {
 fn endpoint(addr: [u8; 4]) -> Endpoint {
     // SAFETY: HashMap::get hands out a reference the agent may overwrite
     // concurrently; the value is copied out at once.
-    unsafe { ENDPOINTS.get(&addr) }.map_or(NO_ENDPOINT, |e| *e)
+    unsafe { ENDPOINTS.get(addr) }.map_or(NO_ENDPOINT, |e| *e)
 }
 
 /// Decapsulated by the vxlan device: delivered as on the underlay, once the
@@ -492,7 +492,7 @@ fn redirect(ifindex: u32, reason: u32) -> Verdict {
 /// already rewritten, so it cannot go back to the kernel).
 #[inline(always)]
 fn forwarded(action: i32, reason: u32) -> Verdict {
-    if action == TC_ACT_REDIRECT as i32 {
+    if action == TC_ACT_REDIRECT {
         Verdict { action, reason }
     } else {
         Verdict::drop(stat::DROP_REDIRECT)

@@ -31,7 +31,7 @@ pub fn source_allowed<P: Packet>(ctx: &P, f: &Ipv4Frame, src: [u8; 4]) -> bool {
         return false;
     }
     // SAFETY: lookup of a plain key; the value is not dereferenced.
-    if unsafe { PEER_HOSTS.get(&src) }.is_none() {
+    if unsafe { PEER_HOSTS.get(src) }.is_none() {
         return false;
     }
     // Verifier: the header length is bounded (IHL is 4 bits) before use.

@@ -299,7 +299,7 @@ pub fn inbound(ctx: &TcContext, f: &Ipv4Frame) -> Option<Inbound> {
         return None;
     }
     // SAFETY: lookup of a plain key; the value is not dereferenced.
-    unsafe { UNDERLAY_ADDRS.get(&dst) }?;
+    unsafe { UNDERLAY_ADDRS.get(dst) }?;
     let Frame::Ipv4(inner) = parse_at(ctx, INNER_OFFSET) else {
         return None;
     };
@@ -389,7 +389,7 @@ pub fn sender(ctx: &TcContext) -> Option<[u8; 4]> {
     // SAFETY: an IPv4 key (no BPF_F_TUNINFO_IPV6) fills remote_ipv4.
     let outer = unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes();
     // SAFETY: lookup of a plain key; the value is not dereferenced.
-    unsafe { PEER_HOSTS.get(&outer) }.map(|_| outer)
+    unsafe { PEER_HOSTS.get(outer) }.map(|_| outer)
 }
 
 /// Whether `src` may be the inner source of what peer host `outer` sends:

@@ -2,7 +2,7 @@
 //! in step with Docker (and the config, re-read on SIGHUP) until
 //! SIGINT/SIGTERM, and detach cleanly.
 
-use std::{io::Write as _, net::Ipv4Addr, time::Duration};
+use std::{collections::BTreeSet, io::Write as _, net::Ipv4Addr, time::Duration};
 
 use anyhow::Context as _;
 use log::{error, info, warn};
@@ -12,20 +12,44 @@ use tokio::{
 };
 
 use crate::{
-    config::{self, LocalSubnet, Settings, Source},
+    config::{self, LocalSubnet, PeerConfig, Settings, Source},
     datapath::Datapath,
     docker::DockerView,
     layout::Layout,
     netlink::KernelEvents,
+    plan::{self, Limits, Peers, State},
     report::{AgentState, Attachment, DockerStatus},
-    state::{self, Desired, Peers},
-    tunnel::RouteDevice,
+    sources::{self, PeerSource},
+    store::{source::ClusterSource, sync::ClusterState},
+    writer::{KernelRoutes, KernelWriter, WriteError},
 };
 
 pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Result<()> {
     let settings = source.read()?;
     // Everything that can be checked is checked before the kernel is touched.
     let static_locals = config::validate(&settings)?;
+    if settings.cluster.is_some() && detach {
+        anyhow::bail!(
+            "cluster mode needs the agent running to renew this host's lease: drop --detach"
+        );
+    }
+    // Cluster mode: the store is a source of peers next to the config.
+    let mut cluster = match &settings.cluster {
+        Some(c) => {
+            let addr = underlay_address(&settings.iface)
+                .with_context(|| format!("{} has no IPv4 address to publish", settings.iface))?;
+            Some(ClusterSource::start(c, &settings, &layout, addr)?)
+        }
+        None => None,
+    };
+    let store_peers = match cluster.as_mut() {
+        Some(c) => {
+            let locals = static_locals.iter().map(|l| l.net).collect();
+            c.peers(&locals, &settings.peers).unwrap_or_default()
+        }
+        None => Vec::new(),
+    };
+    let peers = desired_peers(&settings, &store_peers)?;
     let mut dp = Datapath::load(
         &layout,
         settings.tunnel.map(|v| (settings.iface.as_str(), v)),
@@ -35,15 +59,29 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     dp.attach_tunnel()?;
     let underlay = crate::net::ifindex(&settings.iface)?;
     set_underlay_addrs(&mut dp, &settings.iface, underlay)?;
-    let route_dev = dp.route_device(underlay);
-    let mut peers = Peers::default();
-    state::apply_peers(&mut dp, &mut peers, &Peers::of(&settings.peers), route_dev)?;
-    let mut applied = Desired::default();
-    let want = state::desired(&static_locals, &[], &[], &settings.peers);
-    state::apply(&mut dp, &mut applied, &want)?;
+    let mut host = Host {
+        routes: KernelRoutes::new(dp.route_device(underlay)),
+        dp,
+        applied: State::default(),
+    };
+    // The peers, then the static bridges and their subnets.
+    let want = State {
+        local: sources::static_bridges(&static_locals, &peers),
+        peers,
+    };
+    host.write(&want)?;
+    let mut agent = Agent {
+        source,
+        settings,
+        static_locals,
+        want,
+        underlay,
+        cluster,
+    };
     // Endpoints already on static bridges, so the first packets take the
     // fast path; Docker's arrive asynchronously once it answers.
-    reconcile(&settings, &static_locals, None, &mut dp, &mut applied);
+    agent.reconcile(None, &mut host);
+    let settings = &agent.settings;
     if !crate::net::forwarding_enabled(&settings.iface) {
         warn!(
             "IPv4 forwarding is off on {}: the FIB refuses to forward, so xhost hands packets to the kernel",
@@ -51,15 +89,16 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         );
     }
 
-    if let Some(t) = dp.tunnel() {
+    if let Some(t) = host.dp.tunnel() {
         info!(
             "VXLAN mode: packets over MTU {} take the kernel's route through {}, which answers fragmentation-needed; give Docker networks that MTU (daemon.json \"mtu\", or -o com.docker.network.driver.mtu) to spare the round trip",
             t.mtu,
             crate::tunnel::DEVICE
         );
     }
-    let mut report = AgentState::new(&settings, xdp, detach);
-    report.refresh(&dp, &applied);
+    let mut report = AgentState::new(settings, xdp, detach);
+    report.cluster = agent.cluster.as_ref().map(|c| c.report.clone());
+    report.refresh(&host);
     // The state file is what `status` reads; failing to write it does not
     // stop the datapath (the maps are the truth), and the next change
     // writes it again.
@@ -67,6 +106,8 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         warn!("agent state: {e:#}");
     }
     if detach {
+        let Host { routes, dp, .. } = host;
+        routes.keep();
         dp.keep_running();
         println!("ready");
         info!("detached: the datapath stays loaded; `xhost-user unload` removes it");
@@ -81,18 +122,12 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     println!("ready");
     std::io::stdout().flush().ok();
 
-    let mut agent = Agent {
-        source,
-        settings,
-        static_locals,
-        peers,
-        route_dev,
-        underlay,
-    };
-    let res = agent
-        .follow(signals, &mut dp, &mut applied, &mut report)
-        .await;
-    drop(dp); // detaches and unpins
+    let res = agent.follow(signals, &mut host, &mut report).await;
+    // Revoke first: the other hosts drop this host's routes at once.
+    if let Some(c) = agent.cluster.take() {
+        c.stop().await;
+    }
+    drop(host); // deletes the kernel routes, detaches and unpins
     let _ = crate::layout::remove_file_if_exists(&layout.state_file());
     let _ = std::fs::remove_dir(&layout.run_dir);
     info!("unloaded");
@@ -108,15 +143,81 @@ struct Signals {
     hup: Signal,
 }
 
-/// What the running agent was configured with, and the peers it applied.
+/// What the running agent was configured with, and the peers its sources
+/// want.
 struct Agent {
     source: Source,
     settings: Settings,
     static_locals: Vec<LocalSubnet>,
-    peers: Peers,
-    route_dev: RouteDevice,
+    /// The desired state: the peers gathered from every source of peers,
+    /// and this host's side as the last step gathered it.
+    want: State,
     /// The underlay's ifindex.
     underlay: u32,
+    /// Cluster mode's store, a source of peers.
+    cluster: Option<ClusterSource>,
+}
+
+/// The single writer's side: what it writes to, and what it has written.
+/// Dropped in this order: the kernel routes go, then the datapath.
+struct Host {
+    routes: KernelRoutes,
+    dp: Datapath,
+    applied: State,
+}
+
+impl Host {
+    /// Plans the way from what is applied to `want` and carries it out. On
+    /// error `applied` reflects exactly what was done.
+    fn write(&mut self, want: &State) -> Result<(), WriteError> {
+        let ops = plan::plan(want, &self.applied, &Limits::DATAPATH);
+        let mut w = KernelWriter {
+            dp: &mut self.dp,
+            routes: &mut self.routes,
+        };
+        plan::execute(&mut w, &ops, &mut self.applied)
+    }
+
+    /// Moves the peer side alone to `peers`.
+    fn write_peers(&mut self, peers: &Peers) -> Result<(), WriteError> {
+        let want = State {
+            peers: peers.clone(),
+            local: self.applied.local.clone(),
+        };
+        self.write(&want)
+    }
+}
+
+/// The peers every source of peers wants, checked together: the config's
+/// and the cluster store's (whose plan already skips what overlaps the
+/// config, naming both).
+fn desired_peers(settings: &Settings, store: &[PeerConfig]) -> Result<Peers, sources::PeerError> {
+    sources::peers(
+        &[
+            PeerSource {
+                name: sources::CONFIG,
+                peers: &settings.peers,
+            },
+            PeerSource {
+                name: CLUSTER,
+                peers: store,
+            },
+        ],
+        &Limits::DATAPATH,
+    )
+}
+
+/// The cluster store as a source of peers.
+const CLUSTER: &str = "cluster store";
+
+/// Waits for the store's next state; never, without a store.
+async fn cluster_changed(
+    rx: &mut Option<tokio::sync::watch::Receiver<ClusterState>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match rx {
+        Some(r) => r.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Agent {
@@ -125,8 +226,7 @@ impl Agent {
     async fn follow(
         &mut self,
         mut signals: Signals,
-        dp: &mut Datapath,
-        applied: &mut Desired,
+        host: &mut Host,
         report: &mut AgentState,
     ) -> anyhow::Result<()> {
         let (tx, mut rx) = tokio::sync::watch::channel(None);
@@ -150,7 +250,8 @@ impl Agent {
             .map_err(|e| e.into_parts().1)
             .context("watching kernel changes")?;
         // What changed before the subscription is not known: retire it all.
-        retire_cached(dp);
+        retire_cached(&mut host.dp);
+        let mut cluster_rx = self.cluster.as_ref().map(ClusterSource::subscribe);
         let mut rescan = tokio::time::interval(RESCAN);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -158,7 +259,7 @@ impl Agent {
             tokio::select! {
                 _ = signals.int.recv() => break,
                 _ = signals.term.recv() => break,
-                _ = signals.hup.recv() => match self.reload(dp) {
+                _ = signals.hup.recv() => match self.reload(host) {
                     Ok(()) => reloaded = true,
                     Err(e) => {
                         error!("config reload refused, the running config stays: {e:#}");
@@ -182,6 +283,9 @@ impl Agent {
                     }
                 }
                 _ = rescan.tick(), if !self.static_locals.is_empty() => {}
+                changed = cluster_changed(&mut cluster_rx) => if changed.is_err() {
+                    cluster_rx = None;
+                },
                 ready = kernel.readable_mut() => {
                     let mut ready = ready.context("watching kernel changes")?;
                     let changes = ready.get_inner_mut().drain();
@@ -189,10 +293,10 @@ impl Agent {
                     match changes {
                         Ok(c) => {
                             if c.any {
-                                retire_cached(dp);
+                                retire_cached(&mut host.dp);
                             }
                             if c.addresses {
-                                self.follow_underlay_addrs(dp);
+                                self.follow_underlay_addrs(&mut host.dp);
                             }
                             if !c.link_deleted {
                                 continue;
@@ -200,26 +304,21 @@ impl Agent {
                         }
                         Err(e) => {
                             warn!("reading kernel changes: {e}");
-                            retire_cached(dp);
-                            self.follow_underlay_addrs(dp);
+                            retire_cached(&mut host.dp);
+                            self.follow_underlay_addrs(&mut host.dp);
                         }
                     }
                 }
             }
-            let before = applied.clone();
-            reconcile(
-                &self.settings,
-                &self.static_locals,
-                view.as_ref(),
-                dp,
-                applied,
-            );
+            let before = host.applied.clone();
+            self.reconcile(view.as_ref(), host);
             if reloaded {
                 report.peers = self.settings.peers.clone();
             }
-            if reloaded || *applied != before || report.docker_changed() {
-                report.refresh(dp, applied);
-                if let Err(e) = report.write(dp.layout()) {
+            let cluster_report = self.follow_cluster(host, report);
+            if reloaded || host.applied != before || report.docker_changed() || cluster_report {
+                report.refresh(host);
+                if let Err(e) = report.write(host.dp.layout()) {
                     warn!("agent state: {e:#}");
                 }
             }
@@ -228,6 +327,42 @@ impl Agent {
             w.abort();
         }
         Ok(())
+    }
+
+    /// One step of the single writer: the desired state from every source,
+    /// planned against what is applied and written.
+    fn reconcile(&mut self, view: Option<&DockerView>, host: &mut Host) {
+        self.want.local = sources::local(&self.static_locals, view, &self.want.peers);
+        if let Err(e) = host.write(&self.want) {
+            warn!("applying state: {e}");
+        }
+    }
+
+    /// Cluster mode: claims the local subnets in the store and, when the
+    /// store's peers change, writes them with the config's through the same
+    /// writer. Whether the report changed.
+    fn follow_cluster(&mut self, host: &mut Host, report: &mut AgentState) -> bool {
+        let Some(c) = self.cluster.as_mut() else {
+            return false;
+        };
+        let locals: BTreeSet<_> = host.applied.local.locals.keys().copied().collect();
+        c.set_locals(locals.clone());
+        if let Some(store) = c.peers(&locals, &self.settings.peers) {
+            match desired_peers(&self.settings, &store) {
+                Ok(peers) => {
+                    self.want.peers = peers;
+                    if let Err(e) = host.write(&self.want) {
+                        warn!("applying the cluster's peers: {e}");
+                    }
+                }
+                Err(e) => error!("the cluster's peers are refused, the previous ones stay: {e}"),
+            }
+        }
+        if report.cluster.as_ref() == Some(&c.report) {
+            return false;
+        }
+        report.cluster = Some(c.report.clone());
+        true
     }
 
     /// After the kernel reported address changes: `UNDERLAY_ADDRS` holds
@@ -242,14 +377,14 @@ impl Agent {
     /// bridges. A config that does not validate, or changes what only a
     /// restart can (underlay, XDP mode, Docker), is refused whole; a map
     /// write that fails puts the previous peers back.
-    fn reload(&mut self, dp: &mut Datapath) -> anyhow::Result<()> {
+    fn reload(&mut self, host: &mut Host) -> anyhow::Result<()> {
         let new = self.source.read()?;
         config::check_reloadable(&self.settings, &new)?;
         let static_locals = config::validate(&new)?;
-        let want = Peers::of(&new.peers);
-        if let Err(e) = state::apply_peers(dp, &mut self.peers, &want, self.route_dev) {
-            let back = Peers::of(&self.settings.peers);
-            let outcome = match state::apply_peers(dp, &mut self.peers, &back, self.route_dev) {
+        let store: &[PeerConfig] = self.cluster.as_ref().map_or(&[], |c| c.current());
+        let peers = desired_peers(&new, store)?;
+        if let Err(e) = host.write_peers(&peers) {
+            let outcome = match host.write_peers(&self.want.peers) {
                 Ok(()) => "the previous ones are back".to_owned(),
                 Err(e) => format!("putting the previous ones back failed too: {e}"),
             };
@@ -259,12 +394,13 @@ impl Agent {
         }
         info!(
             "config reloaded: {} peer(s), {} route(s), {} static bridge(s)",
-            self.peers.hosts.len(),
-            self.peers.routes.len(),
+            host.applied.peers.hosts.len(),
+            host.applied.peers.routes.len(),
             new.bridges.len()
         );
         self.settings = new;
         self.static_locals = static_locals;
+        self.want.peers = peers;
         Ok(())
     }
 }
@@ -289,40 +425,9 @@ fn retire_cached(dp: &mut Datapath) {
     }
 }
 
-/// One step of the single writer: desired state from every source, diffed
-/// into the datapath.
-fn reconcile(
-    settings: &Settings,
-    static_locals: &[LocalSubnet],
-    view: Option<&DockerView>,
-    dp: &mut Datapath,
-    applied: &mut Desired,
-) {
-    let (nets, mut eps) = view.map(state::docker_specs).unwrap_or_default();
-    // Bridges Docker does not manage: endpoints from the kernel's tables.
-    let managed: Vec<&str> = nets.iter().map(|(b, _)| b.as_str()).collect();
-    let mut statics: Vec<(String, Vec<crate::net::Ipv4Net>)> = Vec::new();
-    for l in static_locals
-        .iter()
-        .filter(|l| !managed.contains(&l.bridge.as_str()))
-    {
-        match statics.iter_mut().find(|(b, _)| *b == l.bridge) {
-            Some((_, v)) => v.push(l.net),
-            None => statics.push((l.bridge.clone(), vec![l.net])),
-        }
-    }
-    match state::kernel_endpoints(&statics) {
-        Ok(found) => eps.extend(found),
-        Err(e) => warn!("reading neighbour/FDB tables: {e}"),
-    }
-    let want = state::desired(static_locals, &nets, &eps, &settings.peers);
-    if let Err(e) = state::apply(dp, applied, &want) {
-        warn!("applying state: {e}");
-    }
-}
-
 impl AgentState {
-    fn refresh(&mut self, dp: &Datapath, applied: &Desired) {
+    fn refresh(&mut self, host: &Host) {
+        let (dp, applied) = (&host.dp, &host.applied.local);
         self.attachments = dp
             .attachments()
             .map(|(iface, hook)| Attachment {
@@ -342,15 +447,7 @@ impl AgentState {
             port: t.vxlan.port,
             mtu: t.mtu,
         });
-        self.kernel_routes = dp
-            .kernel_routes()
-            .iter()
-            .map(|(prefix, via, oif)| crate::report::KernelRoute {
-                prefix: *prefix,
-                via: *via,
-                oif: *oif,
-            })
-            .collect();
+        self.kernel_routes = host.routes.list().to_vec();
     }
 }
 

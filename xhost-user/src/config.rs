@@ -23,6 +23,13 @@ use crate::net::{self, CidrError, IfaceError, Ipv4Net};
 /// [[peer]]
 /// host = "172.16.91.132"
 /// subnets = ["192.168.220.0/24"]
+/// [etcd]              # optional: cluster mode (docs/cluster.md)
+/// endpoints = ["https://10.0.0.5:2379"]
+/// prefix = "/xhost/v1"
+/// cafile = "/etc/xhost/ca.pem"
+/// certfile = "/etc/xhost/client.pem"
+/// keyfile = "/etc/xhost/client-key.pem"
+/// lease_ttl = 10
 /// ```
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,6 +46,63 @@ pub struct FileConfig {
     pub attach: Option<AttachArg>,
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerConfig>,
+    pub etcd: Option<EtcdFile>,
+}
+
+/// The `[etcd]` table: cluster mode's store.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdFile {
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    pub prefix: Option<String>,
+    pub cafile: Option<PathBuf>,
+    pub certfile: Option<PathBuf>,
+    pub keyfile: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub lease_ttl: Option<i64>,
+    pub host_id: Option<String>,
+    pub pool_network: Option<String>,
+}
+
+/// Cluster mode's flags, as given.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdFlags {
+    pub endpoints: Vec<String>,
+    pub prefix: Option<String>,
+    pub cafile: Option<PathBuf>,
+    pub certfile: Option<PathBuf>,
+    pub keyfile: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub lease_ttl: Option<i64>,
+    pub host_id: Option<String>,
+    pub pool_network: Option<String>,
+}
+
+/// Default key prefix in etcd.
+pub const DEFAULT_ETCD_PREFIX: &str = "/xhost/v1";
+/// Default lease TTL in seconds: a dead host's routes leave the others
+/// within about this long, and an agent restarted within it keeps its
+/// claims. 10 s rides out three missed renewals (one every TTL/3) and a
+/// short store election, yet fails a host over faster than Docker's own
+/// health checks would notice.
+pub const DEFAULT_LEASE_TTL: i64 = 10;
+/// etcd refuses leases shorter than its election timeout allows.
+pub const MIN_LEASE_TTL: i64 = 2;
+pub const MAX_LEASE_TTL: i64 = 3600;
+
+/// Cluster mode, merged and checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSettings {
+    pub etcd: crate::store::etcd::EtcdOptions,
+    pub prefix: String,
+    pub lease_ttl: i64,
+    /// `None`: this host's underlay address.
+    pub host_id: Option<String>,
+    /// Docker network made from the cluster pool, if one is set.
+    pub pool_network: String,
 }
 
 /// How container traffic crosses the underlay.
@@ -190,6 +254,8 @@ pub enum ConfigError {
         old: String,
         new: String,
     },
+    #[error("{0}")]
+    Cluster(String),
     #[error(transparent)]
     Iface(#[from] IfaceError),
 }
@@ -250,6 +316,7 @@ pub struct FlagConfig {
     pub vni: Option<u32>,
     pub vxlan_port: Option<u16>,
     pub attach: Option<AttachArg>,
+    pub etcd: EtcdFlags,
 }
 
 /// Flags and file merged; not yet checked against the kernel.
@@ -265,6 +332,8 @@ pub struct Settings {
     pub tunnel: Option<Vxlan>,
     /// How TC programs are attached.
     pub attach: AttachArg,
+    /// Cluster mode: the other hosts' subnets from etcd.
+    pub cluster: Option<ClusterSettings>,
 }
 
 /// One setting given by a flag and the file: equal, or an error naming both
@@ -340,6 +409,7 @@ pub fn merge(flags: FlagConfig, file: Option<FileConfig>) -> Result<Settings, Co
     }
     let mut peers = file.peers;
     peers.extend(flags.peers);
+    let cluster = merge_cluster(flags.etcd, file.etcd)?;
     Ok(Settings {
         iface,
         bridges,
@@ -349,7 +419,137 @@ pub fn merge(flags: FlagConfig, file: Option<FileConfig>) -> Result<Settings, Co
         xdp_mode,
         tunnel,
         attach,
+        cluster,
     })
+}
+
+/// The `--etcd-*` flags and the `[etcd]` table, checked: `None` without
+/// endpoints (and then no other etcd setting may be given).
+pub fn merge_cluster(
+    f: EtcdFlags,
+    file: Option<EtcdFile>,
+) -> Result<Option<ClusterSettings>, ConfigError> {
+    let file = file.unwrap_or_default();
+    let bad = |m: String| Err(ConfigError::Cluster(m));
+    let endpoints = match (f.endpoints.is_empty(), file.endpoints.is_empty()) {
+        (false, false) if f.endpoints != file.endpoints => {
+            return bad(format!(
+                "--etcd-endpoints {} conflicts with endpoints = {:?} in the config file's [etcd]",
+                f.endpoints.join(","),
+                file.endpoints
+            ));
+        }
+        (false, _) => f.endpoints,
+        (true, _) => file.endpoints,
+    };
+    let path = |p: Option<PathBuf>| p.map(|p| p.display().to_string());
+    let prefix = agree("etcd-prefix", "prefix", f.prefix, file.prefix)?;
+    let cafile = agree("etcd-cafile", "cafile", path(f.cafile), path(file.cafile))?;
+    let certfile = agree(
+        "etcd-certfile",
+        "certfile",
+        path(f.certfile),
+        path(file.certfile),
+    )?;
+    let keyfile = agree(
+        "etcd-keyfile",
+        "keyfile",
+        path(f.keyfile),
+        path(file.keyfile),
+    )?;
+    let username = agree("etcd-username", "username", f.username, file.username)?;
+    let password = f.password.or(file.password);
+    let lease_ttl = agree("lease-ttl", "lease_ttl", f.lease_ttl, file.lease_ttl)?;
+    let host_id = agree("host-id", "host_id", f.host_id, file.host_id)?;
+    let pool_network = agree(
+        "pool-network",
+        "pool_network",
+        f.pool_network,
+        file.pool_network,
+    )?;
+    if endpoints.is_empty() {
+        let given = [
+            ("--etcd-prefix", prefix.is_some()),
+            ("--etcd-cafile", cafile.is_some()),
+            ("--etcd-certfile", certfile.is_some()),
+            ("--etcd-keyfile", keyfile.is_some()),
+            ("--etcd-username", username.is_some()),
+            ("--etcd-password", password.is_some()),
+            ("--lease-ttl", lease_ttl.is_some()),
+            ("--host-id", host_id.is_some()),
+            ("--pool-network", pool_network.is_some()),
+        ];
+        return match given.iter().find(|(_, g)| *g) {
+            Some((flag, _)) => bad(format!(
+                "{flag} is a cluster setting: it needs --etcd-endpoints (or endpoints in [etcd])"
+            )),
+            None => Ok(None),
+        };
+    }
+    let tls = cafile.is_some() || certfile.is_some();
+    for e in &endpoints {
+        let Some(rest) = e
+            .strip_prefix("http://")
+            .or_else(|| e.strip_prefix("https://"))
+        else {
+            return bad(format!(
+                "etcd endpoint `{e}`: expected http://HOST:PORT or https://HOST:PORT"
+            ));
+        };
+        if rest.is_empty() || rest.contains('/') {
+            return bad(format!("etcd endpoint `{e}`: expected http(s)://HOST:PORT"));
+        }
+        if tls && e.starts_with("http://") {
+            return bad(format!(
+                "etcd endpoint `{e}` is http:// but TLS files are given: use https://"
+            ));
+        }
+        if !tls && e.starts_with("https://") {
+            return bad(format!(
+                "etcd endpoint `{e}` is https://: give --etcd-cafile (and --etcd-certfile/--etcd-keyfile for a client certificate)"
+            ));
+        }
+    }
+    if certfile.is_some() != keyfile.is_some() {
+        return bad("--etcd-certfile and --etcd-keyfile go together".into());
+    }
+    if username.is_some() != password.is_some() {
+        return bad(
+            "--etcd-username and --etcd-password (or XHOST_ETCD_PASSWORD) go together".into(),
+        );
+    }
+    let prefix = prefix.unwrap_or_else(|| DEFAULT_ETCD_PREFIX.into());
+    if !prefix.starts_with('/') || prefix.len() < 2 || prefix.ends_with('/') {
+        return bad(format!(
+            "etcd prefix `{prefix}`: expected an absolute key path like {DEFAULT_ETCD_PREFIX}, no trailing /"
+        ));
+    }
+    let lease_ttl = lease_ttl.unwrap_or(DEFAULT_LEASE_TTL);
+    if !(MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&lease_ttl) {
+        return bad(format!(
+            "lease TTL {lease_ttl} s out of range {MIN_LEASE_TTL}..={MAX_LEASE_TTL}"
+        ));
+    }
+    if let Some(id) = &host_id
+        && !crate::store::view::valid_host_id(id)
+    {
+        return bad(format!("host id `{id}`: 1 to 64 of A-Z a-z 0-9 . _ -"));
+    }
+    Ok(Some(ClusterSettings {
+        etcd: crate::store::etcd::EtcdOptions {
+            endpoints,
+            cafile: cafile.map(PathBuf::from),
+            certfile: certfile.map(PathBuf::from),
+            keyfile: keyfile.map(PathBuf::from),
+            username,
+            password,
+        },
+        prefix,
+        lease_ttl,
+        host_id,
+        pool_network: pool_network
+            .unwrap_or_else(|| crate::store::pool::DEFAULT_NETWORK.to_owned()),
+    }))
 }
 
 /// Where the settings come from: the flags as given, and the file, which
@@ -372,7 +572,12 @@ impl Source {
 /// bridges. The underlay, its XDP mode and the Docker connection are set up
 /// once, at load.
 pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), ConfigError> {
-    let fixed: [(&'static str, String, String); 6] = [
+    let fixed: [(&'static str, String, String); 7] = [
+        (
+            "etcd",
+            describe_cluster(running.cluster.as_ref()),
+            describe_cluster(new.cluster.as_ref()),
+        ),
         ("iface", running.iface.clone(), new.iface.clone()),
         (
             "xdp_mode",
@@ -399,6 +604,22 @@ pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), Config
     match fixed.into_iter().find(|(_, old, new)| old != new) {
         Some((what, old, new)) => Err(ConfigError::NeedsRestart { what, old, new }),
         None => Ok(()),
+    }
+}
+
+/// Cluster mode as one line, without the password.
+pub fn describe_cluster(c: Option<&ClusterSettings>) -> String {
+    match c {
+        None => "off".into(),
+        Some(c) => format!(
+            "{} prefix {} ttl {} host id {} tls {} user {}",
+            c.etcd.endpoints.join(","),
+            c.prefix,
+            c.lease_ttl,
+            c.host_id.as_deref().unwrap_or("(underlay address)"),
+            c.etcd.cafile.is_some(),
+            c.etcd.username.as_deref().unwrap_or("-")
+        ),
     }
 }
 
@@ -750,6 +971,7 @@ mod tests {
             xdp_mode: XdpModeArg::Auto,
             tunnel: None,
             attach: AttachArg::Auto,
+            cluster: None,
         }
     }
 
@@ -949,6 +1171,92 @@ mod tests {
         );
         std::fs::remove_file(&path).expect("remove");
         assert!(matches!(source.read(), Err(ConfigError::Read { .. })));
+    }
+
+    #[test]
+    fn cluster_settings_merge_and_check() {
+        let flags = |endpoints: &[&str], f: fn(&mut EtcdFlags)| {
+            let mut e = EtcdFlags {
+                endpoints: endpoints.iter().map(|s| (*s).to_owned()).collect(),
+                ..EtcdFlags::default()
+            };
+            f(&mut e);
+            FlagConfig {
+                iface: Some("ens33".into()),
+                etcd: e,
+                ..FlagConfig::default()
+            }
+        };
+        let c = merge(flags(&["http://10.0.0.5:2379"], |_| {}), None)
+            .expect("merges")
+            .cluster
+            .expect("cluster mode");
+        assert_eq!(c.prefix, DEFAULT_ETCD_PREFIX);
+        assert_eq!(c.lease_ttl, DEFAULT_LEASE_TTL);
+        assert_eq!(c.pool_network, "xhost");
+        assert!(
+            merge(flags(&[], |_| {}), None)
+                .expect("off")
+                .cluster
+                .is_none()
+        );
+        let file: FileConfig = toml::from_str(
+            "[etcd]\nendpoints = [\"https://10.0.0.5:2379\"]\ncafile = \"/ca.pem\"\nlease_ttl = 30\n",
+        )
+        .expect("toml");
+        let c = merge(flags(&[], |_| {}), Some(file))
+            .expect("file")
+            .cluster
+            .expect("cluster");
+        assert_eq!((c.lease_ttl, c.etcd.endpoints.len()), (30, 1));
+        let cases: [(FlagConfig, &str); 7] = [
+            (
+                flags(&[], |e| e.lease_ttl = Some(5)),
+                "--lease-ttl is a cluster setting: it needs --etcd-endpoints (or endpoints in [etcd])",
+            ),
+            (
+                flags(&["10.0.0.5:2379"], |_| {}),
+                "etcd endpoint `10.0.0.5:2379`: expected http://HOST:PORT or https://HOST:PORT",
+            ),
+            (
+                flags(&["https://10.0.0.5:2379"], |_| {}),
+                "etcd endpoint `https://10.0.0.5:2379` is https://: give --etcd-cafile (and --etcd-certfile/--etcd-keyfile for a client certificate)",
+            ),
+            (
+                flags(&["http://10.0.0.5:2379"], |e| e.cafile = Some("/ca".into())),
+                "etcd endpoint `http://10.0.0.5:2379` is http:// but TLS files are given: use https://",
+            ),
+            (
+                flags(&["http://10.0.0.5:2379"], |e| e.username = Some("u".into())),
+                "--etcd-username and --etcd-password (or XHOST_ETCD_PASSWORD) go together",
+            ),
+            (
+                flags(&["http://10.0.0.5:2379"], |e| e.lease_ttl = Some(1)),
+                "lease TTL 1 s out of range 2..=3600",
+            ),
+            (
+                flags(&["http://10.0.0.5:2379"], |e| {
+                    e.host_id = Some("a/b".into())
+                }),
+                "host id `a/b`: 1 to 64 of A-Z a-z 0-9 . _ -",
+            ),
+        ];
+        for (f, want) in cases {
+            assert_eq!(merge(f, None).expect_err(want).to_string(), want);
+        }
+        // The password never shows in what a refused reload prints.
+        let mut running = settings();
+        running.cluster = merge(
+            flags(&["http://10.0.0.5:2379"], |e| {
+                e.username = Some("u".into());
+                e.password = Some("secret".into());
+            }),
+            None,
+        )
+        .expect("merges")
+        .cluster;
+        let e = check_reloadable(&running, &settings()).expect_err("etcd changed");
+        assert!(!e.to_string().contains("secret"), "{e}");
     }
 
     #[test]

@@ -34,12 +34,8 @@ use crate::{
     config::{Vxlan, XdpModeArg},
     layout::{Hook, Layout, remove_file_if_exists},
     net::Ipv4Net,
-    netlink::Rtnl,
     tunnel::{self, RouteDevice, TunnelDevice, TunnelError},
 };
-
-/// A kernel route xhost added: prefix, gateway (none into the tunnel), oif.
-pub type KernelRouteEntry = (Ipv4Net, Option<Ipv4Addr>, u32);
 
 /// The datapath object, built by xhost-user's build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xhost"));
@@ -132,13 +128,6 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::links::LinkError,
     },
-    #[error("kernel route {net} (peer {peer})")]
-    Route {
-        net: Ipv4Net,
-        peer: Ipv4Addr,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
     #[error("pinning {path}")]
@@ -203,8 +192,6 @@ pub struct Datapath {
     /// Devices whose clsact qdisc this instance added (classic tc).
     clsact_added: Vec<String>,
     pinned_maps: Vec<PathBuf>,
-    /// Kernel routes this instance added.
-    kernel_routes: Vec<KernelRouteEntry>,
     /// VXLAN mode's device; dropped (deleted) after everything else.
     tunnel: Option<TunnelDevice>,
     /// Set by `keep_running`: leave everything in place on drop.
@@ -388,7 +375,6 @@ impl Datapath {
             method,
             clsact_added: Vec::new(),
             pinned_maps: std::mem::take(&mut guard.paths),
-            kernel_routes: Vec::new(),
             tunnel,
             keep: false,
             _logger: logger,
@@ -657,7 +643,7 @@ impl Datapath {
         };
         let ifindex =
             crate::net::ifindex(iface).map_err(|e| filters_err(std::io::Error::other(e)))?;
-        let mut rtnl = Rtnl::open().map_err(filters_err)?;
+        let mut rtnl = crate::netlink::Rtnl::open().map_err(filters_err)?;
         if rtnl.has_clsact(ifindex).map_err(filters_err)? {
             return Ok(());
         }
@@ -828,58 +814,6 @@ impl Datapath {
         self.routes.remove(net)
     }
 
-    /// Adds the kernel route of `peer`'s subnet `net`: `net via peer dev
-    /// underlay` (as flannel's host-gw does), or `net dev xhost_vxlan` in
-    /// VXLAN mode (as flannel's vxlan does). The datapath never uses it; it
-    /// lets the kernel handle what the datapath hands it (TTL expiry -> ICMP
-    /// time exceeded, frag-needed) instead of answering "net unreachable".
-    /// An existing route for `net` is the operator's and is left alone; a
-    /// peer that is not on-link gets no route (warning), the datapath
-    /// forwards all the same.
-    pub fn add_kernel_route(
-        &mut self,
-        net: &Ipv4Net,
-        peer: Ipv4Addr,
-        dev: RouteDevice,
-    ) -> Result<(), DatapathError> {
-        let rtnl_err = |source| DatapathError::Route {
-            net: *net,
-            peer,
-            source,
-        };
-        let mut rtnl = Rtnl::open().map_err(rtnl_err)?;
-        let gw = dev.gateway(peer);
-        match rtnl.add_route(net, gw, dev.oif) {
-            Ok(()) => {
-                self.kernel_routes.push((*net, gw, dev.oif));
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                warn!("a route for {net} exists already; leaving it as it is");
-                Ok(())
-            }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENETUNREACH | libc::EINVAL)) => {
-                warn!("no kernel route for {net}: peer {peer} is not on-link ({e})");
-                Ok(())
-            }
-            Err(e) => Err(rtnl_err(e)),
-        }
-    }
-
-    /// Deletes the kernel route this instance added for `net`, if it did.
-    pub fn remove_kernel_route(&mut self, net: &Ipv4Net) {
-        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.kernel_routes)
-            .into_iter()
-            .partition(|(n, _, _)| n == net);
-        self.kernel_routes = kept;
-        delete_kernel_routes(&gone);
-    }
-
-    /// Kernel routes this instance added.
-    pub fn kernel_routes(&self) -> &[KernelRouteEntry] {
-        &self.kernel_routes
-    }
-
     pub fn set_local(&mut self, net: &Ipv4Net, bridge_ifindex: u32) -> Result<(), DatapathError> {
         let value = LocalNet {
             bridge_ifindex,
@@ -960,24 +894,12 @@ impl Drop for Datapath {
             self.remove_clsact(&iface);
         }
         let _ = std::fs::remove_dir(self.layout.clsact_dir());
-        delete_kernel_routes(&self.kernel_routes);
         for path in self.pinned_maps.drain(..) {
             if let Err(e) = remove_file_if_exists(&path) {
                 warn!("removing {}: {e}", path.display());
             }
         }
         remove_empty_dirs(&self.layout);
-    }
-}
-
-/// Deletes routes `add_kernel_route` made; already gone is fine.
-pub fn delete_kernel_routes(routes: &[KernelRouteEntry]) {
-    let Ok(mut rtnl) = Rtnl::open() else { return };
-    for (net, gw, oif) in routes {
-        match rtnl.delete_route(net, *gw, *oif) {
-            Err(e) if e.raw_os_error() != Some(libc::ESRCH) => warn!("deleting route {net}: {e}"),
-            _ => {}
-        }
     }
 }
 
@@ -1091,7 +1013,8 @@ fn refuse_if_attached(iface: &str, hook: Hook) -> Result<(), DatapathError> {
     {
         return Err(taken());
     }
-    if let (Ok(ifindex), Ok(mut rtnl)) = (crate::net::ifindex(iface), Rtnl::open()) {
+    if let (Ok(ifindex), Ok(mut rtnl)) = (crate::net::ifindex(iface), crate::netlink::Rtnl::open())
+    {
         let found = attach::find_filter(&mut rtnl, ifindex, hook, None).map_err(|source| {
             DatapathError::TcFilters {
                 iface: iface.into(),

@@ -9,6 +9,7 @@
 //! <pin-dir>/clsact/<iface>                          (empty directory) xhost added the
 //!                                                   clsact qdisc of <iface>
 //! <run-dir>/<instance>.json                         what is attached where, Docker view
+//! <run-dir>/<instance>.cluster.json                 cluster mode: last-known view, lease id
 //! ```
 //! One pin dir is one xhost instance (one underlay). Hosts simulated as
 //! network namespaces share a bpffs, so each gets its own `--pin-dir`; the
@@ -109,6 +110,12 @@ impl Layout {
     /// This instance's state file in the (possibly shared) run dir.
     pub fn state_file(&self) -> PathBuf {
         self.run_dir.join(format!("{}.json", self.instance()))
+    }
+
+    /// Cluster mode's last-known view and lease id, beside the state file.
+    pub fn cluster_snapshot(&self) -> PathBuf {
+        self.run_dir
+            .join(format!("{}.cluster.json", self.instance()))
     }
 
     /// Whether anything of an xhost instance is pinned here.

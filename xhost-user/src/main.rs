@@ -74,6 +74,8 @@ enum Cmd {
         /// Pin everything and exit; the datapath keeps forwarding.
         #[arg(long)]
         detach: bool,
+        #[command(flatten)]
+        etcd: EtcdArgs,
     },
     /// Remove the datapath (stops a running agent first).
     Unload {
@@ -88,6 +90,88 @@ enum Cmd {
     },
     /// Print this host's `[[peer]]` entry for the other hosts' configs.
     Export,
+    /// Cluster mode: what the running agent knows of the cluster.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing would only obscure the clap derive"
+)]
+enum ClusterCmd {
+    /// The cluster's hosts and subnets as this host's agent sees them.
+    Hosts {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Store the cluster's subnet pool: each agent following Docker then
+    /// claims a --host-prefix subnet of it and creates a Docker network with it.
+    Init {
+        /// The pool, e.g. 10.200.0.0/16.
+        #[arg(long)]
+        pool: String,
+        /// Prefix length of each host's subnet, e.g. 24.
+        #[arg(long)]
+        host_prefix: u8,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+}
+
+/// Cluster mode: hosts find each other's container subnets in etcd.
+#[derive(clap::Args)]
+struct EtcdArgs {
+    /// etcd endpoints, comma-separated: http(s)://HOST:PORT[,...]. Turns on cluster mode.
+    #[arg(long, value_delimiter = ',', value_name = "URL[,URL...]")]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix in etcd (default /xhost/v1).
+    #[arg(long)]
+    etcd_prefix: Option<String>,
+    /// CA certificate (PEM) the etcd server's certificate must chain to.
+    #[arg(long)]
+    etcd_cafile: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate authentication.
+    #[arg(long)]
+    etcd_certfile: Option<PathBuf>,
+    /// Key of --etcd-certfile (PEM).
+    #[arg(long)]
+    etcd_keyfile: Option<PathBuf>,
+    /// etcd user name (with --etcd-password).
+    #[arg(long)]
+    etcd_username: Option<String>,
+    /// etcd password; better given in the environment than on the command line.
+    #[arg(long, env = "XHOST_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
+    /// Seconds this host's claims outlive its agent (default 10).
+    #[arg(long)]
+    lease_ttl: Option<i64>,
+    /// This host's id in the cluster (default: its underlay address).
+    #[arg(long)]
+    host_id: Option<String>,
+    /// Docker network created from the cluster pool (default xhost).
+    #[arg(long)]
+    pool_network: Option<String>,
+}
+
+impl EtcdArgs {
+    fn flags(self) -> config::EtcdFlags {
+        config::EtcdFlags {
+            endpoints: self.etcd_endpoints,
+            prefix: self.etcd_prefix,
+            cafile: self.etcd_cafile,
+            certfile: self.etcd_certfile,
+            keyfile: self.etcd_keyfile,
+            username: self.etcd_username,
+            password: self.etcd_password,
+            lease_ttl: self.lease_ttl,
+            host_id: self.host_id,
+            pool_network: self.pool_network,
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -131,6 +215,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             vxlan_port,
             attach,
             detach,
+            etcd,
         } => {
             // Parsed here rather than by clap so a bad value is one line
             // with its cause, like every other input error.
@@ -149,6 +234,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 vni,
                 vxlan_port,
                 attach,
+                etcd: etcd.flags(),
             };
             let source = config::Source {
                 flags,
@@ -172,6 +258,50 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Export => {
             print!("{}", report::export(&layout)?);
+            Ok(())
+        }
+        Cmd::Cluster {
+            cmd:
+                ClusterCmd::Init {
+                    pool,
+                    host_prefix,
+                    etcd,
+                },
+        } => {
+            let c = config::merge_cluster(etcd.flags(), None)?.context("give --etcd-endpoints")?;
+            let pool = pool.parse().map_err(|e| anyhow::anyhow!("--pool {e}"))?;
+            let pool = xhost_user::store::pool::Pool::new(pool, host_prefix)
+                .map_err(anyhow::Error::msg)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("tokio runtime")?;
+            let keys = xhost_user::store::view::Keys::new(&c.prefix);
+            let set = rt.block_on(async {
+                let mut st = xhost_user::store::etcd::Etcd::connect(&c.etcd)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("etcd {}: {e}", c.etcd.endpoints.join(",")))?;
+                xhost_user::store::pool::init(&mut st, &keys, pool)
+                    .await
+                    .map_err(anyhow::Error::msg)
+            })?;
+            println!(
+                "pool {} with /{} host subnets at {}",
+                set.pool,
+                set.host_prefix,
+                keys.pool()
+            );
+            Ok(())
+        }
+        Cmd::Cluster {
+            cmd: ClusterCmd::Hosts { json },
+        } => {
+            let c = report::cluster(&layout)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                report::print_cluster(&c);
+            }
             Ok(())
         }
     }

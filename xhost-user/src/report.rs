@@ -21,6 +21,7 @@ use crate::{
     datapath::{XdpAttached, open_pinned},
     layout::{Hook, Layout, remove_file_if_exists},
     net::{Ipv4Net, fmt_mac},
+    writer::KernelRoute,
 };
 
 fn now_ms() -> u64 {
@@ -156,6 +157,9 @@ pub struct AgentState {
     #[serde(default)]
     pub kernel: Option<KernelFeatures>,
     pub docker: Option<DockerStatus>,
+    /// Cluster mode: the store, the cluster's hosts, conflicts.
+    #[serde(default)]
+    pub cluster: Option<crate::store::source::ClusterReport>,
     pub updated_unix_ms: u64,
     /// The Docker status last written to disk (not serialized).
     #[serde(skip)]
@@ -178,6 +182,7 @@ impl AgentState {
             attach: None,
             kernel: None,
             docker: s.docker.then(|| DockerStatus::unreachable(s)),
+            cluster: None,
             updated_unix_ms: now_ms(),
             written_docker: None,
         }
@@ -223,14 +228,6 @@ impl AgentState {
         let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
     }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct KernelRoute {
-    pub prefix: Ipv4Net,
-    /// The peer host; none for a route into the vxlan device.
-    pub via: Option<Ipv4Addr>,
-    pub oif: u32,
 }
 
 /// The vxlan device of VXLAN mode.
@@ -486,6 +483,9 @@ pub fn print_status(s: &Status) {
             c.packets, c.bytes
         );
     }
+    if let Some(c) = s.agent.as_ref().and_then(|a| a.cluster.as_ref()) {
+        print_cluster(c);
+    }
     if let Some(d) = s.agent.as_ref().and_then(|a| a.docker.as_ref()) {
         println!(
             "docker: {} {}{}",
@@ -514,6 +514,76 @@ pub fn print_status(s: &Status) {
             let ago = now_ms().saturating_sub(ms);
             println!("  last sync: {:.1} s ago", ago as f64 / 1000.0);
         }
+    }
+}
+
+/// `cluster hosts`: the cluster as the running agent last wrote it.
+pub fn cluster(layout: &Layout) -> anyhow::Result<crate::store::source::ClusterReport> {
+    let a = AgentState::read(layout)
+        .with_context(|| format!("no agent under {}", layout.run_dir.display()))?;
+    a.cluster
+        .context("the agent does not run in cluster mode (no --etcd-endpoints)")
+}
+
+/// The store's line and the cluster's hosts, conflicts and skipped keys.
+pub fn print_cluster(c: &crate::store::source::ClusterReport) {
+    let s = &c.store;
+    let lease = match (s.lease, s.lease_expires_unix_ms) {
+        (Some(id), Some(exp)) => format!(
+            "lease {id:x} TTL {} s, {:.1} s left",
+            s.lease_ttl,
+            exp.saturating_sub(now_ms()) as f64 / 1000.0
+        ),
+        _ => format!("no lease (TTL {} s)", s.lease_ttl),
+    };
+    println!(
+        "etcd {} prefix {}: {}, {lease}, revision {}{}",
+        s.endpoints.join(","),
+        s.prefix,
+        if s.connected {
+            "connected"
+        } else {
+            "disconnected"
+        },
+        s.revision,
+        if s.from_snapshot {
+            " (from the on-disk snapshot)"
+        } else {
+            ""
+        }
+    );
+    if let Some(e) = &s.last_error
+        && !s.connected
+    {
+        println!("  last error: {e}");
+    }
+    println!("hosts ({}):", c.hosts.len());
+    for h in &c.hosts {
+        let subnets: Vec<String> = h
+            .subnets
+            .iter()
+            .map(|n| {
+                if h.this_host || h.routed.contains(n) {
+                    n.to_string()
+                } else {
+                    format!("{n} (not routed)")
+                }
+            })
+            .collect();
+        println!(
+            "  {:<20} {:<16} {}{} {}",
+            h.id,
+            h.underlay.to_string(),
+            h.mode,
+            if h.this_host { " (this host)" } else { "" },
+            subnets.join(",")
+        );
+    }
+    for l in &c.conflicts {
+        println!("conflict: {l}");
+    }
+    for l in &c.skipped {
+        println!("skipped: {l}");
     }
 }
 
@@ -596,12 +666,7 @@ pub fn unload(layout: &Layout, iface: Option<&str>) -> anyhow::Result<()> {
             )
         })?;
     if let Some(a) = agent.as_ref() {
-        let routes: Vec<_> = a
-            .kernel_routes
-            .iter()
-            .map(|r| (r.prefix, r.via, r.oif))
-            .collect();
-        crate::datapath::delete_kernel_routes(&routes);
+        crate::writer::routes::delete(&a.kernel_routes);
         if let Some(t) = &a.tunnel {
             crate::tunnel::delete(t.ifindex);
         }

@@ -1,18 +1,22 @@
-//! `cargo xtask test`: setup, build, then every test of the workspace in release mode, as
-//! root and on one thread (the tests create namespaces and load eBPF programs); then the
+//! `cargo xtask test`: setup, the lints (`cargo fmt --check`, clippy with `-D warnings` on
+//! the workspace and on the eBPF crate), build, then every test of the workspace in release
+//! mode, as root and on one thread (the tests create namespaces and load eBPF programs); then the
 //! datapath's real-packet tests a second time with every agent attached through classic tc
 //! (`XHOST_TEST_ATTACH=tc`), the first run having used the kernel's default (tcx where
 //! present); then the kernel matrix (older kernels in qemu, see [`crate::kernels`]).
 
 use clap::Args;
 
-use crate::{build, kernels, workspace};
+use crate::{build, kernels, setup, workspace};
 
 #[derive(Args, Debug)]
 pub struct Options {
     /// Skip scripts/setup.sh.
     #[arg(long)]
     pub no_setup: bool,
+    /// Skip the format and clippy checks.
+    #[arg(long)]
+    pub no_lint: bool,
     /// Only the kernel matrix, not the tests on this machine's kernel.
     #[arg(long, conflicts_with = "no_kernels")]
     pub kernels: bool,
@@ -29,9 +33,15 @@ pub struct Options {
 const ATTACH_RUNS: [&str; 2] = ["datapath", "topology"];
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
+    if !opts.no_setup {
+        setup::run()?;
+    }
+    if !opts.no_lint {
+        lint()?;
+    }
     build::run(&build::Options {
         release: true,
-        no_setup: opts.no_setup,
+        no_setup: true,
     })?;
     // Every part goes ahead even if one fails: one must not hide the others' results.
     let mut results = Vec::new();
@@ -96,4 +106,35 @@ fn tc_run(opts: &Options) -> anyhow::Result<()> {
     cmd.env("XHOST_TEST_ATTACH", "tc");
     cmd.args(["--", "--test-threads=1"]).args(&opts.args);
     workspace::run_status(&mut cmd)
+}
+
+/// The checks CI holds every change to, before any test runs: formatting, then clippy with
+/// warnings as errors on the host crates and, separately, on the eBPF crate.
+fn lint() -> anyhow::Result<()> {
+    workspace::run_status(workspace::cargo().args(["fmt", "--all", "--check"]))?;
+    workspace::run_status(workspace::cargo().args([
+        "clippy",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "xhost-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The compilers with the `core` sources the BPF target needs (Debian's rustc-web) come
+    // without clippy, so the eBPF crate is linted for the host target, as aya-template's CI
+    // does; a no_std binary checks there only with panic=abort.
+    workspace::run_status(workspace::cargo().args([
+        "clippy",
+        "--release",
+        "--package",
+        "xhost-ebpf",
+        "--config",
+        "profile.release.panic=\"abort\"",
+        "--",
+        "-D",
+        "warnings",
+    ]))
 }

@@ -236,7 +236,7 @@ pub enum Metric {
     /// held, apart from the slumps that stall single-stream TCP on any path here.
     TcpSteadyGbps,
     UdpKpps,
-    /// Latency, [`LatencyMode::BusyPoll`]: the method, which the targets use.
+    /// Latency, [`LatencyMode::BusyPoll`]: the method the targets use.
     LatMeanUs,
     LatP99Us,
     LatP50Us,
@@ -337,7 +337,7 @@ pub struct Run {
     /// their state just before the UDP test. A forwarding host's entries are confirmed by
     /// no traffic of the test: one that starts STALE sends every packet through the slow
     /// neighbour output for the 5 s of DELAY, which cost `iptables-routes` about 4 % of
-    /// its pps on a held bed; in the bench's runs it did not move the ratio (README).
+    /// its pps on a held bed; in the bench's runs it did not move the ratio.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub udp_neigh: BTreeMap<String, BTreeMap<String, String>>,
     /// [`LatencyMode::BusyPoll`].

@@ -1,4 +1,4 @@
-//! `cargo xtask bench --pool`: issue 4's targets checked on the repetitions of several
+//! `cargo xtask bench --pool`: the ratio targets checked on the repetitions of several
 //! earlier runs taken together.
 //!
 //! One run's verdict on a target whose ratio sits near its bound is decided by the level

@@ -86,7 +86,7 @@ pub struct Ratio {
     pub clean: bool,
 }
 
-/// A goal from issue 4, checked against a median.
+/// A goal of the bench (the ratio targets), checked against a median.
 #[derive(Debug, Serialize)]
 pub struct Target {
     pub what: String,
@@ -155,9 +155,9 @@ pub struct ScenarioInfo {
 }
 
 const CPU_METHOD: &str = "/proc/stat ticks (USER_HZ=100, whole machine, tick-sampled) over the UDP test divided by delivered packets: softirq alone (table) and user+nice+system+irq+softirq (JSON cpu_ns_per_pkt); perf has no hardware counters in this VM. rx wake IPIs/100 pkt: function-call IPIs (CAL, /proc/interrupts) the receiver's CPU took over the UDP test per 100 delivered packets, mostly wakeups of the receiver from a halted CPU, each paid on the sending CPU, which runs the whole path (JSON also: rx_idle_pct)";
-const LATENCY_METHOD: &str = "sockperf ping-pong, UDP, 64-byte messages, latency = RTT/2 as sockperf reports it. lat mean/p99/p50 (the targets): --nonblocked --timeout 0 on both ends (busy polling, as issue 4 specifies), client on CPU 0, server on CPU 1. pinned lat: blocking sockets, client and server on the same CPU (local wakeups), a second view that does not depend on both CPUs being free";
+const LATENCY_METHOD: &str = "sockperf ping-pong, UDP, 64-byte messages, latency = RTT/2 as sockperf reports it. lat mean/p99/p50 (the targets): --nonblocked --timeout 0 on both ends (busy polling, as the targets specify), client on CPU 0, server on CPU 1. pinned lat: blocking sockets, client and server on the same CPU (local wakeups), a second view that does not depend on both CPUs being free";
 
-/// A goal of issue 4 on a within-run ratio: `x / base` of `metric`, `op` (`>=` or `<=`)
+/// A target on a within-run ratio: `x / base` of `metric`, `op` (`>=` or `<=`)
 /// `bound`.
 #[derive(Clone, Copy, Debug)]
 pub struct Goal {
@@ -212,7 +212,7 @@ impl Goal {
     }
 }
 
-/// Issue 4's targets on ratios (the agent's memory is the eighth).
+/// The targets on ratios (the agent's memory is the eighth).
 pub const GOALS: [Goal; 7] = [
     Goal::new(XHOST, WIRE, Metric::TcpGbps, ">=", 0.9),
     Goal::new(XHOST, WIRE, Metric::UdpKpps, ">=", 0.8),
@@ -537,7 +537,7 @@ impl Results {
         section(
             &mut out,
             markdown,
-            "Targets (issue 4; verdict on the median of per-repetition ratios; interval: \
+            "Targets (verdict on the median of per-repetition ratios; interval: \
              sign-test confidence interval of that median, from the repetitions' order \
              statistics)",
             &header,
@@ -1227,7 +1227,7 @@ mod tests {
         let i = median_interval(&[5.0, 1.0, 4.0, 2.0, 3.0]).expect("interval");
         assert_eq!((i.low, i.high), (1.0, 5.0));
         assert!(close(i.coverage, 1.0 - 2.0 / 32.0));
-        // Nine (the README's runs): 2nd to 8th, 1 - 2 * 10/512 = 96.1 %.
+        // Nine (the earlier VM's runs in bench/runs): 2nd to 8th, 1 - 2 * 10/512 = 96.1 %.
         let nine: Vec<f64> = (1..=9).rev().map(f64::from).collect();
         let i = median_interval(&nine).expect("interval");
         assert_eq!((i.low, i.high), (2.0, 8.0));

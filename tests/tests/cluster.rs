@@ -1,0 +1,825 @@
+//! Cluster mode against a real etcd: hosts publish their container subnets
+//! under a lease and route each other's, with no `--peer` anywhere. Needs
+//! root and etcd (scripts/setup.sh); `--test-threads=1`.
+//!
+//! ```text
+//!  ctr-a1 192.168.110.11    ctr-b1 192.168.120.11    ctr-c1 192.168.130.11
+//!     | veth                   | veth                   | veth
+//!  host-a docker0 .110.1    host-b docker0 .120.1    host-c docker0 .130.1
+//!         ens33 .131               ens33 .132               ens33 .133
+//!             \                        |                       /
+//!              ul netns: ul0 bridge 172.16.91.5/24 + etcd :23790
+//! ```
+//! `cluster_docker_engines` runs a real dockerd on host-a and host-b instead
+//! of their simulated bridge and container.
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use xhost_tests::{
+    Host,
+    cluster::{ClusterBed, ClusterOpts, Etcd},
+    docker_engine::Engine,
+    ping,
+    xhost::{Agent, AgentDirs, remove_instance, status, status_routes, xhost, xhost_bin},
+};
+
+fn require_root() {
+    assert!(
+        xhost_tests::is_root(),
+        "these tests load eBPF programs and build namespaces: run as root (cargo xtask test)"
+    );
+}
+
+fn bed(hosts: u32) -> ClusterBed {
+    require_root();
+    ClusterBed::new(&ClusterOpts {
+        hosts,
+        ..ClusterOpts::default()
+    })
+    .expect("build the cluster testbed")
+}
+
+/// `load` arguments of a cluster agent on `host` with static bridges.
+fn args(host: &Host, etcd: &Etcd, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--iface",
+        host.underlay_iface(),
+        "--bridge",
+        host.bridge(),
+        "--no-docker",
+        "--etcd-endpoints",
+        &etcd.endpoint(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    a.extend(extra.iter().map(|s| (*s).to_owned()));
+    a
+}
+
+fn start(host: &Host, etcd: &Etcd, extra: &[&str]) -> Agent {
+    let a = args(host, etcd, extra);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    Agent::start(host.ns(), host.role(), &a).expect("xhost-user load")
+}
+
+/// The prefixes in an agent's `ROUTES`, with their peer.
+fn routes(host: &Host, dirs: &AgentDirs) -> BTreeSet<(String, String)> {
+    status(host.ns(), dirs)
+        .map(|s| status_routes(&s).into_iter().collect())
+        .unwrap_or_default()
+}
+
+/// Waits until `pred` holds for the agent's routes; returns how long it took.
+#[track_caller]
+fn wait_routes(
+    host: &Host,
+    dirs: &AgentDirs,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&BTreeSet<(String, String)>) -> bool,
+) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let r = routes(host, dirs);
+        if pred(&r) {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "{what}: not within {timeout:?}; routes of {}: {r:?}",
+            host.role()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn route_of(h: &Host) -> (String, String) {
+    (h.subnet().to_string(), h.underlay_ip().to_string())
+}
+
+/// Every host routes every other host's subnet via its underlay address.
+fn wait_full_mesh(hosts: &[&Host], agents: &[&Agent]) {
+    for (i, (h, a)) in hosts.iter().zip(agents).enumerate() {
+        let want: BTreeSet<_> = hosts
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, o)| route_of(o))
+            .collect();
+        wait_routes(
+            h,
+            &a.dirs,
+            "the other hosts' routes",
+            Duration::from_secs(10),
+            |r| *r == want,
+        );
+    }
+}
+
+/// Every container pings every other host's container.
+fn ping_all(hosts: &[&Host]) {
+    for a in hosts {
+        for b in hosts {
+            if a.role() == b.role() {
+                continue;
+            }
+            let (ca, cb) = (&a.containers()[0], &b.containers()[0]);
+            let p = ping(ca.ns(), cb.ip(), 3).expect("ping");
+            assert!(
+                p.received == p.transmitted && p.transmitted > 0,
+                "{} -> {}: {}",
+                ca.role(),
+                cb.role(),
+                p.output
+            );
+        }
+    }
+}
+
+fn three_hosts(extra: &[&str]) {
+    let bed = bed(3);
+    let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let hosts = [bed.host(0), bed.host(1), bed.host(2)];
+    let agents: Vec<Agent> = hosts.iter().map(|h| start(h, &etcd, extra)).collect();
+    let refs: Vec<&Agent> = agents.iter().collect();
+    wait_full_mesh(&hosts, &refs);
+    ping_all(&hosts);
+    let out = agents[0].output();
+    assert!(
+        out.contains("is reached without TLS"),
+        "warning about plain-text etcd expected:\n{out}"
+    );
+    // `cluster hosts --json` lists all three, this one marked.
+    let o = xhost(
+        hosts[0].ns(),
+        &agents[0].dirs,
+        &["cluster", "hosts", "--json"],
+    )
+    .expect("cluster hosts");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let hs = v["hosts"].as_array().expect("hosts");
+    assert_eq!(hs.len(), 3, "{v:#}");
+    assert_eq!(
+        hs.iter().filter(|h| h["this_host"] == true).count(),
+        1,
+        "{v:#}"
+    );
+    assert_eq!(v["store"]["connected"], true, "{v:#}");
+    for a in agents {
+        let (st, left) = a.stop_with(Signal::SIGTERM).expect("stop");
+        assert!(st.success(), "{st}");
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}
+
+/// Three hosts find each other through etcd alone (native routing).
+#[test]
+fn cluster_three_hosts_native() {
+    three_hosts(&[]);
+}
+
+/// The same in VXLAN mode: the host records carry what VXLAN peers need.
+#[test]
+fn cluster_three_hosts_vxlan() {
+    three_hosts(&["--tunnel", "vxlan"]);
+}
+
+/// A host that dies (agent SIGKILLed, namespaces deleted) leaves the others'
+/// routes within TTL + 1 s; a clean unload revokes its lease at once.
+#[test]
+fn cluster_host_gone_and_clean_unload() {
+    let ttl = 3;
+    let mut bed = bed(3);
+    let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let ttl_arg = ttl.to_string();
+    let extra = ["--lease-ttl", ttl_arg.as_str()];
+    let a = start(bed.host(0), &etcd, &extra);
+    let b = start(bed.host(1), &etcd, &extra);
+    let c = start(bed.host(2), &etcd, &extra);
+    wait_full_mesh(&[bed.host(0), bed.host(1), bed.host(2)], &[&a, &b, &c]);
+    let gone = route_of(bed.host(2));
+    let dirs = c.kill().expect("SIGKILL host-c's agent");
+    bed.remove_host(2);
+    remove_instance(&dirs);
+    let t0 = Instant::now();
+    let limit = Duration::from_secs(ttl + 1);
+    for (h, ag) in [(bed.host(0), &a), (bed.host(1), &b)] {
+        wait_routes(h, &ag.dirs, "host-c's route to leave", limit * 2, |r| {
+            !r.contains(&gone)
+        });
+    }
+    let took = t0.elapsed();
+    eprintln!("host gone: routes left the others after {took:?} (TTL {ttl} s)");
+    assert!(took <= limit, "took {took:?}, more than TTL + 1 s");
+
+    let b_route = route_of(bed.host(1));
+    let t0 = Instant::now();
+    let (st, left) = b.stop_with(Signal::SIGTERM).expect("stop host-b");
+    assert!(st.success() && left.is_empty(), "{st} {left:?}");
+    let took = wait_routes(
+        bed.host(0),
+        &a.dirs,
+        "host-b's route to leave",
+        limit,
+        |r| !r.contains(&b_route),
+    );
+    let total = t0.elapsed();
+    eprintln!(
+        "clean unload: route left host-a {total:?} after SIGTERM ({took:?} after the agent exited)"
+    );
+    assert!(
+        total < Duration::from_millis(1500),
+        "a revoked lease must drop the routes at once, took {total:?}"
+    );
+}
+
+/// An agent SIGKILLed and started again within the TTL (its datapath kept
+/// forwarding meanwhile) keeps its lease and claims: the other host's route
+/// to it never leaves, and its keys are not even rewritten.
+#[test]
+fn cluster_restart_within_ttl_keeps_claims() {
+    let bed = bed(2);
+    let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let extra = ["--lease-ttl", "10"];
+    let (ha, hb) = (bed.host(0), bed.host(1));
+    let a = start(ha, &etcd, &extra);
+    let b = start(hb, &etcd, &extra);
+    wait_full_mesh(&[ha, hb], &[&a, &b]);
+    let key = format!(
+        "/xhost/v1/subnets/{}-{}",
+        hb.subnet().addr(),
+        hb.subnet().prefix()
+    );
+    let before = etcd.ctl_ok(&["get", &key, "-w", "json"]);
+    let b_route = route_of(hb);
+    // Watch host-a's routes the whole time, from another thread.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (ns, dirs, stop) = (ha.ns().path(), a.dirs.clone(), stop.clone());
+        let want = b_route.clone();
+        std::thread::spawn(move || {
+            let bin = xhost_bin().expect("xhost-user");
+            let mut checks = 0u32;
+            let mut missing = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = std::process::Command::new("nsenter")
+                    .arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg(&bin)
+                    .args(dirs.args())
+                    .args(["status", "--json"])
+                    .output()
+                    .expect("status");
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                checks += 1;
+                if !status_routes(&v).contains(&want) {
+                    missing += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (checks, missing)
+        })
+    };
+    let dirs = b.kill().expect("SIGKILL host-b's agent");
+    // The datapath it left keeps forwarding; an operator restarts it:
+    // unload the orphaned datapath, load again with the same run dir.
+    let o = xhost(hb.ns(), &dirs, &["unload"]).expect("unload");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a2 = args(hb, &etcd, &extra);
+    let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
+    let b2 = Agent::start_in(&xhost_bin().expect("bin"), hb.ns(), hb.role(), dirs, &a2)
+        .expect("restart host-b");
+    wait_full_mesh(&[ha, hb], &[&a, &b2]);
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (checks, missing) = watcher.join().expect("watcher");
+    eprintln!("restart: {checks} checks of host-a's routes, {missing} without host-b's");
+    assert!(checks > 10, "too few checks: {checks}");
+    assert_eq!(missing, 0, "host-b's route flapped on host-a");
+    let after = etcd.ctl_ok(&["get", &key, "-w", "json"]);
+    let modrev = |s: &str| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(s).expect("json")["kvs"][0]["mod_revision"]
+            .clone()
+    };
+    assert_eq!(modrev(&before), modrev(&after), "the claim was rewritten");
+    assert!(
+        !a.output()
+            .contains(&format!("route {}: removed", hb.subnet())),
+        "{}",
+        a.output()
+    );
+    assert!(
+        b2.output().contains("routing from the last-known snapshot"),
+        "{}",
+        b2.output()
+    );
+    ping_all(&[ha, hb]);
+}
+
+/// etcd down for longer than the TTL while traffic flows: no packet of the
+/// flow is lost, a container started meanwhile is reachable, and after
+/// etcd returns the agents reconnect and follow new changes.
+#[test]
+fn cluster_store_outage() {
+    let mut bed = bed(2);
+    let mut etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let extra = ["--lease-ttl", "3"];
+    let a = start(bed.host(0), &etcd, &extra);
+    let b = start(bed.host(1), &etcd, &extra);
+    wait_full_mesh(&[bed.host(0), bed.host(1)], &[&a, &b]);
+    // 8 s of pings every 50 ms across the outage.
+    let flow = {
+        let ns = bed.host(0).containers()[0].ns().path();
+        let dst = bed.host(1).containers()[0].ip();
+        std::thread::spawn(move || {
+            std::process::Command::new("nsenter")
+                .arg(format!("--net={}", ns.display()))
+                .args([
+                    "--", "ping", "-n", "-q", "-i", "0.05", "-c", "160", "-W", "1",
+                ])
+                .arg(dst.to_string())
+                .output()
+                .expect("ping")
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    etcd.kill().expect("stop etcd");
+    std::thread::sleep(Duration::from_secs(5));
+    // A container started on host-b during the outage.
+    let newcomer = bed
+        .add_container(1, Ipv4Addr::new(192, 168, 120, 50))
+        .expect("new container");
+    let p = ping(bed.host(0).containers()[0].ns(), newcomer, 3).expect("ping");
+    assert!(p.received > 0, "new container unreachable: {}", p.output);
+    let s = status(bed.host(0).ns(), &a.dirs).expect("status");
+    assert_eq!(s["agent"]["cluster"]["store"]["connected"], false, "{s:#}");
+    let out = flow.join().expect("flow");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("160 packets transmitted, 160 received"),
+        "packets lost across the outage:\n{text}"
+    );
+    etcd.restart().expect("etcd back");
+    for (h, ag) in [(bed.host(0), &a), (bed.host(1), &b)] {
+        xhost_tests::xhost::wait_status(
+            h.ns(),
+            &ag.dirs,
+            "reconnect",
+            Duration::from_secs(10),
+            |s| s["agent"]["cluster"]["store"]["connected"] == true,
+        )
+        .expect("agent reconnected");
+    }
+    // Converged: both hosts still hold their claims, and a change made now
+    // reaches host-a.
+    let keys = etcd.ctl_ok(&["get", "/xhost/v1/subnets/", "--prefix", "--keys-only"]);
+    assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 2, "{keys}");
+    wait_full_mesh(&[bed.host(0), bed.host(1)], &[&a, &b]);
+    ping_all(&[bed.host(0), bed.host(1)]);
+}
+
+/// A lease of `ttl` seconds granted with etcdctl; its id in hex.
+fn lease(etcd: &Etcd, ttl: u32) -> String {
+    let out = etcd.ctl_ok(&["lease", "grant", &ttl.to_string()]);
+    // "lease 694d8e7c5a1b2c3d granted with TTL(60s)"
+    out.split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("lease grant: {out}"))
+        .to_owned()
+}
+
+fn put_host(etcd: &Etcd, lease: &str, id: &str, underlay: &str, mode: &str) {
+    etcd.ctl_ok(&[
+        "put",
+        "--lease",
+        lease,
+        &format!("/xhost/v1/hosts/{id}"),
+        &format!("{{\"id\":\"{id}\",\"underlay\":\"{underlay}\",\"mode\":{mode}}}"),
+    ]);
+}
+
+fn put_claim(etcd: &Etcd, lease: &str, subnet: &str, host: &str) {
+    etcd.ctl_ok(&[
+        "put",
+        "--lease",
+        lease,
+        &format!("/xhost/v1/subnets/{}", subnet.replace('/', "-")),
+        &format!("{{\"host\":\"{host}\"}}"),
+    ]);
+}
+
+/// Conflicting and bad claims: the older of two claims on a subnet wins
+/// and the loser is claimed when freed; overlapping claims, values that do
+/// not parse, a host in another datapath mode, an unreachable host and a
+/// subnet the config also routes are each skipped with one line naming the
+/// key, and the agent keeps serving the rest.
+#[test]
+fn cluster_conflicts_and_bad_values() {
+    let bed = bed(2);
+    let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let (ha, hb) = (bed.host(0), bed.host(1));
+    let z = lease(&etcd, 60);
+    // Host z holds host-b's subnet before host-b starts.
+    put_host(&etcd, &z, "z", "172.16.91.140", "{\"kind\":\"native\"}");
+    put_claim(&etcd, &z, &hb.subnet().to_string(), "z");
+    // y's claim overlaps z's older one.
+    put_claim(&etcd, &z, "10.77.0.0/16", "z");
+    put_host(&etcd, &z, "y", "172.16.91.141", "{\"kind\":\"native\"}");
+    put_claim(&etcd, &z, "10.77.1.0/24", "y");
+    // Bad input.
+    etcd.ctl_ok(&["put", "/xhost/v1/subnets/10.9.0.1-16", "{\"host\":\"z\"}"]);
+    etcd.ctl_ok(&["put", "/xhost/v1/subnets/10.10.0.0-16", "not json"]);
+    put_host(
+        &etcd,
+        &z,
+        "v",
+        "172.16.91.142",
+        "{\"kind\":\"vxlan\",\"vni\":1,\"port\":8472}",
+    );
+    put_claim(&etcd, &z, "10.88.0.0/16", "v");
+    put_host(&etcd, &z, "far", "10.0.0.9", "{\"kind\":\"native\"}");
+    put_claim(&etcd, &z, "10.55.0.0/16", "far");
+    put_claim(&etcd, &z, "10.66.0.0/16", "z");
+    let a = start(ha, &etcd, &["--peer", "172.16.91.150=10.66.0.0/16"]);
+    let b = start(hb, &etcd, &[]);
+    let b_via_z = (hb.subnet().to_string(), "172.16.91.140".to_owned());
+    let z_77 = ("10.77.0.0/16".to_owned(), "172.16.91.140".to_owned());
+    let cfg = ("10.66.0.0/16".to_owned(), "172.16.91.150".to_owned());
+    wait_routes(ha, &a.dirs, "z's routes", Duration::from_secs(10), |r| {
+        r.contains(&b_via_z) && r.contains(&z_77) && r.contains(&cfg)
+    });
+    // Nothing else: each bad or losing key is skipped.
+    std::thread::sleep(Duration::from_millis(500));
+    let r = routes(ha, &a.dirs);
+    // z's two winners and the config peer; host-b lost its subnet to z.
+    assert_eq!(r.len(), 3, "{r:?}");
+    let out = a.output();
+    for (key, why) in [
+        ("/xhost/v1/subnets/10.77.1.0-24", "held by host z"),
+        ("/xhost/v1/subnets/10.9.0.1-16", "host bits set"),
+        ("/xhost/v1/subnets/10.10.0.0-16", "not a subnet record"),
+        ("/xhost/v1/subnets/10.88.0.0-16", "mixed datapath modes"),
+        ("/xhost/v1/subnets/10.55.0.0-16", "unreachable"),
+        (
+            "/xhost/v1/subnets/10.66.0.0-16",
+            "config peer 172.16.91.150",
+        ),
+    ] {
+        let lines: Vec<&str> = out.lines().filter(|l| l.contains(key)).collect();
+        assert_eq!(lines.len(), 1, "{key}: one line expected:\n{out}");
+        assert!(lines[0].contains(why), "{key}: {}", lines[0]);
+    }
+    let s = status(ha.ns(), &a.dirs).expect("status");
+    let conflicts = s["agent"]["cluster"]["conflicts"].to_string();
+    assert!(conflicts.contains("10.77.1.0/24"), "{s:#}");
+    // host-b knows it lost, and says what to do.
+    let sb = status(hb.ns(), &b.dirs).expect("status");
+    let cb = sb["agent"]["cluster"]["conflicts"].to_string();
+    assert!(
+        cb.contains("held by host z") && cb.contains("--bip"),
+        "{sb:#}"
+    );
+    // z goes: host-b claims its subnet, host-a routes it via host-b.
+    etcd.ctl_ok(&["lease", "revoke", &z]);
+    wait_routes(
+        ha,
+        &a.dirs,
+        "host-b's claim after z left",
+        Duration::from_secs(5),
+        |r| r.contains(&route_of(hb)) && !r.contains(&z_77),
+    );
+    ping_all(&[ha, hb]);
+    assert!(a.output().contains("ready"));
+}
+
+/// TLS with a client certificate (certificates made in the test), then
+/// user/password authentication: the right ones connect, wrong ones give
+/// one clear line and the agent keeps running.
+#[test]
+fn cluster_tls_and_credentials() {
+    let bed = bed(2);
+    let (ha, hb) = (bed.host(0), bed.host(1));
+    let certs_dir = std::env::temp_dir().join(format!("xh-{}-certs", std::process::id()));
+    struct RmDir(std::path::PathBuf);
+    impl Drop for RmDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _rm = RmDir(certs_dir.clone());
+    let tls = xhost_tests::cluster::make_certs(&certs_dir).expect("certificates");
+    {
+        let etcd = Etcd::start(bed.underlay(), Some(tls.clone())).expect("etcd with TLS");
+        let (ca, cert, key) = (
+            tls.ca.display().to_string(),
+            tls.client_cert.display().to_string(),
+            tls.client_key.display().to_string(),
+        );
+        let extra = [
+            "--etcd-cafile",
+            ca.as_str(),
+            "--etcd-certfile",
+            cert.as_str(),
+            "--etcd-keyfile",
+            key.as_str(),
+        ];
+        let a = start(ha, &etcd, &extra);
+        let b = start(hb, &etcd, &extra);
+        wait_full_mesh(&[ha, hb], &[&a, &b]);
+        ping_all(&[ha, hb]);
+        assert!(!a.output().contains("without TLS"), "{}", a.output());
+        drop((a, b));
+        // Without a client certificate the server refuses the handshake.
+        let c = start(ha, &etcd, &["--etcd-cafile", ca.as_str()]);
+        std::thread::sleep(Duration::from_secs(3));
+        let out = c.output();
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains("etcd https://"))
+            .collect();
+        assert_eq!(lines.len(), 1, "one error line expected:\n{out}");
+    }
+    let mut etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    etcd.ctl_ok(&["user", "add", "root:rootpw"]);
+    etcd.ctl_ok(&["auth", "enable"]);
+    etcd.ctl_user = Some("root:rootpw".into());
+    let wrong = start(
+        ha,
+        &etcd,
+        &["--etcd-username", "root", "--etcd-password", "nope"],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let out = wrong.output();
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("authentication failed"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one clear error line expected:\n{out}");
+    assert!(lines[0].contains("etcd http://"), "{}", lines[0]);
+    drop(wrong);
+    let a = start(
+        ha,
+        &etcd,
+        &["--etcd-username", "root", "--etcd-password", "rootpw"],
+    );
+    let b = start(
+        hb,
+        &etcd,
+        &["--etcd-username", "root", "--etcd-password", "rootpw"],
+    );
+    wait_full_mesh(&[ha, hb], &[&a, &b]);
+    // The password never reaches the run dir (state file, snapshot).
+    let mut files = 0;
+    for e in std::fs::read_dir(&a.dirs.run_dir)
+        .expect("run dir")
+        .flatten()
+    {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        assert!(!text.contains("rootpw"), "{}: {text}", e.path().display());
+        files += 1;
+    }
+    assert!(
+        files >= 2,
+        "state file and snapshot expected in {}",
+        a.dirs.run_dir.display()
+    );
+}
+
+/// An agent cut off from etcd resumes its watch from the revision it had;
+/// when that revision was compacted meanwhile, it lists again and routes
+/// what changed.
+#[test]
+fn cluster_compacted_watch_lists_again() {
+    let bed = bed(2);
+    let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let (ha, hb) = (bed.host(0), bed.host(1));
+    let a = start(ha, &etcd, &["--lease-ttl", "15"]);
+    let b = start(hb, &etcd, &["--lease-ttl", "15"]);
+    wait_full_mesh(&[ha, hb], &[&a, &b]);
+    let rule = [
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "172.16.91.5",
+        "--dport",
+        "23790",
+        "-j",
+        "DROP",
+    ];
+    let iptables = |op: &str| {
+        let mut args = vec!["iptables", op];
+        args.extend(rule);
+        ha.ns().run(&args);
+    };
+    iptables("-I");
+    xhost_tests::xhost::wait_status(
+        ha.ns(),
+        &a.dirs,
+        "disconnect",
+        Duration::from_secs(15),
+        |s| s["agent"]["cluster"]["store"]["connected"] == false,
+    )
+    .expect("host-a notices it is cut off");
+    let z = lease(&etcd, 60);
+    put_host(&etcd, &z, "z", "172.16.91.140", "{\"kind\":\"native\"}");
+    put_claim(&etcd, &z, "10.44.0.0/16", "z");
+    let out = etcd.ctl_ok(&["put", "/xhost/v1/config/marker", "x", "-w", "json"]);
+    let rev = serde_json::from_str::<serde_json::Value>(&out).expect("json")["header"]["revision"]
+        .as_i64()
+        .expect("revision");
+    etcd.ctl_ok(&["compact", &rev.to_string()]);
+    iptables("-D");
+    let z_route = ("10.44.0.0/16".to_owned(), "172.16.91.140".to_owned());
+    wait_routes(
+        ha,
+        &a.dirs,
+        "z's route after the re-list",
+        Duration::from_secs(15),
+        |r| r.contains(&z_route) && r.contains(&route_of(hb)),
+    );
+    assert!(a.output().contains("was compacted"), "{}", a.output());
+}
+
+/// Real Docker engines on two of the three hosts: their `docker0` subnets
+/// and a network created after the agents started are published, routed by
+/// the others, and leave when the network is removed.
+#[test]
+fn cluster_docker_engines() {
+    require_root();
+    assert!(
+        std::path::Path::new("/usr/sbin/dockerd").exists(),
+        "dockerd missing: apt-get install docker.io busybox-static (scripts/setup.sh)"
+    );
+    let bed = ClusterBed::new(&ClusterOpts {
+        hosts: 3,
+        underlay_only: vec![0, 1],
+        ..ClusterOpts::default()
+    })
+    .expect("testbed");
+    let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let (ha, hb, hc) = (bed.host(0), bed.host(1), bed.host(2));
+    let engine = |h: &Host| {
+        let mut e = Engine::prepare_in_netns(h.name(), &h.bip()).expect("prepare dockerd");
+        e.boot().expect("start dockerd");
+        e.import_busybox().expect("import busybox");
+        e
+    };
+    let (ea, eb) = (engine(ha), engine(hb));
+    let docker_agent = |h: &Host, e: &Engine| {
+        let host = e.host();
+        let ep = etcd.endpoint();
+        Agent::start(
+            h.ns(),
+            h.role(),
+            &[
+                "--iface",
+                "ens33",
+                "--docker-host",
+                &host,
+                "--etcd-endpoints",
+                &ep,
+            ],
+        )
+        .expect("agent")
+    };
+    let a = docker_agent(ha, &ea);
+    let b = docker_agent(hb, &eb);
+    let c = start(hc, &etcd, &[]);
+    ea.run_container("bridge", None, "a1")
+        .expect("container a1");
+    eb.run_container("bridge", None, "b1")
+        .expect("container b1");
+    wait_full_mesh(&[ha, hb, hc], &[&a, &b, &c]);
+    let ip = |e: &Engine, name: &str, net: &str| -> Ipv4Addr {
+        let f = format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}");
+        e.inspect(name, &f)
+            .expect("inspect")
+            .parse()
+            .expect("container IP")
+    };
+    let (a1, b1) = (ip(&ea, "a1", "bridge"), ip(&eb, "b1", "bridge"));
+    let c1 = hc.containers()[0].ip();
+    let ok = |p: xhost_tests::PingStats, what: &str| {
+        assert!(
+            p.transmitted > 0 && p.received == p.transmitted,
+            "{what}: {}",
+            p.output
+        );
+    };
+    ok(
+        ping(hc.containers()[0].ns(), a1, 3).expect("ping"),
+        "c1 -> a1",
+    );
+    ok(
+        ping(hc.containers()[0].ns(), b1, 3).expect("ping"),
+        "c1 -> b1",
+    );
+    ok(ea.ping_from("a1", b1, 3).expect("ping"), "a1 -> b1");
+    ok(eb.ping_from("b1", c1, 3).expect("ping"), "b1 -> c1");
+    // A network created now on host-a appears on the others.
+    ea.docker_ok(&["network", "create", "--subnet", "10.31.0.0/24", "late"])
+        .expect("network create");
+    ea.run_container("late", Some("10.31.0.10"), "a2")
+        .expect("container a2");
+    let late = ("10.31.0.0/24".to_owned(), ha.underlay_ip().to_string());
+    for (h, ag) in [(hb, &b), (hc, &c)] {
+        wait_routes(
+            h,
+            &ag.dirs,
+            "the new network's route",
+            Duration::from_secs(10),
+            |r| r.contains(&late),
+        );
+    }
+    let a2 = Ipv4Addr::new(10, 31, 0, 10);
+    ok(
+        ping(hc.containers()[0].ns(), a2, 3).expect("ping"),
+        "c1 -> a2",
+    );
+    ok(eb.ping_from("b1", a2, 3).expect("ping"), "b1 -> a2");
+    // And leaves when it is removed.
+    ea.docker_ok(&["rm", "-f", "a2"]).expect("rm");
+    ea.docker_ok(&["network", "rm", "late"])
+        .expect("network rm");
+    for (h, ag) in [(hb, &b), (hc, &c)] {
+        wait_routes(
+            h,
+            &ag.dirs,
+            "the removed network's route to leave",
+            Duration::from_secs(10),
+            |r| !r.contains(&late),
+        );
+    }
+    // A cluster pool: each Docker host claims a subnet of it and creates
+    // the `xhost` network with it; containers on it reach each other.
+    let o = xhost(
+        hc.ns(),
+        &c.dirs,
+        &[
+            "cluster",
+            "init",
+            "--pool",
+            "10.200.0.0/16",
+            "--host-prefix",
+            "24",
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+        ],
+    )
+    .expect("cluster init");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pool_subnet = |e: &Engine| -> String {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(s) = e.docker_ok(&[
+                "network",
+                "inspect",
+                "-f",
+                "{{(index .IPAM.Config 0).Subnet}}",
+                "xhost",
+            ]) {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "no xhost network made from the pool"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (pa, pb) = (pool_subnet(&ea), pool_subnet(&eb));
+    assert_ne!(pa, pb);
+    assert!(
+        pa.starts_with("10.200.") && pb.starts_with("10.200."),
+        "{pa} {pb}"
+    );
+    ea.run_container("xhost", None, "a3").expect("container a3");
+    eb.run_container("xhost", None, "b3").expect("container b3");
+    let want = [
+        (pa.clone(), ha.underlay_ip().to_string()),
+        (pb.clone(), hb.underlay_ip().to_string()),
+    ];
+    wait_routes(
+        hc,
+        &c.dirs,
+        "the pool networks' routes",
+        Duration::from_secs(10),
+        |r| want.iter().all(|w| r.contains(w)),
+    );
+    let (a3, b3) = (ip(&ea, "a3", "xhost"), ip(&eb, "b3", "xhost"));
+    ok(ea.ping_from("a3", b3, 3).expect("ping"), "a3 -> b3");
+    ok(
+        ping(hc.containers()[0].ns(), a3, 3).expect("ping"),
+        "c1 -> a3",
+    );
+    drop((a, b, c));
+    drop((ea, eb));
+}

@@ -1,0 +1,121 @@
+//! This host's desired side, built from what the sources gathered: the
+//! bridges and their subnets (static and Docker's), the endpoints, and the
+//! kernel's facts about those interfaces.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use log::warn;
+use xhost_common::Endpoint;
+
+use super::{Local, Peers};
+use crate::{config::LocalSubnet, net::Ipv4Net};
+
+/// A container endpoint as a source (Docker, or the bridge's neighbour and
+/// FDB tables) reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub host_ifindex: u32,
+    pub bridge: String,
+}
+
+/// What the kernel said about the interfaces the sources named.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelFacts {
+    /// The bridges that exist, by name.
+    pub bridges: BTreeMap<String, BridgeFacts>,
+    /// Names of the endpoints' host-side veths that exist, by ifindex.
+    pub ports: BTreeMap<u32, String>,
+}
+
+/// A bridge that exists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgeFacts {
+    pub ifindex: u32,
+    /// Its MAC (the endpoints' gateway MAC), or why it could not be read;
+    /// `None` when no endpoint needed it.
+    pub mac: Option<Result<[u8; 6], String>>,
+}
+
+/// The local side the datapath should hold. Static bridges come first, then
+/// Docker's; a bridge that does not exist (yet) is skipped, and so is a
+/// subnet that would break the peer routing (overlapping a peer's): the
+/// agent cannot refuse Docker's state, but must not mis-route. Endpoints
+/// count only on a subnet served by their bridge, with a veth that exists.
+pub fn local(
+    static_locals: &[LocalSubnet],
+    docker_networks: &[(String, Vec<Ipv4Net>)],
+    endpoints: &[EndpointSpec],
+    peers: &Peers,
+    facts: &KernelFacts,
+) -> Local {
+    let mut d = Local::default();
+    let mut add_bridge = |bridge: &str, nets: &[Ipv4Net]| {
+        let Some(b) = facts.bridges.get(bridge) else {
+            warn!("bridge {bridge} does not exist (yet); skipping");
+            return;
+        };
+        let mut any = false;
+        for n in nets {
+            let local = LocalSubnet {
+                net: *n,
+                bridge: bridge.to_owned(),
+            };
+            if let Err(e) = peers.check_local(&local) {
+                warn!("not serving {n} on {bridge}: {e}");
+                continue;
+            }
+            d.locals.insert(*n, (bridge.to_owned(), b.ifindex));
+            any = true;
+        }
+        if any {
+            d.bridges.insert(bridge.to_owned());
+        }
+    };
+    for l in static_locals {
+        add_bridge(&l.bridge, std::slice::from_ref(&l.net));
+    }
+    for (bridge, nets) in docker_networks {
+        add_bridge(bridge, nets);
+    }
+    for e in endpoints {
+        let served = d
+            .locals
+            .iter()
+            .any(|(n, (b, _))| *b == e.bridge && n.contains(e.ip));
+        if !served {
+            continue;
+        }
+        let gw_mac = match facts.bridges.get(&e.bridge).and_then(|b| b.mac.as_ref()) {
+            Some(Ok(m)) => *m,
+            Some(Err(err)) => {
+                warn!("endpoint {}: {err}", e.ip);
+                continue;
+            }
+            None => {
+                warn!("endpoint {}: the MAC of {} is not known", e.ip, e.bridge);
+                continue;
+            }
+        };
+        let Some(port) = facts.ports.get(&e.host_ifindex) else {
+            warn!(
+                "endpoint {}: veth ifindex {} does not exist",
+                e.ip, e.host_ifindex
+            );
+            continue;
+        };
+        d.ports.insert(e.host_ifindex, port.clone());
+        d.endpoints.insert(
+            e.ip,
+            Endpoint {
+                ifindex: e.host_ifindex,
+                flags: 0,
+                mac: e.mac,
+                gw_mac,
+                _pad: [0; 4],
+            },
+        );
+    }
+    d
+}

@@ -1,0 +1,148 @@
+//! The agent's pure step: what the datapath should hold ([`State`]), the
+//! operations that take it there from what it holds ([`plan`]), and their
+//! execution through a [`Writer`]. Nothing in here touches the kernel: the
+//! sources gather the facts before, the writer carries the operations out
+//! after, so the ordering rules are unit-tested without root.
+
+mod desired;
+mod exec;
+mod ops;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+pub use desired::{BridgeFacts, EndpointSpec, KernelFacts, local};
+pub use exec::{Writer, execute};
+pub use ops::{Limits, Neighbour, Op, plan};
+use xhost_common::Endpoint;
+
+use crate::{
+    config::{ConfigError, LocalSubnet, PeerConfig},
+    net::Ipv4Net,
+};
+
+/// Everything the agent writes: the peer side and this host's own side.
+/// The desired state and the applied one are both a `State`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    pub peers: Peers,
+    pub local: Local,
+}
+
+/// This host's own side of the datapath.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Local {
+    /// Bridges to attach, by name.
+    pub bridges: BTreeSet<String>,
+    /// Local container subnets -> serving bridge (name, ifindex).
+    pub locals: BTreeMap<Ipv4Net, (String, u32)>,
+    /// Local container IP -> endpoint.
+    pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    /// Host-side veths of the endpoints (ifindex -> name), where
+    /// `xhost_from_ctr` attaches.
+    pub ports: BTreeMap<u32, String>,
+}
+
+/// The peer side of the datapath: peer hosts (`PEER_HOSTS`) and their
+/// subnets (`ROUTES`, and a kernel route each).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peers {
+    pub hosts: BTreeSet<Ipv4Addr>,
+    pub routes: BTreeMap<Ipv4Net, Ipv4Addr>,
+}
+
+impl Peers {
+    /// From checked peer settings (disjoint subnets, unique hosts).
+    pub fn of(peers: &[PeerConfig]) -> Self {
+        Self {
+            hosts: peers.iter().map(|p| p.host).collect(),
+            routes: peers
+                .iter()
+                .flat_map(|p| p.subnets.iter().map(|n| (*n, p.host)))
+                .collect(),
+        }
+    }
+
+    /// Whether `local` can be served next to these peers: no peer host
+    /// inside it, no peer subnet overlapping it (as
+    /// [`crate::config::check_local`] says of configured peers).
+    pub fn check_local(&self, local: &LocalSubnet) -> Result<(), ConfigError> {
+        let net = local.net;
+        if let Some(peer) = self.hosts.range(net.addr()..=net.last()).next() {
+            return Err(ConfigError::PeerInLocal {
+                peer: *peer,
+                local: net,
+                bridge: local.bridge.clone(),
+            });
+        }
+        match self.routes.iter().find(|(n, _)| n.overlaps(&net)) {
+            Some((n, peer)) => Err(ConfigError::LocalOverlap {
+                peer_net: *n,
+                peer: *peer,
+                local: net,
+                bridge: local.bridge.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl State {
+    /// What `op`, once done, changed: the one place that says how each
+    /// operation moves the applied state, for [`plan`] (which simulates)
+    /// and [`execute`] (which records what the writer did).
+    pub fn record(&mut self, op: &Op) {
+        let (peers, local) = (&mut self.peers, &mut self.local);
+        match op {
+            Op::AddPeerHost(h) => {
+                peers.hosts.insert(*h);
+            }
+            Op::RemovePeerHost(h) => {
+                peers.hosts.remove(h);
+            }
+            Op::SetRoute { net, peer } => {
+                peers.routes.insert(*net, *peer);
+            }
+            Op::RemoveRoute(net) => {
+                peers.routes.remove(net);
+            }
+            // Kernel routes are the writer's to track: it may leave one
+            // out (an operator's route is there already).
+            Op::AddKernelRoute { .. } | Op::RemoveKernelRoute(_) | Op::SetNeighbours(_) => {}
+            Op::AttachBridge(b) => {
+                local.bridges.insert(b.clone());
+            }
+            Op::DetachBridge(b) => {
+                local.bridges.remove(b);
+            }
+            Op::SetLocal {
+                net,
+                bridge,
+                ifindex,
+            } => {
+                local.locals.insert(*net, (bridge.clone(), *ifindex));
+            }
+            Op::RemoveLocal(net) => {
+                local.locals.remove(net);
+            }
+            Op::AttachPort { ifindex, name } => {
+                local.ports.insert(*ifindex, name.clone());
+            }
+            Op::DetachPort { ifindex, name } => {
+                if local.ports.get(ifindex) == Some(name) {
+                    local.ports.remove(ifindex);
+                }
+            }
+            Op::SetEndpoint { ip, ep } => {
+                local.endpoints.insert(*ip, *ep);
+            }
+            Op::RemoveEndpoint(ip) => {
+                local.endpoints.remove(ip);
+            }
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! `plan`: the operations, in order, that move the applied state to the
+//! desired one, with the ordering rules the datapath needs.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use xhost_common::Endpoint;
+
+use super::{Peers, State};
+use crate::net::Ipv4Net;
+
+/// One write to the datapath or the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// `PEER_HOSTS`: the host's ICMP errors may reach containers.
+    AddPeerHost(Ipv4Addr),
+    RemovePeerHost(Ipv4Addr),
+    /// `ROUTES`: a write replaces the entry in place.
+    SetRoute {
+        net: Ipv4Net,
+        peer: Ipv4Addr,
+    },
+    RemoveRoute(Ipv4Net),
+    /// The kernel's route of a peer subnet (for what the datapath hands the
+    /// kernel: TTL expiry, fragmentation needed).
+    AddKernelRoute {
+        net: Ipv4Net,
+        peer: Ipv4Addr,
+    },
+    RemoveKernelRoute(Ipv4Net),
+    /// `xhost_egress` on a bridge's ingress.
+    AttachBridge(String),
+    DetachBridge(String),
+    /// `LOCAL_NETS`.
+    SetLocal {
+        net: Ipv4Net,
+        bridge: String,
+        ifindex: u32,
+    },
+    RemoveLocal(Ipv4Net),
+    /// `xhost_from_ctr` on a container's host-side veth.
+    AttachPort {
+        ifindex: u32,
+        name: String,
+    },
+    DetachPort {
+        ifindex: u32,
+        name: String,
+    },
+    /// `ENDPOINTS`.
+    SetEndpoint {
+        ip: Ipv4Addr,
+        ep: Endpoint,
+    },
+    RemoveEndpoint(Ipv4Addr),
+    /// The bridges' ARP entries of endpoints just written (best effort).
+    SetNeighbours(Vec<Neighbour>),
+}
+
+/// An endpoint whose MAC the bridge's ARP table should know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub bridge: String,
+    pub bridge_ifindex: u32,
+}
+
+/// Capacities of the maps whose old and new entries may not fit together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub peer_hosts: usize,
+    pub routes: usize,
+}
+
+impl Limits {
+    /// The datapath's maps.
+    pub const DATAPATH: Self = Self {
+        peer_hosts: xhost_common::MAX_PEER_HOSTS as usize,
+        routes: xhost_common::MAX_ROUTES as usize,
+    };
+}
+
+/// The operations, in order, that take `applied` to `want`.
+///
+/// Peers first: new hosts, then routes added or moved to another peer,
+/// then routes and hosts that are gone. Adding first leaves no gap when a
+/// prefix is split or merged (a /16 replaced by its /24s is still routed
+/// while they are written). When the old and the new entries together
+/// would not fit a map (`want` fits by itself: the sources checked it),
+/// what is gone from it leaves first instead. A route moved to another
+/// peer replaces its kernel route.
+///
+/// Then this host's side: new bridges are attached before their subnets
+/// appear, so the first packet of a new network already takes the fast
+/// path; then subnets, ports and endpoints; the neighbour entries of the
+/// endpoints just written; removals last, endpoints before the subnets and
+/// bridges they sit on.
+pub fn plan(want: &State, applied: &State, limits: &Limits) -> Vec<Op> {
+    let mut p = Planner {
+        sim: State {
+            peers: Peers::default(),
+            local: applied.local.clone(),
+        },
+        ops: Vec::new(),
+    };
+    // Most steps change only this host's side: the peers (up to the
+    // datapath's MAX_ROUTES) are simulated only when they differ.
+    if want.peers != applied.peers {
+        p.sim.peers = applied.peers.clone();
+        p.peers(&want.peers, limits);
+    }
+    p.local(want);
+    p.ops
+}
+
+/// Builds the list while keeping a simulated applied state, so each rule
+/// sees what the operations before it did.
+struct Planner {
+    sim: State,
+    ops: Vec<Op>,
+}
+
+impl Planner {
+    fn push(&mut self, op: Op) {
+        self.sim.record(&op);
+        self.ops.push(op);
+    }
+
+    fn peers(&mut self, want: &Peers, limits: &Limits) {
+        let new_hosts = want.hosts.difference(&self.sim.peers.hosts).count();
+        if self.sim.peers.hosts.len() + new_hosts > limits.peer_hosts {
+            self.remove_gone_routes(want);
+            self.remove_gone_hosts(want);
+        }
+        for h in want.hosts.difference(&self.sim.peers.hosts.clone()) {
+            self.push(Op::AddPeerHost(*h));
+        }
+        let new_routes = want
+            .routes
+            .keys()
+            .filter(|n| !self.sim.peers.routes.contains_key(n))
+            .count();
+        if self.sim.peers.routes.len() + new_routes > limits.routes {
+            self.remove_gone_routes(want);
+        }
+        for (net, peer) in &want.routes {
+            match self.sim.peers.routes.get(net) {
+                Some(old) if old == peer => continue,
+                // The kernel route still goes via the old peer.
+                Some(_) => self.push(Op::RemoveKernelRoute(*net)),
+                None => {}
+            }
+            self.push(Op::SetRoute {
+                net: *net,
+                peer: *peer,
+            });
+            self.push(Op::AddKernelRoute {
+                net: *net,
+                peer: *peer,
+            });
+        }
+        self.remove_gone_routes(want);
+        self.remove_gone_hosts(want);
+    }
+
+    fn remove_gone_routes(&mut self, want: &Peers) {
+        for net in gone(&self.sim.peers.routes, &want.routes) {
+            self.push(Op::RemoveRoute(net));
+            self.push(Op::RemoveKernelRoute(net));
+        }
+    }
+
+    fn remove_gone_hosts(&mut self, want: &Peers) {
+        let hosts: Vec<_> = self
+            .sim
+            .peers
+            .hosts
+            .difference(&want.hosts)
+            .copied()
+            .collect();
+        for h in hosts {
+            self.push(Op::RemovePeerHost(h));
+        }
+    }
+
+    fn local(&mut self, want: &State) {
+        let want = &want.local;
+        for b in want.bridges.difference(&self.sim.local.bridges.clone()) {
+            self.push(Op::AttachBridge(b.clone()));
+        }
+        for (net, (bridge, ifindex)) in &want.locals {
+            if self.sim.local.locals.get(net) != Some(&(bridge.clone(), *ifindex)) {
+                self.push(Op::SetLocal {
+                    net: *net,
+                    bridge: bridge.clone(),
+                    ifindex: *ifindex,
+                });
+            }
+        }
+        for (ifindex, name) in &want.ports {
+            match self.sim.local.ports.get(ifindex) {
+                Some(old) if old == name => continue,
+                // The ifindex now names another veth: the old attachment is stale.
+                Some(old) => {
+                    let old = old.clone();
+                    self.push(Op::DetachPort {
+                        ifindex: *ifindex,
+                        name: old,
+                    });
+                }
+                None => {}
+            }
+            self.push(Op::AttachPort {
+                ifindex: *ifindex,
+                name: name.clone(),
+            });
+        }
+        let mut written = Vec::new();
+        for (ip, ep) in &want.endpoints {
+            if self.sim.local.endpoints.get(ip) != Some(ep) {
+                self.push(Op::SetEndpoint { ip: *ip, ep: *ep });
+                // The subnet serving it names the bridge whose ARP table
+                // should know it.
+                if let Some((bridge, index)) = want
+                    .locals
+                    .iter()
+                    .find(|(n, _)| n.contains(*ip))
+                    .map(|(_, v)| v)
+                {
+                    written.push(super::Neighbour {
+                        ip: *ip,
+                        mac: ep.mac,
+                        bridge: bridge.clone(),
+                        bridge_ifindex: *index,
+                    });
+                }
+            }
+        }
+        if !written.is_empty() {
+            self.push(Op::SetNeighbours(written));
+        }
+        for ip in gone(&self.sim.local.endpoints, &want.endpoints) {
+            self.push(Op::RemoveEndpoint(ip));
+        }
+        // Ports of containers that are gone: detach (and unpin) their program.
+        for ifindex in gone(&self.sim.local.ports, &want.ports) {
+            let name = self.sim.local.ports[&ifindex].clone();
+            self.push(Op::DetachPort { ifindex, name });
+        }
+        for net in gone(&self.sim.local.locals, &want.locals) {
+            self.push(Op::RemoveLocal(net));
+        }
+        let bridges: Vec<_> = self
+            .sim
+            .local
+            .bridges
+            .difference(&want.bridges)
+            .cloned()
+            .collect();
+        for b in bridges {
+            self.push(Op::DetachBridge(b));
+        }
+    }
+}
+
+/// Keys of `applied` that `want` no longer has (collected: the planner
+/// removes them from its simulated state as it goes).
+fn gone<K: Ord + Copy, A, W>(applied: &BTreeMap<K, A>, want: &BTreeMap<K, W>) -> Vec<K> {
+    applied
+        .keys()
+        .filter(|k| !want.contains_key(k))
+        .copied()
+        .collect()
+}

@@ -1,0 +1,234 @@
+//! Sources of desired state, gathered before the plan: Docker (bridges,
+//! subnets, endpoints), the config (peers, static bridges) and the kernel
+//! (endpoints of static bridges, interface facts). Peers may come from more
+//! than one source; each names itself, and a subnet claimed by two of them
+//! is a conflict naming both.
+
+pub mod docker;
+pub mod kernel;
+
+use std::net::Ipv4Addr;
+
+use log::warn;
+
+use crate::{
+    config::{LocalSubnet, PeerConfig},
+    docker::DockerView,
+    net::Ipv4Net,
+    plan::{self, Local, Peers},
+};
+
+/// The name of the config file and flags as a source of peers.
+pub const CONFIG: &str = "config";
+
+/// One source's peers: the hosts and the subnets behind them.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerSource<'a> {
+    /// Named in conflicts ("config", "cluster store", ...).
+    pub name: &'a str,
+    pub peers: &'a [PeerConfig],
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PeerError {
+    #[error(
+        "subnet {a} of peer {peer_a} ({source_a}) overlaps subnet {b} of peer {peer_b} ({source_b})"
+    )]
+    Overlap {
+        a: Ipv4Net,
+        peer_a: Ipv4Addr,
+        source_a: String,
+        b: Ipv4Net,
+        peer_b: Ipv4Addr,
+        source_b: String,
+    },
+    #[error("{count} peer subnets: the datapath's ROUTES map holds at most {max}")]
+    TooManyRoutes { count: usize, max: usize },
+    #[error("{count} peers: the datapath's PEER_HOSTS map holds at most {max}")]
+    TooManyPeers { count: usize, max: usize },
+}
+
+/// The desired peers of every source together: the union of their hosts,
+/// each subnet routed to the host that claims it. Subnets must be disjoint
+/// across all sources, and the whole must fit the datapath's maps.
+pub fn peers(sources: &[PeerSource<'_>], limits: &plan::Limits) -> Result<Peers, PeerError> {
+    // Sorted by network address, a prefix can only overlap ones that start
+    // inside it, so one pass tracking the widest range seen so far finds
+    // any overlap (as config::check_peers does within one source).
+    let mut all: Vec<(Ipv4Net, Ipv4Addr, &str)> = sources
+        .iter()
+        .flat_map(|s| {
+            s.peers
+                .iter()
+                .flat_map(move |p| p.subnets.iter().map(move |n| (*n, p.host, s.name)))
+        })
+        .collect();
+    all.sort_by_key(|(n, _, _)| (n.addr(), n.prefix_len()));
+    let mut widest: Option<(Ipv4Net, Ipv4Addr, &str)> = None;
+    for (n, host, name) in &all {
+        if let Some((w, w_host, w_name)) = widest {
+            if w.contains(n.addr()) {
+                return Err(PeerError::Overlap {
+                    a: w,
+                    peer_a: w_host,
+                    source_a: w_name.to_owned(),
+                    b: *n,
+                    peer_b: *host,
+                    source_b: (*name).to_owned(),
+                });
+            }
+            if n.last() <= w.last() {
+                continue;
+            }
+        }
+        widest = Some((*n, *host, name));
+    }
+    let mut out = Peers::default();
+    for s in sources {
+        out.hosts.extend(s.peers.iter().map(|p| p.host));
+    }
+    out.routes = all.into_iter().map(|(n, h, _)| (n, h)).collect();
+    if out.hosts.len() > limits.peer_hosts {
+        return Err(PeerError::TooManyPeers {
+            count: out.hosts.len(),
+            max: limits.peer_hosts,
+        });
+    }
+    if out.routes.len() > limits.routes {
+        return Err(PeerError::TooManyRoutes {
+            count: out.routes.len(),
+            max: limits.routes,
+        });
+    }
+    Ok(out)
+}
+
+/// This host's side as the static bridges alone say it (no endpoints yet).
+pub fn static_bridges(static_locals: &[LocalSubnet], peers: &Peers) -> Local {
+    let facts = kernel::facts(static_locals.iter().map(|l| l.bridge.as_str()), &[]);
+    plan::local(static_locals, &[], &[], peers, &facts)
+}
+
+/// This host's side from every source: the static bridges, Docker's view
+/// (the last one it gave, if any), and the endpoints of the bridges Docker
+/// does not manage from the kernel's tables.
+pub fn local(static_locals: &[LocalSubnet], view: Option<&DockerView>, peers: &Peers) -> Local {
+    let (nets, mut eps) = view.map(docker::specs).unwrap_or_default();
+    let managed: Vec<&str> = nets.iter().map(|(b, _)| b.as_str()).collect();
+    let mut statics: Vec<(String, Vec<Ipv4Net>)> = Vec::new();
+    for l in static_locals
+        .iter()
+        .filter(|l| !managed.contains(&l.bridge.as_str()))
+    {
+        match statics.iter_mut().find(|(b, _)| *b == l.bridge) {
+            Some((_, v)) => v.push(l.net),
+            None => statics.push((l.bridge.clone(), vec![l.net])),
+        }
+    }
+    match kernel::endpoints(&statics) {
+        Ok(found) => eps.extend(found),
+        Err(e) => warn!("reading neighbour/FDB tables: {e}"),
+    }
+    let bridges = static_locals
+        .iter()
+        .map(|l| l.bridge.as_str())
+        .chain(nets.iter().map(|(b, _)| b.as_str()));
+    let facts = kernel::facts(bridges, &eps);
+    plan::local(static_locals, &nets, &eps, peers, &facts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(s: &str) -> PeerConfig {
+        s.parse().expect("valid peer")
+    }
+
+    #[test]
+    fn peers_of_every_source_join() {
+        let config = [peer("10.0.0.2=10.1.0.0/16")];
+        let store = [
+            peer("10.0.0.3=10.2.0.0/16,10.3.0.0/24"),
+            peer("10.0.0.2=10.4.0.0/16"),
+        ];
+        let p = peers(
+            &[
+                PeerSource {
+                    name: CONFIG,
+                    peers: &config,
+                },
+                PeerSource {
+                    name: "cluster store",
+                    peers: &store,
+                },
+            ],
+            &plan::Limits::DATAPATH,
+        )
+        .expect("disjoint");
+        let mut all = config.to_vec();
+        all.extend(store);
+        assert_eq!(p, Peers::of(&all));
+    }
+
+    #[test]
+    fn a_subnet_claimed_by_two_sources_names_both() {
+        let config = [peer("10.0.0.2=10.1.0.0/16")];
+        let store = [peer("10.0.0.3=9.0.0.0/8,10.1.2.0/24")];
+        let sources = [
+            PeerSource {
+                name: CONFIG,
+                peers: &config,
+            },
+            PeerSource {
+                name: "cluster store",
+                peers: &store,
+            },
+        ];
+        let e = peers(&sources, &plan::Limits::DATAPATH).expect_err("overlap");
+        assert_eq!(
+            e.to_string(),
+            "subnet 10.1.0.0/16 of peer 10.0.0.2 (config) overlaps subnet 10.1.2.0/24 of peer 10.0.0.3 (cluster store)"
+        );
+        // The same subnet from both, even for the same host, is a conflict too.
+        let again = [peer("10.0.0.2=10.1.0.0/16")];
+        let e = peers(
+            &[
+                sources[0],
+                PeerSource {
+                    name: "cluster store",
+                    peers: &again,
+                },
+            ],
+            &plan::Limits::DATAPATH,
+        )
+        .expect_err("same subnet");
+        assert!(e.to_string().contains("(config) overlaps"), "{e}");
+    }
+
+    #[test]
+    fn gathered_peers_must_fit_the_maps() {
+        let a = [peer("10.0.0.2=10.1.0.0/16,10.2.0.0/16")];
+        let b = [peer("10.0.0.3=10.3.0.0/16")];
+        let sources = [
+            PeerSource {
+                name: CONFIG,
+                peers: &a,
+            },
+            PeerSource {
+                name: "cluster store",
+                peers: &b,
+            },
+        ];
+        let limits = |peer_hosts, routes| plan::Limits { peer_hosts, routes };
+        assert!(peers(&sources, &limits(2, 3)).is_ok());
+        assert_eq!(
+            peers(&sources, &limits(2, 2)).expect_err("routes"),
+            PeerError::TooManyRoutes { count: 3, max: 2 }
+        );
+        assert_eq!(
+            peers(&sources, &limits(1, 3)).expect_err("hosts"),
+            PeerError::TooManyPeers { count: 2, max: 1 }
+        );
+    }
+}
