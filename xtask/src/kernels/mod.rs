@@ -68,7 +68,14 @@ const TEST_RUN_INGRESS_IFINDEX_SINCE: (u32, u32) = (5, 16);
 /// Tests known to fail on a kernel, still run and shown, that do not fail the matrix:
 /// (kernel series, attach method, suite, test, what is known). Each is a finding to fix
 /// in the datapath; a known failure that passes is reported so it can come off the list.
-const KNOWN_FAILURES: &[((u32, u32), &str, &str, &str, &str)] = &[(
+type KnownFailure = (
+    (u32, u32),
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+const KNOWN_FAILURES: &[KnownFailure] = &[(
     (5, 10),
     "tc",
     "datapath",
@@ -308,11 +315,11 @@ fn cargo_artifacts(args: &[&str]) -> anyhow::Result<Vec<(String, TargetKind, Pat
     let stdout = child.stdout.take().context("cargo's stdout")?;
     let mut found = Vec::new();
     for msg in Message::parse_stream(std::io::BufReader::new(stdout)) {
-        if let Message::CompilerArtifact(a) = msg.context("reading cargo's JSON messages")? {
-            if let Some(exe) = a.executable {
-                for kind in a.target.kind {
-                    found.push((a.target.name.clone(), kind, exe.clone().into_std_path_buf()));
-                }
+        if let Message::CompilerArtifact(a) = msg.context("reading cargo's JSON messages")?
+            && let Some(exe) = a.executable
+        {
+            for kind in a.target.kind {
+                found.push((a.target.name.clone(), kind, exe.clone().into_std_path_buf()));
             }
         }
     }
