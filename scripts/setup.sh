@@ -7,6 +7,11 @@
 #     rust-web-src, linked into rustup as the toolchain `xhost-bpf`;
 #   - bpf-linker 0.13 built against LLVM 22;
 #   - the network and Docker tools the tests and the demo drive;
+#   - for the kernel matrix (`cargo xtask test` boots older kernels in qemu):
+#     qemu-system-x86 from bookworm-backports, cpio, busybox-static, and
+#     Debian's cloud kernel packages (5.10 from bullseye, 6.1 from bookworm,
+#     6.12 from bookworm-backports), downloaded once into the kernel cache
+#     ($XHOST_KERNELS_DIR, else target/kernels) and never installed.
 #   - etcd (server and etcdctl) for cluster mode's tests, and protoc with the
 #     well-known .proto files (libprotobuf-dev, only "Recommended" by
 #     protobuf-compiler, so named here) that the etcd-client crate builds with;

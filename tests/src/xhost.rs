@@ -17,6 +17,58 @@ use crate::{Error, NetNs, Process, Result};
 /// Env var naming the `xhost-user` binary (else found next to the test binary).
 pub const XHOST_BIN_ENV: &str = "XHOST_USER_BIN";
 
+/// Env var choosing how every agent the tests start attaches its TC
+/// programs: `tc`, `tcx` or `auto` (passed as `load --attach`); unset is
+/// the agent's default (auto). `cargo xtask test` runs the datapath tests
+/// once with each of tcx and tc.
+pub const ATTACH_ENV: &str = "XHOST_TEST_ATTACH";
+
+/// The `--attach` value the tests ask for, if any (empty: none).
+pub fn test_attach() -> Option<String> {
+    let v = std::env::var(ATTACH_ENV).ok().filter(|v| !v.is_empty())?;
+    assert!(
+        matches!(v.as_str(), "tc" | "tcx" | "auto"),
+        "{ATTACH_ENV}={v}: expected tc, tcx or auto"
+    );
+    Some(v)
+}
+
+/// Whether the agents the tests start attach TC programs through tcx (else
+/// classic tc): as asked by [`ATTACH_ENV`], or, for auto, whether the
+/// kernel has tcx (its `BPF_PROG_QUERY` knows `BPF_TCX_INGRESS`).
+pub fn expect_tcx() -> bool {
+    match test_attach().as_deref() {
+        Some("tc") => false,
+        Some("tcx") => true,
+        _ => kernel_has_tcx(),
+    }
+}
+
+/// Whether the running kernel has tcx (6.6+): its `BPF_PROG_QUERY` knows
+/// `BPF_TCX_INGRESS` (asked for `lo`, which every namespace has).
+pub fn kernel_has_tcx() -> bool {
+    aya::programs::SchedClassifier::query_tcx("lo", aya::programs::TcAttachType::Ingress).is_ok()
+}
+
+/// How [`attached_programs`] names the TC hook `dir` (`ingress`,
+/// `egress`) for the attach method the tests run with: `tcx-ingress`, or
+/// `tc-ingress` for a classic filter.
+pub fn tc_hook(dir: &str) -> String {
+    format!("{}-{dir}", if expect_tcx() { "tcx" } else { "tc" })
+}
+
+/// `args` of `xhost-user load` with `--attach` from [`ATTACH_ENV`] added,
+/// unless they choose one themselves.
+fn with_test_attach(args: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    if let Some(a) = test_attach()
+        && !args.contains(&"--attach")
+    {
+        all.extend(["--attach".to_owned(), a]);
+    }
+    all
+}
+
 /// Locates `xhost-user`: `$XHOST_USER_BIN`, else in `target/<profile>/`
 /// beside the running test binary (`cargo xtask test` builds it first).
 pub fn xhost_bin() -> Result<PathBuf> {
@@ -70,7 +122,11 @@ pub fn xhost(ns: &NetNs, dirs: &AgentDirs, args: &[&str]) -> Result<Output> {
     let bin = xhost_bin()?;
     let mut all: Vec<String> = vec![bin.display().to_string()];
     all.extend(dirs.args());
-    all.extend(args.iter().map(|s| (*s).to_owned()));
+    if args.first() == Some(&"load") {
+        all.extend(with_test_attach(args));
+    } else {
+        all.extend(args.iter().map(|s| (*s).to_owned()));
+    }
     // nsenter, not `ip netns exec`: the latter remounts /sys, which hides
     // the bpffs at /sys/fs/bpf that pins live on.
     ns.nsenter_command(&all)
@@ -292,7 +348,7 @@ impl Agent {
         let mut all: Vec<String> = vec![bin.display().to_string()];
         all.extend(dirs.args());
         all.push("load".into());
-        all.extend(args.iter().map(|s| (*s).to_owned()));
+        all.extend(with_test_attach(args));
         let mut process =
             Process::spawn_echoing(&format!("xhost-user@{role}"), ns.nsenter_command(&all))?;
         process.set_grace(Duration::from_secs(10));
@@ -370,8 +426,17 @@ impl Drop for Agent {
 
 /// Best-effort removal of an instance's pins and state (never panics).
 pub fn remove_instance(dirs: &AgentDirs) {
+    // Markers of the clsact qdiscs an instance added (empty directories).
+    let clsact = dirs.pin_dir.join("clsact");
+    if let Ok(entries) = std::fs::read_dir(&clsact) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(&clsact);
     let links = dirs.pin_dir.join("links");
-    for dir in [&links, &dirs.pin_dir, &dirs.run_dir] {
+    let filters = dirs.pin_dir.join("filters");
+    for dir in [&links, &filters, &dirs.pin_dir, &dirs.run_dir] {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
                 if e.path().is_file() || !e.path().is_dir() {
@@ -380,14 +445,16 @@ pub fn remove_instance(dirs: &AgentDirs) {
             }
         }
     }
-    for dir in [&links, &dirs.pin_dir, &dirs.run_dir] {
+    for dir in [&links, &filters, &dirs.pin_dir, &dirs.run_dir] {
         let _ = std::fs::remove_dir(dir);
     }
 }
 
 /// Programs attached to `ifaces` inside `ns`: tcx (ingress and egress, by
-/// BPF_PROG_QUERY) and XDP (from `ip -d link`), as `iface hook name` lines.
-/// bpftool 7.1 (Debian 12) lists neither tcx nor link-based XDP, hence this.
+/// BPF_PROG_QUERY), classic tc cls_bpf filters (`tc filter show`: hooks
+/// `tc-ingress`, `tc-egress`, named as the filter is) and XDP (from `ip -d
+/// link`), as `iface hook name` lines. bpftool 7.1 (Debian 12) lists
+/// neither tcx nor link-based XDP, hence this.
 pub fn attached_programs(ns: &NetNs, ifaces: &[&str]) -> Result<Vec<String>> {
     use aya::programs::{SchedClassifier, TcAttachType};
     let ifaces: Vec<String> = ifaces.iter().map(|s| (*s).to_owned()).collect();
@@ -415,6 +482,11 @@ pub fn attached_programs(ns: &NetNs, ifaces: &[&str]) -> Result<Vec<String>> {
                     found.push(format!("{iface} {hook} {}", p.name_as_str().unwrap_or("?")));
                 }
             }
+            for dir in ["ingress", "egress"] {
+                for name in tc_filter_names(iface, dir)? {
+                    found.push(format!("{iface} tc-{dir} {name}"));
+                }
+            }
             let out = std::process::Command::new("ip")
                 .args(["-d", "link", "show", "dev", iface])
                 .output()
@@ -429,4 +501,35 @@ pub fn attached_programs(ns: &NetNs, ifaces: &[&str]) -> Result<Vec<String>> {
         }
         Ok(found)
     })
+}
+
+/// Names of the eBPF programs that cls_bpf filters at `dir` (`ingress`,
+/// `egress`) of `iface` run, in the current namespace (classic BPF
+/// `bytecode` filters have none and are left out). No clsact qdisc: none.
+pub fn tc_filter_names(iface: &str, dir: &str) -> Result<Vec<String>> {
+    Ok(tc_filters(iface, dir)?
+        .iter()
+        .filter(|l| l.contains(" bpf ") && l.contains(" handle "))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            words.by_ref().find(|w| *w == "name")?;
+            words.next().map(str::to_owned)
+        })
+        .collect())
+}
+
+/// `tc filter show dev <iface> <dir>` in the current namespace, a line per
+/// filter (the classifier-only lines without a handle included).
+pub fn tc_filters(iface: &str, dir: &str) -> Result<Vec<String>> {
+    let out = std::process::Command::new("tc")
+        .args(["filter", "show", "dev", iface, dir])
+        .output()
+        .map_err(|source| Error::Io {
+            what: "tc filter show".into(),
+            source,
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect())
 }

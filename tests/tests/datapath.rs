@@ -17,7 +17,7 @@ use xhost_tests::{
     link::set_gso_ipv4_max_size,
     netfilter::iptables_table_counter,
     ping, tcp_transfer, udp_gso_transfer,
-    xhost::{Agent, AgentDirs, attached_programs, remove_instance, status_routes, xhost},
+    xhost::{Agent, AgentDirs, attached_programs, remove_instance, status_routes, tc_hook, xhost},
 };
 
 fn require_root() {
@@ -76,7 +76,7 @@ fn counter(status: &serde_json::Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("counter {name} in {status}"))
 }
 
-/// Programs attached to the host's underlay, bridge and container veths (tcx + XDP).
+/// Programs attached to the host's underlay, bridge and container veths (tcx, tc + XDP).
 fn xhost_programs(host: &xhost_tests::Host) -> String {
     let mut ifaces = vec![host.underlay_iface(), host.bridge()];
     ifaces.extend(host.containers().iter().map(|c| c.host_veth()));
@@ -209,12 +209,11 @@ fn containers_reach_each_other_only_through_xhost() {
     assert_eq!(s["agent"]["xdp"], "off");
     // ... and the kernel agrees (this is what the "nothing left" checks use).
     let live = xhost_programs(a);
-    let port_live = format!("{} tcx-ingress xhost_from_ctr", ca.host_veth());
-    for want in [
-        "ens33 tcx-ingress xhost_ingress",
-        "docker0 tcx-ingress xhost_egress",
-        port_live.as_str(),
-    ] {
+    let ingress = tc_hook("ingress");
+    let port_live = format!("{} {ingress} xhost_from_ctr", ca.host_veth());
+    let ul_live = format!("ens33 {ingress} xhost_ingress");
+    let br_live = format!("docker0 {ingress} xhost_egress");
+    for want in [ul_live.as_str(), br_live.as_str(), port_live.as_str()] {
         assert!(live.contains(want), "{want} not attached: {live}");
     }
     assert_eq!(s["routes"][0]["prefix"], "192.168.220.0/24");
@@ -362,6 +361,228 @@ fn detached_datapath_keeps_forwarding_until_unload() {
         "second unload must say nothing is loaded"
     );
     drop(guard);
+}
+
+/// A classic BPF program (tc's `bytecode` syntax) for a cls_bpf filter in
+/// direct-action mode, as another tool might add: drops ICMP echo requests
+/// (IPv4, no options), leaves everything else to later filters
+/// (`TC_ACT_UNSPEC`):
+/// `ldh [12]; jne #0x800, pass; ldb [23]; jne #1, pass; ldb [34]; jne #8, pass; ret #2; pass: ret #-1`.
+const DROP_ECHO_REQUESTS: &str =
+    "8,40 0 0 12,21 0 5 2048,48 0 0 23,21 0 3 1,48 0 0 34,21 0 1 8,6 0 0 2,6 0 0 4294967295";
+
+/// Another tool's tc filter on the underlay, added before xhost with the
+/// kernel's default priority (49152), runs on through xhost's
+/// load, a crash and unload, each way xhost can end (Ctrl-C, SIGKILL +
+/// `unload`, `--detach` + `unload`), and is exactly as it was afterwards;
+/// the clsact qdisc xhost added on the bridge goes, the one the other tool
+/// added on the underlay stays.
+///
+/// ```text
+///  host-a: ens33 ingress: [xhost pref 30824] -> [other tool: drop ICMP echo requests]
+/// ```
+/// Containers ping each other through xhost (redirected before the other
+/// filter), host B cannot ping host A's own address (the other filter
+/// drops what xhost hands on), host A can ping host B.
+#[test]
+fn other_tc_filters_keep_working_through_load_crash_and_unload() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let (ca, cb) = (topo.ctr_a(), topo.ctr_b());
+    let tc = |args: &[&str]| {
+        let mut all = vec!["tc"];
+        all.extend_from_slice(args);
+        a.ns().run(&all)
+    };
+    tc(&["qdisc", "add", "dev", "ens33", "clsact"]);
+    tc(&[
+        "filter",
+        "add",
+        "dev",
+        "ens33",
+        "ingress",
+        "protocol",
+        "all",
+        "bpf",
+        "bytecode",
+        DROP_ECHO_REQUESTS,
+        "da",
+    ]);
+    let filters_before = tc(&["filter", "show", "dev", "ens33", "ingress"]);
+    assert!(
+        filters_before.contains("pref 49152 bpf") && filters_before.contains("bytecode"),
+        "the other tool's filter: {filters_before}"
+    );
+    let qdiscs_before = tc(&["qdisc", "show"]);
+    let host_ping = |from: &xhost_tests::Host, to: &xhost_tests::Host| {
+        ping(from.ns(), to.underlay_ip(), 1)
+            .expect("ping")
+            .any_received()
+    };
+    assert!(!host_ping(b, a), "the other filter drops B's echo requests");
+    assert!(host_ping(a, b), "A's echo requests and their replies pass");
+
+    let _agent_b = start(b, a, &[]);
+    for end in ["sigterm", "crash", "detach"] {
+        let dirs = AgentDirs::unique("a");
+        let _cleanup = Cleanup(std::slice::from_ref(&dirs));
+        let agent = if end == "detach" {
+            let mut args = vec!["load".to_owned()];
+            args.extend(load_args(a, b, &["--detach"]));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = xhost(a.ns(), &dirs, &args).expect("load --detach");
+            assert!(
+                out.status.success(),
+                "load --detach: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            None
+        } else {
+            Some(start(a, b, &[]))
+        };
+        let dirs = agent.as_ref().map_or(dirs.clone(), |g| g.dirs.clone());
+        let live = xhost_programs(a);
+        let ul = format!("ens33 {} xhost_ingress", tc_hook("ingress"));
+        assert!(live.contains(&ul), "{end}: {ul} not attached: {live}");
+        let filters = tc(&["filter", "show", "dev", "ens33", "ingress"]);
+        for line in filters_before.lines() {
+            assert!(
+                filters.lines().any(|l| l == line),
+                "{end}: the other filter is gone with xhost loaded: {filters}"
+            );
+        }
+        let p = ping(ca.ns(), cb.ip(), 3).expect("ping");
+        assert!(p.all_received(), "{end}: A->B through xhost: {p:?}");
+        let p = ping(cb.ns(), ca.ip(), 3).expect("ping");
+        assert!(p.all_received(), "{end}: B->A through xhost: {p:?}");
+        assert!(
+            !host_ping(b, a),
+            "{end}: B's echo request to host A got past the other filter with xhost loaded"
+        );
+        assert!(host_ping(a, b), "{end}: host A -> host B with xhost loaded");
+
+        match (end, agent) {
+            ("sigterm", Some(agent)) => {
+                let (status, left) = agent.stop_with(Signal::SIGTERM).expect("stop");
+                assert!(status.success() && left.is_empty(), "{status:?} {left:?}");
+            }
+            ("crash", Some(mut agent)) => {
+                // Killed by PID; the guard stays alive (its drop would remove
+                // the pins) until unload has run.
+                let pid = nix::unistd::Pid::from_raw(agent.pid() as i32);
+                nix::sys::signal::kill(pid, Signal::SIGKILL).expect("kill the agent");
+                while agent.running() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                assert!(
+                    !dirs.leftovers().is_empty(),
+                    "a killed agent leaves its pins"
+                );
+                // What was attached stays attached and forwarding, until unload.
+                let p = ping(ca.ns(), cb.ip(), 1).expect("ping");
+                assert!(p.all_received(), "after the crash: {p:?}");
+                assert!(!host_ping(b, a), "after the crash: the other filter");
+                unload_ok(a, &dirs);
+                drop(agent);
+            }
+            _ => unload_ok(a, &dirs),
+        }
+        assert!(
+            dirs.leftovers().is_empty(),
+            "{end}: left {:?}",
+            dirs.leftovers()
+        );
+        assert_eq!(xhost_programs(a), "", "{end}: xhost still attached");
+        assert_eq!(
+            tc(&["filter", "show", "dev", "ens33", "ingress"]),
+            filters_before,
+            "{end}: the underlay's filters after unload"
+        );
+        assert_eq!(
+            tc(&["qdisc", "show"]),
+            qdiscs_before,
+            "{end}: qdiscs after unload"
+        );
+        assert!(!host_ping(b, a), "{end}: the other filter after unload");
+        assert!(
+            !ping(ca.ns(), cb.ip(), 1).expect("ping").any_received(),
+            "{end}: A reaches B after unload"
+        );
+    }
+}
+
+/// `status` names the attach method in use (auto: tcx where the kernel has
+/// it) and what the kernel offered, and per attachment how it is held; a
+/// classic filter deleted behind xhost's back shows as missing. A forced
+/// method the kernel lacks is one error line with nothing touched.
+#[test]
+fn status_names_the_attach_method_and_a_forced_one_the_kernel_lacks_is_refused() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let kernel_tcx = xhost_tests::xhost::kernel_has_tcx();
+    if !kernel_tcx {
+        let args = load_args(a, b, &["--attach", "tcx"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_refused(a, &args, "has no tcx (Linux 6.6 or newer)");
+    }
+    let method = if xhost_tests::xhost::expect_tcx() {
+        "tcx"
+    } else {
+        "tc"
+    };
+    let agent = start(a, b, &[]);
+    let s = status_json(a.ns(), &agent.dirs);
+    assert_eq!(s["agent"]["attach"], method, "{s}");
+    assert_eq!(s["agent"]["kernel"]["tcx"], kernel_tcx, "{s}");
+    let helpers = s["agent"]["kernel"]["helpers"].as_array().expect("helpers");
+    assert!(
+        helpers
+            .iter()
+            .any(|h| h[0] == "bpf_redirect_peer" && h[1] == true),
+        "{s}"
+    );
+    let via = |s: &serde_json::Value, iface: &str| {
+        s["attached"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["iface"] == iface)
+            .map(|x| x["via"].clone())
+            .unwrap_or_default()
+    };
+    let held = if method == "tcx" { "link" } else { "tc-filter" };
+    assert_eq!(via(&s, "ens33"), held, "{s}");
+    assert_eq!(via(&s, "docker0"), held, "{s}");
+    let text = xhost(a.ns(), &agent.dirs, &["status"]).expect("status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("attach: {method} ("))),
+        "{text}"
+    );
+    if method == "tc" {
+        // Someone removes the bridge's qdisc, and xhost's filter with it.
+        a.ns()
+            .run(&["tc", "qdisc", "del", "dev", "docker0", "clsact"]);
+        let s = status_json(a.ns(), &agent.dirs);
+        assert_eq!(via(&s, "docker0"), "tc-filter-missing", "{s}");
+        assert_eq!(via(&s, "ens33"), "tc-filter", "{s}");
+    }
+    stop_leaving_nothing(agent, a.ns());
+    assert_eq!(xhost_programs(a), "", "left attached");
+    assert!(
+        !a.ns().run(&["tc", "qdisc", "show"]).contains("clsact"),
+        "a clsact qdisc xhost added stayed"
+    );
+}
+
+fn unload_ok(host: &xhost_tests::Host, dirs: &AgentDirs) {
+    let out = xhost(host.ns(), dirs, &["unload"]).expect("unload");
+    assert!(
+        out.status.success(),
+        "unload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Removes the instances' pins even if the test fails half-way.
@@ -644,6 +865,7 @@ fn assert_refused(host: &xhost_tests::Host, args: &[&str], culprit: &str) {
     let mut all = vec!["load"];
     all.extend_from_slice(args);
     let links = link_names(host.ns());
+    let qdiscs = host.ns().run(&["tc", "qdisc", "show"]);
     let out = xhost(host.ns(), &dirs, &all).expect("run load");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -678,6 +900,11 @@ fn assert_refused(host: &xhost_tests::Host, args: &[&str], culprit: &str) {
         link_names(host.ns()),
         links,
         "load {args:?} left interfaces behind"
+    );
+    assert_eq!(
+        host.ns().run(&["tc", "qdisc", "show"]),
+        qdiscs,
+        "load {args:?} left qdiscs behind"
     );
 }
 
@@ -1745,8 +1972,8 @@ fn vxlan_crosses_an_underlay_that_drops_container_ips() {
         assert_eq!(
             progs,
             [
-                "xhost_vxlan tcx-ingress xhost_from_tun",
-                "xhost_vxlan tcx-egress xhost_to_tun"
+                format!("xhost_vxlan {} xhost_from_tun", tc_hook("ingress")),
+                format!("xhost_vxlan {} xhost_to_tun", tc_hook("egress"))
             ],
             "{}",
             h.role()

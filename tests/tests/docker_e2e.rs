@@ -44,7 +44,10 @@ use xhost_tests::{
     NETNS_DIR, Process, Topology, TopologyOpts, TransferOpts,
     docker_engine::{self, Engine, mounts_under, parse_docker_time, processes_mentioning},
     pid_alive,
-    xhost::{Agent, EndpointMap, attached_programs, status_routes, vm_rss_kib, wait_status, xhost},
+    xhost::{
+        Agent, EndpointMap, attached_programs, status_routes, tc_hook, vm_rss_kib, wait_status,
+        xhost,
+    },
 };
 
 /// A user network host A may create; host B's config routes it to A from the start.
@@ -847,7 +850,8 @@ fn containers_reach_each_other_by_ip_with_state_from_docker_only() {
         // ... and the kernel agrees.
         let live = attached_programs(host.ns(), &["docker0", "ens33"]).expect("attachments");
         assert!(
-            live.iter().any(|l| l == "docker0 tcx-ingress xhost_egress"),
+            live.iter()
+                .any(|l| *l == format!("docker0 {} xhost_egress", tc_hook("ingress"))),
             "{live:?}"
         );
     }
@@ -1135,7 +1139,7 @@ fn user_network_is_followed_and_forgotten() {
         "{s}"
     );
     let live = attached_programs(ns_a, &[&br]).expect("attachments");
-    assert_eq!(live, [format!("{br} tcx-ingress xhost_egress")]);
+    assert_eq!(live, [format!("{br} {} xhost_egress", tc_hook("ingress"))]);
 
     ea.run_container("net2", Some("192.168.111.11"), "a3")
         .expect("run a3");
@@ -1157,7 +1161,7 @@ fn user_network_is_followed_and_forgotten() {
     ea.docker_ok(&["rm", "-f", "a3"]).expect("rm a3");
     tb.wait(0, "a3 gone", SETTLE, |s| !endpoints(s).contains_key(&ip_a3));
     let live = attached_programs(ns_a, &[&br]).expect("attachments");
-    assert_eq!(live, [format!("{br} tcx-ingress xhost_egress")]);
+    assert_eq!(live, [format!("{br} {} xhost_egress", tc_hook("ingress"))]);
     let t = Instant::now();
     ea.docker_ok(&["network", "rm", "net2"])
         .expect("docker network rm");

@@ -34,7 +34,7 @@ mod stats;
 mod tunnel;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::{bpf_redirect, bpf_redirect_peer, bpf_skb_change_type},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -50,6 +50,14 @@ use crate::{
     stats::count,
 };
 
+/// What a TC program returns for a packet it leaves to the kernel:
+/// `TC_ACT_UNSPEC` (tcx's `TCX_NEXT`), "not decided here". The next tcx
+/// program or classic tc filter on the device still sees the packet (with
+/// `TC_ACT_OK` a tcx program would hide it from every classic filter, and a
+/// cls_bpf filter from those after it), and without one the kernel carries
+/// on as for `TC_ACT_OK`.
+const PASS: i32 = TC_ACT_UNSPEC;
+
 /// A TC verdict together with the counter it is accounted under.
 struct Verdict {
     action: i32,
@@ -59,7 +67,7 @@ struct Verdict {
 impl Verdict {
     const fn pass(reason: u32) -> Self {
         Self {
-            action: TC_ACT_OK,
+            action: PASS,
             reason,
         }
     }
@@ -95,7 +103,7 @@ pub fn xhost_from_ctr(ctx: TcContext) -> i32 {
     // What this program passes goes on into the bridge, where xhost_egress
     // decides (and counts) again if it reaches the bridge device: counting
     // here too would count those packets twice.
-    if v.action != TC_ACT_OK {
+    if v.action != PASS {
         count(v.reason, len);
     }
     v.action
@@ -109,7 +117,7 @@ pub fn xhost_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn xhost_from_tun(ctx: TcContext) -> i32 {
     let v = try_from_tunnel(&ctx);
-    if v.action == TC_ACT_OK {
+    if v.action == PASS {
         // The inner frame is addressed to the sending host's gateway MAC,
         // so the device marked it for another host, which ip_rcv drops:
         // what the kernel is handed here (TTL expiry, ...) is for this one.
@@ -130,7 +138,7 @@ pub fn xhost_to_tun(ctx: TcContext) -> i32 {
     if tunnel::set_key(&ctx, dst) {
         // Counted where it was decided (xhost_from_ctr, xhost_egress), or a
         // packet of the kernel's own.
-        TC_ACT_OK
+        PASS
     } else {
         finish(&ctx, Verdict::drop(stat::DROP_TUNNEL))
     }
@@ -302,7 +310,7 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
 /// what is handed on to the bridge is marked, never a redirected frame.
 #[inline(always)]
 fn hand_on(ctx: &TcContext, mark: u32, v: Verdict) -> Verdict {
-    if mark != 0 && v.action == TC_ACT_OK {
+    if mark != 0 && v.action == PASS {
         // SAFETY: TC programs may write the skb's priority.
         unsafe { (*ctx.skb.skb).priority = mark };
     }

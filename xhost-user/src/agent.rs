@@ -53,6 +53,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     let mut dp = Datapath::load(
         &layout,
         settings.tunnel.map(|v| (settings.iface.as_str(), v)),
+        settings.attach,
     )?;
     let xdp = dp.attach_underlay(&settings.iface, settings.xdp_mode)?;
     dp.attach_tunnel()?;
@@ -433,9 +434,12 @@ impl AgentState {
                 iface: iface.to_owned(),
                 hook,
                 program: hook.program().to_owned(),
+                via: None,
             })
             .collect();
         self.bridges = applied.bridges.iter().cloned().collect();
+        self.attach = Some(dp.method());
+        self.kernel = Some(dp.features().clone());
         self.tunnel = dp.tunnel().map(|t| crate::report::TunnelState {
             device: crate::tunnel::DEVICE.into(),
             ifindex: t.ifindex,

@@ -8,6 +8,7 @@ use std::{
     str::FromStr,
 };
 
+pub use crate::attach::AttachArg;
 use crate::net::{self, CidrError, IfaceError, Ipv4Net};
 
 /// The config file. Says the same as the flags:
@@ -18,6 +19,7 @@ use crate::net::{self, CidrError, IfaceError, Ipv4Net};
 /// tunnel = "vxlan"    # optional: encapsulate (default "none": native routing)
 /// vni = 1             # VXLAN network identifier (default 1)
 /// vxlan_port = 8472   # UDP port (default 8472, as Linux, flannel and Cilium)
+/// attach = "auto"     # TC attach method: auto (tcx if present, else tc), tc, tcx
 /// [[peer]]
 /// host = "172.16.91.132"
 /// subnets = ["192.168.220.0/24"]
@@ -41,6 +43,7 @@ pub struct FileConfig {
     pub tunnel: Option<TunnelArg>,
     pub vni: Option<u32>,
     pub vxlan_port: Option<u16>,
+    pub attach: Option<AttachArg>,
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerConfig>,
     pub etcd: Option<EtcdFile>,
@@ -312,6 +315,7 @@ pub struct FlagConfig {
     pub tunnel: Option<TunnelArg>,
     pub vni: Option<u32>,
     pub vxlan_port: Option<u16>,
+    pub attach: Option<AttachArg>,
     pub etcd: EtcdFlags,
 }
 
@@ -326,6 +330,8 @@ pub struct Settings {
     pub xdp_mode: XdpModeArg,
     /// VXLAN mode; `None`: native routing.
     pub tunnel: Option<Vxlan>,
+    /// How TC programs are attached.
+    pub attach: AttachArg,
     /// Cluster mode: the other hosts' subnets from etcd.
     pub cluster: Option<ClusterSettings>,
 }
@@ -394,6 +400,7 @@ pub fn merge(flags: FlagConfig, file: Option<FileConfig>) -> Result<Settings, Co
     }
     let xdp_mode =
         agree("xdp-mode", "xdp_mode", flags.xdp_mode, file.xdp_mode)?.unwrap_or_default();
+    let attach = agree("attach", "attach", flags.attach, file.attach)?.unwrap_or_default();
     let mut bridges = file.bridges;
     for b in flags.bridges {
         if !bridges.contains(&b) {
@@ -411,6 +418,7 @@ pub fn merge(flags: FlagConfig, file: Option<FileConfig>) -> Result<Settings, Co
         docker_host: flags.docker_host.or(file.docker_host),
         xdp_mode,
         tunnel,
+        attach,
         cluster,
     })
 }
@@ -564,7 +572,7 @@ impl Source {
 /// bridges. The underlay, its XDP mode and the Docker connection are set up
 /// once, at load.
 pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), ConfigError> {
-    let fixed: [(&'static str, String, String); 6] = [
+    let fixed: [(&'static str, String, String); 7] = [
         (
             "etcd",
             describe_cluster(running.cluster.as_ref()),
@@ -586,6 +594,11 @@ pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), Config
             "tunnel",
             describe_tunnel(running.tunnel),
             describe_tunnel(new.tunnel),
+        ),
+        (
+            "attach",
+            format!("{:?}", running.attach).to_lowercase(),
+            format!("{:?}", new.attach).to_lowercase(),
         ),
     ];
     match fixed.into_iter().find(|(_, old, new)| old != new) {
@@ -957,8 +970,51 @@ mod tests {
             docker_host: None,
             xdp_mode: XdpModeArg::Auto,
             tunnel: None,
+            attach: AttachArg::Auto,
             cluster: None,
         }
+    }
+
+    #[test]
+    fn attach_method_comes_from_flag_or_file_and_needs_a_restart() {
+        let file: FileConfig =
+            toml::from_str("iface = \"ens33\"\nattach = \"tc\"\n").expect("toml");
+        let s = merge(FlagConfig::default(), Some(file)).expect("merges");
+        assert_eq!(s.attach, AttachArg::Tc);
+        assert_eq!(
+            merge(
+                FlagConfig {
+                    iface: Some("ens33".into()),
+                    ..FlagConfig::default()
+                },
+                None
+            )
+            .expect("merges")
+            .attach,
+            AttachArg::Auto
+        );
+        let file: FileConfig = toml::from_str("attach = \"tc\"\n").expect("toml");
+        let flags = FlagConfig {
+            iface: Some("ens33".into()),
+            attach: Some(AttachArg::Tcx),
+            ..FlagConfig::default()
+        };
+        assert_eq!(
+            merge(flags, Some(file)).expect_err("conflict").to_string(),
+            "--attach tcx conflicts with attach = tc in the config file"
+        );
+        let e = toml::from_str::<FileConfig>("attach = \"netlink\"\n").expect_err("bad value");
+        assert!(e.to_string().contains("unknown variant `netlink`"), "{e}");
+        let new = Settings {
+            attach: AttachArg::Tc,
+            ..settings()
+        };
+        assert_eq!(
+            check_reloadable(&settings(), &new)
+                .expect_err("restart")
+                .to_string(),
+            "attach cannot change while the agent runs (auto -> tc); restart it"
+        );
     }
 
     #[test]

@@ -17,18 +17,20 @@ use aya::{
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::{NlOptions, TcAttachOptions, TcHandle},
     },
 };
 use log::{info, warn};
 use xhost_common::{
     ARMED, Endpoint, GLOBAL_HELPERS, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT, GLOBAL_TUNNEL_VNI,
-    HELPER_CHECK_MTU, HELPER_KTIME_COARSE, HELPERS_ALL, LocalNet, MAP_DATAPATH_GEN,
-    MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES,
-    MAP_UNDERLAY_ADDRS, MAX_UNDERLAY_ADDRS, PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR,
-    PROG_FROM_TUNNEL, PROG_INGRESS, PROG_TO_TUNNEL, PROG_XDP, Peer, PeerHost,
+    HELPER_CHECK_MTU, HELPER_KTIME_COARSE, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINT_PORTS,
+    MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, MAP_UNDERLAY_ADDRS,
+    MAX_UNDERLAY_ADDRS, PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR, PROG_FROM_TUNNEL, PROG_INGRESS,
+    PROG_TO_TUNNEL, PROG_XDP, Peer, PeerHost,
 };
 
 use crate::{
+    attach::{self, AttachArg, KernelFeatures, ProbeError, TC_PRIORITY, TcMethod},
     config::{Vxlan, XdpModeArg},
     layout::{Hook, Layout, remove_file_if_exists},
     net::Ipv4Net,
@@ -106,7 +108,21 @@ pub enum DatapathError {
         #[source]
         source: Box<ProgramError>,
     },
-    #[error("{iface}: the attachment is not a bpf_link, so it cannot be pinned (kernel < 6.6?)")]
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
+    #[error("{iface}: adding a clsact qdisc")]
+    Clsact {
+        iface: String,
+        #[source]
+        source: Box<aya::programs::tc::TcError>,
+    },
+    #[error("{iface}: reading its tc filters")]
+    TcFilters {
+        iface: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{iface}: the attachment is not a bpf_link, so it cannot be pinned")]
     Link {
         iface: String,
         #[source]
@@ -144,11 +160,21 @@ pub enum XdpAttached {
     Off,
 }
 
-/// A live attachment: pinned so that it survives the process when asked,
-/// and detached by unpinning + closing.
-struct Attachment {
-    link: Option<PinnedLink>,
-    path: PathBuf,
+/// A live attachment, pinned so that it survives the process when asked.
+enum Attachment {
+    /// A tcx or XDP link: detached by unpinning + closing.
+    Link {
+        link: Option<PinnedLink>,
+        path: PathBuf,
+    },
+    /// A classic tc filter, found by its priority and handle; `path`
+    /// (under `<pin-dir>/filters`) pins the program it runs (the record that lets `unload` find it after
+    /// this process is gone).
+    Filter {
+        iface: String,
+        hook: Hook,
+        path: PathBuf,
+    },
 }
 
 pub struct Datapath {
@@ -161,6 +187,11 @@ pub struct Datapath {
     peer_hosts: HashMap<MapData, [u8; 4], PeerHost>,
     underlay_addrs: HashMap<MapData, [u8; 4], u32>,
     attachments: BTreeMap<(String, Hook), Attachment>,
+    /// What the kernel offers, probed at load, and the TC method chosen.
+    features: KernelFeatures,
+    method: TcMethod,
+    /// Devices whose clsact qdisc this instance added (classic tc).
+    clsact_added: Vec<String>,
     pinned_maps: Vec<PathBuf>,
     /// VXLAN mode's device; dropped (deleted) after everything else.
     tunnel: Option<TunnelDevice>,
@@ -242,13 +273,32 @@ impl RouteTable {
 }
 
 impl Datapath {
-    /// Loads and verifies the programs, creates and pins the maps, and in
-    /// VXLAN mode (`tunnel`: the underlay and the settings) creates the
-    /// vxlan device. Attaches nothing yet.
-    pub fn load(layout: &Layout, tunnel: Option<(&str, Vxlan)>) -> Result<Self, DatapathError> {
+    /// Probes the kernel and picks the TC attach method (`attach`), loads
+    /// and verifies the programs, creates and pins the maps, and in VXLAN
+    /// mode (`tunnel`: the underlay and the settings) creates the vxlan
+    /// device. Attaches nothing yet.
+    pub fn load(
+        layout: &Layout,
+        tunnel: Option<(&str, Vxlan)>,
+        attach: AttachArg,
+    ) -> Result<Self, DatapathError> {
         if layout.in_use() {
             return Err(DatapathError::AlreadyLoaded(layout.pin_dir.clone()));
         }
+        // Before anything is created: a kernel that cannot run the programs,
+        // or lacks a forced method, is one line and nothing touched.
+        let features = KernelFeatures::probe()?;
+        let method = features.choose(attach)?;
+        info!(
+            "kernel {}: TC programs attach through {} ({}), tcx {}",
+            features.release,
+            method.as_str(),
+            match attach {
+                AttachArg::Auto => "auto",
+                AttachArg::Tc | AttachArg::Tcx => "forced",
+            },
+            if features.tcx { "present" } else { "absent" }
+        );
         ensure_bpffs(&layout.pin_dir)?;
         // Deleted again if anything below fails (dropped with the error).
         let tunnel = tunnel
@@ -270,15 +320,10 @@ impl Datapath {
         // Only the log levels the agent prints are compiled in at load time,
         // so disabled aya-log statements cost one branch in the kernel.
         let level = log_level_mask();
-        let helpers = kernel_helpers();
-        if helpers != HELPERS_ALL {
-            info!(
-                "kernel without bpf_check_mtu ({}) or bpf_ktime_get_coarse_ns ({}): \
-                 non-TCP GSO bursts take the kernel's path, the flow cache reads the precise clock",
-                helpers & HELPER_CHECK_MTU == 0,
-                helpers & HELPER_KTIME_COARSE == 0
-            );
+        for f in &features.fallbacks {
+            warn!("kernel {}: {f}", features.release);
         }
+        let helpers = features.helper_bits();
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(GLOBAL_HELPERS, &helpers, true)
@@ -331,6 +376,9 @@ impl Datapath {
                 .map_err(map_error(MAP_UNDERLAY_ADDRS))?,
             ebpf,
             attachments: BTreeMap::new(),
+            features,
+            method,
+            clsact_added: Vec::new(),
             pinned_maps: std::mem::take(&mut guard.paths),
             tunnel,
             keep: false,
@@ -381,7 +429,7 @@ impl Datapath {
         iface: &str,
         mode: XdpModeArg,
     ) -> Result<XdpAttached, DatapathError> {
-        refuse_if_attached(iface, TcAttachType::Ingress, PROG_INGRESS)?;
+        refuse_if_attached(iface, Hook::UnderlayIngress)?;
         let attached = match mode {
             XdpModeArg::Off => XdpAttached::Off,
             XdpModeArg::Skb => {
@@ -474,6 +522,8 @@ impl Datapath {
             }
         })?;
         let link = prog.take_link(id).map_err(attach_err)?;
+        // aya attaches through a link where the kernel has XDP links (5.9,
+        // below what the TC programs need), else through netlink.
         let fd: FdLink = link.try_into().map_err(|source| DatapathError::Link {
             iface: iface.into(),
             source,
@@ -489,11 +539,21 @@ impl Datapath {
         {
             return Ok(());
         }
-        refuse_if_attached(bridge, TcAttachType::Ingress, PROG_EGRESS)?;
+        refuse_if_attached(bridge, Hook::BridgeIngress)?;
         self.attach_tc(bridge, Hook::BridgeIngress)
     }
 
     fn attach_tc(&mut self, iface: &str, hook: Hook) -> Result<(), DatapathError> {
+        match self.method {
+            TcMethod::Tcx => self.attach_tcx(iface, hook),
+            TcMethod::Tc => self.attach_filter(iface, hook),
+        }
+    }
+
+    /// tcx (kernel >= 6.6): a bpf_link that can be pinned, needs no qdisc,
+    /// and leaves nothing behind when closed. Appended after the device's
+    /// other tcx programs; all classic filters run after it.
+    fn attach_tcx(&mut self, iface: &str, hook: Hook) -> Result<(), DatapathError> {
         let program = hook.program();
         let attach_err = |source| DatapathError::Attach {
             program,
@@ -501,20 +561,123 @@ impl Datapath {
             hook: hook.as_str(),
             source: Box::new(source),
         };
-        let at = match hook {
-            Hook::TunnelEgress => TcAttachType::Egress,
-            _ => TcAttachType::Ingress,
-        };
         let prog: &mut SchedClassifier = self.program(program)?;
-        // tcx on kernels >= 6.6 (aya picks it): a bpf_link that can be pinned,
-        // needs no qdisc, and leaves nothing behind when closed.
-        let id = prog.attach(iface, at).map_err(attach_err)?;
+        let id = prog
+            .attach_with_options(
+                iface,
+                attach::tc_attach_type(hook),
+                TcAttachOptions::TcxOrder(aya::programs::LinkOrder::default()),
+            )
+            .map_err(attach_err)?;
         let link = prog.take_link(id).map_err(attach_err)?;
         let fd: FdLink = link.try_into().map_err(|source| DatapathError::Link {
             iface: iface.into(),
             source,
         })?;
         self.record(iface, hook, fd)
+    }
+
+    /// Classic tc: a cls_bpf filter in direct-action mode under the
+    /// device's clsact qdisc (added if missing, and then removed again at
+    /// the end), at xhost's priority and the hook's handle, named after
+    /// the program. The program is pinned first, so a filter never exists
+    /// without the record `unload` finds it by.
+    fn attach_filter(&mut self, iface: &str, hook: Hook) -> Result<(), DatapathError> {
+        let program = hook.program();
+        let attach_err = |source| DatapathError::Attach {
+            program,
+            iface: iface.into(),
+            hook: hook.as_str(),
+            source: Box::new(source),
+        };
+        self.ensure_clsact(iface)?;
+        let path = self.layout.filter(iface, hook);
+        let dir = self.layout.filters_dir();
+        std::fs::create_dir_all(&dir)
+            .map_err(|source| DatapathError::PinDir { path: dir, source })?;
+        let _ = remove_file_if_exists(&path);
+        let prog: &mut SchedClassifier = self.program(program)?;
+        prog.pin(&path).map_err(|source| DatapathError::Pin {
+            path: path.clone(),
+            source,
+        })?;
+        let options = NlOptions {
+            priority: TC_PRIORITY,
+            handle: TcHandle::from(attach::tc_handle(hook)),
+            classid: None,
+        };
+        let attached = prog
+            .attach_with_options(
+                iface,
+                attach::tc_attach_type(hook),
+                TcAttachOptions::Netlink(options),
+            )
+            .and_then(|id| prog.take_link(id));
+        match attached {
+            // The link is plain data (device, priority, handle) whose drop
+            // would delete the filter: `detach` deletes it by the same key,
+            // and a detached datapath must keep it.
+            Ok(link) => std::mem::forget(link),
+            Err(e) => {
+                let _ = remove_file_if_exists(&path);
+                return Err(attach_err(e));
+            }
+        }
+        self.attachments.insert(
+            (iface.to_owned(), hook),
+            Attachment::Filter {
+                iface: iface.to_owned(),
+                hook,
+                path,
+            },
+        );
+        info!(
+            "attached {program} to {iface} ({}, tc filter pref {TC_PRIORITY} handle {:#x})",
+            hook.as_str(),
+            attach::tc_handle(hook)
+        );
+        Ok(())
+    }
+
+    /// Adds a clsact qdisc to `iface` unless it has one, and records
+    /// (on bpffs, before adding it) that xhost did.
+    fn ensure_clsact(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let filters_err = |source| DatapathError::TcFilters {
+            iface: iface.into(),
+            source,
+        };
+        let ifindex =
+            crate::net::ifindex(iface).map_err(|e| filters_err(std::io::Error::other(e)))?;
+        let mut rtnl = crate::netlink::Rtnl::open().map_err(filters_err)?;
+        if rtnl.has_clsact(ifindex).map_err(filters_err)? {
+            return Ok(());
+        }
+        let marker = self.layout.clsact_marker(iface);
+        std::fs::create_dir_all(&marker).map_err(|source| DatapathError::PinDir {
+            path: marker.clone(),
+            source,
+        })?;
+        if let Err(e) = aya::programs::tc::qdisc_add_clsact(iface) {
+            let _ = std::fs::remove_dir(&marker);
+            let _ = std::fs::remove_dir(self.layout.clsact_dir());
+            return Err(DatapathError::Clsact {
+                iface: iface.into(),
+                source: Box::new(e),
+            });
+        }
+        info!("added a clsact qdisc to {iface}");
+        self.clsact_added.push(iface.to_owned());
+        Ok(())
+    }
+
+    /// The kernel's features, probed at load.
+    pub fn features(&self) -> &KernelFeatures {
+        &self.features
+    }
+
+    /// The TC attach method in use.
+    pub fn method(&self) -> TcMethod {
+        self.method
     }
 
     fn record(&mut self, iface: &str, hook: Hook, fd: FdLink) -> Result<(), DatapathError> {
@@ -530,7 +693,7 @@ impl Datapath {
         })?;
         self.attachments.insert(
             (iface.to_owned(), hook),
-            Attachment {
+            Attachment::Link {
                 link: Some(link),
                 path,
             },
@@ -564,6 +727,7 @@ impl Datapath {
     fn detach(&mut self, iface: &str, hook: Hook) {
         if let Some(a) = self.attachments.remove(&(iface.to_owned(), hook)) {
             detach(a);
+            self.remove_clsact(iface);
             info!(
                 "detached {} from {iface} ({})",
                 hook.program(),
@@ -732,6 +896,24 @@ impl Datapath {
     }
 }
 
+impl Datapath {
+    /// Removes the clsact qdisc of `iface` if this instance added it and
+    /// no filter of its own is left on the device; filters others added
+    /// since keep it.
+    fn remove_clsact(&mut self, iface: &str) {
+        if !self.clsact_added.iter().any(|i| i == iface)
+            || self.attachments.keys().any(|(i, _)| i == iface)
+        {
+            return;
+        }
+        self.clsact_added.retain(|i| i != iface);
+        if let Err(e) = attach::remove_clsact_if_unused(iface) {
+            warn!("removing the clsact qdisc of {iface}: {e}");
+        }
+        let _ = std::fs::remove_dir(self.layout.clsact_marker(iface));
+    }
+}
+
 impl Drop for Datapath {
     fn drop(&mut self) {
         if self.keep {
@@ -740,6 +922,10 @@ impl Drop for Datapath {
         for (_, a) in std::mem::take(&mut self.attachments) {
             detach(a);
         }
+        for iface in self.clsact_added.clone() {
+            self.remove_clsact(&iface);
+        }
+        let _ = std::fs::remove_dir(self.layout.clsact_dir());
         for path in self.pinned_maps.drain(..) {
             if let Err(e) = remove_file_if_exists(&path) {
                 warn!("removing {}: {e}", path.display());
@@ -750,15 +936,29 @@ impl Drop for Datapath {
 }
 
 /// Unpins and closes a link: the kernel detaches the program once the last
-/// reference (the pin, then our fd) is gone.
-fn detach(mut a: Attachment) {
-    if let Some(link) = a.link.take() {
-        match link.unpin() {
-            Ok(fd) => drop(fd),
-            Err(e) => warn!("unpinning {}: {e}", a.path.display()),
+/// reference (the pin, then our fd) is gone. Deletes a filter, then
+/// unpins its program.
+fn detach(a: Attachment) {
+    match a {
+        Attachment::Link { link, path } => {
+            if let Some(link) = link {
+                match link.unpin() {
+                    Ok(fd) => drop(fd),
+                    Err(e) => warn!("unpinning {}: {e}", path.display()),
+                }
+            }
+            let _ = remove_file_if_exists(&path);
+        }
+        Attachment::Filter { iface, hook, path } => {
+            if let Err(e) = attach::delete_filter(&iface, hook) {
+                warn!(
+                    "deleting xhost's tc filter on {iface} ({}): {e}",
+                    hook.as_str()
+                );
+            }
+            let _ = remove_file_if_exists(&path);
         }
     }
-    let _ = remove_file_if_exists(&a.path);
 }
 
 /// `statfs(2)` magic of bpffs.
@@ -818,30 +1018,46 @@ impl Drop for PinGuard {
 }
 
 fn remove_empty_dirs(layout: &Layout) {
-    for dir in [layout.links_dir(), layout.pin_dir.clone()] {
+    for dir in [
+        layout.links_dir(),
+        layout.filters_dir(),
+        layout.clsact_dir(),
+        layout.pin_dir.clone(),
+    ] {
         // Only empty directories go; anything else is not ours to delete.
         let _ = std::fs::remove_dir(&dir);
     }
 }
 
-/// Fails if an xhost program of this name is already attached to `iface`,
-/// whichever pin dir it came from.
-fn refuse_if_attached(
-    iface: &str,
-    at: TcAttachType,
-    program: &'static str,
-) -> Result<(), DatapathError> {
-    let Ok((_, progs)) = SchedClassifier::query_tcx(iface, at) else {
-        return Ok(()); // no tcx on this kernel, or no such interface: attach reports it
+/// Fails if an xhost program of this hook's name is already attached to
+/// `iface` through tcx or a classic filter of xhost's, whichever pin dir
+/// it came from.
+fn refuse_if_attached(iface: &str, hook: Hook) -> Result<(), DatapathError> {
+    let program = hook.program();
+    let taken = || DatapathError::AlreadyAttached {
+        iface: iface.into(),
+        hook: "tc ingress",
+        program: program.into(),
     };
-    match progs.iter().find(|p| p.name_as_str() == Some(program)) {
-        Some(_) => Err(DatapathError::AlreadyAttached {
-            iface: iface.into(),
-            hook: "tc ingress",
-            program: program.into(),
-        }),
-        None => Ok(()),
+    // No tcx on this kernel, or no such interface: attach reports it.
+    if let Ok((_, progs)) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
+        && progs.iter().any(|p| p.name_as_str() == Some(program))
+    {
+        return Err(taken());
     }
+    if let (Ok(ifindex), Ok(mut rtnl)) = (crate::net::ifindex(iface), crate::netlink::Rtnl::open())
+    {
+        let found = attach::find_filter(&mut rtnl, ifindex, hook, None).map_err(|source| {
+            DatapathError::TcFilters {
+                iface: iface.into(),
+                source,
+            }
+        })?;
+        if found.is_some_and(|f| f.bpf_name.as_deref() == Some(program)) {
+            return Err(taken());
+        }
+    }
+    Ok(())
 }
 
 fn is_busy(e: &ProgramError) -> bool {

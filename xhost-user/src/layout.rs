@@ -4,6 +4,10 @@
 //! <pin-dir>/ROUTES, LOCAL_NETS, ENDPOINTS, ...      maps (bpftool map dump pinned ...;
 //!                                                   every name in PINNED_MAPS)
 //! <pin-dir>/links/<iface>@<hook>                   tcx / XDP links (detach = unlink)
+//! <pin-dir>/filters/<iface>@<hook>                 classic tc: the program xhost's filter
+//!                                                   there runs (unload deletes the filter)
+//! <pin-dir>/clsact/<iface>                          (empty directory) xhost added the
+//!                                                   clsact qdisc of <iface>
 //! <run-dir>/<instance>.json                         what is attached where, Docker view
 //! <run-dir>/<instance>.cluster.json                 cluster mode: last-known view, lease id
 //! ```
@@ -32,6 +36,40 @@ impl Layout {
 
     pub fn links_dir(&self) -> PathBuf {
         self.pin_dir.join("links")
+    }
+
+    /// Directory of the classic tc filters' program pins.
+    pub fn filters_dir(&self) -> PathBuf {
+        self.pin_dir.join("filters")
+    }
+
+    /// The program pin of xhost's classic tc filter at `hook` of `iface`
+    /// (named as [`Layout::link`]).
+    pub fn filter(&self, iface: &str, hook: Hook) -> PathBuf {
+        self.filters_dir()
+            .join(format!("{}@{}", iface.replace('.', ":"), hook.as_str()))
+    }
+
+    /// Directory of the clsact markers.
+    pub fn clsact_dir(&self) -> PathBuf {
+        self.pin_dir.join("clsact")
+    }
+
+    /// Marks that xhost added the clsact qdisc of `iface` (an empty
+    /// directory: bpffs holds no regular files), so that only that one is
+    /// removed again. Names escaped as in [`Layout::link`].
+    pub fn clsact_marker(&self, iface: &str) -> PathBuf {
+        self.clsact_dir().join(iface.replace('.', ":"))
+    }
+
+    /// Interfaces whose clsact qdisc xhost added.
+    pub fn clsact_marked(&self) -> Vec<String> {
+        std::fs::read_dir(self.clsact_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().replace(':', "."))
+            .collect()
     }
 
     /// `<iface>@<hook>`. bpffs refuses names containing '.', which
@@ -94,16 +132,16 @@ impl Layout {
 pub enum Hook {
     /// XDP on the underlay.
     Xdp,
-    /// TC (tcx) ingress of the underlay.
+    /// TC ingress of the underlay.
     UnderlayIngress,
-    /// TC (tcx) ingress of a Docker bridge.
+    /// TC ingress of a Docker bridge.
     BridgeIngress,
-    /// TC (tcx) ingress of a container's host-side veth.
+    /// TC ingress of a container's host-side veth.
     #[serde(rename = "ctr-ingress")]
     ContainerIngress,
-    /// TC (tcx) ingress of the vxlan device (VXLAN mode).
+    /// TC ingress of the vxlan device (VXLAN mode).
     TunnelIngress,
-    /// TC (tcx) egress of the vxlan device (VXLAN mode).
+    /// TC egress of the vxlan device (VXLAN mode).
     TunnelEgress,
 }
 

@@ -2,6 +2,7 @@
 //! A library so that the tests drive the same code the binary runs.
 
 pub mod agent;
+pub mod attach;
 pub mod config;
 pub mod datapath;
 pub mod docker;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use xhost_user::{
     agent,
-    config::{self, FlagConfig, PeerConfig, TunnelArg, XdpModeArg},
+    config::{self, AttachArg, FlagConfig, PeerConfig, TunnelArg, XdpModeArg},
     layout::{DEFAULT_PIN_DIR, DEFAULT_RUN_DIR, Layout},
     report,
 };
@@ -67,6 +67,10 @@ enum Cmd {
         /// VXLAN UDP port, the same on every host (default 8472).
         #[arg(long)]
         vxlan_port: Option<u16>,
+        /// How TC programs attach: tcx where the kernel has it (6.6+), else
+        /// classic tc (clsact + cls_bpf direct-action); tc or tcx forces one.
+        #[arg(long, value_enum)]
+        attach: Option<AttachArg>,
         /// Pin everything and exit; the datapath keeps forwarding.
         #[arg(long)]
         detach: bool,
@@ -209,6 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tunnel,
             vni,
             vxlan_port,
+            attach,
             detach,
             etcd,
         } => {
@@ -228,6 +233,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tunnel,
                 vni,
                 vxlan_port,
+                attach,
                 etcd: etcd.flags(),
             };
             let source = config::Source {

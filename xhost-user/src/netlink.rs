@@ -1,8 +1,9 @@
 //! A minimal rtnetlink client for what the agent asks the kernel: links
 //! (veth peers, bridge ports), neighbours and bridge FDB entries (local
-//! endpoints), and the routes xhost installs. Values from
-//! `<linux/netlink.h>`, `<linux/rtnetlink.h>`, `<linux/if_link.h>`,
-//! `<linux/neighbour.h>`.
+//! endpoints), the routes xhost installs, and classic tc's clsact qdiscs
+//! and filters (what aya's tc API does not read back or remove). Values
+//! from `<linux/netlink.h>`, `<linux/rtnetlink.h>`, `<linux/if_link.h>`,
+//! `<linux/neighbour.h>`, `<linux/pkt_sched.h>`, `<linux/pkt_cls.h>`.
 //!
 //! A socket belongs to the network namespace of the thread that opened it.
 
@@ -43,6 +44,26 @@ const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_NEWNEIGH: u16 = 28;
 const RTM_GETNEIGH: u16 = 30;
+const RTM_NEWQDISC: u16 = 36;
+const RTM_DELQDISC: u16 = 37;
+const RTM_GETQDISC: u16 = 38;
+const RTM_NEWTFILTER: u16 = 44;
+const RTM_GETTFILTER: u16 = 46;
+/// `struct tcmsg`: family, pad, pad, ifindex, handle, parent, info.
+const TCMSG_LEN: usize = 20;
+const TCA_KIND: u16 = 1;
+const TCA_OPTIONS: u16 = 2;
+const TCA_BPF_NAME: u16 = 7;
+const TCA_BPF_FLAGS: u16 = 8;
+const TCA_BPF_ID: u16 = 11;
+/// `TCA_BPF_FLAG_ACT_DIRECT`: the program's return value is the verdict.
+const TCA_BPF_FLAG_ACT_DIRECT: u32 = 1;
+/// The clsact qdisc: its handle `ffff:` and parent `TC_H_CLSACT`.
+const CLSACT_HANDLE: u32 = 0xffff_0000;
+const TC_H_CLSACT: u32 = 0xffff_fff1;
+/// Parents of clsact's ingress and egress filters (`TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_*)`).
+pub const TC_PARENT_INGRESS: u32 = 0xffff_fff2;
+pub const TC_PARENT_EGRESS: u32 = 0xffff_fff3;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_LINK: u16 = 5;
@@ -114,6 +135,22 @@ pub struct Neigh {
     pub dst: Option<Ipv4Addr>,
     pub lladdr: Option<[u8; 6]>,
     pub master: Option<u32>,
+}
+
+/// One classic tc filter, as `RTM_NEWTFILTER` describes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TcFilter {
+    /// Its priority (`tc filter ... pref N`).
+    pub priority: u16,
+    pub handle: u32,
+    /// `bpf`, `u32`, `matchall`, ...
+    pub kind: String,
+    /// cls_bpf: the name given at attach (aya gives the program's name).
+    pub bpf_name: Option<String>,
+    /// cls_bpf: the id of the attached program.
+    pub bpf_id: Option<u32>,
+    /// cls_bpf: direct-action mode.
+    pub direct_action: bool,
 }
 
 /// A NETLINK_ROUTE socket, bound to the namespace of the thread that opened it.
@@ -283,6 +320,68 @@ impl Rtnl {
     pub fn set_neighbour(&mut self, ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> io::Result<()> {
         self.seq = self.seq.wrapping_add(1);
         let m = newneigh_request(self.seq, ifindex, ip, mac)?;
+        self.transact(&m, |_, _| Ok(())).map(|_| ())
+    }
+
+    /// The classic tc filters of `ifindex` under `parent`
+    /// ([`TC_PARENT_INGRESS`] or [`TC_PARENT_EGRESS`]); none if the
+    /// device has no clsact qdisc.
+    pub fn tc_filters(&mut self, ifindex: u32, parent: u32) -> io::Result<Vec<TcFilter>> {
+        let index =
+            i32::try_from(ifindex).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let all = match self.dump(
+            |seq| {
+                tcmsg_request(
+                    RTM_GETTFILTER,
+                    NLM_F_REQUEST | NLM_F_DUMP,
+                    seq,
+                    index,
+                    0,
+                    parent,
+                )
+            },
+            RTM_NEWTFILTER,
+            parse_tc_filter,
+        ) {
+            Ok(all) => all,
+            // No clsact (or no such device): no filters.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Vec::new(),
+            Err(e) => Err(e)?,
+        };
+        // A dump also describes each priority's classifier itself (handle 0).
+        Ok(all.into_iter().filter(|f| f.handle != 0).collect())
+    }
+
+    /// Whether `ifindex` has a clsact qdisc.
+    pub fn has_clsact(&mut self, ifindex: u32) -> io::Result<bool> {
+        let index =
+            i32::try_from(ifindex).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let all = self.dump(
+            |seq| tcmsg_request(RTM_GETQDISC, NLM_F_REQUEST | NLM_F_DUMP, seq, index, 0, 0),
+            RTM_NEWQDISC,
+            parse_qdisc,
+        )?;
+        Ok(all
+            .iter()
+            .any(|(i, parent, kind)| *i == ifindex && *parent == TC_H_CLSACT && kind == "clsact"))
+    }
+
+    /// `tc qdisc del dev ifindex clsact`: removes the qdisc and every
+    /// filter under it.
+    pub fn delete_clsact(&mut self, ifindex: u32) -> io::Result<()> {
+        let index =
+            i32::try_from(ifindex).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        self.seq = self.seq.wrapping_add(1);
+        let mut m = tcmsg_request(
+            RTM_DELQDISC,
+            NLM_F_REQUEST | NLM_F_ACK,
+            self.seq,
+            index,
+            CLSACT_HANDLE,
+            TC_H_CLSACT,
+        );
+        push_attr(&mut m, TCA_KIND, b"clsact\0");
+        finish(&mut m);
         self.transact(&m, |_, _| Ok(())).map(|_| ())
     }
 
@@ -531,6 +630,65 @@ fn newneigh_request(seq: u32, ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> io::R
     push_attr(&mut m, NDA_LLADDR, &mac);
     finish(&mut m);
     Ok(m)
+}
+
+/// A `struct tcmsg` request (qdiscs, filters); attributes may follow
+/// before `finish`, which this calls already for attribute-less requests.
+fn tcmsg_request(ty: u16, flags: u16, seq: u32, index: i32, handle: u32, parent: u32) -> Vec<u8> {
+    let mut m = header(ty, flags, seq);
+    m.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    m.extend_from_slice(&index.to_ne_bytes());
+    m.extend_from_slice(&handle.to_ne_bytes());
+    m.extend_from_slice(&parent.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    finish(&mut m);
+    m
+}
+
+/// An `RTM_NEWTFILTER` payload: `struct tcmsg` then attributes.
+fn parse_tc_filter(payload: &[u8]) -> Option<TcFilter> {
+    if payload.len() < TCMSG_LEN {
+        return None;
+    }
+    // tcm_info: priority in the upper 16 bits, protocol in the lower.
+    let mut f = TcFilter {
+        priority: (u32_at(payload, 16) >> 16) as u16,
+        handle: u32_at(payload, 8),
+        ..TcFilter::default()
+    };
+    for (ty, data) in attrs(&payload[TCMSG_LEN..]) {
+        match ty {
+            TCA_KIND => f.kind = cstr(data),
+            TCA_OPTIONS => {
+                for (ty, data) in attrs(data) {
+                    match ty {
+                        TCA_BPF_NAME => f.bpf_name = Some(cstr(data)),
+                        TCA_BPF_ID => f.bpf_id = u32_of(data),
+                        TCA_BPF_FLAGS => {
+                            f.direct_action =
+                                u32_of(data).is_some_and(|v| v & TCA_BPF_FLAG_ACT_DIRECT != 0);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(f)
+}
+
+/// An `RTM_NEWQDISC` payload: (ifindex, parent, kind).
+fn parse_qdisc(payload: &[u8]) -> Option<(u32, u32, String)> {
+    if payload.len() < TCMSG_LEN {
+        return None;
+    }
+    let index = u32::try_from(i32::from_ne_bytes(payload[4..8].try_into().ok()?)).ok()?;
+    let kind = attrs(&payload[TCMSG_LEN..])
+        .find(|(t, _)| *t == TCA_KIND)
+        .map(|(_, d)| cstr(d))
+        .unwrap_or_default();
+    Some((index, u32_at(payload, 12), kind))
 }
 
 fn push_attr(m: &mut Vec<u8>, ty: u16, data: &[u8]) {

@@ -16,6 +16,7 @@ use xhost_common::{
 };
 
 use crate::{
+    attach::{KernelFeatures, TC_PRIORITY, TcMethod},
     config::{PeerConfig, Settings},
     datapath::{XdpAttached, open_pinned},
     layout::{Hook, Layout, remove_file_if_exists},
@@ -34,6 +35,42 @@ pub struct Attachment {
     pub iface: String,
     pub hook: Hook,
     pub program: String,
+    /// How it is attached, as its pin says (status only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<Via>,
+}
+
+/// What a pin under `<pin-dir>/links` holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Via {
+    /// A bpf_link: tcx, or XDP.
+    Link,
+    /// The program of a classic tc filter that is in place.
+    TcFilter,
+    /// The program of a classic tc filter that is gone (deleted by hand,
+    /// or its device with it).
+    TcFilterMissing,
+}
+
+impl Via {
+    /// Whether the filter whose program is pinned at `path` is in place:
+    /// xhost's filter at `hook` of `iface`, running that program.
+    fn filter(path: &std::path::Path, iface: &str, hook: Hook) -> Self {
+        let live = || -> Option<bool> {
+            let info = aya::programs::ProgramInfo::from_pin(path).ok()?;
+            let ifindex = crate::net::ifindex(iface).ok()?;
+            let mut rtnl = crate::netlink::Rtnl::open().ok()?;
+            crate::attach::find_filter(&mut rtnl, ifindex, hook, Some(info.id()))
+                .ok()
+                .map(|f| f.is_some())
+        };
+        if live() == Some(true) {
+            Self::TcFilter
+        } else {
+            Self::TcFilterMissing
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +150,12 @@ pub struct AgentState {
     /// datapath.
     #[serde(default)]
     pub tunnel: Option<TunnelState>,
+    /// The TC attach method in use.
+    #[serde(default)]
+    pub attach: Option<TcMethod>,
+    /// What the kernel offered at load.
+    #[serde(default)]
+    pub kernel: Option<KernelFeatures>,
     pub docker: Option<DockerStatus>,
     /// Cluster mode: the store, the cluster's hosts, conflicts.
     #[serde(default)]
@@ -136,6 +179,8 @@ impl AgentState {
             peers: s.peers.clone(),
             kernel_routes: Vec::new(),
             tunnel: None,
+            attach: None,
+            kernel: None,
             docker: s.docker.then(|| DockerStatus::unreachable(s)),
             cluster: None,
             updated_unix_ms: now_ms(),
@@ -254,11 +299,16 @@ pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
         .as_ref()
         .is_some_and(|a| !a.detached && pid_alive(a.pid));
     let mut attached = Vec::new();
-    if let Ok(dir) = std::fs::read_dir(layout.links_dir()) {
-        for entry in dir.flatten() {
+    for (dir, filters) in [(layout.links_dir(), false), (layout.filters_dir(), true)] {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some((iface, hook)) = Layout::parse_link_name(&name) {
                 attached.push(Attachment {
+                    via: Some(if filters {
+                        Via::filter(&entry.path(), &iface, hook)
+                    } else {
+                        Via::Link
+                    }),
                     iface,
                     hook,
                     program: hook.program().into(),
@@ -365,6 +415,27 @@ pub fn print_status(s: &Status) {
             t.device, t.ifindex, t.vni, t.port, t.mtu
         );
     }
+    if let Some(a) = &s.agent {
+        match a.attach {
+            Some(TcMethod::Tc) => println!(
+                "attach: tc (clsact qdisc, cls_bpf filters in direct-action mode, pref {TC_PRIORITY})"
+            ),
+            Some(TcMethod::Tcx) => println!("attach: tcx (bpf_links pinned under links/)"),
+            None => {}
+        }
+        if let Some(k) = &a.kernel {
+            let have = k.helpers.iter().filter(|(_, ok)| *ok).count();
+            println!(
+                "kernel {}: tcx {}, helpers the programs call: {have}/{} present",
+                k.release,
+                if k.tcx { "yes" } else { "no" },
+                k.helpers.len()
+            );
+            for f in &k.fallbacks {
+                println!("  {f}");
+            }
+        }
+    }
     let addrs: Vec<String> = s.underlay_addrs.iter().map(Ipv4Addr::to_string).collect();
     println!(
         "underlay addresses ({MAP_UNDERLAY_ADDRS}): {}",
@@ -372,7 +443,19 @@ pub fn print_status(s: &Status) {
     );
     println!("attached:");
     for a in &s.attached {
-        println!("  {:<16} {:<17} {}", a.iface, a.hook.as_str(), a.program);
+        let via = match a.via {
+            Some(Via::Link) if a.hook == Hook::Xdp => "xdp link",
+            Some(Via::Link) => "tcx link",
+            Some(Via::TcFilter) => "tc filter",
+            Some(Via::TcFilterMissing) => "tc filter MISSING",
+            None => "?",
+        };
+        println!(
+            "  {:<16} {:<17} {:<15} {via}",
+            a.iface,
+            a.hook.as_str(),
+            a.program
+        );
     }
     println!("routes ({MAP_ROUTES}):");
     for r in &s.routes {
@@ -540,13 +623,31 @@ pub fn unload(layout: &Layout, iface: Option<&str>) -> anyhow::Result<()> {
         }
     }
     // Whatever remains: unlinking a link pin detaches its program once no
-    // process holds it; unlinking map pins frees the maps.
+    // process holds it; a classic tc filter is deleted, then its program's
+    // pin; unlinking map pins frees the maps.
     if let Ok(dir) = std::fs::read_dir(layout.links_dir()) {
         for entry in dir.flatten() {
             remove_file_if_exists(&entry.path())?;
         }
     }
     let _ = std::fs::remove_dir(layout.links_dir());
+    if let Ok(dir) = std::fs::read_dir(layout.filters_dir()) {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match Layout::parse_link_name(&name) {
+                Some((iface, hook)) => crate::attach::remove_filter(&entry.path(), &iface, hook)?,
+                None => remove_file_if_exists(&entry.path())?,
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(layout.filters_dir());
+    for iface in layout.clsact_marked() {
+        if let Err(e) = crate::attach::remove_clsact_if_unused(&iface) {
+            log::warn!("removing the clsact qdisc of {iface}: {e}");
+        }
+        let _ = std::fs::remove_dir(layout.clsact_marker(&iface));
+    }
+    let _ = std::fs::remove_dir(layout.clsact_dir());
     for name in xhost_common::PINNED_MAPS {
         remove_file_if_exists(&layout.map(name))?;
     }

@@ -46,3 +46,55 @@ fn programs_call_no_mem_subprograms() {
     }
     assert!(calls.is_empty(), "calls into mem* subprograms: {calls:#?}");
 }
+
+/// Helper ids (`call imm` with src_reg 0) in the code of the sections whose
+/// names start with one of `prefixes`.
+fn helper_calls(prefixes: &[&str]) -> std::collections::BTreeSet<u32> {
+    let obj = object::File::parse(xhost_user::datapath::object()).expect("parse eBPF object");
+    let mut ids = std::collections::BTreeSet::new();
+    for section in obj.sections() {
+        let name = section.name().unwrap_or_default();
+        if !prefixes.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let code = section.data().expect("section data");
+        for insn in code.chunks_exact(8) {
+            // BPF_JMP | BPF_CALL, src_reg 0: a helper (1 would be a subprogram).
+            if insn[0] == 0x85 && insn[1] >> 4 == 0 {
+                ids.insert(u32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]));
+            }
+        }
+    }
+    ids
+}
+
+/// The kernel probe at load asks for exactly the helpers the programs call:
+/// a helper added to the datapath without being added to the probe would
+/// let an older kernel fail in the verifier instead of with one line.
+#[test]
+fn the_load_probe_checks_every_helper_the_programs_call() {
+    use xhost_user::attach::{TC_HELPERS, XDP_HELPERS, helper_name};
+    let ids = |list: &[xhost_user::attach::Helper]| -> std::collections::BTreeSet<u32> {
+        list.iter().map(|(h, _, _)| *h as u32).collect()
+    };
+    let probed: std::collections::BTreeSet<u32> =
+        ids(TC_HELPERS).union(&ids(XDP_HELPERS)).copied().collect();
+    let called = helper_calls(&["classifier", "xdp", ".text"]);
+    assert!(called.len() >= 10, "found only {called:?}");
+    assert_eq!(
+        called,
+        probed,
+        "helpers called vs probed ({:?})",
+        TC_HELPERS
+            .iter()
+            .chain(XDP_HELPERS)
+            .map(|(h, _, _)| helper_name(*h))
+            .collect::<Vec<_>>()
+    );
+    let xdp = helper_calls(&["xdp"]);
+    assert!(
+        xdp.is_subset(&ids(XDP_HELPERS)),
+        "the XDP program calls {xdp:?}, probed for XDP: {:?}",
+        ids(XDP_HELPERS)
+    );
+}

@@ -225,91 +225,91 @@ fn egress_routes_peer_traffic_and_passes_the_rest() {
                 Case {
                     name: "ARP",
                     frame: arp(),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_IPV4,
                 },
                 Case {
                     name: "IPv6",
                     frame: ipv6(),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_IPV4,
                 },
                 Case {
                     name: "to the peer host itself",
                     frame: ipv4(C1, [172, 16, 91, 132], 64, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_OURS,
                 },
                 Case {
                     name: "non-peer destination (MASQUERADE's)",
                     frame: ipv4(C1, [8, 8, 8, 8], 64, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_OURS,
                 },
                 Case {
                     name: "to the gateway",
                     frame: ipv4(C1, [192, 168, 110, 1], 64, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_OURS,
                 },
                 Case {
                     name: "source not a local container",
                     frame: ipv4([10, 9, 9, 9], R1, 64, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_OURS,
                 },
                 Case {
                     name: "TTL 1",
                     frame: ipv4(C1, R1, 1, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_TTL,
                 },
                 Case {
                     name: "TTL 0",
                     frame: ipv4(C1, R1, 0, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_TTL,
                 },
                 Case {
                     name: "bad header checksum",
                     frame: bad_sum,
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_MALFORMED,
                 },
                 Case {
                     name: "truncated IPv4 header",
                     frame: truncated,
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_MALFORMED,
                 },
                 Case {
                     name: "IHL < 5",
                     frame: short_ihl,
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_MALFORMED,
                 },
                 Case {
                     name: "total length beyond the frame",
                     frame: beyond,
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_MALFORMED,
                 },
                 Case {
                     name: "total length 0, not a GSO burst",
                     frame: zero_len,
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_MALFORMED,
                 },
@@ -323,14 +323,14 @@ fn egress_routes_peer_traffic_and_passes_the_rest() {
                 Case {
                     name: "one byte over the underlay's MTU",
                     frame: over_mtu,
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_FIB,
                 },
                 Case {
                     name: "over the MTU, neighbour unresolved",
                     frame: over_mtu_unresolved,
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_FIB,
                 },
@@ -409,35 +409,35 @@ fn ingress_delivers_validated_traffic_and_drops_spoofed() {
                 Case {
                     name: "host-bound",
                     frame: ipv4(R1, [172, 16, 91, 131], 63, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_OURS,
                 },
                 Case {
                     name: "to the gateway address",
                     frame: ipv4(R1, [192, 168, 110, 1], 63, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_FIB,
                 },
                 Case {
                     name: "TTL 1",
                     frame: ipv4(R1, C1, 1, &[]),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_TTL,
                 },
                 Case {
                     name: "ARP",
                     frame: arp(),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_IPV4,
                 },
                 Case {
                     name: "IPv6",
                     frame: ipv6(),
-                    verdict: TC_ACT_OK,
+                    verdict: TC_ACT_UNSPEC,
                     out: None,
                     counter: stat::PASS_NOT_IPV4,
                 },
@@ -565,7 +565,7 @@ fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
                 "not addressed to the gateway MAC",
                 ipv4(C1, R1, 64, &[]),
                 "br0",
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 None,
                 UNCOUNTED,
             ),
@@ -589,11 +589,11 @@ fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
                 "to a non-peer destination",
                 to_mac(ipv4(C1, [8, 8, 8, 8], 64, &[]), GW_MAC),
                 "br0",
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 None,
                 UNCOUNTED,
             ),
-            ("ARP", arp(), "br0", TC_ACT_OK, None, UNCOUNTED),
+            ("ARP", arp(), "br0", TC_ACT_UNSPEC, None, UNCOUNTED),
         ];
         run_ctr_cases(ebpf, cases);
     });
@@ -653,7 +653,7 @@ fn route_changes_retire_cached_answers() {
         let unrouted_out = || Case {
             name: "route removed: no longer ours",
             frame: out.clone(),
-            verdict: TC_ACT_OK,
+            verdict: TC_ACT_UNSPEC,
             out: None,
             counter: stat::PASS_NOT_OURS,
         };
@@ -757,7 +757,7 @@ fn cached_forwarding_answers_follow_the_kernel_and_the_maps() {
         let passed = |frame: &[u8], name: &'static str| Case {
             name,
             frame: frame.to_vec(),
-            verdict: TC_ACT_OK,
+            verdict: TC_ACT_UNSPEC,
             out: None,
             counter: UNCOUNTED,
         };
@@ -912,7 +912,7 @@ fn tso_bursts_are_checked_and_cached_by_their_segments() {
         run(
             "segments of 1500 under MTU 1499: the kernel's",
             1448,
-            TC_ACT_OK,
+            TC_ACT_UNSPEC,
             None,
         );
         run(
@@ -930,11 +930,16 @@ fn tso_bursts_are_checked_and_cached_by_their_segments() {
         run(
             "segments of 1500 are not served from it",
             1448,
-            TC_ACT_OK,
+            TC_ACT_UNSPEC,
             None,
         );
         // Not GSO, the same bytes are one 2 948-byte packet: too big.
-        run("the burst as one packet: the kernel's", 0, TC_ACT_OK, None);
+        run(
+            "the burst as one packet: the kernel's",
+            0,
+            TC_ACT_UNSPEC,
+            None,
+        );
 
         // BIG TCP writes total length 0 only on bursts beyond 64 KB (which
         // BPF_PROG_TEST_RUN cannot hold): on this one it is malformed.
@@ -952,7 +957,7 @@ fn tso_bursts_are_checked_and_cached_by_their_segments() {
         .expect("test_run");
         assert_eq!(
             (r.verdict, &r.out),
-            (TC_ACT_OK, &zero_len),
+            (TC_ACT_UNSPEC, &zero_len),
             "total length 0 on a 2 948-byte burst: the kernel's"
         );
         assert_counter_moved(
@@ -1154,7 +1159,7 @@ fn vxlan_mode_encapsulates_in_the_program() {
         let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_EGRESS, "br0", &big, "1451");
         assert_eq!(
             (verdict, &out),
-            (TC_ACT_OK, &big),
+            (TC_ACT_UNSPEC, &big),
             "1451: the kernel's, untouched"
         );
         assert_counter_moved(ebpf, &before, stat::PASS_FIB, big.len(), "1451");
@@ -1163,7 +1168,7 @@ fn vxlan_mode_encapsulates_in_the_program() {
         let expiring = to_mac(ipv4(C1, R1, 1, &[]), GW_MAC);
         let (verdict, out) =
             tc_test_run(ebpf, xhost_common::PROG_FROM_CTR, "br0", &expiring, "ttl");
-        assert_eq!((verdict, &out), (TC_ACT_OK, &expiring), "TTL 1");
+        assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &expiring), "TTL 1");
 
         // A UDP GSO burst (gso_size on a UDP packet): its segments only the
         // kernel measures, so it goes to the vxlan device, routed but not
@@ -1300,7 +1305,7 @@ fn vxlan_mode_decapsulates_in_the_program() {
             .unwrap_or_else(|e| panic!("{name}: test_run: {e}"));
             assert_eq!(
                 (r.verdict, &r.out),
-                (TC_ACT_OK, &f),
+                (TC_ACT_UNSPEC, &f),
                 "{name}: the kernel's, untouched"
             );
             assert_counter_moved(ebpf, &before, stat::PASS_NOT_OURS, f.len(), name);
@@ -1378,7 +1383,7 @@ fn from_ctr_drops_every_source_but_its_endpoints_own() {
                 "a foreign address to the internet: not a peer's business",
                 to_mac(ipv4(FOREIGN, [8, 8, 8, 8], 64, &[]), GW_MAC),
                 "br0",
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 None,
                 UNCOUNTED,
             ),
@@ -1386,7 +1391,7 @@ fn from_ctr_drops_every_source_but_its_endpoints_own() {
                 "an unused address to a local container",
                 to_mac(ipv4(UNUSED, C2, 64, &[]), LOCAL_NEIGH_MAC),
                 "br0",
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 None,
                 UNCOUNTED,
             ),
@@ -1409,7 +1414,7 @@ fn from_ctr_drops_every_source_but_its_endpoints_own() {
         .expect("test_run");
         assert_eq!(
             (r.verdict, r.priority, &r.out),
-            (TC_ACT_OK, 0, &unknown),
+            (TC_ACT_UNSPEC, 0, &unknown),
             "veth not armed, unknown address: handed on unmarked"
         );
         run_ctr_cases(
@@ -1439,7 +1444,7 @@ fn from_ctr_drops_every_source_but_its_endpoints_own() {
         .expect("test_run");
         assert_eq!(
             (r.verdict, r.priority),
-            (TC_ACT_OK, br0),
+            (TC_ACT_UNSPEC, br0),
             "own packet handed on to the bridge: marked with its veth"
         );
         let internet = to_mac(ipv4(C1, [8, 8, 8, 8], 64, &[]), GW_MAC);
@@ -1453,7 +1458,7 @@ fn from_ctr_drops_every_source_but_its_endpoints_own() {
         .expect("test_run");
         assert_eq!(
             (r.verdict, r.priority),
-            (TC_ACT_OK, 0),
+            (TC_ACT_UNSPEC, 0),
             "traffic not for a peer: unmarked"
         );
     });
@@ -1573,7 +1578,7 @@ fn bridge_forwards_only_what_its_tables_say_the_sender_owns() {
                 "an address of the peer's subnet: the kernel's (the peer drops it)",
                 frame(PEER_SUBNET, CTR_MAC),
                 0,
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 None,
                 stat::PASS_NOT_OURS,
             ),
@@ -1581,7 +1586,7 @@ fn bridge_forwards_only_what_its_tables_say_the_sender_owns() {
                 "a foreign address: the kernel's (the peer drops it)",
                 frame(FOREIGN, CTR_MAC),
                 0,
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 None,
                 stat::PASS_NOT_OURS,
             ),
@@ -1589,7 +1594,7 @@ fn bridge_forwards_only_what_its_tables_say_the_sender_owns() {
                 "a foreign address to the internet: the kernel's, as before",
                 to_mac(ipv4(FOREIGN, [8, 8, 8, 8], 64, &[]), GW_MAC),
                 0,
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 None,
                 stat::PASS_NOT_OURS,
             ),
@@ -1597,7 +1602,7 @@ fn bridge_forwards_only_what_its_tables_say_the_sender_owns() {
                 "an unused address to a local container: the kernel's",
                 to_mac(ipv4(UNUSED, C2, 64, &[]), GW_MAC),
                 0,
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 None,
                 stat::PASS_NOT_OURS,
             ),
@@ -1688,7 +1693,7 @@ fn vxlan_mode_drops_spoofed_sources_before_encapsulating() {
                     "veth: with another VNI",
                     vxlan_from_c1(VNI + 1, VXLAN_PORT),
                     "br0",
-                    TC_ACT_OK,
+                    TC_ACT_UNSPEC,
                     None,
                     UNCOUNTED,
                 ),
@@ -1696,7 +1701,7 @@ fn vxlan_mode_drops_spoofed_sources_before_encapsulating() {
                     "veth: to another port",
                     vxlan_from_c1(VNI, VXLAN_PORT + 1),
                     "br0",
-                    TC_ACT_OK,
+                    TC_ACT_UNSPEC,
                     None,
                     UNCOUNTED,
                 ),
@@ -1717,7 +1722,7 @@ fn vxlan_mode_drops_spoofed_sources_before_encapsulating() {
                     "bridge: with another VNI",
                     vxlan_from_c1(VNI + 1, VXLAN_PORT),
                     0,
-                    TC_ACT_OK,
+                    TC_ACT_UNSPEC,
                     None,
                     stat::PASS_NOT_OURS,
                 ),

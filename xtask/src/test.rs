@@ -1,7 +1,9 @@
 //! `cargo xtask test`: setup, the lints (`cargo fmt --check`, clippy with `-D warnings` on
 //! the workspace and on the eBPF crate), build, then every test of the workspace in release
-//! mode, as root and on one thread (the tests create namespaces and load eBPF programs),
-//! then the kernel matrix (older kernels in qemu, see [`crate::kernels`]).
+//! mode, as root and on one thread (the tests create namespaces and load eBPF programs); then the
+//! datapath's real-packet tests a second time with every agent attached through classic tc
+//! (`XHOST_TEST_ATTACH=tc`), the first run having used the kernel's default (tcx where
+//! present); then the kernel matrix (older kernels in qemu, see [`crate::kernels`]).
 
 use clap::Args;
 
@@ -27,6 +29,9 @@ pub struct Options {
     pub args: Vec<String>,
 }
 
+/// The test binaries of the datapath that run again with classic tc.
+const ATTACH_RUNS: [&str; 2] = ["datapath", "topology"];
+
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     if !opts.no_setup {
         setup::run()?;
@@ -38,30 +43,34 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         release: true,
         no_setup: true,
     })?;
-    // A failing host test must not hide the matrix's results, nor the other way round.
-    let host = if opts.kernels {
-        Ok(())
-    } else {
-        host_tests(opts)
-    };
-    let matrix = if opts.no_kernels {
-        Ok(())
-    } else {
-        kernels::run(&kernels::Options {
-            // Setup ran above (or was told not to).
+    // Every part goes ahead even if one fails: one must not hide the others' results.
+    let mut results = Vec::new();
+    if !opts.kernels {
+        results.push(all_tests(opts));
+        println!(
+            "xtask test: datapath tests again, attached through classic tc (XHOST_TEST_ATTACH=tc)"
+        );
+        results.push(tc_run(opts));
+    }
+    if !opts.no_kernels {
+        results.push(kernels::run(&kernels::Options {
+            // build::run above already ran setup (or was told not to).
             no_setup: true,
             ..kernels::Options::default()
-        })
-    };
-    match (host, matrix) {
-        (Err(h), Err(m)) => Err(h.context(format!("and the kernel matrix failed too: {m:#}"))),
-        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
-        (Ok(()), Ok(())) => Ok(()),
+        }));
+    }
+    let errors: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+        .collect();
+    match errors.as_slice() {
+        [] => Ok(()),
+        _ => anyhow::bail!("{}", errors.join("\n")),
     }
 }
 
-/// Every crate's tests on this machine's kernel.
-fn host_tests(opts: &Options) -> anyhow::Result<()> {
+/// Every crate's tests, agents attached as the kernel's default.
+fn all_tests(opts: &Options) -> anyhow::Result<()> {
     let mut cmd = workspace::cargo();
     // `--workspace` overrides default-members, so the eBPF crate has to be left out by
     // name: it only builds for bpfel-unknown-none (xhost-user's build script builds it, and
@@ -80,6 +89,21 @@ fn host_tests(opts: &Options) -> anyhow::Result<()> {
         // the target directory does not fill with root-owned files.
         cmd.args(["--config", "target.'cfg(all())'.runner = ['sudo', '-E']"]);
     }
+    cmd.args(["--", "--test-threads=1"]).args(&opts.args);
+    workspace::run_status(&mut cmd)
+}
+
+/// The datapath's real-packet tests with `--attach tc`.
+fn tc_run(opts: &Options) -> anyhow::Result<()> {
+    let mut cmd = workspace::cargo();
+    cmd.args(["test", "-p", "xhost-tests", "--release", "--no-fail-fast"]);
+    for t in ATTACH_RUNS {
+        cmd.args(["--test", t]);
+    }
+    if !workspace::is_root() {
+        cmd.args(["--config", "target.'cfg(all())'.runner = ['sudo', '-E']"]);
+    }
+    cmd.env("XHOST_TEST_ATTACH", "tc");
     cmd.args(["--", "--test-threads=1"]).args(&opts.args);
     workspace::run_status(&mut cmd)
 }

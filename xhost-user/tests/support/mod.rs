@@ -23,7 +23,10 @@ use aya::{
 };
 use xhost_common::{Endpoint, LocalNet, Peer, PeerHost};
 
-pub const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_UNSPEC` (-1) as the test run's `u32` return value: what the
+/// programs return for a packet they leave to the kernel (and to any later
+/// filter on the device).
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 pub const XDP_DROP: u32 = 1;
