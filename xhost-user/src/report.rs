@@ -241,18 +241,8 @@ fn prefix(k: &aya::maps::lpm_trie::Key<[u8; 4]>) -> Ipv4Net {
     Ipv4Net::containing(Ipv4Addr::from(k.data()), k.prefix_len() as u8)
 }
 
-/// Reads everything an instance has pinned.
-pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
-    if !layout.in_use() {
-        bail!(
-            "xhost is not loaded: nothing pinned under {}",
-            layout.pin_dir.display()
-        );
-    }
-    let agent = AgentState::read(layout).ok();
-    let agent_running = agent
-        .as_ref()
-        .is_some_and(|a| !a.detached && pid_alive(a.pid));
+/// The links pinned under `<pin-dir>/links` (what is attached where), sorted.
+pub fn pinned_attachments(layout: &Layout) -> Vec<Attachment> {
     let mut attached = Vec::new();
     if let Ok(dir) = std::fs::read_dir(layout.links_dir()) {
         for entry in dir.flatten() {
@@ -267,6 +257,22 @@ pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
         }
     }
     attached.sort_by(|a, b| (&a.iface, a.hook).cmp(&(&b.iface, b.hook)));
+    attached
+}
+
+/// Reads everything an instance has pinned.
+pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
+    if !layout.in_use() {
+        bail!(
+            "xhost is not loaded: nothing pinned under {}",
+            layout.pin_dir.display()
+        );
+    }
+    let agent = AgentState::read(layout).ok();
+    let agent_running = agent
+        .as_ref()
+        .is_some_and(|a| !a.detached && pid_alive(a.pid));
+    let attached = pinned_attachments(layout);
 
     let routes_map: LpmTrie<MapData, [u8; 4], Peer> =
         open_pinned(layout, MAP_ROUTES)?.try_into()?;
