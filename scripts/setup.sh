@@ -14,8 +14,10 @@ set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
 LLVM=/usr/lib/llvm-22
+# systemd: `systemd-analyze verify` checks dist/xhost.service; util-linux:
+# setpriv runs the agent with only the unit's capabilities.
 APT_TOOLS=(iproute2 iputils-ping iperf3 sockperf tcpdump iptables ethtool conntrack bpftool
-           docker.io busybox-static curl ca-certificates
+           docker.io busybox-static curl ca-certificates systemd util-linux
            etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 APT_RUST=(rustc-web cargo-web rust-web-src)
 APT_LLVM=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev)
