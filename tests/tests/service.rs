@@ -452,6 +452,24 @@ fn status_watch_shows_rates_per_second() {
         }
         assert_eq!(s["drop_redirect"], 0.0, "screen {i}: {s:?}");
     }
+
+    // On a terminal (a pty from script(1)) each screen replaces the last.
+    let mut cmd = vec![xhost_bin().expect("xhost-user").display().to_string()];
+    cmd.extend(agent_a.dirs.args());
+    cmd.extend(["status", "--watch", "--interval", "0.2", "--count", "2"].map(String::from));
+    let out = a
+        .ns()
+        .nsenter_command(&["script", "-qfec", &cmd.join(" "), "/dev/null"])
+        .output()
+        .expect("script(1)");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "status --watch on a pty: {tty}");
+    assert_eq!(
+        tty.matches("\x1b[H\x1b[2J").count(),
+        2,
+        "two screens, each clearing the last: {tty:?}"
+    );
+    assert_eq!(tty.matches("per second over ").count(), 2, "{tty:?}");
 }
 
 /// A notify socket as systemd binds it: `NOTIFY_SOCKET` for the agent.

@@ -260,14 +260,20 @@ pub fn pinned_attachments(layout: &Layout) -> Vec<Attachment> {
     attached
 }
 
-/// Reads everything an instance has pinned.
-pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
+/// An error unless an instance is pinned under the layout's pin dir.
+pub fn ensure_loaded(layout: &Layout) -> anyhow::Result<()> {
     if !layout.in_use() {
         bail!(
             "xhost is not loaded: nothing pinned under {}",
             layout.pin_dir.display()
         );
     }
+    Ok(())
+}
+
+/// Reads everything an instance has pinned.
+pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
+    ensure_loaded(layout)?;
     let agent = AgentState::read(layout).ok();
     let agent_running = agent
         .as_ref()
