@@ -768,3 +768,93 @@ fn the_unit_file_passes_systemd_analyze_verify() {
         "systemd-analyze verify: {said}"
     );
 }
+
+/// Scrapes host A until `pred` holds on the body (10 s at most).
+fn scrape_until(ns: &NetNs, what: &str, mut pred: impl FnMut(&str) -> bool) -> String {
+    let t0 = Instant::now();
+    loop {
+        let (_, body) = scrape(ns);
+        if pred(&body) {
+            return body;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{what}: not within 10 s; last scrape:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The Docker connection state and last sync time, with a real dockerd in
+/// host A's namespace that is stopped under the agent.
+#[test]
+fn metrics_follow_the_docker_connection() {
+    assert!(
+        Path::new("/usr/sbin/dockerd").exists(),
+        "dockerd missing: apt-get install docker.io (scripts/setup.sh)"
+    );
+    let topo = Topology::two_hosts(TopologyOpts {
+        underlay_only: true,
+        ..TopologyOpts::default()
+    })
+    .expect("build the underlay");
+    let (a, b) = (topo.host_a(), topo.host_b());
+    // Dropped after the agent (declared first, dropped last).
+    let mut engine = xhost_tests::docker_engine::Engine::start_in_netns(a.name(), &a.bip())
+        .expect("start dockerd");
+    let peer = format!("{}={}", b.underlay_ip(), b.subnet());
+    let docker = engine.host();
+    let agent = Agent::start(
+        a.ns(),
+        a.role(),
+        &[
+            "--iface",
+            a.underlay_iface(),
+            "--docker-host",
+            &docker,
+            "--peer",
+            &peer,
+            "--metrics-addr",
+            METRICS,
+        ],
+    )
+    .expect("xhost-user load");
+
+    let up = scrape_until(a.ns(), "Docker connected", |m| {
+        m.contains("\nxhost_docker_connected 1\n")
+    });
+    assert_eq!(
+        sample(&up, "xhost_docker_networks"),
+        1.0,
+        "docker0's network"
+    );
+    assert_eq!(
+        sample(&up, "xhost_local_subnets"),
+        1.0,
+        "docker0's subnet from Docker"
+    );
+    let synced = sample(&up, "xhost_docker_last_sync_timestamp_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        synced > now - 60.0 && synced <= now,
+        "last sync {synced}, now {now}"
+    );
+
+    engine.stop().expect("stop dockerd");
+    let down = scrape_until(a.ns(), "Docker unreachable", |m| {
+        m.contains("\nxhost_docker_connected 0\n")
+    });
+    assert_eq!(
+        sample(&down, "xhost_local_subnets"),
+        1.0,
+        "the datapath keeps what Docker said last"
+    );
+    let (status, left) = agent.stop_with(Signal::SIGTERM).expect("stop");
+    assert!(
+        status.success() && left.is_empty(),
+        "{status:?} left {left:?}"
+    );
+}
