@@ -565,12 +565,14 @@ fn detached_load_log(
     peer: &Host,
     args_extra: &[&str],
     journal: bool,
+    wrapper: &[&str],
 ) -> (bool, String) {
     let dirs = AgentDirs::unique("log");
     let log = std::env::temp_dir().join(format!("xh-{}-stderr.log", std::process::id()));
     let file = std::fs::File::create(&log).expect("log file");
     let meta = file.metadata().expect("stat log");
-    let mut all = vec![xhost_bin().expect("xhost-user").display().to_string()];
+    let mut all: Vec<String> = wrapper.iter().map(|s| (*s).to_owned()).collect();
+    all.push(xhost_bin().expect("xhost-user").display().to_string());
     all.extend(dirs.args());
     all.push("load".into());
     all.extend(load_args(host, peer, args_extra));
@@ -596,7 +598,7 @@ fn logs_fit_journald() {
     let (a, b) = (topo.host_a(), topo.host_b());
     // To the journal: `<priority>message`, no timestamp (journald adds it),
     // no colour.
-    let (ok, j) = detached_load_log(a, b, &["--detach"], true);
+    let (ok, j) = detached_load_log(a, b, &["--detach"], true, &[]);
     assert!(ok && j.lines().count() >= 1, "load --detach: {j}");
     for l in j.lines() {
         assert!(
@@ -607,7 +609,7 @@ fn logs_fit_journald() {
     }
     assert!(j.contains("<6>detached: the datapath stays loaded"), "{j}");
     // An error is one line at error priority.
-    let (ok, e) = detached_load_log(a, b, &["--vni", "7"], true);
+    let (ok, e) = detached_load_log(a, b, &["--vni", "7"], true, &[]);
     assert!(!ok, "--vni without --tunnel vxlan must fail");
     assert_eq!(
         e.lines().collect::<Vec<_>>(),
@@ -615,8 +617,24 @@ fn logs_fit_journald() {
             "<3>xhost-user: --vni (vni in the config file) is a VXLAN setting: it needs --tunnel vxlan"
         ]
     );
+    // An error that spans lines (the verifier's log: refused without
+    // CAP_PERFMON) keeps its priority on every line.
+    let (ok, v) = detached_load_log(
+        a,
+        b,
+        &["--detach"],
+        true,
+        &[
+            "setpriv",
+            "--bounding-set=-all,+bpf,+net_admin",
+            "--inh-caps=-all",
+            "--",
+        ],
+    );
+    assert!(!ok && v.lines().count() > 1, "a verifier log: {v}");
+    assert!(v.lines().all(|l| l.starts_with("<3>")), "{v}");
     // Into a file that is not the journal: the usual lines, still no colour.
-    let (ok, f) = detached_load_log(a, b, &["--detach"], false);
+    let (ok, f) = detached_load_log(a, b, &["--detach"], false, &[]);
     assert!(ok && f.contains(" INFO ") && !f.contains('\x1b'), "{f:?}");
 }
 

@@ -195,12 +195,12 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // One line naming the culprit: the whole cause chain (with
             // journald's error priority when it is journald's stream).
-            let prio = if service::stderr_is_journal() {
-                "<3>"
+            let msg = format!("xhost-user: {e:#}");
+            if service::stderr_is_journal() {
+                eprint!("{}", service::journal_lines(3, &msg));
             } else {
-                ""
-            };
-            eprintln!("{prio}xhost-user: {e:#}");
+                eprintln!("{msg}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -61,6 +61,16 @@ pub fn syslog_priority(level: Level) -> u8 {
     }
 }
 
+/// `message` as journald lines at `priority`: every line carries the
+/// prefix, so a message that spans lines (a verifier log in an error) keeps
+/// its level throughout instead of falling back to journald's default.
+pub fn journal_lines(priority: u8, message: &str) -> String {
+    message
+        .lines()
+        .map(|l| format!("<{priority}>{l}\n"))
+        .collect()
+}
+
 /// Sets up logging: to journald, `<priority>message` per line (journald
 /// adds the time and files the level); elsewhere env_logger's usual lines,
 /// coloured only when stderr is a terminal.
@@ -69,11 +79,10 @@ pub fn init_logging(default_level: &str) {
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level));
     if stderr_is_journal() {
         b.format(|buf, record| {
-            writeln!(
+            write!(
                 buf,
-                "<{}>{}",
-                syslog_priority(record.level()),
-                record.args()
+                "{}",
+                journal_lines(syslog_priority(record.level()), &record.args().to_string())
             )
         });
     } else {
@@ -94,5 +103,14 @@ mod tests {
         assert_eq!(syslog_priority(Level::Warn), 4);
         assert_eq!(syslog_priority(Level::Info), 6);
         assert_eq!(syslog_priority(Level::Debug), 7);
+    }
+
+    #[test]
+    fn every_journal_line_carries_the_priority() {
+        assert_eq!(journal_lines(6, "attached"), "<6>attached\n");
+        assert_eq!(
+            journal_lines(3, "xhost-user: program x: verifier:\n0: r1 = 0\nrefused"),
+            "<3>xhost-user: program x: verifier:\n<3>0: r1 = 0\n<3>refused\n"
+        );
     }
 }
