@@ -876,3 +876,83 @@ fn metrics_follow_the_docker_connection() {
         "{status:?} left {left:?}"
     );
 }
+
+/// The unit's `ExecStartPre` command line, run against `dirs` inside `ns`.
+fn unit_start_pre(ns: &NetNs, dirs: &AgentDirs) -> std::process::Output {
+    let unit = std::fs::read_to_string(unit_path()).expect("read dist/xhost.service");
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStartPre="))
+        .expect("ExecStartPre= in the unit");
+    let bin = xhost_bin().expect("xhost-user").display().to_string();
+    let mut cmd: Vec<String> = line
+        .replace("/usr/local/bin/xhost-user", &bin)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    cmd.extend(dirs.args());
+    ns.nsenter_command(&cmd).output().expect("run ExecStartPre")
+}
+
+/// `Restart=on-failure` after a crash: the killed agent's pins and kernel
+/// routes are removed by the unit's `ExecStartPre`, and the agent started
+/// again on the same pin and run dirs forwards. On a clean start the same
+/// command does nothing and says nothing.
+#[test]
+fn the_unit_starts_again_after_the_agent_was_killed() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let (ca, cb) = (topo.ctr_a(), topo.ctr_b());
+    let opts = StartOpts::default();
+    let mut killed = start(a, b, &[], &opts);
+    let agent_b = start(b, a, &[], &opts);
+    assert!(ping(ca.ns(), cb.ip(), 2).expect("ping").all_received());
+    agent_signal(&killed, Signal::SIGKILL);
+    let t0 = Instant::now();
+    while killed.running() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "SIGKILL ignored");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dirs = killed.dirs.clone();
+    assert!(
+        dirs.pin_dir.join("links").exists(),
+        "a killed agent leaves its links pinned"
+    );
+    let route = |ns: &NetNs| ns.run(&["ip", "route", "show", &b.subnet().to_string()]);
+    assert!(!route(a.ns()).is_empty(), "the killed agent's kernel route");
+
+    let out = unit_start_pre(a.ns(), &dirs);
+    assert!(
+        out.status.success(),
+        "ExecStartPre: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dirs.leftovers().is_empty(), "left {:?}", dirs.leftovers());
+    assert_eq!(programs(a), "", "programs still attached");
+    assert_eq!(route(a.ns()), "", "kernel route left");
+
+    let again = unit_start_pre(a.ns(), &dirs);
+    assert!(
+        again.status.success() && again.stderr.is_empty(),
+        "ExecStartPre with nothing loaded: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    let args = load_args(a, b, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut restarted =
+        Agent::spawn_opts(a.ns(), a.role(), dirs, &args, &opts).expect("start again");
+    restarted.wait_ready().expect("ready again");
+    assert!(
+        ping(ca.ns(), cb.ip(), 2).expect("ping").all_received(),
+        "A->B after the restart"
+    );
+    for agent in [restarted, agent_b] {
+        let (status, left) = agent.stop_with(Signal::SIGTERM).expect("stop");
+        assert!(
+            status.success() && left.is_empty(),
+            "{status:?} left {left:?}"
+        );
+    }
+    drop(killed);
+}

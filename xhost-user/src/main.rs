@@ -81,6 +81,10 @@ enum Cmd {
         /// Refuse unless the instance serves this underlay.
         #[arg(long)]
         iface: Option<String>,
+        /// Succeed when nothing is loaded (the service unit's clean-up
+        /// before start).
+        #[arg(long)]
+        missing_ok: bool,
     },
     /// What is attached where, routes, endpoints, counters, Docker view.
     Status {
@@ -268,7 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("tokio runtime")?;
             rt.block_on(agent::load(source, layout, detach))
         }
-        Cmd::Unload { iface } => report::unload(&layout, iface.as_deref()),
+        Cmd::Unload { iface, missing_ok } => report::unload(&layout, iface.as_deref(), missing_ok),
         Cmd::Status {
             watch: true,
             interval,

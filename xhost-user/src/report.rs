@@ -521,10 +521,14 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 /// Removes an instance: stops a foreground agent (which cleans up after
-/// itself), then unpins whatever is left (a detached datapath).
-pub fn unload(layout: &Layout, iface: Option<&str>) -> anyhow::Result<()> {
+/// itself), then unpins whatever is left (a detached datapath, or what a
+/// killed agent left). With `missing_ok`, nothing loaded is no error.
+pub fn unload(layout: &Layout, iface: Option<&str>, missing_ok: bool) -> anyhow::Result<()> {
     let agent = AgentState::read(layout).ok();
     if !layout.in_use() && agent.is_none() {
+        if missing_ok {
+            return Ok(());
+        }
         bail!(
             "xhost is not loaded: nothing pinned under {}",
             layout.pin_dir.display()
