@@ -918,6 +918,10 @@ fn the_unit_starts_again_after_the_agent_was_killed() {
         dirs.pin_dir.join("links").exists(),
         "a killed agent leaves its links pinned"
     );
+    assert!(
+        ping(ca.ns(), cb.ip(), 2).expect("ping").all_received(),
+        "the pinned datapath forwards without its agent"
+    );
     let route = |ns: &NetNs| ns.run(&["ip", "route", "show", &b.subnet().to_string()]);
     assert!(!route(a.ns()).is_empty(), "the killed agent's kernel route");
 
