@@ -18,9 +18,10 @@ fn notify(state: &[NotifyState]) {
     }
 }
 
-/// The datapath is attached and its maps filled.
-pub fn ready(status: &str) {
-    notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+/// The datapath is attached to `iface` and its maps filled.
+pub fn ready(iface: &str) {
+    let status = format!("serving {iface}");
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 
 /// SIGHUP: the config is being read again. systemd wants the monotonic
