@@ -119,24 +119,29 @@ fn paced_send(
     t0.elapsed()
 }
 
+/// `METHOD PATH` to the metrics address on the host's loopback: the raw
+/// HTTP/1.1 response.
+fn http(ns: &NetNs, method: &'static str, path: &'static str) -> String {
+    ns.within("http request", move || {
+        let io = |source| xhost_tests::Error::Io {
+            what: format!("{method} http://{METRICS}{path}"),
+            source,
+        };
+        let mut s = TcpStream::connect(METRICS).map_err(io)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(io)?;
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).map_err(io)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(io)?;
+        Ok(out)
+    })
+    .expect("HTTP request to the metrics address")
+}
+
 /// `GET /metrics` on the host's loopback: (content type, body).
 fn scrape(ns: &NetNs) -> (String, String) {
-    let raw = ns
-        .within("scrape", || {
-            let io = |source| xhost_tests::Error::Io {
-                what: format!("GET http://{METRICS}/metrics"),
-                source,
-            };
-            let mut s = TcpStream::connect(METRICS).map_err(io)?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))
-                .map_err(io)?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .map_err(io)?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).map_err(io)?;
-            Ok(out)
-        })
-        .expect("scrape /metrics");
+    let raw = http(ns, "GET", "/metrics");
     let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "scrape: {head}");
     let ctype = head
@@ -294,6 +299,13 @@ fn metrics_count_the_packets_sent_between_hosts() {
         "no Docker series with --no-docker"
     );
     assert!(dropped.ends_with("# EOF\n"), "OpenMetrics end marker");
+    for (method, path, want) in [
+        ("GET", "/", "HTTP/1.1 404"),
+        ("POST", "/metrics", "HTTP/1.1 405"),
+    ] {
+        let r = http(a.ns(), method, path);
+        assert!(r.starts_with(want), "{method} {path}: {r}");
+    }
 
     for agent in [agent_a, agent_b] {
         let (status, left) = agent.stop_with(Signal::SIGTERM).expect("stop");
