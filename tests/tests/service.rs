@@ -484,6 +484,23 @@ fn status_watch_shows_rates_per_second() {
     assert_eq!(tty.matches("per second over ").count(), 2, "{tty:?}");
 }
 
+/// A file removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, text: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("xh-{}-{name}", std::process::id()));
+        std::fs::write(&p, text).expect("write temp file");
+        Self(p)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A notify socket as systemd binds it: `NOTIFY_SOCKET` for the agent.
 struct NotifySocket {
     sock: UnixDatagram,
@@ -518,6 +535,9 @@ fn readiness_reaches_a_real_notify_socket_once_attached() {
     let topo = topology();
     let (a, b) = (topo.host_a(), topo.host_b());
     let notify = NotifySocket::bind();
+    // Peers come from the flags; the file is there to be broken below.
+    let config = TempFile::new("notify.toml", "");
+    let config_arg = config.0.display().to_string();
     let opts = StartOpts {
         env: vec![("NOTIFY_SOCKET".into(), notify.path.display().to_string())],
         ..StartOpts::default()
@@ -529,7 +549,7 @@ fn readiness_reaches_a_real_notify_socket_once_attached() {
             let ready = notify.next();
             (ready, programs(a))
         });
-        let agent = start(a, b, &[], &opts);
+        let agent = start(a, b, &["--config", &config_arg], &opts);
         let (ready, live) = waiter.join().expect("waiter");
         (ready, live, agent)
     });
@@ -556,6 +576,24 @@ fn readiness_reaches_a_real_notify_socket_once_attached() {
         "{reloading:?}"
     );
     assert!(notify.next().starts_with("READY=1\n"), "ready again");
+    // A refused reload ends the reload too: the unit must not stay
+    // "reloading" because the new config was bad.
+    std::fs::write(&config.0, "bogus = 1\n").expect("break the config");
+    agent_signal(&agent, Signal::SIGHUP);
+    assert!(notify.next().starts_with("RELOADING=1\n"), "reloading");
+    assert!(
+        notify.next().starts_with("READY=1\n"),
+        "ready after refusal"
+    );
+    let t0 = Instant::now();
+    while !agent.output().contains("config reload refused") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "no refusal logged: {}",
+            agent.output()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     let (status, left) = agent.stop_with(Signal::SIGTERM).expect("stop");
     assert_eq!(notify.next(), "STOPPING=1\n");

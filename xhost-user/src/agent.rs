@@ -276,14 +276,15 @@ impl Agent {
                 _ = signals.hup.recv() => {
                     crate::service::reloading();
                     let res = self.reload(host);
-                    crate::service::ready(&self.settings.iface);
-                    match res {
-                        Ok(()) => reloaded = true,
-                        Err(e) => {
-                            error!("config reload refused, the running config stays: {e:#}");
-                            continue;
-                        }
+                    if let Err(e) = &res {
+                        error!("config reload refused, the running config stays: {e:#}");
                     }
+                    // Refused or not, the reload is over.
+                    crate::service::ready(&self.settings.iface);
+                    if res.is_err() {
+                        continue;
+                    }
+                    reloaded = true;
                 }
                 changed = rx.changed(), if docker_alive => {
                     if changed.is_err() {
