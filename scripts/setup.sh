@@ -26,8 +26,10 @@ cd "$(dirname "$0")/.."
 
 BPF_LINKER_VERSION=0.13.0
 LLVM=/usr/lib/llvm-22
+# systemd: `systemd-analyze verify` checks dist/xhost.service; util-linux:
+# setpriv runs the agent with only the unit's capabilities.
 APT_TOOLS=(iproute2 iputils-ping iperf3 sockperf tcpdump iptables ethtool conntrack bpftool
-           docker.io busybox-static curl ca-certificates cpio procps util-linux
+           docker.io busybox-static curl ca-certificates cpio procps util-linux systemd
            etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 APT_RUST=(rustc-web cargo-web rust-web-src)
 APT_LLVM=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev)

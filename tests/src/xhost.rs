@@ -301,6 +301,17 @@ pub fn vm_rss_kib(pid: u32) -> Result<u64> {
         })
 }
 
+/// How [`Agent::start_opts`] runs the agent, beyond its `load` arguments.
+#[derive(Clone, Debug, Default)]
+pub struct StartOpts<'a> {
+    /// The `xhost-user` binary (default: [`xhost_bin`]).
+    pub bin: Option<&'a Path>,
+    /// Extra environment variables (`NOTIFY_SOCKET`, ...).
+    pub env: Vec<(String, String)>,
+    /// A command the agent runs under, e.g. `setpriv --bounding-set ... --`.
+    pub wrapper: Vec<&'a str>,
+}
+
 /// A foreground `xhost-user load` in a host namespace.
 pub struct Agent {
     process: Process,
@@ -337,6 +348,13 @@ impl Agent {
         Ok(agent)
     }
 
+    /// As [`Agent::start`], with the binary, environment and wrapper of `opts`.
+    pub fn start_opts(ns: &NetNs, role: &str, args: &[&str], opts: &StartOpts) -> Result<Self> {
+        let mut agent = Self::spawn_opts(ns, role, AgentDirs::unique(role), args, opts)?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
     /// Starts `xhost-user <dirs> load <args>` in `ns` without waiting for it.
     pub fn spawn(
         bin: &Path,
@@ -345,12 +363,33 @@ impl Agent {
         dirs: AgentDirs,
         args: &[&str],
     ) -> Result<Self> {
-        let mut all: Vec<String> = vec![bin.display().to_string()];
+        let opts = StartOpts {
+            bin: Some(bin),
+            ..StartOpts::default()
+        };
+        Self::spawn_opts(ns, role, dirs, args, &opts)
+    }
+
+    /// As [`Agent::spawn`], with the binary, environment and wrapper of `opts`.
+    pub fn spawn_opts(
+        ns: &NetNs,
+        role: &str,
+        dirs: AgentDirs,
+        args: &[&str],
+        opts: &StartOpts,
+    ) -> Result<Self> {
+        let bin = match opts.bin {
+            Some(b) => b.to_owned(),
+            None => xhost_bin()?,
+        };
+        let mut all: Vec<String> = opts.wrapper.iter().map(|s| (*s).to_owned()).collect();
+        all.push(bin.display().to_string());
         all.extend(dirs.args());
         all.push("load".into());
         all.extend(with_test_attach(args));
-        let mut process =
-            Process::spawn_echoing(&format!("xhost-user@{role}"), ns.nsenter_command(&all))?;
+        let mut cmd = ns.nsenter_command(&all);
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
+        let mut process = Process::spawn_echoing(&format!("xhost-user@{role}"), cmd)?;
         process.set_grace(Duration::from_secs(10));
         Ok(Self {
             process,

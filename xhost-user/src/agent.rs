@@ -28,6 +28,15 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     let settings = source.read()?;
     // Everything that can be checked is checked before the kernel is touched.
     let static_locals = config::validate(&settings)?;
+    // Bound before anything is attached: an address that cannot be had
+    // refuses the load with nothing to undo.
+    let metrics = match settings.metrics_addr {
+        Some(addr) if detach => anyhow::bail!(
+            "--metrics-addr {addr}: metrics are served by the running agent, so not with --detach"
+        ),
+        Some(addr) => Some(crate::views::metrics::bind(addr)?),
+        None => None,
+    };
     if settings.cluster.is_some() && detach {
         anyhow::bail!(
             "cluster mode needs the agent running to renew this host's lease: drop --detach"
@@ -119,10 +128,16 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         term: signal(SignalKind::terminate())?,
         hup: signal(SignalKind::hangup())?,
     };
+    let metrics = metrics.map(|l| tokio::spawn(crate::views::metrics::serve(l, layout.clone())));
     println!("ready");
     std::io::stdout().flush().ok();
+    crate::service::ready(&agent.settings.iface);
 
     let res = agent.follow(signals, &mut host, &mut report).await;
+    crate::service::stopping();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     // Revoke first: the other hosts drop this host's routes at once.
     if let Some(c) = agent.cluster.take() {
         c.stop().await;
@@ -259,13 +274,19 @@ impl Agent {
             tokio::select! {
                 _ = signals.int.recv() => break,
                 _ = signals.term.recv() => break,
-                _ = signals.hup.recv() => match self.reload(host) {
-                    Ok(()) => reloaded = true,
-                    Err(e) => {
+                _ = signals.hup.recv() => {
+                    crate::service::reloading();
+                    let res = self.reload(host);
+                    if let Err(e) = &res {
                         error!("config reload refused, the running config stays: {e:#}");
+                    }
+                    // Refused or not, the reload is over.
+                    crate::service::ready(&self.settings.iface);
+                    if res.is_err() {
                         continue;
                     }
-                },
+                    reloaded = true;
+                }
                 changed = rx.changed(), if docker_alive => {
                     if changed.is_err() {
                         // Cannot happen while the watcher runs (it never gives

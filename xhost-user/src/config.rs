@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
 };
@@ -20,6 +20,7 @@ use crate::net::{self, CidrError, IfaceError, Ipv4Net};
 /// vni = 1             # VXLAN network identifier (default 1)
 /// vxlan_port = 8472   # UDP port (default 8472, as Linux, flannel and Cilium)
 /// attach = "auto"     # TC attach method: auto (tcx if present, else tc), tc, tcx
+/// metrics_addr = "127.0.0.1:9464"  # optional: serve Prometheus /metrics there
 /// [[peer]]
 /// host = "172.16.91.132"
 /// subnets = ["192.168.220.0/24"]
@@ -44,6 +45,7 @@ pub struct FileConfig {
     pub vni: Option<u32>,
     pub vxlan_port: Option<u16>,
     pub attach: Option<AttachArg>,
+    pub metrics_addr: Option<SocketAddr>,
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerConfig>,
     pub etcd: Option<EtcdFile>,
@@ -256,8 +258,17 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Cluster(String),
+    #[error("--metrics-addr `{0}`: expected IP:PORT, e.g. 127.0.0.1:9464")]
+    MetricsAddr(String),
     #[error(transparent)]
     Iface(#[from] IfaceError),
+}
+
+/// `--metrics-addr IP:PORT`. Parsed here rather than by clap so that a bad
+/// value is one line, like every other input error.
+pub fn parse_metrics_addr(arg: &str) -> Result<SocketAddr, ConfigError> {
+    arg.parse()
+        .map_err(|_| ConfigError::MetricsAddr(arg.to_owned()))
 }
 
 impl FromStr for PeerConfig {
@@ -317,6 +328,7 @@ pub struct FlagConfig {
     pub vxlan_port: Option<u16>,
     pub attach: Option<AttachArg>,
     pub etcd: EtcdFlags,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Flags and file merged; not yet checked against the kernel.
@@ -334,6 +346,8 @@ pub struct Settings {
     pub attach: AttachArg,
     /// Cluster mode: the other hosts' subnets from etcd.
     pub cluster: Option<ClusterSettings>,
+    /// Where Prometheus metrics are served; `None`: not at all.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// One setting given by a flag and the file: equal, or an error naming both
@@ -401,6 +415,12 @@ pub fn merge(flags: FlagConfig, file: Option<FileConfig>) -> Result<Settings, Co
     let xdp_mode =
         agree("xdp-mode", "xdp_mode", flags.xdp_mode, file.xdp_mode)?.unwrap_or_default();
     let attach = agree("attach", "attach", flags.attach, file.attach)?.unwrap_or_default();
+    let metrics_addr = agree(
+        "metrics-addr",
+        "metrics_addr",
+        flags.metrics_addr,
+        file.metrics_addr,
+    )?;
     let mut bridges = file.bridges;
     for b in flags.bridges {
         if !bridges.contains(&b) {
@@ -420,6 +440,7 @@ pub fn merge(flags: FlagConfig, file: Option<FileConfig>) -> Result<Settings, Co
         tunnel,
         attach,
         cluster,
+        metrics_addr,
     })
 }
 
@@ -599,6 +620,11 @@ pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), Config
             "attach",
             format!("{:?}", running.attach).to_lowercase(),
             format!("{:?}", new.attach).to_lowercase(),
+        ),
+        (
+            "metrics_addr",
+            format!("{:?}", running.metrics_addr),
+            format!("{:?}", new.metrics_addr),
         ),
     ];
     match fixed.into_iter().find(|(_, old, new)| old != new) {
@@ -972,6 +998,7 @@ mod tests {
             tunnel: None,
             attach: AttachArg::Auto,
             cluster: None,
+            metrics_addr: None,
         }
     }
 
@@ -1093,6 +1120,45 @@ mod tests {
     }
 
     #[test]
+    fn metrics_addr_from_flag_or_file() {
+        assert_eq!(
+            parse_metrics_addr("127.0.0.1:9464").expect("valid"),
+            SocketAddr::from(([127, 0, 0, 1], 9464))
+        );
+        for bad in ["127.0.0.1", "localhost:9464", ":9464", "127.0.0.1:99999"] {
+            assert_eq!(
+                parse_metrics_addr(bad).expect_err(bad).to_string(),
+                format!("--metrics-addr `{bad}`: expected IP:PORT, e.g. 127.0.0.1:9464")
+            );
+        }
+        let file: FileConfig =
+            toml::from_str("iface = \"ens33\"\nmetrics_addr = \"[::1]:9464\"\n").expect("valid");
+        let s = merge(FlagConfig::default(), Some(file)).expect("merges");
+        assert_eq!(s.metrics_addr, Some("[::1]:9464".parse().expect("addr")));
+        let s = merge(
+            FlagConfig {
+                iface: Some("ens33".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .expect("merges");
+        assert_eq!(s.metrics_addr, None, "off unless given");
+        let file: FileConfig =
+            toml::from_str("iface = \"ens33\"\nmetrics_addr = \"127.0.0.1:1\"\n").expect("valid");
+        let flags = FlagConfig {
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 2))),
+            ..Default::default()
+        };
+        assert_eq!(
+            merge(flags, Some(file)).expect_err("conflict").to_string(),
+            "--metrics-addr 127.0.0.1:2 conflicts with metrics_addr = 127.0.0.1:1 in the config file"
+        );
+        let e = toml::from_str::<FileConfig>("metrics_addr = \"nope\"\n").expect_err("bad addr");
+        assert!(e.to_string().contains("invalid socket address"), "{e}");
+    }
+
+    #[test]
     fn reload_takes_peers_and_bridges_only() {
         let running = settings();
         let mut new = settings();
@@ -1100,7 +1166,7 @@ mod tests {
         new.bridges.push("br-x".into());
         assert!(check_reloadable(&running, &new).is_ok());
         type Change = fn(&mut Settings);
-        let fixed: [(Change, &str); 5] = [
+        let fixed: [(Change, &str); 6] = [
             (
                 |s| s.iface = "eth1".into(),
                 "iface cannot change while the agent runs (ens33 -> eth1); restart it",
@@ -1120,6 +1186,10 @@ mod tests {
             (
                 |s| s.tunnel = Some(Vxlan { vni: 1, port: 8472 }),
                 "tunnel cannot change while the agent runs (none -> vxlan vni 1 port 8472); restart it",
+            ),
+            (
+                |s| s.metrics_addr = Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+                "metrics_addr cannot change while the agent runs (None -> Some(127.0.0.1:9464)); restart it",
             ),
         ];
         for (change, want) in fixed {

@@ -10,7 +10,7 @@ use xhost_user::{
     agent,
     config::{self, AttachArg, FlagConfig, PeerConfig, TunnelArg, XdpModeArg},
     layout::{DEFAULT_PIN_DIR, DEFAULT_RUN_DIR, Layout},
-    report,
+    report, service, views,
 };
 
 #[derive(Parser)]
@@ -76,17 +76,33 @@ enum Cmd {
         detach: bool,
         #[command(flatten)]
         etcd: EtcdArgs,
+        /// Serve Prometheus metrics at http://IP:PORT/metrics (off unless given).
+        #[arg(long, value_name = "IP:PORT")]
+        metrics_addr: Option<String>,
     },
     /// Remove the datapath (stops a running agent first).
     Unload {
         /// Refuse unless the instance serves this underlay.
         #[arg(long)]
         iface: Option<String>,
+        /// Succeed when nothing is loaded (the service unit's clean-up
+        /// before start).
+        #[arg(long)]
+        missing_ok: bool,
     },
     /// What is attached where, routes, endpoints, counters, Docker view.
     Status {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Show the counters as rates per second, refreshed every --interval.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between refreshes of --watch.
+        #[arg(long, default_value_t = 1.0, requires = "watch", value_parser = parse_interval)]
+        interval: f64,
+        /// Stop --watch after this many refreshes (default: until interrupted).
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
     },
     /// Print this host's `[[peer]]` entry for the other hosts' configs.
     Export,
@@ -181,18 +197,28 @@ fn main() -> std::process::ExitCode {
         1 => "debug",
         _ => "trace",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .format_target(false)
-        // Milliseconds: event-to-map latencies are read off these lines.
-        .format_timestamp_millis()
-        .init();
+    service::init_logging(level);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // One line naming the culprit: the whole cause chain.
-            eprintln!("xhost-user: {e:#}");
+            // One line naming the culprit: the whole cause chain (with
+            // journald's error priority when it is journald's stream).
+            let msg = format!("xhost-user: {e:#}");
+            if service::stderr_is_journal() {
+                eprint!("{}", service::journal_lines(3, &msg));
+            } else {
+                eprintln!("{msg}");
+            }
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// `--interval`: positive seconds.
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a positive number of seconds")),
     }
 }
 
@@ -216,6 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             attach,
             detach,
             etcd,
+            metrics_addr,
         } => {
             // Parsed here rather than by clap so a bad value is one line
             // with its cause, like every other input error.
@@ -223,6 +250,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|p| p.parse::<PeerConfig>())
                 .collect::<Result<Vec<_>, _>>()?;
+            let metrics_addr = metrics_addr
+                .as_deref()
+                .map(config::parse_metrics_addr)
+                .transpose()?;
             let flags = FlagConfig {
                 iface,
                 bridges,
@@ -235,6 +266,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 vxlan_port,
                 attach,
                 etcd: etcd.flags(),
+                metrics_addr,
             };
             let source = config::Source {
                 flags,
@@ -246,8 +278,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("tokio runtime")?;
             rt.block_on(agent::load(source, layout, detach))
         }
-        Cmd::Unload { iface } => report::unload(&layout, iface.as_deref()),
-        Cmd::Status { json } => {
+        Cmd::Unload { iface, missing_ok } => report::unload(&layout, iface.as_deref(), missing_ok),
+        Cmd::Status {
+            watch: true,
+            interval,
+            count,
+            ..
+        } => views::rates::watch(&layout, std::time::Duration::from_secs_f64(interval), count),
+        Cmd::Status { json, .. } => {
             let s = report::collect(&layout)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);

@@ -286,18 +286,8 @@ fn prefix(k: &aya::maps::lpm_trie::Key<[u8; 4]>) -> Ipv4Net {
     Ipv4Net::containing(Ipv4Addr::from(k.data()), k.prefix_len() as u8)
 }
 
-/// Reads everything an instance has pinned.
-pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
-    if !layout.in_use() {
-        bail!(
-            "xhost is not loaded: nothing pinned under {}",
-            layout.pin_dir.display()
-        );
-    }
-    let agent = AgentState::read(layout).ok();
-    let agent_running = agent
-        .as_ref()
-        .is_some_and(|a| !a.detached && pid_alive(a.pid));
+/// The links pinned under `<pin-dir>/links` (what is attached where), sorted.
+pub fn pinned_attachments(layout: &Layout) -> Vec<Attachment> {
     let mut attached = Vec::new();
     for (dir, filters) in [(layout.links_dir(), false), (layout.filters_dir(), true)] {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -317,6 +307,28 @@ pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
         }
     }
     attached.sort_by(|a, b| (&a.iface, a.hook).cmp(&(&b.iface, b.hook)));
+    attached
+}
+
+/// An error unless an instance is pinned under the layout's pin dir.
+pub fn ensure_loaded(layout: &Layout) -> anyhow::Result<()> {
+    if !layout.in_use() {
+        bail!(
+            "xhost is not loaded: nothing pinned under {}",
+            layout.pin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Reads everything an instance has pinned.
+pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
+    ensure_loaded(layout)?;
+    let agent = AgentState::read(layout).ok();
+    let agent_running = agent
+        .as_ref()
+        .is_some_and(|a| !a.detached && pid_alive(a.pid));
+    let attached = pinned_attachments(layout);
 
     let routes_map: LpmTrie<MapData, [u8; 4], Peer> =
         open_pinned(layout, MAP_ROUTES)?.try_into()?;
@@ -592,10 +604,14 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 /// Removes an instance: stops a foreground agent (which cleans up after
-/// itself), then unpins whatever is left (a detached datapath).
-pub fn unload(layout: &Layout, iface: Option<&str>) -> anyhow::Result<()> {
+/// itself), then unpins whatever is left (a detached datapath, or what a
+/// killed agent left). With `missing_ok`, nothing loaded is no error.
+pub fn unload(layout: &Layout, iface: Option<&str>, missing_ok: bool) -> anyhow::Result<()> {
     let agent = AgentState::read(layout).ok();
     if !layout.in_use() && agent.is_none() {
+        if missing_ok {
+            return Ok(());
+        }
         bail!(
             "xhost is not loaded: nothing pinned under {}",
             layout.pin_dir.display()
