@@ -593,7 +593,7 @@ impl Source {
 /// bridges. The underlay, its XDP mode and the Docker connection are set up
 /// once, at load.
 pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), ConfigError> {
-    let fixed: [(&'static str, String, String); 7] = [
+    let fixed: [(&'static str, String, String); 8] = [
         (
             "etcd",
             describe_cluster(running.cluster.as_ref()),
