@@ -572,3 +572,22 @@ pub fn tc_filters(iface: &str, dir: &str) -> Result<Vec<String>> {
         .map(str::to_owned)
         .collect())
 }
+
+/// `load` arguments for `host` serving its bridge without Docker, with `peer`
+/// as its one peer (`--peer IP=SUBNET`), then `extra`.
+pub fn load_args(host: &crate::Host, peer: &crate::Host, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--iface",
+        host.underlay_iface(),
+        "--bridge",
+        host.bridge(),
+        "--no-docker",
+        "--peer",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    a.push(format!("{}={}", peer.underlay_ip(), peer.subnet()));
+    a.extend(extra.iter().map(|s| (*s).to_owned()));
+    a
+}

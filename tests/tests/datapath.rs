@@ -17,7 +17,10 @@ use xhost_tests::{
     link::set_gso_ipv4_max_size,
     netfilter::iptables_table_counter,
     ping, tcp_transfer, udp_gso_transfer,
-    xhost::{Agent, AgentDirs, attached_programs, remove_instance, status_routes, tc_hook, xhost},
+    xhost::{
+        Agent, AgentDirs, attached_programs, load_args, remove_instance, status_routes, tc_hook,
+        xhost,
+    },
 };
 
 fn require_root() {
@@ -30,28 +33,6 @@ fn require_root() {
 fn topology() -> Topology {
     require_root();
     Topology::two_hosts(TopologyOpts::default()).expect("build two-host topology")
-}
-
-fn peer_arg(peer: &xhost_tests::Host) -> String {
-    format!("{}={}", peer.underlay_ip(), peer.subnet())
-}
-
-/// `load` arguments for `host` with the other host as its peer.
-fn load_args(host: &xhost_tests::Host, peer: &xhost_tests::Host, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--iface",
-        host.underlay_iface(),
-        "--bridge",
-        host.bridge(),
-        "--no-docker",
-        "--peer",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    a.push(peer_arg(peer));
-    a.extend(extra.iter().map(|s| (*s).to_owned()));
-    a
 }
 
 fn start(host: &xhost_tests::Host, peer: &xhost_tests::Host, extra: &[&str]) -> Agent {

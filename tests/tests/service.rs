@@ -22,7 +22,10 @@ use std::{
 use nix::sys::signal::Signal;
 use xhost_tests::{
     Host, NetNs, Process, Topology, TopologyOpts, ping,
-    xhost::{Agent, AgentDirs, StartOpts, attached_programs, remove_instance, xhost, xhost_bin},
+    xhost::{
+        Agent, AgentDirs, StartOpts, attached_programs, load_args, remove_instance, xhost,
+        xhost_bin,
+    },
 };
 
 const METRICS: &str = "127.0.0.1:9464";
@@ -36,24 +39,6 @@ fn topology() -> Topology {
         "these tests load eBPF programs and build namespaces: run as root (cargo xtask test)"
     );
     Topology::two_hosts(TopologyOpts::default()).expect("build two-host topology")
-}
-
-/// `load` arguments for `host` with `peer` as its peer, then `extra`.
-fn load_args(host: &Host, peer: &Host, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--iface",
-        host.underlay_iface(),
-        "--bridge",
-        host.bridge(),
-        "--no-docker",
-        "--peer",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    a.push(format!("{}={}", peer.underlay_ip(), peer.subnet()));
-    a.extend(extra.iter().map(|s| (*s).to_owned()));
-    a
 }
 
 fn start(host: &Host, peer: &Host, extra: &[&str], opts: &StartOpts) -> Agent {
