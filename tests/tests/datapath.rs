@@ -191,9 +191,9 @@ fn containers_reach_each_other_only_through_xhost() {
     // ... and the kernel agrees (this is what the "nothing left" checks use).
     let live = xhost_programs(a);
     let ingress = tc_hook("ingress");
-    let port_live = format!("{} {ingress} xhost_from_ctr", ca.host_veth());
-    let ul_live = format!("ens33 {ingress} xhost_ingress");
-    let br_live = format!("docker0 {ingress} xhost_egress");
+    let port_live = format!("{} {ingress} xhost_veth_in", ca.host_veth());
+    let ul_live = format!("ens33 {ingress} xhost_nic_in");
+    let br_live = format!("docker0 {ingress} xhost_bridge_in");
     for want in [ul_live.as_str(), br_live.as_str(), port_live.as_str()] {
         assert!(live.contains(want), "{want} not attached: {live}");
     }
@@ -423,7 +423,7 @@ fn other_tc_filters_keep_working_through_load_crash_and_unload() {
         };
         let dirs = agent.as_ref().map_or(dirs.clone(), |g| g.dirs.clone());
         let live = xhost_programs(a);
-        let ul = format!("ens33 {} xhost_ingress", tc_hook("ingress"));
+        let ul = format!("ens33 {} xhost_nic_in", tc_hook("ingress"));
         assert!(live.contains(&ul), "{end}: {ul} not attached: {live}");
         let filters = tc(&["filter", "show", "dev", "ens33", "ingress"]);
         for line in filters_before.lines() {
@@ -579,7 +579,7 @@ fn scopeguard(dirs: &[AgentDirs]) -> Cleanup<'_> {
 
 /// Natively and in VXLAN mode. In VXLAN mode B's answer leaves through
 /// its kernel's route into `xhost_vxlan`, gets its tunnel key from
-/// `xhost_to_tun`, and arrives at A with B itself as the inner source.
+/// `xhost_vxlan_out`, and arrives at A with B itself as the inner source.
 #[test]
 fn ttl_expiring_at_the_host_is_left_to_the_kernel() {
     let topo = topology();
@@ -1953,8 +1953,8 @@ fn vxlan_crosses_an_underlay_that_drops_container_ips() {
         assert_eq!(
             progs,
             [
-                format!("xhost_vxlan {} xhost_from_tun", tc_hook("ingress")),
-                format!("xhost_vxlan {} xhost_to_tun", tc_hook("egress"))
+                format!("xhost_vxlan {} xhost_vxlan_in", tc_hook("ingress")),
+                format!("xhost_vxlan {} xhost_vxlan_out", tc_hook("egress"))
             ],
             "{}",
             h.role()
@@ -2175,8 +2175,8 @@ fn vxlan_delivers_only_what_a_peer_host_encapsulates() {
             "172.16.92.1=192.168.130.0/24",
         ],
     );
-    // C's link to B is not B's underlay (no xhost_ingress there): what C
-    // sends is decapsulated by B's vxlan device, and xhost_from_tun decides.
+    // C's link to B is not B's underlay (no xhost_nic_in there): what C
+    // sends is decapsulated by B's vxlan device, and xhost_vxlan_in decides.
     // (The program's own decapsulation checks the same and is tested
     // packet by packet in xhost-user/tests/prog_test_run.rs.)
 
@@ -2274,8 +2274,8 @@ fn ping_from(ns: &NetNs, src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr) {
 /// ctr-a3, which has a static entry for its gateway and so never ARPs):
 ///
 /// ```text
-///  ctr-a  .11 ---veth (xhost_from_ctr)--+
-///  ctr-a2 .12 ---veth (xhost_from_ctr)--+ docker0 (xhost_egress) 192.168.110.1
+///  ctr-a  .11 ---veth (xhost_veth_in)--+
+///  ctr-a2 .12 ---veth (xhost_veth_in)--+ docker0 (xhost_bridge_in) 192.168.110.1
 ///  ctr-a3 .13 ---veth (nothing)---------+    |  ens33 ====== ens33   host B
 ///                                                                 ctr-b 192.168.220.11
 /// ```

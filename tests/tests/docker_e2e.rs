@@ -851,7 +851,7 @@ fn containers_reach_each_other_by_ip_with_state_from_docker_only() {
         let live = attached_programs(host.ns(), &["docker0", "ens33"]).expect("attachments");
         assert!(
             live.iter()
-                .any(|l| *l == format!("docker0 {} xhost_egress", tc_hook("ingress"))),
+                .any(|l| *l == format!("docker0 {} xhost_bridge_in", tc_hook("ingress"))),
             "{live:?}"
         );
     }
@@ -1139,7 +1139,10 @@ fn user_network_is_followed_and_forgotten() {
         "{s}"
     );
     let live = attached_programs(ns_a, &[&br]).expect("attachments");
-    assert_eq!(live, [format!("{br} {} xhost_egress", tc_hook("ingress"))]);
+    assert_eq!(
+        live,
+        [format!("{br} {} xhost_bridge_in", tc_hook("ingress"))]
+    );
 
     ea.run_container("net2", Some("192.168.111.11"), "a3")
         .expect("run a3");
@@ -1161,7 +1164,10 @@ fn user_network_is_followed_and_forgotten() {
     ea.docker_ok(&["rm", "-f", "a3"]).expect("rm a3");
     tb.wait(0, "a3 gone", SETTLE, |s| !endpoints(s).contains_key(&ip_a3));
     let live = attached_programs(ns_a, &[&br]).expect("attachments");
-    assert_eq!(live, [format!("{br} {} xhost_egress", tc_hook("ingress"))]);
+    assert_eq!(
+        live,
+        [format!("{br} {} xhost_bridge_in", tc_hook("ingress"))]
+    );
     let t = Instant::now();
     ea.docker_ok(&["network", "rm", "net2"])
         .expect("docker network rm");

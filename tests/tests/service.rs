@@ -547,8 +547,8 @@ fn readiness_reaches_a_real_notify_socket_once_attached() {
         "status line: {ready:?}"
     );
     for want in [
-        "ens33 tcx-ingress xhost_ingress",
-        "docker0 tcx-ingress xhost_egress",
+        "ens33 tcx-ingress xhost_nic_in",
+        "docker0 tcx-ingress xhost_bridge_in",
     ] {
         assert!(live.contains(want), "READY=1 before {want}: {live}");
     }

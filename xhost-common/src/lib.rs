@@ -32,7 +32,7 @@ pub const MAP_DATAPATH_GEN: &str = "DATAPATH_GEN";
 /// peers may be addressed for the datapath to decapsulate them itself.
 pub const MAP_UNDERLAY_ADDRS: &str = "UNDERLAY_ADDRS";
 /// Name of the hash map from the ifindex of a known endpoint's veth to
-/// `ARMED`: on such a veth `xhost_from_ctr` drops every source for a peer
+/// `ARMED`: on such a veth `xhost_veth_in` drops every source for a peer
 /// that is not its endpoint's. Written after the veth's endpoint, removed
 /// before it, so a veth whose endpoint is not (or no longer) written hands
 /// what it does not know on to the bridge, which checks it there.
@@ -71,12 +71,12 @@ pub const MAX_PEER_HOSTS: u32 = 16_384;
 pub const MAX_UNDERLAY_ADDRS: u32 = 64;
 
 /// Program names, as the loader looks them up in the object.
-pub const PROG_EGRESS: &str = "xhost_egress";
-pub const PROG_FROM_CTR: &str = "xhost_from_ctr";
-pub const PROG_INGRESS: &str = "xhost_ingress";
-pub const PROG_XDP: &str = "xhost_xdp";
-pub const PROG_TO_TUNNEL: &str = "xhost_to_tun";
-pub const PROG_FROM_TUNNEL: &str = "xhost_from_tun";
+pub const PROG_BRIDGE_IN: &str = "xhost_bridge_in";
+pub const PROG_VETH_IN: &str = "xhost_veth_in";
+pub const PROG_NIC_IN: &str = "xhost_nic_in";
+pub const PROG_NIC_XDP: &str = "xhost_nic_xdp";
+pub const PROG_VXLAN_OUT: &str = "xhost_vxlan_out";
+pub const PROG_VXLAN_IN: &str = "xhost_vxlan_in";
 
 /// Constants of the object the loader sets (VXLAN mode): the vxlan
 /// device's ifindex (0: native routing), the VNI and the UDP port the

@@ -1,4 +1,4 @@
-//! Per-CPU cache of `xhost_from_ctr`'s forwarding answers.
+//! Per-CPU cache of `xhost_veth_in`'s forwarding answers.
 //!
 //! A container's packet to a peer's container costs three lookups before it
 //! can leave: its endpoint (`ENDPOINTS`), the peer owning the destination

@@ -1,23 +1,23 @@
 //! xhost datapath: native routing of container traffic between hosts.
 //!
-//! * `xhost_from_ctr` (TC ingress of each container's host-side veth): a
+//! * `xhost_veth_in` (TC ingress of each container's host-side veth): a
 //!   container's packet for a peer's subnet is routed straight out the
 //!   underlay towards the peer host, with the container IPs kept, before the
 //!   bridge (and br_netfilter) sees it. Its answers are cached per flow
 //!   (`flow.rs`).
-//! * `xhost_egress` (TC ingress of each Docker bridge): the same decision for
+//! * `xhost_bridge_in` (TC ingress of each Docker bridge): the same decision for
 //!   whatever reaches the bridge device (containers whose veth is not known
-//!   yet); it also counts what `xhost_from_ctr` passed on.
-//! * `xhost_xdp` (XDP on the underlay NIC): early drop of packets aimed at
+//!   yet); it also counts what `xhost_veth_in` passed on.
+//! * `xhost_nic_xdp` (XDP on the underlay NIC): early drop of packets aimed at
 //!   local containers from sources that belong to no peer.
-//! * `xhost_ingress` (TC ingress of the underlay NIC): a peer's packet for a
+//! * `xhost_nic_in` (TC ingress of the underlay NIC): a peer's packet for a
 //!   local container is delivered into the container's netns with
 //!   `bpf_redirect_peer`, or through the bridge when the endpoint is not
 //!   known, skipping netfilter either way.
 //!
-//! * VXLAN mode (`tunnel.rs`): `xhost_from_ctr` / `xhost_egress`
-//!   encapsulate in place and `xhost_ingress` decapsulates; `xhost_to_tun`
-//!   / `xhost_from_tun` (TC egress and ingress of the vxlan device) key and
+//! * VXLAN mode (`tunnel.rs`): `xhost_veth_in` / `xhost_bridge_in`
+//!   encapsulate in place and `xhost_nic_in` decapsulates; `xhost_vxlan_out`
+//!   / `xhost_vxlan_in` (TC egress and ingress of the vxlan device) key and
 //!   check what the kernel's device carries instead.
 //!
 //! Everything the programs do not own goes to the kernel untouched.
@@ -90,17 +90,17 @@ const NO_ENDPOINT: Endpoint = Endpoint {
 };
 
 #[classifier]
-pub fn xhost_egress(ctx: TcContext) -> i32 {
+pub fn xhost_bridge_in(ctx: TcContext) -> i32 {
     // Counted as it arrived (VXLAN mode may grow it).
     let len = ctx.len();
     finish_len(len, try_egress(&ctx, false))
 }
 
 #[classifier]
-pub fn xhost_from_ctr(ctx: TcContext) -> i32 {
+pub fn xhost_veth_in(ctx: TcContext) -> i32 {
     let len = ctx.len();
     let v = try_egress(&ctx, true);
-    // What this program passes goes on into the bridge, where xhost_egress
+    // What this program passes goes on into the bridge, where xhost_bridge_in
     // decides (and counts) again if it reaches the bridge device: counting
     // here too would count those packets twice.
     if v.action != PASS {
@@ -110,12 +110,12 @@ pub fn xhost_from_ctr(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
-pub fn xhost_ingress(ctx: TcContext) -> i32 {
+pub fn xhost_nic_in(ctx: TcContext) -> i32 {
     finish(&ctx, try_ingress(&ctx))
 }
 
 #[classifier]
-pub fn xhost_from_tun(ctx: TcContext) -> i32 {
+pub fn xhost_vxlan_in(ctx: TcContext) -> i32 {
     let v = try_from_tunnel(&ctx);
     if v.action == PASS {
         // The inner frame is addressed to the sending host's gateway MAC,
@@ -128,7 +128,7 @@ pub fn xhost_from_tun(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
-pub fn xhost_to_tun(ctx: TcContext) -> i32 {
+pub fn xhost_vxlan_out(ctx: TcContext) -> i32 {
     let dst = match parse(&ctx) {
         // SAFETY: `f.ip` was bounds-checked by `parse`.
         Frame::Ipv4(f) => unsafe { (*f.ip).dst_addr },
@@ -136,7 +136,7 @@ pub fn xhost_to_tun(ctx: TcContext) -> i32 {
         _ => return finish(&ctx, Verdict::drop(stat::DROP_TUNNEL)),
     };
     if tunnel::set_key(&ctx, dst) {
-        // Counted where it was decided (xhost_from_ctr, xhost_egress), or a
+        // Counted where it was decided (xhost_veth_in, xhost_bridge_in), or a
         // packet of the kernel's own.
         PASS
     } else {
@@ -263,7 +263,7 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
         if !fib::fits(ctx, device) {
             return hand_on(ctx, mark, Verdict::pass(stat::PASS_FIB));
         }
-        // xhost_to_tun addresses it to the peer host.
+        // xhost_vxlan_out addresses it to the peer host.
         decrement_ttl(f.ip);
         return redirect(device, stat::FWD_EGRESS);
     }
@@ -598,10 +598,10 @@ fn forwarded(action: i32, reason: u32) -> Verdict {
     }
 }
 
-/// Early validation on the underlay: drops what `xhost_ingress` would drop,
+/// Early validation on the underlay: drops what `xhost_nic_in` would drop,
 /// before an skb is built. Passes everything else; the TC program counts it.
 #[xdp]
-pub fn xhost_xdp(ctx: XdpContext) -> u32 {
+pub fn xhost_nic_xdp(ctx: XdpContext) -> u32 {
     let Frame::Ipv4(f) = parse(&ctx) else {
         return xdp_action::XDP_PASS;
     };

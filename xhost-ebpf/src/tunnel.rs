@@ -8,7 +8,7 @@
 //! object, set by the loader; ifindex 0 is native routing, and the verifier
 //! prunes every tunnel branch then.
 //!
-//! * `xhost_from_ctr` / `xhost_egress` encapsulate a routed packet in
+//! * `xhost_veth_in` / `xhost_bridge_in` encapsulate a routed packet in
 //!   place ([`encapsulate`]) and send it out the underlay to the peer host,
 //!   along the FIB's answer for the outer packet, which must fit the
 //!   route's MTU. So the sending host's stack sees no inner packet and no
@@ -18,11 +18,11 @@
 //!   once it fits the device's MTU (the underlay's less the 50-byte VXLAN
 //!   overhead); a bigger one is the kernel's, whose route through the
 //!   device answers ICMP fragmentation-needed.
-//! * `xhost_to_tun` (TC egress of the device) sets the tunnel key of
+//! * `xhost_vxlan_out` (TC egress of the device) sets the tunnel key of
 //!   every packet the device sends: the peer host that owns the destination
 //!   and the VNI. Packets the kernel itself routes there (ICMP errors) are
 //!   encapsulated the same way; what no peer owns is dropped.
-//! * `xhost_ingress` (TC ingress of the underlay) decapsulates a single
+//! * `xhost_nic_in` (TC ingress of the underlay) decapsulates a single
 //!   VXLAN packet ([`inbound`], [`decapsulate`]) for a local container's
 //!   endpoint and delivers it with `bpf_redirect_peer`, once the VNI is
 //!   ours, the outer destination one of this host's underlay addresses and
@@ -31,8 +31,8 @@
 //!   packets and GRO aggregates are the device's: this kernel's
 //!   `bpf_skb_adjust_room` cannot clear their tunnel GSO state (bpf-next
 //!   later gained `BPF_F_ADJ_ROOM_DECAP_L4_UDP` for that).
-//! * `xhost_from_tun` (TC ingress of the device) delivers what the device
-//!   decapsulated like `xhost_ingress` does, after checking that the VNI is
+//! * `xhost_vxlan_in` (TC ingress of the device) delivers what the device
+//!   decapsulated like `xhost_nic_in` does, after checking that the VNI is
 //!   ours, the outer source is a peer host and the inner source belongs to
 //!   that peer (one of its container subnets, or the host itself).
 //!
@@ -264,7 +264,7 @@ const _: () = assert!(INNER_OFFSET + EthHdr::LEN == EthHdr::LEN + VXLAN_OVERHEAD
 /// the I flag alone and our VNI, around an inner IPv4 frame that parses as
 /// `parse` demands. The caller checks the sender.
 /// Anything else (`None`) is the kernel's: its vxlan device decapsulates,
-/// and `xhost_from_tun` checks and counts as before.
+/// and `xhost_vxlan_in` checks and counts as before.
 #[inline(always)]
 pub fn inbound(ctx: &TcContext, f: &Ipv4Frame) -> Option<Inbound> {
     // SAFETY: reading fields of the skb context.

@@ -7,12 +7,12 @@
 //! subnets, `scale_subnets`) gets a datapath instance of its own, with those
 //! routes in its `ROUTES` and, as the agent installs them, in the FIB of a
 //! test host namespace of its own (`bpf_fib_lookup` walks that FIB). Rounds
-//! interleave the instances. For `xhost_from_ctr` (a container's packet to
-//! the peer's subnet) and `xhost_ingress` (the peer's packet to a local
+//! interleave the instances. For `xhost_veth_in` (a container's packet to
+//! the peer's subnet) and `xhost_nic_in` (the peer's packet to a local
 //! endpoint), all on one CPU:
 //! * `warm`: a run after a run of the same packet, median of many: the
-//!   steady state, answered from the per-CPU caches (`xhost_from_ctr`'s
-//!   flow cache, `xhost_ingress`'s route cache);
+//!   steady state, answered from the per-CPU caches (`xhost_veth_in`'s
+//!   flow cache, `xhost_nic_in`'s route cache);
 //! * `first`: a run right after a route write (which retires both caches),
 //!   median of many: the first packet after any route change, which walks
 //!   the LPM trie.
@@ -193,8 +193,8 @@ fn measure(
     in_frame[..6].copy_from_slice(&CTR_MAC);
     // (program, arrival device: br0 or ul0, frame)
     let programs = [
-        (xhost_common::PROG_FROM_CTR, 0, out_frame),
-        (xhost_common::PROG_INGRESS, 1, in_frame),
+        (xhost_common::PROG_VETH_IN, 0, out_frame),
+        (xhost_common::PROG_NIC_IN, 1, in_frame),
     ];
     let peer_net: Ipv4Net = PEER_NET.parse()?;
     // Rounds interleave the instances, so drift of the machine meets all alike.
@@ -293,10 +293,10 @@ mod tests {
         assert_eq!(
             got,
             [
-                (xhost_common::PROG_FROM_CTR, 1),
-                (xhost_common::PROG_INGRESS, 1),
-                (xhost_common::PROG_FROM_CTR, 300),
-                (xhost_common::PROG_INGRESS, 300),
+                (xhost_common::PROG_VETH_IN, 1),
+                (xhost_common::PROG_NIC_IN, 1),
+                (xhost_common::PROG_VETH_IN, 300),
+                (xhost_common::PROG_NIC_IN, 300),
             ]
         );
         for s in &samples {

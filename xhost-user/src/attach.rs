@@ -446,7 +446,7 @@ mod tests {
             priority: TC_PRIORITY,
             handle: 1,
             kind: "bpf".into(),
-            bpf_name: Some("xhost_ingress".into()),
+            bpf_name: Some("xhost_nic_in".into()),
             bpf_id: Some(7),
             direct_action: true,
         };

@@ -25,8 +25,8 @@ use xhost_common::{
     ARMED, Endpoint, GLOBAL_HELPERS, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT, GLOBAL_TUNNEL_VNI,
     HELPER_CHECK_MTU, HELPER_KTIME_COARSE, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINT_PORTS,
     MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, MAP_UNDERLAY_ADDRS,
-    MAX_UNDERLAY_ADDRS, PINNED_MAPS, PROG_EGRESS, PROG_FROM_CTR, PROG_FROM_TUNNEL, PROG_INGRESS,
-    PROG_TO_TUNNEL, PROG_XDP, Peer, PeerHost,
+    MAX_UNDERLAY_ADDRS, PINNED_MAPS, PROG_BRIDGE_IN, PROG_NIC_IN, PROG_NIC_XDP, PROG_VETH_IN,
+    PROG_VXLAN_IN, PROG_VXLAN_OUT, Peer, PeerHost,
 };
 
 use crate::{
@@ -386,11 +386,11 @@ impl Datapath {
         };
         // From here on, Drop undoes whatever is done.
         let tunnel_progs: &[&'static str] = if dp.tunnel.is_some() {
-            &[PROG_TO_TUNNEL, PROG_FROM_TUNNEL]
+            &[PROG_VXLAN_OUT, PROG_VXLAN_IN]
         } else {
             &[]
         };
-        for &name in [PROG_EGRESS, PROG_FROM_CTR, PROG_INGRESS]
+        for &name in [PROG_BRIDGE_IN, PROG_VETH_IN, PROG_NIC_IN]
             .iter()
             .chain(tunnel_progs)
         {
@@ -400,9 +400,9 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         }
-        let xdp: &mut Xdp = dp.program(PROG_XDP)?;
+        let xdp: &mut Xdp = dp.program(PROG_NIC_XDP)?;
         xdp.load().map_err(|source| DatapathError::Program {
-            program: PROG_XDP,
+            program: PROG_NIC_XDP,
             source: Box::new(source),
         })?;
         Ok(dp)
@@ -504,12 +504,12 @@ impl Datapath {
 
     fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<(), DatapathError> {
         let attach_err = |source| DatapathError::Attach {
-            program: PROG_XDP,
+            program: PROG_NIC_XDP,
             iface: iface.into(),
             hook: "xdp",
             source: Box::new(source),
         };
-        let prog: &mut Xdp = self.program(PROG_XDP)?;
+        let prog: &mut Xdp = self.program(PROG_NIC_XDP)?;
         let id = prog.attach(iface, mode).map_err(|e| {
             if is_busy(&e) {
                 DatapathError::AlreadyAttached {
@@ -859,7 +859,7 @@ impl Datapath {
         self.routes.retire_cached()
     }
 
-    /// From now on `xhost_from_ctr` on veth `ifindex` drops every source
+    /// From now on `xhost_veth_in` on veth `ifindex` drops every source
     /// for a peer but its endpoints' (call once they are written).
     pub fn arm_port(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         self.endpoint_ports

@@ -159,12 +159,12 @@ impl Hook {
 
     pub const fn program(self) -> &'static str {
         match self {
-            Self::Xdp => xhost_common::PROG_XDP,
-            Self::UnderlayIngress => xhost_common::PROG_INGRESS,
-            Self::BridgeIngress => xhost_common::PROG_EGRESS,
-            Self::ContainerIngress => xhost_common::PROG_FROM_CTR,
-            Self::TunnelIngress => xhost_common::PROG_FROM_TUNNEL,
-            Self::TunnelEgress => xhost_common::PROG_TO_TUNNEL,
+            Self::Xdp => xhost_common::PROG_NIC_XDP,
+            Self::UnderlayIngress => xhost_common::PROG_NIC_IN,
+            Self::BridgeIngress => xhost_common::PROG_BRIDGE_IN,
+            Self::ContainerIngress => xhost_common::PROG_VETH_IN,
+            Self::TunnelIngress => xhost_common::PROG_VXLAN_IN,
+            Self::TunnelEgress => xhost_common::PROG_VXLAN_OUT,
         }
     }
 

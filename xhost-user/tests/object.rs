@@ -37,10 +37,10 @@ fn programs_call_no_mem_subprograms() {
         .filter(|n| n.starts_with("xhost_"))
         .collect();
     for prog in [
-        xhost_common::PROG_EGRESS,
-        xhost_common::PROG_FROM_CTR,
-        xhost_common::PROG_INGRESS,
-        xhost_common::PROG_XDP,
+        xhost_common::PROG_BRIDGE_IN,
+        xhost_common::PROG_VETH_IN,
+        xhost_common::PROG_NIC_IN,
+        xhost_common::PROG_NIC_XDP,
     ] {
         assert!(names.contains(&prog), "{prog} not in the object: {names:?}");
     }

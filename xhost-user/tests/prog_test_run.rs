@@ -136,7 +136,7 @@ fn run_tc(ebpf: &mut Ebpf, prog: &str, iface: &str, cases: Vec<Case>) {
     }
 }
 
-/// The counter of a case that no counter may follow (what `xhost_from_ctr`
+/// The counter of a case that no counter may follow (what `xhost_veth_in`
 /// passes goes on to the bridge, which counts it).
 const UNCOUNTED: u32 = u32::MAX;
 
@@ -198,7 +198,7 @@ fn egress_routes_peer_traffic_and_passes_the_rest() {
         let over_mtu_unresolved = with_l3_len(&unresolved, 1501);
         run_tc(
             ebpf,
-            xhost_common::PROG_EGRESS,
+            xhost_common::PROG_BRIDGE_IN,
             "br0",
             vec![
                 Case {
@@ -347,7 +347,7 @@ fn ingress_delivers_validated_traffic_and_drops_spoofed() {
         let to_neigh = ipv4(R1, C2, 63, &[]);
         run_tc(
             ebpf,
-            xhost_common::PROG_INGRESS,
+            xhost_common::PROG_NIC_IN,
             "ul0",
             vec![
                 Case {
@@ -486,7 +486,7 @@ fn xdp_drops_spoofed_early_and_passes_the_rest() {
         for (name, frame, verdict, counter) in cases {
             let before = counters(ebpf);
             let p: &mut Xdp = ebpf
-                .program_mut(xhost_common::PROG_XDP)
+                .program_mut(xhost_common::PROG_NIC_XDP)
                 .expect("prog")
                 .try_into()
                 .expect("xdp");
@@ -599,12 +599,12 @@ fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
     });
 }
 
-/// Runs `xhost_from_ctr` on each case. What it passes goes on into the
+/// Runs `xhost_veth_in` on each case. What it passes goes on into the
 /// bridge, which counts it: no counter may move then.
 fn run_ctr_cases<const N: usize>(ebpf: &mut Ebpf, cases: [CtrCase; N]) {
     for (name, frame, iface, verdict, out_want, counter) in cases {
         let before = counters(ebpf);
-        let (got, out) = tc_test_run(ebpf, xhost_common::PROG_FROM_CTR, iface, &frame, name);
+        let (got, out) = tc_test_run(ebpf, xhost_common::PROG_VETH_IN, iface, &frame, name);
         assert_eq!(got, verdict, "{name}: verdict");
         assert_eq!(
             &out,
@@ -674,13 +674,13 @@ fn route_changes_retire_cached_answers() {
         // Twice each: the second run is answered from the cache.
         run_tc(
             ebpf,
-            xhost_common::PROG_EGRESS,
+            xhost_common::PROG_BRIDGE_IN,
             "br0",
             vec![routed_out(), routed_out()],
         );
         run_tc(
             ebpf,
-            xhost_common::PROG_INGRESS,
+            xhost_common::PROG_NIC_IN,
             "ul0",
             vec![allowed_in(), allowed_in()],
         );
@@ -688,13 +688,13 @@ fn route_changes_retire_cached_answers() {
         routes.remove(&r1_net).expect("remove route");
         run_tc(
             ebpf,
-            xhost_common::PROG_EGRESS,
+            xhost_common::PROG_BRIDGE_IN,
             "br0",
             vec![unrouted_out(), unrouted_out()],
         );
         run_tc(
             ebpf,
-            xhost_common::PROG_INGRESS,
+            xhost_common::PROG_NIC_IN,
             "ul0",
             vec![refused_in(), refused_in()],
         );
@@ -710,8 +710,8 @@ fn route_changes_retire_cached_answers() {
             verdict: TC_ACT_REDIRECT,
             counter: stat::FWD_EGRESS,
         };
-        run_tc(ebpf, xhost_common::PROG_EGRESS, "br0", vec![moved]);
-        run_tc(ebpf, xhost_common::PROG_INGRESS, "ul0", vec![allowed_in()]);
+        run_tc(ebpf, xhost_common::PROG_BRIDGE_IN, "br0", vec![moved]);
+        run_tc(ebpf, xhost_common::PROG_NIC_IN, "ul0", vec![allowed_in()]);
     });
 }
 
@@ -733,7 +733,7 @@ fn set_peer_mac(m: [u8; 6]) {
     ]);
 }
 
-/// `xhost_from_ctr` caches whole forwarding answers per CPU, FIB results
+/// `xhost_veth_in` caches whole forwarding answers per CPU, FIB results
 /// included. A bump of the generation (the agent's answer to a kernel
 /// notification or a map write) must decide the very next packet, an answer
 /// must age out by itself within 100 ms (no agent to bump), and a packet
@@ -763,7 +763,7 @@ fn cached_forwarding_answers_follow_the_kernel_and_the_maps() {
         };
         // Frames "arrive" on br0, where the test host's endpoint sits.
         let from_ctr =
-            |ebpf: &mut Ebpf, cases| run_tc(ebpf, xhost_common::PROG_FROM_CTR, "br0", cases);
+            |ebpf: &mut Ebpf, cases| run_tc(ebpf, xhost_common::PROG_VETH_IN, "br0", cases);
 
         from_ctr(ebpf, vec![to(&fwd, "first packet", PEER_MAC)]);
         set_peer_mac(new_mac);
@@ -875,7 +875,7 @@ fn tso_bursts_are_checked_and_cached_by_their_segments() {
         let mut run = |name: &str, gso_size: u32, verdict: u32, out: Option<Vec<u8>>| {
             let r = run_tc_prog_ctx(
                 ebpf,
-                xhost_common::PROG_FROM_CTR,
+                xhost_common::PROG_VETH_IN,
                 &skb_ctx(br0, gso_size),
                 &burst,
                 1,
@@ -949,7 +949,7 @@ fn tso_bursts_are_checked_and_cached_by_their_segments() {
         let before = counters(ebpf);
         let r = run_tc_prog_ctx(
             ebpf,
-            xhost_common::PROG_EGRESS,
+            xhost_common::PROG_BRIDGE_IN,
             &skb_ctx(br0, 1448),
             &zero_len,
             1,
@@ -1099,8 +1099,7 @@ fn vxlan_mode_encapsulates_in_the_program() {
         ] {
             let frame = with_tos(&fwd, tos);
             let before = counters(ebpf);
-            let (verdict, out) =
-                tc_test_run(ebpf, xhost_common::PROG_FROM_CTR, "br0", &frame, name);
+            let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_VETH_IN, "br0", &frame, name);
             assert_eq!(verdict, TC_ACT_REDIRECT, "{name}: verdict");
             let want = Outer {
                 tos: outer_tos,
@@ -1120,7 +1119,7 @@ fn vxlan_mode_encapsulates_in_the_program() {
 
         // The bridge's program encapsulates the same way.
         let before = counters(ebpf);
-        let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_EGRESS, "br0", &fwd, "bridge");
+        let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_BRIDGE_IN, "br0", &fwd, "bridge");
         assert_eq!(verdict, TC_ACT_REDIRECT, "bridge: verdict");
         let want = Outer::to_peer([172, 16, 91, 132], ul0, PEER_MAC)
             .as_sent(&out)
@@ -1133,7 +1132,7 @@ fn vxlan_mode_encapsulates_in_the_program() {
         let unresolved = to_mac(ipv4(C1, R2, 64, &[]), GW_MAC);
         let (verdict, out) = tc_test_run(
             ebpf,
-            xhost_common::PROG_FROM_CTR,
+            xhost_common::PROG_VETH_IN,
             "br0",
             &unresolved,
             "unresolved",
@@ -1151,12 +1150,12 @@ fn vxlan_mode_encapsulates_in_the_program() {
         // 1450 bytes of IPv4 are 1500 on the underlay; one more is the
         // kernel's (its route into the vxlan device answers frag-needed).
         let fits = with_l3_len(&fwd, 1450);
-        let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_FROM_CTR, "br0", &fits, "1450");
+        let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_VETH_IN, "br0", &fits, "1450");
         assert_eq!(verdict, TC_ACT_REDIRECT, "1450: verdict");
         assert_eq!(out.len(), fits.len() + 50, "1450: encapsulated");
         let big = with_l3_len(&fwd, 1451);
         let before = counters(ebpf);
-        let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_EGRESS, "br0", &big, "1451");
+        let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_BRIDGE_IN, "br0", &big, "1451");
         assert_eq!(
             (verdict, &out),
             (TC_ACT_UNSPEC, &big),
@@ -1166,8 +1165,7 @@ fn vxlan_mode_encapsulates_in_the_program() {
 
         // TTL 1: the kernel's (time exceeded), untouched.
         let expiring = to_mac(ipv4(C1, R1, 1, &[]), GW_MAC);
-        let (verdict, out) =
-            tc_test_run(ebpf, xhost_common::PROG_FROM_CTR, "br0", &expiring, "ttl");
+        let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_VETH_IN, "br0", &expiring, "ttl");
         assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &expiring), "TTL 1");
 
         // A UDP GSO burst (gso_size on a UDP packet): its segments only the
@@ -1176,7 +1174,7 @@ fn vxlan_mode_encapsulates_in_the_program() {
         let udp_burst = with_l3_len(&fwd, 1000);
         let r = run_tc_prog_ctx(
             ebpf,
-            xhost_common::PROG_FROM_CTR,
+            xhost_common::PROG_VETH_IN,
             &skb_ctx(br0, 400),
             &udp_burst,
             1,
@@ -1196,7 +1194,7 @@ fn vxlan_mode_encapsulates_in_the_program() {
 /// container's MACs, TTL - 1), counted at its inner length as the vxlan
 /// device's path counts it. Every packet the program may not take itself
 /// goes to the kernel untouched (its vxlan device decapsulates, and
-/// `xhost_from_tun` checks and counts).
+/// `xhost_vxlan_in` checks and counts).
 #[test]
 fn vxlan_mode_decapsulates_in_the_program() {
     in_vxlan_test_host(|ebpf| {
@@ -1209,7 +1207,7 @@ fn vxlan_mode_decapsulates_in_the_program() {
         let inner = ipv4(R1, C1, 63, &[]);
         let frame = from_peer.wrap(&inner);
         let before = counters(ebpf);
-        let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_INGRESS, "ul0", &frame, "valid");
+        let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_NIC_IN, "ul0", &frame, "valid");
         assert_eq!(verdict, TC_ACT_REDIRECT, "valid: verdict");
         assert_eq!(out, routed(&inner, GW_MAC, CTR_MAC), "valid: output frame");
         assert_counter_moved(ebpf, &before, stat::FWD_INGRESS, inner.len(), "valid");
@@ -1297,7 +1295,7 @@ fn vxlan_mode_decapsulates_in_the_program() {
             let before = counters(ebpf);
             let r = run_tc_prog_ctx(
                 ebpf,
-                xhost_common::PROG_INGRESS,
+                xhost_common::PROG_NIC_IN,
                 &skb_ctx(ifindex("ul0"), gso_size),
                 &f,
                 1,
@@ -1342,7 +1340,7 @@ fn add_endpoint_behind_ul0(ebpf: &mut Ebpf) {
 }
 
 /// A packet for a peer's subnet leaves only with the address (and MAC) of
-/// the container that sent it. On an endpoint's veth (`xhost_from_ctr`):
+/// the container that sent it. On an endpoint's veth (`xhost_veth_in`):
 /// every other source is dropped and counted as `drop_spoofed_local`, and
 /// what the veth hands on to the bridge carries its mark; traffic not for a
 /// peer is left alone.
@@ -1406,7 +1404,7 @@ fn from_ctr_drops_every_source_but_its_endpoints_own() {
         let unknown = to_mac(ipv4(UNUSED, R1, 64, &[]), GW_MAC);
         let r = run_tc_prog_ctx(
             ebpf,
-            xhost_common::PROG_FROM_CTR,
+            xhost_common::PROG_VETH_IN,
             &skb_ctx_marked(ifindex("br0"), 0, 0),
             &unknown,
             1,
@@ -1436,7 +1434,7 @@ fn from_ctr_drops_every_source_but_its_endpoints_own() {
         let expiring = to_mac(ipv4(C1, R1, 1, &[]), GW_MAC);
         let r = run_tc_prog_ctx(
             ebpf,
-            xhost_common::PROG_FROM_CTR,
+            xhost_common::PROG_VETH_IN,
             &skb_ctx_marked(br0, 0, 0),
             &expiring,
             1,
@@ -1450,7 +1448,7 @@ fn from_ctr_drops_every_source_but_its_endpoints_own() {
         let internet = to_mac(ipv4(C1, [8, 8, 8, 8], 64, &[]), GW_MAC);
         let r = run_tc_prog_ctx(
             ebpf,
-            xhost_common::PROG_FROM_CTR,
+            xhost_common::PROG_VETH_IN,
             &skb_ctx_marked(br0, 0, 0),
             &internet,
             1,
@@ -1467,7 +1465,7 @@ fn from_ctr_drops_every_source_but_its_endpoints_own() {
 /// (name, frame, mark, verdict, expected frame out or unchanged, counter).
 type BridgeCase = (&'static str, Vec<u8>, u32, u32, Option<Vec<u8>>, u32);
 
-/// Runs `xhost_egress` on br0 for each case, the frame marked as given; the
+/// Runs `xhost_bridge_in` on br0 for each case, the frame marked as given; the
 /// mark must be gone afterwards, whatever the verdict.
 fn run_bridge_cases<const N: usize>(ebpf: &mut Ebpf, cases: [BridgeCase; N]) {
     let br0 = ifindex("br0");
@@ -1475,7 +1473,7 @@ fn run_bridge_cases<const N: usize>(ebpf: &mut Ebpf, cases: [BridgeCase; N]) {
         let before = counters(ebpf);
         let r = run_tc_prog_ctx(
             ebpf,
-            xhost_common::PROG_EGRESS,
+            xhost_common::PROG_BRIDGE_IN,
             &skb_ctx_marked(br0, 0, mark),
             &frame,
             1,
@@ -1494,8 +1492,8 @@ fn run_bridge_cases<const N: usize>(ebpf: &mut Ebpf, cases: [BridgeCase; N]) {
     }
 }
 
-/// The bridge path (`xhost_egress`), for containers whose veth carries no
-/// `xhost_from_ctr` (not known yet): a known container's address only as
+/// The bridge path (`xhost_bridge_in`), for containers whose veth carries no
+/// `xhost_veth_in` (not known yet): a known container's address only as
 /// marked by its own veth and from its own MAC; an unknown address only
 /// from the MAC the bridge's neighbour entry gives it; everything else from
 /// the local subnet for a peer is dropped as `drop_spoofed_local`. Other
@@ -1734,7 +1732,7 @@ fn vxlan_mode_drops_spoofed_sources_before_encapsulating() {
         let before = counters(ebpf);
         let r = run_tc_prog_ctx(
             ebpf,
-            xhost_common::PROG_EGRESS,
+            xhost_common::PROG_BRIDGE_IN,
             &skb_ctx_marked(ifindex("br0"), 0, 0),
             &own,
             1,

@@ -43,7 +43,7 @@ pub struct Local {
     /// Local container IP -> endpoint.
     pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
     /// Host-side veths of the endpoints (ifindex -> name), where
-    /// `xhost_from_ctr` attaches.
+    /// `xhost_veth_in` attaches.
     pub ports: BTreeMap<u32, String>,
 }
 

@@ -27,7 +27,7 @@ pub enum Op {
         peer: Ipv4Addr,
     },
     RemoveKernelRoute(Ipv4Net),
-    /// `xhost_egress` on a bridge's ingress.
+    /// `xhost_bridge_in` on a bridge's ingress.
     AttachBridge(String),
     DetachBridge(String),
     /// `LOCAL_NETS`.
@@ -37,7 +37,7 @@ pub enum Op {
         ifindex: u32,
     },
     RemoveLocal(Ipv4Net),
-    /// `xhost_from_ctr` on a container's host-side veth.
+    /// `xhost_veth_in` on a container's host-side veth.
     AttachPort {
         ifindex: u32,
         name: String,

@@ -131,9 +131,9 @@ fn load(loader: &mut EbpfLoader) -> Ebpf {
         .load(xhost_user::datapath::object())
         .expect("load object");
     for name in [
-        xhost_common::PROG_EGRESS,
-        xhost_common::PROG_FROM_CTR,
-        xhost_common::PROG_INGRESS,
+        xhost_common::PROG_BRIDGE_IN,
+        xhost_common::PROG_VETH_IN,
+        xhost_common::PROG_NIC_IN,
     ] {
         let p: &mut SchedClassifier = ebpf
             .program_mut(name)
@@ -143,7 +143,7 @@ fn load(loader: &mut EbpfLoader) -> Ebpf {
         p.load().expect("verifier accepts");
     }
     let x: &mut Xdp = ebpf
-        .program_mut(xhost_common::PROG_XDP)
+        .program_mut(xhost_common::PROG_NIC_XDP)
         .expect("prog")
         .try_into()
         .expect("xdp");
@@ -274,8 +274,8 @@ pub fn set_checksum(f: &mut [u8]) {
 /// device the frame "arrived" on, which the FIB lookup starts from; a
 /// nonzero `gso_size` makes the frame a GSO packet (a TSO burst).
 ///
-/// Its priority is `ifindex` too: the mark `xhost_from_ctr` leaves on what
-/// an endpoint's veth hands on to the bridge, which only `xhost_egress`
+/// Its priority is `ifindex` too: the mark `xhost_veth_in` leaves on what
+/// an endpoint's veth hands on to the bridge, which only `xhost_bridge_in`
 /// reads. In the test host the endpoint 192.168.110.11 sits behind br0, so
 /// a frame "arriving" on br0 comes as if through that endpoint's veth.
 pub fn skb_ctx(ifindex: u32, gso_size: u32) -> Vec<u8> {
@@ -286,7 +286,7 @@ pub fn skb_ctx(ifindex: u32, gso_size: u32) -> Vec<u8> {
 pub const SKB_PRIORITY: usize = 32;
 
 /// [`skb_ctx`] with priority `mark` (0: as from a port without
-/// `xhost_from_ctr`).
+/// `xhost_veth_in`).
 pub fn skb_ctx_marked(ifindex: u32, gso_size: u32, mark: u32) -> Vec<u8> {
     // struct __sk_buff is 192 bytes; priority at 32, ifindex at 40,
     // ingress_ifindex at 36, gso_size at 176.

@@ -1449,10 +1449,10 @@ mod tests {
             warm_samples: 1,
             first_samples: 1,
             samples: vec![
-                sample("xhost_from_ctr", 1, 150.0, 160.0),
-                sample("xhost_ingress", 1, 80.0, 80.0),
-                sample("xhost_from_ctr", 100_000, 160.0, 220.0),
-                sample("xhost_ingress", 100_000, 80.0, 150.0),
+                sample("xhost_veth_in", 1, 150.0, 160.0),
+                sample("xhost_nic_in", 1, 80.0, 80.0),
+                sample("xhost_veth_in", 100_000, 160.0, 220.0),
+                sample("xhost_nic_in", 100_000, 80.0, 150.0),
             ],
         }
     }
