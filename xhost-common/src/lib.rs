@@ -95,8 +95,13 @@ pub const HELPER_CHECK_MTU: u32 = 1 << 0;
 /// `bpf_ktime_get_coarse_ns` (Linux 5.11). Without it the flow cache reads
 /// the precise clock, `bpf_ktime_get_ns`, a little dearer.
 pub const HELPER_KTIME_COARSE: u32 = 1 << 1;
+/// `bpf_fib_lookup`'s `BPF_FIB_LOOKUP_SRC` flag (Linux 6.7), which gives
+/// the source address of the route to the peer host. Without it VXLAN mode
+/// hands every packet to the vxlan device to encapsulate, as it does the
+/// ones the program cannot grow.
+pub const HELPER_FIB_LOOKUP_SRC: u32 = 1 << 2;
 /// Every `HELPER_*` bit.
-pub const HELPERS_ALL: u32 = HELPER_CHECK_MTU | HELPER_KTIME_COARSE;
+pub const HELPERS_ALL: u32 = HELPER_CHECK_MTU | HELPER_KTIME_COARSE | HELPER_FIB_LOOKUP_SRC;
 /// Bytes VXLAN adds in front of the inner frame: outer IPv4, UDP, VXLAN
 /// headers and the inner Ethernet header.
 pub const VXLAN_OVERHEAD: u32 = 50;

@@ -41,7 +41,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use network_types::eth::EthHdr;
-use xhost_common::{Endpoint, stat};
+use xhost_common::{Endpoint, HELPER_FIB_LOOKUP_SRC, stat};
 
 use crate::{
     fib::{Answer, NextHop, Source, WireLen},
@@ -191,6 +191,8 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     // cannot grow).
     let (len, encap) = match (tunnel, fib::wire_len(ctx, &f)) {
         (None, len) => (len, Encap::No),
+        // Encapsulating here needs the route's source address.
+        (Some(_), len) if !kernel::has(HELPER_FIB_LOOKUP_SRC) => (len, Encap::Device),
         (Some(_), len) => match tunnel::outer_len(ctx, len) {
             Some(outer) => (WireLen::Max(outer), Encap::Here),
             None => (len, Encap::Device),

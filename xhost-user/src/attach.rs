@@ -11,7 +11,11 @@
 //! `<pin-dir>/filters/<iface>@<hook>`: unload, a restart after a crash and
 //! `status` go by those, and leave every other filter alone.
 
-use std::{io, path::Path};
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+};
 
 use aya::{
     programs::{
@@ -194,6 +198,9 @@ pub struct KernelFeatures {
     /// Every helper the programs call, by name: whether the kernel has it
     /// for the program's type.
     pub helpers: Vec<(String, bool)>,
+    /// `bpf_fib_lookup` takes `BPF_FIB_LOOKUP_SRC` (6.7).
+    #[serde(default)]
+    pub fib_lookup_src: bool,
     /// Helpers the kernel lacks that the programs do without, and what
     /// differs for it.
     #[serde(default)]
@@ -247,10 +254,15 @@ impl KernelFeatures {
                 missing: missing.join(", "),
             });
         }
+        let fib_lookup_src = probe_fib_lookup_src();
+        if !fib_lookup_src {
+            fallbacks.push(format!("no {FIB_LOOKUP_SRC_FALLBACK}"));
+        }
         Ok(Self {
             tcx: probe_tcx()?,
             release,
             helpers,
+            fib_lookup_src,
             fallbacks,
         })
     }
@@ -264,10 +276,15 @@ impl KernelFeatures {
     /// The object's `HELPERS` constant: the bits of the helpers the
     /// programs can do without that this kernel has.
     pub fn helper_bits(&self) -> u32 {
+        let flags = if self.fib_lookup_src {
+            xhost_common::HELPER_FIB_LOOKUP_SRC
+        } else {
+            0
+        };
         TC_HELPERS
             .iter()
             .filter_map(|&(h, _, f)| f.filter(|_| self.has(h)).map(|f| f.bit))
-            .fold(0, |bits, bit| bits | bit)
+            .fold(flags, |bits, bit| bits | bit)
     }
 
     /// The method `arg` asks for, if this kernel has it.
@@ -300,6 +317,93 @@ fn probe_tcx() -> Result<bool, ProbeError> {
         }
         Err(e) => Err(probe_err("tcx", e)),
     }
+}
+
+/// What VXLAN mode does without `BPF_FIB_LOOKUP_SRC`.
+const FIB_LOOKUP_SRC_FALLBACK: &str = "BPF_FIB_LOOKUP_SRC for bpf_fib_lookup (Linux 6.7): \
+    in VXLAN mode the vxlan device encapsulates every packet the programs forward \
+    (they are redirected to it) instead of the programs";
+
+/// Whether `bpf_fib_lookup` takes `BPF_FIB_LOOKUP_SRC`. A flag is not a
+/// helper, so `is_helper_supported` cannot tell: this loads a tc program
+/// that calls `bpf_fib_lookup(skb, &zeroed, 64, BPF_FIB_LOOKUP_SRC)` and runs
+/// it once with `BPF_PROG_TEST_RUN`. The kernel checks the flags before the
+/// address family: one that does not know the flag answers `-EINVAL`, one
+/// that does goes on to refuse family 0 with `-EAFNOSUPPORT`. aya has no
+/// API for a program built from raw instructions, hence the two syscalls.
+/// Anything else going wrong reads as "absent", the safe side.
+fn probe_fib_lookup_src() -> bool {
+    // struct bpf_insn: code, dst_reg:4 | src_reg:4, off, imm.
+    const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+        (code as u64)
+            | (((dst | (src << 4)) as u64) << 8)
+            | ((off as u16 as u64) << 16)
+            | ((imm as u32 as u64) << 32)
+    }
+    const MOV64_REG: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
+    const MOV64_IMM: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
+    const ADD64_IMM: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
+    const ST_DW: u8 = 0x7a; // BPF_ST | BPF_MEM | BPF_DW
+    const CALL: u8 = 0x85; // BPF_JMP | BPF_CALL
+    const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
+    const FIB_PARAMS: i32 = 64; // sizeof(struct bpf_fib_lookup)
+    const BPF_FIB_LOOKUP_SRC: i32 = 1 << 4;
+    const BPF_PROG_TYPE_SCHED_CLS: u64 = 3;
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let mut prog = vec![insn(MOV64_REG, 6, 1, 0, 0)];
+    // The verifier wants the params initialised: 8 zero doublewords.
+    prog.extend((1..=8).map(|k| insn(ST_DW, 10, 0, -8 * k, 0)));
+    prog.extend([
+        insn(MOV64_REG, 2, 10, 0, 0),
+        insn(ADD64_IMM, 2, 0, 0, -FIB_PARAMS),
+        insn(MOV64_REG, 1, 6, 0, 0),
+        insn(MOV64_IMM, 3, 0, 0, FIB_PARAMS),
+        insn(MOV64_IMM, 4, 0, 0, BPF_FIB_LOOKUP_SRC),
+        insn(CALL, 0, 0, 0, BpfHelper::BPF_FUNC_fib_lookup as i32),
+        insn(EXIT, 0, 0, 0, 0),
+    ]);
+    let license = c"GPL";
+    // union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns,
+    // license; zero past them.
+    let mut load = [0u64; 16];
+    load[0] = BPF_PROG_TYPE_SCHED_CLS | ((prog.len() as u64) << 32);
+    load[1] = prog.as_ptr() as u64;
+    load[2] = license.as_ptr() as u64;
+    // SAFETY: BPF_PROG_LOAD reads the attr and what it points at, all
+    // alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            load.as_ptr(),
+            size_of_val(&load),
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a new descriptor only this function holds.
+    let prog_fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let packet = [0u8; 64];
+    // union bpf_attr for BPF_PROG_TEST_RUN: prog_fd, retval (out),
+    // data_size_in, data_size_out, data_in; zero past them.
+    let mut run = [0u64; 10];
+    run[0] = prog_fd.as_raw_fd() as u64;
+    run[1] = packet.len() as u64;
+    run[2] = packet.as_ptr() as u64;
+    // SAFETY: BPF_PROG_TEST_RUN reads the packet and writes retval into
+    // the attr, both alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            run.as_mut_ptr(),
+            size_of_val(&run),
+        )
+    };
+    let retval = (run[0] >> 32) as u32 as i32;
+    rc == 0 && retval != -libc::EINVAL
 }
 
 /// Whether `f` looks like one of xhost's filters (priority and name).
@@ -416,6 +520,7 @@ mod tests {
             release: "x".into(),
             tcx,
             helpers: Vec::new(),
+            fib_lookup_src: true,
             fallbacks: Vec::new(),
         }
     }
@@ -483,6 +588,11 @@ mod tests {
                 *ok = false;
             }
         }
+        assert_eq!(
+            k.helper_bits(),
+            xhost_common::HELPER_KTIME_COARSE | xhost_common::HELPER_FIB_LOOKUP_SRC
+        );
+        k.fib_lookup_src = false;
         assert_eq!(k.helper_bits(), xhost_common::HELPER_KTIME_COARSE);
     }
 

@@ -23,10 +23,9 @@ use aya::{
 use log::{info, warn};
 use xhost_common::{
     ARMED, Endpoint, GLOBAL_HELPERS, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT, GLOBAL_TUNNEL_VNI,
-    HELPER_CHECK_MTU, HELPER_KTIME_COARSE, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINT_PORTS,
-    MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, MAP_UNDERLAY_ADDRS,
-    MAX_UNDERLAY_ADDRS, PINNED_MAPS, PROG_BRIDGE_IN, PROG_NIC_IN, PROG_NIC_XDP, PROG_VETH_IN,
-    PROG_VXLAN_IN, PROG_VXLAN_OUT, Peer, PeerHost,
+    LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS,
+    MAP_ROUTES, MAP_UNDERLAY_ADDRS, MAX_UNDERLAY_ADDRS, PINNED_MAPS, PROG_BRIDGE_IN, PROG_NIC_IN,
+    PROG_NIC_XDP, PROG_VETH_IN, PROG_VXLAN_IN, PROG_VXLAN_OUT, Peer, PeerHost,
 };
 
 use crate::{
@@ -43,24 +42,6 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xh
 /// The embedded eBPF object (for tests that load it on their own).
 pub fn object() -> &'static [u8] {
     OBJECT
-}
-
-/// The `HELPER_*` bits of the newer helpers this kernel gives TC programs,
-/// probed the way `bpftool feature probe` does (a one-call program through
-/// the verifier), for the object's `GLOBAL_HELPERS`. A probe that cannot
-/// tell counts the helper as present: the load then fails loudly instead of
-/// the datapath quietly doing less.
-pub fn kernel_helpers() -> u32 {
-    use aya::{programs::ProgramType, sys::BpfHelper, sys::is_helper_supported};
-    [
-        (HELPER_CHECK_MTU, BpfHelper::BPF_FUNC_check_mtu),
-        (HELPER_KTIME_COARSE, BpfHelper::BPF_FUNC_ktime_get_coarse_ns),
-    ]
-    .into_iter()
-    .filter(|(_, helper)| {
-        is_helper_supported(ProgramType::SchedClassifier, *helper).unwrap_or(true)
-    })
-    .fold(0, |bits, (bit, _)| bits | bit)
 }
 
 #[derive(Debug, thiserror::Error)]

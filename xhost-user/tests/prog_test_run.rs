@@ -512,6 +512,32 @@ fn xdp_drops_spoofed_early_and_passes_the_rest() {
     });
 }
 
+/// `BPF_FIB_LOOKUP_SRC` came with Linux 6.7: the probe finds it exactly on
+/// kernels from there on (run on each kernel of the matrix).
+#[test]
+fn the_fib_lookup_src_probe_matches_the_kernel_release() {
+    let features = xhost_user::attach::KernelFeatures::probe().expect("probe");
+    let mut parts = features
+        .release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().expect("release number"));
+    let version = (parts.next().expect("major"), parts.next().expect("minor"));
+    assert_eq!(
+        features.fib_lookup_src,
+        version >= (6, 7),
+        "kernel {}: BPF_FIB_LOOKUP_SRC probed {}",
+        features.release,
+        features.fib_lookup_src
+    );
+    assert_eq!(
+        features
+            .fallbacks
+            .iter()
+            .any(|f| f.contains("BPF_FIB_LOOKUP_SRC")),
+        !features.fib_lookup_src
+    );
+}
+
 #[test]
 fn test_host_netns_is_private() {
     // Guard against a test host leaking into the runner's namespace.

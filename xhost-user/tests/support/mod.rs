@@ -125,7 +125,11 @@ fn load(loader: &mut EbpfLoader) -> Ebpf {
     // The helpers this kernel has, as the agent sets them (probed once; the
     // loader borrows the value for as long as it lives).
     static HELPERS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let helpers = HELPERS.get_or_init(xhost_user::datapath::kernel_helpers);
+    let helpers = HELPERS.get_or_init(|| {
+        xhost_user::attach::KernelFeatures::probe()
+            .expect("probing the kernel")
+            .helper_bits()
+    });
     let mut ebpf = loader
         .override_global(xhost_common::GLOBAL_HELPERS, helpers, true)
         .load(xhost_user::datapath::object())
