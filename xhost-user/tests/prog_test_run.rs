@@ -512,8 +512,9 @@ fn xdp_drops_spoofed_early_and_passes_the_rest() {
     });
 }
 
-/// `BPF_FIB_LOOKUP_SRC` came with Linux 6.7: the probe finds it exactly on
-/// kernels from there on (run on each kernel of the matrix).
+/// `BPF_FIB_LOOKUP_SRC` came with Linux 6.7: the probe finds it there;
+/// older kernels may have it backported (Debian's 6.1 does), so for them
+/// only the agreement with the fallback list is checked.
 #[test]
 fn the_fib_lookup_src_probe_matches_the_kernel_release() {
     let features = xhost_user::attach::KernelFeatures::probe().expect("probe");
@@ -522,12 +523,10 @@ fn the_fib_lookup_src_probe_matches_the_kernel_release() {
         .split(|c: char| !c.is_ascii_digit())
         .map(|n| n.parse::<u32>().expect("release number"));
     let version = (parts.next().expect("major"), parts.next().expect("minor"));
-    assert_eq!(
-        features.fib_lookup_src,
-        version >= (6, 7),
-        "kernel {}: BPF_FIB_LOOKUP_SRC probed {}",
-        features.release,
-        features.fib_lookup_src
+    assert!(
+        features.fib_lookup_src || version < (6, 7),
+        "kernel {}: BPF_FIB_LOOKUP_SRC not found",
+        features.release
     );
     assert_eq!(
         features
