@@ -1,5 +1,6 @@
-//! The agent's settings: command-line flags and the TOML file, merged and
-//! validated before anything touches the kernel.
+//! The agent's settings: one definition of each (its flag, its TOML key,
+//! its doc), two layers of it (flags over file), combined and validated
+//! before anything touches the kernel.
 
 use std::{
     collections::BTreeSet,
@@ -11,7 +12,11 @@ use std::{
 pub use crate::attach::AttachArg;
 use crate::net::{self, CidrError, IfaceError, Ipv4Net};
 
-/// The config file. Says the same as the flags:
+/// `load`'s settings as one layer gives them: the flags, or the config
+/// file. Each field is both a flag (clap) and a TOML key (serde); `None`
+/// or empty is "not given". The two layers combine in [`layer`] and are
+/// checked, with the defaults, in [`resolve`]. The file says the same as
+/// the flags:
 /// ```toml
 /// iface = "ens33"
 /// bridges = ["docker0"]
@@ -32,55 +37,111 @@ use crate::net::{self, CidrError, IfaceError, Ipv4Net};
 /// keyfile = "/etc/xhost/client-key.pem"
 /// lease_ttl = 10
 /// ```
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, clap::Args, serde::Deserialize, serde::Serialize,
+)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub struct SettingsLayer {
+    /// Underlay interface (towards the other hosts).
+    #[arg(long)]
     pub iface: Option<String>,
-    #[serde(default)]
+    /// A Docker bridge to serve (repeatable); Docker's own are found too.
+    #[arg(long = "bridge")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bridges: Vec<String>,
-    pub docker: Option<bool>,
-    pub docker_host: Option<String>,
-    pub xdp_mode: Option<XdpModeArg>,
-    pub tunnel: Option<TunnelArg>,
-    pub vni: Option<u32>,
-    pub vxlan_port: Option<u16>,
-    pub attach: Option<AttachArg>,
-    pub metrics_addr: Option<SocketAddr>,
-    #[serde(default, rename = "peer")]
+    /// A peer host and its container subnets: HOST_IP=CIDR[,CIDR...] (repeatable).
+    #[arg(long = "peer", value_name = "HOST_IP=CIDR[,CIDR...]")]
+    #[serde(default, rename = "peer", skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerConfig>,
-    pub etcd: Option<EtcdFile>,
+    /// Do not follow Docker; serve only --bridge (in the file: docker = false).
+    #[arg(
+        long = "no-docker",
+        num_args = 0,
+        default_missing_value = "false",
+        hide_possible_values = true
+    )]
+    pub docker: Option<bool>,
+    /// Docker Engine API endpoint (default: DOCKER_HOST or unix:///var/run/docker.sock).
+    #[arg(long)]
+    pub docker_host: Option<String>,
+    /// How the XDP validator attaches to the underlay.
+    #[arg(long, value_enum)]
+    pub xdp_mode: Option<XdpModeArg>,
+    /// How container traffic crosses the underlay: natively routed
+    /// (default), or in VXLAN for underlays that do not carry container IPs.
+    #[arg(long, value_enum)]
+    pub tunnel: Option<TunnelArg>,
+    /// VXLAN network identifier, the same on every host (default 1).
+    #[arg(long)]
+    pub vni: Option<u32>,
+    /// VXLAN UDP port, the same on every host (default 8472).
+    #[arg(long)]
+    pub vxlan_port: Option<u16>,
+    /// How TC programs attach: tcx where the kernel has it (6.6+), else
+    /// classic tc (clsact + cls_bpf direct-action); tc or tcx forces one.
+    #[arg(long, value_enum)]
+    pub attach: Option<AttachArg>,
+    /// Serve Prometheus metrics at http://IP:PORT/metrics (off unless given).
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_metrics_addr)]
+    pub metrics_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    #[serde(default, skip_serializing_if = "EtcdLayer::is_empty")]
+    pub etcd: EtcdLayer,
 }
 
-/// The `[etcd]` table: cluster mode's store.
-#[derive(Clone, Debug, Default, serde::Deserialize)]
+/// Cluster mode: hosts find each other's container subnets in etcd. The
+/// `--etcd-*` flags and the keys of the file's `[etcd]` table.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, clap::Args, serde::Deserialize, serde::Serialize,
+)]
 #[serde(deny_unknown_fields)]
-pub struct EtcdFile {
-    #[serde(default)]
+pub struct EtcdLayer {
+    /// etcd endpoints, comma-separated: http(s)://HOST:PORT[,...]. Turns on cluster mode.
+    #[arg(
+        long = "etcd-endpoints",
+        value_delimiter = ',',
+        value_name = "URL[,URL...]"
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,
+    /// Key prefix in etcd (default /xhost/v1).
+    #[arg(long = "etcd-prefix", value_name = "ETCD_PREFIX")]
     pub prefix: Option<String>,
+    /// CA certificate (PEM) the etcd server's certificate must chain to.
+    #[arg(long = "etcd-cafile", value_name = "ETCD_CAFILE")]
     pub cafile: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate authentication.
+    #[arg(long = "etcd-certfile", value_name = "ETCD_CERTFILE")]
     pub certfile: Option<PathBuf>,
+    /// Key of --etcd-certfile (PEM).
+    #[arg(long = "etcd-keyfile", value_name = "ETCD_KEYFILE")]
     pub keyfile: Option<PathBuf>,
+    /// etcd user name (with --etcd-password).
+    #[arg(long = "etcd-username", value_name = "ETCD_USERNAME")]
     pub username: Option<String>,
+    /// etcd password; better given in the environment than on the command line.
+    #[arg(
+        long = "etcd-password",
+        value_name = "ETCD_PASSWORD",
+        env = "XHOST_ETCD_PASSWORD",
+        hide_env_values = true
+    )]
     pub password: Option<String>,
+    /// Seconds this host's claims outlive its agent (default 10).
+    #[arg(long)]
     pub lease_ttl: Option<i64>,
+    /// This host's id in the cluster (default: its underlay address).
+    #[arg(long)]
     pub host_id: Option<String>,
+    /// Docker network created from the cluster pool (default xhost).
+    #[arg(long)]
     pub pool_network: Option<String>,
 }
 
-/// Cluster mode's flags, as given.
-#[derive(Clone, Debug, Default)]
-pub struct EtcdFlags {
-    pub endpoints: Vec<String>,
-    pub prefix: Option<String>,
-    pub cafile: Option<PathBuf>,
-    pub certfile: Option<PathBuf>,
-    pub keyfile: Option<PathBuf>,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub lease_ttl: Option<i64>,
-    pub host_id: Option<String>,
-    pub pool_network: Option<String>,
+impl EtcdLayer {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Default key prefix in etcd.
@@ -201,11 +262,13 @@ pub enum ConfigError {
     DockerConflict,
     #[error("--{what} {flag} conflicts with {what_file} = {file} in the config file")]
     Conflict {
-        what: &'static str,
-        what_file: &'static str,
+        what: String,
+        what_file: String,
         flag: String,
         file: String,
     },
+    #[error("flags and config file do not combine: {0}")]
+    Layer(String),
     #[error("--{0} ({1} in the config file) is a VXLAN setting: it needs --tunnel vxlan")]
     NotTunnelled(&'static str, &'static str),
     #[error("VNI {0} out of range: a VXLAN network identifier is 1..={max}", max = xhost_common::MAX_VNI)]
@@ -264,8 +327,8 @@ pub enum ConfigError {
     Iface(#[from] IfaceError),
 }
 
-/// `--metrics-addr IP:PORT`. Parsed here rather than by clap so that a bad
-/// value is one line, like every other input error.
+/// `--metrics-addr IP:PORT`. Parsed here rather than by clap's default
+/// parser so that a bad value is one line, like every other input error.
 pub fn parse_metrics_addr(arg: &str) -> Result<SocketAddr, ConfigError> {
     arg.parse()
         .map_err(|_| ConfigError::MetricsAddr(arg.to_owned()))
@@ -297,7 +360,7 @@ impl FromStr for PeerConfig {
 }
 
 /// Reads and parses a config file.
-pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+pub fn read_file(path: &Path) -> Result<SettingsLayer, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: shown.clone(),
@@ -312,23 +375,6 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
             .collect::<Vec<_>>()
             .join(" "),
     })
-}
-
-/// The flags of `load` that the file can also say.
-#[derive(Clone, Debug, Default)]
-pub struct FlagConfig {
-    pub iface: Option<String>,
-    pub bridges: Vec<String>,
-    pub peers: Vec<PeerConfig>,
-    pub no_docker: bool,
-    pub docker_host: Option<String>,
-    pub xdp_mode: Option<XdpModeArg>,
-    pub tunnel: Option<TunnelArg>,
-    pub vni: Option<u32>,
-    pub vxlan_port: Option<u16>,
-    pub attach: Option<AttachArg>,
-    pub etcd: EtcdFlags,
-    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Flags and file merged; not yet checked against the kernel.
@@ -350,144 +396,169 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
 }
 
-/// One setting given by a flag and the file: equal, or an error naming both
-/// values as they are written (lowercase).
-fn agree<T: PartialEq + std::fmt::Debug>(
-    what: &'static str,
-    what_file: &'static str,
-    flag: Option<T>,
-    file: Option<T>,
-) -> Result<Option<T>, ConfigError> {
-    match (flag, file) {
-        (Some(a), Some(b)) if a != b => Err(ConfigError::Conflict {
-            what,
-            what_file,
-            flag: format!("{a:?}").to_lowercase(),
-            file: format!("{b:?}").to_lowercase(),
-        }),
-        (a, b) => Ok(a.or(b)),
+/// What happens to a key that both layers give.
+enum Both {
+    /// Lists: the file's entries, then the flags'.
+    Concat,
+    /// The flag overrides: `--docker-host` like `DOCKER_HOST`, and the
+    /// password, which may come from the environment.
+    FlagWins,
+    /// Anything else must be the same in both, never a silent override.
+    Agree,
+}
+
+fn both(key: &str) -> Both {
+    match key {
+        "bridges" | "peer" => Both::Concat,
+        "docker_host" | "password" => Both::FlagWins,
+        _ => Both::Agree,
     }
 }
 
-/// The VXLAN settings of flags and file, checked.
-fn merge_tunnel(flags: &FlagConfig, file: &FileConfig) -> Result<Option<Vxlan>, ConfigError> {
-    let mode = agree("tunnel", "tunnel", flags.tunnel, file.tunnel)?.unwrap_or_default();
-    let vni = agree("vni", "vni", flags.vni, file.vni)?;
-    let port = agree(
-        "vxlan-port",
-        "vxlan_port",
-        flags.vxlan_port,
-        file.vxlan_port,
-    )?;
-    if mode == TunnelArg::None {
-        return match (vni, port) {
+/// Combines the flags over the file, key by key through their TOML form:
+/// lists add up, a value given by one layer is taken, one given
+/// differently by both is an error naming both (see [`Both`]).
+pub fn layer(flags: &SettingsLayer, file: SettingsLayer) -> Result<SettingsLayer, ConfigError> {
+    let table =
+        |l: &SettingsLayer| toml::Table::try_from(l).map_err(|e| ConfigError::Layer(e.to_string()));
+    let mut merged = table(&file)?;
+    layer_table(&mut merged, table(flags)?)?;
+    merged
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Layer(e.to_string()))
+}
+
+fn layer_table(file: &mut toml::Table, flags: toml::Table) -> Result<(), ConfigError> {
+    use toml::Value;
+    for (key, flag) in flags {
+        let Some(given) = file.get_mut(&key) else {
+            file.insert(key, flag);
+            continue;
+        };
+        match (given, flag, both(&key)) {
+            (Value::Table(given), Value::Table(flag), _) => layer_table(given, flag)?,
+            (Value::Array(given), Value::Array(flag), Both::Concat) => given.extend(flag),
+            (given, flag, Both::FlagWins) => *given = flag,
+            (given, flag, _) if *given == flag => {}
+            (given, flag, _) => return Err(conflict(&key, &flag, given)),
+        }
+    }
+    Ok(())
+}
+
+/// A value as the user wrote it: strings unquoted, lists comma-separated.
+fn shown(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Array(a) => a.iter().map(shown).collect::<Vec<_>>().join(","),
+        v => v.to_string(),
+    }
+}
+
+/// The error for `key` given differently by the flags and the file.
+fn conflict(key: &str, flag: &toml::Value, file: &toml::Value) -> ConfigError {
+    let (flag_shown, file_shown) = (shown(flag), shown(file));
+    match key {
+        "iface" => ConfigError::IfaceConflict {
+            flag: flag_shown,
+            file: file_shown,
+        },
+        // The only flag is --no-docker: it conflicts with docker = true.
+        "docker" => ConfigError::DockerConflict,
+        "endpoints" => {
+            let file: Vec<String> = file_shown.split(',').map(str::to_owned).collect();
+            ConfigError::Cluster(format!(
+                "--etcd-endpoints {flag_shown} conflicts with endpoints = {file:?} in the config file's [etcd]"
+            ))
+        }
+        key => {
+            let cmd = <SettingsLayer as clap::Args>::augment_args(clap::Command::new("load"));
+            let what = cmd
+                .get_arguments()
+                .find(|a| a.get_id() == key)
+                .and_then(clap::Arg::get_long)
+                .unwrap_or(key)
+                .to_owned();
+            ConfigError::Conflict {
+                what,
+                what_file: key.to_owned(),
+                flag: flag_shown,
+                file: file_shown,
+            }
+        }
+    }
+}
+
+/// Combines flags and file ([`layer`]) and checks the result ([`resolve`]).
+pub fn merge(flags: SettingsLayer, file: Option<SettingsLayer>) -> Result<Settings, ConfigError> {
+    let layered = match file {
+        Some(file) => layer(&flags, file)?,
+        None => flags,
+    };
+    resolve(layered)
+}
+
+/// The VXLAN settings, checked.
+fn resolve_tunnel(l: &SettingsLayer) -> Result<Option<Vxlan>, ConfigError> {
+    if l.tunnel.unwrap_or_default() == TunnelArg::None {
+        return match (l.vni, l.vxlan_port) {
             (Some(_), _) => Err(ConfigError::NotTunnelled("vni", "vni")),
             (_, Some(_)) => Err(ConfigError::NotTunnelled("vxlan-port", "vxlan_port")),
             _ => Ok(None),
         };
     }
-    let vni = vni.unwrap_or(DEFAULT_VNI);
+    let vni = l.vni.unwrap_or(DEFAULT_VNI);
     if vni == 0 || vni > xhost_common::MAX_VNI {
         return Err(ConfigError::VniRange(vni));
     }
-    let port = port.unwrap_or(DEFAULT_VXLAN_PORT);
+    let port = l.vxlan_port.unwrap_or(DEFAULT_VXLAN_PORT);
     if port == 0 {
         return Err(ConfigError::VxlanPortZero);
     }
     Ok(Some(Vxlan { vni, port }))
 }
 
-/// Combines flags and file. Both may add bridges and peers; a value given
-/// differently by both is an error, never a silent override.
-pub fn merge(flags: FlagConfig, file: Option<FileConfig>) -> Result<Settings, ConfigError> {
-    let file = file.unwrap_or_default();
-    let tunnel = merge_tunnel(&flags, &file)?;
-    let iface = match (flags.iface, file.iface) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(ConfigError::IfaceConflict { flag: a, file: b });
-        }
-        (Some(a), _) | (None, Some(a)) => a,
-        (None, None) => return Err(ConfigError::NoIface),
-    };
-    if flags.no_docker && file.docker == Some(true) {
-        return Err(ConfigError::DockerConflict);
-    }
-    let xdp_mode =
-        agree("xdp-mode", "xdp_mode", flags.xdp_mode, file.xdp_mode)?.unwrap_or_default();
-    let attach = agree("attach", "attach", flags.attach, file.attach)?.unwrap_or_default();
-    let metrics_addr = agree(
-        "metrics-addr",
-        "metrics_addr",
-        flags.metrics_addr,
-        file.metrics_addr,
-    )?;
-    let mut bridges = file.bridges;
-    for b in flags.bridges {
+/// The layered settings with their defaults, checked on their own (the
+/// kernel's view comes in [`validate`]).
+pub fn resolve(l: SettingsLayer) -> Result<Settings, ConfigError> {
+    let tunnel = resolve_tunnel(&l)?;
+    let iface = l.iface.ok_or(ConfigError::NoIface)?;
+    let mut bridges: Vec<String> = Vec::new();
+    for b in l.bridges {
         if !bridges.contains(&b) {
             bridges.push(b);
         }
     }
-    let mut peers = file.peers;
-    peers.extend(flags.peers);
-    let cluster = merge_cluster(flags.etcd, file.etcd)?;
     Ok(Settings {
         iface,
         bridges,
-        peers,
-        docker: !flags.no_docker && file.docker != Some(false),
-        docker_host: flags.docker_host.or(file.docker_host),
-        xdp_mode,
+        peers: l.peers,
+        docker: l.docker.unwrap_or(true),
+        docker_host: l.docker_host,
+        xdp_mode: l.xdp_mode.unwrap_or_default(),
         tunnel,
-        attach,
-        cluster,
-        metrics_addr,
+        attach: l.attach.unwrap_or_default(),
+        cluster: resolve_cluster(l.etcd)?,
+        metrics_addr: l.metrics_addr,
     })
 }
 
-/// The `--etcd-*` flags and the `[etcd]` table, checked: `None` without
-/// endpoints (and then no other etcd setting may be given).
-pub fn merge_cluster(
-    f: EtcdFlags,
-    file: Option<EtcdFile>,
-) -> Result<Option<ClusterSettings>, ConfigError> {
-    let file = file.unwrap_or_default();
+/// Cluster mode's settings, checked: `None` without endpoints (and then no
+/// other etcd setting may be given).
+pub fn resolve_cluster(e: EtcdLayer) -> Result<Option<ClusterSettings>, ConfigError> {
     let bad = |m: String| Err(ConfigError::Cluster(m));
-    let endpoints = match (f.endpoints.is_empty(), file.endpoints.is_empty()) {
-        (false, false) if f.endpoints != file.endpoints => {
-            return bad(format!(
-                "--etcd-endpoints {} conflicts with endpoints = {:?} in the config file's [etcd]",
-                f.endpoints.join(","),
-                file.endpoints
-            ));
-        }
-        (false, _) => f.endpoints,
-        (true, _) => file.endpoints,
-    };
-    let path = |p: Option<PathBuf>| p.map(|p| p.display().to_string());
-    let prefix = agree("etcd-prefix", "prefix", f.prefix, file.prefix)?;
-    let cafile = agree("etcd-cafile", "cafile", path(f.cafile), path(file.cafile))?;
-    let certfile = agree(
-        "etcd-certfile",
-        "certfile",
-        path(f.certfile),
-        path(file.certfile),
-    )?;
-    let keyfile = agree(
-        "etcd-keyfile",
-        "keyfile",
-        path(f.keyfile),
-        path(file.keyfile),
-    )?;
-    let username = agree("etcd-username", "username", f.username, file.username)?;
-    let password = f.password.or(file.password);
-    let lease_ttl = agree("lease-ttl", "lease_ttl", f.lease_ttl, file.lease_ttl)?;
-    let host_id = agree("host-id", "host_id", f.host_id, file.host_id)?;
-    let pool_network = agree(
-        "pool-network",
-        "pool_network",
-        f.pool_network,
-        file.pool_network,
-    )?;
+    let EtcdLayer {
+        endpoints,
+        prefix,
+        cafile,
+        certfile,
+        keyfile,
+        username,
+        password,
+        lease_ttl,
+        host_id,
+        pool_network,
+    } = e;
     if endpoints.is_empty() {
         let given = [
             ("--etcd-prefix", prefix.is_some()),
@@ -559,9 +630,9 @@ pub fn merge_cluster(
     Ok(Some(ClusterSettings {
         etcd: crate::store::etcd::EtcdOptions {
             endpoints,
-            cafile: cafile.map(PathBuf::from),
-            certfile: certfile.map(PathBuf::from),
-            keyfile: keyfile.map(PathBuf::from),
+            cafile,
+            certfile,
+            keyfile,
             username,
             password,
         },
@@ -577,7 +648,7 @@ pub fn merge_cluster(
 /// the agent reads again on SIGHUP.
 #[derive(Clone, Debug)]
 pub struct Source {
-    pub flags: FlagConfig,
+    pub flags: SettingsLayer,
     pub file: Option<PathBuf>,
 }
 
@@ -806,11 +877,11 @@ mod tests {
 
     #[test]
     fn merge_combines_and_rejects_conflicts() {
-        let file: FileConfig = toml::from_str(
+        let file: SettingsLayer = toml::from_str(
             "iface = \"ens33\"\nbridges = [\"docker0\"]\n[[peer]]\nhost = \"10.0.0.2\"\nsubnets = [\"192.168.220.0/24\"]\n",
         )
         .expect("valid toml");
-        let flags = FlagConfig {
+        let flags = SettingsLayer {
             bridges: vec!["br1".into(), "docker0".into()],
             peers: vec![peer("10.0.0.3=192.168.230.0/24")],
             ..Default::default()
@@ -821,11 +892,11 @@ mod tests {
         assert_eq!(s.peers.len(), 2);
         assert!(s.docker);
 
-        let file = FileConfig {
+        let file = SettingsLayer {
             iface: Some("eth0".into()),
             ..Default::default()
         };
-        let flags = FlagConfig {
+        let flags = SettingsLayer {
             iface: Some("ens33".into()),
             ..Default::default()
         };
@@ -835,13 +906,13 @@ mod tests {
             "--iface ens33 conflicts with iface = \"eth0\" in the config file"
         );
 
-        let file = FileConfig {
+        let file = SettingsLayer {
             iface: Some("e".into()),
             docker: Some(true),
             ..Default::default()
         };
-        let flags = FlagConfig {
-            no_docker: true,
+        let flags = SettingsLayer {
+            docker: Some(false),
             ..Default::default()
         };
         assert!(matches!(
@@ -849,14 +920,14 @@ mod tests {
             Err(ConfigError::DockerConflict)
         ));
         assert!(matches!(
-            merge(FlagConfig::default(), None),
+            merge(SettingsLayer::default(), None),
             Err(ConfigError::NoIface)
         ));
-        let file = FileConfig {
+        let file = SettingsLayer {
             xdp_mode: Some(XdpModeArg::Skb),
             ..Default::default()
         };
-        let flags = FlagConfig {
+        let flags = SettingsLayer {
             iface: Some("ens33".into()),
             xdp_mode: Some(XdpModeArg::Native),
             ..Default::default()
@@ -867,15 +938,119 @@ mod tests {
         );
     }
 
+    /// The flags of `load` as clap parses them.
+    fn flags(args: &[&str]) -> SettingsLayer {
+        let cmd = <SettingsLayer as clap::Args>::augment_args(
+            clap::Command::new("load").no_binary_name(true),
+        );
+        let m = cmd.try_get_matches_from(args).expect("flags parse");
+        <SettingsLayer as clap::FromArgMatches>::from_arg_matches(&m).expect("flags")
+    }
+
+    #[test]
+    fn a_flag_and_its_key_are_one_setting() {
+        let by_flags = flags(&[
+            "--iface=ens33",
+            "--bridge=br0",
+            "--bridge=br1",
+            "--peer=10.0.0.2=10.1.0.0/16,10.2.0.0/16",
+            "--no-docker",
+            "--docker-host=unix:///run/d.sock",
+            "--xdp-mode=skb",
+            "--tunnel=vxlan",
+            "--vni=42",
+            "--vxlan-port=4789",
+            "--attach=tc",
+            "--metrics-addr=127.0.0.1:9464",
+            "--etcd-endpoints=https://10.0.0.5:2379,https://10.0.0.6:2379",
+            "--etcd-prefix=/x",
+            "--etcd-cafile=/ca.pem",
+            "--etcd-certfile=/c.pem",
+            "--etcd-keyfile=/k.pem",
+            "--etcd-username=u",
+            "--etcd-password=p",
+            "--lease-ttl=30",
+            "--host-id=h1",
+            "--pool-network=net",
+        ]);
+        let by_file: SettingsLayer = toml::from_str(
+            r#"
+            iface = "ens33"
+            bridges = ["br0", "br1"]
+            docker = false
+            docker_host = "unix:///run/d.sock"
+            xdp_mode = "skb"
+            tunnel = "vxlan"
+            vni = 42
+            vxlan_port = 4789
+            attach = "tc"
+            metrics_addr = "127.0.0.1:9464"
+            [[peer]]
+            host = "10.0.0.2"
+            subnets = ["10.1.0.0/16", "10.2.0.0/16"]
+            [etcd]
+            endpoints = ["https://10.0.0.5:2379", "https://10.0.0.6:2379"]
+            prefix = "/x"
+            cafile = "/ca.pem"
+            certfile = "/c.pem"
+            keyfile = "/k.pem"
+            username = "u"
+            password = "p"
+            lease_ttl = 30
+            host_id = "h1"
+            pool_network = "net"
+            "#,
+        )
+        .expect("toml");
+        assert_eq!(by_flags, by_file);
+        assert_eq!(flags(&[]), SettingsLayer::default(), "nothing given");
+        // Both layers saying the same thing is no conflict; lists add up.
+        let s = merge(by_flags, Some(by_file)).expect("agrees");
+        assert_eq!(s.bridges, ["br0", "br1"]);
+        assert_eq!(s.peers.len(), 2, "the file's peer, then the flag's");
+    }
+
+    #[test]
+    fn flag_wins_only_for_docker_host_and_password() {
+        let file: SettingsLayer = toml::from_str(
+            "iface = \"ens33\"\ndocker_host = \"unix:///file.sock\"\n[etcd]\nendpoints = [\"http://10.0.0.5:2379\"]\nusername = \"u\"\npassword = \"file\"\nprefix = \"/a\"\n",
+        )
+        .expect("toml");
+        let s = merge(
+            flags(&["--docker-host=unix:///flag.sock", "--etcd-password=flag"]),
+            Some(file.clone()),
+        )
+        .expect("merges");
+        assert_eq!(s.docker_host.as_deref(), Some("unix:///flag.sock"));
+        assert_eq!(
+            s.cluster.expect("cluster").etcd.password.as_deref(),
+            Some("flag")
+        );
+        let e = merge(flags(&["--etcd-prefix=/b"]), Some(file.clone())).expect_err("conflict");
+        assert_eq!(
+            e.to_string(),
+            "--etcd-prefix /b conflicts with prefix = /a in the config file"
+        );
+        let e = merge(
+            flags(&["--etcd-endpoints=http://10.0.0.6:2379,http://10.0.0.7:2379"]),
+            Some(file),
+        )
+        .expect_err("conflict");
+        assert_eq!(
+            e.to_string(),
+            "--etcd-endpoints http://10.0.0.6:2379,http://10.0.0.7:2379 conflicts with endpoints = [\"http://10.0.0.5:2379\"] in the config file's [etcd]"
+        );
+    }
+
     #[test]
     fn file_rejects_unknown_keys_and_bad_cidrs() {
-        assert!(toml::from_str::<FileConfig>("ifase = \"x\"").is_err());
-        let e = toml::from_str::<FileConfig>(
+        assert!(toml::from_str::<SettingsLayer>("ifase = \"x\"").is_err());
+        let e = toml::from_str::<SettingsLayer>(
             "[[peer]]\nhost = \"10.0.0.2\"\nsubnets = [\"10.1.0.1/16\"]\n",
         )
         .expect_err("host bits");
         assert!(e.to_string().contains("has host bits set"), "{e}");
-        let e = toml::from_str::<FileConfig>("[[peer]]\nhost = \"10.0.0.2\"\n")
+        let e = toml::from_str::<SettingsLayer>("[[peer]]\nhost = \"10.0.0.2\"\n")
             .expect_err("no subnets");
         assert!(e.to_string().contains("missing field `subnets`"), "{e}");
     }
@@ -1004,15 +1179,15 @@ mod tests {
 
     #[test]
     fn attach_method_comes_from_flag_or_file_and_needs_a_restart() {
-        let file: FileConfig =
+        let file: SettingsLayer =
             toml::from_str("iface = \"ens33\"\nattach = \"tc\"\n").expect("toml");
-        let s = merge(FlagConfig::default(), Some(file)).expect("merges");
+        let s = merge(SettingsLayer::default(), Some(file)).expect("merges");
         assert_eq!(s.attach, AttachArg::Tc);
         assert_eq!(
             merge(
-                FlagConfig {
+                SettingsLayer {
                     iface: Some("ens33".into()),
-                    ..FlagConfig::default()
+                    ..SettingsLayer::default()
                 },
                 None
             )
@@ -1020,17 +1195,17 @@ mod tests {
             .attach,
             AttachArg::Auto
         );
-        let file: FileConfig = toml::from_str("attach = \"tc\"\n").expect("toml");
-        let flags = FlagConfig {
+        let file: SettingsLayer = toml::from_str("attach = \"tc\"\n").expect("toml");
+        let flags = SettingsLayer {
             iface: Some("ens33".into()),
             attach: Some(AttachArg::Tcx),
-            ..FlagConfig::default()
+            ..SettingsLayer::default()
         };
         assert_eq!(
             merge(flags, Some(file)).expect_err("conflict").to_string(),
             "--attach tcx conflicts with attach = tc in the config file"
         );
-        let e = toml::from_str::<FileConfig>("attach = \"netlink\"\n").expect_err("bad value");
+        let e = toml::from_str::<SettingsLayer>("attach = \"netlink\"\n").expect_err("bad value");
         assert!(e.to_string().contains("unknown variant `netlink`"), "{e}");
         let new = Settings {
             attach: AttachArg::Tc,
@@ -1046,12 +1221,12 @@ mod tests {
 
     #[test]
     fn tunnel_settings_merge_and_check() {
-        let flags = |tunnel, vni, vxlan_port| FlagConfig {
+        let flags = |tunnel, vni, vxlan_port| SettingsLayer {
             iface: Some("ens33".into()),
             tunnel,
             vni,
             vxlan_port,
-            ..FlagConfig::default()
+            ..SettingsLayer::default()
         };
         let tunnel = |f, file| merge(f, file).map(|s| s.tunnel);
         assert_eq!(tunnel(flags(None, None, None), None).expect("native"), None);
@@ -1062,7 +1237,7 @@ mod tests {
                 port: DEFAULT_VXLAN_PORT
             })
         );
-        let file: FileConfig =
+        let file: SettingsLayer =
             toml::from_str("tunnel = \"vxlan\"\nvni = 42\nvxlan_port = 4789\n").expect("toml");
         assert_eq!(
             tunnel(flags(None, Some(42), None), Some(file)).expect("file"),
@@ -1102,21 +1277,21 @@ mod tests {
         for (f, want) in cases {
             assert_eq!(tunnel(f, None).expect_err(&want).to_string(), want);
         }
-        let file: FileConfig = toml::from_str("tunnel = \"vxlan\"\nvni = 5\n").expect("toml");
+        let file: SettingsLayer = toml::from_str("tunnel = \"vxlan\"\nvni = 5\n").expect("toml");
         assert_eq!(
             tunnel(flags(None, Some(6), None), Some(file))
                 .expect_err("conflict")
                 .to_string(),
             "--vni 6 conflicts with vni = 5 in the config file"
         );
-        let file: FileConfig = toml::from_str("tunnel = \"none\"\n").expect("toml");
+        let file: SettingsLayer = toml::from_str("tunnel = \"none\"\n").expect("toml");
         assert_eq!(
             tunnel(flags(Some(TunnelArg::Vxlan), None, None), Some(file))
                 .expect_err("conflict")
                 .to_string(),
             "--tunnel vxlan conflicts with tunnel = none in the config file"
         );
-        assert!(toml::from_str::<FileConfig>("tunnel = \"gre\"\n").is_err());
+        assert!(toml::from_str::<SettingsLayer>("tunnel = \"gre\"\n").is_err());
     }
 
     #[test]
@@ -1131,12 +1306,12 @@ mod tests {
                 format!("--metrics-addr `{bad}`: expected IP:PORT, e.g. 127.0.0.1:9464")
             );
         }
-        let file: FileConfig =
+        let file: SettingsLayer =
             toml::from_str("iface = \"ens33\"\nmetrics_addr = \"[::1]:9464\"\n").expect("valid");
-        let s = merge(FlagConfig::default(), Some(file)).expect("merges");
+        let s = merge(SettingsLayer::default(), Some(file)).expect("merges");
         assert_eq!(s.metrics_addr, Some("[::1]:9464".parse().expect("addr")));
         let s = merge(
-            FlagConfig {
+            SettingsLayer {
                 iface: Some("ens33".into()),
                 ..Default::default()
             },
@@ -1144,9 +1319,9 @@ mod tests {
         )
         .expect("merges");
         assert_eq!(s.metrics_addr, None, "off unless given");
-        let file: FileConfig =
+        let file: SettingsLayer =
             toml::from_str("iface = \"ens33\"\nmetrics_addr = \"127.0.0.1:1\"\n").expect("valid");
-        let flags = FlagConfig {
+        let flags = SettingsLayer {
             metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 2))),
             ..Default::default()
         };
@@ -1154,7 +1329,7 @@ mod tests {
             merge(flags, Some(file)).expect_err("conflict").to_string(),
             "--metrics-addr 127.0.0.1:2 conflicts with metrics_addr = 127.0.0.1:1 in the config file"
         );
-        let e = toml::from_str::<FileConfig>("metrics_addr = \"nope\"\n").expect_err("bad addr");
+        let e = toml::from_str::<SettingsLayer>("metrics_addr = \"nope\"\n").expect_err("bad addr");
         assert!(e.to_string().contains("invalid socket address"), "{e}");
     }
 
@@ -1208,10 +1383,10 @@ mod tests {
     fn source_reads_the_file_again() {
         let path = std::env::temp_dir().join(format!("xhost-source-{}.toml", std::process::id()));
         let source = Source {
-            flags: FlagConfig {
+            flags: SettingsLayer {
                 iface: Some("ens33".into()),
                 peers: vec![peer("10.0.0.2=10.1.0.0/16")],
-                ..FlagConfig::default()
+                ..SettingsLayer::default()
             },
             file: Some(path.clone()),
         };
@@ -1245,16 +1420,16 @@ mod tests {
 
     #[test]
     fn cluster_settings_merge_and_check() {
-        let flags = |endpoints: &[&str], f: fn(&mut EtcdFlags)| {
-            let mut e = EtcdFlags {
+        let flags = |endpoints: &[&str], f: fn(&mut EtcdLayer)| {
+            let mut e = EtcdLayer {
                 endpoints: endpoints.iter().map(|s| (*s).to_owned()).collect(),
-                ..EtcdFlags::default()
+                ..EtcdLayer::default()
             };
             f(&mut e);
-            FlagConfig {
+            SettingsLayer {
                 iface: Some("ens33".into()),
                 etcd: e,
-                ..FlagConfig::default()
+                ..SettingsLayer::default()
             }
         };
         let c = merge(flags(&["http://10.0.0.5:2379"], |_| {}), None)
@@ -1270,7 +1445,7 @@ mod tests {
                 .cluster
                 .is_none()
         );
-        let file: FileConfig = toml::from_str(
+        let file: SettingsLayer = toml::from_str(
             "[etcd]\nendpoints = [\"https://10.0.0.5:2379\"]\ncafile = \"/ca.pem\"\nlease_ttl = 30\n",
         )
         .expect("toml");
@@ -1279,7 +1454,7 @@ mod tests {
             .cluster
             .expect("cluster");
         assert_eq!((c.lease_ttl, c.etcd.endpoints.len()), (30, 1));
-        let cases: [(FlagConfig, &str); 7] = [
+        let cases: [(SettingsLayer, &str); 7] = [
             (
                 flags(&[], |e| e.lease_ttl = Some(5)),
                 "--lease-ttl is a cluster setting: it needs --etcd-endpoints (or endpoints in [etcd])",

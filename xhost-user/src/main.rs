@@ -7,8 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use xhost_user::{
-    agent,
-    config::{self, AttachArg, FlagConfig, PeerConfig, TunnelArg, XdpModeArg},
+    agent, config,
     layout::{DEFAULT_PIN_DIR, DEFAULT_RUN_DIR, Layout},
     report, service, views,
 };
@@ -36,49 +35,14 @@ struct Cli {
 enum Cmd {
     /// Attach the datapath and follow Docker until SIGINT/SIGTERM.
     Load {
-        /// Underlay interface (towards the other hosts).
-        #[arg(long)]
-        iface: Option<String>,
-        /// A Docker bridge to serve (repeatable); Docker's own are found too.
-        #[arg(long = "bridge")]
-        bridges: Vec<String>,
-        /// A peer host and its container subnets: HOST_IP=CIDR[,CIDR...] (repeatable).
-        #[arg(long = "peer", value_name = "HOST_IP=CIDR[,CIDR...]")]
-        peers: Vec<String>,
+        #[command(flatten)]
+        settings: config::SettingsLayer,
         /// TOML config file (same settings as the flags).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Do not follow Docker; serve only --bridge.
-        #[arg(long)]
-        no_docker: bool,
-        /// Docker Engine API endpoint (default: DOCKER_HOST or unix:///var/run/docker.sock).
-        #[arg(long)]
-        docker_host: Option<String>,
-        /// How the XDP validator attaches to the underlay.
-        #[arg(long, value_enum)]
-        xdp_mode: Option<XdpModeArg>,
-        /// How container traffic crosses the underlay: natively routed
-        /// (default), or in VXLAN for underlays that do not carry container IPs.
-        #[arg(long, value_enum)]
-        tunnel: Option<TunnelArg>,
-        /// VXLAN network identifier, the same on every host (default 1).
-        #[arg(long)]
-        vni: Option<u32>,
-        /// VXLAN UDP port, the same on every host (default 8472).
-        #[arg(long)]
-        vxlan_port: Option<u16>,
-        /// How TC programs attach: tcx where the kernel has it (6.6+), else
-        /// classic tc (clsact + cls_bpf direct-action); tc or tcx forces one.
-        #[arg(long, value_enum)]
-        attach: Option<AttachArg>,
         /// Pin everything and exit; the datapath keeps forwarding.
         #[arg(long)]
         detach: bool,
-        #[command(flatten)]
-        etcd: EtcdArgs,
-        /// Serve Prometheus metrics at http://IP:PORT/metrics (off unless given).
-        #[arg(long, value_name = "IP:PORT")]
-        metrics_addr: Option<String>,
     },
     /// Remove the datapath (stops a running agent first).
     Unload {
@@ -134,64 +98,18 @@ enum ClusterCmd {
         #[arg(long)]
         host_prefix: u8,
         #[command(flatten)]
-        etcd: EtcdArgs,
+        etcd: config::EtcdLayer,
     },
 }
 
-/// Cluster mode: hosts find each other's container subnets in etcd.
-#[derive(clap::Args)]
-struct EtcdArgs {
-    /// etcd endpoints, comma-separated: http(s)://HOST:PORT[,...]. Turns on cluster mode.
-    #[arg(long, value_delimiter = ',', value_name = "URL[,URL...]")]
-    etcd_endpoints: Vec<String>,
-    /// Key prefix in etcd (default /xhost/v1).
-    #[arg(long)]
-    etcd_prefix: Option<String>,
-    /// CA certificate (PEM) the etcd server's certificate must chain to.
-    #[arg(long)]
-    etcd_cafile: Option<PathBuf>,
-    /// Client certificate (PEM) for etcd's client-certificate authentication.
-    #[arg(long)]
-    etcd_certfile: Option<PathBuf>,
-    /// Key of --etcd-certfile (PEM).
-    #[arg(long)]
-    etcd_keyfile: Option<PathBuf>,
-    /// etcd user name (with --etcd-password).
-    #[arg(long)]
-    etcd_username: Option<String>,
-    /// etcd password; better given in the environment than on the command line.
-    #[arg(long, env = "XHOST_ETCD_PASSWORD", hide_env_values = true)]
-    etcd_password: Option<String>,
-    /// Seconds this host's claims outlive its agent (default 10).
-    #[arg(long)]
-    lease_ttl: Option<i64>,
-    /// This host's id in the cluster (default: its underlay address).
-    #[arg(long)]
-    host_id: Option<String>,
-    /// Docker network created from the cluster pool (default xhost).
-    #[arg(long)]
-    pool_network: Option<String>,
-}
-
-impl EtcdArgs {
-    fn flags(self) -> config::EtcdFlags {
-        config::EtcdFlags {
-            endpoints: self.etcd_endpoints,
-            prefix: self.etcd_prefix,
-            cafile: self.etcd_cafile,
-            certfile: self.etcd_certfile,
-            keyfile: self.etcd_keyfile,
-            username: self.etcd_username,
-            password: self.etcd_password,
-            lease_ttl: self.lease_ttl,
-            host_id: self.host_id,
-            pool_network: self.pool_network,
-        }
-    }
-}
-
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => match own_error(&e) {
+            Some(msg) => return fail(&msg),
+            None => e.exit(),
+        },
+    };
     let level = match cli.verbose {
         0 => "info",
         1 => "debug",
@@ -200,18 +118,38 @@ fn main() -> std::process::ExitCode {
     service::init_logging(level);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // One line naming the culprit: the whole cause chain (with
-            // journald's error priority when it is journald's stream).
-            let msg = format!("xhost-user: {e:#}");
-            if service::stderr_is_journal() {
-                eprint!("{}", service::journal_lines(3, &msg));
-            } else {
-                eprintln!("{msg}");
-            }
-            std::process::ExitCode::FAILURE
-        }
+        Err(e) => fail(&format!("{e:#}")),
     }
+}
+
+/// One line naming the culprit: the whole cause chain (with journald's
+/// error priority when it is journald's stream).
+fn fail(cause: &str) -> std::process::ExitCode {
+    let msg = format!("xhost-user: {cause}");
+    if service::stderr_is_journal() {
+        eprint!("{}", service::journal_lines(3, &msg));
+    } else {
+        eprintln!("{msg}");
+    }
+    std::process::ExitCode::FAILURE
+}
+
+/// A value refused by xhost's own parser (`--peer`, `--metrics-addr`),
+/// with its causes, to print as one line like every other input error
+/// rather than as clap's usage error.
+fn own_error(e: &clap::Error) -> Option<String> {
+    use std::error::Error as _;
+    if e.kind() != clap::error::ErrorKind::ValueValidation {
+        return None;
+    }
+    let own = e.source()?.downcast_ref::<config::ConfigError>()?;
+    let mut msg = own.to_string();
+    let mut cause = own.source();
+    while let Some(c) = cause {
+        msg = format!("{msg}: {c}");
+        cause = c.source();
+    }
+    Some(msg)
 }
 
 /// `--interval`: positive seconds.
@@ -229,47 +167,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.cmd {
         Cmd::Load {
-            iface,
-            bridges,
-            peers,
+            settings,
             config,
-            no_docker,
-            docker_host,
-            xdp_mode,
-            tunnel,
-            vni,
-            vxlan_port,
-            attach,
             detach,
-            etcd,
-            metrics_addr,
         } => {
-            // Parsed here rather than by clap so a bad value is one line
-            // with its cause, like every other input error.
-            let peers = peers
-                .iter()
-                .map(|p| p.parse::<PeerConfig>())
-                .collect::<Result<Vec<_>, _>>()?;
-            let metrics_addr = metrics_addr
-                .as_deref()
-                .map(config::parse_metrics_addr)
-                .transpose()?;
-            let flags = FlagConfig {
-                iface,
-                bridges,
-                peers,
-                no_docker,
-                docker_host,
-                xdp_mode,
-                tunnel,
-                vni,
-                vxlan_port,
-                attach,
-                etcd: etcd.flags(),
-                metrics_addr,
-            };
             let source = config::Source {
-                flags,
+                flags: settings,
                 file: config,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -306,7 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     etcd,
                 },
         } => {
-            let c = config::merge_cluster(etcd.flags(), None)?.context("give --etcd-endpoints")?;
+            let c = config::resolve_cluster(etcd)?.context("give --etcd-endpoints")?;
             let pool = pool.parse().map_err(|e| anyhow::anyhow!("--pool {e}"))?;
             let pool = xhost_user::store::pool::Pool::new(pool, host_prefix)
                 .map_err(anyhow::Error::msg)?;

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use xhost_user::{
-    config::{self, FlagConfig, PeerConfig, Settings, Source, TunnelArg},
+    config::{self, PeerConfig, Settings, SettingsLayer, Source, TunnelArg},
     plan::Limits,
     sources::{self, PeerSource},
 };
@@ -30,13 +30,13 @@ impl Drop for TempConfig {
 }
 
 /// `load`'s checks up to the first one that needs the kernel.
-fn check(peers: &[&str], flags: FlagConfig, file: Option<PathBuf>) -> anyhow::Result<Settings> {
+fn check(peers: &[&str], flags: SettingsLayer, file: Option<PathBuf>) -> anyhow::Result<Settings> {
     let peers = peers
         .iter()
         .map(|p| p.parse::<PeerConfig>())
         .collect::<Result<Vec<_>, _>>()?;
     let source = Source {
-        flags: FlagConfig { peers, ..flags },
+        flags: SettingsLayer { peers, ..flags },
         file,
     };
     let settings = source.read()?;
@@ -52,12 +52,12 @@ fn check(peers: &[&str], flags: FlagConfig, file: Option<PathBuf>) -> anyhow::Re
 }
 
 /// The flags of `--iface ens33 --bridge docker0 --no-docker`.
-fn base() -> FlagConfig {
-    FlagConfig {
+fn base() -> SettingsLayer {
+    SettingsLayer {
         iface: Some("ens33".into()),
         bridges: vec!["docker0".into()],
-        no_docker: true,
-        ..FlagConfig::default()
+        docker: Some(false),
+        ..SettingsLayer::default()
     }
 }
 
@@ -95,12 +95,12 @@ fn flags_refused_before_the_kernel() {
     for (peers, culprit) in peer_cases {
         assert_refused(check(peers, base(), None), culprit);
     }
-    let no_iface = FlagConfig {
+    let no_iface = SettingsLayer {
         iface: None,
         ..base()
     };
     assert_refused(check(&[], no_iface, None), "no underlay interface");
-    let vxlan = |vni, vxlan_port| FlagConfig {
+    let vxlan = |vni, vxlan_port| SettingsLayer {
         tunnel: Some(TunnelArg::Vxlan),
         vni,
         vxlan_port,
@@ -111,7 +111,7 @@ fn flags_refused_before_the_kernel() {
         "VNI 16777216 out of range",
     );
     assert_refused(check(&[], vxlan(None, Some(0)), None), "VXLAN port 0");
-    let vni_alone = FlagConfig {
+    let vni_alone = SettingsLayer {
         vni: Some(7),
         ..base()
     };
@@ -124,9 +124,9 @@ fn config_files_refused_before_the_kernel() {
         "good.toml",
         "iface = \"ens33\"\nbridges = [\"docker0\"]\n[[peer]]\nhost = \"172.16.91.132\"\nsubnets = [\"192.168.220.0/24\"]\n",
     );
-    let flags = FlagConfig {
-        no_docker: true,
-        ..FlagConfig::default()
+    let flags = SettingsLayer {
+        docker: Some(false),
+        ..SettingsLayer::default()
     };
     let s = check(&[], flags.clone(), Some(good.0.clone())).expect("valid");
     assert_eq!((s.iface.as_str(), s.peers.len()), ("ens33", 1));
