@@ -151,6 +151,8 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
 
 /// How often bridges that Docker does not manage are rescanned for endpoints.
 const RESCAN: Duration = Duration::from_secs(1);
+/// How often the agent checks that its pins are still on the bpffs.
+const PIN_CHECK: Duration = Duration::from_secs(1);
 
 struct Signals {
     int: Signal,
@@ -269,9 +271,20 @@ impl Agent {
         let mut cluster_rx = self.cluster.as_ref().map(ClusterSource::subscribe);
         let mut rescan = tokio::time::interval(RESCAN);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pin_check = tokio::time::interval(PIN_CHECK);
+        pin_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut reloaded = false;
             tokio::select! {
+                _ = pin_check.tick() => {
+                    if check_pins(&host.dp, report) {
+                        report.refresh(host);
+                        if let Err(e) = report.write(host.dp.layout()) {
+                            warn!("agent state: {e:#}");
+                        }
+                    }
+                    continue;
+                }
                 _ = signals.int.recv() => break,
                 _ = signals.term.recv() => break,
                 _ = signals.hup.recv() => {
@@ -282,7 +295,11 @@ impl Agent {
                     }
                     // Refused or not, the reload is over.
                     crate::service::ready(&self.settings.iface);
+                    report.reload_refused = res.as_ref().err().map(|e| format!("{e:#}"));
                     if res.is_err() {
+                        if let Err(e) = report.write(host.dp.layout()) {
+                            warn!("agent state: {e:#}");
+                        }
                         continue;
                     }
                     reloaded = true;
@@ -319,6 +336,9 @@ impl Agent {
                             if c.addresses {
                                 self.follow_underlay_addrs(&mut host.dp);
                             }
+                            if c.came_up {
+                                host.routes.restore();
+                            }
                             if !c.link_deleted {
                                 continue;
                             }
@@ -327,6 +347,7 @@ impl Agent {
                             warn!("reading kernel changes: {e}");
                             retire_cached(&mut host.dp);
                             self.follow_underlay_addrs(&mut host.dp);
+                            host.routes.restore();
                         }
                     }
                 }
@@ -424,6 +445,34 @@ impl Agent {
         self.want.peers = peers;
         Ok(())
     }
+}
+
+/// Compares the pins on the bpffs with what the datapath pinned; says so
+/// once when some went (removed by hand) or came back. Whether the report
+/// changed.
+fn check_pins(dp: &Datapath, report: &mut AgentState) -> bool {
+    let missing: Vec<String> = dp
+        .missing_pins()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing == report.missing_pins {
+        return false;
+    }
+    if missing.is_empty() {
+        info!(
+            "pins under {} are complete again",
+            dp.layout().pin_dir.display()
+        );
+    } else {
+        error!(
+            "pins removed under {}: {}; the datapath keeps forwarding while this agent runs, but status cannot read the missing maps and unload or a restart cannot find them: stop the agent (SIGTERM) and load again",
+            dp.layout().pin_dir.display(),
+            missing.join(", ")
+        );
+    }
+    report.missing_pins = missing;
+    true
 }
 
 /// Writes the underlay's IPv4 addresses, as the kernel has them now, to

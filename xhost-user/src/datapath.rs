@@ -717,6 +717,22 @@ impl Datapath {
         }
     }
 
+    /// The pins this instance made (maps, links, tc filters' programs)
+    /// that are no longer on the bpffs: removed by hand. The programs stay
+    /// attached and the maps in use (this process holds them), but
+    /// `status`, `unload` and a later `load` cannot find them any more.
+    pub fn missing_pins(&self) -> Vec<PathBuf> {
+        let links = self.attachments.values().map(|a| match a {
+            Attachment::Link { path, .. } | Attachment::Filter { path, .. } => path,
+        });
+        self.pinned_maps
+            .iter()
+            .chain(links)
+            .filter(|p| !p.exists())
+            .cloned()
+            .collect()
+    }
+
     /// (iface, hook) of everything attached.
     pub fn attachments(&self) -> impl Iterator<Item = (&str, Hook)> {
         self.attachments.keys().map(|(i, h)| (i.as_str(), *h))

@@ -464,6 +464,9 @@ pub struct Changes {
     pub link_deleted: bool,
     /// An IPv4 address was added or removed (or may have been).
     pub addresses: bool,
+    /// A link, address or route appeared or changed (or may have): what
+    /// lets a flushed route be added again.
+    pub came_up: bool,
 }
 
 impl KernelEvents {
@@ -492,6 +495,7 @@ impl KernelEvents {
             any: true,
             link_deleted: true,
             addresses: true,
+            came_up: true,
         };
         loop {
             let n = match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()) {
@@ -507,6 +511,7 @@ impl KernelEvents {
             changes.any |= said.any;
             changes.link_deleted |= said.link_deleted;
             changes.addresses |= said.addresses;
+            changes.came_up |= said.came_up;
         }
     }
 }
@@ -529,6 +534,7 @@ fn kinds(buf: &[u8]) -> io::Result<Changes> {
     parse_replies(buf, None, &mut interrupted, &mut |ty, _| {
         said.link_deleted |= ty == RTM_DELLINK;
         said.addresses |= ty == RTM_NEWADDR || ty == RTM_DELADDR;
+        said.came_up |= ty == RTM_NEWLINK || ty == RTM_NEWADDR || ty == RTM_NEWROUTE;
         Ok(())
     })?;
     Ok(said)
@@ -1127,8 +1133,10 @@ mod tests {
             m
         };
         let new = newlink(0, 0, 43, "veth2", [2; 6], None);
+        // A new link may let a flushed route back in.
         let only_any = Changes {
             any: true,
+            came_up: true,
             ..Changes::default()
         };
         assert_eq!(kinds(&new).expect("parse"), only_any);
@@ -1172,13 +1180,23 @@ mod tests {
                 addresses: true,
                 ..changed
             };
+            // What appears (a link, an address, a route) may let a flushed
+            // route back in.
+            let up = Changes {
+                came_up: true,
+                ..changed
+            };
+            let addressed_up = Changes {
+                came_up: true,
+                ..addressed
+            };
             ip(&[
                 "link", "add", "xh-ev0", "type", "veth", "peer", "name", "xh-ev1",
             ]);
             ip(&["link", "set", "xh-ev0", "up"]);
             assert_eq!(
                 events.drain().expect("drain"),
-                changed,
+                up,
                 "created and up: nothing gone"
             );
             assert_eq!(
@@ -1190,12 +1208,9 @@ mod tests {
             for (change, said) in [
                 (
                     &["addr", "add", "10.77.0.1/24", "dev", "xh-ev0"][..],
-                    addressed,
+                    addressed_up,
                 ),
-                (
-                    &["route", "add", "10.78.0.0/24", "via", "10.77.0.2"],
-                    changed,
-                ),
+                (&["route", "add", "10.78.0.0/24", "via", "10.77.0.2"], up),
                 (
                     &[
                         "neigh",

@@ -161,6 +161,13 @@ pub struct AgentState {
     #[serde(default)]
     pub cluster: Option<crate::store::source::ClusterReport>,
     pub updated_unix_ms: u64,
+    /// Pins the agent made that are gone from the bpffs (removed by hand).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_pins: Vec<String>,
+    /// Why the last SIGHUP reload was refused (the running config stayed);
+    /// none once a reload succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_refused: Option<String>,
     /// The Docker status last written to disk (not serialized).
     #[serde(skip)]
     written_docker: Option<DockerStatus>,
@@ -184,6 +191,8 @@ impl AgentState {
             docker: s.docker.then(|| DockerStatus::unreachable(s)),
             cluster: None,
             updated_unix_ms: now_ms(),
+            missing_pins: Vec::new(),
+            reload_refused: None,
             written_docker: None,
         }
     }
@@ -280,6 +289,11 @@ pub struct Status {
     /// itself. Empty for a datapath pinned by a build without the map.
     pub underlay_addrs: Vec<Ipv4Addr>,
     pub counters: std::collections::BTreeMap<String, CounterRow>,
+    /// Pins of the instance that are gone (removed by hand) while its agent
+    /// runs: what the agent reported and the maps `status` could not open.
+    /// The lists above are then empty where a map is missing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub missing_pins: Vec<String>,
 }
 
 fn prefix(k: &aya::maps::lpm_trie::Key<[u8; 4]>) -> Ipv4Net {
@@ -323,44 +337,73 @@ pub fn ensure_loaded(layout: &Layout) -> anyhow::Result<()> {
 
 /// Reads everything an instance has pinned.
 pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
-    ensure_loaded(layout)?;
     let agent = AgentState::read(layout).ok();
     let agent_running = agent
         .as_ref()
         .is_some_and(|a| !a.detached && pid_alive(a.pid));
+    // A running agent whose pins were removed by hand still has a status:
+    // what it reported, and which maps cannot be read.
+    if !agent_running {
+        ensure_loaded(layout)?;
+    }
+    let mut missing_pins: Vec<String> = agent
+        .as_ref()
+        .filter(|_| agent_running)
+        .map(|a| a.missing_pins.clone())
+        .unwrap_or_default();
+    let mut pinned = |name: &str| {
+        let there = layout.map(name).exists();
+        let path = layout.map(name).display().to_string();
+        if !there && agent_running && !missing_pins.contains(&path) {
+            missing_pins.push(path);
+        }
+        there || !agent_running
+    };
+    let (has_routes, has_locals, has_endpoints, has_stats) = (
+        pinned(MAP_ROUTES),
+        pinned(MAP_LOCAL_NETS),
+        pinned(MAP_ENDPOINTS),
+        pinned(MAP_STATS),
+    );
     let attached = pinned_attachments(layout);
 
-    let routes_map: LpmTrie<MapData, [u8; 4], Peer> =
-        open_pinned(layout, MAP_ROUTES)?.try_into()?;
     let mut routes = Vec::new();
-    for item in routes_map.iter() {
-        let (k, v) = item?;
-        routes.push(Route {
-            prefix: prefix(&k),
-            peer: Ipv4Addr::from(v.host),
-        });
+    if has_routes {
+        let routes_map: LpmTrie<MapData, [u8; 4], Peer> =
+            open_pinned(layout, MAP_ROUTES)?.try_into()?;
+        for item in routes_map.iter() {
+            let (k, v) = item?;
+            routes.push(Route {
+                prefix: prefix(&k),
+                peer: Ipv4Addr::from(v.host),
+            });
+        }
     }
-    let local_map: LpmTrie<MapData, [u8; 4], LocalNet> =
-        open_pinned(layout, MAP_LOCAL_NETS)?.try_into()?;
     let mut local_subnets = Vec::new();
-    for item in local_map.iter() {
-        let (k, v) = item?;
-        local_subnets.push(Local {
-            prefix: prefix(&k),
-            bridge_ifindex: v.bridge_ifindex,
-        });
+    if has_locals {
+        let local_map: LpmTrie<MapData, [u8; 4], LocalNet> =
+            open_pinned(layout, MAP_LOCAL_NETS)?.try_into()?;
+        for item in local_map.iter() {
+            let (k, v) = item?;
+            local_subnets.push(Local {
+                prefix: prefix(&k),
+                bridge_ifindex: v.bridge_ifindex,
+            });
+        }
     }
-    let ep_map: HashMap<MapData, [u8; 4], Endpoint> =
-        open_pinned(layout, MAP_ENDPOINTS)?.try_into()?;
     let mut endpoints = Vec::new();
-    for item in ep_map.iter() {
-        let (k, v) = item?;
-        endpoints.push(EndpointRow {
-            ip: Ipv4Addr::from(k),
-            ifindex: v.ifindex,
-            mac: fmt_mac(&v.mac),
-            gw_mac: fmt_mac(&v.gw_mac),
-        });
+    if has_endpoints {
+        let ep_map: HashMap<MapData, [u8; 4], Endpoint> =
+            open_pinned(layout, MAP_ENDPOINTS)?.try_into()?;
+        for item in ep_map.iter() {
+            let (k, v) = item?;
+            endpoints.push(EndpointRow {
+                ip: Ipv4Addr::from(k),
+                ifindex: v.ifindex,
+                mac: fmt_mac(&v.mac),
+                gw_mac: fmt_mac(&v.gw_mac),
+            });
+        }
     }
     endpoints.sort_by_key(|e| e.ip);
     let mut underlay_addrs = Vec::new();
@@ -372,8 +415,13 @@ pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
         }
         underlay_addrs.sort();
     }
-    let counters = read_counters(layout)?;
+    let counters = if has_stats {
+        read_counters(layout)?
+    } else {
+        std::collections::BTreeMap::new()
+    };
     Ok(Status {
+        missing_pins,
         pin_dir: layout.pin_dir.display().to_string(),
         agent,
         agent_running,
@@ -447,6 +495,15 @@ pub fn print_status(s: &Status) {
                 println!("  {f}");
             }
         }
+    }
+    if let Some(r) = s.agent.as_ref().and_then(|a| a.reload_refused.as_ref()) {
+        println!("last config reload REFUSED (the running config stays): {r}");
+    }
+    if !s.missing_pins.is_empty() {
+        println!(
+            "PINS MISSING (removed by hand?): {}; the agent keeps forwarding, but what they held is not shown and unload cannot find it: stop the agent (SIGTERM) and load again",
+            s.missing_pins.join(", ")
+        );
     }
     let addrs: Vec<String> = s.underlay_addrs.iter().map(Ipv4Addr::to_string).collect();
     println!(

@@ -89,6 +89,34 @@ impl KernelRoutes {
         delete(&gone);
     }
 
+    /// Puts back the routes the kernel flushed: it deletes every route
+    /// through a device that goes down (without a notification), so after
+    /// an underlay flap they are gone. All go together, so one probe (adding
+    /// the first again) tells; the rest follow only if it was gone. Until
+    /// the device is up again the add fails and the next change retries.
+    pub fn restore(&mut self) {
+        let Some(first) = self.added.first().copied() else {
+            return;
+        };
+        let Ok(mut rtnl) = Rtnl::open() else { return };
+        match rtnl.add_route(&first.prefix, first.via, first.oif) {
+            Ok(()) => {}
+            // Still there (or the device is not back yet).
+            Err(_) => return,
+        }
+        let mut back = 1;
+        for r in &self.added[1..] {
+            match rtnl.add_route(&r.prefix, r.via, r.oif) {
+                Ok(()) => back += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => warn!("putting back kernel route {}: {e}", r.prefix),
+            }
+        }
+        log::info!(
+            "kernel routes put back after the kernel flushed them (device down and up): {back}"
+        );
+    }
+
     /// The routes this instance added.
     pub fn list(&self) -> &[KernelRoute] {
         &self.added
