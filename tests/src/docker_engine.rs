@@ -508,6 +508,28 @@ impl Engine {
         }
     }
 
+    /// SIGKILLs the daemon, as a crash would, and reaps it. Its containerd
+    /// goes with it (dockerd starts it with a parent-death signal); the
+    /// containers' shims and processes stay. Idempotent.
+    pub fn kill(&mut self) -> Result<()> {
+        let Some(mut child) = self.daemon.take() else {
+            return Ok(());
+        };
+        let pid = Pid::from_raw(
+            i32::try_from(child.id()).map_err(|_| Error::Config("pid overflow".into()))?,
+        );
+        // The unreaped child keeps its pid reserved, so signalling by pid hits dockerd.
+        let _ = kill(pid, Signal::SIGKILL);
+        child.wait().map_err(io("waiting for dockerd"))?;
+        Ok(())
+    }
+
+    /// Replaces the daemon's config file (`D/daemon.json`, e.g.
+    /// `{"live-restore": true}`), read at its next start.
+    pub fn set_daemon_config(&self, json: &str) -> Result<()> {
+        fs::write(self.dir.join("daemon.json"), json).map_err(io("writing daemon.json"))
+    }
+
     /// Stops and starts the daemon.
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;

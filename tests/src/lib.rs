@@ -14,6 +14,8 @@ pub mod cmd;
 pub mod docker;
 pub mod docker_engine;
 mod error;
+pub mod faults;
+pub mod flow;
 pub mod link;
 pub mod netfilter;
 mod netns;

@@ -41,6 +41,11 @@ pub struct TopologyOpts {
     /// `docker_iptables` and `mtu` of the bridge side are then unused, and
     /// [`Topology::ctr_a`] / [`Topology::ctr_b`] must not be called.
     pub underlay_only: bool,
+    /// Join the hosts' underlays through a switch (a bridge in a third
+    /// namespace) instead of one veth pair, so a host can go away and come
+    /// back ([`Topology::replace_host_b`]) while the other keeps its
+    /// underlay interface.
+    pub underlay_switch: bool,
 }
 
 /// Host number of the first container in its subnet (Docker would start at .2; .11 keeps
@@ -67,6 +72,7 @@ impl Default for TopologyOpts {
             bridge: "docker0".into(),
             underlay_iface: "ens33".into(),
             underlay_only: false,
+            underlay_switch: false,
         }
     }
 }
@@ -137,6 +143,9 @@ impl TopologyOpts {
 #[derive(Debug)]
 pub struct Topology {
     hosts: [Host; 2],
+    /// The switch's namespace with [`TopologyOpts::underlay_switch`];
+    /// declared after the hosts, so it is deleted after them.
+    wire: Option<NetNs>,
     opts: TopologyOpts,
 }
 
@@ -178,30 +187,62 @@ impl Topology {
         let ns_a = NetNs::new("host-a")?;
         let ns_b = NetNs::new("host-b")?;
         let (iface, mtu) = (opts.underlay_iface.as_str(), opts.mtu.to_string());
-        // Both ends born in their namespaces: no temporary names in the root namespace that
-        // could collide with a concurrent run or leak if we die before moving them.
-        ns_a.ip(&[
-            "link",
-            "add",
-            iface,
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            iface,
-            "netns",
-            ns_b.name(),
-            "mtu",
-            &mtu,
-        ])?;
+        let wire = if opts.underlay_switch {
+            let wire = NetNs::new("wire")?;
+            wire.ip_batch("link set lo up\nlink add sw type bridge\nlink set sw up\n")?;
+            for ns in [&ns_a, &ns_b] {
+                let port = plug(&wire, ns, iface, opts.mtu)?;
+                wire.ip(&["link", "set", &port, "up"])?;
+            }
+            Some(wire)
+        } else {
+            // Both ends born in their namespaces: no temporary names in the root namespace
+            // that could collide with a concurrent run or leak if we die before moving them.
+            ns_a.ip(&[
+                "link",
+                "add",
+                iface,
+                "mtu",
+                &mtu,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                iface,
+                "netns",
+                ns_b.name(),
+                "mtu",
+                &mtu,
+            ])?;
+            None
+        };
         let host_a = Host::build("a", ns_a, &opts.host_a, &opts)?;
         let host_b = Host::build("b", ns_b, &opts.host_b, &opts)?;
         Ok(Self {
             hosts: [host_a, host_b],
+            wire,
             opts,
         })
+    }
+
+    /// Host B goes away and comes back as a new machine on the same
+    /// addresses: a new namespace with a new underlay interface (so a new
+    /// MAC), bridge and containers is built unplugged, the old host's
+    /// namespace is deleted (and its containers and switch port with it),
+    /// and `gone_for` later the new host is plugged into the switch. Needs
+    /// [`TopologyOpts::underlay_switch`]; whatever ran inside the old host
+    /// (an agent) must be stopped first.
+    pub fn replace_host_b(&mut self, gone_for: std::time::Duration) -> Result<()> {
+        let wire = self.wire.as_ref().ok_or_else(|| {
+            Error::Config("replace_host_b needs TopologyOpts::underlay_switch".into())
+        })?;
+        let ns = NetNs::new("host-b")?;
+        let port = plug(wire, &ns, &self.opts.underlay_iface, self.opts.mtu)?;
+        let new = Host::build("b", ns, &self.opts.host_b, &self.opts)?;
+        drop(std::mem::replace(&mut self.hosts[1], new));
+        std::thread::sleep(gone_for);
+        wire.ip(&["link", "set", &port, "up"])?;
+        Ok(())
     }
 
     /// Both hosts, A first.
@@ -299,11 +340,16 @@ impl Host {
             // leave ACCEPT, which is not what a Docker host looks like).
             Vec::new()
         } else {
+            // The bridge gets a MAC of its own, as Docker gives docker0 one
+            // (libnetwork sets a random one at creation): a bridge without
+            // takes its lowest port's MAC, changes it as ports come and go,
+            // and each change flushes its ARP table.
+            let bridge_mac = docker_mac(bridge_ip);
             ns.ip_batch(&format!(
                 "link set lo up\n\
                  addr add {} dev {iface}\n\
                  link set {iface} up\n\
-                 link add {bridge} mtu {mtu} type bridge\n\
+                 link add {bridge} mtu {mtu} address {bridge_mac} type bridge\n\
                  addr add {bridge_cidr} brd + dev {bridge}\n\
                  link set {bridge} up\n",
                 h.underlay
@@ -536,6 +582,22 @@ impl Container {
     pub fn host_veth_ifindex(&self) -> u32 {
         self.host_veth_ifindex
     }
+}
+
+/// Connects `host`'s underlay interface `iface` to the switch in `wire`:
+/// a veth pair whose switch end (returned, still down) is a port of `sw`.
+fn plug(wire: &NetNs, host: &NetNs, iface: &str, mtu: u32) -> Result<String> {
+    static PORTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let port = format!(
+        "p{}",
+        PORTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    wire.ip_batch(&format!(
+        "link add {port} mtu {mtu} type veth peer name {iface} netns {} mtu {mtu}\n\
+         link set {port} master sw\n",
+        host.name()
+    ))?;
+    Ok(port)
 }
 
 /// Docker-style host veth name: `veth` + 7 hex digits. Derived from the (unique) netns name
