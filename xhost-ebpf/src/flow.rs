@@ -140,7 +140,7 @@ pub fn lookup(iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Lookup {
 }
 
 #[inline(always)]
-fn coarse_now() -> u64 {
+pub fn coarse_now() -> u64 {
     // The coarse clock is enough for ages of a second and cheaper; before
     // Linux 5.11 there is only the precise one (same clock, CLOCK_MONOTONIC).
     if kernel::has(HELPER_KTIME_COARSE) {

@@ -30,6 +30,7 @@ mod kernel;
 mod maps;
 mod parse;
 mod policy;
+mod reject;
 mod stats;
 mod tunnel;
 
@@ -78,6 +79,16 @@ impl Verdict {
             reason,
         }
     }
+
+    /// A refused packet, counted under `reason` (a `DROP_*` counter):
+    /// dropped, and with `--deny reject` answered (`reject.rs`).
+    #[inline(always)]
+    fn refused(ctx: &TcContext, reason: u32) -> Self {
+        Self {
+            action: reject::refuse(ctx),
+            reason,
+        }
+    }
 }
 
 /// What a missing `ENDPOINTS` entry reads as.
@@ -111,7 +122,16 @@ pub fn xhost_veth_in(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn xhost_nic_in(ctx: TcContext) -> i32 {
-    finish(&ctx, try_ingress(&ctx))
+    let arrived = ctx.len();
+    let v = try_ingress(&ctx);
+    // Counted as the program leaves it (decapsulated: the inner frame), but
+    // a refused packet as it arrived: its skb may hold the answer now.
+    let len = if v.reason == stat::DROP_SPOOFED {
+        arrived
+    } else {
+        ctx.len()
+    };
+    finish_len(len, v)
 }
 
 #[classifier]
@@ -219,7 +239,7 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     let Some(peer_host) = route_of(dst) else {
         if tunnel.is_some() && tunnel::is_ours_from_container(ctx, &f) {
             debug!(ctx, "drop: a container's own VXLAN packet with our VNI");
-            return Verdict::drop(stat::DROP_SPOOFED_LOCAL);
+            return Verdict::refused(ctx, stat::DROP_SPOOFED_LOCAL);
         }
         // Host-bound, local, or the internet (Docker's MASQUERADE).
         return Verdict::pass(stat::PASS_NOT_OURS);
@@ -237,7 +257,7 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
                 return Verdict::pass(stat::PASS_NOT_OURS);
             }
             debug!(ctx, "drop: not the address of this veth's endpoint");
-            return Verdict::drop(stat::DROP_SPOOFED_LOCAL);
+            return Verdict::refused(ctx, stat::DROP_SPOOFED_LOCAL);
         }
         if to_mac != ep.gw_mac {
             // For another host on the bridge, which routes it if it is its
@@ -252,7 +272,7 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
             Sender::NotLocal => return Verdict::pass(stat::PASS_NOT_OURS),
             Sender::Spoofed => {
                 debug!(ctx, "drop: source not the sending container's");
-                return Verdict::drop(stat::DROP_SPOOFED_LOCAL);
+                return Verdict::refused(ctx, stat::DROP_SPOOFED_LOCAL);
             }
         }
     }
@@ -423,7 +443,7 @@ fn try_ingress(ctx: &TcContext) -> Verdict {
     {
         return v;
     }
-    deliver(ctx, &f, tunnel::device().is_some())
+    deliver(ctx, &f, tunnel::device().is_some(), true)
 }
 
 /// VXLAN mode, on the underlay: a peer's VXLAN packet for a local
@@ -511,14 +531,28 @@ fn try_from_tunnel(ctx: &TcContext) -> Verdict {
         debug!(ctx, "drop: inner source not the sending peer's");
         return Verdict::drop(stat::DROP_SPOOFED);
     }
-    deliver(ctx, &f, false)
+    // Refused here, it is not answered: the answer would have to be
+    // encapsulated (docs/security.md).
+    deliver(ctx, &f, false, false)
 }
 
 /// Delivers a peer's packet for a local container. With `encapsulated_only`
 /// (VXLAN mode, on the underlay) none arrives bare: such a packet is
-/// dropped.
+/// dropped. With `answer`, a refused packet is answered in reject mode.
 #[inline(always)]
-fn deliver(ctx: &TcContext, f: &parse::Ipv4Frame, encapsulated_only: bool) -> Verdict {
+fn deliver(
+    ctx: &TcContext,
+    f: &parse::Ipv4Frame,
+    encapsulated_only: bool,
+    answer: bool,
+) -> Verdict {
+    let refused = |reason| {
+        if answer {
+            Verdict::refused(ctx, reason)
+        } else {
+            Verdict::drop(reason)
+        }
+    };
     // SAFETY: `f.ip` was bounds-checked by `parse`.
     let (src, dst, ttl) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr, (*f.ip).ttl) };
     // A known endpoint is local; only unknown destinations need the LPM.
@@ -528,14 +562,14 @@ fn deliver(ctx: &TcContext, f: &parse::Ipv4Frame, encapsulated_only: bool) -> Ve
     }
     if encapsulated_only {
         debug!(ctx, "drop: container traffic not encapsulated");
-        return Verdict::drop(stat::DROP_SPOOFED);
+        return refused(stat::DROP_SPOOFED);
     }
     // Docker's isolation is bypassed here, so enforce it (see policy.rs).
     // The same check runs in XDP when attached; it is repeated because XDP
     // may be off, and costs one (cached) ROUTES lookup.
     if !policy::source_allowed(ctx, f, src) {
         debug!(ctx, "drop: source not a peer's");
-        return Verdict::drop(stat::DROP_SPOOFED);
+        return refused(stat::DROP_SPOOFED);
     }
     if ttl <= 1 {
         return Verdict::pass(stat::PASS_TTL);
@@ -609,8 +643,10 @@ pub fn xhost_nic_xdp(ctx: XdpContext) -> u32 {
     };
     // SAFETY: `f.ip` was bounds-checked by `parse`.
     let (src, dst) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr) };
-    // In VXLAN mode container traffic arrives encapsulated only.
-    if LOCAL_NETS.get(&host_key(dst)).is_some()
+    // In VXLAN mode container traffic arrives encapsulated only. In reject
+    // mode what is refused is left to xhost_nic_in, which answers it.
+    if !reject::rejecting()
+        && LOCAL_NETS.get(&host_key(dst)).is_some()
         && (tunnel::device().is_some() || !policy::source_allowed(&ctx, &f, src))
     {
         count(stat::DROP_SPOOFED, (ctx.data_end() - ctx.data()) as u32);

@@ -22,14 +22,16 @@ use aya::{
 };
 use log::{info, warn};
 use xhost_common::{
-    ARMED, Endpoint, GLOBAL_HELPERS, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT, GLOBAL_TUNNEL_VNI,
-    LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS,
-    MAP_ROUTES, MAP_UNDERLAY_ADDRS, MAX_UNDERLAY_ADDRS, PINNED_MAPS, PROG_BRIDGE_IN, PROG_NIC_IN,
-    PROG_NIC_XDP, PROG_VETH_IN, PROG_VXLAN_IN, PROG_VXLAN_OUT, Peer, PeerHost,
+    ARMED, Endpoint, GLOBAL_DENY, GLOBAL_HELPERS, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT,
+    GLOBAL_TUNNEL_VNI, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS,
+    MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, MAP_UNDERLAY_ADDRS, MAX_UNDERLAY_ADDRS,
+    PINNED_MAPS, PROG_BRIDGE_IN, PROG_NIC_IN, PROG_NIC_XDP, PROG_VETH_IN, PROG_VXLAN_IN,
+    PROG_VXLAN_OUT, Peer, PeerHost,
 };
 
 use crate::{
     attach::{self, AttachArg, KernelFeatures, ProbeError, TC_PRIORITY, TcMethod},
+    config::DenyArg,
     config::{Vxlan, XdpModeArg},
     layout::{Hook, Layout, remove_file_if_exists},
     net::Ipv4Net,
@@ -262,6 +264,7 @@ impl Datapath {
         layout: &Layout,
         tunnel: Option<(&str, Vxlan)>,
         attach: AttachArg,
+        deny: DenyArg,
     ) -> Result<Self, DatapathError> {
         if layout.in_use() {
             return Err(DatapathError::AlreadyLoaded(layout.pin_dir.clone()));
@@ -305,12 +308,20 @@ impl Datapath {
             warn!("kernel {}: {f}", features.release);
         }
         let helpers = features.helper_bits();
+        let deny_mode = deny.constant();
+        if deny == DenyArg::Reject {
+            info!(
+                "refused packets are answered (deny reject): TCP RST or ICMP administratively prohibited, at most {} a second per CPU",
+                xhost_common::REJECT_RATE_PER_SEC
+            );
+        }
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(GLOBAL_HELPERS, &helpers, true)
             .override_global(GLOBAL_TUNNEL_IFINDEX, &tunnel_ifindex, true)
             .override_global(GLOBAL_TUNNEL_VNI, &vni, true)
             .override_global(GLOBAL_TUNNEL_PORT, &port, true)
+            .override_global(GLOBAL_DENY, &deny_mode, true)
             .load(OBJECT)
             .map_err(|e| DatapathError::Object(Box::new(e)))?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {

@@ -138,7 +138,8 @@ pub struct Snapshot {
     pub agent: Option<AgentState>,
 }
 
-/// `stat::NAMES` are `<verdict>_<reason>`: `fwd_egress`, `drop_spoofed`, ...
+/// `stat::NAMES` are `<verdict>_<reason>`: `fwd_egress`, `drop_spoofed`,
+/// `reject_sent` (answers to refused packets), ...
 fn verdict_reason(name: &str) -> (&str, &str) {
     name.split_once('_').unwrap_or((name, ""))
 }
@@ -231,7 +232,7 @@ impl Snapshot {
         }
         r.register(
             "datapath_packets",
-            "Packets the datapath decided on, by verdict (fwd, pass: to the kernel, drop) and reason (STATS)",
+            "Packets the datapath decided on, by verdict (fwd, pass: to the kernel, drop; reject: answers it sent to refused packets, or left unsent by the rate limit) and reason (STATS)",
             packets,
         );
         r.register_with_unit(
@@ -347,8 +348,8 @@ mod tests {
         for name in stat::NAMES {
             let (verdict, reason) = verdict_reason(name);
             assert!(
-                ["fwd", "pass", "drop"].contains(&verdict) && !reason.is_empty(),
-                "{name}: STATS names must read <fwd|pass|drop>_<reason>"
+                ["fwd", "pass", "drop", "reject"].contains(&verdict) && !reason.is_empty(),
+                "{name}: STATS names must read <fwd|pass|drop|reject>_<reason>"
             );
         }
     }

@@ -121,6 +121,15 @@ pub fn loaded_vxlan(ifindex: u32, vni: u32, port: u16) -> Ebpf {
     )
 }
 
+/// [`loaded`] with `--deny reject`: refused packets are answered.
+pub fn loaded_reject() -> Ebpf {
+    load(EbpfLoader::new().override_global(
+        xhost_common::GLOBAL_DENY,
+        &xhost_common::DENY_REJECT,
+        true,
+    ))
+}
+
 fn load(loader: &mut EbpfLoader) -> Ebpf {
     // The helpers this kernel has, as the agent sets them (probed once; the
     // loader borrows the value for as long as it lives).
