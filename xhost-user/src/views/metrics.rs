@@ -328,6 +328,24 @@ impl Snapshot {
                     );
                 }
             }
+            if let Some(c) = &a.cluster {
+                r.register(
+                    "store_connected",
+                    "Cluster mode: whether the agent's etcd connection is up (1) or not (0)",
+                    gauge(i64::from(c.store.connected)),
+                );
+                r.register(
+                    "store_revision",
+                    "Cluster mode: the etcd revision of the cluster view the agent holds",
+                    gauge(c.store.revision),
+                );
+                r.register_with_unit(
+                    "store_lease_ttl",
+                    "Cluster mode: TTL of this host's etcd lease, as granted",
+                    Unit::Seconds,
+                    gauge(c.store.lease_ttl),
+                );
+            }
         }
 
         let mut out = String::new();
