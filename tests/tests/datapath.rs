@@ -1678,7 +1678,7 @@ fn a_reload_that_fails_half_way_puts_the_previous_peers_back() {
     };
     let mut routes: LpmTrie<MapData, [u8; 4], [u8; 8]> =
         open(xhost_common::MAP_ROUTES).try_into().expect("ROUTES");
-    let peer_hosts: HashMap<MapData, [u8; 4], [u8; 4]> = open(xhost_common::MAP_PEER_HOSTS)
+    let peer_hosts: HashMap<MapData, [u8; 4], [u8; 8]> = open(xhost_common::MAP_PEER_HOSTS)
         .try_into()
         .expect("PEER_HOSTS");
     let key = |net: &str| {

@@ -39,8 +39,12 @@ pub const MAP_UNDERLAY_ADDRS: &str = "UNDERLAY_ADDRS";
 pub const MAP_ENDPOINT_PORTS: &str = "ENDPOINT_PORTS";
 /// Value of `ENDPOINT_PORTS`.
 pub const ARMED: u32 = 1;
+/// Name of the per-CPU array of packet and byte counters per peer host,
+/// indexed by the peer's `PeerHost::slot`: what the datapath forwarded to
+/// it (`tx`) and delivered from it (`rx`).
+pub const MAP_PEER_STATS: &str = "PEER_STATS";
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 9] = [
     MAP_ROUTES,
     MAP_LOCAL_NETS,
     MAP_ENDPOINTS,
@@ -49,6 +53,7 @@ pub const PINNED_MAPS: [&str; 8] = [
     MAP_DATAPATH_GEN,
     MAP_UNDERLAY_ADDRS,
     MAP_ENDPOINT_PORTS,
+    MAP_PEER_STATS,
 ];
 
 /// Capacity of `ROUTES`: enough for the 100 000-route scale benchmark.
@@ -169,8 +174,23 @@ const _: () = assert!(size_of::<Endpoint>() == 24);
 pub struct PeerHost {
     /// Reserved, zero.
     pub flags: u32,
+    /// The peer's counters in `PEER_STATS` (below `MAX_PEER_HOSTS`; the
+    /// agent zeroes them before it hands the slot to a peer).
+    pub slot: u32,
 }
-const _: () = assert!(size_of::<PeerHost>() == 4);
+const _: () = assert!(size_of::<PeerHost>() == 8);
+
+/// Value of `PEER_STATS`: one peer host's traffic through the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Forwarded to the peer (`fwd_egress` whose route leads to it).
+    pub tx: Counter,
+    /// Delivered from the peer (`fwd_ingress` from its subnets, or its own
+    /// ICMP errors).
+    pub rx: Counter,
+}
+const _: () = assert!(size_of::<PeerCounters>() == 32);
 
 /// One counter slot in `STATS`.
 #[repr(C)]
@@ -254,4 +274,5 @@ mod pod {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::PeerHost {}
+    unsafe impl aya::Pod for super::PeerCounters {}
 }

@@ -2151,3 +2151,77 @@ fn drop_mode_answers_nothing() {
         );
     });
 }
+
+/// `PEER_STATS` of slot `slot`, summed over CPUs: (tx, rx).
+fn peer_counters(ebpf: &Ebpf, slot: u32) -> (Counter, Counter) {
+    let stats: PerCpuArray<_, xhost_common::PeerCounters> =
+        PerCpuArray::try_from(ebpf.map("PEER_STATS").expect("PEER_STATS")).expect("percpu");
+    stats.get(&slot, 0).expect("get").iter().fold(
+        (Counter::default(), Counter::default()),
+        |(tx, rx), c| {
+            (
+                Counter {
+                    packets: tx.packets + c.tx.packets,
+                    bytes: tx.bytes + c.tx.bytes,
+                },
+                Counter {
+                    packets: rx.packets + c.rx.packets,
+                    bytes: rx.bytes + c.rx.bytes,
+                },
+            )
+        },
+    )
+}
+
+/// What is forwarded to a peer host counts under its `PEER_HOSTS` slot as
+/// tx, what is delivered from it (its subnets, its own ICMP errors) as rx,
+/// on the full path and from the caches alike; what is dropped, passed or
+/// routed to a host without a slot counts under none.
+#[test]
+fn peer_counters_follow_forwarded_packets() {
+    in_test_host(|ebpf| {
+        pin_to_cpu0();
+        let mut hosts: aya::maps::HashMap<_, [u8; 4], xhost_common::PeerHost> = ebpf
+            .map_mut("PEER_HOSTS")
+            .expect("PEER_HOSTS")
+            .try_into()
+            .expect("hash");
+        hosts
+            .insert(
+                [172, 16, 91, 132],
+                xhost_common::PeerHost { flags: 0, slot: 5 },
+                0,
+            )
+            .expect("insert");
+        let out = to_mac(ipv4(C1, R1, 64, &[]), GW_MAC);
+        let from_peer = ipv4(R1, C1, 63, &[]);
+        let error = icmp([172, 16, 91, 132], C1, 11);
+        let spoofed = ipv4([10, 1, 1, 1], C1, 63, &[]);
+        let ctx = skb_ctx(ifindex("br0"), 0);
+        let len = |f: &[u8]| f.len() as u64;
+        // Twice each: the second answered from the caches.
+        for _ in 0..2 {
+            let r =
+                run_tc_prog_ctx(ebpf, xhost_common::PROG_VETH_IN, &ctx, &out, 1).expect("test_run");
+            assert_eq!(r.verdict, TC_ACT_REDIRECT, "forwarded to the peer");
+            for f in [&from_peer, &error] {
+                let (verdict, _) = tc_test_run(ebpf, xhost_common::PROG_NIC_IN, "ul0", f, "in");
+                assert_eq!(verdict, TC_ACT_REDIRECT, "delivered from the peer");
+            }
+        }
+        let (verdict, _) = tc_test_run(ebpf, xhost_common::PROG_NIC_IN, "ul0", &spoofed, "spoofed");
+        assert_eq!(verdict, TC_ACT_SHOT);
+        // To the second peer, which has no PEER_HOSTS entry (no slot).
+        let unslotted = to_mac(ipv4(C1, [192, 168, 230, 5], 64, &[]), GW_MAC);
+        run_tc_prog_ctx(ebpf, xhost_common::PROG_VETH_IN, &ctx, &unslotted, 1).expect("test_run");
+        let (tx, rx) = peer_counters(ebpf, 5);
+        assert_eq!((tx.packets, tx.bytes), (2, 2 * len(&out)), "tx of slot 5");
+        assert_eq!(
+            (rx.packets, rx.bytes),
+            (4, 2 * (len(&from_peer) + len(&error))),
+            "rx of slot 5"
+        );
+        let (tx0, rx0) = peer_counters(ebpf, 0);
+        assert_eq!((tx0.packets, rx0.packets), (0, 0), "no other slot moves");
+    });
+}

@@ -24,7 +24,7 @@ use xhost_common::{MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, MA
 
 use crate::{
     layout::Layout,
-    report::{AgentState, Attachment, CounterRow},
+    report::{AgentState, Attachment, CounterRow, PeerCounterRow, read_peer_counters},
 };
 
 /// The OpenMetrics text format, as Prometheus asks for it.
@@ -132,6 +132,8 @@ pub struct MapFill {
 pub struct Snapshot {
     /// `STATS` summed over CPUs, by `stat::NAMES`.
     pub counters: std::collections::BTreeMap<String, CounterRow>,
+    /// `PEER_STATS` by peer host.
+    pub peers: Vec<PeerCounterRow>,
     pub maps: Vec<MapFill>,
     pub attached: Vec<Attachment>,
     /// The agent's state file (absent for a datapath no agent describes).
@@ -201,6 +203,7 @@ impl Snapshot {
             maps,
             attached: crate::report::pinned_attachments(layout),
             agent: AgentState::read(layout).ok(),
+            peers: read_peer_counters(layout)?,
         })
     }
 
@@ -240,6 +243,30 @@ impl Snapshot {
             "Bytes of the packets the datapath decided on, by verdict and reason (STATS)",
             Unit::Bytes,
             bytes,
+        );
+
+        let peer_packets = Family::<Labels, Counter>::default();
+        let peer_bytes = Family::<Labels, Counter>::default();
+        for p in &self.peers {
+            for (direction, c) in [("tx", p.tx), ("rx", p.rx)] {
+                let l = vec![
+                    ("peer", p.peer.to_string()),
+                    ("direction", direction.to_owned()),
+                ];
+                peer_packets.get_or_create(&l).inc_by(c.packets);
+                peer_bytes.get_or_create(&l).inc_by(c.bytes);
+            }
+        }
+        r.register(
+            "peer_packets",
+            "Packets forwarded to (tx) and delivered from (rx) each peer host (PEER_STATS)",
+            peer_packets,
+        );
+        r.register_with_unit(
+            "peer",
+            "Bytes forwarded to (tx) and delivered from (rx) each peer host (PEER_STATS)",
+            Unit::Bytes,
+            peer_bytes,
         );
 
         let gauge = |v: i64| {
@@ -398,6 +425,17 @@ mod tests {
             }],
             attached: Vec::new(),
             agent: None,
+            peers: vec![PeerCounterRow {
+                peer: std::net::Ipv4Addr::new(10, 0, 0, 2),
+                tx: CounterRow {
+                    packets: 7,
+                    bytes: 700,
+                },
+                rx: CounterRow {
+                    packets: 1,
+                    bytes: 98,
+                },
+            }],
         };
         let text = s.encode();
         for want in [
@@ -407,6 +445,9 @@ mod tests {
             "# UNIT xhost_datapath_bytes bytes",
             "xhost_datapath_bytes_total{verdict=\"drop\",reason=\"spoofed\"} 196",
             "xhost_routes 3",
+            "xhost_peer_packets_total{peer=\"10.0.0.2\",direction=\"tx\"} 7",
+            "xhost_peer_packets_total{peer=\"10.0.0.2\",direction=\"rx\"} 1",
+            "xhost_peer_bytes_total{peer=\"10.0.0.2\",direction=\"tx\"} 700",
             "xhost_map_entries{map=\"ROUTES\"} 3",
             "xhost_map_capacity{map=\"ROUTES\"} 131072",
             "xhost_build_info{version=\"",

@@ -227,7 +227,7 @@ pub fn fill_maps(ebpf: &mut Ebpf) {
         .try_into()
         .expect("hash");
     hosts
-        .insert([172, 16, 91, 132], PeerHost { flags: 0 }, 0)
+        .insert([172, 16, 91, 132], PeerHost { flags: 0, slot: 0 }, 0)
         .expect("insert");
     let mut addrs: HashMap<_, [u8; 4], u32> = ebpf
         .map_mut("UNDERLAY_ADDRS")
