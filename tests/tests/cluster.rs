@@ -823,3 +823,76 @@ fn cluster_docker_engines() {
     drop((a, b, c));
     drop((ea, eb));
 }
+
+/// `GET /metrics` from `addr` on the host's loopback: the body.
+fn scrape_metrics(ns: &xhost_tests::NetNs, addr: &'static str) -> String {
+    use std::io::{Read as _, Write as _};
+    let raw = ns
+        .within("scrape", move || {
+            let io = |source| xhost_tests::Error::Io {
+                what: format!("GET http://{addr}/metrics"),
+                source,
+            };
+            let mut s = std::net::TcpStream::connect(addr).map_err(io)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(io)?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .map_err(io)?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).map_err(io)?;
+            Ok(out)
+        })
+        .expect("scrape");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "scrape: {head}");
+    body.to_owned()
+}
+
+/// The value of the one sample named `name` (no labels) in `body`.
+fn sample(body: &str, name: &str) -> Option<i64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Cluster mode's store series: connected 1 with the view's revision and
+/// the lease's TTL, then 0 while etcd is stopped (the last revision and
+/// TTL stay), and 1 again once it is back.
+#[test]
+fn cluster_store_metrics_follow_the_connection() {
+    const ADDR: &str = "127.0.0.1:9464";
+    let bed = bed(1);
+    let mut etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let host = bed.host(0);
+    let agent = start(host, &etcd, &["--lease-ttl", "4", "--metrics-addr", ADDR]);
+    let wait = |what: &str, want: i64| {
+        let t0 = Instant::now();
+        loop {
+            let body = scrape_metrics(host.ns(), ADDR);
+            if sample(&body, "xhost_store_connected") == Some(want) {
+                return body;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "{what}: xhost_store_connected never {want}:\n{body}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let up = wait("etcd up", 1);
+    let revision = sample(&up, "xhost_store_revision").expect("xhost_store_revision");
+    assert!(revision > 0, "a listed view has a revision:\n{up}");
+    assert_eq!(
+        sample(&up, "xhost_store_lease_ttl_seconds"),
+        Some(4),
+        "the lease's TTL:\n{up}"
+    );
+    etcd.kill().expect("stop etcd");
+    let down = wait("etcd stopped", 0);
+    assert!(
+        sample(&down, "xhost_store_revision").is_some_and(|r| r >= revision),
+        "the revision held stays:\n{down}"
+    );
+    etcd.restart().expect("etcd back");
+    wait("etcd back", 1);
+    drop(agent);
+}

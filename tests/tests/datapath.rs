@@ -1678,7 +1678,7 @@ fn a_reload_that_fails_half_way_puts_the_previous_peers_back() {
     };
     let mut routes: LpmTrie<MapData, [u8; 4], [u8; 8]> =
         open(xhost_common::MAP_ROUTES).try_into().expect("ROUTES");
-    let peer_hosts: HashMap<MapData, [u8; 4], [u8; 4]> = open(xhost_common::MAP_PEER_HOSTS)
+    let peer_hosts: HashMap<MapData, [u8; 4], [u8; 8]> = open(xhost_common::MAP_PEER_HOSTS)
         .try_into()
         .expect("PEER_HOSTS");
     let key = |net: &str| {
@@ -2496,4 +2496,115 @@ fn only_own_sources_reach_the_peer_native() {
 #[test]
 fn only_own_sources_reach_the_peer_vxlan() {
     only_own_sources_reach_the_peer(&["--tunnel", "vxlan"]);
+}
+
+/// `connect()` from `ns` to `to`, at most `timeout`: its result and how long
+/// it took.
+fn connect_from(
+    ns: &NetNs,
+    to: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> (std::io::Result<()>, std::time::Duration) {
+    ns.within("connect", move || {
+        let t0 = std::time::Instant::now();
+        let r = std::net::TcpStream::connect_timeout(&to, timeout).map(drop);
+        Ok((r, t0.elapsed()))
+    })
+    .expect("connect thread")
+}
+
+/// `--deny reject`: what xhost refuses is answered by the datapath itself.
+/// Host B (an underlay host, not a peer's container) reaches for container
+/// A by a route of its own, as in `underlay_hosts_cannot_reach_containers_directly`.
+/// Container A listens on the port, so only xhost can refuse the connection:
+///
+/// ```text
+///  host B 172.16.91.132 --SYN--> ens33 of A: xhost_nic_in refuses (source not a peer's)
+///         <--RST from 192.168.110.11-- (built in place, sent back out ens33)
+/// ```
+///
+/// Under `--deny reject` `connect()` fails at once with ECONNREFUSED and a
+/// ping gets ICMP administratively prohibited (ping says "Packet
+/// filtered"), each counted as `drop_spoofed` and its answer as
+/// `reject_sent`; after a restart with the default (drop) `connect()` times
+/// out and nothing is sent.
+#[test]
+fn deny_reject_answers_refused_connections_and_pings() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let ctr = topo.ctr_a();
+    let listener = ctr
+        .ns()
+        .within("listen", || {
+            std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, 5201)).map_err(|source| {
+                xhost_tests::Error::Io {
+                    what: "bind 5201 in container A".into(),
+                    source,
+                }
+            })
+        })
+        .expect("listener in container A");
+    let to = std::net::SocketAddr::from((ctr.ip(), 5201));
+    let agent_a = start(a, b, &["--deny", "reject"]);
+    let _agent_b = start(b, a, &[]);
+    b.ns().run(&[
+        "ip",
+        "route",
+        "replace",
+        &a.subnet().to_string(),
+        "via",
+        &a.underlay_ip().to_string(),
+    ]);
+    let s0 = status_json(a.ns(), &agent_a.dirs);
+    let (r, took) = connect_from(b.ns(), to, std::time::Duration::from_secs(3));
+    let e = r.expect_err("xhost must refuse host B's connection to container A");
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "reject: connect() is refused: {e}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "reject: refused at once, not after a retry: {took:?}"
+    );
+    let ping = b
+        .ns()
+        .exec(&["ping", "-n", "-c", "1", "-W", "2", &ctr.ip().to_string()])
+        .expect("ping");
+    let out = String::from_utf8_lossy(&ping.stdout);
+    assert!(
+        out.contains(&format!("From {} icmp_seq=1 Packet filtered", ctr.ip())),
+        "reject: ping gets administratively prohibited from container A's address:\n{out}"
+    );
+    let s1 = status_json(a.ns(), &agent_a.dirs);
+    assert_eq!(
+        counter(&s1, "drop_spoofed") - counter(&s0, "drop_spoofed"),
+        2,
+        "the SYN and the echo request are refused"
+    );
+    assert_eq!(
+        counter(&s1, "reject_sent") - counter(&s0, "reject_sent"),
+        2,
+        "one RST and one ICMP error sent"
+    );
+    drop(agent_a);
+    let agent_a = start(a, b, &[]);
+    let (r, took) = connect_from(b.ns(), to, std::time::Duration::from_secs(2));
+    let e = r.expect_err("xhost must drop host B's connection to container A");
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut,
+        "drop: connect() times out: {e}"
+    );
+    assert!(
+        took >= std::time::Duration::from_secs(2),
+        "drop: no answer: {took:?}"
+    );
+    let s2 = status_json(a.ns(), &agent_a.dirs);
+    assert_eq!(counter(&s2, "reject_sent"), 0, "drop: nothing sent");
+    assert!(
+        counter(&s2, "drop_spoofed") >= 1,
+        "drop: the SYN is dropped"
+    );
+    drop(listener);
 }

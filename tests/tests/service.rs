@@ -153,6 +153,11 @@ fn bytes(verdict: &str, reason: &str) -> String {
     format!("xhost_datapath_bytes_total{{verdict=\"{verdict}\",reason=\"{reason}\"}}")
 }
 
+/// `xhost_peer_<what>_total` of peer `host` in `direction` (tx, rx).
+fn peer_series(what: &str, host: Ipv4Addr, direction: &str) -> String {
+    format!("xhost_peer_{what}_total{{peer=\"{host}\",direction=\"{direction}\"}}")
+}
+
 /// Host B routes A's container subnet to A, so that B itself (no container
 /// of its) can send to container A: what A's datapath drops as spoofed.
 fn route_b_to_a_containers(topo: &Topology) {
@@ -217,6 +222,31 @@ fn metrics_count_the_packets_sent_between_hosts() {
     assert_eq!(
         delta(&after_b, &before_b, &bytes("fwd", "ingress")),
         N * FRAME
+    );
+    // The same flow per peer host: A sent it to B, B received it from A,
+    // and nothing went the other way.
+    let (ip_a, ip_b) = (a.underlay_ip(), b.underlay_ip());
+    for (after, before, host, direction, n) in [
+        (&after_a, &before_a, ip_b, "tx", N),
+        (&after_a, &before_a, ip_b, "rx", 0),
+        (&after_b, &before_b, ip_a, "rx", N),
+        (&after_b, &before_b, ip_a, "tx", 0),
+    ] {
+        assert_eq!(
+            delta(after, before, &peer_series("packets", host, direction)),
+            n,
+            "peer {host} {direction} packets"
+        );
+        assert_eq!(
+            delta(after, before, &peer_series("bytes", host, direction)),
+            n * FRAME,
+            "peer {host} {direction} bytes"
+        );
+    }
+    let mid_peer = delta(&during, &before_a, &peer_series("packets", ip_b, "tx"));
+    assert!(
+        mid_peer > 0 && mid_peer < N,
+        "the scrape during the flow saw {mid_peer} of {N} for peer {ip_b}"
     );
     let mid = delta(&during, &before_a, &packets("fwd", "egress"));
     eprintln!("metrics: {N} datagrams sent and received; the scrape half-way saw {mid}");

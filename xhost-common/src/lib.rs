@@ -39,8 +39,12 @@ pub const MAP_UNDERLAY_ADDRS: &str = "UNDERLAY_ADDRS";
 pub const MAP_ENDPOINT_PORTS: &str = "ENDPOINT_PORTS";
 /// Value of `ENDPOINT_PORTS`.
 pub const ARMED: u32 = 1;
+/// Name of the per-CPU array of packet and byte counters per peer host,
+/// indexed by the peer's `PeerHost::slot`: what the datapath forwarded to
+/// it (`tx`) and delivered from it (`rx`).
+pub const MAP_PEER_STATS: &str = "PEER_STATS";
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 9] = [
     MAP_ROUTES,
     MAP_LOCAL_NETS,
     MAP_ENDPOINTS,
@@ -49,6 +53,7 @@ pub const PINNED_MAPS: [&str; 8] = [
     MAP_DATAPATH_GEN,
     MAP_UNDERLAY_ADDRS,
     MAP_ENDPOINT_PORTS,
+    MAP_PEER_STATS,
 ];
 
 /// Capacity of `ROUTES`: enough for the 100 000-route scale benchmark.
@@ -102,6 +107,20 @@ pub const HELPER_KTIME_COARSE: u32 = 1 << 1;
 pub const HELPER_FIB_LOOKUP_SRC: u32 = 1 << 2;
 /// Every `HELPER_*` bit.
 pub const HELPERS_ALL: u32 = HELPER_CHECK_MTU | HELPER_KTIME_COARSE | HELPER_FIB_LOOKUP_SRC;
+/// What the datapath does with what it refuses (`DENY_*`), set by the
+/// loader from `--deny`. A read-only constant: in drop mode the verifier
+/// removes every reply branch, so dropping costs what it did.
+pub const GLOBAL_DENY: &str = "DENY";
+/// Refused packets are dropped (and counted), nothing is sent.
+pub const DENY_DROP: u32 = 0;
+/// Refused packets are dropped and answered: a TCP RST, or ICMP destination
+/// unreachable, communication administratively prohibited (docs/security.md).
+pub const DENY_REJECT: u32 = 1;
+/// Replies to refused packets per second and CPU (a token bucket per CPU);
+/// beyond it a refusal is only dropped, counted as `reject_limited`.
+pub const REJECT_RATE_PER_SEC: u64 = 100;
+/// Replies a CPU may send at once after a quiet spell (the bucket's size).
+pub const REJECT_BURST: u64 = 20;
 /// Bytes VXLAN adds in front of the inner frame: outer IPv4, UDP, VXLAN
 /// headers and the inner Ethernet header.
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -155,8 +174,23 @@ const _: () = assert!(size_of::<Endpoint>() == 24);
 pub struct PeerHost {
     /// Reserved, zero.
     pub flags: u32,
+    /// The peer's counters in `PEER_STATS` (below `MAX_PEER_HOSTS`; the
+    /// agent zeroes them before it hands the slot to a peer).
+    pub slot: u32,
 }
-const _: () = assert!(size_of::<PeerHost>() == 4);
+const _: () = assert!(size_of::<PeerHost>() == 8);
+
+/// Value of `PEER_STATS`: one peer host's traffic through the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Forwarded to the peer (`fwd_egress` whose route leads to it).
+    pub tx: Counter,
+    /// Delivered from the peer (`fwd_ingress` from its subnets, or its own
+    /// ICMP errors).
+    pub rx: Counter,
+}
+const _: () = assert!(size_of::<PeerCounters>() == 32);
 
 /// One counter slot in `STATS`.
 #[repr(C)]
@@ -204,8 +238,15 @@ pub mod stat {
     /// packet with our VNI to our port, which the host's NAT would make look
     /// like one of ours (see docs/security.md).
     pub const DROP_SPOOFED_LOCAL: u32 = 10;
+    /// `--deny reject`: replies the datapath built to refused packets (TCP
+    /// RST or ICMP administratively prohibited), counted with their own
+    /// length. The refused packet itself still counts under its drop reason.
+    pub const REJECT_SENT: u32 = 11;
+    /// `--deny reject`: refused packets left unanswered because this CPU's
+    /// reply budget (`REJECT_RATE_PER_SEC`) was spent.
+    pub const REJECT_LIMITED: u32 = 12;
     /// Number of slots.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
 
     /// Names as printed by `xhost-user status`, indexed by the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -220,6 +261,8 @@ pub mod stat {
         "drop_redirect",
         "drop_tunnel",
         "drop_spoofed_local",
+        "reject_sent",
+        "reject_limited",
     ];
 }
 
@@ -231,4 +274,5 @@ mod pod {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::PeerHost {}
+    unsafe impl aya::Pod for super::PeerCounters {}
 }

@@ -57,8 +57,8 @@ struct FlowSlot {
     ctr_mac: [u8; 6],
     peer: [u8; 4],
     source: [u8; 4],
-    /// Explicit padding to the 8-byte alignment.
-    _pad: u32,
+    /// The `PEER_STATS` slot of the peer the route leads to.
+    slot: u32,
 }
 
 impl FlowSlot {
@@ -88,6 +88,8 @@ pub struct Hop {
     /// VXLAN mode: the outer destination (the peer host) and source.
     pub peer: [u8; 4],
     pub source: [u8; 4],
+    /// The `PEER_STATS` slot of the peer the route leads to.
+    pub slot: u32,
 }
 
 /// Where a miss files the answer the full path finds.
@@ -134,13 +136,14 @@ pub fn lookup(iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Lookup {
             ctr_mac: s.ctr_mac,
             peer: s.peer,
             source: s.source,
+            slot: s.slot,
         });
     }
     Lookup::Miss(Miss { slot, generation })
 }
 
 #[inline(always)]
-fn coarse_now() -> u64 {
+pub fn coarse_now() -> u64 {
     // The coarse clock is enough for ages of a second and cheaper; before
     // Linux 5.11 there is only the precise one (same clock, CLOCK_MONOTONIC).
     if kernel::has(HELPER_KTIME_COARSE) {
@@ -166,7 +169,8 @@ pub fn store(miss: &Miss, iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16, ho
         && s.gw_mac == hop.gw_mac
         && s.ctr_mac == hop.ctr_mac
         && s.peer == hop.peer
-        && s.source == hop.source;
+        && s.source == hop.source
+        && s.slot == hop.slot;
     // A longer packet that fit raises what is known to fit, until the slot
     // ages out: the age bounds its oldest fact. A new or aged answer starts
     // again from this packet's length (a path MTU may have dropped since,
@@ -190,6 +194,6 @@ pub fn store(miss: &Miss, iif: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16, ho
         ctr_mac: hop.ctr_mac,
         peer: hop.peer,
         source: hop.source,
-        _pad: 0,
+        slot: hop.slot,
     };
 }

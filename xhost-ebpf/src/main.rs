@@ -30,6 +30,7 @@ mod kernel;
 mod maps;
 mod parse;
 mod policy;
+mod reject;
 mod stats;
 mod tunnel;
 
@@ -45,7 +46,7 @@ use xhost_common::{Endpoint, HELPER_FIB_LOOKUP_SRC, stat};
 
 use crate::{
     fib::{Answer, NextHop, Source, WireLen},
-    maps::{ENDPOINT_PORTS, ENDPOINTS, LOCAL_NETS, host_key, route_of},
+    maps::{ENDPOINT_PORTS, ENDPOINTS, LOCAL_NETS, NO_SLOT, count_peer, host_key, route_slot_of},
     parse::{Frame, PACKET_HOST, decrement_ttl, parse, ptr_at},
     stats::count,
 };
@@ -62,6 +63,9 @@ const PASS: i32 = TC_ACT_UNSPEC;
 struct Verdict {
     action: i32,
     reason: u32,
+    /// The `PEER_STATS` slot of the peer host a forwarded packet goes to or
+    /// comes from ([`NO_SLOT`]: none).
+    peer: u32,
 }
 
 impl Verdict {
@@ -69,6 +73,7 @@ impl Verdict {
         Self {
             action: PASS,
             reason,
+            peer: NO_SLOT,
         }
     }
 
@@ -76,6 +81,24 @@ impl Verdict {
         Self {
             action: TC_ACT_SHOT,
             reason,
+            peer: NO_SLOT,
+        }
+    }
+
+    /// The verdict, counted for peer `slot` too if it forwards.
+    #[inline(always)]
+    const fn peer(self, slot: u32) -> Self {
+        Self { peer: slot, ..self }
+    }
+
+    /// A refused packet, counted under `reason` (a `DROP_*` counter):
+    /// dropped, and with `--deny reject` answered (`reject.rs`).
+    #[inline(always)]
+    fn refused(ctx: &TcContext, reason: u32) -> Self {
+        Self {
+            action: reject::refuse(ctx),
+            reason,
+            peer: NO_SLOT,
         }
     }
 }
@@ -105,13 +128,23 @@ pub fn xhost_veth_in(ctx: TcContext) -> i32 {
     // here too would count those packets twice.
     if v.action != PASS {
         count(v.reason, len);
+        count_forwarded(&v, len);
     }
     v.action
 }
 
 #[classifier]
 pub fn xhost_nic_in(ctx: TcContext) -> i32 {
-    finish(&ctx, try_ingress(&ctx))
+    let arrived = ctx.len();
+    let v = try_ingress(&ctx);
+    // Counted as the program leaves it (decapsulated: the inner frame), but
+    // a refused packet as it arrived: its skb may hold the answer now.
+    let len = if v.reason == stat::DROP_SPOOFED {
+        arrived
+    } else {
+        ctx.len()
+    };
+    finish_len(len, v)
 }
 
 #[classifier]
@@ -154,7 +187,21 @@ fn finish(ctx: &TcContext, v: Verdict) -> i32 {
 #[inline(always)]
 fn finish_len(len: u32, v: Verdict) -> i32 {
     count(v.reason, len);
+    count_forwarded(&v, len);
     v.action
+}
+
+/// Counts a packet forwarded to or delivered from a peer host under that
+/// peer (`PEER_STATS`).
+#[inline(always)]
+fn count_forwarded(v: &Verdict, len: u32) {
+    if v.action == TC_ACT_REDIRECT && v.peer != NO_SLOT {
+        match v.reason {
+            stat::FWD_EGRESS => count_peer(v.peer, true, len),
+            stat::FWD_INGRESS => count_peer(v.peer, false, len),
+            _ => {}
+        }
+    }
 }
 
 /// Container -> remote container, seen on the container's veth (any frame
@@ -211,15 +258,15 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
             return hand_on(ctx, mark, Verdict::pass(stat::PASS_TTL));
         }
         if encap == Encap::Here {
-            return send_encapsulated(ctx, &f, hop.peer, &NextHop::resolved(hop));
+            return send_encapsulated(ctx, &f, hop.peer, &NextHop::resolved(hop)).peer(hop.slot);
         }
         rewrite(&f, hop.smac, hop.dmac);
-        return redirect(hop.ifindex, stat::FWD_EGRESS);
+        return redirect(hop.ifindex, stat::FWD_EGRESS).peer(hop.slot);
     }
-    let Some(peer_host) = route_of(dst) else {
+    let Some((peer_host, slot)) = route_slot_of(dst) else {
         if tunnel.is_some() && tunnel::is_ours_from_container(ctx, &f) {
             debug!(ctx, "drop: a container's own VXLAN packet with our VNI");
-            return Verdict::drop(stat::DROP_SPOOFED_LOCAL);
+            return Verdict::refused(ctx, stat::DROP_SPOOFED_LOCAL);
         }
         // Host-bound, local, or the internet (Docker's MASQUERADE).
         return Verdict::pass(stat::PASS_NOT_OURS);
@@ -237,7 +284,7 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
                 return Verdict::pass(stat::PASS_NOT_OURS);
             }
             debug!(ctx, "drop: not the address of this veth's endpoint");
-            return Verdict::drop(stat::DROP_SPOOFED_LOCAL);
+            return Verdict::refused(ctx, stat::DROP_SPOOFED_LOCAL);
         }
         if to_mac != ep.gw_mac {
             // For another host on the bridge, which routes it if it is its
@@ -252,7 +299,7 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
             Sender::NotLocal => return Verdict::pass(stat::PASS_NOT_OURS),
             Sender::Spoofed => {
                 debug!(ctx, "drop: source not the sending container's");
-                return Verdict::drop(stat::DROP_SPOOFED_LOCAL);
+                return Verdict::refused(ctx, stat::DROP_SPOOFED_LOCAL);
             }
         }
     }
@@ -267,7 +314,7 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
         }
         // xhost_vxlan_out addresses it to the peer host.
         decrement_ttl(f.ip);
-        return redirect(device, stat::FWD_EGRESS);
+        return redirect(device, stat::FWD_EGRESS).peer(slot);
     }
     // The peer host is the next hop, or the outer destination: resolve the
     // route to it, not to the container prefix, which the kernel has no
@@ -290,6 +337,7 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
             ctr_mac: from_mac,
             peer: peer_host,
             source: hop.source,
+            slot,
         };
         flow::store(miss, iif, src, dst, len, &answer);
     }
@@ -298,7 +346,7 @@ fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     } else {
         route(&f, hop, stat::FWD_EGRESS)
     };
-    hand_on(ctx, mark, v)
+    hand_on(ctx, mark, v.peer(slot))
 }
 
 /// `v`, and when it passes the frame on (to the bridge, from a veth whose
@@ -423,7 +471,7 @@ fn try_ingress(ctx: &TcContext) -> Verdict {
     {
         return v;
     }
-    deliver(ctx, &f, tunnel::device().is_some())
+    deliver(ctx, &f, tunnel::device().is_some(), true)
 }
 
 /// VXLAN mode, on the underlay: a peer's VXLAN packet for a local
@@ -445,7 +493,8 @@ fn deliver_decapsulated(ctx: &TcContext, f: &parse::Ipv4Frame) -> Option<Verdict
             (*t.inner.ip).ttl,
         )
     };
-    if ttl <= 1 || route_of(src) != Some(t.peer) {
+    let (owner, slot) = route_slot_of(src)?;
+    if ttl <= 1 || owner != t.peer {
         return None;
     }
     let ep = endpoint(dst);
@@ -468,7 +517,7 @@ fn deliver_decapsulated(ctx: &TcContext, f: &parse::Ipv4Frame) -> Option<Verdict
         ip,
         tot_len: t.inner.tot_len,
     };
-    Some(into_endpoint(&inner, &ep))
+    Some(into_endpoint(&inner, &ep).peer(slot))
 }
 
 /// Routes the frame to local endpoint `ep` (its MACs, TTL - 1) and puts it
@@ -511,14 +560,28 @@ fn try_from_tunnel(ctx: &TcContext) -> Verdict {
         debug!(ctx, "drop: inner source not the sending peer's");
         return Verdict::drop(stat::DROP_SPOOFED);
     }
-    deliver(ctx, &f, false)
+    // Refused here, it is not answered: the answer would have to be
+    // encapsulated (docs/security.md).
+    deliver(ctx, &f, false, false)
 }
 
 /// Delivers a peer's packet for a local container. With `encapsulated_only`
 /// (VXLAN mode, on the underlay) none arrives bare: such a packet is
-/// dropped.
+/// dropped. With `answer`, a refused packet is answered in reject mode.
 #[inline(always)]
-fn deliver(ctx: &TcContext, f: &parse::Ipv4Frame, encapsulated_only: bool) -> Verdict {
+fn deliver(
+    ctx: &TcContext,
+    f: &parse::Ipv4Frame,
+    encapsulated_only: bool,
+    answer: bool,
+) -> Verdict {
+    let refused = |reason| {
+        if answer {
+            Verdict::refused(ctx, reason)
+        } else {
+            Verdict::drop(reason)
+        }
+    };
     // SAFETY: `f.ip` was bounds-checked by `parse`.
     let (src, dst, ttl) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr, (*f.ip).ttl) };
     // A known endpoint is local; only unknown destinations need the LPM.
@@ -528,20 +591,20 @@ fn deliver(ctx: &TcContext, f: &parse::Ipv4Frame, encapsulated_only: bool) -> Ve
     }
     if encapsulated_only {
         debug!(ctx, "drop: container traffic not encapsulated");
-        return Verdict::drop(stat::DROP_SPOOFED);
+        return refused(stat::DROP_SPOOFED);
     }
     // Docker's isolation is bypassed here, so enforce it (see policy.rs).
     // The same check runs in XDP when attached; it is repeated because XDP
     // may be off, and costs one (cached) ROUTES lookup.
-    if !policy::source_allowed(ctx, f, src) {
+    let Some(slot) = policy::source_allowed(ctx, f, src) else {
         debug!(ctx, "drop: source not a peer's");
-        return Verdict::drop(stat::DROP_SPOOFED);
-    }
+        return refused(stat::DROP_SPOOFED);
+    };
     if ttl <= 1 {
         return Verdict::pass(stat::PASS_TTL);
     }
     if ep.ifindex != 0 {
-        return into_endpoint(f, &ep);
+        return into_endpoint(f, &ep).peer(slot);
     }
     // SAFETY: reading the ingress ifindex of the skb context.
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
@@ -550,6 +613,7 @@ fn deliver(ctx: &TcContext, f: &parse::Ipv4Frame, encapsulated_only: bool) -> Ve
         fib::lookup(ctx, iif, src, dst, fib::wire_len(ctx, f), Source::Packet),
         stat::FWD_INGRESS,
     )
+    .peer(slot)
 }
 
 /// Forwards the frame along the FIB's answer, counted under `reason`; no
@@ -594,7 +658,11 @@ fn redirect(ifindex: u32, reason: u32) -> Verdict {
 #[inline(always)]
 fn forwarded(action: i32, reason: u32) -> Verdict {
     if action == TC_ACT_REDIRECT {
-        Verdict { action, reason }
+        Verdict {
+            action,
+            reason,
+            peer: NO_SLOT,
+        }
     } else {
         Verdict::drop(stat::DROP_REDIRECT)
     }
@@ -609,9 +677,11 @@ pub fn xhost_nic_xdp(ctx: XdpContext) -> u32 {
     };
     // SAFETY: `f.ip` was bounds-checked by `parse`.
     let (src, dst) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr) };
-    // In VXLAN mode container traffic arrives encapsulated only.
-    if LOCAL_NETS.get(&host_key(dst)).is_some()
-        && (tunnel::device().is_some() || !policy::source_allowed(&ctx, &f, src))
+    // In VXLAN mode container traffic arrives encapsulated only. In reject
+    // mode what is refused is left to xhost_nic_in, which answers it.
+    if !reject::rejecting()
+        && LOCAL_NETS.get(&host_key(dst)).is_some()
+        && (tunnel::device().is_some() || policy::source_allowed(&ctx, &f, src).is_none())
     {
         count(stat::DROP_SPOOFED, (ctx.data_end() - ctx.data()) as u32);
         return xdp_action::XDP_DROP;

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use xhost_common::{
     Endpoint, LocalNet, MAX_ENDPOINTS, MAX_LOCAL_NETS, MAX_PEER_HOSTS, MAX_ROUTES,
-    MAX_UNDERLAY_ADDRS, Peer, PeerHost, ROUTE_CACHE_SLOTS,
+    MAX_UNDERLAY_ADDRS, Peer, PeerCounters, PeerHost, ROUTE_CACHE_SLOTS,
 };
 
 /// Remote container prefixes -> the peer host that owns them. Read through
@@ -40,6 +40,36 @@ pub static ENDPOINT_PORTS: HashMap<u32, u32, { MAX_ENDPOINTS as usize }> = HashM
 #[btf_map]
 pub static PEER_HOSTS: HashMap<[u8; 4], PeerHost, { MAX_PEER_HOSTS as usize }> = HashMap::new();
 
+/// Packets and bytes to and from each peer host, per CPU, by
+/// `PeerHost::slot`.
+#[btf_map]
+pub static PEER_STATS: PerCpuArray<PeerCounters, { MAX_PEER_HOSTS as usize }> = PerCpuArray::new();
+
+/// No peer slot: traffic not counted per peer.
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// The `PEER_STATS` slot of peer host `host`, or [`NO_SLOT`].
+#[inline(always)]
+pub fn slot_of(host: [u8; 4]) -> u32 {
+    // SAFETY: the value is copied out at once.
+    unsafe { PEER_HOSTS.get(host) }.map_or(NO_SLOT, |p| p.slot)
+}
+
+/// Counts a packet of `len` bytes forwarded to (`tx`) or delivered from
+/// the peer host of `slot`.
+#[inline(always)]
+pub fn count_peer(slot: u32, tx: bool, len: u32) {
+    if let Some(c) = PEER_STATS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently
+        // with this program.
+        unsafe {
+            let c = if tx { &mut (*c).tx } else { &mut (*c).rx };
+            c.packets += 1;
+            c.bytes += u64::from(len);
+        }
+    }
+}
+
 /// This host's IPv4 addresses on the underlay (network order) -> the
 /// underlay's ifindex, as the agent reads them from the kernel.
 #[btf_map]
@@ -54,7 +84,8 @@ struct CachedRoute {
     state: u32,
     generation: u64,
     host: [u8; 4],
-    _pad: u32,
+    /// `host`'s `PEER_STATS` slot.
+    slot: u32,
 }
 
 const SLOT_EMPTY: u32 = 0;
@@ -82,26 +113,36 @@ pub fn host_key(addr: [u8; 4]) -> Key<[u8; 4]> {
 /// bump, or before a write that will bump past g.
 #[inline(always)]
 pub fn route_of(addr: [u8; 4]) -> Option<[u8; 4]> {
+    route_slot_of(addr).map(|(host, _)| host)
+}
+
+/// [`route_of`] with the peer's `PEER_STATS` slot ([`NO_SLOT`] if it has
+/// none), looked up with the route and cached with it. A peer host is
+/// written before its routes and removed after them, and a slot is handed
+/// out again only after its host left, which a `ROUTES` write (and the
+/// generation bump after it) preceded.
+#[inline(always)]
+pub fn route_slot_of(addr: [u8; 4]) -> Option<([u8; 4], u32)> {
     // SAFETY: a plain load of the agent's counter (it only ever grows).
     let Some(generation) = DATAPATH_GEN.get_ptr(0).map(|p| unsafe { read_volatile(p) }) else {
-        return lpm(addr);
+        return lpm(addr).map(|h| (h, slot_of(h)));
     };
     let index = u32::from_ne_bytes(addr).wrapping_mul(0x9e37_79b1)
         >> (32 - ROUTE_CACHE_SLOTS.trailing_zeros());
     let Some(slot) = ROUTE_CACHE.get_ptr_mut(index) else {
-        return lpm(addr);
+        return lpm(addr).map(|h| (h, slot_of(h)));
     };
     // SAFETY: this CPU's slot; networking programs do not nest on a CPU
     // (softirq, or process context with BHs off), so nothing else touches it
     // while this program runs.
     let slot = unsafe { &mut *slot };
     if slot.state != SLOT_EMPTY && slot.generation == generation && slot.addr == addr {
-        return (slot.state == SLOT_ROUTED).then_some(slot.host);
+        return (slot.state == SLOT_ROUTED).then_some((slot.host, slot.slot));
     }
-    let found = lpm(addr);
+    let found = lpm(addr).map(|h| (h, slot_of(h)));
     slot.addr = addr;
     slot.generation = generation;
-    slot.host = found.unwrap_or_default();
+    (slot.host, slot.slot) = found.unwrap_or(([0; 4], NO_SLOT));
     slot.state = if found.is_some() {
         SLOT_ROUTED
     } else {

@@ -10,7 +10,7 @@
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    maps::{PEER_HOSTS, route_of},
+    maps::{PEER_HOSTS, route_slot_of},
     parse::{Ipv4Frame, Packet, ptr_at},
 };
 
@@ -19,32 +19,30 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
 
-/// Whether a packet from `src` may be delivered to a local container.
+/// Whether a packet from `src` may be delivered to a local container:
+/// `Some` with the `PEER_STATS` slot of the peer host it comes from.
 #[inline(always)]
-pub fn source_allowed<P: Packet>(ctx: &P, f: &Ipv4Frame, src: [u8; 4]) -> bool {
-    if route_of(src).is_some() {
-        return true;
+pub fn source_allowed<P: Packet>(ctx: &P, f: &Ipv4Frame, src: [u8; 4]) -> Option<u32> {
+    if let Some((_, slot)) = route_slot_of(src) {
+        return Some(slot);
     }
     // SAFETY: `f.ip` was bounds-checked by `parse`.
     let (proto, vihl) = unsafe { ((*f.ip).proto, (*f.ip).vihl) };
     if proto != IPPROTO_ICMP {
-        return false;
+        return None;
     }
-    // SAFETY: lookup of a plain key; the value is not dereferenced.
-    if unsafe { PEER_HOSTS.get(src) }.is_none() {
-        return false;
-    }
+    // SAFETY: the value is copied out at once.
+    let slot = unsafe { PEER_HOSTS.get(src) }?.slot;
     // Verifier: the header length is bounded (IHL is 4 bits) before use.
     let hdr_len = usize::from(vihl & 0x0f) * 4;
     if !(Ipv4Hdr::LEN..=60).contains(&hdr_len) {
-        return false;
+        return None;
     }
-    let Some(icmp_type) = ptr_at::<u8, P>(ctx, EthHdr::LEN + hdr_len) else {
-        return false;
-    };
+    let icmp_type = ptr_at::<u8, P>(ctx, EthHdr::LEN + hdr_len)?;
     // SAFETY: bounds-checked by ptr_at.
     matches!(
         unsafe { *icmp_type },
         ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
     )
+    .then_some(slot)
 }

@@ -63,6 +63,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         &layout,
         settings.tunnel.map(|v| (settings.iface.as_str(), v)),
         settings.attach,
+        settings.deny,
     )?;
     let xdp = dp.attach_underlay(&settings.iface, settings.xdp_mode)?;
     dp.attach_tunnel()?;

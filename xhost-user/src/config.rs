@@ -25,6 +25,7 @@ use crate::net::{self, CidrError, IfaceError, Ipv4Net};
 /// vni = 1             # VXLAN network identifier (default 1)
 /// vxlan_port = 8472   # UDP port (default 8472, as Linux, flannel and Cilium)
 /// attach = "auto"     # TC attach method: auto (tcx if present, else tc), tc, tcx
+/// deny = "drop"       # what is refused: dropped (default), or also answered ("reject")
 /// metrics_addr = "127.0.0.1:9464"  # optional: serve Prometheus /metrics there
 /// [[peer]]
 /// host = "172.16.91.132"
@@ -81,6 +82,11 @@ pub struct SettingsLayer {
     /// classic tc (clsact + cls_bpf direct-action); tc or tcx forces one.
     #[arg(long, value_enum)]
     pub attach: Option<AttachArg>,
+    /// What is done with a packet the datapath refuses: dropped (default),
+    /// or dropped and answered with a TCP RST or ICMP administratively
+    /// prohibited, rate-limited (reject).
+    #[arg(long, value_enum)]
+    pub deny: Option<DenyArg>,
     /// Serve Prometheus metrics at http://IP:PORT/metrics (off unless given).
     #[arg(long, value_name = "IP:PORT", value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<SocketAddr>,
@@ -208,6 +214,46 @@ pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 pub struct PeerConfig {
     pub host: Ipv4Addr,
     pub subnets: Vec<Ipv4Net>,
+}
+
+/// What the datapath does with a packet it refuses (a spoofed source, a
+/// source that may not reach a local container: docs/security.md).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum DenyArg {
+    /// Drop it (counted).
+    #[default]
+    Drop,
+    /// Drop it and answer from the datapath: a TCP RST, else ICMP
+    /// destination unreachable, administratively prohibited (rate-limited).
+    Reject,
+}
+
+impl DenyArg {
+    /// The object's `DENY` constant (`xhost_common::GLOBAL_DENY`).
+    pub fn constant(self) -> u32 {
+        match self {
+            Self::Drop => xhost_common::DENY_DROP,
+            Self::Reject => xhost_common::DENY_REJECT,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Drop => "drop",
+            Self::Reject => "reject",
+        }
+    }
 }
 
 /// How the XDP validator is attached to the underlay.
@@ -390,6 +436,8 @@ pub struct Settings {
     pub tunnel: Option<Vxlan>,
     /// How TC programs are attached.
     pub attach: AttachArg,
+    /// What is done with refused packets.
+    pub deny: DenyArg,
     /// Cluster mode: the other hosts' subnets from etcd.
     pub cluster: Option<ClusterSettings>,
     /// Where Prometheus metrics are served; `None`: not at all.
@@ -538,6 +586,7 @@ pub fn resolve(l: SettingsLayer) -> Result<Settings, ConfigError> {
         xdp_mode: l.xdp_mode.unwrap_or_default(),
         tunnel,
         attach: l.attach.unwrap_or_default(),
+        deny: l.deny.unwrap_or_default(),
         cluster: resolve_cluster(l.etcd)?,
         metrics_addr: l.metrics_addr,
     })
@@ -664,7 +713,7 @@ impl Source {
 /// bridges. The underlay, its XDP mode and the Docker connection are set up
 /// once, at load.
 pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), ConfigError> {
-    let fixed: [(&'static str, String, String); 8] = [
+    let fixed: [(&'static str, String, String); 9] = [
         (
             "etcd",
             describe_cluster(running.cluster.as_ref()),
@@ -696,6 +745,12 @@ pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), Config
             "metrics_addr",
             format!("{:?}", running.metrics_addr),
             format!("{:?}", new.metrics_addr),
+        ),
+        // A load-time constant of the programs.
+        (
+            "deny",
+            running.deny.as_str().into(),
+            new.deny.as_str().into(),
         ),
     ];
     match fixed.into_iter().find(|(_, old, new)| old != new) {
@@ -1172,6 +1227,7 @@ mod tests {
             xdp_mode: XdpModeArg::Auto,
             tunnel: None,
             attach: AttachArg::Auto,
+            deny: DenyArg::Drop,
             cluster: None,
             metrics_addr: None,
         }
@@ -1334,6 +1390,31 @@ mod tests {
     }
 
     #[test]
+    fn deny_comes_from_flag_or_file_and_needs_a_restart() {
+        let base = || SettingsLayer {
+            iface: Some("ens33".into()),
+            ..SettingsLayer::default()
+        };
+        assert_eq!(merge(base(), None).expect("merges").deny, DenyArg::Drop);
+        let file: SettingsLayer = toml::from_str("deny = \"reject\"\n").expect("toml");
+        assert_eq!(
+            merge(base(), Some(file)).expect("merges").deny,
+            DenyArg::Reject
+        );
+        assert_eq!(flags(&["--deny", "reject"]).deny, Some(DenyArg::Reject));
+        let file: SettingsLayer = toml::from_str("deny = \"reject\"\n").expect("toml");
+        let flags = SettingsLayer {
+            deny: Some(DenyArg::Drop),
+            ..base()
+        };
+        assert_eq!(
+            merge(flags, Some(file)).expect_err("conflict").to_string(),
+            "--deny drop conflicts with deny = reject in the config file"
+        );
+        assert!(toml::from_str::<SettingsLayer>("deny = \"icmp\"\n").is_err());
+    }
+
+    #[test]
     fn reload_takes_peers_and_bridges_only() {
         let running = settings();
         let mut new = settings();
@@ -1341,7 +1422,7 @@ mod tests {
         new.bridges.push("br-x".into());
         assert!(check_reloadable(&running, &new).is_ok());
         type Change = fn(&mut Settings);
-        let fixed: [(Change, &str); 6] = [
+        let fixed: [(Change, &str); 7] = [
             (
                 |s| s.iface = "eth1".into(),
                 "iface cannot change while the agent runs (ens33 -> eth1); restart it",
@@ -1365,6 +1446,10 @@ mod tests {
             (
                 |s| s.metrics_addr = Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
                 "metrics_addr cannot change while the agent runs (None -> Some(127.0.0.1:9464)); restart it",
+            ),
+            (
+                |s| s.deny = DenyArg::Reject,
+                "deny cannot change while the agent runs (drop -> reject); restart it",
             ),
         ];
         for (change, want) in fixed {

@@ -13,23 +13,26 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{NlOptions, TcAttachOptions, TcHandle},
     },
+    util::nr_cpus,
 };
 use log::{info, warn};
 use xhost_common::{
-    ARMED, Endpoint, GLOBAL_HELPERS, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT, GLOBAL_TUNNEL_VNI,
-    LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS,
-    MAP_ROUTES, MAP_UNDERLAY_ADDRS, MAX_UNDERLAY_ADDRS, PINNED_MAPS, PROG_BRIDGE_IN, PROG_NIC_IN,
-    PROG_NIC_XDP, PROG_VETH_IN, PROG_VXLAN_IN, PROG_VXLAN_OUT, Peer, PeerHost,
+    ARMED, Endpoint, GLOBAL_DENY, GLOBAL_HELPERS, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT,
+    GLOBAL_TUNNEL_VNI, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS,
+    MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_PEER_STATS, MAP_ROUTES, MAP_UNDERLAY_ADDRS, MAX_PEER_HOSTS,
+    MAX_UNDERLAY_ADDRS, PINNED_MAPS, PROG_BRIDGE_IN, PROG_NIC_IN, PROG_NIC_XDP, PROG_VETH_IN,
+    PROG_VXLAN_IN, PROG_VXLAN_OUT, Peer, PeerCounters, PeerHost,
 };
 
 use crate::{
     attach::{self, AttachArg, KernelFeatures, ProbeError, TC_PRIORITY, TcMethod},
+    config::DenyArg,
     config::{Vxlan, XdpModeArg},
     layout::{Hook, Layout, remove_file_if_exists},
     net::Ipv4Net,
@@ -166,6 +169,11 @@ pub struct Datapath {
     endpoints: HashMap<MapData, [u8; 4], Endpoint>,
     endpoint_ports: HashMap<MapData, u32, u32>,
     peer_hosts: HashMap<MapData, [u8; 4], PeerHost>,
+    /// Per-peer counters (`PEER_STATS`), by `PeerHost::slot`.
+    peer_stats: PerCpuArray<MapData, PeerCounters>,
+    /// The slot each peer host in `PEER_HOSTS` has, and the slots free.
+    peer_slots: BTreeMap<Ipv4Addr, u32>,
+    free_slots: Vec<u32>,
     underlay_addrs: HashMap<MapData, [u8; 4], u32>,
     attachments: BTreeMap<(String, Hook), Attachment>,
     /// What the kernel offers, probed at load, and the TC method chosen.
@@ -262,6 +270,7 @@ impl Datapath {
         layout: &Layout,
         tunnel: Option<(&str, Vxlan)>,
         attach: AttachArg,
+        deny: DenyArg,
     ) -> Result<Self, DatapathError> {
         if layout.in_use() {
             return Err(DatapathError::AlreadyLoaded(layout.pin_dir.clone()));
@@ -305,12 +314,20 @@ impl Datapath {
             warn!("kernel {}: {f}", features.release);
         }
         let helpers = features.helper_bits();
+        let deny_mode = deny.constant();
+        if deny == DenyArg::Reject {
+            info!(
+                "refused packets are answered (deny reject): TCP RST or ICMP administratively prohibited, at most {} a second per CPU",
+                xhost_common::REJECT_RATE_PER_SEC
+            );
+        }
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(GLOBAL_HELPERS, &helpers, true)
             .override_global(GLOBAL_TUNNEL_IFINDEX, &tunnel_ifindex, true)
             .override_global(GLOBAL_TUNNEL_VNI, &vni, true)
             .override_global(GLOBAL_TUNNEL_PORT, &port, true)
+            .override_global(GLOBAL_DENY, &deny_mode, true)
             .load(OBJECT)
             .map_err(|e| DatapathError::Object(Box::new(e)))?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -342,7 +359,8 @@ impl Datapath {
             generation,
             underlay_addrs,
             endpoint_ports,
-        ] = <[aya::maps::Map; 8]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
+            peer_stats,
+        ] = <[aya::maps::Map; 9]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
         let mut dp = Self {
             layout: layout.clone(),
             routes: RouteTable::new(routes, generation)?,
@@ -352,6 +370,10 @@ impl Datapath {
                 .try_into()
                 .map_err(map_error(MAP_ENDPOINT_PORTS))?,
             peer_hosts: peer_hosts.try_into().map_err(map_error(MAP_PEER_HOSTS))?,
+            peer_stats: peer_stats.try_into().map_err(map_error(MAP_PEER_STATS))?,
+            peer_slots: BTreeMap::new(),
+            // Handed out lowest first.
+            free_slots: (0..MAX_PEER_HOSTS).rev().collect(),
             underlay_addrs: underlay_addrs
                 .try_into()
                 .map_err(map_error(MAP_UNDERLAY_ADDRS))?,
@@ -738,17 +760,56 @@ impl Datapath {
         self.attachments.keys().map(|(i, h)| (i.as_str(), *h))
     }
 
-    /// Marks `host` as a peer host (its ICMP errors may reach containers).
+    /// Marks `host` as a peer host (its ICMP errors may reach containers),
+    /// with a `PEER_STATS` slot of its own, zeroed before it is handed out.
     pub fn add_peer_host(&mut self, host: Ipv4Addr) -> Result<(), DatapathError> {
-        self.peer_hosts
-            .insert(host.octets(), PeerHost { flags: 0 }, 0)
+        let slot = match self.peer_slots.get(&host) {
+            Some(&slot) => slot,
+            None => {
+                let slot = self
+                    .free_slots
+                    .pop()
+                    .ok_or(DatapathError::Missing("a free PEER_STATS slot"))?;
+                let zero = nr_cpus()
+                    .map_err(|(_, e)| e)
+                    .and_then(|n| PerCpuValues::try_from(vec![PeerCounters::default(); n]))
+                    .map_err(|e| DatapathError::Map {
+                        map: MAP_PEER_STATS,
+                        source: aya::maps::MapError::IoError(e),
+                    });
+                if let Err(e) = zero.and_then(|z| {
+                    self.peer_stats
+                        .set(slot, z, 0)
+                        .map_err(entry_error(MAP_PEER_STATS, slot))
+                }) {
+                    self.free_slots.push(slot);
+                    return Err(e);
+                }
+                slot
+            }
+        };
+        if let Err(e) = self
+            .peer_hosts
+            .insert(host.octets(), PeerHost { flags: 0, slot }, 0)
             .map_err(entry_error(MAP_PEER_HOSTS, host))
+        {
+            if !self.peer_slots.contains_key(&host) {
+                self.free_slots.push(slot);
+            }
+            return Err(e);
+        }
+        self.peer_slots.insert(host, slot);
+        Ok(())
     }
 
     pub fn remove_peer_host(&mut self, host: Ipv4Addr) -> Result<(), DatapathError> {
         self.peer_hosts
             .remove(&host.octets())
-            .map_err(entry_error(MAP_PEER_HOSTS, host))
+            .map_err(entry_error(MAP_PEER_HOSTS, host))?;
+        if let Some(slot) = self.peer_slots.remove(&host) {
+            self.free_slots.push(slot);
+        }
+        Ok(())
     }
 
     /// Makes `UNDERLAY_ADDRS` hold `addrs`, the addresses of the underlay

@@ -11,8 +11,8 @@ use anyhow::{Context as _, bail};
 use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray};
 use serde::{Deserialize, Serialize};
 use xhost_common::{
-    Counter, Endpoint, LocalNet, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_ROUTES, MAP_STATS,
-    MAP_UNDERLAY_ADDRS, Peer, stat,
+    Counter, Endpoint, LocalNet, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_PEER_STATS,
+    MAP_ROUTES, MAP_STATS, MAP_UNDERLAY_ADDRS, Peer, PeerCounters, PeerHost, stat,
 };
 
 use crate::{
@@ -294,6 +294,49 @@ pub struct Status {
     /// The lists above are then empty where a map is missing.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub missing_pins: Vec<String>,
+    /// `PEER_STATS` by peer host (`PEER_HOSTS`), sorted by address. Empty
+    /// for a datapath pinned by a build without the map.
+    pub peer_counters: Vec<PeerCounterRow>,
+}
+
+/// One peer host's traffic through the datapath, summed over CPUs.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct PeerCounterRow {
+    pub peer: Ipv4Addr,
+    /// Forwarded to the peer.
+    pub tx: CounterRow,
+    /// Delivered from the peer.
+    pub rx: CounterRow,
+}
+
+/// Each peer host's counters, summed over CPUs (none for a datapath
+/// pinned by a build without `PEER_STATS`).
+pub fn read_peer_counters(layout: &Layout) -> anyhow::Result<Vec<PeerCounterRow>> {
+    if !layout.map(MAP_PEER_STATS).exists() || !layout.map(MAP_PEER_HOSTS).exists() {
+        return Ok(Vec::new());
+    }
+    let hosts: HashMap<MapData, [u8; 4], PeerHost> =
+        open_pinned(layout, MAP_PEER_HOSTS)?.try_into()?;
+    let stats: PerCpuArray<MapData, PeerCounters> =
+        open_pinned(layout, MAP_PEER_STATS)?.try_into()?;
+    let mut out = Vec::new();
+    for item in hosts.iter() {
+        let (k, v) = item?;
+        let (mut tx, mut rx) = (CounterRow::default(), CounterRow::default());
+        for c in stats.get(&v.slot, 0)?.iter() {
+            tx.packets += c.tx.packets;
+            tx.bytes += c.tx.bytes;
+            rx.packets += c.rx.packets;
+            rx.bytes += c.rx.bytes;
+        }
+        out.push(PeerCounterRow {
+            peer: Ipv4Addr::from(k),
+            tx,
+            rx,
+        });
+    }
+    out.sort_by_key(|r| r.peer);
+    Ok(out)
 }
 
 fn prefix(k: &aya::maps::lpm_trie::Key<[u8; 4]>) -> Ipv4Net {
@@ -420,6 +463,7 @@ pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
     } else {
         std::collections::BTreeMap::new()
     };
+    let peer_counters = read_peer_counters(layout)?;
     Ok(Status {
         missing_pins,
         pin_dir: layout.pin_dir.display().to_string(),
@@ -431,6 +475,7 @@ pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
         endpoints,
         underlay_addrs,
         counters,
+        peer_counters,
     })
 }
 
@@ -551,6 +596,19 @@ pub fn print_status(s: &Status) {
             "  {name:<16} {:>12} packets {:>16} bytes",
             c.packets, c.bytes
         );
+    }
+    if !s.peer_counters.is_empty() {
+        println!("peer hosts ({MAP_PEER_HOSTS}, {MAP_PEER_STATS}):");
+        for p in &s.peer_counters {
+            println!(
+                "  {:<16} tx {:>12} packets {:>16} bytes   rx {:>12} packets {:>16} bytes",
+                p.peer.to_string(),
+                p.tx.packets,
+                p.tx.bytes,
+                p.rx.packets,
+                p.rx.bytes
+            );
+        }
     }
     if let Some(c) = s.agent.as_ref().and_then(|a| a.cluster.as_ref()) {
         print_cluster(c);

@@ -1777,3 +1777,451 @@ fn vxlan_mode_drops_spoofed_sources_before_encapsulating() {
         );
     });
 }
+
+/// The Ethernet header of an answer to `f`: back to its sender.
+fn eth_back(f: &[u8]) -> Vec<u8> {
+    let mut o = f[6..12].to_vec();
+    o.extend_from_slice(&f[0..6]);
+    o.extend_from_slice(&[0x08, 0x00]);
+    o
+}
+
+/// The IPv4 header of an answer to `f` (no options, ID 0, TTL 64), as
+/// etherparse writes it, checksum included.
+fn ip_back(f: &[u8], proto: etherparse::IpNumber, payload: usize, df: bool) -> Vec<u8> {
+    let src: [u8; 4] = f[26..30].try_into().expect("4");
+    let dst: [u8; 4] = f[30..34].try_into().expect("4");
+    let mut ip = etherparse::Ipv4Header::new(payload as u16, 64, proto, dst, src).expect("ip");
+    ip.dont_fragment = df;
+    ip.header_checksum = ip.calc_header_checksum();
+    ip.to_bytes().to_vec()
+}
+
+/// The RST an RFC 793 receiver in CLOSED sends for TCP segment `f`: `seq`,
+/// and `ack` when the segment had no ACK.
+fn rst_for(f: &[u8], seq: u32, ack: Option<u32>) -> Vec<u8> {
+    let t = 14 + ip_hdr_len(f);
+    let (sport, dport) = (
+        u16::from_be_bytes([f[t], f[t + 1]]),
+        u16::from_be_bytes([f[t + 2], f[t + 3]]),
+    );
+    let mut tcp = etherparse::TcpHeader::new(dport, sport, seq, 0);
+    tcp.rst = true;
+    if let Some(a) = ack {
+        tcp.ack = true;
+        tcp.acknowledgment_number = a;
+    }
+    let ip_bytes = ip_back(f, etherparse::IpNumber::TCP, 20, true);
+    let ip = etherparse::Ipv4Header::from_slice(&ip_bytes).expect("ip").0;
+    tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).expect("checksum");
+    let mut o = eth_back(f);
+    o.extend_from_slice(&ip_bytes);
+    o.extend_from_slice(&tcp.to_bytes());
+    o
+}
+
+/// ICMP destination unreachable, communication administratively
+/// prohibited (3/13), for `f`: its IPv4 header and the 8 bytes after it.
+fn prohibited_for(f: &[u8]) -> Vec<u8> {
+    let quote = &f[14..14 + ip_hdr_len(f) + 8];
+    let icmp = etherparse::Icmpv4Header::with_checksum(
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FilterProhibited,
+        ),
+        quote,
+    );
+    let mut o = eth_back(f);
+    o.extend_from_slice(&ip_back(
+        f,
+        etherparse::IpNumber::ICMP,
+        8 + quote.len(),
+        false,
+    ));
+    o.extend_from_slice(&icmp.to_bytes());
+    o.extend_from_slice(quote);
+    o
+}
+
+/// A TCP segment from `src` to `dst`, ports 40000 -> 80, with `flags`,
+/// sequence and acknowledgment numbers and `payload` bytes, from `CTR_MAC`
+/// to `to`.
+fn tcp_segment(
+    src: [u8; 4],
+    dst: [u8; 4],
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    payload: usize,
+    to: [u8; 6],
+) -> Vec<u8> {
+    let mut f = tcp(src, dst, 20, payload);
+    f[0..6].copy_from_slice(&to);
+    f[22] = 63;
+    set_checksum(&mut f);
+    f[34..36].copy_from_slice(&40000u16.to_be_bytes());
+    f[36..38].copy_from_slice(&80u16.to_be_bytes());
+    f[38..42].copy_from_slice(&seq.to_be_bytes());
+    f[42..46].copy_from_slice(&ack.to_be_bytes());
+    f[47] = flags;
+    f
+}
+
+/// Checks with etherparse that an answer's IPv4, TCP or ICMP checksums are
+/// right (the expected frames are built by etherparse too, but this reads
+/// what the datapath wrote).
+fn assert_checksums(out: &[u8], name: &str) {
+    let p = etherparse::SlicedPacket::from_ethernet(out).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!("{name}: not IPv4");
+    };
+    let h = ip.header().to_header();
+    assert_eq!(
+        h.header_checksum,
+        h.calc_header_checksum(),
+        "{name}: IPv4 checksum"
+    );
+    match &p.transport {
+        Some(etherparse::TransportSlice::Tcp(t)) => assert_eq!(
+            t.checksum(),
+            t.to_header()
+                .calc_checksum_ipv4(&h, t.payload())
+                .expect("sum"),
+            "{name}: TCP checksum"
+        ),
+        Some(etherparse::TransportSlice::Icmpv4(i)) => assert_eq!(
+            i.checksum(),
+            i.header().icmp_type.calc_checksum(i.payload()),
+            "{name}: ICMP checksum"
+        ),
+        other => panic!("{name}: unexpected transport {other:?}"),
+    }
+}
+
+/// One refused packet in reject mode: what must come out, and which
+/// counters move (the refused packet under its drop reason; an answer
+/// under `reject_sent` with its own length).
+struct RejectCase {
+    name: &'static str,
+    frame: Vec<u8>,
+    /// The answer; `None`: dropped unanswered.
+    answer: Option<Vec<u8>>,
+    drop: u32,
+}
+
+fn run_reject_cases(ebpf: &mut Ebpf, prog: &str, ctx: &[u8], cases: Vec<RejectCase>) {
+    for c in cases {
+        let before = counters(ebpf);
+        let r = run_tc_prog_ctx(ebpf, prog, ctx, &c.frame, 1)
+            .unwrap_or_else(|e| panic!("{}: test_run: {e}", c.name));
+        let after = counters(ebpf);
+        let moved = |i: u32| {
+            let (a, b) = (after[i as usize], before[i as usize]);
+            (a.packets - b.packets, a.bytes - b.bytes)
+        };
+        assert_eq!(
+            moved(c.drop),
+            (1, c.frame.len() as u64),
+            "{}: the refused packet counts under {}",
+            c.name,
+            stat::NAMES[c.drop as usize]
+        );
+        match &c.answer {
+            Some(answer) => {
+                assert_eq!(r.verdict, TC_ACT_REDIRECT, "{}: verdict", c.name);
+                assert_eq!(&r.out, answer, "{}: the answer", c.name);
+                assert_checksums(&r.out, c.name);
+                assert_eq!(
+                    moved(stat::REJECT_SENT),
+                    (1, answer.len() as u64),
+                    "{}: reject_sent",
+                    c.name
+                );
+            }
+            None => {
+                assert_eq!(r.verdict, TC_ACT_SHOT, "{}: verdict", c.name);
+                assert_eq!(moved(stat::REJECT_SENT), (0, 0), "{}: no answer", c.name);
+            }
+        }
+        let others = (0..stat::COUNT)
+            .filter(|&i| i != c.drop && i != stat::REJECT_SENT)
+            .all(|i| moved(i) == (0, 0));
+        assert!(others, "{}: no other counter may move", c.name);
+    }
+}
+
+/// `--deny reject` on the underlay: a refused TCP segment is answered with
+/// the RST RFC 793 prescribes for a CLOSED port, anything else with ICMP
+/// 3/13 quoting the refused IPv4 header (options included) and the 8 bytes
+/// after it, sent back out ul0. ICMP errors, RSTs, broadcasts and
+/// non-first fragments are dropped unanswered.
+#[test]
+fn reject_mode_answers_what_the_underlay_refuses() {
+    in_test_host_with(loaded_reject, |ebpf| {
+        let ul0 = mac("ul0");
+        let spoofed = [10, 1, 1, 1];
+        let syn = tcp_segment(spoofed, C1, 0x02, 1000, 0, 0, ul0);
+        let syn_fin_data = tcp_segment(spoofed, C1, 0x03, 0xffff_fff0, 0, 100, ul0);
+        let ack_data = tcp_segment(spoofed, C1, 0x18, 7, 5555, 10, ul0);
+        let rst = tcp_segment(spoofed, C1, 0x14, 7, 5555, 0, ul0);
+        let udp = to_mac(ipv4(spoofed, C1, 63, &[]), ul0);
+        let udp_opts = to_mac(ipv4(spoofed, C1, 63, &[1, 1, 1, 0]), ul0);
+        let echo = to_mac(icmp([172, 16, 91, 132], C1, 8), ul0);
+        let time_exceeded = to_mac(icmp([172, 16, 91, 150], C1, 11), ul0);
+        let unreachable = to_mac(icmp([172, 16, 91, 150], C1, 3), ul0);
+        let broadcast = to_mac(ipv4(spoofed, C1, 63, &[]), [0xff; 6]);
+        let mut fragment = to_mac(ipv4(spoofed, C1, 63, &[]), ul0);
+        fragment[20..22].copy_from_slice(&[0x00, 0x10]); // offset 16 * 8 bytes
+        set_checksum(&mut fragment);
+        let mut first_fragment = to_mac(ipv4(spoofed, C1, 63, &[]), ul0);
+        first_fragment[20..22].copy_from_slice(&[0x20, 0x00]); // MF, offset 0
+        set_checksum(&mut first_fragment);
+        run_reject_cases(
+            ebpf,
+            xhost_common::PROG_NIC_IN,
+            &skb_ctx(ifindex("ul0"), 0),
+            vec![
+                RejectCase {
+                    name: "SYN: RST+ACK, seq 0, ack seq+1",
+                    answer: Some(rst_for(&syn, 0, Some(1001))),
+                    frame: syn,
+                    drop: stat::DROP_SPOOFED,
+                },
+                RejectCase {
+                    name: "SYN+FIN with 100 bytes, no ACK: ack wraps past 2^32",
+                    answer: Some(rst_for(
+                        &syn_fin_data,
+                        0,
+                        Some(0xffff_fff0u32.wrapping_add(102)),
+                    )),
+                    frame: syn_fin_data,
+                    drop: stat::DROP_SPOOFED,
+                },
+                RejectCase {
+                    name: "data with ACK: RST, seq = its ack",
+                    answer: Some(rst_for(&ack_data, 5555, None)),
+                    frame: ack_data,
+                    drop: stat::DROP_SPOOFED,
+                },
+                RejectCase {
+                    name: "UDP: ICMP 3/13",
+                    answer: Some(prohibited_for(&udp)),
+                    frame: udp,
+                    drop: stat::DROP_SPOOFED,
+                },
+                RejectCase {
+                    name: "UDP with IP options: quoted whole",
+                    answer: Some(prohibited_for(&udp_opts)),
+                    frame: udp_opts,
+                    drop: stat::DROP_SPOOFED,
+                },
+                RejectCase {
+                    name: "echo request from the peer host: ICMP 3/13",
+                    answer: Some(prohibited_for(&echo)),
+                    frame: echo,
+                    drop: stat::DROP_SPOOFED,
+                },
+                RejectCase {
+                    name: "first fragment: answered",
+                    answer: Some(prohibited_for(&first_fragment)),
+                    frame: first_fragment,
+                    drop: stat::DROP_SPOOFED,
+                },
+                RejectCase {
+                    name: "RST: never answered",
+                    answer: None,
+                    frame: rst,
+                    drop: stat::DROP_SPOOFED,
+                },
+                RejectCase {
+                    name: "ICMP time exceeded: never answered",
+                    answer: None,
+                    frame: time_exceeded,
+                    drop: stat::DROP_SPOOFED,
+                },
+                RejectCase {
+                    name: "ICMP unreachable: never answered",
+                    answer: None,
+                    frame: unreachable,
+                    drop: stat::DROP_SPOOFED,
+                },
+                RejectCase {
+                    name: "Ethernet broadcast: never answered",
+                    answer: None,
+                    frame: broadcast,
+                    drop: stat::DROP_SPOOFED,
+                },
+                RejectCase {
+                    name: "non-first fragment: never answered",
+                    answer: None,
+                    frame: fragment,
+                    drop: stat::DROP_SPOOFED,
+                },
+            ],
+        );
+    });
+}
+
+/// `--deny reject` at a container's veth: a spoofed source is answered
+/// back into the container (the spoofed address gets the RST), and the
+/// answers stop at the rate limit: a burst of `REJECT_BURST`, then one per
+/// `1 / REJECT_RATE_PER_SEC`, the rest counted as `reject_limited`.
+#[test]
+fn reject_mode_answers_spoofed_container_sources_within_the_rate() {
+    in_test_host_with(loaded_reject, |ebpf| {
+        pin_to_cpu0();
+        let spoofed = [192, 168, 110, 99];
+        let syn = tcp_segment(spoofed, R1, 0x02, 1, 0, 0, GW_MAC);
+        let udp = to_mac(ipv4(spoofed, R1, 64, &[]), GW_MAC);
+        let ctx = skb_ctx(ifindex("br0"), 0);
+        run_reject_cases(
+            ebpf,
+            xhost_common::PROG_VETH_IN,
+            &ctx,
+            vec![
+                RejectCase {
+                    name: "spoofed SYN from the container",
+                    answer: Some(rst_for(&syn, 0, Some(2))),
+                    frame: syn.clone(),
+                    drop: stat::DROP_SPOOFED_LOCAL,
+                },
+                RejectCase {
+                    name: "spoofed UDP from the container",
+                    answer: Some(prohibited_for(&udp)),
+                    frame: udp,
+                    drop: stat::DROP_SPOOFED_LOCAL,
+                },
+            ],
+        );
+        // Spend the bucket: runs back to back (one each: a repeated run
+        // would rewrite one skb again and again). They take well under the
+        // 10 ms one answer's credit takes to come back.
+        let burst = u32::try_from(xhost_common::REJECT_BURST).expect("small");
+        let before = counters(ebpf);
+        let mut r = None;
+        for _ in 0..4 * burst {
+            r = Some(
+                run_tc_prog_ctx(ebpf, xhost_common::PROG_VETH_IN, &ctx, &syn, 1).expect("test_run"),
+            );
+        }
+        let r = r.expect("ran");
+        let after = counters(ebpf);
+        let sent =
+            after[stat::REJECT_SENT as usize].packets - before[stat::REJECT_SENT as usize].packets;
+        let limited = after[stat::REJECT_LIMITED as usize].packets
+            - before[stat::REJECT_LIMITED as usize].packets;
+        assert_eq!(
+            sent + limited,
+            u64::from(4 * burst),
+            "each run answered or limited"
+        );
+        assert!(
+            sent <= u64::from(burst) + 1,
+            "at most the burst (and what refilled meanwhile) is answered: {sent}"
+        );
+        assert_eq!(
+            r.verdict, TC_ACT_SHOT,
+            "the last of the run is not answered"
+        );
+        assert_eq!(
+            after[stat::REJECT_LIMITED as usize].bytes
+                - before[stat::REJECT_LIMITED as usize].bytes,
+            limited * syn.len() as u64,
+            "reject_limited counts the refused packets"
+        );
+    });
+}
+
+/// In drop mode (the default) nothing is answered and nothing is rewritten.
+#[test]
+fn drop_mode_answers_nothing() {
+    in_test_host(|ebpf| {
+        let ul0 = mac("ul0");
+        let syn = tcp_segment([10, 1, 1, 1], C1, 0x02, 1000, 0, 0, ul0);
+        run_tc(
+            ebpf,
+            xhost_common::PROG_NIC_IN,
+            "ul0",
+            vec![Case {
+                name: "spoofed SYN in drop mode",
+                frame: syn,
+                verdict: TC_ACT_SHOT,
+                out: None,
+                counter: stat::DROP_SPOOFED,
+            }],
+        );
+    });
+}
+
+/// `PEER_STATS` of slot `slot`, summed over CPUs: (tx, rx).
+fn peer_counters(ebpf: &Ebpf, slot: u32) -> (Counter, Counter) {
+    let stats: PerCpuArray<_, xhost_common::PeerCounters> =
+        PerCpuArray::try_from(ebpf.map("PEER_STATS").expect("PEER_STATS")).expect("percpu");
+    stats.get(&slot, 0).expect("get").iter().fold(
+        (Counter::default(), Counter::default()),
+        |(tx, rx), c| {
+            (
+                Counter {
+                    packets: tx.packets + c.tx.packets,
+                    bytes: tx.bytes + c.tx.bytes,
+                },
+                Counter {
+                    packets: rx.packets + c.rx.packets,
+                    bytes: rx.bytes + c.rx.bytes,
+                },
+            )
+        },
+    )
+}
+
+/// What is forwarded to a peer host counts under its `PEER_HOSTS` slot as
+/// tx, what is delivered from it (its subnets, its own ICMP errors) as rx,
+/// on the full path and from the caches alike; what is dropped, passed or
+/// routed to a host without a slot counts under none.
+#[test]
+fn peer_counters_follow_forwarded_packets() {
+    in_test_host(|ebpf| {
+        pin_to_cpu0();
+        let mut hosts: aya::maps::HashMap<_, [u8; 4], xhost_common::PeerHost> = ebpf
+            .map_mut("PEER_HOSTS")
+            .expect("PEER_HOSTS")
+            .try_into()
+            .expect("hash");
+        hosts
+            .insert(
+                [172, 16, 91, 132],
+                xhost_common::PeerHost { flags: 0, slot: 5 },
+                0,
+            )
+            .expect("insert");
+        let out = to_mac(ipv4(C1, R1, 64, &[]), GW_MAC);
+        let from_peer = ipv4(R1, C1, 63, &[]);
+        let error = icmp([172, 16, 91, 132], C1, 11);
+        let spoofed = ipv4([10, 1, 1, 1], C1, 63, &[]);
+        let ctx = skb_ctx(ifindex("br0"), 0);
+        let len = |f: &[u8]| f.len() as u64;
+        // Twice each: the second answered from the caches.
+        for _ in 0..2 {
+            let r =
+                run_tc_prog_ctx(ebpf, xhost_common::PROG_VETH_IN, &ctx, &out, 1).expect("test_run");
+            assert_eq!(r.verdict, TC_ACT_REDIRECT, "forwarded to the peer");
+            for f in [&from_peer, &error] {
+                let (verdict, _) = tc_test_run(ebpf, xhost_common::PROG_NIC_IN, "ul0", f, "in");
+                assert_eq!(verdict, TC_ACT_REDIRECT, "delivered from the peer");
+            }
+        }
+        let (verdict, _) = tc_test_run(ebpf, xhost_common::PROG_NIC_IN, "ul0", &spoofed, "spoofed");
+        assert_eq!(verdict, TC_ACT_SHOT);
+        // To the second peer, which has no PEER_HOSTS entry (no slot).
+        let unslotted = to_mac(ipv4(C1, [192, 168, 230, 5], 64, &[]), GW_MAC);
+        run_tc_prog_ctx(ebpf, xhost_common::PROG_VETH_IN, &ctx, &unslotted, 1).expect("test_run");
+        let (tx, rx) = peer_counters(ebpf, 5);
+        assert_eq!((tx.packets, tx.bytes), (2, 2 * len(&out)), "tx of slot 5");
+        assert_eq!(
+            (rx.packets, rx.bytes),
+            (4, 2 * (len(&from_peer) + len(&error))),
+            "rx of slot 5"
+        );
+        let (tx0, rx0) = peer_counters(ebpf, 0);
+        assert_eq!((tx0.packets, rx0.packets), (0, 0), "no other slot moves");
+    });
+}

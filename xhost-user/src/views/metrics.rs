@@ -24,7 +24,7 @@ use xhost_common::{MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, MA
 
 use crate::{
     layout::Layout,
-    report::{AgentState, Attachment, CounterRow},
+    report::{AgentState, Attachment, CounterRow, PeerCounterRow, read_peer_counters},
 };
 
 /// The OpenMetrics text format, as Prometheus asks for it.
@@ -132,13 +132,16 @@ pub struct MapFill {
 pub struct Snapshot {
     /// `STATS` summed over CPUs, by `stat::NAMES`.
     pub counters: std::collections::BTreeMap<String, CounterRow>,
+    /// `PEER_STATS` by peer host.
+    pub peers: Vec<PeerCounterRow>,
     pub maps: Vec<MapFill>,
     pub attached: Vec<Attachment>,
     /// The agent's state file (absent for a datapath no agent describes).
     pub agent: Option<AgentState>,
 }
 
-/// `stat::NAMES` are `<verdict>_<reason>`: `fwd_egress`, `drop_spoofed`, ...
+/// `stat::NAMES` are `<verdict>_<reason>`: `fwd_egress`, `drop_spoofed`,
+/// `reject_sent` (answers to refused packets), ...
 fn verdict_reason(name: &str) -> (&str, &str) {
     name.split_once('_').unwrap_or((name, ""))
 }
@@ -200,6 +203,7 @@ impl Snapshot {
             maps,
             attached: crate::report::pinned_attachments(layout),
             agent: AgentState::read(layout).ok(),
+            peers: read_peer_counters(layout)?,
         })
     }
 
@@ -231,7 +235,7 @@ impl Snapshot {
         }
         r.register(
             "datapath_packets",
-            "Packets the datapath decided on, by verdict (fwd, pass: to the kernel, drop) and reason (STATS)",
+            "Packets the datapath decided on, by verdict (fwd, pass: to the kernel, drop; reject: answers it sent to refused packets, or left unsent by the rate limit) and reason (STATS)",
             packets,
         );
         r.register_with_unit(
@@ -239,6 +243,30 @@ impl Snapshot {
             "Bytes of the packets the datapath decided on, by verdict and reason (STATS)",
             Unit::Bytes,
             bytes,
+        );
+
+        let peer_packets = Family::<Labels, Counter>::default();
+        let peer_bytes = Family::<Labels, Counter>::default();
+        for p in &self.peers {
+            for (direction, c) in [("tx", p.tx), ("rx", p.rx)] {
+                let l = vec![
+                    ("peer", p.peer.to_string()),
+                    ("direction", direction.to_owned()),
+                ];
+                peer_packets.get_or_create(&l).inc_by(c.packets);
+                peer_bytes.get_or_create(&l).inc_by(c.bytes);
+            }
+        }
+        r.register(
+            "peer_packets",
+            "Packets forwarded to (tx) and delivered from (rx) each peer host (PEER_STATS)",
+            peer_packets,
+        );
+        r.register_with_unit(
+            "peer",
+            "Bytes forwarded to (tx) and delivered from (rx) each peer host (PEER_STATS)",
+            Unit::Bytes,
+            peer_bytes,
         );
 
         let gauge = |v: i64| {
@@ -327,6 +355,24 @@ impl Snapshot {
                     );
                 }
             }
+            if let Some(c) = &a.cluster {
+                r.register(
+                    "store_connected",
+                    "Cluster mode: whether the agent's etcd connection is up (1) or not (0)",
+                    gauge(i64::from(c.store.connected)),
+                );
+                r.register(
+                    "store_revision",
+                    "Cluster mode: the etcd revision of the cluster view the agent holds",
+                    gauge(c.store.revision),
+                );
+                r.register_with_unit(
+                    "store_lease_ttl",
+                    "Cluster mode: TTL of this host's etcd lease, as granted",
+                    Unit::Seconds,
+                    gauge(c.store.lease_ttl),
+                );
+            }
         }
 
         let mut out = String::new();
@@ -347,8 +393,8 @@ mod tests {
         for name in stat::NAMES {
             let (verdict, reason) = verdict_reason(name);
             assert!(
-                ["fwd", "pass", "drop"].contains(&verdict) && !reason.is_empty(),
-                "{name}: STATS names must read <fwd|pass|drop>_<reason>"
+                ["fwd", "pass", "drop", "reject"].contains(&verdict) && !reason.is_empty(),
+                "{name}: STATS names must read <fwd|pass|drop|reject>_<reason>"
             );
         }
     }
@@ -379,6 +425,17 @@ mod tests {
             }],
             attached: Vec::new(),
             agent: None,
+            peers: vec![PeerCounterRow {
+                peer: std::net::Ipv4Addr::new(10, 0, 0, 2),
+                tx: CounterRow {
+                    packets: 7,
+                    bytes: 700,
+                },
+                rx: CounterRow {
+                    packets: 1,
+                    bytes: 98,
+                },
+            }],
         };
         let text = s.encode();
         for want in [
@@ -388,6 +445,9 @@ mod tests {
             "# UNIT xhost_datapath_bytes bytes",
             "xhost_datapath_bytes_total{verdict=\"drop\",reason=\"spoofed\"} 196",
             "xhost_routes 3",
+            "xhost_peer_packets_total{peer=\"10.0.0.2\",direction=\"tx\"} 7",
+            "xhost_peer_packets_total{peer=\"10.0.0.2\",direction=\"rx\"} 1",
+            "xhost_peer_bytes_total{peer=\"10.0.0.2\",direction=\"tx\"} 700",
             "xhost_map_entries{map=\"ROUTES\"} 3",
             "xhost_map_capacity{map=\"ROUTES\"} 131072",
             "xhost_build_info{version=\"",

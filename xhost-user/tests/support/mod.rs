@@ -121,6 +121,15 @@ pub fn loaded_vxlan(ifindex: u32, vni: u32, port: u16) -> Ebpf {
     )
 }
 
+/// [`loaded`] with `--deny reject`: refused packets are answered.
+pub fn loaded_reject() -> Ebpf {
+    load(EbpfLoader::new().override_global(
+        xhost_common::GLOBAL_DENY,
+        &xhost_common::DENY_REJECT,
+        true,
+    ))
+}
+
 fn load(loader: &mut EbpfLoader) -> Ebpf {
     // The helpers this kernel has, as the agent sets them (probed once; the
     // loader borrows the value for as long as it lives).
@@ -218,7 +227,7 @@ pub fn fill_maps(ebpf: &mut Ebpf) {
         .try_into()
         .expect("hash");
     hosts
-        .insert([172, 16, 91, 132], PeerHost { flags: 0 }, 0)
+        .insert([172, 16, 91, 132], PeerHost { flags: 0, slot: 0 }, 0)
         .expect("insert");
     let mut addrs: HashMap<_, [u8; 4], u32> = ebpf
         .map_mut("UNDERLAY_ADDRS")
