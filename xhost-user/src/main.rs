@@ -94,7 +94,7 @@ enum ClusterCmd {
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
-        etcd: EtcdArgs,
+        etcd: config::EtcdLayer,
     },
     /// Store the cluster's subnet pool: each agent following Docker then
     /// claims a --host-prefix subnet of it and creates a Docker network with it.
@@ -249,12 +249,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Cluster {
             cmd: ClusterCmd::Hosts { json, config, etcd },
         } => {
-            let file = config
-                .as_deref()
-                .map(config::read_file)
-                .transpose()?
-                .and_then(|f| f.etcd);
-            let c = config::merge_cluster(etcd.flags(), file)?.context(
+            // The flags over the file's [etcd], as for load.
+            let flags = config::SettingsLayer {
+                etcd,
+                ..config::SettingsLayer::default()
+            };
+            let merged = match config.as_deref().map(config::read_file).transpose()? {
+                Some(file) => config::layer(&flags, file)?,
+                None => flags,
+            };
+            let c = config::resolve_cluster(merged.etcd)?.context(
                 "give the cluster's etcd: --etcd-endpoints, or --config with an [etcd] table",
             )?;
             let rt = tokio::runtime::Builder::new_current_thread()
