@@ -394,3 +394,62 @@ impl Drop for Etcd {
         let _ = std::fs::remove_dir_all(&self.data);
     }
 }
+
+/// Latency percentiles of a set of samples, in milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Percentiles {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `v` (empty: all zero).
+    pub fn of(v: &[Duration]) -> Self {
+        let mut v = v.to_vec();
+        v.sort();
+        let at = |p: f64| {
+            v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+                .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        };
+        Self {
+            samples: v.len(),
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
+}
+
+/// `cluster_bench scale`: one agent and many simulated hosts in etcd.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScaleResult {
+    pub hosts: u32,
+    pub subnets_per_host: u32,
+    /// Agent start -> every simulated route in `ROUTES`, seconds.
+    pub all_routes_s: f64,
+    /// Agent start -> `ready`, seconds.
+    pub ready_s: f64,
+    /// Agent RSS with every route programmed, bytes.
+    pub rss_bytes: u64,
+    /// A claim written to etcd -> in `ROUTES`.
+    pub claim: Percentiles,
+    /// Hosts leaving and joining per second, for 5 s.
+    pub churn_hosts_per_s: u32,
+    /// `ROUTES` matched the store this long after the last churn write, ms.
+    pub churn_behind_ms: f64,
+}
+
+/// `cluster_bench docker`: a Docker network created on one host -> routed
+/// on another.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DockerConvergence {
+    /// The Engine API's network create call returned -> the subnet in the
+    /// other host's `ROUTES`.
+    pub create: Percentiles,
+    /// The Engine API's network delete call started -> the route gone.
+    pub remove: Percentiles,
+    /// `ROUTES` poll period, ms.
+    pub poll_ms: f64,
+}

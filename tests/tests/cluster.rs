@@ -159,7 +159,15 @@ fn three_hosts(extra: &[&str]) {
     let o = xhost(
         hosts[0].ns(),
         &agents[0].dirs,
-        &["cluster", "hosts", "--json"],
+        &[
+            "cluster",
+            "hosts",
+            "--json",
+            "--host-id",
+            &hosts[0].underlay_ip().to_string(),
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+        ],
     )
     .expect("cluster hosts");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -241,7 +249,8 @@ fn cluster_host_gone_and_clean_unload() {
 }
 
 /// An agent SIGKILLed and started again within the TTL (its datapath kept
-/// forwarding meanwhile) keeps its lease and claims: the other host's route
+/// forwarding meanwhile; `unload --keep-lease` in between, as the service
+/// unit does) keeps its lease and claims: the other host's route
 /// to it never leaves, and its keys are not even rewritten.
 #[test]
 fn cluster_restart_within_ttl_keeps_claims() {
@@ -290,7 +299,7 @@ fn cluster_restart_within_ttl_keeps_claims() {
     let dirs = b.kill().expect("SIGKILL host-b's agent");
     // The datapath it left keeps forwarding; an operator restarts it:
     // unload the orphaned datapath, load again with the same run dir.
-    let o = xhost(hb.ns(), &dirs, &["unload"]).expect("unload");
+    let o = xhost(hb.ns(), &dirs, &["unload", "--keep-lease"]).expect("unload");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let a2 = args(hb, &etcd, &extra);
     let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
@@ -417,9 +426,10 @@ fn put_claim(etcd: &Etcd, lease: &str, subnet: &str, host: &str) {
 
 /// Conflicting and bad claims: the older of two claims on a subnet wins
 /// and the loser is claimed when freed; overlapping claims, values that do
-/// not parse, a host in another datapath mode, an unreachable host and a
-/// subnet the config also routes are each skipped with one line naming the
-/// key, and the agent keeps serving the rest.
+/// not parse, a host in another datapath mode and a subnet the config also
+/// routes (both appearing after the start), an unreachable host are each
+/// skipped with one line naming the key, and the agent keeps serving the
+/// rest.
 #[test]
 fn cluster_conflicts_and_bad_values() {
     let bed = bed(2);
@@ -436,6 +446,13 @@ fn cluster_conflicts_and_bad_values() {
     // Bad input.
     etcd.ctl_ok(&["put", "/xhost/v1/subnets/10.9.0.1-16", "{\"host\":\"z\"}"]);
     etcd.ctl_ok(&["put", "/xhost/v1/subnets/10.10.0.0-16", "not json"]);
+    put_host(&etcd, &z, "far", "10.0.0.9", "{\"kind\":\"native\"}");
+    put_claim(&etcd, &z, "10.55.0.0/16", "far");
+    let a = start(ha, &etcd, &["--peer", "172.16.91.150=10.66.0.0/16"]);
+    let b = start(hb, &etcd, &[]);
+    // A host of another mode and a config peer's subnet that appear in the
+    // store after the start (at start both refuse it: see
+    // `cluster_start_refusals`) are skipped key by key.
     put_host(
         &etcd,
         &z,
@@ -444,11 +461,7 @@ fn cluster_conflicts_and_bad_values() {
         "{\"kind\":\"vxlan\",\"vni\":1,\"port\":8472}",
     );
     put_claim(&etcd, &z, "10.88.0.0/16", "v");
-    put_host(&etcd, &z, "far", "10.0.0.9", "{\"kind\":\"native\"}");
-    put_claim(&etcd, &z, "10.55.0.0/16", "far");
     put_claim(&etcd, &z, "10.66.0.0/16", "z");
-    let a = start(ha, &etcd, &["--peer", "172.16.91.150=10.66.0.0/16"]);
-    let b = start(hb, &etcd, &[]);
     let b_via_z = (hb.subnet().to_string(), "172.16.91.140".to_owned());
     let z_77 = ("10.77.0.0/16".to_owned(), "172.16.91.140".to_owned());
     let cfg = ("10.66.0.0/16".to_owned(), "172.16.91.150".to_owned());
@@ -822,6 +835,397 @@ fn cluster_docker_engines() {
     );
     drop((a, b, c));
     drop((ea, eb));
+}
+
+/// Waits for a spawned agent to exit on its own; its output and what it
+/// left on disk (looked at before the guard's clean-up).
+#[track_caller]
+fn refused(mut agent: Agent) -> (String, Vec<std::path::PathBuf>) {
+    let t0 = Instant::now();
+    while agent.running() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the agent did not refuse to start:\n{}",
+            agent.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (agent.output(), agent.dirs.leftovers())
+}
+
+/// An agent whose datapath mode differs from a host already in the cluster,
+/// or whose config peer routes a subnet the store holds, refuses to start
+/// with one line naming both sides: nothing attached, nothing claimed.
+#[test]
+fn cluster_start_refusals() {
+    let bed = bed(2);
+    let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let (ha, hb) = (bed.host(0), bed.host(1));
+    let bin = xhost_bin().expect("xhost-user");
+    let spawn = |extra: &[&str]| {
+        let a = args(ha, &etcd, extra);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        Agent::spawn(&bin, ha.ns(), ha.role(), AgentDirs::unique(ha.role()), &a)
+            .expect("spawn xhost-user load")
+    };
+    let nothing_claimed = || {
+        let keys = etcd.ctl_ok(&["get", "/xhost/v1/", "--prefix", "--keys-only"]);
+        assert!(
+            !keys.contains(&ha.underlay_ip().to_string()) && !keys.contains("192.168.110.0"),
+            "host-a claimed something:\n{keys}"
+        );
+    };
+    // host-b runs VXLAN; host-a would run native routing.
+    let b = start(hb, &etcd, &["--tunnel", "vxlan"]);
+    // `ready` comes before the session publishes: wait for host-b's record.
+    let hb_key = format!("/xhost/v1/hosts/{}", hb.underlay_ip());
+    let t0 = Instant::now();
+    while etcd
+        .ctl_ok(&["get", &hb_key, "--keys-only"])
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "host-b never published"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (out, left) = refused(spawn(&[]));
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("xhost-user: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "one error line expected:\n{out}");
+    let hb_ip = hb.underlay_ip().to_string();
+    assert!(
+        lines[0].contains(&format!("host {hb_ip}"))
+            && lines[0].contains("VXLAN VNI 1 port 8472")
+            && lines[0].contains("native routing")
+            && lines[0].contains("mixed datapath modes"),
+        "{}",
+        lines[0]
+    );
+    assert!(!out.contains("ready"), "{out}");
+    assert!(left.is_empty(), "{left:?}");
+    nothing_claimed();
+    // The same mode starts.
+    let a = start(ha, &etcd, &["--tunnel", "vxlan"]);
+    wait_full_mesh(&[ha, hb], &[&a, &b]);
+    drop(a);
+    drop(b);
+    // A config peer routing a subnet another host holds in the store.
+    let z = lease(&etcd, 60);
+    put_host(&etcd, &z, "z", "172.16.91.140", "{\"kind\":\"native\"}");
+    put_claim(&etcd, &z, "10.66.0.0/16", "z");
+    let (out, left) = refused(spawn(&["--peer", "172.16.91.150=10.66.1.0/24"]));
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("xhost-user: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "one error line expected:\n{out}");
+    assert!(
+        lines[0].contains("config peer 172.16.91.150")
+            && lines[0].contains("10.66.1.0/24")
+            && lines[0].contains("host z")
+            && lines[0].contains("/xhost/v1/subnets/10.66.0.0-16"),
+        "{}",
+        lines[0]
+    );
+    assert!(left.is_empty(), "{left:?}");
+    nothing_claimed();
+}
+
+/// `unload` of a SIGKILLed agent revokes its lease (its snapshot names the
+/// lease and the endpoints): the other host drops its route at once, well
+/// within the 10 s TTL.
+#[test]
+fn cluster_unload_of_killed_agent_revokes_lease() {
+    let bed = bed(2);
+    let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let (ha, hb) = (bed.host(0), bed.host(1));
+    let extra = ["--lease-ttl", "10"];
+    let a = start(ha, &etcd, &extra);
+    let b = start(hb, &etcd, &extra);
+    wait_full_mesh(&[ha, hb], &[&a, &b]);
+    let dirs = b.kill().expect("SIGKILL host-b's agent");
+    // Still routed: the lease outlives the killed agent.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(routes(ha, &a.dirs).contains(&route_of(hb)));
+    let t0 = Instant::now();
+    let o = xhost(hb.ns(), &dirs, &["unload"]).expect("unload");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("revoked"), "{err}");
+    let took = wait_routes(
+        ha,
+        &a.dirs,
+        "host-b's route to leave",
+        Duration::from_secs(5),
+        |r| !r.contains(&route_of(hb)),
+    );
+    let total = t0.elapsed();
+    eprintln!(
+        "unload of a killed agent: route left host-a {total:?} after unload began ({took:?} of polling)"
+    );
+    assert!(total < Duration::from_secs(1), "took {total:?}");
+    assert!(dirs.leftovers().is_empty(), "{:?}", dirs.leftovers());
+    let keys = etcd.ctl_ok(&["get", "/xhost/v1/", "--prefix", "--keys-only"]);
+    assert!(!keys.contains(&hb.underlay_ip().to_string()), "{keys}");
+}
+
+/// An agent restarted while etcd is down routes the other hosts from its
+/// on-disk snapshot (packets cross both ways), then reconnects when etcd
+/// returns and follows what changed.
+#[test]
+fn cluster_restart_during_outage_routes_from_snapshot() {
+    let bed = bed(2);
+    let mut etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let (ha, hb) = (bed.host(0), bed.host(1));
+    let extra = ["--lease-ttl", "10"];
+    let a = start(ha, &etcd, &extra);
+    let b = start(hb, &etcd, &extra);
+    wait_full_mesh(&[ha, hb], &[&a, &b]);
+    etcd.kill().expect("stop etcd");
+    let dirs = b.kill().expect("SIGKILL host-b's agent");
+    // unload cannot revoke with etcd down: one line, the datapath goes, the
+    // snapshot stays.
+    let o = xhost(hb.ns(), &dirs, &["unload"]).expect("unload");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("not revoked"), "{err}");
+    let a2 = args(hb, &etcd, &extra);
+    let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
+    let b2 = Agent::start_in(&xhost_bin().expect("bin"), hb.ns(), hb.role(), dirs, &a2)
+        .expect("restart host-b during the outage");
+    assert!(
+        b2.output().contains("routing from the last-known snapshot"),
+        "{}",
+        b2.output()
+    );
+    assert!(routes(hb, &b2.dirs).contains(&route_of(ha)));
+    let s = status(hb.ns(), &b2.dirs).expect("status");
+    assert_eq!(s["agent"]["cluster"]["store"]["connected"], false, "{s:#}");
+    ping_all(&[ha, hb]);
+    etcd.restart().expect("etcd back");
+    xhost_tests::xhost::wait_status(
+        hb.ns(),
+        &b2.dirs,
+        "reconnect",
+        Duration::from_secs(15),
+        |s| s["agent"]["cluster"]["store"]["connected"] == true,
+    )
+    .expect("host-b reconnected");
+    // Converged: a host that joins now reaches the restarted agent.
+    let z = lease(&etcd, 60);
+    put_host(&etcd, &z, "z", "172.16.91.140", "{\"kind\":\"native\"}");
+    put_claim(&etcd, &z, "10.44.0.0/16", "z");
+    let z_route = ("10.44.0.0/16".to_owned(), "172.16.91.140".to_owned());
+    wait_routes(hb, &b2.dirs, "z's route", Duration::from_secs(10), |r| {
+        r.contains(&z_route) && r.contains(&route_of(ha))
+    });
+    wait_routes(ha, &a.dirs, "host-b and z", Duration::from_secs(10), |r| {
+        r.contains(&z_route) && r.contains(&route_of(hb))
+    });
+    ping_all(&[ha, hb]);
+}
+
+/// `cluster hosts` reads etcd itself, with no agent running: hosts, their
+/// subnets, conflicts and skipped keys, as text and `--json`, endpoints
+/// from the flags or a config file's `[etcd]`.
+#[test]
+fn cluster_hosts_reads_etcd_without_agent() {
+    let bed = bed(1);
+    let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let h = bed.host(0);
+    let z = lease(&etcd, 60);
+    put_host(&etcd, &z, "z", "172.16.91.140", "{\"kind\":\"native\"}");
+    put_claim(&etcd, &z, "10.77.0.0/16", "z");
+    put_host(&etcd, &z, "y", "172.16.91.141", "{\"kind\":\"native\"}");
+    put_claim(&etcd, &z, "10.77.1.0/24", "y");
+    put_claim(&etcd, &z, "10.78.0.0/16", "y");
+    etcd.ctl_ok(&["put", "/xhost/v1/subnets/10.9.0.1-16", "{\"host\":\"z\"}"]);
+    let dirs = AgentDirs::unique("hosts");
+    let ep = etcd.endpoint();
+    let o = xhost(
+        h.ns(),
+        &dirs,
+        &["cluster", "hosts", "--json", "--etcd-endpoints", &ep],
+    )
+    .expect("cluster hosts");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let hs = v["hosts"].as_array().expect("hosts");
+    let ids: Vec<&str> = hs.iter().filter_map(|h| h["id"].as_str()).collect();
+    assert_eq!(ids, ["y", "z"], "{v:#}");
+    assert_eq!(
+        hs[0]["subnets"].to_string(),
+        "[\"10.77.1.0/24\",\"10.78.0.0/16\"]",
+        "{v:#}"
+    );
+    assert_eq!(hs[0]["routed"].to_string(), "[\"10.78.0.0/16\"]", "{v:#}");
+    let conflicts = v["conflicts"].to_string();
+    assert!(
+        conflicts.contains("subnet 10.77.1.0/24 of host y overlaps 10.77.0.0/16 held by host z"),
+        "{v:#}"
+    );
+    assert!(v["skipped"].to_string().contains("10.9.0.1-16"), "{v:#}");
+    assert_eq!(v["store"]["connected"], true, "{v:#}");
+    // The same from a config file, as text.
+    let cfg = std::env::temp_dir().join(format!("xh-{}-hosts.toml", std::process::id()));
+    std::fs::write(&cfg, format!("[etcd]\nendpoints = [\"{ep}\"]\n")).expect("config");
+    let o = xhost(
+        h.ns(),
+        &dirs,
+        &["cluster", "hosts", "--config", &cfg.display().to_string()],
+    )
+    .expect("cluster hosts");
+    let _ = std::fs::remove_file(&cfg);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("hosts (2):"), "{text}");
+    assert!(text.contains("10.77.1.0/24 (not routed)"), "{text}");
+    assert!(text.contains("conflict: subnet 10.77.1.0/24"), "{text}");
+    // No store given: one line saying what to give.
+    let o = xhost(h.ns(), &dirs, &["cluster", "hosts"]).expect("cluster hosts");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success() && err.lines().count() == 1, "{err}");
+    assert!(err.contains("--etcd-endpoints"), "{err}");
+    assert!(dirs.leftovers().is_empty(), "{:?}", dirs.leftovers());
+}
+
+/// The pool subnet a Docker host leased stays the same across agent
+/// restarts: within the TTL (`unload --keep-lease`, the lease kept) and
+/// after the lease was gone (`unload` revoked it): the agent finds its
+/// Docker network and claims its subnet again, and the other host routes it.
+#[test]
+fn cluster_pool_subnet_kept_across_restarts() {
+    require_root();
+    assert!(
+        std::path::Path::new("/usr/sbin/dockerd").exists(),
+        "dockerd missing: apt-get install docker.io busybox-static (scripts/setup.sh)"
+    );
+    let bed = ClusterBed::new(&ClusterOpts {
+        hosts: 2,
+        underlay_only: vec![0],
+        ..ClusterOpts::default()
+    })
+    .expect("testbed");
+    let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let (ha, hb) = (bed.host(0), bed.host(1));
+    let mut engine = Engine::prepare_in_netns(ha.name(), &ha.bip()).expect("prepare dockerd");
+    engine.boot().expect("start dockerd");
+    let b = start(hb, &etcd, &[]);
+    let o = xhost(
+        hb.ns(),
+        &b.dirs,
+        &[
+            "cluster",
+            "init",
+            "--pool",
+            "10.200.0.0/16",
+            "--host-prefix",
+            "24",
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+        ],
+    )
+    .expect("cluster init");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ep, docker_host) = (etcd.endpoint(), engine.host());
+    let a_args = [
+        "--iface",
+        "ens33",
+        "--docker-host",
+        docker_host.as_str(),
+        "--etcd-endpoints",
+        ep.as_str(),
+    ];
+    let pool_subnet = |e: &Engine| -> String {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(s) = e.docker_ok(&[
+                "network",
+                "inspect",
+                "-f",
+                "{{(index .IPAM.Config 0).Subnet}}",
+                "xhost",
+            ]) {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "no xhost network made from the pool"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let claimed_by_a = |subnet: &str| {
+        let key = format!("/xhost/v1/subnets/{}", subnet.replace('/', "-"));
+        let t0 = Instant::now();
+        loop {
+            let v = etcd.ctl_ok(&["get", &key, "--print-value-only"]);
+            if v.contains(&ha.underlay_ip().to_string()) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{key} not claimed by host-a: {v:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let routed_on_b = |subnet: &str| {
+        let want = (subnet.to_owned(), ha.underlay_ip().to_string());
+        wait_routes(
+            hb,
+            &b.dirs,
+            "the pool subnet",
+            Duration::from_secs(10),
+            |r| r.contains(&want),
+        );
+    };
+    let mut a = Agent::start(ha.ns(), ha.role(), &a_args).expect("agent on host-a");
+    let first = pool_subnet(&engine);
+    assert!(first.starts_with("10.200."), "{first}");
+    claimed_by_a(&first);
+    routed_on_b(&first);
+    for keep_lease in [true, false] {
+        let dirs = a.kill().expect("SIGKILL host-a's agent");
+        let unload: &[&str] = if keep_lease {
+            &["unload", "--keep-lease"]
+        } else {
+            &["unload"]
+        };
+        let o = xhost(ha.ns(), &dirs, unload).expect("unload");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        if !keep_lease {
+            // The lease is gone with its claims: the pool subnet is free.
+            let key = format!("/xhost/v1/subnets/{}", first.replace('/', "-"));
+            assert_eq!(etcd.ctl_ok(&["get", &key, "--print-value-only"]).trim(), "");
+        }
+        let a2 = Agent::start_in(
+            &xhost_bin().expect("bin"),
+            ha.ns(),
+            ha.role(),
+            dirs,
+            &a_args,
+        )
+        .expect("restart host-a");
+        assert_eq!(pool_subnet(&engine), first, "keep_lease {keep_lease}");
+        claimed_by_a(&first);
+        routed_on_b(&first);
+        assert!(
+            a2.output()
+                .contains(&format!("pool network xhost: exists with {first}; kept")),
+            "{}",
+            a2.output()
+        );
+        a = a2;
+    }
+    drop(a);
+    drop(b);
+    drop(engine);
 }
 
 /// `GET /metrics` from `addr` on the host's loopback: the body.

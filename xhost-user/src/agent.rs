@@ -47,7 +47,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         Some(c) => {
             let addr = underlay_address(&settings.iface)
                 .with_context(|| format!("{} has no IPv4 address to publish", settings.iface))?;
-            Some(ClusterSource::start(c, &settings, &layout, addr)?)
+            Some(ClusterSource::start(c, &settings, &layout, addr).await?)
         }
         None => None,
     };

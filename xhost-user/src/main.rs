@@ -53,6 +53,12 @@ enum Cmd {
         /// before start).
         #[arg(long)]
         missing_ok: bool,
+        /// Cluster mode: keep the cluster lease of an agent that was killed
+        /// (a restart within the lease TTL then keeps its claims); without
+        /// it the lease is revoked and the other hosts drop this host's
+        /// routes at once.
+        #[arg(long)]
+        keep_lease: bool,
     },
     /// What is attached where, routes, endpoints, counters, Docker view.
     Status {
@@ -78,15 +84,17 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once per process; boxing would only obscure the clap derive"
-)]
 enum ClusterCmd {
-    /// The cluster's hosts and subnets as this host's agent sees them.
+    /// The cluster's hosts, subnets and conflicts, read from etcd (no agent
+    /// needed); the store's endpoints as for load (flags or --config).
     Hosts {
         #[arg(long)]
         json: bool,
+        /// TOML config file: its [etcd] table.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        etcd: config::EtcdLayer,
     },
     /// Store the cluster's subnet pool: each agent following Docker then
     /// claims a --host-prefix subnet of it and creates a Docker network with it.
@@ -181,7 +189,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("tokio runtime")?;
             rt.block_on(agent::load(source, layout, detach))
         }
-        Cmd::Unload { iface, missing_ok } => report::unload(&layout, iface.as_deref(), missing_ok),
+        Cmd::Unload {
+            iface,
+            missing_ok,
+            keep_lease,
+        } => report::unload(&layout, iface.as_deref(), missing_ok, keep_lease),
         Cmd::Status {
             watch: true,
             interval,
@@ -235,9 +247,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Cluster {
-            cmd: ClusterCmd::Hosts { json },
+            cmd: ClusterCmd::Hosts { json, config, etcd },
         } => {
-            let c = report::cluster(&layout)?;
+            // The flags over the file's [etcd], as for load.
+            let flags = config::SettingsLayer {
+                etcd,
+                ..config::SettingsLayer::default()
+            };
+            let merged = match config.as_deref().map(config::read_file).transpose()? {
+                Some(file) => config::layer(&flags, file)?,
+                None => flags,
+            };
+            let c = config::resolve_cluster(merged.etcd)?.context(
+                "give the cluster's etcd: --etcd-endpoints, or --config with an [etcd] table",
+            )?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("tokio runtime")?;
+            let c = rt.block_on(xhost_user::store::source::read_cluster(&c))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&c)?);
             } else {

@@ -644,14 +644,6 @@ pub fn print_status(s: &Status) {
     }
 }
 
-/// `cluster hosts`: the cluster as the running agent last wrote it.
-pub fn cluster(layout: &Layout) -> anyhow::Result<crate::store::source::ClusterReport> {
-    let a = AgentState::read(layout)
-        .with_context(|| format!("no agent under {}", layout.run_dir.display()))?;
-    a.cluster
-        .context("the agent does not run in cluster mode (no --etcd-endpoints)")
-}
-
 /// The store's line and the cluster's hosts, conflicts and skipped keys.
 pub fn print_cluster(c: &crate::store::source::ClusterReport) {
     let s = &c.store;
@@ -721,9 +713,15 @@ fn pid_alive(pid: u32) -> bool {
 /// Removes an instance: stops a foreground agent (which cleans up after
 /// itself), then unpins whatever is left (a detached datapath, or what a
 /// killed agent left). With `missing_ok`, nothing loaded is no error.
-pub fn unload(layout: &Layout, iface: Option<&str>, missing_ok: bool) -> anyhow::Result<()> {
+/// Unless `keep_lease`, a killed cluster agent's lease is revoked first.
+pub fn unload(
+    layout: &Layout,
+    iface: Option<&str>,
+    missing_ok: bool,
+    keep_lease: bool,
+) -> anyhow::Result<()> {
     let agent = AgentState::read(layout).ok();
-    if !layout.in_use() && agent.is_none() {
+    if !layout.in_use() && agent.is_none() && !layout.cluster_snapshot().exists() {
         if missing_ok {
             return Ok(());
         }
@@ -751,6 +749,21 @@ pub fn unload(layout: &Layout, iface: Option<&str>, missing_ok: bool) -> anyhow:
         }
         if pid_alive(a.pid) {
             bail!("agent pid {} did not exit within 10 s of SIGTERM", a.pid);
+        }
+    }
+    // A killed agent in cluster mode left its lease: revoke it (its
+    // snapshot says where), so the other hosts drop this host's routes now.
+    // A store that does not answer is one line; the datapath goes anyway.
+    if !keep_lease {
+        let revoked = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")?
+            .block_on(crate::store::source::revoke_left_lease(layout));
+        match revoked {
+            Ok(Some(line)) => log::info!("{line}"),
+            Ok(None) => {}
+            Err(e) => log::warn!("{e:#}"),
         }
     }
     // Whatever remains: unlinking a link pin detaches its program once no

@@ -50,6 +50,16 @@ pub fn prog_cost(release: bool) -> anyhow::Result<PathBuf> {
     Ok(profile_dir(release)?.join("examples").join("prog_cost"))
 }
 
+/// Builds the cluster bench (`tests/examples/cluster_bench.rs`: a real etcd, dockerd and
+/// agents in namespaces); returns its path.
+pub fn cluster_bench(release: bool) -> anyhow::Result<PathBuf> {
+    build(
+        release,
+        &["-p", "xhost-tests", "--example", "cluster_bench"],
+    )?;
+    Ok(profile_dir(release)?.join("examples").join("cluster_bench"))
+}
+
 fn build(release: bool, args: &[&str]) -> anyhow::Result<()> {
     let mut cmd = workspace::cargo();
     cmd.arg("build").args(args);

@@ -35,6 +35,9 @@ pub struct SyncSettings {
     /// Lease TTL in seconds.
     pub ttl: i64,
     pub endpoints: Vec<String>,
+    /// How to reach the store, kept in the snapshot (without the password)
+    /// so `unload` can revoke the lease of an agent that was killed.
+    pub etcd: super::etcd::EtcdOptions,
     /// `<run-dir>/<instance>.cluster.json`.
     pub snapshot: PathBuf,
     /// With a cluster pool: the Docker network to create from it.
@@ -74,15 +77,22 @@ pub struct ClusterState {
 pub struct Snapshot {
     pub host_id: String,
     pub lease: Option<LeaseId>,
+    /// Where the lease lives (the password is never written).
+    #[serde(default)]
+    pub etcd: Option<super::etcd::EtcdOptions>,
     pub view: View,
 }
 
 /// The snapshot this host left, if any (another host id's is ignored).
 pub fn read_snapshot(path: &Path, host_id: &str) -> Option<Snapshot> {
+    read_any_snapshot(path).filter(|s| s.host_id == host_id)
+}
+
+/// The snapshot at `path`, whoever left it.
+pub fn read_any_snapshot(path: &Path) -> Option<Snapshot> {
     let text = std::fs::read(path).ok()?;
     match serde_json::from_slice::<Snapshot>(&text) {
-        Ok(s) if s.host_id == host_id => Some(s),
-        Ok(_) => None,
+        Ok(s) => Some(s),
         Err(e) => {
             warn!("ignoring {}: {e}", path.display());
             None
@@ -272,6 +282,7 @@ impl Task {
             &Snapshot {
                 host_id: self.s.host.id.clone(),
                 lease: self.lease,
+                etcd: Some(self.s.etcd.clone()),
                 view: self.view.clone(),
             },
         );

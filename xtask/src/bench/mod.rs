@@ -5,7 +5,9 @@
 //! for the whole run; each repetition runs each test on every scenario in turn, and every
 //! comparison is a ratio within one repetition.
 //! Beside the packet tests, the datapath programs' own cost per route count is measured
-//! with `BPF_PROG_TEST_RUN` (`xhost-user/examples/prog_cost.rs`).
+//! with `BPF_PROG_TEST_RUN` (`xhost-user/examples/prog_cost.rs`), and cluster mode's
+//! convergence and scale against a real etcd (`tests/examples/cluster_bench.rs`, scenarios
+//! `cluster-docker` and `cluster-scale`, run once each after the packet tests).
 //! Writes a table to stdout and `results.json`, `summary.json` (the same without the raw
 //! samples), `table.md`, `ratios.svg` to `--out`. `--pool` checks the targets on several
 //! earlier runs' repetitions together (`pool.rs`).
@@ -52,6 +54,10 @@ pub struct Options {
     /// Only these scenarios (comma-separated; default: all marked default in --list).
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
+    /// cluster-docker: Docker networks created one by one; cluster-scale: claims timed
+    /// one by one (default 100, 20 with --quick; at most 256).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub creations: Option<u32>,
     /// Longest wait, in seconds, for the machine to go quiet (< 15 % busy) before each
     /// scenario (default 3, 1 with --quick); busy time that is not ours during a test is
     /// measured anyway and marks that test disturbed.
@@ -83,7 +89,7 @@ pub struct Options {
     #[arg(
         long,
         value_delimiter = ',',
-        conflicts_with_all = ["quick", "reps", "duration", "scenarios", "max_wait", "out", "list", "no_setup", "xhost_user", "baseline"]
+        conflicts_with_all = ["quick", "reps", "duration", "scenarios", "creations", "max_wait", "out", "list", "no_setup", "xhost_user", "baseline"]
     )]
     pub pool: Vec<PathBuf>,
 }
@@ -111,6 +117,22 @@ pub const XHOST_100K: &str = "xhost-100k";
 pub const XHOST_BASELINE: &str = "xhost-baseline";
 pub const XHOST_VXLAN: &str = "xhost-vxlan";
 pub const XHOST_VXLAN_BASELINE: &str = "xhost-vxlan-baseline";
+
+pub const CLUSTER_DOCKER: &str = "cluster-docker";
+pub const CLUSTER_SCALE: &str = "cluster-scale";
+
+/// Cluster mode's scenarios: no packet tests, one run each of
+/// `tests/examples/cluster_bench.rs` after the packet scenarios: (name, about).
+pub const CLUSTER_SCENARIOS: [(&str, &str); 2] = [
+    (
+        CLUSTER_DOCKER,
+        "cluster mode: Docker network created on host-b (real dockerd, etcd) -> in host-a's ROUTES",
+    ),
+    (
+        CLUSTER_SCALE,
+        "cluster mode: 1 000 simulated hosts x 4 subnets in etcd -> one agent's ROUTES, RSS, churn",
+    ),
+];
 
 /// The scenarios `--baseline` adds, each beside the scenario whose settings it runs
 /// with: (baseline, counterpart).
@@ -374,6 +396,8 @@ pub struct AgentReport {
 #[derive(Debug, Serialize)]
 pub struct Plan {
     pub reps: u32,
+    /// cluster-docker's network creations, cluster-scale's timed claims.
+    pub creations: u32,
     pub duration_s: u32,
     pub scenarios: Vec<&'static str>,
     pub quick: bool,
@@ -386,6 +410,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         return pool::run(&opts.pool);
     }
     let mut scenarios = select(&opts.scenarios, opts.baseline.is_some())?;
+    let cluster = select_cluster(&opts.scenarios);
     // Resolved before anything is built: a wrong path is named at once.
     let baseline = opts
         .baseline
@@ -400,6 +425,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             let mark = if s.default { "" } else { " [not default]" };
             println!("{:<17} {}{mark}", s.name, s.about);
         }
+        for (name, about) in CLUSTER_SCENARIOS {
+            println!("{name:<17} {about}");
+        }
         return Ok(());
     }
     let out_dir = match &opts.out {
@@ -412,6 +440,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             no_setup: opts.no_setup,
         })?;
         freeze(&build::prog_cost(true)?, &out_dir, PROG_COST)?;
+        if !cluster.is_empty() {
+            freeze(&build::cluster_bench(true)?, &out_dir, CLUSTER_BENCH)?;
+        }
         return reexec(&freeze(&built.xhost_user, &out_dir, XHOST_USER)?);
     };
     let given = given
@@ -422,6 +453,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let frozen = out_dir.join(XHOST_USER);
     if given != frozen.canonicalize().unwrap_or_default() {
         freeze(&build::prog_cost(true)?, &out_dir, PROG_COST)?;
+        if !cluster.is_empty() {
+            freeze(&build::cluster_bench(true)?, &out_dir, CLUSTER_BENCH)?;
+        }
         return reexec(&freeze(&given, &out_dir, XHOST_USER)?);
     }
     let xhost_user = given;
@@ -444,12 +478,17 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         }
     }
     let plan = Plan {
+        creations: opts.creations.unwrap_or(if opts.quick { 20 } else { 100 }),
         reps: opts.reps.unwrap_or(if opts.quick { 1 } else { 5 }).max(1),
         duration_s: opts
             .duration
             .unwrap_or(if opts.quick { 2 } else { 4 })
             .max(1),
-        scenarios: scenarios.iter().map(|s| s.name).collect(),
+        scenarios: scenarios
+            .iter()
+            .map(|s| s.name)
+            .chain(cluster.iter().copied())
+            .collect(),
         quick: opts.quick,
         max_wait_s: opts.max_wait.unwrap_or(if opts.quick { 1 } else { 3 }),
     };
@@ -472,7 +511,29 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             eprintln!("bench: per-program cost ({})", bin.display());
             measure_prog_cost(&bin, plan.quick).map_err(|e| format!("{e:#}"))
         });
-    let runs = run_all(&scenarios, &plan);
+    let runs = if scenarios.is_empty() {
+        Vec::new()
+    } else {
+        run_all(&scenarios, &plan)
+    };
+    let mut cluster_runs = ClusterRuns::default();
+    for name in &cluster {
+        if interrupted() {
+            break;
+        }
+        let bin = xhost_user.with_file_name(CLUSTER_BENCH);
+        let n = plan.creations.to_string();
+        let err = |e: anyhow::Error| format!("{e:#}");
+        if *name == CLUSTER_DOCKER {
+            let args = ["docker", "--creations", &n];
+            eprintln!("bench: {name} ({} {})", bin.display(), args.join(" "));
+            cluster_runs.docker = Some(run_json(&bin, &args).map_err(err));
+        } else {
+            let args = ["scale", "--claims", &n];
+            eprintln!("bench: {name} ({} {})", bin.display(), args.join(" "));
+            cluster_runs.scale = Some(run_json(&bin, &args).map_err(err));
+        }
+    }
     if interrupted() {
         // The guards have run by now; 130 is the shell's code for death by SIGINT.
         eprintln!("bench: interrupted; everything has been torn down, no results written");
@@ -486,6 +547,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         started.elapsed(),
         &xhost_user,
         prog_cost,
+        cluster_runs,
     );
     let text = results.text_report();
     print!("{text}");
@@ -503,9 +565,17 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 /// named itself).
 fn select(filter: &[String], baseline: bool) -> anyhow::Result<Vec<Scenario>> {
     let all = all_scenarios();
+    let is_cluster = |f: &str| CLUSTER_SCENARIOS.iter().any(|(n, _)| *n == f);
+    let cluster_only = !filter.is_empty() && filter.iter().all(|f| is_cluster(f));
+    let filter: Vec<String> = filter.iter().filter(|f| !is_cluster(f)).cloned().collect();
+    if cluster_only {
+        return Ok(Vec::new());
+    }
+    let filter = &filter[..];
     for f in filter {
         if !all.iter().any(|s| s.name == f) {
-            let names: Vec<_> = all.iter().map(|s| s.name).collect();
+            let mut names: Vec<_> = all.iter().map(|s| s.name).collect();
+            names.extend(CLUSTER_SCENARIOS.iter().map(|(n, _)| *n));
             bail!("unknown scenario {f:?}; known: {}", names.join(", "));
         }
         if !baseline && counterpart(f).is_some() {
@@ -533,10 +603,20 @@ fn select(filter: &[String], baseline: bool) -> anyhow::Result<Vec<Scenario>> {
     Ok(picked)
 }
 
+/// The cluster scenarios named in `filter` (both when it is empty).
+fn select_cluster(filter: &[String]) -> Vec<&'static str> {
+    CLUSTER_SCENARIOS
+        .iter()
+        .map(|(n, _)| *n)
+        .filter(|n| filter.is_empty() || filter.iter().any(|f| f == n))
+        .collect()
+}
+
 /// The frozen binaries' names in the output directory.
 const XHOST_USER: &str = "xhost-user";
 const XHOST_USER_BASELINE: &str = "xhost-user-baseline";
 const PROG_COST: &str = "prog_cost";
+const CLUSTER_BENCH: &str = "cluster_bench";
 
 /// Copies `bin` to `<out_dir>/<name>` (through a temporary name and a rename, so an agent
 /// of an earlier run still executing the old file is no obstacle) and returns the copy's
@@ -622,6 +702,35 @@ fn measure_prog_cost(bin: &Path, quick: bool) -> anyhow::Result<ProgCost> {
             bin.display(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parsing the output of {}", bin.display()))
+}
+
+/// What the cluster scenarios measured (`None`: not selected; `Err`: why it failed).
+#[derive(Debug, Default, Serialize)]
+pub struct ClusterRuns {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker: Option<Result<xhost_tests::cluster::DockerConvergence, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<Result<xhost_tests::cluster::ScaleResult, String>>,
+}
+
+/// Runs `bin args... --json` (its progress on our stderr) and parses its stdout.
+fn run_json<T: serde::de::DeserializeOwned>(bin: &Path, args: &[&str]) -> anyhow::Result<T> {
+    let out = Command::new(bin)
+        .args(args)
+        .arg("--json")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {} failed ({})",
+            bin.display(),
+            args.join(" "),
+            out.status
         );
     }
     serde_json::from_slice(&out.stdout)

@@ -7,8 +7,9 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    IPTABLES, Metric, Plan, ProgCost, Run, Scenario, VXLAN, WIRE, XHOST, XHOST_1K, XHOST_100K,
-    XHOST_BASELINE, XHOST_VXLAN, XHOST_VXLAN_BASELINE, XHOST_XDP_NATIVE, XHOST_XDP_OFF,
+    CLUSTER_DOCKER, CLUSTER_SCALE, ClusterRuns, IPTABLES, Metric, Plan, ProgCost, Run, Scenario,
+    VXLAN, WIRE, XHOST, XHOST_1K, XHOST_100K, XHOST_BASELINE, XHOST_VXLAN, XHOST_VXLAN_BASELINE,
+    XHOST_XDP_NATIVE, XHOST_XDP_OFF,
 };
 
 pub use xhost_tests::scenarios::median;
@@ -146,6 +147,8 @@ pub struct Results {
     pub prog_cost: Option<ProgCost>,
     /// Why `prog_cost` is missing although an xhost scenario ran.
     pub prog_cost_error: Option<String>,
+    /// Cluster mode's scenarios (`cluster-docker`, `cluster-scale`).
+    pub cluster: ClusterRuns,
 }
 
 #[derive(Debug, Serialize)]
@@ -243,6 +246,10 @@ const COMPARISONS: [(&str, &str); 15] = [
 ];
 
 impl Results {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site and the tests; each is one part of the results"
+    )]
     pub fn new(
         plan: &Plan,
         scenarios: &[Scenario],
@@ -251,6 +258,7 @@ impl Results {
         wall: Duration,
         xhost_user: &Path,
         prog_cost: Option<Result<ProgCost, String>>,
+        cluster: ClusterRuns,
     ) -> Self {
         let mut medians: BTreeMap<String, BTreeMap<Metric, f64>> = BTreeMap::new();
         let mut disturbed_medians: BTreeMap<String, Vec<Metric>> = BTreeMap::new();
@@ -304,6 +312,7 @@ impl Results {
             wall_s: wall.as_secs_f64(),
             plan: Plan {
                 reps: plan.reps,
+                creations: plan.creations,
                 duration_s: plan.duration_s,
                 scenarios: plan.scenarios.clone(),
                 quick: plan.quick,
@@ -328,6 +337,7 @@ impl Results {
             agent_load_s,
             prog_cost_error: prog_cost.as_ref().and_then(|r| r.as_ref().err().cloned()),
             prog_cost: prog_cost.and_then(Result::ok),
+            cluster,
         };
         results.targets = results.targets();
         results
@@ -544,7 +554,123 @@ impl Results {
             &rows,
         );
         self.prog_cost_table(&mut out, markdown);
+        self.cluster_table(&mut out, markdown);
         out
+    }
+
+    /// Cluster mode's measures against their goals (one run each).
+    fn cluster_table(&self, out: &mut String, markdown: bool) {
+        let c = &self.cluster;
+        if c.docker.is_none() && c.scale.is_none() {
+            return;
+        }
+        let title = "Cluster mode (real etcd; one run each)";
+        let header: Vec<String> = ["scenario", "what", "result", "goal", "met"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        let mut rows: Vec<Vec<String>> = Vec::new();
+        // `met` is `None` for a measure without a goal.
+        let mut row =
+            |scenario: &str, what: String, result: String, goal: &str, met: Option<bool>| {
+                let met = match met {
+                    Some(true) => "yes",
+                    Some(false) => "NO",
+                    None => "-",
+                };
+                rows.push(vec![
+                    scenario.to_owned(),
+                    what,
+                    result,
+                    goal.to_owned(),
+                    met.to_owned(),
+                ]);
+            };
+        let pct = |p: &xhost_tests::cluster::Percentiles| {
+            format!(
+                "p50 {:.1} ms, p99 {:.1} ms (max {:.1})",
+                p.p50_ms, p.p99_ms, p.max_ms
+            )
+        };
+        match &c.docker {
+            Some(Ok(d)) => {
+                row(
+                    CLUSTER_DOCKER,
+                    format!(
+                        "Docker network created on host-b -> routed on host-a ({} creations)",
+                        d.create.samples
+                    ),
+                    pct(&d.create),
+                    "p99 < 250 ms",
+                    Some(d.create.p99_ms < 250.0),
+                );
+                row(
+                    CLUSTER_DOCKER,
+                    "Docker network delete call started -> route gone (includes Docker's teardown)"
+                        .into(),
+                    pct(&d.remove),
+                    "-",
+                    None,
+                );
+            }
+            Some(Err(e)) => {
+                let _ = writeln!(out, "\n{CLUSTER_DOCKER}: not measured: {e}");
+            }
+            None => {}
+        }
+        match &c.scale {
+            Some(Ok(s)) => {
+                let routes = s.hosts * s.subnets_per_host;
+                row(
+                    CLUSTER_SCALE,
+                    format!(
+                        "{} hosts x {} subnets: agent start -> all {routes} routes",
+                        s.hosts, s.subnets_per_host
+                    ),
+                    format!("{:.2} s (ready at {:.2} s)", s.all_routes_s, s.ready_s),
+                    "< 3 s",
+                    Some(s.all_routes_s < 3.0),
+                );
+                let mib = s.rss_bytes as f64 / (1024.0 * 1024.0);
+                row(
+                    CLUSTER_SCALE,
+                    "agent RSS with them".into(),
+                    format!("{mib:.1} MiB"),
+                    "< 64 MB",
+                    Some((s.rss_bytes as f64) < 64e6),
+                );
+                row(
+                    CLUSTER_SCALE,
+                    format!(
+                        "a claim written to etcd -> in ROUTES ({} claims)",
+                        s.claim.samples
+                    ),
+                    pct(&s.claim),
+                    "p99 < 250 ms",
+                    Some(s.claim.p99_ms < 250.0),
+                );
+                row(
+                    CLUSTER_SCALE,
+                    format!(
+                        "churn {0} hosts/s leaving + {0}/s joining for 5 s",
+                        s.churn_hosts_per_s
+                    ),
+                    format!(
+                        "ROUTES matched {:.0} ms after the last write",
+                        s.churn_behind_ms
+                    ),
+                    "< 1000 ms after",
+                    Some(s.churn_behind_ms < 1000.0),
+                );
+            }
+            Some(Err(e)) => {
+                let _ = writeln!(out, "\n{CLUSTER_SCALE}: not measured: {e}");
+            }
+            None => {}
+        }
+        if !rows.is_empty() {
+            section(out, markdown, title, &header, &rows);
+        }
     }
 
     /// ns per run of each program per route count, and the largest count over the
@@ -1269,6 +1395,7 @@ mod tests {
             Duration::ZERO,
             Path::new("/nonexistent"),
             None,
+            ClusterRuns::default(),
         );
         let target = |what: &str| {
             r.targets
@@ -1309,6 +1436,7 @@ mod tests {
     fn plan(reps: u32, names: &[&'static str]) -> (Plan, Vec<Scenario>) {
         let quick = reps == 1;
         let plan = Plan {
+            creations: 100,
             reps,
             duration_s: if quick { 1 } else { 4 },
             scenarios: names.to_vec(),
@@ -1384,6 +1512,7 @@ mod tests {
             Duration::from_secs(1),
             Path::new("/bin/xhost-user"),
             Some(Ok(prog_cost())),
+            ClusterRuns::default(),
         );
         assert_eq!(
             r.find_ratio(XHOST, WIRE, Metric::TcpGbps)
@@ -1460,6 +1589,7 @@ mod tests {
     #[test]
     fn says_why_the_program_cost_is_missing() {
         let plan = Plan {
+            creations: 100,
             reps: 1,
             duration_s: 1,
             scenarios: vec![XHOST],
@@ -1474,6 +1604,7 @@ mod tests {
             Duration::from_secs(1),
             Path::new("/bin/xhost-user"),
             Some(Err("prog_cost failed (exit status: 1): no root".into())),
+            ClusterRuns::default(),
         );
         assert!(
             r.tables(false)
