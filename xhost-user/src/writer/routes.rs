@@ -1,6 +1,8 @@
 //! The kernel routes of peer subnets that xhost adds: one route type for
 //! the agent, its state file and `unload`, and their owner, which deletes
-//! them when dropped unless asked to keep them (`load --detach`).
+//! them when dropped unless asked to keep them (`load --detach`). The owner
+//! holds the writer's netlink socket: every route (and neighbour entry) the
+//! writer programs goes over that one socket.
 
 use std::net::Ipv4Addr;
 
@@ -27,20 +29,28 @@ pub struct KernelRouteError {
 }
 
 /// The routes this instance added, and where they lead.
-#[derive(Debug)]
 pub struct KernelRoutes {
     dev: RouteDevice,
     added: Vec<KernelRoute>,
     keep: bool,
+    /// The writer's request socket, in the namespace `new` was called in.
+    rtnl: Rtnl,
 }
 
 impl KernelRoutes {
-    pub fn new(dev: RouteDevice) -> Self {
-        Self {
+    /// Opens the writer's netlink socket in the calling thread's namespace.
+    pub fn new(dev: RouteDevice) -> std::io::Result<Self> {
+        Ok(Self {
             dev,
             added: Vec::new(),
             keep: false,
-        }
+            rtnl: Rtnl::open()?,
+        })
+    }
+
+    /// The writer's netlink socket, for its other kernel requests.
+    pub fn netlink(&mut self) -> &mut Rtnl {
+        &mut self.rtnl
     }
 
     /// Adds the kernel route of `peer`'s subnet `net`: `net via peer dev
@@ -57,9 +67,8 @@ impl KernelRoutes {
             peer,
             source,
         };
-        let mut rtnl = Rtnl::open().map_err(err)?;
         let gw = self.dev.gateway(peer);
-        match rtnl.add_route(net, gw, self.dev.oif) {
+        match self.rtnl.add_route(net, gw, self.dev.oif) {
             Ok(()) => {
                 self.added.push(KernelRoute {
                     prefix: *net,
@@ -86,7 +95,7 @@ impl KernelRoutes {
             .into_iter()
             .partition(|r| r.prefix == *net);
         self.added = kept;
-        delete(&gone);
+        delete_with(&mut self.rtnl, &gone);
     }
 
     /// Puts back the routes the kernel flushed: it deletes every route
@@ -98,7 +107,7 @@ impl KernelRoutes {
         let Some(first) = self.added.first().copied() else {
             return;
         };
-        let Ok(mut rtnl) = Rtnl::open() else { return };
+        let rtnl = &mut self.rtnl;
         match rtnl.add_route(&first.prefix, first.via, first.oif) {
             Ok(()) => {}
             // Still there (or the device is not back yet).
@@ -132,14 +141,20 @@ impl KernelRoutes {
 impl Drop for KernelRoutes {
     fn drop(&mut self) {
         if !self.keep {
-            delete(&self.added);
+            delete_with(&mut self.rtnl, &self.added);
         }
     }
 }
 
 /// Deletes routes [`KernelRoutes::add`] made; already gone is fine.
 pub fn delete(routes: &[KernelRoute]) {
-    let Ok(mut rtnl) = Rtnl::open() else { return };
+    match Rtnl::open() {
+        Ok(mut rtnl) => delete_with(&mut rtnl, routes),
+        Err(e) => warn!("deleting {} kernel route(s): {e}", routes.len()),
+    }
+}
+
+fn delete_with(rtnl: &mut Rtnl, routes: &[KernelRoute]) {
     for r in routes {
         match rtnl.delete_route(&r.prefix, r.via, r.oif) {
             Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
