@@ -519,7 +519,7 @@ impl AgentState {
             port: t.vxlan.port,
             mtu: t.mtu,
         });
-        self.kernel_routes = host.routes.list().to_vec();
+        self.kernel_routes = host.routes.list();
     }
 }
 

@@ -4,7 +4,7 @@
 //! holds the writer's netlink socket: every route (and neighbour entry) the
 //! writer programs goes over that one socket.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use log::warn;
 
@@ -31,7 +31,8 @@ pub struct KernelRouteError {
 /// The routes this instance added, and where they lead.
 pub struct KernelRoutes {
     dev: RouteDevice,
-    added: Vec<KernelRoute>,
+    /// By prefix: one route per prefix, found at once when it goes.
+    added: BTreeMap<Ipv4Net, KernelRoute>,
     keep: bool,
     /// The writer's request socket, in the namespace `new` was called in.
     rtnl: Rtnl,
@@ -42,7 +43,7 @@ impl KernelRoutes {
     pub fn new(dev: RouteDevice) -> std::io::Result<Self> {
         Ok(Self {
             dev,
-            added: Vec::new(),
+            added: BTreeMap::new(),
             keep: false,
             rtnl: Rtnl::open()?,
         })
@@ -70,11 +71,12 @@ impl KernelRoutes {
         let gw = self.dev.gateway(peer);
         match self.rtnl.add_route(net, gw, self.dev.oif) {
             Ok(()) => {
-                self.added.push(KernelRoute {
+                let route = KernelRoute {
                     prefix: *net,
                     via: gw,
                     oif: self.dev.oif,
-                });
+                };
+                self.added.insert(*net, route);
                 Ok(())
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -91,11 +93,9 @@ impl KernelRoutes {
 
     /// Deletes the kernel route this instance added for `net`, if it did.
     pub fn remove(&mut self, net: &Ipv4Net) {
-        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.added)
-            .into_iter()
-            .partition(|r| r.prefix == *net);
-        self.added = kept;
-        delete_with(&mut self.rtnl, &gone);
+        if let Some(gone) = self.added.remove(net) {
+            delete_with(&mut self.rtnl, &[gone]);
+        }
     }
 
     /// Puts back the routes the kernel flushed: it deletes every route
@@ -104,7 +104,8 @@ impl KernelRoutes {
     /// the first again) tells; the rest follow only if it was gone. Until
     /// the device is up again the add fails and the next change retries.
     pub fn restore(&mut self) {
-        let Some(first) = self.added.first().copied() else {
+        let mut routes = self.added.values();
+        let Some(first) = routes.next() else {
             return;
         };
         let rtnl = &mut self.rtnl;
@@ -114,7 +115,7 @@ impl KernelRoutes {
             Err(_) => return,
         }
         let mut back = 1;
-        for r in &self.added[1..] {
+        for r in routes {
             match rtnl.add_route(&r.prefix, r.via, r.oif) {
                 Ok(()) => back += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -126,9 +127,9 @@ impl KernelRoutes {
         );
     }
 
-    /// The routes this instance added.
-    pub fn list(&self) -> &[KernelRoute] {
-        &self.added
+    /// The routes this instance added, by prefix.
+    pub fn list(&self) -> Vec<KernelRoute> {
+        self.added.values().copied().collect()
     }
 
     /// Leaves the routes in place when this value is dropped (`load
@@ -141,7 +142,8 @@ impl KernelRoutes {
 impl Drop for KernelRoutes {
     fn drop(&mut self) {
         if !self.keep {
-            delete_with(&mut self.rtnl, &self.added);
+            let added = self.list();
+            delete_with(&mut self.rtnl, &added);
         }
     }
 }
