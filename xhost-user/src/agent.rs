@@ -70,7 +70,8 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     let underlay = crate::net::ifindex(&settings.iface)?;
     set_underlay_addrs(&mut dp, &settings.iface, underlay)?;
     let mut host = Host {
-        routes: KernelRoutes::new(dp.route_device(underlay)),
+        routes: KernelRoutes::new(dp.route_device(underlay))
+            .context("opening the writer's netlink socket")?,
         dp,
         applied: State::default(),
     };
@@ -518,7 +519,7 @@ impl AgentState {
             port: t.vxlan.port,
             mtu: t.mtu,
         });
-        self.kernel_routes = host.routes.list().to_vec();
+        self.kernel_routes = host.routes.list();
     }
 }
 

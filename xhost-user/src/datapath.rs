@@ -454,7 +454,9 @@ impl Datapath {
             // (drivers/net/veth.c), so every TCP segment crosses the pair on
             // its own: measured 4.7 vs 12-14 Gbit/s on the demo topology. The
             // TC program enforces the same policy, so auto leaves XDP off there.
-            XdpModeArg::Auto if crate::net::driver_of(iface).is_ok_and(|d| d == "veth") => {
+            XdpModeArg::Auto
+                if crate::net::kind_of(iface).is_ok_and(|k| k.as_deref() == Some("veth")) =>
+            {
                 info!(
                     "XDP not attached to veth {iface}: it would disable TSO on its peer; TC validates alone (--xdp-mode native forces it)"
                 );

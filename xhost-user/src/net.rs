@@ -164,68 +164,27 @@ pub fn mac_of(name: &str) -> Result<[u8; 6], IfaceError> {
         .ok_or_else(|| read_err(std::io::Error::other("no link-layer address")))
 }
 
-/// The kernel driver behind `name` (ethtool GDRVINFO): "bridge", "veth", ...
-pub fn driver_of(name: &str) -> Result<String, IfaceError> {
-    ifindex(name)?;
+/// The rtnetlink kind of `name` (`IFLA_INFO_KIND`): "bridge", "veth",
+/// ...; none for devices without one (`lo`, physical NICs).
+pub fn kind_of(name: &str) -> Result<Option<String>, IfaceError> {
     let read_err = |source: std::io::Error| IfaceError::Read {
         name: name.to_owned(),
-        what: "its driver",
+        what: "its kind",
         source,
     };
-    // struct ethtool_drvinfo from linux/ethtool.h: cmd, then driver[32], ...
-    #[repr(C)]
-    struct DrvInfo {
-        cmd: u32,
-        driver: [u8; 32],
-        rest: [u8; 160],
+    let mut rtnl = crate::netlink::Rtnl::open().map_err(read_err)?;
+    match rtnl.link_by_name(name).map_err(read_err)? {
+        Some(link) => Ok(link.kind),
+        None => Err(IfaceError::Missing(name.to_owned())),
     }
-    let mut info = DrvInfo {
-        cmd: 0x3, /* ETHTOOL_GDRVINFO */
-        driver: [0; 32],
-        rest: [0; 160],
-    };
-    // SAFETY: an all-zero ifreq is valid; the name fits (checked below).
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    if name.len() >= ifr.ifr_name.len() {
-        return Err(IfaceError::Missing(name.to_owned()));
-    }
-    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
-    }
-    ifr.ifr_ifru.ifru_data = (&raw mut info).cast();
-    // SAFETY: plain socket(2); the fd is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(read_err(std::io::Error::last_os_error()));
-    }
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    // SAFETY: `ifr` points at `info`, both live across the call.
-    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &raw mut ifr) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: closing the socket opened above.
-    unsafe { libc::close(fd) };
-    if rc < 0 {
-        return Err(read_err(err));
-    }
-    let len = info
-        .driver
-        .iter()
-        .position(|b| *b == 0)
-        .unwrap_or(info.driver.len());
-    Ok(String::from_utf8_lossy(&info.driver[..len]).into_owned())
 }
 
 /// Fails unless `name` exists and is a Linux bridge.
 pub fn ensure_bridge(name: &str) -> Result<u32, IfaceError> {
     let index = ifindex(name)?;
-    match driver_of(name) {
-        Ok(d) if d == "bridge" => Ok(index),
-        Ok(_) => Err(IfaceError::NotBridge(name.to_owned())),
-        // Devices without driver info (lo, tunnels) are not bridges either.
-        Err(IfaceError::Read { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-            Err(IfaceError::NotBridge(name.to_owned()))
-        }
-        Err(e) => Err(e),
+    match kind_of(name)? {
+        Some(kind) if kind == "bridge" => Ok(index),
+        _ => Err(IfaceError::NotBridge(name.to_owned())),
     }
 }
 

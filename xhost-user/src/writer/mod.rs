@@ -90,6 +90,6 @@ impl Writer for KernelWriter<'_> {
     }
 
     fn set_neighbours(&mut self, neighbours: &[Neighbour]) {
-        neighbours::settle(neighbours);
+        neighbours::settle(self.routes.netlink(), neighbours);
     }
 }

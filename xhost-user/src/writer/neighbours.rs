@@ -35,14 +35,7 @@ fn neighbour_fix(existing: Option<&Neigh>, mac: [u8; 6]) -> NeighbourFix {
 /// wait on an unresolved entry until the next ARP probe is answered, up to a
 /// second; the written entry sends them at once. Best effort: the datapath
 /// itself does not use these entries.
-pub fn settle(written: &[Neighbour]) {
-    let mut rtnl = match Rtnl::open() {
-        Ok(r) => r,
-        Err(e) => {
-            warn!("neighbour entries of new endpoints: {e}");
-            return;
-        }
-    };
+pub fn settle(rtnl: &mut Rtnl, written: &[Neighbour]) {
     let mut tables: BTreeMap<u32, Vec<Neigh>> = BTreeMap::new();
     for Neighbour {
         ip,

@@ -1,8 +1,10 @@
 //! The kernel routes of peer subnets that xhost adds: one route type for
 //! the agent, its state file and `unload`, and their owner, which deletes
-//! them when dropped unless asked to keep them (`load --detach`).
+//! them when dropped unless asked to keep them (`load --detach`). The owner
+//! holds the writer's netlink socket: every route (and neighbour entry) the
+//! writer programs goes over that one socket.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use log::warn;
 
@@ -27,20 +29,29 @@ pub struct KernelRouteError {
 }
 
 /// The routes this instance added, and where they lead.
-#[derive(Debug)]
 pub struct KernelRoutes {
     dev: RouteDevice,
-    added: Vec<KernelRoute>,
+    /// By prefix: one route per prefix, found at once when it goes.
+    added: BTreeMap<Ipv4Net, KernelRoute>,
     keep: bool,
+    /// The writer's request socket, in the namespace `new` was called in.
+    rtnl: Rtnl,
 }
 
 impl KernelRoutes {
-    pub fn new(dev: RouteDevice) -> Self {
-        Self {
+    /// Opens the writer's netlink socket in the calling thread's namespace.
+    pub fn new(dev: RouteDevice) -> std::io::Result<Self> {
+        Ok(Self {
             dev,
-            added: Vec::new(),
+            added: BTreeMap::new(),
             keep: false,
-        }
+            rtnl: Rtnl::open()?,
+        })
+    }
+
+    /// The writer's netlink socket, for its other kernel requests.
+    pub fn netlink(&mut self) -> &mut Rtnl {
+        &mut self.rtnl
     }
 
     /// Adds the kernel route of `peer`'s subnet `net`: `net via peer dev
@@ -57,15 +68,15 @@ impl KernelRoutes {
             peer,
             source,
         };
-        let mut rtnl = Rtnl::open().map_err(err)?;
         let gw = self.dev.gateway(peer);
-        match rtnl.add_route(net, gw, self.dev.oif) {
+        match self.rtnl.add_route(net, gw, self.dev.oif) {
             Ok(()) => {
-                self.added.push(KernelRoute {
+                let route = KernelRoute {
                     prefix: *net,
                     via: gw,
                     oif: self.dev.oif,
-                });
+                };
+                self.added.insert(*net, route);
                 Ok(())
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -82,11 +93,9 @@ impl KernelRoutes {
 
     /// Deletes the kernel route this instance added for `net`, if it did.
     pub fn remove(&mut self, net: &Ipv4Net) {
-        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.added)
-            .into_iter()
-            .partition(|r| r.prefix == *net);
-        self.added = kept;
-        delete(&gone);
+        if let Some(gone) = self.added.remove(net) {
+            delete_with(&mut self.rtnl, &[gone]);
+        }
     }
 
     /// Puts back the routes the kernel flushed: it deletes every route
@@ -95,17 +104,18 @@ impl KernelRoutes {
     /// the first again) tells; the rest follow only if it was gone. Until
     /// the device is up again the add fails and the next change retries.
     pub fn restore(&mut self) {
-        let Some(first) = self.added.first().copied() else {
+        let mut routes = self.added.values();
+        let Some(first) = routes.next() else {
             return;
         };
-        let Ok(mut rtnl) = Rtnl::open() else { return };
+        let rtnl = &mut self.rtnl;
         match rtnl.add_route(&first.prefix, first.via, first.oif) {
             Ok(()) => {}
             // Still there (or the device is not back yet).
             Err(_) => return,
         }
         let mut back = 1;
-        for r in &self.added[1..] {
+        for r in routes {
             match rtnl.add_route(&r.prefix, r.via, r.oif) {
                 Ok(()) => back += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -117,9 +127,9 @@ impl KernelRoutes {
         );
     }
 
-    /// The routes this instance added.
-    pub fn list(&self) -> &[KernelRoute] {
-        &self.added
+    /// The routes this instance added, by prefix.
+    pub fn list(&self) -> Vec<KernelRoute> {
+        self.added.values().copied().collect()
     }
 
     /// Leaves the routes in place when this value is dropped (`load
@@ -132,14 +142,21 @@ impl KernelRoutes {
 impl Drop for KernelRoutes {
     fn drop(&mut self) {
         if !self.keep {
-            delete(&self.added);
+            let added = self.list();
+            delete_with(&mut self.rtnl, &added);
         }
     }
 }
 
 /// Deletes routes [`KernelRoutes::add`] made; already gone is fine.
 pub fn delete(routes: &[KernelRoute]) {
-    let Ok(mut rtnl) = Rtnl::open() else { return };
+    match Rtnl::open() {
+        Ok(mut rtnl) => delete_with(&mut rtnl, routes),
+        Err(e) => warn!("deleting {} kernel route(s): {e}", routes.len()),
+    }
+}
+
+fn delete_with(rtnl: &mut Rtnl, routes: &[KernelRoute]) {
     for r in routes {
         match rtnl.delete_route(&r.prefix, r.via, r.oif) {
             Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
