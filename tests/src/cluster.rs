@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Error, Host, HostOpts, Ipv4Cidr, NetNs, Process, Result, TopologyOpts};
+use crate::{Error, Host, HostOpts, Ipv4Net, NetNs, Process, Result, TopologyOpts};
 
 /// The underlay's bridge address, where etcd listens.
 pub const UNDERLAY_GW: Ipv4Addr = Ipv4Addr::new(172, 16, 91, 5);
@@ -93,8 +93,8 @@ impl ClusterBed {
                 ..TopologyOpts::default()
             };
             let h = HostOpts {
-                subnet: Ipv4Cidr::known(Ipv4Addr::new(192, 168, 110 + 10 * i as u8, 0), 24),
-                underlay: Ipv4Cidr::known(Ipv4Addr::new(172, 16, 91, 131 + i as u8), 24),
+                subnet: Ipv4Net::new_assert(Ipv4Addr::new(192, 168, 110 + 10 * i as u8, 0), 24),
+                underlay: Ipv4Net::new_assert(Ipv4Addr::new(172, 16, 91, 131 + i as u8), 24),
             };
             bed.hosts.push(Some(Host::build(&letter, ns, &h, &opts)?));
         }

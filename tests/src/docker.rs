@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::{Error, Ipv4Cidr, NetNs, Result, cmd};
+use crate::{Error, Ipv4Net, NetNs, Result, cmd};
 
 /// Which kernel interface `iptables` drives. Both keep their tables per network namespace,
 /// so either works inside the simulated hosts; what matters is that all tools (Docker,
@@ -39,8 +39,8 @@ fn parse_backend(version: &str) -> Result<IptablesBackend> {
 /// The `iptables-restore` input matching `iptables-save` of a fresh Docker 20.10 engine
 /// (default options: iptables on, icc on, userland proxy on) whose default bridge is
 /// `bridge` with `subnet`, before any port is published.
-pub fn docker_ruleset(bridge: &str, subnet: Ipv4Cidr) -> String {
-    let subnet = subnet.network();
+pub fn docker_ruleset(bridge: &str, subnet: Ipv4Net) -> String {
+    let subnet = subnet.trunc();
     format!(
         "\
 *filter
@@ -84,7 +84,7 @@ COMMIT
 pub fn apply_docker_host_state(
     ns: &NetNs,
     bridge: &str,
-    subnet: Ipv4Cidr,
+    subnet: Ipv4Net,
     iptables: bool,
 ) -> Result<()> {
     ns.sysctl("net.ipv4.ip_forward", "1")?;

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{Container, Error, Host, NetNs, Result};
+use crate::{Container, Error, Host, Ipv4NetExt, NetNs, Result};
 
 /// What an instance's maps hold, as `status --json` lists them.
 #[derive(Clone, Debug, PartialEq, Eq)]

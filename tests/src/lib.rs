@@ -25,7 +25,7 @@ pub mod scenarios;
 mod topology;
 pub mod xhost;
 
-pub use cidr::Ipv4Cidr;
+pub use cidr::{Ipv4Net, Ipv4NetExt};
 pub use error::{Error, Result};
 pub use netfilter::{
     ChainCounters, CtEntry, CtFilter, RuleCounter, conntrack_entries, iptables_counter,

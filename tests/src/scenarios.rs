@@ -20,7 +20,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    Error, Ipv4Cidr, NetNs, Process, Result, Topology, TopologyOpts, cmd, ping,
+    Error, Ipv4Net, NetNs, Process, Result, Topology, TopologyOpts, cmd, ping,
     xhost::{self, Agent},
 };
 
@@ -390,7 +390,7 @@ fn set_container_mtu(host: &crate::Host, mtu: u32) -> Result<()> {
 /// The first ones are the /24 neighbours of the container subnets in 192.168.0.0/16, so the
 /// LPM trie is dense around the measured destination rather than far away from it; the rest
 /// are /25s carved from 10.0.0.0/8 (131 072 of them, enough for the 100 000-route case).
-pub fn scale_config(extra: u32, avoid: &[Ipv4Cidr]) -> Result<String> {
+pub fn scale_config(extra: u32, avoid: &[Ipv4Net]) -> Result<String> {
     let subnets = scale_subnets(extra, avoid)?;
     let per_peer = subnets.len().div_ceil(EXTRA_PEERS as usize).max(1);
     let mut out = String::from("# Extra routes for the xhost scale benchmark.\n");
@@ -408,15 +408,16 @@ pub fn scale_config(extra: u32, avoid: &[Ipv4Cidr]) -> Result<String> {
 
 /// The subnets of [`scale_config`], in order: also what the per-program cost benchmark
 /// fills `ROUTES` with, so both measure the same trie.
-pub fn scale_subnets(extra: u32, avoid: &[Ipv4Cidr]) -> Result<Vec<Ipv4Cidr>> {
-    let overlaps = |n: &Ipv4Cidr| {
+pub fn scale_subnets(extra: u32, avoid: &[Ipv4Net]) -> Result<Vec<Ipv4Net>> {
+    let overlaps = |n: &Ipv4Net| {
         avoid
             .iter()
-            .any(|a| a.contains(n.addr()) || n.contains(a.addr()))
+            .any(|a| a.contains(&n.addr()) || n.contains(&a.addr()))
     };
-    let near = (0..=255u8).map(|x| Ipv4Cidr::known(Ipv4Addr::new(192, 168, x, 0), 24));
-    let far = (0..(1u32 << 17)).map(|i| Ipv4Cidr::known(Ipv4Addr::from((10 << 24) | (i << 7)), 25));
-    let out: Vec<Ipv4Cidr> = near
+    let near = (0..=255u8).map(|x| Ipv4Net::new_assert(Ipv4Addr::new(192, 168, x, 0), 24));
+    let far =
+        (0..(1u32 << 17)).map(|i| Ipv4Net::new_assert(Ipv4Addr::from((10 << 24) | (i << 7)), 25));
+    let out: Vec<Ipv4Net> = near
         .chain(far)
         .filter(|n| !overlaps(n))
         .take(extra as usize)
@@ -1308,7 +1309,7 @@ sockperf: ---> <MIN> observation =    1.714
 
     #[test]
     fn scale_config_avoids_local_subnets() {
-        let avoid: [Ipv4Cidr; 2] = [
+        let avoid: [Ipv4Net; 2] = [
             "192.168.110.0/24".parse().expect("cidr"),
             "192.168.220.0/24".parse().expect("cidr"),
         ];
@@ -1316,12 +1317,12 @@ sockperf: ---> <MIN> observation =    1.714
         assert_eq!(nets.len(), 99_999);
         assert!(
             nets.iter()
-                .all(|n| !avoid.iter().any(|a| a.contains(n.addr())))
+                .all(|n| !avoid.iter().any(|a| a.contains(&n.addr())))
         );
         // Neighbours of the measured destination come first.
         assert_eq!(nets[0].to_string(), "192.168.0.0/24");
         assert_eq!(nets[254].to_string(), "10.0.0.0/25");
-        let mut sorted: Vec<_> = nets.iter().map(|n| (n.addr(), n.prefix())).collect();
+        let mut sorted: Vec<_> = nets.iter().map(|n| (n.addr(), n.prefix_len())).collect();
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted.len(), nets.len(), "no duplicates");

@@ -7,15 +7,15 @@ use std::{
     net::Ipv4Addr,
 };
 
-use crate::{Error, Ipv4Cidr, NetNs, Result, docker};
+use crate::{Error, Ipv4Net, Ipv4NetExt, NetNs, Result, docker};
 
 /// Settings of one simulated host.
 #[derive(Clone, Debug)]
 pub struct HostOpts {
     /// The host's container subnet: `.1` goes on the bridge, containers get `.11`, `.12`, ...
-    pub subnet: Ipv4Cidr,
+    pub subnet: Ipv4Net,
     /// The host's underlay address with its prefix, put on the underlay interface.
-    pub underlay: Ipv4Cidr,
+    pub underlay: Ipv4Net,
 }
 
 /// Settings of [`Topology::two_hosts`]; the defaults are the documented topology.
@@ -59,12 +59,12 @@ impl Default for TopologyOpts {
     fn default() -> Self {
         Self {
             host_a: HostOpts {
-                subnet: Ipv4Cidr::known(Ipv4Addr::new(192, 168, 110, 0), 24),
-                underlay: Ipv4Cidr::known(Ipv4Addr::new(172, 16, 91, 131), 24),
+                subnet: Ipv4Net::new_assert(Ipv4Addr::new(192, 168, 110, 0), 24),
+                underlay: Ipv4Net::new_assert(Ipv4Addr::new(172, 16, 91, 131), 24),
             },
             host_b: HostOpts {
-                subnet: Ipv4Cidr::known(Ipv4Addr::new(192, 168, 220, 0), 24),
-                underlay: Ipv4Cidr::known(Ipv4Addr::new(172, 16, 91, 132), 24),
+                subnet: Ipv4Net::new_assert(Ipv4Addr::new(192, 168, 220, 0), 24),
+                underlay: Ipv4Net::new_assert(Ipv4Addr::new(172, 16, 91, 132), 24),
             },
             containers_per_host: 1,
             docker_iptables: true,
@@ -94,15 +94,15 @@ impl TopologyOpts {
             return bad(format!("MTU {} outside 68..=65535", self.mtu));
         }
         let (a, b) = (&self.host_a, &self.host_b);
-        if a.subnet.network().contains(b.subnet.addr())
-            || b.subnet.network().contains(a.subnet.addr())
+        if a.subnet.trunc().contains(&b.subnet.addr())
+            || b.subnet.trunc().contains(&a.subnet.addr())
         {
             return bad(format!(
                 "container subnets {} and {} overlap",
                 a.subnet, b.subnet
             ));
         }
-        if !a.underlay.contains(b.underlay.addr()) || a.underlay.addr() == b.underlay.addr() {
+        if !a.underlay.contains(&b.underlay.addr()) || a.underlay.addr() == b.underlay.addr() {
             return bad(format!(
                 "underlay addresses {} and {} must be distinct and on one subnet",
                 a.underlay, b.underlay
@@ -156,10 +156,10 @@ pub struct Host {
     containers: Vec<Container>,
     ns: NetNs,
     role: String,
-    subnet: Ipv4Cidr,
+    subnet: Ipv4Net,
     bridge: String,
     bridge_ip: Ipv4Addr,
-    underlay: Ipv4Cidr,
+    underlay: Ipv4Net,
     underlay_iface: String,
 }
 
@@ -168,7 +168,7 @@ pub struct Host {
 pub struct Container {
     ns: NetNs,
     role: String,
-    ip: Ipv4Cidr,
+    ip: Ipv4Net,
     gateway: Ipv4Addr,
     mac: String,
     host_veth: String,
@@ -377,7 +377,7 @@ impl Host {
             containers,
             ns,
             role,
-            subnet: h.subnet.network(),
+            subnet: h.subnet.trunc(),
             bridge: bridge.clone(),
             bridge_ip,
             underlay: h.underlay,
@@ -401,7 +401,7 @@ impl Host {
     }
 
     /// The container subnet (network address), e.g. `192.168.110.0/24`.
-    pub fn subnet(&self) -> Ipv4Cidr {
+    pub fn subnet(&self) -> Ipv4Net {
         self.subnet
     }
 
@@ -418,7 +418,7 @@ impl Host {
     /// The bridge's address with the subnet's prefix, e.g. `192.168.110.1/24`: dockerd's
     /// `--bip` for this host.
     pub fn bip(&self) -> String {
-        format!("{}/{}", self.bridge_ip, self.subnet.prefix())
+        format!("{}/{}", self.bridge_ip, self.subnet.prefix_len())
     }
 
     /// The underlay address, e.g. `172.16.91.131`.
@@ -427,7 +427,7 @@ impl Host {
     }
 
     /// The underlay address with its prefix.
-    pub fn underlay(&self) -> Ipv4Cidr {
+    pub fn underlay(&self) -> Ipv4Net {
         self.underlay
     }
 
@@ -490,7 +490,7 @@ impl Host {
             "  {} (bridge) {}/{}",
             self.bridge,
             self.bridge_ip,
-            self.subnet.prefix()
+            self.subnet.prefix_len()
         ));
         lines
     }
@@ -500,7 +500,7 @@ impl Container {
     pub(crate) fn build(
         host: &NetNs,
         role: &str,
-        ip: Ipv4Cidr,
+        ip: Ipv4Net,
         gateway: Ipv4Addr,
         bridge: &str,
         mtu: u32,
@@ -554,7 +554,7 @@ impl Container {
     }
 
     /// The container's address with its prefix.
-    pub fn cidr(&self) -> Ipv4Cidr {
+    pub fn cidr(&self) -> Ipv4Net {
         self.ip
     }
 

@@ -264,7 +264,7 @@ fn cluster_restart_within_ttl_keeps_claims() {
     let key = format!(
         "/xhost/v1/subnets/{}-{}",
         hb.subnet().addr(),
-        hb.subnet().prefix()
+        hb.subnet().prefix_len()
     );
     let before = etcd.ctl_ok(&["get", &key, "-w", "json"]);
     let b_route = route_of(hb);

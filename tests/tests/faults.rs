@@ -202,7 +202,7 @@ fn peer_underlay_address_change_with_sighup() {
     sleep(Duration::from_millis(500));
     let o = b.underlay_ip().octets();
     let new_ip = Ipv4Addr::new(o[0], o[1], o[2], o[3] + 1);
-    let prefix = b.underlay().prefix();
+    let prefix = b.underlay().prefix_len();
     let changed = Instant::now();
     b.ns()
         .ip_batch(&format!(

@@ -42,7 +42,7 @@ use support::{
     CTR_MAC, GW_MAC, TC_ACT_REDIRECT, enter_test_host, ifindex, ipv4, loaded, pin_to_cpu0,
     run_tc_prog,
 };
-use xhost_tests::{Ipv4Cidr, cmd::checked_with_stdin, scenarios::scale_subnets};
+use xhost_tests::{cmd::checked_with_stdin, scenarios::scale_subnets};
 use xhost_user::{datapath::RouteTable, net::Ipv4Net};
 
 #[derive(Parser, Debug)]
@@ -146,7 +146,7 @@ fn measure(
     first_per_round: usize,
 ) -> anyhow::Result<Vec<Sample>> {
     pin_to_cpu0();
-    let avoid: Vec<Ipv4Cidr> = ["192.168.110.0/24", "192.168.220.0/24", "192.168.230.0/24"]
+    let avoid: Vec<ipnet::Ipv4Net> = ["192.168.110.0/24", "192.168.220.0/24", "192.168.230.0/24"]
         .iter()
         .map(|s| s.parse())
         .collect::<Result<_, _>>()?;
@@ -174,7 +174,7 @@ fn measure(
         // the scale scenarios add these.
         table.remove(&"192.168.230.0/24".parse()?)?;
         for (i, net) in extra.iter().enumerate().take(routes as usize - 1) {
-            table.set(&net.to_string().parse()?, extra_peer(i))?;
+            table.set(&Ipv4Net::try_from(*net)?, extra_peer(i))?;
         }
         instances.push(Instance {
             routes,

@@ -1,13 +1,12 @@
-//! IPv4 prefixes and the few interface facts the agent needs from the kernel.
+//! IPv4 prefixes (canonical, over `ipnet`) and the few interface facts the agent needs from the kernel.
 
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
-/// An IPv4 prefix in canonical form (no host bits set).
+/// An IPv4 prefix in canonical form (no host bits set): [`ipnet::Ipv4Net`]
+/// with that invariant, which the datapath's LPM keys rely on (a route's
+/// key is its network address), and the agent's own parse errors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Ipv4Net {
-    addr: Ipv4Addr,
-    len: u8,
-}
+pub struct Ipv4Net(ipnet::Ipv4Net);
 
 /// Why a string is not a usable IPv4 prefix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -21,50 +20,63 @@ pub enum CidrError {
 }
 
 impl Ipv4Net {
-    /// The prefix of `len` bits containing `addr` (host bits cleared).
+    /// The prefix of `len` bits (at most 32) containing `addr`, host bits cleared.
     pub fn containing(addr: Ipv4Addr, len: u8) -> Self {
-        let len = len.min(32);
-        Self {
-            addr: Ipv4Addr::from(u32::from(addr) & mask(len)),
-            len,
-        }
+        Self(ipnet::Ipv4Net::new_assert(addr, len.min(32)).trunc())
     }
 
+    /// The network address.
     pub fn addr(&self) -> Ipv4Addr {
-        self.addr
+        self.0.network()
     }
 
     /// The prefix length in bits.
     pub fn prefix_len(&self) -> u8 {
-        self.len
+        self.0.prefix_len()
     }
 
     /// The highest address in the prefix.
     pub fn last(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.addr) | !mask(self.len))
+        self.0.broadcast()
     }
 
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & mask(self.len) == u32::from(self.addr)
+        self.0.contains(&ip)
     }
 
     /// Two prefixes overlap iff one contains the other's network address.
     pub fn overlaps(&self, other: &Ipv4Net) -> bool {
-        self.contains(other.addr) || other.contains(self.addr)
+        self.contains(other.addr()) || other.contains(self.addr())
     }
 }
 
-fn mask(len: u8) -> u32 {
-    if len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(len))
+impl From<Ipv4Net> for ipnet::Ipv4Net {
+    fn from(n: Ipv4Net) -> Self {
+        n.0
+    }
+}
+
+/// An ipnet prefix (the testbed's type) as the agent takes it: canonical.
+impl TryFrom<ipnet::Ipv4Net> for Ipv4Net {
+    type Error = CidrError;
+
+    fn try_from(n: ipnet::Ipv4Net) -> Result<Self, CidrError> {
+        if n.trunc() != n {
+            return Err(CidrError::HostBits {
+                input: n.to_string(),
+                canonical: Self(n.trunc()),
+            });
+        }
+        Ok(Self(n))
     }
 }
 
 impl FromStr for Ipv4Net {
     type Err = CidrError;
 
+    /// `a.b.c.d/len` with no host bits set. ipnet's own parser takes host
+    /// bits (an interface address) and says only "invalid syntax"; this
+    /// one names what is wrong.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let syntax = || CidrError::Syntax(s.to_owned());
         let (addr, len) = s.trim().split_once('/').ok_or_else(syntax)?;
@@ -73,23 +85,20 @@ impl FromStr for Ipv4Net {
             return Err(syntax());
         }
         let len: u8 = len.parse().map_err(|_| CidrError::Length(s.to_owned()))?;
-        if len > 32 {
-            return Err(CidrError::Length(s.to_owned()));
-        }
-        let canonical = Self::containing(addr, len);
-        if canonical.addr != addr {
-            return Err(CidrError::HostBits {
+        let net = ipnet::Ipv4Net::new(addr, len).map_err(|_| CidrError::Length(s.to_owned()))?;
+        Self::try_from(net).map_err(|e| match e {
+            CidrError::HostBits { canonical, .. } => CidrError::HostBits {
                 input: s.to_owned(),
                 canonical,
-            });
-        }
-        Ok(canonical)
+            },
+            e => e,
+        })
     }
 }
 
 impl fmt::Display for Ipv4Net {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
+        self.0.fmt(f)
     }
 }
 
@@ -265,6 +274,41 @@ mod tests {
             err.to_string(),
             "`192.168.220.1/24` has host bits set (did you mean 192.168.220.0/24?)"
         );
+    }
+
+    #[test]
+    fn containing_clears_host_bits() {
+        let n = Ipv4Net::containing(Ipv4Addr::new(192, 168, 110, 77), 24);
+        assert_eq!(n.to_string(), "192.168.110.0/24");
+        assert_eq!(n.addr(), Ipv4Addr::new(192, 168, 110, 0));
+        assert_eq!(n.last(), Ipv4Addr::new(192, 168, 110, 255));
+        let all = Ipv4Net::containing(Ipv4Addr::new(8, 8, 8, 8), 0);
+        assert_eq!(
+            (all.to_string(), all.last()),
+            ("0.0.0.0/0".into(), Ipv4Addr::BROADCAST)
+        );
+        assert_eq!(
+            Ipv4Net::containing(Ipv4Addr::new(10, 0, 0, 1), 40).prefix_len(),
+            32
+        );
+        assert_eq!(
+            ipnet::Ipv4Net::from(n),
+            "192.168.110.0/24".parse::<ipnet::Ipv4Net>().expect("valid")
+        );
+        let host: ipnet::Ipv4Net = "192.168.110.1/24".parse().expect("valid");
+        assert_eq!(
+            Ipv4Net::try_from(host).expect_err("host bits").to_string(),
+            "`192.168.110.1/24` has host bits set (did you mean 192.168.110.0/24?)"
+        );
+        assert_eq!(Ipv4Net::try_from(host.trunc()).expect("canonical"), n);
+        // Sorted as before: by network address, then prefix length.
+        let mut v: Vec<Ipv4Net> = ["10.1.0.0/16", "10.0.0.0/8", "9.0.0.0/8", "10.0.0.0/16"]
+            .iter()
+            .map(|s| s.parse().expect("valid"))
+            .collect();
+        v.sort();
+        let v: Vec<String> = v.iter().map(ToString::to_string).collect();
+        assert_eq!(v, ["9.0.0.0/8", "10.0.0.0/8", "10.0.0.0/16", "10.1.0.0/16"]);
     }
 
     #[test]

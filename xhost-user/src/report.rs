@@ -17,7 +17,7 @@ use xhost_common::{
 
 use crate::{
     attach::{KernelFeatures, TC_PRIORITY, TcMethod},
-    config::{PeerConfig, Settings},
+    config::{PeerConfig, Settings, SettingsLayer},
     datapath::{XdpAttached, open_pinned},
     layout::{Hook, Layout, remove_file_if_exists},
     net::{Ipv4Net, fmt_mac},
@@ -833,13 +833,43 @@ pub fn export(layout: &Layout) -> anyhow::Result<String> {
     if s.local_subnets.is_empty() {
         bail!("no local subnets yet (is Docker up, or a --bridge given?): nothing to export");
     }
-    let subnets: Vec<String> = s
-        .local_subnets
-        .iter()
-        .map(|l| format!("\"{}\"", l.prefix))
-        .collect();
-    Ok(format!(
-        "[[peer]]\nhost = \"{host}\"\nsubnets = [{}]\n",
-        subnets.join(", ")
-    ))
+    let subnets = s.local_subnets.iter().map(|l| l.prefix).collect();
+    Ok(peer_entry(host, subnets)?)
+}
+
+/// A config file holding only the peer `host` with `subnets`: a settings
+/// layer written as TOML, so it reads back as one.
+pub fn peer_entry(host: Ipv4Addr, subnets: Vec<Ipv4Net>) -> Result<String, toml::ser::Error> {
+    toml::to_string(&SettingsLayer {
+        peers: vec![PeerConfig { host, subnets }],
+        ..SettingsLayer::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    #[test]
+    fn exported_entry_reads_back_as_a_config() {
+        let host = Ipv4Addr::new(172, 16, 91, 131);
+        let subnets: Vec<Ipv4Net> = ["192.168.110.0/24", "192.168.111.0/24"]
+            .iter()
+            .map(|n| n.parse().expect("valid"))
+            .collect();
+        let text = peer_entry(host, subnets.clone()).expect("serializes");
+        assert_eq!(
+            text,
+            "[[peer]]\nhost = \"172.16.91.131\"\nsubnets = [\"192.168.110.0/24\", \"192.168.111.0/24\"]\n"
+        );
+        let file: SettingsLayer = toml::from_str(&text).expect("parses as a config");
+        let flags = SettingsLayer {
+            iface: Some("ens33".into()),
+            ..SettingsLayer::default()
+        };
+        let s = config::merge(flags, Some(file)).expect("a valid config");
+        assert_eq!(s.peers, [PeerConfig { host, subnets }]);
+        config::check_peers(&s.peers).expect("checks");
+    }
 }
