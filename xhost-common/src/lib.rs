@@ -39,6 +39,11 @@ pub const MAP_UNDERLAY_ADDRS: &str = "UNDERLAY_ADDRS";
 pub const MAP_ENDPOINT_PORTS: &str = "ENDPOINT_PORTS";
 /// Value of `ENDPOINT_PORTS`.
 pub const ARMED: u32 = 1;
+/// Version of what the pinned maps' entries mean. A load adopts pins
+/// only when their shapes (type, key/value size, capacity) and this
+/// version match its own: bump it when a value's meaning changes at the
+/// same size.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
 /// Every map the agent pins, in a fixed order.
 pub const PINNED_MAPS: [&str; 8] = [
     MAP_ROUTES,
