@@ -196,13 +196,13 @@ impl Flows {
     }
 }
 
-/// The ids of the programs attached (tcx) at ingress of `iface` in `ns`.
-fn tcx_prog_ids(ns: &NetNs, iface: &str) -> Vec<u32> {
+/// (id, tag) of the programs attached (tcx) at ingress of `iface` in `ns`.
+fn tcx_progs(ns: &NetNs, iface: &str) -> Vec<(u32, u64)> {
     let iface = iface.to_owned();
     ns.within("tcx query", move || {
         use aya::programs::{SchedClassifier, TcAttachType};
         Ok(SchedClassifier::query_tcx(&iface, TcAttachType::Ingress)
-            .map(|(_, progs)| progs.iter().map(|p| p.id()).collect::<Vec<_>>())
+            .map(|(_, progs)| progs.iter().map(|p| (p.id(), p.tag())).collect::<Vec<_>>())
             .unwrap_or_default())
     })
     .expect("query tcx")
@@ -236,15 +236,15 @@ fn restart_under_traffic(restart: Restart<'_>) -> (u64, Duration) {
     let before = status_json(a.ns(), &dirs);
     let egress_before = counter(&before, "fwd_egress");
     let tcx = xhost_tests::xhost::expect_tcx();
-    let ids_before = tcx_prog_ids(a.ns(), a.underlay_iface());
+    let ids_before = tcx_progs(a.ns(), a.underlay_iface());
 
     let flows = start_flows(&topo);
     std::thread::sleep(Duration::from_millis(1500));
-    let bin = match restart {
+    let bin = match &restart {
         Restart::Keep | Restart::Kill => xhost_bin().expect("xhost-user"),
-        Restart::Upgrade(p) => p.to_owned(),
+        Restart::Upgrade(p) => (*p).to_owned(),
     };
-    let stopped = match restart {
+    let stopped = match &restart {
         Restart::Kill => first.kill().expect("SIGKILL A"),
         Restart::Keep | Restart::Upgrade(_) => {
             let (status, left) = first.stop_leaving(Signal::SIGTERM).expect("stop A");
@@ -301,11 +301,23 @@ fn restart_under_traffic(restart: Restart<'_>) -> (u64, Duration) {
         RATE * FLOW_SECS
     );
     if tcx {
-        let ids_after = tcx_prog_ids(a.ns(), a.underlay_iface());
+        let ids_after = tcx_progs(a.ns(), a.underlay_iface());
         assert_eq!(ids_after.len(), ids_before.len(), "one program per hook");
         assert!(
-            ids_after.iter().all(|id| !ids_before.contains(id)),
+            ids_after
+                .iter()
+                .all(|(id, _)| ids_before.iter().all(|(old, _)| old != id)),
             "the programs were replaced: {ids_before:?} -> {ids_after:?}"
+        );
+        // Same build, same instructions (tag); another build, others.
+        let same_tags = ids_after
+            .iter()
+            .zip(&ids_before)
+            .all(|((_, new), (_, old))| new == old);
+        assert_eq!(
+            same_tags,
+            !matches!(restart, Restart::Upgrade(_)),
+            "program tags {ids_before:?} -> {ids_after:?}"
         );
     }
     assert!(
@@ -331,14 +343,20 @@ fn a_killed_agent_is_adopted_without_loss() {
     restart_under_traffic(Restart::Kill);
 }
 
-/// Another build of xhost-user (`XHOST_UPGRADE_BIN`: the same source with
-/// another `XHOST_BUILD_SALT`, so its programs differ) takes over.
+/// Another build of xhost-user takes over: the same source built with
+/// another `XHOST_BUILD_SALT`, which the eBPF crate bakes into every
+/// program, so its programs differ (other tags). `cargo xtask test` builds
+/// it as `target/release/xhost-user-upgrade`; `XHOST_UPGRADE_BIN` names
+/// another.
 #[test]
 fn another_build_takes_over_without_loss() {
-    let bin = std::env::var_os("XHOST_UPGRADE_BIN").map(std::path::PathBuf::from);
-    let bin = bin.unwrap_or_else(|| {
-        panic!("XHOST_UPGRADE_BIN: path of a second xhost-user build (see docs/testing.md)")
-    });
+    require_root();
+    let bin = xhost_tests::probe::workspace_bin(
+        "xhost-user-upgrade",
+        "XHOST_UPGRADE_BIN",
+        "XHOST_BUILD_SALT=upgrade-test cargo build --release -p xhost-user, copy target/release/xhost-user to xhost-user-upgrade, build again without the salt (cargo xtask test does this)",
+    )
+    .expect("the upgrade build");
     restart_under_traffic(Restart::Upgrade(&bin));
 }
 
@@ -410,7 +428,7 @@ fn a_changed_map_layout_is_refused_with_pins_untouched() {
         String::from_utf8_lossy(&made.stderr)
     );
     let pinned = pins(&dirs.pin_dir);
-    let ids = tcx_prog_ids(a.ns(), a.underlay_iface());
+    let ids = tcx_progs(a.ns(), a.underlay_iface());
 
     let mut again = vec!["load".to_owned()];
     again.extend(args(a, b, &[]));
@@ -430,7 +448,7 @@ fn a_changed_map_layout_is_refused_with_pins_untouched() {
     );
     assert_eq!(pins(&dirs.pin_dir), pinned, "pins untouched");
     assert_eq!(
-        tcx_prog_ids(a.ns(), a.underlay_iface()),
+        tcx_progs(a.ns(), a.underlay_iface()),
         ids,
         "programs untouched"
     );
