@@ -182,7 +182,14 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     }
     // Revoke first: the other hosts drop this host's routes at once.
     if let Some(c) = agent.cluster.take() {
-        c.stop().await;
+        if agent.settings.keep_datapath {
+            // The datapath stays, so this host's routes must too: the
+            // lease is left to the next agent (or expires), the snapshot
+            // stays for it.
+            drop(c);
+        } else {
+            c.stop().await;
+        }
     }
     if agent.settings.keep_datapath {
         // The next load adopts what stays: the state file keeps the kernel
