@@ -55,6 +55,8 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     println!("cargo:rerun-if-env-changed=XHOST_EBPF_TOOLCHAIN");
+    // Baked into the programs (xhost-ebpf's BUILD_SALT): another value, another build.
+    println!("cargo:rerun-if-env-changed=XHOST_BUILD_SALT");
     let (toolchain, bootstrap) = match std::env::var("XHOST_EBPF_TOOLCHAIN") {
         Ok(name) => {
             let bootstrap = !name.starts_with("nightly");

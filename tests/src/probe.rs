@@ -587,6 +587,18 @@ pub fn run_send(
     seed: u64,
     timeout: Duration,
 ) -> io::Result<SendReport> {
+    run_send_paced(to, bytes, seed, timeout, None)
+}
+
+/// As [`run_send`], holding the rate at `rate` bytes per second when given
+/// (a transfer that lasts, to span something done to the path meanwhile).
+pub fn run_send_paced(
+    to: SocketAddr,
+    bytes: u64,
+    seed: u64,
+    timeout: Duration,
+    rate: Option<u64>,
+) -> io::Result<SendReport> {
     let deadline = Instant::now() + timeout;
     let mut stream = TcpStream::connect_timeout(&to, remaining(deadline, "connecting")?)?;
     let local = stream.local_addr()?;
@@ -602,6 +614,13 @@ pub fn run_send(
         stream.write_all(&buf[..n])?;
         hasher.update(&buf[..n]);
         left -= n as u64;
+        if let Some(rate) = rate.filter(|r| *r > 0) {
+            // On schedule: byte k leaves no earlier than k / rate seconds in.
+            let due = started + Duration::from_secs_f64((bytes - left) as f64 / rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+        }
     }
     stream.shutdown(Shutdown::Write)?;
     // Wait for the receiver's close so "sent" means "read by the peer", not "queued".
@@ -720,4 +739,101 @@ mod tests {
             parse_report(&format!("listening 0.0.0.0:1\n{line}\n")).expect("parse");
         assert_eq!(back, r);
     }
+}
+
+/// What `xh-probe udp-seq-recv` prints: of the datagrams numbered
+/// `0..count`, how many arrived, how many never did, and repeats.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqRecvReport {
+    pub received: u64,
+    pub missing: u64,
+    pub duplicates: u64,
+    /// The first number that never arrived.
+    pub first_missing: Option<u64>,
+}
+
+/// What `xh-probe udp-seq-send` prints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SeqSendReport {
+    pub sent: u64,
+    pub elapsed_ms: f64,
+}
+
+/// Receiver of [`run_udp_seq_send`]: binds `bind`, calls `on_listening`,
+/// and marks the 8-byte big-endian sequence numbers that arrive until all
+/// of `0..count` did or `timeout` passed.
+pub fn run_udp_seq_recv(
+    bind: SocketAddr,
+    count: u64,
+    timeout: Duration,
+    on_listening: impl FnOnce(SocketAddr),
+) -> io::Result<SeqRecvReport> {
+    let deadline = Instant::now() + timeout;
+    let socket = UdpSocket::bind(bind)?;
+    // A burst queued while a receiver sleeps must not overflow the socket.
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBuf, &(4 << 20))
+        .map_err(io::Error::from)?;
+    on_listening(socket.local_addr()?);
+    let mut seen = vec![false; usize::try_from(count).map_err(io::Error::other)?];
+    let (mut received, mut duplicates) = (0u64, 0u64);
+    let mut buf = [0u8; 64];
+    while received < count {
+        let Ok(left) = remaining(deadline, "receiving") else {
+            break;
+        };
+        socket.set_read_timeout(Some(left))?;
+        match socket.recv(&mut buf) {
+            Ok(n) if n >= 8 => {
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&buf[..8]);
+                let seq = u64::from_be_bytes(seq);
+                match usize::try_from(seq).ok().and_then(|i| seen.get_mut(i)) {
+                    Some(slot) if *slot => duplicates += 1,
+                    Some(slot) => {
+                        *slot = true;
+                        received += 1;
+                    }
+                    None => duplicates += 1,
+                }
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(SeqRecvReport {
+        received,
+        missing: count - received,
+        duplicates,
+        first_missing: seen.iter().position(|s| !s).map(|i| i as u64),
+    })
+}
+
+/// Sends datagrams numbered `0..count` (8 bytes big-endian, padded to 64)
+/// to `to` at `rate` per second, each on its slot of a fixed schedule.
+pub fn run_udp_seq_send(to: SocketAddr, count: u64, rate: u32) -> io::Result<SeqSendReport> {
+    let socket = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+    socket.connect(to)?;
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    for seq in 0..count {
+        let due = started + Duration::from_secs_f64(seq as f64 / f64::from(rate.max(1)));
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+        buf[..8].copy_from_slice(&seq.to_be_bytes());
+        socket.send(&buf)?;
+    }
+    Ok(SeqSendReport {
+        sent: count,
+        elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+    })
 }

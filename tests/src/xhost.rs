@@ -441,6 +441,19 @@ impl Agent {
         Ok((status, self.dirs.leftovers()))
     }
 
+    /// As [`Agent::stop_with`], for an agent that leaves its datapath
+    /// pinned (`--keep-datapath`): its pins are the caller's to remove
+    /// (`xhost-user unload` and [`remove_instance`]).
+    pub fn stop_leaving(
+        mut self,
+        signal: Signal,
+    ) -> Result<(std::process::ExitStatus, Vec<PathBuf>)> {
+        self.keep = true;
+        let dirs = self.dirs.clone();
+        let (status, _) = self.stop_with(signal)?;
+        Ok((status, dirs.leftovers()))
+    }
+
     pub fn ns_path(&self) -> &Path {
         &self.ns_path
     }
@@ -473,6 +486,14 @@ pub fn remove_instance(dirs: &AgentDirs) {
         }
     }
     let _ = std::fs::remove_dir(&clsact);
+    // The maps' layout fingerprint (an empty directory).
+    let layout = dirs.pin_dir.join("layout");
+    if let Ok(entries) = std::fs::read_dir(&layout) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(&layout);
     let links = dirs.pin_dir.join("links");
     let filters = dirs.pin_dir.join("filters");
     for dir in [&links, &filters, &dirs.pin_dir, &dirs.run_dir] {

@@ -945,34 +945,46 @@ fn metrics_follow_the_docker_connection() {
     );
 }
 
-/// The unit's `ExecStartPre` command line, run against `dirs` inside `ns`.
-fn unit_start_pre(ns: &NetNs, dirs: &AgentDirs) -> std::process::Output {
+/// The `load` flags of the unit's `ExecStart`, but its `--config`.
+fn unit_load_flags() -> Vec<String> {
     let unit = std::fs::read_to_string(unit_path()).expect("read dist/xhost.service");
+    assert!(
+        !unit.lines().any(|l| l.starts_with("ExecStartPre=")),
+        "the unit needs no clean-up before start: the agent adopts what is pinned"
+    );
     let line = unit
         .lines()
-        .find_map(|l| l.strip_prefix("ExecStartPre="))
-        .expect("ExecStartPre= in the unit");
-    let bin = xhost_bin().expect("xhost-user").display().to_string();
-    let mut cmd: Vec<String> = line
-        .replace("/usr/local/bin/xhost-user", &bin)
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect();
-    cmd.extend(dirs.args());
-    ns.nsenter_command(&cmd).output().expect("run ExecStartPre")
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart= in the unit");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let load = words.iter().position(|w| *w == "load").expect("load");
+    let mut flags = Vec::new();
+    let mut rest = words[load + 1..].iter();
+    while let Some(w) = rest.next() {
+        if *w == "--config" {
+            rest.next();
+        } else {
+            flags.push((*w).to_owned());
+        }
+    }
+    flags
 }
 
-/// `Restart=on-failure` after a crash: the killed agent's pins and kernel
-/// routes are removed by the unit's `ExecStartPre`, and the agent started
-/// again on the same pin and run dirs forwards. On a clean start the same
-/// command does nothing and says nothing.
+/// `Restart=on-failure` after a crash: the agent started again on the same
+/// pin and run dirs with the unit's flags adopts what the killed one left
+/// (which forwarded meanwhile), and its kernel route; `systemctl stop`
+/// (SIGTERM) leaves the datapath forwarding (the unit's
+/// `--keep-datapath`); `unload` removes everything.
 #[test]
 fn the_unit_starts_again_after_the_agent_was_killed() {
     let topo = topology();
     let (a, b) = (topo.host_a(), topo.host_b());
     let (ca, cb) = (topo.ctr_a(), topo.ctr_b());
     let opts = StartOpts::default();
-    let mut killed = start(a, b, &[], &opts);
+    let flags = unit_load_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    assert!(flags.contains(&"--keep-datapath"), "{flags:?}");
+    let mut killed = start(a, b, &flags, &opts);
     let agent_b = start(b, a, &[], &opts);
     assert!(ping(ca.ns(), cb.ip(), 2).expect("ping").all_received());
     agent_signal(&killed, Signal::SIGKILL);
@@ -982,6 +994,7 @@ fn the_unit_starts_again_after_the_agent_was_killed() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let dirs = killed.dirs.clone();
+    let _cleanup = Cleanup(dirs.clone());
     assert!(
         dirs.pin_dir.join("links").exists(),
         "a killed agent leaves its links pinned"
@@ -991,40 +1004,52 @@ fn the_unit_starts_again_after_the_agent_was_killed() {
         "the pinned datapath forwards without its agent"
     );
     let route = |ns: &NetNs| ns.run(&["ip", "route", "show", &b.subnet().to_string()]);
-    assert!(!route(a.ns()).is_empty(), "the killed agent's kernel route");
+    let kernel_route = route(a.ns());
+    assert!(!kernel_route.is_empty(), "the killed agent's kernel route");
 
-    let out = unit_start_pre(a.ns(), &dirs);
+    let args = load_args(a, b, &flags);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut restarted =
+        Agent::spawn_opts(a.ns(), a.role(), dirs.clone(), &args, &opts).expect("start again");
+    restarted.wait_ready().expect("ready again");
+    assert!(
+        restarted.output().contains("adopted the pinned datapath"),
+        "{}",
+        restarted.output()
+    );
+    assert!(
+        ping(ca.ns(), cb.ip(), 2).expect("ping").all_received(),
+        "A->B after the restart"
+    );
+    assert_eq!(route(a.ns()), kernel_route, "the kernel route stays");
+    let (status, left) = restarted.stop_leaving(Signal::SIGTERM).expect("stop");
+    assert!(status.success(), "{status:?}");
+    assert!(!left.is_empty(), "--keep-datapath keeps the datapath");
+    assert!(
+        ping(ca.ns(), cb.ip(), 2).expect("ping").all_received(),
+        "forwarding after a stop with --keep-datapath"
+    );
+    let out = xhost(a.ns(), &dirs, &["unload"]).expect("unload");
     assert!(
         out.status.success(),
-        "ExecStartPre: {}",
+        "unload: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(dirs.leftovers().is_empty(), "left {:?}", dirs.leftovers());
     assert_eq!(programs(a), "", "programs still attached");
     assert_eq!(route(a.ns()), "", "kernel route left");
-
-    let again = unit_start_pre(a.ns(), &dirs);
+    let (status, left) = agent_b.stop_with(Signal::SIGTERM).expect("stop");
     assert!(
-        again.status.success() && again.stderr.is_empty(),
-        "ExecStartPre with nothing loaded: {}",
-        String::from_utf8_lossy(&again.stderr)
+        status.success() && left.is_empty(),
+        "{status:?} left {left:?}"
     );
-
-    let args = load_args(a, b, &[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut restarted =
-        Agent::spawn_opts(a.ns(), a.role(), dirs, &args, &opts).expect("start again");
-    restarted.wait_ready().expect("ready again");
-    assert!(
-        ping(ca.ns(), cb.ip(), 2).expect("ping").all_received(),
-        "A->B after the restart"
-    );
-    for agent in [restarted, agent_b] {
-        let (status, left) = agent.stop_with(Signal::SIGTERM).expect("stop");
-        assert!(
-            status.success() && left.is_empty(),
-            "{status:?} left {left:?}"
-        );
-    }
     drop(killed);
+}
+
+/// Removes an instance's pins even if the test fails half-way.
+struct Cleanup(AgentDirs);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        remove_instance(&self.0);
+    }
 }

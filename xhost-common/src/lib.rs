@@ -43,6 +43,11 @@ pub const ARMED: u32 = 1;
 /// indexed by the peer's `PeerHost::slot`: what the datapath forwarded to
 /// it (`tx`) and delivered from it (`rx`).
 pub const MAP_PEER_STATS: &str = "PEER_STATS";
+/// Version of what the pinned maps' entries mean. A load adopts pins
+/// only when their shapes (type, key/value size, capacity) and this
+/// version match its own: bump it when a value's meaning changes at the
+/// same size.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
 /// Every map the agent pins, in a fixed order.
 pub const PINNED_MAPS: [&str; 9] = [
     MAP_ROUTES,

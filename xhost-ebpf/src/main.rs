@@ -103,6 +103,32 @@ impl Verdict {
     }
 }
 
+/// `XHOST_BUILD_SALT` at build time, hashed (FNV-1a): the same source built
+/// with another salt has other programs (other instructions, another tag),
+/// which is how a program upgrade is tested without a source change.
+const BUILD_SALT: u64 = {
+    let bytes = match option_env!("XHOST_BUILD_SALT") {
+        Some(s) => s.as_bytes(),
+        None => b"",
+    };
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < bytes.len() {
+        h = (h ^ bytes[i] as u64).wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    h
+};
+
+/// Puts [`BUILD_SALT`] into the program's instructions: one store to the
+/// stack, which the compiler must keep (volatile) and the verifier accepts.
+#[inline(always)]
+fn build_mark() {
+    let mut slot = 0u64;
+    // SAFETY: a write to a local.
+    unsafe { core::ptr::write_volatile(&mut slot, BUILD_SALT) };
+}
+
 /// What a missing `ENDPOINTS` entry reads as.
 const NO_ENDPOINT: Endpoint = Endpoint {
     ifindex: 0,
@@ -114,6 +140,7 @@ const NO_ENDPOINT: Endpoint = Endpoint {
 
 #[classifier]
 pub fn xhost_bridge_in(ctx: TcContext) -> i32 {
+    build_mark();
     // Counted as it arrived (VXLAN mode may grow it).
     let len = ctx.len();
     finish_len(len, try_egress(&ctx, false))
@@ -121,6 +148,7 @@ pub fn xhost_bridge_in(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn xhost_veth_in(ctx: TcContext) -> i32 {
+    build_mark();
     let len = ctx.len();
     let v = try_egress(&ctx, true);
     // What this program passes goes on into the bridge, where xhost_bridge_in
@@ -135,6 +163,7 @@ pub fn xhost_veth_in(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn xhost_nic_in(ctx: TcContext) -> i32 {
+    build_mark();
     let arrived = ctx.len();
     let v = try_ingress(&ctx);
     // Counted as the program leaves it (decapsulated: the inner frame), but
@@ -149,6 +178,7 @@ pub fn xhost_nic_in(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn xhost_vxlan_in(ctx: TcContext) -> i32 {
+    build_mark();
     let v = try_from_tunnel(&ctx);
     if v.action == PASS {
         // The inner frame is addressed to the sending host's gateway MAC,
@@ -162,6 +192,7 @@ pub fn xhost_vxlan_in(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn xhost_vxlan_out(ctx: TcContext) -> i32 {
+    build_mark();
     let dst = match parse(&ctx) {
         // SAFETY: `f.ip` was bounds-checked by `parse`.
         Frame::Ipv4(f) => unsafe { (*f.ip).dst_addr },
@@ -672,6 +703,7 @@ fn forwarded(action: i32, reason: u32) -> Verdict {
 /// before an skb is built. Passes everything else; the TC program counts it.
 #[xdp]
 pub fn xhost_nic_xdp(ctx: XdpContext) -> u32 {
+    build_mark();
     let Frame::Ipv4(f) = parse(&ctx) else {
         return xdp_action::XDP_PASS;
     };

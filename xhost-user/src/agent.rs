@@ -25,6 +25,7 @@ use crate::{
 };
 
 pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let settings = source.read()?;
     // Everything that can be checked is checked before the kernel is touched.
     let static_locals = config::validate(&settings)?;
@@ -42,6 +43,10 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
             "cluster mode needs the agent running to renew this host's lease: drop --detach"
         );
     }
+    // A datapath pinned here (detached, or left by a killed agent or one
+    // stopped with --keep-datapath) is adopted; checked before anything is
+    // touched.
+    let prior = crate::adopt::find(&layout, &settings)?;
     // Cluster mode: the store is a source of peers next to the config.
     let mut cluster = match &settings.cluster {
         Some(c) => {
@@ -59,28 +64,55 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         None => Vec::new(),
     };
     let peers = desired_peers(&settings, &store_peers)?;
-    let mut dp = Datapath::load(
-        &layout,
-        settings.tunnel.map(|v| (settings.iface.as_str(), v)),
-        settings.attach,
-        settings.deny,
-    )?;
-    let xdp = dp.attach_underlay(&settings.iface, settings.xdp_mode)?;
-    dp.attach_tunnel()?;
     let underlay = crate::net::ifindex(&settings.iface)?;
-    set_underlay_addrs(&mut dp, &settings.iface, underlay)?;
-    let mut host = Host {
-        routes: KernelRoutes::new(dp.route_device(underlay))
-            .context("opening the writer's netlink socket")?,
-        dp,
-        applied: State::default(),
+    let mut host = match prior {
+        None => {
+            let mut dp = Datapath::load(
+                &layout,
+                settings.tunnel.map(|v| (settings.iface.as_str(), v)),
+                settings.attach,
+                settings.deny,
+            )?;
+            let xdp = dp.attach_underlay(&settings.iface, settings.xdp_mode)?;
+            dp.attach_tunnel()?;
+            Host {
+                routes: KernelRoutes::new(dp.route_device(underlay))
+                    .context("opening the writer's netlink socket")?,
+                dp,
+                applied: State::default(),
+                xdp,
+            }
+        }
+        Some(prior) => {
+            let mut dp = Datapath::adopt(&layout, prior.method, settings.deny)?;
+            let state = prior.state.as_ref();
+            let xdp =
+                dp.adopt_underlay(&settings.iface, settings.xdp_mode, state.map(|s| s.xdp))?;
+            // The plan starts from what the maps hold, not from nothing.
+            let applied = dp.held()?;
+            let added = state.map(|s| s.kernel_routes.clone()).unwrap_or_default();
+            Host {
+                routes: KernelRoutes::adopt(dp.route_device(underlay), added)
+                    .context("opening the writer's netlink socket")?,
+                dp,
+                applied,
+                xdp,
+            }
+        }
     };
+    set_underlay_addrs(&mut host.dp, &settings.iface, underlay)?;
     // The peers, then the static bridges and their subnets.
-    let want = State {
+    let mut want = State {
         local: sources::static_bridges(&static_locals, &peers),
         peers,
     };
+    // Adopted: nothing of this host's side leaves before the sources spoke.
+    let adopted = host.dp.is_adopted();
+    if adopted {
+        want.local = want.local.keeping(&host.applied.local);
+    }
     host.write(&want)?;
+    let hold = adopted && settings.docker;
     let mut agent = Agent {
         source,
         settings,
@@ -88,6 +120,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         want,
         underlay,
         cluster,
+        hold,
     };
     // Endpoints already on static bridges, so the first packets take the
     // fast path; Docker's arrive asynchronously once it answers.
@@ -107,7 +140,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
             crate::tunnel::DEVICE
         );
     }
-    let mut report = AgentState::new(settings, xdp, detach);
+    let mut report = AgentState::new(settings, host.xdp, detach);
     report.cluster = agent.cluster.as_ref().map(|c| c.report.clone());
     report.refresh(&host);
     // The state file is what `status` reads; failing to write it does not
@@ -115,6 +148,16 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     // writes it again.
     if let Err(e) = report.write(&layout) {
         warn!("agent state: {e:#}");
+    }
+    if host.dp.is_adopted() {
+        info!(
+            "adopted the pinned datapath: {} attachment(s) carried on, {} route(s) and {} endpoint(s) kept; ready {} ms after start",
+            host.dp.attachments().count(),
+            host.applied.peers.routes.len(),
+            host.applied.local.endpoints.len(),
+            started.elapsed().as_millis()
+        );
+        host.dp.adopted();
     }
     if detach {
         let Host { routes, dp, .. } = host;
@@ -142,7 +185,29 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     }
     // Revoke first: the other hosts drop this host's routes at once.
     if let Some(c) = agent.cluster.take() {
-        c.stop().await;
+        if agent.settings.keep_datapath {
+            // The datapath stays, so this host's routes must too: the
+            // lease is left to the next agent (or expires), the snapshot
+            // stays for it.
+            drop(c);
+        } else {
+            c.stop().await;
+        }
+    }
+    if agent.settings.keep_datapath {
+        // The next load adopts what stays: the state file keeps the kernel
+        // routes and XDP mode for it (and for `unload`).
+        let Host { routes, dp, .. } = host;
+        routes.keep();
+        dp.keep_running();
+        report.detached = true;
+        if let Err(e) = report.write(&layout) {
+            warn!("agent state: {e:#}");
+        }
+        info!(
+            "stopped; the datapath stays loaded (--keep-datapath): the next load adopts it, `xhost-user unload` removes it"
+        );
+        return res;
     }
     drop(host); // deletes the kernel routes, detaches and unpins
     let _ = crate::layout::remove_file_if_exists(&layout.state_file());
@@ -175,6 +240,10 @@ struct Agent {
     underlay: u32,
     /// Cluster mode's store, a source of peers.
     cluster: Option<ClusterSource>,
+    /// After an adoption, until Docker's first view: the datapath's
+    /// endpoints, ports and subnets stay (Docker's are not known yet, and
+    /// removing them would open the gap the adoption avoids).
+    hold: bool,
 }
 
 /// The single writer's side: what it writes to, and what it has written.
@@ -183,6 +252,8 @@ struct Host {
     routes: KernelRoutes,
     dp: Datapath,
     applied: State,
+    /// Which XDP mode is attached to the underlay.
+    xdp: crate::datapath::XdpAttached,
 }
 
 impl Host {
@@ -376,7 +447,15 @@ impl Agent {
     /// One step of the single writer: the desired state from every source,
     /// planned against what is applied and written.
     fn reconcile(&mut self, view: Option<&DockerView>, host: &mut Host) {
-        self.want.local = sources::local(&self.static_locals, view, &self.want.peers);
+        if view.is_some() {
+            self.hold = false;
+        }
+        let local = sources::local(&self.static_locals, view, &self.want.peers);
+        self.want.local = if self.hold {
+            local.keeping(&host.applied.local)
+        } else {
+            local
+        };
         if let Err(e) = host.write(&self.want) {
             warn!("applying state: {e}");
         }

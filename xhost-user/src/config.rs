@@ -27,6 +27,7 @@ use crate::net::{self, CidrError, IfaceError, Ipv4Net};
 /// attach = "auto"     # TC attach method: auto (tcx if present, else tc), tc, tcx
 /// deny = "drop"       # what is refused: dropped (default), or also answered ("reject")
 /// metrics_addr = "127.0.0.1:9464"  # optional: serve Prometheus /metrics there
+/// keep_datapath = true  # optional: SIGTERM/SIGINT leave the datapath forwarding
 /// [[peer]]
 /// host = "172.16.91.132"
 /// subnets = ["192.168.220.0/24"]
@@ -90,6 +91,15 @@ pub struct SettingsLayer {
     /// Serve Prometheus metrics at http://IP:PORT/metrics (off unless given).
     #[arg(long, value_name = "IP:PORT", value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<SocketAddr>,
+    /// On SIGTERM/SIGINT leave the datapath pinned and forwarding (the next
+    /// load adopts it) instead of detaching it.
+    #[arg(
+        long,
+        num_args = 0,
+        default_missing_value = "true",
+        hide_possible_values = true
+    )]
+    pub keep_datapath: Option<bool>,
     #[command(flatten)]
     #[serde(default, skip_serializing_if = "EtcdLayer::is_empty")]
     pub etcd: EtcdLayer,
@@ -442,6 +452,9 @@ pub struct Settings {
     pub cluster: Option<ClusterSettings>,
     /// Where Prometheus metrics are served; `None`: not at all.
     pub metrics_addr: Option<SocketAddr>,
+    /// Stopping (SIGTERM/SIGINT) leaves the datapath pinned and forwarding,
+    /// for the next load to adopt; otherwise it is detached.
+    pub keep_datapath: bool,
 }
 
 /// What happens to a key that both layers give.
@@ -589,6 +602,7 @@ pub fn resolve(l: SettingsLayer) -> Result<Settings, ConfigError> {
         deny: l.deny.unwrap_or_default(),
         cluster: resolve_cluster(l.etcd)?,
         metrics_addr: l.metrics_addr,
+        keep_datapath: l.keep_datapath.unwrap_or(false),
     })
 }
 
@@ -1230,7 +1244,38 @@ mod tests {
             deny: DenyArg::Drop,
             cluster: None,
             metrics_addr: None,
+            keep_datapath: false,
         }
+    }
+
+    #[test]
+    fn keep_datapath_from_flag_or_file_and_reloadable() {
+        let file = |text: &str| toml::from_str::<SettingsLayer>(text).expect("toml");
+        let s = merge(SettingsLayer::default(), Some(file("iface = \"ens33\"\n"))).expect("merges");
+        assert!(!s.keep_datapath, "detach on stop unless asked");
+        let s = merge(
+            SettingsLayer::default(),
+            Some(file("iface = \"ens33\"\nkeep_datapath = true\n")),
+        )
+        .expect("merges");
+        assert!(s.keep_datapath);
+        let flags = SettingsLayer {
+            keep_datapath: Some(true),
+            ..SettingsLayer::default()
+        };
+        let e = merge(
+            flags,
+            Some(file("iface = \"ens33\"\nkeep_datapath = false\n")),
+        )
+        .expect_err("conflict")
+        .to_string();
+        assert!(
+            e.contains("--keep-datapath") && e.contains("keep_datapath = false"),
+            "{e}"
+        );
+        let mut new = settings();
+        new.keep_datapath = true;
+        check_reloadable(&settings(), &new).expect("takes effect at the next stop");
     }
 
     #[test]

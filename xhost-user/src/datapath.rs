@@ -114,6 +114,8 @@ pub enum DatapathError {
     },
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
+    #[error(transparent)]
+    Layout(Box<crate::adopt::AdoptError>),
     #[error("pinning {path}")]
     Pin {
         path: PathBuf,
@@ -289,14 +291,14 @@ impl Datapath {
             },
             if features.tcx { "present" } else { "absent" }
         );
+        let fingerprint = crate::adopt::object_shapes()
+            .map(|s| crate::adopt::fingerprint(&s))
+            .map_err(|e| DatapathError::Layout(Box::new(e)))?;
         ensure_bpffs(&layout.pin_dir)?;
         // Deleted again if anything below fails (dropped with the error).
         let tunnel = tunnel
             .map(|(underlay, vxlan)| TunnelDevice::create(underlay, vxlan))
             .transpose()?;
-        let (tunnel_ifindex, vni, port) = tunnel.as_ref().map_or((0, 0, 0), |t| {
-            (t.ifindex, t.vxlan.vni, u32::from(t.vxlan.port))
-        });
         let mut guard = PinGuard {
             paths: Vec::new(),
             layout: layout.clone(),
@@ -307,6 +309,90 @@ impl Datapath {
                 source,
             })?;
         }
+        let dir = layout.layout_dir();
+        layout
+            .record_layout(&fingerprint)
+            .map_err(|source| DatapathError::PinDir { path: dir, source })?;
+        let dp = Self::open(layout, features, method, tunnel, deny, &mut guard, false)?;
+        guard.paths.clear();
+        Ok(dp)
+    }
+
+    /// Takes over the datapath pinned under `layout` (checked by
+    /// [`crate::adopt::find`]): loads this build's programs on the pinned
+    /// maps, whose contents stay, and replaces the program of every pinned
+    /// link in place (BPF_LINK_UPDATE) and of every classic tc filter (the
+    /// same priority and handle, replaced by netlink), so that no packet
+    /// finds a hook empty. Attachments whose interface is gone are dropped.
+    /// Until [`Datapath::adopted`], dropping the result leaves everything
+    /// pinned and forwarding.
+    pub fn adopt(layout: &Layout, method: TcMethod, deny: DenyArg) -> Result<Self, DatapathError> {
+        let features = KernelFeatures::probe()?;
+        let method = features.choose(match method {
+            TcMethod::Tcx => AttachArg::Tcx,
+            TcMethod::Tc => AttachArg::Tc,
+        })?;
+        info!(
+            "kernel {}: adopting the datapath pinned under {} (TC programs through {})",
+            features.release,
+            layout.pin_dir.display(),
+            method.as_str()
+        );
+        let mut guard = PinGuard {
+            paths: Vec::new(),
+            layout: layout.clone(),
+        };
+        let mut dp = Self::open(layout, features, method, None, deny, &mut guard, true)?;
+        dp.clsact_added = layout.clsact_marked();
+        // The peers' PEER_STATS slots stay theirs (their counters go on).
+        let held: Vec<([u8; 4], PeerHost)> = dp
+            .peer_hosts
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(MAP_PEER_HOSTS))?;
+        for (host, v) in held {
+            dp.peer_slots.insert(Ipv4Addr::from(host), v.slot);
+            dp.free_slots.retain(|&s| s != v.slot);
+        }
+        let links: Vec<_> = pinned_names(&layout.links_dir());
+        for (iface, hook, path) in links {
+            dp.update_link(&iface, hook, path)?;
+        }
+        let filters: Vec<_> = pinned_names(&layout.filters_dir());
+        for (iface, hook, path) in filters {
+            dp.replace_filter(&iface, hook, path)?;
+        }
+        // What the old programs cached is not this build's to trust.
+        dp.routes.retire_cached()?;
+        Ok(dp)
+    }
+
+    /// Ends an adoption: from now on, dropping the datapath detaches it
+    /// (unless [`Datapath::keep_running`]).
+    pub fn adopted(&mut self) {
+        self.keep = false;
+    }
+
+    /// Whether this is an adoption not yet ended by [`Datapath::adopted`].
+    pub fn is_adopted(&self) -> bool {
+        self.keep
+    }
+
+    /// Loads the object on maps pinned under `layout` (`reuse`: they are
+    /// there already and kept as they are) or new ones pinned there (their
+    /// paths go to `guard` until the Datapath owns them), and the programs.
+    fn open(
+        layout: &Layout,
+        features: KernelFeatures,
+        method: TcMethod,
+        tunnel: Option<TunnelDevice>,
+        deny: DenyArg,
+        guard: &mut PinGuard,
+        reuse: bool,
+    ) -> Result<Self, DatapathError> {
+        let (tunnel_ifindex, vni, port) = tunnel.as_ref().map_or((0, 0, 0), |t| {
+            (t.ifindex, t.vxlan.vni, u32::from(t.vxlan.port))
+        });
         // Only the log levels the agent prints are compiled in at load time,
         // so disabled aya-log statements cost one branch in the kernel.
         let level = log_level_mask();
@@ -321,13 +407,22 @@ impl Datapath {
                 xhost_common::REJECT_RATE_PER_SEC
             );
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(GLOBAL_HELPERS, &helpers, true)
             .override_global(GLOBAL_TUNNEL_IFINDEX, &tunnel_ifindex, true)
             .override_global(GLOBAL_TUNNEL_VNI, &vni, true)
             .override_global(GLOBAL_TUNNEL_PORT, &port, true)
-            .override_global(GLOBAL_DENY, &deny_mode, true)
+            .override_global(GLOBAL_DENY, &deny_mode, true);
+        if reuse {
+            // aya opens a map pinned at the given path instead of creating
+            // it; the shapes were checked against this object before.
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, layout.map(name));
+            }
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| DatapathError::Object(Box::new(e)))?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -343,11 +438,13 @@ impl Datapath {
         for name in PINNED_MAPS {
             let map = ebpf.take_map(name).ok_or(DatapathError::Missing(name))?;
             let path = layout.map(name);
-            map.pin(&path).map_err(|source| DatapathError::Pin {
-                path: path.clone(),
-                source,
-            })?;
-            guard.paths.push(path);
+            if !reuse {
+                map.pin(&path).map_err(|source| DatapathError::Pin {
+                    path: path.clone(),
+                    source,
+                })?;
+                guard.paths.push(path);
+            }
             maps.push(map);
         }
         let [
@@ -382,12 +479,14 @@ impl Datapath {
             features,
             method,
             clsact_added: Vec::new(),
-            pinned_maps: std::mem::take(&mut guard.paths),
+            pinned_maps: PINNED_MAPS.iter().map(|n| layout.map(n)).collect(),
             tunnel,
-            keep: false,
+            // An adopted datapath stays as it is should the adoption fail.
+            keep: reuse,
             _logger: logger,
         };
         // From here on, Drop undoes whatever is done.
+        guard.paths.clear();
         let tunnel_progs: &[&'static str] = if dp.tunnel.is_some() {
             &[PROG_VXLAN_OUT, PROG_VXLAN_IN]
         } else {
@@ -409,6 +508,120 @@ impl Datapath {
             source: Box::new(source),
         })?;
         Ok(dp)
+    }
+
+    /// Adoption: points the pinned tcx or XDP link `path` at this build's
+    /// program (aya's `attach_to_link`, which is BPF_LINK_UPDATE: the old
+    /// program runs until the new one is in). A link whose interface is
+    /// gone is unpinned.
+    fn update_link(&mut self, iface: &str, hook: Hook, path: PathBuf) -> Result<(), DatapathError> {
+        if crate::net::ifindex(iface).is_err() {
+            info!(
+                "{iface} is gone: dropping its pinned link ({})",
+                hook.as_str()
+            );
+            let _ = remove_file_if_exists(&path);
+            return Ok(());
+        }
+        let program = hook.program();
+        let link_err = |source| DatapathError::Link {
+            iface: iface.into(),
+            source,
+        };
+        let attach_err = |source| DatapathError::Attach {
+            program,
+            iface: iface.into(),
+            hook: hook.as_str(),
+            source: Box::new(source),
+        };
+        let fd = FdLink::from(PinnedLink::from_pin(&path).map_err(link_err)?);
+        if hook == Hook::Xdp {
+            let prog: &mut Xdp = self.program(PROG_NIC_XDP)?;
+            let link = aya::programs::xdp::XdpLink::try_from(fd).map_err(link_err)?;
+            let id = prog.attach_to_link(link).map_err(attach_err)?;
+            // The pin holds the link; this fd may close.
+            drop(prog.take_link(id).map_err(attach_err)?);
+        } else {
+            let prog: &mut SchedClassifier = self.program(program)?;
+            let link = aya::programs::tc::SchedClassifierLink::try_from(fd).map_err(link_err)?;
+            let id = prog.attach_to_link(link).map_err(attach_err)?;
+            let taken = prog.take_link(id).map_err(attach_err)?;
+            drop(FdLink::try_from(taken).map_err(link_err)?);
+        }
+        let link = PinnedLink::from_pin(&path).map_err(link_err)?;
+        self.attachments.insert(
+            (iface.to_owned(), hook),
+            Attachment::Link {
+                link: Some(link),
+                path,
+            },
+        );
+        info!("replaced {program} on {iface} ({}) in place", hook.as_str());
+        Ok(())
+    }
+
+    /// Adoption, classic tc: replaces the program of xhost's filter at
+    /// `hook` of `iface` in place (same priority and handle, a netlink
+    /// change without NLM_F_CREATE, so the kernel swaps it atomically), then
+    /// pins the new program where the old one was. A filter that is gone
+    /// (interface deleted, or removed by hand) is forgotten.
+    fn replace_filter(
+        &mut self,
+        iface: &str,
+        hook: Hook,
+        path: PathBuf,
+    ) -> Result<(), DatapathError> {
+        let program = hook.program();
+        let replaced = crate::net::ifindex(iface).is_ok() && {
+            let link = aya::programs::tc::SchedClassifierLink::attached(
+                iface,
+                attach::tc_attach_type(hook),
+                TC_PRIORITY,
+                TcHandle::from(attach::tc_handle(hook)),
+                None,
+            );
+            let prog: &mut SchedClassifier = self.program(program)?;
+            match link
+                .map_err(|e| ProgramError::from(aya::programs::tc::TcError::IoError(e)))
+                .and_then(|l| prog.attach_to_link(l))
+                .and_then(|id| prog.take_link(id))
+            {
+                // As in attach_filter: the link's drop would delete the filter.
+                Ok(link) => {
+                    std::mem::forget(link);
+                    true
+                }
+                Err(e) => {
+                    warn!(
+                        "{iface}: replacing xhost's tc filter ({}): {e}",
+                        hook.as_str()
+                    );
+                    false
+                }
+            }
+        };
+        let _ = remove_file_if_exists(&path);
+        if !replaced {
+            return Ok(());
+        }
+        let prog: &mut SchedClassifier = self.program(program)?;
+        prog.pin(&path).map_err(|source| DatapathError::Pin {
+            path: path.clone(),
+            source,
+        })?;
+        self.attachments.insert(
+            (iface.to_owned(), hook),
+            Attachment::Filter {
+                iface: iface.to_owned(),
+                hook,
+                path,
+            },
+        );
+        info!(
+            "replaced {program} on {iface} ({}, tc filter pref {TC_PRIORITY}) in place",
+            hook.as_str()
+        );
+        Ok(())
     }
 
     fn program<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, DatapathError>
@@ -433,7 +646,54 @@ impl Datapath {
         mode: XdpModeArg,
     ) -> Result<XdpAttached, DatapathError> {
         refuse_if_attached(iface, Hook::UnderlayIngress)?;
-        let attached = match mode {
+        let attached = self.attach_xdp_as(iface, mode)?;
+        self.attach_tc(iface, Hook::UnderlayIngress)?;
+        Ok(attached)
+    }
+
+    /// Adoption: keeps the underlay's adopted attachments, attaching what
+    /// is missing and moving XDP to `mode` when it asks for another one
+    /// than `prior` (what the state file says was attached). XDP only
+    /// drops early what the TC program drops too, so re-attaching it
+    /// leaves no gap.
+    pub fn adopt_underlay(
+        &mut self,
+        iface: &str,
+        mode: XdpModeArg,
+        prior: Option<XdpAttached>,
+    ) -> Result<XdpAttached, DatapathError> {
+        let has_xdp = self
+            .attachments
+            .contains_key(&(iface.to_owned(), Hook::Xdp));
+        let keeps = match (mode, prior) {
+            (XdpModeArg::Off, _) => false,
+            (XdpModeArg::Native, Some(p)) => p == XdpAttached::Native,
+            (XdpModeArg::Skb, Some(p)) => p == XdpAttached::Skb,
+            (XdpModeArg::Auto, _) | (_, None) => true,
+        };
+        let attached = if has_xdp && keeps {
+            prior.unwrap_or(XdpAttached::Native)
+        } else {
+            if has_xdp {
+                self.detach(iface, Hook::Xdp);
+            }
+            self.attach_xdp_as(iface, mode)?
+        };
+        if !self
+            .attachments
+            .contains_key(&(iface.to_owned(), Hook::UnderlayIngress))
+        {
+            self.attach_tc(iface, Hook::UnderlayIngress)?;
+        }
+        Ok(attached)
+    }
+
+    fn attach_xdp_as(
+        &mut self,
+        iface: &str,
+        mode: XdpModeArg,
+    ) -> Result<XdpAttached, DatapathError> {
+        Ok(match mode {
             XdpModeArg::Off => XdpAttached::Off,
             XdpModeArg::Skb => {
                 self.attach_xdp(iface, XdpMode::Skb)?;
@@ -473,9 +733,7 @@ impl Datapath {
                 }
                 Err(e) => return Err(e),
             },
-        };
-        self.attach_tc(iface, Hook::UnderlayIngress)?;
-        Ok(attached)
+        })
     }
 
     /// VXLAN mode: attaches the tunnel programs to the vxlan device.
@@ -936,6 +1194,61 @@ impl Datapath {
         }
     }
 
+    /// What the maps and attachments hold, as the plan's applied state:
+    /// after an adoption the plan then writes only the difference to what
+    /// the sources want. A subnet's bridge is named after its attachment,
+    /// else after its ifindex now.
+    pub fn held(&self) -> Result<crate::plan::State, DatapathError> {
+        use crate::plan::{Local, Peers, State};
+        let net =
+            |k: Key<[u8; 4]>| Ipv4Net::containing(Ipv4Addr::from(k.data()), k.prefix_len() as u8);
+        let mut peers = Peers::default();
+        for host in self.peer_hosts.keys() {
+            peers
+                .hosts
+                .insert(Ipv4Addr::from(host.map_err(map_error(MAP_PEER_HOSTS))?));
+        }
+        for r in self.routes.trie.iter() {
+            let (k, v) = r.map_err(map_error(MAP_ROUTES))?;
+            peers.routes.insert(net(k), Ipv4Addr::from(v.host));
+        }
+        let mut local = Local::default();
+        let mut bridge_names = BTreeMap::new();
+        for (iface, hook) in self.attachments.keys() {
+            let Ok(ifindex) = crate::net::ifindex(iface) else {
+                continue;
+            };
+            match hook {
+                Hook::BridgeIngress => {
+                    local.bridges.insert(iface.clone());
+                    bridge_names.insert(ifindex, iface.clone());
+                }
+                Hook::ContainerIngress => {
+                    local.ports.insert(ifindex, iface.clone());
+                }
+                _ => {}
+            }
+        }
+        for r in self.local_nets.iter() {
+            let (k, v) = r.map_err(map_error(MAP_LOCAL_NETS))?;
+            let name = bridge_names
+                .get(&v.bridge_ifindex)
+                .cloned()
+                .or_else(|| {
+                    nix::net::if_::if_indextoname(v.bridge_ifindex)
+                        .ok()
+                        .map(|n| n.to_string_lossy().into_owned())
+                })
+                .unwrap_or_default();
+            local.locals.insert(net(k), (name, v.bridge_ifindex));
+        }
+        for r in self.endpoints.iter() {
+            let (k, ep) = r.map_err(map_error(MAP_ENDPOINTS))?;
+            local.endpoints.insert(Ipv4Addr::from(k), ep);
+        }
+        Ok(State { peers, local })
+    }
+
     /// Retires the datapath's cached answers after a change in the kernel
     /// (routes, rules, neighbours, addresses, links) that they may depend on.
     pub fn kernel_changed(&mut self) -> Result<(), DatapathError> {
@@ -991,6 +1304,7 @@ impl Drop for Datapath {
                 warn!("removing {}: {e}", path.display());
             }
         }
+        self.layout.remove_layout_record();
         remove_empty_dirs(&self.layout);
     }
 }
@@ -1072,9 +1386,27 @@ impl Drop for PinGuard {
         for path in &self.paths {
             let _ = remove_file_if_exists(path);
         }
+        // An adoption never fills `paths` and touches no record; a fresh
+        // load that failed leaves none.
+        if !self.paths.is_empty() || !self.layout.map(PINNED_MAPS[0]).exists() {
+            self.layout.remove_layout_record();
+        }
         // After a successful load the directories hold pins and stay.
         remove_empty_dirs(&self.layout);
     }
+}
+
+/// (iface, hook, path) of the pins in `dir` (`links/` or `filters/`).
+fn pinned_names(dir: &Path) -> Vec<(String, Hook, PathBuf)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let (iface, hook) = Layout::parse_link_name(&e.file_name().to_string_lossy())?;
+            Some((iface, hook, e.path()))
+        })
+        .collect()
 }
 
 fn remove_empty_dirs(layout: &Layout) {

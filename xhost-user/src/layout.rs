@@ -6,6 +6,8 @@
 //! <pin-dir>/links/<iface>@<hook>                   tcx / XDP links (detach = unlink)
 //! <pin-dir>/filters/<iface>@<hook>                 classic tc: the program xhost's filter
 //!                                                   there runs (unload deletes the filter)
+//! <pin-dir>/layout/<fingerprint>                   (empty directory) the maps' layout:
+//!                                                   a load adopts only pins of its own
 //! <pin-dir>/clsact/<iface>                          (empty directory) xhost added the
 //!                                                   clsact qdisc of <iface>
 //! <run-dir>/<instance>.json                         what is attached where, Docker view
@@ -48,6 +50,34 @@ impl Layout {
     pub fn filter(&self, iface: &str, hook: Hook) -> PathBuf {
         self.filters_dir()
             .join(format!("{}@{}", iface.replace('.', ":"), hook.as_str()))
+    }
+
+    /// Directory holding the maps' layout fingerprint.
+    pub fn layout_dir(&self) -> PathBuf {
+        self.pin_dir.join("layout")
+    }
+
+    /// Records the maps' layout fingerprint (an empty directory named
+    /// after it: bpffs holds no regular files).
+    pub fn record_layout(&self, fingerprint: &str) -> std::io::Result<()> {
+        std::fs::create_dir_all(self.layout_dir().join(fingerprint))
+    }
+
+    /// The fingerprint recorded beside the maps, if any.
+    pub fn layout_recorded(&self) -> Option<String> {
+        std::fs::read_dir(self.layout_dir())
+            .ok()?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .next()
+    }
+
+    /// Removes the fingerprint record.
+    pub fn remove_layout_record(&self) {
+        if let Some(fp) = self.layout_recorded() {
+            let _ = std::fs::remove_dir(self.layout_dir().join(fp));
+        }
+        let _ = std::fs::remove_dir(self.layout_dir());
     }
 
     /// Directory of the clsact markers.

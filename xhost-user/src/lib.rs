@@ -1,6 +1,7 @@
 //! xhost's user-space side: loader, agent and the views `xhost-user` prints.
 //! A library so that the tests drive the same code the binary runs.
 
+pub mod adopt;
 pub mod agent;
 pub mod attach;
 pub mod config;

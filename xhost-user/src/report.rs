@@ -795,6 +795,7 @@ pub fn unload(
     for name in xhost_common::PINNED_MAPS {
         remove_file_if_exists(&layout.map(name))?;
     }
+    layout.remove_layout_record();
     std::fs::remove_dir(&layout.pin_dir)
         .or_else(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {

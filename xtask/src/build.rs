@@ -60,6 +60,30 @@ pub fn cluster_bench(release: bool) -> anyhow::Result<PathBuf> {
     Ok(profile_dir(release)?.join("examples").join("cluster_bench"))
 }
 
+/// The value of `XHOST_BUILD_SALT` for the second build of [`upgrade`].
+const UPGRADE_SALT: &str = "upgrade-test";
+
+/// A second xhost-user from the same source with other programs (the eBPF
+/// crate bakes `XHOST_BUILD_SALT` into every program), for the test of an
+/// upgrade under traffic (`tests/tests/adopt.rs`). Built in the same target
+/// directory, copied to `<profile>/xhost-user-upgrade`, then the usual build
+/// is made again. Returns the copy's path.
+pub fn upgrade(release: bool) -> anyhow::Result<PathBuf> {
+    let dir = profile_dir(release)?;
+    let copy = dir.join("xhost-user-upgrade");
+    let mut cmd = workspace::cargo();
+    cmd.args(["build", "-p", "xhost-user"])
+        .env("XHOST_BUILD_SALT", UPGRADE_SALT);
+    if release {
+        cmd.arg("--release");
+    }
+    workspace::run_status(&mut cmd)?;
+    std::fs::copy(dir.join("xhost-user"), &copy)
+        .map_err(|e| anyhow::anyhow!("copying the upgrade build to {}: {e}", copy.display()))?;
+    build(release, &["-p", "xhost-user"])?;
+    Ok(copy)
+}
+
 fn build(release: bool, args: &[&str]) -> anyhow::Result<()> {
     let mut cmd = workspace::cargo();
     cmd.arg("build").args(args);

@@ -30,7 +30,7 @@ pub struct Options {
 }
 
 /// The test binaries of the datapath that run again with classic tc.
-const ATTACH_RUNS: [&str; 2] = ["datapath", "topology"];
+const ATTACH_RUNS: [&str; 3] = ["datapath", "topology", "adopt"];
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     if !opts.no_setup {
@@ -43,6 +43,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         release: true,
         no_setup: true,
     })?;
+    if !opts.kernels {
+        // Found by tests/tests/adopt.rs beside xhost-user.
+        build::upgrade(true)?;
+    }
     // Every part goes ahead even if one fails: one must not hide the others' results.
     let mut results = Vec::new();
     if !opts.kernels {

@@ -10,6 +10,11 @@
 //!   `{"datagrams":..,"bytes":..,"odd_sizes":..}` (sizes other than S).
 //! * `xh-probe udp-gso-send --to IP:P --segment S --segments K --bursts B`: B sends of K
 //!   datagrams of S bytes with `UDP_SEGMENT` (one GSO skb each).
+//! * `xh-probe udp-seq-recv --port P --count N`: prints `listening ADDR`, collects the
+//!   sequence numbers of up to N datagrams until they all arrived or the time is up and
+//!   prints `{"received":..,"missing":..,"duplicates":..,"first_missing":..}`.
+//! * `xh-probe udp-seq-send --to IP:P --count N --rate R`: sends N datagrams numbered
+//!   0..N at R per second, on a fixed schedule, and prints `{"sent":..,"elapsed_ms":..}`.
 
 use std::{
     io::Write,
@@ -19,7 +24,9 @@ use std::{
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use xhost_tests::probe::{run_recv, run_send, run_udp_gso_send, run_udp_recv};
+use xhost_tests::probe::{
+    run_recv, run_send_paced, run_udp_gso_send, run_udp_recv, run_udp_seq_recv, run_udp_seq_send,
+};
 
 #[derive(Parser)]
 #[command(about = "TCP and UDP probe endpoints for the xhost testbed")]
@@ -48,9 +55,35 @@ enum Mode {
         bytes: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Hold the sending rate at this many bytes per second (default: as fast as it goes).
+        #[arg(long)]
+        rate: Option<u64>,
         /// Seconds before giving up (whole run).
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
+    },
+    /// Collect numbered UDP datagrams and report which never arrived.
+    UdpSeqRecv {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = Ipv4Addr::UNSPECIFIED)]
+        bind: Ipv4Addr,
+        /// How many the sender sends (numbered 0..count).
+        #[arg(long)]
+        count: u64,
+        /// Seconds to wait for them.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Send numbered UDP datagrams at a fixed rate.
+    UdpSeqSend {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        /// Datagrams per second.
+        #[arg(long)]
+        rate: u32,
     },
     /// Count the UDP datagrams that arrive (missing ones are reported, not an error).
     UdpRecv {
@@ -100,9 +133,10 @@ fn main() -> anyhow::Result<()> {
             to,
             bytes,
             seed,
+            rate,
             timeout,
         } => {
-            let report = run_send(to, bytes, seed, seconds(timeout)?)
+            let report = run_send_paced(to, bytes, seed, seconds(timeout)?, rate)
                 .with_context(|| format!("tcp-send to {to}"))?;
             println!("{}", serde_json::to_string(&report)?);
         }
@@ -121,6 +155,26 @@ fn main() -> anyhow::Result<()> {
                 listening,
             )
             .with_context(|| format!("udp-recv on port {port}"))?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Mode::UdpSeqRecv {
+            port,
+            bind,
+            count,
+            timeout,
+        } => {
+            let report = run_udp_seq_recv(
+                SocketAddr::from((bind, port)),
+                count,
+                seconds(timeout)?,
+                listening,
+            )
+            .with_context(|| format!("udp-seq-recv on port {port}"))?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Mode::UdpSeqSend { to, count, rate } => {
+            let report = run_udp_seq_send(to, count, rate)
+                .with_context(|| format!("udp-seq-send to {to}"))?;
             println!("{}", serde_json::to_string(&report)?);
         }
         Mode::UdpGsoSend {

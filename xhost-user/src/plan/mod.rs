@@ -47,6 +47,25 @@ pub struct Local {
     pub ports: BTreeMap<u32, String>,
 }
 
+impl Local {
+    /// `self`, plus whatever of `held` it says nothing about: after an
+    /// adoption, what the datapath holds of this host's side stays until
+    /// the source that knows it (Docker) has spoken.
+    pub fn keeping(mut self, held: &Local) -> Local {
+        self.bridges.extend(held.bridges.iter().cloned());
+        for (net, bridge) in &held.locals {
+            self.locals.entry(*net).or_insert_with(|| bridge.clone());
+        }
+        for (ip, ep) in &held.endpoints {
+            self.endpoints.entry(*ip).or_insert(*ep);
+        }
+        for (ifindex, name) in &held.ports {
+            self.ports.entry(*ifindex).or_insert_with(|| name.clone());
+        }
+        self
+    }
+}
+
 /// The peer side of the datapath: peer hosts (`PEER_HOSTS`) and their
 /// subnets (`ROUTES`, and a kernel route each).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

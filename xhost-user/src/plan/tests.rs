@@ -617,3 +617,41 @@ fn a_step_with_100k_routes_stays_cheap() {
         "{unchanged:?} / {changed:?}"
     );
 }
+
+#[test]
+fn an_adopted_local_side_is_kept_until_its_source_speaks() {
+    // Held by the adopted maps: two containers. Docker has not answered
+    // yet, so the sources know only the static side (no endpoint).
+    let held = local(&[(11, 7), (12, 8)]);
+    let applied = state(peers(&["10.0.0.2=10.1.0.0/16"]), held.clone());
+    let mut sources_only = Local::default();
+    sources_only.bridges.insert("docker0".into());
+    let mut want = applied.clone();
+    want.local = sources_only.clone();
+    assert!(
+        plan(&want, &applied, &ROOMY)
+            .iter()
+            .any(|op| matches!(op, Op::RemoveEndpoint(_))),
+        "without keeping, the endpoints would go"
+    );
+    want.local = sources_only.keeping(&held);
+    assert_eq!(plan(&want, &applied, &ROOMY), [], "kept: nothing to write");
+    // What the sources do say wins: a moved endpoint is rewritten.
+    let mut moved = Local::default();
+    moved
+        .endpoints
+        .insert(ip("192.168.110.11"), endpoint(9, 11));
+    moved.ports.insert(9, "veth9".into());
+    want.local = moved.keeping(&held);
+    let ops = plan(&want, &applied, &ROOMY);
+    assert!(
+        ops.iter().any(
+            |op| matches!(op, Op::SetEndpoint { ip: a, ep } if *a == ip("192.168.110.11") && ep.ifindex == 9)
+        ),
+        "{ops:#?}"
+    );
+    assert!(
+        !ops.iter().any(|op| matches!(op, Op::RemoveEndpoint(_))),
+        "{ops:#?}"
+    );
+}

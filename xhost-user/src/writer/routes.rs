@@ -54,6 +54,14 @@ impl KernelRoutes {
         &mut self.rtnl
     }
 
+    /// Takes over the routes an adopted datapath's agent added (from its
+    /// state file), so that they are deleted with this instance's.
+    pub fn adopt(dev: RouteDevice, added: Vec<KernelRoute>) -> std::io::Result<Self> {
+        let mut routes = Self::new(dev)?;
+        routes.added = added.into_iter().map(|r| (r.prefix, r)).collect();
+        Ok(routes)
+    }
+
     /// Adds the kernel route of `peer`'s subnet `net`: `net via peer dev
     /// underlay` (as flannel's host-gw does), or `net dev xhost_vxlan` in
     /// VXLAN mode (as flannel's vxlan does). The datapath never uses it; it

@@ -1,0 +1,482 @@
+//! A restarted agent adopts the pinned datapath: traffic between containers
+//! on two hosts runs on while host A's agent is restarted with
+//! `--keep-datapath` or SIGKILLed and started again; a pinned map of
+//! another layout is refused with the pins untouched. Needs root;
+//! `--test-threads=1`.
+//!
+//! ```text
+//!  ctr-a 192.168.110.11 --UDP 2000 pps (numbered), TCP (paced, SHA-256)--> ctr-b 192.168.220.11
+//!      | veth                                            | veth
+//!  host-a: docker0, ens33  <====== veth ======>  host-b: docker0, ens33
+//!          xhost (restarted / killed + started)           xhost (runs on)
+//! ```
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use xhost_tests::{
+    NetNs, Process, Topology, TopologyOpts,
+    probe::{RecvReport, SendReport, SeqRecvReport, SeqSendReport, probe_bin},
+    xhost::{Agent, AgentDirs, load_args, remove_instance, xhost, xhost_bin},
+};
+
+const UDP_PORT: u16 = 5601;
+const TCP_PORT: u16 = 5602;
+/// The UDP flow: datagrams per second, and for how long.
+const RATE: u32 = 2_000;
+const FLOW_SECS: u32 = 6;
+/// The TCP transfer, paced to last the flow's time.
+const TCP_BYTES: u64 = 48 << 20;
+
+fn require_root() {
+    assert!(
+        xhost_tests::is_root(),
+        "these tests load eBPF programs and build namespaces: run as root (cargo xtask test)"
+    );
+}
+
+fn topology() -> Topology {
+    require_root();
+    Topology::two_hosts(TopologyOpts::default()).expect("build two-host topology")
+}
+
+fn args(host: &xhost_tests::Host, peer: &xhost_tests::Host, extra: &[&str]) -> Vec<String> {
+    load_args(host, peer, extra)
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn status_json(ns: &NetNs, dirs: &AgentDirs) -> serde_json::Value {
+    let out = xhost(ns, dirs, &["status", "--json"]).expect("run status");
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+}
+
+fn counter(status: &serde_json::Value, name: &str) -> u64 {
+    status["counters"][name]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name} in {status}"))
+}
+
+/// Removes the instances' pins even if the test fails half-way.
+struct Cleanup(Vec<AgentDirs>);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.0.iter().for_each(remove_instance);
+    }
+}
+
+/// The two flows from ctr-a to ctr-b, running.
+struct Flows {
+    udp_recv: Process,
+    udp_send: Process,
+    tcp_recv: Process,
+    tcp_send: Process,
+}
+
+fn probe_args(args: &[&str]) -> Vec<String> {
+    let bin = probe_bin().expect("xh-probe").display().to_string();
+    std::iter::once(bin)
+        .chain(args.iter().map(|s| (*s).to_owned()))
+        .collect()
+}
+
+fn start_flows(topo: &Topology) -> Flows {
+    let (from, to) = (topo.ctr_a().ns(), topo.ctr_b().ns());
+    let count = (RATE * FLOW_SECS).to_string();
+    let timeout = (FLOW_SECS + 20).to_string();
+    let mut udp_recv = to
+        .spawn(
+            "udp-seq-recv",
+            &probe_args(&[
+                "udp-seq-recv",
+                "--port",
+                &UDP_PORT.to_string(),
+                "--count",
+                &count,
+                "--timeout",
+                &timeout,
+            ]),
+        )
+        .expect("udp receiver");
+    udp_recv
+        .wait_for_line(|l| l.starts_with("listening"), Duration::from_secs(5))
+        .expect("udp receiver listening");
+    let mut tcp_recv = to
+        .spawn(
+            "tcp-recv",
+            &probe_args(&[
+                "tcp-recv",
+                "--port",
+                &TCP_PORT.to_string(),
+                "--timeout",
+                &timeout,
+            ]),
+        )
+        .expect("tcp receiver");
+    tcp_recv
+        .wait_for_line(|l| l.starts_with("listening"), Duration::from_secs(5))
+        .expect("tcp receiver listening");
+    let dst = topo.ctr_b().ip();
+    let udp_send = from
+        .spawn(
+            "udp-seq-send",
+            &probe_args(&[
+                "udp-seq-send",
+                "--to",
+                &format!("{dst}:{UDP_PORT}"),
+                "--count",
+                &count,
+                "--rate",
+                &RATE.to_string(),
+            ]),
+        )
+        .expect("udp sender");
+    let tcp_send = from
+        .spawn(
+            "tcp-send",
+            &probe_args(&[
+                "tcp-send",
+                "--to",
+                &format!("{dst}:{TCP_PORT}"),
+                "--bytes",
+                &TCP_BYTES.to_string(),
+                "--rate",
+                &(TCP_BYTES / u64::from(FLOW_SECS)).to_string(),
+                "--timeout",
+                &timeout,
+            ]),
+        )
+        .expect("tcp sender");
+    Flows {
+        udp_recv,
+        udp_send,
+        tcp_recv,
+        tcp_send,
+    }
+}
+
+fn report<T: for<'de> serde::Deserialize<'de>>(p: &mut Process, what: &str) -> T {
+    let line = p
+        .wait_for_line(
+            |l| l.starts_with('{'),
+            Duration::from_secs(u64::from(FLOW_SECS) + 25),
+        )
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{what}: {e}: {line}"))
+}
+
+struct FlowResult {
+    udp: SeqRecvReport,
+    tcp_intact: bool,
+    tcp_bytes: u64,
+}
+
+impl Flows {
+    fn finish(mut self) -> FlowResult {
+        let sent: SeqSendReport = report(&mut self.udp_send, "udp sender");
+        let udp: SeqRecvReport = report(&mut self.udp_recv, "udp receiver");
+        let tcp_sent: SendReport = report(&mut self.tcp_send, "tcp sender");
+        let tcp_got: RecvReport = report(&mut self.tcp_recv, "tcp receiver");
+        assert_eq!(sent.sent, u64::from(RATE * FLOW_SECS));
+        FlowResult {
+            udp,
+            tcp_intact: tcp_sent.bytes == tcp_got.bytes && tcp_sent.checksum == tcp_got.checksum,
+            tcp_bytes: tcp_got.bytes,
+        }
+    }
+}
+
+/// (id, tag) of the programs attached (tcx) at ingress of `iface` in `ns`.
+fn tcx_progs(ns: &NetNs, iface: &str) -> Vec<(u32, u64)> {
+    let iface = iface.to_owned();
+    ns.within("tcx query", move || {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        Ok(SchedClassifier::query_tcx(&iface, TcAttachType::Ingress)
+            .map(|(_, progs)| progs.iter().map(|p| (p.id(), p.tag())).collect::<Vec<_>>())
+            .unwrap_or_default())
+    })
+    .expect("query tcx")
+}
+
+/// What happens to host A's agent halfway through the flows.
+enum Restart<'a> {
+    /// SIGTERM with `--keep-datapath`, then started again.
+    Keep,
+    /// SIGKILL, then started again.
+    Kill,
+    /// SIGTERM with `--keep-datapath`, then another build started.
+    Upgrade(&'a Path),
+}
+
+/// Runs the flows while host A's agent is restarted as `restart` says,
+/// and checks that nothing was lost, the programs were replaced in place
+/// (the links stay, the programs behind them change) and the counters
+/// carried over. Returns (adoption time as the new agent measured it, wall
+/// time from its start to `ready`).
+fn restart_under_traffic(restart: Restart<'_>) -> (u64, Duration) {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let keep = args(a, b, &["--keep-datapath"]);
+    let first = Agent::start(a.ns(), a.role(), &strs(&keep)).expect("load A");
+    let dirs = first.dirs.clone();
+    let _cleanup = Cleanup(vec![dirs.clone()]);
+    let _agent_b = Agent::start(b.ns(), b.role(), &strs(&args(b, a, &[]))).expect("load B");
+    let ping = xhost_tests::ping(topo.ctr_a().ns(), topo.ctr_b().ip(), 2).expect("ping");
+    assert!(ping.all_received(), "A -> B before: {ping:?}");
+    let before = status_json(a.ns(), &dirs);
+    let egress_before = counter(&before, "fwd_egress");
+    let tcx = xhost_tests::xhost::expect_tcx();
+    let ids_before = tcx_progs(a.ns(), a.underlay_iface());
+
+    let flows = start_flows(&topo);
+    std::thread::sleep(Duration::from_millis(1500));
+    let bin = match &restart {
+        Restart::Keep | Restart::Kill => xhost_bin().expect("xhost-user"),
+        Restart::Upgrade(p) => (*p).to_owned(),
+    };
+    let stopped = match &restart {
+        Restart::Kill => first.kill().expect("SIGKILL A"),
+        Restart::Keep | Restart::Upgrade(_) => {
+            let (status, left) = first.stop_leaving(Signal::SIGTERM).expect("stop A");
+            assert!(status.success(), "{status:?}");
+            assert!(!left.is_empty(), "--keep-datapath keeps the pins");
+            dirs.clone()
+        }
+    };
+    // The next agent starts at once, as a service manager would.
+    let t0 = Instant::now();
+    let mut second =
+        Agent::spawn(&bin, a.ns(), a.role(), stopped, &strs(&args(a, b, &[]))).expect("start A");
+    second.wait_ready().expect("A adopts and is ready");
+    let wall = t0.elapsed();
+    // The log (stderr) may trail `ready` (stdout) by a moment.
+    let adopt_ms = || {
+        second.output().lines().find_map(|l| {
+            let (_, rest) = l.split_once("adopted the pinned datapath")?;
+            let ms = rest.split("ready ").nth(1)?.split(" ms").next()?;
+            ms.trim().parse::<u64>().ok()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let adopt_ms = loop {
+        match adopt_ms() {
+            Some(ms) => break ms,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            None => panic!("no adoption line in the agent's log:\n{}", second.output()),
+        }
+    };
+    let log = second.output();
+
+    let result = flows.finish();
+    eprintln!(
+        "counters on A after: {}",
+        status_json(a.ns(), &dirs)["counters"]
+    );
+    eprintln!(
+        "adoption: {adopt_ms} ms in the agent, {} ms start -> ready; UDP {} of {} received, {} missing (first {:?}); TCP {} bytes intact={}",
+        wall.as_millis(),
+        result.udp.received,
+        RATE * FLOW_SECS,
+        result.udp.missing,
+        result.udp.first_missing,
+        result.tcp_bytes,
+        result.tcp_intact
+    );
+    if tcx {
+        assert_eq!(result.udp.missing, 0, "UDP lost across the restart");
+    } else {
+        // Classic tc: the filter is changed in place (same priority and
+        // handle), yet in every run on 6.18 a few datagrams (1 to 32 of
+        // 12 000: up to 16 ms) went missing at the swap, uncounted by the
+        // datapath; tcx and XDP links lose none. Bounded here (100 ms) and
+        // named in docs/operations.md.
+        assert!(
+            result.udp.missing < u64::from(RATE / 10),
+            "UDP lost across the restart (classic tc): {}",
+            result.udp.missing
+        );
+    }
+    assert!(result.tcp_intact, "TCP transfer damaged across the restart");
+    assert_eq!(result.tcp_bytes, TCP_BYTES);
+
+    // Counted before and after, by the same pinned STATS.
+    let after = status_json(a.ns(), &dirs);
+    let egress_after = counter(&after, "fwd_egress");
+    assert!(
+        egress_after >= egress_before + u64::from(RATE * FLOW_SECS),
+        "STATS carried over: fwd_egress {egress_before} before, {egress_after} after {} datagrams",
+        RATE * FLOW_SECS
+    );
+    if tcx {
+        let ids_after = tcx_progs(a.ns(), a.underlay_iface());
+        assert_eq!(ids_after.len(), ids_before.len(), "one program per hook");
+        assert!(
+            ids_after
+                .iter()
+                .all(|(id, _)| ids_before.iter().all(|(old, _)| old != id)),
+            "the programs were replaced: {ids_before:?} -> {ids_after:?}"
+        );
+        // Same build, same instructions (tag); another build, others.
+        let same_tags = ids_after
+            .iter()
+            .zip(&ids_before)
+            .all(|((_, new), (_, old))| new == old);
+        assert_eq!(
+            same_tags,
+            !matches!(restart, Restart::Upgrade(_)),
+            "program tags {ids_before:?} -> {ids_after:?}"
+        );
+    }
+    assert!(
+        log.contains("in place"),
+        "programs replaced in place:\n{log}"
+    );
+    // Stopped without --keep-datapath, the adopted datapath goes.
+    let (status, left) = second.stop_with(Signal::SIGTERM).expect("stop A");
+    assert!(
+        status.success() && left.is_empty(),
+        "{status:?} left {left:?}"
+    );
+    (adopt_ms, wall)
+}
+
+#[test]
+fn restart_with_keep_datapath_loses_nothing() {
+    restart_under_traffic(Restart::Keep);
+}
+
+#[test]
+fn a_killed_agent_is_adopted_without_loss() {
+    restart_under_traffic(Restart::Kill);
+}
+
+/// Another build of xhost-user takes over: the same source built with
+/// another `XHOST_BUILD_SALT`, which the eBPF crate bakes into every
+/// program, so its programs differ (other tags). `cargo xtask test` builds
+/// it as `target/release/xhost-user-upgrade`; `XHOST_UPGRADE_BIN` names
+/// another.
+#[test]
+fn another_build_takes_over_without_loss() {
+    require_root();
+    let bin = xhost_tests::probe::workspace_bin(
+        "xhost-user-upgrade",
+        "XHOST_UPGRADE_BIN",
+        "XHOST_BUILD_SALT=upgrade-test cargo build --release -p xhost-user, copy target/release/xhost-user to xhost-user-upgrade, build again without the salt (cargo xtask test does this)",
+    )
+    .expect("the upgrade build");
+    restart_under_traffic(Restart::Upgrade(&bin));
+}
+
+/// The files and directories under `dir`, recursively, with the ids of
+/// the maps pinned there.
+fn pins(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p.clone());
+                out.push(format!("{}/", p.display()));
+            } else {
+                let id = aya::maps::MapInfo::from_pin(&p)
+                    .map(|i| format!(" map {}", i.id()))
+                    .unwrap_or_default();
+                out.push(format!("{}{id}", p.display()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A pinned map whose shape is not this build's (as an older or newer
+/// build with another value layout would leave) is refused in one line,
+/// and nothing is touched: the same pins, the same maps, the same
+/// programs, still forwarding.
+#[test]
+fn a_changed_map_layout_is_refused_with_pins_untouched() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let dirs = AgentDirs::unique("a");
+    let _cleanup = Cleanup(vec![dirs.clone()]);
+    let _agent_b = Agent::start(b.ns(), b.role(), &strs(&args(b, a, &[]))).expect("load B");
+    let mut detach = vec!["load".to_owned()];
+    detach.extend(args(a, b, &["--detach"]));
+    let out = xhost(a.ns(), &dirs, &strs(&detach)).expect("load --detach");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ENDPOINT_PORTS as a build with 8-byte values would have pinned it.
+    let path = dirs.pin_dir.join("ENDPOINT_PORTS");
+    std::fs::remove_file(&path).expect("unpin ENDPOINT_PORTS");
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&path)
+        .args([
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "1024",
+            "name",
+            "ENDPOINT_PORTS",
+        ])
+        .output()
+        .expect("bpftool");
+    assert!(
+        made.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let pinned = pins(&dirs.pin_dir);
+    let ids = tcx_progs(a.ns(), a.underlay_iface());
+
+    let mut again = vec!["load".to_owned()];
+    again.extend(args(a, b, &[]));
+    let out = xhost(a.ns(), &dirs, &strs(&again)).expect("load");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a mismatched layout must be refused");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("xhost-user:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one line: {stderr}");
+    assert!(
+        errors[0].contains(
+            "pinned map ENDPOINT_PORTS does not match this build (value size 8, this build's 4)"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(pins(&dirs.pin_dir), pinned, "pins untouched");
+    assert_eq!(
+        tcx_progs(a.ns(), a.underlay_iface()),
+        ids,
+        "programs untouched"
+    );
+    let ping = xhost_tests::ping(topo.ctr_a().ns(), topo.ctr_b().ip(), 2).expect("ping");
+    assert!(ping.all_received(), "still forwarding: {ping:?}");
+
+    let out = xhost(a.ns(), &dirs, &["unload"]).expect("unload");
+    assert!(
+        out.status.success(),
+        "unload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dirs.leftovers().is_empty(), "left {:?}", dirs.leftovers());
+}

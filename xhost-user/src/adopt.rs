@@ -1,0 +1,263 @@
+//! Adopting a pinned datapath: a `load` that finds this underlay served by
+//! pins (a `--detach`ed instance, or an agent that was killed or stopped
+//! with `--keep-datapath`) takes it over instead of refusing: the pinned
+//! maps are reused as they are, each program is replaced in place through
+//! its pinned link (or classic tc filter), and the plan's applied state is
+//! rebuilt from what the maps hold, so only the difference is written.
+//!
+//! What is checked before anything is touched: no agent still runs the
+//! pins, they serve this underlay through the TC method asked for, and
+//! the pinned maps have the shape this build's programs were compiled
+//! against (type, key and value size, capacity, flags), recorded as a
+//! fingerprint under `<pin-dir>/layout/`.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use aya::maps::MapInfo;
+use sha2::{Digest as _, Sha256};
+use xhost_common::{MAP_LAYOUT_VERSION, PINNED_MAPS};
+
+use crate::{
+    attach::{AttachArg, TcMethod},
+    config::Settings,
+    layout::{Hook, Layout},
+    report::AgentState,
+};
+
+/// What the programs of a build assume of one map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapShape {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl MapShape {
+    fn of_pin(info: &MapInfo) -> Self {
+        Self {
+            map_type: info.map_type().map_or(u32::MAX, |t| t as u32),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        }
+    }
+
+    /// The first difference to `want` (this build's), in words.
+    fn difference(&self, want: &Self) -> Option<String> {
+        let fields = [
+            ("type", self.map_type, want.map_type),
+            ("key size", self.key_size, want.key_size),
+            ("value size", self.value_size, want.value_size),
+            ("flags", self.flags, want.flags),
+            ("capacity", self.max_entries, want.max_entries),
+        ];
+        fields
+            .into_iter()
+            .find(|(_, have, want)| have != want)
+            .map(|(what, have, want)| format!("{what} {have}, this build's {want}"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error(
+        "xhost is already loaded here: an agent (pid {pid}) runs the datapath pinned under {}; stop it first (`xhost-user unload`, or SIGTERM; --keep-datapath keeps the datapath for this load to adopt)",
+        .pin_dir.display()
+    )]
+    AgentRunning { pid: u32, pin_dir: PathBuf },
+    #[error(
+        "{} holds pins but no underlay attachment of xhost: nothing to adopt (`xhost-user unload` removes them)",
+        .0.display()
+    )]
+    NoUnderlay(PathBuf),
+    #[error(
+        "the datapath pinned under {} serves {pinned}, not {wanted} (use another --pin-dir, or `xhost-user unload` first)",
+        .pin_dir.display()
+    )]
+    OtherIface {
+        pin_dir: PathBuf,
+        pinned: String,
+        wanted: String,
+    },
+    #[error(
+        "the pinned datapath attaches through {pinned}, --attach asks for {wanted}: `xhost-user unload` first to change it"
+    )]
+    OtherMethod {
+        pinned: &'static str,
+        wanted: &'static str,
+    },
+    #[error(
+        "the pinned datapath runs in VXLAN mode, which a load does not adopt: `xhost-user unload` first"
+    )]
+    Tunnel,
+    #[error(
+        "pinned map {map} does not match this build ({difference}): its layout changed, so this build cannot adopt the datapath; nothing was touched (run the build that pinned it, or `xhost-user unload` first, which drops routes, endpoints and counters)"
+    )]
+    Layout {
+        map: &'static str,
+        difference: String,
+    },
+    #[error(
+        "pinned map {map} is missing: the pins under {} are not a whole datapath of this build; nothing was touched (`xhost-user unload` first)",
+        .pin_dir.display()
+    )]
+    MissingMap { map: &'static str, pin_dir: PathBuf },
+    #[error(
+        "the pinned maps were written under map layout {pinned}, this build's is {this} (same sizes, another meaning): nothing was touched (run the build that pinned it, or `xhost-user unload` first)"
+    )]
+    Version { pinned: String, this: String },
+    #[error("reading pinned map {map}")]
+    ReadMap {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("parsing the embedded eBPF object")]
+    Object(#[source] aya_obj::ParseError),
+    #[error("the embedded eBPF object has no map {0}")]
+    ObjectMap(&'static str),
+}
+
+/// The shapes of the pinned maps as this build's object declares them.
+pub fn object_shapes() -> Result<BTreeMap<&'static str, MapShape>, AdoptError> {
+    let obj = aya_obj::Object::parse(crate::datapath::object()).map_err(AdoptError::Object)?;
+    PINNED_MAPS
+        .iter()
+        .map(|&name| {
+            let m = obj.maps.get(name).ok_or(AdoptError::ObjectMap(name))?;
+            Ok((
+                name,
+                MapShape {
+                    map_type: m.map_type(),
+                    key_size: m.key_size(),
+                    value_size: m.value_size(),
+                    max_entries: m.max_entries(),
+                    flags: m.map_flags(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The layout fingerprint of `shapes`: the layout version (bumped when a
+/// value's meaning changes at the same size) and every map's shape, in
+/// `PINNED_MAPS` order; 16 hex digits of its SHA-256.
+pub fn fingerprint(shapes: &BTreeMap<&'static str, MapShape>) -> String {
+    let mut h = Sha256::new();
+    h.update(MAP_LAYOUT_VERSION.to_le_bytes());
+    for name in PINNED_MAPS {
+        h.update(name.as_bytes());
+        if let Some(s) = shapes.get(name) {
+            for v in [s.map_type, s.key_size, s.value_size, s.max_entries, s.flags] {
+                h.update(v.to_le_bytes());
+            }
+        }
+    }
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A pinned datapath this load may adopt.
+#[derive(Debug)]
+pub struct Prior {
+    /// The state file its agent left, if any (kernel routes, XDP mode).
+    pub state: Option<AgentState>,
+    /// How its TC programs are attached.
+    pub method: TcMethod,
+}
+
+/// Whether `layout` holds a datapath to adopt, checked against `settings`
+/// and this build's map layout without touching anything. `None`: nothing
+/// is pinned there, a fresh load.
+pub fn find(layout: &Layout, settings: &Settings) -> Result<Option<Prior>, AdoptError> {
+    if !layout.in_use() {
+        return Ok(None);
+    }
+    let state = AgentState::read(layout).ok();
+    if let Some(s) = state
+        .as_ref()
+        .filter(|s| !s.detached && s.pid != std::process::id() && pid_alive(s.pid))
+    {
+        return Err(AdoptError::AgentRunning {
+            pid: s.pid,
+            pin_dir: layout.pin_dir.clone(),
+        });
+    }
+    let underlay = |dir: PathBuf| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| Layout::parse_link_name(&e.file_name().to_string_lossy()))
+            .find(|(_, hook)| *hook == Hook::UnderlayIngress)
+            .map(|(iface, _)| iface)
+    };
+    let (iface, method) = match (underlay(layout.links_dir()), underlay(layout.filters_dir())) {
+        (Some(i), _) => (i, TcMethod::Tcx),
+        (None, Some(i)) => (i, TcMethod::Tc),
+        (None, None) => return Err(AdoptError::NoUnderlay(layout.pin_dir.clone())),
+    };
+    if iface != settings.iface {
+        return Err(AdoptError::OtherIface {
+            pin_dir: layout.pin_dir.clone(),
+            pinned: iface,
+            wanted: settings.iface.clone(),
+        });
+    }
+    let forced = match settings.attach {
+        AttachArg::Auto => None,
+        AttachArg::Tcx => Some(TcMethod::Tcx),
+        AttachArg::Tc => Some(TcMethod::Tc),
+    };
+    if let Some(wanted) = forced.filter(|m| *m != method) {
+        return Err(AdoptError::OtherMethod {
+            pinned: method.as_str(),
+            wanted: wanted.as_str(),
+        });
+    }
+    if settings.tunnel.is_some() || state.as_ref().is_some_and(|s| s.tunnel.is_some()) {
+        return Err(AdoptError::Tunnel);
+    }
+    check_layout(layout, &object_shapes()?)?;
+    Ok(Some(Prior { state, method }))
+}
+
+/// Refuses unless every pinned map has the shape `shapes` says and the
+/// recorded fingerprint (when there is one) is this build's.
+pub fn check_layout(
+    layout: &Layout,
+    shapes: &BTreeMap<&'static str, MapShape>,
+) -> Result<(), AdoptError> {
+    for name in PINNED_MAPS {
+        let path = layout.map(name);
+        if !path.exists() {
+            return Err(AdoptError::MissingMap {
+                map: name,
+                pin_dir: layout.pin_dir.clone(),
+            });
+        }
+        let info =
+            MapInfo::from_pin(&path).map_err(|source| AdoptError::ReadMap { map: name, source })?;
+        let want = shapes.get(name).ok_or(AdoptError::ObjectMap(name))?;
+        if let Some(difference) = MapShape::of_pin(&info).difference(want) {
+            return Err(AdoptError::Layout {
+                map: name,
+                difference,
+            });
+        }
+    }
+    let this = fingerprint(shapes);
+    match layout.layout_recorded() {
+        Some(pinned) if pinned != this => Err(AdoptError::Version { pinned, this }),
+        _ => Ok(()),
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
