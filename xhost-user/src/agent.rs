@@ -12,8 +12,8 @@ use tokio::{
 };
 
 use crate::{
-    config::{self, LocalSubnet, PeerConfig, Settings, Source},
-    datapath::Datapath,
+    config::{self, DatapathArg, LocalSubnet, PeerConfig, Settings, Source},
+    datapath::{Datapath, DatapathError, XdpAttached},
     docker::DockerView,
     layout::Layout,
     netlink::KernelEvents,
@@ -21,7 +21,10 @@ use crate::{
     report::{AgentState, Attachment, DockerStatus},
     sources::{self, PeerSource},
     store::{source::ClusterSource, sync::ClusterState},
-    writer::{KernelRoutes, KernelWriter, WriteError},
+    writer::{
+        KernelRoutes, KernelWriter, WriteError,
+        recipe::{Recipe, RecipeWriter},
+    },
 };
 
 pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Result<()> {
@@ -30,7 +33,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     let static_locals = config::validate(&settings)?;
     // Bound before anything is attached: an address that cannot be had
     // refuses the load with nothing to undo.
-    let metrics = match settings.metrics_addr {
+    let mut metrics = match settings.metrics_addr {
         Some(addr) if detach => anyhow::bail!(
             "--metrics-addr {addr}: metrics are served by the running agent, so not with --detach"
         ),
@@ -59,19 +62,37 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         None => Vec::new(),
     };
     let peers = desired_peers(&settings, &store_peers)?;
-    let mut dp = Datapath::load(
-        &layout,
-        settings.tunnel.map(|v| (settings.iface.as_str(), v)),
-        settings.attach,
-    )?;
-    let xdp = dp.attach_underlay(&settings.iface, settings.xdp_mode)?;
-    dp.attach_tunnel()?;
     let underlay = crate::net::ifindex(&settings.iface)?;
-    set_underlay_addrs(&mut dp, &settings.iface, underlay)?;
+    let (backend, xdp) = match settings.datapath {
+        DatapathArg::Ebpf => load_ebpf(&layout, &settings, underlay)?,
+        DatapathArg::Kernel => load_kernel(&layout, &settings)?,
+        DatapathArg::Auto => match load_ebpf(&layout, &settings, underlay) {
+            Ok(b) => b,
+            Err(e) if falls_back(&e) => {
+                warn!(
+                    "the eBPF datapath cannot run here, so the kernel forwards (routes and iptables, docs/kernel-datapath.md): {e:#}"
+                );
+                if metrics.take().is_some() {
+                    warn!("metrics are not served: the kernel datapath keeps no counters");
+                }
+                load_kernel(&layout, &settings)
+                    .map_err(|k| k.context(format!("and the eBPF datapath failed: {e:#}")))?
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    let route_device = match &backend {
+        Backend::Ebpf(dp) => dp.route_device(underlay),
+        Backend::Kernel(_) => crate::tunnel::RouteDevice {
+            oif: underlay,
+            via_peer: true,
+        },
+    };
     let mut host = Host {
-        routes: KernelRoutes::new(dp.route_device(underlay)),
-        dp,
+        routes: KernelRoutes::new(route_device),
+        backend,
         applied: State::default(),
+        layout: layout.clone(),
     };
     // The peers, then the static bridges and their subnets.
     let want = State {
@@ -98,7 +119,9 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         );
     }
 
-    if let Some(t) = host.dp.tunnel() {
+    if let Backend::Ebpf(dp) = &host.backend
+        && let Some(t) = dp.tunnel()
+    {
         info!(
             "VXLAN mode: packets over MTU {} take the kernel's route through {}, which answers fragmentation-needed; give Docker networks that MTU (daemon.json \"mtu\", or -o com.docker.network.driver.mtu) to spare the round trip",
             t.mtu,
@@ -115,9 +138,14 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         warn!("agent state: {e:#}");
     }
     if detach {
-        let Host { routes, dp, .. } = host;
+        let Host {
+            routes, backend, ..
+        } = host;
         routes.keep();
-        dp.keep_running();
+        match backend {
+            Backend::Ebpf(dp) => dp.keep_running(),
+            Backend::Kernel(recipe) => recipe.keep(),
+        }
         println!("ready");
         info!("detached: the datapath stays loaded; `xhost-user unload` removes it");
         return Ok(());
@@ -179,8 +207,66 @@ struct Agent {
 /// Dropped in this order: the kernel routes go, then the datapath.
 struct Host {
     routes: KernelRoutes,
-    dp: Datapath,
+    backend: Backend,
     applied: State,
+    layout: Layout,
+}
+
+/// What forwards container traffic, chosen at load (`--datapath`).
+enum Backend {
+    /// The eBPF programs and their maps (boxed: the object is large, and
+    /// the enum lives once per agent anyway).
+    Ebpf(Box<Datapath>),
+    /// The kernel, with xhost's routes and iptables rules.
+    Kernel(Recipe),
+}
+
+/// The eBPF datapath loaded and attached to the underlay.
+fn load_ebpf(
+    layout: &Layout,
+    settings: &Settings,
+    underlay: u32,
+) -> anyhow::Result<(Backend, XdpAttached)> {
+    let mut dp = Datapath::load(
+        layout,
+        settings.tunnel.map(|v| (settings.iface.as_str(), v)),
+        settings.attach,
+    )?;
+    let xdp = dp.attach_underlay(&settings.iface, settings.xdp_mode)?;
+    dp.attach_tunnel()?;
+    set_underlay_addrs(&mut dp, &settings.iface, underlay)?;
+    Ok((Backend::Ebpf(Box::new(dp)), xdp))
+}
+
+/// The kernel datapath set up (its chains, jumps and `ip_forward`), after
+/// the checks `--datapath kernel` gets from the config (for `auto`, here).
+fn load_kernel(layout: &Layout, settings: &Settings) -> anyhow::Result<(Backend, XdpAttached)> {
+    if settings.tunnel.is_some() {
+        anyhow::bail!(
+            "the kernel datapath routes natively: VXLAN mode (--tunnel vxlan) needs the eBPF datapath"
+        );
+    }
+    if layout.in_use() {
+        return Err(DatapathError::AlreadyLoaded(layout.pin_dir.clone()).into());
+    }
+    let state = layout.state_file();
+    if state.exists() {
+        anyhow::bail!(
+            "{} exists: an instance with this pin dir runs, or was killed (`xhost-user unload` removes it)",
+            state.display()
+        );
+    }
+    Ok((Backend::Kernel(Recipe::setup()?), XdpAttached::Off))
+}
+
+/// Whether `auto` takes the kernel datapath after this failure of the
+/// eBPF one: any probe, load, verifier, pin or attach failure; not an
+/// instance already loaded under the pin dir.
+fn falls_back(e: &anyhow::Error) -> bool {
+    !matches!(
+        e.downcast_ref::<DatapathError>(),
+        Some(DatapathError::AlreadyLoaded(_))
+    )
 }
 
 impl Host {
@@ -188,11 +274,30 @@ impl Host {
     /// error `applied` reflects exactly what was done.
     fn write(&mut self, want: &State) -> Result<(), WriteError> {
         let ops = plan::plan(want, &self.applied, &Limits::DATAPATH);
-        let mut w = KernelWriter {
-            dp: &mut self.dp,
-            routes: &mut self.routes,
-        };
-        plan::execute(&mut w, &ops, &mut self.applied)
+        match &mut self.backend {
+            Backend::Ebpf(dp) => {
+                let mut w = KernelWriter {
+                    dp,
+                    routes: &mut self.routes,
+                };
+                plan::execute(&mut w, &ops, &mut self.applied)
+            }
+            Backend::Kernel(recipe) => {
+                let mut w = RecipeWriter {
+                    recipe,
+                    routes: &mut self.routes,
+                };
+                plan::execute(&mut w, &ops, &mut self.applied)
+            }
+        }
+    }
+
+    /// The eBPF datapath, if that is what forwards.
+    fn ebpf(&mut self) -> Option<&mut Datapath> {
+        match &mut self.backend {
+            Backend::Ebpf(dp) => Some(dp),
+            Backend::Kernel(_) => None,
+        }
     }
 
     /// Moves the peer side alone to `peers`.
@@ -267,7 +372,7 @@ impl Agent {
             .map_err(|e| e.into_parts().1)
             .context("watching kernel changes")?;
         // What changed before the subscription is not known: retire it all.
-        retire_cached(&mut host.dp);
+        retire_cached(host);
         let mut cluster_rx = self.cluster.as_ref().map(ClusterSource::subscribe);
         let mut rescan = tokio::time::interval(RESCAN);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -277,9 +382,10 @@ impl Agent {
             let mut reloaded = false;
             tokio::select! {
                 _ = pin_check.tick() => {
-                    if check_pins(&host.dp, report) {
+                    let Backend::Ebpf(dp) = &host.backend else { continue };
+                    if check_pins(dp, report) {
                         report.refresh(host);
-                        if let Err(e) = report.write(host.dp.layout()) {
+                        if let Err(e) = report.write(&host.layout) {
                             warn!("agent state: {e:#}");
                         }
                     }
@@ -297,7 +403,7 @@ impl Agent {
                     crate::service::ready(&self.settings.iface);
                     report.reload_refused = res.as_ref().err().map(|e| format!("{e:#}"));
                     if res.is_err() {
-                        if let Err(e) = report.write(host.dp.layout()) {
+                        if let Err(e) = report.write(&host.layout) {
                             warn!("agent state: {e:#}");
                         }
                         continue;
@@ -331,10 +437,10 @@ impl Agent {
                     match changes {
                         Ok(c) => {
                             if c.any {
-                                retire_cached(&mut host.dp);
+                                retire_cached(host);
                             }
                             if c.addresses {
-                                self.follow_underlay_addrs(&mut host.dp);
+                                self.follow_underlay_addrs(host);
                             }
                             if c.came_up {
                                 host.routes.restore();
@@ -345,8 +451,8 @@ impl Agent {
                         }
                         Err(e) => {
                             warn!("reading kernel changes: {e}");
-                            retire_cached(&mut host.dp);
-                            self.follow_underlay_addrs(&mut host.dp);
+                            retire_cached(host);
+                            self.follow_underlay_addrs(host);
                             host.routes.restore();
                         }
                     }
@@ -360,7 +466,7 @@ impl Agent {
             let cluster_report = self.follow_cluster(host, report);
             if reloaded || host.applied != before || report.docker_changed() || cluster_report {
                 report.refresh(host);
-                if let Err(e) = report.write(host.dp.layout()) {
+                if let Err(e) = report.write(&host.layout) {
                     warn!("agent state: {e:#}");
                 }
             }
@@ -409,7 +515,8 @@ impl Agent {
 
     /// After the kernel reported address changes: `UNDERLAY_ADDRS` holds
     /// what the underlay has now. Kept as it was if that cannot be read.
-    fn follow_underlay_addrs(&self, dp: &mut Datapath) {
+    fn follow_underlay_addrs(&self, host: &mut Host) {
+        let Some(dp) = host.ebpf() else { return };
         if let Err(e) = set_underlay_addrs(dp, &self.settings.iface, self.underlay) {
             warn!("{e:#}");
         }
@@ -489,7 +596,9 @@ fn set_underlay_addrs(dp: &mut Datapath, iface: &str, ifindex: u32) -> anyhow::R
 
 /// After a kernel change: the datapath's cached answers may hold what the
 /// FIB said before it. Should the bump fail, they age out within 100 ms.
-fn retire_cached(dp: &mut Datapath) {
+/// (The kernel datapath caches nothing.)
+fn retire_cached(host: &mut Host) {
+    let Some(dp) = host.ebpf() else { return };
     if let Err(e) = dp.kernel_changed() {
         warn!("retiring the datapath's cached answers: {e}");
     }
@@ -497,7 +606,25 @@ fn retire_cached(dp: &mut Datapath) {
 
 impl AgentState {
     fn refresh(&mut self, host: &Host) {
-        let (dp, applied) = (&host.dp, &host.applied.local);
+        self.kernel_routes = host.routes.list().to_vec();
+        let applied = &host.applied.local;
+        self.bridges = applied.bridges.iter().cloned().collect();
+        let dp = match &host.backend {
+            Backend::Ebpf(dp) => dp,
+            Backend::Kernel(recipe) => {
+                self.datapath = crate::report::DatapathKind::Kernel;
+                self.recipe = Some(recipe.state().clone());
+                self.local_subnets = applied
+                    .locals
+                    .iter()
+                    .map(|(net, (_, ifindex))| crate::report::Local {
+                        prefix: *net,
+                        bridge_ifindex: *ifindex,
+                    })
+                    .collect();
+                return;
+            }
+        };
         self.attachments = dp
             .attachments()
             .map(|(iface, hook)| Attachment {
@@ -507,7 +634,6 @@ impl AgentState {
                 via: None,
             })
             .collect();
-        self.bridges = applied.bridges.iter().cloned().collect();
         self.attach = Some(dp.method());
         self.kernel = Some(dp.features().clone());
         self.tunnel = dp.tunnel().map(|t| crate::report::TunnelState {
@@ -517,7 +643,6 @@ impl AgentState {
             port: t.vxlan.port,
             mtu: t.mtu,
         });
-        self.kernel_routes = host.routes.list().to_vec();
     }
 }
 

@@ -25,6 +25,7 @@ use crate::net::{self, CidrError, IfaceError, Ipv4Net};
 /// vni = 1             # VXLAN network identifier (default 1)
 /// vxlan_port = 8472   # UDP port (default 8472, as Linux, flannel and Cilium)
 /// attach = "auto"     # TC attach method: auto (tcx if present, else tc), tc, tcx
+/// datapath = "ebpf"   # ebpf, kernel (routes + iptables), auto (ebpf, else kernel)
 /// metrics_addr = "127.0.0.1:9464"  # optional: serve Prometheus /metrics there
 /// [[peer]]
 /// host = "172.16.91.132"
@@ -81,6 +82,11 @@ pub struct SettingsLayer {
     /// classic tc (clsact + cls_bpf direct-action); tc or tcx forces one.
     #[arg(long, value_enum)]
     pub attach: Option<AttachArg>,
+    /// What forwards: the eBPF programs (default), the kernel with xhost's
+    /// routes and iptables rules, or auto (eBPF, else the kernel, with a
+    /// warning saying why).
+    #[arg(long, value_enum)]
+    pub datapath: Option<DatapathArg>,
     /// Serve Prometheus metrics at http://IP:PORT/metrics (off unless given).
     #[arg(long, value_name = "IP:PORT", value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<SocketAddr>,
@@ -191,6 +197,31 @@ pub enum TunnelArg {
     Vxlan,
 }
 
+/// `--datapath`: what forwards container traffic between the hosts.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatapathArg {
+    /// The eBPF programs (docs/datapath.md).
+    #[default]
+    Ebpf,
+    /// The kernel's own forwarding: a route per peer subnet and iptables
+    /// rules in xhost's chains (docs/kernel-datapath.md).
+    Kernel,
+    /// eBPF; where the kernel cannot load or attach it, the kernel
+    /// datapath, with a warning saying why.
+    Auto,
+}
+
 /// VXLAN settings, the same on every host of a cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 pub struct Vxlan {
@@ -275,6 +306,8 @@ pub enum ConfigError {
     VniRange(u32),
     #[error("VXLAN port 0: give the UDP port the peers listen on (default {DEFAULT_VXLAN_PORT})")]
     VxlanPortZero,
+    #[error("--datapath kernel {0}")]
+    KernelDatapath(&'static str),
     #[error("no underlay interface: give --iface or iface = \"...\" in the config file")]
     NoIface,
     #[error("peer {0} is given more than once")]
@@ -390,6 +423,8 @@ pub struct Settings {
     pub tunnel: Option<Vxlan>,
     /// How TC programs are attached.
     pub attach: AttachArg,
+    /// eBPF programs or the kernel's routing.
+    pub datapath: DatapathArg,
     /// Cluster mode: the other hosts' subnets from etcd.
     pub cluster: Option<ClusterSettings>,
     /// Where Prometheus metrics are served; `None`: not at all.
@@ -529,6 +564,15 @@ pub fn resolve(l: SettingsLayer) -> Result<Settings, ConfigError> {
             bridges.push(b);
         }
     }
+    let datapath = l.datapath.unwrap_or_default();
+    if datapath == DatapathArg::Kernel {
+        check_kernel_datapath(
+            tunnel,
+            l.xdp_mode.unwrap_or_default(),
+            l.attach.unwrap_or_default(),
+            l.metrics_addr,
+        )?;
+    }
     Ok(Settings {
         iface,
         bridges,
@@ -538,9 +582,34 @@ pub fn resolve(l: SettingsLayer) -> Result<Settings, ConfigError> {
         xdp_mode: l.xdp_mode.unwrap_or_default(),
         tunnel,
         attach: l.attach.unwrap_or_default(),
+        datapath,
         cluster: resolve_cluster(l.etcd)?,
         metrics_addr: l.metrics_addr,
     })
+}
+
+/// What the kernel datapath cannot do, refused in one line rather than
+/// given as a setting that does nothing.
+fn check_kernel_datapath(
+    tunnel: Option<Vxlan>,
+    xdp_mode: XdpModeArg,
+    attach: AttachArg,
+    metrics_addr: Option<SocketAddr>,
+) -> Result<(), ConfigError> {
+    let refuse = |what| Err(ConfigError::KernelDatapath(what));
+    if tunnel.is_some() {
+        return refuse("routes natively: VXLAN mode (--tunnel vxlan) needs the eBPF datapath");
+    }
+    if xdp_mode != XdpModeArg::Auto {
+        return refuse("attaches no XDP program: drop --xdp-mode");
+    }
+    if attach != AttachArg::Auto {
+        return refuse("attaches no TC program: drop --attach");
+    }
+    if metrics_addr.is_some() {
+        return refuse("has no datapath counters to serve: drop --metrics-addr");
+    }
+    Ok(())
 }
 
 /// Cluster mode's settings, checked: `None` without endpoints (and then no
@@ -664,7 +733,7 @@ impl Source {
 /// bridges. The underlay, its XDP mode and the Docker connection are set up
 /// once, at load.
 pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), ConfigError> {
-    let fixed: [(&'static str, String, String); 8] = [
+    let fixed: [(&'static str, String, String); 9] = [
         (
             "etcd",
             describe_cluster(running.cluster.as_ref()),
@@ -696,6 +765,11 @@ pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), Config
             "metrics_addr",
             format!("{:?}", running.metrics_addr),
             format!("{:?}", new.metrics_addr),
+        ),
+        (
+            "datapath",
+            format!("{:?}", running.datapath).to_lowercase(),
+            format!("{:?}", new.datapath).to_lowercase(),
         ),
     ];
     match fixed.into_iter().find(|(_, old, new)| old != new) {
@@ -1172,6 +1246,7 @@ mod tests {
             xdp_mode: XdpModeArg::Auto,
             tunnel: None,
             attach: AttachArg::Auto,
+            datapath: DatapathArg::Ebpf,
             cluster: None,
             metrics_addr: None,
         }
