@@ -283,6 +283,7 @@ impl Host {
                 plan::execute(&mut w, &ops, &mut self.applied)
             }
             Backend::Kernel(recipe) => {
+                recipe.keep_first()?;
                 let mut w = RecipeWriter {
                     recipe,
                     routes: &mut self.routes,
@@ -426,7 +427,9 @@ impl Agent {
                         }
                     }
                 }
-                _ = rescan.tick(), if !self.static_locals.is_empty() => {}
+                // The kernel datapath: also to keep its jumps first.
+                _ = rescan.tick(), if !self.static_locals.is_empty()
+                    || matches!(host.backend, Backend::Kernel(_)) => {}
                 changed = cluster_changed(&mut cluster_rx) => if changed.is_err() {
                     cluster_rx = None;
                 },

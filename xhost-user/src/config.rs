@@ -1295,6 +1295,55 @@ mod tests {
     }
 
     #[test]
+    fn kernel_datapath_refuses_settings_it_cannot_honour() {
+        let file: FileConfig =
+            toml::from_str("iface = \"ens33\"\ndatapath = \"kernel\"\n").expect("toml");
+        let s = merge(FlagConfig::default(), Some(file)).expect("merges");
+        assert_eq!(s.datapath, DatapathArg::Kernel);
+        let kernel = |f: FlagConfig| {
+            merge(
+                FlagConfig {
+                    iface: Some("ens33".into()),
+                    datapath: Some(DatapathArg::Kernel),
+                    ..f
+                },
+                None,
+            )
+            .map(drop)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(kernel(FlagConfig::default()), Ok(()));
+        for (f, want) in [
+            (
+                FlagConfig {
+                    tunnel: Some(TunnelArg::Vxlan),
+                    ..FlagConfig::default()
+                },
+                "--datapath kernel routes natively: VXLAN mode (--tunnel vxlan) needs the eBPF datapath",
+            ),
+            (
+                FlagConfig {
+                    attach: Some(AttachArg::Tc),
+                    ..FlagConfig::default()
+                },
+                "--datapath kernel attaches no TC program: drop --attach",
+            ),
+        ] {
+            assert_eq!(kernel(f), Err(want.to_owned()));
+        }
+        let new = Settings {
+            datapath: DatapathArg::Kernel,
+            ..settings()
+        };
+        assert_eq!(
+            check_reloadable(&settings(), &new)
+                .expect_err("restart")
+                .to_string(),
+            "datapath cannot change while the agent runs (ebpf -> kernel); restart it"
+        );
+    }
+
+    #[test]
     fn tunnel_settings_merge_and_check() {
         let flags = |tunnel, vni, vxlan_port| SettingsLayer {
             iface: Some("ens33".into()),

@@ -47,6 +47,11 @@ pub const CHAINS: [(&str, &str, &str); 2] = [
     ("nat", "POSTROUTING", NAT_CHAIN),
 ];
 
+/// The one rule that may stay above xhost's jump in `FORWARD`: Docker's
+/// jump to the operator's `DOCKER-USER`, which Docker moves back to the top
+/// whenever it changes its rules; the operator's rules there come first.
+const DOCKER_USER_JUMP: &str = "-A FORWARD -j DOCKER-USER";
+
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 /// What `unload` needs to take a detached kernel datapath down (kept in
@@ -224,6 +229,34 @@ impl Recipe {
             }
         }
         res
+    }
+
+    /// Puts xhost's jumps back first where rules were inserted above them.
+    /// Docker inserts its rules at the top of `FORWARD` and `POSTROUTING`
+    /// (`-I`) whenever it creates a network or starts: its MASQUERADE of a
+    /// subnet above xhost's exemption would hide the containers' addresses.
+    /// Each jump is moved in one `iptables-restore --noflush` transaction
+    /// (delete by spec, insert first), so no packet sees it missing.
+    pub fn keep_first(&self) -> Result<(), RecipeError> {
+        for (table, builtin, chain) in CHAINS {
+            let listed = iptables(&["-t", table, "-S", builtin])?;
+            let jump = format!("-A {builtin} -j {chain}");
+            let rules: Vec<&str> = listed.lines().filter(|l| l.starts_with("-A ")).collect();
+            let at = rules.iter().position(|r| *r == jump);
+            let above_ok = |n: usize| rules[..n].iter().all(|r| *r == DOCKER_USER_JUMP);
+            let script = match at {
+                Some(n) if above_ok(n) => continue,
+                Some(_) => {
+                    format!("*{table}\n-D {builtin} -j {chain}\n-I {builtin} -j {chain}\nCOMMIT\n")
+                }
+                None => format!("*{table}\n-I {builtin} -j {chain}\nCOMMIT\n"),
+            };
+            run("iptables-restore", &["-w", "--noflush"], Some(&script))?;
+            info!(
+                "{chain}: moved back to the top of {builtin} ({table}), where rules were inserted above it"
+            );
+        }
+        Ok(())
     }
 
     pub fn state(&self) -> &RecipeState {
