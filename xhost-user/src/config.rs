@@ -1296,13 +1296,13 @@ mod tests {
 
     #[test]
     fn kernel_datapath_refuses_settings_it_cannot_honour() {
-        let file: FileConfig =
+        let file: SettingsLayer =
             toml::from_str("iface = \"ens33\"\ndatapath = \"kernel\"\n").expect("toml");
-        let s = merge(FlagConfig::default(), Some(file)).expect("merges");
+        let s = merge(SettingsLayer::default(), Some(file)).expect("merges");
         assert_eq!(s.datapath, DatapathArg::Kernel);
-        let kernel = |f: FlagConfig| {
+        let kernel = |f: SettingsLayer| {
             merge(
-                FlagConfig {
+                SettingsLayer {
                     iface: Some("ens33".into()),
                     datapath: Some(DatapathArg::Kernel),
                     ..f
@@ -1312,19 +1312,19 @@ mod tests {
             .map(drop)
             .map_err(|e| e.to_string())
         };
-        assert_eq!(kernel(FlagConfig::default()), Ok(()));
+        assert_eq!(kernel(SettingsLayer::default()), Ok(()));
         for (f, want) in [
             (
-                FlagConfig {
+                SettingsLayer {
                     tunnel: Some(TunnelArg::Vxlan),
-                    ..FlagConfig::default()
+                    ..SettingsLayer::default()
                 },
                 "--datapath kernel routes natively: VXLAN mode (--tunnel vxlan) needs the eBPF datapath",
             ),
             (
-                FlagConfig {
+                SettingsLayer {
                     attach: Some(AttachArg::Tc),
-                    ..FlagConfig::default()
+                    ..SettingsLayer::default()
                 },
                 "--datapath kernel attaches no TC program: drop --attach",
             ),
