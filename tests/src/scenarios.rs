@@ -64,6 +64,9 @@ pub struct XhostOpts {
     /// VXLAN mode (`--tunnel vxlan`), with the containers at [`VXLAN_MTU`] as an operator
     /// configures Docker for it (and as the kernel VXLAN scenario has them).
     pub tunnel: bool,
+    /// The kernel datapath (`--datapath kernel`): the agent sets up what
+    /// [`PathKind::IptablesRoutes`] does by hand.
+    pub kernel: bool,
 }
 
 impl Default for XhostOpts {
@@ -73,6 +76,7 @@ impl Default for XhostOpts {
             routes: 1,
             binary: None,
             tunnel: false,
+            kernel: false,
         }
     }
 }
@@ -168,6 +172,9 @@ impl Bed {
             }
             if opts.tunnel {
                 args.extend(["--tunnel", "vxlan"]);
+            }
+            if opts.kernel {
+                args.extend(["--datapath", "kernel"]);
             }
             let config = self.config.as_ref().map(|f| f.path.display().to_string());
             if let Some(path) = &config {

@@ -1755,3 +1755,125 @@ fn vxlan_mode_serves_docker_containers() {
     assert_both_ways_through_xhost(&tb, ip_a, ip_b, [45_311, 45_312]);
     tb.finish();
 }
+
+/// `iptables-save` of host i without comment lines and counters.
+fn iptables_saved(tb: &Testbed, i: usize) -> String {
+    tb.host(i)
+        .ns()
+        .run(&["iptables-save"])
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| match (l.starts_with(':'), l.rfind(" [")) {
+            (true, Some(i)) => format!("{} [0:0]", &l[..i]),
+            _ => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The rules `status` lists for the kernel datapath's chains, one string.
+fn chain_rules(s: &Value) -> String {
+    s["chains"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["rules"].as_array().into_iter().flatten())
+        .filter_map(Value::as_str)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The kernel datapath (`datapath = "kernel"`) follows Docker as the eBPF
+/// one does: docker0's subnet and a user network created later get their
+/// rules, so their containers reach the peer's by address with their own
+/// source (past Docker's FORWARD DROP, isolation and MASQUERADE); the
+/// network's removal takes its rules away, and stopping the agent leaves
+/// Docker's iptables exactly as they were.
+#[test]
+fn kernel_datapath_follows_docker_networks() {
+    let mut tb = Testbed::new([true, true]);
+    let (ea, eb) = (tb.engine(0), tb.engine(1));
+    ea.run_container("bridge", None, "a1").expect("run a1");
+    eb.run_container("bridge", None, "b1").expect("run b1");
+    let (ip_a, ip_b) = (ip_of(ea, "a1", "bridge"), ip_of(eb, "b1", "bridge"));
+    let before = iptables_saved(&tb, 0);
+    for i in 0..2 {
+        let plain = std::fs::read_to_string(tb.config(i)).expect("read config");
+        let kernel = tb.cfg.write(
+            ["a-kernel.toml", "b-kernel.toml"][i],
+            &format!("datapath = \"kernel\"\n{plain}"),
+        );
+        tb.start_agent_with(i, &kernel);
+    }
+    for i in 0..2 {
+        let s = tb.wait_docker(i);
+        assert_eq!(s["agent"]["datapath"], "kernel", "{s}");
+    }
+    let (ea, eb) = (tb.engine(0), tb.engine(1));
+    let (sub_a, sub_b) = (tb.host(0).subnet(), tb.host(1).subnet());
+    let s = tb.status(0);
+    assert!(
+        chain_rules(&s).contains(&format!("-A XHOST-FORWARD -s {sub_a} -d {sub_b} -j ACCEPT")),
+        "{s}"
+    );
+    assert_ping(ea, "a1", ip_b, 3);
+    assert_ping(eb, "b1", ip_a, 3);
+    assert_transfer((ea, "a1"), ip_a, (eb, "b1"), ip_b, 45_331);
+    assert_transfer((eb, "b1"), ip_b, (ea, "a1"), ip_a, 45_332);
+
+    // A user network created now: its rules follow, its container talks.
+    create_net2(ea);
+    let rule = format!("-A XHOST-POSTROUTING -s {NET2} -d {sub_b} -j ACCEPT");
+    tb.wait(0, "net2's rules", SETTLE, |s| {
+        local_subnets(s).contains(&NET2.to_owned()) && chain_rules(s).contains(&rule)
+    });
+    // Docker inserted net2's MASQUERADE at the top of POSTROUTING: the
+    // agent moves its exemption back above it (it checks every second).
+    let first_nat = || {
+        tb.host(0)
+            .ns()
+            .run(&["iptables", "-w", "-t", "nat", "-S", "POSTROUTING"])
+            .lines()
+            .find(|l| l.starts_with("-A "))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let t = Instant::now();
+    while first_nat() != "-A POSTROUTING -j XHOST-POSTROUTING" {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "POSTROUTING starts with {}",
+            first_nat()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    ea.run_container("net2", Some("192.168.111.11"), "a3")
+        .expect("run a3");
+    let ip_a3: Ipv4Addr = "192.168.111.11".parse().expect("ip");
+    assert_ping(eb, "b1", ip_a3, 3);
+    assert_ping(ea, "a3", ip_b, 3);
+    assert_transfer((ea, "a3"), ip_a3, (eb, "b1"), ip_b, 45_333);
+    assert_transfer((eb, "b1"), ip_b, (ea, "a3"), ip_a3, 45_334);
+
+    // Removed: its rules go.
+    ea.docker_ok(&["rm", "-f", "a3"]).expect("rm a3");
+    ea.docker_ok(&["network", "rm", "net2"])
+        .expect("docker network rm");
+    tb.wait(0, "net2's rules gone", SETTLE, |s| {
+        !local_subnets(s).contains(&NET2.to_owned()) && !chain_rules(s).contains(NET2)
+    });
+    assert_ping(eb, "b1", ip_a, 2);
+
+    let agent = tb.agents[0].take().expect("agent A");
+    let (status, left) = agent.stop_with(Signal::SIGTERM).expect("stop A");
+    assert!(
+        status.success() && left.is_empty(),
+        "A: {status:?} left {left:?}"
+    );
+    assert_eq!(
+        iptables_saved(&tb, 0),
+        before,
+        "iptables-save of A after the stop"
+    );
+    tb.finish();
+}

@@ -12,8 +12,8 @@ use tokio::{
 };
 
 use crate::{
-    config::{self, LocalSubnet, PeerConfig, Settings, Source},
-    datapath::Datapath,
+    config::{self, DatapathArg, LocalSubnet, PeerConfig, Settings, Source},
+    datapath::{Datapath, DatapathError, XdpAttached},
     docker::DockerView,
     layout::Layout,
     netlink::KernelEvents,
@@ -21,7 +21,10 @@ use crate::{
     report::{AgentState, Attachment, DockerStatus},
     sources::{self, PeerSource},
     store::{source::ClusterSource, sync::ClusterState},
-    writer::{KernelRoutes, KernelWriter, WriteError},
+    writer::{
+        KernelRoutes, KernelWriter, WriteError,
+        recipe::{Recipe, RecipeWriter},
+    },
 };
 
 pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Result<()> {
@@ -31,7 +34,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     let static_locals = config::validate(&settings)?;
     // Bound before anything is attached: an address that cannot be had
     // refuses the load with nothing to undo.
-    let metrics = match settings.metrics_addr {
+    let mut metrics = match settings.metrics_addr {
         Some(addr) if detach => anyhow::bail!(
             "--metrics-addr {addr}: metrics are served by the running agent, so not with --detach"
         ),
@@ -65,49 +68,50 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     };
     let peers = desired_peers(&settings, &store_peers)?;
     let underlay = crate::net::ifindex(&settings.iface)?;
-    let mut host = match prior {
-        None => {
-            let mut dp = Datapath::load(
-                &layout,
-                settings.tunnel.map(|v| (settings.iface.as_str(), v)),
-                settings.attach,
-                settings.deny,
-            )?;
-            let xdp = dp.attach_underlay(&settings.iface, settings.xdp_mode)?;
-            dp.attach_tunnel()?;
-            Host {
-                routes: KernelRoutes::new(dp.route_device(underlay))
-                    .context("opening the writer's netlink socket")?,
-                dp,
-                applied: State::default(),
-                xdp,
+    let (backend, xdp, applied, adopted_routes) = match settings.datapath {
+        DatapathArg::Ebpf => load_ebpf(&layout, &settings, underlay, prior)?,
+        DatapathArg::Kernel => load_kernel(&layout, &settings)?,
+        DatapathArg::Auto => match load_ebpf(&layout, &settings, underlay, prior) {
+            Ok(b) => b,
+            Err(e) if falls_back(&e) => {
+                warn!(
+                    "the eBPF datapath cannot run here, so the kernel forwards (routes and iptables, docs/kernel-datapath.md): {e:#}"
+                );
+                if metrics.take().is_some() {
+                    warn!("metrics are not served: the kernel datapath keeps no counters");
+                }
+                load_kernel(&layout, &settings)
+                    .map_err(|k| k.context(format!("and the eBPF datapath failed: {e:#}")))?
             }
-        }
-        Some(prior) => {
-            let mut dp = Datapath::adopt(&layout, prior.method, settings.deny)?;
-            let state = prior.state.as_ref();
-            let xdp =
-                dp.adopt_underlay(&settings.iface, settings.xdp_mode, state.map(|s| s.xdp))?;
-            // The plan starts from what the maps hold, not from nothing.
-            let applied = dp.held()?;
-            let added = state.map(|s| s.kernel_routes.clone()).unwrap_or_default();
-            Host {
-                routes: KernelRoutes::adopt(dp.route_device(underlay), added)
-                    .context("opening the writer's netlink socket")?,
-                dp,
-                applied,
-                xdp,
-            }
-        }
+            Err(e) => return Err(e),
+        },
     };
-    set_underlay_addrs(&mut host.dp, &settings.iface, underlay)?;
+    let route_device = match &backend {
+        Backend::Ebpf(dp) => dp.route_device(underlay),
+        Backend::Kernel(_) => crate::tunnel::RouteDevice {
+            oif: underlay,
+            via_peer: true,
+        },
+    };
+    let routes = match adopted_routes {
+        Some(added) => KernelRoutes::adopt(route_device, added),
+        None => KernelRoutes::new(route_device),
+    }
+    .context("opening the writer's netlink socket")?;
+    let mut host = Host {
+        routes,
+        backend,
+        applied,
+        xdp,
+        layout: layout.clone(),
+    };
     // The peers, then the static bridges and their subnets.
     let mut want = State {
         local: sources::static_bridges(&static_locals, &peers),
         peers,
     };
     // Adopted: nothing of this host's side leaves before the sources spoke.
-    let adopted = host.dp.is_adopted();
+    let adopted = host.is_adopted();
     if adopted {
         want.local = want.local.keeping(&host.applied.local);
     }
@@ -133,7 +137,9 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         );
     }
 
-    if let Some(t) = host.dp.tunnel() {
+    if let Backend::Ebpf(dp) = &host.backend
+        && let Some(t) = dp.tunnel()
+    {
         info!(
             "VXLAN mode: packets over MTU {} take the kernel's route through {}, which answers fragmentation-needed; give Docker networks that MTU (daemon.json \"mtu\", or -o com.docker.network.driver.mtu) to spare the round trip",
             t.mtu,
@@ -149,20 +155,27 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     if let Err(e) = report.write(&layout) {
         warn!("agent state: {e:#}");
     }
-    if host.dp.is_adopted() {
+    if let Backend::Ebpf(dp) = &mut host.backend
+        && dp.is_adopted()
+    {
         info!(
             "adopted the pinned datapath: {} attachment(s) carried on, {} route(s) and {} endpoint(s) kept; ready {} ms after start",
-            host.dp.attachments().count(),
+            dp.attachments().count(),
             host.applied.peers.routes.len(),
             host.applied.local.endpoints.len(),
             started.elapsed().as_millis()
         );
-        host.dp.adopted();
+        dp.adopted();
     }
     if detach {
-        let Host { routes, dp, .. } = host;
+        let Host {
+            routes, backend, ..
+        } = host;
         routes.keep();
-        dp.keep_running();
+        match backend {
+            Backend::Ebpf(dp) => dp.keep_running(),
+            Backend::Kernel(recipe) => recipe.keep(),
+        }
         println!("ready");
         info!("detached: the datapath stays loaded; `xhost-user unload` removes it");
         return Ok(());
@@ -183,9 +196,15 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     if let Some(m) = metrics {
         m.abort();
     }
+    let keep = agent.settings.keep_datapath && matches!(host.backend, Backend::Ebpf(_));
+    if agent.settings.keep_datapath && !keep {
+        warn!(
+            "--keep-datapath: the kernel datapath (auto's fallback) is not adopted by a next load, so it is removed"
+        );
+    }
     // Revoke first: the other hosts drop this host's routes at once.
     if let Some(c) = agent.cluster.take() {
-        if agent.settings.keep_datapath {
+        if keep {
             // The datapath stays, so this host's routes must too: the
             // lease is left to the next agent (or expires), the snapshot
             // stays for it.
@@ -194,12 +213,17 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
             c.stop().await;
         }
     }
-    if agent.settings.keep_datapath {
+    if keep {
         // The next load adopts what stays: the state file keeps the kernel
         // routes and XDP mode for it (and for `unload`).
-        let Host { routes, dp, .. } = host;
+        let Host {
+            routes, backend, ..
+        } = host;
         routes.keep();
-        dp.keep_running();
+        match backend {
+            Backend::Ebpf(dp) => dp.keep_running(),
+            Backend::Kernel(recipe) => recipe.keep(),
+        }
         report.detached = true;
         if let Err(e) = report.write(&layout) {
             warn!("agent state: {e:#}");
@@ -250,22 +274,139 @@ struct Agent {
 /// Dropped in this order: the kernel routes go, then the datapath.
 struct Host {
     routes: KernelRoutes,
-    dp: Datapath,
+    backend: Backend,
     applied: State,
     /// Which XDP mode is attached to the underlay.
     xdp: crate::datapath::XdpAttached,
+    layout: Layout,
+}
+
+/// What forwards container traffic, chosen at load (`--datapath`).
+enum Backend {
+    /// The eBPF programs and their maps (boxed: the object is large, and
+    /// the enum lives once per agent anyway).
+    Ebpf(Box<Datapath>),
+    /// The kernel, with xhost's routes and iptables rules.
+    Kernel(Recipe),
+}
+
+/// What a load sets up: the backend, the XDP mode attached, what the
+/// datapath holds already (adopted: its maps; else nothing), and the kernel
+/// routes an adopted datapath's agent had added.
+type Loaded = (
+    Backend,
+    XdpAttached,
+    State,
+    Option<Vec<crate::writer::routes::KernelRoute>>,
+);
+
+/// The eBPF datapath loaded and attached to the underlay, or the pinned
+/// one (`prior`) adopted.
+fn load_ebpf(
+    layout: &Layout,
+    settings: &Settings,
+    underlay: u32,
+    prior: Option<crate::adopt::Prior>,
+) -> anyhow::Result<Loaded> {
+    let (mut dp, xdp, applied, added) = match prior {
+        None => {
+            let mut dp = Datapath::load(
+                layout,
+                settings.tunnel.map(|v| (settings.iface.as_str(), v)),
+                settings.attach,
+                settings.deny,
+            )?;
+            let xdp = dp.attach_underlay(&settings.iface, settings.xdp_mode)?;
+            dp.attach_tunnel()?;
+            (dp, xdp, State::default(), None)
+        }
+        Some(prior) => {
+            let mut dp = Datapath::adopt(layout, prior.method, settings.deny)?;
+            let state = prior.state.as_ref();
+            let xdp =
+                dp.adopt_underlay(&settings.iface, settings.xdp_mode, state.map(|s| s.xdp))?;
+            // The plan starts from what the maps hold, not from nothing.
+            let applied = dp.held()?;
+            let added = state.map(|s| s.kernel_routes.clone()).unwrap_or_default();
+            (dp, xdp, applied, Some(added))
+        }
+    };
+    set_underlay_addrs(&mut dp, &settings.iface, underlay)?;
+    Ok((Backend::Ebpf(Box::new(dp)), xdp, applied, added))
+}
+
+/// The kernel datapath set up (its chains, jumps and `ip_forward`), after
+/// the checks `--datapath kernel` gets from the config (for `auto`, here).
+fn load_kernel(layout: &Layout, settings: &Settings) -> anyhow::Result<Loaded> {
+    if settings.tunnel.is_some() {
+        anyhow::bail!(
+            "the kernel datapath routes natively: VXLAN mode (--tunnel vxlan) needs the eBPF datapath"
+        );
+    }
+    if layout.in_use() {
+        return Err(DatapathError::AlreadyLoaded(layout.pin_dir.clone()).into());
+    }
+    let state = layout.state_file();
+    if state.exists() {
+        anyhow::bail!(
+            "{} exists: an instance with this pin dir runs, or was killed (`xhost-user unload` removes it)",
+            state.display()
+        );
+    }
+    Ok((
+        Backend::Kernel(Recipe::setup()?),
+        XdpAttached::Off,
+        State::default(),
+        None,
+    ))
+}
+
+/// Whether `auto` takes the kernel datapath after this failure of the
+/// eBPF one: any probe, load, verifier, pin or attach failure; not an
+/// instance already loaded under the pin dir.
+fn falls_back(e: &anyhow::Error) -> bool {
+    !matches!(
+        e.downcast_ref::<DatapathError>(),
+        Some(DatapathError::AlreadyLoaded(_))
+    )
 }
 
 impl Host {
+    /// Whether this load adopted a pinned eBPF datapath (until
+    /// `Datapath::adopted` ends that).
+    fn is_adopted(&self) -> bool {
+        matches!(&self.backend, Backend::Ebpf(dp) if dp.is_adopted())
+    }
+
     /// Plans the way from what is applied to `want` and carries it out. On
     /// error `applied` reflects exactly what was done.
     fn write(&mut self, want: &State) -> Result<(), WriteError> {
         let ops = plan::plan(want, &self.applied, &Limits::DATAPATH);
-        let mut w = KernelWriter {
-            dp: &mut self.dp,
-            routes: &mut self.routes,
-        };
-        plan::execute(&mut w, &ops, &mut self.applied)
+        match &mut self.backend {
+            Backend::Ebpf(dp) => {
+                let mut w = KernelWriter {
+                    dp,
+                    routes: &mut self.routes,
+                };
+                plan::execute(&mut w, &ops, &mut self.applied)
+            }
+            Backend::Kernel(recipe) => {
+                recipe.keep_first()?;
+                let mut w = RecipeWriter {
+                    recipe,
+                    routes: &mut self.routes,
+                };
+                plan::execute(&mut w, &ops, &mut self.applied)
+            }
+        }
+    }
+
+    /// The eBPF datapath, if that is what forwards.
+    fn ebpf(&mut self) -> Option<&mut Datapath> {
+        match &mut self.backend {
+            Backend::Ebpf(dp) => Some(dp),
+            Backend::Kernel(_) => None,
+        }
     }
 
     /// Moves the peer side alone to `peers`.
@@ -340,7 +481,7 @@ impl Agent {
             .map_err(|e| e.into_parts().1)
             .context("watching kernel changes")?;
         // What changed before the subscription is not known: retire it all.
-        retire_cached(&mut host.dp);
+        retire_cached(host);
         let mut cluster_rx = self.cluster.as_ref().map(ClusterSource::subscribe);
         let mut rescan = tokio::time::interval(RESCAN);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -350,9 +491,10 @@ impl Agent {
             let mut reloaded = false;
             tokio::select! {
                 _ = pin_check.tick() => {
-                    if check_pins(&host.dp, report) {
+                    let Backend::Ebpf(dp) = &host.backend else { continue };
+                    if check_pins(dp, report) {
                         report.refresh(host);
-                        if let Err(e) = report.write(host.dp.layout()) {
+                        if let Err(e) = report.write(&host.layout) {
                             warn!("agent state: {e:#}");
                         }
                     }
@@ -370,7 +512,7 @@ impl Agent {
                     crate::service::ready(&self.settings.iface);
                     report.reload_refused = res.as_ref().err().map(|e| format!("{e:#}"));
                     if res.is_err() {
-                        if let Err(e) = report.write(host.dp.layout()) {
+                        if let Err(e) = report.write(&host.layout) {
                             warn!("agent state: {e:#}");
                         }
                         continue;
@@ -393,7 +535,9 @@ impl Agent {
                         }
                     }
                 }
-                _ = rescan.tick(), if !self.static_locals.is_empty() => {}
+                // The kernel datapath: also to keep its jumps first.
+                _ = rescan.tick(), if !self.static_locals.is_empty()
+                    || matches!(host.backend, Backend::Kernel(_)) => {}
                 changed = cluster_changed(&mut cluster_rx) => if changed.is_err() {
                     cluster_rx = None;
                 },
@@ -404,10 +548,10 @@ impl Agent {
                     match changes {
                         Ok(c) => {
                             if c.any {
-                                retire_cached(&mut host.dp);
+                                retire_cached(host);
                             }
                             if c.addresses {
-                                self.follow_underlay_addrs(&mut host.dp);
+                                self.follow_underlay_addrs(host);
                             }
                             if c.came_up {
                                 host.routes.restore();
@@ -418,8 +562,8 @@ impl Agent {
                         }
                         Err(e) => {
                             warn!("reading kernel changes: {e}");
-                            retire_cached(&mut host.dp);
-                            self.follow_underlay_addrs(&mut host.dp);
+                            retire_cached(host);
+                            self.follow_underlay_addrs(host);
                             host.routes.restore();
                         }
                     }
@@ -433,7 +577,7 @@ impl Agent {
             let cluster_report = self.follow_cluster(host, report);
             if reloaded || host.applied != before || report.docker_changed() || cluster_report {
                 report.refresh(host);
-                if let Err(e) = report.write(host.dp.layout()) {
+                if let Err(e) = report.write(&host.layout) {
                     warn!("agent state: {e:#}");
                 }
             }
@@ -490,7 +634,8 @@ impl Agent {
 
     /// After the kernel reported address changes: `UNDERLAY_ADDRS` holds
     /// what the underlay has now. Kept as it was if that cannot be read.
-    fn follow_underlay_addrs(&self, dp: &mut Datapath) {
+    fn follow_underlay_addrs(&self, host: &mut Host) {
+        let Some(dp) = host.ebpf() else { return };
         if let Err(e) = set_underlay_addrs(dp, &self.settings.iface, self.underlay) {
             warn!("{e:#}");
         }
@@ -570,7 +715,9 @@ fn set_underlay_addrs(dp: &mut Datapath, iface: &str, ifindex: u32) -> anyhow::R
 
 /// After a kernel change: the datapath's cached answers may hold what the
 /// FIB said before it. Should the bump fail, they age out within 100 ms.
-fn retire_cached(dp: &mut Datapath) {
+/// (The kernel datapath caches nothing.)
+fn retire_cached(host: &mut Host) {
+    let Some(dp) = host.ebpf() else { return };
     if let Err(e) = dp.kernel_changed() {
         warn!("retiring the datapath's cached answers: {e}");
     }
@@ -578,7 +725,25 @@ fn retire_cached(dp: &mut Datapath) {
 
 impl AgentState {
     fn refresh(&mut self, host: &Host) {
-        let (dp, applied) = (&host.dp, &host.applied.local);
+        self.kernel_routes = host.routes.list().to_vec();
+        let applied = &host.applied.local;
+        self.bridges = applied.bridges.iter().cloned().collect();
+        let dp = match &host.backend {
+            Backend::Ebpf(dp) => dp,
+            Backend::Kernel(recipe) => {
+                self.datapath = crate::report::DatapathKind::Kernel;
+                self.recipe = Some(recipe.state().clone());
+                self.local_subnets = applied
+                    .locals
+                    .iter()
+                    .map(|(net, (_, ifindex))| crate::report::Local {
+                        prefix: *net,
+                        bridge_ifindex: *ifindex,
+                    })
+                    .collect();
+                return;
+            }
+        };
         self.attachments = dp
             .attachments()
             .map(|(iface, hook)| Attachment {
@@ -588,7 +753,6 @@ impl AgentState {
                 via: None,
             })
             .collect();
-        self.bridges = applied.bridges.iter().cloned().collect();
         self.attach = Some(dp.method());
         self.kernel = Some(dp.features().clone());
         self.tunnel = dp.tunnel().map(|t| crate::report::TunnelState {
@@ -598,7 +762,6 @@ impl AgentState {
             port: t.vxlan.port,
             mtu: t.mtu,
         });
-        self.kernel_routes = host.routes.list();
     }
 }
 

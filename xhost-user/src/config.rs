@@ -26,6 +26,7 @@ use crate::net::{self, CidrError, IfaceError, Ipv4Net};
 /// vxlan_port = 8472   # UDP port (default 8472, as Linux, flannel and Cilium)
 /// attach = "auto"     # TC attach method: auto (tcx if present, else tc), tc, tcx
 /// deny = "drop"       # what is refused: dropped (default), or also answered ("reject")
+/// datapath = "ebpf"   # ebpf, kernel (routes + iptables), auto (ebpf, else kernel)
 /// metrics_addr = "127.0.0.1:9464"  # optional: serve Prometheus /metrics there
 /// keep_datapath = true  # optional: SIGTERM/SIGINT leave the datapath forwarding
 /// [[peer]]
@@ -88,6 +89,11 @@ pub struct SettingsLayer {
     /// prohibited, rate-limited (reject).
     #[arg(long, value_enum)]
     pub deny: Option<DenyArg>,
+    /// What forwards: the eBPF programs (default), the kernel with xhost's
+    /// routes and iptables rules, or auto (eBPF, else the kernel, with a
+    /// warning saying why).
+    #[arg(long, value_enum)]
+    pub datapath: Option<DatapathArg>,
     /// Serve Prometheus metrics at http://IP:PORT/metrics (off unless given).
     #[arg(long, value_name = "IP:PORT", value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<SocketAddr>,
@@ -205,6 +211,31 @@ pub enum TunnelArg {
     /// VXLAN between the hosts' underlay addresses: for underlays that do
     /// not carry container IPs (clouds, routed L3 networks).
     Vxlan,
+}
+
+/// `--datapath`: what forwards container traffic between the hosts.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatapathArg {
+    /// The eBPF programs (docs/datapath.md).
+    #[default]
+    Ebpf,
+    /// The kernel's own forwarding: a route per peer subnet and iptables
+    /// rules in xhost's chains (docs/kernel-datapath.md).
+    Kernel,
+    /// eBPF; where the kernel cannot load or attach it, the kernel
+    /// datapath, with a warning saying why.
+    Auto,
 }
 
 /// VXLAN settings, the same on every host of a cluster.
@@ -331,6 +362,8 @@ pub enum ConfigError {
     VniRange(u32),
     #[error("VXLAN port 0: give the UDP port the peers listen on (default {DEFAULT_VXLAN_PORT})")]
     VxlanPortZero,
+    #[error("--datapath kernel {0}")]
+    KernelDatapath(&'static str),
     #[error("no underlay interface: give --iface or iface = \"...\" in the config file")]
     NoIface,
     #[error("peer {0} is given more than once")]
@@ -448,6 +481,8 @@ pub struct Settings {
     pub attach: AttachArg,
     /// What is done with refused packets.
     pub deny: DenyArg,
+    /// eBPF programs or the kernel's routing.
+    pub datapath: DatapathArg,
     /// Cluster mode: the other hosts' subnets from etcd.
     pub cluster: Option<ClusterSettings>,
     /// Where Prometheus metrics are served; `None`: not at all.
@@ -590,6 +625,20 @@ pub fn resolve(l: SettingsLayer) -> Result<Settings, ConfigError> {
             bridges.push(b);
         }
     }
+    let datapath = l.datapath.unwrap_or_default();
+    if datapath == DatapathArg::Kernel {
+        check_kernel_datapath(
+            tunnel,
+            l.xdp_mode.unwrap_or_default(),
+            l.attach.unwrap_or_default(),
+            l.metrics_addr,
+        )?;
+        if l.keep_datapath == Some(true) {
+            return Err(ConfigError::KernelDatapath(
+                "is not adopted by a next load, so it is removed when the agent stops: drop --keep-datapath",
+            ));
+        }
+    }
     Ok(Settings {
         iface,
         bridges,
@@ -600,10 +649,35 @@ pub fn resolve(l: SettingsLayer) -> Result<Settings, ConfigError> {
         tunnel,
         attach: l.attach.unwrap_or_default(),
         deny: l.deny.unwrap_or_default(),
+        datapath,
         cluster: resolve_cluster(l.etcd)?,
         metrics_addr: l.metrics_addr,
         keep_datapath: l.keep_datapath.unwrap_or(false),
     })
+}
+
+/// What the kernel datapath cannot do, refused in one line rather than
+/// given as a setting that does nothing.
+fn check_kernel_datapath(
+    tunnel: Option<Vxlan>,
+    xdp_mode: XdpModeArg,
+    attach: AttachArg,
+    metrics_addr: Option<SocketAddr>,
+) -> Result<(), ConfigError> {
+    let refuse = |what| Err(ConfigError::KernelDatapath(what));
+    if tunnel.is_some() {
+        return refuse("routes natively: VXLAN mode (--tunnel vxlan) needs the eBPF datapath");
+    }
+    if xdp_mode != XdpModeArg::Auto {
+        return refuse("attaches no XDP program: drop --xdp-mode");
+    }
+    if attach != AttachArg::Auto {
+        return refuse("attaches no TC program: drop --attach");
+    }
+    if metrics_addr.is_some() {
+        return refuse("has no datapath counters to serve: drop --metrics-addr");
+    }
+    Ok(())
 }
 
 /// Cluster mode's settings, checked: `None` without endpoints (and then no
@@ -727,7 +801,7 @@ impl Source {
 /// bridges. The underlay, its XDP mode and the Docker connection are set up
 /// once, at load.
 pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), ConfigError> {
-    let fixed: [(&'static str, String, String); 9] = [
+    let fixed: [(&'static str, String, String); 10] = [
         (
             "etcd",
             describe_cluster(running.cluster.as_ref()),
@@ -765,6 +839,11 @@ pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), Config
             "deny",
             running.deny.as_str().into(),
             new.deny.as_str().into(),
+        ),
+        (
+            "datapath",
+            format!("{:?}", running.datapath).to_lowercase(),
+            format!("{:?}", new.datapath).to_lowercase(),
         ),
     ];
     match fixed.into_iter().find(|(_, old, new)| old != new) {
@@ -1242,6 +1321,7 @@ mod tests {
             tunnel: None,
             attach: AttachArg::Auto,
             deny: DenyArg::Drop,
+            datapath: DatapathArg::Ebpf,
             cluster: None,
             metrics_addr: None,
             keep_datapath: false,
@@ -1317,6 +1397,55 @@ mod tests {
                 .expect_err("restart")
                 .to_string(),
             "attach cannot change while the agent runs (auto -> tc); restart it"
+        );
+    }
+
+    #[test]
+    fn kernel_datapath_refuses_settings_it_cannot_honour() {
+        let file: SettingsLayer =
+            toml::from_str("iface = \"ens33\"\ndatapath = \"kernel\"\n").expect("toml");
+        let s = merge(SettingsLayer::default(), Some(file)).expect("merges");
+        assert_eq!(s.datapath, DatapathArg::Kernel);
+        let kernel = |f: SettingsLayer| {
+            merge(
+                SettingsLayer {
+                    iface: Some("ens33".into()),
+                    datapath: Some(DatapathArg::Kernel),
+                    ..f
+                },
+                None,
+            )
+            .map(drop)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(kernel(SettingsLayer::default()), Ok(()));
+        for (f, want) in [
+            (
+                SettingsLayer {
+                    tunnel: Some(TunnelArg::Vxlan),
+                    ..SettingsLayer::default()
+                },
+                "--datapath kernel routes natively: VXLAN mode (--tunnel vxlan) needs the eBPF datapath",
+            ),
+            (
+                SettingsLayer {
+                    attach: Some(AttachArg::Tc),
+                    ..SettingsLayer::default()
+                },
+                "--datapath kernel attaches no TC program: drop --attach",
+            ),
+        ] {
+            assert_eq!(kernel(f), Err(want.to_owned()));
+        }
+        let new = Settings {
+            datapath: DatapathArg::Kernel,
+            ..settings()
+        };
+        assert_eq!(
+            check_reloadable(&settings(), &new)
+                .expect_err("restart")
+                .to_string(),
+            "datapath cannot change while the agent runs (ebpf -> kernel); restart it"
         );
     }
 

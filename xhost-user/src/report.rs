@@ -21,7 +21,7 @@ use crate::{
     datapath::{XdpAttached, open_pinned},
     layout::{Hook, Layout, remove_file_if_exists},
     net::{Ipv4Net, fmt_mac},
-    writer::KernelRoute,
+    writer::{KernelRoute, recipe::RecipeState},
 };
 
 fn now_ms() -> u64 {
@@ -157,6 +157,16 @@ pub struct AgentState {
     #[serde(default)]
     pub kernel: Option<KernelFeatures>,
     pub docker: Option<DockerStatus>,
+    /// What forwards: the eBPF programs, or the kernel.
+    #[serde(default)]
+    pub datapath: DatapathKind,
+    /// The kernel datapath: what `unload` puts back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<RecipeState>,
+    /// The kernel datapath's local subnets (the eBPF datapath's are in
+    /// `LOCAL_NETS`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub local_subnets: Vec<Local>,
     /// Cluster mode: the store, the cluster's hosts, conflicts.
     #[serde(default)]
     pub cluster: Option<crate::store::source::ClusterReport>,
@@ -189,6 +199,9 @@ impl AgentState {
             attach: None,
             kernel: None,
             docker: s.docker.then(|| DockerStatus::unreachable(s)),
+            datapath: DatapathKind::Ebpf,
+            recipe: None,
+            local_subnets: Vec::new(),
             cluster: None,
             updated_unix_ms: now_ms(),
             missing_pins: Vec::new(),
@@ -239,6 +252,26 @@ impl AgentState {
     }
 }
 
+/// What forwards container traffic between the hosts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatapathKind {
+    /// The eBPF programs and their pinned maps.
+    #[default]
+    Ebpf,
+    /// The kernel: xhost's routes, iptables chains and `ip_forward`.
+    Kernel,
+}
+
+/// One of xhost's iptables chains as the kernel has it now: the jump to it
+/// and its rules, as `iptables -S` prints them.
+#[derive(Debug, Serialize)]
+pub struct ChainRules {
+    pub table: String,
+    pub chain: String,
+    pub rules: Vec<String>,
+}
+
 /// The vxlan device of VXLAN mode.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TunnelState {
@@ -255,7 +288,7 @@ pub struct Route {
     pub peer: Ipv4Addr,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Local {
     pub prefix: Ipv4Net,
     pub bridge_ifindex: u32,
@@ -294,6 +327,9 @@ pub struct Status {
     /// The lists above are then empty where a map is missing.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub missing_pins: Vec<String>,
+    /// The kernel datapath's iptables chains (empty for the eBPF one).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chains: Vec<ChainRules>,
     /// `PEER_STATS` by peer host (`PEER_HOSTS`), sorted by address. Empty
     /// for a datapath pinned by a build without the map.
     pub peer_counters: Vec<PeerCounterRow>,
@@ -380,6 +416,12 @@ pub fn ensure_loaded(layout: &Layout) -> anyhow::Result<()> {
 
 /// Reads everything an instance has pinned.
 pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
+    if let Some(a) = AgentState::read(layout)
+        .ok()
+        .filter(|a| a.datapath == DatapathKind::Kernel)
+    {
+        return Ok(collect_kernel(layout, a));
+    }
     let agent = AgentState::read(layout).ok();
     let agent_running = agent
         .as_ref()
@@ -476,7 +518,90 @@ pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
         underlay_addrs,
         counters,
         peer_counters,
+        chains: Vec::new(),
     })
+}
+
+/// The kernel datapath's status: its routes and local subnets as the
+/// agent last wrote them, its chains as the kernel has them now.
+fn collect_kernel(layout: &Layout, a: AgentState) -> Status {
+    let chains = crate::writer::recipe::live_rules()
+        .into_iter()
+        .map(|(table, chain, rules)| ChainRules {
+            table,
+            chain,
+            rules,
+        })
+        .collect();
+    Status {
+        pin_dir: layout.pin_dir.display().to_string(),
+        agent_running: !a.detached && pid_alive(a.pid),
+        attached: Vec::new(),
+        routes: a
+            .kernel_routes
+            .iter()
+            .filter_map(|r| {
+                Some(Route {
+                    prefix: r.prefix,
+                    peer: r.via?,
+                })
+            })
+            .collect(),
+        local_subnets: a.local_subnets.clone(),
+        endpoints: Vec::new(),
+        underlay_addrs: Vec::new(),
+        counters: std::collections::BTreeMap::new(),
+        chains,
+        missing_pins: Vec::new(),
+        peer_counters: Vec::new(),
+        agent: Some(a),
+    }
+}
+
+/// `status` of the kernel datapath.
+fn print_kernel_status(s: &Status, a: &AgentState) {
+    println!(
+        "xhost on {} ({}), datapath kernel (routes and iptables; no eBPF), {}",
+        a.iface,
+        if s.agent_running {
+            format!("agent pid {}", a.pid)
+        } else {
+            "detached, no agent".into()
+        },
+        a.underlay_ip
+            .map_or_else(|| "-".into(), |ip| format!("underlay {ip}"))
+    );
+    if let Some(r) = &a.recipe {
+        println!(
+            "ip_forward: {} (was {} before load; put back at unload)",
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+                .map_or_else(|_| "?".into(), |v| v.trim().to_owned()),
+            r.ip_forward_before
+        );
+    }
+    println!("routes (kernel, proto 177):");
+    for r in &s.routes {
+        println!("  {:<20} via {}", r.prefix.to_string(), r.peer);
+    }
+    println!("local subnets:");
+    for l in &s.local_subnets {
+        println!(
+            "  {:<20} bridge ifindex {}",
+            l.prefix.to_string(),
+            l.bridge_ifindex
+        );
+    }
+    for c in &s.chains {
+        println!(
+            "iptables {} {} ({} rules):",
+            c.table,
+            c.chain,
+            c.rules.len()
+        );
+        for r in &c.rules {
+            println!("  {r}");
+        }
+    }
 }
 
 /// Sums each counter over all CPUs. A datapath pinned by an older build has fewer
@@ -500,6 +625,15 @@ pub fn read_counters(
 }
 
 pub fn print_status(s: &Status) {
+    if let Some(a) = s
+        .agent
+        .as_ref()
+        .filter(|a| a.datapath == DatapathKind::Kernel)
+    {
+        print_kernel_status(s, a);
+        print_docker_and_cluster(s);
+        return;
+    }
     match &s.agent {
         Some(a) => println!(
             "xhost on {} ({}), xdp {:?}, pins {}",
@@ -610,6 +744,11 @@ pub fn print_status(s: &Status) {
             );
         }
     }
+    print_docker_and_cluster(s);
+}
+
+/// The cluster's and Docker's parts of `status`.
+fn print_docker_and_cluster(s: &Status) {
     if let Some(c) = s.agent.as_ref().and_then(|a| a.cluster.as_ref()) {
         print_cluster(c);
     }
@@ -765,6 +904,22 @@ pub fn unload(
             Ok(None) => {}
             Err(e) => log::warn!("{e:#}"),
         }
+    }
+    if agent
+        .as_ref()
+        .is_some_and(|a| a.datapath == DatapathKind::Kernel)
+    {
+        // Nothing pinned. What a detached or killed kernel datapath left
+        // (an agent that stopped cleanly removed its state file with the rest).
+        if let Ok(a) = AgentState::read(layout) {
+            crate::writer::routes::delete(&a.kernel_routes);
+            if let Some(r) = &a.recipe {
+                crate::writer::recipe::remove(r);
+            }
+        }
+        remove_file_if_exists(&layout.state_file())?;
+        let _ = std::fs::remove_dir(&layout.run_dir);
+        return Ok(());
     }
     // Whatever remains: unlinking a link pin detaches its program once no
     // process holds it; a classic tc filter is deleted, then its program's

@@ -10,8 +10,9 @@ use super::{Neighbour, Op, State};
 use crate::net::{Ipv4Net, fmt_mac};
 
 /// What the single writer can do to the datapath and the kernel. The agent's
-/// implementation writes the maps, attaches programs, adds kernel routes
-/// and neighbour entries; the plan's tests record the calls instead.
+/// implementations: the eBPF datapath's writes the maps, attaches programs,
+/// adds kernel routes and neighbour entries; the kernel datapath's adds
+/// kernel routes and iptables rules. The plan's tests record the calls.
 /// Detaching, removing a kernel route and writing neighbours are best
 /// effort (already gone is fine, a failure is logged), so they cannot fail.
 pub trait Writer {

@@ -75,6 +75,11 @@ pub fn render(rates: &[Rate], secs: f64) -> String {
 /// On a terminal each screen replaces the last; elsewhere (a pipe, a log)
 /// screens follow each other, separated by a blank line.
 pub fn watch(layout: &Layout, interval: Duration, count: Option<u64>) -> anyhow::Result<()> {
+    if crate::report::AgentState::read(layout)
+        .is_ok_and(|a| a.datapath == crate::report::DatapathKind::Kernel)
+    {
+        anyhow::bail!("the kernel datapath keeps no counters to watch: `status` lists its rules");
+    }
     crate::report::ensure_loaded(layout)?;
     let tty = std::io::stdout().is_terminal();
     let mut prev = crate::report::read_counters(layout)?;

@@ -1,8 +1,10 @@
 //! The single writer's hands: the plan's operations carried out on the
 //! datapath's maps and attachments, the kernel's routes and the bridges'
-//! neighbour tables.
+//! neighbour tables ([`KernelWriter`]), or, for the kernel datapath, on
+//! routes and iptables rules ([`recipe::RecipeWriter`]).
 
 pub mod neighbours;
+pub mod recipe;
 pub mod routes;
 
 use std::net::Ipv4Addr;
@@ -22,6 +24,8 @@ pub enum WriteError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Route(#[from] KernelRouteError),
+    #[error(transparent)]
+    Recipe(#[from] recipe::RecipeError),
 }
 
 /// The datapath and the kernel routes, as one [`Writer`].

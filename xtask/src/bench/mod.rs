@@ -117,6 +117,7 @@ pub const XHOST_100K: &str = "xhost-100k";
 pub const XHOST_BASELINE: &str = "xhost-baseline";
 pub const XHOST_VXLAN: &str = "xhost-vxlan";
 pub const XHOST_VXLAN_BASELINE: &str = "xhost-vxlan-baseline";
+pub const XHOST_KERNEL: &str = "xhost-kernel";
 
 pub const CLUSTER_DOCKER: &str = "cluster-docker";
 pub const CLUSTER_SCALE: &str = "cluster-scale";
@@ -200,6 +201,16 @@ pub fn all_scenarios() -> Vec<Scenario> {
             true,
             true,
             "as xhost, --tunnel vxlan (containers at MTU 1450, as in kernel-vxlan)",
+        ),
+        s(
+            XHOST_KERNEL,
+            PathKind::Xhost(XhostOpts {
+                kernel: true,
+                ..XhostOpts::default()
+            }),
+            true,
+            false,
+            "as xhost, --datapath kernel: the agent's routes and iptables chains (not run by default)",
         ),
         s(
             XHOST_XDP_NATIVE,

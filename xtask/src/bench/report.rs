@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     CLUSTER_DOCKER, CLUSTER_SCALE, ClusterRuns, IPTABLES, Metric, Plan, ProgCost, Run, Scenario,
-    VXLAN, WIRE, XHOST, XHOST_1K, XHOST_100K, XHOST_BASELINE, XHOST_VXLAN, XHOST_VXLAN_BASELINE,
-    XHOST_XDP_NATIVE, XHOST_XDP_OFF,
+    VXLAN, WIRE, XHOST, XHOST_1K, XHOST_100K, XHOST_BASELINE, XHOST_KERNEL, XHOST_VXLAN,
+    XHOST_VXLAN_BASELINE, XHOST_XDP_NATIVE, XHOST_XDP_OFF,
 };
 
 pub use xhost_tests::scenarios::median;
@@ -227,9 +227,11 @@ pub const GOALS: [Goal; 7] = [
 ];
 
 /// The comparisons reported, as (x, base); those whose scenarios did not run are skipped.
-const COMPARISONS: [(&str, &str); 15] = [
+const COMPARISONS: [(&str, &str); 17] = [
     (XHOST, WIRE),
     (XHOST, IPTABLES),
+    (XHOST_KERNEL, IPTABLES),
+    (XHOST, XHOST_KERNEL),
     (XHOST, VXLAN),
     (XHOST_VXLAN, VXLAN),
     (XHOST_VXLAN, WIRE),
