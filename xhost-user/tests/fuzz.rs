@@ -225,8 +225,13 @@ impl World {
         for h in &old.peer_hosts {
             hosts.remove(h).expect("remove");
         }
-        for h in &m.peer_hosts {
-            hosts.insert(h, PeerHost { flags: 0 }, 0).expect("insert");
+        // Each peer host its own PEER_STATS slot, as the agent gives them.
+        for (slot, h) in m.peer_hosts.iter().enumerate() {
+            let v = PeerHost {
+                flags: 0,
+                slot: slot as u32,
+            };
+            hosts.insert(h, v, 0).expect("insert");
         }
         let mut addrs: HashMap<_, [u8; 4], u32> = map(e, "UNDERLAY_ADDRS");
         for a in old.underlay_addrs.keys() {
