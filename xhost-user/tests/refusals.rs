@@ -210,7 +210,7 @@ const WRONG_TYPES: &[(&str, &[&str])] = &[
 struct BadCase {
     lines: Vec<String>,
     peers: Vec<String>,
-    flags: FlagConfig,
+    flags: SettingsLayer,
     culprit: String,
 }
 
@@ -219,9 +219,9 @@ fn bad_case(rng: &mut xhost_model::generate::Rng) -> BadCase {
     use rand::{Rng as _, seq::IndexedRandom as _};
     let mut lines: Vec<String> = VALID.iter().map(|l| (*l).to_owned()).collect();
     let mut peers = Vec::new();
-    let mut flags = FlagConfig {
-        no_docker: false,
-        ..FlagConfig::default()
+    let mut flags = SettingsLayer {
+        docker: None,
+        ..SettingsLayer::default()
     };
     let set = |lines: &mut Vec<String>, key: &str, value: &str| {
         let i = lines
@@ -344,7 +344,7 @@ fn bad_case(rng: &mut xhost_model::generate::Rng) -> BadCase {
                 }
                 _ => {
                     set(&mut lines, "docker", "true");
-                    flags.no_docker = true;
+                    flags.docker = Some(false);
                     "docker".to_owned()
                 }
             }
