@@ -709,10 +709,13 @@ pub fn xhost_nic_xdp(ctx: XdpContext) -> u32 {
     };
     // SAFETY: `f.ip` was bounds-checked by `parse`.
     let (src, dst) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr) };
-    // In VXLAN mode container traffic arrives encapsulated only. In reject
-    // mode what is refused is left to xhost_nic_in, which answers it.
+    // A local container, as `deliver` tells it: a known endpoint (whose
+    // address may lie outside LOCAL_NETS), else the LPM. In VXLAN mode
+    // container traffic arrives encapsulated only. In reject mode what is
+    // refused is left to xhost_nic_in, which answers it.
+    let local = endpoint(dst).ifindex != 0 || LOCAL_NETS.get(&host_key(dst)).is_some();
     if !reject::rejecting()
-        && LOCAL_NETS.get(&host_key(dst)).is_some()
+        && local
         && (tunnel::device().is_some() || policy::source_allowed(&ctx, &f, src).is_none())
     {
         count(stat::DROP_SPOOFED, (ctx.data_end() - ctx.data()) as u32);

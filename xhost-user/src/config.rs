@@ -358,9 +358,11 @@ pub enum ConfigError {
     Layer(String),
     #[error("--{0} ({1} in the config file) is a VXLAN setting: it needs --tunnel vxlan")]
     NotTunnelled(&'static str, &'static str),
-    #[error("VNI {0} out of range: a VXLAN network identifier is 1..={max}", max = xhost_common::MAX_VNI)]
+    #[error("VNI {0} out of range (--vni, vni in the config file): a VXLAN network identifier is 1..={max}", max = xhost_common::MAX_VNI)]
     VniRange(u32),
-    #[error("VXLAN port 0: give the UDP port the peers listen on (default {DEFAULT_VXLAN_PORT})")]
+    #[error(
+        "VXLAN port 0 (--vxlan-port, vxlan_port in the config file): give the UDP port the peers listen on (default {DEFAULT_VXLAN_PORT})"
+    )]
     VxlanPortZero,
     #[error("--datapath kernel {0}")]
     KernelDatapath(&'static str),
@@ -1480,20 +1482,20 @@ mod tests {
             (
                 flags(Some(TunnelArg::Vxlan), Some(0), None),
                 format!(
-                    "VNI 0 out of range: a VXLAN network identifier is 1..={}",
+                    "VNI 0 out of range (--vni, vni in the config file): a VXLAN network identifier is 1..={}",
                     xhost_common::MAX_VNI
                 ),
             ),
             (
                 flags(Some(TunnelArg::Vxlan), Some(1 << 24), None),
                 format!(
-                    "VNI 16777216 out of range: a VXLAN network identifier is 1..={}",
+                    "VNI 16777216 out of range (--vni, vni in the config file): a VXLAN network identifier is 1..={}",
                     xhost_common::MAX_VNI
                 ),
             ),
             (
                 flags(Some(TunnelArg::Vxlan), None, Some(0)),
-                "VXLAN port 0: give the UDP port the peers listen on (default 8472)".into(),
+                "VXLAN port 0 (--vxlan-port, vxlan_port in the config file): give the UDP port the peers listen on (default 8472)".into(),
             ),
             (
                 flags(None, Some(7), None),

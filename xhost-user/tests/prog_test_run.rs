@@ -537,6 +537,67 @@ fn the_fib_lookup_src_probe_matches_the_kernel_release() {
     );
 }
 
+/// Found by the differential fuzz test (tests/fuzz.rs): a known endpoint
+/// whose address lies outside `LOCAL_NETS` is a local container to
+/// `xhost_nic_in`, which dropped a spoofed packet for it, while
+/// `xhost_nic_xdp` asked `LOCAL_NETS` only and passed it. Both programs
+/// now take the same destinations as local.
+#[test]
+fn xdp_drops_what_tc_drops_for_an_endpoint_outside_local_nets() {
+    in_test_host(|ebpf| {
+        let outside = [10, 77, 0, 5];
+        let mut eps: aya::maps::HashMap<_, [u8; 4], xhost_common::Endpoint> = ebpf
+            .map_mut("ENDPOINTS")
+            .expect("ENDPOINTS")
+            .try_into()
+            .expect("hash");
+        let ep = xhost_common::Endpoint {
+            ifindex: ifindex("br0"),
+            flags: 0,
+            mac: CTR_MAC,
+            gw_mac: GW_MAC,
+            _pad: [0; 4],
+        };
+        eps.insert(outside, ep, 0).expect("insert");
+        for (name, frame, xdp, tc, counter) in [
+            (
+                "spoofed source",
+                ipv4([10, 1, 1, 1], outside, 63, &[]),
+                XDP_DROP,
+                TC_ACT_SHOT,
+                stat::DROP_SPOOFED,
+            ),
+            (
+                "peer container",
+                ipv4(R1, outside, 63, &[]),
+                XDP_PASS,
+                TC_ACT_REDIRECT,
+                stat::FWD_INGRESS,
+            ),
+        ] {
+            let before = counters(ebpf);
+            let p: &mut Xdp = ebpf
+                .program_mut(xhost_common::PROG_NIC_XDP)
+                .expect("prog")
+                .try_into()
+                .expect("xdp");
+            let mut out = vec![0u8; frame.len() + 64];
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&frame);
+            opts.data_out = Some(&mut out);
+            let res = p
+                .test_run(opts)
+                .unwrap_or_else(|e| panic!("{name}: test_run: {e}"));
+            assert_eq!(res.return_value, xdp, "{name}: XDP verdict");
+            if xdp == XDP_DROP {
+                assert_counter_moved(ebpf, &before, counter, frame.len(), name);
+            }
+            let (verdict, _) = tc_test_run(ebpf, xhost_common::PROG_NIC_IN, "ul0", &frame, name);
+            assert_eq!(verdict, tc, "{name}: TC verdict");
+        }
+    });
+}
+
 #[test]
 fn test_host_netns_is_private() {
     // Guard against a test host leaking into the runner's namespace.

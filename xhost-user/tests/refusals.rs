@@ -164,3 +164,264 @@ fn config_files_refused_before_the_kernel() {
     let missing = std::env::temp_dir().join(format!("xh-{}-missing.toml", std::process::id()));
     assert_refused(check(&[], flags, Some(missing)), "missing.toml");
 }
+
+/// A valid config file, line by line: what the corpus below mutates.
+const VALID: &[&str] = &[
+    "iface = \"ens33\"",
+    "bridges = [\"docker0\"]",
+    "docker = false",
+    "tunnel = \"vxlan\"",
+    "vni = 7",
+    "vxlan_port = 8472",
+    "attach = \"auto\"",
+    "xdp_mode = \"auto\"",
+    "metrics_addr = \"127.0.0.1:9464\"",
+    "[[peer]]",
+    "host = \"172.16.91.132\"",
+    "subnets = [\"192.168.220.0/24\"]",
+    "[[peer]]",
+    "host = \"172.16.91.133\"",
+    "subnets = [\"192.168.230.0/24\", \"10.1.0.0/16\"]",
+];
+
+/// Top-level keys of `VALID` and values of another type for each.
+const WRONG_TYPES: &[(&str, &[&str])] = &[
+    ("iface", &["7", "true", "[\"ens33\"]"]),
+    ("bridges", &["\"docker0\"", "1", "[1, 2]"]),
+    ("docker", &["\"yes\"", "1"]),
+    ("tunnel", &["1", "\"gre\"", "true"]),
+    ("vni", &["\"7\"", "7.5", "true", "-1", "4294967296"]),
+    ("vxlan_port", &["\"8472\"", "65536", "-5", "1.5"]),
+    ("attach", &["\"xdp\"", "1"]),
+    ("xdp_mode", &["\"fast\"", "false"]),
+    (
+        "metrics_addr",
+        &[
+            "\"localhost:80\"",
+            "\"1.2.3.4\"",
+            "\"1.2.3.4:99999\"",
+            "9464",
+        ],
+    ),
+];
+
+/// One bad config: the file's lines, extra flags, and what the refusal
+/// must name.
+struct BadCase {
+    lines: Vec<String>,
+    peers: Vec<String>,
+    flags: SettingsLayer,
+    culprit: String,
+}
+
+/// A mutation of the valid config that makes it bad, with its culprit.
+fn bad_case(rng: &mut xhost_model::generate::Rng) -> BadCase {
+    use rand::{Rng as _, seq::IndexedRandom as _};
+    let mut lines: Vec<String> = VALID.iter().map(|l| (*l).to_owned()).collect();
+    let mut peers = Vec::new();
+    let mut flags = SettingsLayer {
+        docker: None,
+        ..SettingsLayer::default()
+    };
+    let set = |lines: &mut Vec<String>, key: &str, value: &str| {
+        let i = lines
+            .iter()
+            .position(|l| l.starts_with(&format!("{key} =")))
+            .expect("key of VALID");
+        lines[i] = format!("{key} = {value}");
+    };
+    let culprit = match rng.random_range(0..14) {
+        0 => {
+            // An unknown key, at the top or in a peer.
+            let key = *["bridge", "peers", "vnid", "port", "mtu", "Iface", "hosts"]
+                .choose(rng)
+                .expect("keys");
+            let at = if rng.random_bool(0.5) { 0 } else { lines.len() };
+            lines.insert(at, format!("{key} = 1"));
+            key.to_owned()
+        }
+        1 => {
+            let (key, values) = WRONG_TYPES.choose(rng).expect("keys");
+            set(&mut lines, key, values.choose(rng).expect("values"));
+            (*key).to_owned()
+        }
+        2 => {
+            let bad = *[
+                "10.0.0.0/33",
+                "10.0.0.1/8",
+                "300.1.0.0/16",
+                "banana",
+                "10.0.0.0/",
+                "/8",
+                "10.0.0.0/-1",
+                "10.0.0/8",
+            ]
+            .choose(rng)
+            .expect("cidrs");
+            let last = lines.len() - 1;
+            lines[last] = format!("subnets = [\"192.168.230.0/24\", \"{bad}\"]");
+            bad.to_owned()
+        }
+        3 => {
+            let bad = *[
+                "banana",
+                "300.1.1.1",
+                "0.0.0.0",
+                "172.16.91",
+                "255.255.255.255",
+            ]
+            .choose(rng)
+            .expect("hosts");
+            lines[10] = format!("host = \"{bad}\"");
+            bad.to_owned()
+        }
+        4 => {
+            // A subnet overlapping the other peer's.
+            let net = *[
+                "192.168.220.128/25",
+                "192.168.0.0/16",
+                "192.168.220.7/32",
+                "0.0.0.0/0",
+            ]
+            .choose(rng)
+            .expect("nets");
+            lines[14] = format!("subnets = [\"10.1.0.0/16\", \"{net}\"]");
+            "overlaps".to_owned()
+        }
+        5 => {
+            lines[13] = "host = \"172.16.91.132\"".to_owned();
+            "172.16.91.132 is given more than once".to_owned()
+        }
+        6 => {
+            let (key, value) = *[("vni", "0"), ("vni", "16777216"), ("vxlan_port", "0")]
+                .choose(rng)
+                .expect("ranges");
+            set(&mut lines, key, value);
+            key.to_owned()
+        }
+        7 => {
+            // A peer without one of its required keys.
+            let (line, key) = *[(10, "host"), (11, "subnets"), (14, "subnets")]
+                .choose(rng)
+                .expect("required");
+            lines.remove(line);
+            key.to_owned()
+        }
+        8 => {
+            lines.remove(0);
+            "iface".to_owned()
+        }
+        9 => {
+            // VXLAN settings without VXLAN.
+            lines.remove(3);
+            "vni".to_owned()
+        }
+        10 => {
+            // A key given twice.
+            let key = *["iface", "vni", "docker"].choose(rng).expect("keys");
+            let line = lines
+                .iter()
+                .find(|l| l.starts_with(&format!("{key} =")))
+                .expect("key")
+                .clone();
+            lines.insert(1, line);
+            key.to_owned()
+        }
+        11 => {
+            // A flag that says otherwise than the file.
+            match rng.random_range(0..4) {
+                0 => {
+                    flags.iface = Some("eth7".into());
+                    "iface".to_owned()
+                }
+                1 => {
+                    flags.vni = Some(8);
+                    "vni".to_owned()
+                }
+                2 => {
+                    flags.vxlan_port = Some(4789);
+                    "vxlan-port".to_owned()
+                }
+                _ => {
+                    set(&mut lines, "docker", "true");
+                    flags.docker = Some(false);
+                    "docker".to_owned()
+                }
+            }
+        }
+        12 => {
+            // A bad --peer.
+            let arg = *[
+                "172.16.91.140",
+                "x=10.9.0.0/16",
+                "172.16.91.140=10.9.0.0/33",
+                "172.16.91.140=10.9.0.1/16",
+                "172.16.91.140=",
+                "172.16.91.140=10.9.0.0/16,,",
+                "=10.9.0.0/16",
+            ]
+            .choose(rng)
+            .expect("peers");
+            peers.push(arg.to_owned());
+            arg.to_owned()
+        }
+        _ => {
+            // An empty subnet list.
+            lines[14] = "subnets = []".to_owned();
+            "172.16.91.133".to_owned()
+        }
+    };
+    BadCase {
+        lines,
+        peers,
+        flags,
+        culprit,
+    }
+}
+
+/// Thousands of bad configs, generated from a printed seed
+/// (`XHOST_CONFIG_SEED` replays one): each is refused, in one line that
+/// names its culprit, and nothing panics.
+#[test]
+fn generated_bad_configs_are_refused_in_one_line_naming_the_culprit() {
+    let seed = std::env::var("XHOST_CONFIG_SEED")
+        .ok()
+        .map(|v| v.parse::<u64>().expect("XHOST_CONFIG_SEED: a whole number"))
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_nanos() as u64
+        });
+    eprintln!("bad-config corpus: seed {seed} (replay: XHOST_CONFIG_SEED={seed})");
+    let mut rng = xhost_model::generate::batch_rng(seed, 0);
+    let file = TempConfig::new("corpus.toml", "");
+    for n in 0..2_000 {
+        let case = bad_case(&mut rng);
+        let text = case.lines.join("\n") + "\n";
+        std::fs::write(&file.0, &text).expect("write config");
+        let peers: Vec<&str> = case.peers.iter().map(String::as_str).collect();
+        let flags = case.flags.clone();
+        let path = file.0.clone();
+        let result = std::panic::catch_unwind(move || check(&peers, flags, Some(path)))
+            .unwrap_or_else(|_| panic!("seed {seed} case {n}: panicked on\n{text}"));
+        let e = match result {
+            Ok(s) => panic!(
+                "seed {seed} case {n}: accepted\n{text}{:?}\n{s:?}",
+                case.peers
+            ),
+            Err(e) => format!("{e:#}"),
+        };
+        assert_eq!(
+            e.lines().count(),
+            1,
+            "seed {seed} case {n}: one line expected: {e}\n{text}"
+        );
+        assert!(
+            e.to_lowercase().contains(&case.culprit.to_lowercase()),
+            "seed {seed} case {n}: must name `{}`: {e}\n{text}{:?}",
+            case.culprit,
+            case.peers
+        );
+    }
+}

@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 mod interrupt;
 mod kernels;
 mod run;
@@ -43,6 +44,9 @@ enum Command {
     Kernels(kernels::Options),
     /// Benchmark container-to-container paths: wire, iptables routes, kernel VXLAN, xhost.
     Bench(bench::Options),
+    /// Differential fuzzing: every datapath program against its reference model on random
+    /// frames and maps (BPF_PROG_TEST_RUN, as root), from a printed, replayable seed.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,5 +58,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(opts) => test::run(&opts),
         Command::Kernels(opts) => kernels::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
+        Command::Fuzz(opts) => fuzz::run(&opts),
     }
 }
