@@ -362,7 +362,7 @@ fn docker(creations: u32) -> DockerConvergence {
     wait_route(
         &routes,
         hb.subnet().addr(),
-        hb.subnet().prefix(),
+        hb.subnet().prefix_len(),
         true,
         Instant::now(),
     );
