@@ -8,7 +8,7 @@
 //! answered, and the rate, are in docs/security.md; in drop mode (the
 //! default) the verifier sees none of this (`DENY` is a read-only constant).
 
-use core::ptr::read_volatile;
+use core::{mem::MaybeUninit, ptr::read_volatile};
 
 use aya_ebpf::{
     bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT},
@@ -20,7 +20,13 @@ use aya_ebpf::{
 use network_types::eth::EthHdr;
 use xhost_common::{DENY_DROP, DENY_REJECT, REJECT_BURST, REJECT_RATE_PER_SEC, stat};
 
-use crate::{flow::coarse_now, parse::IPPROTO_TCP, stats::count};
+use crate::{fib::zeroed_in, flow::coarse_now, parse::IPPROTO_TCP, stats::count};
+
+/// A buffer aligned to words, so [`zeroed_in`] can zero it: a zeroed array
+/// literal compiles to a call into a BPF `memset` subprogram.
+#[derive(Clone, Copy)]
+#[repr(C, align(4))]
+struct Words<T: Copy>(T);
 
 /// `xhost_common::DENY_*`: what is done with refused packets. Set by the
 /// loader (`xhost_common::GLOBAL_DENY`); drop unless it says.
@@ -180,7 +186,8 @@ fn answer(ctx: &TcContext) -> Option<i32> {
     }
     // The refused header and 8 bytes after it, read before they move.
     let words = (hdr_len + 8) / 4;
-    let mut quote = [[0u8; 4]; QUOTE_MAX_WORDS];
+    let mut quote_slot = MaybeUninit::<Words<[[u8; 4]; QUOTE_MAX_WORDS]>>::uninit();
+    let quote = &mut zeroed_in(&mut quote_slot).0;
     let mut i = 0;
     // Verifier: a constant trip count.
     while i < QUOTE_MAX_WORDS {
@@ -194,7 +201,7 @@ fn answer(ctx: &TcContext) -> Option<i32> {
         count(stat::REJECT_LIMITED, ctx.len());
         return None;
     }
-    send_unreachable(ctx, &eth, &ip, &quote, words)
+    send_unreachable(ctx, &eth, &ip, quote, words)
 }
 
 /// Ethernet and IPv4 header of an answer of `ip_len` bytes of IPv4 with
@@ -250,9 +257,10 @@ fn send_rst(
     tcp: &[u8; 20],
     payload: u32,
 ) -> Option<i32> {
-    let mut r = [0u8; RST_LEN];
+    let mut slot = MaybeUninit::<Words<[u8; RST_LEN]>>::uninit();
+    let r = &mut zeroed_in(&mut slot).0;
     // Don't fragment, as Linux sends its resets.
-    reply_headers(&mut r, eth, ip, 40, 0x40, IPPROTO_TCP)?;
+    reply_headers(r, eth, ip, 40, 0x40, IPPROTO_TCP)?;
     let flags = tcp[13];
     let (seq, ack, out_flags) = if flags & TCP_ACK != 0 {
         ([tcp[8], tcp[9], tcp[10], tcp[11]], [0; 4], TCP_RST)
@@ -286,7 +294,7 @@ fn send_rst(
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, RST_LEN as u32, 0) } != 0 {
         return None;
     }
-    ctx.store(0, &r, u64::from(BPF_F_RECOMPUTE_CSUM)).ok()?;
+    ctx.store(0, &*r, u64::from(BPF_F_RECOMPUTE_CSUM)).ok()?;
     back_out(ctx, RST_LEN as u32)
 }
 
@@ -302,8 +310,9 @@ fn send_unreachable(
 ) -> Option<i32> {
     let words = words.min(QUOTE_MAX_WORDS);
     let icmp_len = 8 + words * 4;
-    let mut r = [0u8; ICMP_HDRS];
-    reply_headers(&mut r, eth, ip, (20 + icmp_len) as u16, 0, IPPROTO_ICMP)?;
+    let mut slot = MaybeUninit::<Words<[u8; ICMP_HDRS]>>::uninit();
+    let r = &mut zeroed_in(&mut slot).0;
+    reply_headers(r, eth, ip, (20 + icmp_len) as u16, 0, IPPROTO_ICMP)?;
     r[34] = ICMP_DEST_UNREACH;
     r[35] = ICMP_PKT_FILTERED;
     // Checksum and the unused word: 0 until the checksum below.
@@ -324,7 +333,7 @@ fn send_unreachable(
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } != 0 {
         return None;
     }
-    ctx.store(0, &r, u64::from(BPF_F_RECOMPUTE_CSUM)).ok()?;
+    ctx.store(0, &*r, u64::from(BPF_F_RECOMPUTE_CSUM)).ok()?;
     let mut i = 0;
     while i < QUOTE_MAX_WORDS {
         if i >= words {
