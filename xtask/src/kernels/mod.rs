@@ -51,18 +51,23 @@ const NAMESPACE_TESTS: [&str; 6] = [
 /// context with EINVAL), so older kernels run the rest of the suite. Their programs
 /// still pass the verifier there (every test loads every program), and the namespace
 /// tests carry real packets through them.
-const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 11] = [
+const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 16] = [
     "bridge_forwards_only_what_its_tables_say_the_sender_owns",
     "cached_forwarding_answers_follow_the_kernel_and_the_maps",
+    "drop_mode_answers_nothing",
     "egress_routes_peer_traffic_and_passes_the_rest",
     "from_ctr_drops_every_source_but_its_endpoints_own",
     "from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides",
     "ingress_delivers_validated_traffic_and_drops_spoofed",
+    "peer_counters_follow_forwarded_packets",
+    "reject_mode_answers_spoofed_container_sources_within_the_rate",
+    "reject_mode_answers_what_the_underlay_refuses",
     "route_changes_retire_cached_answers",
     "tso_bursts_are_checked_and_cached_by_their_segments",
     "vxlan_mode_decapsulates_in_the_program",
     "vxlan_mode_drops_spoofed_sources_before_encapsulating",
     "vxlan_mode_encapsulates_in_the_program",
+    "xdp_drops_what_tc_drops_for_an_endpoint_outside_local_nets",
 ];
 
 /// First kernel whose BPF_PROG_TEST_RUN takes `__sk_buff.ingress_ifindex`.
