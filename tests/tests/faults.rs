@@ -922,3 +922,125 @@ fn peer_host_gone_and_back_with_a_new_mac() {
     assert_eq!(after, before, "A's maps after B came back");
     drop(agent_b);
 }
+
+/// VmRSS of `pid` in kB and its number of open fds, the fewest of five
+/// looks 100 ms apart (a resync holds a netlink socket open for a moment).
+fn rss_and_fds(pid: u32) -> (u64, usize) {
+    let (mut rss, mut fds) = (0, usize::MAX);
+    for _ in 0..5 {
+        let (r, f) = rss_and_fds_now(pid);
+        (rss, fds) = (r, fds.min(f));
+        sleep(Duration::from_millis(100));
+    }
+    (rss, fds)
+}
+
+fn rss_and_fds_now(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"));
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+        .count();
+    (rss, fds)
+}
+
+/// The agent's own resources under churn: rounds of simulated containers
+/// (namespaces with a veth on the bridge, as in the burst above) started
+/// and removed, each round waiting until every endpoint is in `ENDPOINTS`
+/// and out again, so the agent really handles every one (a veth created and
+/// deleted, a neighbour learned and gone, a program attached and detached).
+///
+/// Bound: after the first round (warm-up: buffers, the netlink sockets'
+/// queues and the allocator reach their working size) the agent's RSS grows
+/// less than 10 % by the end, and it holds no more open fds than then.
+#[test]
+fn agent_resources_flat_under_container_churn() {
+    require_root();
+    const ROUNDS: u32 = 6;
+    const PER_ROUND: u32 = 250;
+    let mut opts = TopologyOpts::default();
+    opts.host_a.subnet = "192.168.108.0/22".parse().expect("cidr");
+    let topo = Topology::two_hosts(opts).expect("topology");
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let mut agent = start(a, b, &[]);
+    let _ = ping(topo.ctr_a().ns(), a.bridge_ip(), 1);
+    let ep = EndpointMap::open(&agent.dirs).expect("ENDPOINTS");
+    wait_status(
+        a.ns(),
+        &agent.dirs,
+        "the container's endpoint",
+        Duration::from_secs(5),
+        |s| s["endpoints"].as_array().map(Vec::len) == Some(1),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // The churned endpoints only: the idle ctr-a1 may leave `ENDPOINTS`
+    // meanwhile, when the kernel's neighbour GC (hundreds of entries are
+    // past gc_thresh1) drops its neighbour entry.
+    let a1 = topo.ctr_a().ip();
+    let churned = || {
+        ep.read()
+            .expect("read")
+            .keys()
+            .filter(|ip| **ip != a1)
+            .count()
+    };
+    let t0 = Instant::now();
+    let mut warm = None;
+    for round in 0..ROUNDS {
+        let churn = start_containers(a, 100, PER_ROUND).expect("start a round");
+        let all_in = time_until(Duration::from_secs(60), || churned() == PER_ROUND as usize);
+        assert!(
+            all_in.is_some(),
+            "round {round}: all {PER_ROUND} in ENDPOINTS"
+        );
+        drop(churn);
+        let all_out = time_until(Duration::from_secs(60), || churned() == 0);
+        assert!(
+            all_out.is_some(),
+            "round {round}: all {PER_ROUND} out of ENDPOINTS"
+        );
+        // Let the agent finish the round's last resync.
+        sleep(Duration::from_millis(500));
+        if round == 0 {
+            warm = Some(rss_and_fds(agent.pid()));
+        }
+    }
+    let elapsed = t0.elapsed();
+    let (rss0, fds0) = warm.expect("a warm-up round");
+    let (rss1, fds1) = rss_and_fds(agent.pid());
+    // ctr-a1 speaks again: its endpoint is back, as before the churn.
+    let _ = ping(topo.ctr_a().ns(), a.bridge_ip(), 1);
+    let (s, _) = wait_status(
+        a.ns(),
+        &agent.dirs,
+        "ctr-a1's endpoint alone",
+        Duration::from_secs(5),
+        |s| s["endpoints"].as_array().map(Vec::len) == Some(1),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let after = Maps::of(&s);
+    let growth = (rss1 as f64 - rss0 as f64) / rss0 as f64 * 100.0;
+    println!(
+        "fault: container churn | {ROUNDS} rounds of {PER_ROUND} containers started and removed ({} veths and neighbours each way) in {elapsed:?}; agent RSS {rss0} kB after round 1, {rss1} kB at the end ({growth:+.1} %); open fds {fds0} -> {fds1}",
+        ROUNDS * PER_ROUND
+    );
+    println!("fault: container churn | maps after: {}", after.summary());
+    assert!(agent.running(), "the agent exited:\n{}", agent.output());
+    assert!(
+        rss1 * 10 < rss0 * 11,
+        "RSS grew {growth:.1} %: {rss0} kB -> {rss1} kB"
+    );
+    // Measured: 31 -> 31 in one run, 31 -> 30 in two (one fd held after
+    // round 1 and let go later); more would be a leak.
+    assert!(
+        fds1 <= fds0,
+        "open fds grew: {fds0} after round 1, {fds1} at the end"
+    );
+    assert_eq!(after.endpoints.len(), 1, "{}", after.summary());
+    assert_eq!(after.attached.len(), 3, "{:?}", after.attached);
+}

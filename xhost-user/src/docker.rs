@@ -180,11 +180,14 @@ pub async fn watch(docker_host: Option<String>, tx: watch::Sender<Option<DockerV
     let mut backoff = Backoff::default();
     // Unreachable is logged at warn once per outage, then at debug on each retry.
     let mut outage_logged = false;
+    // Kept across reconnects: a re-discovery does not log the same skips again.
+    let mut skipped = Skipped::default();
     loop {
         let mut session = Session {
             host: &host,
             tx: &tx,
             connected: false,
+            skipped: &mut skipped,
         };
         let err = tokio::select! {
             _ = tx.closed() => return,
@@ -255,6 +258,46 @@ impl Backoff {
     }
 }
 
+/// Networks and containers the watcher leaves out, each logged once with its reason: a
+/// resync or a repeated event that finds the same object unusable for the same reason says
+/// nothing new. Keys are network or container ids (`id/what` for a part of one); an object
+/// that becomes usable or goes away is forgotten, so a later relapse is logged again.
+#[derive(Debug, Default)]
+struct Skipped {
+    reasons: HashMap<String, String>,
+}
+
+impl Skipped {
+    /// Logs `Docker <what>: <reason>; skipped` (at warn, or at info for what is expected, such
+    /// as the engine's `host` and `none` networks) unless `key` was last skipped for the same
+    /// reason. Returns whether it logged.
+    fn skip(&mut self, key: &str, what: &str, reason: &str, expected: bool) -> bool {
+        if self.reasons.get(key).is_some_and(|r| r == reason) {
+            return false;
+        }
+        self.reasons.insert(key.to_owned(), reason.to_owned());
+        if expected {
+            info!("Docker {what}: {reason}; skipped");
+        } else {
+            warn!("Docker {what}: {reason}; skipped");
+        }
+        true
+    }
+
+    /// Forgets `key` and its parts (`key/...`).
+    fn clear(&mut self, key: &str) {
+        if self.reasons.is_empty() {
+            return;
+        }
+        self.reasons.retain(|k, _| {
+            k != key
+                && !k
+                    .strip_prefix(key)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        });
+    }
+}
+
 /// An error and its sources on one line.
 struct Chain<'a>(&'a (dyn std::error::Error + 'static));
 
@@ -286,6 +329,7 @@ struct Session<'a> {
     /// Set once a full view was published; only then does the backoff restart (an engine
     /// that answers but fails discovery is retried at a growing interval).
     connected: bool,
+    skipped: &'a mut Skipped,
 }
 
 impl Session<'_> {
@@ -324,7 +368,7 @@ impl Session<'_> {
             }
         }));
 
-        let mut view = discover(&docker).await?;
+        let mut view = discover(&docker, self.skipped).await?;
         view.engine_version = engine_version.clone();
         view.api_version = api_version.clone();
         view.synced_at_unix_ms = unix_ms();
@@ -359,7 +403,7 @@ impl Session<'_> {
             // batch takes seconds, and holding every change until its end delayed the maps
             // by that much.
             for change in coalesce(changes) {
-                apply_change(&docker, &mut view, change).await?;
+                apply_change(&docker, &mut view, change, self.skipped).await?;
                 view.synced_at_unix_ms = unix_ms();
                 publish(self.tx, Some(view.clone()));
             }
@@ -506,16 +550,23 @@ async fn apply_change(
     docker: &Docker,
     view: &mut DockerView,
     change: Change,
+    skipped: &mut Skipped,
 ) -> Result<(), DockerError> {
     match change {
-        Change::NetworkDestroyed(id) => view.remove_network(&id),
+        Change::NetworkDestroyed(id) => {
+            skipped.clear(&id);
+            view.remove_network(&id);
+        }
         Change::NetworkCreated(id) => {
-            if let Some(net) = inspect_bridge_network(docker, &id).await? {
+            if let Some(net) = inspect_bridge_network(docker, &id, skipped).await? {
                 view.upsert_network(net);
             }
         }
-        Change::Container(id) => refresh_container(docker, view, &id).await?,
-        Change::ContainerGone(id) => view.set_container(&id, Vec::new()),
+        Change::Container(id) => refresh_container(docker, view, &id, skipped).await?,
+        Change::ContainerGone(id) => {
+            skipped.clear(&id);
+            view.set_container(&id, Vec::new());
+        }
         Change::Disconnected { container, network } => view.forget_endpoint(&container, &network),
     }
     Ok(())
@@ -543,29 +594,54 @@ fn is_not_found(e: &BollardError) -> bool {
     )
 }
 
-/// Inspects network `id`: `Some` if it is a bridge network, `None` if it is not, is gone,
-/// or cannot be read (logged).
+/// Inspects network `id`: `Some` if it is a bridge network the datapath can serve, `None`
+/// if it is not, is gone, or cannot be read (logged once, see [`Skipped`]).
 async fn inspect_bridge_network(
     docker: &Docker,
     id: &str,
+    skipped: &mut Skipped,
 ) -> Result<Option<DockerNetwork>, DockerError> {
     match docker
         .inspect_network(id, None::<InspectNetworkOptions>)
         .await
     {
-        Ok(n) => Ok(bridge_network(
+        Ok(n) => Ok(usable_network(
             n.id.as_deref().unwrap_or(id),
             n.name.as_deref().unwrap_or_default(),
             n.driver.as_deref(),
             n.options.as_ref(),
             n.ipam.as_ref(),
+            skipped,
         )
         .map(with_bridge_gateways)),
         Err(e) if is_not_found(&e) => Ok(None),
         Err(e) if is_transport(&e) => Err(DockerError::api(format!("inspect network {id}"))(e)),
         Err(e) => {
-            warn!("Docker: cannot inspect network {id}: {}", Chain(&e));
+            let reason = format!("cannot inspect it: {}", Chain(&e));
+            skipped.skip(id, &format!("network {}", short_id(id)), &reason, false);
             Ok(None)
+        }
+    }
+}
+
+/// [`bridge_network`], with a skipped network logged once and a served one forgotten.
+fn usable_network(
+    id: &str,
+    name: &str,
+    driver: Option<&str>,
+    options: Option<&HashMap<String, String>>,
+    ipam: Option<&Ipam>,
+    skipped: &mut Skipped,
+) -> Option<DockerNetwork> {
+    match bridge_network(id, name, driver, options, ipam) {
+        Ok(net) => {
+            skipped.clear(id);
+            Some(net)
+        }
+        Err(skip) => {
+            let what = format!("network {name} ({})", short_id(id));
+            skipped.skip(id, &what, &skip.to_string(), skip.expected());
+            None
         }
     }
 }
@@ -575,42 +651,47 @@ async fn refresh_container(
     docker: &Docker,
     view: &mut DockerView,
     id: &str,
+    skipped: &mut Skipped,
 ) -> Result<(), DockerError> {
     let facts = match docker
         .inspect_container(id, None::<InspectContainerOptions>)
         .await
     {
         Ok(c) => ContainerFacts::from_inspect(&c),
-        Err(e) if is_not_found(&e) => None,
+        // Removed since the event; its destroy event follows.
+        Err(e) if is_not_found(&e) => Err(ContainerSkip::Gone),
         Err(e) if is_transport(&e) => {
             return Err(DockerError::api(format!("inspect container {id}"))(e));
         }
         Err(e) => {
             // Keep what the view had: a transient error must not cut a live container off.
-            warn!("Docker: cannot inspect container {id}: {}", Chain(&e));
+            let reason = format!("cannot inspect it: {}", Chain(&e));
+            skipped.skip(id, &format!("container {}", short_id(id)), &reason, false);
             return Ok(());
         }
     };
     match facts {
-        Some(facts) if facts.pid.is_some() => {
+        Ok(facts) => {
             // Event ids may be short or names; the view keys on the full id.
             if facts.id != id {
                 view.set_container(id, Vec::new());
             }
             let facts = [facts];
-            add_missing_networks(docker, view, &facts).await?;
-            for (cid, eps) in resolve_endpoints(view, &facts).await {
+            add_missing_networks(docker, view, &facts, skipped).await?;
+            for (cid, eps) in resolve_endpoints(view, &facts, skipped).await {
                 view.set_container(&cid, eps);
             }
         }
-        Some(facts) => view.set_container(&facts.id, Vec::new()),
-        None => view.set_container(id, Vec::new()),
+        Err(skip) => {
+            skip.log(id, skipped);
+            view.set_container(id, Vec::new());
+        }
     }
     Ok(())
 }
 
 /// The full view from listings (networks first, so endpoints find their network).
-async fn discover(docker: &Docker) -> Result<DockerView, DockerError> {
+async fn discover(docker: &Docker, skipped: &mut Skipped) -> Result<DockerView, DockerError> {
     let mut view = DockerView::default();
     let networks = docker
         .list_networks(None::<ListNetworksOptions>)
@@ -619,18 +700,15 @@ async fn discover(docker: &Docker) -> Result<DockerView, DockerError> {
     for n in &networks {
         let id = n.id.as_deref().unwrap_or_default();
         let name = n.name.as_deref().unwrap_or_default();
-        match bridge_network(
+        if let Some(net) = usable_network(
             id,
             name,
             n.driver.as_deref(),
             n.options.as_ref(),
             n.ipam.as_ref(),
+            skipped,
         ) {
-            Some(net) => view.upsert_network(with_bridge_gateways(net)),
-            None => debug!(
-                "Docker network {name} ({id}): driver {:?}, not a bridge; skipped",
-                n.driver.as_deref().unwrap_or_default()
-            ),
+            view.upsert_network(with_bridge_gateways(net));
         }
     }
     // Running containers only (`all: false`).
@@ -644,17 +722,23 @@ async fn discover(docker: &Docker) -> Result<DockerView, DockerError> {
             .inspect_container(id, None::<InspectContainerOptions>)
             .await
         {
-            Ok(c) => facts.extend(ContainerFacts::from_inspect(&c).filter(|f| f.pid.is_some())),
+            Ok(c) => match ContainerFacts::from_inspect(&c) {
+                Ok(f) => facts.push(f),
+                Err(skip) => skip.log(id, skipped),
+            },
             // Removed since the listing; its destroy event follows.
-            Err(e) if is_not_found(&e) => {}
+            Err(e) if is_not_found(&e) => ContainerSkip::Gone.log(id, skipped),
             Err(e) if is_transport(&e) => {
                 return Err(DockerError::api(format!("inspect container {id}"))(e));
             }
-            Err(e) => warn!("Docker: cannot inspect container {id}: {}", Chain(&e)),
+            Err(e) => {
+                let reason = format!("cannot inspect it: {}", Chain(&e));
+                skipped.skip(id, &format!("container {}", short_id(id)), &reason, false);
+            }
         }
     }
-    add_missing_networks(docker, &mut view, &facts).await?;
-    for (cid, eps) in resolve_endpoints(&view, &facts).await {
+    add_missing_networks(docker, &mut view, &facts, skipped).await?;
+    for (cid, eps) in resolve_endpoints(&view, &facts, skipped).await {
         view.set_container(&cid, eps);
     }
     Ok(view)
@@ -666,6 +750,7 @@ async fn add_missing_networks(
     docker: &Docker,
     view: &mut DockerView,
     facts: &[ContainerFacts],
+    skipped: &mut Skipped,
 ) -> Result<(), DockerError> {
     let missing: BTreeSet<&str> = facts
         .iter()
@@ -674,7 +759,7 @@ async fn add_missing_networks(
         .filter(|id| !view.networks.contains_key(*id))
         .collect();
     for id in missing {
-        if let Some(net) = inspect_bridge_network(docker, id).await? {
+        if let Some(net) = inspect_bridge_network(docker, id, skipped).await? {
             view.upsert_network(net);
         }
     }
@@ -683,16 +768,17 @@ async fn add_missing_networks(
 
 /// Resolves the host-side veths of the containers' endpoints on the view's bridge networks,
 /// on one short-lived thread. Returns every container's complete endpoint list; endpoints
-/// whose veth cannot be resolved are logged and left out (the datapath then delivers via
-/// the bridge).
+/// whose veth cannot be resolved (its namespace gone with its process, say) are logged
+/// once and left out (the datapath then delivers via the bridge).
 async fn resolve_endpoints(
     view: &DockerView,
     facts: &[ContainerFacts],
+    skipped: &mut Skipped,
 ) -> Vec<(String, Vec<DockerEndpoint>)> {
     let mut queries = Vec::new();
     let mut owners = Vec::new();
     for (ci, f) in facts.iter().enumerate() {
-        let Some(pid) = f.pid else { continue };
+        let pid = f.pid;
         for (ei, e) in f.endpoints.iter().enumerate() {
             match view.networks.get(&e.network_id) {
                 Some(net) => {
@@ -715,23 +801,30 @@ async fn resolve_endpoints(
         facts.iter().map(|f| (f.id.clone(), Vec::new())).collect();
     for ((ci, ei), res) in owners.into_iter().zip(results) {
         let (f, e) = (&facts[ci], &facts[ci].endpoints[ei]);
+        let key = format!("{}/{}", f.id, e.ip);
         match res {
-            Ok(host_ifindex) => out[ci].1.push(DockerEndpoint {
-                container_id: f.id.clone(),
-                container_name: f.name.clone(),
-                network_id: e.network_id.clone(),
-                ip: e.ip,
-                mac: e.mac,
-                host_ifindex,
-            }),
-            Err(err) => warn!(
-                "container {} ({}) {} on {}: host veth not resolved, left out: {}",
-                f.name,
-                short_id(&f.id),
-                e.ip,
-                e.network_id.get(..12).unwrap_or(&e.network_id),
-                Chain(&err)
-            ),
+            Ok(host_ifindex) => {
+                skipped.clear(&key);
+                out[ci].1.push(DockerEndpoint {
+                    container_id: f.id.clone(),
+                    container_name: f.name.clone(),
+                    network_id: e.network_id.clone(),
+                    ip: e.ip,
+                    mac: e.mac,
+                    host_ifindex,
+                });
+            }
+            Err(err) => {
+                let what = format!(
+                    "container {} ({}) endpoint {} on network {}",
+                    f.name,
+                    short_id(&f.id),
+                    e.ip,
+                    short_id(&e.network_id)
+                );
+                let reason = format!("host veth not resolved: {}", Chain(&err));
+                skipped.skip(&key, &what, &reason, false);
+            }
         }
     }
     out
@@ -756,19 +849,46 @@ fn bridge_name(id: &str, name: &str, options: Option<&HashMap<String, String>>) 
     format!("br-{}", short_id(id))
 }
 
-/// A [`DockerNetwork`] if `driver` is `bridge`.
+/// Why a network from the engine is not served.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum NetworkSkip {
+    #[error("driver {0:?}, not a bridge")]
+    Driver(String),
+    #[error("the engine's answer has no network id")]
+    NoId,
+    #[error("no IPv4 subnet in its IPAM config (IPv6-only, or no IPAM config)")]
+    NoIpv4,
+    #[error("IPAM subnet {subnet:?} is not an IPv4 or IPv6 prefix ({reason})")]
+    BadSubnet { subnet: String, reason: String },
+}
+
+impl NetworkSkip {
+    /// The engine's own `host` and `none` networks are in every listing.
+    fn expected(&self) -> bool {
+        matches!(self, Self::Driver(d) if d == "host" || d == "null")
+    }
+}
+
+/// A [`DockerNetwork`] if `driver` is `bridge` and its IPAM config names at least one IPv4
+/// subnet and no unreadable one (a subnet misread would route the wrong addresses).
 fn bridge_network(
     id: &str,
     name: &str,
     driver: Option<&str>,
     options: Option<&HashMap<String, String>>,
     ipam: Option<&Ipam>,
-) -> Option<DockerNetwork> {
-    if driver != Some("bridge") || id.is_empty() {
-        return None;
+) -> Result<DockerNetwork, NetworkSkip> {
+    if driver != Some("bridge") {
+        return Err(NetworkSkip::Driver(driver.unwrap_or_default().to_owned()));
     }
-    let (subnets, gateways) = ipam_v4(ipam);
-    Some(DockerNetwork {
+    if id.is_empty() {
+        return Err(NetworkSkip::NoId);
+    }
+    let (subnets, gateways) = ipam_v4(ipam)?;
+    if subnets.is_empty() {
+        return Err(NetworkSkip::NoIpv4);
+    }
+    Ok(DockerNetwork {
         id: id.to_owned(),
         name: name.to_owned(),
         bridge: bridge_name(id, name, options),
@@ -802,22 +922,36 @@ fn with_bridge_gateways(mut net: DockerNetwork) -> DockerNetwork {
     net
 }
 
-/// IPv4 subnets and gateways of an IPAM config; IPv6 entries are skipped.
-fn ipam_v4(ipam: Option<&Ipam>) -> (Vec<Ipv4Net>, Vec<Ipv4Addr>) {
+/// IPv4 subnets and gateways of an IPAM config; IPv6 entries are skipped, a subnet that is
+/// neither fails.
+fn ipam_v4(ipam: Option<&Ipam>) -> Result<(Vec<Ipv4Net>, Vec<Ipv4Addr>), NetworkSkip> {
     let mut subnets = Vec::new();
     let mut gateways = Vec::new();
     for c in ipam.and_then(|i| i.config.as_deref()).unwrap_or_default() {
-        if let Some(s) = c
-            .subnet
-            .as_deref()
-            .filter(|s| !s.contains(':') && !s.is_empty())
-        {
-            match s.parse::<Ipv4Net>() {
+        let bad = |reason: String, s: &str| NetworkSkip::BadSubnet {
+            subnet: s.to_owned(),
+            reason,
+        };
+        match c.subnet.as_deref().filter(|s| !s.is_empty()) {
+            None => {}
+            Some(s) if s.contains(':') => {
+                let v6 = s
+                    .split_once('/')
+                    .filter(|(a, p)| {
+                        a.parse::<std::net::Ipv6Addr>().is_ok()
+                            && p.parse::<u8>().is_ok_and(|p| p <= 128)
+                    })
+                    .is_some();
+                if !v6 {
+                    return Err(bad("not an IPv6 prefix".into(), s));
+                }
+            }
+            Some(s) => match s.parse::<Ipv4Net>() {
                 Ok(n) => subnets.push(n),
                 // Docker keeps what the user typed; the prefix is what matters.
                 Err(CidrError::HostBits { canonical, .. }) => subnets.push(canonical),
-                Err(e) => warn!("Docker IPAM subnet {s:?}: {e}; skipped"),
-            }
+                Err(e) => return Err(bad(e.to_string(), s)),
+            },
         }
         // Plain address, though some tools write it with a prefix length.
         if let Some(g) = c.gateway.as_deref() {
@@ -831,7 +965,7 @@ fn ipam_v4(ipam: Option<&Ipam>) -> (Vec<Ipv4Net>, Vec<Ipv4Addr>) {
     subnets.dedup();
     gateways.sort();
     gateways.dedup();
-    (subnets, gateways)
+    Ok((subnets, gateways))
 }
 
 /// What the watcher needs from `docker inspect <container>`.
@@ -839,8 +973,8 @@ fn ipam_v4(ipam: Option<&Ipam>) -> (Vec<Ipv4Net>, Vec<Ipv4Addr>) {
 struct ContainerFacts {
     id: String,
     name: String,
-    /// The init process, whose network namespace holds the endpoints; `None` unless running.
-    pid: Option<i32>,
+    /// The init process, whose network namespace holds the endpoints.
+    pid: i32,
     endpoints: Vec<EndpointFacts>,
 }
 
@@ -851,11 +985,38 @@ struct EndpointFacts {
     mac: [u8; 6],
 }
 
+/// Why a container from the engine is not served.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum ContainerSkip {
+    #[error("the engine's inspect answer has no container id")]
+    NoId,
+    #[error("gone between the listing and its inspect")]
+    Gone,
+    #[error("not running any more (stopped since it was listed or started)")]
+    NotRunning,
+    #[error(
+        "running but without a process or network namespace (pid {pid}, SandboxKey {sandbox:?})"
+    )]
+    NoNetns { pid: i64, sandbox: String },
+}
+
+impl ContainerSkip {
+    /// Logs the skip once; a container that stopped is expected churn, logged at info.
+    fn log(&self, id: &str, skipped: &mut Skipped) {
+        let expected = matches!(self, Self::Gone | Self::NotRunning);
+        let what = format!("container {}", short_id(id));
+        skipped.skip(id, &what, &self.to_string(), expected);
+    }
+}
+
 impl ContainerFacts {
-    /// `None` if the response lacks an id. Endpoints without an IPv4 address or MAC (not
-    /// yet connected, IPv6-only) are skipped.
-    fn from_inspect(c: &ContainerInspectResponse) -> Option<Self> {
-        let id = c.id.clone().filter(|id| !id.is_empty())?;
+    /// The facts of a running container; why not otherwise. Endpoints without an IPv4
+    /// address or MAC (not yet connected, IPv6-only) are left out.
+    fn from_inspect(c: &ContainerInspectResponse) -> Result<Self, ContainerSkip> {
+        let id =
+            c.id.clone()
+                .filter(|id| !id.is_empty())
+                .ok_or(ContainerSkip::NoId)?;
         let name = c
             .name
             .as_deref()
@@ -863,11 +1024,16 @@ impl ContainerFacts {
             .trim_start_matches('/')
             .to_owned();
         let state = c.state.as_ref();
-        let running = state.and_then(|s| s.running).unwrap_or(false);
-        let pid = state
-            .and_then(|s| s.pid)
-            .and_then(|p| i32::try_from(p).ok())
-            .filter(|p| running && *p > 0);
+        if !state.and_then(|s| s.running).unwrap_or(false) {
+            return Err(ContainerSkip::NotRunning);
+        }
+        let raw_pid = state.and_then(|s| s.pid).unwrap_or(0);
+        let sandbox = c
+            .network_settings
+            .as_ref()
+            .and_then(|n| n.sandbox_key.clone())
+            .unwrap_or_default();
+
         let mut endpoints = Vec::new();
         let networks = c
             .network_settings
@@ -892,7 +1058,16 @@ impl ContainerFacts {
             }
         }
         endpoints.sort_by_key(|e| e.ip);
-        Some(Self {
+        // A container sharing another's namespace (`--network container:...`) has neither
+        // a SandboxKey nor endpoints of its own; one with endpoints needs both.
+        let pid = i32::try_from(raw_pid)
+            .ok()
+            .filter(|p| *p > 0 && (endpoints.is_empty() || !sandbox.is_empty()))
+            .ok_or(ContainerSkip::NoNetns {
+                pid: raw_pid,
+                sandbox,
+            })?;
+        Ok(Self {
             id,
             name,
             pid,
@@ -1122,10 +1297,10 @@ mod tests {
                 {"Subnet":"fd00:1::/64","Gateway":"fd00:1::1"},
                 {"Subnet":"10.77.0.5/24","Gateway":"10.77.0.1/24"},
                 {"Subnet":"10.88.0.0/16"},
-                {"Subnet":"garbage","Gateway":"nope"}]}"#,
+                {"Gateway":"nope"}]}"#,
         )
         .expect("ipam json");
-        let (subnets, gateways) = ipam_v4(Some(&ipam));
+        let (subnets, gateways) = ipam_v4(Some(&ipam)).expect("ipam");
         let want: Vec<Ipv4Net> = ["10.77.0.0/24", "10.88.0.0/16", "192.168.110.0/24"]
             .iter()
             .map(|s| s.parse().expect("cidr"))
@@ -1135,10 +1310,27 @@ mod tests {
             gateways,
             [Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(192, 168, 110, 1)]
         );
-        assert_eq!(ipam_v4(None), (vec![], vec![]));
+        assert_eq!(ipam_v4(None), Ok((vec![], vec![])));
         let no_config: Ipam =
             serde_json::from_str(r#"{"Driver":"default","Config":null}"#).expect("json");
-        assert_eq!(ipam_v4(Some(&no_config)), (vec![], vec![]));
+        assert_eq!(ipam_v4(Some(&no_config)), Ok((vec![], vec![])));
+        for bad in [
+            "garbage",
+            "10.77.0.300/24",
+            "10.77.0.0/33",
+            "fd00:77::/129",
+            "fd00::zz/64",
+        ] {
+            let ipam: Ipam = serde_json::from_str(&format!(
+                r#"{{"Config":[{{"Subnet":"10.9.0.0/24"}},{{"Subnet":"{bad}"}}]}}"#
+            ))
+            .expect("json");
+            assert!(
+                matches!(ipam_v4(Some(&ipam)), Err(NetworkSkip::BadSubnet { ref subnet, .. }) if subnet == bad),
+                "{bad}: {:?}",
+                ipam_v4(Some(&ipam))
+            );
+        }
     }
 
     #[test]
@@ -1170,6 +1362,7 @@ mod tests {
                     n.options.as_ref(),
                     n.ipam.as_ref(),
                 )
+                .ok()
             })
             .collect();
         assert_eq!(nets.len(), 2, "{nets:?}");
@@ -1213,7 +1406,7 @@ mod tests {
             "b618e18c35f19812b85ebc2124b3fc4cda6d513c513e2eeab9e991414cf0747f"
         );
         assert_eq!(f.name, "c1");
-        assert_eq!(f.pid, Some(11893));
+        assert_eq!(f.pid, 11893);
         assert_eq!(
             f.endpoints,
             [
@@ -1235,9 +1428,12 @@ mod tests {
             .replace(r#""Running":true"#, r#""Running":false"#)
             .replace("11893", "0");
         let c: ContainerInspectResponse = serde_json::from_str(&exited).expect("inspect json");
-        assert_eq!(ContainerFacts::from_inspect(&c).expect("facts").pid, None);
+        assert_eq!(
+            ContainerFacts::from_inspect(&c),
+            Err(ContainerSkip::NotRunning)
+        );
         let c: ContainerInspectResponse = serde_json::from_str(r#"{"Name":"/x"}"#).expect("json");
-        assert_eq!(ContainerFacts::from_inspect(&c), None);
+        assert_eq!(ContainerFacts::from_inspect(&c), Err(ContainerSkip::NoId));
     }
 
     fn event(json: &str) -> EventMessage {
@@ -1493,5 +1689,142 @@ mod tests {
         assert!(connect("ssh://somewhere").is_err());
         assert!(connect("unix:///nonexistent/xhost/docker.sock").is_err());
         assert!(connect("/nonexistent/xhost/docker.sock").is_err());
+    }
+
+    /// Engine answers the watcher cannot use, as a 20.10 engine gives them or as recorded:
+    /// each network is skipped with its reason, the usable ones are kept.
+    #[test]
+    fn unusable_networks_are_skipped_with_a_reason() {
+        let list: Vec<bollard::models::Network> = serde_json::from_str(
+            r#"[
+              {"Name":"bridge","Id":"b9c3178ec49d","Driver":"bridge",
+               "IPAM":{"Driver":"default","Config":[{"Subnet":"192.168.110.0/24","Gateway":"192.168.110.1"}]},
+               "Options":{"com.docker.network.bridge.name":"docker0"}},
+              {"Name":"v6only","Id":"6666aaaa0000","Driver":"bridge","EnableIPv6":true,
+               "IPAM":{"Driver":"default","Config":[{"Subnet":"fd00:77::/64","Gateway":"fd00:77::1"}]},"Options":{}},
+              {"Name":"noipam","Id":"7777bbbb0000","Driver":"bridge","IPAM":{"Driver":"default","Config":null}},
+              {"Name":"mv","Id":"8888cccc0000","Driver":"macvlan",
+               "IPAM":{"Driver":"default","Config":[{"Subnet":"10.50.0.0/24"}]},"Options":{"parent":"eth0"}},
+              {"Name":"odd","Id":"9999dddd0000","Driver":"acme/overlay-ng:1.2",
+               "IPAM":{"Driver":"default","Config":[{"Subnet":"10.51.0.0/24"}]}},
+              {"Name":"bad","Id":"aaaaeeee0000","Driver":"bridge",
+               "IPAM":{"Driver":"default","Config":[{"Subnet":"10.52.0.0/24"},{"Subnet":"10.53.0.300/24"}]}},
+              {"Name":"noid","Id":"","Driver":"bridge","IPAM":{"Config":[{"Subnet":"10.54.0.0/24"}]}},
+              {"Name":"none","Id":"77aa01","Driver":"null","IPAM":{"Driver":"default","Config":[]}},
+              {"Name":"xnet","Id":"0123456789abcdef0123","Driver":"bridge",
+               "IPAM":{"Driver":"default","Config":[{"Subnet":"10.77.0.0/24"},{"Subnet":"fd00:78::/64"}]}}
+            ]"#,
+        )
+        .expect("network list json");
+        let mut skipped = Skipped::default();
+        let mut kept = Vec::new();
+        for n in &list {
+            let id = n.id.as_deref().unwrap_or_default();
+            let name = n.name.as_deref().unwrap_or_default();
+            let (driver, opts, ipam) = (n.driver.as_deref(), n.options.as_ref(), n.ipam.as_ref());
+            match bridge_network(id, name, driver, opts, ipam) {
+                Ok(net) => kept.push(net.name),
+                Err(e) => assert!(skipped.skip(id, name, &e.to_string(), e.expected())),
+            }
+            usable_network(id, name, driver, opts, ipam, &mut skipped);
+        }
+        assert_eq!(kept, ["bridge", "xnet"]);
+        let reason = |id: &str| skipped.reasons.get(id).map(String::as_str);
+        assert_eq!(
+            reason("6666aaaa0000"),
+            Some(NetworkSkip::NoIpv4.to_string().as_str())
+        );
+        assert_eq!(
+            reason("7777bbbb0000"),
+            Some(NetworkSkip::NoIpv4.to_string().as_str())
+        );
+        assert_eq!(
+            reason("8888cccc0000"),
+            Some(r#"driver "macvlan", not a bridge"#)
+        );
+        assert!(reason("9999dddd0000").is_some_and(|r| r.contains("acme/overlay-ng")));
+        assert!(
+            reason("aaaaeeee0000").is_some_and(|r| r.contains(r#""10.53.0.300/24""#)),
+            "{:?}",
+            reason("aaaaeeee0000")
+        );
+        assert_eq!(reason(""), Some(NetworkSkip::NoId.to_string().as_str()));
+        assert!(NetworkSkip::Driver("null".into()).expected());
+        assert!(!NetworkSkip::Driver("macvlan".into()).expected());
+        assert!(!NetworkSkip::NoIpv4.expected());
+        assert_eq!(skipped.reasons.len(), 7, "{:?}", skipped.reasons);
+    }
+
+    /// Containers whose namespace is gone (the engine still says running, but with no pid
+    /// or no SandboxKey) or that stopped since the listing are skipped with a reason.
+    #[test]
+    fn containers_without_a_namespace_are_skipped_with_a_reason() {
+        let parse = |json: &str| {
+            let c: ContainerInspectResponse = serde_json::from_str(json).expect("inspect json");
+            ContainerFacts::from_inspect(&c)
+        };
+        let no_pid = INSPECT.replace("11893", "0");
+        assert_eq!(
+            parse(&no_pid),
+            Err(ContainerSkip::NoNetns {
+                pid: 0,
+                sandbox: "/tmp/xhd/exec/netns/5fb5561967e3".into()
+            })
+        );
+        let no_sandbox = INSPECT.replace(r#""SandboxKey":"/tmp/xhd/exec/netns/5fb5561967e3","#, "");
+        assert_eq!(
+            parse(&no_sandbox),
+            Err(ContainerSkip::NoNetns {
+                pid: 11893,
+                sandbox: String::new()
+            })
+        );
+        let stopped = INSPECT.replace(r#""Running":true"#, r#""Running":false"#);
+        assert_eq!(parse(&stopped), Err(ContainerSkip::NotRunning));
+        // Sharing another container's namespace: no SandboxKey and no endpoints of its own.
+        let shared = r#"{"Id":"c2","Name":"/c2","State":{"Running":true,"Pid":4242},
+            "NetworkSettings":{"SandboxKey":"","Networks":{}}}"#;
+        assert_eq!(
+            parse(shared).map(|f| (f.pid, f.endpoints.len())),
+            Ok((4242, 0))
+        );
+        let text = ContainerSkip::NoNetns {
+            pid: 0,
+            sandbox: String::new(),
+        }
+        .to_string();
+        assert!(
+            text.contains("pid 0") && text.contains("SandboxKey"),
+            "{text}"
+        );
+    }
+
+    /// One line per object and reason: a resync finding the same skip says nothing; a new
+    /// reason, or the object back after it was served or gone, is told again.
+    #[test]
+    fn skips_are_logged_once_per_object_and_reason() {
+        let mut s = Skipped::default();
+        assert!(s.skip("n1", "network v6", "no IPv4 subnet", false));
+        assert!(!s.skip("n1", "network v6", "no IPv4 subnet", false));
+        assert!(s.skip("n1", "network v6", "driver \"null\", not a bridge", true));
+        assert!(s.skip("n2", "network x", "no IPv4 subnet", false));
+        assert!(s.skip(
+            "c1/10.0.0.2",
+            "container c1 endpoint",
+            "host veth not resolved",
+            false
+        ));
+        assert!(s.skip("c1", "container c1", "gone", true));
+        assert!(s.skip("c10", "container c10", "gone", true));
+        s.clear("c1");
+        assert!(!s.reasons.contains_key("c1/10.0.0.2") && !s.reasons.contains_key("c1"));
+        assert!(
+            s.reasons.contains_key("c10"),
+            "only c1 and its parts are forgotten"
+        );
+        assert!(s.skip("c1", "container c1", "gone", true));
+        s.clear("n1");
+        assert!(s.skip("n1", "network v6", "no IPv4 subnet", false));
+        assert!(!s.skip("n2", "network x", "no IPv4 subnet", false));
     }
 }
