@@ -199,6 +199,39 @@ pub fn wait_status(
     }
 }
 
+/// `xhost-user status --json` of an instance, parsed; panics (as the tests
+/// want) when it fails or does not print JSON.
+pub fn status_json(ns: &NetNs, dirs: &AgentDirs) -> serde_json::Value {
+    let out = xhost(ns, dirs, &["status", "--json"]).expect("run status");
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+}
+
+/// The packet count of counter `name` in a `status --json` answer.
+pub fn counter(status: &serde_json::Value, name: &str) -> u64 {
+    status["counters"][name]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name} in {status}"))
+}
+
+/// An instance's map pinned as `name`, opened in-process as aya's type `M`.
+fn open_pinned<M>(dirs: &AgentDirs, name: &str) -> Result<M>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let path = dirs.pin_dir.join(name);
+    let err = |e: aya::maps::MapError| {
+        Error::Config(format!("opening pinned map {}: {e}", path.display()))
+    };
+    let data = aya::maps::MapData::from_pin(&path).map_err(err)?;
+    let map = aya::maps::Map::from_map_data(data).map_err(err)?;
+    map.try_into().map_err(err)
+}
+
 /// Name of the pinned endpoint map (`xhost_common::MAP_ENDPOINTS`).
 const MAP_ENDPOINTS: &str = "ENDPOINTS";
 /// Size of its value (`xhost_common::Endpoint`: ifindex u32 first, host byte order).
@@ -213,14 +246,8 @@ pub struct EndpointMap {
 
 impl EndpointMap {
     pub fn open(dirs: &AgentDirs) -> Result<Self> {
-        let path = dirs.pin_dir.join(MAP_ENDPOINTS);
-        let err = |e: aya::maps::MapError| {
-            Error::Config(format!("opening pinned map {}: {e}", path.display()))
-        };
-        let data = aya::maps::MapData::from_pin(&path).map_err(err)?;
-        let map = aya::maps::Map::from_map_data(data).map_err(err)?;
         Ok(Self {
-            map: map.try_into().map_err(err)?,
+            map: open_pinned(dirs, MAP_ENDPOINTS)?,
         })
     }
 
@@ -249,14 +276,8 @@ pub struct RoutesMap {
 
 impl RoutesMap {
     pub fn open(dirs: &AgentDirs) -> Result<Self> {
-        let path = dirs.pin_dir.join(MAP_ROUTES);
-        let err = |e: aya::maps::MapError| {
-            Error::Config(format!("opening pinned map {}: {e}", path.display()))
-        };
-        let data = aya::maps::MapData::from_pin(&path).map_err(err)?;
-        let map = aya::maps::Map::from_map_data(data).map_err(err)?;
         Ok(Self {
-            map: map.try_into().map_err(err)?,
+            map: open_pinned(dirs, MAP_ROUTES)?,
         })
     }
 

@@ -20,7 +20,7 @@ use nix::sys::signal::Signal;
 use xhost_tests::{
     NetNs, Process, Topology, TopologyOpts,
     probe::{RecvReport, SendReport, SeqRecvReport, SeqSendReport, probe_bin},
-    xhost::{Agent, AgentDirs, load_args, remove_instance, xhost, xhost_bin},
+    xhost::{Agent, AgentDirs, counter, load_args, remove_instance, status_json, xhost, xhost_bin},
 };
 
 const UDP_PORT: u16 = 5601;
@@ -49,22 +49,6 @@ fn args(host: &xhost_tests::Host, peer: &xhost_tests::Host, extra: &[&str]) -> V
 
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
-}
-
-fn status_json(ns: &NetNs, dirs: &AgentDirs) -> serde_json::Value {
-    let out = xhost(ns, dirs, &["status", "--json"]).expect("run status");
-    assert!(
-        out.status.success(),
-        "status failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
-}
-
-fn counter(status: &serde_json::Value, name: &str) -> u64 {
-    status["counters"][name]["packets"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("counter {name} in {status}"))
 }
 
 /// Removes the instances' pins even if the test fails half-way.

@@ -18,8 +18,8 @@ use xhost_tests::{
     netfilter::iptables_table_counter,
     ping, tcp_transfer, udp_gso_transfer,
     xhost::{
-        Agent, AgentDirs, attached_programs, load_args, remove_instance, status_routes, tc_hook,
-        xhost,
+        Agent, AgentDirs, attached_programs, counter, load_args, remove_instance, status_json,
+        status_routes, tc_hook, xhost,
     },
 };
 
@@ -39,22 +39,6 @@ fn start(host: &xhost_tests::Host, peer: &xhost_tests::Host, extra: &[&str]) -> 
     let args = load_args(host, peer, extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Agent::start(host.ns(), host.role(), &args).expect("xhost-user load")
-}
-
-fn status_json(ns: &NetNs, dirs: &AgentDirs) -> serde_json::Value {
-    let out = xhost(ns, dirs, &["status", "--json"]).expect("run status");
-    assert!(
-        out.status.success(),
-        "status failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
-}
-
-fn counter(status: &serde_json::Value, name: &str) -> u64 {
-    status["counters"][name]["packets"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("counter {name} in {status}"))
 }
 
 /// Programs attached to the host's underlay, bridge and container veths (tcx, tc + XDP).

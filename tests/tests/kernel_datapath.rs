@@ -22,7 +22,9 @@ use xhost_tests::{
     NetNs, Topology, TopologyOpts, TransferOpts,
     netfilter::iptables_table_counter,
     ping, tcp_transfer,
-    xhost::{Agent, AgentDirs, StartOpts, load_args, remove_instance, wait_status, xhost},
+    xhost::{
+        Agent, AgentDirs, StartOpts, load_args, remove_instance, status_json, wait_status, xhost,
+    },
 };
 
 fn topology() -> Topology {
@@ -94,16 +96,6 @@ fn start(host: &xhost_tests::Host, peer: &xhost_tests::Host, extra: &[&str]) -> 
     let args = load_args(host, peer, extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Agent::start(host.ns(), host.role(), &args).expect("xhost-user load --datapath kernel")
-}
-
-fn status_json(ns: &NetNs, dirs: &AgentDirs) -> serde_json::Value {
-    let out = xhost(ns, dirs, &["status", "--json"]).expect("run status");
-    assert!(
-        out.status.success(),
-        "status failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
 }
 
 /// The rules `status` lists for xhost's chains, one string.
