@@ -35,6 +35,28 @@ fn require_root() {
     );
 }
 
+/// The subnet of the `xhost` network the agent made on `e` from the
+/// cluster pool, once it exists (15 s at most).
+fn pool_subnet(e: &Engine) -> String {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(s) = e.docker_ok(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{(index .IPAM.Config 0).Subnet}}",
+            "xhost",
+        ]) {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no xhost network made from the pool"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn bed(hosts: u32) -> ClusterBed {
     require_root();
     ClusterBed::new(&ClusterOpts {
@@ -789,25 +811,6 @@ fn cluster_docker_engines() {
     )
     .expect("cluster init");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let pool_subnet = |e: &Engine| -> String {
-        let t0 = Instant::now();
-        loop {
-            if let Ok(s) = e.docker_ok(&[
-                "network",
-                "inspect",
-                "-f",
-                "{{(index .IPAM.Config 0).Subnet}}",
-                "xhost",
-            ]) {
-                return s;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(15),
-                "no xhost network made from the pool"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
     let (pa, pb) = (pool_subnet(&ea), pool_subnet(&eb));
     assert_ne!(pa, pb);
     assert!(
@@ -1141,25 +1144,6 @@ fn cluster_pool_subnet_kept_across_restarts() {
         "--etcd-endpoints",
         ep.as_str(),
     ];
-    let pool_subnet = |e: &Engine| -> String {
-        let t0 = Instant::now();
-        loop {
-            if let Ok(s) = e.docker_ok(&[
-                "network",
-                "inspect",
-                "-f",
-                "{{(index .IPAM.Config 0).Subnet}}",
-                "xhost",
-            ]) {
-                return s;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(15),
-                "no xhost network made from the pool"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
     let claimed_by_a = |subnet: &str| {
         let key = format!("/xhost/v1/subnets/{}", subnet.replace('/', "-"));
         let t0 = Instant::now();
