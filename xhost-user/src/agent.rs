@@ -168,14 +168,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         dp.adopted();
     }
     if detach {
-        let Host {
-            routes, backend, ..
-        } = host;
-        routes.keep();
-        match backend {
-            Backend::Ebpf(dp) => dp.keep_running(),
-            Backend::Kernel(recipe) => recipe.keep(),
-        }
+        host.keep();
         println!("ready");
         info!("detached: the datapath stays loaded; `xhost-user unload` removes it");
         return Ok(());
@@ -216,14 +209,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     if keep {
         // The next load adopts what stays: the state file keeps the kernel
         // routes and XDP mode for it (and for `unload`).
-        let Host {
-            routes, backend, ..
-        } = host;
-        routes.keep();
-        match backend {
-            Backend::Ebpf(dp) => dp.keep_running(),
-            Backend::Kernel(recipe) => recipe.keep(),
-        }
+        host.keep();
         report.detached = true;
         if let Err(e) = report.write(&layout) {
             warn!("agent state: {e:#}");
@@ -372,6 +358,19 @@ fn falls_back(e: &anyhow::Error) -> bool {
 }
 
 impl Host {
+    /// Ends the agent leaving everything in place: the kernel routes and
+    /// the datapath (pins, or the kernel datapath's rules) stay.
+    fn keep(self) {
+        let Host {
+            routes, backend, ..
+        } = self;
+        routes.keep();
+        match backend {
+            Backend::Ebpf(dp) => dp.keep_running(),
+            Backend::Kernel(recipe) => recipe.keep(),
+        }
+    }
+
     /// Whether this load adopted a pinned eBPF datapath (until
     /// `Datapath::adopted` ends that).
     fn is_adopted(&self) -> bool {
