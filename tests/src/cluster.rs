@@ -59,9 +59,12 @@ impl ClusterBed {
             return Err(Error::Config(format!("1..=9 hosts, not {}", o.hosts)));
         }
         let underlay = NetNs::new("ul")?;
+        // A fixed MAC: a bridge without one takes the lowest of its ports',
+        // so removing a host could change the MAC behind etcd's address and
+        // cut every other host off it until their neighbour entries expire.
         underlay.ip_batch(&format!(
             "link set lo up\n\
-             link add ul0 type bridge\n\
+             link add ul0 address 02:00:ac:10:5b:05 type bridge\n\
              addr add {UNDERLAY_GW}/24 dev ul0\n\
              link set ul0 up\n"
         ))?;

@@ -24,8 +24,9 @@ use std::{
 use nix::{
     mount::{MntFlags, umount2},
     sys::{
-        prctl::set_pdeathsig,
+        prctl::{set_child_subreaper, set_pdeathsig},
         signal::{Signal, kill},
+        wait::{WaitPidFlag, WaitStatus, waitpid},
     },
     unistd::Pid,
 };
@@ -488,6 +489,12 @@ impl Engine {
                 set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
             });
         }
+        // Orphans of the daemon (its containerd after a SIGKILL) come to
+        // this process rather than to init, so `kill` can reap them: an
+        // init that reaps late leaves a zombie containerd that the next
+        // dockerd mistakes for a live one.
+        set_child_subreaper(true)
+            .map_err(|e| Error::Config(format!("PR_SET_CHILD_SUBREAPER: {e}")))?;
         let t0 = Instant::now();
         let child = c.spawn().map_err(|source| Error::Spawn {
             cmd: cmd::display(&c),
@@ -509,8 +516,8 @@ impl Engine {
     }
 
     /// SIGKILLs the daemon, as a crash would, and reaps it. Its containerd
-    /// goes with it (dockerd starts it with a parent-death signal); the
-    /// containers' shims and processes stay. Idempotent.
+    /// goes with it (dockerd starts it with a parent-death signal) and is
+    /// reaped here too; the containers' shims and processes stay. Idempotent.
     pub fn kill(&mut self) -> Result<()> {
         let Some(mut child) = self.daemon.take() else {
             return Ok(());
@@ -518,10 +525,29 @@ impl Engine {
         let pid = Pid::from_raw(
             i32::try_from(child.id()).map_err(|_| Error::Config("pid overflow".into()))?,
         );
+        let containerd = self.containerd_pids();
         // The unreaped child keeps its pid reserved, so signalling by pid hits dockerd.
         let _ = kill(pid, Signal::SIGKILL);
         child.wait().map_err(io("waiting for dockerd"))?;
+        // The orphaned containerd comes to this process (a child subreaper,
+        // see `start`). Unreaped, it would stay a zombie, which the next
+        // dockerd takes for a live containerd and waits on until it gives up.
+        for p in containerd {
+            reap_if_dying(p, Duration::from_millis(500));
+        }
         Ok(())
+    }
+
+    /// Pids of the engine's containerd (not its shims).
+    fn containerd_pids(&self) -> Vec<Pid> {
+        processes_mentioning(&self.dir)
+            .into_iter()
+            .filter(|pid| {
+                fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "containerd")
+            })
+            .filter_map(|pid| i32::try_from(pid).ok().map(Pid::from_raw))
+            .collect()
     }
 
     /// Replaces the daemon's config file (`D/daemon.json`, e.g.
@@ -932,6 +958,23 @@ fn unescape_mountinfo(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Waits up to `within` for `pid` to exit and reaps it when it is this
+/// process's child; a process that stays alive that long is left running.
+fn reap_if_dying(pid: Pid, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            // Reaped, or not (or no longer) a child of this process.
+            Ok(_) | Err(_) => return,
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+        thread::sleep(POLL);
+    }
 }
 
 /// Pids of processes whose command line mentions `dir` (the engine's dockerd, containerd

@@ -120,12 +120,16 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The running session task.
+/// The running session task, on a thread of its own.
 pub struct Handle {
-    locals: watch::Sender<BTreeSet<Ipv4Net>>,
+    /// `None` until the agent has said which subnets are local.
+    locals: watch::Sender<Option<BTreeSet<Ipv4Net>>>,
     pub state: watch::Receiver<ClusterState>,
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    /// Dropped: the task is abandoned where it stands.
+    abort: Option<oneshot::Sender<()>>,
+    /// Fires (or closes) when the task has ended.
+    done: oneshot::Receiver<()>,
 }
 
 impl Handle {
@@ -142,23 +146,51 @@ impl Handle {
         F: FnMut() -> Fut + Send + 'static,
         Fut: Future<Output = Result<S, StoreError>> + Send + 'static,
     {
-        let (locals, locals_rx) = watch::channel(BTreeSet::new());
+        let (locals, locals_rx) = watch::channel(None);
         let (out, state) = watch::channel(initial);
         let (stop, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(run(connect, settings, locals_rx, out, stop_rx, lease));
+        let (abort, abort_rx) = oneshot::channel::<()>();
+        let (done_tx, done) = oneshot::channel();
+        // The lease is renewed on a thread of its own: the agent's thread
+        // makes blocking calls (netlink, BPF maps) that can wait seconds on
+        // a loaded host (rtnl held while a namespace is torn down), and a
+        // renewal waiting behind them lets the lease expire, which drops
+        // this host from every other host's routes.
+        let task = run(connect, settings, locals_rx, out, stop_rx, lease);
+        let spawned = std::thread::Builder::new()
+            .name("xhost-store".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(async {
+                        tokio::select! {
+                            _ = task => {}
+                            _ = abort_rx => {}
+                        }
+                    }),
+                    Err(e) => warn!("etcd: no runtime for the store session: {e}"),
+                }
+                let _ = done_tx.send(());
+            });
+        if let Err(e) = spawned {
+            warn!("etcd: no thread for the store session: {e}");
+        }
         Self {
             locals,
             state,
             stop: Some(stop),
-            task,
+            abort: Some(abort),
+            done,
         }
     }
 
     /// This host's local subnets now: claimed if new, released if gone.
     pub fn set_locals(&self, locals: BTreeSet<Ipv4Net>) {
         self.locals.send_if_modified(|l| {
-            let changed = *l != locals;
-            *l = locals;
+            let changed = l.as_ref() != Some(&locals);
+            *l = Some(locals);
             changed
         });
     }
@@ -169,14 +201,14 @@ impl Handle {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        if tokio::time::timeout(Duration::from_secs(4), &mut self.task)
+        if tokio::time::timeout(Duration::from_secs(4), &mut self.done)
             .await
             .is_err()
         {
             warn!(
                 "etcd: no answer to the lease revocation; the other hosts drop this host when it expires"
             );
-            self.task.abort();
+            self.abort.take();
         }
     }
 }
@@ -188,7 +220,7 @@ enum End {
 
 struct Task {
     s: SyncSettings,
-    locals: watch::Receiver<BTreeSet<Ipv4Net>>,
+    locals: watch::Receiver<Option<BTreeSet<Ipv4Net>>>,
     out: watch::Sender<ClusterState>,
     lease: Option<LeaseId>,
     view: View,
@@ -206,7 +238,7 @@ struct Task {
 async fn run<S, F, Fut>(
     mut connect: F,
     s: SyncSettings,
-    locals: watch::Receiver<BTreeSet<Ipv4Net>>,
+    locals: watch::Receiver<Option<BTreeSet<Ipv4Net>>>,
     out: watch::Sender<ClusterState>,
     mut stop: oneshot::Receiver<()>,
     lease: Option<LeaseId>,
@@ -356,8 +388,14 @@ impl Task {
         // Claims are safe on a stale view (create-only, or compare the
         // revision); they run again after every batch of events.
         self.publish_host(st, lease).await?;
+        // Until the agent has said which subnets are local (a restarted
+        // agent, before its first look at Docker and the bridges), claims
+        // stay as the store has them: releasing them would drop this host's
+        // routes on every other host for the moment it takes.
         let want = self.locals.borrow_and_update().clone();
-        self.claim(st, lease, &want).await?;
+        if let Some(want) = want {
+            self.claim(st, lease, &want).await?;
+        }
         self.pool_network(st, lease).await?;
         if self.last_logged.take().is_some() || kept.is_none() {
             info!(
@@ -381,8 +419,8 @@ impl Task {
             s.last_error = None;
         });
         self.save();
-        let mut renew =
-            tokio::time::interval(Duration::from_millis((ttl as u64 * 1000 / 3).max(300)));
+        let period = Duration::from_millis((ttl as u64 * 1000 / 3).max(300));
+        let mut renew = tokio::time::interval(period);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut snap = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -395,7 +433,16 @@ impl Task {
                     let _ = std::fs::remove_file(&self.s.snapshot);
                     return Ok(End::Stopped);
                 }
-                _ = renew.tick() => match st.keep_alive(lease).await? {
+                // A renewal unanswered for a whole period is given up on a
+                // connection that may be stuck: the session reconnects and
+                // renews again while the lease still has a third or more
+                // of its TTL left.
+                _ = renew.tick() => match tokio::time::timeout(period, st.keep_alive(lease))
+                    .await
+                    .map_err(|_| StoreError::Failed {
+                        what: "renewing the lease",
+                        message: format!("no answer within {period:?}"),
+                    })?? {
                     Some(t) => {
                         self.publish(false, |s| {
                             s.lease_expires_unix_ms = Some(now_ms() + t as u64 * 1000);
@@ -415,7 +462,10 @@ impl Task {
                         return Ok(End::Stopped);
                     }
                     let want = self.locals.borrow_and_update().clone();
-                    self.claim(st, lease, &want).await?;
+                    if let Some(want) = want {
+                        self.claim(st, lease, &want).await?;
+                    }
+                    self.pool_network(st, lease).await?;
                 }
                 events = w.next() => {
                     match events {
@@ -436,7 +486,9 @@ impl Task {
                     // subnets this host waits for): claim them again.
                     self.publish_host(st, lease).await?;
                     let want = self.locals.borrow().clone();
-                    self.claim(st, lease, &want).await?;
+                    if let Some(want) = want {
+                        self.claim(st, lease, &want).await?;
+                    }
                     self.pool_network(st, lease).await?;
                 }
                 _ = snap.tick() => if self.dirty {
@@ -458,7 +510,11 @@ impl Task {
         if self.pool_subnet.is_some() {
             return Ok(());
         }
-        let locals: Vec<Ipv4Net> = self.locals.borrow().iter().copied().collect();
+        let locals = self.locals.borrow().clone();
+        let Some(locals) = locals else {
+            return Ok(());
+        };
+        let locals: Vec<Ipv4Net> = locals.into_iter().collect();
         self.pool_subnet = super::pool::ensure_network(
             st,
             &self.s.keys,
@@ -471,7 +527,7 @@ impl Task {
         )
         .await?;
         if let Some(n) = self.pool_subnet {
-            let mut want = self.locals.borrow().clone();
+            let mut want = self.locals.borrow().clone().unwrap_or_default();
             want.insert(n);
             self.claim(st, lease, &want).await?;
         }
