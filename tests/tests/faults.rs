@@ -31,7 +31,7 @@ use xhost_tests::{
     },
     flow::{FlowReport, UdpFlow},
     ping,
-    xhost::{Agent, AgentDirs, EndpointMap, load_args, status, wait_status},
+    xhost::{Agent, AgentDirs, EndpointMap, load_args, status, wait_status, xhost},
 };
 
 /// The flows' pace: 1000 datagrams a second.
@@ -605,6 +605,218 @@ fn routes_map_full_refuses_the_overflow() {
         |s| s["agent"]["reload_refused"].is_null() && Maps::of(s).routes.len() == 1,
     )
     .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// `GET /metrics` from the agent serving `addr` on `ns`'s loopback: the body.
+fn scrape(ns: &NetNs, addr: &'static str) -> String {
+    use std::io::{Read as _, Write as _};
+    ns.within("metrics scrape", move || {
+        let io = |source| xhost_tests::Error::Io {
+            what: format!("GET http://{addr}/metrics"),
+            source,
+        };
+        let mut s = std::net::TcpStream::connect(addr).map_err(io)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(io)?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .map_err(io)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(io)?;
+        Ok(out)
+    })
+    .expect("metrics scrape")
+}
+
+/// `ENDPOINTS` filled to its capacity by real containers (`--max-endpoints
+/// 8`: ctr-a1 and 7 simulated containers on the bridge, each with its veth
+/// and neighbour entry), then one container more: it is refused whole (no
+/// entry, no program on its veth), logged once, shown in `status` and the
+/// metrics; the containers in the map keep forwarding; when one of them
+/// leaves, the waiting one gets its slot. Then a load asking another
+/// capacity of the pinned maps (left by `--keep-datapath`) is refused in
+/// one line, touching nothing.
+///
+/// Bound: 0 lost between ctr-a1 and ctr-b1 (their entries are never
+/// rewritten); the waiting endpoint in within 2 s of a slot coming free (the
+/// veth's deletion is a kernel event the agent acts on at once).
+#[test]
+fn endpoints_map_full_refuses_the_overflow() {
+    require_root();
+    const MAX: u32 = 8;
+    const METRICS: &str = "127.0.0.1:9464";
+    let topo = Topology::two_hosts(TopologyOpts::default()).expect("topology");
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let max = MAX.to_string();
+    let agent_a = start(
+        a,
+        b,
+        &[
+            "--max-endpoints",
+            &max,
+            "--metrics-addr",
+            METRICS,
+            "--keep-datapath",
+        ],
+    );
+    let agent_b = start(b, a, &[]);
+    warm(&topo, [&agent_a, &agent_b], 1);
+    let ep = EndpointMap::open(&agent_a.dirs).expect("ENDPOINTS");
+    let mut fill = start_containers(a, 100, MAX - 1).expect("fill ENDPOINTS");
+    let full = time_until(Duration::from_secs(20), || {
+        ep.read().expect("read").len() == MAX as usize
+    })
+    .expect("ENDPOINTS full");
+    let ab = flow("a1->b1", topo.ctr_a(), topo.ctr_b(), 47_014);
+    let ba = flow("b1->a1", topo.ctr_b(), topo.ctr_a(), 47_015);
+    sleep(Duration::from_millis(300));
+
+    // One more: refused whole.
+    let t0 = Instant::now();
+    let over = start_containers(a, 100 + MAX, 1).expect("one container more");
+    let waiting = over[0].ip();
+    let (s, refused_after) = wait_status(
+        a.ns(),
+        &agent_a.dirs,
+        "the refusal in status",
+        Duration::from_secs(10),
+        |s| s["agent"]["endpoints_refused"] == serde_json::json!([waiting.to_string()]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // More steps (the bridge is rescanned every second) say nothing new.
+    sleep(Duration::from_millis(2_500));
+    let held = ep.read().expect("read");
+    assert_eq!(held.len(), MAX as usize, "{held:?}");
+    assert!(!held.contains_key(&waiting), "the overflow is not written");
+    let attached = Maps::of(&s).attached;
+    let veth = over[0].host_veth().to_owned();
+    assert!(
+        !attached.iter().any(|l| l.starts_with(&format!("{veth} "))),
+        "no program on the refused container's veth: {attached:?}"
+    );
+    let text = xhost(a.ns(), &agent_a.dirs, &["status"]).expect("status");
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("ENDPOINTS FULL"))
+        .unwrap_or_else(|| panic!("no ENDPOINTS FULL line in status:\n{text}"))
+        .to_owned();
+    assert!(
+        line.contains("1 endpoint(s) refused") && line.contains(&waiting.to_string()),
+        "{line}"
+    );
+    let metrics = scrape(a.ns(), METRICS);
+    for want in [
+        "xhost_endpoints_refused 1".to_owned(),
+        format!("xhost_map_capacity{{map=\"ENDPOINTS\"}} {MAX}"),
+        format!("xhost_map_entries{{map=\"ENDPOINTS\"}} {MAX}"),
+    ] {
+        assert!(metrics.lines().any(|l| l == want), "{want} in:\n{metrics}");
+    }
+
+    // One in the map leaves: the waiting one gets its slot.
+    let leaving = fill.pop().expect("a filler");
+    let left_ip = leaving.ip();
+    let t1 = Instant::now();
+    drop(leaving);
+    let admitted = time_until(Duration::from_secs(10), || {
+        let m = ep.read().expect("read");
+        m.contains_key(&waiting) && !m.contains_key(&left_ip)
+    });
+    let (s, _) = wait_status(
+        a.ns(),
+        &agent_a.dirs,
+        "no refusal",
+        Duration::from_secs(10),
+        |s| s["agent"]["endpoints_refused"].is_null(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    sleep(Duration::from_millis(300));
+    let (ab, ba) = (ab.stop().expect("a1->b1"), ba.stop().expect("b1->a1"));
+    let after = Maps::of(&s);
+    record(
+        "ENDPOINTS full, then one container more",
+        &[&ab, &ba],
+        t0,
+        &after,
+    );
+    println!(
+        "fault: ENDPOINTS full | {MAX} endpoints in {full:?}; the overflow refused {refused_after:?} after its container started: {line}; the waiting one in {admitted:?} after one left"
+    );
+    let admitted = admitted.expect("the waiting endpoint admitted");
+    assert!(
+        admitted < Duration::from_secs(2),
+        "admitted after {admitted:?}"
+    );
+    assert!(t1.elapsed() > admitted);
+    assert!(
+        after
+            .attached
+            .iter()
+            .any(|l| l.starts_with(&format!("{veth} "))),
+        "its veth's program attached once admitted: {:?}",
+        after.attached
+    );
+    let log = agent_a.output();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ENDPOINTS is full"))
+        .collect();
+    assert_eq!(refusals.len(), 1, "logged once: {refusals:#?}");
+    assert!(
+        refusals[0].contains(&format!("it holds at most {MAX}"))
+            && refusals[0].contains(&waiting.to_string()),
+        "{}",
+        refusals[0]
+    );
+    for r in [&ab, &ba] {
+        assert_eq!(r.lost_in_transit(), 0, "{}", r.summary(Some(t0)));
+    }
+
+    // Another capacity against the pinned maps: refused, nothing touched.
+    let dirs = agent_a.dirs.clone();
+    let (st, _) = agent_a.stop_leaving(Signal::SIGTERM).expect("stop A");
+    assert!(st.success(), "agent exit {st:?}");
+    let mut again = vec!["load".to_owned()];
+    again.extend(xhost_tests::xhost::load_args(a, b, &["--detach"]));
+    let mut again: Vec<&str> = again.iter().map(String::as_str).collect();
+    let out = xhost(a.ns(), &dirs, &again).expect("load");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // The same capacity adopts it.
+    again.extend(["--max-endpoints", &max]);
+    let same = xhost(a.ns(), &dirs, &again).expect("load");
+    let unload = xhost(a.ns(), &dirs, &["unload"]).expect("unload");
+    xhost_tests::xhost::remove_instance(&dirs);
+    assert!(
+        !out.status.success(),
+        "another capacity must be refused: {stderr}"
+    );
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("xhost-user:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one line: {stderr}");
+    println!(
+        "fault: ENDPOINTS full | load with the default capacity on the pinned maps: {}",
+        errors[0]
+    );
+    assert!(
+        errors[0].contains(&format!(
+            "the pinned datapath's ENDPOINTS holds at most {MAX} endpoints, this load asks for {}",
+            xhost_common::MAX_ENDPOINTS
+        )),
+        "{stderr}"
+    );
+    assert!(
+        same.status.success(),
+        "--max-endpoints {MAX} adopts it: {}",
+        String::from_utf8_lossy(&same.stderr)
+    );
+    assert!(
+        unload.status.success(),
+        "unload: {}",
+        String::from_utf8_lossy(&unload.stderr)
+    );
+    drop(agent_b);
 }
 
 /// Two underlay-only hosts, each with a real `dockerd` (its own roots,

@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use aya::maps::MapInfo;
 use sha2::{Digest as _, Sha256};
-use xhost_common::{MAP_LAYOUT_VERSION, PINNED_MAPS};
+use xhost_common::{MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_LAYOUT_VERSION, PINNED_MAPS};
 
 use crate::{
     attach::{AttachArg, TcMethod},
@@ -101,6 +101,10 @@ pub enum AdoptError {
         difference: String,
     },
     #[error(
+        "the pinned datapath's ENDPOINTS holds at most {pinned} endpoints, this load asks for {wanted} (--max-endpoints, max_endpoints in the config file); nothing was touched: load with --max-endpoints {pinned} to adopt it, or `xhost-user unload` first (which drops routes, endpoints and counters)"
+    )]
+    Capacity { pinned: u32, wanted: u32 },
+    #[error(
         "pinned map {map} is missing: the pins under {} are not a whole datapath of this build; nothing was touched (`xhost-user unload` first)",
         .pin_dir.display()
     )]
@@ -121,8 +125,12 @@ pub enum AdoptError {
     ObjectMap(&'static str),
 }
 
-/// The shapes of the pinned maps as this build's object declares them.
-pub fn object_shapes() -> Result<BTreeMap<&'static str, MapShape>, AdoptError> {
+/// The maps sized by `--max-endpoints` (one port per endpoint at most).
+pub const ENDPOINT_MAPS: [&str; 2] = [MAP_ENDPOINTS, MAP_ENDPOINT_PORTS];
+
+/// The shapes of the pinned maps as this build's object declares them,
+/// with the endpoint maps sized to hold `max_endpoints`.
+pub fn object_shapes(max_endpoints: u32) -> Result<BTreeMap<&'static str, MapShape>, AdoptError> {
     let obj = aya_obj::Object::parse(crate::datapath::object()).map_err(AdoptError::Object)?;
     PINNED_MAPS
         .iter()
@@ -134,7 +142,11 @@ pub fn object_shapes() -> Result<BTreeMap<&'static str, MapShape>, AdoptError> {
                     map_type: m.map_type(),
                     key_size: m.key_size(),
                     value_size: m.value_size(),
-                    max_entries: m.max_entries(),
+                    max_entries: if ENDPOINT_MAPS.contains(&name) {
+                        max_endpoints
+                    } else {
+                        m.max_entries()
+                    },
                     flags: m.map_flags(),
                 },
             ))
@@ -223,7 +235,7 @@ pub fn find(layout: &Layout, settings: &Settings) -> Result<Option<Prior>, Adopt
     if settings.tunnel.is_some() || state.as_ref().is_some_and(|s| s.tunnel.is_some()) {
         return Err(AdoptError::Tunnel);
     }
-    check_layout(layout, &object_shapes()?)?;
+    check_layout(layout, &object_shapes(settings.max_endpoints)?)?;
     Ok(Some(Prior { state, method }))
 }
 
@@ -244,7 +256,22 @@ pub fn check_layout(
         let info =
             MapInfo::from_pin(&path).map_err(|source| AdoptError::ReadMap { map: name, source })?;
         let want = shapes.get(name).ok_or(AdoptError::ObjectMap(name))?;
-        if let Some(difference) = MapShape::of_pin(&info).difference(want) {
+        let pinned = MapShape::of_pin(&info);
+        // A capacity the operator chose, not a layout of the build.
+        let resized = MapShape {
+            max_entries: want.max_entries,
+            ..pinned
+        };
+        if ENDPOINT_MAPS.contains(&name)
+            && pinned.max_entries != want.max_entries
+            && resized == *want
+        {
+            return Err(AdoptError::Capacity {
+                pinned: pinned.max_entries,
+                wanted: want.max_entries,
+            });
+        }
+        if let Some(difference) = pinned.difference(want) {
             return Err(AdoptError::Layout {
                 map: name,
                 difference,

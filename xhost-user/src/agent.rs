@@ -98,9 +98,18 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         None => KernelRoutes::new(route_device),
     }
     .context("opening the writer's netlink socket")?;
+    let limits = match &backend {
+        Backend::Ebpf(_) => Limits::with_endpoints(settings.max_endpoints),
+        // The kernel keeps no endpoint table.
+        Backend::Kernel(_) => Limits {
+            endpoints: usize::MAX,
+            ..Limits::DATAPATH
+        },
+    };
     let mut host = Host {
         routes,
         backend,
+        limits,
         applied,
         xdp,
         layout: layout.clone(),
@@ -125,6 +134,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         underlay,
         cluster,
         hold,
+        refused: Vec::new(),
     };
     // Endpoints already on static bridges, so the first packets take the
     // fast path; Docker's arrive asynchronously once it answers.
@@ -254,6 +264,9 @@ struct Agent {
     /// endpoints, ports and subnets stay (Docker's are not known yet, and
     /// removing them would open the gap the adoption avoids).
     hold: bool,
+    /// Endpoints the sources want that `ENDPOINTS` has no room for, waiting
+    /// for a free slot.
+    refused: Vec<Ipv4Addr>,
 }
 
 /// The single writer's side: what it writes to, and what it has written.
@@ -261,6 +274,8 @@ struct Agent {
 struct Host {
     routes: KernelRoutes,
     backend: Backend,
+    /// The sizes of the datapath's maps.
+    limits: Limits,
     applied: State,
     /// Which XDP mode is attached to the underlay.
     xdp: crate::datapath::XdpAttached,
@@ -300,14 +315,14 @@ fn load_ebpf(
                 layout,
                 settings.tunnel.map(|v| (settings.iface.as_str(), v)),
                 settings.attach,
-                settings.deny,
+                load_opts(settings),
             )?;
             let xdp = dp.attach_underlay(&settings.iface, settings.xdp_mode)?;
             dp.attach_tunnel()?;
             (dp, xdp, State::default(), None)
         }
         Some(prior) => {
-            let mut dp = Datapath::adopt(layout, prior.method, settings.deny)?;
+            let mut dp = Datapath::adopt(layout, prior.method, load_opts(settings))?;
             let state = prior.state.as_ref();
             let xdp =
                 dp.adopt_underlay(&settings.iface, settings.xdp_mode, state.map(|s| s.xdp))?;
@@ -319,6 +334,13 @@ fn load_ebpf(
     };
     set_underlay_addrs(&mut dp, &settings.iface, underlay)?;
     Ok((Backend::Ebpf(Box::new(dp)), xdp, applied, added))
+}
+
+fn load_opts(settings: &Settings) -> crate::datapath::LoadOpts {
+    crate::datapath::LoadOpts {
+        deny: settings.deny,
+        max_endpoints: settings.max_endpoints,
+    }
 }
 
 /// The kernel datapath set up (its chains, jumps and `ip_forward`), after
@@ -380,7 +402,7 @@ impl Host {
     /// Plans the way from what is applied to `want` and carries it out. On
     /// error `applied` reflects exactly what was done.
     fn write(&mut self, want: &State) -> Result<(), WriteError> {
-        let ops = plan::plan(want, &self.applied, &Limits::DATAPATH);
+        let ops = plan::plan(want, &self.applied, &self.limits);
         match &mut self.backend {
             Backend::Ebpf(dp) => {
                 let mut w = KernelWriter {
@@ -574,7 +596,14 @@ impl Agent {
                 report.peers = self.settings.peers.clone();
             }
             let cluster_report = self.follow_cluster(host, report);
-            if reloaded || host.applied != before || report.docker_changed() || cluster_report {
+            let refused_report = report.endpoints_refused != self.refused;
+            report.endpoints_refused.clone_from(&self.refused);
+            if reloaded
+                || host.applied != before
+                || report.docker_changed()
+                || cluster_report
+                || refused_report
+            {
                 report.refresh(host);
                 if let Err(e) = report.write(&host.layout) {
                     warn!("agent state: {e:#}");
@@ -599,6 +628,15 @@ impl Agent {
         } else {
             local
         };
+        let refused = plan::admit(
+            &mut self.want.local,
+            &host.applied.local,
+            host.limits.endpoints,
+        );
+        if refused != self.refused {
+            log_refused(&self.refused, &refused, host.limits.endpoints);
+            self.refused = refused;
+        }
         if let Err(e) = host.write(&self.want) {
             warn!("applying state: {e}");
         }
@@ -669,6 +707,35 @@ impl Agent {
         self.static_locals = static_locals;
         self.want.peers = peers;
         Ok(())
+    }
+}
+
+/// Says once which endpoints `ENDPOINTS` has just refused, and which of
+/// those refused before got a slot or left.
+fn log_refused(before: &[Ipv4Addr], now: &[Ipv4Addr], max: usize) {
+    let list = |ips: &[&Ipv4Addr]| {
+        const SHOWN: usize = 8;
+        let mut s: Vec<String> = ips.iter().take(SHOWN).map(ToString::to_string).collect();
+        if ips.len() > SHOWN {
+            s.push(format!("and {} more", ips.len() - SHOWN));
+        }
+        s.join(", ")
+    };
+    let new: Vec<&Ipv4Addr> = now.iter().filter(|ip| !before.contains(ip)).collect();
+    if !new.is_empty() {
+        error!(
+            "ENDPOINTS is full (it holds at most {max}): {} endpoint(s) refused, waiting for a free slot (their traffic takes the kernel's path): {}",
+            new.len(),
+            list(&new)
+        );
+    }
+    let left: Vec<&Ipv4Addr> = before.iter().filter(|ip| !now.contains(ip)).collect();
+    if !left.is_empty() {
+        info!(
+            "{} endpoint(s) no longer refused (admitted, or gone): {}",
+            left.len(),
+            list(&left)
+        );
     }
 }
 

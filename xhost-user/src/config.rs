@@ -29,6 +29,7 @@ use crate::net::{self, CidrError, IfaceError, Ipv4Net};
 /// datapath = "ebpf"   # ebpf, kernel (routes + iptables), auto (ebpf, else kernel)
 /// metrics_addr = "127.0.0.1:9464"  # optional: serve Prometheus /metrics there
 /// keep_datapath = true  # optional: SIGTERM/SIGINT leave the datapath forwarding
+/// max_endpoints = 65536  # capacity of ENDPOINTS (local containers), fixed at load
 /// [[peer]]
 /// host = "172.16.91.132"
 /// subnets = ["192.168.220.0/24"]
@@ -106,6 +107,11 @@ pub struct SettingsLayer {
         hide_possible_values = true
     )]
     pub keep_datapath: Option<bool>,
+    /// How many local container endpoints the datapath holds (the
+    /// ENDPOINTS map's capacity, 1..=1048576, default 65536). Fixed when
+    /// the maps are created: an adopted datapath keeps its own.
+    #[arg(long, value_name = "N")]
+    pub max_endpoints: Option<u32>,
     #[command(flatten)]
     #[serde(default, skip_serializing_if = "EtcdLayer::is_empty")]
     pub etcd: EtcdLayer,
@@ -246,6 +252,9 @@ pub struct Vxlan {
 }
 
 /// Defaults of the VXLAN settings.
+/// The largest `--max-endpoints`: 16 times the default (a 24 MB map of
+/// endpoints; the bound keeps a typo from asking the kernel for gigabytes).
+pub const MAX_ENDPOINTS_LIMIT: u32 = 16 * xhost_common::MAX_ENDPOINTS;
 pub const DEFAULT_VNI: u32 = 1;
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 
@@ -376,6 +385,11 @@ pub enum ConfigError {
     TooManyRoutes { count: usize, max: u32 },
     #[error("{count} peers: the datapath's PEER_HOSTS map holds at most {max}")]
     TooManyPeers { count: usize, max: u32 },
+    #[error(
+        "--max-endpoints {0} (max_endpoints in the config file) out of range: the ENDPOINTS map holds 1..={max} entries",
+        max = MAX_ENDPOINTS_LIMIT
+    )]
+    MaxEndpoints(u32),
     #[error("peer address {0} is not a unicast host address")]
     PeerNotUnicast(Ipv4Addr),
     #[error("subnet {a} of peer {peer_a} overlaps subnet {b} of peer {peer_b}")]
@@ -492,6 +506,9 @@ pub struct Settings {
     /// Stopping (SIGTERM/SIGINT) leaves the datapath pinned and forwarding,
     /// for the next load to adopt; otherwise it is detached.
     pub keep_datapath: bool,
+    /// Capacity of `ENDPOINTS` (and of `ENDPOINT_PORTS`, one port per
+    /// endpoint at most).
+    pub max_endpoints: u32,
 }
 
 /// What happens to a key that both layers give.
@@ -640,6 +657,15 @@ pub fn resolve(l: SettingsLayer) -> Result<Settings, ConfigError> {
                 "is not adopted by a next load, so it is removed when the agent stops: drop --keep-datapath",
             ));
         }
+        if l.max_endpoints.is_some() {
+            return Err(ConfigError::KernelDatapath(
+                "has no ENDPOINTS map to size: drop --max-endpoints",
+            ));
+        }
+    }
+    let max_endpoints = l.max_endpoints.unwrap_or(xhost_common::MAX_ENDPOINTS);
+    if !(1..=MAX_ENDPOINTS_LIMIT).contains(&max_endpoints) {
+        return Err(ConfigError::MaxEndpoints(max_endpoints));
     }
     Ok(Settings {
         iface,
@@ -655,6 +681,7 @@ pub fn resolve(l: SettingsLayer) -> Result<Settings, ConfigError> {
         cluster: resolve_cluster(l.etcd)?,
         metrics_addr: l.metrics_addr,
         keep_datapath: l.keep_datapath.unwrap_or(false),
+        max_endpoints,
     })
 }
 
@@ -803,7 +830,7 @@ impl Source {
 /// bridges. The underlay, its XDP mode and the Docker connection are set up
 /// once, at load.
 pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), ConfigError> {
-    let fixed: [(&'static str, String, String); 10] = [
+    let fixed: [(&'static str, String, String); 11] = [
         (
             "etcd",
             describe_cluster(running.cluster.as_ref()),
@@ -846,6 +873,12 @@ pub fn check_reloadable(running: &Settings, new: &Settings) -> Result<(), Config
             "datapath",
             format!("{:?}", running.datapath).to_lowercase(),
             format!("{:?}", new.datapath).to_lowercase(),
+        ),
+        // The maps' size, set when they are created.
+        (
+            "max_endpoints",
+            running.max_endpoints.to_string(),
+            new.max_endpoints.to_string(),
         ),
     ];
     match fixed.into_iter().find(|(_, old, new)| old != new) {
@@ -1327,7 +1360,64 @@ mod tests {
             cluster: None,
             metrics_addr: None,
             keep_datapath: false,
+            max_endpoints: xhost_common::MAX_ENDPOINTS,
         }
+    }
+
+    #[test]
+    fn max_endpoints_from_flag_or_file_checked_and_fixed() {
+        let file = |text: &str| toml::from_str::<SettingsLayer>(text).expect("toml");
+        let s = merge(SettingsLayer::default(), Some(file("iface = \"ens33\"\n"))).expect("merges");
+        assert_eq!(s.max_endpoints, xhost_common::MAX_ENDPOINTS);
+        let s = merge(
+            SettingsLayer::default(),
+            Some(file("iface = \"ens33\"\nmax_endpoints = 16\n")),
+        )
+        .expect("merges");
+        assert_eq!(s.max_endpoints, 16);
+        let flags = SettingsLayer {
+            max_endpoints: Some(8),
+            ..SettingsLayer::default()
+        };
+        let e = merge(flags, Some(file("iface = \"ens33\"\nmax_endpoints = 16\n")))
+            .expect_err("both, differently")
+            .to_string();
+        assert!(
+            e.contains("--max-endpoints 8") && e.contains("max_endpoints = 16"),
+            "{e}"
+        );
+        for bad in [0, MAX_ENDPOINTS_LIMIT + 1] {
+            let e = merge(
+                SettingsLayer::default(),
+                Some(file(&format!("iface = \"ens33\"\nmax_endpoints = {bad}\n"))),
+            )
+            .expect_err("out of range")
+            .to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "--max-endpoints {bad} (max_endpoints in the config file) out of range: the ENDPOINTS map holds 1..={MAX_ENDPOINTS_LIMIT} entries"
+                )
+            );
+        }
+        let e = merge(
+            SettingsLayer::default(),
+            Some(file(
+                "iface = \"ens33\"\ndatapath = \"kernel\"\nmax_endpoints = 16\n",
+            )),
+        )
+        .expect_err("kernel datapath")
+        .to_string();
+        assert!(e.contains("drop --max-endpoints"), "{e}");
+        let mut new = settings();
+        new.max_endpoints = 16;
+        let e = check_reloadable(&settings(), &new)
+            .expect_err("fixed at load")
+            .to_string();
+        assert_eq!(
+            e,
+            "max_endpoints cannot change while the agent runs (65536 -> 16); restart it"
+        );
     }
 
     #[test]

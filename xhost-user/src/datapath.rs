@@ -263,6 +263,15 @@ impl RouteTable {
     }
 }
 
+/// What a load sets in the object besides the kernel's features.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOpts {
+    /// What is done with refused packets (a constant of the programs).
+    pub deny: DenyArg,
+    /// Capacity of `ENDPOINTS` and `ENDPOINT_PORTS`.
+    pub max_endpoints: u32,
+}
+
 impl Datapath {
     /// Probes the kernel and picks the TC attach method (`attach`), loads
     /// and verifies the programs, creates and pins the maps, and in VXLAN
@@ -272,7 +281,7 @@ impl Datapath {
         layout: &Layout,
         tunnel: Option<(&str, Vxlan)>,
         attach: AttachArg,
-        deny: DenyArg,
+        opts: LoadOpts,
     ) -> Result<Self, DatapathError> {
         if layout.in_use() {
             return Err(DatapathError::AlreadyLoaded(layout.pin_dir.clone()));
@@ -291,7 +300,7 @@ impl Datapath {
             },
             if features.tcx { "present" } else { "absent" }
         );
-        let fingerprint = crate::adopt::object_shapes()
+        let fingerprint = crate::adopt::object_shapes(opts.max_endpoints)
             .map(|s| crate::adopt::fingerprint(&s))
             .map_err(|e| DatapathError::Layout(Box::new(e)))?;
         ensure_bpffs(&layout.pin_dir)?;
@@ -313,7 +322,7 @@ impl Datapath {
         layout
             .record_layout(&fingerprint)
             .map_err(|source| DatapathError::PinDir { path: dir, source })?;
-        let dp = Self::open(layout, features, method, tunnel, deny, &mut guard, false)?;
+        let dp = Self::open(layout, features, method, tunnel, opts, &mut guard, false)?;
         guard.paths.clear();
         Ok(dp)
     }
@@ -326,7 +335,7 @@ impl Datapath {
     /// finds a hook empty. Attachments whose interface is gone are dropped.
     /// Until [`Datapath::adopted`], dropping the result leaves everything
     /// pinned and forwarding.
-    pub fn adopt(layout: &Layout, method: TcMethod, deny: DenyArg) -> Result<Self, DatapathError> {
+    pub fn adopt(layout: &Layout, method: TcMethod, opts: LoadOpts) -> Result<Self, DatapathError> {
         let features = KernelFeatures::probe()?;
         let method = features.choose(match method {
             TcMethod::Tcx => AttachArg::Tcx,
@@ -342,7 +351,7 @@ impl Datapath {
             paths: Vec::new(),
             layout: layout.clone(),
         };
-        let mut dp = Self::open(layout, features, method, None, deny, &mut guard, true)?;
+        let mut dp = Self::open(layout, features, method, None, opts, &mut guard, true)?;
         dp.clsact_added = layout.clsact_marked();
         // The peers' PEER_STATS slots stay theirs (their counters go on).
         let held: Vec<([u8; 4], PeerHost)> = dp
@@ -386,7 +395,7 @@ impl Datapath {
         features: KernelFeatures,
         method: TcMethod,
         tunnel: Option<TunnelDevice>,
-        deny: DenyArg,
+        opts: LoadOpts,
         guard: &mut PinGuard,
         reuse: bool,
     ) -> Result<Self, DatapathError> {
@@ -400,6 +409,10 @@ impl Datapath {
             warn!("kernel {}: {f}", features.release);
         }
         let helpers = features.helper_bits();
+        let LoadOpts {
+            deny,
+            max_endpoints,
+        } = opts;
         let deny_mode = deny.constant();
         if deny == DenyArg::Reject {
             info!(
@@ -415,6 +428,10 @@ impl Datapath {
             .override_global(GLOBAL_TUNNEL_VNI, &vni, true)
             .override_global(GLOBAL_TUNNEL_PORT, &port, true)
             .override_global(GLOBAL_DENY, &deny_mode, true);
+        // Pinned maps keep their size (adoption checked it is this one).
+        for name in crate::adopt::ENDPOINT_MAPS {
+            loader.map_max_entries(name, max_endpoints);
+        }
         if reuse {
             // aya opens a map pinned at the given path instead of creating
             // it; the shapes were checked against this object before.

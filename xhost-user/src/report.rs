@@ -178,6 +178,10 @@ pub struct AgentState {
     /// none once a reload succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reload_refused: Option<String>,
+    /// Endpoints the sources want that `ENDPOINTS` has no room for (they
+    /// wait for a free slot), in address order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints_refused: Vec<Ipv4Addr>,
     /// The Docker status last written to disk (not serialized).
     #[serde(skip)]
     written_docker: Option<DockerStatus>,
@@ -206,6 +210,7 @@ impl AgentState {
             updated_unix_ms: now_ms(),
             missing_pins: Vec::new(),
             reload_refused: None,
+            endpoints_refused: Vec::new(),
             written_docker: None,
         }
     }
@@ -677,6 +682,25 @@ pub fn print_status(s: &Status) {
     }
     if let Some(r) = s.agent.as_ref().and_then(|a| a.reload_refused.as_ref()) {
         println!("last config reload REFUSED (the running config stays): {r}");
+    }
+    if let Some(a) = s.agent.as_ref().filter(|a| !a.endpoints_refused.is_empty()) {
+        let shown: Vec<String> = a
+            .endpoints_refused
+            .iter()
+            .take(16)
+            .map(ToString::to_string)
+            .collect();
+        let more = a.endpoints_refused.len().saturating_sub(shown.len());
+        println!(
+            "ENDPOINTS FULL: {} endpoint(s) refused, waiting for a free slot (--max-endpoints): {}{}",
+            a.endpoints_refused.len(),
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
     }
     if !s.missing_pins.is_empty() {
         println!(

@@ -2,7 +2,10 @@
 //! bridges and their subnets (static and Docker's), the endpoints, and the
 //! kernel's facts about those interfaces.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use log::warn;
 use xhost_common::Endpoint;
@@ -118,4 +121,28 @@ pub fn local(
         );
     }
     d
+}
+
+/// Takes out of `want` the endpoints that would not fit a map of `max`
+/// endpoints and returns them, in address order. Those the map holds
+/// already stay; new ones get the free slots in address order, so a refused
+/// one waits until one leaves. A refused endpoint is refused whole: its
+/// veth's program is not attached either (unless an admitted endpoint sits
+/// behind the same veth).
+pub fn admit(want: &mut Local, applied: &Local, max: usize) -> Vec<Ipv4Addr> {
+    if want.endpoints.len() <= max {
+        return Vec::new();
+    }
+    let (held, new): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) = want
+        .endpoints
+        .keys()
+        .partition(|ip| applied.endpoints.contains_key(ip));
+    let mut refused: Vec<Ipv4Addr> = held.into_iter().chain(new).skip(max).collect();
+    refused.sort();
+    for ip in &refused {
+        want.endpoints.remove(ip);
+    }
+    let used: BTreeSet<u32> = want.endpoints.values().map(|e| e.ifindex).collect();
+    want.ports.retain(|ifindex, _| used.contains(ifindex));
+    refused
 }

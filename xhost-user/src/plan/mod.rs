@@ -15,7 +15,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-pub use desired::{BridgeFacts, EndpointSpec, KernelFacts, local};
+pub use desired::{BridgeFacts, EndpointSpec, KernelFacts, admit, local};
 pub use exec::{Writer, execute};
 pub use ops::{Limits, Neighbour, Op, plan};
 use xhost_common::Endpoint;

@@ -70,14 +70,25 @@ pub struct Neighbour {
 pub struct Limits {
     pub peer_hosts: usize,
     pub routes: usize,
+    /// `ENDPOINTS` (and `ENDPOINT_PORTS`): sized at load, `--max-endpoints`.
+    pub endpoints: usize,
 }
 
 impl Limits {
-    /// The datapath's maps.
+    /// The datapath's maps at their default sizes.
     pub const DATAPATH: Self = Self {
         peer_hosts: xhost_common::MAX_PEER_HOSTS as usize,
         routes: xhost_common::MAX_ROUTES as usize,
+        endpoints: xhost_common::MAX_ENDPOINTS as usize,
     };
+
+    /// The datapath's maps with `ENDPOINTS` holding `max`.
+    pub fn with_endpoints(max: u32) -> Self {
+        Self {
+            endpoints: max as usize,
+            ..Self::DATAPATH
+        }
+    }
 }
 
 /// The operations, in order, that take `applied` to `want`.
@@ -109,7 +120,7 @@ pub fn plan(want: &State, applied: &State, limits: &Limits) -> Vec<Op> {
         p.sim.peers = applied.peers.clone();
         p.peers(&want.peers, limits);
     }
-    p.local(want);
+    p.local(want, limits);
     p.ops
 }
 
@@ -170,6 +181,18 @@ impl Planner {
         }
     }
 
+    /// Endpoints that are gone, then their ports: detach (and unpin) the
+    /// program of each.
+    fn remove_gone_endpoints(&mut self, want: &super::Local) {
+        for ip in gone(&self.sim.local.endpoints, &want.endpoints) {
+            self.push(Op::RemoveEndpoint(ip));
+        }
+        for ifindex in gone(&self.sim.local.ports, &want.ports) {
+            let name = self.sim.local.ports[&ifindex].clone();
+            self.push(Op::DetachPort { ifindex, name });
+        }
+    }
+
     fn remove_gone_hosts(&mut self, want: &Peers) {
         let hosts: Vec<_> = self
             .sim
@@ -183,8 +206,25 @@ impl Planner {
         }
     }
 
-    fn local(&mut self, want: &State) {
+    fn local(&mut self, want: &State, limits: &Limits) {
         let want = &want.local;
+        // Containers that left make room for those that came, when both
+        // together would not fit ENDPOINTS (or ENDPOINT_PORTS).
+        let new_endpoints = want
+            .endpoints
+            .keys()
+            .filter(|ip| !self.sim.local.endpoints.contains_key(ip))
+            .count();
+        let new_ports = want
+            .ports
+            .keys()
+            .filter(|i| !self.sim.local.ports.contains_key(i))
+            .count();
+        if self.sim.local.endpoints.len() + new_endpoints > limits.endpoints
+            || self.sim.local.ports.len() + new_ports > limits.endpoints
+        {
+            self.remove_gone_endpoints(want);
+        }
         for b in want.bridges.difference(&self.sim.local.bridges.clone()) {
             self.push(Op::AttachBridge(b.clone()));
         }
@@ -239,14 +279,7 @@ impl Planner {
         if !written.is_empty() {
             self.push(Op::SetNeighbours(written));
         }
-        for ip in gone(&self.sim.local.endpoints, &want.endpoints) {
-            self.push(Op::RemoveEndpoint(ip));
-        }
-        // Ports of containers that are gone: detach (and unpin) their program.
-        for ifindex in gone(&self.sim.local.ports, &want.ports) {
-            let name = self.sim.local.ports[&ifindex].clone();
-            self.push(Op::DetachPort { ifindex, name });
-        }
+        self.remove_gone_endpoints(want);
         for net in gone(&self.sim.local.locals, &want.locals) {
             self.push(Op::RemoveLocal(net));
         }

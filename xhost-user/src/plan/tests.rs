@@ -55,6 +55,7 @@ fn state(p: Peers, l: Local) -> State {
 const ROOMY: Limits = Limits {
     peer_hosts: 16,
     routes: 16,
+    endpoints: 16,
 };
 
 /// Index of the first op matching `pred` (panics naming `what` if none).
@@ -251,6 +252,7 @@ fn gone_entries_leave_first_when_the_map_would_overflow() {
     let limits = Limits {
         peer_hosts: 2,
         routes: 3,
+        endpoints: 16,
     };
     // Routes: 2 held, 2 new, 1 kept -> 4 at once > 3: the gone one leaves first.
     let mut applied = state(
@@ -654,4 +656,65 @@ fn an_adopted_local_side_is_kept_until_its_source_speaks() {
         !ops.iter().any(|op| matches!(op, Op::RemoveEndpoint(_))),
         "{ops:#?}"
     );
+}
+
+#[test]
+fn endpoints_over_capacity_are_refused_whole_and_wait() {
+    let limits = Limits {
+        endpoints: 2,
+        ..ROOMY
+    };
+    // .11 is in the map; .10, .12 and .13 arrive: the one free slot goes
+    // to .10 (address order), the others are refused.
+    let mut applied = state(Peers::default(), Local::default());
+    let mut want = local(&[(11, 21)]);
+    assert_eq!(admit(&mut want, &applied.local, 2), Vec::<Ipv4Addr>::new());
+    converge(&state(Peers::default(), want), &mut applied, &limits);
+    let mut want = local(&[(10, 20), (11, 21), (12, 22), (13, 23)]);
+    let refused = admit(&mut want, &applied.local, 2);
+    assert_eq!(refused, [ip("192.168.110.12"), ip("192.168.110.13")]);
+    assert_eq!(
+        want.endpoints.keys().copied().collect::<Vec<_>>(),
+        [ip("192.168.110.10"), ip("192.168.110.11")]
+    );
+    // Refused whole: no program on their veths either.
+    assert_eq!(want.ports.keys().copied().collect::<Vec<_>>(), [20, 21]);
+    converge(&state(Peers::default(), want), &mut applied, &limits);
+
+    // .11 leaves while .12 waits: the map is full, so .11 (endpoint, then
+    // port) goes before .12 (port, then endpoint) comes.
+    let mut want = local(&[(10, 20), (12, 22), (13, 23)]);
+    let refused = admit(&mut want, &applied.local, 2);
+    assert_eq!(refused, [ip("192.168.110.13")]);
+    let ops = plan(&state(Peers::default(), want), &applied, &limits);
+    let gone = pos(&ops, "RemoveEndpoint .11", |o| {
+        *o == Op::RemoveEndpoint(ip("192.168.110.11"))
+    });
+    let detached = pos(&ops, "DetachPort 21", |o| {
+        matches!(o, Op::DetachPort { ifindex: 21, .. })
+    });
+    let attached = pos(&ops, "AttachPort 22", |o| {
+        matches!(o, Op::AttachPort { ifindex: 22, .. })
+    });
+    let set = pos(
+        &ops,
+        "SetEndpoint .12",
+        |o| matches!(o, Op::SetEndpoint { ip, .. } if *ip == Ipv4Addr::new(192, 168, 110, 12)),
+    );
+    assert!(
+        gone < detached && detached < attached && attached < set,
+        "{ops:#?}"
+    );
+
+    // Roomy: removals stay last, as always.
+    let mut want = local(&[(10, 20), (12, 22)]);
+    assert!(admit(&mut want, &applied.local, 16).is_empty());
+    let ops = plan(&state(Peers::default(), want), &applied, &ROOMY);
+    let set = pos(&ops, "SetEndpoint .12", |o| {
+        matches!(o, Op::SetEndpoint { .. })
+    });
+    let gone = pos(&ops, "RemoveEndpoint .11", |o| {
+        matches!(o, Op::RemoveEndpoint(_))
+    });
+    assert!(set < gone, "{ops:#?}");
 }

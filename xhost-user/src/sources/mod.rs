@@ -220,7 +220,11 @@ mod tests {
                 peers: &b,
             },
         ];
-        let limits = |peer_hosts, routes| plan::Limits { peer_hosts, routes };
+        let limits = |peer_hosts, routes| plan::Limits {
+            peer_hosts,
+            routes,
+            endpoints: 1,
+        };
         assert!(peers(&sources, &limits(2, 3)).is_ok());
         assert_eq!(
             peers(&sources, &limits(2, 2)).expect_err("routes"),

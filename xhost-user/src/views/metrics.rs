@@ -335,6 +335,11 @@ impl Snapshot {
                 Unit::Seconds,
                 seconds(a.updated_unix_ms),
             );
+            r.register(
+                "endpoints_refused",
+                "Local containers ENDPOINTS has no room for (--max-endpoints), waiting for a free slot",
+                gauge(a.endpoints_refused.len() as i64),
+            );
             if let Some(d) = &a.docker {
                 r.register(
                     "docker_connected",
