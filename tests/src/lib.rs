@@ -14,6 +14,7 @@ pub mod cmd;
 pub mod docker;
 pub mod docker_engine;
 mod error;
+pub mod fake_engine;
 pub mod faults;
 pub mod flow;
 pub mod link;

@@ -1256,3 +1256,214 @@ fn agent_resources_flat_under_container_churn() {
     assert_eq!(after.endpoints.len(), 1, "{}", after.summary());
     assert_eq!(after.attached.len(), 3, "{:?}", after.attached);
 }
+
+/// How many container events the Docker churn test sends: `XHOST_CHURN_EVENTS`
+/// (a multiple of `wave`), default 100 000.
+fn churn_events(wave: u32) -> u32 {
+    let events = std::env::var("XHOST_CHURN_EVENTS")
+        .ok()
+        .map_or(100_000, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("XHOST_CHURN_EVENTS={v}: expected a count"))
+        });
+    assert!(
+        events >= 4 * wave && events.is_multiple_of(wave),
+        "XHOST_CHURN_EVENTS={events}: a multiple of {wave}, at least {}",
+        4 * wave
+    );
+    events
+}
+
+/// 100 000 container events (50 000 starts and as many stops) from a Docker
+/// Engine API server the test plays ([`xhost_tests::fake_engine`], answers
+/// shaped like Docker 20.10's), followed by an agent in Docker mode. The
+/// engine's containers point at a pool of 250 real namespaces, each with a
+/// veth on host A's bridge and a process in it (`State.Pid`, `SandboxKey`),
+/// so every start makes the agent inspect the container, find its host
+/// veth from inside its namespace, attach `xhost_veth_in` and write the
+/// endpoint, and every stop undoes it. Waves of 250 starts, then 250 stops:
+/// each wave waits until all are in `ENDPOINTS`, and out again, so no
+/// event is merged away.
+///
+/// Each attach and detach waits for the kernel: through tcx an RCU grace
+/// period per change (`synchronize_rcu` in `tcx_link_attach`), through
+/// classic tc an expedited one when the veth's clsact qdisc goes, so the
+/// rate depends on the attach method more than on the agent: the test
+/// attaches through classic tc unless `XHOST_TEST_ATTACH` says otherwise.
+/// `XHOST_CHURN_EVENTS` sets the count.
+///
+/// Bound: from the end of the warm-up (the first 5 % of the waves, at least
+/// two: buffers, the allocator and the netlink sockets reach their working size)
+/// to the end, the agent's RSS grows less than 10 % and it holds no more
+/// open fds; the engine answered one inspect per start; what stays
+/// attached at the end is what was before the churn.
+#[test]
+fn agent_resources_flat_under_100k_docker_events() {
+    use xhost_tests::fake_engine::{Container as EngineContainer, FakeEngine, Network};
+    require_root();
+    const SLOTS: u32 = 250;
+    let events = churn_events(2 * SLOTS);
+    let waves = events / (2 * SLOTS);
+    let warm_waves = (waves / 20).max(2);
+    let mut opts = TopologyOpts::default();
+    opts.host_a.subnet = "192.168.108.0/22".parse().expect("cidr");
+    let topo = Topology::two_hosts(opts).expect("topology");
+    let (a, b) = (topo.host_a(), topo.host_b());
+
+    // The pool: real namespaces with a veth on the bridge, a process each.
+    let pool = start_containers(a, 100, SLOTS).expect("the namespace pool");
+    let sleepers: Vec<xhost_tests::Process> = pool
+        .iter()
+        .map(|c| {
+            c.ns()
+                .spawn("sleeper", &["sleep", "infinity"])
+                .expect("sleep")
+        })
+        .collect();
+    let in_ns = |pid: u32, c: &Container| {
+        use std::os::unix::fs::MetadataExt as _;
+        let ino = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.ino()).ok();
+        ino(std::path::Path::new(&format!("/proc/{pid}/ns/net"))) == ino(&c.ns().path())
+    };
+    time_until(Duration::from_secs(10), || {
+        pool.iter().zip(&sleepers).all(|(c, s)| in_ns(s.pid(), c))
+    })
+    .expect("each sleeper in its namespace");
+
+    let socket = std::env::temp_dir().join(format!("xh-{}-engine.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let engine = FakeEngine::start(
+        &socket,
+        Network {
+            id: format!("{:0>64}", "b7d3c1"),
+            name: "bridge".into(),
+            bridge: a.bridge().into(),
+            subnet: a.subnet(),
+            gateway: a.bridge_ip(),
+        },
+    )
+    .expect("engine");
+    let host = engine.host();
+    let peer = format!("{}={}", b.underlay_ip(), b.subnet());
+    // Classic tc unless the suite asks for a method: through tcx every
+    // attach and detach waits a full RCU grace period (12 to 17 ms here),
+    // which would make 100 000 events take half an hour.
+    let attach = xhost_tests::xhost::test_attach().unwrap_or_else(|| "tc".into());
+    let agent = Agent::start(
+        a.ns(),
+        a.role(),
+        &[
+            "--iface",
+            a.underlay_iface(),
+            "--docker-host",
+            &host,
+            "--peer",
+            &peer,
+            "--attach",
+            &attach,
+        ],
+    )
+    .expect("load A");
+    let (s, _) = wait_status(
+        a.ns(),
+        &agent.dirs,
+        "the agent following the engine",
+        Duration::from_secs(10),
+        |s| s["agent"]["docker"]["connected"] == serde_json::json!(true),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let attached_before = Maps::of(&s).attached;
+    let attached_by = s["agent"]["attach"].clone();
+    if attach != "auto" {
+        assert_eq!(attached_by, serde_json::json!(attach), "the attach method");
+    }
+    let ep = EndpointMap::open(&agent.dirs).expect("ENDPOINTS");
+
+    let mut serial: u64 = 0;
+    let mut warm = None;
+    let mut t_warm = Instant::now();
+    let t0 = Instant::now();
+    for wave in 0..waves {
+        let mut ids = Vec::with_capacity(SLOTS as usize);
+        for (c, sleeper) in pool.iter().zip(&sleepers) {
+            serial += 1;
+            let id = format!("{serial:016x}{:048x}", u64::from(std::process::id()));
+            engine.start_container(EngineContainer {
+                id: id.clone(),
+                name: format!("churn-{serial}"),
+                pid: sleeper.pid(),
+                sandbox: c.ns().path(),
+                ip: c.ip(),
+                mac: c.mac().to_owned(),
+            });
+            ids.push(id);
+        }
+        let all_in = time_until(Duration::from_secs(60), || {
+            ep.read().expect("read").len() == SLOTS as usize
+        });
+        assert!(all_in.is_some(), "wave {wave}: all {SLOTS} in ENDPOINTS");
+        for id in &ids {
+            engine.stop_container(id);
+        }
+        let all_out = time_until(Duration::from_secs(60), || {
+            ep.read().expect("read").is_empty()
+        });
+        assert!(
+            all_out.is_some(),
+            "wave {wave}: all {SLOTS} out of ENDPOINTS"
+        );
+        if wave + 1 == warm_waves {
+            // Let the agent finish the wave's last step.
+            sleep(Duration::from_millis(300));
+            warm = Some(rss_and_fds(agent.pid()));
+            t_warm = Instant::now();
+        }
+    }
+    let elapsed = t0.elapsed();
+    let after_warm = t_warm.elapsed();
+    sleep(Duration::from_millis(300));
+    let (rss0, fds0) = warm.expect("a warm-up");
+    let (rss1, fds1) = rss_and_fds(agent.pid());
+    let (s, _) = wait_status(
+        a.ns(),
+        &agent.dirs,
+        "the pool's endpoints gone",
+        Duration::from_secs(5),
+        |s| s["endpoints"].as_array().is_some_and(Vec::is_empty),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let after = Maps::of(&s);
+    let inspects = engine
+        .requests()
+        .container_inspects
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let streams = engine
+        .requests()
+        .event_streams
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let growth = (rss1 as f64 - rss0 as f64) / rss0 as f64 * 100.0;
+    let rate = f64::from(events) / elapsed.as_secs_f64();
+    let warm_events = f64::from(2 * SLOTS * (waves - warm_waves));
+    println!(
+        "fault: Docker events | {events} container events ({waves} waves of {SLOTS} starts and {SLOTS} stops over {SLOTS} namespaces, TC attach {}) in {elapsed:.1?}: {rate:.0} events/s ({:.0} events/s after warm-up); {inspects} inspects, {streams} event stream(s); agent RSS {rss0} kB after {warm_waves} waves, {rss1} kB at the end ({growth:+.1} %); open fds {fds0} -> {fds1}",
+        attached_by.as_str().unwrap_or("?"),
+        warm_events / after_warm.as_secs_f64()
+    );
+    println!("fault: Docker events | maps after: {}", after.summary());
+    let mut agent = agent;
+    assert!(agent.running(), "the agent exited:\n{}", agent.output());
+    assert_eq!(inspects, serial, "one inspect per start");
+    assert_eq!(streams, 1, "one event stream: the connection held");
+    assert!(
+        rss1 * 10 < rss0 * 11,
+        "RSS grew {growth:.1} %: {rss0} kB -> {rss1} kB"
+    );
+    assert!(
+        fds1 <= fds0,
+        "open fds grew: {fds0} after warm-up, {fds1} at the end"
+    );
+    assert_eq!(after.attached, attached_before, "attachments as before");
+    drop(agent);
+    drop(engine);
+    drop(sleepers);
+}

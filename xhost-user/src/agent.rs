@@ -711,7 +711,7 @@ impl Agent {
 }
 
 /// Says once which endpoints `ENDPOINTS` has just refused, and which of
-/// those refused before got a slot or left.
+/// those refused before got a slot or left (both lists in address order).
 fn log_refused(before: &[Ipv4Addr], now: &[Ipv4Addr], max: usize) {
     let list = |ips: &[&Ipv4Addr]| {
         const SHOWN: usize = 8;
@@ -721,7 +721,10 @@ fn log_refused(before: &[Ipv4Addr], now: &[Ipv4Addr], max: usize) {
         }
         s.join(", ")
     };
-    let new: Vec<&Ipv4Addr> = now.iter().filter(|ip| !before.contains(ip)).collect();
+    let new: Vec<&Ipv4Addr> = now
+        .iter()
+        .filter(|ip| before.binary_search(ip).is_err())
+        .collect();
     if !new.is_empty() {
         error!(
             "ENDPOINTS is full (it holds at most {max}): {} endpoint(s) refused, waiting for a free slot (their traffic takes the kernel's path): {}",
@@ -729,7 +732,10 @@ fn log_refused(before: &[Ipv4Addr], now: &[Ipv4Addr], max: usize) {
             list(&new)
         );
     }
-    let left: Vec<&Ipv4Addr> = before.iter().filter(|ip| !now.contains(ip)).collect();
+    let left: Vec<&Ipv4Addr> = before
+        .iter()
+        .filter(|ip| now.binary_search(ip).is_err())
+        .collect();
     if !left.is_empty() {
         info!(
             "{} endpoint(s) no longer refused (admitted, or gone): {}",

@@ -252,8 +252,9 @@ pub struct Vxlan {
 }
 
 /// Defaults of the VXLAN settings.
-/// The largest `--max-endpoints`: 16 times the default (a 24 MB map of
-/// endpoints; the bound keeps a typo from asking the kernel for gigabytes).
+/// The largest `--max-endpoints`: 16 times the default (about 180 MB of
+/// preallocated kernel memory for `ENDPOINTS` and `ENDPOINT_PORTS`; the
+/// bound keeps a typo from asking the kernel for gigabytes).
 pub const MAX_ENDPOINTS_LIMIT: u32 = 16 * xhost_common::MAX_ENDPOINTS;
 pub const DEFAULT_VNI: u32 = 1;
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
