@@ -80,6 +80,12 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
                 if metrics.take().is_some() {
                     warn!("metrics are not served: the kernel datapath keeps no counters");
                 }
+                if settings.max_endpoints != xhost_common::MAX_ENDPOINTS {
+                    warn!(
+                        "--max-endpoints {} does nothing: the kernel datapath has no ENDPOINTS map",
+                        settings.max_endpoints
+                    );
+                }
                 load_kernel(&layout, &settings)
                     .map_err(|k| k.context(format!("and the eBPF datapath failed: {e:#}")))?
             }
