@@ -40,7 +40,7 @@ use nix::sched::{CloneFlags, setns};
 use serde::Serialize;
 use support::{
     CTR_MAC, GW_MAC, TC_ACT_REDIRECT, enter_test_host, ifindex, ipv4, loaded, pin_to_cpu0,
-    run_tc_prog,
+    run_tc_prog, to_mac,
 };
 use xhost_tests::{cmd::checked_with_stdin, scenarios::scale_subnets};
 use xhost_user::{datapath::RouteTable, net::Ipv4Net};
@@ -187,10 +187,9 @@ fn measure(
         });
     }
 
-    let mut out_frame = ipv4(LOCAL, REMOTE, 64, &[]);
-    out_frame[..6].copy_from_slice(&GW_MAC); // sent to the gateway, as containers do
-    let mut in_frame = ipv4(REMOTE, LOCAL, 63, &[]);
-    in_frame[..6].copy_from_slice(&CTR_MAC);
+    // Sent to the gateway, as containers do.
+    let out_frame = to_mac(ipv4(LOCAL, REMOTE, 64, &[]), GW_MAC);
+    let in_frame = to_mac(ipv4(REMOTE, LOCAL, 63, &[]), CTR_MAC);
     // (program, arrival device: br0 or ul0, frame)
     let programs = [
         (xhost_common::PROG_VETH_IN, 0, out_frame),

@@ -18,62 +18,135 @@ use aya::{
     maps::PerCpuArray,
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
+use etherparse::{
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Type,
+    IpDscp, IpEcn, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv4HeaderSlice, LinkHeader,
+    NetHeaders, NetSlice, PacketBuilder, PacketHeaders, SlicedPacket, TcpHeader, TcpOptionElement,
+    TransportHeader, TransportSlice, UdpHeader, checksum::Sum16BitWords, icmpv4,
+};
 use support::*;
 use xhost_common::{Counter, stat};
 use xhost_user::{datapath::RouteTable, net::Ipv4Net};
 
-/// What a router makes of `f`: new MACs, TTL - 1, checksum recomputed from
-/// scratch (the datapath patches it incrementally; both must agree).
-fn routed(f: &[u8], smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
-    let mut o = ttl_decremented(f);
-    o[0..6].copy_from_slice(&dmac);
-    o[6..12].copy_from_slice(&smac);
+/// `f`'s Ethernet and IPv4 headers as etherparse reads them, and the bytes
+/// after the IPv4 header.
+fn eth_ip(f: &[u8]) -> (Ethernet2Header, Ipv4Header, &[u8]) {
+    let (eth, rest) = Ethernet2Header::from_slice(f).expect("Ethernet II frame");
+    let (ip, rest) = Ipv4Header::from_slice(rest).expect("IPv4 header");
+    (eth, ip, rest)
+}
+
+/// `f` with its Ethernet and IPv4 headers changed by `edit` and written
+/// again by etherparse, with the IPv4 checksum `edit` leaves, right or not;
+/// the bytes after the IPv4 header as they were.
+fn rewrite_ipv4(f: &[u8], edit: impl FnOnce(&mut Ethernet2Header, &mut Ipv4Header)) -> Vec<u8> {
+    let (mut eth, mut ip, rest) = eth_ip(f);
+    edit(&mut eth, &mut ip);
+    let mut o = eth.to_bytes().to_vec();
+    o.extend_from_slice(&ip.to_bytes());
+    o.extend_from_slice(rest);
     o
 }
 
-/// `f` grown (zero payload) to `l3_len` bytes of IPv4, total length and
-/// checksum to match.
+/// [`rewrite_ipv4`] with the IPv4 checksum recomputed from scratch.
+fn with_ipv4(f: &[u8], edit: impl FnOnce(&mut Ethernet2Header, &mut Ipv4Header)) -> Vec<u8> {
+    rewrite_ipv4(f, |eth, ip| {
+        edit(eth, ip);
+        ip.header_checksum = ip.calc_header_checksum();
+    })
+}
+
+/// What a router makes of `f`: new MACs, TTL - 1, checksum recomputed from
+/// scratch (the datapath patches it incrementally; both must agree).
+fn routed(f: &[u8], smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
+    with_ipv4(f, |eth, ip| {
+        eth.source = smac;
+        eth.destination = dmac;
+        ip.time_to_live -= 1;
+    })
+}
+
+/// UDP frame `f` (as [`ipv4`] builds them) grown with a zero payload to
+/// `l3_len` bytes of IPv4, lengths and checksums to match.
 fn with_l3_len(f: &[u8], l3_len: u16) -> Vec<u8> {
-    let mut o = f.to_vec();
-    o.resize(14 + usize::from(l3_len), 0);
-    o[16..18].copy_from_slice(&l3_len.to_be_bytes());
-    set_checksum(&mut o);
+    let h = PacketHeaders::from_ethernet_slice(f).expect("frame");
+    let (
+        Some(LinkHeader::Ethernet2(eth)),
+        Some(NetHeaders::Ipv4(ip, exts)),
+        Some(TransportHeader::Udp(udp)),
+    ) = (h.link, h.net, h.transport)
+    else {
+        panic!("not Ethernet, IPv4, UDP: {f:?}");
+    };
+    let payload = vec![0; usize::from(l3_len) - ip.header_len() - UdpHeader::LEN];
+    let mut o = Vec::new();
+    PacketBuilder::ethernet2(eth.source, eth.destination)
+        .ip(IpHeaders::Ipv4(ip, exts))
+        .udp(udp.source_port, udp.destination_port)
+        .write(&mut o, &payload)
+        .expect("frame");
     o
 }
 
 /// `f` with TTL - 1 and its checksum recomputed: what `bpf_redirect_neigh`
 /// is handed (the kernel writes the MACs once the neighbour resolves).
 fn ttl_decremented(f: &[u8]) -> Vec<u8> {
-    let mut o = f.to_vec();
-    o[22] -= 1;
-    set_checksum(&mut o);
-    o
+    with_ipv4(f, |_, ip| ip.time_to_live -= 1)
 }
 
-/// An ICMP message of `icmp_type` from `src` to `dst` (protocol 1).
-fn icmp(src: [u8; 4], dst: [u8; 4], icmp_type: u8) -> Vec<u8> {
-    let mut f = ipv4(src, dst, 63, &[]);
-    f[23] = 1;
-    f[34] = icmp_type;
-    set_checksum(&mut f);
+const ECHO_REQUEST: Icmpv4Type = Icmpv4Type::EchoRequest(IcmpEchoHeader { id: 1, seq: 1 });
+const TIME_EXCEEDED: Icmpv4Type =
+    Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit);
+const FRAG_NEEDED: Icmpv4Type =
+    Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::FragmentationNeeded {
+        next_hop_mtu: 1400,
+    });
+const HOST_UNREACHABLE: Icmpv4Type =
+    Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Host);
+
+/// An ICMP message `icmp` from `src` to `dst`, TTL 63, with no payload.
+fn icmp(src: [u8; 4], dst: [u8; 4], icmp: Icmpv4Type) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(CTR_MAC, ANY_MAC)
+        .ip(IpHeaders::Ipv4(
+            ipv4_header(src, dst, 63),
+            Default::default(),
+        ))
+        .icmpv4(icmp)
+        .write(&mut f, &[])
+        .expect("ICMP frame");
     f
 }
 
+/// A broadcast ARP request from 192.168.110.11 for the gateway.
 fn arp() -> Vec<u8> {
-    let mut f = vec![0xff; 6];
-    f.extend_from_slice(&ANY_MAC);
-    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-    f.extend_from_slice(&ANY_MAC);
-    f.extend_from_slice(&[192, 168, 110, 11, 0, 0, 0, 0, 0, 0, 192, 168, 110, 1]);
+    let request = ArpPacket::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        ArpOperation::REQUEST,
+        &ANY_MAC,
+        &[192, 168, 110, 11],
+        &[0; 6],
+        &[192, 168, 110, 1],
+    )
+    .expect("ARP request");
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(ANY_MAC, [0xff; 6])
+        .arp(request)
+        .write(&mut f)
+        .expect("ARP frame");
     f
 }
 
+/// An empty UDP datagram over IPv6.
 fn ipv6() -> Vec<u8> {
-    let mut f = ANY_MAC.to_vec();
-    f.extend_from_slice(&ANY_MAC);
-    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0, 0, 8, 17, 64]);
-    f.extend_from_slice(&[0; 32]);
-    f.extend_from_slice(b"payload!");
+    let addr = |a: &str| a.parse::<std::net::Ipv6Addr>().expect("address").octets();
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(ANY_MAC, ANY_MAC)
+        .ipv6(addr("2001:db8::1"), addr("2001:db8::2"), 64)
+        .udp(40000, 5201)
+        .write(&mut f, &[])
+        .expect("IPv6 frame");
     f
 }
 
@@ -162,6 +235,21 @@ fn assert_counter_moved(ebpf: &Ebpf, before: &[Counter], idx: u32, len: usize, n
     }
 }
 
+/// `f` with IHL 4 (a 16-byte header) and the checksum over those 16 bytes.
+/// No header builder writes an IHL below 5, so the byte is set here.
+fn with_ihl_4(f: &[u8]) -> Vec<u8> {
+    const VERSION_IHL: usize = Ethernet2Header::LEN;
+    const CHECKSUM: usize = Ethernet2Header::LEN + 10;
+    let mut o = f.to_vec();
+    o[VERSION_IHL] = 0x44;
+    o[CHECKSUM..CHECKSUM + 2].fill(0);
+    let sum = Sum16BitWords::new()
+        .add_slice(&o[VERSION_IHL..VERSION_IHL + 16])
+        .ones_complement();
+    o[CHECKSUM..CHECKSUM + 2].copy_from_slice(&sum.to_be_bytes());
+    o
+}
+
 const C1: [u8; 4] = [192, 168, 110, 11];
 const C2: [u8; 4] = [192, 168, 110, 12];
 const R1: [u8; 4] = [192, 168, 220, 11];
@@ -174,23 +262,17 @@ fn egress_routes_peer_traffic_and_passes_the_rest() {
         let opts = ipv4(C1, R1, 64, &[1, 1, 1, 0]); // NOP NOP NOP EOL: IHL 6
         let unresolved = ipv4(C1, [192, 168, 230, 5], 64, &[]);
         let unresolved_out = ttl_decremented(&unresolved);
-        let mut bad_sum = ipv4(C1, R1, 64, &[]);
-        bad_sum[25] ^= 0xff;
-        // IHL 15 claims a 60-byte header; the frame ends after 28 bytes of IP.
-        // (test_run itself refuses frames shorter than a 20-byte IP header.)
-        let mut truncated = ipv4(C1, R1, 64, &[]);
-        truncated[14] = 0x4f;
-        let mut short_ihl = ipv4(C1, R1, 64, &[]);
-        short_ihl[14] = 0x44;
-        set_checksum(&mut short_ihl);
+        let bad_sum = rewrite_ipv4(&fwd, |_, ip| ip.header_checksum ^= 0xff);
+        // IHL 15 claims a 60-byte header (40 bytes of NOP options); the frame
+        // ends after 28 bytes of IP. (test_run itself refuses frames shorter
+        // than a 20-byte IP header.)
+        let mut truncated = ipv4(C1, R1, 64, &[1; 40]);
+        truncated.truncate(Ethernet2Header::LEN + 28);
+        let short_ihl = with_ihl_4(&fwd);
         // The total length claims one byte more than the frame holds.
-        let mut beyond = ipv4(C1, R1, 64, &[]);
-        beyond[17] += 1;
-        set_checksum(&mut beyond);
+        let beyond = with_ipv4(&fwd, |_, ip| ip.total_len += 1);
         // Total length 0 is BIG TCP's, and only for GSO bursts beyond 64 KB.
-        let mut zero_len = ipv4(C1, R1, 64, &[]);
-        zero_len[16..18].copy_from_slice(&[0, 0]);
-        set_checksum(&mut zero_len);
+        let zero_len = with_ipv4(&fwd, |_, ip| ip.total_len = 0);
         // ul0's MTU is 1500: a packet of exactly that fits, one byte more is the
         // kernel's (ICMP frag-needed), also towards a neighbour not yet resolved.
         let at_mtu = with_l3_len(&fwd, 1500);
@@ -380,29 +462,37 @@ fn ingress_delivers_validated_traffic_and_drops_spoofed() {
                 },
                 Case {
                     name: "peer host, ICMP echo",
-                    frame: icmp([172, 16, 91, 132], C1, 8),
+                    frame: icmp([172, 16, 91, 132], C1, ECHO_REQUEST),
                     verdict: TC_ACT_SHOT,
                     out: None,
                     counter: stat::DROP_SPOOFED,
                 },
                 Case {
                     name: "unknown host, ICMP time exceeded",
-                    frame: icmp([172, 16, 91, 150], C1, 11),
+                    frame: icmp([172, 16, 91, 150], C1, TIME_EXCEEDED),
                     verdict: TC_ACT_SHOT,
                     out: None,
                     counter: stat::DROP_SPOOFED,
                 },
                 Case {
                     name: "peer host, ICMP time exceeded",
-                    out: Some(routed(&icmp([172, 16, 91, 132], C1, 11), GW_MAC, CTR_MAC)),
-                    frame: icmp([172, 16, 91, 132], C1, 11),
+                    out: Some(routed(
+                        &icmp([172, 16, 91, 132], C1, TIME_EXCEEDED),
+                        GW_MAC,
+                        CTR_MAC,
+                    )),
+                    frame: icmp([172, 16, 91, 132], C1, TIME_EXCEEDED),
                     verdict: TC_ACT_REDIRECT,
                     counter: stat::FWD_INGRESS,
                 },
                 Case {
                     name: "peer host, ICMP frag needed",
-                    out: Some(routed(&icmp([172, 16, 91, 132], C1, 3), GW_MAC, CTR_MAC)),
-                    frame: icmp([172, 16, 91, 132], C1, 3),
+                    out: Some(routed(
+                        &icmp([172, 16, 91, 132], C1, FRAG_NEEDED),
+                        GW_MAC,
+                        CTR_MAC,
+                    )),
+                    frame: icmp([172, 16, 91, 132], C1, FRAG_NEEDED),
                     verdict: TC_ACT_REDIRECT,
                     counter: stat::FWD_INGRESS,
                 },
@@ -464,13 +554,13 @@ fn xdp_drops_spoofed_early_and_passes_the_rest() {
             ),
             (
                 "peer host, ICMP echo",
-                icmp([172, 16, 91, 132], C1, 8),
+                icmp([172, 16, 91, 132], C1, ECHO_REQUEST),
                 XDP_DROP,
                 Some(stat::DROP_SPOOFED),
             ),
             (
                 "peer host, ICMP time exceeded",
-                icmp([172, 16, 91, 132], C1, 11),
+                icmp([172, 16, 91, 132], C1, TIME_EXCEEDED),
                 XDP_PASS,
                 None,
             ),
@@ -608,12 +698,6 @@ fn test_host_netns_is_private() {
     );
 }
 
-/// `frame` with its destination MAC set to `mac`.
-fn to_mac(mut frame: Vec<u8>, mac: [u8; 6]) -> Vec<u8> {
-    frame[0..6].copy_from_slice(&mac);
-    frame
-}
-
 /// (name, frame, arrival interface, verdict, expected frame out or
 /// unchanged, counter or `UNCOUNTED`).
 type CtrCase = (
@@ -624,12 +708,6 @@ type CtrCase = (
     Option<Vec<u8>>,
     u32,
 );
-
-/// `frame` with its source MAC set to `mac`.
-fn from_mac(mut frame: Vec<u8>, mac: [u8; 6]) -> Vec<u8> {
-    frame[6..12].copy_from_slice(&mac);
-    frame
-}
 
 #[test]
 fn from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides() {
@@ -924,21 +1002,25 @@ fn disarm(ebpf: &mut Ebpf, port: &str) {
     ports.remove(&ifindex(port)).expect("disarm");
 }
 
-/// A TCP packet from `src` to `dst` with a `tcp_len`-byte header and
-/// `payload` zero bytes, sent to the gateway MAC. With a GSO size below the
-/// payload it is a TSO burst.
-fn tcp(src: [u8; 4], dst: [u8; 4], tcp_len: usize, payload: usize) -> Vec<u8> {
-    let mut f = to_mac(ipv4(src, dst, 64, &[]), GW_MAC);
-    f.truncate(14 + 20);
-    f[14 + 9] = 6;
-    let mut header = vec![0u8; tcp_len];
-    header[12] = ((tcp_len / 4) as u8) << 4;
-    f.extend_from_slice(&header);
-    f.resize(f.len() + payload, 0);
-    let tot_len = u16::try_from(20 + tcp_len + payload).expect("fits");
-    f[16..18].copy_from_slice(&tot_len.to_be_bytes());
-    set_checksum(&mut f);
+/// A frame from the endpoint's MAC to `to` carrying `ip` and TCP segment
+/// `tcp` with `payload` zero bytes, lengths and checksums etherparse's.
+fn tcp_frame(ip: Ipv4Header, to: [u8; 6], tcp: TcpHeader, payload: usize) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(CTR_MAC, to)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .tcp_header(tcp)
+        .write(&mut f, &vec![0; payload])
+        .expect("TCP frame");
     f
+}
+
+/// A TCP packet from `src` to `dst`, ports 40000 -> 80, whose header
+/// carries `options`, with `payload` zero bytes, sent to the gateway MAC.
+/// With a GSO size below the payload it is a TSO burst.
+fn tcp(src: [u8; 4], dst: [u8; 4], options: &[TcpOptionElement], payload: usize) -> Vec<u8> {
+    let mut header = TcpHeader::new(40000, 80, 0, 0);
+    header.set_options(options).expect("TCP options");
+    tcp_frame(ipv4_header(src, dst, 64), GW_MAC, header, payload)
 }
 
 /// A container's TSO burst leaves as segments of its IPv4 and TCP headers
@@ -955,9 +1037,14 @@ fn tso_bursts_are_checked_and_cached_by_their_segments() {
         let ul0 = mac("ul0");
         let br0 = ifindex("br0");
         let new_mac = [0x02, 0, 0, 0, 0, 0x33];
-        // Two segments of 1448 bytes behind 20 + 32 bytes of headers: 1500
-        // each, in a 2 948-byte burst.
-        let burst = tcp(C1, R1, 32, 2 * 1448);
+        // Two segments of 1448 bytes behind 20 + 32 bytes of headers (TCP
+        // with timestamps, as Linux sends it): 1500 each, in a 2 948-byte burst.
+        let timestamps = [
+            TcpOptionElement::Noop,
+            TcpOptionElement::Noop,
+            TcpOptionElement::Timestamp(1, 0),
+        ];
+        let burst = tcp(C1, R1, &timestamps, 2 * 1448);
         let mut run = |name: &str, gso_size: u32, verdict: u32, out: Option<Vec<u8>>| {
             let r = run_tc_prog_ctx(
                 ebpf,
@@ -1029,9 +1116,7 @@ fn tso_bursts_are_checked_and_cached_by_their_segments() {
 
         // BIG TCP writes total length 0 only on bursts beyond 64 KB (which
         // BPF_PROG_TEST_RUN cannot hold): on this one it is malformed.
-        let mut zero_len = burst.clone();
-        zero_len[16..18].copy_from_slice(&[0, 0]);
-        set_checksum(&mut zero_len);
+        let zero_len = with_ipv4(&burst, |_, ip| ip.total_len = 0);
         let before = counters(ebpf);
         let r = run_tc_prog_ctx(
             ebpf,
@@ -1084,11 +1169,11 @@ struct Outer {
     smac: [u8; 6],
     dmac: [u8; 6],
     tos: u8,
-    id: [u8; 2],
-    frags: [u8; 2],
+    id: u16,
+    more_fragments: bool,
     sport: u16,
     port: u16,
-    udp_check: [u8; 2],
+    udp_check: u16,
     vni: u32,
 }
 
@@ -1103,11 +1188,11 @@ impl Outer {
             smac,
             dmac,
             tos: 0,
-            id: [0; 2],
-            frags: [0; 2],
+            id: 0,
+            more_fragments: false,
             sport: 40_000,
             port: VXLAN_PORT,
-            udp_check: [0; 2],
+            udp_check: 0,
             vni: VNI,
         }
     }
@@ -1115,14 +1200,19 @@ impl Outer {
     /// As `got`, a packet the datapath encapsulated, says for the fields it
     /// chooses per packet (IP ID, UDP source port), checked to be in range.
     fn as_sent(self, got: &[u8]) -> Self {
-        assert!(got.len() >= 64, "output too short to be VXLAN: {got:?}");
-        let sport = u16::from_be_bytes([got[34], got[35]]);
+        let p = SlicedPacket::from_ethernet(got)
+            .unwrap_or_else(|e| panic!("output is no VXLAN packet ({e}): {got:?}"));
+        let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(udp))) = (&p.net, &p.transport)
+        else {
+            panic!("output is no IPv4/UDP packet: {got:?}");
+        };
+        let sport = udp.source_port();
         assert!(
             (32_768..60_999).contains(&sport),
             "outer source port {sport} outside the kernel's vxlan range"
         );
         Self {
-            id: [got[18], got[19]],
+            id: ip.header().identification(),
             sport,
             ..self
         }
@@ -1130,37 +1220,46 @@ impl Outer {
 
     /// `inner` (a whole frame) wrapped in these headers.
     fn wrap(&self, inner: &[u8]) -> Vec<u8> {
-        let mut f = Vec::new();
-        f.extend_from_slice(&self.dmac);
-        f.extend_from_slice(&self.smac);
-        f.extend_from_slice(&[0x08, 0x00]);
-        let ip_len = (20 + 8 + 8 + inner.len()) as u16;
-        f.extend_from_slice(&[0x45, self.tos]);
-        f.extend_from_slice(&ip_len.to_be_bytes());
-        f.extend_from_slice(&self.id);
-        f.extend_from_slice(&self.frags);
-        f.extend_from_slice(&[64, 17, 0, 0]);
-        f.extend_from_slice(&self.src);
-        f.extend_from_slice(&self.dst);
-        let check = checksum(&f[14..34]);
-        f[24..26].copy_from_slice(&check.to_be_bytes());
-        f.extend_from_slice(&self.sport.to_be_bytes());
-        f.extend_from_slice(&self.port.to_be_bytes());
-        f.extend_from_slice(&(ip_len - 20).to_be_bytes());
-        f.extend_from_slice(&self.udp_check);
+        // The VXLAN header (RFC 7348), which etherparse does not know: the
+        // I flag, 24 bits of VNI.
         let vni = self.vni.to_be_bytes();
-        f.extend_from_slice(&[0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0]);
-        f.extend_from_slice(inner);
+        let mut payload = vec![0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0];
+        payload.extend_from_slice(inner);
+        let udp_len = UdpHeader::LEN + payload.len();
+        let mut ip = Ipv4Header::new(0, 64, IpNumber::UDP, self.src, self.dst).expect("ip");
+        ip.set_payload_len(udp_len).expect("fits");
+        ip.dscp = IpDscp::try_new(self.tos >> 2).expect("DSCP");
+        ip.ecn = IpEcn::try_new(self.tos & 3).expect("ECN");
+        ip.identification = self.id;
+        ip.dont_fragment = false;
+        ip.more_fragments = self.more_fragments;
+        // The UDP checksum as given (the vxlan device sends none), so not
+        // through the builder, which computes one.
+        let udp = UdpHeader {
+            source_port: self.sport,
+            destination_port: self.port,
+            length: u16::try_from(udp_len).expect("fits"),
+            checksum: self.udp_check,
+        };
+        let eth = Ethernet2Header {
+            source: self.smac,
+            destination: self.dmac,
+            ether_type: EtherType::IPV4,
+        };
+        let mut f = eth.to_bytes().to_vec();
+        ip.write(&mut f).expect("ip");
+        f.extend_from_slice(&udp.to_bytes());
+        f.extend_from_slice(&payload);
         f
     }
 }
 
-/// `f` with TOS byte `tos`, checksum to match.
+/// `f` with TOS byte `tos` (DSCP and ECN), checksum to match.
 fn with_tos(f: &[u8], tos: u8) -> Vec<u8> {
-    let mut o = f.to_vec();
-    o[15] = tos;
-    set_checksum(&mut o);
-    o
+    with_ipv4(f, |_, ip| {
+        ip.dscp = IpDscp::try_new(tos >> 2).expect("DSCP");
+        ip.ecn = IpEcn::try_new(tos & 3).expect("ECN");
+    })
 }
 
 /// VXLAN mode: a container's packet for a peer's container is encapsulated
@@ -1187,18 +1286,20 @@ fn vxlan_mode_encapsulates_in_the_program() {
             let before = counters(ebpf);
             let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_VETH_IN, "br0", &frame, name);
             assert_eq!(verdict, TC_ACT_REDIRECT, "{name}: verdict");
-            let want = Outer {
+            let sent = Outer {
                 tos: outer_tos,
                 ..Outer::to_peer([172, 16, 91, 132], ul0, PEER_MAC).as_sent(&out)
-            }
-            .wrap(&ttl_decremented(&frame));
-            assert_eq!(out, want, "{name}: output frame");
+            };
+            assert_eq!(
+                out,
+                sent.wrap(&ttl_decremented(&frame)),
+                "{name}: output frame"
+            );
             // Counted as the container sent it.
             assert_counter_moved(ebpf, &before, stat::FWD_EGRESS, frame.len(), name);
-            let port = [out[34], out[35]];
             assert_eq!(
-                *sport.get_or_insert(port),
-                port,
+                *sport.get_or_insert(sent.sport),
+                sent.sport,
                 "{name}: one flow, one source port"
             );
         }
@@ -1224,14 +1325,12 @@ fn vxlan_mode_encapsulates_in_the_program() {
             "unresolved",
         );
         assert_eq!(verdict, TC_ACT_REDIRECT, "unresolved: verdict");
-        let want = Outer::to_peer([172, 16, 91, 133], [0; 6], [0; 6])
+        // The MACs are the kernel's to write: taken from the output.
+        let (eth, _, _) = eth_ip(&out);
+        let want = Outer::to_peer([172, 16, 91, 133], eth.source, eth.destination)
             .as_sent(&out)
             .wrap(&ttl_decremented(&unresolved));
-        assert_eq!(
-            out[12..],
-            want[12..],
-            "unresolved: output frame past the MACs"
-        );
+        assert_eq!(out, want, "unresolved: output frame past the MACs");
 
         // 1450 bytes of IPv4 are 1500 on the underlay; one more is the
         // kernel's (its route into the vxlan device answers frag-needed).
@@ -1299,7 +1398,7 @@ fn vxlan_mode_decapsulates_in_the_program() {
         assert_counter_moved(ebpf, &before, stat::FWD_INGRESS, inner.len(), "valid");
 
         let fragment = Outer {
-            frags: [0x20, 0],
+            more_fragments: true,
             ..from_peer
         };
         // (what, frame, GSO size)
@@ -1343,7 +1442,7 @@ fn vxlan_mode_decapsulates_in_the_program() {
             (
                 "a UDP checksum (the kernel verifies it)",
                 Outer {
-                    udp_check: [0x12, 0x34],
+                    udp_check: 0x1234,
                     ..from_peer
                 }
                 .wrap(&inner),
@@ -1366,7 +1465,7 @@ fn vxlan_mode_decapsulates_in_the_program() {
             ),
             (
                 "inner source the peer host itself",
-                from_peer.wrap(&icmp([172, 16, 91, 132], C1, 11)),
+                from_peer.wrap(&icmp([172, 16, 91, 132], C1, TIME_EXCEEDED)),
                 0,
             ),
             ("inner TTL 1", from_peer.wrap(&ipv4(R1, C1, 1, &[])), 0),
@@ -1841,42 +1940,44 @@ fn vxlan_mode_drops_spoofed_sources_before_encapsulating() {
 
 /// The Ethernet header of an answer to `f`: back to its sender.
 fn eth_back(f: &[u8]) -> Vec<u8> {
-    let mut o = f[6..12].to_vec();
-    o.extend_from_slice(&f[0..6]);
-    o.extend_from_slice(&[0x08, 0x00]);
-    o
+    let (eth, _, _) = eth_ip(f);
+    Ethernet2Header {
+        source: eth.destination,
+        destination: eth.source,
+        ether_type: EtherType::IPV4,
+    }
+    .to_bytes()
+    .to_vec()
 }
 
 /// The IPv4 header of an answer to `f` (no options, ID 0, TTL 64), as
 /// etherparse writes it, checksum included.
-fn ip_back(f: &[u8], proto: etherparse::IpNumber, payload: usize, df: bool) -> Vec<u8> {
-    let src: [u8; 4] = f[26..30].try_into().expect("4");
-    let dst: [u8; 4] = f[30..34].try_into().expect("4");
-    let mut ip = etherparse::Ipv4Header::new(payload as u16, 64, proto, dst, src).expect("ip");
+fn ip_back(f: &[u8], proto: IpNumber, payload: usize, df: bool) -> Ipv4Header {
+    let (_, asked, _) = eth_ip(f);
+    let mut ip =
+        Ipv4Header::new(payload as u16, 64, proto, asked.destination, asked.source).expect("ip");
     ip.dont_fragment = df;
     ip.header_checksum = ip.calc_header_checksum();
-    ip.to_bytes().to_vec()
+    ip
 }
 
 /// The RST an RFC 793 receiver in CLOSED sends for TCP segment `f`: `seq`,
 /// and `ack` when the segment had no ACK.
 fn rst_for(f: &[u8], seq: u32, ack: Option<u32>) -> Vec<u8> {
-    let t = 14 + ip_hdr_len(f);
-    let (sport, dport) = (
-        u16::from_be_bytes([f[t], f[t + 1]]),
-        u16::from_be_bytes([f[t + 2], f[t + 3]]),
-    );
-    let mut tcp = etherparse::TcpHeader::new(dport, sport, seq, 0);
+    let p = SlicedPacket::from_ethernet(f).expect("frame");
+    let Some(TransportSlice::Tcp(asked)) = &p.transport else {
+        panic!("not a TCP segment: {f:?}");
+    };
+    let mut tcp = TcpHeader::new(asked.destination_port(), asked.source_port(), seq, 0);
     tcp.rst = true;
     if let Some(a) = ack {
         tcp.ack = true;
         tcp.acknowledgment_number = a;
     }
-    let ip_bytes = ip_back(f, etherparse::IpNumber::TCP, 20, true);
-    let ip = etherparse::Ipv4Header::from_slice(&ip_bytes).expect("ip").0;
+    let ip = ip_back(f, IpNumber::TCP, 20, true);
     tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).expect("checksum");
     let mut o = eth_back(f);
-    o.extend_from_slice(&ip_bytes);
+    o.extend_from_slice(&ip.to_bytes());
     o.extend_from_slice(&tcp.to_bytes());
     o
 }
@@ -1884,28 +1985,29 @@ fn rst_for(f: &[u8], seq: u32, ack: Option<u32>) -> Vec<u8> {
 /// ICMP destination unreachable, communication administratively
 /// prohibited (3/13), for `f`: its IPv4 header and the 8 bytes after it.
 fn prohibited_for(f: &[u8]) -> Vec<u8> {
-    let quote = &f[14..14 + ip_hdr_len(f) + 8];
+    let ip_and_after = &f[Ethernet2Header::LEN..];
+    let header = Ipv4HeaderSlice::from_slice(ip_and_after).expect("IPv4 header");
+    let quote = &ip_and_after[..header.slice().len() + 8];
     let icmp = etherparse::Icmpv4Header::with_checksum(
-        etherparse::Icmpv4Type::DestinationUnreachable(
-            etherparse::icmpv4::DestUnreachableHeader::FilterProhibited,
-        ),
+        Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::FilterProhibited),
         quote,
     );
     let mut o = eth_back(f);
-    o.extend_from_slice(&ip_back(
-        f,
-        etherparse::IpNumber::ICMP,
-        8 + quote.len(),
-        false,
-    ));
+    o.extend_from_slice(&ip_back(f, IpNumber::ICMP, 8 + quote.len(), false).to_bytes());
     o.extend_from_slice(&icmp.to_bytes());
     o.extend_from_slice(quote);
     o
 }
 
-/// A TCP segment from `src` to `dst`, ports 40000 -> 80, with `flags`,
-/// sequence and acknowledgment numbers and `payload` bytes, from `CTR_MAC`
-/// to `to`.
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
+const ACK: u8 = 0x10;
+
+/// A TCP segment from `src` to `dst`, TTL 63, ports 40000 -> 80, with
+/// `flags` (`SYN | ACK`...), sequence and acknowledgment numbers and
+/// `payload` zero bytes, from `CTR_MAC` to `to`.
 fn tcp_segment(
     src: [u8; 4],
     dst: [u8; 4],
@@ -1915,16 +2017,14 @@ fn tcp_segment(
     payload: usize,
     to: [u8; 6],
 ) -> Vec<u8> {
-    let mut f = tcp(src, dst, 20, payload);
-    f[0..6].copy_from_slice(&to);
-    f[22] = 63;
-    set_checksum(&mut f);
-    f[34..36].copy_from_slice(&40000u16.to_be_bytes());
-    f[36..38].copy_from_slice(&80u16.to_be_bytes());
-    f[38..42].copy_from_slice(&seq.to_be_bytes());
-    f[42..46].copy_from_slice(&ack.to_be_bytes());
-    f[47] = flags;
-    f
+    let mut tcp = TcpHeader::new(40000, 80, seq, 0);
+    tcp.fin = flags & FIN != 0;
+    tcp.syn = flags & SYN != 0;
+    tcp.rst = flags & RST != 0;
+    tcp.psh = flags & PSH != 0;
+    tcp.ack = flags & ACK != 0;
+    tcp.acknowledgment_number = ack;
+    tcp_frame(ipv4_header(src, dst, 63), to, tcp, payload)
 }
 
 /// Checks with etherparse that an answer's IPv4, TCP or ICMP checksums are
@@ -2020,22 +2120,27 @@ fn reject_mode_answers_what_the_underlay_refuses() {
     in_test_host_with(loaded_reject, |ebpf| {
         let ul0 = mac("ul0");
         let spoofed = [10, 1, 1, 1];
-        let syn = tcp_segment(spoofed, C1, 0x02, 1000, 0, 0, ul0);
-        let syn_fin_data = tcp_segment(spoofed, C1, 0x03, 0xffff_fff0, 0, 100, ul0);
-        let ack_data = tcp_segment(spoofed, C1, 0x18, 7, 5555, 10, ul0);
-        let rst = tcp_segment(spoofed, C1, 0x14, 7, 5555, 0, ul0);
+        let syn = tcp_segment(spoofed, C1, SYN, 1000, 0, 0, ul0);
+        let syn_fin_data = tcp_segment(spoofed, C1, SYN | FIN, 0xffff_fff0, 0, 100, ul0);
+        let ack_data = tcp_segment(spoofed, C1, PSH | ACK, 7, 5555, 10, ul0);
+        let rst = tcp_segment(spoofed, C1, RST | ACK, 7, 5555, 0, ul0);
         let udp = to_mac(ipv4(spoofed, C1, 63, &[]), ul0);
         let udp_opts = to_mac(ipv4(spoofed, C1, 63, &[1, 1, 1, 0]), ul0);
-        let echo = to_mac(icmp([172, 16, 91, 132], C1, 8), ul0);
-        let time_exceeded = to_mac(icmp([172, 16, 91, 150], C1, 11), ul0);
-        let unreachable = to_mac(icmp([172, 16, 91, 150], C1, 3), ul0);
+        let echo = to_mac(icmp([172, 16, 91, 132], C1, ECHO_REQUEST), ul0);
+        let time_exceeded = to_mac(icmp([172, 16, 91, 150], C1, TIME_EXCEEDED), ul0);
+        let unreachable = to_mac(icmp([172, 16, 91, 150], C1, HOST_UNREACHABLE), ul0);
         let broadcast = to_mac(ipv4(spoofed, C1, 63, &[]), [0xff; 6]);
-        let mut fragment = to_mac(ipv4(spoofed, C1, 63, &[]), ul0);
-        fragment[20..22].copy_from_slice(&[0x00, 0x10]); // offset 16 * 8 bytes
-        set_checksum(&mut fragment);
-        let mut first_fragment = to_mac(ipv4(spoofed, C1, 63, &[]), ul0);
-        first_fragment[20..22].copy_from_slice(&[0x20, 0x00]); // MF, offset 0
-        set_checksum(&mut first_fragment);
+        let fragment_of = |more_fragments, offset| {
+            let ip = Ipv4Header {
+                dont_fragment: false,
+                more_fragments,
+                fragment_offset: IpFragOffset::try_new(offset).expect("offset"),
+                ..ipv4_header(spoofed, C1, 63)
+            };
+            to_mac(udp_frame(ip), ul0)
+        };
+        let fragment = fragment_of(false, 16); // offset 16 * 8 bytes
+        let first_fragment = fragment_of(true, 0);
         run_reject_cases(
             ebpf,
             xhost_common::PROG_NIC_IN,
@@ -2131,7 +2236,7 @@ fn reject_mode_answers_spoofed_container_sources_within_the_rate() {
     in_test_host_with(loaded_reject, |ebpf| {
         pin_to_cpu0();
         let spoofed = [192, 168, 110, 99];
-        let syn = tcp_segment(spoofed, R1, 0x02, 1, 0, 0, GW_MAC);
+        let syn = tcp_segment(spoofed, R1, SYN, 1, 0, 0, GW_MAC);
         let udp = to_mac(ipv4(spoofed, R1, 64, &[]), GW_MAC);
         let ctx = skb_ctx(ifindex("br0"), 0);
         run_reject_cases(
@@ -2197,7 +2302,7 @@ fn reject_mode_answers_spoofed_container_sources_within_the_rate() {
 fn drop_mode_answers_nothing() {
     in_test_host(|ebpf| {
         let ul0 = mac("ul0");
-        let syn = tcp_segment([10, 1, 1, 1], C1, 0x02, 1000, 0, 0, ul0);
+        let syn = tcp_segment([10, 1, 1, 1], C1, SYN, 1000, 0, 0, ul0);
         run_tc(
             ebpf,
             xhost_common::PROG_NIC_IN,
@@ -2256,7 +2361,7 @@ fn peer_counters_follow_forwarded_packets() {
             .expect("insert");
         let out = to_mac(ipv4(C1, R1, 64, &[]), GW_MAC);
         let from_peer = ipv4(R1, C1, 63, &[]);
-        let error = icmp([172, 16, 91, 132], C1, 11);
+        let error = icmp([172, 16, 91, 132], C1, TIME_EXCEEDED);
         let spoofed = ipv4([10, 1, 1, 1], C1, 63, &[]);
         let ctx = skb_ctx(ifindex("br0"), 0);
         let len = |f: &[u8]| f.len() as u64;

@@ -21,6 +21,7 @@ use aya::{
     maps::{HashMap, LpmTrie, lpm_trie::Key},
     programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
+use etherparse::{Ethernet2Header, IpHeaders, IpNumber, Ipv4Header, PacketBuilder};
 use xhost_common::{Endpoint, LocalNet, Peer, PeerHost};
 
 /// `TC_ACT_UNSPEC` (-1) as the test run's `u32` return value: what the
@@ -239,48 +240,56 @@ pub fn fill_maps(ebpf: &mut Ebpf) {
         .expect("insert");
 }
 
-/// Ethernet + IPv4 (+ options) + 8 payload bytes, checksum correct, from
-/// the endpoint's MAC (`CTR_MAC`).
-pub fn ipv4(src: [u8; 4], dst: [u8; 4], ttl: u8, options: &[u8]) -> Vec<u8> {
+/// The IPv4 header of the test frames, `src` to `dst`: ID 0x1234, DF, no
+/// options (lengths, protocol and checksum are etherparse's to set when the
+/// frame is written).
+pub fn ipv4_header(src: [u8; 4], dst: [u8; 4], ttl: u8) -> Ipv4Header {
+    let mut ip = Ipv4Header::new(0, ttl, IpNumber::UDP, src, dst).expect("IPv4 header");
+    ip.identification = 0x1234;
+    ip
+}
+
+/// A frame from the endpoint's MAC (`CTR_MAC`) to `ANY_MAC` carrying `ip`
+/// and an empty UDP datagram 40000 -> 5201, as etherparse's builder writes
+/// it (lengths and checksums its own).
+pub fn udp_frame(ip: Ipv4Header) -> Vec<u8> {
     let mut f = Vec::new();
-    f.extend_from_slice(&ANY_MAC);
-    f.extend_from_slice(&CTR_MAC);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let ihl = 5 + options.len() / 4;
-    let total = (ihl * 4 + 8) as u16;
-    f.push(0x40 | ihl as u8);
-    f.push(0);
-    f.extend_from_slice(&total.to_be_bytes());
-    f.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, ttl, 17, 0, 0]);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(options);
-    f.extend_from_slice(b"payload!");
-    set_checksum(&mut f);
+    PacketBuilder::ethernet2(CTR_MAC, ANY_MAC)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .udp(40000, 5201)
+        .write(&mut f, &[])
+        .expect("UDP frame");
     f
 }
 
-pub fn ip_hdr_len(f: &[u8]) -> usize {
-    usize::from(f[14] & 0x0f) * 4
+/// Ethernet + IPv4 (+ `options`, a multiple of 4 bytes) + an empty UDP
+/// datagram, checksums correct, from the endpoint's MAC (`CTR_MAC`).
+pub fn ipv4(src: [u8; 4], dst: [u8; 4], ttl: u8, options: &[u8]) -> Vec<u8> {
+    let mut ip = ipv4_header(src, dst, ttl);
+    ip.options = options
+        .try_into()
+        .expect("IPv4 options: a multiple of 4 bytes, at most 40");
+    udp_frame(ip)
 }
 
-pub fn checksum(hdr: &[u8]) -> u16 {
-    let mut sum: u32 = hdr
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+/// `frame` with its Ethernet header changed by `edit` (read and written by
+/// etherparse; the rest of the frame as it was).
+pub fn with_eth(frame: &[u8], edit: impl FnOnce(&mut Ethernet2Header)) -> Vec<u8> {
+    let (mut eth, rest) = Ethernet2Header::from_slice(frame).expect("Ethernet II frame");
+    edit(&mut eth);
+    let mut o = eth.to_bytes().to_vec();
+    o.extend_from_slice(rest);
+    o
 }
 
-pub fn set_checksum(f: &mut [u8]) {
-    let hl = ip_hdr_len(f);
-    f[24] = 0;
-    f[25] = 0;
-    let c = checksum(&f[14..14 + hl]);
-    f[24..26].copy_from_slice(&c.to_be_bytes());
+/// `frame` with its destination MAC set to `mac`.
+pub fn to_mac(frame: Vec<u8>, mac: [u8; 6]) -> Vec<u8> {
+    with_eth(&frame, |e| e.destination = mac)
+}
+
+/// `frame` with its source MAC set to `mac`.
+pub fn from_mac(frame: Vec<u8>, mac: [u8; 6]) -> Vec<u8> {
+    with_eth(&frame, |e| e.source = mac)
 }
 
 /// An `__sk_buff` context with `ifindex` and `ingress_ifindex` set: the
