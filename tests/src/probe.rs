@@ -742,12 +742,18 @@ mod tests {
 }
 
 /// What `xh-probe udp-seq-recv` prints: of the datagrams numbered
-/// `0..count`, how many arrived, how many never did, and repeats.
+/// `0..count`, how many arrived, how many never did, and repeats (counted
+/// by [`crate::flow::SeqReceiver`], as the fault tests' flows are).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeqRecvReport {
     pub received: u64,
     pub missing: u64,
     pub duplicates: u64,
+    /// Datagrams numbered `count` or more: not the sender's.
+    pub strays: u64,
+    /// Of the missing, how many the receiving socket dropped itself
+    /// (buffer full), see [`crate::flow::udp_rcvbuf_errors`].
+    pub rcvbuf_errors: u64,
     /// The first number that never arrived.
     pub first_missing: Option<u64>,
 }
@@ -756,12 +762,14 @@ pub struct SeqRecvReport {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SeqSendReport {
     pub sent: u64,
+    /// Of those, the sends the kernel refused (no route, ...).
+    pub send_errors: u64,
     pub elapsed_ms: f64,
 }
 
 /// Receiver of [`run_udp_seq_send`]: binds `bind`, calls `on_listening`,
-/// and marks the 8-byte big-endian sequence numbers that arrive until all
-/// of `0..count` did or `timeout` passed.
+/// and collects the numbered datagrams that arrive until all of `0..count`
+/// did or `timeout` passed.
 pub fn run_udp_seq_recv(
     bind: SocketAddr,
     count: u64,
@@ -769,71 +777,37 @@ pub fn run_udp_seq_recv(
     on_listening: impl FnOnce(SocketAddr),
 ) -> io::Result<SeqRecvReport> {
     let deadline = Instant::now() + timeout;
-    let socket = UdpSocket::bind(bind)?;
-    // A burst queued while a receiver sleeps must not overflow the socket.
-    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBuf, &(4 << 20))
-        .map_err(io::Error::from)?;
-    on_listening(socket.local_addr()?);
-    let mut seen = vec![false; usize::try_from(count).map_err(io::Error::other)?];
-    let (mut received, mut duplicates) = (0u64, 0u64);
-    let mut buf = [0u8; 64];
-    while received < count {
+    let mut receiver = crate::flow::SeqReceiver::bind(bind)?;
+    on_listening(receiver.local_addr()?);
+    while !receiver.has_all(count) {
         let Ok(left) = remaining(deadline, "receiving") else {
             break;
         };
-        socket.set_read_timeout(Some(left))?;
-        match socket.recv(&mut buf) {
-            Ok(n) if n >= 8 => {
-                let mut seq = [0u8; 8];
-                seq.copy_from_slice(&buf[..8]);
-                let seq = u64::from_be_bytes(seq);
-                match usize::try_from(seq).ok().and_then(|i| seen.get_mut(i)) {
-                    Some(slot) if *slot => duplicates += 1,
-                    Some(slot) => {
-                        *slot = true;
-                        received += 1;
-                    }
-                    None => duplicates += 1,
-                }
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                break;
-            }
-            Err(e) => return Err(e),
-        }
+        receiver.poll(left)?;
     }
+    let t = receiver.finish().tally(count);
     Ok(SeqRecvReport {
-        received,
-        missing: count - received,
-        duplicates,
-        first_missing: seen.iter().position(|s| !s).map(|i| i as u64),
+        received: t.received,
+        missing: t.lost,
+        duplicates: t.duplicates,
+        strays: t.strays,
+        rcvbuf_errors: t.rcvbuf_errors,
+        first_missing: t.first_missing(),
     })
 }
 
-/// Sends datagrams numbered `0..count` (8 bytes big-endian, padded to 64)
-/// to `to` at `rate` per second, each on its slot of a fixed schedule.
+/// Sends datagrams numbered `0..count` to `to` at `rate` per second, each
+/// on its slot of a fixed schedule ([`crate::flow::SeqSender`]).
 pub fn run_udp_seq_send(to: SocketAddr, count: u64, rate: u32) -> io::Result<SeqSendReport> {
-    let socket = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
-    socket.connect(to)?;
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     let started = Instant::now();
-    let mut buf = [0u8; 64];
-    for seq in 0..count {
-        let due = started + Duration::from_secs_f64(seq as f64 / f64::from(rate.max(1)));
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            thread::sleep(wait);
-        }
-        buf[..8].copy_from_slice(&seq.to_be_bytes());
-        socket.send(&buf)?;
+    let mut sender = crate::flow::SeqSender::new(to, interval, started)?;
+    while sender.sent() < count {
+        sender.send_next();
     }
     Ok(SeqSendReport {
-        sent: count,
+        sent: sender.sent(),
+        send_errors: sender.send_errors(),
         elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
     })
 }

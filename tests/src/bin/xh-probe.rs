@@ -12,9 +12,11 @@
 //!   datagrams of S bytes with `UDP_SEGMENT` (one GSO skb each).
 //! * `xh-probe udp-seq-recv --port P --count N`: prints `listening ADDR`, collects the
 //!   sequence numbers of up to N datagrams until they all arrived or the time is up and
-//!   prints `{"received":..,"missing":..,"duplicates":..,"first_missing":..}`.
+//!   prints `{"received":..,"missing":..,"duplicates":..,"strays":..,"rcvbuf_errors":..,
+//!   "first_missing":..}`, counted as the fault tests' flows count (`xhost_tests::flow`).
 //! * `xh-probe udp-seq-send --to IP:P --count N --rate R`: sends N datagrams numbered
-//!   0..N at R per second, on a fixed schedule, and prints `{"sent":..,"elapsed_ms":..}`.
+//!   0..N at R per second, on a fixed schedule, and prints
+//!   `{"sent":..,"send_errors":..,"elapsed_ms":..}`.
 
 use std::{
     io::Write,
