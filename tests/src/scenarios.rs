@@ -157,29 +157,22 @@ impl Bed {
             (topo.host_a(), topo.host_b()),
             (topo.host_b(), topo.host_a()),
         ] {
-            let peer_arg = format!("{}={}", peer.underlay_ip(), peer.subnet());
-            let mut args = vec![
-                "--iface",
-                host.underlay_iface(),
-                "--bridge",
-                host.bridge(),
-                "--no-docker",
-                "--peer",
-                &peer_arg,
-            ];
+            let mut extra = Vec::new();
             if let Some(mode) = &opts.xdp_mode {
-                args.extend(["--xdp-mode", mode]);
+                extra.extend(["--xdp-mode", mode]);
             }
             if opts.tunnel {
-                args.extend(["--tunnel", "vxlan"]);
+                extra.extend(["--tunnel", "vxlan"]);
             }
             if opts.kernel {
-                args.extend(["--datapath", "kernel"]);
+                extra.extend(["--datapath", "kernel"]);
             }
             let config = self.config.as_ref().map(|f| f.path.display().to_string());
             if let Some(path) = &config {
-                args.extend(["--config", path]);
+                extra.extend(["--config", path]);
             }
+            let args = xhost::load_args(host, peer, &extra);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let started = Instant::now();
             let role = format!("bench-{}", host.role());
             let agent = match &opts.binary {
@@ -1118,23 +1111,6 @@ pub fn count_routes(ns: &NetNs, proto: u8) -> Result<usize> {
         .lines()
         .filter(|l| !l.trim().is_empty())
         .count())
-}
-
-/// `xhost-user status --json` of an agent's instance, parsed.
-pub fn agent_status(ns: &NetNs, agent: &Agent) -> Result<serde_json::Value> {
-    let out = xhost::xhost(ns, &agent.dirs, &["status", "--json"])?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            cmd: "xhost-user status --json".into(),
-            status: out.status,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        });
-    }
-    serde_json::from_slice(&out.stdout).map_err(|_| Error::Parse {
-        what: "xhost-user status --json",
-        input: String::from_utf8_lossy(&out.stdout).into_owned(),
-    })
 }
 
 /// Version line of a tool (`iperf3 --version`, `sockperf --version`), for the results file.

@@ -139,7 +139,11 @@ pub fn xhost(ns: &NetNs, dirs: &AgentDirs, args: &[&str]) -> Result<Output> {
 
 /// `xhost-user status --json` of an instance, parsed.
 pub fn status(ns: &NetNs, dirs: &AgentDirs) -> Result<serde_json::Value> {
-    let out = xhost(ns, dirs, &["status", "--json"])?;
+    parse_status(&xhost(ns, dirs, &["status", "--json"])?)
+}
+
+/// What `xhost-user status --json` printed, parsed; an error if it failed.
+fn parse_status(out: &Output) -> Result<serde_json::Value> {
     if !out.status.success() {
         return Err(Error::Config(format!(
             "xhost-user status failed ({}): {}",
@@ -331,16 +335,29 @@ pub struct StartOpts<'a> {
     pub env: Vec<(String, String)>,
     /// A command the agent runs under, e.g. `setpriv --bounding-set ... --`.
     pub wrapper: Vec<&'a str>,
+    /// SIGTERM to the agent when the thread that started it ends
+    /// (`PR_SET_PDEATHSIG`): a `cargo xtask demo` killed before its guards
+    /// ran leaves no agent running on in an orphaned namespace. Only for
+    /// agents started from a thread that outlives them.
+    pub die_with_parent: bool,
 }
 
-/// A foreground `xhost-user load` in a host namespace.
+/// A foreground `xhost-user load` in a host namespace: the one wrapper the
+/// tests, `cargo xtask demo` and `cargo xtask bench` start, wait for, ask
+/// and stop agents through.
 pub struct Agent {
     process: Process,
     pub dirs: AgentDirs,
     ns_path: PathBuf,
+    bin: PathBuf,
+    command_line: String,
     /// Leave pins and run state behind on drop ([`Agent::kill`]).
     keep: bool,
 }
+
+/// How long a one-shot `xhost-user` command of [`Agent::run`] and the
+/// `unload` after a stop may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Agent {
     /// Starts `xhost-user load <args>` in `ns` and waits for `ready`.
@@ -410,21 +427,111 @@ impl Agent {
         all.extend(with_test_attach(args));
         let mut cmd = ns.nsenter_command(&all);
         cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
+        if opts.die_with_parent {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(|| {
+                    // nsenter execs the agent in place, which keeps the setting.
+                    if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGTERM) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let command_line = crate::cmd::display(&cmd);
         let mut process = Process::spawn_echoing(&format!("xhost-user@{role}"), cmd)?;
+        // Detaching programs and unpinning can take a moment: no SIGKILL too early.
         process.set_grace(Duration::from_secs(10));
         Ok(Self {
             process,
             dirs,
             ns_path: ns.path(),
+            bin,
+            command_line,
             keep: false,
         })
     }
 
     /// Waits for the agent's `ready` line.
     pub fn wait_ready(&mut self) -> Result<()> {
-        self.process
-            .wait_for_line(|l| l.trim() == "ready", Duration::from_secs(20))
-            .map(drop)
+        self.wait_ready_within(Duration::from_secs(20), || false)
+    }
+
+    /// Waits up to `timeout` for the agent's `ready` line, looking every
+    /// 200 ms whether `interrupted` (Ctrl-C) says to give up.
+    pub fn wait_ready_within(
+        &mut self,
+        timeout: Duration,
+        interrupted: impl Fn() -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if interrupted() {
+                return Err(Error::Config("interrupted".into()));
+            }
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(200));
+            match self.process.wait_for_line(|l| l.trim() == "ready", slice) {
+                Ok(_) => return Ok(()),
+                Err(Error::Timeout { .. }) if Instant::now() < deadline => {}
+                Err(Error::Timeout { what, output, .. }) => {
+                    return Err(Error::Timeout {
+                        what,
+                        after: timeout,
+                        output,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The command line the agent was started with.
+    pub fn command_line(&self) -> &str {
+        &self.command_line
+    }
+
+    /// `xhost-user <dirs> <args>` for this agent's instance, inside its
+    /// namespace, not yet run. nsenter, not `ip netns exec`: the latter
+    /// remounts /sys, which hides the bpffs at /sys/fs/bpf that pins live on.
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ns_path.display()))
+            .arg("--")
+            .arg(&self.bin)
+            .args(self.dirs.args())
+            .args(args);
+        cmd
+    }
+
+    /// Runs `xhost-user <dirs> <args>` (`status`, `unload`, ...) for this
+    /// agent's instance to completion within 15 s (killed after); its
+    /// output, or an error unless it succeeded.
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        run_bounded(self.command(args), COMMAND_TIMEOUT)
+    }
+
+    /// `xhost-user status --json` of this agent's instance, parsed.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = self
+            .command(&["status", "--json"])
+            .output()
+            .map_err(|source| Error::Io {
+                what: "running xhost-user status --json".into(),
+                source,
+            })?;
+        parse_status(&out)
+    }
+
+    /// Stops the agent (SIGTERM; SIGKILL after 10 s) and removes what it
+    /// left: an `xhost-user unload` if its pins survived (it died without
+    /// detaching), then its pin and run directories. Returns its exit
+    /// status; what could not be cleaned up is reported on stderr.
+    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+        self.process.stop()
     }
 
     /// SIGKILLs the agent and waits for it: its pinned datapath keeps
@@ -487,14 +594,78 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // Process's own Drop stops the agent by PID; pins a killed agent
-        // left are removed here so no test leaks them.
-        let _ = self.process.signal(Signal::SIGTERM);
-        let _ = self.process.wait_timeout(Duration::from_secs(10));
-        if !self.keep {
-            remove_instance(&self.dirs);
+        // SIGTERM, then SIGKILL after the grace period; the pins an agent
+        // that did not detach left are unloaded and removed here, so
+        // nothing leaks.
+        if let Err(e) = self.process.stop() {
+            eprintln!("xhost-tests: cannot stop {}: {e}", self.process.label());
+        }
+        if self.keep {
+            return;
+        }
+        if self.dirs.pin_dir.exists()
+            && let Err(e) = self.run(&["unload"])
+        {
+            eprintln!("xhost-tests: unload of {}: {e}", self.process.label());
+        }
+        remove_instance(&self.dirs);
+        for left in self.dirs.leftovers() {
+            eprintln!("xhost-tests: cannot remove {}", left.display());
         }
     }
+}
+
+/// Runs `cmd` to completion within `timeout` (killed after); its output, or
+/// an error unless it succeeded.
+fn run_bounded(cmd: std::process::Command, timeout: Duration) -> Result<String> {
+    let line = crate::cmd::display(&cmd);
+    let mut p = Process::spawn(&line, cmd)?;
+    match p.wait_timeout(timeout)? {
+        Some(s) if s.success() => Ok(p.output()),
+        Some(s) => Err(Error::Config(format!(
+            "{line} failed ({s}):\n{}",
+            p.output()
+        ))),
+        None => Err(Error::Timeout {
+            what: line,
+            after: timeout,
+            output: p.output(),
+        }),
+    }
+}
+
+/// Removes the pin and run directories of agents ([`AgentDirs::unique`]:
+/// `xh-{pid}-{n}-{role}`) whose role starts with `role_prefix` and whose
+/// process is gone (a run killed before its guards ran); returns the paths
+/// removed. A live run's, and other roles', are left alone.
+pub fn remove_stale_instances(role_prefix: &str) -> Vec<PathBuf> {
+    let me = std::process::id();
+    let mut removed = Vec::new();
+    for base in [Path::new("/sys/fs/bpf").to_owned(), std::env::temp_dir()] {
+        let Ok(entries) = std::fs::read_dir(&base) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let Some((pid, _, role)) = crate::parse_netns_name(&name) else {
+                continue;
+            };
+            let path = entry.path();
+            if !role.starts_with(role_prefix)
+                || pid == me
+                || crate::pid_alive(pid)
+                || !path.is_dir()
+            {
+                continue;
+            }
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) => eprintln!("xhost-tests: cannot remove stale {}: {e}", path.display()),
+            }
+        }
+    }
+    removed
 }
 
 /// Best-effort removal of an instance's pins and state (never panics).
@@ -632,4 +803,35 @@ pub fn load_args(host: &crate::Host, peer: &crate::Host, extra: &[&str]) -> Vec<
     a.push(format!("{}={}", peer.underlay_ip(), peer.subnet()));
     a.extend(extra.iter().map(|s| (*s).to_owned()));
     a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only directories of the role asked for whose process is gone go.
+    #[test]
+    fn stale_instances_of_one_role_are_removed() {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let dead = child.id();
+        child.wait().expect("reap");
+        let dir = |role: &str| std::env::temp_dir().join(format!("xh-{dead}-0-{role}"));
+        let (stale, other, live) = (
+            dir("unitstale-a"),
+            dir("unitother-a"),
+            std::env::temp_dir().join(format!("xh-{}-0-unitstale-b", std::process::id())),
+        );
+        for d in [&stale, &other, &live] {
+            std::fs::create_dir_all(d.join("sub")).expect("mkdir");
+        }
+        let removed = remove_stale_instances("unitstale-");
+        let left = (stale.exists(), other.exists(), live.exists());
+        for d in [&other, &live] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        assert_eq!(removed, vec![stale]);
+        assert_eq!(left, (false, true, true));
+    }
 }

@@ -4,19 +4,18 @@
 //! also on Ctrl-C.
 
 use std::{
-    ffi::OsString,
     fs,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 use clap::Args;
 use xhost_tests::{
-    Container, Host, Process, Topology, TopologyOpts, TransferOpts, cleanup_stale, pid_alive, ping,
-    tcp_transfer,
+    Container, Topology, TopologyOpts, TransferOpts, cleanup_stale, ping, tcp_transfer,
+    xhost::{Agent, AgentDirs, StartOpts, load_args, remove_stale_instances},
 };
 
 use crate::{build, interrupt::interrupted, workspace};
@@ -44,6 +43,9 @@ pub struct Options {
 }
 
 const PING_COUNT: u32 = 3;
+/// Prefix of the demo agents' roles (`demo-host-a`), which name their pin
+/// and run directories: what a killed demo left is found by it.
+const DEMO_ROLE: &str = "demo-";
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let (xhost_user, probe) = match (&opts.xhost_user, &opts.probe) {
@@ -69,7 +71,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     for name in cleanup_stale().context("removing stale namespaces")? {
         println!("removed stale namespace {name}");
     }
-    remove_stale_demo_dirs();
+    for path in remove_stale_instances(DEMO_ROLE) {
+        println!("removed stale {}", path.display());
+    }
     let result = demo(opts, &xhost_user, &probe);
     if interrupted() {
         // The guards in demo() have run by now; 130 is the shell's code for death by SIGINT.
@@ -105,18 +109,33 @@ fn demo(opts: &Options, xhost_user: &Path, probe: &Path) -> anyhow::Result<()> {
     }
     check_interrupted()?;
 
-    let mut agents = Vec::new();
+    // (host role, agent)
+    let mut agents: Vec<(&str, Agent)> = Vec::new();
+    let extra: Vec<&str> = opts.agent_arg.iter().map(String::as_str).collect();
     for (host, peer) in [
         (topo.host_a(), topo.host_b()),
         (topo.host_b(), topo.host_a()),
     ] {
         heading(&format!("Starting xhost-user on {}", host.role()));
-        let mut agent = Agent::new(xhost_user, host);
-        agent.start(peer, &opts.agent_arg)?;
+        // The demo's hosts are namespaces without a Docker engine of their
+        // own: the agent must not follow the machine's engine (`--no-docker`).
+        let args = load_args(host, peer, &extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let role = format!("{DEMO_ROLE}{}", host.role());
+        let start = StartOpts {
+            bin: Some(xhost_user),
+            die_with_parent: true,
+            ..StartOpts::default()
+        };
+        let agent = Agent::spawn_opts(host.ns(), &role, AgentDirs::unique(&role), &args, &start)?;
+        println!("    {}", agent.command_line());
         // Pushed before waiting, so a failed start is still stopped and cleaned up.
-        agents.push(agent);
-        if let Some(agent) = agents.last_mut() {
-            agent.wait_ready(Duration::from_secs(opts.ready_timeout))?;
+        agents.push((host.role(), agent));
+        if let Some((role, agent)) = agents.last_mut() {
+            agent
+                .wait_ready_within(Duration::from_secs(opts.ready_timeout), interrupted)
+                .with_context(|| format!("xhost-user on {role} not ready"))?;
+            println!("    {role}: ready");
         }
     }
     check_interrupted()?;
@@ -153,22 +172,25 @@ fn demo(opts: &Options, xhost_user: &Path, probe: &Path) -> anyhow::Result<()> {
         check_interrupted()?;
     }
 
-    for agent in &agents {
-        heading(&format!("xhost-user status on {}", agent.role));
-        match agent.status() {
+    for (role, agent) in &agents {
+        heading(&format!("xhost-user status on {role}"));
+        match agent.run(&["status"]) {
             Ok(out) => print_indented(&out),
             Err(e) => {
                 println!("    {e:#}  [FAIL]");
-                failures.push(format!("status on {}: {e:#}", agent.role));
+                failures.push(format!("status on {role}: {e:#}"));
             }
         }
     }
 
     heading("Teardown");
-    for agent in &mut agents {
-        agent.stop();
+    for (role, agent) in agents.drain(..) {
+        // Its guard unloads and removes whatever the agent left.
+        match agent.stop() {
+            Ok(status) => println!("    stopped xhost-user on {role} ({status})"),
+            Err(e) => eprintln!("    cannot stop xhost-user on {role}: {e}"),
+        }
     }
-    drop(agents);
     let names = topo.netns_names();
     drop(topo);
     println!("    deleted namespaces {}", names.join(", "));
@@ -216,159 +238,6 @@ fn transfer(from: &Container, to: &Container, bytes: u64, probe: &Path) -> anyho
     Ok(())
 }
 
-/// xhost-user running in one host namespace, with its own pin and run directories.
-struct Agent {
-    role: String,
-    bin: PathBuf,
-    netns: PathBuf,
-    iface: String,
-    bridge: String,
-    pin_dir: PathBuf,
-    run_dir: PathBuf,
-    process: Option<Process>,
-}
-
-impl Agent {
-    fn new(bin: &Path, host: &Host) -> Self {
-        let letter = host.role().trim_start_matches("host-");
-        let tag = format!("xhost-demo-{}-{letter}", std::process::id());
-        Self {
-            role: host.role().to_owned(),
-            bin: bin.to_path_buf(),
-            netns: host.ns().path(),
-            iface: host.underlay_iface().to_owned(),
-            bridge: host.bridge().to_owned(),
-            pin_dir: Path::new("/sys/fs/bpf").join(&tag),
-            run_dir: Path::new("/run").join(&tag),
-            process: None,
-        }
-    }
-
-    /// `nsenter --net=HOST -- xhost-user --pin-dir .. --run-dir .. args`. nsenter, not `ip
-    /// netns exec`, because the latter remounts /sys and would hide /sys/fs/bpf.
-    fn command(&self, args: &[OsString]) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.netns.display()))
-            .arg("--")
-            .arg(&self.bin)
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .arg("--run-dir")
-            .arg(&self.run_dir)
-            .args(args);
-        cmd
-    }
-
-    fn start(&mut self, peer: &Host, extra: &[String]) -> anyhow::Result<()> {
-        let mut args: Vec<OsString> = [
-            "load",
-            "--iface",
-            &self.iface,
-            "--bridge",
-            &self.bridge,
-            // The demo's hosts are namespaces without a Docker engine of
-            // their own: the agent must not follow the machine's engine.
-            "--no-docker",
-            "--peer",
-            &format!("{}={}", peer.underlay_ip(), peer.subnet()),
-        ]
-        .iter()
-        .map(OsString::from)
-        .collect();
-        args.extend(extra.iter().map(OsString::from));
-        let mut cmd = self.command(&args);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                // If xtask dies without running its guards (SIGKILL), the agent still gets
-                // SIGTERM and detaches instead of running on in an orphaned namespace.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        println!("    {}", workspace::display(&cmd));
-        let mut process = Process::spawn_echoing(&format!("{} xhost-user", self.role), cmd)?;
-        // Detaching programs and unpinning can take a moment; don't SIGKILL too early.
-        process.set_grace(Duration::from_secs(10));
-        self.process = Some(process);
-        Ok(())
-    }
-
-    /// Waits for `ready` on stdout, in short slices so Ctrl-C is noticed.
-    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let process = self.process.as_mut().context("agent not started")?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            check_interrupted()?;
-            match process.wait_for_line(|l| l.trim() == "ready", Duration::from_millis(200)) {
-                Ok(_) => {
-                    println!("    {}: ready", self.role);
-                    return Ok(());
-                }
-                Err(xhost_tests::Error::Timeout { .. }) if Instant::now() < deadline => {}
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("xhost-user on {} not ready", self.role));
-                }
-            }
-        }
-    }
-
-    fn status(&self) -> anyhow::Result<String> {
-        run_bounded(
-            &format!("{} xhost-user status", self.role),
-            self.command(&["status".into()]),
-            Duration::from_secs(15),
-        )
-    }
-
-    /// SIGTERM and wait; then make sure nothing of this agent is left (an `unload` if its
-    /// pins survived, then the directories).
-    fn stop(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            match process.stop() {
-                Ok(status) => println!("    stopped xhost-user on {} ({status})", self.role),
-                Err(e) => eprintln!("    cannot stop xhost-user on {}: {e}", self.role),
-            }
-        }
-        if self.pin_dir.exists() {
-            let unload = run_bounded(
-                &format!("{} xhost-user unload", self.role),
-                self.command(&["unload".into()]),
-                Duration::from_secs(15),
-            );
-            if let Err(e) = unload {
-                eprintln!("    unload on {} failed: {e:#}", self.role);
-            }
-        }
-        for dir in [&self.pin_dir, &self.run_dir] {
-            if dir.exists()
-                && let Err(e) = fs::remove_dir_all(dir)
-            {
-                eprintln!("    cannot remove {}: {e}", dir.display());
-            }
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Runs `cmd` to completion within `timeout` (killing it after), failing unless it succeeds.
-fn run_bounded(label: &str, cmd: Command, timeout: Duration) -> anyhow::Result<String> {
-    let mut p = Process::spawn(label, cmd)?;
-    match p.wait_timeout(timeout)? {
-        Some(s) if s.success() => Ok(p.output()),
-        Some(s) => bail!("{label} failed ({s}):\n{}", p.output()),
-        None => bail!("{label} still running after {timeout:?}:\n{}", p.output()),
-    }
-}
-
 /// bpffs at /sys/fs/bpf, mounted for the demo if the machine has none (systemd would mount
 /// it at boot); unmounted again afterwards only if we mounted it and it is empty, so pins
 /// of anything else on the machine are never touched.
@@ -414,36 +283,6 @@ impl Drop for BpffsMount {
     }
 }
 
-/// Removes pin/run directories of earlier demos whose process is gone.
-fn remove_stale_demo_dirs() {
-    for base in [BPFFS, "/run"] {
-        let Ok(entries) = fs::read_dir(base) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(pid) = demo_dir_pid(&name.to_string_lossy()) else {
-                continue;
-            };
-            if pid != std::process::id() && !pid_alive(pid) {
-                let path = entry.path();
-                match fs::remove_dir_all(&path) {
-                    Ok(()) => println!("removed stale {}", path.display()),
-                    Err(e) => eprintln!("cannot remove stale {}: {e}", path.display()),
-                }
-            }
-        }
-    }
-}
-
-/// The pid in `xhost-demo-{pid}-{a|b}`.
-fn demo_dir_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix("xhost-demo-")?;
-    let (pid, host) = rest.rsplit_once('-')?;
-    matches!(host, "a" | "b").then_some(())?;
-    pid.parse().ok()
-}
-
 fn check_interrupted() -> anyhow::Result<()> {
     if interrupted() {
         bail!("interrupted");
@@ -476,19 +315,5 @@ fn verdict(ok: bool) -> &'static str {
 fn print_indented(text: &str) {
     for line in text.lines() {
         println!("    {line}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_demo_dir_names() {
-        assert_eq!(demo_dir_pid("xhost-demo-123-a"), Some(123));
-        assert_eq!(demo_dir_pid("xhost-demo-123-b"), Some(123));
-        assert_eq!(demo_dir_pid("xhost-demo-123-c"), None);
-        assert_eq!(demo_dir_pid("xhost-demo-x-a"), None);
-        assert_eq!(demo_dir_pid("xhost"), None);
     }
 }

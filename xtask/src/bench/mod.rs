@@ -877,8 +877,8 @@ fn agent_reports(s: &Scenario, bed: &Bed, run: &mut Run) {
     }
     // 100 000 routes make status slow and big.
     if matches!(&s.kind, PathKind::Xhost(o) if o.routes <= 1) {
-        for (a, ns) in bed.agents().iter().zip(bed.host_namespaces()) {
-            match scenarios::agent_status(ns, &a.agent) {
+        for a in bed.agents() {
+            match a.agent.status() {
                 Ok(v) => {
                     let brief = serde_json::json!({
                         "xdp": v.pointer("/agent/xdp"),
