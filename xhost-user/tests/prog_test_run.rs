@@ -1337,7 +1337,15 @@ fn vxlan_mode_encapsulates_in_the_program() {
         let fits = with_l3_len(&fwd, 1450);
         let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_VETH_IN, "br0", &fits, "1450");
         assert_eq!(verdict, TC_ACT_REDIRECT, "1450: verdict");
-        assert_eq!(out.len(), fits.len() + 50, "1450: encapsulated");
+        let want = Outer::to_peer([172, 16, 91, 132], ul0, PEER_MAC)
+            .as_sent(&out)
+            .wrap(&ttl_decremented(&fits));
+        assert_eq!(
+            want.len(),
+            fits.len() + 50,
+            "1450: 50 bytes of outer headers"
+        );
+        assert_eq!(out, want, "1450: encapsulated");
         let big = with_l3_len(&fwd, 1451);
         let before = counters(ebpf);
         let (verdict, out) = tc_test_run(ebpf, xhost_common::PROG_BRIDGE_IN, "br0", &big, "1451");
