@@ -119,22 +119,34 @@ impl AgentDirs {
 
 /// Runs `xhost-user <dirs> <args>` to completion inside `ns`.
 pub fn xhost(ns: &NetNs, dirs: &AgentDirs, args: &[&str]) -> Result<Output> {
-    let bin = xhost_bin()?;
-    let mut all: Vec<String> = vec![bin.display().to_string()];
-    all.extend(dirs.args());
-    if args.first() == Some(&"load") {
-        all.extend(with_test_attach(args));
+    let args = if args.first() == Some(&"load") {
+        with_test_attach(args)
     } else {
-        all.extend(args.iter().map(|s| (*s).to_owned()));
-    }
-    // nsenter, not `ip netns exec`: the latter remounts /sys, which hides
-    // the bpffs at /sys/fs/bpf that pins live on.
-    ns.nsenter_command(&all)
-        .output()
-        .map_err(|source| Error::Io {
-            what: format!("running {all:?}"),
-            source,
-        })
+        args.iter().map(|s| (*s).to_owned()).collect()
+    };
+    let mut cmd = instance_command(&ns.path(), &xhost_bin()?, dirs, &args);
+    cmd.output().map_err(|source| Error::Io {
+        what: format!("running {}", crate::cmd::display(&cmd)),
+        source,
+    })
+}
+
+/// `xhost-user <dirs> <args>` inside the namespace at `ns_path`, not yet
+/// run. nsenter, not `ip netns exec`: the latter remounts /sys, which hides
+/// the bpffs at /sys/fs/bpf that pins live on.
+fn instance_command(
+    ns_path: &Path,
+    bin: &Path,
+    dirs: &AgentDirs,
+    args: &[String],
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net={}", ns_path.display()))
+        .arg("--")
+        .arg(bin)
+        .args(dirs.args())
+        .args(args);
+    cmd
 }
 
 /// `xhost-user status --json` of an instance, parsed.
@@ -495,16 +507,10 @@ impl Agent {
     }
 
     /// `xhost-user <dirs> <args>` for this agent's instance, inside its
-    /// namespace, not yet run. nsenter, not `ip netns exec`: the latter
-    /// remounts /sys, which hides the bpffs at /sys/fs/bpf that pins live on.
+    /// namespace, not yet run.
     pub fn command(&self, args: &[&str]) -> std::process::Command {
-        let mut cmd = std::process::Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.ns_path.display()))
-            .arg("--")
-            .arg(&self.bin)
-            .args(self.dirs.args())
-            .args(args);
-        cmd
+        let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        instance_command(&self.ns_path, &self.bin, &self.dirs, &args)
     }
 
     /// Runs `xhost-user <dirs> <args>` (`status`, `unload`, ...) for this
