@@ -1,0 +1,200 @@
+//! The migration decision, without a kernel: which pinned layouts migrate
+//! and which refuse.
+
+use super::*;
+
+const HASH: u32 = 1;
+const LPM: u32 = 11;
+
+fn want() -> BTreeMap<&'static str, MapShape> {
+    BTreeMap::from([
+        (
+            MAP_ROUTES,
+            MapShape {
+                map_type: LPM,
+                key_size: 8,
+                value_size: 8,
+                max_entries: 131_072,
+                flags: 1,
+            },
+        ),
+        (
+            MAP_ENDPOINT_PORTS,
+            MapShape {
+                map_type: HASH,
+                key_size: 4,
+                value_size: 4,
+                max_entries: 65_536,
+                flags: 0,
+            },
+        ),
+    ])
+}
+
+fn pinned_as(want: &BTreeMap<&'static str, MapShape>) -> BTreeMap<String, MapShape> {
+    want.iter().map(|(n, s)| ((*n).to_owned(), *s)).collect()
+}
+
+#[test]
+fn this_builds_layout_needs_nothing() {
+    let want = want();
+    let pinned = pinned_as(&want);
+    let this = fingerprint(&want);
+    assert!(
+        decide(&pinned, &[this], &want, &[])
+            .expect("adopts")
+            .is_none()
+    );
+    // Pins of a build that recorded no fingerprint are taken as this build's.
+    assert!(decide(&pinned, &[], &want, &[]).expect("adopts").is_none());
+}
+
+#[test]
+fn another_capacity_or_flags_is_copied() {
+    let want = want();
+    let mut pinned = pinned_as(&want);
+    pinned.get_mut(MAP_ROUTES).expect("ROUTES").max_entries = 1_024;
+    pinned.get_mut(MAP_ENDPOINT_PORTS).expect("ports").flags = 1;
+    let old = fingerprint_at(
+        MAP_LAYOUT_VERSION,
+        pinned.iter().map(|(n, s)| (n.as_str(), s)),
+    );
+    let m = decide(&pinned, &[old.clone()], &want, &[])
+        .expect("migrates")
+        .expect("a migration");
+    assert_eq!(m.from_version, MAP_LAYOUT_VERSION);
+    assert_eq!(
+        m.steps[MAP_ROUTES],
+        Step::Copy {
+            from: pinned[MAP_ROUTES]
+        }
+    );
+    assert_eq!(
+        m.steps[MAP_ENDPOINT_PORTS],
+        Step::Copy {
+            from: pinned[MAP_ENDPOINT_PORTS]
+        }
+    );
+    assert_eq!(m.recorded, vec![old]);
+    assert_eq!(m.fingerprint, fingerprint(&want));
+    assert_eq!(m.fresh(), BTreeSet::from([MAP_ROUTES, MAP_ENDPOINT_PORTS]));
+}
+
+#[test]
+fn a_new_map_is_created_and_a_gone_one_dropped() {
+    let want = want();
+    let mut pinned = pinned_as(&want);
+    pinned.remove(MAP_ENDPOINT_PORTS);
+    pinned.insert("OLD_MAP".into(), pinned[MAP_ROUTES]);
+    let old = fingerprint_at(
+        MAP_LAYOUT_VERSION,
+        pinned.iter().map(|(n, s)| (n.as_str(), s)),
+    );
+    let m = decide(&pinned, &[old], &want, &[])
+        .expect("migrates")
+        .expect("a migration");
+    assert_eq!(m.steps[MAP_ENDPOINT_PORTS], Step::New);
+    assert_eq!(m.steps[MAP_ROUTES], Step::Keep);
+    assert_eq!(m.dropped, vec!["OLD_MAP".to_owned()]);
+    assert_eq!(m.fresh(), BTreeSet::from([MAP_ENDPOINT_PORTS]));
+}
+
+#[test]
+fn another_value_size_is_refused_naming_the_map() {
+    let want = want();
+    let mut pinned = pinned_as(&want);
+    let ports = pinned.get_mut(MAP_ENDPOINT_PORTS).expect("ports");
+    ports.value_size = 8;
+    ports.max_entries = 1_024;
+    let e = decide(&pinned, &[fingerprint(&want)], &want, &[]).expect_err("refused");
+    assert!(
+        e.to_string().starts_with(
+            "pinned map ENDPOINT_PORTS does not match this build (value size 8, this build's 4)"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_declared_conversion_takes_a_changed_value() {
+    fn convert(_: &Map, _: &mut Map) -> Result<u64, MapError> {
+        Ok(0)
+    }
+    let conversions = [Conversion {
+        map: MAP_ROUTES,
+        from_version: MAP_LAYOUT_VERSION,
+        from_key_size: 8,
+        from_value_size: 4,
+        convert,
+    }];
+    let want = want();
+    let mut pinned = pinned_as(&want);
+    pinned.get_mut(MAP_ROUTES).expect("ROUTES").value_size = 4;
+    let m = decide(&pinned, &[fingerprint(&want)], &want, &conversions)
+        .expect("migrates")
+        .expect("a migration");
+    assert_eq!(
+        m.steps[MAP_ROUTES],
+        Step::Convert {
+            from: pinned[MAP_ROUTES],
+            conversion: 0
+        }
+    );
+    // Not for another value size.
+    pinned.get_mut(MAP_ROUTES).expect("ROUTES").value_size = 12;
+    assert!(decide(&pinned, &[fingerprint(&want)], &want, &conversions).is_err());
+}
+
+#[test]
+fn an_unknown_layout_is_refused() {
+    let want = want();
+    let pinned = pinned_as(&want);
+    let e = decide(&pinned, &["00112233deadbeef".into()], &want, &[]).expect_err("refused");
+    assert!(
+        matches!(e, AdoptError::Version { ref pinned, .. } if pinned == "00112233deadbeef"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_interrupted_migration_goes_on() {
+    // Both fingerprints recorded, one map renamed into place, one not.
+    let want = want();
+    let mut pinned = pinned_as(&want);
+    pinned
+        .get_mut(MAP_ENDPOINT_PORTS)
+        .expect("ports")
+        .max_entries = 1_024;
+    let m = decide(
+        &pinned,
+        &["00112233deadbeef".into(), fingerprint(&want)],
+        &want,
+        &[],
+    )
+    .expect("migrates")
+    .expect("a migration");
+    assert_eq!(m.steps[MAP_ROUTES], Step::Keep);
+    assert!(matches!(m.steps[MAP_ENDPOINT_PORTS], Step::Copy { .. }));
+    // Everything renamed: only the old record is left to remove.
+    let m = decide(
+        &pinned_as(&want),
+        &["00112233deadbeef".into(), fingerprint(&want)],
+        &want,
+        &[],
+    )
+    .expect("migrates")
+    .expect("a migration");
+    assert!(m.fresh().is_empty());
+}
+
+#[test]
+fn pins_of_builds_before_the_name_ordered_fingerprint_are_known() {
+    let want = want();
+    let pinned = pinned_as(&want);
+    let legacy = legacy_fingerprint(1, &pinned).expect("version 1");
+    assert_ne!(legacy, fingerprint(&want));
+    let m = decide(&pinned, &[legacy], &want, &[])
+        .expect("adopts")
+        .expect("re-records the fingerprint");
+    assert!(m.fresh().is_empty() && m.dropped.is_empty());
+}
