@@ -59,7 +59,7 @@ fn another_capacity_or_flags_is_copied() {
         MAP_LAYOUT_VERSION,
         pinned.iter().map(|(n, s)| (n.as_str(), s)),
     );
-    let m = decide(&pinned, &[old.clone()], &want, &[])
+    let m = decide(&pinned, std::slice::from_ref(&old), &want, &[])
         .expect("migrates")
         .expect("a migration");
     assert_eq!(m.from_version, MAP_LAYOUT_VERSION);
@@ -197,4 +197,100 @@ fn pins_of_builds_before_the_name_ordered_fingerprint_are_known() {
         .expect("adopts")
         .expect("re-records the fingerprint");
     assert!(m.fresh().is_empty() && m.dropped.is_empty());
+}
+
+/// Pinned maps bpftool created in a bpffs directory of this process,
+/// removed on drop.
+struct Pins(PathBuf);
+
+impl Pins {
+    fn new() -> Self {
+        let dir = PathBuf::from(format!("/sys/fs/bpf/xh-migrate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a bpffs directory (root)");
+        Self(dir)
+    }
+
+    fn per_cpu_array(&self, name: &str, entries: u32) -> Map {
+        let path = self.0.join(name);
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&path)
+            .args(["type", "percpu_array", "key", "4", "value", "16"])
+            .args(["entries", &entries.to_string(), "name", name])
+            .output()
+            .expect("bpftool");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        open(&path).expect("open the pin")
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn counters(m: &Map, slot: u32) -> Vec<Counter> {
+    let a = PerCpuArray::<_, Counter>::try_from(m).expect("per-CPU array");
+    a.get(&slot, 0).expect("slot").iter().copied().collect()
+}
+
+fn set(m: &mut Map, slot: u32, values: Vec<Counter>) {
+    let mut a = PerCpuArray::<_, Counter>::try_from(m).expect("per-CPU array");
+    a.set(slot, PerCpuValues::try_from(values).expect("values"), 0)
+        .expect("set");
+}
+
+/// Per-CPU counters are copied CPU by CPU, and what the old programs
+/// count after the copy is added once they are swapped out, on top of
+/// what the new programs counted meanwhile. Needs root and bpftool.
+#[test]
+fn per_cpu_counters_are_copied_and_later_counts_added() {
+    let pins = Pins::new();
+    let mut old = pins.per_cpu_array("OLD", 8);
+    let old_again = open(&pins.0.join("OLD")).expect("open OLD");
+    let new = pins.per_cpu_array("NEW", 16);
+    let mut new_again = open(&pins.0.join("NEW")).expect("open NEW");
+    let cpus = counters(&old, 0).len();
+    let c = |packets, bytes| Counter { packets, bytes };
+    let first: Vec<Counter> = (0..cpus as u64).map(|i| c(10 + i, 1000 + i)).collect();
+    set(&mut old, 5, first.clone());
+    let (n, rest) = copy_counters::<Counter>(old_again, new).expect("copy");
+    assert_eq!(n, 1, "one slot held counts");
+    assert_eq!(counters(&new_again, 5), first, "copied CPU by CPU");
+    assert!(
+        counters(&new_again, 6)
+            .iter()
+            .all(|v| *v == Counter::default())
+    );
+    // The old programs count on (slot 5 and a slot empty at the copy),
+    // the new ones too.
+    let mut later = first.clone();
+    later[0] = c(later[0].packets + 7, later[0].bytes + 700);
+    set(&mut old, 5, later);
+    set(&mut old, 2, vec![c(1, 100); cpus]);
+    let mut new_counted = first.clone();
+    new_counted[cpus - 1] = c(
+        new_counted[cpus - 1].packets + 3,
+        new_counted[cpus - 1].bytes + 300,
+    );
+    set(&mut new_again, 5, new_counted);
+    rest().expect("add the rest");
+    let got = counters(&new_again, 5);
+    assert_eq!(
+        got[0].packets,
+        first[0].packets + 7 + u64::from(cpus == 1) * 3
+    );
+    assert_eq!(
+        got[cpus - 1].packets,
+        first[cpus - 1].packets + 3 + u64::from(cpus == 1) * 7
+    );
+    assert_eq!(counters(&new_again, 2), vec![c(1, 100); cpus]);
 }
