@@ -391,6 +391,49 @@ fn pins(dir: &Path) -> Vec<String> {
 /// programs, still forwarding.
 #[test]
 fn a_changed_map_layout_is_refused_with_pins_untouched() {
+    refused_with_pins_untouched(
+        |pin_dir| {
+            // ENDPOINT_PORTS as a build with 8-byte values would have pinned it.
+            let path = pin_dir.join("ENDPOINT_PORTS");
+            std::fs::remove_file(&path).expect("unpin ENDPOINT_PORTS");
+            bpftool_create(
+                &path,
+                "ENDPOINT_PORTS",
+                &["type", "hash", "key", "4", "value", "8", "entries", "1024"],
+            );
+        },
+        "pinned map ENDPOINT_PORTS does not match this build (value size 8, this build's 4)",
+    );
+}
+
+/// A map of a larger capacity holding more entries than this build's
+/// capacity is refused in one line, nothing touched.
+#[test]
+fn entries_that_do_not_fit_are_refused_with_pins_untouched() {
+    refused_with_pins_untouched(
+        |pin_dir| {
+            // UNDERLAY_ADDRS as a build with room for 128 would have
+            // pinned it, holding 65 addresses (this build's room: 64).
+            let path = pin_dir.join("UNDERLAY_ADDRS");
+            std::fs::remove_file(&path).expect("unpin UNDERLAY_ADDRS");
+            bpftool_create(
+                &path,
+                "UNDERLAY_ADDRS",
+                &["type", "hash", "key", "4", "value", "4", "entries", "128"],
+            );
+            let mut m: aya::maps::HashMap<_, [u8; 4], u32> =
+                open_map(&path).try_into().expect("hash map");
+            for i in 0..65u8 {
+                m.insert([10, 99, 0, i], 1, 0).expect("insert");
+            }
+        },
+        "pinned map UNDERLAY_ADDRS holds 65 entries, this build's capacity is 64: they do not fit",
+    );
+}
+
+/// Loads A detached, lets `alter` change its pins, and checks that the
+/// next load refuses with one line holding `expected`, touching nothing.
+fn refused_with_pins_untouched(alter: impl FnOnce(&Path), expected: &str) {
     let topo = topology();
     let (a, b) = (topo.host_a(), topo.host_b());
     let dirs = AgentDirs::unique("a");
@@ -404,31 +447,7 @@ fn a_changed_map_layout_is_refused_with_pins_untouched() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // ENDPOINT_PORTS as a build with 8-byte values would have pinned it.
-    let path = dirs.pin_dir.join("ENDPOINT_PORTS");
-    std::fs::remove_file(&path).expect("unpin ENDPOINT_PORTS");
-    let made = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&path)
-        .args([
-            "type",
-            "hash",
-            "key",
-            "4",
-            "value",
-            "8",
-            "entries",
-            "1024",
-            "name",
-            "ENDPOINT_PORTS",
-        ])
-        .output()
-        .expect("bpftool");
-    assert!(
-        made.status.success(),
-        "bpftool map create: {}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    alter(&dirs.pin_dir);
     let pinned = pins(&dirs.pin_dir);
     let ids = tcx_progs(a.ns(), a.underlay_iface());
 
@@ -442,12 +461,8 @@ fn a_changed_map_layout_is_refused_with_pins_untouched() {
         .filter(|l| l.starts_with("xhost-user:"))
         .collect();
     assert_eq!(errors.len(), 1, "one line: {stderr}");
-    assert!(
-        errors[0].contains(
-            "pinned map ENDPOINT_PORTS does not match this build (value size 8, this build's 4)"
-        ),
-        "{stderr}"
-    );
+    assert!(errors[0].contains(expected), "{stderr}");
+    assert!(errors[0].contains("nothing was touched"), "{stderr}");
     assert_eq!(pins(&dirs.pin_dir), pinned, "pins untouched");
     assert_eq!(
         tcx_progs(a.ns(), a.underlay_iface()),

@@ -128,7 +128,7 @@ pub enum MigrateError {
 
 /// The shapes of the maps pinned under `layout` (files directly in the
 /// pin dir that are maps), by name.
-pub fn pinned_shapes(layout: &Layout) -> Result<BTreeMap<String, MapShape>, AdoptError> {
+pub fn pinned_shapes(layout: &Layout) -> BTreeMap<String, MapShape> {
     let mut out = BTreeMap::new();
     for e in std::fs::read_dir(&layout.pin_dir)
         .into_iter()
@@ -145,7 +145,7 @@ pub fn pinned_shapes(layout: &Layout) -> Result<BTreeMap<String, MapShape>, Adop
             );
         }
     }
-    Ok(out)
+    out
 }
 
 /// Every fingerprint recorded under `<pin-dir>/layout/` (two while a
@@ -168,7 +168,7 @@ pub fn plan(
     layout: &Layout,
     want: &BTreeMap<&'static str, MapShape>,
 ) -> Result<Option<Migration>, AdoptError> {
-    let pinned = pinned_shapes(layout)?;
+    let pinned = pinned_shapes(layout);
     let migration = decide(&pinned, &recorded(layout), want, CONVERSIONS)?;
     if let Some(m) = &migration {
         // Entries must fit where capacity shrinks: counted now, before
