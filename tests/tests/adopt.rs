@@ -515,7 +515,8 @@ fn open_map(path: &Path) -> aya::maps::Map {
 /// The layout fingerprint of the maps pinned under `dir` (layout version
 /// 1): what the build that pinned them records, computed here from the
 /// definition (SHA-256 of the version, then each map's name and type, key
-/// size, value size, capacity and flags in name order; 16 hex digits).
+/// size, value size, capacity and flags: the maps of `PINNED_MAPS` in its
+/// order, then others by name; 16 hex digits).
 fn fingerprint_of_pins(dir: &Path) -> String {
     use sha2::{Digest as _, Sha256};
     let mut maps: Vec<(String, aya::maps::MapInfo)> = std::fs::read_dir(dir)
@@ -527,7 +528,13 @@ fn fingerprint_of_pins(dir: &Path) -> String {
             Some((e.file_name().to_string_lossy().into_owned(), info))
         })
         .collect();
-    maps.sort_by(|a, b| a.0.cmp(&b.0));
+    let rank = |name: &str| {
+        xhost_common::PINNED_MAPS
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or(usize::MAX)
+    };
+    maps.sort_by(|a, b| rank(&a.0).cmp(&rank(&b.0)).then(a.0.cmp(&b.0)));
     let mut h = Sha256::new();
     h.update(1u32.to_le_bytes());
     for (name, i) in &maps {

@@ -158,15 +158,40 @@ pub fn fingerprint(shapes: &BTreeMap<&'static str, MapShape>) -> String {
     fingerprint_at(MAP_LAYOUT_VERSION, shapes.iter().map(|(n, s)| (*n, s)))
 }
 
-/// The layout fingerprint of maps `shapes` (name and shape, in name
-/// order) under layout `version`: 16 hex digits of the SHA-256 of the
-/// version and every map's name and shape. Independent of any build's
-/// list of maps, so that a later build can tell the layout of pins that
-/// hold maps it no longer has.
+/// The order maps are hashed in by [`fingerprint_at`]: every map name a
+/// build has pinned, in the order they were added. Append only: a map a
+/// build no longer has keeps its place, so later builds can still tell
+/// the layout of pins that hold it.
+pub const FINGERPRINT_ORDER: [&str; 9] = [
+    "ROUTES",
+    "LOCAL_NETS",
+    "ENDPOINTS",
+    "PEER_HOSTS",
+    "STATS",
+    "DATAPATH_GEN",
+    "UNDERLAY_ADDRS",
+    "ENDPOINT_PORTS",
+    "PEER_STATS",
+];
+
+/// The layout fingerprint of maps `shapes` (name and shape) under layout
+/// `version`: 16 hex digits of the SHA-256 of the version and every map's
+/// name and shape, in [`FINGERPRINT_ORDER`], then any map it does not
+/// name, by name. It depends only on the maps given, not on a build's
+/// list of maps, so a build can tell the layout of pins holding maps it
+/// no longer has.
 pub fn fingerprint_at<'a>(
     version: u32,
     shapes: impl IntoIterator<Item = (&'a str, &'a MapShape)>,
 ) -> String {
+    let mut shapes: Vec<(&str, &MapShape)> = shapes.into_iter().collect();
+    let rank = |name: &str| {
+        FINGERPRINT_ORDER
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or(FINGERPRINT_ORDER.len())
+    };
+    shapes.sort_by(|a, b| rank(a.0).cmp(&rank(b.0)).then(a.0.cmp(b.0)));
     let mut h = Sha256::new();
     h.update(version.to_le_bytes());
     for (name, s) in shapes {
@@ -176,36 +201,6 @@ pub fn fingerprint_at<'a>(
         }
     }
     hex(&h.finalize()[..8])
-}
-
-/// The fingerprint builds before [`fingerprint_at`] recorded (layout
-/// version 1 only): the maps hashed in the order of their nine-map list.
-pub fn legacy_fingerprint(version: u32, shapes: &BTreeMap<String, MapShape>) -> Option<String> {
-    const ORDER: [&str; 9] = [
-        "ROUTES",
-        "LOCAL_NETS",
-        "ENDPOINTS",
-        "PEER_HOSTS",
-        "STATS",
-        "DATAPATH_GEN",
-        "UNDERLAY_ADDRS",
-        "ENDPOINT_PORTS",
-        "PEER_STATS",
-    ];
-    if version != 1 {
-        return None;
-    }
-    let mut h = Sha256::new();
-    h.update(version.to_le_bytes());
-    for name in ORDER {
-        h.update(name.as_bytes());
-        if let Some(s) = shapes.get(name) {
-            for v in [s.map_type, s.key_size, s.value_size, s.max_entries, s.flags] {
-                h.update(v.to_le_bytes());
-            }
-        }
-    }
-    Some(hex(&h.finalize()[..8]))
 }
 
 fn hex(bytes: &[u8]) -> String {

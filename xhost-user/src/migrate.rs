@@ -45,7 +45,7 @@ use xhost_common::{
 };
 
 use crate::{
-    adopt::{AdoptError, MapShape, fingerprint, fingerprint_at, legacy_fingerprint},
+    adopt::{AdoptError, MapShape, fingerprint, fingerprint_at},
     layout::{Layout, remove_file_if_exists},
 };
 
@@ -216,13 +216,7 @@ pub fn decide(
     } else {
         (1..=MAP_LAYOUT_VERSION)
             .rev()
-            .find(|&v| {
-                let fp = fingerprint_at(v, shapes());
-                let legacy = legacy_fingerprint(v, pinned);
-                recorded
-                    .iter()
-                    .any(|r| *r == fp || Some(r) == legacy.as_ref())
-            })
+            .find(|&v| recorded.contains(&fingerprint_at(v, shapes())))
             .ok_or_else(|| AdoptError::Version {
                 pinned: recorded.join(", "),
                 this: this.clone(),

@@ -187,16 +187,58 @@ fn an_interrupted_migration_goes_on() {
     assert!(m.fresh().is_empty());
 }
 
+/// Builds before migration hashed their maps in `PINNED_MAPS` order; the
+/// fingerprint of this build's maps is still what they recorded, so
+/// either can adopt the other's pins.
 #[test]
-fn pins_of_builds_before_the_name_ordered_fingerprint_are_known() {
-    let want = want();
-    let pinned = pinned_as(&want);
-    let legacy = legacy_fingerprint(1, &pinned).expect("version 1");
-    assert_ne!(legacy, fingerprint(&want));
-    let m = decide(&pinned, &[legacy], &want, &[])
-        .expect("adopts")
-        .expect("re-records the fingerprint");
-    assert!(m.fresh().is_empty() && m.dropped.is_empty());
+fn the_fingerprint_is_what_earlier_builds_recorded() {
+    use sha2::{Digest as _, Sha256};
+    let shapes: BTreeMap<&'static str, MapShape> = xhost_common::PINNED_MAPS
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let i = i as u32;
+            (
+                n,
+                MapShape {
+                    map_type: i,
+                    key_size: i + 1,
+                    value_size: i + 2,
+                    max_entries: i + 3,
+                    flags: i + 4,
+                },
+            )
+        })
+        .collect();
+    let mut h = Sha256::new();
+    h.update(1u32.to_le_bytes());
+    for name in xhost_common::PINNED_MAPS {
+        h.update(name.as_bytes());
+        let s = shapes[name];
+        for v in [s.map_type, s.key_size, s.value_size, s.max_entries, s.flags] {
+            h.update(v.to_le_bytes());
+        }
+    }
+    let earlier: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        fingerprint_at(1, shapes.iter().map(|(n, s)| (*n, s))),
+        earlier
+    );
+}
+
+/// A map added to `PINNED_MAPS` must be appended to `FINGERPRINT_ORDER`
+/// too (and a removed one stays there).
+#[test]
+fn every_pinned_map_has_its_place_in_the_fingerprint() {
+    for name in xhost_common::PINNED_MAPS {
+        assert!(
+            crate::adopt::FINGERPRINT_ORDER.contains(&name),
+            "{name} missing from FINGERPRINT_ORDER"
+        );
+    }
 }
 
 /// Pinned maps bpftool created in a bpffs directory of this process,
