@@ -760,3 +760,60 @@ fn maps_of_another_capacity_are_migrated_without_loss() {
         "{status:?} left {left:?}"
     );
 }
+
+/// What a migration interrupted after its maps were renamed into place
+/// leaves (a crash before the programs were swapped in): the pins of this
+/// build's layout under both fingerprints, and a map still staged. The
+/// next load finishes it: it adopts, discards what was staged, keeps only
+/// this build's fingerprint, and forwards.
+#[test]
+fn an_interrupted_migration_is_finished_by_the_next_load() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let dirs = AgentDirs::unique("a");
+    let _cleanup = Cleanup(vec![dirs.clone()]);
+    let _agent_b = Agent::start(b.ns(), b.role(), &strs(&args(b, a, &[]))).expect("load B");
+    let mut detach = vec!["load".to_owned()];
+    detach.extend(args(a, b, &["--detach"]));
+    let load = |what: &str| {
+        let out = xhost(a.ns(), &dirs, &strs(&detach)).expect(what);
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    load("load --detach");
+    let this = recorded_layouts(&dirs.pin_dir);
+    assert_eq!(this.len(), 1, "{this:?}");
+    std::fs::create_dir(dirs.pin_dir.join("layout").join("00112233deadbeef"))
+        .expect("the old fingerprint");
+    let staging = dirs.pin_dir.join("migrating");
+    std::fs::create_dir(&staging).expect("staging dir");
+    bpftool_create(
+        &staging.join("ROUTES"),
+        "ROUTES",
+        &[
+            "type", "lpm_trie", "key", "8", "value", "8", "entries", "1024", "flags", "1",
+        ],
+    );
+
+    let log = load("load again");
+    assert!(log.contains("adopted the pinned datapath"), "{log}");
+    assert_eq!(
+        recorded_layouts(&dirs.pin_dir),
+        this,
+        "only this build's fingerprint"
+    );
+    assert!(!staging.exists(), "what was staged is discarded");
+    let ping = xhost_tests::ping(topo.ctr_a().ns(), topo.ctr_b().ip(), 2).expect("ping");
+    assert!(ping.all_received(), "forwarding: {ping:?}");
+    let out = xhost(a.ns(), &dirs, &["unload"]).expect("unload");
+    assert!(
+        out.status.success(),
+        "unload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dirs.leftovers().is_empty(), "left {:?}", dirs.leftovers());
+}
