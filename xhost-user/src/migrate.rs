@@ -122,6 +122,12 @@ pub enum MigrateError {
         #[source]
         source: std::io::Error,
     },
+    #[error("migrating the pinned maps: {}", .path.display())]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("this build cannot copy map {0}: it has no types for it")]
     NoTypes(&'static str),
 }
@@ -174,7 +180,9 @@ pub fn plan(
         // Entries must fit where capacity shrinks: counted now, before
         // anything is touched.
         for (&map, step) in &m.steps {
-            let (Step::Copy { from } | Step::Convert { from, .. }) = step else {
+            // A conversion that does not fit fails while filling the
+            // staged map, still before anything is renamed.
+            let Step::Copy { from } = step else {
                 continue;
             };
             let capacity = want[map].max_entries;
@@ -309,12 +317,8 @@ impl Migration {
     /// migration left staged, and makes the staging directory.
     pub fn prepare(&self, layout: &Layout) -> Result<(), MigrateError> {
         discard_staging(layout);
-        let dir = staging_dir(layout);
-        std::fs::create_dir_all(&dir).map_err(|source| MigrateError::Pin {
-            map: String::new(),
-            path: dir,
-            source,
-        })
+        let path = staging_dir(layout);
+        std::fs::create_dir_all(&path).map_err(|source| MigrateError::Dir { path, source })
     }
 
     /// Steps 1 and 2 (module docs), once this build's programs are loaded
@@ -369,10 +373,12 @@ impl Migration {
             let map = map.to_owned();
             move |source| MigrateError::Pin { map, path, source }
         };
-        let dir = layout.layout_dir();
         layout
             .record_layout(&self.fingerprint)
-            .map_err(io("", dir))?;
+            .map_err(|source| MigrateError::Dir {
+                path: layout.layout_dir(),
+                source,
+            })?;
         for map in self.fresh() {
             let to = layout.map(map);
             std::fs::rename(staging_dir(layout).join(map), &to).map_err(io(map, to))?;
