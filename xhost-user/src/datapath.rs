@@ -366,14 +366,29 @@ impl Datapath {
         let same = |name: &str| layout.map(name);
         let (mut dp, carried) = match migration {
             None => (
-                Self::open(layout, features, method, None, opts, &mut guard, Some(&same))?,
+                Self::open(
+                    layout,
+                    features,
+                    method,
+                    None,
+                    opts,
+                    &mut guard,
+                    Some(&same),
+                )?,
                 None,
             ),
             Some(m) => {
                 m.prepare(layout)?;
                 let staged = |name: &str| m.map_path(layout, name);
-                let opened =
-                    Self::open(layout, features, method, None, opts, &mut guard, Some(&staged));
+                let opened = Self::open(
+                    layout,
+                    features,
+                    method,
+                    None,
+                    opts,
+                    &mut guard,
+                    Some(&staged),
+                );
                 // Until renamed into place, the staged maps serve nothing.
                 let carried = opened.and_then(|dp| Ok((dp, m.carry(layout)?)));
                 let (dp, carried) =

@@ -45,7 +45,7 @@ use xhost_common::{
 };
 
 use crate::{
-    adopt::{AdoptError, MapShape, fingerprint, fingerprint_at},
+    adopt::{AdoptError, ENDPOINT_MAPS, MapShape, fingerprint, fingerprint_at},
     layout::{Layout, remove_file_if_exists},
 };
 
@@ -257,6 +257,19 @@ pub fn decide(
                     conversion,
                 },
                 None if from == want_shape => Step::Keep,
+                // The endpoint maps' capacity is the operator's choice
+                // (--max-endpoints), not a build's layout: not resized.
+                None if ENDPOINT_MAPS.contains(&map)
+                    && MapShape {
+                        max_entries: want_shape.max_entries,
+                        ..*from
+                    } == *want_shape =>
+                {
+                    return Err(AdoptError::Capacity {
+                        pinned: from.max_entries,
+                        wanted: want_shape.max_entries,
+                    });
+                }
                 None if from.map_type == want_shape.map_type
                     && from.key_size == want_shape.key_size
                     && from.value_size == want_shape.value_size =>

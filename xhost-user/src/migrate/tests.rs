@@ -54,7 +54,7 @@ fn another_capacity_or_flags_is_copied() {
     let want = want();
     let mut pinned = pinned_as(&want);
     pinned.get_mut(MAP_ROUTES).expect("ROUTES").max_entries = 1_024;
-    pinned.get_mut(MAP_ENDPOINT_PORTS).expect("ports").flags = 1;
+    pinned.get_mut(MAP_ROUTES).expect("ROUTES").flags = 0;
     let old = fingerprint_at(
         MAP_LAYOUT_VERSION,
         pinned.iter().map(|(n, s)| (n.as_str(), s)),
@@ -69,15 +69,10 @@ fn another_capacity_or_flags_is_copied() {
             from: pinned[MAP_ROUTES]
         }
     );
-    assert_eq!(
-        m.steps[MAP_ENDPOINT_PORTS],
-        Step::Copy {
-            from: pinned[MAP_ENDPOINT_PORTS]
-        }
-    );
+    assert_eq!(m.steps[MAP_ENDPOINT_PORTS], Step::Keep);
     assert_eq!(m.recorded, vec![old]);
     assert_eq!(m.fingerprint, fingerprint(&want));
-    assert_eq!(m.fresh(), BTreeSet::from([MAP_ROUTES, MAP_ENDPOINT_PORTS]));
+    assert_eq!(m.fresh(), BTreeSet::from([MAP_ROUTES]));
 }
 
 #[test]
@@ -97,6 +92,31 @@ fn a_new_map_is_created_and_a_gone_one_dropped() {
     assert_eq!(m.steps[MAP_ROUTES], Step::Keep);
     assert_eq!(m.dropped, vec!["OLD_MAP".to_owned()]);
     assert_eq!(m.fresh(), BTreeSet::from([MAP_ENDPOINT_PORTS]));
+}
+
+#[test]
+fn another_endpoint_capacity_is_the_operators_and_refused() {
+    let want = want();
+    let mut pinned = pinned_as(&want);
+    pinned
+        .get_mut(MAP_ENDPOINT_PORTS)
+        .expect("ports")
+        .max_entries = 8;
+    let old = fingerprint_at(
+        MAP_LAYOUT_VERSION,
+        pinned.iter().map(|(n, s)| (n.as_str(), s)),
+    );
+    let e = decide(&pinned, &[old], &want, &[]).expect_err("refused");
+    assert!(
+        matches!(
+            e,
+            AdoptError::Capacity {
+                pinned: 8,
+                wanted: 65_536
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -161,10 +181,7 @@ fn an_interrupted_migration_goes_on() {
     // Both fingerprints recorded, one map renamed into place, one not.
     let want = want();
     let mut pinned = pinned_as(&want);
-    pinned
-        .get_mut(MAP_ENDPOINT_PORTS)
-        .expect("ports")
-        .max_entries = 1_024;
+    pinned.get_mut(MAP_ROUTES).expect("ROUTES").max_entries = 1_024;
     let m = decide(
         &pinned,
         &["00112233deadbeef".into(), fingerprint(&want)],
@@ -173,8 +190,8 @@ fn an_interrupted_migration_goes_on() {
     )
     .expect("migrates")
     .expect("a migration");
-    assert_eq!(m.steps[MAP_ROUTES], Step::Keep);
-    assert!(matches!(m.steps[MAP_ENDPOINT_PORTS], Step::Copy { .. }));
+    assert_eq!(m.steps[MAP_ENDPOINT_PORTS], Step::Keep);
+    assert!(matches!(m.steps[MAP_ROUTES], Step::Copy { .. }));
     // Everything renamed: only the old record is left to remove.
     let m = decide(
         &pinned_as(&want),
