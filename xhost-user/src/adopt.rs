@@ -9,7 +9,8 @@
 //! pins, they serve this underlay through the TC method asked for, and
 //! the pinned maps have the shape this build's programs were compiled
 //! against (type, key and value size, capacity, flags), recorded as a
-//! fingerprint under `<pin-dir>/layout/`.
+//! fingerprint under `<pin-dir>/layout/`, or can be migrated to it
+//! ([`crate::migrate`]).
 
 use std::{collections::BTreeMap, path::PathBuf};
 
@@ -35,7 +36,7 @@ pub struct MapShape {
 }
 
 impl MapShape {
-    fn of_pin(info: &MapInfo) -> Self {
+    pub(crate) fn of_pin(info: &MapInfo) -> Self {
         Self {
             map_type: info.map_type().map_or(u32::MAX, |t| t as u32),
             key_size: info.key_size(),
@@ -46,7 +47,7 @@ impl MapShape {
     }
 
     /// The first difference to `want` (this build's), in words.
-    fn difference(&self, want: &Self) -> Option<String> {
+    pub(crate) fn difference(&self, want: &Self) -> Option<String> {
         let fields = [
             ("type", self.map_type, want.map_type),
             ("key size", self.key_size, want.key_size),
@@ -105,12 +106,7 @@ pub enum AdoptError {
     )]
     Capacity { pinned: u32, wanted: u32 },
     #[error(
-        "pinned map {map} is missing: the pins under {} are not a whole datapath of this build; nothing was touched (`xhost-user unload` first)",
-        .pin_dir.display()
-    )]
-    MissingMap { map: &'static str, pin_dir: PathBuf },
-    #[error(
-        "the pinned maps were written under map layout {pinned}, this build's is {this} (same sizes, another meaning): nothing was touched (run the build that pinned it, or `xhost-user unload` first)"
+        "the pinned maps were written under map layout {pinned}, this build's is {this}, and this build declares no conversion from it (another meaning, or an unknown layout): nothing was touched (run the build that pinned it, or `xhost-user unload` first)"
     )]
     Version { pinned: String, this: String },
     #[error("reading pinned map {map}")]
@@ -123,6 +119,8 @@ pub enum AdoptError {
     Object(#[source] aya_obj::ParseError),
     #[error("the embedded eBPF object has no map {0}")]
     ObjectMap(&'static str),
+    #[error(transparent)]
+    Migrate(#[from] crate::migrate::MigrateError),
 }
 
 /// The maps sized by `--max-endpoints` (one port per endpoint at most).
@@ -154,24 +152,59 @@ pub fn object_shapes(max_endpoints: u32) -> Result<BTreeMap<&'static str, MapSha
         .collect()
 }
 
-/// The layout fingerprint of `shapes`: the layout version (bumped when a
-/// value's meaning changes at the same size) and every map's shape, in
-/// `PINNED_MAPS` order; 16 hex digits of its SHA-256.
+/// This build's layout fingerprint: [`fingerprint_at`] this build's
+/// `MAP_LAYOUT_VERSION`.
 pub fn fingerprint(shapes: &BTreeMap<&'static str, MapShape>) -> String {
+    fingerprint_at(MAP_LAYOUT_VERSION, shapes.iter().map(|(n, s)| (*n, s)))
+}
+
+/// The order maps are hashed in by [`fingerprint_at`]: every map name a
+/// build has pinned, in the order they were added. Append only: a map a
+/// build no longer has keeps its place, so later builds can still tell
+/// the layout of pins that hold it.
+pub const FINGERPRINT_ORDER: [&str; 9] = [
+    "ROUTES",
+    "LOCAL_NETS",
+    "ENDPOINTS",
+    "PEER_HOSTS",
+    "STATS",
+    "DATAPATH_GEN",
+    "UNDERLAY_ADDRS",
+    "ENDPOINT_PORTS",
+    "PEER_STATS",
+];
+
+/// The layout fingerprint of maps `shapes` (name and shape) under layout
+/// `version`: 16 hex digits of the SHA-256 of the version and every map's
+/// name and shape, in [`FINGERPRINT_ORDER`], then any map it does not
+/// name, by name. It depends only on the maps given, not on a build's
+/// list of maps, so a build can tell the layout of pins holding maps it
+/// no longer has.
+pub fn fingerprint_at<'a>(
+    version: u32,
+    shapes: impl IntoIterator<Item = (&'a str, &'a MapShape)>,
+) -> String {
+    let mut shapes: Vec<(&str, &MapShape)> = shapes.into_iter().collect();
+    let rank = |name: &str| {
+        FINGERPRINT_ORDER
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or(FINGERPRINT_ORDER.len())
+    };
+    shapes.sort_by(|a, b| rank(a.0).cmp(&rank(b.0)).then(a.0.cmp(b.0)));
     let mut h = Sha256::new();
-    h.update(MAP_LAYOUT_VERSION.to_le_bytes());
-    for name in PINNED_MAPS {
+    h.update(version.to_le_bytes());
+    for (name, s) in shapes {
         h.update(name.as_bytes());
-        if let Some(s) = shapes.get(name) {
-            for v in [s.map_type, s.key_size, s.value_size, s.max_entries, s.flags] {
-                h.update(v.to_le_bytes());
-            }
+        for v in [s.map_type, s.key_size, s.value_size, s.max_entries, s.flags] {
+            h.update(v.to_le_bytes());
         }
     }
-    h.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&h.finalize()[..8])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A pinned datapath this load may adopt.
@@ -181,6 +214,8 @@ pub struct Prior {
     pub state: Option<AgentState>,
     /// How its TC programs are attached.
     pub method: TcMethod,
+    /// How its maps become this build's, when their layout is another's.
+    pub migration: Option<crate::migrate::Migration>,
 }
 
 /// Whether `layout` holds a datapath to adopt, checked against `settings`
@@ -235,54 +270,12 @@ pub fn find(layout: &Layout, settings: &Settings) -> Result<Option<Prior>, Adopt
     if settings.tunnel.is_some() || state.as_ref().is_some_and(|s| s.tunnel.is_some()) {
         return Err(AdoptError::Tunnel);
     }
-    check_layout(layout, &object_shapes(settings.max_endpoints)?)?;
-    Ok(Some(Prior { state, method }))
-}
-
-/// Refuses unless every pinned map has the shape `shapes` says and the
-/// recorded fingerprint (when there is one) is this build's.
-pub fn check_layout(
-    layout: &Layout,
-    shapes: &BTreeMap<&'static str, MapShape>,
-) -> Result<(), AdoptError> {
-    for name in PINNED_MAPS {
-        let path = layout.map(name);
-        if !path.exists() {
-            return Err(AdoptError::MissingMap {
-                map: name,
-                pin_dir: layout.pin_dir.clone(),
-            });
-        }
-        let info =
-            MapInfo::from_pin(&path).map_err(|source| AdoptError::ReadMap { map: name, source })?;
-        let want = shapes.get(name).ok_or(AdoptError::ObjectMap(name))?;
-        let pinned = MapShape::of_pin(&info);
-        // A capacity the operator chose, not a layout of the build.
-        let resized = MapShape {
-            max_entries: want.max_entries,
-            ..pinned
-        };
-        if ENDPOINT_MAPS.contains(&name)
-            && pinned.max_entries != want.max_entries
-            && resized == *want
-        {
-            return Err(AdoptError::Capacity {
-                pinned: pinned.max_entries,
-                wanted: want.max_entries,
-            });
-        }
-        if let Some(difference) = pinned.difference(want) {
-            return Err(AdoptError::Layout {
-                map: name,
-                difference,
-            });
-        }
-    }
-    let this = fingerprint(shapes);
-    match layout.layout_recorded() {
-        Some(pinned) if pinned != this => Err(AdoptError::Version { pinned, this }),
-        _ => Ok(()),
-    }
+    let migration = crate::migrate::plan(layout, &object_shapes(settings.max_endpoints)?)?;
+    Ok(Some(Prior {
+        state,
+        method,
+        migration,
+    }))
 }
 
 fn pid_alive(pid: u32) -> bool {

@@ -328,7 +328,12 @@ fn load_ebpf(
             (dp, xdp, State::default(), None)
         }
         Some(prior) => {
-            let mut dp = Datapath::adopt(layout, prior.method, load_opts(settings))?;
+            let mut dp = Datapath::adopt(
+                layout,
+                prior.method,
+                load_opts(settings),
+                prior.migration.as_ref(),
+            )?;
             let state = prior.state.as_ref();
             let xdp =
                 dp.adopt_underlay(&settings.iface, settings.xdp_mode, state.map(|s| s.xdp))?;

@@ -116,6 +116,8 @@ pub enum DatapathError {
     Tunnel(#[from] TunnelError),
     #[error(transparent)]
     Layout(Box<crate::adopt::AdoptError>),
+    #[error(transparent)]
+    Migrate(#[from] crate::migrate::MigrateError),
     #[error("pinning {path}")]
     Pin {
         path: PathBuf,
@@ -322,7 +324,7 @@ impl Datapath {
         layout
             .record_layout(&fingerprint)
             .map_err(|source| DatapathError::PinDir { path: dir, source })?;
-        let dp = Self::open(layout, features, method, tunnel, opts, &mut guard, false)?;
+        let dp = Self::open(layout, features, method, tunnel, opts, &mut guard, None)?;
         guard.paths.clear();
         Ok(dp)
     }
@@ -335,7 +337,17 @@ impl Datapath {
     /// finds a hook empty. Attachments whose interface is gone are dropped.
     /// Until [`Datapath::adopted`], dropping the result leaves everything
     /// pinned and forwarding.
-    pub fn adopt(layout: &Layout, method: TcMethod, opts: LoadOpts) -> Result<Self, DatapathError> {
+    ///
+    /// With a `migration` (pinned maps of another build's layout), the
+    /// programs are loaded on new maps that it fills from the pinned ones
+    /// and renames into place before the programs are swapped in, and
+    /// settles after (in the order [`crate::migrate`] describes).
+    pub fn adopt(
+        layout: &Layout,
+        method: TcMethod,
+        opts: LoadOpts,
+        migration: Option<&crate::migrate::Migration>,
+    ) -> Result<Self, DatapathError> {
         let features = KernelFeatures::probe()?;
         let method = features.choose(match method {
             TcMethod::Tcx => AttachArg::Tcx,
@@ -351,7 +363,39 @@ impl Datapath {
             paths: Vec::new(),
             layout: layout.clone(),
         };
-        let mut dp = Self::open(layout, features, method, None, opts, &mut guard, true)?;
+        let same = |name: &str| layout.map(name);
+        let (mut dp, carried) = match migration {
+            None => (
+                Self::open(
+                    layout,
+                    features,
+                    method,
+                    None,
+                    opts,
+                    &mut guard,
+                    Some(&same),
+                )?,
+                None,
+            ),
+            Some(m) => {
+                m.prepare(layout)?;
+                let staged = |name: &str| m.map_path(layout, name);
+                let opened = Self::open(
+                    layout,
+                    features,
+                    method,
+                    None,
+                    opts,
+                    &mut guard,
+                    Some(&staged),
+                );
+                // Until renamed into place, the staged maps serve nothing.
+                let carried = opened.and_then(|dp| Ok((dp, m.carry(layout)?)));
+                let (dp, carried) =
+                    carried.inspect_err(|_| crate::migrate::discard_staging(layout))?;
+                (dp, Some(carried))
+            }
+        };
         dp.clsact_added = layout.clsact_marked();
         // The peers' PEER_STATS slots stay theirs (their counters go on).
         let held: Vec<([u8; 4], PeerHost)> = dp
@@ -373,6 +417,9 @@ impl Datapath {
         }
         // What the old programs cached is not this build's to trust.
         dp.routes.retire_cached()?;
+        if let Some(c) = carried {
+            c.settle(layout)?;
+        }
         Ok(dp)
     }
 
@@ -387,9 +434,10 @@ impl Datapath {
         self.keep
     }
 
-    /// Loads the object on maps pinned under `layout` (`reuse`: they are
-    /// there already and kept as they are) or new ones pinned there (their
-    /// paths go to `guard` until the Datapath owns them), and the programs.
+    /// Loads the object on maps pinned under `layout` (`reuse`: where each
+    /// map is pinned, kept as it is, or created and pinned there when
+    /// absent) or new ones pinned there (their paths go to `guard` until
+    /// the Datapath owns them), and the programs.
     fn open(
         layout: &Layout,
         features: KernelFeatures,
@@ -397,7 +445,7 @@ impl Datapath {
         tunnel: Option<TunnelDevice>,
         opts: LoadOpts,
         guard: &mut PinGuard,
-        reuse: bool,
+        reuse: Option<&dyn Fn(&str) -> PathBuf>,
     ) -> Result<Self, DatapathError> {
         let (tunnel_ifindex, vni, port) = tunnel.as_ref().map_or((0, 0, 0), |t| {
             (t.ifindex, t.vxlan.vni, u32::from(t.vxlan.port))
@@ -432,11 +480,11 @@ impl Datapath {
         for name in crate::adopt::ENDPOINT_MAPS {
             loader.map_max_entries(name, max_endpoints);
         }
-        if reuse {
+        if let Some(at) = reuse {
             // aya opens a map pinned at the given path instead of creating
             // it; the shapes were checked against this object before.
             for name in PINNED_MAPS {
-                loader.map_pin_path(name, layout.map(name));
+                loader.map_pin_path(name, at(name));
             }
         }
         let mut ebpf = loader
@@ -455,7 +503,7 @@ impl Datapath {
         for name in PINNED_MAPS {
             let map = ebpf.take_map(name).ok_or(DatapathError::Missing(name))?;
             let path = layout.map(name);
-            if !reuse {
+            if reuse.is_none() {
                 map.pin(&path).map_err(|source| DatapathError::Pin {
                     path: path.clone(),
                     source,
@@ -499,7 +547,7 @@ impl Datapath {
             pinned_maps: PINNED_MAPS.iter().map(|n| layout.map(n)).collect(),
             tunnel,
             // An adopted datapath stays as it is should the adoption fail.
-            keep: reuse,
+            keep: reuse.is_some(),
             _logger: logger,
         };
         // From here on, Drop undoes whatever is done.

@@ -7,7 +7,10 @@
 //! <pin-dir>/filters/<iface>@<hook>                 classic tc: the program xhost's filter
 //!                                                   there runs (unload deletes the filter)
 //! <pin-dir>/layout/<fingerprint>                   (empty directory) the maps' layout:
-//!                                                   a load adopts only pins of its own
+//!                                                   a load adopts pins of its own, or
+//!                                                   migrates them (two while it does)
+//! <pin-dir>/migrating/<map>                         a migration's new maps, before they
+//!                                                   are renamed over the old pins
 //! <pin-dir>/clsact/<iface>                          (empty directory) xhost added the
 //!                                                   clsact qdisc of <iface>
 //! <run-dir>/<instance>.json                         what is attached where, Docker view

@@ -8,6 +8,7 @@ pub mod config;
 pub mod datapath;
 pub mod docker;
 pub mod layout;
+pub mod migrate;
 pub mod net;
 pub mod netlink;
 pub mod plan;

@@ -974,6 +974,15 @@ pub fn unload(
     for name in xhost_common::PINNED_MAPS {
         remove_file_if_exists(&layout.map(name))?;
     }
+    // Maps an older build pinned that this one no longer has, what an
+    // interrupted migration staged, and both of its fingerprints.
+    for name in crate::migrate::pinned_shapes(layout).keys() {
+        remove_file_if_exists(&layout.map(name))?;
+    }
+    crate::migrate::discard_staging(layout);
+    for fp in crate::migrate::recorded(layout) {
+        let _ = std::fs::remove_dir(layout.layout_dir().join(fp));
+    }
     layout.remove_layout_record();
     std::fs::remove_dir(&layout.pin_dir)
         .or_else(|e| {
