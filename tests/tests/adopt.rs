@@ -1,8 +1,10 @@
 //! A restarted agent adopts the pinned datapath: traffic between containers
 //! on two hosts runs on while host A's agent is restarted with
-//! `--keep-datapath` or SIGKILLed and started again, or while pinned maps
-//! of another capacity (as an older build would leave) are migrated; a
-//! pinned map of another value layout is refused with the pins untouched.
+//! `--keep-datapath` or SIGKILLed and started again (natively routed or
+//! in VXLAN mode, whose `xhost_vxlan` device and the routes into it stay),
+//! or while pinned maps of another capacity (as an older build would
+//! leave) are migrated; a pinned map of another value layout, or a VXLAN
+//! device of other parameters, is refused with the pins untouched.
 //! Needs root; `--test-threads=1`.
 //!
 //! ```text
@@ -206,10 +208,15 @@ impl Flows {
 
 /// (id, tag) of the programs attached (tcx) at ingress of `iface` in `ns`.
 fn tcx_progs(ns: &NetNs, iface: &str) -> Vec<(u32, u64)> {
+    tcx_progs_at(ns, iface, aya::programs::TcAttachType::Ingress)
+}
+
+/// (id, tag) of the programs attached (tcx) at `dir` of `iface` in `ns`.
+fn tcx_progs_at(ns: &NetNs, iface: &str, dir: aya::programs::TcAttachType) -> Vec<(u32, u64)> {
     let iface = iface.to_owned();
     ns.within("tcx query", move || {
-        use aya::programs::{SchedClassifier, TcAttachType};
-        Ok(SchedClassifier::query_tcx(&iface, TcAttachType::Ingress)
+        use aya::programs::SchedClassifier;
+        Ok(SchedClassifier::query_tcx(&iface, dir)
             .map(|(_, progs)| progs.iter().map(|p| (p.id(), p.tag())).collect::<Vec<_>>())
             .unwrap_or_default())
     })
@@ -226,25 +233,97 @@ enum Restart<'a> {
     Upgrade(&'a Path),
 }
 
+/// How the hosts route: natively, or in VXLAN mode.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Native,
+    Vxlan,
+}
+
+impl Mode {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Mode::Native => &[],
+            Mode::Vxlan => &["--tunnel", "vxlan"],
+        }
+    }
+}
+
+const VXLAN_DEV: &str = "xhost_vxlan";
+
+/// VXLAN mode's device on `host`: its ifindex, `None` if there is none.
+fn vxlan_ifindex(host: &xhost_tests::Host) -> Option<u32> {
+    let out = host
+        .ns()
+        .exec(&["ip", "-o", "link", "show", VXLAN_DEV])
+        .expect("ip link");
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status
+        .success()
+        .then(|| text.split(':').next()?.trim().parse().ok())
+        .flatten()
+}
+
+/// The kernel's routes of `host` through `dev` (`ip route show dev`).
+fn kernel_routes_via(host: &xhost_tests::Host, dev: &str) -> String {
+    host.ns().run(&["ip", "route", "show", "dev", dev])
+}
+
+/// The tcx programs of every hook xhost has on `host` in `mode`.
+fn all_tcx_progs(host: &xhost_tests::Host, mode: Mode) -> Vec<(u32, u64)> {
+    use aya::programs::TcAttachType;
+    let mut ids = tcx_progs(host.ns(), host.underlay_iface());
+    if mode == Mode::Vxlan {
+        ids.extend(tcx_progs_at(host.ns(), VXLAN_DEV, TcAttachType::Ingress));
+        ids.extend(tcx_progs_at(host.ns(), VXLAN_DEV, TcAttachType::Egress));
+    }
+    ids
+}
+
 /// Runs the flows while host A's agent is restarted as `restart` says,
 /// and checks that nothing was lost, the programs were replaced in place
 /// (the links stay, the programs behind them change) and the counters
-/// carried over. Returns (adoption time as the new agent measured it, wall
-/// time from its start to `ready`).
+/// carried over; in VXLAN mode also that the vxlan device and the kernel
+/// routes into it stayed, its two programs replaced in place like the
+/// others. Returns (adoption time as the new agent measured it, wall time
+/// from its start to `ready`).
 fn restart_under_traffic(restart: Restart<'_>) -> (u64, Duration) {
+    restart_in_mode(restart, Mode::Native)
+}
+
+fn restart_in_mode(restart: Restart<'_>, mode: Mode) -> (u64, Duration) {
     let topo = topology();
     let (a, b) = (topo.host_a(), topo.host_b());
-    let keep = args(a, b, &["--keep-datapath"]);
+    let with_mode = |extra: &[&str]| {
+        let mut v: Vec<&str> = mode.args().to_vec();
+        v.extend(extra);
+        v.into_iter().map(str::to_owned).collect::<Vec<String>>()
+    };
+    let keep = args(a, b, &strs(&with_mode(&["--keep-datapath"])));
     let first = Agent::start(a.ns(), a.role(), &strs(&keep)).expect("load A");
     let dirs = first.dirs.clone();
     let _cleanup = Cleanup(vec![dirs.clone()]);
-    let _agent_b = Agent::start(b.ns(), b.role(), &strs(&args(b, a, &[]))).expect("load B");
+    let _agent_b =
+        Agent::start(b.ns(), b.role(), &strs(&args(b, a, &strs(&with_mode(&[]))))).expect("load B");
     let ping = xhost_tests::ping(topo.ctr_a().ns(), topo.ctr_b().ip(), 2).expect("ping");
     assert!(ping.all_received(), "A -> B before: {ping:?}");
     let before = status_json(a.ns(), &dirs);
     let egress_before = counter(&before, "fwd_egress");
     let tcx = xhost_tests::xhost::expect_tcx();
-    let ids_before = tcx_progs(a.ns(), a.underlay_iface());
+    let ids_before = all_tcx_progs(a, mode);
+    let (dev_before, routes_before) = match mode {
+        Mode::Native => (None, String::new()),
+        Mode::Vxlan => {
+            let dev = vxlan_ifindex(a).expect("xhost_vxlan on A");
+            let routes = kernel_routes_via(a, VXLAN_DEV);
+            assert!(
+                routes.contains(&b.subnet().to_string()),
+                "A's kernel route into the tunnel: {routes}"
+            );
+            assert_eq!(before["agent"]["tunnel"]["ifindex"], dev, "{before}");
+            (Some(dev), routes)
+        }
+    };
 
     let flows = start_flows(&topo);
     std::thread::sleep(Duration::from_millis(1500));
@@ -263,8 +342,14 @@ fn restart_under_traffic(restart: Restart<'_>) -> (u64, Duration) {
     };
     // The next agent starts at once, as a service manager would.
     let t0 = Instant::now();
-    let mut second =
-        Agent::spawn(&bin, a.ns(), a.role(), stopped, &strs(&args(a, b, &[]))).expect("start A");
+    let mut second = Agent::spawn(
+        &bin,
+        a.ns(),
+        a.role(),
+        stopped,
+        &strs(&args(a, b, &strs(&with_mode(&[])))),
+    )
+    .expect("start A");
     second.wait_ready().expect("A adopts and is ready");
     let wall = t0.elapsed();
     // The log (stderr) may trail `ready` (stdout) by a moment.
@@ -310,8 +395,23 @@ fn restart_under_traffic(restart: Restart<'_>) -> (u64, Duration) {
         "STATS carried over: fwd_egress {egress_before} before, {egress_after} after {} datagrams",
         RATE * FLOW_SECS
     );
+    if let Some(dev) = dev_before {
+        // The same device (its routes would have gone with it), the same
+        // kernel routes into it, and the status says it is the tunnel.
+        assert_eq!(vxlan_ifindex(a), Some(dev), "xhost_vxlan kept");
+        assert_eq!(
+            kernel_routes_via(a, VXLAN_DEV),
+            routes_before,
+            "kernel routes into the tunnel kept"
+        );
+        assert_eq!(after["agent"]["tunnel"]["ifindex"], dev, "{after}");
+        assert!(
+            log.contains(&format!("adopting {VXLAN_DEV} (ifindex {dev})")),
+            "{log}"
+        );
+    }
     if tcx {
-        let ids_after = tcx_progs(a.ns(), a.underlay_iface());
+        let ids_after = all_tcx_progs(a, mode);
         assert_eq!(ids_after.len(), ids_before.len(), "one program per hook");
         assert!(
             ids_after
@@ -340,6 +440,9 @@ fn restart_under_traffic(restart: Restart<'_>) -> (u64, Duration) {
         status.success() && left.is_empty(),
         "{status:?} left {left:?}"
     );
+    if mode == Mode::Vxlan {
+        assert_eq!(vxlan_ifindex(a), None, "xhost_vxlan removed at the end");
+    }
     (adopt_ms, wall)
 }
 
@@ -351,6 +454,16 @@ fn restart_with_keep_datapath_loses_nothing() {
 #[test]
 fn a_killed_agent_is_adopted_without_loss() {
     restart_under_traffic(Restart::Kill);
+}
+
+#[test]
+fn vxlan_restart_with_keep_datapath_loses_nothing() {
+    restart_in_mode(Restart::Keep, Mode::Vxlan);
+}
+
+#[test]
+fn vxlan_a_killed_agent_is_adopted_without_loss() {
+    restart_in_mode(Restart::Kill, Mode::Vxlan);
 }
 
 /// Another build of xhost-user takes over: the same source built with
@@ -810,4 +923,81 @@ fn an_interrupted_migration_is_finished_by_the_next_load() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(dirs.leftovers().is_empty(), "left {:?}", dirs.leftovers());
+}
+
+/// A VXLAN-mode datapath is adopted only by a load that wants the same
+/// tunnel: another VNI, UDP port or MTU, or native routing, is refused in
+/// one line with the pins, the programs, the device and the kernel routes
+/// into it untouched and still forwarding; `unload` removes the device.
+#[test]
+fn a_vxlan_datapath_of_other_settings_is_refused_untouched() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let dirs = AgentDirs::unique("a");
+    let _cleanup = Cleanup(vec![dirs.clone()]);
+    let vxlan = ["--tunnel", "vxlan"];
+    let _agent_b = Agent::start(b.ns(), b.role(), &strs(&args(b, a, &vxlan))).expect("load B");
+    let mut detach = vec!["load".to_owned()];
+    detach.extend(args(a, b, &["--tunnel", "vxlan", "--detach"]));
+    let out = xhost(a.ns(), &dirs, &strs(&detach)).expect("load --detach");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = vxlan_ifindex(a).expect("xhost_vxlan on A");
+    let pinned = pins(&dirs.pin_dir);
+    let ids = all_tcx_progs(a, Mode::Vxlan);
+    let routes = kernel_routes_via(a, VXLAN_DEV);
+    assert!(routes.contains(&b.subnet().to_string()), "{routes}");
+    let ul = a.underlay_iface();
+    let refused = |extra: &[&str], want: &str| {
+        let mut again = vec!["load".to_owned()];
+        again.extend(args(a, b, extra));
+        let out = xhost(a.ns(), &dirs, &strs(&again)).expect("load");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} must be refused");
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("xhost-user:"))
+            .collect();
+        assert_eq!(errors.len(), 1, "one line: {stderr}");
+        assert!(errors[0].contains(want), "{extra:?}: {stderr}");
+        assert!(errors[0].contains("nothing was touched"), "{stderr}");
+        assert_eq!(pins(&dirs.pin_dir), pinned, "{extra:?}: pins untouched");
+        assert_eq!(all_tcx_progs(a, Mode::Vxlan), ids, "programs untouched");
+        assert_eq!(vxlan_ifindex(a), Some(dev), "device untouched");
+        assert_eq!(kernel_routes_via(a, VXLAN_DEV), routes, "routes untouched");
+    };
+    refused(
+        &["--tunnel", "vxlan", "--vni", "7"],
+        "the pinned datapath's xhost_vxlan has VNI 1, this load wants 7",
+    );
+    refused(
+        &["--tunnel", "vxlan", "--vxlan-port", "4789"],
+        "xhost_vxlan has UDP port 8472, this load wants 4789",
+    );
+    refused(
+        &[],
+        "the pinned datapath runs in VXLAN mode, this load asks for native routing",
+    );
+    // The underlay's MTU changed while no agent ran: the device's no
+    // longer fits it.
+    a.ns().run(&["ip", "link", "set", ul, "mtu", "1400"]);
+    refused(
+        &["--tunnel", "vxlan"],
+        &format!("xhost_vxlan has MTU 1450, this load wants 1350 ({ul}'s less 50)"),
+    );
+    a.ns().run(&["ip", "link", "set", ul, "mtu", "1500"]);
+    let ping = xhost_tests::ping(topo.ctr_a().ns(), topo.ctr_b().ip(), 2).expect("ping");
+    assert!(ping.all_received(), "still forwarding: {ping:?}");
+
+    let out = xhost(a.ns(), &dirs, &["unload"]).expect("unload");
+    assert!(
+        out.status.success(),
+        "unload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dirs.leftovers().is_empty(), "left {:?}", dirs.leftovers());
+    assert_eq!(vxlan_ifindex(a), None, "unload removes xhost_vxlan");
 }

@@ -6,11 +6,13 @@
 //! rebuilt from what the maps hold, so only the difference is written.
 //!
 //! What is checked before anything is touched: no agent still runs the
-//! pins, they serve this underlay through the TC method asked for, and
-//! the pinned maps have the shape this build's programs were compiled
-//! against (type, key and value size, capacity, flags), recorded as a
-//! fingerprint under `<pin-dir>/layout/`, or can be migrated to it
-//! ([`crate::migrate`]).
+//! pins, they serve this underlay through the TC method asked for, in the
+//! routing mode asked for (VXLAN mode: the same vxlan device, with the
+//! VNI, UDP port and MTU the settings want; it is taken over with the
+//! routes into it), and the pinned maps have the shape this build's
+//! programs were compiled against (type, key and value size, capacity,
+//! flags), recorded as a fingerprint under `<pin-dir>/layout/`, or can be
+//! migrated to it ([`crate::migrate`]).
 
 use std::{collections::BTreeMap, path::PathBuf};
 
@@ -23,6 +25,7 @@ use crate::{
     config::Settings,
     layout::{Hook, Layout},
     report::AgentState,
+    tunnel::{self, TunnelDevice},
 };
 
 /// What the programs of a build assume of one map.
@@ -91,9 +94,18 @@ pub enum AdoptError {
         wanted: &'static str,
     },
     #[error(
-        "the pinned datapath runs in VXLAN mode, which a load does not adopt: `xhost-user unload` first"
+        "the pinned datapath {pinned}, this load asks for {wanted}: nothing was touched (`xhost-user unload` first to change it)"
     )]
-    Tunnel,
+    OtherMode {
+        pinned: &'static str,
+        wanted: &'static str,
+    },
+    #[error(
+        "the pinned datapath runs in VXLAN mode but left no agent state to tell its VNI: nothing was touched (`xhost-user unload` first)"
+    )]
+    TunnelUnknown,
+    #[error(transparent)]
+    Tunnel(#[from] crate::tunnel::TunnelError),
     #[error(
         "pinned map {map} does not match this build ({difference}): its layout changed, so this build cannot adopt the datapath; nothing was touched (run the build that pinned it, or `xhost-user unload` first, which drops routes, endpoints and counters)"
     )]
@@ -216,6 +228,8 @@ pub struct Prior {
     pub method: TcMethod,
     /// How its maps become this build's, when their layout is another's.
     pub migration: Option<crate::migrate::Migration>,
+    /// VXLAN mode: its vxlan device, checked against the settings.
+    pub tunnel: Option<TunnelDevice>,
 }
 
 /// Whether `layout` holds a datapath to adopt, checked against `settings`
@@ -267,15 +281,59 @@ pub fn find(layout: &Layout, settings: &Settings) -> Result<Option<Prior>, Adopt
             wanted: wanted.as_str(),
         });
     }
-    if settings.tunnel.is_some() || state.as_ref().is_some_and(|s| s.tunnel.is_some()) {
-        return Err(AdoptError::Tunnel);
-    }
+    let tunnel = check_tunnel(layout, settings, state.as_ref())?;
     let migration = crate::migrate::plan(layout, &object_shapes(settings.max_endpoints)?)?;
     Ok(Some(Prior {
         state,
         method,
         migration,
+        tunnel,
     }))
+}
+
+/// VXLAN mode: whether the pinned datapath runs in the mode `settings`
+/// ask for, and in VXLAN mode its vxlan device with the VNI, port and MTU
+/// they want (the device and the routes into it are kept as they are).
+/// Reads only. The mode is told by the state file, or by attachments
+/// pinned on the device when there is none.
+fn check_tunnel(
+    layout: &Layout,
+    settings: &Settings,
+    state: Option<&AgentState>,
+) -> Result<Option<TunnelDevice>, AdoptError> {
+    let on_device = |dir: PathBuf| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| Layout::parse_link_name(&e.file_name().to_string_lossy()))
+            .any(|(iface, _)| iface == tunnel::DEVICE)
+    };
+    let pinned = state.and_then(|s| s.tunnel.as_ref());
+    let vxlan_pinned = pinned.is_some()
+        || (state.is_none() && (on_device(layout.links_dir()) || on_device(layout.filters_dir())));
+    const NATIVE: &str = "routes natively";
+    const VXLAN: &str = "runs in VXLAN mode";
+    match (settings.tunnel, vxlan_pinned) {
+        (None, false) => Ok(None),
+        (None, true) => Err(AdoptError::OtherMode {
+            pinned: VXLAN,
+            wanted: "native routing",
+        }),
+        (Some(_), false) => Err(AdoptError::OtherMode {
+            pinned: NATIVE,
+            wanted: "VXLAN mode (--tunnel vxlan)",
+        }),
+        (Some(vxlan), true) => {
+            let t = pinned.ok_or(AdoptError::TunnelUnknown)?;
+            Ok(Some(TunnelDevice::existing(
+                &settings.iface,
+                vxlan,
+                t.ifindex,
+                t.vni,
+            )?))
+        }
+    }
 }
 
 fn pid_alive(pid: u32) -> bool {

@@ -333,10 +333,12 @@ fn load_ebpf(
                 prior.method,
                 load_opts(settings),
                 prior.migration.as_ref(),
+                prior.tunnel,
             )?;
             let state = prior.state.as_ref();
             let xdp =
                 dp.adopt_underlay(&settings.iface, settings.xdp_mode, state.map(|s| s.xdp))?;
+            dp.adopt_tunnel()?;
             // The plan starts from what the maps hold, not from nothing.
             let applied = dp.held()?;
             let added = state.map(|s| s.kernel_routes.clone()).unwrap_or_default();

@@ -335,6 +335,8 @@ impl Datapath {
     /// link in place (BPF_LINK_UPDATE) and of every classic tc filter (the
     /// same priority and handle, replaced by netlink), so that no packet
     /// finds a hook empty. Attachments whose interface is gone are dropped.
+    /// In VXLAN mode `tunnel` is the pinned datapath's vxlan device
+    /// (checked by `adopt::find`): the programs are built for it again.
     /// Until [`Datapath::adopted`], dropping the result leaves everything
     /// pinned and forwarding.
     ///
@@ -347,6 +349,7 @@ impl Datapath {
         method: TcMethod,
         opts: LoadOpts,
         migration: Option<&crate::migrate::Migration>,
+        tunnel: Option<TunnelDevice>,
     ) -> Result<Self, DatapathError> {
         let features = KernelFeatures::probe()?;
         let method = features.choose(match method {
@@ -370,7 +373,7 @@ impl Datapath {
                     layout,
                     features,
                     method,
-                    None,
+                    tunnel,
                     opts,
                     &mut guard,
                     Some(&same),
@@ -384,7 +387,7 @@ impl Datapath {
                     layout,
                     features,
                     method,
-                    None,
+                    tunnel,
                     opts,
                     &mut guard,
                     Some(&staged),
@@ -427,6 +430,9 @@ impl Datapath {
     /// (unless [`Datapath::keep_running`]).
     pub fn adopted(&mut self) {
         self.keep = false;
+        if let Some(t) = self.tunnel.as_mut() {
+            t.own();
+        }
     }
 
     /// Whether this is an adoption not yet ended by [`Datapath::adopted`].
@@ -806,6 +812,24 @@ impl Datapath {
         if self.tunnel.is_some() {
             self.attach_tc(tunnel::DEVICE, Hook::TunnelIngress)?;
             self.attach_tc(tunnel::DEVICE, Hook::TunnelEgress)?;
+        }
+        Ok(())
+    }
+
+    /// Adoption in VXLAN mode: the tunnel programs were replaced in place
+    /// on the device's pinned attachments; a hook without one (its pin
+    /// removed by hand) is attached again.
+    pub fn adopt_tunnel(&mut self) -> Result<(), DatapathError> {
+        if self.tunnel.is_none() {
+            return Ok(());
+        }
+        for hook in [Hook::TunnelIngress, Hook::TunnelEgress] {
+            if !self
+                .attachments
+                .contains_key(&(tunnel::DEVICE.to_owned(), hook))
+            {
+                self.attach_tc(tunnel::DEVICE, hook)?;
+            }
         }
         Ok(())
     }

@@ -190,6 +190,25 @@ impl Rtnl {
         self.ack(req, NLM_F_CREATE | NLM_F_EXCL)
     }
 
+    /// The UDP port and external (collect_md) mode of the vxlan device
+    /// with `index`; `None` if there is no such device or it is no vxlan.
+    pub fn vxlan_of(&mut self, index: u32) -> io::Result<Option<VxlanInfo>> {
+        if i32::try_from(index).is_err() {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let mut found = None;
+        match self.request(RouteNetlinkMessage::GetLink(getlink(index, None)), 0, |m| {
+            if let RouteNetlinkMessage::NewLink(l) = m {
+                found = found.or_else(|| vxlan_info(l));
+            }
+            Ok(())
+        }) {
+            Ok(_) => Ok(found),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Deletes the interface with `index`.
     pub fn delete_link(&mut self, index: u32) -> io::Result<()> {
         if i32::try_from(index).is_err() {
@@ -615,6 +634,36 @@ fn link_of(m: LinkMessage) -> Link {
         }
     }
     link
+}
+
+/// What a vxlan device's `IFLA_INFO_DATA` says of its UDP port and mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VxlanInfo {
+    pub port: Option<u16>,
+    pub external: bool,
+}
+
+fn vxlan_info(m: LinkMessage) -> Option<VxlanInfo> {
+    let infos = m.attributes.into_iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(i) => Some(i),
+        _ => None,
+    })?;
+    let data = infos.into_iter().find_map(|i| match i {
+        LinkInfo::Data(InfoData::Vxlan(d)) => Some(d),
+        _ => None,
+    })?;
+    let mut info = VxlanInfo {
+        port: None,
+        external: false,
+    };
+    for d in data {
+        match d {
+            InfoVxlan::Port(p) => info.port = Some(p),
+            InfoVxlan::CollectMetadata(on) => info.external = on,
+            _ => {}
+        }
+    }
+    Some(info)
 }
 
 fn neigh_of_reply(m: RouteNetlinkMessage) -> io::Result<Option<Neigh>> {

@@ -1,7 +1,8 @@
 //! VXLAN mode's device: the kernel's vxlan driver in external (collect_md)
 //! mode, which the datapath hands packets with a tunnel key (the peer host,
 //! the VNI) and which hands back decapsulated ones with theirs. Created at
-//! load, deleted at unload; owned by the `Datapath`.
+//! load (or, adopting a pinned datapath, taken over as it is), deleted at
+//! unload; owned by the `Datapath`.
 
 use std::net::Ipv4Addr;
 
@@ -30,6 +31,24 @@ pub enum TunnelError {
     MtuTooSmall { iface: String, mtu: u32 },
     #[error("creating {DEVICE}")]
     Create(#[source] std::io::Error),
+    #[error(
+        "the pinned datapath runs in VXLAN mode, but {DEVICE} (ifindex {ifindex}) is gone: nothing was touched (`xhost-user unload` first)"
+    )]
+    Gone { ifindex: u32 },
+    #[error(
+        "{DEVICE} is ifindex {found}, not the device the pinned datapath made (ifindex {ifindex}): nothing was touched (`xhost-user unload` first)"
+    )]
+    Replaced { ifindex: u32, found: u32 },
+    #[error(
+        "the pinned datapath's {DEVICE} has {what} {pinned}, this load wants {wanted}: nothing was touched (`xhost-user unload` first to change it)"
+    )]
+    Differs {
+        what: &'static str,
+        pinned: String,
+        wanted: String,
+    },
+    #[error("reading {DEVICE}")]
+    Read(#[source] std::io::Error),
 }
 
 /// The vxlan device of this instance; deleted when dropped unless kept.
@@ -97,9 +116,90 @@ impl TunnelDevice {
         Ok(dev)
     }
 
+    /// Adoption: the device a pinned datapath's agent made (`ifindex`, as
+    /// its state file says, carrying `pinned_vni`), checked, without
+    /// touching it, against what this load wants: the same device, in
+    /// external mode on `vxlan.port`, with the VNI of `vxlan` and the MTU
+    /// `underlay` leaves. Kept when dropped until [`TunnelDevice::own`].
+    pub fn existing(
+        underlay: &str,
+        vxlan: Vxlan,
+        ifindex: u32,
+        pinned_vni: u32,
+    ) -> Result<Self, TunnelError> {
+        let mut rtnl = Rtnl::open().map_err(TunnelError::Read)?;
+        let dev = match rtnl.link_by_name(DEVICE).map_err(TunnelError::Read)? {
+            Some(l) if l.index == ifindex => l,
+            Some(l) => {
+                return Err(TunnelError::Replaced {
+                    ifindex,
+                    found: l.index,
+                });
+            }
+            None => return Err(TunnelError::Gone { ifindex }),
+        };
+        let info = rtnl.vxlan_of(ifindex).map_err(TunnelError::Read)?;
+        let differs = |what, pinned: String, wanted: String| TunnelError::Differs {
+            what,
+            pinned,
+            wanted,
+        };
+        let Some(info) = info.filter(|i| i.external) else {
+            return Err(differs(
+                "kind",
+                dev.kind.unwrap_or_else(|| "none".into()),
+                "vxlan external".into(),
+            ));
+        };
+        if pinned_vni != vxlan.vni {
+            return Err(differs(
+                "VNI",
+                pinned_vni.to_string(),
+                vxlan.vni.to_string(),
+            ));
+        }
+        if info.port != Some(vxlan.port) {
+            return Err(differs(
+                "UDP port",
+                info.port.map_or_else(|| "none".into(), |p| p.to_string()),
+                vxlan.port.to_string(),
+            ));
+        }
+        let link = rtnl
+            .link_by_name(underlay)
+            .map_err(TunnelError::Read)?
+            .ok_or_else(|| TunnelError::NoUnderlay {
+                iface: underlay.into(),
+            })?;
+        let want = link.mtu.unwrap_or(1500).saturating_sub(VXLAN_OVERHEAD);
+        let mtu = dev.mtu.unwrap_or(0);
+        if mtu != want {
+            return Err(differs(
+                "MTU",
+                mtu.to_string(),
+                format!("{want} ({underlay}'s less {VXLAN_OVERHEAD})"),
+            ));
+        }
+        info!(
+            "adopting {DEVICE} (ifindex {ifindex}): VXLAN VNI {} on UDP {}, MTU {mtu}",
+            vxlan.vni, vxlan.port
+        );
+        Ok(Self {
+            ifindex,
+            mtu,
+            vxlan,
+            keep: true,
+        })
+    }
+
     /// Leaves the device in place when dropped (`load --detach`).
     pub fn keep(&mut self) {
         self.keep = true;
+    }
+
+    /// Ends an adoption: dropped from now on, the device is deleted.
+    pub fn own(&mut self) {
+        self.keep = false;
     }
 }
 
