@@ -125,6 +125,49 @@ fn route_of(h: &Host) -> (String, String) {
     (h.subnet().to_string(), h.underlay_ip().to_string())
 }
 
+/// Reads an agent's `ROUTES` (`status --json`) every 20 ms on a thread of
+/// its own, counting the reads that lack one route.
+struct RouteWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u32, u32)>,
+}
+
+impl RouteWatch {
+    fn start(host: &Host, dirs: &AgentDirs, want: (String, String)) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ns, dirs, flag) = (host.ns().path(), dirs.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let bin = xhost_bin().expect("xhost-user");
+            let mut checks = 0u32;
+            let mut missing = 0u32;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = std::process::Command::new("nsenter")
+                    .arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg(&bin)
+                    .args(dirs.args())
+                    .args(["status", "--json"])
+                    .output()
+                    .expect("status");
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                checks += 1;
+                if !status_routes(&v).contains(&want) {
+                    missing += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (checks, missing)
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops watching: (reads, reads without the route).
+    fn finish(self) -> (u32, u32) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("route watcher")
+    }
+}
+
 /// Every host routes every other host's subnet via its underlay address.
 fn wait_full_mesh(hosts: &[&Host], agents: &[&Agent]) {
     for (i, (h, a)) in hosts.iter().zip(agents).enumerate() {
@@ -289,35 +332,8 @@ fn cluster_restart_within_ttl_keeps_claims() {
         hb.subnet().prefix_len()
     );
     let before = etcd.ctl_ok(&["get", &key, "-w", "json"]);
-    let b_route = route_of(hb);
     // Watch host-a's routes the whole time, from another thread.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watcher = {
-        let (ns, dirs, stop) = (ha.ns().path(), a.dirs.clone(), stop.clone());
-        let want = b_route.clone();
-        std::thread::spawn(move || {
-            let bin = xhost_bin().expect("xhost-user");
-            let mut checks = 0u32;
-            let mut missing = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let out = std::process::Command::new("nsenter")
-                    .arg(format!("--net={}", ns.display()))
-                    .arg("--")
-                    .arg(&bin)
-                    .args(dirs.args())
-                    .args(["status", "--json"])
-                    .output()
-                    .expect("status");
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-                checks += 1;
-                if !status_routes(&v).contains(&want) {
-                    missing += 1;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            (checks, missing)
-        })
-    };
+    let watcher = RouteWatch::start(ha, &a.dirs, route_of(hb));
     let dirs = b.kill().expect("SIGKILL host-b's agent");
     // The datapath it left keeps forwarding; an operator restarts it:
     // unload the orphaned datapath, load again with the same run dir.
@@ -329,8 +345,7 @@ fn cluster_restart_within_ttl_keeps_claims() {
         .expect("restart host-b");
     wait_full_mesh(&[ha, hb], &[&a, &b2]);
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (checks, missing) = watcher.join().expect("watcher");
+    let (checks, missing) = watcher.finish();
     eprintln!("restart: {checks} checks of host-a's routes, {missing} without host-b's");
     assert!(checks > 10, "too few checks: {checks}");
     assert_eq!(missing, 0, "host-b's route flapped on host-a");
@@ -352,6 +367,219 @@ fn cluster_restart_within_ttl_keeps_claims() {
         b2.output()
     );
     ping_all(&[ha, hb]);
+}
+
+/// The lease and claim revision of `host`'s subnet key, as the other
+/// hosts see them in etcd; `None` once the key is gone.
+fn claim_of(etcd: &Etcd, host: &Host) -> Option<(i64, i64)> {
+    let key = format!(
+        "/xhost/v1/subnets/{}-{}",
+        host.subnet().addr(),
+        host.subnet().prefix_len()
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&etcd.ctl_ok(&["get", &key, "-w", "json"])).expect("json");
+    let kv = v["kvs"].get(0)?;
+    Some((kv["lease"].as_i64()?, kv["mod_revision"].as_i64()?))
+}
+
+/// A UDP flow of numbered datagrams from `from`'s container to `to`'s.
+struct UdpFlow {
+    recv: xhost_tests::Process,
+    send: xhost_tests::Process,
+    count: u32,
+}
+
+impl UdpFlow {
+    fn start(from: &Host, to: &Host, rate: u32, secs: u32) -> Self {
+        let bin = xhost_tests::probe::probe_bin()
+            .expect("xh-probe")
+            .display()
+            .to_string();
+        let count = rate * secs;
+        let (count_s, timeout) = (count.to_string(), (secs + 20).to_string());
+        let mut recv = to.containers()[0]
+            .ns()
+            .spawn(
+                "udp-seq-recv",
+                &[
+                    &bin,
+                    "udp-seq-recv",
+                    "--port",
+                    "5611",
+                    "--count",
+                    &count_s,
+                    "--timeout",
+                    &timeout,
+                ],
+            )
+            .expect("udp receiver");
+        recv.wait_for_line(|l| l.starts_with("listening"), Duration::from_secs(5))
+            .expect("udp receiver listening");
+        let dst = format!("{}:5611", to.containers()[0].ip());
+        let send = from.containers()[0]
+            .ns()
+            .spawn(
+                "udp-seq-send",
+                &[
+                    &bin,
+                    "udp-seq-send",
+                    "--to",
+                    &dst,
+                    "--count",
+                    &count_s,
+                    "--rate",
+                    &rate.to_string(),
+                ],
+            )
+            .expect("udp sender");
+        Self { recv, send, count }
+    }
+
+    /// The receiver's report once the flow is over.
+    fn finish(mut self) -> xhost_tests::probe::SeqRecvReport {
+        let report = |p: &mut xhost_tests::Process, what: &str| {
+            let line = p
+                .wait_for_line(|l| l.starts_with('{'), Duration::from_secs(40))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            serde_json::from_str::<serde_json::Value>(&line).expect("json report")
+        };
+        let sent = report(&mut self.send, "udp sender");
+        assert_eq!(sent["sent"], self.count, "{sent}");
+        let line = self
+            .recv
+            .wait_for_line(|l| l.starts_with('{'), Duration::from_secs(40))
+            .expect("udp receiver");
+        serde_json::from_str(&line).expect("receiver report")
+    }
+}
+
+/// Removes an instance's pins and state even if the test fails half-way.
+struct Cleanup(AgentDirs);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        remove_instance(&self.0);
+    }
+}
+
+/// An agent stopped with `--keep-datapath`, and then one SIGKILLed, each
+/// started again at once, adopt the pinned datapath and keep the lease:
+/// the claim is neither revoked nor rewritten (same lease, same revision),
+/// the other host's route to it never leaves, and a UDP flow into it loses
+/// nothing. Stopped with `--keep-datapath` for longer than the TTL, the
+/// lease expires (it was not revoked: the route stays until then), and
+/// the next agent adopts the datapath and claims again under a new lease.
+#[test]
+fn cluster_keep_datapath_restart_adopts_and_keeps_lease() {
+    let bed = bed(2);
+    let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let ttl = 6u64;
+    let ttl_s = ttl.to_string();
+    let extra = ["--lease-ttl", ttl_s.as_str()];
+    let keep = ["--lease-ttl", ttl_s.as_str(), "--keep-datapath"];
+    let (ha, hb) = (bed.host(0), bed.host(1));
+    let a = start(ha, &etcd, &extra);
+    let b = start(hb, &etcd, &keep);
+    let _cleanup = Cleanup(b.dirs.clone());
+    wait_full_mesh(&[ha, hb], &[&a, &b]);
+    let claim = claim_of(&etcd, hb).expect("host-b's claim");
+    let bin = xhost_bin().expect("bin");
+    let b_args = args(hb, &etcd, &keep);
+    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
+
+    let watcher = RouteWatch::start(ha, &a.dirs, route_of(hb));
+    let tcx = xhost_tests::xhost::expect_tcx();
+    let (rate, secs) = (1_000, 8);
+    let flow = UdpFlow::start(ha, hb, rate, secs);
+    std::thread::sleep(Duration::from_millis(1500));
+    // Stopped with --keep-datapath: the lease stays, then adopted.
+    let dirs = b.dirs.clone();
+    let (st, left) = b.stop_leaving(Signal::SIGTERM).expect("stop host-b");
+    assert!(st.success() && !left.is_empty(), "{st} {left:?}");
+    assert_eq!(claim_of(&etcd, hb), Some(claim), "lease kept at stop");
+    let b2 = Agent::start_in(&bin, hb.ns(), hb.role(), dirs, &b_args).expect("restart host-b");
+    // SIGKILLed, then adopted again.
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed_out = b2.output();
+    let dirs = b2.kill().expect("SIGKILL host-b");
+    let b3 = Agent::start_in(&bin, hb.ns(), hb.role(), dirs, &b_args).expect("restart host-b");
+    let got = flow.finish();
+    let (checks, missing) = watcher.finish();
+    eprintln!(
+        "keep + kill restarts: {checks} reads of host-a's routes, {missing} without host-b's; UDP {} of {} received, {} missing",
+        got.received,
+        rate * secs,
+        got.missing
+    );
+    for out in [&killed_out, &b3.output()] {
+        assert!(out.contains("adopted the pinned datapath"), "{out}");
+        assert!(
+            out.contains("routing from the last-known snapshot"),
+            "{out}"
+        );
+        assert!(!out.contains(" granted (TTL"), "a new lease: {out}");
+    }
+    assert!(checks > 10, "too few reads: {checks}");
+    assert_eq!(missing, 0, "host-b's route left host-a");
+    if tcx {
+        assert_eq!(got.missing, 0, "UDP lost across the restarts");
+    } else {
+        assert!(got.missing < u64::from(rate / 10), "{}", got.missing);
+    }
+    // Connected again under the same lease; the claim never rewritten.
+    xhost_tests::xhost::wait_status(
+        hb.ns(),
+        &b3.dirs,
+        "reconnect",
+        Duration::from_secs(10),
+        |s| s["agent"]["cluster"]["store"]["connected"] == true,
+    )
+    .expect("host-b connected");
+    assert_eq!(
+        claim_of(&etcd, hb),
+        Some(claim),
+        "same lease, not rewritten"
+    );
+    assert!(
+        !a.output()
+            .contains(&format!("route {}: removed", hb.subnet())),
+        "{}",
+        a.output()
+    );
+
+    // Away for longer than the TTL: the lease expires (not revoked at the
+    // stop, so the route stays for a while), and the next agent claims
+    // again under a new lease.
+    let dirs = b3.dirs.clone();
+    let (st, _) = b3.stop_leaving(Signal::SIGTERM).expect("stop host-b");
+    assert!(st.success(), "{st}");
+    let gone = wait_routes(
+        ha,
+        &a.dirs,
+        "host-b's route to leave when its lease expires",
+        Duration::from_secs(ttl * 3),
+        |r| !r.contains(&route_of(hb)),
+    );
+    eprintln!("lease left to expire: route left host-a {gone:?} after the stop (TTL {ttl} s)");
+    assert!(
+        gone >= Duration::from_secs(ttl / 2),
+        "the lease was revoked at the stop: route gone after {gone:?}"
+    );
+    assert_eq!(claim_of(&etcd, hb), None, "claim expired");
+    let b_args = args(hb, &etcd, &extra);
+    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let b4 = Agent::start_in(&bin, hb.ns(), hb.role(), dirs, &b_args).expect("restart host-b");
+    assert!(
+        b4.output().contains("adopted the pinned datapath"),
+        "{}",
+        b4.output()
+    );
+    wait_full_mesh(&[ha, hb], &[&a, &b4]);
+    let again = claim_of(&etcd, hb).expect("claimed again");
+    assert_ne!(again.0, claim.0, "a new lease");
+    ping_all(&[ha, hb]);
+    let (st, left) = b4.stop_with(Signal::SIGTERM).expect("stop host-b");
+    assert!(st.success() && left.is_empty(), "{st} {left:?}");
 }
 
 /// etcd down for longer than the TTL while traffic flows: no packet of the

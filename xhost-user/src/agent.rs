@@ -217,7 +217,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
             // The datapath stays, so this host's routes must too: the
             // lease is left to the next agent (or expires), the snapshot
             // stays for it.
-            drop(c);
+            c.leave().await;
         } else {
             c.stop().await;
         }

@@ -461,6 +461,12 @@ impl ClusterSource {
         &self.peers
     }
 
+    /// Exit leaving the datapath: the lease is not revoked, the snapshot
+    /// (with the lease id) stays for the next agent.
+    pub async fn leave(self) {
+        self.handle.leave().await;
+    }
+
     /// Clean exit: revokes the lease; the snapshot goes too (the datapath
     /// it fed is unloaded).
     pub async fn stop(self) {

@@ -195,6 +195,24 @@ impl Handle {
         });
     }
 
+    /// Exit leaving the datapath (`--keep-datapath`): the session ends
+    /// without revoking the lease, so this host's keys and the other
+    /// hosts' routes to it stay until the next agent renews the lease (it
+    /// finds it in the snapshot) or it expires. Merely dropping the handle
+    /// would not do: the session takes the closed stop channel for a stop
+    /// and revokes.
+    pub async fn leave(mut self) {
+        if let Some(a) = self.abort.take() {
+            let _ = a.send(());
+        }
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.done)
+            .await
+            .is_err()
+        {
+            warn!("etcd: the store session did not end within 2 s");
+        }
+    }
+
     /// Clean exit: revokes the lease (the other hosts drop this host's
     /// routes at once), waiting at most a few seconds for the store.
     pub async fn stop(mut self) {
