@@ -471,12 +471,24 @@ impl Drop for Cleanup {
 /// the next agent adopts the datapath and claims again under a new lease.
 #[test]
 fn cluster_keep_datapath_restart_adopts_and_keeps_lease() {
+    keep_datapath_restart(&[]);
+}
+
+/// The same in VXLAN mode: the vxlan device is adopted with the datapath.
+#[test]
+fn cluster_keep_datapath_restart_vxlan() {
+    keep_datapath_restart(&["--tunnel", "vxlan"]);
+}
+
+fn keep_datapath_restart(mode: &[&str]) {
     let bed = bed(2);
     let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
     let ttl = 6u64;
     let ttl_s = ttl.to_string();
-    let extra = ["--lease-ttl", ttl_s.as_str()];
-    let keep = ["--lease-ttl", ttl_s.as_str(), "--keep-datapath"];
+    let mut extra = vec!["--lease-ttl", ttl_s.as_str()];
+    extra.extend(mode);
+    let mut keep = extra.clone();
+    keep.push("--keep-datapath");
     let (ha, hb) = (bed.host(0), bed.host(1));
     let a = start(ha, &etcd, &extra);
     let b = start(hb, &etcd, &keep);
