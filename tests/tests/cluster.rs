@@ -581,11 +581,16 @@ fn keep_datapath_restart(mode: &[&str]) {
     let b_args = args(hb, &etcd, &extra);
     let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
     let b4 = Agent::start_in(&bin, hb.ns(), hb.role(), dirs, &b_args).expect("restart host-b");
-    assert!(
-        b4.output().contains("adopted the pinned datapath"),
-        "{}",
-        b4.output()
-    );
+    // The log (stderr) may trail `ready` (stdout) by a moment.
+    let t0 = Instant::now();
+    while !b4.output().contains("adopted the pinned datapath") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "not adopted:\n{}",
+            b4.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     wait_full_mesh(&[ha, hb], &[&a, &b4]);
     let again = claim_of(&etcd, hb).expect("claimed again");
     assert_ne!(again.0, claim.0, "a new lease");

@@ -101,7 +101,7 @@ pub enum AdoptError {
         wanted: &'static str,
     },
     #[error(
-        "the pinned datapath runs in VXLAN mode but left no agent state to tell its VNI: nothing was touched (`xhost-user unload` first)"
+        "the pinned datapath runs in VXLAN mode but its agent state does not tell its VNI: nothing was touched (`xhost-user unload` first)"
     )]
     TunnelUnknown,
     #[error(transparent)]
@@ -294,8 +294,9 @@ pub fn find(layout: &Layout, settings: &Settings) -> Result<Option<Prior>, Adopt
 /// VXLAN mode: whether the pinned datapath runs in the mode `settings`
 /// ask for, and in VXLAN mode its vxlan device with the VNI, port and MTU
 /// they want (the device and the routes into it are kept as they are).
-/// Reads only. The mode is told by the state file, or by attachments
-/// pinned on the device when there is none.
+/// Reads only. The mode is told by the state file or by attachments
+/// pinned on the device: either is VXLAN mode, whose VNI only the state
+/// file knows.
 fn check_tunnel(
     layout: &Layout,
     settings: &Settings,
@@ -310,8 +311,8 @@ fn check_tunnel(
             .any(|(iface, _)| iface == tunnel::DEVICE)
     };
     let pinned = state.and_then(|s| s.tunnel.as_ref());
-    let vxlan_pinned = pinned.is_some()
-        || (state.is_none() && (on_device(layout.links_dir()) || on_device(layout.filters_dir())));
+    let vxlan_pinned =
+        pinned.is_some() || on_device(layout.links_dir()) || on_device(layout.filters_dir());
     const NATIVE: &str = "routes natively";
     const VXLAN: &str = "runs in VXLAN mode";
     match (settings.tunnel, vxlan_pinned) {
