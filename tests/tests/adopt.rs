@@ -509,7 +509,7 @@ fn pins(dir: &Path) -> Vec<String> {
 /// A pinned map whose shape is not this build's (as an older or newer
 /// build with another value layout would leave) is refused in one line,
 /// and nothing is touched: the same pins, the same maps, the same
-/// programs, still forwarding.
+/// programs, still forwarding. So is a load in VXLAN mode before that.
 #[test]
 fn a_changed_map_layout_is_refused_with_pins_untouched() {
     refused_with_pins_untouched(
@@ -568,6 +568,23 @@ fn refused_with_pins_untouched(alter: impl FnOnce(&Path), expected: &str) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A natively routing datapath is not adopted in VXLAN mode.
+    let pinned = pins(&dirs.pin_dir);
+    let mut vxlan = vec!["load".to_owned()];
+    vxlan.extend(args(a, b, &["--tunnel", "vxlan"]));
+    let out = xhost(a.ns(), &dirs, &strs(&vxlan)).expect("load");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "VXLAN mode on a native datapath");
+    assert!(
+        stderr.lines().filter(|l| l.starts_with("xhost-user:")).count() == 1
+            && stderr.contains(
+                "the pinned datapath routes natively, this load asks for VXLAN mode (--tunnel vxlan): nothing was touched"
+            ),
+        "{stderr}"
+    );
+    assert_eq!(pins(&dirs.pin_dir), pinned, "pins untouched");
+    assert_eq!(vxlan_ifindex(a), None, "no vxlan device made");
+
     alter(&dirs.pin_dir);
     let pinned = pins(&dirs.pin_dir);
     let ids = tcx_progs(a.ns(), a.underlay_iface());
