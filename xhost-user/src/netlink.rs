@@ -1065,6 +1065,28 @@ mod tests {
         assert!(!onlink.windows(4).any(|w| w == [8, 0, 5, 0]), "no gateway");
     }
 
+    /// What adoption reads of the device is what its creation wrote (the
+    /// kernel answers RTM_GETLINK with the same IFLA_INFO_DATA); another
+    /// kind of link has no vxlan facts.
+    #[test]
+    fn vxlan_facts_read_back() {
+        let info = vxlan_info(newvxlan("xhost_vxlan", 4789, 1450));
+        assert_eq!(
+            info,
+            Some(VxlanInfo {
+                port: Some(4789),
+                external: true
+            })
+        );
+        let mut bridge = LinkMessage::default();
+        bridge
+            .attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Bridge,
+            )]));
+        assert_eq!(vxlan_info(bridge), None);
+    }
+
     #[test]
     fn vxlan_request_layout() {
         let m = encode(
