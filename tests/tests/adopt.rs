@@ -509,7 +509,7 @@ fn pins(dir: &Path) -> Vec<String> {
 /// A pinned map whose shape is not this build's (as an older or newer
 /// build with another value layout would leave) is refused in one line,
 /// and nothing is touched: the same pins, the same maps, the same
-/// programs, still forwarding. So is a load in VXLAN mode before that.
+/// programs, still forwarding.
 #[test]
 fn a_changed_map_layout_is_refused_with_pins_untouched() {
     refused_with_pins_untouched(
@@ -552,8 +552,10 @@ fn entries_that_do_not_fit_are_refused_with_pins_untouched() {
     );
 }
 
-/// Loads A detached, lets `alter` change its pins, and checks that the
-/// next load refuses with one line holding `expected`, touching nothing.
+/// Loads A detached, checks that a load in VXLAN mode is refused on the
+/// natively routing datapath (one line, no device made), lets `alter`
+/// change its pins, and checks that the next load refuses with one line
+/// holding `expected`, touching nothing.
 fn refused_with_pins_untouched(alter: impl FnOnce(&Path), expected: &str) {
     let topo = topology();
     let (a, b) = (topo.host_a(), topo.host_b());
