@@ -193,16 +193,44 @@ impl Flows {
     }
 }
 
-/// (id, tag) of the programs attached (tcx) at ingress of `iface` in `ns`.
-fn tcx_progs(ns: &NetNs, iface: &str) -> Vec<(u32, u64)> {
-    let iface = iface.to_owned();
-    ns.within("tcx query", move || {
+/// What runs at ingress of `ifaces` in `ns`, one entry per hook: (device
+/// and handle, program id, tag). tcx: the programs attached (handle 0);
+/// classic tc: xhost's filters (`pref 30824`), as `tc filter show` lists
+/// them.
+fn ingress_progs(ns: &NetNs, ifaces: &[&str]) -> Vec<(String, u32, String)> {
+    let ifaces: Vec<String> = ifaces.iter().map(|s| (*s).to_owned()).collect();
+    ns.within("ingress programs", move || {
         use aya::programs::{SchedClassifier, TcAttachType};
-        Ok(SchedClassifier::query_tcx(&iface, TcAttachType::Ingress)
-            .map(|(_, progs)| progs.iter().map(|p| (p.id(), p.tag())).collect::<Vec<_>>())
-            .unwrap_or_default())
+        let mut found = Vec::new();
+        for iface in &ifaces {
+            if let Ok((_, progs)) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
+                for p in progs {
+                    found.push((format!("{iface} 0"), p.id(), format!("{:016x}", p.tag())));
+                }
+            }
+            for line in xhost_tests::xhost::tc_filters(iface, "ingress")? {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let after = |key: &str| {
+                    words
+                        .iter()
+                        .position(|w| *w == key)
+                        .and_then(|i| words.get(i + 1))
+                        .map(|w| (*w).to_owned())
+                };
+                if after("pref").as_deref() != Some("30824") {
+                    continue;
+                }
+                if let (Some(handle), Some(id), Some(tag)) =
+                    (after("handle"), after("id"), after("tag"))
+                {
+                    let id = id.parse().expect("program id");
+                    found.push((format!("{iface} {handle}"), id, tag));
+                }
+            }
+        }
+        Ok(found)
     })
-    .expect("query tcx")
+    .expect("query ingress programs")
 }
 
 /// What happens to host A's agent halfway through the flows.
@@ -249,8 +277,13 @@ fn restart_under_traffic(restart: Restart<'_>) -> (u64, Duration) {
     }
     let before = status_json(a.ns(), &dirs);
     let egress_before = counter(&before, "fwd_egress");
-    let tcx = xhost_tests::xhost::expect_tcx();
-    let ids_before = tcx_progs(a.ns(), a.underlay_iface());
+    let hooks = [topo.ctr_a().host_veth(), a.bridge(), a.underlay_iface()];
+    let ids_before = ingress_progs(a.ns(), &hooks);
+    assert_eq!(
+        ids_before.len(),
+        hooks.len(),
+        "one program per hook: {ids_before:?}"
+    );
 
     let flows = start_flows(&topo);
     std::thread::sleep(Duration::from_millis(1500));
@@ -316,26 +349,31 @@ fn restart_under_traffic(restart: Restart<'_>) -> (u64, Duration) {
         "STATS carried over: fwd_egress {egress_before} before, {egress_after} after {} datagrams",
         RATE * FLOW_SECS
     );
-    if tcx {
-        let ids_after = tcx_progs(a.ns(), a.underlay_iface());
-        assert_eq!(ids_after.len(), ids_before.len(), "one program per hook");
-        assert!(
-            ids_after
-                .iter()
-                .all(|(id, _)| ids_before.iter().all(|(old, _)| old != id)),
-            "the programs were replaced: {ids_before:?} -> {ids_after:?}"
-        );
-        // Same build, same instructions (tag); another build, others.
-        let same_tags = ids_after
+    // The same hooks (tcx, or filters at the same priority and handle)
+    // run new programs.
+    let ids_after = ingress_progs(a.ns(), &hooks);
+    let hooks_of = |v: &[(String, u32, String)]| v.iter().map(|p| p.0.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        hooks_of(&ids_after),
+        hooks_of(&ids_before),
+        "one program per hook"
+    );
+    assert!(
+        ids_after
             .iter()
-            .zip(&ids_before)
-            .all(|((_, new), (_, old))| new == old);
-        assert_eq!(
-            same_tags,
-            !matches!(restart, Restart::Upgrade(_)),
-            "program tags {ids_before:?} -> {ids_after:?}"
-        );
-    }
+            .all(|(_, id, _)| ids_before.iter().all(|(_, old, _)| old != id)),
+        "the programs were replaced: {ids_before:?} -> {ids_after:?}"
+    );
+    // Same build, same instructions (tag); another build, others.
+    let same_tags = ids_after
+        .iter()
+        .zip(&ids_before)
+        .all(|(new, old)| new.2 == old.2);
+    assert_eq!(
+        same_tags,
+        !matches!(restart, Restart::Upgrade(_)),
+        "program tags {ids_before:?} -> {ids_after:?}"
+    );
     assert!(
         log.contains("in place"),
         "programs replaced in place:\n{log}"
@@ -463,7 +501,9 @@ fn refused_with_pins_untouched(alter: impl FnOnce(&Path), expected: &str) {
     );
     alter(&dirs.pin_dir);
     let pinned = pins(&dirs.pin_dir);
-    let ids = tcx_progs(a.ns(), a.underlay_iface());
+    let hooks = [a.bridge(), a.underlay_iface()];
+    let ids = ingress_progs(a.ns(), &hooks);
+    assert_eq!(ids.len(), hooks.len(), "{ids:?}");
 
     let mut again = vec!["load".to_owned()];
     again.extend(args(a, b, &[]));
@@ -478,11 +518,7 @@ fn refused_with_pins_untouched(alter: impl FnOnce(&Path), expected: &str) {
     assert!(errors[0].contains(expected), "{stderr}");
     assert!(errors[0].contains("nothing was touched"), "{stderr}");
     assert_eq!(pins(&dirs.pin_dir), pinned, "pins untouched");
-    assert_eq!(
-        tcx_progs(a.ns(), a.underlay_iface()),
-        ids,
-        "programs untouched"
-    );
+    assert_eq!(ingress_progs(a.ns(), &hooks), ids, "programs untouched");
     let ping = xhost_tests::ping(topo.ctr_a().ns(), topo.ctr_b().ip(), 2).expect("ping");
     assert!(ping.all_received(), "still forwarding: {ping:?}");
 
