@@ -637,6 +637,30 @@ fn maps_of_another_capacity_are_migrated_without_loss() {
     let topo = topology();
     let (a, b) = (topo.host_a(), topo.host_b());
     let keep = args(a, b, &["--keep-datapath"]);
+
+/// Waits (2 s at most) until the agent's log holds `needle`.
+fn log_has(agent: &Agent, needle: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !agent.output().contains(needle) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// Classic tc, whatever `XHOST_TEST_ATTACH` says: a filter of the pinned
+/// datapath deleted by hand while no agent ran is not added back by the
+/// in-place replacement (its request carries no `NLM_F_CREATE`, so the
+/// kernel refuses it): the adopting agent says so, forgets the filter and
+/// attaches the bridge afresh; the underlay's filter is replaced in place.
+#[test]
+fn a_classic_filter_deleted_by_hand_is_attached_afresh_not_replaced() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let tc = ["--attach", "tc"];
+    let keep = args(a, b, &["--keep-datapath", tc[0], tc[1]]);
     let first = Agent::start(a.ns(), a.role(), &strs(&keep)).expect("load A");
     let dirs = first.dirs.clone();
     let _cleanup = Cleanup(vec![dirs.clone()]);
@@ -790,6 +814,64 @@ fn maps_of_another_capacity_are_migrated_without_loss() {
         tx_after >= migrated_from + u64::from(RATE),
         "PEER_STATS copied and counting: {migrated_from} in the old map, {tx_after} after"
     );
+
+    let (status, _) = first.stop_leaving(Signal::SIGTERM).expect("stop A");
+    assert!(status.success(), "{status:?}");
+    let deleted = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", a.ns().path().display()))
+        .args(["tc", "filter", "del", "dev", a.bridge(), "ingress"])
+        .args(["pref", "30824", "handle", "0x2", "bpf"])
+        .output()
+        .expect("tc");
+    assert!(
+        deleted.status.success(),
+        "tc filter del: {}",
+        String::from_utf8_lossy(&deleted.stderr)
+    );
+    let before = ingress_progs(a.ns(), &[a.bridge(), a.underlay_iface()]);
+    assert_eq!(
+        before.len(),
+        1,
+        "only the underlay's filter left: {before:?}"
+    );
+
+    let bin = xhost_bin().expect("xhost-user");
+    let mut second = Agent::spawn(
+        &bin,
+        a.ns(),
+        a.role(),
+        dirs.clone(),
+        &strs(&args(a, b, &tc)),
+    )
+    .expect("start A");
+    second.wait_ready().expect("A adopts and is ready");
+    for needle in [
+        &format!(
+            "{}: replacing xhost's tc filter (bridge-ingress)",
+            a.bridge()
+        ),
+        &format!("replaced xhost_nic_in on {} ", a.underlay_iface()),
+        &format!("attached xhost_bridge_in to {} ", a.bridge()),
+    ] {
+        assert!(
+            log_has(&second, needle),
+            "{needle:?} in:\n{}",
+            second.output()
+        );
+    }
+    let after = ingress_progs(a.ns(), &[a.bridge(), a.underlay_iface()]);
+    let hooks: Vec<&str> = after.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(
+        hooks,
+        [
+            format!("{} 0x2", a.bridge()),
+            format!("{} 0x1", a.underlay_iface())
+        ],
+        "one filter per hook: {after:?}"
+    );
+    assert_ne!(after[1].1, before[0].1, "the underlay's program replaced");
+    let ping = xhost_tests::ping(topo.ctr_a().ns(), topo.ctr_b().ip(), 2).expect("ping");
+    assert!(ping.all_received(), "A -> B after: {ping:?}");
     let (status, left) = second.stop_with(Signal::SIGTERM).expect("stop A");
     assert!(
         status.success() && left.is_empty(),
@@ -853,3 +935,4 @@ fn an_interrupted_migration_is_finished_by_the_next_load() {
     );
     assert!(dirs.leftovers().is_empty(), "left {:?}", dirs.leftovers());
 }
+
