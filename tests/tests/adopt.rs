@@ -171,8 +171,14 @@ impl FlowResult {
     /// XDP links (BPF_LINK_UPDATE) and classic tc filters (changed in place:
     /// same parent, priority, protocol and handle) swap programs
     /// atomically: not one datagram may go missing.
-    fn assert_intact(&self, what: &str) {
-        assert_eq!(self.udp.missing, 0, "UDP lost across {what}");
+    /// `rcvbuf_full`: datagrams the receiving socket had no room for,
+    /// delivered by the path and so not counted as lost on it.
+    fn assert_intact(&self, what: &str, rcvbuf_full: u64) {
+        assert_eq!(
+            self.udp.missing.saturating_sub(rcvbuf_full),
+            0,
+            "UDP lost across {what} ({rcvbuf_full} more for a full receive buffer)"
+        );
         assert!(self.tcp_intact, "TCP transfer damaged across {what}");
         assert_eq!(self.tcp_bytes, TCP_BYTES);
     }
@@ -285,6 +291,16 @@ fn restart_under_traffic(restart: Restart<'_>) -> (u64, Duration) {
         "one program per hook: {ids_before:?}"
     );
 
+    let rcvbuf = || {
+        topo.ctr_b()
+            .ns()
+            .within(
+                "RcvbufErrors",
+                || Ok(xhost_tests::flow::udp_rcvbuf_errors()),
+            )
+            .expect("RcvbufErrors")
+    };
+    let rcvbuf_before = rcvbuf();
     let flows = start_flows(&topo);
     std::thread::sleep(Duration::from_millis(1500));
     let bin = match &restart {
@@ -325,21 +341,26 @@ fn restart_under_traffic(restart: Restart<'_>) -> (u64, Duration) {
     let log = second.output();
 
     let result = flows.finish();
+    // Datagrams the receiving socket had no room for (its thread did not
+    // get the CPU in time; this machine's CPUs are shared) were delivered
+    // by the path: counted apart, as in tests/tests/faults.rs.
+    let rcvbuf_full = rcvbuf() - rcvbuf_before;
     eprintln!(
         "counters on A after: {}",
         status_json(a.ns(), &dirs)["counters"]
     );
     eprintln!(
-        "adoption: {adopt_ms} ms in the agent, {} ms start -> ready; UDP {} of {} received, {} missing (first {:?}); TCP {} bytes intact={}",
+        "adoption: {adopt_ms} ms in the agent, {} ms start -> ready; UDP {} of {} received, {} missing (first {:?}), {} of them for a full receive buffer; TCP {} bytes intact={}",
         wall.as_millis(),
         result.udp.received,
         RATE * FLOW_SECS,
         result.udp.missing,
         result.udp.first_missing,
+        rcvbuf_full,
         result.tcp_bytes,
         result.tcp_intact
     );
-    result.assert_intact("the restart");
+    result.assert_intact("the restart", rcvbuf_full);
 
     // Counted before and after, by the same pinned STATS.
     let after = status_json(a.ns(), &dirs);
@@ -764,7 +785,7 @@ fn a_classic_filter_deleted_by_hand_is_attached_afresh_not_replaced() {
         result.tcp_bytes,
         result.tcp_intact
     );
-    result.assert_intact("the migration");
+    result.assert_intact("the migration", 0);
 
     for line in [
         format!("map ROUTES: capacity 1024 -> 131072, flags 0x1 -> 0x1: {routes} entries copied"),
