@@ -658,30 +658,6 @@ fn maps_of_another_capacity_are_migrated_without_loss() {
     let topo = topology();
     let (a, b) = (topo.host_a(), topo.host_b());
     let keep = args(a, b, &["--keep-datapath"]);
-
-/// Waits (2 s at most) until the agent's log holds `needle`.
-fn log_has(agent: &Agent, needle: &str) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while !agent.output().contains(needle) {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
-}
-
-/// Classic tc, whatever `XHOST_TEST_ATTACH` says: a filter of the pinned
-/// datapath deleted by hand while no agent ran is not added back by the
-/// in-place replacement (its request carries no `NLM_F_CREATE`, so the
-/// kernel refuses it): the adopting agent says so, forgets the filter and
-/// attaches the bridge afresh; the underlay's filter is replaced in place.
-#[test]
-fn a_classic_filter_deleted_by_hand_is_attached_afresh_not_replaced() {
-    let topo = topology();
-    let (a, b) = (topo.host_a(), topo.host_b());
-    let tc = ["--attach", "tc"];
-    let keep = args(a, b, &["--keep-datapath", tc[0], tc[1]]);
     let first = Agent::start(a.ns(), a.role(), &strs(&keep)).expect("load A");
     let dirs = first.dirs.clone();
     let _cleanup = Cleanup(vec![dirs.clone()]);
@@ -835,7 +811,40 @@ fn a_classic_filter_deleted_by_hand_is_attached_afresh_not_replaced() {
         tx_after >= migrated_from + u64::from(RATE),
         "PEER_STATS copied and counting: {migrated_from} in the old map, {tx_after} after"
     );
+    let (status, left) = second.stop_with(Signal::SIGTERM).expect("stop A");
+    assert!(
+        status.success() && left.is_empty(),
+        "{status:?} left {left:?}"
+    );
+}
 
+/// Waits (2 s at most) until the agent's log holds `needle`.
+fn log_has(agent: &Agent, needle: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !agent.output().contains(needle) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// Classic tc, whatever `XHOST_TEST_ATTACH` says: a filter of the pinned
+/// datapath deleted by hand while no agent ran is not added back by the
+/// in-place replacement (its request carries no `NLM_F_CREATE`, so the
+/// kernel refuses it): the adopting agent says so, forgets the filter and
+/// attaches the bridge afresh; the underlay's filter is replaced in place.
+#[test]
+fn a_classic_filter_deleted_by_hand_is_attached_afresh_not_replaced() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let tc = ["--attach", "tc"];
+    let keep = args(a, b, &["--keep-datapath", tc[0], tc[1]]);
+    let first = Agent::start(a.ns(), a.role(), &strs(&keep)).expect("load A");
+    let dirs = first.dirs.clone();
+    let _cleanup = Cleanup(vec![dirs.clone()]);
+    let _agent_b = Agent::start(b.ns(), b.role(), &strs(&args(b, a, &[]))).expect("load B");
     let (status, _) = first.stop_leaving(Signal::SIGTERM).expect("stop A");
     assert!(status.success(), "{status:?}");
     let deleted = std::process::Command::new("nsenter")
@@ -956,4 +965,3 @@ fn an_interrupted_migration_is_finished_by_the_next_load() {
     );
     assert!(dirs.leftovers().is_empty(), "left {:?}", dirs.leftovers());
 }
-
