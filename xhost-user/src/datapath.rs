@@ -8,6 +8,7 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
@@ -632,10 +633,11 @@ impl Datapath {
     }
 
     /// Adoption, classic tc: replaces the program of xhost's filter at
-    /// `hook` of `iface` in place (same priority and handle, a netlink
-    /// change without NLM_F_CREATE, so the kernel swaps it atomically), then
-    /// pins the new program where the old one was. A filter that is gone
-    /// (interface deleted, or removed by hand) is forgotten.
+    /// `hook` of `iface` in place (same parent, priority, protocol and
+    /// handle; `NLM_F_REPLACE` without `NLM_F_CREATE`, so cls_bpf swaps the
+    /// program atomically and a filter that is gone is not added again),
+    /// then pins the new program where the old one was. A filter that is
+    /// gone (interface deleted, or removed by hand) is forgotten.
     fn replace_filter(
         &mut self,
         iface: &str,
@@ -643,31 +645,32 @@ impl Datapath {
         path: PathBuf,
     ) -> Result<(), DatapathError> {
         let program = hook.program();
-        let replaced = crate::net::ifindex(iface).is_ok() && {
-            let link = aya::programs::tc::SchedClassifierLink::attached(
-                iface,
-                attach::tc_attach_type(hook),
-                TC_PRIORITY,
-                TcHandle::from(attach::tc_handle(hook)),
-                None,
-            );
-            let prog: &mut SchedClassifier = self.program(program)?;
-            match link
-                .map_err(|e| ProgramError::from(aya::programs::tc::TcError::IoError(e)))
-                .and_then(|l| prog.attach_to_link(l))
-                .and_then(|id| prog.take_link(id))
-            {
-                // As in attach_filter: the link's drop would delete the filter.
-                Ok(link) => {
-                    std::mem::forget(link);
-                    true
-                }
-                Err(e) => {
-                    warn!(
-                        "{iface}: replacing xhost's tc filter ({}): {e}",
-                        hook.as_str()
-                    );
-                    false
+        let replaced = match crate::net::ifindex(iface) {
+            Err(_) => false,
+            Ok(ifindex) => {
+                let prog: &mut SchedClassifier = self.program(program)?;
+                let fd = prog.fd().map_err(|source| DatapathError::Program {
+                    program,
+                    source: Box::new(source),
+                })?;
+                let filter = crate::netlink::BpfFilter {
+                    ifindex,
+                    parent: attach::tc_parent(attach::tc_attach_type(hook)),
+                    priority: TC_PRIORITY,
+                    handle: attach::tc_handle(hook),
+                    name: program,
+                };
+                match crate::netlink::Rtnl::open()
+                    .and_then(|mut rtnl| rtnl.replace_bpf_filter(&filter, fd.as_fd().as_raw_fd()))
+                {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(
+                            "{iface}: replacing xhost's tc filter ({}): {e}",
+                            hook.as_str()
+                        );
+                        false
+                    }
                 }
             }
         };

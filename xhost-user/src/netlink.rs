@@ -305,6 +305,14 @@ impl Rtnl {
         self.ack(RouteNetlinkMessage::DelQueueDiscipline(m), 0)
     }
 
+    /// Swaps the program of the cls_bpf filter `f` (which must exist) for
+    /// the program behind `prog_fd`, in place: `tc filter replace` without
+    /// `NLM_F_CREATE`, see [`replace_bpf_filter`].
+    pub fn replace_bpf_filter(&mut self, f: &BpfFilter<'_>, prog_fd: RawFd) -> io::Result<()> {
+        let m = bpf_filter(f, prog_fd)?;
+        self.ack(RouteNetlinkMessage::NewTrafficFilter(m), REPLACE_FILTER)
+    }
+
     /// A request the kernel acknowledges.
     fn ack(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
         self.request(msg, NLM_F_ACK | flags, |_| Ok(())).map(|_| ())
@@ -701,6 +709,54 @@ fn is_learned_on(n: &Neigh, bridge: u32) -> bool {
 }
 
 /// The facts of an `RTM_NEWTFILTER` the agent reads.
+/// A classic tc cls_bpf filter in direct-action mode, by the key the
+/// kernel finds it by: device, parent, priority, protocol (always
+/// `ETH_P_ALL`) and handle.
+#[derive(Clone, Copy, Debug)]
+pub struct BpfFilter<'a> {
+    pub ifindex: u32,
+    /// [`TC_PARENT_INGRESS`] or [`TC_PARENT_EGRESS`].
+    pub parent: u32,
+    pub priority: u16,
+    pub handle: u32,
+    /// The filter's name (`TCA_BPF_NAME`): the program's.
+    pub name: &'a str,
+}
+
+/// Flags of the in-place program swap: `NLM_F_REPLACE` without
+/// `NLM_F_CREATE` or `NLM_F_EXCL`. The kernel (`tc_new_tfilter`) finds the
+/// filter by parent, priority, protocol and handle and hands it to
+/// cls_bpf's `change`, which builds the new filter and puts it in the old
+/// one's place in the classifier's list with `list_replace_rcu`: a packet
+/// runs either the old program or the new one, never neither. Without
+/// `NLM_F_CREATE`, a filter that is gone is an error (`ENOENT`) rather
+/// than added again; with `NLM_F_EXCL` an existing one would be refused.
+pub const REPLACE_FILTER: u16 = NLM_F_REPLACE;
+
+/// `tcm_info` of a filter: priority in the upper 16 bits, protocol
+/// (`ETH_P_ALL`, network byte order) in the lower, as aya attaches them.
+fn filter_info(priority: u16) -> u32 {
+    (u32::from(priority) << 16) | u32::from((libc::ETH_P_ALL as u16).to_be())
+}
+
+/// The RTM_NEWTFILTER body for `f` running `prog_fd`.
+fn bpf_filter(f: &BpfFilter<'_>, prog_fd: RawFd) -> io::Result<TcMessage> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
+    let index = i32::try_from(f.ifindex).map_err(|_| invalid("ifindex out of range"))?;
+    let fd = u32::try_from(prog_fd).map_err(|_| invalid("negative program fd"))?;
+    let mut m = TcMessage::with_index(index);
+    m.header.parent = TcHandle::from(f.parent);
+    m.header.handle = TcHandle::from(f.handle);
+    m.header.info = filter_info(f.priority);
+    m.attributes.push(TcAttribute::Kind("bpf".into()));
+    m.attributes.push(TcAttribute::Options(vec![
+        TcOption::Bpf(TcFilterBpfOption::ProgFd(fd)),
+        TcOption::Bpf(TcFilterBpfOption::ProgName(f.name.to_owned())),
+        TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
+    ]));
+    Ok(m)
+}
+
 fn tc_filter_of(m: TcMessage) -> TcFilter {
     // tcm_info: priority in the upper 16 bits, protocol in the lower.
     let mut f = TcFilter {
@@ -1130,6 +1186,50 @@ mod tests {
             (12, NUD_REACHABLE, Some(ip), Some(mac))
         );
         assert!(newneigh(u32::MAX, ip, mac).is_err(), "ifindex out of range");
+    }
+
+    #[test]
+    fn filter_replace_request_layout() {
+        let f = BpfFilter {
+            ifindex: 7,
+            parent: TC_PARENT_INGRESS,
+            priority: 0x7868,
+            handle: 3,
+            name: "xhost_veth_in",
+        };
+        let req = RouteNetlinkMessage::NewTrafficFilter(bpf_filter(&f, 42).expect("request"));
+        let m = encode(req, NLM_F_REQUEST | NLM_F_ACK | REPLACE_FILTER, 6);
+        assert_eq!(u32_at(&m, 0) as usize, m.len());
+        assert_eq!(m.len() % 4, 0);
+        assert_eq!(u16_at(&m, 4), libc::RTM_NEWTFILTER);
+        // REQUEST | ACK | REPLACE: no CREATE (a gone filter is not added
+        // again) and no EXCL (an existing one is what is asked for).
+        assert_eq!(u16_at(&m, 6), 0x105);
+        // struct tcmsg: family, pad, ifindex, handle, parent, info.
+        assert_eq!(m[16], 0, "AF_UNSPEC");
+        assert_eq!(u32_at(&m, 20), 7);
+        assert_eq!(u32_at(&m, 24), 3, "handle");
+        assert_eq!(u32_at(&m, 28), 0xffff_fff2, "clsact ingress");
+        assert_eq!(u32_at(&m, 32), (0x7868 << 16) | 0x0300, "pref, ETH_P_ALL");
+        assert!(m.windows(8).any(|w| w == [8, 0, 1, 0, b'b', b'p', b'f', 0]));
+        // Inside TCA_OPTIONS: TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS (direct action).
+        assert!(m.windows(8).any(|w| w == [8, 0, 6, 0, 42, 0, 0, 0]), "fd");
+        assert!(m.windows(4).any(|w| w == [18, 0, 7, 0]), "name");
+        assert!(m.windows(14).any(|w| w == b"xhost_veth_in\0"));
+        assert!(m.windows(8).any(|w| w == [8, 0, 8, 0, 1, 0, 0, 0]), "da");
+        // The kernel's dump of it reads back as the same filter.
+        let (_, _, msgs) = replies(&m, 6).expect("parse");
+        let Some(RouteNetlinkMessage::NewTrafficFilter(back)) = msgs.into_iter().next() else {
+            panic!("not a filter");
+        };
+        let back = tc_filter_of(back);
+        assert_eq!(
+            (back.priority, back.handle, back.kind.as_str()),
+            (0x7868, 3, "bpf")
+        );
+        assert_eq!(back.bpf_name.as_deref(), Some("xhost_veth_in"));
+        assert!(back.direct_action);
+        assert!(bpf_filter(&f, -1).is_err(), "no program");
     }
 
     /// What waits on an unresolved neighbour leaves as soon as the entry is
