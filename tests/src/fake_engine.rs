@@ -82,6 +82,8 @@ pub struct Requests {
 #[derive(Default)]
 struct State {
     containers: BTreeMap<String, Container>,
+    /// Networks listed and answered as given (see [`FakeEngine::add_raw_network`]).
+    raw_networks: Vec<serde_json::Value>,
     /// The open `/events` streams.
     subscribers: Vec<mpsc::UnboundedSender<Bytes>>,
 }
@@ -158,6 +160,14 @@ impl FakeEngine {
         let event = event(&c, "start", &[]);
         st.containers.insert(c.id.clone(), c);
         publish(&mut st, &event);
+    }
+
+    /// A network the engine lists and answers exactly as `answer` (the
+    /// shape of `/networks/{id}`), for answers an agent cannot use: another
+    /// driver, no IPv4 subnet, an unreadable one. Found by its `Id` or `Name`.
+    pub fn add_raw_network(&self, answer: serde_json::Value) {
+        let mut st = self.shared.state.lock().expect("engine state");
+        st.raw_networks.push(answer);
     }
 
     /// The container exited and is gone (as `docker run --rm`): a `die`
@@ -307,13 +317,23 @@ fn respond(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
         }
         ["networks"] => {
             r.other.fetch_add(1, Ordering::Relaxed);
-            reply(StatusCode::OK, json!([network_json(&shared.network)]))
+            let st = shared.state.lock().expect("engine state");
+            let mut list = vec![network_json(&shared.network)];
+            list.extend(st.raw_networks.iter().cloned());
+            reply(StatusCode::OK, json!(list))
         }
         ["networks", id] => {
             r.other.fetch_add(1, Ordering::Relaxed);
             let n = &shared.network;
+            let st = shared.state.lock().expect("engine state");
+            let raw = st
+                .raw_networks
+                .iter()
+                .find(|v| v["Id"] == json!(id) || v["Name"] == json!(id));
             if *id == n.id || *id == n.name || n.id.starts_with(id) {
                 reply(StatusCode::OK, network_json(n))
+            } else if let Some(v) = raw {
+                reply(StatusCode::OK, v.clone())
             } else {
                 not_found(&format!("network {id} not found"))
             }

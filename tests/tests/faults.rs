@@ -1467,3 +1467,215 @@ fn agent_resources_flat_under_100k_docker_events() {
     drop(engine);
     drop(sleepers);
 }
+
+/// Engine answers the agent cannot use, from a running engine (the Engine
+/// API server the test plays, shaped like Docker 20.10's): a macvlan
+/// network, an IPv6-only bridge network, a bridge network with no IPAM
+/// config, one with an unreadable subnet, and a running container whose
+/// network namespace (and process) are gone. Next to them a usable network
+/// and container.
+///
+/// Bound: each is skipped with its reason in one log line, once, also after
+/// the engine goes away and comes back (the agent resyncs everything then);
+/// the usable network and container are served throughout, as if the others
+/// were not there; the agent keeps running.
+#[test]
+fn engine_answers_the_agent_cannot_use_are_skipped_and_it_goes_on() {
+    use serde_json::json;
+    use xhost_tests::fake_engine::{Container as EngineContainer, FakeEngine, Network};
+    require_root();
+    let topo = Topology::two_hosts(TopologyOpts::default()).expect("topology");
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let pool = start_containers(a, 100, 1).expect("a namespace");
+    let good = &pool[0];
+    let sleeper = good
+        .ns()
+        .spawn("sleeper", &["sleep", "infinity"])
+        .expect("sleep");
+    // A process that has exited, and a namespace path that never existed.
+    let gone_pid = {
+        let mut c = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = c.id();
+        c.wait().expect("wait true");
+        pid
+    };
+    let gone_ns = std::env::temp_dir().join(format!("xh-{}-gone-netns", std::process::id()));
+    let gone_ip = {
+        use xhost_tests::Ipv4NetExt as _;
+        a.subnet().host(150).expect("an address in A's subnet")
+    };
+
+    let network = Network {
+        id: format!("{:0>64}", "b7d3c1"),
+        name: "bridge".into(),
+        bridge: a.bridge().into(),
+        subnet: a.subnet(),
+        gateway: a.bridge_ip(),
+    };
+    let raw = |n: u32, name: &str, driver: &str, ipv6: bool, config: serde_json::Value| {
+        json!({
+            "Name": name,
+            "Id": format!("{n:02x}{}", "5e".repeat(31)),
+            "Created": "2026-01-01T00:00:00.000000000Z",
+            "Scope": "local",
+            "Driver": driver,
+            "EnableIPv6": ipv6,
+            "IPAM": {"Driver": "default", "Options": null, "Config": config},
+            "Internal": false,
+            "Attachable": false,
+            "Containers": {},
+            "Options": {},
+            "Labels": {},
+        })
+    };
+    let unusable = [
+        raw(
+            0xa1,
+            "mv0",
+            "macvlan",
+            false,
+            json!([{"Subnet": "10.77.0.0/24"}]),
+        ),
+        raw(
+            0xa2,
+            "v6only",
+            "bridge",
+            true,
+            json!([{"Subnet": "fd00:a::/64"}]),
+        ),
+        raw(0xa3, "noipam", "bridge", false, json!([])),
+        raw(
+            0xa4,
+            "badnet",
+            "bridge",
+            false,
+            json!([{"Subnet": "10.1.2.300/24"}]),
+        ),
+    ];
+    let containers = [
+        EngineContainer {
+            id: format!("c0ffee01{}", "7a".repeat(28)),
+            name: "usable".into(),
+            pid: sleeper.pid(),
+            sandbox: good.ns().path(),
+            ip: good.ip(),
+            mac: good.mac().to_owned(),
+        },
+        EngineContainer {
+            id: format!("c0ffee02{}", "7a".repeat(28)),
+            name: "netns-gone".into(),
+            pid: gone_pid,
+            sandbox: gone_ns.clone(),
+            ip: gone_ip,
+            mac: "02:42:c0:a8:6e:96".into(),
+        },
+    ];
+    let socket = std::env::temp_dir().join(format!("xh-{}-answers.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let serve = || {
+        let engine = FakeEngine::start(&socket, network.clone()).expect("engine");
+        for n in &unusable {
+            engine.add_raw_network(n.clone());
+        }
+        for c in &containers {
+            engine.start_container(c.clone());
+        }
+        engine
+    };
+    let engine = serve();
+    let peer = format!("{}={}", b.underlay_ip(), b.subnet());
+    let mut agent = Agent::start(
+        a.ns(),
+        a.role(),
+        &[
+            "--iface",
+            a.underlay_iface(),
+            "--docker-host",
+            &engine.host(),
+            "--peer",
+            &peer,
+        ],
+    )
+    .expect("load A");
+    let ep = EndpointMap::open(&agent.dirs).expect("ENDPOINTS");
+    let served = || {
+        let (s, _) = wait_status(
+            a.ns(),
+            &agent.dirs,
+            "the usable network and container served",
+            Duration::from_secs(10),
+            |s| {
+                s["agent"]["docker"]["connected"] == json!(true)
+                    && s["agent"]["docker"]["endpoints"] == json!(1)
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let names: Vec<&str> = s["agent"]["docker"]["networks"]
+            .as_array()
+            .expect("networks")
+            .iter()
+            .filter_map(|n| n["name"].as_str())
+            .collect();
+        assert_eq!(names, ["bridge"], "only the usable network is followed");
+        let held = ep.read().expect("read ENDPOINTS");
+        assert!(held.contains_key(&good.ip()), "the usable container");
+        assert!(!held.contains_key(&gone_ip), "the one without a namespace");
+    };
+    served();
+    // The reasons, each expected once in the log.
+    let reasons = [
+        "driver \"macvlan\", not a bridge; skipped",
+        "no IPv4 subnet in its IPAM config (IPv6-only, or no IPAM config); skipped",
+        "IPAM subnet \"10.1.2.300/24\" is not an IPv4 or IPv6 prefix",
+        "host veth not resolved",
+    ];
+    let count = |log: &str, r: &str| log.lines().filter(|l| l.contains(r)).count();
+    let logged = |log: &str| -> Vec<usize> { reasons.iter().map(|r| count(log, r)).collect() };
+    // Two networks lack an IPv4 subnet (IPv6-only, no IPAM config).
+    let once = [1, 2, 1, 1];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while logged(&agent.output()) != once && Instant::now() < deadline {
+        sleep(Duration::from_millis(50));
+    }
+    let log = agent.output();
+    assert_eq!(logged(&log), once, "each reason logged once:\n{log}");
+
+    // The engine goes away and comes back with the same answers: the agent
+    // resyncs everything, serves the same, and logs nothing again.
+    drop(engine);
+    wait_status(
+        a.ns(),
+        &agent.dirs,
+        "the engine unreachable in status",
+        Duration::from_secs(10),
+        |s| s["agent"]["docker"]["connected"] == json!(false),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        ep.read().expect("read").contains_key(&good.ip()),
+        "the last view stays while the engine is away"
+    );
+    let engine = serve();
+    served();
+    let streams = engine
+        .requests()
+        .event_streams
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(streams >= 1, "the agent follows the new engine");
+    sleep(Duration::from_millis(500));
+    let log = agent.output();
+    println!(
+        "fault: unusable engine answers | 4 networks and 1 container skipped, each reason logged once across a reconnect; the usable network and container served"
+    );
+    assert_eq!(
+        logged(&log),
+        once,
+        "nothing logged again after the resync:\n{log}"
+    );
+    assert!(agent.running(), "the agent exited:\n{log}");
+    drop(agent);
+    drop(engine);
+    drop(sleeper);
+}
