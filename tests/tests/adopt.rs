@@ -1045,8 +1045,8 @@ fn a_classic_filter_deleted_by_hand_is_attached_afresh_not_replaced() {
     assert_eq!(
         hooks,
         [
-            format!("{} 0x2", a.bridge()),
-            format!("{} 0x1", a.underlay_iface())
+            format!("{} ingress 0x2", a.bridge()),
+            format!("{} ingress 0x1", a.underlay_iface())
         ],
         "one filter per hook: {after:?}"
     );
