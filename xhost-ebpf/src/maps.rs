@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use xhost_common::{
-    Endpoint, LocalNet, MAX_ENDPOINTS, MAX_LOCAL_NETS, MAX_PEER_HOSTS, MAX_ROUTES,
-    MAX_UNDERLAY_ADDRS, Peer, PeerCounters, PeerHost, ROUTE_CACHE_SLOTS,
+    Endpoint, LocalNet, MAX_ENDPOINTS, MAX_LOCAL_NETS, MAX_LOCAL_NETS6, MAX_PEER_HOSTS, MAX_ROUTES,
+    MAX_ROUTES6, MAX_UNDERLAY_ADDRS, Peer, PeerCounters, PeerHost, ROUTE_CACHE_SLOTS,
 };
 
 /// Remote container prefixes -> the peer host that owns them. Read through
@@ -29,6 +29,20 @@ pub static LOCAL_NETS: LpmTrie<[u8; 4], LocalNet, { MAX_LOCAL_NETS as usize }> =
 /// Local container IPv4 (network order) -> its veth endpoint.
 #[btf_map]
 pub static ENDPOINTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
+
+/// Remote container IPv6 prefixes -> the peer host (IPv4 underlay address)
+/// that owns them.
+#[btf_map]
+static ROUTES6: LpmTrie<[u8; 16], Peer, { MAX_ROUTES6 as usize }> = LpmTrie::new();
+
+/// This host's IPv6 container subnets.
+#[btf_map]
+pub static LOCAL_NETS6: LpmTrie<[u8; 16], LocalNet, { MAX_LOCAL_NETS6 as usize }> = LpmTrie::new();
+
+/// Local container IPv6 (network order) -> its veth endpoint. Sized with
+/// `ENDPOINTS` by the loader (`--max-endpoints`).
+#[btf_map]
+pub static ENDPOINTS6: HashMap<[u8; 16], Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
 
 /// Veths of known endpoints (ifindex) whose endpoints are all written:
 /// there any other source for a peer is dropped (see

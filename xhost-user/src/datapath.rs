@@ -271,7 +271,7 @@ impl RouteTable {
 pub struct LoadOpts {
     /// What is done with refused packets (a constant of the programs).
     pub deny: DenyArg,
-    /// Capacity of `ENDPOINTS` and `ENDPOINT_PORTS`.
+    /// Capacity of `ENDPOINTS`, `ENDPOINT_PORTS` and `ENDPOINTS6`.
     pub max_endpoints: u32,
 }
 
@@ -529,7 +529,12 @@ impl Datapath {
             underlay_addrs,
             endpoint_ports,
             peer_stats,
-        ] = <[aya::maps::Map; 9]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
+            // The IPv6 maps: pinned with the rest; the agent writes them
+            // through the pins.
+            _routes6,
+            _local_nets6,
+            _endpoints6,
+        ] = <[aya::maps::Map; 12]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
         let mut dp = Self {
             layout: layout.clone(),
             routes: RouteTable::new(routes, generation)?,
