@@ -29,7 +29,7 @@ use netlink_packet_route::{
     },
     route::{
         RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
-        RouteType, RouteVia,
+        RouteType,
     },
     tc::{TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
 };
@@ -238,22 +238,18 @@ impl Rtnl {
         self.ack(RouteNetlinkMessage::DelRoute(route(dst, gw, oif)), 0)
     }
 
-    /// Adds the IPv6 route `dst via inet gw dev oif` (`RTA_VIA`: an IPv6
-    /// prefix behind an IPv4 next hop; `dst dev oif` without `gw`), marked
-    /// as xhost's; `AlreadyExists` as [`Self::add_route`].
-    pub fn add_route6(&mut self, dst: &Ipv6Net, gw: Option<Ipv4Addr>, oif: u32) -> io::Result<()> {
-        let req = RouteNetlinkMessage::NewRoute(route6(dst, gw, oif));
+    /// Adds the IPv6 route `dst dev oif` (on the link), marked as xhost's;
+    /// `AlreadyExists` as [`Self::add_route`]. Linux has no IPv6 route
+    /// via an IPv4 next hop (`RTA_VIA` is refused for IPv6, an IPv4 nexthop
+    /// object too), so a peer's IPv6 subnet is routed onto the device.
+    pub fn add_route6(&mut self, dst: &Ipv6Net, oif: u32) -> io::Result<()> {
+        let req = RouteNetlinkMessage::NewRoute(route6(dst, oif));
         self.ack(req, NLM_F_CREATE | NLM_F_EXCL)
     }
 
     /// Deletes the route `add_route6` made.
-    pub fn delete_route6(
-        &mut self,
-        dst: &Ipv6Net,
-        gw: Option<Ipv4Addr>,
-        oif: u32,
-    ) -> io::Result<()> {
-        self.ack(RouteNetlinkMessage::DelRoute(route6(dst, gw, oif)), 0)
+    pub fn delete_route6(&mut self, dst: &Ipv6Net, oif: u32) -> io::Result<()> {
+        self.ack(RouteNetlinkMessage::DelRoute(route6(dst, oif)), 0)
     }
 
     /// `ip neigh replace ip lladdr mac dev ifindex nud reachable`: the
@@ -637,10 +633,8 @@ fn route(dst: &Ipv4Net, gw: Option<Ipv4Addr>, oif: u32) -> RouteMessage {
     m
 }
 
-/// xhost's IPv6 route to `dst` in the main table: via the IPv4 address
-/// `gw` (`RTA_VIA`, as `ip -6 route add dst via inet gw`) if given, else
-/// on the link of `oif`.
-fn route6(dst: &Ipv6Net, gw: Option<Ipv4Addr>, oif: u32) -> RouteMessage {
+/// xhost's IPv6 route to `dst` in the main table, on the link of `oif`.
+fn route6(dst: &Ipv6Net, oif: u32) -> RouteMessage {
     let mut m = RouteMessage::default();
     m.header.address_family = AddressFamily::Inet6;
     m.header.destination_prefix_length = dst.prefix_len();
@@ -650,9 +644,6 @@ fn route6(dst: &Ipv6Net, gw: Option<Ipv4Addr>, oif: u32) -> RouteMessage {
     m.header.kind = RouteType::Unicast;
     m.attributes
         .push(RouteAttribute::Destination(RouteAddress::Inet6(dst.addr())));
-    if let Some(gw) = gw {
-        m.attributes.push(RouteAttribute::Via(RouteVia::Inet(gw)));
-    }
     m.attributes.push(RouteAttribute::Oif(oif));
     m
 }
@@ -1162,9 +1153,8 @@ mod tests {
     #[test]
     fn route6_request_layout() {
         let dst: Ipv6Net = "fd00:b::/64".parse().expect("cidr");
-        let gw = Ipv4Addr::new(172, 16, 0, 2);
         let m = encode(
-            RouteNetlinkMessage::NewRoute(route6(&dst, Some(gw), 5)),
+            RouteNetlinkMessage::NewRoute(route6(&dst, 5)),
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
             3,
         );
@@ -1176,17 +1166,17 @@ mod tests {
         let mut rta_dst = vec![20, 0, 1, 0];
         rta_dst.extend(dst.addr().octets());
         assert!(m.windows(20).any(|w| w == rta_dst), "RTA_DST");
-        // RTA_VIA (18): struct rtvia { family: u16, addr }.
-        let via = [10, 0, 18, 0, libc::AF_INET as u8, 0, 172, 16, 0, 2];
-        assert!(m.windows(10).any(|w| w == via), "RTA_VIA");
+        assert!(
+            m.windows(8).any(|w| w == [8, 0, 4, 0, 5, 0, 0, 0]),
+            "RTA_OIF"
+        );
         assert!(!m.windows(4).any(|w| w == [8, 0, 5, 0]), "no RTA_GATEWAY");
-        let onlink = encode(
-            RouteNetlinkMessage::DelRoute(route6(&dst, None, 5)),
+        let del = encode(
+            RouteNetlinkMessage::DelRoute(route6(&dst, 5)),
             NLM_F_REQUEST | NLM_F_ACK,
             4,
         );
-        assert_eq!(u16_at(&onlink, 4), libc::RTM_DELROUTE);
-        assert!(!onlink.windows(4).any(|w| w[2..] == [18, 0]), "no RTA_VIA");
+        assert_eq!(u16_at(&del, 4), libc::RTM_DELROUTE);
     }
 
     /// What adoption reads of the device is what its creation wrote (the

@@ -640,11 +640,9 @@ fn collect_kernel(layout: &Layout, a: AgentState) -> Status {
         routes6: a
             .kernel_routes6
             .iter()
-            .filter_map(|r| {
-                Some(Route6 {
-                    prefix: r.prefix,
-                    peer: r.via?,
-                })
+            .map(|r| Route6 {
+                prefix: r.prefix,
+                peer: r.peer,
             })
             .collect(),
         local_subnets6: Vec::new(),
@@ -684,7 +682,11 @@ fn print_kernel_status(s: &Status, a: &AgentState) {
         println!("  {:<20} via {}", r.prefix.to_string(), r.peer);
     }
     for r in &s.routes6 {
-        println!("  {:<20} via inet {}", r.prefix.to_string(), r.peer);
+        println!(
+            "  {:<20} on the link (peer {})",
+            r.prefix.to_string(),
+            r.peer
+        );
     }
     println!("local subnets:");
     for l in &s.local_subnets {

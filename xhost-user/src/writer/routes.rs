@@ -23,12 +23,13 @@ pub struct KernelRoute {
     pub oif: u32,
 }
 
-/// An IPv6 kernel route xhost added: a peer's IPv6 subnet via the peer's
-/// IPv4 address (`RTA_VIA`), or into the vxlan device.
+/// An IPv6 kernel route xhost added: a peer's IPv6 subnet on the route
+/// device's link (Linux routes no IPv6 prefix via an IPv4 next hop).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelRoute6 {
     pub prefix: Ipv6Net,
-    pub via: Option<Ipv4Addr>,
+    /// The peer host whose subnet it is.
+    pub peer: Ipv4Addr,
     pub oif: u32,
 }
 
@@ -127,18 +128,19 @@ impl KernelRoutes {
         }
     }
 
-    /// Adds the IPv6 kernel route of `peer`'s subnet `net`, as [`Self::add`]
-    /// does for IPv4: `net via inet peer dev underlay proto 177` (an IPv6
-    /// prefix behind the peer's IPv4 address), or `net dev xhost_vxlan`.
-    /// The kernel then answers hop limit expiry and Packet Too Big for
-    /// what the datapath hands it.
+    /// Adds the IPv6 kernel route of `peer`'s subnet `net`: `net dev
+    /// underlay proto 177` (or `dev xhost_vxlan`). Linux has no IPv6 route
+    /// via an IPv4 next hop (it refuses `via inet`), so the route is on the
+    /// link; the datapath never uses it (it forwards to the peer's IPv4
+    /// address itself). It lets the kernel answer what the datapath hands
+    /// it, hop limit expiry (time exceeded) and Packet Too Big, instead of
+    /// "no route".
     pub fn add6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), KernelRouteError> {
-        let gw = self.dev.gateway(peer);
-        match self.rtnl.add_route6(net, gw, self.dev.oif) {
+        match self.rtnl.add_route6(net, self.dev.oif) {
             Ok(()) => {
                 let route = KernelRoute6 {
                     prefix: *net,
-                    via: gw,
+                    peer,
                     oif: self.dev.oif,
                 };
                 self.added6.insert(*net, route);
@@ -146,10 +148,6 @@ impl KernelRoutes {
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 warn!("a route for {net} exists already; leaving it as it is");
-                Ok(())
-            }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENETUNREACH | libc::EINVAL)) => {
-                warn!("no kernel route for {net}: peer {peer} is not on-link ({e})");
                 Ok(())
             }
             Err(source) => Err(KernelRouteError {
@@ -178,7 +176,7 @@ impl KernelRoutes {
         let probe = match routes.next() {
             Some(first) => rtnl.add_route(&first.prefix, first.via, first.oif),
             None => match self.added6.values().next() {
-                Some(first) => rtnl.add_route6(&first.prefix, first.via, first.oif),
+                Some(first) => rtnl.add_route6(&first.prefix, first.oif),
                 None => return,
             },
         };
@@ -189,7 +187,7 @@ impl KernelRoutes {
         }
         let mut back = 1;
         for r in self.added6.values() {
-            match rtnl.add_route6(&r.prefix, r.via, r.oif) {
+            match rtnl.add_route6(&r.prefix, r.oif) {
                 Ok(()) => back += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => warn!("putting back kernel route {}: {e}", r.prefix),
@@ -256,7 +254,7 @@ pub fn delete6(routes: &[KernelRoute6]) {
 
 fn delete6_with(rtnl: &mut Rtnl, routes: &[KernelRoute6]) {
     for r in routes {
-        match rtnl.delete_route6(&r.prefix, r.via, r.oif) {
+        match rtnl.delete_route6(&r.prefix, r.oif) {
             Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
                 warn!("deleting route {}: {e}", r.prefix)
             }
