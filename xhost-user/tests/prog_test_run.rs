@@ -2499,6 +2499,8 @@ fn ipv6_egress_routes_peer_traffic_and_passes_the_rest() {
         version4[Ethernet2Header::LEN] = 0x40;
         let mut jumbo = fwd.clone();
         jumbo[18..20].fill(0); // payload length 0: a jumbogram's
+        // What is forwarded to the peer .132 (PEER_STATS slot 0).
+        let sent = (fwd.len() + echo.len() + at_mtu.len()) as u64;
         run_tc(
             ebpf,
             xhost_common::PROG_BRIDGE_IN,
@@ -2652,6 +2654,12 @@ fn ipv6_egress_routes_peer_traffic_and_passes_the_rest() {
                     counter: stat::DROP_SPOOFED_LOCAL6,
                 },
             ],
+        );
+        let (tx, _) = peer_counters(ebpf, 0);
+        assert_eq!(
+            (tx.packets, tx.bytes),
+            (3, sent),
+            "PEER_STATS tx of .132: the three forwarded"
         );
     });
 }
