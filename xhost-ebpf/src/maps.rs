@@ -31,7 +31,7 @@ pub static LOCAL_NETS: LpmTrie<[u8; 4], LocalNet, { MAX_LOCAL_NETS as usize }> =
 pub static ENDPOINTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
 
 /// Remote container IPv6 prefixes -> the peer host (IPv4 underlay address)
-/// that owns them.
+/// that owns them. Read through [`route6_slot_of`] (not cached: see there).
 #[btf_map]
 static ROUTES6: LpmTrie<[u8; 16], Peer, { MAX_ROUTES6 as usize }> = LpmTrie::new();
 
@@ -169,4 +169,21 @@ pub fn route_slot_of(addr: [u8; 4]) -> Option<([u8; 4], u32)> {
 fn lpm(addr: [u8; 4]) -> Option<[u8; 4]> {
     // The agent may replace the entry concurrently: copy the host out at once.
     ROUTES.get(&host_key(addr)).map(|p| p.host)
+}
+
+/// Longest-prefix match of a single IPv6 address.
+#[inline(always)]
+pub fn host_key6(addr: [u8; 16]) -> Key<[u8; 16]> {
+    Key::new(128, addr)
+}
+
+/// The peer host whose IPv6 container prefix holds `addr` (`ROUTES6`), with
+/// its `PEER_STATS` slot. Not cached: the `ROUTES` cache is keyed by a
+/// 32-bit address, and IPv6 takes the full path (one LPM walk) until it
+/// proves worth a cache of its own.
+#[inline(always)]
+pub fn route6_slot_of(addr: [u8; 16]) -> Option<([u8; 4], u32)> {
+    // The agent may replace the entry concurrently: copy the host out at once.
+    let host = ROUTES6.get(&host_key6(addr)).map(|p| p.host)?;
+    Some((host, slot_of(host)))
 }
