@@ -16,6 +16,16 @@ pub const MAP_ROUTES: &str = "ROUTES";
 pub const MAP_LOCAL_NETS: &str = "LOCAL_NETS";
 /// Name of the hash map from a local container IP to its veth endpoint.
 pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
+/// Name of the LPM trie from remote container IPv6 prefixes to the peer
+/// host that owns them: `ROUTES` for IPv6. The value is the same `Peer`,
+/// whose `host` is the peer's IPv4 underlay address (peer hosts are
+/// reached over an IPv4 underlay).
+pub const MAP_ROUTES6: &str = "ROUTES6";
+/// Name of the LPM trie holding this host's own IPv6 container subnets.
+pub const MAP_LOCAL_NETS6: &str = "LOCAL_NETS6";
+/// Name of the hash map from a local container's IPv6 address to its veth
+/// endpoint (`ENDPOINTS` for IPv6, sized with it by `--max-endpoints`).
+pub const MAP_ENDPOINTS6: &str = "ENDPOINTS6";
 /// Name of the hash set of peer host (underlay) addresses.
 pub const MAP_PEER_HOSTS: &str = "PEER_HOSTS";
 /// Name of the per-CPU array of packet/byte counters.
@@ -23,7 +33,8 @@ pub const MAP_STATS: &str = "STATS";
 /// Name of the one-slot array holding the datapath's generation (a `u64`).
 /// The datapath caches answers per CPU (`ROUTES` per address, whole
 /// forwarding decisions per flow) and drops those read under an older
-/// generation. Whoever writes `ROUTES` or `ENDPOINTS` bumps it afterwards,
+/// generation. Whoever writes `ROUTES`, `ENDPOINTS`, `ROUTES6` or
+/// `ENDPOINTS6` bumps it afterwards,
 /// and the agent bumps it after every route, rule, neighbour, address or
 /// link change the kernel reports.
 pub const MAP_DATAPATH_GEN: &str = "DATAPATH_GEN";
@@ -49,7 +60,7 @@ pub const MAP_PEER_STATS: &str = "PEER_STATS";
 /// same size.
 pub const MAP_LAYOUT_VERSION: u32 = 1;
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 12] = [
     MAP_ROUTES,
     MAP_LOCAL_NETS,
     MAP_ENDPOINTS,
@@ -59,6 +70,9 @@ pub const PINNED_MAPS: [&str; 9] = [
     MAP_UNDERLAY_ADDRS,
     MAP_ENDPOINT_PORTS,
     MAP_PEER_STATS,
+    MAP_ROUTES6,
+    MAP_LOCAL_NETS6,
+    MAP_ENDPOINTS6,
 ];
 
 /// Capacity of `ROUTES`: enough for the 100 000-route scale benchmark.
@@ -73,6 +87,10 @@ const _: () = assert!(FLOW_CACHE_SLOTS.is_power_of_two());
 pub const MAX_LOCAL_NETS: u32 = 1_024;
 /// Capacity of `ENDPOINTS` (local containers).
 pub const MAX_ENDPOINTS: u32 = 65_536;
+/// Capacity of `ROUTES6`.
+pub const MAX_ROUTES6: u32 = 16_384;
+/// Capacity of `LOCAL_NETS6`.
+pub const MAX_LOCAL_NETS6: u32 = MAX_LOCAL_NETS;
 
 /// Capacity of `PEER_HOSTS`.
 pub const MAX_PEER_HOSTS: u32 = 16_384;
@@ -132,7 +150,8 @@ pub const VXLAN_OVERHEAD: u32 = 50;
 /// Largest VXLAN network identifier (24 bits).
 pub const MAX_VNI: u32 = (1 << 24) - 1;
 
-/// Value of `ROUTES`: the peer host a remote prefix lives behind.
+/// Value of `ROUTES` and `ROUTES6`: the peer host a remote prefix lives
+/// behind.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peer {
@@ -143,7 +162,7 @@ pub struct Peer {
 }
 const _: () = assert!(size_of::<Peer>() == 8);
 
-/// Value of `LOCAL_NETS`: a container subnet of this host.
+/// Value of `LOCAL_NETS` and `LOCAL_NETS6`: a container subnet of this host.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalNet {
@@ -155,7 +174,8 @@ pub struct LocalNet {
 }
 const _: () = assert!(size_of::<LocalNet>() == 8);
 
-/// Value of `ENDPOINTS`: how to put a packet straight into a local container.
+/// Value of `ENDPOINTS` and `ENDPOINTS6`: how to put a packet straight into
+/// a local container.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Endpoint {
@@ -189,10 +209,11 @@ const _: () = assert!(size_of::<PeerHost>() == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerCounters {
-    /// Forwarded to the peer (`fwd_egress` whose route leads to it).
+    /// Forwarded to the peer (`fwd_egress` or `fwd_egress6` whose route
+    /// leads to it).
     pub tx: Counter,
-    /// Delivered from the peer (`fwd_ingress` from its subnets, or its own
-    /// ICMP errors).
+    /// Delivered from the peer (`fwd_ingress` or `fwd_ingress6` from its
+    /// subnets, or its own ICMP errors).
     pub rx: Counter,
 }
 const _: () = assert!(size_of::<PeerCounters>() == 32);
@@ -207,19 +228,23 @@ pub struct Counter {
 const _: () = assert!(size_of::<Counter>() == 16);
 
 /// Indices into `STATS`. Forwarded, passed and dropped packets each count
-/// once, at the point where the program decides their fate.
+/// once, at the point where the program decides their fate. The slots
+/// without a family in their name are IPv4's (and `pass_not_ipv4`,
+/// `pass_malformed`, `drop_redirect` and `drop_tunnel` either family's);
+/// IPv6 has its own slots, named with a `6`.
 pub mod stat {
     /// Container -> remote container, redirected out the underlay.
     pub const FWD_EGRESS: u32 = 0;
     /// Remote container -> local container, delivered by the datapath.
     pub const FWD_INGRESS: u32 = 1;
-    /// Not IPv4 (ARP, IPv6, VLAN, ...): handed to the kernel.
+    /// Neither IPv4 nor IPv6 (ARP, VLAN-tagged, ...): handed to the kernel.
+    /// (The name predates IPv6, which has its own `*6` slots.)
     pub const PASS_NOT_IPV4: u32 = 2;
     /// IPv4 not for xhost (host-bound, non-peer destination, ...).
     pub const PASS_NOT_OURS: u32 = 3;
     /// TTL <= 1: the kernel sends ICMP time exceeded.
     pub const PASS_TTL: u32 = 4;
-    /// Truncated or malformed headers: the kernel decides.
+    /// Truncated or malformed IPv4 or IPv6 headers: the kernel decides.
     pub const PASS_MALFORMED: u32 = 5;
     /// The FIB had no usable answer (no route, forwarding off, MTU, ...).
     pub const PASS_FIB: u32 = 6;
@@ -228,7 +253,8 @@ pub mod stat {
     /// packets with another VNI, from no peer host, or with an inner source
     /// that is not the sending peer's.
     pub const DROP_SPOOFED: u32 = 7;
-    /// Dropped: a redirect helper failed after the packet was rewritten.
+    /// Dropped: a redirect helper failed after the packet was rewritten
+    /// (either family).
     pub const DROP_REDIRECT: u32 = 8;
     /// Dropped in VXLAN mode: at the vxlan device's egress, not IPv4 or no
     /// peer owns the destination; or the datapath could not encapsulate a
@@ -250,8 +276,37 @@ pub mod stat {
     /// `--deny reject`: refused packets left unanswered because this CPU's
     /// reply budget (`REJECT_RATE_PER_SEC`) was spent.
     pub const REJECT_LIMITED: u32 = 12;
+    /// IPv6 container -> remote container (`ROUTES6`), redirected out the
+    /// underlay.
+    pub const FWD_EGRESS6: u32 = 13;
+    /// IPv6 remote container -> local container (`ENDPOINTS6`), delivered.
+    pub const FWD_INGRESS6: u32 = 14;
+    /// IPv6 not for xhost: host-bound, local, non-peer destination, no
+    /// known endpoint; in VXLAN mode every IPv6 packet (the datapath
+    /// carries IPv6 in native routing mode only).
+    pub const PASS_NOT_OURS6: u32 = 15;
+    /// IPv6 hop limit <= 1: the kernel sends ICMPv6 time exceeded.
+    pub const PASS_HOP_LIMIT6: u32 = 16;
+    /// IPv6 the FIB had no usable answer for (no route to the peer host,
+    /// forwarding off, too big: the kernel sends Packet Too Big).
+    pub const PASS_FIB6: u32 = 17;
+    /// IPv6 link-local (fe80::/10) or multicast (ff00::/8) source or
+    /// destination, or ICMPv6 neighbour discovery (router and neighbour
+    /// solicitations and advertisements, redirects): the kernel's.
+    pub const PASS_CONTROL6: u32 = 18;
+    /// IPv6 whose next header the programs do not parse (hop-by-hop,
+    /// routing, fragment, destination options and other extension headers,
+    /// ESP, AH, ...): anything but TCP, UDP and ICMPv6.
+    pub const PASS_EXT6: u32 = 19;
+    /// Dropped: IPv6 for a local container whose source is in no peer's
+    /// IPv6 subnet (`ROUTES6`).
+    pub const DROP_SPOOFED6: u32 = 20;
+    /// Dropped on this host: IPv6 for a peer's subnet whose source is not
+    /// the address (and MAC) of the container that sent it, as
+    /// `drop_spoofed_local`.
+    pub const DROP_SPOOFED_LOCAL6: u32 = 21;
     /// Number of slots.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 22;
 
     /// Names as printed by `xhost-user status`, indexed by the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -268,6 +323,15 @@ pub mod stat {
         "drop_spoofed_local",
         "reject_sent",
         "reject_limited",
+        "fwd_egress6",
+        "fwd_ingress6",
+        "pass_not_ours6",
+        "pass_hop_limit6",
+        "pass_fib6",
+        "pass_control6",
+        "pass_ext6",
+        "drop_spoofed6",
+        "drop_spoofed_local6",
     ];
 }
 

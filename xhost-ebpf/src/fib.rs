@@ -11,17 +11,22 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup_helper, bpf_redirect_neigh},
     programs::TcContext,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
 use xhost_common::HELPER_CHECK_MTU;
 
 use crate::{
     kernel,
-    parse::{IPPROTO_TCP, Ipv4Frame, Packet as _, ptr_at},
+    parse::{IPPROTO_TCP, Ipv4Frame, Ipv6Frame, Packet as _, ptr_at},
 };
 
 /// `AF_INET` from the kernel's socket.h.
 const AF_INET: u8 = 2;
+/// `AF_INET6` from the kernel's socket.h.
+const AF_INET6: u8 = 10;
 
 /// What the MTU is checked against for one skb.
 #[derive(Clone, Copy)]
@@ -64,6 +69,33 @@ pub fn wire_len(ctx: &TcContext, f: &Ipv4Frame) -> WireLen {
         Ok(len) if tcp_len >= 20 => WireLen::Max(len),
         _ => WireLen::Segments,
     }
+}
+
+/// [`wire_len`] for IPv6: the longest packet `f` leaves as (the fixed
+/// header, a TCP header and `gso_size` bytes for a TCP GSO burst). `None`:
+/// longer than an IPv4 route's MTU can be (65 535), the kernel's.
+#[inline(always)]
+pub fn wire_len6(ctx: &TcContext, f: &Ipv6Frame) -> Option<WireLen> {
+    let gso_size = ctx.gso_size();
+    if gso_size == 0 {
+        return u16::try_from(f.tot_len).ok().map(WireLen::Max);
+    }
+    // SAFETY: `f.ip` was bounds-checked by `parse6`.
+    if unsafe { (*f.ip).next_hdr } != IPPROTO_TCP {
+        return Some(WireLen::Segments);
+    }
+    // The TCP data offset (see `wire_len`).
+    let Some(word) = ptr_at::<[u8; 2], TcContext>(ctx, EthHdr::LEN + Ipv6Hdr::LEN + 12) else {
+        return Some(WireLen::Segments);
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let tcp_len = usize::from(unsafe { (*word)[0] } >> 4) * 4;
+    Some(
+        match u16::try_from(Ipv6Hdr::LEN + tcp_len + gso_size as usize) {
+            Ok(len) if tcp_len >= 20 => WireLen::Max(len),
+            _ => WireLen::Segments,
+        },
+    )
 }
 
 /// What the FIB answered for one packet.
@@ -242,6 +274,48 @@ pub fn neighbour_mac(
     };
     (rc as u32 == aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS && p.ifindex == bridge)
         .then_some(p.dmac)
+}
+
+/// [`neighbour_mac`] for IPv6: the MAC the bridge's neighbour (NDP) entry
+/// gives `addr`, read through an `AF_INET6` lookup from `bridge` (which
+/// needs IPv6 forwarding on, as Docker's IPv6 networks have it).
+#[inline(always)]
+pub fn neighbour_mac6(
+    ctx: &TcContext,
+    bridge: u32,
+    addr: [u8; 16],
+    peer: [u8; 16],
+) -> Option<[u8; 6]> {
+    let mut slot = MaybeUninit::<bpf_fib_lookup>::uninit();
+    let p = zeroed_in(&mut slot);
+    p.family = AF_INET6;
+    p.ifindex = bridge;
+    // Any length fits: only the route and the neighbour are of interest.
+    p.__bindgen_anon_1.tot_len = Ipv6Hdr::LEN as u16;
+    p.__bindgen_anon_3.ipv6_src = words(peer);
+    p.__bindgen_anon_4.ipv6_dst = words(addr);
+    // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
+    let rc = unsafe {
+        fib_lookup_helper(
+            ctx.as_ptr(),
+            &raw mut *p,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    (rc as u32 == aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS && p.ifindex == bridge)
+        .then_some(p.dmac)
+}
+
+/// An IPv6 address as the four words of `bpf_fib_lookup`, in network order.
+#[inline(always)]
+fn words(a: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
 }
 
 /// Whether the packet fits the MTU of `ifindex`; a GSO packet is checked

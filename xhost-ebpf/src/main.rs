@@ -33,6 +33,7 @@ mod policy;
 mod reject;
 mod stats;
 mod tunnel;
+mod v6;
 
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
@@ -41,7 +42,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use network_types::eth::EthHdr;
+use network_types::eth::{EthHdr, EtherType};
 use xhost_common::{Endpoint, HELPER_FIB_LOOKUP_SRC, stat};
 
 use crate::{
@@ -143,14 +144,23 @@ pub fn xhost_bridge_in(ctx: TcContext) -> i32 {
     build_mark();
     // Counted as it arrived (VXLAN mode may grow it).
     let len = ctx.len();
-    finish_len(len, try_egress(&ctx, false))
+    let v = if is_ipv6(&ctx) {
+        v6::egress(&ctx, false)
+    } else {
+        try_egress(&ctx, false)
+    };
+    finish_len(len, v)
 }
 
 #[classifier]
 pub fn xhost_veth_in(ctx: TcContext) -> i32 {
     build_mark();
     let len = ctx.len();
-    let v = try_egress(&ctx, true);
+    let v = if is_ipv6(&ctx) {
+        v6::egress(&ctx, true)
+    } else {
+        try_egress(&ctx, true)
+    };
     // What this program passes goes on into the bridge, where xhost_bridge_in
     // decides (and counts) again if it reaches the bridge device: counting
     // here too would count those packets twice.
@@ -165,7 +175,11 @@ pub fn xhost_veth_in(ctx: TcContext) -> i32 {
 pub fn xhost_nic_in(ctx: TcContext) -> i32 {
     build_mark();
     let arrived = ctx.len();
-    let v = try_ingress(&ctx);
+    let v = if is_ipv6(&ctx) {
+        v6::ingress(&ctx)
+    } else {
+        try_ingress(&ctx)
+    };
     // Counted as the program leaves it (decapsulated: the inner frame), but
     // a refused packet as it arrived: its skb may hold the answer now.
     let len = if v.reason == stat::DROP_SPOOFED {
@@ -208,6 +222,21 @@ pub fn xhost_vxlan_out(ctx: TcContext) -> i32 {
     }
 }
 
+/// Whether the frame's EtherType is IPv6: the entry points hand such a
+/// frame to `v6.rs`, anything else to the IPv4 path.
+///
+/// Verifier: the IPv4 path (`try_egress`, `try_ingress`) and the IPv6 one
+/// are BPF functions of their own, each with its own stack frame, called
+/// one or the other from the entry point: together in one frame, their
+/// locals exceed the 512-byte stack (and one calling the other would add
+/// their frames up, which the verifier refuses too).
+#[inline(always)]
+fn is_ipv6(ctx: &TcContext) -> bool {
+    // SAFETY: `eth` is bounds-checked by ptr_at.
+    ptr_at::<EthHdr, TcContext>(ctx, 0)
+        .is_some_and(|eth| unsafe { (*eth).ether_type } == EtherType::Ipv6 as u16)
+}
+
 /// Counts the verdict and returns exactly the action that was computed.
 #[inline(always)]
 fn finish(ctx: &TcContext, v: Verdict) -> i32 {
@@ -228,8 +257,8 @@ fn finish_len(len: u32, v: Verdict) -> i32 {
 fn count_forwarded(v: &Verdict, len: u32) {
     if v.action == TC_ACT_REDIRECT && v.peer != NO_SLOT {
         match v.reason {
-            stat::FWD_EGRESS => count_peer(v.peer, true, len),
-            stat::FWD_INGRESS => count_peer(v.peer, false, len),
+            stat::FWD_EGRESS | stat::FWD_EGRESS6 => count_peer(v.peer, true, len),
+            stat::FWD_INGRESS | stat::FWD_INGRESS6 => count_peer(v.peer, false, len),
             _ => {}
         }
     }
@@ -248,10 +277,12 @@ fn count_forwarded(v: &Verdict, len: u32) {
 /// * at the bridge: a known endpoint's address only as marked by its own
 ///   veth, an unknown one only with the MAC the bridge's neighbour entry
 ///   gives it ([`bridge_sender`]).
-#[inline(always)]
+#[inline(never)]
 fn try_egress(ctx: &TcContext, from_port: bool) -> Verdict {
     let f = match parse(ctx) {
         Frame::Ipv4(f) => f,
+        // The entry points hand IPv6 to `v6::egress` (see `is_ipv6`).
+        Frame::Ipv6 => return Verdict::pass(stat::PASS_NOT_OURS6),
         Frame::NotIpv4 => return Verdict::pass(stat::PASS_NOT_IPV4),
         Frame::Malformed => return Verdict::pass(stat::PASS_MALFORMED),
     };
@@ -490,10 +521,12 @@ fn send_encapsulated(
 }
 
 /// Remote container -> local container, seen on the underlay's ingress.
-#[inline(always)]
+#[inline(never)]
 fn try_ingress(ctx: &TcContext) -> Verdict {
     let f = match parse(ctx) {
         Frame::Ipv4(f) => f,
+        // The entry point hands IPv6 to `v6::ingress` (see `is_ipv6`).
+        Frame::Ipv6 => return Verdict::pass(stat::PASS_NOT_OURS6),
         Frame::NotIpv4 => return Verdict::pass(stat::PASS_NOT_IPV4),
         Frame::Malformed => return Verdict::pass(stat::PASS_MALFORMED),
     };
@@ -582,6 +615,8 @@ fn try_from_tunnel(ctx: &TcContext) -> Verdict {
     };
     let f = match parse(ctx) {
         Frame::Ipv4(f) => f,
+        // The tunnel carries IPv4 only: the kernel's (docs/datapath.md).
+        Frame::Ipv6 => return Verdict::pass(stat::PASS_NOT_OURS6),
         Frame::NotIpv4 => return Verdict::pass(stat::PASS_NOT_IPV4),
         Frame::Malformed => return Verdict::pass(stat::PASS_MALFORMED),
     };
@@ -704,8 +739,13 @@ fn forwarded(action: i32, reason: u32) -> Verdict {
 #[xdp]
 pub fn xhost_nic_xdp(ctx: XdpContext) -> u32 {
     build_mark();
-    let Frame::Ipv4(f) = parse(&ctx) else {
-        return xdp_action::XDP_PASS;
+    let f = match parse(&ctx) {
+        Frame::Ipv4(f) => f,
+        Frame::Ipv6 if v6::spoofed(&ctx) => {
+            count(stat::DROP_SPOOFED6, (ctx.data_end() - ctx.data()) as u32);
+            return xdp_action::XDP_DROP;
+        }
+        _ => return xdp_action::XDP_PASS,
     };
     // SAFETY: `f.ip` was bounds-checked by `parse`.
     let (src, dst) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr) };

@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use xhost_common::{
-    Endpoint, LocalNet, MAX_ENDPOINTS, MAX_LOCAL_NETS, MAX_PEER_HOSTS, MAX_ROUTES,
-    MAX_UNDERLAY_ADDRS, Peer, PeerCounters, PeerHost, ROUTE_CACHE_SLOTS,
+    Endpoint, LocalNet, MAX_ENDPOINTS, MAX_LOCAL_NETS, MAX_LOCAL_NETS6, MAX_PEER_HOSTS, MAX_ROUTES,
+    MAX_ROUTES6, MAX_UNDERLAY_ADDRS, Peer, PeerCounters, PeerHost, ROUTE_CACHE_SLOTS,
 };
 
 /// Remote container prefixes -> the peer host that owns them. Read through
@@ -29,6 +29,20 @@ pub static LOCAL_NETS: LpmTrie<[u8; 4], LocalNet, { MAX_LOCAL_NETS as usize }> =
 /// Local container IPv4 (network order) -> its veth endpoint.
 #[btf_map]
 pub static ENDPOINTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
+
+/// Remote container IPv6 prefixes -> the peer host (IPv4 underlay address)
+/// that owns them. Read through [`route6_slot_of`] (not cached: see there).
+#[btf_map]
+static ROUTES6: LpmTrie<[u8; 16], Peer, { MAX_ROUTES6 as usize }> = LpmTrie::new();
+
+/// This host's IPv6 container subnets.
+#[btf_map]
+pub static LOCAL_NETS6: LpmTrie<[u8; 16], LocalNet, { MAX_LOCAL_NETS6 as usize }> = LpmTrie::new();
+
+/// Local container IPv6 (network order) -> its veth endpoint. Sized with
+/// `ENDPOINTS` by the loader (`--max-endpoints`).
+#[btf_map]
+pub static ENDPOINTS6: HashMap<[u8; 16], Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
 
 /// Veths of known endpoints (ifindex) whose endpoints are all written:
 /// there any other source for a peer is dropped (see
@@ -155,4 +169,21 @@ pub fn route_slot_of(addr: [u8; 4]) -> Option<([u8; 4], u32)> {
 fn lpm(addr: [u8; 4]) -> Option<[u8; 4]> {
     // The agent may replace the entry concurrently: copy the host out at once.
     ROUTES.get(&host_key(addr)).map(|p| p.host)
+}
+
+/// Longest-prefix match of a single IPv6 address.
+#[inline(always)]
+pub fn host_key6(addr: [u8; 16]) -> Key<[u8; 16]> {
+    Key::new(128, addr)
+}
+
+/// The peer host whose IPv6 container prefix holds `addr` (`ROUTES6`), with
+/// its `PEER_STATS` slot. Not cached: the `ROUTES` cache is keyed by a
+/// 32-bit address, and IPv6 takes the full path (one LPM walk) until it
+/// proves worth a cache of its own.
+#[inline(always)]
+pub fn route6_slot_of(addr: [u8; 16]) -> Option<([u8; 4], u32)> {
+    // The agent may replace the entry concurrently: copy the host out at once.
+    let host = ROUTES6.get(&host_key6(addr)).map(|p| p.host)?;
+    Some((host, slot_of(host)))
 }

@@ -5,7 +5,7 @@ use core::mem::size_of;
 use aya_ebpf::programs::{TcContext, XdpContext};
 use network_types::{
     eth::{EthHdr, EtherType},
-    ip::Ipv4Hdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
 /// A packet buffer seen through its `data`/`data_end` pointers.
@@ -76,8 +76,10 @@ pub fn ptr_at<T, P: Packet>(ctx: &P, off: usize) -> Option<*mut T> {
 
 /// What the parser made of a frame.
 pub enum Frame {
-    /// Not IPv4: ARP, IPv6, VLAN-tagged, ...
+    /// Neither IPv4 nor IPv6: ARP, VLAN-tagged, ...
     NotIpv4,
+    /// IPv6 (by its EtherType; [`parse6`] reads it).
+    Ipv6,
     /// Claims IPv4 but is truncated or inconsistent.
     Malformed,
     /// A well-formed IPv4 packet behind an Ethernet header.
@@ -128,7 +130,11 @@ pub fn parse_at<P: Packet>(ctx: &P, off: usize) -> Frame {
         return Frame::Malformed;
     };
     // SAFETY: `eth` is bounds-checked by ptr_at.
-    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+    let ether_type = unsafe { (*eth).ether_type };
+    if ether_type == EtherType::Ipv6 as u16 {
+        return Frame::Ipv6;
+    }
+    if ether_type != EtherType::Ipv4 as u16 {
         return Frame::NotIpv4;
     }
     let Some(ip) = ptr_at::<Ipv4Hdr, P>(ctx, off + EthHdr::LEN) else {
@@ -188,4 +194,86 @@ pub fn decrement_ttl(ip: *mut Ipv4Hdr) {
         (*ip).check = (folded as u16).to_ne_bytes();
         (*ip).ttl -= 1;
     }
+}
+
+/// `IPPROTO_ICMPV6` from the kernel's in6.h.
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// What [`parse6`] made of an IPv6 frame.
+pub enum Frame6 {
+    /// Truncated or inconsistent.
+    Malformed,
+    /// Link-local (fe80::/10) or multicast (ff00::/8) source or
+    /// destination, or ICMPv6 neighbour discovery: the kernel's.
+    Control,
+    /// A well-formed IPv6 packet behind an Ethernet header.
+    Ipv6(Ipv6Frame),
+}
+
+/// Pointers into a validated Ethernet + IPv6 frame.
+pub struct Ipv6Frame {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv6Hdr,
+    /// The packet's length: the fixed header and the payload length.
+    pub tot_len: u32,
+    /// Whether the next header is one the programs parse (TCP, UDP,
+    /// ICMPv6); any other (an extension header, ESP, ...) is the kernel's.
+    pub parsed_next: bool,
+}
+
+/// Parses Ethernet + IPv6 (a frame [`parse`] calls [`Frame::Ipv6`]). The
+/// fixed header must be complete, say version 6 and a payload length that
+/// is not 0 (a jumbogram or BIG TCP burst, the kernel's) and lies within
+/// the frame. Link-local and multicast addresses and neighbour discovery
+/// (ICMPv6 types 133 to 137: router and neighbour solicitations and
+/// advertisements, redirects) are [`Frame6::Control`].
+#[inline(always)]
+pub fn parse6<P: Packet>(ctx: &P) -> Frame6 {
+    let (Some(eth), Some(ip)) = (
+        ptr_at::<EthHdr, P>(ctx, 0),
+        ptr_at::<Ipv6Hdr, P>(ctx, EthHdr::LEN),
+    ) else {
+        return Frame6::Malformed;
+    };
+    // SAFETY: `ip` is bounds-checked by ptr_at.
+    let (version, payload_len, next, src, dst) = unsafe {
+        (
+            (*ip).vcf[0] >> 4,
+            u16::from_be_bytes((*ip).payload_len),
+            (*ip).next_hdr,
+            [(*ip).src_addr[0], (*ip).src_addr[1]],
+            [(*ip).dst_addr[0], (*ip).dst_addr[1]],
+        )
+    };
+    let ip_len = ctx.len().saturating_sub(EthHdr::LEN);
+    let tot_len = usize::from(payload_len) + Ipv6Hdr::LEN;
+    if version != 6 || payload_len == 0 || tot_len > ip_len {
+        return Frame6::Malformed;
+    }
+    if is_control(src) || is_control(dst) {
+        return Frame6::Control;
+    }
+    if next == IPPROTO_ICMPV6 {
+        let Some(t) = ptr_at::<u8, P>(ctx, EthHdr::LEN + Ipv6Hdr::LEN) else {
+            return Frame6::Malformed;
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        if (133..=137).contains(&unsafe { *t }) {
+            return Frame6::Control;
+        }
+    }
+    Frame6::Ipv6(Ipv6Frame {
+        eth,
+        ip,
+        // At most 40 + 65 535.
+        tot_len: tot_len as u32,
+        parsed_next: matches!(next, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMPV6),
+    })
+}
+
+/// Whether an address starting with `first` is link-local (fe80::/10) or
+/// multicast (ff00::/8).
+#[inline(always)]
+fn is_control(first: [u8; 2]) -> bool {
+    first[0] == 0xff || (first[0] == 0xfe && first[1] & 0xc0 == 0x80)
 }

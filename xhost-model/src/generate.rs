@@ -11,7 +11,7 @@ use etherparse::{
 use rand::{Rng as _, SeedableRng as _, seq::IndexedRandom as _};
 use xhost_common::Endpoint;
 
-use crate::{Input, Maps, Model, Prefix};
+use crate::{Input, Maps, Model, Prefix, Prefix6};
 
 /// The generator's RNG: ChaCha8, whose stream for a seed is the same on
 /// every platform and version of `rand_chacha`.
@@ -49,6 +49,53 @@ fn random_prefix(rng: &mut Rng) -> Prefix {
         a |= rng.random::<u32>() & 0xff;
     }
     Prefix::new(a.to_be_bytes(), *LENS.choose(rng).expect("lens"))
+}
+
+/// IPv6 prefixes maps are made of: the test host's subnet and the peers'
+/// among them, link-local and multicast ones (which the programs never
+/// route), and the whole space.
+const BASES6: [(&str, u8); 9] = [
+    ("fd00:220::", 64),
+    ("fd00:230::", 64),
+    ("fd00:110::", 64),
+    ("fd00::", 16),
+    ("2001:db8::", 32),
+    ("fe80::", 10),
+    ("ff00::", 8),
+    ("::", 0),
+    ("fd00:110::10", 124),
+];
+
+fn v6(a: &str) -> [u8; 16] {
+    a.parse::<std::net::Ipv6Addr>().expect("address").octets()
+}
+
+fn random_prefix6(rng: &mut Rng) -> Prefix6 {
+    let (base, len) = *BASES6.choose(rng).expect("bases");
+    let mut a = u128::from_be_bytes(v6(base));
+    if rng.random_bool(0.3) {
+        a |= u128::from(rng.random::<u8>());
+    }
+    let len = if rng.random_bool(0.8) {
+        len
+    } else {
+        *[0u8, 48, 64, 96, 120, 127, 128].choose(rng).expect("lens")
+    };
+    Prefix6::new(a.to_be_bytes(), len)
+}
+
+fn random_in6(rng: &mut Rng, nets: &[Prefix6]) -> [u8; 16] {
+    let Some(p) = nets.choose(rng) else {
+        return rng.random();
+    };
+    let host_bits = if p.len == 0 {
+        u128::MAX
+    } else if p.len == 128 {
+        0
+    } else {
+        !(u128::MAX << (128 - u32::from(p.len)))
+    };
+    (u128::from_be_bytes(p.addr) | (u128::from(rng.random::<u16>()) & host_bits)).to_be_bytes()
 }
 
 /// Addresses a peer host may have: on the host's underlay subnet (resolved
@@ -138,7 +185,57 @@ pub fn maps(rng: &mut Rng, host: &crate::Host) -> Maps {
         m.underlay_addrs
             .insert(*peers.choose(rng).expect("peers"), bridge);
     }
+    maps6(rng, &mut m, &peers, &ports, &macs, bridge);
     m
+}
+
+/// The IPv6 maps: routes to the same peer hosts, the bridge's subnet and
+/// others, endpoints in and out of them on the same ports.
+fn maps6(
+    rng: &mut Rng,
+    m: &mut Maps,
+    peers: &[[u8; 4]],
+    ports: &[u32],
+    macs: &[[u8; 6]],
+    bridge: u32,
+) {
+    for _ in 0..rng.random_range(0..=5) {
+        let host_addr = *peers.choose(rng).expect("peers");
+        m.routes6.insert(random_prefix6(rng), host_addr);
+    }
+    if rng.random_bool(0.8) {
+        m.local_nets6
+            .insert(Prefix6::new(v6("fd00:110::"), 64), bridge);
+    }
+    for _ in 0..rng.random_range(0..=2) {
+        m.local_nets6.insert(random_prefix6(rng), bridge);
+    }
+    let locals: Vec<Prefix6> = m.local_nets6.keys().copied().collect();
+    let routes: Vec<Prefix6> = m.routes6.keys().copied().collect();
+    for _ in 0..rng.random_range(0..=4) {
+        let addr = match rng.random_range(0..4) {
+            0 => random_in6(rng, &locals),
+            1 => random_in6(rng, &routes),
+            _ => {
+                let last = *[0x10u8, 0x11, 0x12, 0x13, 0x50].choose(rng).expect("hosts");
+                let mut a = v6("fd00:110::");
+                a[15] = last;
+                a
+            }
+        };
+        let ep = Endpoint {
+            ifindex: if rng.random_bool(0.03) {
+                0
+            } else {
+                *ports.choose(rng).expect("ports")
+            },
+            flags: 0,
+            mac: *macs.choose(rng).expect("macs"),
+            gw_mac: *macs.choose(rng).expect("macs"),
+            _pad: [0; 4],
+        };
+        m.endpoints6.insert(addr, ep);
+    }
 }
 
 /// The ifindexes endpoints and ports are given: the host's devices and one
@@ -171,10 +268,56 @@ fn mac_pool(host: &crate::Host, m: &Maps) -> Vec<[u8; 6]> {
     ];
     v.extend(host.devices.iter().map(|d| d.mac));
     v.extend(host.neighbours.iter().map(|n| n.2));
-    for e in m.endpoints.values() {
+    for e in m.endpoints.values().chain(m.endpoints6.values()) {
         v.push(e.mac);
         v.push(e.gw_mac);
     }
+    v.extend(host.neighbours6.iter().map(|n| n.2));
+    v
+}
+
+/// IPv6 addresses in, next to and outside every IPv6 prefix and address
+/// the maps and the host hold, link-local and multicast ones among them.
+fn addr_pool6(model: &Model) -> Vec<[u8; 16]> {
+    let mut v = vec![
+        v6("::"),
+        v6("::1"),
+        v6("fe80::1"),
+        v6("febf::1"),
+        v6("fec0::1"),
+        v6("ff02::1"),
+        v6("ff02::1:ff00:12"),
+        v6("2001:db8::1"),
+        v6("::ffff:192.168.110.11"),
+    ];
+    let m = &model.maps;
+    for p in m.routes6.keys().chain(m.local_nets6.keys()) {
+        let a = u128::from_be_bytes(p.addr);
+        let size = if p.len == 0 {
+            u128::MAX
+        } else {
+            (1u128 << (128 - u32::from(p.len))) - 1
+        };
+        for x in [
+            a.wrapping_sub(1),
+            a,
+            a.wrapping_add(1),
+            a.wrapping_add(size / 2),
+            a.wrapping_add(size),
+            a.wrapping_add(size).wrapping_add(1),
+        ] {
+            v.push(x.to_be_bytes());
+        }
+    }
+    v.extend(m.endpoints6.keys());
+    v.extend(model.host.neighbours6.iter().map(|n| n.1));
+    v.extend(
+        model
+            .host
+            .devices
+            .iter()
+            .filter_map(|d| d.addr6.map(|a| a.0)),
+    );
     v
 }
 
@@ -297,6 +440,11 @@ pub fn input(rng: &mut Rng, model: &Model) -> Input {
         Kind::Vxlan,
         Kind::Arp,
         Kind::Ipv6,
+        Kind::Ipv6,
+        Kind::Ipv6,
+        Kind::Ipv6,
+        Kind::Ipv6,
+        Kind::Ipv6,
         Kind::Vlan,
         Kind::Junk,
     ]
@@ -306,7 +454,7 @@ pub fn input(rng: &mut Rng, model: &Model) -> Input {
         Kind::Ipv4 => g.ipv4(),
         Kind::Vxlan => g.vxlan(),
         Kind::Arp => g.other(0x0806, 28),
-        Kind::Ipv6 => g.other(0x86dd, 48),
+        Kind::Ipv6 => g.ipv6(),
         Kind::Vlan => g.vlan(),
         Kind::Junk => {
             let n = g.rng.random_range(14..80);
@@ -314,9 +462,20 @@ pub fn input(rng: &mut Rng, model: &Model) -> Input {
         }
     };
     if g.rng.random_bool(0.3) {
-        g.mutate(&mut frame);
+        if matches!(kind, Kind::Ipv6) {
+            g.mutate6(&mut frame);
+        } else {
+            g.mutate(&mut frame);
+        }
     }
-    let ep_ports: Vec<u32> = model.maps.endpoints.values().map(|e| e.ifindex).collect();
+    let ifindex = g.ifindex;
+    let ep_ports: Vec<u32> = model
+        .maps
+        .endpoints
+        .values()
+        .chain(model.maps.endpoints6.values())
+        .map(|e| e.ifindex)
+        .collect();
     let priority = match g.rng.random_range(0..10) {
         0..5 => 0,
         5..7 => ifindex,
@@ -571,6 +730,183 @@ impl Gen<'_> {
         f.extend(udp.to_bytes());
         f.extend(payload);
         f
+    }
+
+    /// Ethernet + IPv6 + UDP, TCP, ICMPv6 (NDP among it), an extension
+    /// header or another next header, any hop limit. Its flow, like
+    /// `input`'s for IPv4: an endpoint's packet for a peer on its veth, an
+    /// unknown container's at the bridge, a peer's for a local container
+    /// on the underlay, or anything (the arrival device is set to match).
+    fn ipv6(&mut self) -> Vec<u8> {
+        let model = self.model;
+        let m = &model.maps;
+        let pool = addr_pool6(model);
+        let routes: Vec<Prefix6> = m.routes6.keys().copied().collect();
+        let locals: Vec<Prefix6> = m.local_nets6.keys().copied().collect();
+        let eps: Vec<([u8; 16], Endpoint)> = m.endpoints6.iter().map(|(a, e)| (*a, *e)).collect();
+        let devices: Vec<u32> = model.host.devices.iter().map(|d| d.ifindex).collect();
+        let any = |rng: &mut Rng| {
+            if rng.random_bool(0.1) {
+                rng.random()
+            } else {
+                *pool.choose(rng).expect("addrs")
+            }
+        };
+        let (src, dst) = match self.rng.random_range(0..10) {
+            0..3 => {
+                let (src, ep) = eps
+                    .choose(self.rng)
+                    .copied()
+                    .unwrap_or(([0; 16], NO_ENDPOINT));
+                if devices.contains(&ep.ifindex) && self.rng.random_bool(0.8) {
+                    self.ifindex = ep.ifindex;
+                }
+                (src, random_in6(self.rng, &routes))
+            }
+            3..5 => {
+                self.ifindex = devices.first().copied().unwrap_or(1);
+                let neigh: Vec<[u8; 16]> = model.host.neighbours6.iter().map(|n| n.1).collect();
+                let src = match neigh.choose(self.rng) {
+                    Some(n) if self.rng.random_bool(0.6) => *n,
+                    _ => random_in6(self.rng, &locals),
+                };
+                (src, random_in6(self.rng, &routes))
+            }
+            5..8 => {
+                self.ifindex = devices.get(1).copied().unwrap_or(1);
+                let dst = match eps.choose(self.rng) {
+                    Some((a, _)) if self.rng.random_bool(0.6) => *a,
+                    _ => random_in6(self.rng, &locals),
+                };
+                (random_in6(self.rng, &routes), dst)
+            }
+            _ => (any(self.rng), any(self.rng)),
+        };
+        let src = if self.rng.random_bool(0.1) {
+            any(self.rng)
+        } else {
+            src
+        };
+        let dst = if self.rng.random_bool(0.1) {
+            any(self.rng)
+        } else {
+            dst
+        };
+        // The Ethernet header: mostly the endpoint's or neighbour entry's
+        // MAC to its gateway or the arrival device.
+        let ep = m.endpoints6.get(&src).copied();
+        let dev_mac = model
+            .host
+            .devices
+            .iter()
+            .find(|d| d.ifindex == self.ifindex)
+            .map(|d| d.mac);
+        let to = match (self.rng.random_range(0..10), ep, dev_mac) {
+            (0..6, Some(ep), _) => ep.gw_mac,
+            (6..8, _, Some(mac)) => mac,
+            _ => self.mac(),
+        };
+        let neigh = model
+            .host
+            .neighbours6
+            .iter()
+            .find(|n| n.1 == src)
+            .map(|n| n.2);
+        let from = match (self.rng.random_range(0..10), ep, neigh) {
+            (0..7, Some(ep), _) => ep.mac,
+            (7..9, _, Some(mac)) => mac,
+            _ => self.mac(),
+        };
+        let r = &mut *self.rng;
+        let hop_limit = *[0u8, 1, 1, 2, 64, 64, 64, 255].choose(r).expect("hops");
+        let payload_len = match r.random_range(0..20) {
+            0..16 => r.random_range(0..64),
+            16..19 => r.random_range(1_380..1_520),
+            _ => r.random_range(1_520..3_200),
+        };
+        let (next, l4): (u8, Vec<u8>) = match r.random_range(0..12) {
+            0..4 => {
+                let udp = UdpHeader {
+                    source_port: r.random(),
+                    destination_port: r.random(),
+                    length: (8 + payload_len) as u16,
+                    checksum: r.random(),
+                };
+                (17, udp.to_bytes().to_vec())
+            }
+            4..6 => {
+                let tcp = TcpHeader::new(r.random(), r.random(), r.random(), r.random());
+                (6, tcp.to_bytes().to_vec())
+            }
+            6..9 => {
+                let t = *[1u8, 2, 3, 4, 128, 129, 133, 134, 135, 136, 137, 143]
+                    .choose(r)
+                    .expect("types");
+                (58, vec![t, 0, 0, 0, 0, 0, 0, 0])
+            }
+            9..11 => {
+                // Hop-by-hop, routing, fragment, destination options, ESP.
+                let ext = *[0u8, 43, 44, 60, 50].choose(r).expect("extensions");
+                (ext, vec![17, 0, 1, 4, 0, 0, 0, 0])
+            }
+            _ => (r.random(), Vec::new()),
+        };
+        let payload = l4.len() + payload_len;
+        let mut f = Vec::with_capacity(54 + payload);
+        f.extend(to);
+        f.extend(from);
+        f.extend([0x86, 0xdd]);
+        f.extend([
+            0x60 | r.random_range(0..16),
+            r.random(),
+            r.random(),
+            r.random(),
+        ]);
+        f.extend((payload as u16).to_be_bytes());
+        f.extend([next, hop_limit]);
+        f.extend(src);
+        f.extend(dst);
+        f.extend(l4);
+        f.extend((0..payload_len).map(|_| r.random::<u8>()));
+        f
+    }
+
+    /// One damage to an IPv6 frame: truncated at a header boundary (or
+    /// anywhere), another version, payload length or next header, padding,
+    /// a flipped byte.
+    fn mutate6(&mut self, f: &mut Vec<u8>) {
+        let r = &mut *self.rng;
+        match r.random_range(0..7) {
+            0 => {
+                let cuts = [
+                    14,
+                    15,
+                    20,
+                    53,
+                    54,
+                    55,
+                    61,
+                    62,
+                    r.random_range(14..f.len().max(15)),
+                ];
+                let cut = *cuts.choose(r).expect("cuts");
+                f.truncate(cut.max(14));
+            }
+            1 if f.len() > 14 => f[14] = (r.random_range(0..16) << 4) | (f[14] & 0x0f),
+            2 if f.len() > 19 => {
+                let have = (f.len() - 54) as u16;
+                let len: u16 = *[0, 1, have.wrapping_sub(1), have, have + 1, r.random()]
+                    .choose(r)
+                    .expect("lengths");
+                f[18..20].copy_from_slice(&len.to_be_bytes());
+            }
+            3 if f.len() > 20 => f[20] = r.random(),
+            4 => f.extend((0..r.random_range(1..40)).map(|_| r.random::<u8>())),
+            _ => {
+                let i = r.random_range(0..f.len());
+                f[i] = r.random();
+            }
+        }
     }
 
     /// A frame of another EtherType with `len` bytes behind the header.

@@ -11,6 +11,8 @@ pub struct Device {
     pub mac: [u8; 6],
     /// Its address and the connected subnet's length; `None`: no address.
     pub addr: Option<([u8; 4], u8)>,
+    /// Its IPv6 address and the connected subnet's length.
+    pub addr6: Option<([u8; 16], u8)>,
     pub mtu: u32,
 }
 
@@ -20,6 +22,8 @@ pub struct Host {
     pub devices: Vec<Device>,
     /// (device, address, MAC).
     pub neighbours: Vec<(u32, [u8; 4], [u8; 6])>,
+    /// Valid IPv6 neighbour (NDP) entries: (device, address, MAC).
+    pub neighbours6: Vec<(u32, [u8; 16], [u8; 6])>,
 }
 
 /// What `bpf_fib_lookup` answers (docs/datapath.md, "Native routing").
@@ -107,6 +111,33 @@ impl Host {
             FibAnswer::Resolved { ifindex, dmac, .. } if ifindex == bridge => Some(dmac),
             _ => None,
         }
+    }
+}
+
+impl Host {
+    /// The MAC of the IPv6 neighbour entry for `addr` on bridge `bridge`,
+    /// looked up for a packet from `peer`: if the route to `addr` (a
+    /// connected subnet of `bridge`, IPv6 forwarding on everywhere) leads
+    /// out of `bridge` and the entry is valid. The kernel's IPv6 lookup
+    /// forwards nothing to or from a loopback, link-local or multicast
+    /// address (`rt6_need_strict`).
+    pub fn neighbour_mac6(&self, bridge: u32, addr: [u8; 16], peer: [u8; 16]) -> Option<[u8; 6]> {
+        let strict = |a: [u8; 16]| {
+            a == std::net::Ipv6Addr::LOCALHOST.octets()
+                || a[0] == 0xff
+                || (a[0] == 0xfe && a[1] & 0xc0 == 0x80)
+        };
+        if strict(addr) || strict(peer) {
+            return None;
+        }
+        let (own, len) = self.device(bridge)?.addr6?;
+        if addr == own || !crate::Prefix6::new(own, len).contains(addr) {
+            return None;
+        }
+        self.neighbours6
+            .iter()
+            .find(|(i, a, _)| *i == bridge && *a == addr)
+            .map(|n| n.2)
     }
 }
 

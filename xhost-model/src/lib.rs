@@ -58,6 +58,42 @@ impl std::fmt::Display for Prefix {
     }
 }
 
+/// An IPv6 prefix, its address masked to its length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Prefix6 {
+    pub addr: [u8; 16],
+    pub len: u8,
+}
+
+impl Prefix6 {
+    /// `addr/len` with the host bits cleared (as the LPM trie matches it).
+    pub fn new(addr: [u8; 16], len: u8) -> Self {
+        let len = len.min(128);
+        Self {
+            addr: (u128::from_be_bytes(addr) & mask6(len)).to_be_bytes(),
+            len,
+        }
+    }
+
+    pub fn contains(&self, a: [u8; 16]) -> bool {
+        u128::from_be_bytes(a) & mask6(self.len) == u128::from_be_bytes(self.addr)
+    }
+}
+
+fn mask6(len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len))
+    }
+}
+
+impl std::fmt::Display for Prefix6 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", std::net::Ipv6Addr::from(self.addr), self.len)
+    }
+}
+
 /// What the agent writes into the maps (docs/datapath.md, "Maps").
 #[derive(Clone, Debug, Default)]
 pub struct Maps {
@@ -73,6 +109,19 @@ pub struct Maps {
     pub peer_hosts: BTreeSet<[u8; 4]>,
     /// `UNDERLAY_ADDRS`: this host's underlay address -> underlay ifindex.
     pub underlay_addrs: BTreeMap<[u8; 4], u32>,
+    /// `ROUTES6`: peer container IPv6 prefix -> peer host (IPv4).
+    pub routes6: BTreeMap<Prefix6, [u8; 4]>,
+    /// `LOCAL_NETS6`: this host's IPv6 container subnets -> bridge ifindex.
+    pub local_nets6: BTreeMap<Prefix6, u32>,
+    /// `ENDPOINTS6`: local container IPv6 address -> endpoint.
+    pub endpoints6: BTreeMap<[u8; 16], Endpoint>,
+}
+
+fn lpm6<V: Copy>(m: &BTreeMap<Prefix6, V>, a: [u8; 16]) -> Option<V> {
+    m.iter()
+        .filter(|(p, _)| p.contains(a))
+        .max_by_key(|(p, _)| p.len)
+        .map(|(_, v)| *v)
 }
 
 fn lpm<V: Copy>(m: &BTreeMap<Prefix, V>, a: [u8; 4]) -> Option<V> {
@@ -95,6 +144,20 @@ impl Maps {
     /// The endpoint of `a`; a missing one reads as ifindex 0.
     pub fn endpoint(&self, a: [u8; 4]) -> Option<Endpoint> {
         self.endpoints.get(&a).copied().filter(|e| e.ifindex != 0)
+    }
+
+    /// The peer host whose IPv6 prefix holds `a` (longest match).
+    pub fn route6_of(&self, a: [u8; 16]) -> Option<[u8; 4]> {
+        lpm6(&self.routes6, a)
+    }
+
+    pub fn is_local6(&self, a: [u8; 16]) -> bool {
+        lpm6(&self.local_nets6, a).is_some()
+    }
+
+    /// The endpoint of IPv6 address `a`; a missing one reads as ifindex 0.
+    pub fn endpoint6(&self, a: [u8; 16]) -> Option<Endpoint> {
+        self.endpoints6.get(&a).copied().filter(|e| e.ifindex != 0)
     }
 }
 
@@ -156,7 +219,33 @@ impl std::fmt::Display for Maps {
             .iter()
             .map(|(a, i)| format!("{} (ifindex {i})", Addr(*a)))
             .collect();
-        write!(f, "UNDERLAY_ADDRS: {}", unders.join(", "))
+        writeln!(f, "UNDERLAY_ADDRS: {}", unders.join(", "))?;
+        let routes6: Vec<String> = self
+            .routes6
+            .iter()
+            .map(|(p, h)| format!("{p} -> {}", Addr(*h)))
+            .collect();
+        writeln!(f, "ROUTES6: {}", routes6.join(", "))?;
+        let locals6: Vec<String> = self
+            .local_nets6
+            .iter()
+            .map(|(p, b)| format!("{p} (bridge {b})"))
+            .collect();
+        writeln!(f, "LOCAL_NETS6: {}", locals6.join(", "))?;
+        let eps6: Vec<String> = self
+            .endpoints6
+            .iter()
+            .map(|(a, e)| {
+                format!(
+                    "{} -> ifindex {} mac {} gw {}",
+                    std::net::Ipv6Addr::from(*a),
+                    e.ifindex,
+                    mac_str(e.mac),
+                    mac_str(e.gw_mac)
+                )
+            })
+            .collect();
+        write!(f, "ENDPOINTS6: {}", eps6.join(", "))
     }
 }
 
@@ -438,6 +527,7 @@ impl Model {
             loose: Vec::new(),
         };
         let ip = match wire::parse(frame, 0, 0) {
+            wire::Parsed::Ipv6 => return self.egress6(input, from_port),
             wire::Parsed::NotIpv4 => {
                 out.v = Verdict::pass(stat::PASS_NOT_IPV4);
                 return out;
@@ -575,6 +665,7 @@ impl Model {
     fn nic_in(&self, input: &Input) -> (Verdict, Vec<u8>) {
         let frame = &input.frame;
         let ip = match wire::parse(frame, 0, 0) {
+            wire::Parsed::Ipv6 => return self.nic_in6(frame),
             wire::Parsed::NotIpv4 => return (Verdict::pass(stat::PASS_NOT_IPV4), frame.clone()),
             wire::Parsed::Malformed => {
                 return (Verdict::pass(stat::PASS_MALFORMED), frame.clone());
@@ -676,8 +767,15 @@ impl Model {
     /// `xhost_nic_xdp`: drops what `xhost_nic_in` would drop as spoofed
     /// for a local container (in VXLAN mode: any bare packet for one).
     fn nic_xdp(&self, frame: &[u8]) -> (Action, Option<(u32, u32)>) {
-        let wire::Parsed::Ipv4(ip) = wire::parse(frame, 0, 0) else {
-            return (Action::Pass, None);
+        let ip = match wire::parse(frame, 0, 0) {
+            wire::Parsed::Ipv4(ip) => ip,
+            wire::Parsed::Ipv6 if self.spoofed6(frame) => {
+                return (
+                    Action::Drop,
+                    Some((stat::DROP_SPOOFED6, frame.len() as u32)),
+                );
+            }
+            _ => return (Action::Pass, None),
         };
         if (self.maps.endpoint(ip.dst).is_some() || self.maps.is_local(ip.dst))
             && (self.config.tunnel.is_some() || !self.source_allowed(frame, &ip))
@@ -700,6 +798,8 @@ impl Model {
             return (self.deny(stat::DROP_SPOOFED), frame.clone());
         };
         let ip = match wire::parse(frame, 0, 0) {
+            // The tunnel carries IPv4 only.
+            wire::Parsed::Ipv6 => return (Verdict::pass(stat::PASS_NOT_OURS6), frame.clone()),
             wire::Parsed::NotIpv4 => return (Verdict::pass(stat::PASS_NOT_IPV4), frame.clone()),
             wire::Parsed::Malformed => {
                 return (Verdict::pass(stat::PASS_MALFORMED), frame.clone());
@@ -722,6 +822,167 @@ impl Model {
             return self.deny(stat::DROP_TUNNEL);
         }
         Verdict::pass(stat::FWD_EGRESS)
+    }
+
+    /// `xhost_veth_in` and `xhost_bridge_in` for IPv6 (docs/datapath.md,
+    /// "IPv6"): `egress`'s rules with `ROUTES6`, `ENDPOINTS6`,
+    /// `LOCAL_NETS6` and the bridge's NDP entries; the next hop is the
+    /// IPv4 route to the peer host, used only when its neighbour is
+    /// resolved. VXLAN mode leaves IPv6 to the kernel.
+    fn egress6(&self, input: &Input, from_port: bool) -> Egress {
+        let frame = &input.frame;
+        let mut out = Egress {
+            v: Verdict::pass(stat::PASS_NOT_OURS6),
+            frame: frame.clone(),
+            priority: input.priority,
+            loose: Vec::new(),
+        };
+        if self.config.tunnel.is_some() {
+            return out;
+        }
+        let ip = match wire::parse6(frame) {
+            wire::Parsed6::Malformed => {
+                out.v = Verdict::pass(stat::PASS_MALFORMED);
+                return out;
+            }
+            wire::Parsed6::Control => {
+                out.v = Verdict::pass(stat::PASS_CONTROL6);
+                return out;
+            }
+            wire::Parsed6::Ipv6(ip) => ip,
+        };
+        let iif = input.ifindex;
+        let to_mac: [u8; 6] = frame[0..6].try_into().expect("6");
+        let from_mac: [u8; 6] = frame[6..12].try_into().expect("6");
+        let mark = if from_port { iif } else { 0 };
+        let hand_on = |mut out: Egress| {
+            if mark != 0 && out.v.action == Action::Pass {
+                out.priority = mark;
+            }
+            out
+        };
+        let Some(peer) = self.maps.route6_of(ip.dst) else {
+            return out;
+        };
+        if from_port {
+            match self.maps.endpoint6(ip.src) {
+                Some(ep) if ep.ifindex == iif && ep.mac == from_mac => {
+                    if to_mac != ep.gw_mac {
+                        return hand_on(out);
+                    }
+                }
+                None if !self.maps.endpoint_ports.contains(&iif) => return out,
+                _ => {
+                    out.v = self.deny(stat::DROP_SPOOFED_LOCAL6);
+                    return out;
+                }
+            }
+        } else {
+            let mark_in = input.priority;
+            out.priority = 0;
+            let owner = match self.maps.endpoint6(ip.src) {
+                Some(ep) => mark_in == ep.ifindex && from_mac == ep.mac,
+                None if !self.maps.is_local6(ip.src) => return out,
+                None => {
+                    mark_in == 0 && self.host.neighbour_mac6(iif, ip.src, ip.dst) == Some(from_mac)
+                }
+            };
+            if !owner {
+                out.v = self.deny(stat::DROP_SPOOFED_LOCAL6);
+                return out;
+            }
+        }
+        if !ip.parsed_next {
+            out.v = Verdict::pass(stat::PASS_EXT6);
+            return hand_on(out);
+        }
+        if ip.hop_limit <= 1 {
+            out.v = Verdict::pass(stat::PASS_HOP_LIMIT6);
+            return hand_on(out);
+        }
+        let hop = match u16::try_from(ip.tot_len) {
+            Ok(len) => self.host.fib(iif, peer, len, false),
+            Err(_) => FibAnswer::Kernel,
+        };
+        let FibAnswer::Resolved {
+            ifindex,
+            smac,
+            dmac,
+            ..
+        } = hop
+        else {
+            out.v = Verdict::pass(stat::PASS_FIB6);
+            return hand_on(out);
+        };
+        let mut f = frame.clone();
+        f[0..6].copy_from_slice(&dmac);
+        f[6..12].copy_from_slice(&smac);
+        f[14 + 7] -= 1;
+        out.frame = f;
+        out.v = Verdict {
+            action: Action::Redirect {
+                ifindex,
+                how: Redirect::Out,
+            },
+            reason: stat::FWD_EGRESS6,
+        };
+        out
+    }
+
+    /// `xhost_nic_in` for IPv6: a peer's packet (source in `ROUTES6`) for a
+    /// local container, delivered when its endpoint is known.
+    fn nic_in6(&self, frame: &[u8]) -> (Verdict, Vec<u8>) {
+        let pass = |reason| (Verdict::pass(reason), frame.to_vec());
+        if self.config.tunnel.is_some() {
+            return pass(stat::PASS_NOT_OURS6);
+        }
+        let ip = match wire::parse6(frame) {
+            wire::Parsed6::Malformed => return pass(stat::PASS_MALFORMED),
+            wire::Parsed6::Control => return pass(stat::PASS_CONTROL6),
+            wire::Parsed6::Ipv6(ip) => ip,
+        };
+        let ep = self.maps.endpoint6(ip.dst);
+        if ep.is_none() && !self.maps.is_local6(ip.dst) {
+            return pass(stat::PASS_NOT_OURS6);
+        }
+        if self.maps.route6_of(ip.src).is_none() {
+            return (self.deny(stat::DROP_SPOOFED6), frame.to_vec());
+        }
+        if !ip.parsed_next {
+            return pass(stat::PASS_EXT6);
+        }
+        if ip.hop_limit <= 1 {
+            return pass(stat::PASS_HOP_LIMIT6);
+        }
+        let Some(ep) = ep else {
+            return pass(stat::PASS_NOT_OURS6);
+        };
+        let mut f = frame.to_vec();
+        f[0..6].copy_from_slice(&ep.mac);
+        f[6..12].copy_from_slice(&ep.gw_mac);
+        f[14 + 7] -= 1;
+        (
+            Verdict {
+                action: Action::Redirect {
+                    ifindex: ep.ifindex,
+                    how: Redirect::Peer,
+                },
+                reason: stat::FWD_INGRESS6,
+            },
+            f,
+        )
+    }
+
+    /// `xhost_nic_xdp` for IPv6: whether `nic_in6` drops it as spoofed.
+    fn spoofed6(&self, frame: &[u8]) -> bool {
+        if self.config.tunnel.is_some() {
+            return false;
+        }
+        let wire::Parsed6::Ipv6(ip) = wire::parse6(frame) else {
+            return false;
+        };
+        (self.maps.endpoint6(ip.dst).is_some() || self.maps.is_local6(ip.dst))
+            && self.maps.route6_of(ip.src).is_none()
     }
 }
 

@@ -51,22 +51,26 @@ fn model(tunnel: Option<Tunnel>) -> Model {
                     ifindex: BR,
                     mac: GW_MAC,
                     addr: Some(([192, 168, 110, 1], 24)),
+                    addr6: None,
                     mtu: 1500,
                 },
                 Device {
                     ifindex: UL,
                     mac: UL_MAC,
                     addr: Some(([172, 16, 91, 131], 24)),
+                    addr6: None,
                     mtu: 1500,
                 },
                 Device {
                     ifindex: VETH,
                     mac: [2, 0, 0, 0, 0, 5],
                     addr: None,
+                    addr6: None,
                     mtu: 1500,
                 },
             ],
             neighbours: vec![(UL, PEER, PEER_MAC)],
+            neighbours6: Vec::new(),
         },
     }
 }
@@ -206,4 +210,127 @@ fn a_seed_replays_the_same_maps_and_frames() {
     };
     assert_eq!(draw(7), draw(7));
     assert_ne!(draw(7), draw(8));
+}
+
+fn v6(a: &str) -> [u8; 16] {
+    a.parse::<std::net::Ipv6Addr>().expect("address").octets()
+}
+
+/// [`model`] with the IPv6 maps: fd00:220::/64 behind the peer, the
+/// bridge's fd00:110::/64 and the endpoint fd00:110::11 on the veth.
+fn model6(tunnel: Option<Tunnel>) -> Model {
+    let mut m = model(tunnel);
+    m.maps
+        .routes6
+        .insert(crate::Prefix6::new(v6("fd00:220::"), 64), PEER);
+    m.maps
+        .local_nets6
+        .insert(crate::Prefix6::new(v6("fd00:110::"), 64), BR);
+    let ep = m.maps.endpoints[&C1];
+    m.maps.endpoints6.insert(v6("fd00:110::11"), ep);
+    m
+}
+
+/// Ethernet + IPv6 with next header `next` and 8 payload bytes (the first
+/// `first`), from the endpoint's MAC to its gateway.
+fn frame6(src: &str, dst: &str, hop_limit: u8, next: u8, first: u8) -> Vec<u8> {
+    let mut f = GW_MAC.to_vec();
+    f.extend(CTR_MAC);
+    f.extend([0x86, 0xdd, 0x60, 0, 0, 0, 0, 8, next, hop_limit]);
+    f.extend(v6(src));
+    f.extend(v6(dst));
+    f.extend([first, 0, 0, 0, 0, 0, 0, 0]);
+    f
+}
+
+#[test]
+fn ipv6_is_routed_and_checked_as_ipv4() {
+    let m = model6(None);
+    let f = frame6("fd00:110::11", "fd00:220::5", 64, 17, 0);
+    let o = m.run(Prog::VethIn, &input(f.clone(), VETH));
+    assert_eq!(
+        o.action,
+        Action::Redirect {
+            ifindex: UL,
+            how: Redirect::Out
+        }
+    );
+    assert_eq!(o.counted, Some((stat::FWD_EGRESS6, f.len() as u32)));
+    assert_eq!((&o.frame[0..6], o.frame[21]), (&PEER_MAC[..], 63));
+    // Another source on the armed veth, even behind an extension header.
+    let o = m.run(
+        Prog::VethIn,
+        &input(frame6("fd00:110::12", "fd00:220::5", 64, 60, 17), VETH),
+    );
+    assert_eq!(o.counted.map(|c| c.0), Some(stat::DROP_SPOOFED_LOCAL6));
+    // The endpoint's own, behind one: the kernel's, handed on marked.
+    let o = m.run(
+        Prog::VethIn,
+        &input(frame6("fd00:110::11", "fd00:220::5", 64, 60, 17), VETH),
+    );
+    assert_eq!((o.action, o.priority), (Action::Pass, VETH));
+    for (name, f, reason) in [
+        (
+            "hop limit 1",
+            frame6("fd00:110::11", "fd00:220::5", 1, 17, 0),
+            stat::PASS_HOP_LIMIT6,
+        ),
+        (
+            "link-local",
+            frame6("fe80::11", "fd00:220::5", 64, 17, 0),
+            stat::PASS_CONTROL6,
+        ),
+        (
+            "neighbour solicitation",
+            frame6("fd00:110::11", "fd00:220::5", 255, 58, 135),
+            stat::PASS_CONTROL6,
+        ),
+        (
+            "no peer's",
+            frame6("fd00:110::11", "2001:db8::1", 64, 17, 0),
+            stat::PASS_NOT_OURS6,
+        ),
+    ] {
+        // As handed on by the endpoint's veth: marked.
+        let mut i = input(f, BR);
+        i.priority = VETH;
+        let o = m.run(Prog::BridgeIn, &i);
+        assert_eq!(o.counted.map(|c| c.0), Some(reason), "{name}");
+    }
+}
+
+#[test]
+fn only_peers_ipv6_subnets_reach_a_container() {
+    let m = model6(None);
+    let f = frame6("fd00:220::5", "fd00:110::11", 64, 17, 0);
+    let o = m.run(Prog::NicIn, &input(f, UL));
+    assert_eq!(
+        (o.action, o.counted.map(|c| c.0)),
+        (
+            Action::Redirect {
+                ifindex: VETH,
+                how: Redirect::Peer
+            },
+            Some(stat::FWD_INGRESS6)
+        )
+    );
+    let spoofed = frame6("2001:db8::1", "fd00:110::11", 64, 17, 0);
+    let o = m.run(Prog::NicIn, &input(spoofed.clone(), UL));
+    assert_eq!(
+        (o.action, o.counted.map(|c| c.0)),
+        (Action::Drop, Some(stat::DROP_SPOOFED6))
+    );
+    let o = m.run(Prog::NicXdp, &input(spoofed.clone(), UL));
+    assert_eq!(o.action, Action::Drop);
+    // VXLAN mode leaves IPv6 to the kernel.
+    let t = Tunnel {
+        ifindex: 9,
+        vni: 1,
+        port: 8472,
+    };
+    let o = model6(Some(t)).run(Prog::NicIn, &input(spoofed, UL));
+    assert_eq!(
+        (o.action, o.counted.map(|c| c.0)),
+        (Action::Pass, Some(stat::PASS_NOT_OURS6))
+    );
 }

@@ -15,8 +15,61 @@ pub struct Ipv4 {
 
 pub enum Parsed {
     NotIpv4,
+    /// EtherType IPv6: read by [`parse6`].
+    Ipv6,
     Malformed,
     Ipv4(Ipv4),
+}
+
+/// An IPv6 packet that passed [`parse6`].
+#[derive(Clone, Copy, Debug)]
+pub struct Ipv6 {
+    /// The fixed header and the payload length.
+    pub tot_len: u32,
+    pub hop_limit: u8,
+    /// TCP, UDP or ICMPv6: a next header the programs parse.
+    pub parsed_next: bool,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+pub enum Parsed6 {
+    Malformed,
+    /// Link-local or multicast addresses, neighbour discovery.
+    Control,
+    Ipv6(Ipv6),
+}
+
+/// The IPv6 frame `frame` (EtherType IPv6) by the documented rules
+/// (docs/datapath.md, "IPv6"): the whole fixed header present, version 6,
+/// a payload length that is not 0 and lies within the frame; then
+/// link-local (fe80::/10) or multicast (ff00::/8) source or destination,
+/// or ICMPv6 of types 133 to 137, are control traffic.
+pub fn parse6(frame: &[u8]) -> Parsed6 {
+    let Some(h) = frame.get(14..54) else {
+        return Parsed6::Malformed;
+    };
+    let payload_len = usize::from(u16::from_be_bytes([h[4], h[5]]));
+    if h[0] >> 4 != 6 || payload_len == 0 || 40 + payload_len > frame.len() - 14 {
+        return Parsed6::Malformed;
+    }
+    let src: [u8; 16] = h[8..24].try_into().expect("16");
+    let dst: [u8; 16] = h[24..40].try_into().expect("16");
+    let control = |a: &[u8; 16]| a[0] == 0xff || (a[0] == 0xfe && a[1] & 0xc0 == 0x80);
+    if control(&src) || control(&dst) {
+        return Parsed6::Control;
+    }
+    let next = h[6];
+    if next == 58 && matches!(frame.get(54), Some(133..=137)) {
+        return Parsed6::Control;
+    }
+    Parsed6::Ipv6(Ipv6 {
+        tot_len: 40 + payload_len as u32,
+        hop_limit: h[7],
+        parsed_next: matches!(next, 6 | 17 | 58),
+        src,
+        dst,
+    })
 }
 
 /// The frame that starts `off` bytes into `frame`: Ethernet, then IPv4 as
@@ -24,12 +77,15 @@ pub enum Parsed {
 /// version 4, IHL >= 5, the whole header present, a total length that
 /// covers the header and lies within the frame (0 only for a BIG TCP
 /// burst: TCP, GSO, longer than 64 KB), a correct header checksum.
-/// Anything shorter than an Ethernet header is malformed; an EtherType
-/// other than IPv4 (ARP, IPv6, a VLAN tag) is not IPv4.
+/// Anything shorter than an Ethernet header is malformed; EtherType IPv6
+/// is [`Parsed::Ipv6`]; any other (ARP, a VLAN tag) is not IPv4.
 pub fn parse(frame: &[u8], off: usize, gso_size: u32) -> Parsed {
     let Some(eth) = frame.get(off..off + 14) else {
         return Parsed::Malformed;
     };
+    if eth[12..14] == [0x86, 0xdd] {
+        return Parsed::Ipv6;
+    }
     if eth[12..14] != [0x08, 0x00] {
         return Parsed::NotIpv4;
     }

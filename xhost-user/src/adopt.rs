@@ -18,7 +18,9 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use aya::maps::MapInfo;
 use sha2::{Digest as _, Sha256};
-use xhost_common::{MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_LAYOUT_VERSION, PINNED_MAPS};
+use xhost_common::{
+    MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_ENDPOINTS6, MAP_LAYOUT_VERSION, PINNED_MAPS,
+};
 
 use crate::{
     attach::{AttachArg, TcMethod},
@@ -135,8 +137,9 @@ pub enum AdoptError {
     Migrate(#[from] crate::migrate::MigrateError),
 }
 
-/// The maps sized by `--max-endpoints` (one port per endpoint at most).
-pub const ENDPOINT_MAPS: [&str; 2] = [MAP_ENDPOINTS, MAP_ENDPOINT_PORTS];
+/// The maps sized by `--max-endpoints` (one port per endpoint at most;
+/// as many IPv6 endpoints as IPv4 ones).
+pub const ENDPOINT_MAPS: [&str; 3] = [MAP_ENDPOINTS, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS6];
 
 /// The shapes of the pinned maps as this build's object declares them,
 /// with the endpoint maps sized to hold `max_endpoints`.
@@ -174,7 +177,7 @@ pub fn fingerprint(shapes: &BTreeMap<&'static str, MapShape>) -> String {
 /// build has pinned, in the order they were added. Append only: a map a
 /// build no longer has keeps its place, so later builds can still tell
 /// the layout of pins that hold it.
-pub const FINGERPRINT_ORDER: [&str; 9] = [
+pub const FINGERPRINT_ORDER: [&str; 12] = [
     "ROUTES",
     "LOCAL_NETS",
     "ENDPOINTS",
@@ -184,6 +187,9 @@ pub const FINGERPRINT_ORDER: [&str; 9] = [
     "UNDERLAY_ADDRS",
     "ENDPOINT_PORTS",
     "PEER_STATS",
+    "ROUTES6",
+    "LOCAL_NETS6",
+    "ENDPOINTS6",
 ];
 
 /// The layout fingerprint of maps `shapes` (name and shape) under layout

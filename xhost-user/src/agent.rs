@@ -100,7 +100,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         },
     };
     let routes = match adopted_routes {
-        Some(added) => KernelRoutes::adopt(route_device, added),
+        Some((added, added6)) => KernelRoutes::adopt(route_device, added, added6),
         None => KernelRoutes::new(route_device),
     }
     .context("opening the writer's netlink socket")?;
@@ -304,7 +304,10 @@ type Loaded = (
     Backend,
     XdpAttached,
     State,
-    Option<Vec<crate::writer::routes::KernelRoute>>,
+    Option<(
+        Vec<crate::writer::routes::KernelRoute>,
+        Vec<crate::writer::routes::KernelRoute6>,
+    )>,
 );
 
 /// The eBPF datapath loaded and attached to the underlay, or the pinned
@@ -342,7 +345,8 @@ fn load_ebpf(
             // The plan starts from what the maps hold, not from nothing.
             let applied = dp.held()?;
             let added = state.map(|s| s.kernel_routes.clone()).unwrap_or_default();
-            (dp, xdp, applied, Some(added))
+            let added6 = state.map(|s| s.kernel_routes6.clone()).unwrap_or_default();
+            (dp, xdp, applied, Some((added, added6)))
         }
     };
     set_underlay_addrs(&mut dp, &settings.iface, underlay)?;
@@ -811,6 +815,7 @@ fn retire_cached(host: &mut Host) {
 impl AgentState {
     fn refresh(&mut self, host: &Host) {
         self.kernel_routes = host.routes.list().to_vec();
+        self.kernel_routes6 = host.routes.list6();
         let applied = &host.applied.local;
         self.bridges = applied.bridges.iter().cloned().collect();
         let dp = match &host.backend {

@@ -10,7 +10,7 @@ use std::{
 };
 
 pub use crate::attach::AttachArg;
-use crate::net::{self, CidrError, IfaceError, Ipv4Net};
+use crate::net::{self, CidrError, IfaceError, IpNet, Ipv4Net, Ipv6Net};
 
 /// `load`'s settings as one layer gives them: the flags, or the config
 /// file. Each field is both a flag (clap) and a TOML key (serde); `None`
@@ -259,12 +259,84 @@ pub const MAX_ENDPOINTS_LIMIT: u32 = 16 * xhost_common::MAX_ENDPOINTS;
 pub const DEFAULT_VNI: u32 = 1;
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 
-/// One remote host and the container subnets behind it.
+/// One remote host and the container subnets behind it. The host is its
+/// IPv4 underlay address; its subnets are of either family, one list in
+/// the file and on the flag (`subnets = ["10.1.0.0/16", "fd00:b::/64"]`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "PeerLayer", into = "PeerLayer")]
 pub struct PeerConfig {
     pub host: Ipv4Addr,
     pub subnets: Vec<Ipv4Net>,
+    /// The IPv6 subnets (`ROUTES6`).
+    pub subnets6: Vec<Ipv6Net>,
+}
+
+/// A `[[peer]]` as the file writes it.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct PeerLayer {
+    host: String,
+    subnets: Vec<IpNet>,
+}
+
+impl TryFrom<PeerLayer> for PeerConfig {
+    type Error = ConfigError;
+
+    fn try_from(p: PeerLayer) -> Result<Self, ConfigError> {
+        let host = peer_host(&p.host).map_err(|e| match e {
+            HostError::V6 => ConfigError::PeerHostV6(p.host.clone()),
+            HostError::Syntax => ConfigError::PeerHostSyntax(p.host.clone()),
+        })?;
+        let (subnets, subnets6) = net::split_families(p.subnets);
+        Ok(Self {
+            host,
+            subnets,
+            subnets6,
+        })
+    }
+}
+
+impl From<PeerConfig> for PeerLayer {
+    fn from(p: PeerConfig) -> Self {
+        Self {
+            host: p.host.to_string(),
+            subnets: p
+                .subnets
+                .into_iter()
+                .map(IpNet::V4)
+                .chain(p.subnets6.into_iter().map(IpNet::V6))
+                .collect(),
+        }
+    }
+}
+
+enum HostError {
+    V6,
+    Syntax,
+}
+
+/// A peer host's underlay address: IPv4 (an IPv6 one is refused as not
+/// supported yet, not as a typo).
+fn peer_host(s: &str) -> Result<Ipv4Addr, HostError> {
+    let s = s.trim();
+    s.parse().map_err(|_| {
+        if s.parse::<std::net::Ipv6Addr>().is_ok() {
+            HostError::V6
+        } else {
+            HostError::Syntax
+        }
+    })
+}
+
+impl PeerConfig {
+    /// A peer with IPv4 subnets only.
+    pub fn v4(host: Ipv4Addr, subnets: Vec<Ipv4Net>) -> Self {
+        Self {
+            host,
+            subnets,
+            subnets6: Vec::new(),
+        }
+    }
 }
 
 /// What the datapath does with a packet it refuses (a spoofed source, a
@@ -339,6 +411,16 @@ pub enum ConfigError {
     PeerSyntax { arg: String },
     #[error("--peer `{arg}`: `{host}` is not an IPv4 address")]
     PeerHost { arg: String, host: String },
+    #[error(
+        "--peer `{arg}`: peer host `{host}` is an IPv6 address: IPv6 underlay addresses are not supported yet (give the peer's IPv4 address; its subnets may be IPv6)"
+    )]
+    PeerHostV6Flag { arg: String, host: String },
+    #[error(
+        "peer host `{0}` is an IPv6 address: IPv6 underlay addresses are not supported yet (give the peer's IPv4 address; its subnets may be IPv6)"
+    )]
+    PeerHostV6(String),
+    #[error("peer host `{0}` is not an IPv4 address")]
+    PeerHostSyntax(String),
     #[error("--peer `{arg}`")]
     PeerCidr {
         arg: String,
@@ -386,6 +468,15 @@ pub enum ConfigError {
     TooManyRoutes { count: usize, max: u32 },
     #[error("{count} peers: the datapath's PEER_HOSTS map holds at most {max}")]
     TooManyPeers { count: usize, max: u32 },
+    #[error("{count} IPv6 peer subnets: the datapath's ROUTES6 map holds at most {max}")]
+    TooManyRoutes6 { count: usize, max: u32 },
+    #[error("subnet {a} of peer {peer_a} overlaps subnet {b} of peer {peer_b}")]
+    PeerOverlap6 {
+        a: Ipv6Net,
+        peer_a: Ipv4Addr,
+        b: Ipv6Net,
+        peer_b: Ipv4Addr,
+    },
     #[error(
         "--max-endpoints {0} (max_endpoints in the config file) out of range: the ENDPOINTS map holds 1..={max} entries",
         max = MAX_ENDPOINTS_LIMIT
@@ -448,20 +539,31 @@ impl FromStr for PeerConfig {
         let (host, nets) = arg.split_once('=').ok_or_else(|| ConfigError::PeerSyntax {
             arg: arg.to_owned(),
         })?;
-        let host = host.trim().parse().map_err(|_| ConfigError::PeerHost {
-            arg: arg.to_owned(),
-            host: host.to_owned(),
+        let host = peer_host(host).map_err(|e| match e {
+            HostError::V6 => ConfigError::PeerHostV6Flag {
+                arg: arg.to_owned(),
+                host: host.to_owned(),
+            },
+            HostError::Syntax => ConfigError::PeerHost {
+                arg: arg.to_owned(),
+                host: host.to_owned(),
+            },
         })?;
-        let subnets = nets
+        let nets = nets
             .split(',')
             .map(|n| {
-                n.parse().map_err(|source| ConfigError::PeerCidr {
+                n.parse::<IpNet>().map_err(|source| ConfigError::PeerCidr {
                     arg: arg.to_owned(),
                     source,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { host, subnets })
+        let (subnets, subnets6) = net::split_families(nets);
+        Ok(Self {
+            host,
+            subnets,
+            subnets6,
+        })
     }
 }
 
@@ -933,7 +1035,7 @@ pub fn check_peers(peers: &[PeerConfig]) -> Result<(), ConfigError> {
         {
             return Err(ConfigError::PeerNotUnicast(p.host));
         }
-        if p.subnets.is_empty() {
+        if p.subnets.is_empty() && p.subnets6.is_empty() {
             return Err(ConfigError::EmptyPeer(p.host));
         }
     }
@@ -950,30 +1052,36 @@ pub fn check_peers(peers: &[PeerConfig]) -> Result<(), ConfigError> {
             max: xhost_common::MAX_ROUTES,
         });
     }
-    // Sorted by network address, a prefix can only overlap ones that start
-    // inside it, so one pass tracking the widest range seen so far finds
-    // any overlap: O(n log n), which matters with 100 000 routes.
-    let mut all: Vec<(Ipv4Net, Ipv4Addr)> = peers
+    let count6: usize = peers.iter().map(|p| p.subnets6.len()).sum();
+    if count6 > xhost_common::MAX_ROUTES6 as usize {
+        return Err(ConfigError::TooManyRoutes6 {
+            count: count6,
+            max: xhost_common::MAX_ROUTES6,
+        });
+    }
+    let all = peers
         .iter()
         .flat_map(|p| p.subnets.iter().map(move |n| (*n, p.host)))
         .collect();
-    all.sort_by_key(|(n, _)| (n.addr(), n.prefix_len()));
-    let mut widest: Option<(Ipv4Net, Ipv4Addr)> = None;
-    for (n, host) in all {
-        if let Some((w, w_host)) = widest {
-            if w.contains(n.addr()) {
-                return Err(ConfigError::PeerOverlap {
-                    a: w,
-                    peer_a: w_host,
-                    b: n,
-                    peer_b: host,
-                });
-            }
-            if n.last() <= w.last() {
-                continue;
-            }
-        }
-        widest = Some((n, host));
+    if let Some(((a, peer_a), (b, peer_b))) = net::first_overlap(all) {
+        return Err(ConfigError::PeerOverlap {
+            a,
+            peer_a,
+            b,
+            peer_b,
+        });
+    }
+    let all6 = peers
+        .iter()
+        .flat_map(|p| p.subnets6.iter().map(move |n| (*n, p.host)))
+        .collect();
+    if let Some(((a, peer_a), (b, peer_b))) = net::first_overlap(all6) {
+        return Err(ConfigError::PeerOverlap6 {
+            a,
+            peer_a,
+            b,
+            peer_b,
+        });
     }
     Ok(())
 }
@@ -1282,6 +1390,7 @@ mod tests {
         check_peers(&[PeerConfig {
             host: Ipv4Addr::new(172, 16, 0, 2),
             subnets,
+            subnets6: Vec::new(),
         }])
         .expect("disjoint");
         assert!(
@@ -1303,13 +1412,15 @@ mod tests {
         assert!(
             check_peers(&[PeerConfig {
                 host,
-                subnets: nets(max)
+                subnets: nets(max),
+                subnets6: Vec::new(),
             }])
             .is_ok()
         );
         let e = check_peers(&[PeerConfig {
             host,
             subnets: nets(max + 1),
+            subnets6: Vec::new(),
         }])
         .expect_err("one too many");
         assert_eq!(
@@ -1331,6 +1442,7 @@ mod tests {
                         Ipv4Addr::from(0x0a00_0000 + (i << 8)),
                         24,
                     )],
+                    subnets6: Vec::new(),
                 })
                 .collect()
         };

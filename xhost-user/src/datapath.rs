@@ -7,7 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
@@ -26,9 +26,10 @@ use log::{info, warn};
 use xhost_common::{
     ARMED, Endpoint, GLOBAL_DENY, GLOBAL_HELPERS, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT,
     GLOBAL_TUNNEL_VNI, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS,
-    MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_PEER_STATS, MAP_ROUTES, MAP_UNDERLAY_ADDRS, MAX_PEER_HOSTS,
-    MAX_UNDERLAY_ADDRS, PINNED_MAPS, PROG_BRIDGE_IN, PROG_NIC_IN, PROG_NIC_XDP, PROG_VETH_IN,
-    PROG_VXLAN_IN, PROG_VXLAN_OUT, Peer, PeerCounters, PeerHost,
+    MAP_ENDPOINTS6, MAP_LOCAL_NETS, MAP_LOCAL_NETS6, MAP_PEER_HOSTS, MAP_PEER_STATS, MAP_ROUTES,
+    MAP_ROUTES6, MAP_UNDERLAY_ADDRS, MAX_PEER_HOSTS, MAX_UNDERLAY_ADDRS, PINNED_MAPS,
+    PROG_BRIDGE_IN, PROG_NIC_IN, PROG_NIC_XDP, PROG_VETH_IN, PROG_VXLAN_IN, PROG_VXLAN_OUT, Peer,
+    PeerCounters, PeerHost,
 };
 
 use crate::{
@@ -36,7 +37,7 @@ use crate::{
     config::DenyArg,
     config::{Vxlan, XdpModeArg},
     layout::{Hook, Layout, remove_file_if_exists},
-    net::Ipv4Net,
+    net::{Ipv4Net, Ipv6Net},
     tunnel::{self, RouteDevice, TunnelDevice, TunnelError},
 };
 
@@ -173,6 +174,10 @@ pub struct Datapath {
     local_nets: LpmTrie<MapData, [u8; 4], LocalNet>,
     endpoints: HashMap<MapData, [u8; 4], Endpoint>,
     endpoint_ports: HashMap<MapData, u32, u32>,
+    /// The IPv6 maps: `ROUTES6`, `LOCAL_NETS6`, `ENDPOINTS6`.
+    routes6: LpmTrie<MapData, [u8; 16], Peer>,
+    local_nets6: LpmTrie<MapData, [u8; 16], LocalNet>,
+    endpoints6: HashMap<MapData, [u8; 16], Endpoint>,
     peer_hosts: HashMap<MapData, [u8; 4], PeerHost>,
     /// Per-peer counters (`PEER_STATS`), by `PeerHost::slot`.
     peer_stats: PerCpuArray<MapData, PeerCounters>,
@@ -212,6 +217,10 @@ fn entry_error(
 }
 
 fn key(net: &Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(net.prefix_len()), net.addr().octets())
+}
+
+fn key6(net: &Ipv6Net) -> Key<[u8; 16]> {
     Key::new(u32::from(net.prefix_len()), net.addr().octets())
 }
 
@@ -271,7 +280,7 @@ impl RouteTable {
 pub struct LoadOpts {
     /// What is done with refused packets (a constant of the programs).
     pub deny: DenyArg,
-    /// Capacity of `ENDPOINTS` and `ENDPOINT_PORTS`.
+    /// Capacity of `ENDPOINTS`, `ENDPOINT_PORTS` and `ENDPOINTS6`.
     pub max_endpoints: u32,
 }
 
@@ -529,7 +538,11 @@ impl Datapath {
             underlay_addrs,
             endpoint_ports,
             peer_stats,
-        ] = <[aya::maps::Map; 9]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
+            // The IPv6 maps, written like the IPv4 ones.
+            routes6,
+            local_nets6,
+            endpoints6,
+        ] = <[aya::maps::Map; 12]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
         let mut dp = Self {
             layout: layout.clone(),
             routes: RouteTable::new(routes, generation)?,
@@ -538,6 +551,9 @@ impl Datapath {
             endpoint_ports: endpoint_ports
                 .try_into()
                 .map_err(map_error(MAP_ENDPOINT_PORTS))?,
+            routes6: routes6.try_into().map_err(map_error(MAP_ROUTES6))?,
+            local_nets6: local_nets6.try_into().map_err(map_error(MAP_LOCAL_NETS6))?,
+            endpoints6: endpoints6.try_into().map_err(map_error(MAP_ENDPOINTS6))?,
             peer_hosts: peer_hosts.try_into().map_err(map_error(MAP_PEER_HOSTS))?,
             peer_stats: peer_stats.try_into().map_err(map_error(MAP_PEER_STATS))?,
             peer_slots: BTreeMap::new(),
@@ -1269,6 +1285,61 @@ impl Datapath {
         self.routes.retire_cached()
     }
 
+    /// Routes the IPv6 prefix `net` to the peer host `peer` (its IPv4
+    /// underlay address), then retires the cached answers.
+    pub fn set_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), DatapathError> {
+        let value = Peer {
+            host: peer.octets(),
+            flags: 0,
+        };
+        self.routes6
+            .insert(&key6(net), value, 0)
+            .map_err(entry_error(MAP_ROUTES6, format_args!("{net} via {peer}")))?;
+        self.routes.retire_cached()
+    }
+
+    pub fn remove_route6(&mut self, net: &Ipv6Net) -> Result<(), DatapathError> {
+        self.routes6
+            .remove(&key6(net))
+            .map_err(entry_error(MAP_ROUTES6, net))?;
+        self.routes.retire_cached()
+    }
+
+    pub fn set_local6(&mut self, net: &Ipv6Net, bridge_ifindex: u32) -> Result<(), DatapathError> {
+        let value = LocalNet {
+            bridge_ifindex,
+            flags: 0,
+        };
+        self.local_nets6
+            .insert(&key6(net), value, 0)
+            .map_err(entry_error(MAP_LOCAL_NETS6, net))
+    }
+
+    pub fn remove_local6(&mut self, net: &Ipv6Net) -> Result<(), DatapathError> {
+        self.local_nets6
+            .remove(&key6(net))
+            .map_err(entry_error(MAP_LOCAL_NETS6, net))
+    }
+
+    /// Writes the IPv6 endpoint `ip`. It does not arm the veth: the plan
+    /// writes a container's IPv6 endpoints before its IPv4 one, whose
+    /// write arms it.
+    pub fn set_endpoint6(&mut self, ip: Ipv6Addr, ep: Endpoint) -> Result<(), DatapathError> {
+        self.endpoints6
+            .insert(ip.octets(), ep, 0)
+            .map_err(entry_error(MAP_ENDPOINTS6, ip))?;
+        self.routes.retire_cached()
+    }
+
+    /// Removes the IPv6 endpoint `ip` (the plan removes the container's
+    /// IPv4 endpoint, which disarms the veth, first).
+    pub fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<(), DatapathError> {
+        self.endpoints6
+            .remove(&ip.octets())
+            .map_err(entry_error(MAP_ENDPOINTS6, ip))?;
+        self.routes.retire_cached()
+    }
+
     /// From now on `xhost_veth_in` on veth `ifindex` drops every source
     /// for a peer but its endpoints' (call once they are written).
     pub fn arm_port(&mut self, ifindex: u32) -> Result<(), DatapathError> {
@@ -1304,6 +1375,12 @@ impl Datapath {
             let (k, v) = r.map_err(map_error(MAP_ROUTES))?;
             peers.routes.insert(net(k), Ipv4Addr::from(v.host));
         }
+        let net6 =
+            |k: Key<[u8; 16]>| Ipv6Net::containing(Ipv6Addr::from(k.data()), k.prefix_len() as u8);
+        for r in self.routes6.iter() {
+            let (k, v) = r.map_err(map_error(MAP_ROUTES6))?;
+            peers.routes6.insert(net6(k), Ipv4Addr::from(v.host));
+        }
         let mut local = Local::default();
         let mut bridge_names = BTreeMap::new();
         for (iface, hook) in self.attachments.keys() {
@@ -1321,22 +1398,34 @@ impl Datapath {
                 _ => {}
             }
         }
-        for r in self.local_nets.iter() {
-            let (k, v) = r.map_err(map_error(MAP_LOCAL_NETS))?;
-            let name = bridge_names
-                .get(&v.bridge_ifindex)
+        let bridge_name = |ifindex: u32| {
+            bridge_names
+                .get(&ifindex)
                 .cloned()
                 .or_else(|| {
-                    nix::net::if_::if_indextoname(v.bridge_ifindex)
+                    nix::net::if_::if_indextoname(ifindex)
                         .ok()
                         .map(|n| n.to_string_lossy().into_owned())
                 })
-                .unwrap_or_default();
+                .unwrap_or_default()
+        };
+        for r in self.local_nets.iter() {
+            let (k, v) = r.map_err(map_error(MAP_LOCAL_NETS))?;
+            let name = bridge_name(v.bridge_ifindex);
             local.locals.insert(net(k), (name, v.bridge_ifindex));
+        }
+        for r in self.local_nets6.iter() {
+            let (k, v) = r.map_err(map_error(MAP_LOCAL_NETS6))?;
+            let name = bridge_name(v.bridge_ifindex);
+            local.locals6.insert(net6(k), (name, v.bridge_ifindex));
         }
         for r in self.endpoints.iter() {
             let (k, ep) = r.map_err(map_error(MAP_ENDPOINTS))?;
             local.endpoints.insert(Ipv4Addr::from(k), ep);
+        }
+        for r in self.endpoints6.iter() {
+            let (k, ep) = r.map_err(map_error(MAP_ENDPOINTS6))?;
+            local.endpoints6.insert(Ipv6Addr::from(k), ep);
         }
         Ok(State { peers, local })
     }

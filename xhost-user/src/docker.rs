@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -25,7 +25,7 @@ use futures_util::StreamExt as _;
 use log::{debug, info, warn};
 use tokio::sync::{mpsc, watch};
 
-use crate::net::{CidrError, Ipv4Net, fmt_mac, parse_mac};
+use crate::net::{CidrError, Ipv4Net, Ipv6Net, fmt_mac, parse_mac};
 
 /// Where the engine listens when neither `--docker-host` nor `DOCKER_HOST` says otherwise.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
@@ -70,10 +70,24 @@ pub struct DockerNetwork {
     pub name: String,
     /// Kernel bridge interface name (`docker0`, `br-<id12>` or the configured name).
     pub bridge: String,
-    /// IPv4 subnets from the network's IPAM config (IPv6 ones are skipped).
+    /// IPv4 subnets from the network's IPAM config.
     pub subnets: Vec<Ipv4Net>,
     /// IPv4 gateways from the IPAM config (the bridge's addresses).
     pub gateways: Vec<Ipv4Addr>,
+    /// IPv6 subnets from the IPAM config, if the network has IPv6 enabled
+    /// (`EnableIPv6`; an IPv6-only network, without IPv4, is not served).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subnets6: Vec<Ipv6Net>,
+}
+
+impl DockerNetwork {
+    /// Keeps the IPv6 subnets only if the engine says the network has IPv6.
+    fn ipv6_if(mut self, enable_ipv6: Option<bool>) -> Self {
+        if enable_ipv6 != Some(true) {
+            self.subnets6.clear();
+        }
+        self
+    }
 }
 
 /// A running container's interface on one bridge network.
@@ -84,6 +98,9 @@ pub struct DockerEndpoint {
     pub container_name: String,
     pub network_id: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on the network (`GlobalIPv6Address`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     #[serde(serialize_with = "ser_mac")]
     pub mac: [u8; 6],
     /// ifindex, in the agent's network namespace, of the container's host-side veth.
@@ -613,7 +630,7 @@ async fn inspect_bridge_network(
             n.ipam.as_ref(),
             skipped,
         )
-        .map(with_bridge_gateways)),
+        .map(|net| with_bridge_gateways(net.ipv6_if(n.enable_ipv6)))),
         Err(e) if is_not_found(&e) => Ok(None),
         Err(e) if is_transport(&e) => Err(DockerError::api(format!("inspect network {id}"))(e)),
         Err(e) => {
@@ -708,7 +725,7 @@ async fn discover(docker: &Docker, skipped: &mut Skipped) -> Result<DockerView, 
             n.ipam.as_ref(),
             skipped,
         ) {
-            view.upsert_network(with_bridge_gateways(net));
+            view.upsert_network(with_bridge_gateways(net.ipv6_if(n.enable_ipv6)));
         }
     }
     // Running containers only (`all: false`).
@@ -810,6 +827,7 @@ async fn resolve_endpoints(
                     container_name: f.name.clone(),
                     network_id: e.network_id.clone(),
                     ip: e.ip,
+                    ip6: e.ip6,
                     mac: e.mac,
                     host_ifindex,
                 });
@@ -884,7 +902,7 @@ fn bridge_network(
     if id.is_empty() {
         return Err(NetworkSkip::NoId);
     }
-    let (subnets, gateways) = ipam_v4(ipam)?;
+    let (subnets, gateways, subnets6) = ipam_v4(ipam)?;
     if subnets.is_empty() {
         return Err(NetworkSkip::NoIpv4);
     }
@@ -894,6 +912,7 @@ fn bridge_network(
         bridge: bridge_name(id, name, options),
         subnets,
         gateways,
+        subnets6,
     })
 }
 
@@ -922,11 +941,14 @@ fn with_bridge_gateways(mut net: DockerNetwork) -> DockerNetwork {
     net
 }
 
-/// IPv4 subnets and gateways of an IPAM config; IPv6 entries are skipped, a subnet that is
-/// neither fails.
-fn ipam_v4(ipam: Option<&Ipam>) -> Result<(Vec<Ipv4Net>, Vec<Ipv4Addr>), NetworkSkip> {
+/// IPv4 subnets and gateways, and IPv6 subnets, of an IPAM config; a subnet that is neither
+/// fails.
+type Ipam4 = (Vec<Ipv4Net>, Vec<Ipv4Addr>, Vec<Ipv6Net>);
+
+fn ipam_v4(ipam: Option<&Ipam>) -> Result<Ipam4, NetworkSkip> {
     let mut subnets = Vec::new();
     let mut gateways = Vec::new();
+    let mut subnets6 = Vec::new();
     for c in ipam.and_then(|i| i.config.as_deref()).unwrap_or_default() {
         let bad = |reason: String, s: &str| NetworkSkip::BadSubnet {
             subnet: s.to_owned(),
@@ -934,18 +956,11 @@ fn ipam_v4(ipam: Option<&Ipam>) -> Result<(Vec<Ipv4Net>, Vec<Ipv4Addr>), Network
         };
         match c.subnet.as_deref().filter(|s| !s.is_empty()) {
             None => {}
-            Some(s) if s.contains(':') => {
-                let v6 = s
-                    .split_once('/')
-                    .filter(|(a, p)| {
-                        a.parse::<std::net::Ipv6Addr>().is_ok()
-                            && p.parse::<u8>().is_ok_and(|p| p <= 128)
-                    })
-                    .is_some();
-                if !v6 {
-                    return Err(bad("not an IPv6 prefix".into(), s));
-                }
-            }
+            Some(s) if s.contains(':') => match s.parse::<Ipv6Net>() {
+                Ok(n) => subnets6.push(n),
+                Err(CidrError::HostBits6 { canonical, .. }) => subnets6.push(canonical),
+                Err(_) => return Err(bad("not an IPv6 prefix".into(), s)),
+            },
             Some(s) => match s.parse::<Ipv4Net>() {
                 Ok(n) => subnets.push(n),
                 // Docker keeps what the user typed; the prefix is what matters.
@@ -965,7 +980,9 @@ fn ipam_v4(ipam: Option<&Ipam>) -> Result<(Vec<Ipv4Net>, Vec<Ipv4Addr>), Network
     subnets.dedup();
     gateways.sort();
     gateways.dedup();
-    Ok((subnets, gateways))
+    subnets6.sort();
+    subnets6.dedup();
+    Ok((subnets, gateways, subnets6))
 }
 
 /// What the watcher needs from `docker inspect <container>`.
@@ -982,6 +999,7 @@ struct ContainerFacts {
 struct EndpointFacts {
     network_id: String,
     ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
     mac: [u8; 6],
 }
 
@@ -1045,11 +1063,16 @@ impl ContainerFacts {
                 .ip_address
                 .as_deref()
                 .and_then(|s| s.parse::<Ipv4Addr>().ok());
+            let ip6 = ep
+                .global_ipv6_address
+                .as_deref()
+                .and_then(|s| s.parse::<Ipv6Addr>().ok());
             let mac = ep.mac_address.as_deref().and_then(parse_mac);
             match (ip, mac) {
                 (Some(ip), Some(mac)) if !network_id.is_empty() => endpoints.push(EndpointFacts {
                     network_id,
                     ip,
+                    ip6,
                     mac,
                 }),
                 _ => debug!(
@@ -1260,6 +1283,7 @@ mod tests {
             bridge: bridge.into(),
             subnets: vec![subnet.parse().expect("cidr")],
             gateways: vec![],
+            subnets6: vec![],
         }
     }
 
@@ -1269,6 +1293,7 @@ mod tests {
             container_name: format!("{container}-name"),
             network_id: network.into(),
             ip: Ipv4Addr::from(ip),
+            ip6: None,
             mac: [2, 0x42, ip[0], ip[1], ip[2], ip[3]],
             host_ifindex: ifindex,
         }
@@ -1300,7 +1325,8 @@ mod tests {
                 {"Gateway":"nope"}]}"#,
         )
         .expect("ipam json");
-        let (subnets, gateways) = ipam_v4(Some(&ipam)).expect("ipam");
+        let (subnets, gateways, subnets6) = ipam_v4(Some(&ipam)).expect("ipam");
+        assert_eq!(subnets6, ["fd00:1::/64".parse::<Ipv6Net>().expect("cidr")]);
         let want: Vec<Ipv4Net> = ["10.77.0.0/24", "10.88.0.0/16", "192.168.110.0/24"]
             .iter()
             .map(|s| s.parse().expect("cidr"))
@@ -1310,10 +1336,10 @@ mod tests {
             gateways,
             [Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(192, 168, 110, 1)]
         );
-        assert_eq!(ipam_v4(None), Ok((vec![], vec![])));
+        assert_eq!(ipam_v4(None), Ok((vec![], vec![], vec![])));
         let no_config: Ipam =
             serde_json::from_str(r#"{"Driver":"default","Config":null}"#).expect("json");
-        assert_eq!(ipam_v4(Some(&no_config)), Ok((vec![], vec![])));
+        assert_eq!(ipam_v4(Some(&no_config)), Ok((vec![], vec![], vec![])));
         for bad in [
             "garbage",
             "10.77.0.300/24",
@@ -1331,6 +1357,42 @@ mod tests {
                 ipam_v4(Some(&ipam))
             );
         }
+    }
+
+    #[test]
+    fn ipv6_subnets_count_only_with_ipv6_enabled() {
+        let list: Vec<bollard::models::Network> = serde_json::from_str(
+            r#"[
+              {"Name":"dual","Id":"d0d0","Driver":"bridge","EnableIPv6":true,
+               "IPAM":{"Driver":"default","Config":[{"Subnet":"10.77.0.0/24"},{"Subnet":"fd00:a::5/64"}]}},
+              {"Name":"off","Id":"0f0f","Driver":"bridge","EnableIPv6":false,
+               "IPAM":{"Driver":"default","Config":[{"Subnet":"10.78.0.0/24"},{"Subnet":"fd00:b::/64"}]}},
+              {"Name":"unsaid","Id":"0505","Driver":"bridge",
+               "IPAM":{"Driver":"default","Config":[{"Subnet":"10.79.0.0/24"},{"Subnet":"fd00:c::/64"}]}}
+            ]"#,
+        )
+        .expect("network list json");
+        let nets: Vec<DockerNetwork> = list
+            .iter()
+            .map(|n| {
+                bridge_network(
+                    n.id.as_deref().unwrap_or_default(),
+                    n.name.as_deref().unwrap_or_default(),
+                    n.driver.as_deref(),
+                    n.options.as_ref(),
+                    n.ipam.as_ref(),
+                )
+                .expect("a bridge network")
+                .ipv6_if(n.enable_ipv6)
+            })
+            .collect();
+        // Host bits as Docker keeps what was typed: the prefix is what counts.
+        assert_eq!(
+            nets[0].subnets6,
+            ["fd00:a::/64".parse::<Ipv6Net>().expect("cidr")]
+        );
+        assert!(nets[1].subnets6.is_empty() && nets[2].subnets6.is_empty());
+        assert_eq!(nets[1].subnets.len(), 1);
     }
 
     #[test]
@@ -1392,7 +1454,8 @@ mod tests {
               "EndpointID":"25a45304","Gateway":"192.168.110.1","IPAddress":"192.168.110.2",
               "IPPrefixLen":24,"IPv6Gateway":"","GlobalIPv6Address":"","GlobalIPv6PrefixLen":0,
               "MacAddress":"02:42:c0:a8:6e:02","DriverOpts":null},
-            "xnet":{"NetworkID":"0123456789abcdef0123","IPAddress":"10.77.0.10","MacAddress":"02:42:0a:4d:00:0a"},
+            "xnet":{"NetworkID":"0123456789abcdef0123","IPAddress":"10.77.0.10","MacAddress":"02:42:0a:4d:00:0a",
+              "GlobalIPv6Address":"fd00:77::a","GlobalIPv6PrefixLen":64},
             "v6only":{"NetworkID":"feedbeef","IPAddress":"","MacAddress":"02:42:0a:4d:00:0b"}
           }}
     }"#;
@@ -1413,12 +1476,14 @@ mod tests {
                 EndpointFacts {
                     network_id: "0123456789abcdef0123".into(),
                     ip: Ipv4Addr::new(10, 77, 0, 10),
+                    ip6: Some("fd00:77::a".parse().expect("ip6")),
                     mac: [2, 0x42, 10, 77, 0, 10],
                 },
                 EndpointFacts {
                     network_id: "b9c3178ec49d2024e73137f6872dbb9778619f13b5ba607453f14037d43e4118"
                         .into(),
                     ip: Ipv4Addr::new(192, 168, 110, 2),
+                    ip6: None,
                     mac: [2, 0x42, 192, 168, 110, 2],
                 },
             ]
@@ -1535,6 +1600,7 @@ mod tests {
             container_name: cid.into(),
             network_id: net.into(),
             ip: Ipv4Addr::new(10, 0, 0, last),
+            ip6: None,
             mac: [2, 0x42, 10, 0, 0, last],
             host_ifindex: u32::from(last),
         };

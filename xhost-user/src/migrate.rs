@@ -40,8 +40,9 @@ use aya::{
 use log::info;
 use xhost_common::{
     Counter, Endpoint, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS,
-    MAP_LAYOUT_VERSION, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_PEER_STATS, MAP_ROUTES, MAP_STATS,
-    MAP_UNDERLAY_ADDRS, Peer, PeerCounters, PeerHost,
+    MAP_ENDPOINTS6, MAP_LAYOUT_VERSION, MAP_LOCAL_NETS, MAP_LOCAL_NETS6, MAP_PEER_HOSTS,
+    MAP_PEER_STATS, MAP_ROUTES, MAP_ROUTES6, MAP_STATS, MAP_UNDERLAY_ADDRS, Peer, PeerCounters,
+    PeerHost,
 };
 
 use crate::{
@@ -471,9 +472,12 @@ fn copy(map: &'static str, old: Map, new: Map) -> Result<(u64, Option<Deferred>)
     };
     let plain = |r: Result<u64, MapError>| r.map(|n| (n, None)).map_err(err);
     match map {
-        MAP_ROUTES => plain(copy_lpm::<Peer>(&old, new)),
-        MAP_LOCAL_NETS => plain(copy_lpm::<LocalNet>(&old, new)),
+        MAP_ROUTES => plain(copy_lpm::<[u8; 4], Peer>(&old, new)),
+        MAP_LOCAL_NETS => plain(copy_lpm::<[u8; 4], LocalNet>(&old, new)),
         MAP_ENDPOINTS => plain(copy_hash::<[u8; 4], Endpoint>(&old, new)),
+        MAP_ROUTES6 => plain(copy_lpm::<[u8; 16], Peer>(&old, new)),
+        MAP_LOCAL_NETS6 => plain(copy_lpm::<[u8; 16], LocalNet>(&old, new)),
+        MAP_ENDPOINTS6 => plain(copy_hash::<[u8; 16], Endpoint>(&old, new)),
         MAP_PEER_HOSTS => plain(copy_hash::<[u8; 4], PeerHost>(&old, new)),
         MAP_UNDERLAY_ADDRS => plain(copy_hash::<[u8; 4], u32>(&old, new)),
         MAP_ENDPOINT_PORTS => plain(copy_hash::<u32, u32>(&old, new)),
@@ -495,6 +499,9 @@ fn occupied(map: &'static str, old: &Map) -> Result<u64, MapError> {
         MAP_ROUTES => count(LpmTrie::<_, [u8; 4], Peer>::try_from(old)?.keys()),
         MAP_LOCAL_NETS => count(LpmTrie::<_, [u8; 4], LocalNet>::try_from(old)?.keys()),
         MAP_ENDPOINTS => count(HashMap::<_, [u8; 4], Endpoint>::try_from(old)?.keys()),
+        MAP_ROUTES6 => count(LpmTrie::<_, [u8; 16], Peer>::try_from(old)?.keys()),
+        MAP_LOCAL_NETS6 => count(LpmTrie::<_, [u8; 16], LocalNet>::try_from(old)?.keys()),
+        MAP_ENDPOINTS6 => count(HashMap::<_, [u8; 16], Endpoint>::try_from(old)?.keys()),
         MAP_PEER_HOSTS => count(HashMap::<_, [u8; 4], PeerHost>::try_from(old)?.keys()),
         MAP_UNDERLAY_ADDRS => count(HashMap::<_, [u8; 4], u32>::try_from(old)?.keys()),
         MAP_ENDPOINT_PORTS => count(HashMap::<_, u32, u32>::try_from(old)?.keys()),
@@ -535,9 +542,9 @@ fn per_cpu_used<V: Pod + Default + PartialEq>(old: &Map) -> Result<u64, MapError
     })
 }
 
-fn copy_lpm<V: Pod>(old: &Map, new: Map) -> Result<u64, MapError> {
-    let old = LpmTrie::<_, [u8; 4], V>::try_from(old)?;
-    let mut new = LpmTrie::<_, [u8; 4], V>::try_from(new)?;
+fn copy_lpm<K: Pod, V: Pod>(old: &Map, new: Map) -> Result<u64, MapError> {
+    let old = LpmTrie::<_, K, V>::try_from(old)?;
+    let mut new = LpmTrie::<_, K, V>::try_from(new)?;
     let mut n = 0;
     for e in old.iter() {
         let (k, v) = e?;

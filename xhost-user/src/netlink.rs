@@ -35,7 +35,7 @@ use netlink_packet_route::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
-use crate::net::Ipv4Net;
+use crate::net::{Ipv4Net, Ipv6Net};
 
 /// Routing protocol id xhost marks its routes with (`ip route ... proto 177`).
 pub const XHOST_RTPROT: u8 = 177;
@@ -236,6 +236,20 @@ impl Rtnl {
         oif: u32,
     ) -> io::Result<()> {
         self.ack(RouteNetlinkMessage::DelRoute(route(dst, gw, oif)), 0)
+    }
+
+    /// Adds the IPv6 route `dst dev oif` (on the link), marked as xhost's;
+    /// `AlreadyExists` as [`Self::add_route`]. Linux has no IPv6 route
+    /// via an IPv4 next hop (`RTA_VIA` is refused for IPv6, an IPv4 nexthop
+    /// object too), so a peer's IPv6 subnet is routed onto the device.
+    pub fn add_route6(&mut self, dst: &Ipv6Net, oif: u32) -> io::Result<()> {
+        let req = RouteNetlinkMessage::NewRoute(route6(dst, oif));
+        self.ack(req, NLM_F_CREATE | NLM_F_EXCL)
+    }
+
+    /// Deletes the route `add_route6` made.
+    pub fn delete_route6(&mut self, dst: &Ipv6Net, oif: u32) -> io::Result<()> {
+        self.ack(RouteNetlinkMessage::DelRoute(route6(dst, oif)), 0)
     }
 
     /// `ip neigh replace ip lladdr mac dev ifindex nud reachable`: the
@@ -615,6 +629,21 @@ fn route(dst: &Ipv4Net, gw: Option<Ipv4Addr>, oif: u32) -> RouteMessage {
         m.attributes
             .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
     }
+    m.attributes.push(RouteAttribute::Oif(oif));
+    m
+}
+
+/// xhost's IPv6 route to `dst` in the main table, on the link of `oif`.
+fn route6(dst: &Ipv6Net, oif: u32) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet6;
+    m.header.destination_prefix_length = dst.prefix_len();
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.protocol = RouteProtocol::from(XHOST_RTPROT);
+    m.header.scope = RouteScope::Universe;
+    m.header.kind = RouteType::Unicast;
+    m.attributes
+        .push(RouteAttribute::Destination(RouteAddress::Inet6(dst.addr())));
     m.attributes.push(RouteAttribute::Oif(oif));
     m
 }
@@ -1119,6 +1148,35 @@ mod tests {
         assert_eq!(u16_at(&onlink, 4), libc::RTM_DELROUTE);
         assert_eq!(onlink[22], 253, "scope link");
         assert!(!onlink.windows(4).any(|w| w == [8, 0, 5, 0]), "no gateway");
+    }
+
+    #[test]
+    fn route6_request_layout() {
+        let dst: Ipv6Net = "fd00:b::/64".parse().expect("cidr");
+        let m = encode(
+            RouteNetlinkMessage::NewRoute(route6(&dst, 5)),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            3,
+        );
+        assert_eq!(u16_at(&m, 4), libc::RTM_NEWROUTE);
+        assert_eq!(
+            m[16..24],
+            [libc::AF_INET6 as u8, 64, 0, 0, 254, XHOST_RTPROT, 0, 1]
+        );
+        let mut rta_dst = vec![20, 0, 1, 0];
+        rta_dst.extend(dst.addr().octets());
+        assert!(m.windows(20).any(|w| w == rta_dst), "RTA_DST");
+        assert!(
+            m.windows(8).any(|w| w == [8, 0, 4, 0, 5, 0, 0, 0]),
+            "RTA_OIF"
+        );
+        assert!(!m.windows(4).any(|w| w == [8, 0, 5, 0]), "no RTA_GATEWAY");
+        let del = encode(
+            RouteNetlinkMessage::DelRoute(route6(&dst, 5)),
+            NLM_F_REQUEST | NLM_F_ACK,
+            4,
+        );
+        assert_eq!(u16_at(&del, 4), libc::RTM_DELROUTE);
     }
 
     /// What adoption reads of the device is what its creation wrote (the

@@ -3,7 +3,7 @@
 //! datapath alike.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -11,8 +11,9 @@ use anyhow::{Context as _, bail};
 use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray};
 use serde::{Deserialize, Serialize};
 use xhost_common::{
-    Counter, Endpoint, LocalNet, MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_PEER_STATS,
-    MAP_ROUTES, MAP_STATS, MAP_UNDERLAY_ADDRS, Peer, PeerCounters, PeerHost, stat,
+    Counter, Endpoint, LocalNet, MAP_ENDPOINTS, MAP_ENDPOINTS6, MAP_LOCAL_NETS, MAP_LOCAL_NETS6,
+    MAP_PEER_HOSTS, MAP_PEER_STATS, MAP_ROUTES, MAP_ROUTES6, MAP_STATS, MAP_UNDERLAY_ADDRS, Peer,
+    PeerCounters, PeerHost, stat,
 };
 
 use crate::{
@@ -20,8 +21,8 @@ use crate::{
     config::{PeerConfig, Settings, SettingsLayer},
     datapath::{XdpAttached, open_pinned},
     layout::{Hook, Layout, remove_file_if_exists},
-    net::{Ipv4Net, fmt_mac},
-    writer::{KernelRoute, recipe::RecipeState},
+    net::{Ipv4Net, Ipv6Net, fmt_mac},
+    writer::{KernelRoute, KernelRoute6, recipe::RecipeState},
 };
 
 fn now_ms() -> u64 {
@@ -146,6 +147,9 @@ pub struct AgentState {
     pub peers: Vec<PeerConfig>,
     /// Kernel routes the agent added, for `unload` of a detached datapath.
     pub kernel_routes: Vec<KernelRoute>,
+    /// The IPv6 ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_routes6: Vec<KernelRoute6>,
     /// VXLAN mode's device, for status and for `unload` of a detached
     /// datapath.
     #[serde(default)]
@@ -199,6 +203,7 @@ impl AgentState {
             bridges: Vec::new(),
             peers: s.peers.clone(),
             kernel_routes: Vec::new(),
+            kernel_routes6: Vec::new(),
             tunnel: None,
             attach: None,
             kernel: None,
@@ -299,6 +304,27 @@ pub struct Local {
     pub bridge_ifindex: u32,
 }
 
+/// A row of `ROUTES6`: an IPv6 peer subnet behind the peer's IPv4 address.
+#[derive(Debug, Serialize)]
+pub struct Route6 {
+    pub prefix: Ipv6Net,
+    pub peer: Ipv4Addr,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Local6 {
+    pub prefix: Ipv6Net,
+    pub bridge_ifindex: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndpointRow6 {
+    pub ip: Ipv6Addr,
+    pub ifindex: u32,
+    pub mac: String,
+    pub gw_mac: String,
+}
+
 #[derive(Debug, Serialize)]
 pub struct EndpointRow {
     pub ip: Ipv4Addr,
@@ -323,6 +349,11 @@ pub struct Status {
     pub routes: Vec<Route>,
     pub local_subnets: Vec<Local>,
     pub endpoints: Vec<EndpointRow>,
+    /// `ROUTES6`, `LOCAL_NETS6`, `ENDPOINTS6`: empty for a datapath pinned
+    /// by a build without them.
+    pub routes6: Vec<Route6>,
+    pub local_subnets6: Vec<Local6>,
+    pub endpoints6: Vec<EndpointRow6>,
     /// `UNDERLAY_ADDRS`: where VXLAN mode's datapath takes a peer's packets
     /// itself. Empty for a datapath pinned by a build without the map.
     pub underlay_addrs: Vec<Ipv4Addr>,
@@ -382,6 +413,54 @@ pub fn read_peer_counters(layout: &Layout) -> anyhow::Result<Vec<PeerCounterRow>
 
 fn prefix(k: &aya::maps::lpm_trie::Key<[u8; 4]>) -> Ipv4Net {
     Ipv4Net::containing(Ipv4Addr::from(k.data()), k.prefix_len() as u8)
+}
+
+fn prefix6(k: &aya::maps::lpm_trie::Key<[u8; 16]>) -> Ipv6Net {
+    Ipv6Net::containing(Ipv6Addr::from(k.data()), k.prefix_len() as u8)
+}
+
+/// The IPv6 maps' rows, each map read where it is pinned (a datapath
+/// pinned by a build without them has none).
+type Ipv6Rows = (Vec<Route6>, Vec<Local6>, Vec<EndpointRow6>);
+
+fn read_ipv6(layout: &Layout) -> anyhow::Result<Ipv6Rows> {
+    let (mut routes, mut locals, mut endpoints) = (Vec::new(), Vec::new(), Vec::new());
+    if layout.map(MAP_ROUTES6).exists() {
+        let map: LpmTrie<MapData, [u8; 16], Peer> = open_pinned(layout, MAP_ROUTES6)?.try_into()?;
+        for item in map.iter() {
+            let (k, v) = item?;
+            routes.push(Route6 {
+                prefix: prefix6(&k),
+                peer: Ipv4Addr::from(v.host),
+            });
+        }
+    }
+    if layout.map(MAP_LOCAL_NETS6).exists() {
+        let map: LpmTrie<MapData, [u8; 16], LocalNet> =
+            open_pinned(layout, MAP_LOCAL_NETS6)?.try_into()?;
+        for item in map.iter() {
+            let (k, v) = item?;
+            locals.push(Local6 {
+                prefix: prefix6(&k),
+                bridge_ifindex: v.bridge_ifindex,
+            });
+        }
+    }
+    if layout.map(MAP_ENDPOINTS6).exists() {
+        let map: HashMap<MapData, [u8; 16], Endpoint> =
+            open_pinned(layout, MAP_ENDPOINTS6)?.try_into()?;
+        for item in map.iter() {
+            let (k, v) = item?;
+            endpoints.push(EndpointRow6 {
+                ip: Ipv6Addr::from(k),
+                ifindex: v.ifindex,
+                mac: fmt_mac(&v.mac),
+                gw_mac: fmt_mac(&v.gw_mac),
+            });
+        }
+    }
+    endpoints.sort_by_key(|e| e.ip);
+    Ok((routes, locals, endpoints))
 }
 
 /// The links pinned under `<pin-dir>/links` (what is attached where), sorted.
@@ -496,6 +575,7 @@ pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
         }
     }
     endpoints.sort_by_key(|e| e.ip);
+    let (routes6, local_subnets6, endpoints6) = read_ipv6(layout)?;
     let mut underlay_addrs = Vec::new();
     if layout.map(MAP_UNDERLAY_ADDRS).exists() {
         let addrs: HashMap<MapData, [u8; 4], u32> =
@@ -520,6 +600,9 @@ pub fn collect(layout: &Layout) -> anyhow::Result<Status> {
         routes,
         local_subnets,
         endpoints,
+        routes6,
+        local_subnets6,
+        endpoints6,
         underlay_addrs,
         counters,
         peer_counters,
@@ -554,6 +637,16 @@ fn collect_kernel(layout: &Layout, a: AgentState) -> Status {
             .collect(),
         local_subnets: a.local_subnets.clone(),
         endpoints: Vec::new(),
+        routes6: a
+            .kernel_routes6
+            .iter()
+            .map(|r| Route6 {
+                prefix: r.prefix,
+                peer: r.peer,
+            })
+            .collect(),
+        local_subnets6: Vec::new(),
+        endpoints6: Vec::new(),
         underlay_addrs: Vec::new(),
         counters: std::collections::BTreeMap::new(),
         chains,
@@ -587,6 +680,13 @@ fn print_kernel_status(s: &Status, a: &AgentState) {
     println!("routes (kernel, proto 177):");
     for r in &s.routes {
         println!("  {:<20} via {}", r.prefix.to_string(), r.peer);
+    }
+    for r in &s.routes6 {
+        println!(
+            "  {:<20} on the link (peer {})",
+            r.prefix.to_string(),
+            r.peer
+        );
     }
     println!("local subnets:");
     for l in &s.local_subnets {
@@ -746,6 +846,28 @@ pub fn print_status(s: &Status) {
         println!(
             "  {:<16} ifindex {:<5} mac {} gw {}",
             e.ip, e.ifindex, e.mac, e.gw_mac
+        );
+    }
+    println!("routes ({MAP_ROUTES6}):");
+    for r in &s.routes6 {
+        println!("  {:<28} via {}", r.prefix.to_string(), r.peer);
+    }
+    println!("local subnets ({MAP_LOCAL_NETS6}):");
+    for l in &s.local_subnets6 {
+        println!(
+            "  {:<28} bridge ifindex {}",
+            l.prefix.to_string(),
+            l.bridge_ifindex
+        );
+    }
+    println!("endpoints ({MAP_ENDPOINTS6}): {}", s.endpoints6.len());
+    for e in &s.endpoints6 {
+        println!(
+            "  {:<28} ifindex {:<5} mac {} gw {}",
+            e.ip.to_string(),
+            e.ifindex,
+            e.mac,
+            e.gw_mac
         );
     }
     println!("counters ({MAP_STATS}):");
@@ -937,6 +1059,7 @@ pub fn unload(
         // (an agent that stopped cleanly removed its state file with the rest).
         if let Ok(a) = AgentState::read(layout) {
             crate::writer::routes::delete(&a.kernel_routes);
+            crate::writer::routes::delete6(&a.kernel_routes6);
             if let Some(r) = &a.recipe {
                 crate::writer::recipe::remove(r);
             }
@@ -1000,6 +1123,7 @@ pub fn unload(
         })?;
     if let Some(a) = agent.as_ref() {
         crate::writer::routes::delete(&a.kernel_routes);
+        crate::writer::routes::delete6(&a.kernel_routes6);
         if let Some(t) = &a.tunnel {
             crate::tunnel::delete(t.ifindex);
         }
@@ -1019,18 +1143,28 @@ pub fn export(layout: &Layout) -> anyhow::Result<String> {
     let host = a
         .underlay_ip
         .with_context(|| format!("{} has no IPv4 address", a.iface))?;
-    if s.local_subnets.is_empty() {
+    if s.local_subnets.is_empty() && s.local_subnets6.is_empty() {
         bail!("no local subnets yet (is Docker up, or a --bridge given?): nothing to export");
     }
     let subnets = s.local_subnets.iter().map(|l| l.prefix).collect();
-    Ok(peer_entry(host, subnets)?)
+    let subnets6 = s.local_subnets6.iter().map(|l| l.prefix).collect();
+    Ok(peer_entry(host, subnets, subnets6)?)
 }
 
-/// A config file holding only the peer `host` with `subnets`: a settings
-/// layer written as TOML, so it reads back as one.
-pub fn peer_entry(host: Ipv4Addr, subnets: Vec<Ipv4Net>) -> Result<String, toml::ser::Error> {
+/// A config file holding only the peer `host` with `subnets` (IPv4, then
+/// IPv6, in one list): a settings layer written as TOML, so it reads back
+/// as one.
+pub fn peer_entry(
+    host: Ipv4Addr,
+    subnets: Vec<Ipv4Net>,
+    subnets6: Vec<Ipv6Net>,
+) -> Result<String, toml::ser::Error> {
     toml::to_string(&SettingsLayer {
-        peers: vec![PeerConfig { host, subnets }],
+        peers: vec![PeerConfig {
+            host,
+            subnets,
+            subnets6,
+        }],
         ..SettingsLayer::default()
     })
 }
@@ -1047,7 +1181,7 @@ mod tests {
             .iter()
             .map(|n| n.parse().expect("valid"))
             .collect();
-        let text = peer_entry(host, subnets.clone()).expect("serializes");
+        let text = peer_entry(host, subnets.clone(), Vec::new()).expect("serializes");
         assert_eq!(
             text,
             "[[peer]]\nhost = \"172.16.91.131\"\nsubnets = [\"192.168.110.0/24\", \"192.168.111.0/24\"]\n"
@@ -1058,7 +1192,24 @@ mod tests {
             ..SettingsLayer::default()
         };
         let s = config::merge(flags, Some(file)).expect("a valid config");
-        assert_eq!(s.peers, [PeerConfig { host, subnets }]);
+        assert_eq!(
+            s.peers,
+            [PeerConfig {
+                host,
+                subnets: subnets.clone(),
+                subnets6: Vec::new()
+            }]
+        );
         config::check_peers(&s.peers).expect("checks");
+        // Dual-stack: the IPv6 subnets follow in the same list.
+        let subnets6: Vec<Ipv6Net> = vec!["fd00:a::/64".parse().expect("valid")];
+        let text = peer_entry(host, subnets.clone(), subnets6.clone()).expect("serializes");
+        assert_eq!(
+            text,
+            "[[peer]]\nhost = \"172.16.91.131\"\nsubnets = [\"192.168.110.0/24\", \"192.168.111.0/24\", \"fd00:a::/64\"]\n"
+        );
+        let file: SettingsLayer = toml::from_str(&text).expect("parses as a config");
+        assert_eq!(file.peers[0].subnets6, subnets6);
+        assert_eq!(file.peers[0].subnets, subnets);
     }
 }

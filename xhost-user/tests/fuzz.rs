@@ -77,12 +77,16 @@ fn host() -> Host {
         ifindex: ifindex(name),
         mac: mac(name),
         addr,
+        addr6: None,
         mtu,
     };
+    let v6 = |a: &str| a.parse::<std::net::Ipv6Addr>().expect("address").octets();
+    let mut br0 = dev("br0", Some(([192, 168, 110, 1], 24)), 1500);
+    br0.addr6 = Some((v6("fd00:110::1"), 64));
     Host {
         // The bridge first: generated local subnets are served by it.
         devices: vec![
-            dev("br0", Some(([192, 168, 110, 1], 24)), 1500),
+            br0,
             dev("ul0", Some(([172, 16, 91, 131], 24)), 1500),
             dev("vp0", None, 1500),
             dev("vx0", None, 1450),
@@ -91,6 +95,7 @@ fn host() -> Host {
             (ifindex("ul0"), [172, 16, 91, 132], PEER_MAC),
             (ifindex("br0"), [192, 168, 110, 12], LOCAL_NEIGH_MAC),
         ],
+        neighbours6: vec![(ifindex("br0"), v6("fd00:110::12"), LOCAL_NEIGH_MAC)],
     }
 }
 
@@ -161,8 +166,11 @@ impl World {
         clear_hash::<u32, u32>(&mut ebpf, "ENDPOINT_PORTS");
         clear_hash::<[u8; 4], PeerHost>(&mut ebpf, "PEER_HOSTS");
         clear_hash::<[u8; 4], u32>(&mut ebpf, "UNDERLAY_ADDRS");
-        clear_lpm::<Peer>(&mut ebpf, "ROUTES");
-        clear_lpm::<LocalNet>(&mut ebpf, "LOCAL_NETS");
+        clear_lpm::<[u8; 4], Peer>(&mut ebpf, "ROUTES");
+        clear_lpm::<[u8; 4], LocalNet>(&mut ebpf, "LOCAL_NETS");
+        clear_hash::<[u8; 16], Endpoint>(&mut ebpf, "ENDPOINTS6");
+        clear_lpm::<[u8; 16], Peer>(&mut ebpf, "ROUTES6");
+        clear_lpm::<[u8; 16], LocalNet>(&mut ebpf, "LOCAL_NETS6");
         Self {
             ebpf,
             config,
@@ -239,6 +247,43 @@ impl World {
         }
         for (a, i) in &m.underlay_addrs {
             addrs.insert(a, i, 0).expect("insert");
+        }
+        let mut routes6: LpmTrie<_, [u8; 16], Peer> = map(e, "ROUTES6");
+        for p in old.routes6.keys() {
+            routes6
+                .remove(&Key::new(u32::from(p.len), p.addr))
+                .expect("remove");
+        }
+        for (p, host) in &m.routes6 {
+            let v = Peer {
+                host: *host,
+                flags: 0,
+            };
+            routes6
+                .insert(&Key::new(u32::from(p.len), p.addr), v, 0)
+                .expect("insert");
+        }
+        let mut local6: LpmTrie<_, [u8; 16], LocalNet> = map(e, "LOCAL_NETS6");
+        for p in old.local_nets6.keys() {
+            local6
+                .remove(&Key::new(u32::from(p.len), p.addr))
+                .expect("remove");
+        }
+        for (p, bridge) in &m.local_nets6 {
+            let v = LocalNet {
+                bridge_ifindex: *bridge,
+                flags: 0,
+            };
+            local6
+                .insert(&Key::new(u32::from(p.len), p.addr), v, 0)
+                .expect("insert");
+        }
+        let mut eps6: HashMap<_, [u8; 16], Endpoint> = map(e, "ENDPOINTS6");
+        for a in old.endpoints6.keys() {
+            eps6.remove(a).expect("remove");
+        }
+        for (a, ep) in &m.endpoints6 {
+            eps6.insert(a, ep, 0).expect("insert");
         }
         self.generation += 1;
         let mut generation: Array<_, u64> = map(&mut self.ebpf, "DATAPATH_GEN");
@@ -406,9 +451,9 @@ fn clear_hash<K: aya::Pod, V: aya::Pod>(e: &mut Ebpf, name: &str) {
     }
 }
 
-fn clear_lpm<V: aya::Pod>(e: &mut Ebpf, name: &str) {
-    let mut m: LpmTrie<&mut MapData, [u8; 4], V> = map(e, name);
-    let keys: Vec<Key<[u8; 4]>> = m.keys().map(|k| k.expect("key")).collect();
+fn clear_lpm<K: aya::Pod, V: aya::Pod>(e: &mut Ebpf, name: &str) {
+    let mut m: LpmTrie<&mut MapData, K, V> = map(e, name);
+    let keys: Vec<Key<K>> = m.keys().map(|k| k.expect("key")).collect();
     for k in keys {
         m.remove(&k).expect("remove");
     }

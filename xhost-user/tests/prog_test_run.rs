@@ -20,9 +20,10 @@ use aya::{
 };
 use etherparse::{
     ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Type,
-    IpDscp, IpEcn, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv4HeaderSlice, LinkHeader,
-    NetHeaders, NetSlice, PacketBuilder, PacketHeaders, SlicedPacket, TcpHeader, TcpOptionElement,
-    TransportHeader, TransportSlice, UdpHeader, checksum::Sum16BitWords, icmpv4,
+    Icmpv6Type, IpDscp, IpEcn, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv4HeaderSlice,
+    Ipv6Header, LinkHeader, NetHeaders, NetSlice, PacketBuilder, PacketHeaders, SlicedPacket,
+    TcpHeader, TcpOptionElement, TransportHeader, TransportSlice, UdpHeader,
+    checksum::Sum16BitWords, icmpv4,
 };
 use support::*;
 use xhost_common::{Counter, stat};
@@ -312,11 +313,11 @@ fn egress_routes_peer_traffic_and_passes_the_rest() {
                     counter: stat::PASS_NOT_IPV4,
                 },
                 Case {
-                    name: "IPv6",
+                    name: "IPv6 for no peer",
                     frame: ipv6(),
                     verdict: TC_ACT_UNSPEC,
                     out: None,
-                    counter: stat::PASS_NOT_IPV4,
+                    counter: stat::PASS_NOT_OURS6,
                 },
                 Case {
                     name: "to the peer host itself",
@@ -525,11 +526,11 @@ fn ingress_delivers_validated_traffic_and_drops_spoofed() {
                     counter: stat::PASS_NOT_IPV4,
                 },
                 Case {
-                    name: "IPv6",
+                    name: "IPv6 for no peer",
                     frame: ipv6(),
                     verdict: TC_ACT_UNSPEC,
                     out: None,
-                    counter: stat::PASS_NOT_IPV4,
+                    counter: stat::PASS_NOT_OURS6,
                 },
             ],
         );
@@ -2397,5 +2398,579 @@ fn peer_counters_follow_forwarded_packets() {
         );
         let (tx0, rx0) = peer_counters(ebpf, 0);
         assert_eq!((tx0.packets, rx0.packets), (0, 0), "no other slot moves");
+    });
+}
+
+// IPv6 (native routing). The test host's IPv6 side, drawn in
+// support/mod.rs: fd00:110::/64 on br0 (endpoint fd00:110::11, neighbour
+// fd00:110::12), peer subnets fd00:220::/64 (behind .132) and
+// fd00:230::/64 (behind .133, unresolved) in ROUTES6.
+
+fn v6(a: &str) -> [u8; 16] {
+    a.parse::<std::net::Ipv6Addr>().expect("address").octets()
+}
+
+/// The endpoint fd00:110::11.
+fn c1_6() -> [u8; 16] {
+    v6("fd00:110::11")
+}
+
+/// A container of the peer .132.
+fn r1_6() -> [u8; 16] {
+    v6("fd00:220::11")
+}
+
+/// Ethernet + IPv6 + an empty UDP datagram 40000 -> 5201, from the
+/// endpoint's MAC (`CTR_MAC`) to `ANY_MAC`, with `payload` zero bytes.
+fn ipv6_udp(src: [u8; 16], dst: [u8; 16], hop_limit: u8, payload: usize) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(CTR_MAC, ANY_MAC)
+        .ipv6(src, dst, hop_limit)
+        .udp(40000, 5201)
+        .write(&mut f, &vec![0; payload])
+        .expect("IPv6 frame");
+    f
+}
+
+/// An ICMPv6 message of `icmp_type` (code 0, no body beyond the first
+/// eight bytes) from `src` to `dst`, hop limit 64.
+fn icmpv6(src: [u8; 16], dst: [u8; 16], icmp_type: u8) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(CTR_MAC, ANY_MAC)
+        .ipv6(src, dst, 64)
+        .icmpv6(Icmpv6Type::Unknown {
+            type_u8: icmp_type,
+            code_u8: 0,
+            bytes5to8: [0; 4],
+        })
+        .write(&mut f, &[])
+        .expect("ICMPv6 frame");
+    f
+}
+
+/// Offset of the IPv6 next header and hop limit in a frame.
+const NEXT_HEADER: usize = Ethernet2Header::LEN + 6;
+const HOP_LIMIT: usize = Ethernet2Header::LEN + 7;
+
+/// `f` (from [`ipv6_udp`]) with an empty destination options header (next
+/// header 60) in front of its UDP datagram.
+fn with_dest_opts(f: &[u8]) -> Vec<u8> {
+    let at = Ethernet2Header::LEN + Ipv6Header::LEN;
+    let mut o = f[..at].to_vec();
+    // Next header UDP, length 0 (8 bytes), a PadN option of 4 bytes.
+    o.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+    o.extend_from_slice(&f[at..]);
+    o[NEXT_HEADER] = 60;
+    let len = u16::from_be_bytes([o[18], o[19]]) + 8;
+    o[18..20].copy_from_slice(&len.to_be_bytes());
+    o
+}
+
+/// What a router makes of IPv6 frame `f`: new MACs, hop limit - 1.
+fn routed6(f: &[u8], smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
+    let mut o = with_eth(f, |e| {
+        e.source = smac;
+        e.destination = dmac;
+    });
+    o[HOP_LIMIT] -= 1;
+    o
+}
+
+/// Neighbour solicitation, advertisement and the rest of NDP: 133..=137.
+const NDP_NEIGHBOUR_SOLICITATION: u8 = 135;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+
+#[test]
+fn ipv6_egress_routes_peer_traffic_and_passes_the_rest() {
+    in_test_host(|ebpf| {
+        let ul0 = mac("ul0");
+        let fwd = ipv6_udp(c1_6(), r1_6(), 64, 0);
+        let echo = icmpv6(c1_6(), r1_6(), ICMPV6_ECHO_REQUEST);
+        // ul0's MTU is 1500: 40 + 8 + 1452 bytes fit, one more does not.
+        let at_mtu = ipv6_udp(c1_6(), r1_6(), 64, 1452);
+        let over_mtu = ipv6_udp(c1_6(), r1_6(), 64, 1453);
+        // Cut after the fixed header (a test run refuses anything shorter
+        // than Ethernet and an IPv6 header), its UDP header missing.
+        let mut truncated = ipv6_udp(c1_6(), r1_6(), 64, 0);
+        truncated.truncate(Ethernet2Header::LEN + Ipv6Header::LEN);
+        let mut beyond = fwd.clone();
+        beyond[19] += 1; // payload length one byte beyond the frame
+        let mut version4 = fwd.clone();
+        version4[Ethernet2Header::LEN] = 0x40;
+        let mut jumbo = fwd.clone();
+        jumbo[18..20].fill(0); // payload length 0: a jumbogram's
+        // What is forwarded to the peer .132 (PEER_STATS slot 0).
+        let sent = (fwd.len() + echo.len() + at_mtu.len()) as u64;
+        run_tc(
+            ebpf,
+            xhost_common::PROG_BRIDGE_IN,
+            "br0",
+            vec![
+                Case {
+                    name: "v6 forward",
+                    out: Some(routed6(&fwd, ul0, PEER_MAC)),
+                    frame: fwd.clone(),
+                    verdict: TC_ACT_REDIRECT,
+                    counter: stat::FWD_EGRESS6,
+                },
+                Case {
+                    name: "v6 ICMPv6 echo forwarded",
+                    out: Some(routed6(&echo, ul0, PEER_MAC)),
+                    frame: echo,
+                    verdict: TC_ACT_REDIRECT,
+                    counter: stat::FWD_EGRESS6,
+                },
+                Case {
+                    name: "v6 exactly the underlay's MTU",
+                    out: Some(routed6(&at_mtu, ul0, PEER_MAC)),
+                    frame: at_mtu,
+                    verdict: TC_ACT_REDIRECT,
+                    counter: stat::FWD_EGRESS6,
+                },
+                Case {
+                    name: "v6 one byte over the underlay's MTU",
+                    frame: over_mtu,
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_FIB6,
+                },
+                Case {
+                    name: "v6 peer's neighbour unresolved",
+                    frame: ipv6_udp(c1_6(), v6("fd00:230::5"), 64, 0),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_FIB6,
+                },
+                Case {
+                    name: "v6 hop limit 1",
+                    frame: ipv6_udp(c1_6(), r1_6(), 1, 0),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_HOP_LIMIT6,
+                },
+                Case {
+                    name: "v6 hop limit 0",
+                    frame: ipv6_udp(c1_6(), r1_6(), 0, 0),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_HOP_LIMIT6,
+                },
+                Case {
+                    name: "v6 link-local source",
+                    frame: ipv6_udp(v6("fe80::1"), r1_6(), 64, 0),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_CONTROL6,
+                },
+                Case {
+                    name: "v6 link-local destination",
+                    frame: ipv6_udp(c1_6(), v6("febf::1"), 64, 0),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_CONTROL6,
+                },
+                Case {
+                    name: "v6 multicast destination",
+                    frame: ipv6_udp(c1_6(), v6("ff02::1"), 64, 0),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_CONTROL6,
+                },
+                Case {
+                    name: "v6 neighbour solicitation to a peer's address",
+                    frame: icmpv6(c1_6(), r1_6(), NDP_NEIGHBOUR_SOLICITATION),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_CONTROL6,
+                },
+                Case {
+                    name: "v6 extension header",
+                    frame: with_dest_opts(&fwd),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_EXT6,
+                },
+                Case {
+                    name: "v6 truncated after the fixed header",
+                    frame: truncated,
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_MALFORMED,
+                },
+                Case {
+                    name: "v6 payload length beyond the frame",
+                    frame: beyond,
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_MALFORMED,
+                },
+                Case {
+                    name: "v6 payload length 0 (jumbogram)",
+                    frame: jumbo,
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_MALFORMED,
+                },
+                Case {
+                    name: "v6 version 4 behind the IPv6 EtherType",
+                    frame: version4,
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_MALFORMED,
+                },
+                Case {
+                    name: "v6 unknown destination",
+                    frame: ipv6_udp(c1_6(), v6("2001:db8::2"), 64, 0),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_NOT_OURS6,
+                },
+                Case {
+                    name: "v6 source not a local container's",
+                    frame: ipv6_udp(v6("2001:db8::1"), r1_6(), 64, 0),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_NOT_OURS6,
+                },
+                Case {
+                    name: "v6 endpoint's address from another MAC",
+                    frame: from_mac(fwd.clone(), ANY_MAC),
+                    verdict: TC_ACT_SHOT,
+                    out: None,
+                    counter: stat::DROP_SPOOFED_LOCAL6,
+                },
+                Case {
+                    name: "v6 local address no container announced",
+                    frame: ipv6_udp(v6("fd00:110::99"), r1_6(), 64, 0),
+                    verdict: TC_ACT_SHOT,
+                    out: None,
+                    counter: stat::DROP_SPOOFED_LOCAL6,
+                },
+                Case {
+                    name: "v6 spoofed local source with an extension header",
+                    frame: with_dest_opts(&ipv6_udp(v6("fd00:110::99"), r1_6(), 64, 0)),
+                    verdict: TC_ACT_SHOT,
+                    out: None,
+                    counter: stat::DROP_SPOOFED_LOCAL6,
+                },
+            ],
+        );
+        let (tx, _) = peer_counters(ebpf, 0);
+        assert_eq!(
+            (tx.packets, tx.bytes),
+            (3, sent),
+            "PEER_STATS tx of .132: the three forwarded"
+        );
+    });
+}
+
+/// The bridge path for an address `ENDPOINTS6` does not hold: forwarded
+/// only unmarked and from the MAC of the bridge's NDP entry.
+#[test]
+fn ipv6_bridge_takes_an_unknown_address_from_its_ndp_entry() {
+    in_test_host(|ebpf| {
+        let ul0 = mac("ul0");
+        let neigh = from_mac(ipv6_udp(v6("fd00:110::12"), r1_6(), 64, 0), LOCAL_NEIGH_MAC);
+        for (name, frame, mark, verdict, out, counter) in [
+            (
+                "the neighbour entry's MAC, unmarked",
+                neigh.clone(),
+                0,
+                TC_ACT_REDIRECT,
+                Some(routed6(&neigh, ul0, PEER_MAC)),
+                stat::FWD_EGRESS6,
+            ),
+            (
+                "the neighbour entry's MAC, marked by a veth",
+                neigh.clone(),
+                ifindex("br0"),
+                TC_ACT_SHOT,
+                None,
+                stat::DROP_SPOOFED_LOCAL6,
+            ),
+            (
+                "another MAC",
+                ipv6_udp(v6("fd00:110::12"), r1_6(), 64, 0),
+                0,
+                TC_ACT_SHOT,
+                None,
+                stat::DROP_SPOOFED_LOCAL6,
+            ),
+        ] {
+            let before = counters(ebpf);
+            let r = run_tc_prog_ctx(
+                ebpf,
+                xhost_common::PROG_BRIDGE_IN,
+                &skb_ctx_marked(ifindex("br0"), 0, mark),
+                &frame,
+                1,
+            )
+            .unwrap_or_else(|e| panic!("{name}: test_run: {e}"));
+            assert_eq!(r.verdict, verdict, "{name}: verdict");
+            assert_eq!(&r.out, out.as_ref().unwrap_or(&frame), "{name}: frame");
+            assert_eq!(r.priority, 0, "{name}: the bridge clears the mark");
+            assert_counter_moved(ebpf, &before, counter, frame.len(), name);
+        }
+    });
+}
+
+#[test]
+fn ipv6_from_ctr_routes_only_its_own_endpoint() {
+    in_test_host(|ebpf| {
+        let ul0 = mac("ul0");
+        let fwd = to_mac(ipv6_udp(c1_6(), r1_6(), 64, 0), GW_MAC);
+        let cases: [CtrCase; 6] = [
+            (
+                "v6 own endpoint to its gateway",
+                fwd.clone(),
+                "br0",
+                TC_ACT_REDIRECT,
+                Some(routed6(&fwd, ul0, PEER_MAC)),
+                stat::FWD_EGRESS6,
+            ),
+            (
+                "v6 not addressed to the gateway MAC",
+                ipv6_udp(c1_6(), r1_6(), 64, 0),
+                "br0",
+                TC_ACT_UNSPEC,
+                None,
+                UNCOUNTED,
+            ),
+            (
+                "v6 source is no known endpoint",
+                to_mac(ipv6_udp(v6("fd00:110::12"), r1_6(), 64, 0), GW_MAC),
+                "br0",
+                TC_ACT_SHOT,
+                None,
+                stat::DROP_SPOOFED_LOCAL6,
+            ),
+            (
+                "v6 endpoint's address from another port",
+                fwd.clone(),
+                "ul0",
+                TC_ACT_SHOT,
+                None,
+                stat::DROP_SPOOFED_LOCAL6,
+            ),
+            (
+                "v6 hop limit 1 goes on to the bridge",
+                to_mac(ipv6_udp(c1_6(), r1_6(), 1, 0), GW_MAC),
+                "br0",
+                TC_ACT_UNSPEC,
+                None,
+                UNCOUNTED,
+            ),
+            (
+                "v6 link-local",
+                to_mac(ipv6_udp(v6("fe80::11"), r1_6(), 64, 0), GW_MAC),
+                "br0",
+                TC_ACT_UNSPEC,
+                None,
+                UNCOUNTED,
+            ),
+        ];
+        run_ctr_cases(ebpf, cases);
+    });
+}
+
+#[test]
+fn ipv6_ingress_delivers_peer_traffic_and_drops_spoofed() {
+    in_test_host(|ebpf| {
+        let to_ep = ipv6_udp(r1_6(), c1_6(), 63, 0);
+        let echo = icmpv6(r1_6(), c1_6(), ICMPV6_ECHO_REQUEST);
+        run_tc(
+            ebpf,
+            xhost_common::PROG_NIC_IN,
+            "ul0",
+            vec![
+                Case {
+                    name: "v6 known endpoint: redirect_peer",
+                    out: Some(routed6(&to_ep, GW_MAC, CTR_MAC)),
+                    frame: to_ep.clone(),
+                    verdict: TC_ACT_REDIRECT,
+                    counter: stat::FWD_INGRESS6,
+                },
+                Case {
+                    name: "v6 ICMPv6 echo to the endpoint",
+                    out: Some(routed6(&echo, GW_MAC, CTR_MAC)),
+                    frame: echo,
+                    verdict: TC_ACT_REDIRECT,
+                    counter: stat::FWD_INGRESS6,
+                },
+                Case {
+                    name: "v6 local address, no endpoint: the kernel's",
+                    frame: ipv6_udp(r1_6(), v6("fd00:110::12"), 63, 0),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_NOT_OURS6,
+                },
+                Case {
+                    name: "v6 spoofed source",
+                    frame: ipv6_udp(v6("2001:db8::1"), c1_6(), 63, 0),
+                    verdict: TC_ACT_SHOT,
+                    out: None,
+                    counter: stat::DROP_SPOOFED6,
+                },
+                Case {
+                    name: "v6 spoofed source with an extension header",
+                    frame: with_dest_opts(&ipv6_udp(v6("2001:db8::1"), c1_6(), 63, 0)),
+                    verdict: TC_ACT_SHOT,
+                    out: None,
+                    counter: stat::DROP_SPOOFED6,
+                },
+                Case {
+                    name: "v6 spoofed source to a local address without endpoint",
+                    frame: ipv6_udp(v6("2001:db8::1"), v6("fd00:110::12"), 63, 0),
+                    verdict: TC_ACT_SHOT,
+                    out: None,
+                    counter: stat::DROP_SPOOFED6,
+                },
+                Case {
+                    name: "v6 extension header from a peer",
+                    frame: with_dest_opts(&to_ep),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_EXT6,
+                },
+                Case {
+                    name: "v6 hop limit 1",
+                    frame: ipv6_udp(r1_6(), c1_6(), 1, 0),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_HOP_LIMIT6,
+                },
+                Case {
+                    name: "v6 multicast",
+                    frame: ipv6_udp(v6("fe80::32"), v6("ff02::1"), 1, 0),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_CONTROL6,
+                },
+                Case {
+                    name: "v6 neighbour solicitation",
+                    frame: icmpv6(r1_6(), c1_6(), NDP_NEIGHBOUR_SOLICITATION),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_CONTROL6,
+                },
+                Case {
+                    name: "v6 not a local address",
+                    frame: ipv6_udp(r1_6(), v6("2001:db8::2"), 63, 0),
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_NOT_OURS6,
+                },
+                Case {
+                    name: "v6 truncated after the fixed header",
+                    frame: {
+                        let mut f = ipv6_udp(r1_6(), c1_6(), 63, 0);
+                        f.truncate(Ethernet2Header::LEN + Ipv6Header::LEN);
+                        f
+                    },
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_MALFORMED,
+                },
+            ],
+        );
+        // Delivered from the peer .132: its per-peer counter moved.
+        let (_, rx) = peer_counters(ebpf, 0);
+        assert_eq!(rx.packets, 2, "PEER_STATS rx of .132: the two deliveries");
+    });
+}
+
+#[test]
+fn ipv6_xdp_drops_what_tc_drops() {
+    in_test_host(|ebpf| {
+        let cases = [
+            (
+                "v6 peer container -> local container",
+                ipv6_udp(r1_6(), c1_6(), 63, 0),
+                XDP_PASS,
+                TC_ACT_REDIRECT,
+                None,
+            ),
+            (
+                "v6 spoofed source",
+                ipv6_udp(v6("2001:db8::1"), c1_6(), 63, 0),
+                XDP_DROP,
+                TC_ACT_SHOT,
+                Some(stat::DROP_SPOOFED6),
+            ),
+            (
+                "v6 link-local source",
+                ipv6_udp(v6("fe80::1"), c1_6(), 63, 0),
+                XDP_PASS,
+                TC_ACT_UNSPEC,
+                None,
+            ),
+            (
+                "v6 not local",
+                ipv6_udp(v6("2001:db8::1"), v6("2001:db8::2"), 63, 0),
+                XDP_PASS,
+                TC_ACT_UNSPEC,
+                None,
+            ),
+        ];
+        for (name, frame, xdp, tc, counter) in cases {
+            let before = counters(ebpf);
+            let p: &mut Xdp = ebpf
+                .program_mut(xhost_common::PROG_NIC_XDP)
+                .expect("prog")
+                .try_into()
+                .expect("xdp");
+            let mut out = vec![0u8; frame.len() + 64];
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&frame);
+            opts.data_out = Some(&mut out);
+            let res = p
+                .test_run(opts)
+                .unwrap_or_else(|e| panic!("{name}: test_run: {e}"));
+            assert_eq!(res.return_value, xdp, "{name}: XDP verdict");
+            match counter {
+                Some(idx) => assert_counter_moved(ebpf, &before, idx, frame.len(), name),
+                None => assert_eq!(counters(ebpf), before, "{name}: no counter may move"),
+            }
+            let (verdict, _) = tc_test_run(ebpf, xhost_common::PROG_NIC_IN, "ul0", &frame, name);
+            assert_eq!(verdict, tc, "{name}: TC verdict");
+        }
+    });
+}
+
+/// VXLAN mode carries IPv4 only: every IPv6 packet is the kernel's,
+/// counted, untouched.
+#[test]
+fn ipv6_is_the_kernels_in_vxlan_mode() {
+    in_vxlan_test_host(|ebpf| {
+        for (prog, iface, frame) in [
+            (
+                xhost_common::PROG_BRIDGE_IN,
+                "br0",
+                ipv6_udp(c1_6(), r1_6(), 64, 0),
+            ),
+            (
+                xhost_common::PROG_NIC_IN,
+                "ul0",
+                ipv6_udp(r1_6(), c1_6(), 63, 0),
+            ),
+            (
+                xhost_common::PROG_NIC_IN,
+                "ul0",
+                ipv6_udp(v6("2001:db8::1"), c1_6(), 63, 0),
+            ),
+        ] {
+            run_tc(
+                ebpf,
+                prog,
+                iface,
+                vec![Case {
+                    name: "v6 in VXLAN mode",
+                    frame,
+                    verdict: TC_ACT_UNSPEC,
+                    out: None,
+                    counter: stat::PASS_NOT_OURS6,
+                }],
+            );
+        }
     });
 }

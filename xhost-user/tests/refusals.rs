@@ -165,6 +165,95 @@ fn config_files_refused_before_the_kernel() {
     assert_refused(check(&[], flags, Some(missing)), "missing.toml");
 }
 
+#[test]
+fn ipv6_peer_subnets_accepted_and_refused_like_ipv4() {
+    // Mixed families in one --peer, IPv6 alone, and in a file's [[peer]].
+    let s = check(
+        &[
+            "172.16.91.132=192.168.220.0/24,fd00:b::/64",
+            "172.16.91.133=fd00:c::/64",
+        ],
+        base(),
+        None,
+    )
+    .expect("valid");
+    assert_eq!(s.peers[0].subnets.len(), 1);
+    assert_eq!(s.peers[0].subnets6[0].to_string(), "fd00:b::/64");
+    assert_eq!(s.peers[1].subnets6[0].to_string(), "fd00:c::/64");
+    let peer_cases = [
+        (
+            &["172.16.91.132=fd00:b::1/64"][..],
+            "`fd00:b::1/64` has host bits set (did you mean fd00:b::/64?)",
+        ),
+        (&["172.16.91.132=fd00:b::/129"], "fd00:b::/129"),
+        (&["172.16.91.132=fd00:zz::/64"], "fd00:zz::/64"),
+        (
+            &["172.16.91.132=fd00:b::/48", "172.16.91.133=fd00:b:0:7::/64"],
+            "subnet fd00:b::/48 of peer 172.16.91.132 overlaps subnet fd00:b:0:7::/64 of peer 172.16.91.133",
+        ),
+        (
+            &["fd00::2=fd00:b::/64"],
+            "peer host `fd00::2` is an IPv6 address: IPv6 underlay addresses are not supported yet",
+        ),
+    ];
+    for (peers, culprit) in peer_cases {
+        assert_refused(check(peers, base(), None), culprit);
+    }
+    // IPv4 and IPv6 prefixes never overlap each other.
+    check(&["172.16.91.132=0.0.0.0/0,::/0"], base(), None).expect("disjoint families");
+    let flags = SettingsLayer {
+        docker: Some(false),
+        ..SettingsLayer::default()
+    };
+    let dual = TempConfig::new(
+        "dual.toml",
+        "iface = \"ens33\"\nbridges = [\"docker0\"]\n[[peer]]\nhost = \"172.16.91.132\"\nsubnets = [\"192.168.220.0/24\", \"fd00:b::/64\"]\n",
+    );
+    let s = check(&[], flags.clone(), Some(dual.0.clone())).expect("valid");
+    assert_eq!(
+        (s.peers[0].subnets.len(), s.peers[0].subnets6.len()),
+        (1, 1)
+    );
+    // A file's IPv6 subnet overlapping one of the flags'.
+    assert_refused(
+        check(
+            &["172.16.91.133=fd00:b::/56"],
+            flags.clone(),
+            Some(dual.0.clone()),
+        ),
+        "overlaps subnet fd00:b::/64",
+    );
+    let v6_host = TempConfig::new(
+        "v6host.toml",
+        "iface = \"ens33\"\nbridges = [\"docker0\"]\n[[peer]]\nhost = \"fd00::2\"\nsubnets = [\"fd00:b::/64\"]\n",
+    );
+    assert_refused(
+        check(&[], flags.clone(), Some(v6_host.0.clone())),
+        "peer host `fd00::2` is an IPv6 address",
+    );
+    let host_bits = TempConfig::new(
+        "v6bits.toml",
+        "iface = \"ens33\"\nbridges = [\"docker0\"]\n[[peer]]\nhost = \"172.16.91.132\"\nsubnets = [\"fd00:b::1/64\"]\n",
+    );
+    assert_refused(
+        check(&[], flags.clone(), Some(host_bits.0.clone())),
+        "fd00:b::1/64",
+    );
+    // More IPv6 subnets than ROUTES6 holds: refused, naming the map.
+    let many: String = (0..=xhost_common::MAX_ROUTES6)
+        .map(|i| format!("fd00:{i:x}::/64"))
+        .collect::<Vec<_>>()
+        .join(",");
+    assert_refused(
+        check(&[&format!("172.16.91.132={many}")], base(), None),
+        &format!(
+            "{} IPv6 peer subnets: the datapath's ROUTES6 map holds at most {}",
+            xhost_common::MAX_ROUTES6 + 1,
+            xhost_common::MAX_ROUTES6
+        ),
+    );
+}
+
 /// A valid config file, line by line: what the corpus below mutates.
 const VALID: &[&str] = &[
     "iface = \"ens33\"",

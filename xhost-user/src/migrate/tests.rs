@@ -94,6 +94,40 @@ fn a_new_map_is_created_and_a_gone_one_dropped() {
     assert_eq!(m.fresh(), BTreeSet::from([MAP_ENDPOINT_PORTS]));
 }
 
+/// Pins of the build before IPv6: no `ROUTES6`, `LOCAL_NETS6` or
+/// `ENDPOINTS6`, and a `STATS` of 13 slots. This build adopts them: the
+/// IPv6 maps are created empty (the endpoint one sized as `ENDPOINTS`),
+/// `STATS` is copied into its longer array, the rest is kept.
+#[test]
+fn pins_from_before_ipv6_gain_the_ipv6_maps() {
+    let want = crate::adopt::object_shapes(16).expect("this build's shapes");
+    let ipv6 = [MAP_ROUTES6, MAP_LOCAL_NETS6, MAP_ENDPOINTS6];
+    let mut pinned = pinned_as(&want);
+    for map in ipv6 {
+        pinned.remove(map);
+    }
+    pinned.get_mut(MAP_STATS).expect("STATS").max_entries = 13;
+    let old = fingerprint_at(1, pinned.iter().map(|(n, s)| (n.as_str(), s)));
+    let m = decide(&pinned, &[old], &want, &[])
+        .expect("migrates")
+        .expect("a migration");
+    for map in ipv6 {
+        assert_eq!(m.steps[map], Step::New, "{map}");
+    }
+    assert_eq!(want[MAP_ENDPOINTS6].max_entries, 16);
+    assert_eq!(
+        m.steps[MAP_STATS],
+        Step::Copy {
+            from: pinned[MAP_STATS]
+        }
+    );
+    assert_eq!(
+        m.fresh(),
+        BTreeSet::from([MAP_ROUTES6, MAP_LOCAL_NETS6, MAP_ENDPOINTS6, MAP_STATS])
+    );
+    assert!(m.dropped.is_empty());
+}
+
 #[test]
 fn another_endpoint_capacity_is_the_operators_and_refused() {
     let want = want();

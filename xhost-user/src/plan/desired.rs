@@ -4,20 +4,26 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use log::warn;
 use xhost_common::Endpoint;
 
 use super::{Local, Peers};
-use crate::{config::LocalSubnet, net::Ipv4Net};
+use crate::{
+    config::LocalSubnet,
+    net::{Ipv4Net, Ipv6Net},
+};
 
 /// A container endpoint as a source (Docker, or the bridge's neighbour and
 /// FDB tables) reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSpec {
     pub ip: Ipv4Addr,
+    /// The container's IPv6 address on the same interface (Docker's
+    /// `GlobalIPv6Address`), if its network has IPv6.
+    pub ip6: Option<Ipv6Addr>,
     pub mac: [u8; 6],
     pub host_ifindex: u32,
     pub bridge: String,
@@ -46,9 +52,14 @@ pub struct BridgeFacts {
 /// subnet that would break the peer routing (overlapping a peer's): the
 /// agent cannot refuse Docker's state, but must not mis-route. Endpoints
 /// count only on a subnet served by their bridge, with a veth that exists.
+/// A bridge's IPv6 subnets (`docker_networks6`) are served next to its IPv4
+/// ones (a bridge without a served IPv4 subnet serves no IPv6 either), and
+/// an endpoint's IPv6 address counts where its IPv4 one does and a served
+/// IPv6 subnet of its bridge holds it.
 pub fn local(
     static_locals: &[LocalSubnet],
     docker_networks: &[(String, Vec<Ipv4Net>)],
+    docker_networks6: &[(String, Vec<Ipv6Net>)],
     endpoints: &[EndpointSpec],
     peers: &Peers,
     facts: &KernelFacts,
@@ -82,6 +93,21 @@ pub fn local(
     for (bridge, nets) in docker_networks {
         add_bridge(bridge, nets);
     }
+    for (bridge, nets) in docker_networks6 {
+        let Some(b) = facts.bridges.get(bridge) else {
+            continue;
+        };
+        if !d.bridges.contains(bridge) {
+            continue;
+        }
+        for n in nets {
+            if let Err((peer_net, peer)) = peers.check_local6(n) {
+                warn!("not serving {n} on {bridge}: subnet {peer_net} of peer {peer} overlaps it");
+                continue;
+            }
+            d.locals6.insert(*n, (bridge.clone(), b.ifindex));
+        }
+    }
     for e in endpoints {
         let served = d
             .locals
@@ -109,16 +135,23 @@ pub fn local(
             continue;
         };
         d.ports.insert(e.host_ifindex, port.clone());
-        d.endpoints.insert(
-            e.ip,
-            Endpoint {
-                ifindex: e.host_ifindex,
-                flags: 0,
-                mac: e.mac,
-                gw_mac,
-                _pad: [0; 4],
-            },
-        );
+        let ep = Endpoint {
+            ifindex: e.host_ifindex,
+            flags: 0,
+            mac: e.mac,
+            gw_mac,
+            _pad: [0; 4],
+        };
+        d.endpoints.insert(e.ip, ep);
+        if let Some(ip6) = e.ip6 {
+            let served6 = d
+                .locals6
+                .iter()
+                .any(|(n, (b, _))| *b == e.bridge && n.contains(ip6));
+            if served6 {
+                d.endpoints6.insert(ip6, ep);
+            }
+        }
     }
     d
 }
@@ -140,7 +173,10 @@ pub fn admit(want: &mut Local, applied: &Local, max: usize) -> Vec<Ipv4Addr> {
     let mut refused: Vec<Ipv4Addr> = held.into_iter().chain(new).skip(max).collect();
     refused.sort();
     for ip in &refused {
-        want.endpoints.remove(ip);
+        if let Some(ep) = want.endpoints.remove(ip) {
+            // Its IPv6 addresses go with it (same veth).
+            want.endpoints6.retain(|_, e| e.ifindex != ep.ifindex);
+        }
     }
     let used: BTreeSet<u32> = want.endpoints.values().map(|e| e.ifindex).collect();
     want.ports.retain(|ifindex, _| used.contains(ifindex));

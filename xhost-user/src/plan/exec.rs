@@ -1,13 +1,13 @@
 //! Carrying a plan out: the `Writer` interface to the datapath and the
 //! kernel, and `execute`, which keeps the applied state exact.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use log::info;
 use xhost_common::Endpoint;
 
 use super::{Neighbour, Op, State};
-use crate::net::{Ipv4Net, fmt_mac};
+use crate::net::{Ipv4Net, Ipv6Net, fmt_mac};
 
 /// What the single writer can do to the datapath and the kernel. The agent's
 /// implementations: the eBPF datapath's writes the maps, attaches programs,
@@ -33,6 +33,14 @@ pub trait Writer {
     fn set_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), Self::Error>;
     fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Self::Error>;
     fn set_neighbours(&mut self, neighbours: &[Neighbour]);
+    fn set_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), Self::Error>;
+    fn remove_route6(&mut self, net: &Ipv6Net) -> Result<(), Self::Error>;
+    fn add_kernel_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), Self::Error>;
+    fn remove_kernel_route6(&mut self, net: &Ipv6Net);
+    fn set_local6(&mut self, net: &Ipv6Net, bridge_ifindex: u32) -> Result<(), Self::Error>;
+    fn remove_local6(&mut self, net: &Ipv6Net) -> Result<(), Self::Error>;
+    fn set_endpoint6(&mut self, ip: Ipv6Addr, ep: Endpoint) -> Result<(), Self::Error>;
+    fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<(), Self::Error>;
 }
 
 /// Does `ops` in order through `w`, logging each change. Stops at the first
@@ -75,6 +83,17 @@ fn write<W: Writer>(w: &mut W, op: &Op) -> Result<(), W::Error> {
             w.set_neighbours(n);
             Ok(())
         }
+        Op::SetRoute6 { net, peer } => w.set_route6(net, *peer),
+        Op::RemoveRoute6(net) => w.remove_route6(net),
+        Op::AddKernelRoute6 { net, peer } => w.add_kernel_route6(net, *peer),
+        Op::RemoveKernelRoute6(net) => {
+            w.remove_kernel_route6(net);
+            Ok(())
+        }
+        Op::SetLocal6 { net, ifindex, .. } => w.set_local6(net, *ifindex),
+        Op::RemoveLocal6(net) => w.remove_local6(net),
+        Op::SetEndpoint6 { ip, ep } => w.set_endpoint6(*ip, *ep),
+        Op::RemoveEndpoint6(ip) => w.remove_endpoint6(*ip),
     }
 }
 
@@ -94,9 +113,21 @@ fn log(op: &Op) {
             ep.ifindex
         ),
         Op::RemoveEndpoint(ip) => info!("endpoint {ip}: removed"),
+        Op::SetRoute6 { net, peer } => info!("route {net} via peer {peer}: set"),
+        Op::RemoveRoute6(net) => info!("route {net}: removed"),
+        Op::SetLocal6 { net, bridge, .. } => info!("local subnet {net} on {bridge}: added"),
+        Op::RemoveLocal6(net) => info!("local subnet {net}: removed"),
+        Op::SetEndpoint6 { ip, ep } => info!(
+            "endpoint {ip}: mac {} via ifindex {}",
+            fmt_mac(&ep.mac),
+            ep.ifindex
+        ),
+        Op::RemoveEndpoint6(ip) => info!("endpoint {ip}: removed"),
         Op::AddPeerHost(_)
         | Op::AddKernelRoute { .. }
         | Op::RemoveKernelRoute(_)
+        | Op::AddKernelRoute6 { .. }
+        | Op::RemoveKernelRoute6(_)
         | Op::AttachPort { .. }
         | Op::DetachPort { .. }
         | Op::SetNeighbours(_) => {}

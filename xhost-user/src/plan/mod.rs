@@ -12,7 +12,7 @@ mod tests;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 pub use desired::{BridgeFacts, EndpointSpec, KernelFacts, admit, local};
@@ -22,7 +22,7 @@ use xhost_common::Endpoint;
 
 use crate::{
     config::{ConfigError, LocalSubnet, PeerConfig},
-    net::Ipv4Net,
+    net::{Ipv4Net, Ipv6Net},
 };
 
 /// Everything the agent writes: the peer side and this host's own side.
@@ -42,6 +42,11 @@ pub struct Local {
     pub locals: BTreeMap<Ipv4Net, (String, u32)>,
     /// Local container IP -> endpoint.
     pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    /// Local IPv6 container subnets -> serving bridge (`LOCAL_NETS6`).
+    pub locals6: BTreeMap<Ipv6Net, (String, u32)>,
+    /// Local container IPv6 address -> endpoint (`ENDPOINTS6`): the same
+    /// veth and MACs as the container's IPv4 endpoint.
+    pub endpoints6: BTreeMap<Ipv6Addr, Endpoint>,
     /// Host-side veths of the endpoints (ifindex -> name), where
     /// `xhost_veth_in` attaches.
     pub ports: BTreeMap<u32, String>,
@@ -59,6 +64,12 @@ impl Local {
         for (ip, ep) in &held.endpoints {
             self.endpoints.entry(*ip).or_insert(*ep);
         }
+        for (net, bridge) in &held.locals6 {
+            self.locals6.entry(*net).or_insert_with(|| bridge.clone());
+        }
+        for (ip, ep) in &held.endpoints6 {
+            self.endpoints6.entry(*ip).or_insert(*ep);
+        }
         for (ifindex, name) in &held.ports {
             self.ports.entry(*ifindex).or_insert_with(|| name.clone());
         }
@@ -67,11 +78,13 @@ impl Local {
 }
 
 /// The peer side of the datapath: peer hosts (`PEER_HOSTS`) and their
-/// subnets (`ROUTES`, and a kernel route each).
+/// subnets (`ROUTES` and `ROUTES6`, and a kernel route each). A peer host
+/// is its IPv4 underlay address, whichever family its subnets are.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Peers {
     pub hosts: BTreeSet<Ipv4Addr>,
     pub routes: BTreeMap<Ipv4Net, Ipv4Addr>,
+    pub routes6: BTreeMap<Ipv6Net, Ipv4Addr>,
 }
 
 impl Peers {
@@ -83,6 +96,20 @@ impl Peers {
                 .iter()
                 .flat_map(|p| p.subnets.iter().map(|n| (*n, p.host)))
                 .collect(),
+            routes6: peers
+                .iter()
+                .flat_map(|p| p.subnets6.iter().map(|n| (*n, p.host)))
+                .collect(),
+        }
+    }
+
+    /// Whether the local IPv6 subnet `net` can be served next to these
+    /// peers: no peer subnet overlapping it (the IPv6 half of
+    /// [`Self::check_local`]; peer hosts are IPv4).
+    pub fn check_local6(&self, net: &Ipv6Net) -> Result<(), (Ipv6Net, Ipv4Addr)> {
+        match self.routes6.iter().find(|(n, _)| n.overlaps(net)) {
+            Some((n, peer)) => Err((*n, *peer)),
+            None => Ok(()),
         }
     }
 
@@ -129,9 +156,19 @@ impl State {
             Op::RemoveRoute(net) => {
                 peers.routes.remove(net);
             }
+            Op::SetRoute6 { net, peer } => {
+                peers.routes6.insert(*net, *peer);
+            }
+            Op::RemoveRoute6(net) => {
+                peers.routes6.remove(net);
+            }
             // Kernel routes are the writer's to track: it may leave one
             // out (an operator's route is there already).
-            Op::AddKernelRoute { .. } | Op::RemoveKernelRoute(_) | Op::SetNeighbours(_) => {}
+            Op::AddKernelRoute { .. }
+            | Op::RemoveKernelRoute(_)
+            | Op::AddKernelRoute6 { .. }
+            | Op::RemoveKernelRoute6(_)
+            | Op::SetNeighbours(_) => {}
             Op::AttachBridge(b) => {
                 local.bridges.insert(b.clone());
             }
@@ -161,6 +198,22 @@ impl State {
             }
             Op::RemoveEndpoint(ip) => {
                 local.endpoints.remove(ip);
+            }
+            Op::SetLocal6 {
+                net,
+                bridge,
+                ifindex,
+            } => {
+                local.locals6.insert(*net, (bridge.clone(), *ifindex));
+            }
+            Op::RemoveLocal6(net) => {
+                local.locals6.remove(net);
+            }
+            Op::SetEndpoint6 { ip, ep } => {
+                local.endpoints6.insert(*ip, *ep);
+            }
+            Op::RemoveEndpoint6(ip) => {
+                local.endpoints6.remove(ip);
             }
         }
     }

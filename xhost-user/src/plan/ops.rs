@@ -1,12 +1,15 @@
 //! `plan`: the operations, in order, that move the applied state to the
 //! desired one, with the ordering rules the datapath needs.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use xhost_common::Endpoint;
 
 use super::{Peers, State};
-use crate::net::Ipv4Net;
+use crate::net::{Ipv4Net, Ipv6Net};
 
 /// One write to the datapath or the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +30,19 @@ pub enum Op {
         peer: Ipv4Addr,
     },
     RemoveKernelRoute(Ipv4Net),
+    /// `ROUTES6`: an IPv6 peer subnet, behind the peer's IPv4 address.
+    SetRoute6 {
+        net: Ipv6Net,
+        peer: Ipv4Addr,
+    },
+    RemoveRoute6(Ipv6Net),
+    /// The kernel's IPv6 route of a peer subnet, via the peer's IPv4
+    /// address (for hop limit expiry and Packet Too Big).
+    AddKernelRoute6 {
+        net: Ipv6Net,
+        peer: Ipv4Addr,
+    },
+    RemoveKernelRoute6(Ipv6Net),
     /// `xhost_bridge_in` on a bridge's ingress.
     AttachBridge(String),
     DetachBridge(String),
@@ -37,6 +53,13 @@ pub enum Op {
         ifindex: u32,
     },
     RemoveLocal(Ipv4Net),
+    /// `LOCAL_NETS6`.
+    SetLocal6 {
+        net: Ipv6Net,
+        bridge: String,
+        ifindex: u32,
+    },
+    RemoveLocal6(Ipv6Net),
     /// `xhost_veth_in` on a container's host-side veth.
     AttachPort {
         ifindex: u32,
@@ -52,6 +75,14 @@ pub enum Op {
         ep: Endpoint,
     },
     RemoveEndpoint(Ipv4Addr),
+    /// `ENDPOINTS6`. Written before the container's IPv4 endpoint (whose
+    /// write arms the veth), removed after it (whose removal disarms it);
+    /// it neither arms nor disarms.
+    SetEndpoint6 {
+        ip: Ipv6Addr,
+        ep: Endpoint,
+    },
+    RemoveEndpoint6(Ipv6Addr),
     /// The bridges' ARP entries of endpoints just written (best effort).
     SetNeighbours(Vec<Neighbour>),
 }
@@ -70,7 +101,9 @@ pub struct Neighbour {
 pub struct Limits {
     pub peer_hosts: usize,
     pub routes: usize,
-    /// `ENDPOINTS` (and `ENDPOINT_PORTS`): sized at load, `--max-endpoints`.
+    pub routes6: usize,
+    /// `ENDPOINTS` (and `ENDPOINTS6`, `ENDPOINT_PORTS`): sized at load,
+    /// `--max-endpoints`.
     pub endpoints: usize,
 }
 
@@ -79,6 +112,7 @@ impl Limits {
     pub const DATAPATH: Self = Self {
         peer_hosts: xhost_common::MAX_PEER_HOSTS as usize,
         routes: xhost_common::MAX_ROUTES as usize,
+        routes6: xhost_common::MAX_ROUTES6 as usize,
         endpoints: xhost_common::MAX_ENDPOINTS as usize,
     };
 
@@ -93,8 +127,9 @@ impl Limits {
 
 /// The operations, in order, that take `applied` to `want`.
 ///
-/// Peers first: new hosts, then routes added or moved to another peer,
-/// then routes and hosts that are gone. Adding first leaves no gap when a
+/// Peers first: new hosts, then routes (IPv4, then IPv6) added or moved to
+/// another peer, then routes and hosts that are gone: a host is written
+/// before any of its routes and removed after all of them. Adding first leaves no gap when a
 /// prefix is split or merged (a /16 replaced by its /24s is still routed
 /// while they are written). When the old and the new entries together
 /// would not fit a map (`want` fits by itself: the sources checked it),
@@ -103,9 +138,10 @@ impl Limits {
 ///
 /// Then this host's side: new bridges are attached before their subnets
 /// appear, so the first packet of a new network already takes the fast
-/// path; then subnets, ports and endpoints; the neighbour entries of the
-/// endpoints just written; removals last, endpoints before the subnets and
-/// bridges they sit on.
+/// path; then subnets, ports and endpoints (a container's IPv6 endpoints
+/// before its IPv4 one, whose write arms its veth); the neighbour entries
+/// of the endpoints just written; removals last, endpoints (IPv4 first,
+/// which disarms the veth) before the subnets and bridges they sit on.
 pub fn plan(want: &State, applied: &State, limits: &Limits) -> Vec<Op> {
     let mut p = Planner {
         sim: State {
@@ -141,6 +177,7 @@ impl Planner {
         let new_hosts = want.hosts.difference(&self.sim.peers.hosts).count();
         if self.sim.peers.hosts.len() + new_hosts > limits.peer_hosts {
             self.remove_gone_routes(want);
+            self.remove_gone_routes6(want);
             self.remove_gone_hosts(want);
         }
         for h in want.hosts.difference(&self.sim.peers.hosts.clone()) {
@@ -170,7 +207,31 @@ impl Planner {
                 peer: *peer,
             });
         }
+        let new_routes6 = want
+            .routes6
+            .keys()
+            .filter(|n| !self.sim.peers.routes6.contains_key(n))
+            .count();
+        if self.sim.peers.routes6.len() + new_routes6 > limits.routes6 {
+            self.remove_gone_routes6(want);
+        }
+        for (net, peer) in &want.routes6 {
+            match self.sim.peers.routes6.get(net) {
+                Some(old) if old == peer => continue,
+                Some(_) => self.push(Op::RemoveKernelRoute6(*net)),
+                None => {}
+            }
+            self.push(Op::SetRoute6 {
+                net: *net,
+                peer: *peer,
+            });
+            self.push(Op::AddKernelRoute6 {
+                net: *net,
+                peer: *peer,
+            });
+        }
         self.remove_gone_routes(want);
+        self.remove_gone_routes6(want);
         self.remove_gone_hosts(want);
     }
 
@@ -181,11 +242,21 @@ impl Planner {
         }
     }
 
+    fn remove_gone_routes6(&mut self, want: &Peers) {
+        for net in gone(&self.sim.peers.routes6, &want.routes6) {
+            self.push(Op::RemoveRoute6(net));
+            self.push(Op::RemoveKernelRoute6(net));
+        }
+    }
+
     /// Endpoints that are gone, then their ports: detach (and unpin) the
     /// program of each.
     fn remove_gone_endpoints(&mut self, want: &super::Local) {
         for ip in gone(&self.sim.local.endpoints, &want.endpoints) {
             self.push(Op::RemoveEndpoint(ip));
+        }
+        for ip in gone(&self.sim.local.endpoints6, &want.endpoints6) {
+            self.push(Op::RemoveEndpoint6(ip));
         }
         for ifindex in gone(&self.sim.local.ports, &want.ports) {
             let name = self.sim.local.ports[&ifindex].clone();
@@ -220,7 +291,13 @@ impl Planner {
             .keys()
             .filter(|i| !self.sim.local.ports.contains_key(i))
             .count();
+        let new_endpoints6 = want
+            .endpoints6
+            .keys()
+            .filter(|ip| !self.sim.local.endpoints6.contains_key(ip))
+            .count();
         if self.sim.local.endpoints.len() + new_endpoints > limits.endpoints
+            || self.sim.local.endpoints6.len() + new_endpoints6 > limits.endpoints
             || self.sim.local.ports.len() + new_ports > limits.endpoints
         {
             self.remove_gone_endpoints(want);
@@ -231,6 +308,15 @@ impl Planner {
         for (net, (bridge, ifindex)) in &want.locals {
             if self.sim.local.locals.get(net) != Some(&(bridge.clone(), *ifindex)) {
                 self.push(Op::SetLocal {
+                    net: *net,
+                    bridge: bridge.clone(),
+                    ifindex: *ifindex,
+                });
+            }
+        }
+        for (net, (bridge, ifindex)) in &want.locals6 {
+            if self.sim.local.locals6.get(net) != Some(&(bridge.clone(), *ifindex)) {
+                self.push(Op::SetLocal6 {
                     net: *net,
                     bridge: bridge.clone(),
                     ifindex: *ifindex,
@@ -254,6 +340,11 @@ impl Planner {
                 ifindex: *ifindex,
                 name: name.clone(),
             });
+        }
+        for (ip, ep) in &want.endpoints6 {
+            if self.sim.local.endpoints6.get(ip) != Some(ep) {
+                self.push(Op::SetEndpoint6 { ip: *ip, ep: *ep });
+            }
         }
         let mut written = Vec::new();
         for (ip, ep) in &want.endpoints {
@@ -282,6 +373,9 @@ impl Planner {
         self.remove_gone_endpoints(want);
         for net in gone(&self.sim.local.locals, &want.locals) {
             self.push(Op::RemoveLocal(net));
+        }
+        for net in gone(&self.sim.local.locals6, &want.locals6) {
+            self.push(Op::RemoveLocal6(net));
         }
         let bridges: Vec<_> = self
             .sim

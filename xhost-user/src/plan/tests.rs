@@ -1,12 +1,23 @@
 //! The plan's ordering rules, and `execute` keeping `applied` exact, with a
 //! recording writer: no kernel, no root.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use xhost_common::Endpoint;
 
 use super::*;
-use crate::{config::PeerConfig, net::Ipv4Net};
+use crate::{
+    config::PeerConfig,
+    net::{Ipv4Net, Ipv6Net},
+};
+
+fn net6(s: &str) -> Ipv6Net {
+    s.parse().expect("cidr")
+}
+
+fn ip6(s: &str) -> Ipv6Addr {
+    s.parse().expect("ip")
+}
 
 fn net(s: &str) -> Ipv4Net {
     s.parse().expect("cidr")
@@ -55,6 +66,7 @@ fn state(p: Peers, l: Local) -> State {
 const ROOMY: Limits = Limits {
     peer_hosts: 16,
     routes: 16,
+    routes6: 16,
     endpoints: 16,
 };
 
@@ -157,6 +169,217 @@ impl Writer for Recorder {
     fn set_neighbours(&mut self, neighbours: &[Neighbour]) {
         self.done.push(Op::SetNeighbours(neighbours.to_vec()));
     }
+    fn set_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), Injected> {
+        self.fallible(Op::SetRoute6 { net: *net, peer })
+    }
+    fn remove_route6(&mut self, net: &Ipv6Net) -> Result<(), Injected> {
+        self.fallible(Op::RemoveRoute6(*net))
+    }
+    fn add_kernel_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), Injected> {
+        self.fallible(Op::AddKernelRoute6 { net: *net, peer })
+    }
+    fn remove_kernel_route6(&mut self, net: &Ipv6Net) {
+        self.done.push(Op::RemoveKernelRoute6(*net));
+    }
+    fn set_local6(&mut self, net: &Ipv6Net, bridge_ifindex: u32) -> Result<(), Injected> {
+        self.fallible(Op::SetLocal6 {
+            net: *net,
+            bridge: String::new(),
+            ifindex: bridge_ifindex,
+        })
+    }
+    fn remove_local6(&mut self, net: &Ipv6Net) -> Result<(), Injected> {
+        self.fallible(Op::RemoveLocal6(*net))
+    }
+    fn set_endpoint6(&mut self, ip: Ipv6Addr, ep: Endpoint) -> Result<(), Injected> {
+        self.fallible(Op::SetEndpoint6 { ip, ep })
+    }
+    fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<(), Injected> {
+        self.fallible(Op::RemoveEndpoint6(ip))
+    }
+}
+
+/// docker0 dual-stack: `local(containers)` plus fd00:a::/64 on it and each
+/// container's IPv6 address fd00:a::LAST on the same veth and MACs.
+fn local_dual(containers: &[(u8, u32)]) -> Local {
+    let mut l = local(containers);
+    l.locals6.insert(net6("fd00:a::/64"), ("docker0".into(), 3));
+    for (last, ifindex) in containers {
+        l.endpoints6.insert(
+            Ipv6Addr::new(0xfd00, 0xa, 0, 0, 0, 0, 0, u16::from(*last)),
+            endpoint(*ifindex, *last),
+        );
+    }
+    l
+}
+
+#[test]
+fn dual_stack_peer_and_container_in_order() {
+    // One peer with a v4 and a v6 subnet, one dual-stack container.
+    let mut applied = State::default();
+    let want = state(
+        peers(&["10.0.0.2=10.1.0.0/16,fd00:b::/64"]),
+        local_dual(&[(11, 7)]),
+    );
+    let ops = converge(&want, &mut applied, &ROOMY);
+    let host = ip("10.0.0.2");
+    let ep = endpoint(7, 11);
+    assert_eq!(
+        ops,
+        [
+            Op::AddPeerHost(host),
+            Op::SetRoute {
+                net: net("10.1.0.0/16"),
+                peer: host
+            },
+            Op::AddKernelRoute {
+                net: net("10.1.0.0/16"),
+                peer: host
+            },
+            Op::SetRoute6 {
+                net: net6("fd00:b::/64"),
+                peer: host
+            },
+            Op::AddKernelRoute6 {
+                net: net6("fd00:b::/64"),
+                peer: host
+            },
+            Op::AttachBridge("docker0".into()),
+            Op::SetLocal {
+                net: net("192.168.110.0/24"),
+                bridge: "docker0".into(),
+                ifindex: 3
+            },
+            Op::SetLocal6 {
+                net: net6("fd00:a::/64"),
+                bridge: "docker0".into(),
+                ifindex: 3
+            },
+            Op::AttachPort {
+                ifindex: 7,
+                name: "veth7".into()
+            },
+            // The IPv6 endpoint before the IPv4 one, whose write arms the veth.
+            Op::SetEndpoint6 {
+                ip: ip6("fd00:a::b"),
+                ep
+            },
+            Op::SetEndpoint {
+                ip: ip("192.168.110.11"),
+                ep
+            },
+            Op::SetNeighbours(vec![Neighbour {
+                ip: ip("192.168.110.11"),
+                mac: ep.mac,
+                bridge: "docker0".into(),
+                bridge_ifindex: 3
+            }]),
+        ]
+    );
+    // All gone: the IPv4 endpoint (disarming the veth) before the IPv6
+    // one, both before the port and the subnets; every route before the
+    // peer host.
+    let ops = converge(&State::default(), &mut applied, &ROOMY);
+    assert_eq!(
+        ops,
+        [
+            Op::RemoveRoute(net("10.1.0.0/16")),
+            Op::RemoveKernelRoute(net("10.1.0.0/16")),
+            Op::RemoveRoute6(net6("fd00:b::/64")),
+            Op::RemoveKernelRoute6(net6("fd00:b::/64")),
+            Op::RemovePeerHost(host),
+            Op::RemoveEndpoint(ip("192.168.110.11")),
+            Op::RemoveEndpoint6(ip6("fd00:a::b")),
+            Op::DetachPort {
+                ifindex: 7,
+                name: "veth7".into()
+            },
+            Op::RemoveLocal(net("192.168.110.0/24")),
+            Op::RemoveLocal6(net6("fd00:a::/64")),
+            Op::DetachBridge("docker0".into()),
+        ]
+    );
+}
+
+#[test]
+fn ipv6_routes_split_moved_and_overflowing() {
+    let mut applied = state(peers(&["10.0.0.2=fd00:b::/48"]), Local::default());
+    // Split into two /64s: both written before the /48 leaves.
+    let want = state(
+        peers(&["10.0.0.2=fd00:b::/64,fd00:b:0:1::/64"]),
+        Local::default(),
+    );
+    let ops = converge(&want, &mut applied, &ROOMY);
+    let last_set = ops
+        .iter()
+        .rposition(|o| matches!(o, Op::SetRoute6 { .. }))
+        .expect("set");
+    let removed = pos(&ops, "RemoveRoute6", |o| {
+        *o == Op::RemoveRoute6(net6("fd00:b::/48"))
+    });
+    assert!(last_set < removed, "{ops:#?}");
+    // Moved to another peer: the new host first, the route replaced in
+    // place with its kernel route, the old host after its routes.
+    let want = state(
+        peers(&["10.0.0.3=fd00:b::/64,fd00:b:0:1::/64"]),
+        Local::default(),
+    );
+    let ops = converge(&want, &mut applied, &ROOMY);
+    assert_eq!(ops[0], Op::AddPeerHost(ip("10.0.0.3")));
+    assert_eq!(ops[1], Op::RemoveKernelRoute6(net6("fd00:b::/64")));
+    assert_eq!(
+        ops[2],
+        Op::SetRoute6 {
+            net: net6("fd00:b::/64"),
+            peer: ip("10.0.0.3")
+        }
+    );
+    assert_eq!(ops.last(), Some(&Op::RemovePeerHost(ip("10.0.0.2"))));
+    assert!(
+        !ops.iter().any(|o| matches!(o, Op::RemoveRoute6(_))),
+        "{ops:#?}"
+    );
+    // ROUTES6 full: the gone one leaves before the new one is written.
+    let limits = Limits {
+        routes6: 2,
+        ..ROOMY
+    };
+    let want = state(
+        peers(&["10.0.0.3=fd00:b::/64,fd00:c::/64"]),
+        Local::default(),
+    );
+    let ops = converge(&want, &mut applied, &limits);
+    let removed = pos(&ops, "RemoveRoute6", |o| {
+        *o == Op::RemoveRoute6(net6("fd00:b:0:1::/64"))
+    });
+    let set = pos(&ops, "SetRoute6", |o| matches!(o, Op::SetRoute6 { .. }));
+    assert!(removed < set, "{ops:#?}");
+}
+
+#[test]
+fn a_failed_ipv6_write_leaves_applied_exact() {
+    let want = state(
+        peers(&["10.0.0.2=10.1.0.0/16,fd00:b::/64"]),
+        local_dual(&[(11, 7)]),
+    );
+    let ops = plan(&want, &State::default(), &ROOMY);
+    let set6 = pos(&ops, "SetEndpoint6", |o| {
+        matches!(o, Op::SetEndpoint6 { .. })
+    });
+    // Every fallible call up to (not including) SetEndpoint6 succeeds.
+    let fallible_before = ops[..set6]
+        .iter()
+        .filter(|o| !matches!(o, Op::RemoveKernelRoute(_) | Op::RemoveKernelRoute6(_)))
+        .count();
+    let mut applied = State::default();
+    let mut w = Recorder::failing_at(fallible_before);
+    execute(&mut w, &ops, &mut applied).expect_err("injected");
+    assert!(applied.local.endpoints6.is_empty() && applied.local.endpoints.is_empty());
+    assert_eq!(applied.peers.routes6.len(), 1);
+    // The next step writes exactly what is missing, IPv6 first.
+    let rest = plan(&want, &applied, &ROOMY);
+    assert!(matches!(rest[0], Op::SetEndpoint6 { .. }), "{rest:#?}");
+    assert!(matches!(rest[1], Op::SetEndpoint { .. }), "{rest:#?}");
 }
 
 /// Plans and executes `want` from `applied` through a writer that fails
@@ -252,6 +475,7 @@ fn gone_entries_leave_first_when_the_map_would_overflow() {
     let limits = Limits {
         peer_hosts: 2,
         routes: 3,
+        routes6: 16,
         endpoints: 16,
     };
     // Routes: 2 held, 2 new, 1 kept -> 4 at once > 3: the gone one leaves first.
@@ -553,6 +777,7 @@ fn local_side_from_sources_and_kernel_facts() {
     };
     let spec = |last: u8, ifindex: u32, bridge: &str| EndpointSpec {
         ip: Ipv4Addr::new(192, 168, 110, last),
+        ip6: None,
         mac: [2, 0x42, 192, 168, 110, last],
         host_ifindex: ifindex,
         bridge: bridge.into(),
@@ -577,7 +802,7 @@ fn local_side_from_sources_and_kernel_facts() {
         },
     ];
     let p = peers(&["10.0.0.2=10.1.0.0/16"]);
-    let l = super::local(&[], &docker, &eps, &p, &facts);
+    let l = super::local(&[], &docker, &[], &eps, &p, &facts);
     let mut want = local(&[(11, 7)]);
     want.bridges.insert("br-nomac".into());
     want.locals
@@ -585,7 +810,52 @@ fn local_side_from_sources_and_kernel_facts() {
     assert_eq!(l, want);
     // A peer host inside a local subnet keeps it out as well.
     let p = peers(&["192.168.110.200=10.1.0.0/16"]);
-    let l = super::local(&[], &docker[..1], &eps, &p, &facts);
+    let l = super::local(&[], &docker[..1], &[], &eps, &p, &facts);
+    assert_eq!(l, Local::default());
+}
+
+#[test]
+fn dual_stack_local_side_from_docker() {
+    let facts = KernelFacts {
+        bridges: [(
+            "docker0".to_owned(),
+            BridgeFacts {
+                ifindex: 3,
+                mac: Some(Ok([2, 0x42, 0, 0, 0, 1])),
+            },
+        )]
+        .into(),
+        ports: [(7, "veth7".to_owned()), (8, "veth8".to_owned())].into(),
+    };
+    let spec = |last: u8, ifindex: u32, ip6: Option<&str>| EndpointSpec {
+        ip: Ipv4Addr::new(192, 168, 110, last),
+        ip6: ip6.map(ip6_of),
+        mac: [2, 0x42, 192, 168, 110, last],
+        host_ifindex: ifindex,
+        bridge: "docker0".into(),
+    };
+    fn ip6_of(s: &str) -> Ipv6Addr {
+        s.parse().expect("ip")
+    }
+    let docker = [("docker0".to_owned(), vec![net("192.168.110.0/24")])];
+    let docker6 = [(
+        "docker0".to_owned(),
+        // The second overlaps a peer's IPv6 subnet: not served.
+        vec![net6("fd00:a::/64"), net6("fd00:b:0:1::/64")],
+    )];
+    let eps = [
+        spec(11, 7, Some("fd00:a::b")),
+        // An IPv6 address in no served subnet: its IPv4 endpoint only.
+        spec(12, 8, Some("fd00:b:0:1::c")),
+    ];
+    let p = peers(&["10.0.0.2=10.1.0.0/16,fd00:b::/48"]);
+    let l = super::local(&[], &docker, &docker6, &eps, &p, &facts);
+    let mut want = local_dual(&[(11, 7)]);
+    want.ports.insert(8, "veth8".into());
+    want.endpoints.insert(ip("192.168.110.12"), endpoint(8, 12));
+    assert_eq!(l, want);
+    // IPv6 subnets on a bridge that serves no IPv4 subnet are not served.
+    let l = super::local(&[], &[], &docker6, &eps, &p, &facts);
     assert_eq!(l, Local::default());
 }
 
@@ -599,6 +869,7 @@ fn a_step_with_100k_routes_stays_cheap() {
     let config = PeerConfig {
         host: ip("172.16.0.2"),
         subnets,
+        subnets6: Vec::new(),
     };
     let applied = state(Peers::of(std::slice::from_ref(&config)), local(&[(11, 7)]));
     let mut want = applied.clone();

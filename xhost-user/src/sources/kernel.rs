@@ -46,6 +46,7 @@ pub fn endpoints(bridges: &[(String, Vec<Ipv4Net>)]) -> std::io::Result<Vec<Endp
             if is_veth {
                 out.push(EndpointSpec {
                     ip,
+                    ip6: None,
                     mac,
                     host_ifindex: port,
                     bridge: bridge.clone(),

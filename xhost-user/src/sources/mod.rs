@@ -14,7 +14,7 @@ use log::warn;
 use crate::{
     config::{LocalSubnet, PeerConfig},
     docker::DockerView,
-    net::Ipv4Net,
+    net::{self, Ipv4Net, Ipv6Net},
     plan::{self, Local, Peers},
 };
 
@@ -42,8 +42,21 @@ pub enum PeerError {
         peer_b: Ipv4Addr,
         source_b: String,
     },
+    #[error(
+        "subnet {a} of peer {peer_a} ({source_a}) overlaps subnet {b} of peer {peer_b} ({source_b})"
+    )]
+    Overlap6 {
+        a: Ipv6Net,
+        peer_a: Ipv4Addr,
+        source_a: String,
+        b: Ipv6Net,
+        peer_b: Ipv4Addr,
+        source_b: String,
+    },
     #[error("{count} peer subnets: the datapath's ROUTES map holds at most {max}")]
     TooManyRoutes { count: usize, max: usize },
+    #[error("{count} IPv6 peer subnets: the datapath's ROUTES6 map holds at most {max}")]
+    TooManyRoutes6 { count: usize, max: usize },
     #[error("{count} peers: the datapath's PEER_HOSTS map holds at most {max}")]
     TooManyPeers { count: usize, max: usize },
 }
@@ -52,42 +65,54 @@ pub enum PeerError {
 /// each subnet routed to the host that claims it. Subnets must be disjoint
 /// across all sources, and the whole must fit the datapath's maps.
 pub fn peers(sources: &[PeerSource<'_>], limits: &plan::Limits) -> Result<Peers, PeerError> {
-    // Sorted by network address, a prefix can only overlap ones that start
-    // inside it, so one pass tracking the widest range seen so far finds
-    // any overlap (as config::check_peers does within one source).
-    let mut all: Vec<(Ipv4Net, Ipv4Addr, &str)> = sources
+    // Subnets must be disjoint within a family across every source
+    // (net::first_overlap, as config::check_peers does within one source).
+    let all: Vec<(Ipv4Net, (Ipv4Addr, &str))> = sources
         .iter()
         .flat_map(|s| {
             s.peers
                 .iter()
-                .flat_map(move |p| p.subnets.iter().map(move |n| (*n, p.host, s.name)))
+                .flat_map(move |p| p.subnets.iter().map(move |n| (*n, (p.host, s.name))))
         })
         .collect();
-    all.sort_by_key(|(n, _, _)| (n.addr(), n.prefix_len()));
-    let mut widest: Option<(Ipv4Net, Ipv4Addr, &str)> = None;
-    for (n, host, name) in &all {
-        if let Some((w, w_host, w_name)) = widest {
-            if w.contains(n.addr()) {
-                return Err(PeerError::Overlap {
-                    a: w,
-                    peer_a: w_host,
-                    source_a: w_name.to_owned(),
-                    b: *n,
-                    peer_b: *host,
-                    source_b: (*name).to_owned(),
-                });
-            }
-            if n.last() <= w.last() {
-                continue;
-            }
-        }
-        widest = Some((*n, *host, name));
+    if let Some(((a, (peer_a, source_a)), (b, (peer_b, source_b)))) =
+        net::first_overlap(all.clone())
+    {
+        return Err(PeerError::Overlap {
+            a,
+            peer_a,
+            source_a: source_a.to_owned(),
+            b,
+            peer_b,
+            source_b: source_b.to_owned(),
+        });
+    }
+    let all6: Vec<(Ipv6Net, (Ipv4Addr, &str))> = sources
+        .iter()
+        .flat_map(|s| {
+            s.peers
+                .iter()
+                .flat_map(move |p| p.subnets6.iter().map(move |n| (*n, (p.host, s.name))))
+        })
+        .collect();
+    if let Some(((a, (peer_a, source_a)), (b, (peer_b, source_b)))) =
+        net::first_overlap(all6.clone())
+    {
+        return Err(PeerError::Overlap6 {
+            a,
+            peer_a,
+            source_a: source_a.to_owned(),
+            b,
+            peer_b,
+            source_b: source_b.to_owned(),
+        });
     }
     let mut out = Peers::default();
     for s in sources {
         out.hosts.extend(s.peers.iter().map(|p| p.host));
     }
-    out.routes = all.into_iter().map(|(n, h, _)| (n, h)).collect();
+    out.routes = all.into_iter().map(|(n, (h, _))| (n, h)).collect();
+    out.routes6 = all6.into_iter().map(|(n, (h, _))| (n, h)).collect();
     if out.hosts.len() > limits.peer_hosts {
         return Err(PeerError::TooManyPeers {
             count: out.hosts.len(),
@@ -100,20 +125,26 @@ pub fn peers(sources: &[PeerSource<'_>], limits: &plan::Limits) -> Result<Peers,
             max: limits.routes,
         });
     }
+    if out.routes6.len() > limits.routes6 {
+        return Err(PeerError::TooManyRoutes6 {
+            count: out.routes6.len(),
+            max: limits.routes6,
+        });
+    }
     Ok(out)
 }
 
 /// This host's side as the static bridges alone say it (no endpoints yet).
 pub fn static_bridges(static_locals: &[LocalSubnet], peers: &Peers) -> Local {
     let facts = kernel::facts(static_locals.iter().map(|l| l.bridge.as_str()), &[]);
-    plan::local(static_locals, &[], &[], peers, &facts)
+    plan::local(static_locals, &[], &[], &[], peers, &facts)
 }
 
 /// This host's side from every source: the static bridges, Docker's view
 /// (the last one it gave, if any), and the endpoints of the bridges Docker
 /// does not manage from the kernel's tables.
 pub fn local(static_locals: &[LocalSubnet], view: Option<&DockerView>, peers: &Peers) -> Local {
-    let (nets, mut eps) = view.map(docker::specs).unwrap_or_default();
+    let (nets, nets6, mut eps) = view.map(docker::specs).unwrap_or_default();
     let managed: Vec<&str> = nets.iter().map(|(b, _)| b.as_str()).collect();
     let mut statics: Vec<(String, Vec<Ipv4Net>)> = Vec::new();
     for l in static_locals
@@ -134,7 +165,7 @@ pub fn local(static_locals: &[LocalSubnet], view: Option<&DockerView>, peers: &P
         .map(|l| l.bridge.as_str())
         .chain(nets.iter().map(|(b, _)| b.as_str()));
     let facts = kernel::facts(bridges, &eps);
-    plan::local(static_locals, &nets, &eps, peers, &facts)
+    plan::local(static_locals, &nets, &nets6, &eps, peers, &facts)
 }
 
 #[cfg(test)]
@@ -207,6 +238,50 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_subnets_join_and_conflict_within_their_family() {
+        let config = [peer("10.0.0.2=10.1.0.0/16,fd00:1::/48")];
+        let store = [peer("10.0.0.3=fd00:2::/48,10.2.0.0/16")];
+        let sources = [
+            PeerSource {
+                name: CONFIG,
+                peers: &config,
+            },
+            PeerSource {
+                name: "cluster store",
+                peers: &store,
+            },
+        ];
+        let p = peers(&sources, &plan::Limits::DATAPATH).expect("disjoint");
+        let routes6: Vec<String> = p.routes6.iter().map(|(n, h)| format!("{n} {h}")).collect();
+        assert_eq!(routes6, ["fd00:1::/48 10.0.0.2", "fd00:2::/48 10.0.0.3"]);
+        assert_eq!(p.routes.len(), 2);
+        let clash = [peer("10.0.0.3=fd00:1:0:5::/64")];
+        let e = peers(
+            &[
+                sources[0],
+                PeerSource {
+                    name: "cluster store",
+                    peers: &clash,
+                },
+            ],
+            &plan::Limits::DATAPATH,
+        )
+        .expect_err("overlap");
+        assert_eq!(
+            e.to_string(),
+            "subnet fd00:1::/48 of peer 10.0.0.2 (config) overlaps subnet fd00:1:0:5::/64 of peer 10.0.0.3 (cluster store)"
+        );
+        let limits = plan::Limits {
+            routes6: 1,
+            ..plan::Limits::DATAPATH
+        };
+        assert_eq!(
+            peers(&sources, &limits).expect_err("routes6"),
+            PeerError::TooManyRoutes6 { count: 2, max: 1 }
+        );
+    }
+
+    #[test]
     fn gathered_peers_must_fit_the_maps() {
         let a = [peer("10.0.0.2=10.1.0.0/16,10.2.0.0/16")];
         let b = [peer("10.0.0.3=10.3.0.0/16")];
@@ -223,6 +298,7 @@ mod tests {
         let limits = |peer_hosts, routes| plan::Limits {
             peer_hosts,
             routes,
+            routes6: 1,
             endpoints: 1,
         };
         assert!(peers(&sources, &limits(2, 3)).is_ok());

@@ -453,6 +453,7 @@ pub fn plan(view: &View, me: &Me, locals: &BTreeSet<Ipv4Net>, config: &[PeerConf
             p.peers.push(PeerConfig {
                 host: h.record.underlay,
                 subnets,
+                subnets6: Vec::new(),
             });
         }
     }
@@ -538,6 +539,7 @@ mod tests {
             [PeerConfig {
                 host: "172.16.91.132".parse().expect("ip"),
                 subnets: vec![net("10.9.0.0/16"), net("192.168.220.0/24")],
+                subnets6: Vec::new(),
             }]
         );
         assert!(p.skipped.is_empty() && p.conflicts.is_empty(), "{p:?}");
@@ -584,6 +586,7 @@ mod tests {
         let cfg = [PeerConfig {
             host: "172.16.91.150".parse().expect("ip"),
             subnets: vec![net("10.6.0.0/24")],
+            subnets6: Vec::new(),
         }];
         let p = me_plan(&b.view(), &["192.168.110.0/24"], &cfg);
         assert!(p.peers.is_empty(), "{:?}", p.peers);

@@ -20,7 +20,10 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
     registry::{Registry, Unit},
 };
-use xhost_common::{MAP_ENDPOINTS, MAP_LOCAL_NETS, MAP_PEER_HOSTS, MAP_ROUTES, MAP_UNDERLAY_ADDRS};
+use xhost_common::{
+    MAP_ENDPOINTS, MAP_ENDPOINTS6, MAP_LOCAL_NETS, MAP_LOCAL_NETS6, MAP_PEER_HOSTS, MAP_ROUTES,
+    MAP_ROUTES6, MAP_UNDERLAY_ADDRS,
+};
 
 use crate::{
     layout::Layout,
@@ -147,7 +150,18 @@ fn verdict_reason(name: &str) -> (&str, &str) {
 }
 
 fn count_lpm<V: aya::Pod>(layout: &Layout, name: &'static str) -> anyhow::Result<u64> {
-    let m: LpmTrie<MapData, [u8; 4], V> = crate::datapath::open_pinned(layout, name)
+    count_lpm_keyed::<[u8; 4], V>(layout, name)
+}
+
+fn count_lpm6<V: aya::Pod>(layout: &Layout, name: &'static str) -> anyhow::Result<u64> {
+    count_lpm_keyed::<[u8; 16], V>(layout, name)
+}
+
+fn count_lpm_keyed<K: aya::Pod, V: aya::Pod>(
+    layout: &Layout,
+    name: &'static str,
+) -> anyhow::Result<u64> {
+    let m: LpmTrie<MapData, K, V> = crate::datapath::open_pinned(layout, name)
         .and_then(TryInto::try_into)
         .with_context(|| format!("opening {name}"))?;
     let mut n = 0;
@@ -159,7 +173,18 @@ fn count_lpm<V: aya::Pod>(layout: &Layout, name: &'static str) -> anyhow::Result
 }
 
 fn count_hash<V: aya::Pod>(layout: &Layout, name: &'static str) -> anyhow::Result<u64> {
-    let m: HashMap<MapData, [u8; 4], V> = crate::datapath::open_pinned(layout, name)
+    count_hash_keyed::<[u8; 4], V>(layout, name)
+}
+
+fn count_hash6<V: aya::Pod>(layout: &Layout, name: &'static str) -> anyhow::Result<u64> {
+    count_hash_keyed::<[u8; 16], V>(layout, name)
+}
+
+fn count_hash_keyed<K: aya::Pod, V: aya::Pod>(
+    layout: &Layout,
+    name: &'static str,
+) -> anyhow::Result<u64> {
+    let m: HashMap<MapData, K, V> = crate::datapath::open_pinned(layout, name)
         .and_then(TryInto::try_into)
         .with_context(|| format!("opening {name}"))?;
     let mut n = 0;
@@ -176,12 +201,15 @@ impl Snapshot {
         let counters = crate::report::read_counters(layout)?;
         let mut maps = Vec::new();
         type Count = fn(&Layout, &'static str) -> anyhow::Result<u64>;
-        let tables: [(&'static str, Count); 5] = [
+        let tables: [(&'static str, Count); 8] = [
             (MAP_ROUTES, count_lpm::<xhost_common::Peer>),
             (MAP_LOCAL_NETS, count_lpm::<xhost_common::LocalNet>),
             (MAP_ENDPOINTS, count_hash::<xhost_common::Endpoint>),
             (MAP_PEER_HOSTS, count_hash::<xhost_common::PeerHost>),
             (MAP_UNDERLAY_ADDRS, count_hash::<u32>),
+            (MAP_ROUTES6, count_lpm6::<xhost_common::Peer>),
+            (MAP_LOCAL_NETS6, count_lpm6::<xhost_common::LocalNet>),
+            (MAP_ENDPOINTS6, count_hash6::<xhost_common::Endpoint>),
         ];
         for (name, count) in tables {
             let path = layout.map(name);
@@ -288,6 +316,21 @@ impl Snapshot {
             "endpoints",
             "Local containers the datapath delivers to directly (ENDPOINTS)",
             gauge(self.entries(MAP_ENDPOINTS)),
+        );
+        r.register(
+            "routes6",
+            "Remote IPv6 container prefixes in the datapath (ROUTES6)",
+            gauge(self.entries(MAP_ROUTES6)),
+        );
+        r.register(
+            "local_subnets6",
+            "This host's IPv6 container subnets in the datapath (LOCAL_NETS6)",
+            gauge(self.entries(MAP_LOCAL_NETS6)),
+        );
+        r.register(
+            "endpoints6",
+            "Local containers' IPv6 addresses the datapath delivers to directly (ENDPOINTS6)",
+            gauge(self.entries(MAP_ENDPOINTS6)),
         );
         r.register(
             "peers",
@@ -423,11 +466,18 @@ mod tests {
         );
         let s = Snapshot {
             counters,
-            maps: vec![MapFill {
-                name: MAP_ROUTES,
-                entries: 3,
-                capacity: 131_072,
-            }],
+            maps: vec![
+                MapFill {
+                    name: MAP_ROUTES,
+                    entries: 3,
+                    capacity: 131_072,
+                },
+                MapFill {
+                    name: MAP_ROUTES6,
+                    entries: 2,
+                    capacity: 16_384,
+                },
+            ],
             attached: Vec::new(),
             agent: None,
             peers: vec![PeerCounterRow {
@@ -455,6 +505,10 @@ mod tests {
             "xhost_peer_bytes_total{peer=\"10.0.0.2\",direction=\"tx\"} 700",
             "xhost_map_entries{map=\"ROUTES\"} 3",
             "xhost_map_capacity{map=\"ROUTES\"} 131072",
+            "xhost_routes6 2",
+            "xhost_map_entries{map=\"ROUTES6\"} 2",
+            "xhost_map_capacity{map=\"ROUTES6\"} 16384",
+            "xhost_endpoints6 0",
             "xhost_build_info{version=\"",
             "# EOF",
         ] {

@@ -7,16 +7,16 @@ pub mod neighbours;
 pub mod recipe;
 pub mod routes;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use xhost_common::Endpoint;
 
 use crate::{
     datapath::{Datapath, DatapathError},
-    net::Ipv4Net,
+    net::{Ipv4Net, Ipv6Net},
     plan::{Neighbour, Writer},
 };
-pub use routes::{KernelRoute, KernelRouteError, KernelRoutes};
+pub use routes::{KernelRoute, KernelRoute6, KernelRouteError, KernelRoutes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -95,5 +95,37 @@ impl Writer for KernelWriter<'_> {
 
     fn set_neighbours(&mut self, neighbours: &[Neighbour]) {
         neighbours::settle(self.routes.netlink(), neighbours);
+    }
+
+    fn set_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), WriteError> {
+        Ok(self.dp.set_route6(net, peer)?)
+    }
+
+    fn remove_route6(&mut self, net: &Ipv6Net) -> Result<(), WriteError> {
+        Ok(self.dp.remove_route6(net)?)
+    }
+
+    fn add_kernel_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), WriteError> {
+        Ok(self.routes.add6(net, peer)?)
+    }
+
+    fn remove_kernel_route6(&mut self, net: &Ipv6Net) {
+        self.routes.remove6(net);
+    }
+
+    fn set_local6(&mut self, net: &Ipv6Net, bridge_ifindex: u32) -> Result<(), WriteError> {
+        Ok(self.dp.set_local6(net, bridge_ifindex)?)
+    }
+
+    fn remove_local6(&mut self, net: &Ipv6Net) -> Result<(), WriteError> {
+        Ok(self.dp.remove_local6(net)?)
+    }
+
+    fn set_endpoint6(&mut self, ip: Ipv6Addr, ep: Endpoint) -> Result<(), WriteError> {
+        Ok(self.dp.set_endpoint6(ip, ep)?)
+    }
+
+    fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<(), WriteError> {
+        Ok(self.dp.remove_endpoint6(ip)?)
     }
 }

@@ -25,7 +25,12 @@
 //! crate wraps the same binary without it, and both honour the host's
 //! backend choice (nf_tables or legacy) as Docker's own rules do.
 
-use std::{collections::BTreeSet, io, net::Ipv4Addr, process::Command};
+use std::{
+    collections::BTreeSet,
+    io,
+    net::{Ipv4Addr, Ipv6Addr},
+    process::Command,
+};
 
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
@@ -33,7 +38,7 @@ use xhost_common::Endpoint;
 
 use super::KernelRoutes;
 use crate::{
-    net::Ipv4Net,
+    net::{Ipv4Net, Ipv6Net},
     plan::{Neighbour, Writer},
 };
 
@@ -397,6 +402,40 @@ impl Writer for RecipeWriter<'_> {
     }
 
     fn set_neighbours(&mut self, _neighbours: &[Neighbour]) {}
+
+    // IPv6 subnets get their kernel routes; xhost's chains are iptables
+    // (IPv4) only, so nothing else is written for them.
+    fn set_route6(&mut self, _net: &Ipv6Net, _peer: Ipv4Addr) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn remove_route6(&mut self, _net: &Ipv6Net) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn add_kernel_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), Self::Error> {
+        Ok(self.routes.add6(net, peer)?)
+    }
+
+    fn remove_kernel_route6(&mut self, net: &Ipv6Net) {
+        self.routes.remove6(net);
+    }
+
+    fn set_local6(&mut self, _net: &Ipv6Net, _bridge_ifindex: u32) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn remove_local6(&mut self, _net: &Ipv6Net) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn set_endpoint6(&mut self, _ip: Ipv6Addr, _ep: Endpoint) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn remove_endpoint6(&mut self, _ip: Ipv6Addr) -> Result<(), Self::Error> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,11 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use log::warn;
 
-use crate::{net::Ipv4Net, netlink::Rtnl, tunnel::RouteDevice};
+use crate::{
+    net::{Ipv4Net, Ipv6Net},
+    netlink::Rtnl,
+    tunnel::RouteDevice,
+};
 
 /// A kernel route xhost added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -19,10 +23,21 @@ pub struct KernelRoute {
     pub oif: u32,
 }
 
+/// An IPv6 kernel route xhost added: a peer's IPv6 subnet on the route
+/// device's link (Linux routes no IPv6 prefix via an IPv4 next hop).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KernelRoute6 {
+    pub prefix: Ipv6Net,
+    /// The peer host whose subnet it is.
+    pub peer: Ipv4Addr,
+    pub oif: u32,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("kernel route {net} (peer {peer})")]
 pub struct KernelRouteError {
-    pub net: Ipv4Net,
+    /// The prefix, of either family.
+    pub net: String,
     pub peer: Ipv4Addr,
     #[source]
     pub source: std::io::Error,
@@ -33,6 +48,7 @@ pub struct KernelRoutes {
     dev: RouteDevice,
     /// By prefix: one route per prefix, found at once when it goes.
     added: BTreeMap<Ipv4Net, KernelRoute>,
+    added6: BTreeMap<Ipv6Net, KernelRoute6>,
     keep: bool,
     /// The writer's request socket, in the namespace `new` was called in.
     rtnl: Rtnl,
@@ -44,6 +60,7 @@ impl KernelRoutes {
         Ok(Self {
             dev,
             added: BTreeMap::new(),
+            added6: BTreeMap::new(),
             keep: false,
             rtnl: Rtnl::open()?,
         })
@@ -56,9 +73,14 @@ impl KernelRoutes {
 
     /// Takes over the routes an adopted datapath's agent added (from its
     /// state file), so that they are deleted with this instance's.
-    pub fn adopt(dev: RouteDevice, added: Vec<KernelRoute>) -> std::io::Result<Self> {
+    pub fn adopt(
+        dev: RouteDevice,
+        added: Vec<KernelRoute>,
+        added6: Vec<KernelRoute6>,
+    ) -> std::io::Result<Self> {
         let mut routes = Self::new(dev)?;
         routes.added = added.into_iter().map(|r| (r.prefix, r)).collect();
+        routes.added6 = added6.into_iter().map(|r| (r.prefix, r)).collect();
         Ok(routes)
     }
 
@@ -72,7 +94,7 @@ impl KernelRoutes {
     /// forwards all the same.
     pub fn add(&mut self, net: &Ipv4Net, peer: Ipv4Addr) -> Result<(), KernelRouteError> {
         let err = |source| KernelRouteError {
-            net: *net,
+            net: net.to_string(),
             peer,
             source,
         };
@@ -106,23 +128,71 @@ impl KernelRoutes {
         }
     }
 
+    /// Adds the IPv6 kernel route of `peer`'s subnet `net`: `net dev
+    /// underlay proto 177` (or `dev xhost_vxlan`). Linux has no IPv6 route
+    /// via an IPv4 next hop (it refuses `via inet`), so the route is on the
+    /// link; the datapath never uses it (it forwards to the peer's IPv4
+    /// address itself). It lets the kernel answer what the datapath hands
+    /// it, hop limit expiry (time exceeded) and Packet Too Big, instead of
+    /// "no route".
+    pub fn add6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), KernelRouteError> {
+        match self.rtnl.add_route6(net, self.dev.oif) {
+            Ok(()) => {
+                let route = KernelRoute6 {
+                    prefix: *net,
+                    peer,
+                    oif: self.dev.oif,
+                };
+                self.added6.insert(*net, route);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                warn!("a route for {net} exists already; leaving it as it is");
+                Ok(())
+            }
+            Err(source) => Err(KernelRouteError {
+                net: net.to_string(),
+                peer,
+                source,
+            }),
+        }
+    }
+
+    /// Deletes the IPv6 kernel route this instance added for `net`, if it did.
+    pub fn remove6(&mut self, net: &Ipv6Net) {
+        if let Some(gone) = self.added6.remove(net) {
+            delete6_with(&mut self.rtnl, &[gone]);
+        }
+    }
+
     /// Puts back the routes the kernel flushed: it deletes every route
     /// through a device that goes down (without a notification), so after
     /// an underlay flap they are gone. All go together, so one probe (adding
     /// the first again) tells; the rest follow only if it was gone. Until
     /// the device is up again the add fails and the next change retries.
     pub fn restore(&mut self) {
-        let mut routes = self.added.values();
-        let Some(first) = routes.next() else {
-            return;
-        };
         let rtnl = &mut self.rtnl;
-        match rtnl.add_route(&first.prefix, first.via, first.oif) {
+        let mut routes = self.added.values();
+        let probe = match routes.next() {
+            Some(first) => rtnl.add_route(&first.prefix, first.via, first.oif),
+            None => match self.added6.values().next() {
+                Some(first) => rtnl.add_route6(&first.prefix, first.oif),
+                None => return,
+            },
+        };
+        match probe {
             Ok(()) => {}
             // Still there (or the device is not back yet).
             Err(_) => return,
         }
         let mut back = 1;
+        for r in self.added6.values() {
+            match rtnl.add_route6(&r.prefix, r.oif) {
+                Ok(()) => back += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => warn!("putting back kernel route {}: {e}", r.prefix),
+            }
+        }
         for r in routes {
             match rtnl.add_route(&r.prefix, r.via, r.oif) {
                 Ok(()) => back += 1,
@@ -140,6 +210,11 @@ impl KernelRoutes {
         self.added.values().copied().collect()
     }
 
+    /// The IPv6 routes this instance added, by prefix.
+    pub fn list6(&self) -> Vec<KernelRoute6> {
+        self.added6.values().copied().collect()
+    }
+
     /// Leaves the routes in place when this value is dropped (`load
     /// --detach`); `xhost-user unload` deletes them from the state file.
     pub fn keep(mut self) {
@@ -152,6 +227,8 @@ impl Drop for KernelRoutes {
         if !self.keep {
             let added = self.list();
             delete_with(&mut self.rtnl, &added);
+            let added6 = self.list6();
+            delete6_with(&mut self.rtnl, &added6);
         }
     }
 }
@@ -161,6 +238,28 @@ pub fn delete(routes: &[KernelRoute]) {
     match Rtnl::open() {
         Ok(mut rtnl) => delete_with(&mut rtnl, routes),
         Err(e) => warn!("deleting {} kernel route(s): {e}", routes.len()),
+    }
+}
+
+/// Deletes IPv6 routes [`KernelRoutes::add6`] made; already gone is fine.
+pub fn delete6(routes: &[KernelRoute6]) {
+    if routes.is_empty() {
+        return;
+    }
+    match Rtnl::open() {
+        Ok(mut rtnl) => delete6_with(&mut rtnl, routes),
+        Err(e) => warn!("deleting {} kernel route(s): {e}", routes.len()),
+    }
+}
+
+fn delete6_with(rtnl: &mut Rtnl, routes: &[KernelRoute6]) {
+    for r in routes {
+        match rtnl.delete_route6(&r.prefix, r.oif) {
+            Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+                warn!("deleting route {}: {e}", r.prefix)
+            }
+            _ => {}
+        }
     }
 }
 

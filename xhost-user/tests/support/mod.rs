@@ -4,14 +4,17 @@
 //!
 //! ```text
 //!   br0  192.168.110.1/24 (bridge; neighbour 192.168.110.12 permanent)
+//!        fd00:110::1/64          neighbour fd00:110::12 permanent)
 //!   ul0  172.16.91.131/24 (veth;   neighbour 172.16.91.132 permanent,
 //!                                   172.16.91.133 unresolved)
 //! ```
 //!
-//! with the object loaded and its maps holding the routes to 192.168.220.0/24
-//! (peer .132) and 192.168.230.0/24 (peer .133), the local subnet
-//! 192.168.110.0/24 on br0, the endpoint 192.168.110.11 behind br0 (armed),
-//! the peer host .132 and the underlay address .131 on ul0.
+//! with IPv4 and IPv6 forwarding on, the object loaded and its maps holding
+//! the routes to 192.168.220.0/24 and fd00:220::/64 (peer .132) and
+//! 192.168.230.0/24 and fd00:230::/64 (peer .133), the local subnets
+//! 192.168.110.0/24 and fd00:110::/64 on br0, the endpoints 192.168.110.11
+//! and fd00:110::11 behind br0 (armed), the peer host .132 and the
+//! underlay address .131 on ul0.
 #![allow(dead_code, reason = "each includer uses its own part")]
 
 use std::{process::Command, time::Duration};
@@ -100,6 +103,10 @@ pub fn enter_test_host() {
         "ip neigh replace 172.16.91.132 lladdr 02:00:00:00:00:32 nud permanent dev ul0",
         "ip neigh replace 192.168.110.12 lladdr 02:00:00:00:00:12 nud permanent dev br0",
         "sysctl -qw net.ipv4.ip_forward=1",
+        "ip addr add fd00:110::1/64 dev br0 nodad",
+        "ip neigh replace fd00:110::12 lladdr 02:00:00:00:00:12 nud permanent dev br0",
+        // After the devices: `all` sets every existing one.
+        "sysctl -qw net.ipv6.conf.all.forwarding=1",
     ] {
         sh(&cmd.split(' ').collect::<Vec<_>>());
     }
@@ -213,6 +220,7 @@ pub fn fill_maps(ebpf: &mut Ebpf) {
         _pad: [0; 4],
     };
     eps.insert([192, 168, 110, 11], ep, 0).expect("insert");
+    fill_maps6(ebpf, ep);
     // Its veth (br0 here) is armed, as the agent arms it once written.
     let mut ports: HashMap<_, u32, u32> = ebpf
         .map_mut("ENDPOINT_PORTS")
@@ -238,6 +246,45 @@ pub fn fill_maps(ebpf: &mut Ebpf) {
     addrs
         .insert([172, 16, 91, 131], ifindex("ul0"), 0)
         .expect("insert");
+}
+
+/// The IPv6 side of [`fill_maps`].
+fn fill_maps6(ebpf: &mut Ebpf, ep: Endpoint) {
+    let v6 = |a: &str| a.parse::<std::net::Ipv6Addr>().expect("address").octets();
+    let mut routes: LpmTrie<_, [u8; 16], Peer> = ebpf
+        .map_mut("ROUTES6")
+        .expect("ROUTES6")
+        .try_into()
+        .expect("lpm");
+    for (prefix, host) in [
+        ("fd00:220::", [172, 16, 91, 132]),
+        ("fd00:230::", [172, 16, 91, 133]),
+    ] {
+        routes
+            .insert(&Key::new(64, v6(prefix)), Peer { host, flags: 0 }, 0)
+            .expect("insert");
+    }
+    let mut local: LpmTrie<_, [u8; 16], LocalNet> = ebpf
+        .map_mut("LOCAL_NETS6")
+        .expect("LOCAL_NETS6")
+        .try_into()
+        .expect("lpm");
+    local
+        .insert(
+            &Key::new(64, v6("fd00:110::")),
+            LocalNet {
+                bridge_ifindex: ifindex("br0"),
+                flags: 0,
+            },
+            0,
+        )
+        .expect("insert");
+    let mut eps: HashMap<_, [u8; 16], Endpoint> = ebpf
+        .map_mut("ENDPOINTS6")
+        .expect("ENDPOINTS6")
+        .try_into()
+        .expect("hash");
+    eps.insert(v6("fd00:110::11"), ep, 0).expect("insert");
 }
 
 /// The IPv4 header of the test frames, `src` to `dst`: ID 0x1234, DF, no

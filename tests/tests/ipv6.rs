@@ -1,0 +1,148 @@
+//! The agent's IPv6 side on the two-host netns topology: IPv6 peer subnets
+//! from the config become `ROUTES6` entries and kernel routes on the
+//! underlay (`proto 177`; Linux has no IPv6 route via an IPv4 next hop),
+//! follow a SIGHUP, and leave with the agent. Needs root; `--test-threads=1`.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use xhost_tests::{
+    NetNs, Topology, TopologyOpts,
+    xhost::{Agent, AgentDirs, wait_status},
+};
+
+fn topology() -> Topology {
+    assert!(
+        xhost_tests::is_root(),
+        "these tests load eBPF programs and build namespaces: run as root (cargo xtask test)"
+    );
+    Topology::two_hosts(TopologyOpts::default()).expect("build two-host topology")
+}
+
+/// xhost's IPv6 kernel routes in `ns`, as `ip -6 route` prints them
+/// (`prefix dev ens33 ...`), trimmed to `prefix dev device`.
+fn kernel_routes6(ns: &NetNs) -> Vec<String> {
+    let mut routes: Vec<String> = ns
+        .run(&["ip", "-6", "route", "show", "proto", "177"])
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 3 && w[1] == "dev").then(|| format!("{} dev {}", w[0], w[2]))
+        })
+        .collect();
+    routes.sort();
+    routes
+}
+
+/// `ROUTES6` as `status --json` shows it, as `prefix via peer`.
+fn routes6(s: &serde_json::Value) -> Vec<String> {
+    s["routes6"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            format!(
+                "{} via {}",
+                r["prefix"].as_str().unwrap_or_default(),
+                r["peer"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+fn wait_routes6(ns: &NetNs, dirs: &AgentDirs, want: &[String]) -> serde_json::Value {
+    wait_status(ns, dirs, "ROUTES6", Duration::from_secs(5), |s| {
+        routes6(s) == want
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+    .0
+}
+
+/// A config file, removed when dropped.
+struct ConfigFile(std::path::PathBuf);
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn ipv6_peer_subnets_get_routes6_and_kernel_routes() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let cfg =
+        ConfigFile(std::env::temp_dir().join(format!("xhost-ipv6-{}.toml", std::process::id())));
+    let head = format!(
+        "iface = \"{}\"\nbridges = [\"{}\"]\ndocker = false\n",
+        a.underlay_iface(),
+        a.bridge()
+    );
+    let peer = |subnets: &str| {
+        format!(
+            "{head}[[peer]]\nhost = \"{}\"\nsubnets = [{subnets}]\n",
+            b.underlay_ip()
+        )
+    };
+    // Dual-stack: B's IPv4 subnet and two IPv6 ones in one list.
+    std::fs::write(
+        &cfg.0,
+        peer(&format!(
+            "\"{}\", \"fd00:b::/64\", \"fd00:b:0:1::/64\"",
+            b.subnet()
+        )),
+    )
+    .expect("write config");
+    let cfg_arg = cfg.0.display().to_string();
+    let agent = Agent::start(a.ns(), a.role(), &["--config", &cfg_arg]).expect("load");
+    let via = b.underlay_ip().to_string();
+    let both = [
+        format!("fd00:b::/64 via {via}"),
+        format!("fd00:b:0:1::/64 via {via}"),
+    ];
+    let s = wait_routes6(a.ns(), &agent.dirs, &both);
+    assert_eq!(
+        s["routes"][0]["prefix"].as_str(),
+        Some(b.subnet().to_string().as_str()),
+        "the IPv4 subnet is routed as before: {s}"
+    );
+    let dev = a.underlay_iface();
+    let (kernel_b, kernel_b1) = (
+        format!("fd00:b::/64 dev {dev}"),
+        format!("fd00:b:0:1::/64 dev {dev}"),
+    );
+    // Sorted as text.
+    assert_eq!(
+        kernel_routes6(a.ns()),
+        [kernel_b1, kernel_b.clone()],
+        "kernel routes, proto 177"
+    );
+    // The counters status shows include IPv6's.
+    for name in ["fwd_egress6", "fwd_ingress6"] {
+        assert!(s["counters"].get(name).is_some(), "{name} missing: {s}");
+    }
+
+    // One IPv6 subnet out: its map entry and kernel route go, the other stays.
+    std::fs::write(
+        &cfg.0,
+        peer(&format!("\"{}\", \"fd00:b::/64\"", b.subnet())),
+    )
+    .expect("write config");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    wait_routes6(a.ns(), &agent.dirs, &both[..1]);
+    assert_eq!(kernel_routes6(a.ns()), [kernel_b]);
+
+    // Stopped: no pin, run file or kernel route of either family left.
+    let (status, left) = agent.stop_with(Signal::SIGINT).expect("stop");
+    assert!(status.success(), "agent exit: {status:?}");
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(kernel_routes6(a.ns()), Vec::<String>::new());
+    assert_eq!(
+        a.ns().run(&["ip", "route", "show", "proto", "177"]),
+        "",
+        "IPv4 kernel routes gone too"
+    );
+}
