@@ -1012,6 +1012,12 @@ fn the_unit_starts_again_after_the_agent_was_killed() {
     let mut restarted =
         Agent::spawn_opts(a.ns(), a.role(), dirs.clone(), &args, &opts).expect("start again");
     restarted.wait_ready().expect("ready again");
+    // The line is logged (stderr) before `ready` (stdout), but the two are
+    // read by threads of their own: wait for it, as adopt.rs's `log_has`.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !restarted.output().contains("adopted the pinned datapath") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         restarted.output().contains("adopted the pinned datapath"),
         "{}",
