@@ -12,7 +12,7 @@ use std::{
     ffi::OsStr,
     fs::{self, File, OpenOptions},
     io::{Read as _, Write as _},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::unix::{fs::PermissionsExt as _, net::UnixStream, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
@@ -307,10 +307,16 @@ impl Engine {
 
     /// `ping -c count` from a running container to `dst` (200 ms apart, 1 s for the last
     /// reply), as [`crate::ping`] does for a namespace.
-    pub fn ping_from(&self, container: &str, dst: Ipv4Addr, count: u32) -> Result<PingStats> {
+    /// `dst` may be IPv6.
+    pub fn ping_from(
+        &self,
+        container: &str,
+        dst: impl Into<IpAddr>,
+        count: u32,
+    ) -> Result<PingStats> {
         cmd::require_tool("ping", "iputils-ping")?;
-        let out =
-            cmd::output(&mut self.in_container(container, &crate::probe::ping_args(dst, count))?)?;
+        let args = crate::probe::ping_args(dst.into(), count);
+        let out = cmd::output(&mut self.in_container(container, &args)?)?;
         Ok(crate::probe::ping_stats(&out))
     }
 
@@ -757,9 +763,16 @@ pub fn parse_docker_time(s: &str) -> Result<SystemTime> {
 pub fn tcp_transfer(
     from: (&Engine, &str),
     to: (&Engine, &str),
-    to_ip: Ipv4Addr,
+    to_ip: impl Into<IpAddr>,
     opts: &TransferOpts,
 ) -> Result<Transfer> {
+    let to_ip = to_ip.into();
+    // The receiver listens on the destination's family only, so it reports an IPv4
+    // sender as such (not `::ffff:a.b.c.d`).
+    let bind = match to_ip {
+        IpAddr::V4(_) => "0.0.0.0",
+        IpAddr::V6(_) => "::",
+    };
     let bin = match &opts.probe {
         Some(p) => p.clone(),
         None => crate::probe::probe_bin()?,
@@ -773,6 +786,8 @@ pub fn tcp_transfer(
             "tcp-recv".as_ref(),
             "--port".as_ref(),
             port.as_ref(),
+            "--bind".as_ref(),
+            bind.as_ref(),
             "--timeout".as_ref(),
             secs.as_ref(),
         ],

@@ -44,12 +44,13 @@ impl PingStats {
 /// the last reply. An unreachable destination is not an error: it shows as `received == 0`.
 pub fn ping(ns: &NetNs, dst: Ipv4Addr, count: u32) -> Result<PingStats> {
     cmd::require_tool("ping", "iputils-ping")?;
-    let out = ns.exec(&ping_args(dst, count))?;
+    let out = ns.exec(&ping_args(dst.into(), count))?;
     Ok(ping_stats(&out))
 }
 
-/// The `ping` command line both [`ping`] and the Docker harness run.
-pub(crate) fn ping_args(dst: Ipv4Addr, count: u32) -> Vec<String> {
+/// The `ping` command line both [`ping`] and the Docker harness run (iputils `ping`
+/// takes either family's address).
+pub(crate) fn ping_args(dst: IpAddr, count: u32) -> Vec<String> {
     let count = count.max(1).to_string();
     [
         "ping",

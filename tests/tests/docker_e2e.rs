@@ -26,7 +26,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     panic::{AssertUnwindSafe, catch_unwind},
     path::{Path, PathBuf},
     process::{Child, Stdio},
@@ -201,17 +201,16 @@ impl Testbed {
     }
 
     fn start_agent_with(&mut self, i: usize, config: &Path) {
+        let config = config.display().to_string();
+        self.start_agent_args(i, &["--config", &config]);
+    }
+
+    /// `xhost-user load --iface ens33 --docker-host <engine> <extra>` on host i.
+    fn start_agent_args(&mut self, i: usize, extra: &[&str]) {
         let host = &self.topo.hosts()[i];
         let docker = self.engines[i].host();
-        let config = config.display().to_string();
-        let args = [
-            "--iface",
-            host.underlay_iface(),
-            "--docker-host",
-            &docker,
-            "--config",
-            &config,
-        ];
+        let mut args = vec!["--iface", host.underlay_iface(), "--docker-host", &docker];
+        args.extend_from_slice(extra);
         let agent = Agent::start(host.ns(), host.role(), &args).expect("xhost-user load");
         self.agents[i] = Some(agent);
     }
@@ -1754,6 +1753,478 @@ fn vxlan_mode_serves_docker_containers() {
     }
     assert_both_ways_through_xhost(&tb, ip_a, ip_b, [45_311, 45_312]);
     tb.finish();
+}
+
+// --- IPv6 ------------------------------------------------------------------------------------
+
+/// Each host's dual-stack user network (`docker network create --ipv6`): its IPv4 and IPv6
+/// subnets. The IPv4 ones are not docker0's (`--bip`), which Docker refuses as overlapping.
+const DUAL_NETS: [(&str, &str); 2] = [
+    ("192.168.112.0/24", "fd00:110::/64"),
+    ("192.168.222.0/24", "fd00:220::/64"),
+];
+const DUAL: &str = "dual";
+
+/// `.NetworkSettings.Networks[network].<field>` of a container, parsed as IPv6.
+fn ipv6_field(engine: &Engine, container: &str, network: &str, field: &str) -> Ipv6Addr {
+    let fmt = format!("{{{{(index .NetworkSettings.Networks \"{network}\").{field}}}}}");
+    let out = engine.inspect(container, &fmt).expect("docker inspect");
+    out.parse()
+        .unwrap_or_else(|_| panic!("{container} on {network}: {field} is {out:?}"))
+}
+
+/// IPv6 address -> (MAC, ifindex) of the pinned ENDPOINTS6 map.
+fn endpoints6(s: &Value) -> BTreeMap<Ipv6Addr, (String, u32)> {
+    s["endpoints6"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                e["ip"].as_str()?.parse().ok()?,
+                (
+                    e["mac"].as_str()?.to_owned(),
+                    u32::try_from(e["ifindex"].as_u64()?).ok()?,
+                ),
+            ))
+        })
+        .collect()
+}
+
+/// `ROUTES6` as `prefix via peer`.
+fn routes6(s: &Value) -> Vec<String> {
+    s["routes6"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            format!(
+                "{} via {}",
+                r["prefix"].as_str().unwrap_or_default(),
+                r["peer"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// `LOCAL_NETS6` as (prefix, bridge ifindex).
+fn local_subnets6(s: &Value) -> Vec<(String, u64)> {
+    s["local_subnets6"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| {
+            Some((
+                l["prefix"].as_str()?.to_owned(),
+                l["bridge_ifindex"].as_u64()?,
+            ))
+        })
+        .collect()
+}
+
+fn counter_bytes(s: &Value, name: &str) -> u64 {
+    s["counters"][name]["bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name} in {s}"))
+}
+
+/// Waits until `show` (an `ip -6 addr show ... tentative` listing) is empty: duplicate
+/// address detection is over. Panics on a failed DAD or after `SETTLE`.
+#[track_caller]
+fn wait_dad_done(what: &str, mut show: impl FnMut() -> String) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let out = show();
+        assert!(!out.contains("dadfailed"), "{what}: DAD failed: {out}");
+        if out.trim().is_empty() {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < SETTLE,
+            "{what}: addresses still tentative after {SETTLE:?}: {out}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Packets through ip6tables' FORWARD chain of `ns` (its policy's and its rules'), from
+/// `ip6tables-save -c`.
+fn ip6_forward_packets(ns: &xhost_tests::NetNs) -> u64 {
+    let out = ns.run(&["ip6tables-save", "-c", "-t", "filter"]);
+    out.lines()
+        .filter(|l| l.starts_with(":FORWARD ") || l.contains("] -A FORWARD "))
+        .filter_map(|l| {
+            let (_, rest) = l.split_once('[')?;
+            let (packets, _) = rest.split_once(':')?;
+            packets.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// `conntrack -L -f ipv6` of `ns`: the entries whose original direction is `src -> dst`.
+fn conntrack6(ns: &xhost_tests::NetNs, src: Ipv6Addr, dst: Ipv6Addr) -> Vec<String> {
+    ns.run(&["conntrack", "-L", "-f", "ipv6"])
+        .lines()
+        .filter(|l| l.contains(&format!("src={src} dst={dst} ")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// IPv6 between Docker's dual-stack user networks on two real engines, native routing:
+/// each agent learns its network's IPv6 subnet and its container's IPv6 address from
+/// Docker, and routes the other host's IPv6 subnet given with `--peer HOST=V4,V6`.
+/// `status` shows `endpoints6` and `routes6`; ping6 and checksummed TCP go both ways
+/// with the sender's container address kept, through the datapath (`fwd_egress6` and
+/// `fwd_ingress6` move by at least what was sent), not the kernel's forwarding (no
+/// ip6tables FORWARD packet, no IPv6 conntrack entry, though a rule makes conntrack track
+/// IPv6 in the hosts); a hop limit of 1 is answered with time exceeded by host A.
+#[test]
+fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
+    let t_test = Instant::now();
+    let mut tb = Testbed::new([true, true]);
+    let mut ctr = Vec::new();
+    for i in 0..2 {
+        let ns = tb.host(i).ns();
+        // The kernel forwards IPv6 (what the datapath leaves to it, and its time
+        // exceeded) only with forwarding on; the bridge's NDP entries need IPv6 on.
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")
+            .expect("IPv6 forwarding");
+        assert_eq!(
+            ns.sysctl_get("net.ipv6.conf.all.disable_ipv6")
+                .expect("sysctl"),
+            "0",
+            "IPv6 disabled in {}",
+            tb.host(i).name()
+        );
+        // Docker 20.10 writes no ip6tables rules. This one accepts what the policy
+        // would, counts the kernel's IPv6 forwarding, and makes conntrack track IPv6
+        // in the namespace, so that an entry would show if the kernel saw the flows.
+        ns.run(&[
+            "ip6tables",
+            "-w",
+            "-A",
+            "FORWARD",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW,ESTABLISHED,RELATED,INVALID",
+            "-j",
+            "ACCEPT",
+        ]);
+        let e = tb.engine(i);
+        let (v4, v6) = DUAL_NETS[i];
+        let id = e
+            .docker_ok(&[
+                "network", "create", "--ipv6", "--subnet", v4, "--subnet", v6, DUAL,
+            ])
+            .expect("docker network create --ipv6");
+        let bridge = format!("br-{}", &id[..12]);
+        let name = ["a1", "b1"][i];
+        e.run_container(DUAL, None, name).expect("docker run");
+        let ep = e.container_endpoint(name, DUAL).expect("endpoint");
+        assert_eq!(ep.bridge, bridge, "{ep:?}");
+        let ip6 = ipv6_field(e, name, DUAL, "GlobalIPv6Address");
+        let gw6 = ipv6_field(e, name, DUAL, "IPv6Gateway");
+        let net6: ipnet::Ipv6Net = v6.parse().expect("v6 subnet");
+        assert!(net6.contains(&ip6) && net6.contains(&gw6), "{ip6} {gw6}");
+        // Duplicate address detection: the bridge (the gateway) and the container's
+        // eth0 answer neighbour solicitations only once it is over.
+        let dad_bridge = wait_dad_done(&bridge, || {
+            ns.run(&["ip", "-6", "addr", "show", "dev", &bridge, "tentative"])
+        });
+        let dad_ctr = wait_dad_done(name, || {
+            let c = e
+                .in_container(name, &["ip", "-6", "addr", "show", "tentative"])
+                .expect("nsenter");
+            cmd_stdout(c)
+        });
+        eprintln!(
+            "{name}: {} and {ip6} (gateway {gw6}) on {bridge}, ifindex {}; DAD over after {dad_bridge:?} (bridge), {dad_ctr:?} (container)",
+            ep.ip, ep.host_ifindex
+        );
+        ctr.push((name, ep, ip6, gw6, bridge, v6));
+    }
+    let (a1, b1) = (&ctr[0], &ctr[1]);
+    let (ip_a6, ip_b6) = (a1.2, b1.2);
+
+    // IPv6 conntrack is on in the hosts: host A's own ping6 to a1 leaves an entry.
+    let has_conntrack = [
+        "/usr/sbin/conntrack",
+        "/usr/bin/conntrack",
+        "/sbin/conntrack",
+    ]
+    .iter()
+    .any(|p| Path::new(p).is_file());
+    let host_a6: Ipv6Addr = a1.3;
+    let p = tb
+        .host(0)
+        .ns()
+        .run(&["ping", "-n", "-c", "1", "-W", "2", &ip_a6.to_string()]);
+    assert!(p.contains(" 1 received"), "host A -> a1: {p}");
+    if has_conntrack {
+        assert!(
+            !conntrack6(tb.host(0).ns(), host_a6, ip_a6).is_empty(),
+            "IPv6 conntrack is not tracking in host A: {}",
+            tb.host(0).ns().run(&["conntrack", "-L", "-f", "ipv6"])
+        );
+    } else {
+        eprintln!("conntrack-tools missing: the conntrack checks are skipped");
+    }
+
+    for i in 0..2 {
+        let peer = tb.host(1 - i);
+        let (v4, v6) = DUAL_NETS[1 - i];
+        let spec = format!("{}={v4},{v6}", peer.underlay_ip());
+        tb.start_agent_args(i, &["--peer", &spec]);
+    }
+    for (i, c) in ctr.iter().enumerate() {
+        let (name, ep, ip6, _, bridge, v6) = c;
+        let peer = tb.host(1 - i);
+        let want_route = format!("{} via {}", DUAL_NETS[1 - i].1, peer.underlay_ip());
+        let bridge_ifindex = u64::from(tb.host(i).ns().ifindex(bridge).expect("bridge ifindex"));
+        let (s, took) = tb.wait(i, "the container in ENDPOINTS6", SETTLE, |s| {
+            connected(s)
+                && endpoints6(s).contains_key(ip6)
+                && endpoints(s).contains_key(&ep.ip)
+                && routes6(s) == [want_route.clone()]
+        });
+        eprintln!("host {i}: {name}'s IPv6 endpoint in the map {took:?} after `ready`");
+        assert_eq!(
+            endpoints6(&s)[ip6],
+            (ep.mac.clone(), ep.host_ifindex),
+            "{name}'s ENDPOINTS6 entry: its MAC and host veth ({ep:?})"
+        );
+        assert!(
+            local_subnets6(&s).contains(&((*v6).to_owned(), bridge_ifindex)),
+            "{v6} on {bridge} ({bridge_ifindex}) not in local_subnets6: {s}"
+        );
+        assert!(
+            status_routes(&s).contains(&(
+                DUAL_NETS[1 - i].0.to_owned(),
+                peer.underlay_ip().to_string()
+            )),
+            "the IPv4 subnet of the same --peer: {s}"
+        );
+        let kernel = tb
+            .host(i)
+            .ns()
+            .run(&["ip", "-6", "route", "show", "proto", "177"]);
+        assert!(
+            kernel.starts_with(&format!(
+                "{} dev {}",
+                DUAL_NETS[1 - i].1,
+                tb.host(i).underlay_iface()
+            )),
+            "the kernel route of the peer's IPv6 subnet: {kernel:?}"
+        );
+    }
+
+    // The datapath forwards IPv6 to a peer once the peer host's IPv4 neighbour is
+    // resolved (the next hop is IPv4; `pass_fib6` before): the agent asks the kernel to
+    // resolve it, as no IPv6 packet the kernel forwards would.
+    for i in 0..2 {
+        let (ns, dev) = (tb.host(i).ns(), tb.host(i).underlay_iface());
+        let peer = tb.host(1 - i).underlay_ip().to_string();
+        let t0 = Instant::now();
+        loop {
+            let n = ns.run(&["ip", "-4", "neigh", "show", &peer, "dev", dev]);
+            if n.contains("lladdr") {
+                eprintln!("host {i}: {} {:?} after the routes", n.trim(), t0.elapsed());
+                break;
+            }
+            assert!(
+                t0.elapsed() < SETTLE,
+                "host {i}: peer {peer} not resolved on {dev}: {n:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    let (ea, eb) = (tb.engine(0), tb.engine(1));
+    let fwd0 = [
+        ip6_forward_packets(tb.host(0).ns()),
+        ip6_forward_packets(tb.host(1).ns()),
+    ];
+    let c0 = (tb.status(0), tb.status(1));
+    // ping6 both ways, from cold: nothing has crossed the underlay yet.
+    let pings = 5;
+    let t = Instant::now();
+    let p_ab = ea.ping_from("a1", ip_b6, pings).expect("ping6");
+    let counters = |i: usize| tb.status(i)["counters"].to_string();
+    assert!(
+        p_ab.all_received(),
+        "a1 -> b1 {ip_b6}: {p_ab:?}\nA: {}\nB: {}",
+        counters(0),
+        counters(1)
+    );
+    let p_ba = eb.ping_from("b1", ip_a6, pings).expect("ping6");
+    assert!(
+        p_ba.all_received(),
+        "b1 -> a1 {ip_a6}: {p_ba:?}\nA: {}\nB: {}",
+        counters(0),
+        counters(1)
+    );
+    // The replies come from the other container's own address.
+    assert!(
+        p_ab.output.contains(&format!("from {ip_b6}: icmp_seq=")),
+        "{}",
+        p_ab.output
+    );
+    assert!(
+        p_ba.output.contains(&format!("from {ip_a6}: icmp_seq=")),
+        "{}",
+        p_ba.output
+    );
+    eprintln!(
+        "ping6 a1 -> b1 {}/{} (avg {:?} ms), b1 -> a1 {}/{} (avg {:?} ms), {:?}",
+        p_ab.received,
+        p_ab.transmitted,
+        p_ab.rtt_avg_ms,
+        p_ba.received,
+        p_ba.transmitted,
+        p_ba.rtt_avg_ms,
+        t.elapsed()
+    );
+    let c1 = (tb.status(0), tb.status(1));
+    let moved =
+        |before: &Value, after: &Value, name: &str| counter(after, name) - counter(before, name);
+    // Each way carried both pings' requests or replies.
+    let sent = u64::from(p_ab.transmitted + p_ba.transmitted);
+    for (before, after, host) in [(&c0.0, &c1.0, "A"), (&c0.1, &c1.1, "B")] {
+        for name in ["fwd_egress6", "fwd_ingress6"] {
+            let d = moved(before, after, name);
+            eprintln!("host {host}: {name} +{d} over the pings");
+            assert!(
+                d >= sent,
+                "host {host}: {name} moved {d} < {sent} packets sent: the pings bypassed xhost\n{after}"
+            );
+        }
+    }
+
+    // TCP both ways, 8 MiB each, checksummed; the receiver sees the sender's address.
+    let bytes = 8u64 << 20;
+    for (from, from_ip, to, to_ip, port) in [
+        ((ea, "a1"), ip_a6, (eb, "b1"), ip_b6, 45_361),
+        ((eb, "b1"), ip_b6, (ea, "a1"), ip_a6, 45_362),
+    ] {
+        let opts = TransferOpts {
+            port,
+            bytes,
+            ..TransferOpts::default()
+        };
+        let t =
+            docker_engine::tcp_transfer(from, to, to_ip, &opts).expect("tcp transfer over IPv6");
+        assert!(t.intact(), "payload corrupted {from_ip} -> {to_ip}: {t:?}");
+        assert_eq!(
+            t.source_ip(),
+            IpAddr::V6(from_ip),
+            "the receiver must see the sender's container IPv6 address"
+        );
+        eprintln!(
+            "tcp [{from_ip}] -> [{to_ip}]: {} bytes intact (sha256 {}), {:.0} Mbit/s, receiver saw {}",
+            t.received.bytes,
+            &t.received.checksum[..16],
+            t.mbit_per_s(),
+            t.received.peer
+        );
+    }
+    let c2 = (tb.status(0), tb.status(1));
+    for (before, after, host) in [(&c1.0, &c2.0, "A"), (&c1.1, &c2.1, "B")] {
+        for name in ["fwd_egress6", "fwd_ingress6"] {
+            let d = counter_bytes(after, name) - counter_bytes(before, name);
+            eprintln!(
+                "host {host}: {name} +{} packets, +{d} bytes over the transfers",
+                moved(before, after, name)
+            );
+            assert!(
+                d >= bytes,
+                "host {host}: {name} moved {d} bytes < {bytes} sent each way\n{after}"
+            );
+        }
+        for name in ["drop_spoofed6", "drop_spoofed_local6", "drop_redirect"] {
+            assert_eq!(counter(after, name), 0, "host {host}: {name}\n{after}");
+        }
+        eprintln!(
+            "host {host}: pass_fib6 {}, pass_control6 {}, pass_not_ours6 {}",
+            counter(after, "pass_fib6"),
+            counter(after, "pass_control6"),
+            counter(after, "pass_not_ours6")
+        );
+    }
+
+    // The kernel's forwarding never saw the flows.
+    let fwd1 = [
+        ip6_forward_packets(tb.host(0).ns()),
+        ip6_forward_packets(tb.host(1).ns()),
+    ];
+    assert_eq!(fwd1, fwd0, "ip6tables FORWARD packets (A, B) moved");
+    for i in (0..2).filter(|_| has_conntrack) {
+        for (s, d) in [(ip_a6, ip_b6), (ip_b6, ip_a6)] {
+            let ct = conntrack6(tb.host(i).ns(), s, d);
+            assert!(
+                ct.is_empty(),
+                "conntrack on {} holds {s} -> {d}: {ct:?}",
+                tb.host(i).role()
+            );
+        }
+    }
+
+    // Hop limit 1: the datapath leaves it to host A's kernel, which answers time
+    // exceeded from the gateway (its address on a1's network). ICMPv6 errors are
+    // rate-limited (1 s), so an attempt is retried after that.
+    let hl0 = counter(&tb.status(0), "pass_hop_limit6");
+    let mut answered = None;
+    for _ in 0..3 {
+        let c = ea
+            .in_container(
+                "a1",
+                &[
+                    "ping",
+                    "-n",
+                    "-c",
+                    "1",
+                    "-W",
+                    "2",
+                    "-t",
+                    "1",
+                    &ip_b6.to_string(),
+                ],
+            )
+            .expect("nsenter");
+        let out = cmd_stdout(c);
+        if out.contains("Time exceeded") {
+            answered = Some(out);
+            break;
+        }
+        eprintln!("hop limit 1: no time exceeded yet: {out}");
+    }
+    let out = answered.expect("a hop limit of 1 answered with time exceeded");
+    assert!(
+        out.contains(&format!("From {}", a1.3)),
+        "time exceeded from host A's gateway {}: {out}",
+        a1.3
+    );
+    let hl = counter(&tb.status(0), "pass_hop_limit6") - hl0;
+    assert!(hl >= 1, "pass_hop_limit6 on A did not move");
+    eprintln!(
+        "hop limit 1: {} (pass_hop_limit6 +{hl})",
+        out.lines()
+            .find(|l| l.contains("Time exceeded"))
+            .unwrap_or_default()
+    );
+
+    tb.finish();
+    eprintln!("test took {:?}", t_test.elapsed());
+}
+
+/// Runs `c` and returns its stdout and stderr, whatever its exit status.
+fn cmd_stdout(mut c: std::process::Command) -> String {
+    let out = c.output().expect("run command");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// `iptables-save` of host i without comment lines and counters.

@@ -260,6 +260,15 @@ impl Rtnl {
         self.ack(req, NLM_F_CREATE | NLM_F_REPLACE)
     }
 
+    /// `ip neigh replace ip dev ifindex use`: asks the kernel to resolve
+    /// `ip` on `ifindex` as if a packet were sent to it (`NTF_USE`): an
+    /// entry missing or stale is (re)probed, a reachable one is left as it
+    /// is, and none is written with a state or MAC of the agent's.
+    pub fn use_neighbour(&mut self, ifindex: u32, ip: Ipv4Addr) -> io::Result<()> {
+        let req = RouteNetlinkMessage::NewNeighbour(useneigh(ifindex, ip)?);
+        self.ack(req, NLM_F_CREATE | NLM_F_REPLACE)
+    }
+
     /// The classic tc filters of `ifindex` under `parent`
     /// ([`TC_PARENT_INGRESS`] or [`TC_PARENT_EGRESS`]); none if the
     /// device has no clsact qdisc.
@@ -605,6 +614,22 @@ fn newneigh(ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> io::Result<NeighbourMes
         .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
     m.attributes
         .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    Ok(m)
+}
+
+/// The RTM_NEWNEIGH of `ip neigh replace ip dev ifindex use`.
+fn useneigh(ifindex: u32, ip: Ipv4Addr) -> io::Result<NeighbourMessage> {
+    if i32::try_from(ifindex).is_err() {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.ifindex = ifindex;
+    m.header.state = NeighbourState::None;
+    m.header.flags = NeighbourFlags::Use;
+    m.header.kind = RouteType::Unicast;
+    m.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
     Ok(m)
 }
 
@@ -1244,6 +1269,28 @@ mod tests {
             (12, NUD_REACHABLE, Some(ip), Some(mac))
         );
         assert!(newneigh(u32::MAX, ip, mac).is_err(), "ifindex out of range");
+    }
+
+    #[test]
+    fn neighbour_use_request_layout() {
+        let ip = Ipv4Addr::new(172, 16, 91, 132);
+        let req = RouteNetlinkMessage::NewNeighbour(useneigh(3, ip).expect("request"));
+        let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+        let m = encode(req, flags, 9);
+        assert_eq!(u32_at(&m, 0) as usize, m.len());
+        assert_eq!(u16_at(&m, 4), libc::RTM_NEWNEIGH);
+        assert_eq!(u16_at(&m, 6), flags);
+        assert_eq!(m[16], libc::AF_INET as u8);
+        assert_eq!(u32_at(&m, 20), 3, "ifindex");
+        assert_eq!(u16_at(&m, 24), 0, "no state of the agent's (NUD_NONE)");
+        assert_eq!(m[26], 1, "NTF_USE");
+        // NDA_DST and no NDA_LLADDR: the kernel finds the MAC itself.
+        assert!(
+            m.windows(8).any(|w| w == [8, 0, 1, 0, 172, 16, 91, 132]),
+            "NDA_DST"
+        );
+        assert!(!m.windows(4).any(|w| w == [10, 0, 2, 0]), "no NDA_LLADDR");
+        assert!(useneigh(u32::MAX, ip).is_err(), "ifindex out of range");
     }
 
     #[test]

@@ -20,7 +20,7 @@
 
 use std::{
     io::Write,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
@@ -43,8 +43,9 @@ enum Mode {
     TcpRecv {
         #[arg(long)]
         port: u16,
-        #[arg(long, default_value_t = Ipv4Addr::UNSPECIFIED)]
-        bind: Ipv4Addr,
+        /// `::` for IPv6 (IPv4 clients would then show as `::ffff:a.b.c.d`).
+        #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+        bind: IpAddr,
         /// Seconds before giving up (whole run).
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,

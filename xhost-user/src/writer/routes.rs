@@ -4,13 +4,16 @@
 //! holds the writer's netlink socket: every route (and neighbour entry) the
 //! writer programs goes over that one socket.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use log::warn;
 
 use crate::{
     net::{Ipv4Net, Ipv6Net},
-    netlink::Rtnl,
+    netlink::{NUD_ADMIN, NUD_USABLE, Rtnl},
     tunnel::RouteDevice,
 };
 
@@ -49,6 +52,9 @@ pub struct KernelRoutes {
     /// By prefix: one route per prefix, found at once when it goes.
     added: BTreeMap<Ipv4Net, KernelRoute>,
     added6: BTreeMap<Ipv6Net, KernelRoute6>,
+    /// Peers whose neighbour entry the kernel was asked to resolve (see
+    /// [`resolve_peers`]), once per peer until a flush.
+    resolving: BTreeSet<Ipv4Addr>,
     keep: bool,
     /// The writer's request socket, in the namespace `new` was called in.
     rtnl: Rtnl,
@@ -61,6 +67,7 @@ impl KernelRoutes {
             dev,
             added: BTreeMap::new(),
             added6: BTreeMap::new(),
+            resolving: BTreeSet::new(),
             keep: false,
             rtnl: Rtnl::open()?,
         })
@@ -134,8 +141,12 @@ impl KernelRoutes {
     /// link; the datapath never uses it (it forwards to the peer's IPv4
     /// address itself). It lets the kernel answer what the datapath hands
     /// it, hop limit expiry (time exceeded) and Packet Too Big, instead of
-    /// "no route".
+    /// "no route". The first route of a peer also asks the kernel to
+    /// resolve the peer host's neighbour entry ([`resolve_peers`]).
     pub fn add6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), KernelRouteError> {
+        if self.dev.via_peer && self.resolving.insert(peer) {
+            resolve_peers(&mut self.rtnl, self.dev.oif, &[peer]);
+        }
         match self.rtnl.add_route6(net, self.dev.oif) {
             Ok(()) => {
                 let route = KernelRoute6 {
@@ -162,6 +173,9 @@ impl KernelRoutes {
     pub fn remove6(&mut self, net: &Ipv6Net) {
         if let Some(gone) = self.added6.remove(net) {
             delete6_with(&mut self.rtnl, &[gone]);
+            if !self.added6.values().any(|r| r.peer == gone.peer) {
+                self.resolving.remove(&gone.peer);
+            }
         }
     }
 
@@ -186,6 +200,12 @@ impl KernelRoutes {
             Err(_) => return,
         }
         let mut back = 1;
+        // The flush took the neighbour entries too: the IPv6 peers' again.
+        self.resolving = self.added6.values().map(|r| r.peer).collect();
+        if self.dev.via_peer {
+            let peers: Vec<Ipv4Addr> = self.resolving.iter().copied().collect();
+            resolve_peers(rtnl, self.dev.oif, &peers);
+        }
         for r in self.added6.values() {
             match rtnl.add_route6(&r.prefix, r.oif) {
                 Ok(()) => back += 1,
@@ -229,6 +249,29 @@ impl Drop for KernelRoutes {
             delete_with(&mut self.rtnl, &added);
             let added6 = self.list6();
             delete6_with(&mut self.rtnl, &added6);
+        }
+    }
+}
+
+/// Asks the kernel to resolve the IPv4 neighbour entry of each of `peers`
+/// on `oif` (`NTF_USE`) that is missing or not usable. The datapath
+/// forwards IPv6 to a peer only once it is resolved (`bpf_fib_lookup`);
+/// before, it hands the packets to the kernel (`pass_fib6`), whose IPv6
+/// route solicits their destination on the link, never the peer host's
+/// IPv4 address: with IPv6 traffic alone the entry would never be made.
+/// An administrator's static entry (`PERMANENT`, `NOARP`) is left alone
+/// (`NTF_USE` would turn a permanent one dynamic). Best effort.
+fn resolve_peers(rtnl: &mut Rtnl, oif: u32, peers: &[Ipv4Addr]) {
+    let table = rtnl.ipv4_neighbours(oif).unwrap_or_else(|e| {
+        warn!("reading the neighbours of ifindex {oif}: {e}");
+        Vec::new()
+    });
+    for peer in peers {
+        let settled = table
+            .iter()
+            .any(|n| n.dst == Some(*peer) && n.state & (NUD_USABLE | NUD_ADMIN) != 0);
+        if !settled && let Err(e) = rtnl.use_neighbour(oif, *peer) {
+            warn!("peer {peer}: asking the kernel to resolve its neighbour entry: {e}");
         }
     }
 }
