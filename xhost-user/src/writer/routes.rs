@@ -202,7 +202,7 @@ impl KernelRoutes {
         let mut back = 1;
         // The flush took the neighbour entries too: the IPv6 peers' again.
         self.resolving = self.added6.values().map(|r| r.peer).collect();
-        if self.dev.via_peer {
+        if self.dev.via_peer && !self.resolving.is_empty() {
             let peers: Vec<Ipv4Addr> = self.resolving.iter().copied().collect();
             resolve_peers(rtnl, self.dev.oif, &peers);
         }
