@@ -154,13 +154,13 @@ fn underlay_link_down_and_up() {
             "{}: back after {rec:?}",
             r.label
         );
-        assert!(
-            r.lost > 0,
-            "{}: nothing lost while the link was down?",
-            r.label
-        );
         assert_eq!(r.duplicates, 0);
     }
+    // What A sends while its link is down is dropped at A. What B sends
+    // meanwhile waits in B's queue for A's unresolved neighbour entry and
+    // arrives at link up in one burst, lost only when that burst overflows
+    // the receiving socket (a busy machine): so only a->b must lose.
+    assert!(ab.lost > 0, "a->b: nothing lost while the link was down?");
     assert_eq!(after, before, "maps and attachments after the flap");
     // The kernel flushes routes through a device that goes down; the agent
     // puts its own back once the device is up again.
