@@ -227,6 +227,28 @@ pub fn status_json(ns: &NetNs, dirs: &AgentDirs) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("status --json is JSON")
 }
 
+/// `METHOD PATH` to an agent's HTTP address `addr` (its metrics) from
+/// inside `ns`: the raw HTTP/1.1 response; panics (as the tests want) when
+/// the request fails.
+pub fn http(ns: &NetNs, addr: &'static str, method: &'static str, path: &'static str) -> String {
+    use std::io::{Read as _, Write as _};
+    ns.within("http request", move || {
+        let io = |source| Error::Io {
+            what: format!("{method} http://{addr}{path}"),
+            source,
+        };
+        let mut s = std::net::TcpStream::connect(addr).map_err(io)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(io)?;
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).map_err(io)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(io)?;
+        Ok(out)
+    })
+    .unwrap_or_else(|e| panic!("{method} http://{addr}{path}: {e}"))
+}
+
 /// The packet count of counter `name` in a `status --json` answer.
 pub fn counter(status: &serde_json::Value, name: &str) -> u64 {
     status["counters"][name]["packets"]

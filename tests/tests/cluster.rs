@@ -1459,23 +1459,7 @@ fn cluster_pool_subnet_kept_across_restarts() {
 
 /// `GET /metrics` from `addr` on the host's loopback: the body.
 fn scrape_metrics(ns: &xhost_tests::NetNs, addr: &'static str) -> String {
-    use std::io::{Read as _, Write as _};
-    let raw = ns
-        .within("scrape", move || {
-            let io = |source| xhost_tests::Error::Io {
-                what: format!("GET http://{addr}/metrics"),
-                source,
-            };
-            let mut s = std::net::TcpStream::connect(addr).map_err(io)?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))
-                .map_err(io)?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .map_err(io)?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).map_err(io)?;
-            Ok(out)
-        })
-        .expect("scrape");
+    let raw = xhost_tests::xhost::http(ns, addr, "GET", "/metrics");
     let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "scrape: {head}");
     body.to_owned()

@@ -607,24 +607,10 @@ fn routes_map_full_refuses_the_overflow() {
     .unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// `GET /metrics` from the agent serving `addr` on `ns`'s loopback: the body.
+/// `GET /metrics` from the agent serving `addr` on `ns`'s loopback: the
+/// raw response.
 fn scrape(ns: &NetNs, addr: &'static str) -> String {
-    use std::io::{Read as _, Write as _};
-    ns.within("metrics scrape", move || {
-        let io = |source| xhost_tests::Error::Io {
-            what: format!("GET http://{addr}/metrics"),
-            source,
-        };
-        let mut s = std::net::TcpStream::connect(addr).map_err(io)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(io)?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .map_err(io)?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).map_err(io)?;
-        Ok(out)
-    })
-    .expect("metrics scrape")
+    xhost_tests::xhost::http(ns, addr, "GET", "/metrics")
 }
 
 /// `ENDPOINTS` filled to its capacity by real containers (`--max-endpoints

@@ -12,7 +12,6 @@
 //! ```
 
 use std::{
-    io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::unix::{fs::MetadataExt as _, net::UnixDatagram},
     path::{Path, PathBuf},
@@ -107,21 +106,7 @@ fn paced_send(
 /// `METHOD PATH` to the metrics address on the host's loopback: the raw
 /// HTTP/1.1 response.
 fn http(ns: &NetNs, method: &'static str, path: &'static str) -> String {
-    ns.within("http request", move || {
-        let io = |source| xhost_tests::Error::Io {
-            what: format!("{method} http://{METRICS}{path}"),
-            source,
-        };
-        let mut s = TcpStream::connect(METRICS).map_err(io)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(io)?;
-        let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).map_err(io)?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).map_err(io)?;
-        Ok(out)
-    })
-    .expect("HTTP request to the metrics address")
+    xhost_tests::xhost::http(ns, METRICS, method, path)
 }
 
 /// `GET /metrics` on the host's loopback: (content type, body).
