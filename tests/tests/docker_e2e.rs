@@ -306,7 +306,13 @@ impl Footprint {
 
 /// IP -> (MAC, ifindex) of the pinned ENDPOINTS map.
 fn endpoints(s: &Value) -> BTreeMap<Ipv4Addr, (String, u32)> {
-    s["endpoints"]
+    endpoints_of(s, "endpoints")
+}
+
+/// Address -> (MAC, ifindex) of the endpoints `status --json` lists under
+/// `field` (`endpoints`, `endpoints6`).
+fn endpoints_of<A: std::str::FromStr + Ord>(s: &Value, field: &str) -> BTreeMap<A, (String, u32)> {
+    s[field]
         .as_array()
         .into_iter()
         .flatten()
@@ -1775,20 +1781,7 @@ fn ipv6_field(engine: &Engine, container: &str, network: &str, field: &str) -> I
 
 /// IPv6 address -> (MAC, ifindex) of the pinned ENDPOINTS6 map.
 fn endpoints6(s: &Value) -> BTreeMap<Ipv6Addr, (String, u32)> {
-    s["endpoints6"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| {
-            Some((
-                e["ip"].as_str()?.parse().ok()?,
-                (
-                    e["mac"].as_str()?.to_owned(),
-                    u32::try_from(e["ifindex"].as_u64()?).ok()?,
-                ),
-            ))
-        })
-        .collect()
+    endpoints_of(s, "endpoints6")
 }
 
 /// `ROUTES6` as `prefix via peer`.
