@@ -61,20 +61,29 @@ pub enum PeerError {
     TooManyPeers { count: usize, max: usize },
 }
 
+/// Every subnet of one family (`family` picks it from a peer) of every
+/// source, with the peer host and the source that name it.
+fn tagged<'a, N: Copy>(
+    sources: &[PeerSource<'a>],
+    family: fn(&PeerConfig) -> &[N],
+) -> Vec<(N, (Ipv4Addr, &'a str))> {
+    sources
+        .iter()
+        .flat_map(|s| {
+            s.peers
+                .iter()
+                .flat_map(move |p| family(p).iter().map(move |n| (*n, (p.host, s.name))))
+        })
+        .collect()
+}
+
 /// The desired peers of every source together: the union of their hosts,
 /// each subnet routed to the host that claims it. Subnets must be disjoint
 /// across all sources, and the whole must fit the datapath's maps.
 pub fn peers(sources: &[PeerSource<'_>], limits: &plan::Limits) -> Result<Peers, PeerError> {
     // Subnets must be disjoint within a family across every source
     // (net::first_overlap, as config::check_peers does within one source).
-    let all: Vec<(Ipv4Net, (Ipv4Addr, &str))> = sources
-        .iter()
-        .flat_map(|s| {
-            s.peers
-                .iter()
-                .flat_map(move |p| p.subnets.iter().map(move |n| (*n, (p.host, s.name))))
-        })
-        .collect();
+    let all = tagged(sources, |p| &p.subnets);
     if let Some(((a, (peer_a, source_a)), (b, (peer_b, source_b)))) =
         net::first_overlap(all.clone())
     {
@@ -87,14 +96,7 @@ pub fn peers(sources: &[PeerSource<'_>], limits: &plan::Limits) -> Result<Peers,
             source_b: source_b.to_owned(),
         });
     }
-    let all6: Vec<(Ipv6Net, (Ipv4Addr, &str))> = sources
-        .iter()
-        .flat_map(|s| {
-            s.peers
-                .iter()
-                .flat_map(move |p| p.subnets6.iter().map(move |n| (*n, (p.host, s.name))))
-        })
-        .collect();
+    let all6 = tagged(sources, |p| &p.subnets6);
     if let Some(((a, (peer_a, source_a)), (b, (peer_b, source_b)))) =
         net::first_overlap(all6.clone())
     {
