@@ -6,13 +6,18 @@ use std::{
     str::FromStr,
 };
 
-/// An IPv4 prefix in canonical form (no host bits set): [`ipnet::Ipv4Net`]
-/// with that invariant, which the datapath's LPM keys rely on (a route's
-/// key is its network address), and the agent's own parse errors.
+/// A prefix in canonical form (no host bits set) over an `ipnet` prefix of
+/// one family: the invariant the datapath's LPM keys rely on (a route's key
+/// is its network address), and the agent's own parse errors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Ipv4Net(ipnet::Ipv4Net);
+pub struct Net<F>(F);
 
-/// Why a string is not a usable IPv4 prefix.
+/// An IPv4 prefix: the key of `ROUTES` and `LOCAL_NETS`.
+pub type Ipv4Net = Net<ipnet::Ipv4Net>;
+/// An IPv6 prefix: the key of `ROUTES6` and `LOCAL_NETS6`.
+pub type Ipv6Net = Net<ipnet::Ipv6Net>;
+
+/// Why a string is not a usable prefix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CidrError {
     #[error("`{0}` is not an IPv4 CIDR (expected a.b.c.d/len)")]
@@ -29,14 +34,76 @@ pub enum CidrError {
     HostBits6 { input: String, canonical: Ipv6Net },
 }
 
-impl Ipv4Net {
-    /// The prefix of `len` bits (at most 32) containing `addr`, host bits cleared.
-    pub fn containing(addr: Ipv4Addr, len: u8) -> Self {
-        Self(ipnet::Ipv4Net::new_assert(addr, len.min(32)).trunc())
+/// What [`Net`] needs of an `ipnet` prefix type: one per address family.
+pub trait IpFamily: Copy + Eq + fmt::Display + Sized {
+    type Addr: Copy + Ord + FromStr;
+    const MAX_LEN: u8;
+    fn new(addr: Self::Addr, len: u8) -> Option<Self>;
+    fn trunc(&self) -> Self;
+    fn network(&self) -> Self::Addr;
+    fn broadcast(&self) -> Self::Addr;
+    fn prefix_len(&self) -> u8;
+    fn contains(&self, addr: &Self::Addr) -> bool;
+    fn syntax_error(input: &str) -> CidrError;
+    fn length_error(input: &str) -> CidrError;
+    fn host_bits_error(input: String, canonical: Net<Self>) -> CidrError;
+}
+
+macro_rules! family {
+    ($net:ty, $addr:ty, $max:expr, $syntax:ident, $length:ident, $host_bits:ident) => {
+        impl IpFamily for $net {
+            type Addr = $addr;
+            const MAX_LEN: u8 = $max;
+            fn new(addr: $addr, len: u8) -> Option<Self> {
+                <$net>::new(addr, len).ok()
+            }
+            fn trunc(&self) -> Self {
+                <$net>::trunc(self)
+            }
+            fn network(&self) -> $addr {
+                <$net>::network(self)
+            }
+            fn broadcast(&self) -> $addr {
+                <$net>::broadcast(self)
+            }
+            fn prefix_len(&self) -> u8 {
+                <$net>::prefix_len(self)
+            }
+            fn contains(&self, addr: &$addr) -> bool {
+                <$net>::contains(self, addr)
+            }
+            fn syntax_error(input: &str) -> CidrError {
+                CidrError::$syntax(input.to_owned())
+            }
+            fn length_error(input: &str) -> CidrError {
+                CidrError::$length(input.to_owned())
+            }
+            fn host_bits_error(input: String, canonical: Net<Self>) -> CidrError {
+                CidrError::$host_bits { input, canonical }
+            }
+        }
+
+        impl From<Net<$net>> for $net {
+            fn from(n: Net<$net>) -> Self {
+                n.0
+            }
+        }
+    };
+}
+
+family!(ipnet::Ipv4Net, Ipv4Addr, 32, Syntax, Length, HostBits);
+family!(ipnet::Ipv6Net, Ipv6Addr, 128, Syntax6, Length6, HostBits6);
+
+impl<F: IpFamily> Net<F> {
+    /// The prefix of `len` bits (at most the family's width) containing
+    /// `addr`, host bits cleared.
+    pub fn containing(addr: F::Addr, len: u8) -> Self {
+        let net = F::new(addr, len.min(F::MAX_LEN)).expect("length clamped to the family's width");
+        Self(net.trunc())
     }
 
     /// The network address.
-    pub fn addr(&self) -> Ipv4Addr {
+    pub fn addr(&self) -> F::Addr {
         self.0.network()
     }
 
@@ -46,124 +113,33 @@ impl Ipv4Net {
     }
 
     /// The highest address in the prefix.
-    pub fn last(&self) -> Ipv4Addr {
+    pub fn last(&self) -> F::Addr {
         self.0.broadcast()
     }
 
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+    pub fn contains(&self, ip: F::Addr) -> bool {
         self.0.contains(&ip)
     }
 
     /// Two prefixes overlap iff one contains the other's network address.
-    pub fn overlaps(&self, other: &Ipv4Net) -> bool {
+    pub fn overlaps(&self, other: &Self) -> bool {
         self.contains(other.addr()) || other.contains(self.addr())
     }
-}
 
-impl From<Ipv4Net> for ipnet::Ipv4Net {
-    fn from(n: Ipv4Net) -> Self {
-        n.0
-    }
-}
-
-/// An ipnet prefix (the testbed's type) as the agent takes it: canonical.
-impl TryFrom<ipnet::Ipv4Net> for Ipv4Net {
-    type Error = CidrError;
-
-    fn try_from(n: ipnet::Ipv4Net) -> Result<Self, CidrError> {
+    /// An `ipnet` prefix (the testbed's type) as the agent takes it: canonical.
+    fn canonical(n: F, input: String) -> Result<Self, CidrError> {
         if n.trunc() != n {
-            return Err(CidrError::HostBits {
-                input: n.to_string(),
-                canonical: Self(n.trunc()),
-            });
+            return Err(F::host_bits_error(input, Self(n.trunc())));
         }
         Ok(Self(n))
     }
 }
 
-impl FromStr for Ipv4Net {
-    type Err = CidrError;
+impl TryFrom<ipnet::Ipv4Net> for Ipv4Net {
+    type Error = CidrError;
 
-    /// `a.b.c.d/len` with no host bits set. ipnet's own parser takes host
-    /// bits (an interface address) and says only "invalid syntax"; this
-    /// one names what is wrong.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let syntax = || CidrError::Syntax(s.to_owned());
-        let (addr, len) = s.trim().split_once('/').ok_or_else(syntax)?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| syntax())?;
-        if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(syntax());
-        }
-        let len: u8 = len.parse().map_err(|_| CidrError::Length(s.to_owned()))?;
-        let net = ipnet::Ipv4Net::new(addr, len).map_err(|_| CidrError::Length(s.to_owned()))?;
-        Self::try_from(net).map_err(|e| match e {
-            CidrError::HostBits { canonical, .. } => CidrError::HostBits {
-                input: s.to_owned(),
-                canonical,
-            },
-            e => e,
-        })
-    }
-}
-
-impl fmt::Display for Ipv4Net {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl serde::Serialize for Ipv4Net {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Ipv4Net {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// An IPv6 prefix in canonical form (no host bits set), as [`Ipv4Net`] is
-/// for IPv4: the key of the datapath's `ROUTES6`, `LOCAL_NETS6`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Ipv6Net(ipnet::Ipv6Net);
-
-impl Ipv6Net {
-    /// The prefix of `len` bits (at most 128) containing `addr`, host bits cleared.
-    pub fn containing(addr: Ipv6Addr, len: u8) -> Self {
-        Self(ipnet::Ipv6Net::new_assert(addr, len.min(128)).trunc())
-    }
-
-    /// The network address.
-    pub fn addr(&self) -> Ipv6Addr {
-        self.0.network()
-    }
-
-    /// The prefix length in bits.
-    pub fn prefix_len(&self) -> u8 {
-        self.0.prefix_len()
-    }
-
-    /// The highest address in the prefix.
-    pub fn last(&self) -> Ipv6Addr {
-        self.0.broadcast()
-    }
-
-    pub fn contains(&self, ip: Ipv6Addr) -> bool {
-        self.0.contains(&ip)
-    }
-
-    /// Two prefixes overlap iff one contains the other's network address.
-    pub fn overlaps(&self, other: &Ipv6Net) -> bool {
-        self.contains(other.addr()) || other.contains(self.addr())
-    }
-}
-
-impl From<Ipv6Net> for ipnet::Ipv6Net {
-    fn from(n: Ipv6Net) -> Self {
-        n.0
+    fn try_from(n: ipnet::Ipv4Net) -> Result<Self, CidrError> {
+        Self::canonical(n, n.to_string())
     }
 }
 
@@ -171,52 +147,41 @@ impl TryFrom<ipnet::Ipv6Net> for Ipv6Net {
     type Error = CidrError;
 
     fn try_from(n: ipnet::Ipv6Net) -> Result<Self, CidrError> {
-        if n.trunc() != n {
-            return Err(CidrError::HostBits6 {
-                input: n.to_string(),
-                canonical: Self(n.trunc()),
-            });
-        }
-        Ok(Self(n))
+        Self::canonical(n, n.to_string())
     }
 }
 
-impl FromStr for Ipv6Net {
+impl<F: IpFamily> FromStr for Net<F> {
     type Err = CidrError;
 
-    /// `x:x::x/len` with no host bits set.
+    /// `a.b.c.d/len` or `x:x::x/len` with no host bits set. ipnet's own
+    /// parser takes host bits (an interface address) and says only
+    /// "invalid syntax"; this one names what is wrong.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let syntax = || CidrError::Syntax6(s.to_owned());
-        let (addr, len) = s.trim().split_once('/').ok_or_else(syntax)?;
-        let addr: Ipv6Addr = addr.parse().map_err(|_| syntax())?;
+        let (addr, len) = s.trim().split_once('/').ok_or_else(|| F::syntax_error(s))?;
+        let addr: F::Addr = addr.parse().map_err(|_| F::syntax_error(s))?;
         if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(syntax());
+            return Err(F::syntax_error(s));
         }
-        let len: u8 = len.parse().map_err(|_| CidrError::Length6(s.to_owned()))?;
-        let net = ipnet::Ipv6Net::new(addr, len).map_err(|_| CidrError::Length6(s.to_owned()))?;
-        Self::try_from(net).map_err(|e| match e {
-            CidrError::HostBits6 { canonical, .. } => CidrError::HostBits6 {
-                input: s.to_owned(),
-                canonical,
-            },
-            e => e,
-        })
+        let len: u8 = len.parse().map_err(|_| F::length_error(s))?;
+        let net = F::new(addr, len).ok_or_else(|| F::length_error(s))?;
+        Self::canonical(net, s.to_owned())
     }
 }
 
-impl fmt::Display for Ipv6Net {
+impl<F: fmt::Display> fmt::Display for Net<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
     }
 }
 
-impl serde::Serialize for Ipv6Net {
+impl<F: fmt::Display> serde::Serialize for Net<F> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
 }
 
-impl<'de> serde::Deserialize<'de> for Ipv6Net {
+impl<'de, F: IpFamily> serde::Deserialize<'de> for Net<F> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
@@ -286,25 +251,12 @@ pub trait Prefix: Copy {
     fn bits(&self) -> u8;
 }
 
-impl Prefix for Ipv4Net {
-    type Addr = Ipv4Addr;
-    fn first(&self) -> Ipv4Addr {
+impl<F: IpFamily> Prefix for Net<F> {
+    type Addr = F::Addr;
+    fn first(&self) -> F::Addr {
         self.addr()
     }
-    fn last_addr(&self) -> Ipv4Addr {
-        self.last()
-    }
-    fn bits(&self) -> u8 {
-        self.prefix_len()
-    }
-}
-
-impl Prefix for Ipv6Net {
-    type Addr = Ipv6Addr;
-    fn first(&self) -> Ipv6Addr {
-        self.addr()
-    }
-    fn last_addr(&self) -> Ipv6Addr {
+    fn last_addr(&self) -> F::Addr {
         self.last()
     }
     fn bits(&self) -> u8 {
