@@ -160,6 +160,69 @@ pub fn plan(want: &State, applied: &State, limits: &Limits) -> Vec<Op> {
     p.ops
 }
 
+/// What the planner does alike for the routes of either address family.
+trait RouteFamily {
+    type Net: Ord + Copy;
+    fn routes(peers: &Peers) -> &BTreeMap<Self::Net, Ipv4Addr>;
+    fn limit(limits: &Limits) -> usize;
+    fn set_route(net: Self::Net, peer: Ipv4Addr) -> Op;
+    fn remove_route(net: Self::Net) -> Op;
+    fn add_kernel_route(net: Self::Net, peer: Ipv4Addr) -> Op;
+    fn remove_kernel_route(net: Self::Net) -> Op;
+}
+
+/// `ROUTES` and the kernel's IPv4 routes.
+struct V4;
+/// `ROUTES6` and the kernel's IPv6 routes.
+struct V6;
+
+macro_rules! route_family {
+    ($f:ty, $net:ty, $routes:ident, $limit:ident, $set:ident, $remove:ident, $add_k:ident, $remove_k:ident) => {
+        impl RouteFamily for $f {
+            type Net = $net;
+            fn routes(peers: &Peers) -> &BTreeMap<$net, Ipv4Addr> {
+                &peers.$routes
+            }
+            fn limit(limits: &Limits) -> usize {
+                limits.$limit
+            }
+            fn set_route(net: $net, peer: Ipv4Addr) -> Op {
+                Op::$set { net, peer }
+            }
+            fn remove_route(net: $net) -> Op {
+                Op::$remove(net)
+            }
+            fn add_kernel_route(net: $net, peer: Ipv4Addr) -> Op {
+                Op::$add_k { net, peer }
+            }
+            fn remove_kernel_route(net: $net) -> Op {
+                Op::$remove_k(net)
+            }
+        }
+    };
+}
+
+route_family!(
+    V4,
+    Ipv4Net,
+    routes,
+    routes,
+    SetRoute,
+    RemoveRoute,
+    AddKernelRoute,
+    RemoveKernelRoute
+);
+route_family!(
+    V6,
+    Ipv6Net,
+    routes6,
+    routes6,
+    SetRoute6,
+    RemoveRoute6,
+    AddKernelRoute6,
+    RemoveKernelRoute6
+);
+
 /// Builds the list while keeping a simulated applied state, so each rule
 /// sees what the operations before it did.
 struct Planner {
@@ -176,76 +239,46 @@ impl Planner {
     fn peers(&mut self, want: &Peers, limits: &Limits) {
         let new_hosts = want.hosts.difference(&self.sim.peers.hosts).count();
         if self.sim.peers.hosts.len() + new_hosts > limits.peer_hosts {
-            self.remove_gone_routes(want);
-            self.remove_gone_routes6(want);
+            self.remove_gone_routes::<V4>(want);
+            self.remove_gone_routes::<V6>(want);
             self.remove_gone_hosts(want);
         }
         for h in want.hosts.difference(&self.sim.peers.hosts.clone()) {
             self.push(Op::AddPeerHost(*h));
         }
-        let new_routes = want
-            .routes
-            .keys()
-            .filter(|n| !self.sim.peers.routes.contains_key(n))
-            .count();
-        if self.sim.peers.routes.len() + new_routes > limits.routes {
-            self.remove_gone_routes(want);
-        }
-        for (net, peer) in &want.routes {
-            match self.sim.peers.routes.get(net) {
-                Some(old) if old == peer => continue,
-                // The kernel route still goes via the old peer.
-                Some(_) => self.push(Op::RemoveKernelRoute(*net)),
-                None => {}
-            }
-            self.push(Op::SetRoute {
-                net: *net,
-                peer: *peer,
-            });
-            self.push(Op::AddKernelRoute {
-                net: *net,
-                peer: *peer,
-            });
-        }
-        let new_routes6 = want
-            .routes6
-            .keys()
-            .filter(|n| !self.sim.peers.routes6.contains_key(n))
-            .count();
-        if self.sim.peers.routes6.len() + new_routes6 > limits.routes6 {
-            self.remove_gone_routes6(want);
-        }
-        for (net, peer) in &want.routes6 {
-            match self.sim.peers.routes6.get(net) {
-                Some(old) if old == peer => continue,
-                Some(_) => self.push(Op::RemoveKernelRoute6(*net)),
-                None => {}
-            }
-            self.push(Op::SetRoute6 {
-                net: *net,
-                peer: *peer,
-            });
-            self.push(Op::AddKernelRoute6 {
-                net: *net,
-                peer: *peer,
-            });
-        }
-        self.remove_gone_routes(want);
-        self.remove_gone_routes6(want);
+        self.routes::<V4>(want, limits);
+        self.routes::<V6>(want, limits);
+        self.remove_gone_routes::<V4>(want);
+        self.remove_gone_routes::<V6>(want);
         self.remove_gone_hosts(want);
     }
 
-    fn remove_gone_routes(&mut self, want: &Peers) {
-        for net in gone(&self.sim.peers.routes, &want.routes) {
-            self.push(Op::RemoveRoute(net));
-            self.push(Op::RemoveKernelRoute(net));
+    /// One family's routes added or moved to another peer; when the old
+    /// and the new together would not fit its map, what is gone leaves first.
+    fn routes<F: RouteFamily>(&mut self, want: &Peers, limits: &Limits) {
+        let (applied, wanted) = (F::routes(&self.sim.peers), F::routes(want));
+        let new_routes = wanted.keys().filter(|n| !applied.contains_key(n)).count();
+        if applied.len() + new_routes > F::limit(limits) {
+            self.remove_gone_routes::<F>(want);
+        }
+        for (net, peer) in F::routes(want) {
+            match F::routes(&self.sim.peers).get(net) {
+                Some(old) if old == peer => continue,
+                // The kernel route still goes via the old peer.
+                Some(_) => self.push(F::remove_kernel_route(*net)),
+                None => {}
+            }
+            self.push(F::set_route(*net, *peer));
+            self.push(F::add_kernel_route(*net, *peer));
         }
     }
 
-    fn remove_gone_routes6(&mut self, want: &Peers) {
-        for net in gone(&self.sim.peers.routes6, &want.routes6) {
-            self.push(Op::RemoveRoute6(net));
-            self.push(Op::RemoveKernelRoute6(net));
+    fn remove_gone_routes<F: RouteFamily>(&mut self, want: &Peers) {
+        for net in gone(F::routes(&self.sim.peers), F::routes(want)) {
+            self.push(F::remove_route(net));
+            // Kernel routes are the writer's to track: it may leave one
+            // out (an operator's route is there already).
+            self.push(F::remove_kernel_route(net));
         }
     }
 
