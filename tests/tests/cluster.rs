@@ -1614,8 +1614,8 @@ fn cluster_ipv6_subnets_published_and_routed() {
     }
     let ready = t_test.elapsed();
     // Each host's IPv6 subnet is claimed under its own key, by its host id.
-    for i in 0..2 {
-        let key = format!("/xhost/v1/subnets/{}", NETS[i].1.replace('/', "-"));
+    for (i, (_, v6)) in NETS.iter().enumerate() {
+        let key = format!("/xhost/v1/subnets/{}", v6.replace('/', "-"));
         let t0 = Instant::now();
         loop {
             let v = etcd.ctl_ok(&["get", &key, "--print-value-only"]);
