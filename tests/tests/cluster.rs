@@ -25,7 +25,9 @@ use xhost_tests::{
     cluster::{ClusterBed, ClusterOpts, Etcd},
     docker_engine::Engine,
     ping,
-    xhost::{Agent, AgentDirs, remove_instance, status, status_routes, xhost, xhost_bin},
+    xhost::{
+        Agent, AgentDirs, remove_instance, status, status_routes, wait_status, xhost, xhost_bin,
+    },
 };
 
 fn require_root() {
@@ -1512,4 +1514,221 @@ fn cluster_store_metrics_follow_the_connection() {
     etcd.restart().expect("etcd back");
     wait("etcd back", 1);
     drop(agent);
+}
+
+/// `ROUTES6` of an agent as `prefix via peer`.
+fn routes6(s: &serde_json::Value) -> Vec<String> {
+    s["routes6"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            format!(
+                "{} via {}",
+                r["prefix"].as_str().unwrap_or_default(),
+                r["peer"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// xhost's IPv6 kernel routes in `ns` as `prefix dev device`.
+fn kernel_routes6(ns: &xhost_tests::NetNs) -> Vec<String> {
+    ns.run(&["ip", "-6", "route", "show", "proto", "177"])
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 3 && w[1] == "dev").then(|| format!("{} dev {}", w[0], w[2]))
+        })
+        .collect()
+}
+
+/// Two Docker hosts with a dual-stack network each: each publishes its IPv6
+/// subnet next to its IPv4 one, the other routes it (`ROUTES6` entry to the
+/// host's IPv4 underlay address and a `proto 177` kernel route), ping6
+/// crosses both ways, and the IPv6 routes leave when the host's lease ends.
+#[test]
+fn cluster_ipv6_subnets_published_and_routed() {
+    require_root();
+    let t_test = Instant::now();
+    const NETS: [(&str, &str); 2] = [
+        ("192.168.113.0/24", "fd00:113::/64"),
+        ("192.168.223.0/24", "fd00:223::/64"),
+    ];
+    let ttl = 3;
+    let bed = ClusterBed::new(&ClusterOpts {
+        hosts: 2,
+        underlay_only: vec![0, 1],
+        ..ClusterOpts::default()
+    })
+    .expect("testbed");
+    let etcd = Etcd::start(bed.underlay(), None).expect("etcd");
+    let mut engines = Vec::new();
+    let mut agents = Vec::new();
+    let mut ip6 = Vec::new();
+    for i in 0..2 {
+        let h = bed.host(i);
+        h.ns()
+            .sysctl("net.ipv6.conf.all.forwarding", "1")
+            .expect("IPv6 forwarding");
+        let mut e = Engine::prepare_in_netns(h.name(), &h.bip()).expect("prepare dockerd");
+        e.boot().expect("start dockerd");
+        e.import_busybox().expect("import busybox");
+        let (v4, v6) = NETS[i];
+        e.docker_ok(&[
+            "network", "create", "--ipv6", "--subnet", v4, "--subnet", v6, "dual",
+        ])
+        .expect("docker network create --ipv6");
+        let name = ["a1", "b1"][i];
+        e.run_container("dual", None, name).expect("docker run");
+        let a: std::net::Ipv6Addr = e
+            .inspect(
+                name,
+                "{{(index .NetworkSettings.Networks \"dual\").GlobalIPv6Address}}",
+            )
+            .expect("inspect")
+            .parse()
+            .expect("the container's IPv6 address");
+        ip6.push(a);
+        let host = e.host();
+        let ep = etcd.endpoint();
+        let ttl_arg = ttl.to_string();
+        agents.push(
+            Agent::start(
+                h.ns(),
+                h.role(),
+                &[
+                    "--iface",
+                    "ens33",
+                    "--docker-host",
+                    &host,
+                    "--etcd-endpoints",
+                    &ep,
+                    "--lease-ttl",
+                    &ttl_arg,
+                ],
+            )
+            .expect("agent"),
+        );
+        engines.push(e);
+    }
+    let ready = t_test.elapsed();
+    // Each host's IPv6 subnet is claimed under its own key, by its host id.
+    for (i, (_, v6)) in NETS.iter().enumerate() {
+        let key = format!("/xhost/v1/subnets/{}", v6.replace('/', "-"));
+        let t0 = Instant::now();
+        loop {
+            let v = etcd.ctl_ok(&["get", &key, "--print-value-only"]);
+            if !v.trim().is_empty() {
+                let want = format!("{{\"host\":\"{}\"}}", bed.host(i).underlay_ip());
+                assert_eq!(v.trim(), want, "{key}");
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{key} not claimed: {}",
+                etcd.ctl_ok(&["get", "--prefix", "/xhost/v1/", "--keys-only"])
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // The other host routes it via the publishing host's IPv4 underlay address.
+    for i in 0..2 {
+        let (h, peer) = (bed.host(i), bed.host(1 - i));
+        let want6 = format!("{} via {}", NETS[1 - i].1, peer.underlay_ip());
+        let want4 = (NETS[1 - i].0.to_owned(), peer.underlay_ip().to_string());
+        let (s, took) = wait_status(
+            h.ns(),
+            &agents[i].dirs,
+            "the other host's IPv6 subnet in ROUTES6",
+            Duration::from_secs(10),
+            |s| routes6(s) == [want6.clone()] && status_routes(s).contains(&want4),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("{}: {want6} {took:?} after the agents started", h.role());
+        let cluster_hosts = s["agent"]["cluster"]["hosts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let other = cluster_hosts
+            .iter()
+            .find(|c| c["id"] == peer.underlay_ip().to_string())
+            .unwrap_or_else(|| panic!("{} not in the cluster section: {s}", peer.role()));
+        assert!(
+            other["routed"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|n| n == NETS[1 - i].1)),
+            "the cluster section shows the IPv6 subnet routed: {other}"
+        );
+        assert_eq!(
+            kernel_routes6(h.ns()),
+            [format!("{} dev ens33", NETS[1 - i].1)],
+            "the kernel route of the other host's IPv6 subnet"
+        );
+    }
+    // ping6 both ways, once the containers' and bridges' addresses are past
+    // duplicate address detection and the peer's IPv4 neighbour is resolved.
+    for i in 0..2 {
+        let (ns, name) = (bed.host(i).ns(), ["a1", "b1"][i]);
+        let peer = bed.host(1 - i).underlay_ip().to_string();
+        let t0 = Instant::now();
+        loop {
+            let tentative = ns.run(&["ip", "-6", "addr", "show", "tentative"]);
+            let c = engines[i]
+                .in_container(name, &["ip", "-6", "addr", "show", "tentative"])
+                .expect("nsenter")
+                .output()
+                .expect("ip addr in the container");
+            let neigh = ns.run(&["ip", "-4", "neigh", "show", &peer, "dev", "ens33"]);
+            if tentative.trim().is_empty() && c.stdout.is_empty() && neigh.contains("lladdr") {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{}: not settled: {tentative} {c:?} {neigh}",
+                bed.host(i).role()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    for i in 0..2 {
+        let (from, to) = (["a1", "b1"][i], ip6[1 - i]);
+        let p = engines[i].ping_from(from, to, 3).expect("ping6");
+        assert!(
+            p.transmitted > 0 && p.received == p.transmitted,
+            "{from} -> {to}: {}",
+            p.output
+        );
+    }
+    // host-b's agent dies: its lease ends, and host-a drops its IPv6 route
+    // (map and kernel) with the IPv4 one.
+    let b = agents.pop().expect("host-b's agent");
+    let dirs = b.kill().expect("SIGKILL host-b's agent");
+    remove_instance(&dirs);
+    let t0 = Instant::now();
+    let (_, took) = wait_status(
+        bed.host(0).ns(),
+        &agents[0].dirs,
+        "host-b's IPv6 route to leave",
+        Duration::from_secs(2 * (ttl + 1)),
+        |s| routes6(s).is_empty() && !status_routes(s).iter().any(|(n, _)| n == NETS[1].0),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("host-b's routes left host-a {took:?} after its agent was killed (TTL {ttl} s)");
+    assert!(
+        t0.elapsed() <= Duration::from_secs(ttl + 1),
+        "took {:?}, more than TTL + 1 s",
+        t0.elapsed()
+    );
+    assert!(
+        kernel_routes6(bed.host(0).ns()).is_empty(),
+        "host-a's IPv6 kernel route to host-b stays: {:?}",
+        kernel_routes6(bed.host(0).ns())
+    );
+    eprintln!(
+        "dual-stack cluster test: {ready:?} to start the engines and agents, {:?} in all",
+        t_test.elapsed()
+    );
+    drop(agents);
+    drop(engines);
 }

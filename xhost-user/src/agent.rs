@@ -16,6 +16,7 @@ use crate::{
     datapath::{Datapath, DatapathError, XdpAttached},
     docker::DockerView,
     layout::Layout,
+    net::IpNet,
     netlink::KernelEvents,
     plan::{self, Limits, Peers, State},
     report::{AgentState, Attachment, DockerStatus},
@@ -61,7 +62,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
     };
     let store_peers = match cluster.as_mut() {
         Some(c) => {
-            let locals = static_locals.iter().map(|l| l.net).collect();
+            let locals = static_locals.iter().map(|l| l.net.into()).collect();
             c.peers(&locals, &settings.peers).unwrap_or_default()
         }
         None => Vec::new(),
@@ -92,6 +93,10 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
             Err(e) => return Err(e),
         },
     };
+    // The kernel's datapath (a fallback) does not route IPv6 subnets.
+    if let (Backend::Kernel(_), Some(c)) = (&backend, cluster.as_mut()) {
+        c.without_ipv6();
+    }
     let route_device = match &backend {
         Backend::Ebpf(dp) => dp.route_device(underlay),
         Backend::Kernel(_) => crate::tunnel::RouteDevice {
@@ -666,7 +671,13 @@ impl Agent {
         let Some(c) = self.cluster.as_mut() else {
             return false;
         };
-        let locals: BTreeSet<_> = host.applied.local.locals.keys().copied().collect();
+        let local = &host.applied.local;
+        let locals: BTreeSet<IpNet> = local
+            .locals
+            .keys()
+            .map(|n| IpNet::from(*n))
+            .chain(local.locals6.keys().map(|n| IpNet::from(*n)))
+            .collect();
         c.set_locals(locals.clone());
         if let Some(store) = c.peers(&locals, &self.settings.peers) {
             match desired_peers(&self.settings, &store) {

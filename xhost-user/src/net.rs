@@ -2,7 +2,7 @@
 
 use std::{
     fmt,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     str::FromStr,
 };
 
@@ -228,6 +228,61 @@ impl<'de> serde::Deserialize<'de> for IpNet {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl From<Ipv4Net> for IpNet {
+    fn from(n: Ipv4Net) -> Self {
+        Self::V4(n)
+    }
+}
+
+impl From<Ipv6Net> for IpNet {
+    fn from(n: Ipv6Net) -> Self {
+        Self::V6(n)
+    }
+}
+
+impl IpNet {
+    /// Its network address.
+    pub fn addr(&self) -> IpAddr {
+        match self {
+            Self::V4(n) => n.addr().into(),
+            Self::V6(n) => n.addr().into(),
+        }
+    }
+
+    /// Its last address.
+    pub fn last(&self) -> IpAddr {
+        match self {
+            Self::V4(n) => n.last().into(),
+            Self::V6(n) => n.last().into(),
+        }
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        match self {
+            Self::V4(n) => n.prefix_len(),
+            Self::V6(n) => n.prefix_len(),
+        }
+    }
+
+    /// Whether `ip` is in it (never, for an address of the other family).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self, ip) {
+            (Self::V4(n), IpAddr::V4(a)) => n.contains(a),
+            (Self::V6(n), IpAddr::V6(a)) => n.contains(a),
+            _ => false,
+        }
+    }
+
+    /// Whether the two share an address (never across families).
+    pub fn overlaps(&self, other: &IpNet) -> bool {
+        match (self, other) {
+            (Self::V4(a), Self::V4(b)) => a.overlaps(b),
+            (Self::V6(a), Self::V6(b)) => a.overlaps(b),
+            _ => false,
+        }
     }
 }
 

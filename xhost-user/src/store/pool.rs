@@ -54,7 +54,8 @@ impl Pool {
     /// The first subnet nobody claims and no local subnet overlaps.
     pub fn free(&self, view: &View, locals: &[Ipv4Net]) -> Option<Ipv4Net> {
         self.subnets().find(|n| {
-            !locals.iter().any(|l| l.overlaps(n)) && !view.subnets.keys().any(|c| c.overlaps(n))
+            !locals.iter().any(|l| l.overlaps(n))
+                && !view.subnets.keys().any(|c| c.overlaps(&(*n).into()))
         })
     }
 }
@@ -163,7 +164,7 @@ pub async fn ensure_network<S: Store>(
             );
             return Ok(None);
         };
-        match st.create(&keys.subnet(&n), &value, lease).await? {
+        match st.create(&keys.subnet(&n.into()), &value, lease).await? {
             None => break n,
             // Claimed by another host since the view was read.
             Some(_) => taken.push(n),
@@ -197,7 +198,7 @@ pub async fn ensure_network<S: Store>(
                 "pool network {}: creating it with {subnet}: {e}; trying again later",
                 net.name
             );
-            st.delete_own(&keys.subnet(&subnet), lease).await?;
+            st.delete_own(&keys.subnet(&subnet.into()), lease).await?;
             Ok(None)
         }
     }

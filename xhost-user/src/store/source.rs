@@ -21,9 +21,9 @@ use super::{
     view::{HostRecord, Keys, Me, Mode, View, plan},
 };
 use crate::{
-    config::{ClusterSettings, PeerConfig, Settings},
+    config::{ClusterSettings, DatapathArg, PeerConfig, Settings},
     layout::Layout,
-    net::Ipv4Net,
+    net::{IpNet, Ipv4Net},
 };
 
 /// One host as `status` and `cluster hosts` show it.
@@ -33,10 +33,10 @@ pub struct ClusterHost {
     pub underlay: Ipv4Addr,
     pub mode: Mode,
     pub this_host: bool,
-    /// Subnets it claims.
-    pub subnets: Vec<Ipv4Net>,
+    /// Subnets it claims, IPv4 first.
+    pub subnets: Vec<IpNet>,
     /// Of those, what this host routes to it.
-    pub routed: Vec<Ipv4Net>,
+    pub routed: Vec<IpNet>,
 }
 
 /// The cluster section of the state file.
@@ -56,9 +56,11 @@ pub struct ClusterSource {
     snapshot: std::path::PathBuf,
     id: String,
     mode: Mode,
+    /// Whether this host routes (and so publishes) IPv6 subnets.
+    ipv6: bool,
     iface: String,
-    /// Inputs of the last plan: view version, locals, config peers.
-    planned: Option<(u64, BTreeSet<Ipv4Net>, Vec<PeerConfig>)>,
+    /// Inputs of the last plan: view version, locals, config peers, IPv6.
+    planned: Option<(u64, BTreeSet<IpNet>, Vec<PeerConfig>, bool)>,
     peers: Vec<PeerConfig>,
     /// Lines logged for the current problems (each logged once).
     logged: BTreeMap<String, String>,
@@ -91,7 +93,11 @@ pub fn check_start(
         ));
     }
     for p in config {
-        for n in &p.subnets {
+        let subnets = p.subnets.iter().map(|n| IpNet::from(*n));
+        for n in &subnets
+            .chain(p.subnets6.iter().map(|n| IpNet::from(*n)))
+            .collect::<Vec<_>>()
+        {
             if let Some((held, c)) = view
                 .subnets
                 .iter()
@@ -190,6 +196,7 @@ pub async fn read_cluster(c: &ClusterSettings) -> anyhow::Result<ClusterReport> 
         mode: Mode::Native,
         addrs: &[],
         onlink: &[],
+        ipv6: true,
     };
     let p = plan(&view, &me, &BTreeSet::new(), &[]);
     let mut report = ClusterReport {
@@ -221,7 +228,7 @@ pub async fn read_cluster(c: &ClusterSettings) -> anyhow::Result<ClusterReport> 
             )
         })
         .collect();
-    let losers: BTreeSet<Ipv4Net> = p.conflicts.iter().map(|c| c.subnet).collect();
+    let losers: BTreeSet<IpNet> = p.conflicts.iter().map(|c| c.subnet).collect();
     for (n, claim) in &view.subnets {
         if let Some(h) = hosts.get_mut(claim.host.as_str()) {
             h.subnets.push(*n);
@@ -343,6 +350,7 @@ impl ClusterSource {
             snapshot,
             id,
             mode,
+            ipv6: s.tunnel.is_none() && s.datapath != DatapathArg::Kernel,
             iface: s.iface.clone(),
             planned: None,
             peers: Vec::new(),
@@ -356,21 +364,37 @@ impl ClusterSource {
         self.handle.state.clone()
     }
 
-    /// This host's local subnets: claimed in the store.
-    pub fn set_locals(&self, locals: BTreeSet<Ipv4Net>) {
+    /// This host's local subnets: claimed in the store. IPv6 ones only
+    /// where this host routes IPv6 (the others could not answer them).
+    pub fn set_locals(&self, mut locals: BTreeSet<IpNet>) {
+        if !self.ipv6 {
+            locals.retain(|n| matches!(n, IpNet::V4(_)));
+        }
         self.handle.set_locals(locals);
+    }
+
+    /// The datapath turned out not to route IPv6 (the kernel's, as a
+    /// fallback): the other hosts' IPv6 subnets are skipped, and this
+    /// host's are not published.
+    pub fn without_ipv6(&mut self) {
+        self.ipv6 = false;
     }
 
     /// The other hosts' subnets to route, given this host's local subnets
     /// and the config's peers; `None` when they are what they were.
     pub fn peers(
         &mut self,
-        locals: &BTreeSet<Ipv4Net>,
+        locals: &BTreeSet<IpNet>,
         config: &[PeerConfig],
     ) -> Option<Vec<PeerConfig>> {
         let state = self.handle.state.borrow().clone();
         self.report.store = state.status.clone();
-        let inputs = (state.view_version, locals.clone(), config.to_vec());
+        let inputs = (
+            state.view_version,
+            locals.clone(),
+            config.to_vec(),
+            self.ipv6,
+        );
         if self.planned.as_ref() == Some(&inputs) {
             return None;
         }
@@ -382,6 +406,7 @@ impl ClusterSource {
             mode: self.mode,
             addrs: &addrs,
             onlink: &onlink,
+            ipv6: self.ipv6,
         };
         let p = plan(&state.view, &me, locals, config);
         // Each problem logged once, while it lasts.
@@ -414,10 +439,14 @@ impl ClusterSource {
                 c.subnet, c.host, c.held, c.holder
             )
         }));
-        let routed: BTreeSet<(Ipv4Addr, Ipv4Net)> = p
+        let routed: BTreeSet<(Ipv4Addr, IpNet)> = p
             .peers
             .iter()
-            .flat_map(|pc| pc.subnets.iter().map(move |n| (pc.host, *n)))
+            .flat_map(|pc| {
+                let v4 = pc.subnets.iter().map(|n| IpNet::from(*n));
+                v4.chain(pc.subnets6.iter().map(|n| IpNet::from(*n)))
+                    .map(move |n| (pc.host, n))
+            })
             .collect();
         let mut hosts: BTreeMap<&str, ClusterHost> = state
             .view
@@ -501,7 +530,7 @@ mod tests {
                 },
             );
         }
-        let n: Ipv4Net = "10.66.0.0/16".parse().expect("cidr");
+        let n: IpNet = "10.66.0.0/16".parse().expect("cidr");
         v.subnets.insert(
             n,
             Claim {

@@ -24,7 +24,7 @@ use super::{
     LeaseId, Store, StoreError, Watch as _,
     view::{HostRecord, Keys, SubnetRecord, View},
 };
-use crate::net::Ipv4Net;
+use crate::net::{IpNet, Ipv4Net};
 
 /// What the session needs to know about this host and the store.
 #[derive(Clone, Debug)]
@@ -123,7 +123,7 @@ fn now_ms() -> u64 {
 /// The running session task, on a thread of its own.
 pub struct Handle {
     /// `None` until the agent has said which subnets are local.
-    locals: watch::Sender<Option<BTreeSet<Ipv4Net>>>,
+    locals: watch::Sender<Option<BTreeSet<IpNet>>>,
     pub state: watch::Receiver<ClusterState>,
     stop: Option<oneshot::Sender<()>>,
     /// Dropped: the task is abandoned where it stands.
@@ -187,7 +187,7 @@ impl Handle {
     }
 
     /// This host's local subnets now: claimed if new, released if gone.
-    pub fn set_locals(&self, locals: BTreeSet<Ipv4Net>) {
+    pub fn set_locals(&self, locals: BTreeSet<IpNet>) {
         self.locals.send_if_modified(|l| {
             let changed = l.as_ref() != Some(&locals);
             *l = Some(locals);
@@ -238,7 +238,7 @@ enum End {
 
 struct Task {
     s: SyncSettings,
-    locals: watch::Receiver<Option<BTreeSet<Ipv4Net>>>,
+    locals: watch::Receiver<Option<BTreeSet<IpNet>>>,
     out: watch::Sender<ClusterState>,
     lease: Option<LeaseId>,
     view: View,
@@ -256,7 +256,7 @@ struct Task {
 async fn run<S, F, Fut>(
     mut connect: F,
     s: SyncSettings,
-    locals: watch::Receiver<Option<BTreeSet<Ipv4Net>>>,
+    locals: watch::Receiver<Option<BTreeSet<IpNet>>>,
     out: watch::Sender<ClusterState>,
     mut stop: oneshot::Receiver<()>,
     lease: Option<LeaseId>,
@@ -532,7 +532,14 @@ impl Task {
         let Some(locals) = locals else {
             return Ok(());
         };
-        let locals: Vec<Ipv4Net> = locals.into_iter().collect();
+        // The pool is IPv4: only IPv4 locals can collide with it.
+        let locals: Vec<Ipv4Net> = locals
+            .into_iter()
+            .filter_map(|n| match n {
+                IpNet::V4(n) => Some(n),
+                IpNet::V6(_) => None,
+            })
+            .collect();
         self.pool_subnet = super::pool::ensure_network(
             st,
             &self.s.keys,
@@ -546,7 +553,7 @@ impl Task {
         .await?;
         if let Some(n) = self.pool_subnet {
             let mut want = self.locals.borrow().clone().unwrap_or_default();
-            want.insert(n);
+            want.insert(n.into());
             self.claim(st, lease, &want).await?;
         }
         Ok(())
@@ -593,10 +600,10 @@ impl Task {
         &mut self,
         st: &mut S,
         lease: LeaseId,
-        want: &BTreeSet<Ipv4Net>,
+        want: &BTreeSet<IpNet>,
     ) -> Result<(), StoreError> {
         let mut want = want.clone();
-        want.extend(self.pool_subnet);
+        want.extend(self.pool_subnet.map(IpNet::from));
         let want = &want;
         let value = serde_json::to_vec(&SubnetRecord {
             host: self.s.host.id.clone(),
@@ -628,7 +635,7 @@ impl Task {
                 }
             }
         }
-        let mine: Vec<(Ipv4Net, String, LeaseId)> = self
+        let mine: Vec<(IpNet, String, LeaseId)> = self
             .view
             .subnets
             .iter()

@@ -5,13 +5,16 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use serde::{Deserialize, Serialize};
 
 use super::{Event, Kv};
-use crate::{config::PeerConfig, net::Ipv4Net};
+use crate::{
+    config::PeerConfig,
+    net::{IpNet, Ipv4Net, split_families},
+};
 
 /// How a host's datapath carries traffic: every host of a cluster must say
 /// the same.
@@ -41,7 +44,8 @@ pub struct HostRecord {
     pub mode: Mode,
 }
 
-/// `<prefix>/subnets/<a.b.c.d>-<len>`: a container subnet and its host.
+/// `<prefix>/subnets/<address>-<len>`: a container subnet of either family
+/// (`10.1.0.0-16`, `fd00:a::-64`) and its host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubnetRecord {
@@ -58,7 +62,7 @@ pub struct Keys {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeyKind {
     Host(String),
-    Subnet(Ipv4Net),
+    Subnet(IpNet),
     /// Under the prefix but not understood (a bad subnet, an unknown folder).
     Bad(String),
     /// The cluster's subnet pool.
@@ -83,7 +87,7 @@ impl Keys {
         format!("{}/hosts/{id}", self.prefix)
     }
 
-    pub fn subnet(&self, n: &Ipv4Net) -> String {
+    pub fn subnet(&self, n: &IpNet) -> String {
         format!("{}/subnets/{}-{}", self.prefix, n.addr(), n.prefix_len())
     }
 
@@ -109,7 +113,7 @@ impl Keys {
             let Some((a, l)) = s.rsplit_once('-') else {
                 return KeyKind::Bad(format!("`{s}` is not <address>-<length>"));
             };
-            return match format!("{a}/{l}").parse::<Ipv4Net>() {
+            return match format!("{a}/{l}").parse::<IpNet>() {
                 Ok(n) => KeyKind::Subnet(n),
                 Err(e) => KeyKind::Bad(e.to_string()),
             };
@@ -157,7 +161,8 @@ pub struct Claim {
 pub struct View {
     pub revision: i64,
     pub hosts: BTreeMap<String, HostEntry>,
-    pub subnets: BTreeMap<Ipv4Net, Claim>,
+    /// Both families; an IPv4 subnet sorts before every IPv6 one.
+    pub subnets: BTreeMap<IpNet, Claim>,
     /// Keys whose name or value does not parse -> why.
     pub bad: BTreeMap<String, String>,
     /// The subnet pool, once `cluster init` set one.
@@ -269,15 +274,18 @@ pub struct Me<'a> {
     /// The underlay's on-link prefixes: in native mode a peer must be on
     /// one, since the kernel route goes via it as a gateway.
     pub onlink: &'a [Ipv4Net],
+    /// Whether this host routes IPv6 peer subnets (native routing with the
+    /// eBPF datapath): otherwise the other hosts' IPv6 claims are skipped.
+    pub ipv6: bool,
 }
 
 /// A subnet two hosts want.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Conflict {
-    pub subnet: Ipv4Net,
+    pub subnet: IpNet,
     pub host: String,
     /// The subnet and host that hold it (the older claim).
-    pub held: Ipv4Net,
+    pub held: IpNet,
     pub holder: String,
 }
 
@@ -298,23 +306,25 @@ pub struct Plan {
 /// winners of other hosts are routed unless their host is missing, runs
 /// another datapath mode, cannot be reached, or they collide with a local
 /// subnet or a config peer's, each skipped with a line naming the key.
-pub fn plan(view: &View, me: &Me, locals: &BTreeSet<Ipv4Net>, config: &[PeerConfig]) -> Plan {
+pub fn plan(view: &View, me: &Me, locals: &BTreeSet<IpNet>, config: &[PeerConfig]) -> Plan {
     let mut p = Plan::default();
     for (key, why) in &view.bad {
         p.skipped
             .insert(key.clone(), format!("etcd key {key}: {why}; skipped"));
     }
     // Oldest first; among the winners so far, one pass keeps the disjoint ones.
-    let mut claims: Vec<(&Ipv4Net, &Claim)> = view.subnets.iter().collect();
+    let mut claims: Vec<(&IpNet, &Claim)> = view.subnets.iter().collect();
     claims.sort_by_key(|(n, c)| (c.create_revision, **n));
     // Winners are disjoint, so indexed by first address the only one that can
     // overlap a prefix is the last starting at or before its last address:
-    // O(n log n) for the 100 000 routes the map holds.
-    let mut index: BTreeMap<u32, usize> = BTreeMap::new();
-    let mut winners: Vec<(Ipv4Net, &Claim)> = Vec::new();
+    // O(n log n) for the 100 000 routes the map holds. Every IPv4 address
+    // sorts before every IPv6 one, so a hit of the other family means none
+    // of its own.
+    let mut index: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    let mut winners: Vec<(IpNet, &Claim)> = Vec::new();
     for (n, c) in claims {
         let hit = index
-            .range(..=u32::from(n.last()))
+            .range(..=n.last())
             .next_back()
             .map(|(_, i)| &winners[*i])
             .filter(|(w, _)| w.overlaps(n));
@@ -334,7 +344,7 @@ pub fn plan(view: &View, me: &Me, locals: &BTreeSet<Ipv4Net>, config: &[PeerConf
             );
             continue;
         }
-        index.insert(u32::from(n.addr()), winners.len());
+        index.insert(n.addr(), winners.len());
         winners.push((*n, c));
     }
     // This host's local subnets held by another host.
@@ -351,7 +361,7 @@ pub fn plan(view: &View, me: &Me, locals: &BTreeSet<Ipv4Net>, config: &[PeerConf
             });
         }
     }
-    let mut by_host: BTreeMap<&str, Vec<Ipv4Net>> = BTreeMap::new();
+    let mut by_host: BTreeMap<&str, Vec<IpNet>> = BTreeMap::new();
     let skip = |p: &mut Plan, c: &Claim, line: String| {
         p.skipped.insert(
             c.key.clone(),
@@ -413,7 +423,21 @@ pub fn plan(view: &View, me: &Me, locals: &BTreeSet<Ipv4Net>, config: &[PeerConf
             );
             continue;
         }
-        if let Some(l) = locals.iter().find(|l| l.overlaps(n) || l.contains(u)) {
+        if matches!(n, IpNet::V6(_)) && !me.ipv6 {
+            skip(
+                &mut p,
+                c,
+                format!(
+                    "IPv6 subnet {n} of host {}: this host routes IPv6 only in native mode with the eBPF datapath",
+                    h.id
+                ),
+            );
+            continue;
+        }
+        if let Some(l) = locals
+            .iter()
+            .find(|l| l.overlaps(n) || l.contains(u.into()))
+        {
             skip(
                 &mut p,
                 c,
@@ -424,8 +448,10 @@ pub fn plan(view: &View, me: &Me, locals: &BTreeSet<Ipv4Net>, config: &[PeerConf
         if let Some((cp, cn)) = config.iter().find_map(|cp| {
             cp.subnets
                 .iter()
+                .map(|cn| IpNet::from(*cn))
+                .chain(cp.subnets6.iter().map(|cn| IpNet::from(*cn)))
                 .find(|cn| cn.overlaps(n))
-                .map(|cn| (cp.host, *cn))
+                .map(|cn| (cp.host, cn))
         }) {
             skip(
                 &mut p,
@@ -437,7 +463,7 @@ pub fn plan(view: &View, me: &Me, locals: &BTreeSet<Ipv4Net>, config: &[PeerConf
             );
             continue;
         }
-        if config.iter().any(|cp| n.contains(cp.host)) {
+        if config.iter().any(|cp| n.contains(cp.host.into())) {
             skip(
                 &mut p,
                 c,
@@ -450,10 +476,11 @@ pub fn plan(view: &View, me: &Me, locals: &BTreeSet<Ipv4Net>, config: &[PeerConf
     for (id, mut subnets) in by_host {
         subnets.sort();
         if let Some(h) = view.hosts.get(id) {
+            let (subnets, subnets6) = split_families(subnets);
             p.peers.push(PeerConfig {
                 host: h.record.underlay,
                 subnets,
-                subnets6: Vec::new(),
+                subnets6,
             });
         }
     }
@@ -465,6 +492,10 @@ mod tests {
     use super::*;
 
     fn net(s: &str) -> Ipv4Net {
+        s.parse().expect("cidr")
+    }
+
+    fn any(s: &str) -> IpNet {
         s.parse().expect("cidr")
     }
 
@@ -502,7 +533,7 @@ mod tests {
             self.put(k, serde_json::to_string(&r).expect("json"));
         }
         fn claim(&mut self, n: &str, host: &str) {
-            let k = self.keys.subnet(&net(n));
+            let k = self.keys.subnet(&any(n));
             self.put(k, format!("{{\"host\":\"{host}\"}}"));
         }
         fn view(&self) -> View {
@@ -513,6 +544,10 @@ mod tests {
     const ONLINK: [&str; 1] = ["172.16.91.0/24"];
 
     fn me_plan(v: &View, locals: &[&str], config: &[PeerConfig]) -> Plan {
+        me_plan_ipv6(v, locals, config, true)
+    }
+
+    fn me_plan_ipv6(v: &View, locals: &[&str], config: &[PeerConfig], ipv6: bool) -> Plan {
         let onlink: Vec<Ipv4Net> = ONLINK.iter().map(|s| net(s)).collect();
         let addrs = [Ipv4Addr::new(172, 16, 91, 131)];
         let me = Me {
@@ -520,8 +555,9 @@ mod tests {
             mode: Mode::Native,
             addrs: &addrs,
             onlink: &onlink,
+            ipv6,
         };
-        let locals = locals.iter().map(|s| net(s)).collect();
+        let locals = locals.iter().map(|s| any(s)).collect();
         plan(v, &me, &locals, config)
     }
 
@@ -556,7 +592,7 @@ mod tests {
         assert_eq!(p.peers.len(), 1);
         assert_eq!(p.peers[0].subnets, [net("10.1.0.0/16")]);
         assert_eq!(p.conflicts.len(), 1);
-        let line = &p.skipped[&b.keys.subnet(&net("10.1.2.0/24"))];
+        let line = &p.skipped[&b.keys.subnet(&any("10.1.2.0/24"))];
         assert!(
             line.contains("overlaps 10.1.0.0/16, held by host b"),
             "{line}"
@@ -615,7 +651,7 @@ mod tests {
         let mut b = Bed::new();
         b.host("b", "172.16.91.132", Mode::Native);
         let mut v = b.view();
-        let key = b.keys.subnet(&net("10.1.0.0/16"));
+        let key = b.keys.subnet(&any("10.1.0.0/16"));
         let put = Event::Put(Kv {
             key: key.clone(),
             value: b"{\"host\":\"b\"}".to_vec(),
@@ -632,5 +668,195 @@ mod tests {
         assert_eq!(me_plan(&v, &[], &[]).peers.len(), 1);
         assert!(v.apply(&b.keys, &[Event::Delete { key }]));
         assert!(me_plan(&v, &[], &[]).peers.is_empty());
+    }
+
+    #[test]
+    fn ipv6_claims_route_to_the_hosts_ipv4_underlay() {
+        let mut b = Bed::new();
+        b.host("a", "172.16.91.131", Mode::Native);
+        b.claim("fd00:a::/64", "a");
+        b.host("b", "172.16.91.132", Mode::Native);
+        b.claim("fd00:b::/64", "b");
+        b.claim("10.9.0.0/16", "b");
+        b.claim("fd00:b:1::/48", "b");
+        // The key of an IPv6 subnet: its address and length, as for IPv4.
+        assert_eq!(
+            b.keys.subnet(&any("fd00:b::/64")),
+            "/xhost/v1/subnets/fd00:b::-64"
+        );
+        let p = me_plan(&b.view(), &["fd00:a::/64", "192.168.110.0/24"], &[]);
+        assert_eq!(
+            p.peers,
+            [PeerConfig {
+                host: "172.16.91.132".parse().expect("ip"),
+                subnets: vec![net("10.9.0.0/16")],
+                subnets6: vec![
+                    "fd00:b::/64".parse().expect("cidr"),
+                    "fd00:b:1::/48".parse().expect("cidr")
+                ],
+            }]
+        );
+        assert!(p.skipped.is_empty() && p.conflicts.is_empty(), "{p:?}");
+        // A host that does not route IPv6 skips them, one line each, and
+        // keeps the IPv4 ones.
+        let p = me_plan_ipv6(&b.view(), &[], &[], false);
+        assert_eq!(p.peers[0].subnets, [net("10.9.0.0/16")]);
+        assert!(p.peers[0].subnets6.is_empty(), "{p:?}");
+        let line = &p.skipped["/xhost/v1/subnets/fd00:b::-64"];
+        assert!(
+            line.contains("IPv6 subnet fd00:b::/64 of host b")
+                && line.contains("native mode with the eBPF datapath"),
+            "{line}"
+        );
+        assert_eq!(p.skipped.len(), 2, "{:?}", p.skipped);
+    }
+
+    #[test]
+    fn ipv6_claims_follow_the_same_conflict_rules() {
+        let mut b = Bed::new();
+        b.host("b", "172.16.91.132", Mode::Native);
+        b.host("c", "172.16.91.133", Mode::Native);
+        b.claim("fd00:1::/48", "b");
+        b.claim("fd00:1:0:2::/64", "c");
+        // The same bits as an IPv4 claim do not collide across families.
+        b.claim("10.1.0.0/16", "c");
+        b.claim("fd00:9::/64", "c");
+        b.claim("fd00:7::/64", "c");
+        let cfg = [PeerConfig {
+            host: "172.16.91.150".parse().expect("ip"),
+            subnets: Vec::new(),
+            subnets6: vec!["fd00:7::/56".parse().expect("cidr")],
+        }];
+        let p = me_plan(&b.view(), &["fd00:9::/80"], &cfg);
+        let six = |h: &str| -> Vec<String> {
+            p.peers
+                .iter()
+                .find(|pc| pc.host.to_string() == h)
+                .map(|pc| pc.subnets6.iter().map(|n| n.to_string()).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(six("172.16.91.132"), ["fd00:1::/48"]);
+        assert!(six("172.16.91.133").is_empty(), "{p:?}");
+        assert_eq!(
+            p.conflicts,
+            [Conflict {
+                subnet: any("fd00:1:0:2::/64"),
+                host: "c".into(),
+                held: any("fd00:1::/48"),
+                holder: "b".into(),
+            }]
+        );
+        let want = [
+            (
+                "/xhost/v1/subnets/fd00:1:0:2::-64",
+                "overlaps fd00:1::/48, held by host b",
+            ),
+            (
+                "/xhost/v1/subnets/fd00:9::-64",
+                "overlaps local subnet fd00:9::/80",
+            ),
+            (
+                "/xhost/v1/subnets/fd00:7::-64",
+                "overlaps subnet fd00:7::/56 of config peer 172.16.91.150",
+            ),
+        ];
+        for (k, w) in want {
+            let line = p.skipped.get(k).unwrap_or_else(|| panic!("{k}: {p:?}"));
+            assert!(line.contains(w) && line.contains(k), "{line}");
+        }
+        assert_eq!(p.skipped.len(), want.len(), "{:?}", p.skipped);
+        assert_eq!(p.peers.iter().map(|pc| pc.subnets.len()).sum::<usize>(), 1);
+        // A local IPv6 subnet another host holds.
+        let p = me_plan(&b.view(), &["fd00:1:0:5::/64"], &[]);
+        assert_eq!(
+            (
+                p.local_conflicts[0].held,
+                p.local_conflicts[0].holder.as_str()
+            ),
+            (any("fd00:1::/48"), "b")
+        );
+    }
+
+    #[test]
+    fn bad_ipv6_keys_are_skipped_with_their_key() {
+        let mut b = Bed::new();
+        b.host("b", "172.16.91.132", Mode::Native);
+        for k in [
+            "fd00:b::1-64",
+            "fd00:b::-129",
+            "fd00:zz::-64",
+            "fd00:b::",
+            "fd00:b::-",
+        ] {
+            b.put(format!("/xhost/v1/subnets/{k}"), "{\"host\":\"b\"}".into());
+        }
+        b.put("/xhost/v1/subnets/fd00:c::-64".into(), "[1]".into());
+        b.put(
+            "/xhost/v1/subnets/fd00:d::-64".into(),
+            "{\"host\":\"b\",\"family\":6}".into(),
+        );
+        let p = me_plan(&b.view(), &[], &[]);
+        assert!(p.peers.is_empty(), "{:?}", p.peers);
+        let want = [
+            ("/xhost/v1/subnets/fd00:b::1-64", "has host bits set"),
+            ("/xhost/v1/subnets/fd00:b::-129", "0..=128"),
+            ("/xhost/v1/subnets/fd00:zz::-64", "not an IPv6 CIDR"),
+            ("/xhost/v1/subnets/fd00:b::", "not <address>-<length>"),
+            ("/xhost/v1/subnets/fd00:b::-", "not an IPv6 CIDR"),
+            ("/xhost/v1/subnets/fd00:c::-64", "not a subnet record"),
+            ("/xhost/v1/subnets/fd00:d::-64", "unknown field"),
+        ];
+        for (k, w) in want {
+            let line = p.skipped.get(k).unwrap_or_else(|| panic!("{k}: {p:?}"));
+            assert!(line.contains(w) && line.contains(k), "{line}");
+        }
+        assert_eq!(p.skipped.len(), want.len(), "{:?}", p.skipped);
+    }
+
+    /// What an agent of an earlier build wrote (IPv4 claims only, the view
+    /// of its snapshot with IPv4 subnets as map keys) reads the same.
+    #[test]
+    fn records_and_snapshots_of_ipv4_only_agents_still_read() {
+        let keys = Keys::new("/xhost/v1");
+        let kv = |key: &str, value: &str, rev| Kv {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            create_revision: rev,
+            mod_revision: rev,
+            lease: 7,
+        };
+        let v = View::from_list(
+            &keys,
+            &[
+                kv(
+                    "/xhost/v1/hosts/b",
+                    r#"{"id":"b","underlay":"172.16.91.132","mode":{"kind":"native"}}"#,
+                    2,
+                ),
+                kv("/xhost/v1/subnets/192.168.120.0-24", r#"{"host":"b"}"#, 3),
+            ],
+            3,
+        );
+        assert!(v.bad.is_empty(), "{:?}", v.bad);
+        let p = me_plan(&v, &[], &[]);
+        assert_eq!(p.peers[0].subnets, [net("192.168.120.0/24")]);
+        let old = r#"{"revision":3,"hosts":{},"subnets":{"192.168.120.0/24":{"key":"/xhost/v1/subnets/192.168.120.0-24","host":"b","create_revision":3,"mod_revision":3,"lease":7}},"bad":{}}"#;
+        let snap: View = serde_json::from_str(old).expect("an older snapshot's view");
+        assert_eq!(
+            snap.subnets.keys().copied().collect::<Vec<_>>(),
+            [any("192.168.120.0/24")]
+        );
+        // And the view of this build round-trips with both families.
+        let mut both = snap.clone();
+        both.subnets.insert(
+            any("fd00:b::/64"),
+            Claim {
+                key: keys.subnet(&any("fd00:b::/64")),
+                ..snap.subnets[&any("192.168.120.0/24")].clone()
+            },
+        );
+        let text = serde_json::to_string(&both).expect("json");
+        assert!(text.contains(r#""192.168.120.0/24":"#) && text.contains(r#""fd00:b::/64":"#));
+        assert_eq!(serde_json::from_str::<View>(&text).expect("view"), both);
     }
 }
