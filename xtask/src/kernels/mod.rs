@@ -32,9 +32,11 @@ use results::{Report, SuiteRun};
 /// bpftool and the testbed's own xh-probe. Together they cover ping and checksummed TCP
 /// both ways with FORWARD and conntrack untouched, Docker's isolation (a peer host cannot
 /// reach containers directly), TTL expiry left to the kernel (natively and in VXLAN
-/// mode), and a detached datapath that keeps forwarding until `unload` leaves nothing.
-const NAMESPACE_TESTS: [&str; 6] = [
+/// mode), a detached datapath that keeps forwarding until `unload` leaves nothing, and
+/// `status` and bpftool showing what is attached and what the maps hold.
+const NAMESPACE_TESTS: [&str; 7] = [
     "containers_reach_each_other_only_through_xhost",
+    "status_and_bpftool_show_what_is_attached_and_what_the_maps_hold",
     "underlay_hosts_cannot_reach_containers_directly",
     "ttl_expiring_at_the_host_is_left_to_the_kernel",
     "detached_datapath_keeps_forwarding_until_unload",
