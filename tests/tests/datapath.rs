@@ -138,8 +138,47 @@ fn containers_reach_each_other_only_through_xhost() {
         }
     }
 
-    // Status: attachments, routes, local subnet, as the maps hold them.
-    let s = status_json(a.ns(), &agent_a.dirs);
+    // Ctrl-C: clean exit, nothing of xhost left, and the path is gone again.
+    let (status, left) = agent_a.stop_with(Signal::SIGINT).expect("stop A");
+    assert!(status.success(), "agent A exit: {status:?}");
+    assert!(left.is_empty(), "agent A left {left:?}");
+    assert_eq!(xhost_programs(a), "", "programs still attached on host A");
+    let (status, left) = agent_b.stop_with(Signal::SIGTERM).expect("stop B");
+    assert!(
+        status.success() && left.is_empty(),
+        "agent B: {status:?} left {left:?}"
+    );
+    assert_eq!(xhost_programs(b), "", "programs still attached on host B");
+    assert!(
+        !ping(ca.ns(), cb.ip(), 1).expect("ping").any_received(),
+        "A reaches B after unload"
+    );
+}
+
+/// `status --json` shows the attachments (the container's veth found from
+/// the bridge's neighbour and FDB tables once it has sent), the endpoint,
+/// routes and local subnet as the maps hold them, and the kernel agrees;
+/// bpftool reads the pinned maps field by field.
+#[test]
+fn status_and_bpftool_show_what_is_attached_and_what_the_maps_hold() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let (ca, cb) = (topo.ctr_a(), topo.ctr_b());
+    let agent_a = start(a, b, &[]);
+    let _agent_b = start(b, a, &[]);
+    let p = ping(ca.ns(), cb.ip(), 1).expect("ping A->B");
+    assert!(p.all_received(), "ping A->B through xhost: {p:?}");
+    let (s, _) = xhost_tests::xhost::wait_status(
+        a.ns(),
+        &agent_a.dirs,
+        "A's container attached and in ENDPOINTS",
+        std::time::Duration::from_secs(10),
+        |s| {
+            s["endpoints"][0]["ip"] == ca.ip().to_string()
+                && s["attached"].as_array().is_some_and(|x| x.len() == 3)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let attached: Vec<String> = s["attached"]
         .as_array()
         .expect("attached")
@@ -201,22 +240,6 @@ fn containers_reach_each_other_only_through_xhost() {
     assert!(
         dump.contains("\"prefix_len\": 24") && dump.contains("\"host\""),
         "bpftool dump: {dump}"
-    );
-
-    // Ctrl-C: clean exit, nothing of xhost left, and the path is gone again.
-    let (status, left) = agent_a.stop_with(Signal::SIGINT).expect("stop A");
-    assert!(status.success(), "agent A exit: {status:?}");
-    assert!(left.is_empty(), "agent A left {left:?}");
-    assert_eq!(xhost_programs(a), "", "programs still attached on host A");
-    let (status, left) = agent_b.stop_with(Signal::SIGTERM).expect("stop B");
-    assert!(
-        status.success() && left.is_empty(),
-        "agent B: {status:?} left {left:?}"
-    );
-    assert_eq!(xhost_programs(b), "", "programs still attached on host B");
-    assert!(
-        !ping(ca.ns(), cb.ip(), 1).expect("ping").any_received(),
-        "A reaches B after unload"
     );
 }
 
@@ -885,14 +908,19 @@ fn link_names(ns: &NetNs) -> Vec<String> {
     names
 }
 
+/// `load`'s arguments for host A's underlay and bridge without Docker, then `extra`.
+fn host_a_args(extra: &[&str]) -> Vec<String> {
+    ["--iface", "ens33", "--bridge", "docker0", "--no-docker"]
+        .iter()
+        .chain(extra)
+        .map(|s| (*s).to_owned())
+        .collect()
+}
+
 #[test]
-fn bad_input_is_refused_with_nothing_half_applied() {
+fn bad_flags_are_refused_with_nothing_half_applied() {
     let topo = topology();
-    let (a, b) = (topo.host_a(), topo.host_b());
-    let base = ["--iface", "ens33", "--bridge", "docker0", "--no-docker"];
-    let with = |extra: &[&'static str]| -> Vec<String> {
-        base.iter().chain(extra).map(|s| (*s).to_owned()).collect()
-    };
+    let a = topo.host_a();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
             vec![
@@ -904,20 +932,26 @@ fn bad_input_is_refused_with_nothing_half_applied() {
             ],
             "nope0",
         ),
-        (with(&["--bridge", "nobr0"]), "nobr0"),
-        (with(&["--bridge", "lo"]), "`lo` is not a Linux bridge"),
+        (host_a_args(&["--bridge", "nobr0"]), "nobr0"),
         (
-            with(&["--peer", "172.16.91.132=192.168.220.0/33"]),
+            host_a_args(&["--bridge", "lo"]),
+            "`lo` is not a Linux bridge",
+        ),
+        (
+            host_a_args(&["--peer", "172.16.91.132=192.168.220.0/33"]),
             "192.168.220.0/33",
         ),
         (
-            with(&["--peer", "172.16.91.132=192.168.220.1/24"]),
+            host_a_args(&["--peer", "172.16.91.132=192.168.220.1/24"]),
             "host bits set",
         ),
-        (with(&["--peer", "172.16.91.132=banana"]), "banana"),
-        (with(&["--peer", "not-an-ip=10.1.0.0/16"]), "not-an-ip"),
+        (host_a_args(&["--peer", "172.16.91.132=banana"]), "banana"),
         (
-            with(&[
+            host_a_args(&["--peer", "not-an-ip=10.1.0.0/16"]),
+            "not-an-ip",
+        ),
+        (
+            host_a_args(&[
                 "--peer",
                 "172.16.91.132=10.1.0.0/16",
                 "--peer",
@@ -926,11 +960,11 @@ fn bad_input_is_refused_with_nothing_half_applied() {
             "overlaps subnet 10.1.128.0/17",
         ),
         (
-            with(&["--peer", "172.16.91.132=192.168.0.0/16"]),
+            host_a_args(&["--peer", "172.16.91.132=192.168.0.0/16"]),
             "overlaps local subnet 192.168.110.0/24 on docker0",
         ),
         (
-            with(&[
+            host_a_args(&[
                 "--peer",
                 "172.16.91.132=10.1.0.0/16",
                 "--peer",
@@ -947,12 +981,12 @@ fn bad_input_is_refused_with_nothing_half_applied() {
             "nothing to serve",
         ),
         (
-            with(&["--tunnel", "vxlan", "--vni", "16777216"]),
+            host_a_args(&["--tunnel", "vxlan", "--vni", "16777216"]),
             "VNI 16777216 out of range",
         ),
-        (with(&["--vni", "7"]), "it needs --tunnel vxlan"),
+        (host_a_args(&["--vni", "7"]), "it needs --tunnel vxlan"),
         (
-            with(&["--tunnel", "vxlan", "--vxlan-port", "0"]),
+            host_a_args(&["--tunnel", "vxlan", "--vxlan-port", "0"]),
             "VXLAN port 0",
         ),
     ];
@@ -960,8 +994,13 @@ fn bad_input_is_refused_with_nothing_half_applied() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         assert_refused(a, &args, culprit);
     }
+}
 
-    // Config file: conflicts with flags, unknown keys, bad CIDRs.
+/// Config files: conflicts with flags, unknown keys, bad CIDRs, a missing file.
+#[test]
+fn bad_config_files_are_refused_with_nothing_half_applied() {
+    let topo = topology();
+    let a = topo.host_a();
     let dir = std::env::temp_dir().join(format!("xh-{}-cfg", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let write = |name: &str, text: &str| {
@@ -1000,8 +1039,13 @@ fn bad_input_is_refused_with_nothing_half_applied() {
     let missing = dir.join("missing.toml").display().to_string();
     assert_refused(a, &["--config", &missing, "--no-docker"], "missing.toml");
     let _ = std::fs::remove_dir_all(&dir);
+}
 
-    // VXLAN mode: a device of that name that is not ours is left alone.
+/// VXLAN mode: a device of that name that is not xhost's is left alone.
+#[test]
+fn vxlan_mode_refuses_a_device_of_its_name_that_is_not_its_own() {
+    let topo = topology();
+    let a = topo.host_a();
     a.ns().run(&[
         "ip",
         "link",
@@ -1015,16 +1059,22 @@ fn bad_input_is_refused_with_nothing_half_applied() {
     ]);
     assert_refused(
         a,
-        &with(&["--tunnel", "vxlan"])
+        &host_a_args(&["--tunnel", "vxlan"])
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
         "xhost_vxlan exists already",
     );
     a.ns().run(&["ip", "link", "del", "xhost_vxlan"]);
+}
 
-    // Already loaded: a second instance on the same underlay is refused,
-    // whether it shares the pin dir or not; the first keeps forwarding.
+/// Already loaded: a second instance on the same underlay is refused,
+/// whether it shares the pin dir or not, natively and in VXLAN mode, with
+/// nothing left behind; the first keeps forwarding.
+#[test]
+fn a_second_instance_on_the_same_underlay_is_refused() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
     let first = start(a, b, &[]);
     let _b = start(b, a, &[]);
     let again = load_args(a, b, &[]);
@@ -1372,28 +1422,95 @@ fn refusals(agent: &Agent) -> usize {
     agent.output().matches("config reload refused").count()
 }
 
+/// Host A's configs for the SIGHUP tests, in the file its agent loads: its head
+/// (underlay, bridge, no Docker), host B as a peer, and another host on the
+/// underlay (on-link, so it gets a kernel route too) as a peer.
+struct Reload {
+    cfg: ConfigFile,
+    head: String,
+    peer_b: String,
+    other_host: std::net::Ipv4Addr,
+    other: String,
+}
+
+impl Reload {
+    fn new(a: &xhost_tests::Host, b: &xhost_tests::Host) -> Self {
+        let other_host = another_underlay_host(b);
+        Self {
+            cfg: ConfigFile::temp("reload"),
+            head: config_head(a),
+            peer_b: format!(
+                "[[peer]]\nhost = \"{}\"\nsubnets = [\"{}\"]\n",
+                b.underlay_ip(),
+                b.subnet()
+            ),
+            other_host,
+            other: format!("[[peer]]\nhost = \"{other_host}\"\nsubnets = [\"10.250.0.0/16\"]\n"),
+        }
+    }
+
+    /// Host A's agent loaded from the file holding the head and `peers`.
+    fn start(&self, a: &xhost_tests::Host, peers: &str) -> Agent {
+        self.cfg.write(&format!("{}{peers}", self.head));
+        let cfg_arg = self.cfg.0.display().to_string();
+        Agent::start(a.ns(), a.role(), &["--config", &cfg_arg]).expect("load")
+    }
+
+    /// Writes `text` to the file and sends the agent SIGHUP.
+    fn reload(&self, agent: &Agent, text: &str) {
+        self.cfg.write(text);
+        hup(agent);
+    }
+
+    /// The other peer's route, as `status_routes` shows it.
+    fn other_route(&self) -> Vec<(String, String)> {
+        vec![("10.250.0.0/16".into(), self.other_host.to_string())]
+    }
+
+    /// The other peer's kernel route, as `xhost_kernel_routes` shows it.
+    fn other_kernel_route(&self) -> String {
+        format!("10.250.0.0/16 via {}", self.other_host)
+    }
+}
+
+/// Waits until `ROUTES` and the agent's state file (written after the maps) both
+/// hold `want` (prefix, peer).
+fn wait_routes(host: &xhost_tests::Host, dirs: &AgentDirs, want: &[(String, String)]) {
+    xhost_tests::xhost::wait_status(
+        host.ns(),
+        dirs,
+        "ROUTES after the reload",
+        std::time::Duration::from_secs(5),
+        |s| {
+            let peers: Vec<(String, String)> = s["agent"]["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|p| {
+                    let host = p["host"].as_str().unwrap_or_default().to_owned();
+                    p["subnets"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(move |n| Some((n.as_str()?.to_owned(), host.clone())))
+                })
+                .collect();
+            status_routes(s) == want && peers == want
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// SIGHUP re-reads the config: peers removed, added and put back take effect
 /// without detaching anything (maps and kernel routes follow, traffic stops
-/// and resumes); a config that does not parse, does not validate, or changes
-/// what only a restart can is refused whole, and the running one stays.
+/// and resumes).
 #[test]
-fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
+fn sighup_reloads_peers_in_place() {
     let topo = topology();
     let (a, b) = (topo.host_a(), topo.host_b());
     let _agent_b = start(b, a, &[]);
-    let cfg = ConfigFile::temp("reload");
-    let head = config_head(a);
-    let peer_b = format!(
-        "[[peer]]\nhost = \"{}\"\nsubnets = [\"{}\"]\n",
-        b.underlay_ip(),
-        b.subnet()
-    );
-    // Another host on the underlay (on-link, so it gets a kernel route too).
-    let other_host = another_underlay_host(b);
-    let other = format!("[[peer]]\nhost = \"{other_host}\"\nsubnets = [\"10.250.0.0/16\"]\n");
-    cfg.write(&format!("{head}{peer_b}"));
-    let cfg_arg = cfg.0.display().to_string();
-    let mut agent = Agent::start(a.ns(), a.role(), &["--config", &cfg_arg]).expect("load");
+    let r = Reload::new(a, b);
+    let agent = r.start(a, &r.peer_b);
     let (ctr_a, ip_b) = (topo.ctr_a().ns(), topo.ctr_b().ip());
     let reaches_b = || ping(ctr_a, ip_b, 2).expect("ping").any_received();
     assert!(reaches_b(), "B reachable with B as peer");
@@ -1407,46 +1524,11 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let programs = xhost_programs(a);
-    let route_b = (b.subnet().to_string(), b.underlay_ip().to_string());
-    let kernel_b = format!("{} via {}", b.subnet(), b.underlay_ip());
-    let kernel_other = format!("10.250.0.0/16 via {other_host}");
-    let dirs = agent.dirs.clone();
-    let wait_routes = |want: Vec<(String, String)>| {
-        xhost_tests::xhost::wait_status(
-            a.ns(),
-            &dirs,
-            "ROUTES after the reload",
-            std::time::Duration::from_secs(5),
-            // The maps, and the state file the agent writes after them.
-            |s| {
-                let peers: Vec<(String, String)> = s["agent"]["peers"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .flat_map(|p| {
-                        let host = p["host"].as_str().unwrap_or_default().to_owned();
-                        p["subnets"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(move |n| Some((n.as_str()?.to_owned(), host.clone())))
-                    })
-                    .collect();
-                status_routes(s) == want && peers == want
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}"))
-        .0
-    };
 
     // B's subnet out, another peer in.
-    cfg.write(&format!("{head}{other}"));
-    hup(&agent);
-    wait_routes(vec![("10.250.0.0/16".into(), other_host.to_string())]);
-    assert_eq!(
-        xhost_kernel_routes(a.ns()),
-        std::slice::from_ref(&kernel_other)
-    );
+    r.reload(&agent, &format!("{}{}", r.head, r.other));
+    wait_routes(a, &agent.dirs, &r.other_route());
+    assert_eq!(xhost_kernel_routes(a.ns()), [r.other_kernel_route()]);
     assert!(!reaches_b(), "B's subnet is no longer a peer's");
     assert_eq!(
         xhost_programs(a),
@@ -1454,7 +1536,34 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
         "nothing detached or re-attached"
     );
 
-    // Each refused whole: the log names the problem, the maps stay.
+    // B back, the other peer gone: traffic resumes.
+    r.reload(&agent, &format!("{}{}", r.head, r.peer_b));
+    wait_routes(
+        a,
+        &agent.dirs,
+        &[(b.subnet().to_string(), b.underlay_ip().to_string())],
+    );
+    assert_eq!(
+        xhost_kernel_routes(a.ns()),
+        [format!("{} via {}", b.subnet(), b.underlay_ip())]
+    );
+    assert!(reaches_b(), "B reachable again");
+    assert_eq!(xhost_programs(a), programs);
+
+    stop_leaving_nothing(agent, a.ns());
+}
+
+/// A config that does not parse, does not validate, or changes what only a
+/// restart can is refused whole: the log names the problem, the agent keeps
+/// running, and the maps and kernel routes stay as the running config says.
+#[test]
+fn sighup_refuses_a_bad_config_whole() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let r = Reload::new(a, b);
+    let mut agent = r.start(a, &r.other);
+    wait_routes(a, &agent.dirs, &r.other_route());
+    let (head, other) = (&r.head, &r.other);
     for (text, culprit) in [
         (format!("{head}{other}[[peer]]\nhost = "), "config"),
         (
@@ -1474,8 +1583,7 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
         ),
     ] {
         let before = refusals(&agent);
-        cfg.write(&text);
-        hup(&agent);
+        r.reload(&agent, &text);
         let t0 = std::time::Instant::now();
         while refusals(&agent) == before && t0.elapsed() < std::time::Duration::from_secs(5) {
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -1489,17 +1597,20 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
         assert!(line.contains(culprit), "{culprit:?} not in {line:?}");
         assert!(agent.running(), "the agent keeps running");
         let s = status_json(a.ns(), &agent.dirs);
-        assert_eq!(
-            status_routes(&s),
-            [("10.250.0.0/16".to_owned(), other_host.to_string())]
-        );
-        assert_eq!(
-            xhost_kernel_routes(a.ns()),
-            std::slice::from_ref(&kernel_other)
-        );
+        assert_eq!(status_routes(&s), r.other_route());
+        assert_eq!(xhost_kernel_routes(a.ns()), [r.other_kernel_route()]);
     }
+    stop_leaving_nothing(agent, a.ns());
+}
 
-    // A second static bridge followed, then let go.
+/// SIGHUP follows the static bridges of the config: a second bridge is
+/// served (its subnet in `LOCAL_NETS`, its program attached), then let go.
+#[test]
+fn sighup_follows_static_bridges_added_and_removed() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let r = Reload::new(a, b);
+    let agent = r.start(a, &r.other);
     a.ns()
         .run(&["ip", "link", "add", "xh-br2", "type", "bridge"]);
     a.ns()
@@ -1517,14 +1628,17 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
         (format!("[\"{}\", \"xh-br2\"]", a.bridge()), (true, true)),
         (format!("[\"{}\"]", a.bridge()), (false, false)),
     ] {
-        cfg.write(&format!(
-            "{}{other}",
-            head.replace(&format!("[\"{}\"]", a.bridge()), &bridges)
-        ));
-        hup(&agent);
+        r.reload(
+            &agent,
+            &format!(
+                "{}{}",
+                r.head.replace(&format!("[\"{}\"]", a.bridge()), &bridges),
+                r.other
+            ),
+        );
         xhost_tests::xhost::wait_status(
             a.ns(),
-            &dirs,
+            &agent.dirs,
             "the static bridges after the reload",
             std::time::Duration::from_secs(5),
             |s| served(s) == want,
@@ -1532,15 +1646,6 @@ fn sighup_reloads_peers_and_refuses_bad_configs_whole() {
         .unwrap_or_else(|e| panic!("{e}"));
     }
     a.ns().run(&["ip", "link", "del", "xh-br2"]);
-
-    // B back, the other peer gone: traffic resumes.
-    cfg.write(&format!("{head}{peer_b}"));
-    hup(&agent);
-    wait_routes(vec![route_b]);
-    assert_eq!(xhost_kernel_routes(a.ns()), [kernel_b]);
-    assert!(reaches_b(), "B reachable again");
-    assert_eq!(xhost_programs(a), programs);
-
     stop_leaving_nothing(agent, a.ns());
 }
 
@@ -1885,15 +1990,11 @@ fn tunnel_packets(ns: &NetNs, dir: &str) -> u64 {
     out.trim().parse().expect("vxlan device counter")
 }
 
-/// An underlay that drops container addresses (a cloud) defeats native
-/// routing; in VXLAN mode the same containers talk through it, container
-/// IPs kept, with TCP learning the tunnel's smaller MTU from the kernel's
-/// frag-needed. The datapath encapsulates every packet itself (the vxlan
-/// device sends none), on the configured port, with the outer headers the
-/// kernel's vxlan writes, and decapsulates single packets (pings) itself.
-/// Unloading removes the vxlan device and its routes.
+/// An underlay that drops container addresses (a cloud) carries host
+/// traffic and defeats native routing: the container IPs on the wire are
+/// dropped.
 #[test]
-fn vxlan_crosses_an_underlay_that_drops_container_ips() {
+fn native_routing_cannot_cross_an_underlay_that_drops_container_ips() {
     let topo = topology();
     let cloud = cloud_underlay(&topo);
     let (a, b) = (topo.host_a(), topo.host_b());
@@ -1903,8 +2004,6 @@ fn vxlan_crosses_an_underlay_that_drops_container_ips() {
         ping_underlay.all_received(),
         "the cloud carries host traffic"
     );
-
-    // Native routing puts container IPs on the wire: the cloud drops them.
     let agent_a = start(a, b, &[]);
     let agent_b = start(b, a, &[]);
     let drops = cloud_drops(&cloud);
@@ -1915,6 +2014,37 @@ fn vxlan_crosses_an_underlay_that_drops_container_ips() {
     assert!(cloud_drops(&cloud) > drops, "the cloud dropped nothing");
     stop_leaving_nothing(agent_a, a.ns());
     stop_leaving_nothing(agent_b, b.ns());
+}
+
+/// No `xhost_vxlan` device and no kernel route of xhost's (`proto 177`) on `h`.
+fn assert_no_tunnel_left(h: &xhost_tests::Host) {
+    assert!(
+        !link_names(h.ns()).contains(&"xhost_vxlan".to_owned()),
+        "{}: xhost_vxlan left",
+        h.role()
+    );
+    assert!(
+        h.ns()
+            .run(&["ip", "route", "show", "proto", "177"])
+            .is_empty(),
+        "{}: kernel routes left",
+        h.role()
+    );
+}
+
+/// In VXLAN mode containers talk through an underlay that drops container
+/// addresses (a cloud), container IPs kept, with TCP learning the tunnel's
+/// smaller MTU from the kernel's frag-needed. The datapath encapsulates
+/// every packet itself (the vxlan device sends none), on the configured
+/// port, with the outer headers the kernel's vxlan writes, and decapsulates
+/// single packets (pings) itself. Unloading removes the vxlan device and
+/// its routes.
+#[test]
+fn vxlan_crosses_an_underlay_that_drops_container_ips() {
+    let topo = topology();
+    let cloud = cloud_underlay(&topo);
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let (ca, cb) = (topo.ctr_a(), topo.ctr_b());
 
     // The IANA port, not the default: the datapath's own packets must go
     // where the devices listen.
@@ -2024,26 +2154,17 @@ fn vxlan_crosses_an_underlay_that_drops_container_ips() {
             assert_eq!(counter(&s, name), 0, "{}: {name}: {s}", h.role());
         }
     }
-    let tunnel_left = |h: &xhost_tests::Host| {
-        assert!(
-            !link_names(h.ns()).contains(&"xhost_vxlan".to_owned()),
-            "{}: xhost_vxlan left",
-            h.role()
-        );
-        assert!(
-            h.ns()
-                .run(&["ip", "route", "show", "proto", "177"])
-                .is_empty(),
-            "{}: kernel routes left",
-            h.role()
-        );
-    };
     for (h, agent) in [(a, agent_a), (b, agent_b)] {
         stop_leaving_nothing(agent, h.ns());
-        tunnel_left(h);
+        assert_no_tunnel_left(h);
     }
+}
 
-    // Detached, the device outlives the loading process; unload removes it.
+/// Detached, the VXLAN device outlives the loading process; unload removes it.
+#[test]
+fn a_detached_vxlan_datapath_keeps_its_device_until_unload() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
     let dirs = AgentDirs::unique("a");
     let _guard = scopeguard(std::slice::from_ref(&dirs));
     let mut args = vec!["load".to_owned()];
@@ -2067,7 +2188,7 @@ fn vxlan_crosses_an_underlay_that_drops_container_ips() {
         "unload left {:?}",
         dirs.leftovers()
     );
-    tunnel_left(a);
+    assert_no_tunnel_left(a);
 }
 
 /// In VXLAN mode a UDP GSO burst is one the program cannot encapsulate in

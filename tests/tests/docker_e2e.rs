@@ -1863,6 +1863,17 @@ fn conntrack6(ns: &xhost_tests::NetNs, src: Ipv6Addr, dst: Ipv6Addr) -> Vec<Stri
         .collect()
 }
 
+/// A container on host `i`'s dual-stack network (`DUAL_NETS[i]`).
+struct DualCtr {
+    name: &'static str,
+    ep: docker_engine::ContainerEndpoint,
+    ip6: Ipv6Addr,
+    /// The network's IPv6 gateway: the bridge's address.
+    gw6: Ipv6Addr,
+    bridge: String,
+    v6: &'static str,
+}
+
 /// IPv6 between Docker's dual-stack user networks on two real engines, native routing:
 /// each agent learns its network's IPv6 subnet and its container's IPv6 address from
 /// Docker, and routes the other host's IPv6 subnet given with `--peer HOST=V4,V6`.
@@ -1871,76 +1882,114 @@ fn conntrack6(ns: &xhost_tests::NetNs, src: Ipv6Addr, dst: Ipv6Addr) -> Vec<Stri
 /// `fwd_ingress6` move by at least what was sent), not the kernel's forwarding (no
 /// ip6tables FORWARD packet, no IPv6 conntrack entry, though a rule makes conntrack track
 /// IPv6 in the hosts); a hop limit of 1 is answered with time exceeded by host A.
+///
+/// One scenario (two engines take long to start), in named steps that each
+/// check one behaviour on the state the steps before it left.
 #[test]
 fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
     let t_test = Instant::now();
     let mut tb = Testbed::new([true, true]);
-    let mut ctr = Vec::new();
+    let ctr = [0, 1].map(|i| dual_stack_container(&tb, i));
+    let has_conntrack = hosts_track_ipv6(&tb, &ctr[0]);
     for i in 0..2 {
-        let ns = tb.host(i).ns();
-        // The kernel forwards IPv6 (what the datapath leaves to it, and its time
-        // exceeded) only with forwarding on; the bridge's NDP entries need IPv6 on.
-        ns.sysctl("net.ipv6.conf.all.forwarding", "1")
-            .expect("IPv6 forwarding");
-        assert_eq!(
-            ns.sysctl_get("net.ipv6.conf.all.disable_ipv6")
-                .expect("sysctl"),
-            "0",
-            "IPv6 disabled in {}",
-            tb.host(i).name()
-        );
-        // Docker 20.10 writes no ip6tables rules. This one accepts what the policy
-        // would, counts the kernel's IPv6 forwarding, and makes conntrack track IPv6
-        // in the namespace, so that an entry would show if the kernel saw the flows.
-        ns.run(&[
-            "ip6tables",
-            "-w",
-            "-A",
-            "FORWARD",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW,ESTABLISHED,RELATED,INVALID",
-            "-j",
-            "ACCEPT",
-        ]);
-        let e = tb.engine(i);
-        let (v4, v6) = DUAL_NETS[i];
-        let id = e
-            .docker_ok(&[
-                "network", "create", "--ipv6", "--subnet", v4, "--subnet", v6, DUAL,
-            ])
-            .expect("docker network create --ipv6");
-        let bridge = format!("br-{}", &id[..12]);
-        let name = ["a1", "b1"][i];
-        e.run_container(DUAL, None, name).expect("docker run");
-        let ep = e.container_endpoint(name, DUAL).expect("endpoint");
-        assert_eq!(ep.bridge, bridge, "{ep:?}");
-        let ip6 = ipv6_field(e, name, DUAL, "GlobalIPv6Address");
-        let gw6 = ipv6_field(e, name, DUAL, "IPv6Gateway");
-        let net6: ipnet::Ipv6Net = v6.parse().expect("v6 subnet");
-        assert!(net6.contains(&ip6) && net6.contains(&gw6), "{ip6} {gw6}");
-        // Duplicate address detection: the bridge (the gateway) and the container's
-        // eth0 answer neighbour solicitations only once it is over.
-        let dad_bridge = wait_dad_done(&bridge, || {
-            ns.run(&["ip", "-6", "addr", "show", "dev", &bridge, "tentative"])
-        });
-        let dad_ctr = wait_dad_done(name, || {
-            let c = e
-                .in_container(name, &["ip", "-6", "addr", "show", "tentative"])
-                .expect("nsenter");
-            cmd_stdout(c)
-        });
-        eprintln!(
-            "{name}: {} and {ip6} (gateway {gw6}) on {bridge}, ifindex {}; DAD over after {dad_bridge:?} (bridge), {dad_ctr:?} (container)",
-            ep.ip, ep.host_ifindex
-        );
-        ctr.push((name, ep, ip6, gw6, bridge, v6));
+        let peer = tb.host(1 - i);
+        let (v4, v6) = DUAL_NETS[1 - i];
+        let spec = format!("{}={v4},{v6}", peer.underlay_ip());
+        tb.start_agent_args(i, &["--peer", &spec]);
     }
-    let (a1, b1) = (&ctr[0], &ctr[1]);
-    let (ip_a6, ip_b6) = (a1.2, b1.2);
+    agents_map_docker_ipv6_and_the_peer_flag(&tb, &ctr);
+    agents_resolve_the_peer_hosts(&tb);
+    let fwd0 = ip6_forward_packets_ab(&tb);
+    ping6_goes_both_ways_through_the_datapath(&tb, &ctr);
+    tcp6_goes_both_ways_with_the_source_kept(&tb, &ctr);
+    assert_eq!(
+        ip6_forward_packets_ab(&tb),
+        fwd0,
+        "ip6tables FORWARD packets (A, B) moved"
+    );
+    if has_conntrack {
+        no_ipv6_conntrack_entry_for_the_flows(&tb, &ctr);
+    }
+    hop_limit_1_is_answered_by_host_a(&tb, &ctr);
+    tb.finish();
+    eprintln!("test took {:?}", t_test.elapsed());
+}
 
-    // IPv6 conntrack is on in the hosts: host A's own ping6 to a1 leaves an entry.
+/// Host `i`'s dual-stack network and a container on it, its addresses past DAD;
+/// the host forwards IPv6 and counts (and conntrack tracks) what its kernel forwards.
+fn dual_stack_container(tb: &Testbed, i: usize) -> DualCtr {
+    let ns = tb.host(i).ns();
+    // The kernel forwards IPv6 (what the datapath leaves to it, and its time
+    // exceeded) only with forwarding on; the bridge's NDP entries need IPv6 on.
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1")
+        .expect("IPv6 forwarding");
+    assert_eq!(
+        ns.sysctl_get("net.ipv6.conf.all.disable_ipv6")
+            .expect("sysctl"),
+        "0",
+        "IPv6 disabled in {}",
+        tb.host(i).name()
+    );
+    // Docker 20.10 writes no ip6tables rules. This one accepts what the policy
+    // would, counts the kernel's IPv6 forwarding, and makes conntrack track IPv6
+    // in the namespace, so that an entry would show if the kernel saw the flows.
+    ns.run(&[
+        "ip6tables",
+        "-w",
+        "-A",
+        "FORWARD",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "NEW,ESTABLISHED,RELATED,INVALID",
+        "-j",
+        "ACCEPT",
+    ]);
+    let e = tb.engine(i);
+    let (v4, v6) = DUAL_NETS[i];
+    let id = e
+        .docker_ok(&[
+            "network", "create", "--ipv6", "--subnet", v4, "--subnet", v6, DUAL,
+        ])
+        .expect("docker network create --ipv6");
+    let bridge = format!("br-{}", &id[..12]);
+    let name = ["a1", "b1"][i];
+    e.run_container(DUAL, None, name).expect("docker run");
+    let ep = e.container_endpoint(name, DUAL).expect("endpoint");
+    assert_eq!(ep.bridge, bridge, "{ep:?}");
+    let ip6 = ipv6_field(e, name, DUAL, "GlobalIPv6Address");
+    let gw6 = ipv6_field(e, name, DUAL, "IPv6Gateway");
+    let net6: ipnet::Ipv6Net = v6.parse().expect("v6 subnet");
+    assert!(net6.contains(&ip6) && net6.contains(&gw6), "{ip6} {gw6}");
+    // Duplicate address detection: the bridge (the gateway) and the container's
+    // eth0 answer neighbour solicitations only once it is over.
+    let dad_bridge = wait_dad_done(&bridge, || {
+        ns.run(&["ip", "-6", "addr", "show", "dev", &bridge, "tentative"])
+    });
+    let dad_ctr = wait_dad_done(name, || {
+        let c = e
+            .in_container(name, &["ip", "-6", "addr", "show", "tentative"])
+            .expect("nsenter");
+        cmd_stdout(c)
+    });
+    eprintln!(
+        "{name}: {} and {ip6} (gateway {gw6}) on {bridge}, ifindex {}; DAD over after {dad_bridge:?} (bridge), {dad_ctr:?} (container)",
+        ep.ip, ep.host_ifindex
+    );
+    DualCtr {
+        name,
+        ep,
+        ip6,
+        gw6,
+        bridge,
+        v6,
+    }
+}
+
+/// IPv6 conntrack is on in the hosts: host A's own ping6 to a1 leaves an entry.
+/// False (and said) where conntrack-tools are missing: the conntrack checks are
+/// skipped then.
+fn hosts_track_ipv6(tb: &Testbed, a1: &DualCtr) -> bool {
     let has_conntrack = [
         "/usr/sbin/conntrack",
         "/usr/bin/conntrack",
@@ -1948,48 +1997,53 @@ fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
     ]
     .iter()
     .any(|p| Path::new(p).is_file());
-    let host_a6: Ipv6Addr = a1.3;
     let p = tb
         .host(0)
         .ns()
-        .run(&["ping", "-n", "-c", "1", "-W", "2", &ip_a6.to_string()]);
+        .run(&["ping", "-n", "-c", "1", "-W", "2", &a1.ip6.to_string()]);
     assert!(p.contains(" 1 received"), "host A -> a1: {p}");
     if has_conntrack {
         assert!(
-            !conntrack6(tb.host(0).ns(), host_a6, ip_a6).is_empty(),
+            !conntrack6(tb.host(0).ns(), a1.gw6, a1.ip6).is_empty(),
             "IPv6 conntrack is not tracking in host A: {}",
             tb.host(0).ns().run(&["conntrack", "-L", "-f", "ipv6"])
         );
     } else {
         eprintln!("conntrack-tools missing: the conntrack checks are skipped");
     }
+    has_conntrack
+}
 
-    for i in 0..2 {
-        let peer = tb.host(1 - i);
-        let (v4, v6) = DUAL_NETS[1 - i];
-        let spec = format!("{}={v4},{v6}", peer.underlay_ip());
-        tb.start_agent_args(i, &["--peer", &spec]);
-    }
+/// Each agent holds its container in `ENDPOINTS6` (MAC, host veth) and its network's
+/// IPv6 subnet in `LOCAL_NETS6` from Docker, and the peer's IPv6 subnet of
+/// `--peer HOST=V4,V6` in `ROUTES6` (its IPv4 one in `ROUTES`) and the kernel.
+fn agents_map_docker_ipv6_and_the_peer_flag(tb: &Testbed, ctr: &[DualCtr; 2]) {
     for (i, c) in ctr.iter().enumerate() {
-        let (name, ep, ip6, _, bridge, v6) = c;
         let peer = tb.host(1 - i);
         let want_route = format!("{} via {}", DUAL_NETS[1 - i].1, peer.underlay_ip());
-        let bridge_ifindex = u64::from(tb.host(i).ns().ifindex(bridge).expect("bridge ifindex"));
+        let bridge_ifindex = u64::from(tb.host(i).ns().ifindex(&c.bridge).expect("bridge ifindex"));
         let (s, took) = tb.wait(i, "the container in ENDPOINTS6", SETTLE, |s| {
             connected(s)
-                && endpoints6(s).contains_key(ip6)
-                && endpoints(s).contains_key(&ep.ip)
+                && endpoints6(s).contains_key(&c.ip6)
+                && endpoints(s).contains_key(&c.ep.ip)
                 && routes6(s) == [want_route.clone()]
         });
-        eprintln!("host {i}: {name}'s IPv6 endpoint in the map {took:?} after `ready`");
+        eprintln!(
+            "host {i}: {}'s IPv6 endpoint in the map {took:?} after `ready`",
+            c.name
+        );
         assert_eq!(
-            endpoints6(&s)[ip6],
-            (ep.mac.clone(), ep.host_ifindex),
-            "{name}'s ENDPOINTS6 entry: its MAC and host veth ({ep:?})"
+            endpoints6(&s)[&c.ip6],
+            (c.ep.mac.clone(), c.ep.host_ifindex),
+            "{}'s ENDPOINTS6 entry: its MAC and host veth ({:?})",
+            c.name,
+            c.ep
         );
         assert!(
-            local_subnets6(&s).contains(&((*v6).to_owned(), bridge_ifindex)),
-            "{v6} on {bridge} ({bridge_ifindex}) not in local_subnets6: {s}"
+            local_subnets6(&s).contains(&(c.v6.to_owned(), bridge_ifindex)),
+            "{} on {} ({bridge_ifindex}) not in local_subnets6: {s}",
+            c.v6,
+            c.bridge
         );
         assert!(
             status_routes(&s).contains(&(
@@ -2011,10 +2065,12 @@ fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
             "the kernel route of the peer's IPv6 subnet: {kernel:?}"
         );
     }
+}
 
-    // The datapath forwards IPv6 to a peer once the peer host's IPv4 neighbour is
-    // resolved (the next hop is IPv4; `pass_fib6` before): the agent asks the kernel to
-    // resolve it, as no IPv6 packet the kernel forwards would.
+/// The datapath forwards IPv6 to a peer once the peer host's IPv4 neighbour is
+/// resolved (the next hop is IPv4; `pass_fib6` before): the agent asks the kernel to
+/// resolve it, as no IPv6 packet the kernel forwards would.
+fn agents_resolve_the_peer_hosts(tb: &Testbed) {
     for i in 0..2 {
         let (ns, dev) = (tb.host(i).ns(), tb.host(i).underlay_iface());
         let peer = tb.host(1 - i).underlay_ip().to_string();
@@ -2032,14 +2088,20 @@ fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
             thread::sleep(Duration::from_millis(20));
         }
     }
+}
 
+/// Packets through ip6tables' FORWARD chain of host A and of host B.
+fn ip6_forward_packets_ab(tb: &Testbed) -> [u64; 2] {
+    [0, 1].map(|i| ip6_forward_packets(tb.host(i).ns()))
+}
+
+/// ping6 both ways, from cold (nothing has crossed the underlay yet): all answered,
+/// from the other container's own address, and `fwd_egress6`/`fwd_ingress6` of both
+/// hosts moved by at least the requests and replies each way carried.
+fn ping6_goes_both_ways_through_the_datapath(tb: &Testbed, ctr: &[DualCtr; 2]) {
     let (ea, eb) = (tb.engine(0), tb.engine(1));
-    let fwd0 = [
-        ip6_forward_packets(tb.host(0).ns()),
-        ip6_forward_packets(tb.host(1).ns()),
-    ];
+    let (ip_a6, ip_b6) = (ctr[0].ip6, ctr[1].ip6);
     let c0 = (tb.status(0), tb.status(1));
-    // ping6 both ways, from cold: nothing has crossed the underlay yet.
     let pings = 5;
     let t = Instant::now();
     let p_ab = ea.ping_from("a1", ip_b6, pings).expect("ping6");
@@ -2079,13 +2141,11 @@ fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
         t.elapsed()
     );
     let c1 = (tb.status(0), tb.status(1));
-    let moved =
-        |before: &Value, after: &Value, name: &str| counter(after, name) - counter(before, name);
     // Each way carried both pings' requests or replies.
     let sent = u64::from(p_ab.transmitted + p_ba.transmitted);
     for (before, after, host) in [(&c0.0, &c1.0, "A"), (&c0.1, &c1.1, "B")] {
         for name in ["fwd_egress6", "fwd_ingress6"] {
-            let d = moved(before, after, name);
+            let d = counter(after, name) - counter(before, name);
             eprintln!("host {host}: {name} +{d} over the pings");
             assert!(
                 d >= sent,
@@ -2093,8 +2153,15 @@ fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
             );
         }
     }
+}
 
-    // TCP both ways, 8 MiB each, checksummed; the receiver sees the sender's address.
+/// TCP both ways, 8 MiB each, checksummed: intact, the receiver sees the sender's
+/// container address, `fwd_egress6`/`fwd_ingress6` of both hosts moved by at least
+/// the bytes sent, and nothing was dropped as spoofed or on a failed redirect.
+fn tcp6_goes_both_ways_with_the_source_kept(tb: &Testbed, ctr: &[DualCtr; 2]) {
+    let (ea, eb) = (tb.engine(0), tb.engine(1));
+    let (ip_a6, ip_b6) = (ctr[0].ip6, ctr[1].ip6);
+    let c1 = (tb.status(0), tb.status(1));
     let bytes = 8u64 << 20;
     for (from, from_ip, to, to_ip, port) in [
         ((ea, "a1"), ip_a6, (eb, "b1"), ip_b6, 45_361),
@@ -2127,7 +2194,7 @@ fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
             let d = counter_bytes(after, name) - counter_bytes(before, name);
             eprintln!(
                 "host {host}: {name} +{} packets, +{d} bytes over the transfers",
-                moved(before, after, name)
+                counter(after, name) - counter(before, name)
             );
             assert!(
                 d >= bytes,
@@ -2144,14 +2211,12 @@ fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
             counter(after, "pass_not_ours6")
         );
     }
+}
 
-    // The kernel's forwarding never saw the flows.
-    let fwd1 = [
-        ip6_forward_packets(tb.host(0).ns()),
-        ip6_forward_packets(tb.host(1).ns()),
-    ];
-    assert_eq!(fwd1, fwd0, "ip6tables FORWARD packets (A, B) moved");
-    for i in (0..2).filter(|_| has_conntrack) {
+/// Neither host's conntrack holds an entry of the containers' flows, either way.
+fn no_ipv6_conntrack_entry_for_the_flows(tb: &Testbed, ctr: &[DualCtr; 2]) {
+    let (ip_a6, ip_b6) = (ctr[0].ip6, ctr[1].ip6);
+    for i in 0..2 {
         for (s, d) in [(ip_a6, ip_b6), (ip_b6, ip_a6)] {
             let ct = conntrack6(tb.host(i).ns(), s, d);
             assert!(
@@ -2161,14 +2226,18 @@ fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
             );
         }
     }
+}
 
-    // Hop limit 1: the datapath leaves it to host A's kernel, which answers time
-    // exceeded from the gateway (its address on a1's network). ICMPv6 errors are
-    // rate-limited (1 s), so an attempt is retried after that.
+/// Hop limit 1: the datapath leaves it to host A's kernel (`pass_hop_limit6`), which
+/// answers time exceeded from the gateway (its address on a1's network). ICMPv6
+/// errors are rate-limited (1 s), so an attempt is retried after that.
+fn hop_limit_1_is_answered_by_host_a(tb: &Testbed, ctr: &[DualCtr; 2]) {
+    let (a1, ip_b6) = (&ctr[0], ctr[1].ip6);
     let hl0 = counter(&tb.status(0), "pass_hop_limit6");
     let mut answered = None;
     for _ in 0..3 {
-        let c = ea
+        let c = tb
+            .engine(0)
             .in_container(
                 "a1",
                 &[
@@ -2193,9 +2262,9 @@ fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
     }
     let out = answered.expect("a hop limit of 1 answered with time exceeded");
     assert!(
-        out.contains(&format!("From {}", a1.3)),
+        out.contains(&format!("From {}", a1.gw6)),
         "time exceeded from host A's gateway {}: {out}",
-        a1.3
+        a1.gw6
     );
     let hl = counter(&tb.status(0), "pass_hop_limit6") - hl0;
     assert!(hl >= 1, "pass_hop_limit6 on A did not move");
@@ -2205,9 +2274,6 @@ fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
             .find(|l| l.contains("Time exceeded"))
             .unwrap_or_default()
     );
-
-    tb.finish();
-    eprintln!("test took {:?}", t_test.elapsed());
 }
 
 /// Runs `c` and returns its stdout and stderr, whatever its exit status.

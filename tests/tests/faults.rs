@@ -1454,12 +1454,126 @@ fn agent_resources_flat_under_100k_docker_events() {
     drop(sleepers);
 }
 
+/// What the Engine API server of
+/// [`engine_answers_the_agent_cannot_use_are_skipped_and_it_goes_on`] answers:
+/// host A's usable bridge network and container, next to a macvlan network,
+/// an IPv6-only bridge network, a bridge network with no IPAM config, one
+/// with an unreadable subnet, and a running container whose network
+/// namespace (and process) are gone.
+struct UnusableAnswers {
+    network: xhost_tests::fake_engine::Network,
+    unusable: [serde_json::Value; 4],
+    containers: [xhost_tests::fake_engine::Container; 2],
+    /// The address of the container whose namespace is gone.
+    gone_ip: Ipv4Addr,
+}
+
+impl UnusableAnswers {
+    /// `good` is the usable container, `sleeper` a process in its namespace.
+    fn new(a: &Host, good: &Container, sleeper: u32) -> Self {
+        use serde_json::json;
+        use xhost_tests::fake_engine::{Container as EngineContainer, Network};
+        // A process that has exited, and a namespace path that never existed.
+        let gone_pid = {
+            let mut c = std::process::Command::new("true")
+                .spawn()
+                .expect("spawn true");
+            let pid = c.id();
+            c.wait().expect("wait true");
+            pid
+        };
+        let gone_ns = std::env::temp_dir().join(format!("xh-{}-gone-netns", std::process::id()));
+        let gone_ip = {
+            use xhost_tests::Ipv4NetExt as _;
+            a.subnet().host(150).expect("an address in A's subnet")
+        };
+        let raw = |n: u32, name: &str, driver: &str, ipv6: bool, config: serde_json::Value| {
+            json!({
+                "Name": name,
+                "Id": format!("{n:02x}{}", "5e".repeat(31)),
+                "Created": "2026-01-01T00:00:00.000000000Z",
+                "Scope": "local",
+                "Driver": driver,
+                "EnableIPv6": ipv6,
+                "IPAM": {"Driver": "default", "Options": null, "Config": config},
+                "Internal": false,
+                "Attachable": false,
+                "Containers": {},
+                "Options": {},
+                "Labels": {},
+            })
+        };
+        Self {
+            network: Network {
+                id: format!("{:0>64}", "b7d3c1"),
+                name: "bridge".into(),
+                bridge: a.bridge().into(),
+                subnet: a.subnet(),
+                gateway: a.bridge_ip(),
+            },
+            unusable: [
+                raw(
+                    0xa1,
+                    "mv0",
+                    "macvlan",
+                    false,
+                    json!([{"Subnet": "10.77.0.0/24"}]),
+                ),
+                raw(
+                    0xa2,
+                    "v6only",
+                    "bridge",
+                    true,
+                    json!([{"Subnet": "fd00:a::/64"}]),
+                ),
+                raw(0xa3, "noipam", "bridge", false, json!([])),
+                raw(
+                    0xa4,
+                    "badnet",
+                    "bridge",
+                    false,
+                    json!([{"Subnet": "10.1.2.300/24"}]),
+                ),
+            ],
+            containers: [
+                EngineContainer {
+                    id: format!("c0ffee01{}", "7a".repeat(28)),
+                    name: "usable".into(),
+                    pid: sleeper,
+                    sandbox: good.ns().path(),
+                    ip: good.ip(),
+                    mac: good.mac().to_owned(),
+                },
+                EngineContainer {
+                    id: format!("c0ffee02{}", "7a".repeat(28)),
+                    name: "netns-gone".into(),
+                    pid: gone_pid,
+                    sandbox: gone_ns,
+                    ip: gone_ip,
+                    mac: "02:42:c0:a8:6e:96".into(),
+                },
+            ],
+            gone_ip,
+        }
+    }
+
+    /// An Engine API server on `socket` giving these answers.
+    fn serve(&self, socket: &std::path::Path) -> xhost_tests::fake_engine::FakeEngine {
+        let engine = xhost_tests::fake_engine::FakeEngine::start(socket, self.network.clone())
+            .expect("engine");
+        for n in &self.unusable {
+            engine.add_raw_network(n.clone());
+        }
+        for c in &self.containers {
+            engine.start_container(c.clone());
+        }
+        engine
+    }
+}
+
 /// Engine answers the agent cannot use, from a running engine (the Engine
-/// API server the test plays, shaped like Docker 20.10's): a macvlan
-/// network, an IPv6-only bridge network, a bridge network with no IPAM
-/// config, one with an unreadable subnet, and a running container whose
-/// network namespace (and process) are gone. Next to them a usable network
-/// and container.
+/// API server the test plays, shaped like Docker 20.10's; see
+/// [`UnusableAnswers`]). Next to them a usable network and container.
 ///
 /// Bound: each is skipped with its reason in one log line, once, also after
 /// the engine goes away and comes back (the agent resyncs everything then);
@@ -1468,7 +1582,6 @@ fn agent_resources_flat_under_100k_docker_events() {
 #[test]
 fn engine_answers_the_agent_cannot_use_are_skipped_and_it_goes_on() {
     use serde_json::json;
-    use xhost_tests::fake_engine::{Container as EngineContainer, FakeEngine, Network};
     require_root();
     let topo = Topology::two_hosts(TopologyOpts::default()).expect("topology");
     let (a, b) = (topo.host_a(), topo.host_b());
@@ -1478,99 +1591,11 @@ fn engine_answers_the_agent_cannot_use_are_skipped_and_it_goes_on() {
         .ns()
         .spawn("sleeper", &["sleep", "infinity"])
         .expect("sleep");
-    // A process that has exited, and a namespace path that never existed.
-    let gone_pid = {
-        let mut c = std::process::Command::new("true")
-            .spawn()
-            .expect("spawn true");
-        let pid = c.id();
-        c.wait().expect("wait true");
-        pid
-    };
-    let gone_ns = std::env::temp_dir().join(format!("xh-{}-gone-netns", std::process::id()));
-    let gone_ip = {
-        use xhost_tests::Ipv4NetExt as _;
-        a.subnet().host(150).expect("an address in A's subnet")
-    };
-
-    let network = Network {
-        id: format!("{:0>64}", "b7d3c1"),
-        name: "bridge".into(),
-        bridge: a.bridge().into(),
-        subnet: a.subnet(),
-        gateway: a.bridge_ip(),
-    };
-    let raw = |n: u32, name: &str, driver: &str, ipv6: bool, config: serde_json::Value| {
-        json!({
-            "Name": name,
-            "Id": format!("{n:02x}{}", "5e".repeat(31)),
-            "Created": "2026-01-01T00:00:00.000000000Z",
-            "Scope": "local",
-            "Driver": driver,
-            "EnableIPv6": ipv6,
-            "IPAM": {"Driver": "default", "Options": null, "Config": config},
-            "Internal": false,
-            "Attachable": false,
-            "Containers": {},
-            "Options": {},
-            "Labels": {},
-        })
-    };
-    let unusable = [
-        raw(
-            0xa1,
-            "mv0",
-            "macvlan",
-            false,
-            json!([{"Subnet": "10.77.0.0/24"}]),
-        ),
-        raw(
-            0xa2,
-            "v6only",
-            "bridge",
-            true,
-            json!([{"Subnet": "fd00:a::/64"}]),
-        ),
-        raw(0xa3, "noipam", "bridge", false, json!([])),
-        raw(
-            0xa4,
-            "badnet",
-            "bridge",
-            false,
-            json!([{"Subnet": "10.1.2.300/24"}]),
-        ),
-    ];
-    let containers = [
-        EngineContainer {
-            id: format!("c0ffee01{}", "7a".repeat(28)),
-            name: "usable".into(),
-            pid: sleeper.pid(),
-            sandbox: good.ns().path(),
-            ip: good.ip(),
-            mac: good.mac().to_owned(),
-        },
-        EngineContainer {
-            id: format!("c0ffee02{}", "7a".repeat(28)),
-            name: "netns-gone".into(),
-            pid: gone_pid,
-            sandbox: gone_ns.clone(),
-            ip: gone_ip,
-            mac: "02:42:c0:a8:6e:96".into(),
-        },
-    ];
+    let answers = UnusableAnswers::new(a, good, sleeper.pid());
+    let gone_ip = answers.gone_ip;
     let socket = std::env::temp_dir().join(format!("xh-{}-answers.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket);
-    let serve = || {
-        let engine = FakeEngine::start(&socket, network.clone()).expect("engine");
-        for n in &unusable {
-            engine.add_raw_network(n.clone());
-        }
-        for c in &containers {
-            engine.start_container(c.clone());
-        }
-        engine
-    };
-    let engine = serve();
+    let engine = answers.serve(&socket);
     let peer = format!("{}={}", b.underlay_ip(), b.subnet());
     let mut agent = Agent::start(
         a.ns(),
@@ -1643,7 +1668,7 @@ fn engine_answers_the_agent_cannot_use_are_skipped_and_it_goes_on() {
         ep.read().expect("read").contains_key(&good.ip()),
         "the last view stays while the engine is away"
     );
-    let engine = serve();
+    let engine = answers.serve(&socket);
     served();
     let streams = engine
         .requests()

@@ -253,6 +253,21 @@ fn privileged() -> bool {
     ok
 }
 
+/// What the steps of [`watcher_follows_a_real_engine`] share: the engine, the
+/// watcher's receiver and its recorder.
+struct Steps<'a> {
+    rt: &'a Runtime,
+    rx: &'a mut Rx,
+    record: &'a Record,
+    engine: &'a mut Engine,
+    ns: &'a NetNs,
+    /// A moment before the watcher started (for `docker events --since`).
+    t_begin: SystemTime,
+}
+
+/// One engine followed through a sequence of changes, in named steps that each
+/// check one behaviour on the state the steps before it left (an engine takes
+/// seconds to start).
 #[test]
 fn watcher_follows_a_real_engine() {
     if !privileged() {
@@ -268,212 +283,264 @@ fn watcher_follows_a_real_engine() {
     let t_begin = SystemTime::now() - Duration::from_secs(2);
 
     let (mut rx, record, running) = spawn_watcher(&ns, engine.host());
-    let (v, took) = wait_for(&rt, &mut rx, "docker0", Duration::from_secs(10), |v| {
-        v.networks.values().any(|n| n.bridge == "docker0")
-    });
-    eprintln!("first view after {took:?}");
-    assert!(
-        v.engine_version.starts_with("20.10"),
-        "{}",
-        v.engine_version
-    );
-    assert_eq!(v.api_version, "1.41");
-    assert_eq!(
-        v.networks.len(),
-        1,
-        "only bridge-driver networks: {:?}",
-        v.networks
-    );
-    let bridge = v.networks.values().next().expect("one");
-    assert_eq!(bridge.name, "bridge");
-    assert_eq!(
-        bridge.subnets,
-        ["192.168.110.0/24".parse::<Ipv4Net>().expect("cidr")]
-    );
-    assert_eq!(bridge.gateways, [Ipv4Addr::new(192, 168, 110, 1)]);
-    assert!(v.endpoints.is_empty());
-    let bridge_id = bridge.id.clone();
-
-    // A started container appears well within 1 s of `docker run` returning.
-    let c1 = engine.run_container("bridge", None, "c1").expect("run c1");
-    let (v, took) = wait_for(&rt, &mut rx, "c1's endpoint", Duration::from_secs(1), |v| {
-        !endpoint_of(v, "c1").is_empty()
-    });
-    let seen = seen_at(&record, |v| !endpoint_of(v, "c1").is_empty());
-    let started = event_time(&engine, &c1, "start", t_begin);
-    let latency = seen.duration_since(started).unwrap_or_default();
-    eprintln!("c1: start event -> view {latency:?}; waited {took:?} after docker run returned");
-    assert!(
-        latency < Duration::from_secs(1),
-        "start event -> view took {latency:?}"
-    );
-    let e = endpoint_of(&v, "c1")[0].clone();
-    assert_eq!(e.container_id, c1);
-    assert_eq!(e.network_id, bridge_id);
-    let ip = engine
-        .inspect(&c1, "{{.NetworkSettings.Networks.bridge.IPAddress}}")
-        .expect("ip");
-    assert_eq!(e.ip.to_string(), ip);
-    let mac = engine
-        .inspect(&c1, "{{.NetworkSettings.Networks.bridge.MacAddress}}")
-        .expect("mac");
-    assert_eq!(fmt_mac(&e.mac), mac);
-    assert_eq!(
-        veth_by_iproute(&engine, &ns, &c1, "eth0"),
-        (e.host_ifindex, "docker0".into())
-    );
-
-    // Removed: gone within 1 s.
-    engine.docker_ok(&["rm", "-f", "c1"]).expect("rm c1");
-    let (_, took) = wait_for(&rt, &mut rx, "c1 gone", Duration::from_secs(1), |v| {
-        endpoint_of(v, "c1").is_empty()
-    });
-    eprintln!("c1 gone {took:?} after docker rm -f returned");
-
-    // A user network appears with its bridge; containers on it too.
-    let xnet = engine
-        .docker_ok(&["network", "create", "--subnet", "10.77.0.0/24", "xnet"])
-        .expect("network create");
-    let (v, took) = wait_for(&rt, &mut rx, "xnet", Duration::from_secs(1), |v| {
-        v.networks.contains_key(&xnet)
-    });
-    eprintln!("xnet in view {took:?} after docker network create returned");
-    let n = &v.networks[&xnet];
-    assert_eq!(
-        (n.name.as_str(), n.bridge.clone()),
-        ("xnet", format!("br-{}", &xnet[..12]))
-    );
-    assert_eq!(
-        n.subnets,
-        ["10.77.0.0/24".parse::<Ipv4Net>().expect("cidr")]
-    );
-    assert_eq!(n.gateways, [Ipv4Addr::new(10, 77, 0, 1)]);
-    let c2 = engine
-        .docker_ok(&[
-            "run",
-            "-d",
-            "--pull=never",
-            "--init",
-            "--restart=always",
-            "--network",
-            "xnet",
-            "--ip",
-            "10.77.0.10",
-            "--name",
-            "c2",
-            xhost_tests::docker_engine::BUSYBOX_IMAGE,
-            "sleep",
-            "3600",
-        ])
-        .expect("run c2");
-    let (v, _) = wait_for(&rt, &mut rx, "c2 on xnet", Duration::from_secs(1), |v| {
-        v.endpoints
-            .get(&Ipv4Addr::new(10, 77, 0, 10))
-            .is_some_and(|e| e.container_name == "c2")
-    });
-    let e2 = v.endpoints[&Ipv4Addr::new(10, 77, 0, 10)].clone();
-    assert_eq!(e2.network_id, xnet);
-    assert_eq!(
-        veth_by_iproute(&engine, &ns, &c2, "eth0"),
-        (e2.host_ifindex, format!("br-{}", &xnet[..12]))
-    );
-
-    // Connect and disconnect a running container.
-    engine
-        .docker_ok(&["network", "connect", "bridge", "c2"])
-        .expect("connect");
-    let (v, took) = wait_for(
-        &rt,
-        &mut rx,
-        "c2 on bridge too",
-        Duration::from_secs(1),
-        |v| endpoint_of(v, "c2").len() == 2,
-    );
-    eprintln!("connect -> view {took:?}");
-    let on_bridge = endpoint_of(&v, "c2")
-        .into_iter()
-        .find(|e| e.network_id == bridge_id)
-        .expect("bridge ep");
-    assert_eq!(
-        veth_by_iproute(&engine, &ns, &c2, "eth1"),
-        (on_bridge.host_ifindex, "docker0".into())
-    );
-    engine
-        .docker_ok(&["network", "disconnect", "bridge", "c2"])
-        .expect("disconnect");
-    wait_for(&rt, &mut rx, "c2 off bridge", Duration::from_secs(1), |v| {
-        endpoint_of(v, "c2").len() == 1
-    });
-
-    // Containers without a bridge endpoint stay out; the host/none networks too.
-    engine
-        .docker_ok(&[
-            "run",
-            "-d",
-            "--pull=never",
-            "--init",
-            "--network",
-            "none",
-            "--name",
-            "c3",
-            xhost_tests::docker_engine::BUSYBOX_IMAGE,
-            "sleep",
-            "3600",
-        ])
-        .expect("run c3");
-    thread::sleep(Duration::from_millis(300));
-    let v = rx.borrow().clone().expect("Some");
-    assert!(endpoint_of(&v, "c3").is_empty());
-    assert_eq!(v.networks.keys().collect::<Vec<_>>().len(), 2);
-
-    // Engine down: None. Back up: the full view again, c2 restarted by its policy.
-    let t = Instant::now();
-    engine.stop().expect("stop");
-    let stop_took = t.elapsed();
-    let took = wait_none(&rt, &mut rx, Duration::from_secs(5));
-    eprintln!("engine stopped in {stop_took:?}; None published {took:?} later");
-    engine.start().expect("start again");
-    let (v, took) = wait_for(
-        &rt,
-        &mut rx,
-        "full view after restart",
-        Duration::from_secs(10),
-        |v| v.networks.contains_key(&xnet) && !endpoint_of(v, "c2").is_empty(),
-    );
-    eprintln!(
-        "engine up again in {:?}; full view {took:?} after that",
-        engine.last_start_time()
-    );
-    // The default network is recreated on every daemon start: same name and bridge,
-    // new id.
-    let default = v
-        .networks
-        .values()
-        .find(|n| n.name == "bridge")
-        .expect("bridge network");
-    assert_eq!(default.bridge, "docker0");
-    assert_ne!(
-        default.id, bridge_id,
-        "expected a new id for the default network"
-    );
-    let e2 = v.endpoints[&Ipv4Addr::new(10, 77, 0, 10)].clone();
-    assert_eq!(
-        veth_by_iproute(&engine, &ns, &c2, "eth0"),
-        (e2.host_ifindex, format!("br-{}", &xnet[..12]))
-    );
-    assert_eq!(v.endpoints.len(), 1, "{:?}", v.endpoints);
-
-    // Network removal takes it out of the view.
-    engine.docker_ok(&["rm", "-f", "c2", "c3"]).expect("rm");
-    engine
-        .docker_ok(&["network", "rm", "xnet"])
-        .expect("network rm");
-    wait_for(&rt, &mut rx, "xnet gone", Duration::from_secs(1), |v| {
-        !v.networks.contains_key(&xnet) && v.endpoints.is_empty()
-    });
+    let mut w = Steps {
+        rt: &rt,
+        rx: &mut rx,
+        record: &record,
+        engine: &mut engine,
+        ns: &ns,
+        t_begin,
+    };
+    let bridge_id = w.first_view_holds_the_default_bridge_network_only();
+    w.started_container_shows_within_a_second_and_leaves_on_rm(&bridge_id);
+    let xnet = w.user_network_shows_with_its_bridge_and_containers();
+    w.connect_and_disconnect_are_followed(&bridge_id);
+    w.containers_without_a_bridge_endpoint_stay_out();
+    w.engine_restart_publishes_none_then_the_full_view(&bridge_id, &xnet);
+    w.network_removal_leaves_the_view(&xnet);
 
     // No receivers left: the watcher returns and its thread ends.
     running.finish(rx);
     drop(engine);
     drop(ns);
+}
+
+impl Steps<'_> {
+    #[track_caller]
+    fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl FnMut(&DockerView) -> bool,
+    ) -> (DockerView, Duration) {
+        wait_for(self.rt, self.rx, what, timeout, pred)
+    }
+
+    /// The engine's version, and only its bridge-driver network (the default
+    /// `bridge` on docker0, its subnet and gateway), no endpoints. Returns the
+    /// network's id.
+    fn first_view_holds_the_default_bridge_network_only(&mut self) -> String {
+        let (v, took) = self.wait_for("docker0", Duration::from_secs(10), |v| {
+            v.networks.values().any(|n| n.bridge == "docker0")
+        });
+        eprintln!("first view after {took:?}");
+        assert!(
+            v.engine_version.starts_with("20.10"),
+            "{}",
+            v.engine_version
+        );
+        assert_eq!(v.api_version, "1.41");
+        assert_eq!(
+            v.networks.len(),
+            1,
+            "only bridge-driver networks: {:?}",
+            v.networks
+        );
+        let bridge = v.networks.values().next().expect("one");
+        assert_eq!(bridge.name, "bridge");
+        assert_eq!(
+            bridge.subnets,
+            ["192.168.110.0/24".parse::<Ipv4Net>().expect("cidr")]
+        );
+        assert_eq!(bridge.gateways, [Ipv4Addr::new(192, 168, 110, 1)]);
+        assert!(v.endpoints.is_empty());
+        bridge.id.clone()
+    }
+
+    /// A started container appears well within 1 s of its start event, with the
+    /// address, MAC and host veth Docker and iproute2 show; removed, it is gone
+    /// within 1 s.
+    fn started_container_shows_within_a_second_and_leaves_on_rm(&mut self, bridge_id: &str) {
+        let c1 = self
+            .engine
+            .run_container("bridge", None, "c1")
+            .expect("run c1");
+        let (v, took) = self.wait_for("c1's endpoint", Duration::from_secs(1), |v| {
+            !endpoint_of(v, "c1").is_empty()
+        });
+        let seen = seen_at(self.record, |v| !endpoint_of(v, "c1").is_empty());
+        let started = event_time(self.engine, &c1, "start", self.t_begin);
+        let latency = seen.duration_since(started).unwrap_or_default();
+        eprintln!("c1: start event -> view {latency:?}; waited {took:?} after docker run returned");
+        assert!(
+            latency < Duration::from_secs(1),
+            "start event -> view took {latency:?}"
+        );
+        let e = endpoint_of(&v, "c1")[0].clone();
+        assert_eq!(e.container_id, c1);
+        assert_eq!(e.network_id, bridge_id);
+        let ip = self
+            .engine
+            .inspect(&c1, "{{.NetworkSettings.Networks.bridge.IPAddress}}")
+            .expect("ip");
+        assert_eq!(e.ip.to_string(), ip);
+        let mac = self
+            .engine
+            .inspect(&c1, "{{.NetworkSettings.Networks.bridge.MacAddress}}")
+            .expect("mac");
+        assert_eq!(fmt_mac(&e.mac), mac);
+        assert_eq!(
+            veth_by_iproute(self.engine, self.ns, &c1, "eth0"),
+            (e.host_ifindex, "docker0".into())
+        );
+
+        self.engine.docker_ok(&["rm", "-f", "c1"]).expect("rm c1");
+        let (_, took) = self.wait_for("c1 gone", Duration::from_secs(1), |v| {
+            endpoint_of(v, "c1").is_empty()
+        });
+        eprintln!("c1 gone {took:?} after docker rm -f returned");
+    }
+
+    /// A user network appears within 1 s with its bridge, subnet and gateway;
+    /// a container on it too (c2, `--restart=always`, for the restart step).
+    /// Returns the network's id.
+    fn user_network_shows_with_its_bridge_and_containers(&mut self) -> String {
+        let xnet = self
+            .engine
+            .docker_ok(&["network", "create", "--subnet", "10.77.0.0/24", "xnet"])
+            .expect("network create");
+        let (v, took) = self.wait_for("xnet", Duration::from_secs(1), |v| {
+            v.networks.contains_key(&xnet)
+        });
+        eprintln!("xnet in view {took:?} after docker network create returned");
+        let n = &v.networks[&xnet];
+        assert_eq!(
+            (n.name.as_str(), n.bridge.clone()),
+            ("xnet", format!("br-{}", &xnet[..12]))
+        );
+        assert_eq!(
+            n.subnets,
+            ["10.77.0.0/24".parse::<Ipv4Net>().expect("cidr")]
+        );
+        assert_eq!(n.gateways, [Ipv4Addr::new(10, 77, 0, 1)]);
+        let c2 = self
+            .engine
+            .docker_ok(&[
+                "run",
+                "-d",
+                "--pull=never",
+                "--init",
+                "--restart=always",
+                "--network",
+                "xnet",
+                "--ip",
+                "10.77.0.10",
+                "--name",
+                "c2",
+                xhost_tests::docker_engine::BUSYBOX_IMAGE,
+                "sleep",
+                "3600",
+            ])
+            .expect("run c2");
+        let (v, _) = self.wait_for("c2 on xnet", Duration::from_secs(1), |v| {
+            v.endpoints
+                .get(&Ipv4Addr::new(10, 77, 0, 10))
+                .is_some_and(|e| e.container_name == "c2")
+        });
+        let e2 = v.endpoints[&Ipv4Addr::new(10, 77, 0, 10)].clone();
+        assert_eq!(e2.network_id, xnet);
+        assert_eq!(
+            veth_by_iproute(self.engine, self.ns, &c2, "eth0"),
+            (e2.host_ifindex, format!("br-{}", &xnet[..12]))
+        );
+        xnet
+    }
+
+    /// A running container connected to a second network gets an endpoint on it
+    /// (its eth1's host veth), and loses it when disconnected.
+    fn connect_and_disconnect_are_followed(&mut self, bridge_id: &str) {
+        self.engine
+            .docker_ok(&["network", "connect", "bridge", "c2"])
+            .expect("connect");
+        let (v, took) = self.wait_for("c2 on bridge too", Duration::from_secs(1), |v| {
+            endpoint_of(v, "c2").len() == 2
+        });
+        eprintln!("connect -> view {took:?}");
+        let on_bridge = endpoint_of(&v, "c2")
+            .into_iter()
+            .find(|e| e.network_id == bridge_id)
+            .expect("bridge ep");
+        assert_eq!(
+            veth_by_iproute(self.engine, self.ns, "c2", "eth1"),
+            (on_bridge.host_ifindex, "docker0".into())
+        );
+        self.engine
+            .docker_ok(&["network", "disconnect", "bridge", "c2"])
+            .expect("disconnect");
+        self.wait_for("c2 off bridge", Duration::from_secs(1), |v| {
+            endpoint_of(v, "c2").len() == 1
+        });
+    }
+
+    /// Containers without a bridge endpoint stay out; the host/none networks too.
+    fn containers_without_a_bridge_endpoint_stay_out(&mut self) {
+        self.engine
+            .docker_ok(&[
+                "run",
+                "-d",
+                "--pull=never",
+                "--init",
+                "--network",
+                "none",
+                "--name",
+                "c3",
+                xhost_tests::docker_engine::BUSYBOX_IMAGE,
+                "sleep",
+                "3600",
+            ])
+            .expect("run c3");
+        thread::sleep(Duration::from_millis(300));
+        let v = self.rx.borrow().clone().expect("Some");
+        assert!(endpoint_of(&v, "c3").is_empty());
+        assert_eq!(v.networks.keys().collect::<Vec<_>>().len(), 2);
+    }
+
+    /// Engine down: None. Back up: the full view again, c2 restarted by its
+    /// policy; the default network recreated (same name and bridge, new id).
+    fn engine_restart_publishes_none_then_the_full_view(&mut self, bridge_id: &str, xnet: &str) {
+        let t = Instant::now();
+        self.engine.stop().expect("stop");
+        let stop_took = t.elapsed();
+        let took = wait_none(self.rt, self.rx, Duration::from_secs(5));
+        eprintln!("engine stopped in {stop_took:?}; None published {took:?} later");
+        self.engine.start().expect("start again");
+        let (v, took) = self.wait_for("full view after restart", Duration::from_secs(10), |v| {
+            v.networks.contains_key(xnet) && !endpoint_of(v, "c2").is_empty()
+        });
+        eprintln!(
+            "engine up again in {:?}; full view {took:?} after that",
+            self.engine.last_start_time()
+        );
+        // The default network is recreated on every daemon start: same name and bridge,
+        // new id.
+        let default = v
+            .networks
+            .values()
+            .find(|n| n.name == "bridge")
+            .expect("bridge network");
+        assert_eq!(default.bridge, "docker0");
+        assert_ne!(
+            default.id, bridge_id,
+            "expected a new id for the default network"
+        );
+        let e2 = v.endpoints[&Ipv4Addr::new(10, 77, 0, 10)].clone();
+        assert_eq!(
+            veth_by_iproute(self.engine, self.ns, "c2", "eth0"),
+            (e2.host_ifindex, format!("br-{}", &xnet[..12]))
+        );
+        assert_eq!(v.endpoints.len(), 1, "{:?}", v.endpoints);
+    }
+
+    /// Network removal takes it (and its containers) out of the view.
+    fn network_removal_leaves_the_view(&mut self, xnet: &str) {
+        self.engine
+            .docker_ok(&["rm", "-f", "c2", "c3"])
+            .expect("rm");
+        self.engine
+            .docker_ok(&["network", "rm", "xnet"])
+            .expect("network rm");
+        self.wait_for("xnet gone", Duration::from_secs(1), |v| {
+            !v.networks.contains_key(xnet) && v.endpoints.is_empty()
+        });
+    }
 }

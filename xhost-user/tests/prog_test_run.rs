@@ -255,285 +255,270 @@ const C1: [u8; 4] = [192, 168, 110, 11];
 const C2: [u8; 4] = [192, 168, 110, 12];
 const R1: [u8; 4] = [192, 168, 220, 11];
 
+impl Case {
+    /// A frame the program redirects as `out`, counted under `counter`.
+    fn redirect(name: &'static str, frame: Vec<u8>, out: Vec<u8>, counter: u32) -> Case {
+        Case {
+            name,
+            frame,
+            verdict: TC_ACT_REDIRECT,
+            out: Some(out),
+            counter,
+        }
+    }
+
+    /// A frame the program leaves to the kernel unchanged, counted under `counter`.
+    fn pass(name: &'static str, frame: Vec<u8>, counter: u32) -> Case {
+        Case {
+            name,
+            frame,
+            verdict: TC_ACT_UNSPEC,
+            out: None,
+            counter,
+        }
+    }
+
+    /// A frame the program drops, counted under `counter`.
+    fn shot(name: &'static str, frame: Vec<u8>, counter: u32) -> Case {
+        Case {
+            name,
+            frame,
+            verdict: TC_ACT_SHOT,
+            out: None,
+            counter,
+        }
+    }
+}
+
+/// Runs the cases `cases` makes (inside the test host, where the interfaces
+/// have their MACs) through `prog` as arriving on `iface`.
+fn run_in_test_host(
+    prog: &'static str,
+    iface: &'static str,
+    cases: impl FnOnce() -> Vec<Case> + Send + 'static,
+) {
+    in_test_host(move |ebpf| run_tc(ebpf, prog, iface, cases()));
+}
+
+/// [`run_in_test_host`] on the bridge ingress program: sent by a local container.
+fn bridge_in(cases: impl FnOnce() -> Vec<Case> + Send + 'static) {
+    run_in_test_host(xhost_common::PROG_BRIDGE_IN, "br0", cases);
+}
+
+/// [`run_in_test_host`] on the underlay ingress program: from the peer host.
+fn nic_in(cases: impl FnOnce() -> Vec<Case> + Send + 'static) {
+    run_in_test_host(xhost_common::PROG_NIC_IN, "ul0", cases);
+}
+
+/// C1 -> R1 forwarded: run first, it leaves the flow in the cache, so that
+/// the cases after it show that a cached flow does not skip their checks.
+fn forwarded_c1_r1() -> Case {
+    let fwd = ipv4(C1, R1, 64, &[]);
+    let out = routed(&fwd, mac("ul0"), PEER_MAC);
+    Case::redirect("forward (the flow cached)", fwd, out, stat::FWD_EGRESS)
+}
+
 #[test]
-fn egress_routes_peer_traffic_and_passes_the_rest() {
-    in_test_host(|ebpf| {
+fn egress_forwards_peer_traffic_up_to_the_underlay_mtu() {
+    bridge_in(|| {
         let ul0 = mac("ul0");
         let fwd = ipv4(C1, R1, 64, &[]);
         let opts = ipv4(C1, R1, 64, &[1, 1, 1, 0]); // NOP NOP NOP EOL: IHL 6
         let unresolved = ipv4(C1, [192, 168, 230, 5], 64, &[]);
-        let unresolved_out = ttl_decremented(&unresolved);
-        let bad_sum = rewrite_ipv4(&fwd, |_, ip| ip.header_checksum ^= 0xff);
-        // IHL 15 claims a 60-byte header (40 bytes of NOP options); the frame
-        // ends after 28 bytes of IP. (test_run itself refuses frames shorter
-        // than a 20-byte IP header.)
-        let mut truncated = ipv4(C1, R1, 64, &[1; 40]);
-        truncated.truncate(Ethernet2Header::LEN + 28);
-        let short_ihl = with_ihl_4(&fwd);
-        // The total length claims one byte more than the frame holds.
-        let beyond = with_ipv4(&fwd, |_, ip| ip.total_len += 1);
-        // Total length 0 is BIG TCP's, and only for GSO bursts beyond 64 KB.
-        let zero_len = with_ipv4(&fwd, |_, ip| ip.total_len = 0);
         // ul0's MTU is 1500: a packet of exactly that fits, one byte more is the
         // kernel's (ICMP frag-needed), also towards a neighbour not yet resolved.
         let at_mtu = with_l3_len(&fwd, 1500);
         let over_mtu = with_l3_len(&fwd, 1501);
         let over_mtu_unresolved = with_l3_len(&unresolved, 1501);
-        run_tc(
-            ebpf,
-            xhost_common::PROG_BRIDGE_IN,
-            "br0",
-            vec![
-                Case {
-                    name: "forward",
-                    out: Some(routed(&fwd, ul0, PEER_MAC)),
-                    frame: fwd,
-                    verdict: TC_ACT_REDIRECT,
-                    counter: stat::FWD_EGRESS,
-                },
-                Case {
-                    name: "forward with IP options",
-                    out: Some(routed(&opts, ul0, PEER_MAC)),
-                    frame: opts,
-                    verdict: TC_ACT_REDIRECT,
-                    counter: stat::FWD_EGRESS,
-                },
-                Case {
-                    name: "neighbour unresolved: redirect_neigh",
-                    out: Some(unresolved_out),
-                    frame: unresolved,
-                    verdict: TC_ACT_REDIRECT,
-                    counter: stat::FWD_EGRESS,
-                },
-                Case {
-                    name: "ARP",
-                    frame: arp(),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_NOT_IPV4,
-                },
-                Case {
-                    name: "IPv6 for no peer",
-                    frame: ipv6(),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_NOT_OURS6,
-                },
-                Case {
-                    name: "to the peer host itself",
-                    frame: ipv4(C1, [172, 16, 91, 132], 64, &[]),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_NOT_OURS,
-                },
-                Case {
-                    name: "non-peer destination (MASQUERADE's)",
-                    frame: ipv4(C1, [8, 8, 8, 8], 64, &[]),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_NOT_OURS,
-                },
-                Case {
-                    name: "to the gateway",
-                    frame: ipv4(C1, [192, 168, 110, 1], 64, &[]),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_NOT_OURS,
-                },
-                Case {
-                    name: "source not a local container",
-                    frame: ipv4([10, 9, 9, 9], R1, 64, &[]),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_NOT_OURS,
-                },
-                Case {
-                    name: "TTL 1",
-                    frame: ipv4(C1, R1, 1, &[]),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_TTL,
-                },
-                Case {
-                    name: "TTL 0",
-                    frame: ipv4(C1, R1, 0, &[]),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_TTL,
-                },
-                Case {
-                    name: "bad header checksum",
-                    frame: bad_sum,
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_MALFORMED,
-                },
-                Case {
-                    name: "truncated IPv4 header",
-                    frame: truncated,
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_MALFORMED,
-                },
-                Case {
-                    name: "IHL < 5",
-                    frame: short_ihl,
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_MALFORMED,
-                },
-                Case {
-                    name: "total length beyond the frame",
-                    frame: beyond,
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_MALFORMED,
-                },
-                Case {
-                    name: "total length 0, not a GSO burst",
-                    frame: zero_len,
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_MALFORMED,
-                },
-                Case {
-                    name: "exactly the underlay's MTU",
-                    out: Some(routed(&at_mtu, ul0, PEER_MAC)),
-                    frame: at_mtu,
-                    verdict: TC_ACT_REDIRECT,
-                    counter: stat::FWD_EGRESS,
-                },
-                Case {
-                    name: "one byte over the underlay's MTU",
-                    frame: over_mtu,
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_FIB,
-                },
-                Case {
-                    name: "over the MTU, neighbour unresolved",
-                    frame: over_mtu_unresolved,
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_FIB,
-                },
-            ],
-        );
+        vec![
+            forwarded_c1_r1(),
+            Case::redirect(
+                "forward with IP options",
+                opts.clone(),
+                routed(&opts, ul0, PEER_MAC),
+                stat::FWD_EGRESS,
+            ),
+            Case::redirect(
+                "neighbour unresolved: redirect_neigh",
+                unresolved.clone(),
+                ttl_decremented(&unresolved),
+                stat::FWD_EGRESS,
+            ),
+            Case::redirect(
+                "exactly the underlay's MTU",
+                at_mtu.clone(),
+                routed(&at_mtu, ul0, PEER_MAC),
+                stat::FWD_EGRESS,
+            ),
+            Case::pass("one byte over the underlay's MTU", over_mtu, stat::PASS_FIB),
+            Case::pass(
+                "over the MTU, neighbour unresolved",
+                over_mtu_unresolved,
+                stat::PASS_FIB,
+            ),
+        ]
     });
 }
 
 #[test]
-fn ingress_delivers_validated_traffic_and_drops_spoofed() {
-    in_test_host(|ebpf| {
-        let br0 = mac("br0");
-        let to_ep = ipv4(R1, C1, 63, &[]);
+fn egress_leaves_what_is_not_for_a_peer_container_to_the_kernel() {
+    bridge_in(|| {
+        vec![
+            forwarded_c1_r1(),
+            Case::pass("ARP", arp(), stat::PASS_NOT_IPV4),
+            Case::pass("IPv6 for no peer", ipv6(), stat::PASS_NOT_OURS6),
+            Case::pass(
+                "to the peer host itself",
+                ipv4(C1, [172, 16, 91, 132], 64, &[]),
+                stat::PASS_NOT_OURS,
+            ),
+            Case::pass(
+                "non-peer destination (MASQUERADE's)",
+                ipv4(C1, [8, 8, 8, 8], 64, &[]),
+                stat::PASS_NOT_OURS,
+            ),
+            Case::pass(
+                "to the gateway",
+                ipv4(C1, [192, 168, 110, 1], 64, &[]),
+                stat::PASS_NOT_OURS,
+            ),
+            Case::pass(
+                "source not a local container",
+                ipv4([10, 9, 9, 9], R1, 64, &[]),
+                stat::PASS_NOT_OURS,
+            ),
+            Case::pass("TTL 1", ipv4(C1, R1, 1, &[]), stat::PASS_TTL),
+            Case::pass("TTL 0", ipv4(C1, R1, 0, &[]), stat::PASS_TTL),
+        ]
+    });
+}
+
+#[test]
+fn egress_leaves_malformed_ipv4_to_the_kernel() {
+    bridge_in(|| {
+        let fwd = ipv4(C1, R1, 64, &[]);
+        // IHL 15 claims a 60-byte header (40 bytes of NOP options); the frame
+        // ends after 28 bytes of IP. (test_run itself refuses frames shorter
+        // than a 20-byte IP header.)
+        let mut truncated = ipv4(C1, R1, 64, &[1; 40]);
+        truncated.truncate(Ethernet2Header::LEN + 28);
+        vec![
+            forwarded_c1_r1(),
+            Case::pass(
+                "bad header checksum",
+                rewrite_ipv4(&fwd, |_, ip| ip.header_checksum ^= 0xff),
+                stat::PASS_MALFORMED,
+            ),
+            Case::pass("truncated IPv4 header", truncated, stat::PASS_MALFORMED),
+            Case::pass("IHL < 5", with_ihl_4(&fwd), stat::PASS_MALFORMED),
+            // The total length claims one byte more than the frame holds.
+            Case::pass(
+                "total length beyond the frame",
+                with_ipv4(&fwd, |_, ip| ip.total_len += 1),
+                stat::PASS_MALFORMED,
+            ),
+            // Total length 0 is BIG TCP's, and only for GSO bursts beyond 64 KB.
+            Case::pass(
+                "total length 0, not a GSO burst",
+                with_ipv4(&fwd, |_, ip| ip.total_len = 0),
+                stat::PASS_MALFORMED,
+            ),
+        ]
+    });
+}
+
+/// R1 -> C1 delivered to the known endpoint: run first, it leaves the flow in
+/// the cache, so that the cases after it show that a cached flow does not skip
+/// their checks.
+fn delivered_r1_c1() -> Case {
+    let to_ep = ipv4(R1, C1, 63, &[]);
+    let out = routed(&to_ep, GW_MAC, CTR_MAC);
+    Case::redirect(
+        "known endpoint: redirect_peer",
+        to_ep,
+        out,
+        stat::FWD_INGRESS,
+    )
+}
+
+#[test]
+fn ingress_delivers_peer_traffic_and_the_peer_hosts_icmp_errors() {
+    nic_in(|| {
         let to_neigh = ipv4(R1, C2, 63, &[]);
-        run_tc(
-            ebpf,
-            xhost_common::PROG_NIC_IN,
-            "ul0",
-            vec![
-                Case {
-                    name: "known endpoint: redirect_peer",
-                    out: Some(routed(&to_ep, GW_MAC, CTR_MAC)),
-                    frame: to_ep,
-                    verdict: TC_ACT_REDIRECT,
-                    counter: stat::FWD_INGRESS,
-                },
-                Case {
-                    name: "via the bridge (FIB)",
-                    out: Some(routed(&to_neigh, br0, LOCAL_NEIGH_MAC)),
-                    frame: to_neigh,
-                    verdict: TC_ACT_REDIRECT,
-                    counter: stat::FWD_INGRESS,
-                },
-                Case {
-                    name: "spoofed source",
-                    frame: ipv4([10, 1, 1, 1], C1, 63, &[]),
-                    verdict: TC_ACT_SHOT,
-                    out: None,
-                    counter: stat::DROP_SPOOFED,
-                },
-                Case {
-                    name: "peer host itself as source (UDP)",
-                    frame: ipv4([172, 16, 91, 132], C1, 63, &[]),
-                    verdict: TC_ACT_SHOT,
-                    out: None,
-                    counter: stat::DROP_SPOOFED,
-                },
-                Case {
-                    name: "peer host, ICMP echo",
-                    frame: icmp([172, 16, 91, 132], C1, ECHO_REQUEST),
-                    verdict: TC_ACT_SHOT,
-                    out: None,
-                    counter: stat::DROP_SPOOFED,
-                },
-                Case {
-                    name: "unknown host, ICMP time exceeded",
-                    frame: icmp([172, 16, 91, 150], C1, TIME_EXCEEDED),
-                    verdict: TC_ACT_SHOT,
-                    out: None,
-                    counter: stat::DROP_SPOOFED,
-                },
-                Case {
-                    name: "peer host, ICMP time exceeded",
-                    out: Some(routed(
-                        &icmp([172, 16, 91, 132], C1, TIME_EXCEEDED),
-                        GW_MAC,
-                        CTR_MAC,
-                    )),
-                    frame: icmp([172, 16, 91, 132], C1, TIME_EXCEEDED),
-                    verdict: TC_ACT_REDIRECT,
-                    counter: stat::FWD_INGRESS,
-                },
-                Case {
-                    name: "peer host, ICMP frag needed",
-                    out: Some(routed(
-                        &icmp([172, 16, 91, 132], C1, FRAG_NEEDED),
-                        GW_MAC,
-                        CTR_MAC,
-                    )),
-                    frame: icmp([172, 16, 91, 132], C1, FRAG_NEEDED),
-                    verdict: TC_ACT_REDIRECT,
-                    counter: stat::FWD_INGRESS,
-                },
-                Case {
-                    name: "host-bound",
-                    frame: ipv4(R1, [172, 16, 91, 131], 63, &[]),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_NOT_OURS,
-                },
-                Case {
-                    name: "to the gateway address",
-                    frame: ipv4(R1, [192, 168, 110, 1], 63, &[]),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_FIB,
-                },
-                Case {
-                    name: "TTL 1",
-                    frame: ipv4(R1, C1, 1, &[]),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_TTL,
-                },
-                Case {
-                    name: "ARP",
-                    frame: arp(),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_NOT_IPV4,
-                },
-                Case {
-                    name: "IPv6 for no peer",
-                    frame: ipv6(),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_NOT_OURS6,
-                },
-            ],
-        );
+        let time_exceeded = icmp([172, 16, 91, 132], C1, TIME_EXCEEDED);
+        let frag_needed = icmp([172, 16, 91, 132], C1, FRAG_NEEDED);
+        vec![
+            delivered_r1_c1(),
+            Case::redirect(
+                "via the bridge (FIB)",
+                to_neigh.clone(),
+                routed(&to_neigh, mac("br0"), LOCAL_NEIGH_MAC),
+                stat::FWD_INGRESS,
+            ),
+            Case::redirect(
+                "peer host, ICMP time exceeded",
+                time_exceeded.clone(),
+                routed(&time_exceeded, GW_MAC, CTR_MAC),
+                stat::FWD_INGRESS,
+            ),
+            Case::redirect(
+                "peer host, ICMP frag needed",
+                frag_needed.clone(),
+                routed(&frag_needed, GW_MAC, CTR_MAC),
+                stat::FWD_INGRESS,
+            ),
+        ]
+    });
+}
+
+#[test]
+fn ingress_drops_sources_outside_the_peers_subnets() {
+    nic_in(|| {
+        vec![
+            delivered_r1_c1(),
+            Case::shot(
+                "spoofed source",
+                ipv4([10, 1, 1, 1], C1, 63, &[]),
+                stat::DROP_SPOOFED,
+            ),
+            Case::shot(
+                "peer host itself as source (UDP)",
+                ipv4([172, 16, 91, 132], C1, 63, &[]),
+                stat::DROP_SPOOFED,
+            ),
+            Case::shot(
+                "peer host, ICMP echo",
+                icmp([172, 16, 91, 132], C1, ECHO_REQUEST),
+                stat::DROP_SPOOFED,
+            ),
+            Case::shot(
+                "unknown host, ICMP time exceeded",
+                icmp([172, 16, 91, 150], C1, TIME_EXCEEDED),
+                stat::DROP_SPOOFED,
+            ),
+        ]
+    });
+}
+
+#[test]
+fn ingress_leaves_what_is_not_for_a_local_container_to_the_kernel() {
+    nic_in(|| {
+        vec![
+            delivered_r1_c1(),
+            Case::pass(
+                "host-bound",
+                ipv4(R1, [172, 16, 91, 131], 63, &[]),
+                stat::PASS_NOT_OURS,
+            ),
+            Case::pass(
+                "to the gateway address",
+                ipv4(R1, [192, 168, 110, 1], 63, &[]),
+                stat::PASS_FIB,
+            ),
+            Case::pass("TTL 1", ipv4(R1, C1, 1, &[]), stat::PASS_TTL),
+            Case::pass("ARP", arp(), stat::PASS_NOT_IPV4),
+            Case::pass("IPv6 for no peer", ipv6(), stat::PASS_NOT_OURS6),
+        ]
     });
 }
 
@@ -2466,6 +2451,12 @@ fn with_dest_opts(f: &[u8]) -> Vec<u8> {
     o
 }
 
+/// IPv6 frame `f` cut after the fixed header (a test run refuses anything
+/// shorter than Ethernet and an IPv6 header), its UDP header missing.
+fn cut_after_the_fixed_header(f: &[u8]) -> Vec<u8> {
+    f[..Ethernet2Header::LEN + Ipv6Header::LEN].to_vec()
+}
+
 /// What a router makes of IPv6 frame `f`: new MACs, hop limit - 1.
 fn routed6(f: &[u8], smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
     let mut o = with_eth(f, |e| {
@@ -2480,179 +2471,53 @@ fn routed6(f: &[u8], smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
 const NDP_NEIGHBOUR_SOLICITATION: u8 = 135;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 
+/// c1 -> r1 over IPv6 forwarded: run first, it leaves the flow in the cache,
+/// so that the cases after it show that a cached flow does not skip their
+/// checks.
+fn forwarded6_c1_r1() -> Case {
+    let fwd = ipv6_udp(c1_6(), r1_6(), 64, 0);
+    let out = routed6(&fwd, mac("ul0"), PEER_MAC);
+    Case::redirect("v6 forward (the flow cached)", fwd, out, stat::FWD_EGRESS6)
+}
+
 #[test]
-fn ipv6_egress_routes_peer_traffic_and_passes_the_rest() {
+fn ipv6_egress_forwards_peer_traffic_up_to_the_underlay_mtu() {
     in_test_host(|ebpf| {
         let ul0 = mac("ul0");
-        let fwd = ipv6_udp(c1_6(), r1_6(), 64, 0);
+        let fwd = forwarded6_c1_r1();
         let echo = icmpv6(c1_6(), r1_6(), ICMPV6_ECHO_REQUEST);
         // ul0's MTU is 1500: 40 + 8 + 1452 bytes fit, one more does not.
         let at_mtu = ipv6_udp(c1_6(), r1_6(), 64, 1452);
-        let over_mtu = ipv6_udp(c1_6(), r1_6(), 64, 1453);
-        // Cut after the fixed header (a test run refuses anything shorter
-        // than Ethernet and an IPv6 header), its UDP header missing.
-        let mut truncated = ipv6_udp(c1_6(), r1_6(), 64, 0);
-        truncated.truncate(Ethernet2Header::LEN + Ipv6Header::LEN);
-        let mut beyond = fwd.clone();
-        beyond[19] += 1; // payload length one byte beyond the frame
-        let mut version4 = fwd.clone();
-        version4[Ethernet2Header::LEN] = 0x40;
-        let mut jumbo = fwd.clone();
-        jumbo[18..20].fill(0); // payload length 0: a jumbogram's
         // What is forwarded to the peer .132 (PEER_STATS slot 0).
-        let sent = (fwd.len() + echo.len() + at_mtu.len()) as u64;
+        let sent = (fwd.frame.len() + echo.len() + at_mtu.len()) as u64;
         run_tc(
             ebpf,
             xhost_common::PROG_BRIDGE_IN,
             "br0",
             vec![
-                Case {
-                    name: "v6 forward",
-                    out: Some(routed6(&fwd, ul0, PEER_MAC)),
-                    frame: fwd.clone(),
-                    verdict: TC_ACT_REDIRECT,
-                    counter: stat::FWD_EGRESS6,
-                },
-                Case {
-                    name: "v6 ICMPv6 echo forwarded",
-                    out: Some(routed6(&echo, ul0, PEER_MAC)),
-                    frame: echo,
-                    verdict: TC_ACT_REDIRECT,
-                    counter: stat::FWD_EGRESS6,
-                },
-                Case {
-                    name: "v6 exactly the underlay's MTU",
-                    out: Some(routed6(&at_mtu, ul0, PEER_MAC)),
-                    frame: at_mtu,
-                    verdict: TC_ACT_REDIRECT,
-                    counter: stat::FWD_EGRESS6,
-                },
-                Case {
-                    name: "v6 one byte over the underlay's MTU",
-                    frame: over_mtu,
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_FIB6,
-                },
-                Case {
-                    name: "v6 peer's neighbour unresolved",
-                    frame: ipv6_udp(c1_6(), v6("fd00:230::5"), 64, 0),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_FIB6,
-                },
-                Case {
-                    name: "v6 hop limit 1",
-                    frame: ipv6_udp(c1_6(), r1_6(), 1, 0),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_HOP_LIMIT6,
-                },
-                Case {
-                    name: "v6 hop limit 0",
-                    frame: ipv6_udp(c1_6(), r1_6(), 0, 0),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_HOP_LIMIT6,
-                },
-                Case {
-                    name: "v6 link-local source",
-                    frame: ipv6_udp(v6("fe80::1"), r1_6(), 64, 0),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_CONTROL6,
-                },
-                Case {
-                    name: "v6 link-local destination",
-                    frame: ipv6_udp(c1_6(), v6("febf::1"), 64, 0),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_CONTROL6,
-                },
-                Case {
-                    name: "v6 multicast destination",
-                    frame: ipv6_udp(c1_6(), v6("ff02::1"), 64, 0),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_CONTROL6,
-                },
-                Case {
-                    name: "v6 neighbour solicitation to a peer's address",
-                    frame: icmpv6(c1_6(), r1_6(), NDP_NEIGHBOUR_SOLICITATION),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_CONTROL6,
-                },
-                Case {
-                    name: "v6 extension header",
-                    frame: with_dest_opts(&fwd),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_EXT6,
-                },
-                Case {
-                    name: "v6 truncated after the fixed header",
-                    frame: truncated,
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_MALFORMED,
-                },
-                Case {
-                    name: "v6 payload length beyond the frame",
-                    frame: beyond,
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_MALFORMED,
-                },
-                Case {
-                    name: "v6 payload length 0 (jumbogram)",
-                    frame: jumbo,
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_MALFORMED,
-                },
-                Case {
-                    name: "v6 version 4 behind the IPv6 EtherType",
-                    frame: version4,
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_MALFORMED,
-                },
-                Case {
-                    name: "v6 unknown destination",
-                    frame: ipv6_udp(c1_6(), v6("2001:db8::2"), 64, 0),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_NOT_OURS6,
-                },
-                Case {
-                    name: "v6 source not a local container's",
-                    frame: ipv6_udp(v6("2001:db8::1"), r1_6(), 64, 0),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_NOT_OURS6,
-                },
-                Case {
-                    name: "v6 endpoint's address from another MAC",
-                    frame: from_mac(fwd.clone(), ANY_MAC),
-                    verdict: TC_ACT_SHOT,
-                    out: None,
-                    counter: stat::DROP_SPOOFED_LOCAL6,
-                },
-                Case {
-                    name: "v6 local address no container announced",
-                    frame: ipv6_udp(v6("fd00:110::99"), r1_6(), 64, 0),
-                    verdict: TC_ACT_SHOT,
-                    out: None,
-                    counter: stat::DROP_SPOOFED_LOCAL6,
-                },
-                Case {
-                    name: "v6 spoofed local source with an extension header",
-                    frame: with_dest_opts(&ipv6_udp(v6("fd00:110::99"), r1_6(), 64, 0)),
-                    verdict: TC_ACT_SHOT,
-                    out: None,
-                    counter: stat::DROP_SPOOFED_LOCAL6,
-                },
+                fwd,
+                Case::redirect(
+                    "v6 ICMPv6 echo forwarded",
+                    echo.clone(),
+                    routed6(&echo, ul0, PEER_MAC),
+                    stat::FWD_EGRESS6,
+                ),
+                Case::redirect(
+                    "v6 exactly the underlay's MTU",
+                    at_mtu.clone(),
+                    routed6(&at_mtu, ul0, PEER_MAC),
+                    stat::FWD_EGRESS6,
+                ),
+                Case::pass(
+                    "v6 one byte over the underlay's MTU",
+                    ipv6_udp(c1_6(), r1_6(), 64, 1453),
+                    stat::PASS_FIB6,
+                ),
+                Case::pass(
+                    "v6 peer's neighbour unresolved",
+                    ipv6_udp(c1_6(), v6("fd00:230::5"), 64, 0),
+                    stat::PASS_FIB6,
+                ),
             ],
         );
         let (tx, _) = peer_counters(ebpf, 0);
@@ -2661,6 +2526,119 @@ fn ipv6_egress_routes_peer_traffic_and_passes_the_rest() {
             (3, sent),
             "PEER_STATS tx of .132: the three forwarded"
         );
+    });
+}
+
+#[test]
+fn ipv6_egress_leaves_control_extension_and_foreign_traffic_to_the_kernel() {
+    bridge_in(|| {
+        let fwd = ipv6_udp(c1_6(), r1_6(), 64, 0);
+        vec![
+            forwarded6_c1_r1(),
+            Case::pass(
+                "v6 hop limit 1",
+                ipv6_udp(c1_6(), r1_6(), 1, 0),
+                stat::PASS_HOP_LIMIT6,
+            ),
+            Case::pass(
+                "v6 hop limit 0",
+                ipv6_udp(c1_6(), r1_6(), 0, 0),
+                stat::PASS_HOP_LIMIT6,
+            ),
+            Case::pass(
+                "v6 link-local source",
+                ipv6_udp(v6("fe80::1"), r1_6(), 64, 0),
+                stat::PASS_CONTROL6,
+            ),
+            Case::pass(
+                "v6 link-local destination",
+                ipv6_udp(c1_6(), v6("febf::1"), 64, 0),
+                stat::PASS_CONTROL6,
+            ),
+            Case::pass(
+                "v6 multicast destination",
+                ipv6_udp(c1_6(), v6("ff02::1"), 64, 0),
+                stat::PASS_CONTROL6,
+            ),
+            Case::pass(
+                "v6 neighbour solicitation to a peer's address",
+                icmpv6(c1_6(), r1_6(), NDP_NEIGHBOUR_SOLICITATION),
+                stat::PASS_CONTROL6,
+            ),
+            Case::pass("v6 extension header", with_dest_opts(&fwd), stat::PASS_EXT6),
+            Case::pass(
+                "v6 unknown destination",
+                ipv6_udp(c1_6(), v6("2001:db8::2"), 64, 0),
+                stat::PASS_NOT_OURS6,
+            ),
+            Case::pass(
+                "v6 source not a local container's",
+                ipv6_udp(v6("2001:db8::1"), r1_6(), 64, 0),
+                stat::PASS_NOT_OURS6,
+            ),
+        ]
+    });
+}
+
+#[test]
+fn ipv6_egress_leaves_malformed_ipv6_to_the_kernel() {
+    bridge_in(|| {
+        let fwd = ipv6_udp(c1_6(), r1_6(), 64, 0);
+        let truncated = cut_after_the_fixed_header(&fwd);
+        let mut beyond = fwd.clone();
+        beyond[19] += 1; // payload length one byte beyond the frame
+        let mut version4 = fwd.clone();
+        version4[Ethernet2Header::LEN] = 0x40;
+        let mut jumbo = fwd;
+        jumbo[18..20].fill(0); // payload length 0: a jumbogram's
+        vec![
+            forwarded6_c1_r1(),
+            Case::pass(
+                "v6 truncated after the fixed header",
+                truncated,
+                stat::PASS_MALFORMED,
+            ),
+            Case::pass(
+                "v6 payload length beyond the frame",
+                beyond,
+                stat::PASS_MALFORMED,
+            ),
+            Case::pass(
+                "v6 payload length 0 (jumbogram)",
+                jumbo,
+                stat::PASS_MALFORMED,
+            ),
+            Case::pass(
+                "v6 version 4 behind the IPv6 EtherType",
+                version4,
+                stat::PASS_MALFORMED,
+            ),
+        ]
+    });
+}
+
+#[test]
+fn ipv6_egress_drops_local_sources_no_container_owns() {
+    bridge_in(|| {
+        let spoofed = ipv6_udp(v6("fd00:110::99"), r1_6(), 64, 0);
+        vec![
+            forwarded6_c1_r1(),
+            Case::shot(
+                "v6 endpoint's address from another MAC",
+                from_mac(ipv6_udp(c1_6(), r1_6(), 64, 0), ANY_MAC),
+                stat::DROP_SPOOFED_LOCAL6,
+            ),
+            Case::shot(
+                "v6 local address no container announced",
+                spoofed.clone(),
+                stat::DROP_SPOOFED_LOCAL6,
+            ),
+            Case::shot(
+                "v6 spoofed local source with an extension header",
+                with_dest_opts(&spoofed),
+                stat::DROP_SPOOFED_LOCAL6,
+            ),
+        ]
     });
 }
 
@@ -2773,109 +2751,108 @@ fn ipv6_from_ctr_routes_only_its_own_endpoint() {
     });
 }
 
+/// r1 -> c1 over IPv6 delivered to the known endpoint: run first, it leaves
+/// the flow in the cache, so that the cases after it show that a cached flow
+/// does not skip their checks.
+fn delivered6_r1_c1() -> Case {
+    let to_ep = ipv6_udp(r1_6(), c1_6(), 63, 0);
+    let out = routed6(&to_ep, GW_MAC, CTR_MAC);
+    Case::redirect(
+        "v6 known endpoint: redirect_peer",
+        to_ep,
+        out,
+        stat::FWD_INGRESS6,
+    )
+}
+
 #[test]
-fn ipv6_ingress_delivers_peer_traffic_and_drops_spoofed() {
+fn ipv6_ingress_delivers_peer_traffic() {
     in_test_host(|ebpf| {
-        let to_ep = ipv6_udp(r1_6(), c1_6(), 63, 0);
         let echo = icmpv6(r1_6(), c1_6(), ICMPV6_ECHO_REQUEST);
         run_tc(
             ebpf,
             xhost_common::PROG_NIC_IN,
             "ul0",
             vec![
-                Case {
-                    name: "v6 known endpoint: redirect_peer",
-                    out: Some(routed6(&to_ep, GW_MAC, CTR_MAC)),
-                    frame: to_ep.clone(),
-                    verdict: TC_ACT_REDIRECT,
-                    counter: stat::FWD_INGRESS6,
-                },
-                Case {
-                    name: "v6 ICMPv6 echo to the endpoint",
-                    out: Some(routed6(&echo, GW_MAC, CTR_MAC)),
-                    frame: echo,
-                    verdict: TC_ACT_REDIRECT,
-                    counter: stat::FWD_INGRESS6,
-                },
-                Case {
-                    name: "v6 local address, no endpoint: the kernel's",
-                    frame: ipv6_udp(r1_6(), v6("fd00:110::12"), 63, 0),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_NOT_OURS6,
-                },
-                Case {
-                    name: "v6 spoofed source",
-                    frame: ipv6_udp(v6("2001:db8::1"), c1_6(), 63, 0),
-                    verdict: TC_ACT_SHOT,
-                    out: None,
-                    counter: stat::DROP_SPOOFED6,
-                },
-                Case {
-                    name: "v6 spoofed source with an extension header",
-                    frame: with_dest_opts(&ipv6_udp(v6("2001:db8::1"), c1_6(), 63, 0)),
-                    verdict: TC_ACT_SHOT,
-                    out: None,
-                    counter: stat::DROP_SPOOFED6,
-                },
-                Case {
-                    name: "v6 spoofed source to a local address without endpoint",
-                    frame: ipv6_udp(v6("2001:db8::1"), v6("fd00:110::12"), 63, 0),
-                    verdict: TC_ACT_SHOT,
-                    out: None,
-                    counter: stat::DROP_SPOOFED6,
-                },
-                Case {
-                    name: "v6 extension header from a peer",
-                    frame: with_dest_opts(&to_ep),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_EXT6,
-                },
-                Case {
-                    name: "v6 hop limit 1",
-                    frame: ipv6_udp(r1_6(), c1_6(), 1, 0),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_HOP_LIMIT6,
-                },
-                Case {
-                    name: "v6 multicast",
-                    frame: ipv6_udp(v6("fe80::32"), v6("ff02::1"), 1, 0),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_CONTROL6,
-                },
-                Case {
-                    name: "v6 neighbour solicitation",
-                    frame: icmpv6(r1_6(), c1_6(), NDP_NEIGHBOUR_SOLICITATION),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_CONTROL6,
-                },
-                Case {
-                    name: "v6 not a local address",
-                    frame: ipv6_udp(r1_6(), v6("2001:db8::2"), 63, 0),
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_NOT_OURS6,
-                },
-                Case {
-                    name: "v6 truncated after the fixed header",
-                    frame: {
-                        let mut f = ipv6_udp(r1_6(), c1_6(), 63, 0);
-                        f.truncate(Ethernet2Header::LEN + Ipv6Header::LEN);
-                        f
-                    },
-                    verdict: TC_ACT_UNSPEC,
-                    out: None,
-                    counter: stat::PASS_MALFORMED,
-                },
+                delivered6_r1_c1(),
+                Case::redirect(
+                    "v6 ICMPv6 echo to the endpoint",
+                    echo.clone(),
+                    routed6(&echo, GW_MAC, CTR_MAC),
+                    stat::FWD_INGRESS6,
+                ),
             ],
         );
         // Delivered from the peer .132: its per-peer counter moved.
         let (_, rx) = peer_counters(ebpf, 0);
         assert_eq!(rx.packets, 2, "PEER_STATS rx of .132: the two deliveries");
+    });
+}
+
+#[test]
+fn ipv6_ingress_drops_sources_outside_the_peers_subnets() {
+    nic_in(|| {
+        let spoofed = ipv6_udp(v6("2001:db8::1"), c1_6(), 63, 0);
+        vec![
+            delivered6_r1_c1(),
+            Case::shot("v6 spoofed source", spoofed.clone(), stat::DROP_SPOOFED6),
+            Case::shot(
+                "v6 spoofed source with an extension header",
+                with_dest_opts(&spoofed),
+                stat::DROP_SPOOFED6,
+            ),
+            Case::shot(
+                "v6 spoofed source to a local address without endpoint",
+                ipv6_udp(v6("2001:db8::1"), v6("fd00:110::12"), 63, 0),
+                stat::DROP_SPOOFED6,
+            ),
+        ]
+    });
+}
+
+#[test]
+fn ipv6_ingress_leaves_what_is_not_for_a_local_container_to_the_kernel() {
+    nic_in(|| {
+        let to_ep = ipv6_udp(r1_6(), c1_6(), 63, 0);
+        let truncated = cut_after_the_fixed_header(&to_ep);
+        vec![
+            delivered6_r1_c1(),
+            Case::pass(
+                "v6 local address, no endpoint: the kernel's",
+                ipv6_udp(r1_6(), v6("fd00:110::12"), 63, 0),
+                stat::PASS_NOT_OURS6,
+            ),
+            Case::pass(
+                "v6 extension header from a peer",
+                with_dest_opts(&to_ep),
+                stat::PASS_EXT6,
+            ),
+            Case::pass(
+                "v6 hop limit 1",
+                ipv6_udp(r1_6(), c1_6(), 1, 0),
+                stat::PASS_HOP_LIMIT6,
+            ),
+            Case::pass(
+                "v6 multicast",
+                ipv6_udp(v6("fe80::32"), v6("ff02::1"), 1, 0),
+                stat::PASS_CONTROL6,
+            ),
+            Case::pass(
+                "v6 neighbour solicitation",
+                icmpv6(r1_6(), c1_6(), NDP_NEIGHBOUR_SOLICITATION),
+                stat::PASS_CONTROL6,
+            ),
+            Case::pass(
+                "v6 not a local address",
+                ipv6_udp(r1_6(), v6("2001:db8::2"), 63, 0),
+                stat::PASS_NOT_OURS6,
+            ),
+            Case::pass(
+                "v6 truncated after the fixed header",
+                truncated,
+                stat::PASS_MALFORMED,
+            ),
+        ]
     });
 }
 

@@ -32,9 +32,11 @@ use results::{Report, SuiteRun};
 /// bpftool and the testbed's own xh-probe. Together they cover ping and checksummed TCP
 /// both ways with FORWARD and conntrack untouched, Docker's isolation (a peer host cannot
 /// reach containers directly), TTL expiry left to the kernel (natively and in VXLAN
-/// mode), and a detached datapath that keeps forwarding until `unload` leaves nothing.
-const NAMESPACE_TESTS: [&str; 6] = [
+/// mode), a detached datapath that keeps forwarding until `unload` leaves nothing, and
+/// `status` and bpftool showing what is attached and what the maps hold.
+const NAMESPACE_TESTS: [&str; 7] = [
     "containers_reach_each_other_only_through_xhost",
+    "status_and_bpftool_show_what_is_attached_and_what_the_maps_hold",
     "underlay_hosts_cannot_reach_containers_directly",
     "ttl_expiring_at_the_host_is_left_to_the_kernel",
     "detached_datapath_keeps_forwarding_until_unload",
@@ -51,14 +53,18 @@ const NAMESPACE_TESTS: [&str; 6] = [
 /// context with EINVAL), so older kernels run the rest of the suite. Their programs
 /// still pass the verifier there (every test loads every program), and the namespace
 /// tests carry real packets through them.
-const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 22] = [
+const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 31] = [
     "bridge_forwards_only_what_its_tables_say_the_sender_owns",
     "cached_forwarding_answers_follow_the_kernel_and_the_maps",
     "drop_mode_answers_nothing",
-    "egress_routes_peer_traffic_and_passes_the_rest",
+    "egress_forwards_peer_traffic_up_to_the_underlay_mtu",
+    "egress_leaves_malformed_ipv4_to_the_kernel",
+    "egress_leaves_what_is_not_for_a_peer_container_to_the_kernel",
     "from_ctr_drops_every_source_but_its_endpoints_own",
     "from_ctr_routes_only_its_own_endpoint_and_counts_only_what_it_decides",
-    "ingress_delivers_validated_traffic_and_drops_spoofed",
+    "ingress_delivers_peer_traffic_and_the_peer_hosts_icmp_errors",
+    "ingress_drops_sources_outside_the_peers_subnets",
+    "ingress_leaves_what_is_not_for_a_local_container_to_the_kernel",
     "peer_counters_follow_forwarded_packets",
     "reject_mode_answers_spoofed_container_sources_within_the_rate",
     "reject_mode_answers_what_the_underlay_refuses",
@@ -69,9 +75,14 @@ const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 22] = [
     "vxlan_mode_encapsulates_in_the_program",
     "xdp_drops_what_tc_drops_for_an_endpoint_outside_local_nets",
     "ipv6_bridge_takes_an_unknown_address_from_its_ndp_entry",
-    "ipv6_egress_routes_peer_traffic_and_passes_the_rest",
+    "ipv6_egress_drops_local_sources_no_container_owns",
+    "ipv6_egress_forwards_peer_traffic_up_to_the_underlay_mtu",
+    "ipv6_egress_leaves_control_extension_and_foreign_traffic_to_the_kernel",
+    "ipv6_egress_leaves_malformed_ipv6_to_the_kernel",
     "ipv6_from_ctr_routes_only_its_own_endpoint",
-    "ipv6_ingress_delivers_peer_traffic_and_drops_spoofed",
+    "ipv6_ingress_delivers_peer_traffic",
+    "ipv6_ingress_drops_sources_outside_the_peers_subnets",
+    "ipv6_ingress_leaves_what_is_not_for_a_local_container_to_the_kernel",
     "ipv6_is_the_kernels_in_vxlan_mode",
     "ipv6_xdp_drops_what_tc_drops",
 ];
