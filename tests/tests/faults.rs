@@ -1326,6 +1326,7 @@ fn agent_resources_flat_under_100k_docker_events() {
             bridge: a.bridge().into(),
             subnet: a.subnet(),
             gateway: a.bridge_ip(),
+            ipv6: None,
         },
     )
     .expect("engine");
@@ -1380,6 +1381,7 @@ fn agent_resources_flat_under_100k_docker_events() {
                 pid: sleeper.pid(),
                 sandbox: c.ns().path(),
                 ip: c.ip(),
+                ip6: None,
                 mac: c.mac().to_owned(),
             });
             ids.push(id);
@@ -1499,6 +1501,7 @@ fn engine_answers_the_agent_cannot_use_are_skipped_and_it_goes_on() {
         bridge: a.bridge().into(),
         subnet: a.subnet(),
         gateway: a.bridge_ip(),
+        ipv6: None,
     };
     let raw = |n: u32, name: &str, driver: &str, ipv6: bool, config: serde_json::Value| {
         json!({
@@ -1547,6 +1550,7 @@ fn engine_answers_the_agent_cannot_use_are_skipped_and_it_goes_on() {
             pid: sleeper.pid(),
             sandbox: good.ns().path(),
             ip: good.ip(),
+            ip6: None,
             mac: good.mac().to_owned(),
         },
         EngineContainer {
@@ -1555,6 +1559,7 @@ fn engine_answers_the_agent_cannot_use_are_skipped_and_it_goes_on() {
             pid: gone_pid,
             sandbox: gone_ns.clone(),
             ip: gone_ip,
+            ip6: None,
             mac: "02:42:c0:a8:6e:96".into(),
         },
     ];
