@@ -14,7 +14,7 @@
 use std::{
     collections::BTreeMap,
     convert::Infallible,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     pin::Pin,
     sync::{
@@ -53,6 +53,8 @@ pub struct Network {
     pub bridge: String,
     pub subnet: Ipv4Net,
     pub gateway: Ipv4Addr,
+    /// The IPv6 subnet and gateway of a dual-stack network (`EnableIPv6`).
+    pub ipv6: Option<(ipnet::Ipv6Net, Ipv6Addr)>,
 }
 
 /// A running container as `docker inspect` shows it.
@@ -66,6 +68,8 @@ pub struct Container {
     /// The namespace's path (`NetworkSettings.SandboxKey`).
     pub sandbox: PathBuf,
     pub ip: Ipv4Addr,
+    /// Its address on a dual-stack network (`GlobalIPv6Address`).
+    pub ip6: Option<Ipv6Addr>,
     /// `02:42:...`, the MAC of the container's interface.
     pub mac: String,
 }
@@ -394,17 +398,22 @@ impl hyper::body::Body for Events {
 }
 
 fn network_json(n: &Network) -> serde_json::Value {
+    let mut config =
+        vec![json!({"Subnet": n.subnet.to_string(), "Gateway": n.gateway.to_string()})];
+    if let Some((net, gw)) = n.ipv6 {
+        config.push(json!({"Subnet": net.to_string(), "Gateway": gw.to_string()}));
+    }
     json!({
         "Name": n.name,
         "Id": n.id,
         "Created": "2026-01-01T00:00:00.000000000Z",
         "Scope": "local",
         "Driver": "bridge",
-        "EnableIPv6": false,
+        "EnableIPv6": n.ipv6.is_some(),
         "IPAM": {
             "Driver": "default",
             "Options": null,
-            "Config": [{"Subnet": n.subnet.to_string(), "Gateway": n.gateway.to_string()}],
+            "Config": config,
         },
         "Internal": false,
         "Attachable": false,
@@ -425,6 +434,11 @@ fn network_json(n: &Network) -> serde_json::Value {
 }
 
 fn endpoint_json(c: &Container, n: &Network) -> serde_json::Value {
+    let (gw6, prefix6) = n.ipv6.map_or((String::new(), 0), |(net, gw)| {
+        (gw.to_string(), net.prefix_len())
+    });
+    let ip6 = c.ip6.map(|a| a.to_string()).unwrap_or_default();
+    let prefix6 = if c.ip6.is_some() { prefix6 } else { 0 };
     json!({
         "IPAMConfig": null,
         "Links": null,
@@ -434,9 +448,9 @@ fn endpoint_json(c: &Container, n: &Network) -> serde_json::Value {
         "Gateway": n.gateway.to_string(),
         "IPAddress": c.ip.to_string(),
         "IPPrefixLen": n.subnet.prefix_len(),
-        "IPv6Gateway": "",
-        "GlobalIPv6Address": "",
-        "GlobalIPv6PrefixLen": 0,
+        "IPv6Gateway": gw6,
+        "GlobalIPv6Address": ip6,
+        "GlobalIPv6PrefixLen": prefix6,
         "MacAddress": c.mac,
         "DriverOpts": null,
     })

@@ -9,7 +9,7 @@
 
 use std::{
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -20,7 +20,9 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    Error, Ipv4Net, NetNs, Process, Result, Topology, TopologyOpts, cmd, ping,
+    Error, Ipv4Net, NetNs, Process, Result, Topology, TopologyOpts, cmd,
+    fake_engine::{self, FakeEngine},
+    probe::{ping_args, ping_stats},
     xhost::{self, Agent},
 };
 
@@ -28,6 +30,10 @@ use crate::{
 pub const CTR_A: Ipv4Addr = Ipv4Addr::new(192, 168, 110, 11);
 /// Container B's address (server side of every measurement).
 pub const CTR_B: Ipv4Addr = Ipv4Addr::new(192, 168, 220, 11);
+/// Container A's IPv6 address (the IPv6 scenarios), in host A's [`subnet6`].
+pub const CTR_A6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa, 0, 0, 0, 0, 0, 0x11);
+/// Container B's IPv6 address, in host B's [`subnet6`].
+pub const CTR_B6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xb, 0, 0, 0, 0, 0, 0x11);
 /// MTU of the containers in the VXLAN scenario: 1500 minus VXLAN's 50 bytes, as flannel
 /// configures it.
 pub const VXLAN_MTU: u32 = 1450;
@@ -81,11 +87,39 @@ impl Default for XhostOpts {
     }
 }
 
+/// The address family a scenario carries container A -> B traffic in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Ipv4,
+    /// The hosts and containers are dual-stack (as Docker's `--ipv6` networks), the
+    /// underlay stays IPv4 for xhost (`--peer HOST=V4,V6`), and every test runs over
+    /// the containers' IPv6 addresses.
+    Ipv6,
+}
+
+/// Host `n`'s (1 or 2) IPv6 container subnet: `fd00:a::/64`, `fd00:b::/64`; the bridge
+/// is `::1`, the container `::11` ([`CTR_A6`], [`CTR_B6`]).
+pub fn subnet6(n: u8) -> ipnet::Ipv6Net {
+    let net = Ipv6Addr::new(0xfd00, 0x9 + u16::from(n), 0, 0, 0, 0, 0, 0);
+    ipnet::Ipv6Net::new_assert(net, 64)
+}
+
+/// Host `n`'s IPv6 underlay address in the by-hand IPv6 recipe (`fd00:ff::n/64`): Linux
+/// has no IPv6 route via an IPv4 next hop, so that recipe needs an IPv6 underlay.
+fn underlay6(n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0xff, 0, 0, 0, 0, 0, u16::from(n))
+}
+
 /// One built scenario. Fields drop in declaration order: agents first (they detach and
-/// remove their kernel routes), then the config file, then the namespaces.
+/// remove their kernel routes), then the config file and the Docker engines the agents
+/// followed (with the processes standing for the containers), then the namespaces.
 pub struct Bed {
     agents: Vec<BedAgent>,
     config: Option<TempFile>,
+    engines: Vec<FakeEngine>,
+    sleepers: Vec<Process>,
+    family: Family,
     net: Net,
 }
 
@@ -104,44 +138,155 @@ enum Net {
 }
 
 impl Bed {
-    /// Builds the scenario; on failure everything created so far is torn down again.
-    pub fn build(kind: &PathKind) -> Result<Self> {
-        match kind {
-            PathKind::Wire => Ok(Self {
-                agents: Vec::new(),
-                config: None,
-                net: build_wire()?,
-            }),
-            PathKind::IptablesRoutes => {
-                let topo = Topology::two_hosts(TopologyOpts::default())?;
-                apply_iptables_routes(&topo)?;
-                Ok(Self::hosts(topo))
+    /// Builds the scenario for `family`'s traffic; on failure everything created so far
+    /// is torn down again. IPv6 has no kernel VXLAN scenario, and xhost forwards it in
+    /// native routing only (as `config::check_ipv6_mode` holds).
+    pub fn build(kind: &PathKind, family: Family) -> Result<Self> {
+        let bed = Self::build_family(kind, family)?;
+        if family == Family::Ipv6 {
+            bed.wait_dad()?;
+        }
+        Ok(bed)
+    }
+
+    /// Waits until no namespace of the bed has a tentative IPv6 address: until the
+    /// link-local addresses' duplicate address detection is over, a forwarding host
+    /// drops what it routes (the first packets of a fresh IPv6 bed are lost for ~2 s).
+    fn wait_dad(&self) -> Result<()> {
+        let mut all = vec![self.client(), self.server()];
+        all.extend(self.host_namespaces());
+        let timeout = Duration::from_secs(10);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut tentative = String::new();
+            for ns in &all {
+                let out = ns.ip(&["-6", "-o", "addr", "show", "tentative"])?;
+                tentative.push_str(&String::from_utf8_lossy(&out.stdout));
             }
+            if tentative.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: "IPv6 duplicate address detection".into(),
+                    after: timeout,
+                    output: tentative,
+                });
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn build_family(kind: &PathKind, family: Family) -> Result<Self> {
+        let v6 = family == Family::Ipv6;
+        let hosts = || -> Result<Topology> {
+            let topo = Topology::two_hosts(TopologyOpts::default())?;
+            if v6 {
+                add_ipv6(&topo)?;
+            }
+            Ok(topo)
+        };
+        match kind {
+            PathKind::Wire => Ok(Self::new(family, build_wire(v6)?)),
+            PathKind::IptablesRoutes => {
+                let topo = hosts()?;
+                if v6 {
+                    apply_ip6_routes(&topo)?;
+                } else {
+                    apply_iptables_routes(&topo)?;
+                }
+                Ok(Self::hosts(family, topo))
+            }
+            PathKind::KernelVxlan if v6 => Err(Error::Config(
+                "the kernel VXLAN scenario has no IPv6 twin".into(),
+            )),
             PathKind::KernelVxlan => {
-                let topo = Topology::two_hosts(TopologyOpts::default())?;
+                let topo = hosts()?;
                 apply_kernel_vxlan(&topo)?;
-                Ok(Self::hosts(topo))
+                Ok(Self::hosts(family, topo))
+            }
+            PathKind::Xhost(opts) if v6 && (opts.tunnel || opts.kernel || opts.routes > 1) => {
+                Err(Error::Config(
+                    "xhost's IPv6 scenario runs native routing with one route per family".into(),
+                ))
             }
             PathKind::Xhost(opts) => {
-                let topo = Topology::two_hosts(TopologyOpts::default())?;
+                let topo = hosts()?;
                 if opts.tunnel {
                     for host in topo.hosts() {
                         set_container_mtu(host, VXLAN_MTU)?;
                     }
                 }
-                let mut bed = Self::hosts(topo);
+                let mut bed = Self::hosts(family, topo);
+                if v6 {
+                    bed.start_engines()?;
+                }
                 bed.start_agents(opts)?;
                 Ok(bed)
             }
         }
     }
 
-    fn hosts(topo: Topology) -> Self {
+    fn new(family: Family, net: Net) -> Self {
         Self {
             agents: Vec::new(),
             config: None,
-            net: Net::Hosts(Box::new(topo)),
+            engines: Vec::new(),
+            sleepers: Vec::new(),
+            family,
+            net,
         }
+    }
+
+    fn hosts(family: Family, topo: Topology) -> Self {
+        Self::new(family, Net::Hosts(Box::new(topo)))
+    }
+
+    /// A Docker engine per host (the test's [`FakeEngine`]) with one dual-stack network,
+    /// the host's bridge, and its container on it: the agent learns IPv6 endpoints from
+    /// Docker only (the kernel source reads IPv4 neighbours), as a real dual-stack host
+    /// has them.
+    fn start_engines(&mut self) -> Result<()> {
+        let Net::Hosts(topo) = &self.net else {
+            return Err(Error::Config(
+                "Docker engines need the two-host topology".into(),
+            ));
+        };
+        for (n, host) in [(1u8, topo.host_a()), (2, topo.host_b())] {
+            let socket = std::env::temp_dir().join(format!(
+                "xh-{}-bench-engine-{}.sock",
+                std::process::id(),
+                host.role()
+            ));
+            let _ = std::fs::remove_file(&socket);
+            let net6 = subnet6(n);
+            let engine = FakeEngine::start(
+                &socket,
+                fake_engine::Network {
+                    id: format!("{:0>64}", format!("b6{n}")),
+                    name: "bridge".into(),
+                    bridge: host.bridge().into(),
+                    subnet: host.subnet(),
+                    gateway: host.bridge_ip(),
+                    ipv6: Some((net6, host6(net6, 1))),
+                },
+            )?;
+            for (i, c) in host.containers().iter().enumerate() {
+                let sleeper = c.ns().spawn("sleeper", &["sleep", "infinity"])?;
+                engine.start_container(fake_engine::Container {
+                    id: format!("{:0>64}", format!("c6{n}{i}")),
+                    name: format!("bench-{}", c.role()),
+                    pid: sleeper.pid(),
+                    sandbox: c.ns().path(),
+                    ip: c.ip(),
+                    ip6: Some(host6(net6, 0x11 + i as u16)),
+                    mac: c.mac().to_owned(),
+                });
+                self.sleepers.push(sleeper);
+            }
+            self.engines.push(engine);
+        }
+        Ok(())
     }
 
     fn start_agents(&mut self, opts: &XhostOpts) -> Result<()> {
@@ -153,10 +298,13 @@ impl Bed {
             let text = scale_config(opts.routes - 1, &avoid)?;
             self.config = Some(TempFile::write("bench-routes.toml", &text)?);
         }
-        for (host, peer) in [
+        for (i, (host, peer)) in [
             (topo.host_a(), topo.host_b()),
             (topo.host_b(), topo.host_a()),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let mut extra = Vec::new();
             if let Some(mode) = &opts.xdp_mode {
                 extra.extend(["--xdp-mode", mode]);
@@ -171,7 +319,26 @@ impl Bed {
             if let Some(path) = &config {
                 extra.extend(["--config", path]);
             }
-            let args = xhost::load_args(host, peer, &extra);
+            let args = match self.engines.get(i) {
+                // Docker names the bridge and its subnets of both families.
+                Some(engine) => {
+                    let peer6 = subnet6(2 - i as u8);
+                    let mut a: Vec<String> = [
+                        "--iface",
+                        host.underlay_iface(),
+                        "--docker-host",
+                        &engine.host(),
+                        "--peer",
+                        &format!("{}={},{peer6}", peer.underlay_ip(), peer.subnet()),
+                    ]
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect();
+                    a.extend(extra.iter().map(|s| (*s).to_owned()));
+                    a
+                }
+                None => xhost::load_args(host, peer, &extra),
+            };
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let started = Instant::now();
             let role = format!("bench-{}", host.role());
@@ -179,6 +346,32 @@ impl Bed {
                 Some(bin) => Agent::start_with(bin, host.ns(), &role, &args)?,
                 None => Agent::start(host.ns(), &role, &args)?,
             };
+            if self.family == Family::Ipv6 {
+                // Ready before Docker's view is in: wait for the containers' IPv6
+                // endpoints and the peer's IPv6 route.
+                let want: Vec<String> = (0..host.containers().len())
+                    .map(|c| host6(subnet6(i as u8 + 1), 0x11 + c as u16).to_string())
+                    .collect();
+                xhost::wait_status(
+                    host.ns(),
+                    &agent.dirs,
+                    "the containers in ENDPOINTS6 and the peer in ROUTES6",
+                    Duration::from_secs(10),
+                    |s| {
+                        let ips = |field: &str| -> Vec<String> {
+                            s[field]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(|e| e["ip"].as_str().map(str::to_owned))
+                                .collect()
+                        };
+                        let eps = ips("endpoints6");
+                        want.iter().all(|w| eps.contains(w))
+                            && s["routes6"].as_array().is_some_and(|r| !r.is_empty())
+                    },
+                )?;
+            }
             self.agents.push(BedAgent {
                 agent,
                 host: host.role().to_owned(),
@@ -204,9 +397,12 @@ impl Bed {
         }
     }
 
-    /// Container B's address.
-    pub fn server_ip(&self) -> Ipv4Addr {
-        CTR_B
+    /// Container B's address in the scenario's family.
+    pub fn server_ip(&self) -> IpAddr {
+        match self.family {
+            Family::Ipv4 => CTR_B.into(),
+            Family::Ipv6 => CTR_B6.into(),
+        }
     }
 
     /// The running agents (xhost scenarios only).
@@ -225,12 +421,14 @@ impl Bed {
     /// Fails unless container A gets an echo reply from container B (also resolves the
     /// neighbours before anything is timed).
     pub fn check_path(&self) -> Result<()> {
-        let p = ping(self.client(), self.server_ip(), 2)?;
+        cmd::require_tool("ping", "iputils-ping")?;
+        let out = self.client().exec(&ping_args(self.server_ip(), 2))?;
+        let p = ping_stats(&out);
         if p.any_received() {
             Ok(())
         } else {
             Err(Error::Config(format!(
-                "no path from {CTR_A} to {}:\n{}",
+                "no path from container A to {}:\n{}",
                 self.server_ip(),
                 p.output
             )))
@@ -239,8 +437,9 @@ impl Bed {
 }
 
 /// Two container namespaces and one veth between them, each end with its container's
-/// address and a /32 route to the other (no gateway, no bridge, no netfilter rules).
-fn build_wire() -> Result<Net> {
+/// address and a /32 route to the other (no gateway, no bridge, no netfilter rules); with
+/// `v6`, also each one's IPv6 address and a /128 route to the other's.
+fn build_wire(v6: bool) -> Result<Net> {
     let a = NetNs::new("wire-a")?;
     let b = NetNs::new("wire-b")?;
     a.ip(&[
@@ -262,6 +461,14 @@ fn build_wire() -> Result<Net> {
              link set eth0 up\n\
              route add {other}/32 dev eth0\n"
         ))?;
+    }
+    if v6 {
+        for (ns, me, other) in [(&a, CTR_A6, CTR_B6), (&b, CTR_B6, CTR_A6)] {
+            ns.ip_batch(&format!(
+                "addr add {me}/128 dev eth0 nodad\n\
+                 route add {other}/128 dev eth0\n"
+            ))?;
+        }
     }
     Ok(Net::Wire { a, b })
 }
@@ -312,6 +519,93 @@ fn apply_iptables_routes(topo: &Topology) -> Result<()> {
             &peer.underlay_ip().to_string(),
         ])?;
         exempt_and_accept(host.ns(), &local, &remote)?;
+    }
+    Ok(())
+}
+
+/// Address `host` of IPv6 subnet `net`.
+fn host6(net: ipnet::Ipv6Net, host: u16) -> Ipv6Addr {
+    (u128::from(net.network()) | u128::from(host)).into()
+}
+
+/// Dual-stack hosts as Docker's `--ipv6` networks make them: each bridge and container
+/// gets its address in the host's [`subnet6`] (without duplicate address detection, so
+/// they are usable at once), each container a default route via its bridge, and each
+/// host IPv6 forwarding.
+fn add_ipv6(topo: &Topology) -> Result<()> {
+    for (n, host) in [(1u8, topo.host_a()), (2, topo.host_b())] {
+        let net = subnet6(n);
+        host.ns().sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        host.ns().ip_batch(&format!(
+            "addr add {}/64 dev {} nodad\n",
+            host6(net, 1),
+            host.bridge()
+        ))?;
+        for (i, c) in host.containers().iter().enumerate() {
+            c.ns().ip_batch(&format!(
+                "addr add {}/64 dev {} nodad\n\
+                 route add default via {}\n",
+                host6(net, 0x11 + i as u16),
+                c.iface(),
+                host6(net, 1)
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// `ip6tables -w args...` inside `ns`.
+fn ip6tables(ns: &NetNs, args: &[&str]) -> Result<()> {
+    let mut all = vec!["ip6tables", "-w"];
+    all.extend_from_slice(args);
+    ns.try_run(&all).map(drop)
+}
+
+/// The by-hand recipe for IPv6, [`apply_iptables_routes`]'s twin: an IPv6 underlay
+/// address per host and a static route per remote subnet via the peer's, and Docker's
+/// IPv6 filter as Docker 27 writes it with `ip6tables` on (FORWARD policy DROP, the
+/// `DOCKER-USER` jump, established flows accepted by conntrack) with the recipe's accepts
+/// in `DOCKER-USER`. No NAT exemption: Docker does not masquerade IPv6 subnets by default.
+fn apply_ip6_routes(topo: &Topology) -> Result<()> {
+    for (n, host, peer_n) in [(1u8, topo.host_a(), 2u8), (2, topo.host_b(), 1)] {
+        let ns = host.ns();
+        ns.ip_batch(&format!(
+            "addr add {}/64 dev {} nodad\n\
+             route add {} via {}\n",
+            underlay6(n),
+            host.underlay_iface(),
+            subnet6(peer_n),
+            underlay6(peer_n)
+        ))?;
+        let (local, remote) = (subnet6(n).to_string(), subnet6(peer_n).to_string());
+        let bridge = host.bridge();
+        ip6tables(ns, &["-N", "DOCKER-USER"])?;
+        ip6tables(ns, &["-P", "FORWARD", "DROP"])?;
+        ip6tables(ns, &["-A", "FORWARD", "-j", "DOCKER-USER"])?;
+        ip6tables(
+            ns,
+            &[
+                "-A",
+                "FORWARD",
+                "-o",
+                bridge,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+                "-j",
+                "ACCEPT",
+            ],
+        )?;
+        ip6tables(
+            ns,
+            &[
+                "-A", "FORWARD", "-i", bridge, "!", "-o", bridge, "-j", "ACCEPT",
+            ],
+        )?;
+        for (s, d) in [(&local, &remote), (&remote, &local)] {
+            ip6tables(ns, &["-I", "DOCKER-USER", "-s", s, "-d", d, "-j", "ACCEPT"])?;
+        }
     }
     Ok(())
 }
@@ -573,7 +867,7 @@ pub const TCP_INTERVAL_S: f64 = 0.5;
 pub fn iperf3_tcp(
     client: &NetNs,
     server: &NetNs,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     secs: u32,
     cpus: Cpus,
 ) -> Result<TcpSample> {
@@ -591,7 +885,7 @@ pub fn iperf3_tcp(
 pub fn iperf3_udp(
     client: &NetNs,
     server: &NetNs,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     secs: u32,
     cpus: Cpus,
 ) -> Result<UdpSample> {
@@ -608,12 +902,15 @@ pub fn iperf3_udp(
 pub fn sockperf_ping_pong(
     client: &NetNs,
     server: &NetNs,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     secs: u32,
     mode: LatencyMode,
 ) -> Result<LatencySample> {
     cmd::require_tool("sockperf", "sockperf")?;
     cmd::require_tool("taskset", "util-linux")?;
+    if ip.is_ipv6() {
+        sockperf_ipv6()?;
+    }
     let (ip_s, port, secs_s) = (ip.to_string(), SOCKPERF_PORT.to_string(), secs.to_string());
     let (cpus, busy): (Cpus, &[&str]) = match mode {
         LatencyMode::Pinned => (Cpus::same(), &[]),
@@ -645,7 +942,31 @@ pub fn sockperf_ping_pong(
     parse_sockperf(&out)
 }
 
-fn iperf3_client_args(ip: Ipv4Addr, secs: u32, cpu: Option<usize>, extra: &[&str]) -> Vec<String> {
+/// Fails unless the installed sockperf takes IPv6 addresses (3.8 and later; 3.7 prints
+/// its usage for one).
+fn sockperf_ipv6() -> Result<()> {
+    let out = cmd::output(Command::new("sockperf").arg("--version"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let version = text
+        .split_once("version ")
+        .map(|(_, v)| {
+            v.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .next()
+                .unwrap_or("")
+        })
+        .unwrap_or("");
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) >= (3, 8) {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "sockperf {version} has no IPv6 (3.8 and later have): no IPv6 latency"
+        )))
+    }
+}
+
+fn iperf3_client_args(ip: IpAddr, secs: u32, cpu: Option<usize>, extra: &[&str]) -> Vec<String> {
     let (ip, port, secs) = (ip.to_string(), IPERF_PORT.to_string(), secs.to_string());
     let mut args = vec![
         "iperf3",
@@ -668,7 +989,7 @@ fn iperf3_client_args(ip: Ipv4Addr, secs: u32, cpu: Option<usize>, extra: &[&str
 }
 
 /// `iperf3 -s -1` bound to `ip` in `ns`, up and listening; stopped by pid when dropped.
-fn iperf3_server(ns: &NetNs, ip: Ipv4Addr, cpu: Option<usize>) -> Result<Process> {
+fn iperf3_server(ns: &NetNs, ip: IpAddr, cpu: Option<usize>) -> Result<Process> {
     cmd::require_tool("iperf3", "iperf3")?;
     let (ip, port) = (ip.to_string(), IPERF_PORT.to_string());
     let mut args = vec![

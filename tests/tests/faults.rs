@@ -1326,6 +1326,7 @@ fn agent_resources_flat_under_100k_docker_events() {
             bridge: a.bridge().into(),
             subnet: a.subnet(),
             gateway: a.bridge_ip(),
+            ipv6: None,
         },
     )
     .expect("engine");
@@ -1380,6 +1381,7 @@ fn agent_resources_flat_under_100k_docker_events() {
                 pid: sleeper.pid(),
                 sandbox: c.ns().path(),
                 ip: c.ip(),
+                ip6: None,
                 mac: c.mac().to_owned(),
             });
             ids.push(id);
@@ -1510,6 +1512,7 @@ impl UnusableAnswers {
                 bridge: a.bridge().into(),
                 subnet: a.subnet(),
                 gateway: a.bridge_ip(),
+                ipv6: None,
             },
             unusable: [
                 raw(
@@ -1542,6 +1545,7 @@ impl UnusableAnswers {
                     pid: sleeper,
                     sandbox: good.ns().path(),
                     ip: good.ip(),
+                    ip6: None,
                     mac: good.mac().to_owned(),
                 },
                 EngineContainer {
@@ -1550,6 +1554,7 @@ impl UnusableAnswers {
                     pid: gone_pid,
                     sandbox: gone_ns,
                     ip: gone_ip,
+                    ip6: None,
                     mac: "02:42:c0:a8:6e:96".into(),
                 },
             ],

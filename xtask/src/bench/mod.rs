@@ -28,8 +28,8 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use xhost_tests::{
     scenarios::{
-        self, Bed, CpuTicks, Cpus, LatencyMode, LatencySample, PathKind, TcpSample, USER_HZ,
-        UdpSample, XhostOpts,
+        self, Bed, CpuTicks, Cpus, Family, LatencyMode, LatencySample, PathKind, TcpSample,
+        USER_HZ, UdpSample, XhostOpts,
     },
     xhost::XHOST_BIN_ENV,
 };
@@ -99,6 +99,8 @@ pub struct Options {
 pub struct Scenario {
     pub name: &'static str,
     pub kind: PathKind,
+    /// The family of container A -> B traffic.
+    pub family: Family,
     /// Whether TCP throughput is measured (the scale variants only need pps and latency).
     pub tcp: bool,
     /// Run when no --scenarios filter is given.
@@ -118,6 +120,18 @@ pub const XHOST_BASELINE: &str = "xhost-baseline";
 pub const XHOST_VXLAN: &str = "xhost-vxlan";
 pub const XHOST_VXLAN_BASELINE: &str = "xhost-vxlan-baseline";
 pub const XHOST_KERNEL: &str = "xhost-kernel";
+pub const WIRE_V6: &str = "wire-v6";
+pub const IP6_ROUTES: &str = "ip6-routes";
+pub const XHOST_V6: &str = "xhost-v6";
+
+/// The `wire` of scenario `name`'s family, its packet-path limit.
+pub fn wire_for(name: &str) -> &'static str {
+    if [WIRE_V6, IP6_ROUTES, XHOST_V6].contains(&name) {
+        WIRE_V6
+    } else {
+        WIRE
+    }
+}
 
 pub const CLUSTER_DOCKER: &str = "cluster-docker";
 pub const CLUSTER_SCALE: &str = "cluster-scale";
@@ -159,6 +173,7 @@ pub fn all_scenarios() -> Vec<Scenario> {
     let s = |name, kind, tcp, default, about| Scenario {
         name,
         kind,
+        family: Family::Ipv4,
         tcp,
         default,
         about,
@@ -240,6 +255,32 @@ pub fn all_scenarios() -> Vec<Scenario> {
             true,
             "as xhost, 100 000 routes in ROUTES (and in the kernel FIB)",
         ),
+        // The IPv6 twins: the same beds, dual-stack, measured over the containers' IPv6
+        // addresses.
+        Scenario {
+            family: Family::Ipv6,
+            ..s(WIRE_V6, PathKind::Wire, true, true, "as wire, over IPv6")
+        },
+        Scenario {
+            family: Family::Ipv6,
+            ..s(
+                IP6_ROUTES,
+                PathKind::IptablesRoutes,
+                true,
+                true,
+                "the by-hand recipe over IPv6: IPv6 underlay, static routes, ip6tables FORWARD accepts; conntrack on",
+            )
+        },
+        Scenario {
+            family: Family::Ipv6,
+            ..s(
+                XHOST_V6,
+                xhost(None, 1),
+                true,
+                true,
+                "as xhost, over IPv6 on dual-stack Docker networks (--peer HOST=V4,V6, IPv4 underlay)",
+            )
+        },
         s(
             XHOST_BASELINE,
             xhost(None, 1),
@@ -799,7 +840,7 @@ fn run_all(scenarios: &[Scenario], plan: &Plan) -> Vec<Run> {
             return Vec::new();
         }
         let t = Instant::now();
-        let bed = Bed::build(&s.kind).and_then(|b| b.check_path().map(|()| b));
+        let bed = Bed::build(&s.kind, s.family).and_then(|b| b.check_path().map(|()| b));
         let took = t.elapsed().as_secs_f64();
         match &bed {
             Ok(_) => eprintln!("bench: {:<16} up in {took:.1} s", s.name),
@@ -1124,6 +1165,32 @@ mod tests {
 
     fn names(v: &[Scenario]) -> Vec<&'static str> {
         v.iter().map(|s| s.name).collect()
+    }
+
+    #[test]
+    fn the_ipv6_twins_run_by_default_and_compare_to_their_family() {
+        let default = select(&[], false).expect("default");
+        let v6: Vec<&str> = default
+            .iter()
+            .filter(|s| s.family == Family::Ipv6)
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(v6, [WIRE_V6, IP6_ROUTES, XHOST_V6]);
+        let twin = |name: &str| {
+            default
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.kind.clone())
+                .expect("selected")
+        };
+        // Each is its IPv4 scenario's bed, carrying IPv6.
+        for (v6, v4) in [(WIRE_V6, WIRE), (IP6_ROUTES, IPTABLES), (XHOST_V6, XHOST)] {
+            assert_eq!(twin(v6), twin(v4), "{v6}");
+            assert_eq!(wire_for(v6), WIRE_V6);
+            assert_eq!(wire_for(v4), WIRE);
+        }
+        let picked = select(&[XHOST.into(), XHOST_V6.into()], true).expect("filtered");
+        assert_eq!(names(&picked), [XHOST, XHOST_V6, XHOST_BASELINE]);
     }
 
     #[test]

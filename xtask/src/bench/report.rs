@@ -7,9 +7,9 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CLUSTER_DOCKER, CLUSTER_SCALE, ClusterRuns, IPTABLES, Metric, Plan, ProgCost, Run, Scenario,
-    VXLAN, WIRE, XHOST, XHOST_1K, XHOST_100K, XHOST_BASELINE, XHOST_KERNEL, XHOST_VXLAN,
-    XHOST_VXLAN_BASELINE, XHOST_XDP_NATIVE, XHOST_XDP_OFF,
+    CLUSTER_DOCKER, CLUSTER_SCALE, ClusterRuns, IP6_ROUTES, IPTABLES, Metric, Plan, ProgCost, Run,
+    Scenario, VXLAN, WIRE, WIRE_V6, XHOST, XHOST_1K, XHOST_100K, XHOST_BASELINE, XHOST_KERNEL,
+    XHOST_V6, XHOST_VXLAN, XHOST_VXLAN_BASELINE, XHOST_XDP_NATIVE, XHOST_XDP_OFF, wire_for,
 };
 
 pub use xhost_tests::scenarios::median;
@@ -215,8 +215,8 @@ impl Goal {
     }
 }
 
-/// The targets on ratios (the agent's memory is the eighth).
-pub const GOALS: [Goal; 7] = [
+/// The targets on ratios (the agent's memory is the tenth).
+pub const GOALS: [Goal; 9] = [
     Goal::new(XHOST, WIRE, Metric::TcpGbps, ">=", 0.9),
     Goal::new(XHOST, WIRE, Metric::UdpKpps, ">=", 0.8),
     Goal::new(XHOST, WIRE, Metric::LatMeanUs, "<=", 1.3),
@@ -224,10 +224,13 @@ pub const GOALS: [Goal; 7] = [
     Goal::new(XHOST, IPTABLES, Metric::UdpKpps, ">=", 1.8),
     Goal::new(XHOST, IPTABLES, Metric::LatMeanUs, "<=", 0.6),
     Goal::new(XHOST_100K, XHOST, Metric::UdpKpps, ">=", 0.95),
+    // IPv6 within 5 % of IPv4, side by side in one run.
+    Goal::new(XHOST_V6, XHOST, Metric::TcpGbps, ">=", 0.95),
+    Goal::new(XHOST_V6, XHOST, Metric::UdpKpps, ">=", 0.95),
 ];
 
 /// The comparisons reported, as (x, base); those whose scenarios did not run are skipped.
-const COMPARISONS: [(&str, &str); 17] = [
+const COMPARISONS: [(&str, &str); 22] = [
     (XHOST, WIRE),
     (XHOST, IPTABLES),
     (XHOST_KERNEL, IPTABLES),
@@ -245,6 +248,11 @@ const COMPARISONS: [(&str, &str); 17] = [
     (XHOST_100K, XHOST_1K),
     (XHOST, XHOST_BASELINE),
     (XHOST_VXLAN, XHOST_VXLAN_BASELINE),
+    (XHOST_V6, XHOST),
+    (XHOST_V6, WIRE_V6),
+    (XHOST_V6, IP6_ROUTES),
+    (WIRE_V6, WIRE),
+    (IP6_ROUTES, IPTABLES),
 ];
 
 impl Results {
@@ -858,11 +866,11 @@ impl Results {
         let groups: Vec<&ScenarioInfo> = self
             .scenarios
             .iter()
-            .filter(|s| s.name != WIRE && self.ran(&s.name))
+            .filter(|s| wire_for(&s.name) != s.name && self.ran(&s.name))
             .collect();
         // The median ratio, its interval and whether it rests on undisturbed samples only.
         let value = |s: &str, m: Metric, invert: bool| {
-            let r = ratio(&self.runs, s, WIRE, m, invert)?;
+            let r = ratio(&self.runs, s, wire_for(s), m, invert)?;
             Some((r.median?, r.interval, r.clean))
         };
         let max = groups
@@ -887,7 +895,7 @@ impl Results {
         );
         let _ = writeln!(
             s,
-            r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="14" font-weight="bold">Ratio to wire (container netns joined by one veth), higher is better</text>"#
+            r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="14" font-weight="bold">Ratio to wire (container netns joined by one veth; IPv6 scenarios: to wire-v6), higher is better</text>"#
         );
         let _ = writeln!(
             s,
@@ -1490,6 +1498,79 @@ mod tests {
         let r = ratio(&runs, XHOST, WIRE, Metric::UdpKpps, false).expect("ratio");
         assert_eq!((r.per_rep.len(), r.clean), (2, false));
         assert!(!samples(&runs, XHOST, Metric::UdpKpps).1);
+    }
+
+    #[test]
+    fn ipv6_is_compared_with_ipv4_side_by_side() {
+        // Per repetition: xhost v4 and v6 TCP and pps, and both wires.
+        let mut runs = Vec::new();
+        for (rep, (tcp4, tcp6, pps4, pps6)) in [
+            (20.0, 19.4, 200.0, 180.0),
+            (18.0, 18.0, 210.0, 189.0),
+            (21.0, 19.74, 190.0, 174.8),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let rep = rep as u32 + 1;
+            let mut x4 = run(XHOST, rep, Metric::TcpGbps, tcp4);
+            x4.values.insert(Metric::UdpKpps, pps4);
+            let mut x6 = run(XHOST_V6, rep, Metric::TcpGbps, tcp6);
+            x6.values.insert(Metric::UdpKpps, pps6);
+            let mut w6 = run(WIRE_V6, rep, Metric::TcpGbps, 20.0);
+            w6.values.insert(Metric::UdpKpps, 200.0);
+            runs.extend([x4, x6, w6, run(WIRE, rep, Metric::TcpGbps, 40.0)]);
+        }
+        let (plan, scenarios) = plan(3, &[WIRE, XHOST, WIRE_V6, XHOST_V6]);
+        let r = Results::new(
+            &plan,
+            &scenarios,
+            runs,
+            "now".into(),
+            Duration::ZERO,
+            Path::new("/nonexistent"),
+            None,
+            ClusterRuns::default(),
+        );
+        let median = |x, base, m| r.find_ratio(x, base, m).and_then(|q| q.median);
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        // TCP 0.97, 1.0, 0.94: median 0.97; pps 0.9, 0.9, 0.92: median 0.9.
+        assert!(close(median(XHOST_V6, XHOST, Metric::TcpGbps), 0.97));
+        assert!(close(median(XHOST_V6, XHOST, Metric::UdpKpps), 0.9));
+        assert!(close(median(XHOST_V6, WIRE_V6, Metric::UdpKpps), 0.9));
+        assert!(close(median(WIRE_V6, WIRE, Metric::TcpGbps), 0.5));
+        // Not run: no row.
+        assert!(
+            r.find_ratio(XHOST_V6, IP6_ROUTES, Metric::TcpGbps)
+                .is_none()
+        );
+        let target = |what: &str| {
+            r.targets
+                .iter()
+                .find(|t| t.what == what)
+                .unwrap_or_else(|| panic!("no target {what}"))
+        };
+        let tcp = target("xhost-v6 / xhost: TCP Gbit/s");
+        assert_eq!((tcp.goal.as_str(), tcp.met), (">= 0.95", Some(true)));
+        // 0.94 of the third repetition is below the bound.
+        assert_eq!(tcp.settled, Some(false));
+        let pps = target("xhost-v6 / xhost: UDP64 kpps");
+        assert_eq!((pps.met, pps.settled), (Some(false), Some(true)));
+        let md = r.tables(true);
+        for row in [
+            "| xhost-v6 / xhost | 0.97 |",
+            "| xhost-v6 / wire-v6 |",
+            "| wire-v6 / wire | 0.50 |",
+        ] {
+            assert!(md.contains(row), "{row}: {md}");
+        }
+        // The chart draws the IPv6 scenarios against their own wire: xhost-v6's pps bar
+        // is 0.90, not 0.90 x 200 / the IPv4 wire's (which has no pps here).
+        let svg = r.svg();
+        assert!(
+            svg.contains(XHOST_V6) && !svg.contains(">wire-v6<"),
+            "{svg}"
+        );
     }
 
     #[test]
