@@ -1881,7 +1881,9 @@ struct DualCtr {
 /// with the sender's container address kept, through the datapath (`fwd_egress6` and
 /// `fwd_ingress6` move by at least what was sent), not the kernel's forwarding (no
 /// ip6tables FORWARD packet, no IPv6 conntrack entry, though a rule makes conntrack track
-/// IPv6 in the hosts); a hop limit of 1 is answered with time exceeded by host A.
+/// IPv6 in the hosts); when host A's kernel loses the peer's neighbour entry the agent
+/// has it resolved again and the datapath forwards on; a hop limit of 1 is answered
+/// with time exceeded by host A.
 ///
 /// One scenario (two engines take long to start), in named steps that each
 /// check one behaviour on the state the steps before it left.
@@ -1910,6 +1912,7 @@ fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
     if has_conntrack {
         no_ipv6_conntrack_entry_for_the_flows(&tb, &ctr);
     }
+    a_lost_peer_neighbour_is_resolved_again(&tb, &ctr);
     hop_limit_1_is_answered_by_host_a(&tb, &ctr);
     tb.finish();
     eprintln!("test took {:?}", t_test.elapsed());
@@ -2225,6 +2228,52 @@ fn no_ipv6_conntrack_entry_for_the_flows(tb: &Testbed, ctr: &[DualCtr; 2]) {
                 tb.host(i).role()
             );
         }
+    }
+}
+
+/// The kernel loses host A's entry for peer B (garbage collection, `ip neigh del`, a
+/// flush) while only IPv6 flows: no IPv6 packet would make the kernel resolve it again,
+/// the agent asks (it follows neighbour deletions). The datapath forwards again
+/// (`fwd_egress6` moves by every ping) and hands nothing more to the kernel for want of
+/// a neighbour (`pass_fib6` stays).
+fn a_lost_peer_neighbour_is_resolved_again(tb: &Testbed, ctr: &[DualCtr; 2]) {
+    let (ea, ip_b6, pings) = (tb.engine(0), ctr[1].ip6, 5);
+    let (ns_a, dev_a) = (tb.host(0).ns(), tb.host(0).underlay_iface());
+    let peer_b = tb.host(1).underlay_ip().to_string();
+    let moved =
+        |before: &Value, after: &Value, name: &str| counter(after, name) - counter(before, name);
+    for round in 0..2 {
+        let before = tb.status(0);
+        ns_a.run(&["ip", "-4", "neigh", "del", &peer_b, "dev", dev_a]);
+        let t0 = Instant::now();
+        loop {
+            let n = ns_a.run(&["ip", "-4", "neigh", "show", &peer_b, "dev", dev_a]);
+            if n.contains("lladdr") {
+                eprintln!(
+                    "host A, deletion {round}: {} {:?} after `ip neigh del`",
+                    n.trim(),
+                    t0.elapsed()
+                );
+                break;
+            }
+            assert!(
+                t0.elapsed() < SETTLE,
+                "host A: peer {peer_b} not resolved again after its entry was deleted: {n:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        let p = ea.ping_from("a1", ip_b6, pings).expect("ping6");
+        assert!(p.all_received(), "a1 -> b1 after the deletion: {p:?}");
+        let after = tb.status(0);
+        let fwd = moved(&before, &after, "fwd_egress6");
+        let fib = moved(&before, &after, "pass_fib6");
+        eprintln!("host A, deletion {round}: fwd_egress6 +{fwd}, pass_fib6 +{fib}");
+        assert!(
+            fwd >= u64::from(p.transmitted),
+            "host A: fwd_egress6 +{fwd} < {} pings after the deletion\n{after}",
+            p.transmitted
+        );
+        assert_eq!(fib, 0, "host A: pass_fib6 grew after the deletion\n{after}");
     }
 }
 

@@ -137,7 +137,8 @@ pub const GLOBAL_DENY: &str = "DENY";
 /// Refused packets are dropped (and counted), nothing is sent.
 pub const DENY_DROP: u32 = 0;
 /// Refused packets are dropped and answered: a TCP RST, or ICMP destination
-/// unreachable, communication administratively prohibited (docs/security.md).
+/// unreachable, communication administratively prohibited (for IPv6 the
+/// ICMPv6 one; docs/security.md).
 pub const DENY_REJECT: u32 = 1;
 /// Replies to refused packets per second and CPU (a token bucket per CPU);
 /// beyond it a refusal is only dropped, counted as `reject_limited`.
@@ -305,8 +306,15 @@ pub mod stat {
     /// the address (and MAC) of the container that sent it, as
     /// `drop_spoofed_local`.
     pub const DROP_SPOOFED_LOCAL6: u32 = 21;
+    /// `--deny reject`: replies to refused IPv6 packets (TCP RST or ICMPv6
+    /// administratively prohibited), counted with their own length, as
+    /// `reject_sent`.
+    pub const REJECT_SENT6: u32 = 22;
+    /// `--deny reject`: refused IPv6 packets left unanswered because this
+    /// CPU's reply budget (shared with IPv4) was spent, as `reject_limited`.
+    pub const REJECT_LIMITED6: u32 = 23;
     /// Number of slots.
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 24;
 
     /// Names as printed by `xhost-user status`, indexed by the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -332,6 +340,8 @@ pub mod stat {
         "pass_ext6",
         "drop_spoofed6",
         "drop_spoofed_local6",
+        "reject_sent6",
+        "reject_limited6",
     ];
 }
 

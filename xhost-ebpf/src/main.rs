@@ -102,6 +102,16 @@ impl Verdict {
             peer: NO_SLOT,
         }
     }
+
+    /// [`Verdict::refused`] for IPv6.
+    #[inline(always)]
+    fn refused6(ctx: &TcContext, reason: u32) -> Self {
+        Self {
+            action: reject::refuse6(ctx),
+            reason,
+            peer: NO_SLOT,
+        }
+    }
 }
 
 /// `XHOST_BUILD_SALT` at build time, hashed (FNV-1a): the same source built
@@ -182,7 +192,7 @@ pub fn xhost_nic_in(ctx: TcContext) -> i32 {
     };
     // Counted as the program leaves it (decapsulated: the inner frame), but
     // a refused packet as it arrived: its skb may hold the answer now.
-    let len = if v.reason == stat::DROP_SPOOFED {
+    let len = if v.reason == stat::DROP_SPOOFED || v.reason == stat::DROP_SPOOFED6 {
         arrived
     } else {
         ctx.len()

@@ -3,24 +3,33 @@
 //! The refused skb is rewritten in place into the answer, a TCP RST (RFC 793
 //! reset generation) or an ICMP destination unreachable, code 13
 //! (communication administratively prohibited) quoting the refused IPv4
-//! header and the first 8 bytes after it, and sent back out the device it
-//! came in on (`bpf_redirect` to that device's egress). What is never
-//! answered, and the rate, are in docs/security.md; in drop mode (the
-//! default) the verifier sees none of this (`DENY` is a read-only constant).
+//! header and the first 8 bytes after it; for IPv6 a TCP RST or an ICMPv6
+//! destination unreachable, code 1 (communication with destination
+//! administratively prohibited) quoting the refused packet as far as the
+//! answer fits in 1280 bytes (RFC 4443 2.4(c)). The answer is sent back out
+//! the device the packet came in on (`bpf_redirect` to that device's
+//! egress). What is never answered, and the rate, are in docs/security.md;
+//! in drop mode (the default) the verifier sees none of this (`DENY` is a
+//! read-only constant).
 
 use core::{mem::MaybeUninit, ptr::read_volatile};
 
 use aya_ebpf::{
-    bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT},
+    bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     btf_maps::PerCpuArray,
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail},
     macros::btf_map,
     programs::TcContext,
 };
 use network_types::eth::EthHdr;
 use xhost_common::{DENY_DROP, DENY_REJECT, REJECT_BURST, REJECT_RATE_PER_SEC, stat};
 
-use crate::{fib::zeroed_in, flow::coarse_now, parse::IPPROTO_TCP, stats::count};
+use crate::{
+    fib::zeroed_in,
+    flow::coarse_now,
+    parse::{IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
+    stats::count,
+};
 
 /// A buffer aligned to words, so [`zeroed_in`] can zero it: a zeroed array
 /// literal compiles to a call into a BPF `memset` subprogram.
@@ -295,7 +304,7 @@ fn send_rst(
         return None;
     }
     ctx.store(0, &*r, u64::from(BPF_F_RECOMPUTE_CSUM)).ok()?;
-    back_out(ctx, RST_LEN as u32)
+    back_out(ctx, RST_LEN as u32, stat::REJECT_SENT)
 }
 
 /// ICMP destination unreachable, communication administratively
@@ -347,17 +356,263 @@ fn send_unreachable(
         .ok()?;
         i += 1;
     }
-    back_out(ctx, len)
+    back_out(ctx, len, stat::REJECT_SENT)
 }
 
 /// Sends the answer (`len` bytes) out the device the refused packet came in
-/// on, counted as `REJECT_SENT`.
+/// on, counted as `sent` (`REJECT_SENT` or `REJECT_SENT6`).
 #[inline(always)]
-fn back_out(ctx: &TcContext, len: u32) -> Option<i32> {
+fn back_out(ctx: &TcContext, len: u32, sent: u32) -> Option<i32> {
     // SAFETY: reading the ingress ifindex of the skb context.
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect(iif, 0) } as i32;
-    count(stat::REJECT_SENT, len);
+    count(sent, len);
     Some(action)
+}
+
+const ICMPV6_DEST_UNREACH: u8 = 1;
+/// Communication with destination administratively prohibited.
+const ICMPV6_ADM_PROHIBITED: u8 = 1;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+const IPV6_HDR: usize = 40;
+/// The IPv6 minimum MTU, which an ICMPv6 error must not exceed.
+const IPV6_MIN_MTU: usize = 1280;
+/// Most of the refused packet an ICMPv6 error quotes.
+const QUOTE6_MAX: usize = IPV6_MIN_MTU - IPV6_HDR - 8;
+/// 32-bit words of the longest quote.
+const QUOTE6_MAX_WORDS: usize = QUOTE6_MAX / 4;
+/// Ethernet + IPv6 + ICMPv6 header of the unreachable reply.
+const ICMP6_HDRS: usize = EthHdr::LEN + IPV6_HDR + 8;
+/// Ethernet + IPv6 + TCP (no options) of the RST.
+const RST6_LEN: usize = EthHdr::LEN + IPV6_HDR + 20;
+
+/// [`refuse`] for an IPv6 packet: a TCP RST, or ICMPv6 destination
+/// unreachable, administratively prohibited (type 1, code 1); answers are
+/// counted as `REJECT_SENT6`, refusals the budget left unanswered as
+/// `REJECT_LIMITED6`. The budget is the same per-CPU bucket as IPv4's.
+#[inline(always)]
+pub fn refuse6(ctx: &TcContext) -> i32 {
+    if !rejecting() {
+        return TC_ACT_SHOT;
+    }
+    answer6(ctx).unwrap_or(TC_ACT_SHOT)
+}
+
+/// Whether a refused IPv6 packet may be answered at all (RFC 4443 2.4(e)):
+/// never to or from an Ethernet group address, never for a multicast
+/// destination, never to an unspecified, loopback or multicast source.
+#[inline(always)]
+fn answerable6(eth: &[u8; 14], ip: &[u8; IPV6_HDR]) -> bool {
+    let mut unspecified_or_loopback = true;
+    let mut i = 8;
+    while i < 23 {
+        if ip[i] != 0 {
+            unspecified_or_loopback = false;
+        }
+        i += 1;
+    }
+    unspecified_or_loopback = unspecified_or_loopback && ip[23] <= 1;
+    eth[0] & 1 == 0
+        && eth[6] & 1 == 0
+        && ip[8] != 0xff
+        && ip[24] != 0xff
+        && !unspecified_or_loopback
+}
+
+/// Writes the IPv6 answer over the refused packet and redirects it;
+/// `None`: not answered (the caller drops the packet). Only TCP, UDP and
+/// ICMPv6 echo right behind the fixed header are answered: behind an
+/// extension header could be an ICMPv6 error or a fragment other than
+/// the first, which are never answered.
+#[inline(always)]
+fn answer6(ctx: &TcContext) -> Option<i32> {
+    let eth: [u8; 14] = ctx.load(0).ok()?;
+    let ip: [u8; IPV6_HDR] = ctx.load(EthHdr::LEN).ok()?;
+    if !answerable6(&eth, &ip) {
+        return None;
+    }
+    let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let l4 = EthHdr::LEN + IPV6_HDR;
+    match ip[6] {
+        IPPROTO_TCP => {
+            if payload < 20 {
+                return None;
+            }
+            let tcp: [u8; 20] = ctx.load(l4).ok()?;
+            if tcp[13] & TCP_RST != 0 {
+                return None;
+            }
+            if !take_credit() {
+                count(stat::REJECT_LIMITED6, ctx.len());
+                return None;
+            }
+            let data = payload.saturating_sub(usize::from(tcp[12] >> 4) * 4) as u32;
+            return send_rst6(ctx, &eth, &ip, &tcp, data);
+        }
+        IPPROTO_UDP => {}
+        IPPROTO_ICMPV6 => {
+            // Only echo: never an error (types 0 to 127) or another
+            // informational message.
+            let icmp_type: u8 = ctx.load(l4).ok()?;
+            if !matches!(icmp_type, ICMPV6_ECHO_REQUEST | ICMPV6_ECHO_REPLY) {
+                return None;
+            }
+        }
+        _ => return None,
+    }
+    if payload < 8 {
+        return None;
+    }
+    if !take_credit() {
+        count(stat::REJECT_LIMITED6, ctx.len());
+        return None;
+    }
+    send_unreachable6(ctx, &eth, &ip, (IPV6_HDR + payload).min(QUOTE6_MAX))
+}
+
+/// Ethernet and IPv6 header of an answer with `payload` bytes of
+/// `next_header` back to the refused packet's sender, and the sum of its
+/// upper-layer pseudo-header.
+#[inline(always)]
+fn reply_headers6(
+    r: &mut [u8],
+    eth: &[u8; 14],
+    ip: &[u8; IPV6_HDR],
+    payload: u16,
+    next_header: u8,
+) -> Option<u32> {
+    if r.len() < EthHdr::LEN + IPV6_HDR {
+        return None;
+    }
+    r[0..6].copy_from_slice(&eth[6..12]);
+    r[6..12].copy_from_slice(&eth[0..6]);
+    r[12] = 0x86;
+    r[13] = 0xdd;
+    // Version 6, traffic class 0, flow label 0.
+    r[14] = 0x60;
+    r[15] = 0;
+    r[16] = 0;
+    r[17] = 0;
+    r[18..20].copy_from_slice(&payload.to_be_bytes());
+    r[20] = next_header;
+    r[21] = REPLY_TTL;
+    // From the refused packet's destination to its source.
+    r[22..38].copy_from_slice(&ip[24..40]);
+    r[38..54].copy_from_slice(&ip[8..24]);
+    let len = payload.to_be_bytes();
+    let mut sum =
+        u32::from(u16::from_ne_bytes(len)) + u32::from(u16::from_ne_bytes([0, next_header]));
+    let mut i = 22;
+    while i < 54 {
+        sum += u32::from(u16::from_ne_bytes([r[i], r[i + 1]]));
+        i += 2;
+    }
+    Some(sum)
+}
+
+/// [`send_rst`] for IPv6.
+#[inline(always)]
+fn send_rst6(
+    ctx: &TcContext,
+    eth: &[u8; 14],
+    ip: &[u8; IPV6_HDR],
+    tcp: &[u8; 20],
+    payload: u32,
+) -> Option<i32> {
+    let mut slot = MaybeUninit::<Words<[u8; RST6_LEN + 2]>>::uninit();
+    let r = &mut zeroed_in(&mut slot).0;
+    let mut sum = reply_headers6(r, eth, ip, 20, IPPROTO_TCP)?;
+    let flags = tcp[13];
+    let (seq, ack, out_flags) = if flags & TCP_ACK != 0 {
+        ([tcp[8], tcp[9], tcp[10], tcp[11]], [0; 4], TCP_RST)
+    } else {
+        let len = payload + u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        (
+            [0; 4],
+            seq.wrapping_add(len).to_be_bytes(),
+            TCP_RST | TCP_ACK,
+        )
+    };
+    const T: usize = EthHdr::LEN + IPV6_HDR;
+    r[T..T + 2].copy_from_slice(&tcp[2..4]);
+    r[T + 2..T + 4].copy_from_slice(&tcp[0..2]);
+    r[T + 4..T + 8].copy_from_slice(&seq);
+    r[T + 8..T + 12].copy_from_slice(&ack);
+    r[T + 12] = 0x50; // data offset 5: no options
+    r[T + 13] = out_flags;
+    let mut i = T;
+    while i < RST6_LEN {
+        sum += u32::from(u16::from_ne_bytes([r[i], r[i + 1]]));
+        i += 2;
+    }
+    r[T + 16..T + 18].copy_from_slice(&fold(sum));
+    // SAFETY: plain helper call on this program's skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, RST6_LEN as u32, 0) } != 0 {
+        return None;
+    }
+    let out: &[u8; RST6_LEN] = r[..RST6_LEN].try_into().ok()?;
+    ctx.store(0, out, u64::from(BPF_F_RECOMPUTE_CSUM)).ok()?;
+    back_out(ctx, RST6_LEN as u32, stat::REJECT_SENT6)
+}
+
+/// ICMPv6 destination unreachable, administratively prohibited, quoting
+/// the first `quote` bytes of the refused IPv6 packet (header included):
+/// the packet is cut to them and the new headers inserted in front
+/// (`bpf_skb_adjust_room`), so the quote is never copied.
+#[inline(always)]
+fn send_unreachable6(
+    ctx: &TcContext,
+    eth: &[u8; 14],
+    ip: &[u8; IPV6_HDR],
+    quote: usize,
+) -> Option<i32> {
+    let quote = quote.min(QUOTE6_MAX);
+    let mut slot = MaybeUninit::<Words<[u8; ICMP6_HDRS + 2]>>::uninit();
+    let r = &mut zeroed_in(&mut slot).0;
+    let mut sum = reply_headers6(r, eth, ip, (8 + quote) as u16, IPPROTO_ICMPV6)?;
+    const T: usize = EthHdr::LEN + IPV6_HDR;
+    r[T] = ICMPV6_DEST_UNREACH;
+    r[T + 1] = ICMPV6_ADM_PROHIBITED;
+    sum += u32::from(u16::from_ne_bytes([r[T], r[T + 1]]));
+    // The quote's sum, read where it lies now (after the Ethernet header).
+    let words = quote / 4;
+    let mut i = 0;
+    // Verifier: a constant trip count.
+    while i < QUOTE6_MAX_WORDS {
+        if i >= words {
+            break;
+        }
+        let w: [u8; 4] = ctx.load(EthHdr::LEN + i * 4).ok()?;
+        sum += u32::from(u16::from_ne_bytes([w[0], w[1]]));
+        sum += u32::from(u16::from_ne_bytes([w[2], w[3]]));
+        i += 1;
+    }
+    // The last 1 to 3 bytes, zero-padded.
+    let tail = quote % 4;
+    if tail != 0 {
+        let at = EthHdr::LEN + words * 4;
+        let b0: u8 = ctx.load(at).ok()?;
+        let b1: u8 = if tail > 1 { ctx.load(at + 1).ok()? } else { 0 };
+        let b2: u8 = if tail > 2 { ctx.load(at + 2).ok()? } else { 0 };
+        sum += u32::from(u16::from_ne_bytes([b0, b1]));
+        sum += u32::from(u16::from_ne_bytes([b2, 0]));
+    }
+    r[T + 2..T + 4].copy_from_slice(&fold(sum));
+    // Cut first: a cut GSO packet is no GSO packet any more
+    // (`bpf_skb_change_tail` resets its GSO state).
+    // SAFETY: plain helper calls on this program's skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (EthHdr::LEN + quote) as u32, 0) } != 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    if unsafe { bpf_skb_adjust_room(ctx.skb.skb, (IPV6_HDR + 8) as i32, BPF_ADJ_ROOM_MAC, 0) } != 0
+    {
+        return None;
+    }
+    let out: &[u8; ICMP6_HDRS] = r[..ICMP6_HDRS].try_into().ok()?;
+    ctx.store(0, out, u64::from(BPF_F_RECOMPUTE_CSUM)).ok()?;
+    back_out(ctx, (ICMP6_HDRS + quote) as u32, stat::REJECT_SENT6)
 }

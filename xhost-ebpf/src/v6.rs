@@ -10,7 +10,8 @@
 //! * The source policy runs before the next header and the hop limit are
 //!   looked at, as for IPv4: no IPv6 packet for a peer leaves with an
 //!   address that is not its sender's, none from outside the peers'
-//!   subnets reaches a local container.
+//!   subnets reaches a local container. Refusals are answered as IPv4's
+//!   are with `--deny reject` (`reject::refuse6`).
 //! * Peer hosts are reached over the IPv4 underlay: the next hop is the
 //!   `AF_INET` FIB answer towards the peer host's address (`ROUTES6`'s
 //!   value), which also checks the packet's length against that route's
@@ -31,7 +32,7 @@ use crate::{
     forwarded, hand_on,
     maps::{ENDPOINT_PORTS, ENDPOINTS6, LOCAL_NETS6, host_key6, route6_slot_of},
     parse::{Frame6, Ipv6Frame, parse6},
-    redirect, tunnel,
+    redirect, reject, tunnel,
 };
 
 /// Container -> remote container over IPv6, on the container's veth
@@ -73,7 +74,7 @@ pub fn egress(ctx: &TcContext, from_port: bool) -> Verdict {
                 // Not armed: the bridge checks it, unmarked.
                 return Verdict::pass(stat::PASS_NOT_OURS6);
             }
-            return Verdict::drop(stat::DROP_SPOOFED_LOCAL6);
+            return Verdict::refused6(ctx, stat::DROP_SPOOFED_LOCAL6);
         }
         if to_mac != ep.gw_mac {
             return hand_on(ctx, mark, Verdict::pass(stat::PASS_NOT_OURS6));
@@ -130,7 +131,7 @@ fn bridge_check(
     } else {
         mark == 0 && fib::neighbour_mac6(ctx, bridge, src, dst) == Some(from_mac)
     };
-    (!owner).then_some(Verdict::drop(stat::DROP_SPOOFED_LOCAL6))
+    (!owner).then(|| Verdict::refused6(ctx, stat::DROP_SPOOFED_LOCAL6))
 }
 
 /// Remote container -> local container over IPv6, on the underlay:
@@ -153,7 +154,7 @@ pub fn ingress(ctx: &TcContext) -> Verdict {
         return Verdict::pass(stat::PASS_NOT_OURS6);
     }
     let Some((_, slot)) = route6_slot_of(src) else {
-        return Verdict::drop(stat::DROP_SPOOFED6);
+        return Verdict::refused6(ctx, stat::DROP_SPOOFED6);
     };
     if !f.parsed_next {
         return Verdict::pass(stat::PASS_EXT6);
@@ -171,11 +172,11 @@ pub fn ingress(ctx: &TcContext) -> Verdict {
 }
 
 /// `xhost_nic_xdp` for IPv6: whether `ingress` drops the frame as
-/// `drop_spoofed6`. (IPv6 refusals are never answered, so this holds in
-/// reject mode too.)
+/// `drop_spoofed6`. In reject mode nothing is: `ingress` refuses and
+/// answers it.
 #[inline(never)]
 pub fn spoofed(ctx: &XdpContext) -> bool {
-    if tunnel::device().is_some() {
+    if tunnel::device().is_some() || reject::rejecting() {
         return false;
     }
     let Frame6::Ipv6(f) = parse6(ctx) else {

@@ -534,6 +534,7 @@ impl Agent {
             let mut reloaded = false;
             tokio::select! {
                 _ = pin_check.tick() => {
+                    host.routes.retry_failed();
                     let Backend::Ebpf(dp) = &host.backend else { continue };
                     if check_pins(dp, report) {
                         report.refresh(host);
@@ -599,6 +600,9 @@ impl Agent {
                             if c.came_up {
                                 host.routes.restore();
                             }
+                            if c.neighbour_lost {
+                                host.routes.resolve_lost();
+                            }
                             if !c.link_deleted {
                                 continue;
                             }
@@ -608,6 +612,7 @@ impl Agent {
                             retire_cached(host);
                             self.follow_underlay_addrs(host);
                             host.routes.restore();
+                            host.routes.resolve_lost();
                         }
                     }
                 }

@@ -416,6 +416,9 @@ pub struct Changes {
     /// A link, address or route appeared or changed (or may have): what
     /// lets a flushed route be added again.
     pub came_up: bool,
+    /// An IPv4 neighbour entry was deleted or failed to resolve (or may
+    /// have): a peer host's may need resolving again.
+    pub neighbour_lost: bool,
 }
 
 impl KernelEvents {
@@ -445,6 +448,7 @@ impl KernelEvents {
             link_deleted: true,
             addresses: true,
             came_up: true,
+            neighbour_lost: true,
         };
         loop {
             let n = match self.sock.recv(&mut &mut self.buf[..], 0) {
@@ -465,6 +469,7 @@ impl KernelEvents {
             changes.link_deleted |= said.link_deleted;
             changes.addresses |= said.addresses;
             changes.came_up |= said.came_up;
+            changes.neighbour_lost |= said.neighbour_lost;
         }
     }
 }
@@ -492,6 +497,15 @@ fn kinds(mut buf: &[u8]) -> io::Result<Changes> {
         said.addresses |= ty == libc::RTM_NEWADDR || ty == libc::RTM_DELADDR;
         said.came_up |=
             ty == libc::RTM_NEWLINK || ty == libc::RTM_NEWADDR || ty == libc::RTM_NEWROUTE;
+        if ty == libc::RTM_DELNEIGH || ty == libc::RTM_NEWNEIGH {
+            // `struct ndmsg`: family (1 byte), padding (3), ifindex (4),
+            // state (2), ...; one too short to tell counts as lost.
+            let ndm = m.payload();
+            let family = ndm.first().copied();
+            let state = ndm.get(8..10).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+            said.neighbour_lost |= family.is_none_or(|f| f == libc::AF_INET as u8)
+                && (ty == libc::RTM_DELNEIGH || state.is_none_or(|s| s == libc::NUD_FAILED));
+        }
         buf = buf.get(align4(m.length() as usize)..).unwrap_or_default();
     }
     Ok(said)
@@ -1450,6 +1464,46 @@ mod tests {
         assert!(kinds(&new[..new.len() - 1]).is_err(), "truncated");
     }
 
+    /// Works unprivileged: an IPv4 neighbour deleted or failed is told
+    /// apart from one that resolved, and from IPv6's.
+    #[test]
+    fn notifications_tell_lost_ipv4_neighbours() {
+        // `nlmsghdr` and `ndmsg`: family, ifindex 5, state.
+        let neigh = |ty: u16, family: i32, state: u16| {
+            let mut m = vec![0u8; 28];
+            m[0..4].copy_from_slice(&28u32.to_ne_bytes());
+            m[4..6].copy_from_slice(&ty.to_ne_bytes());
+            m[16] = family as u8;
+            m[20..24].copy_from_slice(&5i32.to_ne_bytes());
+            m[24..26].copy_from_slice(&state.to_ne_bytes());
+            m
+        };
+        let lost = |m: Vec<u8>| kinds(&m).expect("parse").neighbour_lost;
+        let (new, del, v4, v6) = (
+            libc::RTM_NEWNEIGH,
+            libc::RTM_DELNEIGH,
+            libc::AF_INET,
+            libc::AF_INET6,
+        );
+        assert!(lost(neigh(del, v4, libc::NUD_STALE)), "deleted");
+        assert!(lost(neigh(new, v4, libc::NUD_FAILED)), "failed");
+        for state in [
+            libc::NUD_REACHABLE,
+            libc::NUD_STALE,
+            libc::NUD_INCOMPLETE,
+            libc::NUD_PROBE,
+        ] {
+            assert!(!lost(neigh(new, v4, state)), "state {state:#x}");
+        }
+        assert!(!lost(neigh(del, v6, libc::NUD_STALE)), "IPv6's");
+        assert!(!lost(neigh(new, v6, libc::NUD_FAILED)), "IPv6's");
+        // One too short to tell: lost, to be safe.
+        let mut short = neigh(new, v4, libc::NUD_REACHABLE);
+        short.truncate(20);
+        short[0..4].copy_from_slice(&20u32.to_ne_bytes());
+        assert!(lost(short), "too short");
+    }
+
     #[test]
     fn kernel_changes_are_noticed() {
         // In a namespace of this thread's own: the link made here goes with it.
@@ -1517,6 +1571,14 @@ mod tests {
                     changed,
                 ),
                 (&["route", "del", "10.78.0.0/24"], changed),
+                // A peer host's entry may need resolving again.
+                (
+                    &["neigh", "del", "10.77.0.2", "dev", "xh-ev0"],
+                    Changes {
+                        neighbour_lost: true,
+                        ..changed
+                    },
+                ),
                 (&["addr", "del", "10.77.0.1/24", "dev", "xh-ev0"], addressed),
             ] {
                 ip(change);

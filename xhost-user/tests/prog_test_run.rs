@@ -21,9 +21,9 @@ use aya::{
 use etherparse::{
     ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Type,
     Icmpv6Type, IpDscp, IpEcn, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv4HeaderSlice,
-    Ipv6Header, LinkHeader, NetHeaders, NetSlice, PacketBuilder, PacketHeaders, SlicedPacket,
-    TcpHeader, TcpOptionElement, TransportHeader, TransportSlice, UdpHeader,
-    checksum::Sum16BitWords, icmpv4,
+    Ipv6Header, LinkHeader, NetHeaders, NetSlice, PacketBuilder, PacketBuilderStep, PacketHeaders,
+    SlicedPacket, TcpHeader, TcpOptionElement, TransportHeader, TransportSlice, UdpHeader,
+    checksum::Sum16BitWords, icmpv4, icmpv6,
 };
 use support::*;
 use xhost_common::{Counter, stat};
@@ -2021,34 +2021,57 @@ fn tcp_segment(
     tcp_frame(ipv4_header(src, dst, 63), to, tcp, payload)
 }
 
-/// Checks with etherparse that an answer's IPv4, TCP or ICMP checksums are
-/// right (the expected frames are built by etherparse too, but this reads
-/// what the datapath wrote).
+/// Checks with etherparse that an answer's IPv4, TCP, ICMP or ICMPv6
+/// checksums are right (the expected frames are built by etherparse too,
+/// but this reads what the datapath wrote).
 fn assert_checksums(out: &[u8], name: &str) {
     let p = etherparse::SlicedPacket::from_ethernet(out).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
-        panic!("{name}: not IPv4");
-    };
-    let h = ip.header().to_header();
-    assert_eq!(
-        h.header_checksum,
-        h.calc_header_checksum(),
-        "{name}: IPv4 checksum"
-    );
-    match &p.transport {
-        Some(etherparse::TransportSlice::Tcp(t)) => assert_eq!(
-            t.checksum(),
-            t.to_header()
-                .calc_checksum_ipv4(&h, t.payload())
-                .expect("sum"),
-            "{name}: TCP checksum"
-        ),
-        Some(etherparse::TransportSlice::Icmpv4(i)) => assert_eq!(
-            i.checksum(),
-            i.header().icmp_type.calc_checksum(i.payload()),
-            "{name}: ICMP checksum"
-        ),
-        other => panic!("{name}: unexpected transport {other:?}"),
+    match &p.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = ip.header().to_header();
+            assert_eq!(
+                h.header_checksum,
+                h.calc_header_checksum(),
+                "{name}: IPv4 checksum"
+            );
+            match &p.transport {
+                Some(TransportSlice::Tcp(t)) => assert_eq!(
+                    t.checksum(),
+                    t.to_header()
+                        .calc_checksum_ipv4(&h, t.payload())
+                        .expect("sum"),
+                    "{name}: TCP checksum"
+                ),
+                Some(TransportSlice::Icmpv4(i)) => assert_eq!(
+                    i.checksum(),
+                    i.header().icmp_type.calc_checksum(i.payload()),
+                    "{name}: ICMP checksum"
+                ),
+                other => panic!("{name}: unexpected transport {other:?}"),
+            }
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            let h = ip.header().to_header();
+            match &p.transport {
+                Some(TransportSlice::Tcp(t)) => assert_eq!(
+                    t.checksum(),
+                    t.to_header()
+                        .calc_checksum_ipv6(&h, t.payload())
+                        .expect("sum"),
+                    "{name}: TCP checksum"
+                ),
+                Some(TransportSlice::Icmpv6(i)) => assert_eq!(
+                    i.checksum(),
+                    i.header()
+                        .icmp_type
+                        .calc_checksum(h.source, h.destination, i.payload())
+                        .expect("sum"),
+                    "{name}: ICMPv6 checksum"
+                ),
+                other => panic!("{name}: unexpected transport {other:?}"),
+            }
+        }
+        other => panic!("{name}: unexpected network layer {other:?}"),
     }
 }
 
@@ -2065,6 +2088,12 @@ struct RejectCase {
 
 fn run_reject_cases(ebpf: &mut Ebpf, prog: &str, ctx: &[u8], cases: Vec<RejectCase>) {
     for c in cases {
+        // Answers to IPv6 count under the IPv6 slot.
+        let sent = if c.frame[12..14] == [0x86, 0xdd] {
+            stat::REJECT_SENT6
+        } else {
+            stat::REJECT_SENT
+        };
         let before = counters(ebpf);
         let r = run_tc_prog_ctx(ebpf, prog, ctx, &c.frame, 1)
             .unwrap_or_else(|e| panic!("{}: test_run: {e}", c.name));
@@ -2086,19 +2115,20 @@ fn run_reject_cases(ebpf: &mut Ebpf, prog: &str, ctx: &[u8], cases: Vec<RejectCa
                 assert_eq!(&r.out, answer, "{}: the answer", c.name);
                 assert_checksums(&r.out, c.name);
                 assert_eq!(
-                    moved(stat::REJECT_SENT),
+                    moved(sent),
                     (1, answer.len() as u64),
-                    "{}: reject_sent",
-                    c.name
+                    "{}: {}",
+                    c.name,
+                    stat::NAMES[sent as usize]
                 );
             }
             None => {
                 assert_eq!(r.verdict, TC_ACT_SHOT, "{}: verdict", c.name);
-                assert_eq!(moved(stat::REJECT_SENT), (0, 0), "{}: no answer", c.name);
+                assert_eq!(moved(sent), (0, 0), "{}: no answer", c.name);
             }
         }
         let others = (0..stat::COUNT)
-            .filter(|&i| i != c.drop && i != stat::REJECT_SENT)
+            .filter(|&i| i != c.drop && i != sent)
             .all(|i| moved(i) == (0, 0));
         assert!(others, "{}: no other counter may move", c.name);
     }
@@ -2949,5 +2979,284 @@ fn ipv6_is_the_kernels_in_vxlan_mode() {
                 }],
             );
         }
+    });
+}
+
+/// A TCP segment from `src` to `dst` over IPv6, hop limit 63, ports
+/// 40000 -> 80 (as [`tcp_segment`]).
+#[allow(clippy::too_many_arguments)]
+fn tcp6_segment(
+    src: [u8; 16],
+    dst: [u8; 16],
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    payload: usize,
+    to: [u8; 6],
+) -> Vec<u8> {
+    let mut tcp = TcpHeader::new(40000, 80, seq, 64240);
+    tcp.fin = flags & FIN != 0;
+    tcp.syn = flags & SYN != 0;
+    tcp.rst = flags & RST != 0;
+    tcp.psh = flags & PSH != 0;
+    tcp.ack = flags & ACK != 0;
+    tcp.acknowledgment_number = ack;
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(CTR_MAC, to)
+        .ipv6(src, dst, 63)
+        .tcp_header(tcp)
+        .write(&mut f, &vec![0; payload])
+        .expect("TCP/IPv6 frame");
+    f
+}
+
+/// The Ethernet and IPv6 headers of an answer to IPv6 frame `f`: back to
+/// its sender, hop limit 64, traffic class and flow label 0.
+fn back6(f: &[u8]) -> PacketBuilderStep<IpHeaders> {
+    let mac = |at: usize| -> [u8; 6] { f[at..at + 6].try_into().expect("MAC") };
+    let ip = |at: usize| -> [u8; 16] { f[at..at + 16].try_into().expect("address") };
+    PacketBuilder::ethernet2(mac(0), mac(6)).ipv6(ip(38), ip(22), 64)
+}
+
+/// [`rst_for`] for an IPv6 TCP segment.
+fn rst6_for(f: &[u8], seq: u32, ack: Option<u32>) -> Vec<u8> {
+    let p = SlicedPacket::from_ethernet(f).expect("frame");
+    let Some(TransportSlice::Tcp(asked)) = &p.transport else {
+        panic!("not a TCP segment: {f:?}");
+    };
+    let mut tcp = TcpHeader::new(asked.destination_port(), asked.source_port(), seq, 0);
+    tcp.rst = true;
+    if let Some(a) = ack {
+        tcp.ack = true;
+        tcp.acknowledgment_number = a;
+    }
+    let mut o = Vec::new();
+    back6(f).tcp_header(tcp).write(&mut o, &[]).expect("RST");
+    o
+}
+
+/// ICMPv6 destination unreachable, administratively prohibited (1/1), for
+/// IPv6 frame `f`: as much of its IPv6 packet as fits the answer in 1280
+/// bytes.
+fn prohibited6_for(f: &[u8]) -> Vec<u8> {
+    let packet = &f[Ethernet2Header::LEN..];
+    let len = Ipv6Header::LEN + usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+    let quote = &packet[..len.min(1280 - Ipv6Header::LEN - 8)];
+    let mut o = Vec::new();
+    back6(f)
+        .icmpv6(Icmpv6Type::DestinationUnreachable(
+            icmpv6::DestUnreachableCode::Prohibited,
+        ))
+        .write(&mut o, quote)
+        .expect("ICMPv6 answer");
+    assert!(o.len() <= Ethernet2Header::LEN + 1280, "at most 1280 bytes");
+    o
+}
+
+/// A spoofed IPv6 source outside every peer's subnet.
+fn spoofed6() -> [u8; 16] {
+    v6("fd00:999::1")
+}
+
+/// `--deny reject` on the underlay for IPv6: a refused TCP segment gets
+/// the RST RFC 793 prescribes, anything else answerable ICMPv6 1/1 quoting
+/// the refused packet as far as 1280 bytes allow (an odd length padded in
+/// the checksum only), back out ul0. ICMPv6 errors and informational
+/// messages but echo, RSTs, what hides behind an extension header,
+/// Ethernet group addresses and unspecified or loopback sources are
+/// dropped unanswered (RFC 4443 2.4(e)).
+#[test]
+fn ipv6_reject_mode_answers_what_the_underlay_refuses() {
+    in_test_host_with(loaded_reject, |ebpf| {
+        let ul0 = mac("ul0");
+        let s = spoofed6();
+        let udp = |payload| to_mac(ipv6_udp(s, c1_6(), 63, payload), ul0);
+        let icmp = |t| to_mac(icmpv6(s, c1_6(), t), ul0);
+        let syn = tcp6_segment(s, c1_6(), SYN, 1000, 0, 0, ul0);
+        let syn_fin_data = tcp6_segment(s, c1_6(), SYN | FIN, 0xffff_fff0, 0, 100, ul0);
+        let ack_data = tcp6_segment(s, c1_6(), PSH | ACK, 7, 5555, 10, ul0);
+        let rst = tcp6_segment(s, c1_6(), RST | ACK, 7, 5555, 0, ul0);
+        let from = |src| to_mac(ipv6_udp(src, c1_6(), 63, 0), ul0);
+        let mut cases = vec![
+            RejectCase {
+                name: "v6 SYN: RST+ACK, seq 0, ack seq+1",
+                answer: Some(rst6_for(&syn, 0, Some(1001))),
+                frame: syn,
+                drop: stat::DROP_SPOOFED6,
+            },
+            RejectCase {
+                name: "v6 SYN+FIN with 100 bytes: ack wraps past 2^32",
+                answer: Some(rst6_for(
+                    &syn_fin_data,
+                    0,
+                    Some(0xffff_fff0u32.wrapping_add(102)),
+                )),
+                frame: syn_fin_data,
+                drop: stat::DROP_SPOOFED6,
+            },
+            RejectCase {
+                name: "v6 data with ACK: RST, seq = its ack",
+                answer: Some(rst6_for(&ack_data, 5555, None)),
+                frame: ack_data,
+                drop: stat::DROP_SPOOFED6,
+            },
+            RejectCase {
+                name: "v6 echo request: ICMPv6 1/1",
+                answer: Some(prohibited6_for(&icmp(ICMPV6_ECHO_REQUEST))),
+                frame: icmp(ICMPV6_ECHO_REQUEST),
+                drop: stat::DROP_SPOOFED6,
+            },
+            RejectCase {
+                name: "v6 echo reply: ICMPv6 1/1",
+                answer: Some(prohibited6_for(&icmp(129))),
+                frame: icmp(129),
+                drop: stat::DROP_SPOOFED6,
+            },
+            RejectCase {
+                name: "v6 TCP RST: never answered",
+                answer: None,
+                frame: rst,
+                drop: stat::DROP_SPOOFED6,
+            },
+            RejectCase {
+                name: "v6 behind a destination options header: never answered",
+                answer: None,
+                frame: with_dest_opts(&udp(0)),
+                drop: stat::DROP_SPOOFED6,
+            },
+            RejectCase {
+                name: "v6 Ethernet multicast: never answered",
+                answer: None,
+                frame: with_eth(&udp(0), |e| e.destination = [0x33, 0x33, 0, 0, 0, 1]),
+                drop: stat::DROP_SPOOFED6,
+            },
+            RejectCase {
+                name: "v6 unspecified source: never answered",
+                answer: None,
+                frame: from([0; 16]),
+                drop: stat::DROP_SPOOFED6,
+            },
+            RejectCase {
+                name: "v6 loopback source: never answered",
+                answer: None,
+                frame: from(v6("::1")),
+                drop: stat::DROP_SPOOFED6,
+            },
+        ];
+        // UDP of every length modulo 4 around the quote's limit: cut at
+        // 1232 bytes of packet beyond it.
+        for payload in [0, 1, 2, 3, 1183, 1184, 1185, 1400] {
+            cases.push(RejectCase {
+                name: "v6 UDP: ICMPv6 1/1 quoting it",
+                answer: Some(prohibited6_for(&udp(payload))),
+                frame: udp(payload),
+                drop: stat::DROP_SPOOFED6,
+            });
+        }
+        // ICMPv6 errors (destination unreachable, packet too big, time
+        // exceeded, parameter problem) and informational messages but echo.
+        for t in [1, 2, 3, 4, 127, 130, 139, 200] {
+            cases.push(RejectCase {
+                name: "v6 ICMPv6 other than echo: never answered",
+                answer: None,
+                frame: icmp(t),
+                drop: stat::DROP_SPOOFED6,
+            });
+        }
+        run_reject_cases(
+            ebpf,
+            xhost_common::PROG_NIC_IN,
+            &skb_ctx(ifindex("ul0"), 0),
+            cases,
+        );
+    });
+}
+
+/// `--deny reject` for a container's spoofed IPv6 source, on its veth and
+/// at the bridge: answered back to where the forged address lives, within
+/// the rate IPv4 shares (`reject_limited6` beyond it).
+#[test]
+fn ipv6_reject_mode_answers_spoofed_container_sources_within_the_rate() {
+    in_test_host_with(loaded_reject, |ebpf| {
+        pin_to_cpu0();
+        let spoofed = v6("fd00:110::12");
+        let syn = tcp6_segment(spoofed, r1_6(), SYN, 1, 0, 0, GW_MAC);
+        let udp = to_mac(ipv6_udp(spoofed, r1_6(), 64, 20), GW_MAC);
+        let ctx = skb_ctx(ifindex("br0"), 0);
+        run_reject_cases(
+            ebpf,
+            xhost_common::PROG_VETH_IN,
+            &ctx,
+            vec![
+                RejectCase {
+                    name: "v6 spoofed SYN from the container",
+                    answer: Some(rst6_for(&syn, 0, Some(2))),
+                    frame: syn.clone(),
+                    drop: stat::DROP_SPOOFED_LOCAL6,
+                },
+                RejectCase {
+                    name: "v6 spoofed UDP from the container",
+                    answer: Some(prohibited6_for(&udp)),
+                    frame: udp.clone(),
+                    drop: stat::DROP_SPOOFED_LOCAL6,
+                },
+            ],
+        );
+        // At the bridge: the neighbour entry's address from another MAC.
+        run_reject_cases(
+            ebpf,
+            xhost_common::PROG_BRIDGE_IN,
+            &ctx,
+            vec![RejectCase {
+                name: "v6 unknown address from another MAC at the bridge",
+                answer: Some(prohibited6_for(&udp)),
+                frame: udp,
+                drop: stat::DROP_SPOOFED_LOCAL6,
+            }],
+        );
+        let burst = u32::try_from(xhost_common::REJECT_BURST).expect("small");
+        let before = counters(ebpf);
+        for _ in 0..4 * burst {
+            run_tc_prog_ctx(ebpf, xhost_common::PROG_VETH_IN, &ctx, &syn, 1).expect("test_run");
+        }
+        let after = counters(ebpf);
+        let moved = |i: u32| after[i as usize].packets - before[i as usize].packets;
+        let (sent, limited) = (moved(stat::REJECT_SENT6), moved(stat::REJECT_LIMITED6));
+        assert_eq!(sent + limited, u64::from(4 * burst), "answered or limited");
+        assert!(sent <= u64::from(burst) + 1, "at most the burst: {sent}");
+        assert_eq!(
+            after[stat::REJECT_LIMITED6 as usize].bytes
+                - before[stat::REJECT_LIMITED6 as usize].bytes,
+            limited * syn.len() as u64,
+            "reject_limited6 counts the refused packets"
+        );
+        assert_eq!(
+            (moved(stat::REJECT_SENT), moved(stat::REJECT_LIMITED)),
+            (0, 0),
+            "the IPv4 slots stay"
+        );
+    });
+}
+
+/// In reject mode the XDP program leaves spoofed IPv6 to `xhost_nic_in`,
+/// which answers it; in drop mode it drops it itself (see
+/// `ipv6_xdp_drops_what_tc_drops`).
+#[test]
+fn ipv6_xdp_leaves_refusals_to_tc_in_reject_mode() {
+    in_test_host_with(loaded_reject, |ebpf| {
+        let frame = to_mac(ipv6_udp(spoofed6(), c1_6(), 63, 0), mac("ul0"));
+        let before = counters(ebpf);
+        let p: &mut Xdp = ebpf
+            .program_mut(xhost_common::PROG_NIC_XDP)
+            .expect("prog")
+            .try_into()
+            .expect("xdp");
+        let mut out = vec![0u8; frame.len() + 64];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&frame);
+        opts.data_out = Some(&mut out);
+        let res = p.test_run(opts).expect("test_run");
+        assert_eq!(res.return_value, XDP_PASS, "passed on to TC");
+        assert_eq!(counters(ebpf), before, "XDP counts nothing");
     });
 }

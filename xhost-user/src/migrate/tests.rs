@@ -128,6 +128,30 @@ fn pins_from_before_ipv6_gain_the_ipv6_maps() {
     assert!(m.dropped.is_empty());
 }
 
+/// Pins of the first IPv6 build: `STATS` of 22 slots, before
+/// `reject_sent6` and `reject_limited6`. Only `STATS` is copied, into its
+/// longer array.
+#[test]
+fn pins_without_the_ipv6_reject_counters_gain_them() {
+    let want = crate::adopt::object_shapes(16).expect("this build's shapes");
+    assert_eq!(want[MAP_STATS].max_entries, xhost_common::stat::COUNT);
+    let mut pinned = pinned_as(&want);
+    pinned.get_mut(MAP_STATS).expect("STATS").max_entries = 22;
+    let old = fingerprint_at(1, pinned.iter().map(|(n, s)| (n.as_str(), s)));
+    assert_ne!(old, fingerprint(&want), "the layout changed");
+    let m = decide(&pinned, &[old], &want, &[])
+        .expect("migrates")
+        .expect("a migration");
+    assert_eq!(
+        m.steps[MAP_STATS],
+        Step::Copy {
+            from: pinned[MAP_STATS]
+        }
+    );
+    assert_eq!(m.fresh(), BTreeSet::from([MAP_STATS]));
+    assert!(m.dropped.is_empty());
+}
+
 #[test]
 fn another_endpoint_capacity_is_the_operators_and_refused() {
     let want = want();

@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    time::{Duration, Instant},
 };
 
 use log::warn;
@@ -55,6 +56,11 @@ pub struct KernelRoutes {
     /// Peers whose neighbour entry the kernel was asked to resolve (see
     /// [`resolve_peers`]), once per peer until a flush.
     resolving: BTreeSet<Ipv4Addr>,
+    /// When [`KernelRoutes::resolve_lost`] last asked for each IPv6 peer.
+    asked: BTreeMap<Ipv4Addr, Instant>,
+    /// IPv6 peers whose entry failed to resolve, asked again every
+    /// [`RETRY_FAILED`] ([`KernelRoutes::retry_failed`]).
+    failed: BTreeSet<Ipv4Addr>,
     keep: bool,
     /// The writer's request socket, in the namespace `new` was called in.
     rtnl: Rtnl,
@@ -68,6 +74,8 @@ impl KernelRoutes {
             added: BTreeMap::new(),
             added6: BTreeMap::new(),
             resolving: BTreeSet::new(),
+            asked: BTreeMap::new(),
+            failed: BTreeSet::new(),
             keep: false,
             rtnl: Rtnl::open()?,
         })
@@ -225,6 +233,62 @@ impl KernelRoutes {
         );
     }
 
+    /// Asks the kernel again to resolve the neighbour entry of each peer
+    /// with IPv6 routes whose entry it lost: deleted (garbage-collected,
+    /// `ip neigh del`, flushed) or failed. Nothing else would: the datapath
+    /// forwards IPv6 through a resolved entry without the kernel noticing
+    /// the traffic, and hands it to the kernel (`pass_fib6`) while there is
+    /// none, whose IPv6 route never solicits the peer host. Called on the
+    /// kernel's neighbour notifications (a deletion, a failure). A missing
+    /// entry is asked for at once; a failed one (the peer is down) at most
+    /// every [`RETRY_FAILED`], and again by [`Self::retry_failed`] while it
+    /// stays failed. Static entries are left alone.
+    pub fn resolve_lost(&mut self) {
+        let peers: BTreeSet<Ipv4Addr> = self.added6.values().map(|r| r.peer).collect();
+        self.asked.retain(|p, _| peers.contains(p));
+        self.failed.clear();
+        if !self.dev.via_peer || peers.is_empty() {
+            return;
+        }
+        let oif = self.dev.oif;
+        let table = match self.rtnl.ipv4_neighbours(oif) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!("reading the neighbours of ifindex {oif}: {e}");
+                return;
+            }
+        };
+        let now = Instant::now();
+        for peer in peers {
+            let ask = match table.iter().find(|n| n.dst == Some(peer)).map(|n| n.state) {
+                None => true,
+                Some(s) if s & (NUD_USABLE | NUD_ADMIN | libc::NUD_INCOMPLETE) != 0 => false,
+                // Failed (or none): the peer may be down; not in a loop.
+                Some(_) => {
+                    self.failed.insert(peer);
+                    self.asked
+                        .get(&peer)
+                        .is_none_or(|t| now.duration_since(*t) >= RETRY_FAILED)
+                }
+            };
+            if !ask {
+                continue;
+            }
+            self.asked.insert(peer, now);
+            if let Err(e) = self.rtnl.use_neighbour(oif, peer) {
+                warn!("peer {peer}: asking the kernel to resolve its neighbour entry again: {e}");
+            }
+        }
+    }
+
+    /// [`Self::resolve_lost`] while a peer's entry stays failed; nothing
+    /// (no netlink request) otherwise. Called every second.
+    pub fn retry_failed(&mut self) {
+        if !self.failed.is_empty() {
+            self.resolve_lost();
+        }
+    }
+
     /// The routes this instance added, by prefix.
     pub fn list(&self) -> Vec<KernelRoute> {
         self.added.values().copied().collect()
@@ -252,6 +316,11 @@ impl Drop for KernelRoutes {
         }
     }
 }
+
+/// How often a peer whose neighbour entry failed to resolve is asked for
+/// again: each ask costs the kernel's probes (3 ARP requests a second
+/// apart by default) towards a host that may be down.
+pub const RETRY_FAILED: Duration = Duration::from_secs(10);
 
 /// Asks the kernel to resolve the IPv4 neighbour entry of each of `peers`
 /// on `oif` (`NTF_USE`) that is missing or not usable. The datapath
