@@ -51,7 +51,7 @@ const NAMESPACE_TESTS: [&str; 6] = [
 /// context with EINVAL), so older kernels run the rest of the suite. Their programs
 /// still pass the verifier there (every test loads every program), and the namespace
 /// tests carry real packets through them.
-const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 22] = [
+const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 23] = [
     "bridge_forwards_only_what_its_tables_say_the_sender_owns",
     "cached_forwarding_answers_follow_the_kernel_and_the_maps",
     "drop_mode_answers_nothing",
@@ -72,7 +72,8 @@ const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 22] = [
     "ipv6_egress_routes_peer_traffic_and_passes_the_rest",
     "ipv6_from_ctr_routes_only_its_own_endpoint",
     "ipv6_ingress_delivers_peer_traffic_and_drops_spoofed",
-    "ipv6_is_the_kernels_in_vxlan_mode",
+    "ipv6_vxlan_mode_decapsulates_in_the_program",
+    "ipv6_vxlan_mode_encapsulates_in_the_program",
     "ipv6_xdp_drops_what_tc_drops",
 ];
 
