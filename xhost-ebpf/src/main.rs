@@ -219,7 +219,7 @@ pub fn xhost_vxlan_out(ctx: TcContext) -> i32 {
     let host = match parse(&ctx) {
         // SAFETY: `f.ip` was bounds-checked by `parse`.
         Frame::Ipv4(f) => maps::route_of(unsafe { (*f.ip).dst_addr }),
-        Frame::Ipv6 => v6::tunnel_host(&ctx),
+        Frame::Ipv6 => Some(v6::tunnel_host(&ctx)).filter(|h| *h != [0; 4]),
         _ => None,
     };
     // What no peer owns (IPv6 control traffic of the device's own among

@@ -329,14 +329,18 @@ pub fn from_tunnel(ctx: &TcContext) -> Verdict {
 }
 
 /// `xhost_vxlan_out` for IPv6: the peer host that owns the destination of
-/// what the vxlan device sends, if a peer does.
+/// what the vxlan device sends; 0.0.0.0 (no peer host's address) if no
+/// peer does.
+///
+/// Verifier: a plain array, not an `Option`, whose `None` LLVM returns with
+/// bytes undefined, which the verifier refuses to read.
 #[inline(never)]
-pub fn tunnel_host(ctx: &TcContext) -> Option<[u8; 4]> {
+pub fn tunnel_host(ctx: &TcContext) -> [u8; 4] {
     let Frame6::Ipv6(f) = parse6(ctx) else {
-        return None;
+        return [0; 4];
     };
     // SAFETY: `f.ip` was bounds-checked by `parse6`.
-    route6_slot_of(unsafe { (*f.ip).dst_addr }).map(|(host, _)| host)
+    route6_slot_of(unsafe { (*f.ip).dst_addr }).map_or([0; 4], |(host, _)| host)
 }
 
 /// `xhost_nic_xdp` for IPv6: whether `ingress` drops the frame as
