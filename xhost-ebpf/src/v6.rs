@@ -232,7 +232,7 @@ fn deliver(f: &Ipv6Frame, ep: &Endpoint, slot: u32) -> Verdict {
     if ep.ifindex == 0 {
         return Verdict::pass(stat::PASS_NOT_OURS6);
     }
-    rewrite6(&f, ep.gw_mac, ep.mac);
+    rewrite6(f, ep.gw_mac, ep.mac);
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32;
     forwarded(action, stat::FWD_INGRESS6).peer(slot)
