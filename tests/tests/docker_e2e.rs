@@ -1873,22 +1873,6 @@ fn conntrack6(ns: &xhost_tests::NetNs, src: Ipv6Addr, dst: Ipv6Addr) -> Vec<Stri
 /// IPv6 in the hosts); a hop limit of 1 is answered with time exceeded by host A.
 #[test]
 fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
-    dual_stack_ipv6(&[]);
-}
-
-/// The same in VXLAN mode: IPv6 over the IPv4 underlay, encapsulated and
-/// decapsulated by the datapath (`fwd_egress6`, `fwd_ingress6`), the kernel route of
-/// the peer's IPv6 subnet into `xhost_vxlan`; TCP learns the tunnel's MTU from the
-/// kernel's Packet Too Big.
-#[test]
-fn dual_stack_networks_carry_ipv6_over_vxlan() {
-    dual_stack_ipv6(&["--tunnel", "vxlan"]);
-}
-
-/// [`dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept`] with the agents'
-/// `mode` flags (none: native routing).
-fn dual_stack_ipv6(mode: &[&str]) {
-    let vxlan = !mode.is_empty();
     let t_test = Instant::now();
     let mut tb = Testbed::new([true, true]);
     let mut ctr = Vec::new();
@@ -1984,9 +1968,7 @@ fn dual_stack_ipv6(mode: &[&str]) {
         let peer = tb.host(1 - i);
         let (v4, v6) = DUAL_NETS[1 - i];
         let spec = format!("{}={v4},{v6}", peer.underlay_ip());
-        let mut args = vec!["--peer", spec.as_str()];
-        args.extend_from_slice(mode);
-        tb.start_agent_args(i, &args);
+        tb.start_agent_args(i, &["--peer", &spec]);
     }
     for (i, c) in ctr.iter().enumerate() {
         let (name, ep, ip6, _, bridge, v6) = c;
@@ -2020,22 +2002,20 @@ fn dual_stack_ipv6(mode: &[&str]) {
             .host(i)
             .ns()
             .run(&["ip", "-6", "route", "show", "proto", "177"]);
-        let dev = if vxlan {
-            "xhost_vxlan"
-        } else {
-            tb.host(i).underlay_iface()
-        };
         assert!(
-            kernel.starts_with(&format!("{} dev {dev}", DUAL_NETS[1 - i].1)),
+            kernel.starts_with(&format!(
+                "{} dev {}",
+                DUAL_NETS[1 - i].1,
+                tb.host(i).underlay_iface()
+            )),
             "the kernel route of the peer's IPv6 subnet: {kernel:?}"
         );
     }
 
     // The datapath forwards IPv6 to a peer once the peer host's IPv4 neighbour is
     // resolved (the next hop is IPv4; `pass_fib6` before): the agent asks the kernel to
-    // resolve it, as no IPv6 packet the kernel forwards would. (In VXLAN mode the packet
-    // is IPv4 once encapsulated, and `bpf_redirect_neigh` resolves the peer.)
-    for i in (0..2).filter(|_| !vxlan) {
+    // resolve it, as no IPv6 packet the kernel forwards would.
+    for i in 0..2 {
         let (ns, dev) = (tb.host(i).ns(), tb.host(i).underlay_iface());
         let peer = tb.host(1 - i).underlay_ip().to_string();
         let t0 = Instant::now();
