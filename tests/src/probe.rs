@@ -188,17 +188,23 @@ impl Transfer {
 pub fn tcp_transfer(
     from: &NetNs,
     to: &NetNs,
-    to_ip: Ipv4Addr,
+    to_ip: impl Into<IpAddr>,
     opts: &TransferOpts,
 ) -> Result<Transfer> {
+    let to_ip = to_ip.into();
     let secs = opts.timeout.as_secs_f64().to_string();
     let to_addr = SocketAddr::from((to_ip, opts.port)).to_string();
     let port = opts.port.to_string();
     let bytes = opts.bytes.to_string();
+    let mut recv = vec!["tcp-recv", "--port", &port, "--timeout", &secs];
+    // The receiver listens on the family it is reached by.
+    if to_ip.is_ipv6() {
+        recv.extend(["--bind", "::"]);
+    }
     let (sent, received) = probe_pair(
         (from, to),
         opts.probe.as_deref(),
-        &["tcp-recv", "--port", &port, "--timeout", &secs],
+        &recv,
         &[
             "tcp-send",
             "--to",

@@ -2713,3 +2713,182 @@ fn deny_reject_answers_refused_connections_and_pings() {
     );
     drop(listener);
 }
+
+/// Each host's container IPv6 subnet in [`vxlan_carries_ipv6_over_the_ipv4_underlay`].
+const SUBNETS6: [&str; 2] = ["fd00:a::/64", "fd00:b::/64"];
+
+/// Gives the host's bridge (the gateway, `::1`) and its container (`::11`)
+/// addresses of `subnet` (a /64 written `prefix::/64`), the container a
+/// default route through the bridge, and the host IPv6 forwarding; returns
+/// the container's address.
+fn dual_stack(host: &xhost_tests::Host, subnet: &str) -> std::net::Ipv6Addr {
+    let prefix = subnet.trim_end_matches("::/64");
+    host.ns()
+        .sysctl("net.ipv6.conf.all.forwarding", "1")
+        .expect("IPv6 forwarding");
+    host.ns()
+        .ip_batch(&format!(
+            "addr add {prefix}::1/64 dev {} nodad\n",
+            host.bridge()
+        ))
+        .expect("bridge IPv6 address");
+    let ctr = &host.containers()[0];
+    ctr.ns()
+        .ip_batch(&format!(
+            "addr add {prefix}::11/64 dev {} nodad\n\
+             route add ::/0 via {prefix}::1\n",
+            ctr.iface()
+        ))
+        .expect("container IPv6 address");
+    format!("{prefix}::11").parse().expect("address")
+}
+
+/// VXLAN mode carries IPv6 over the IPv4 underlay through a cloud that
+/// drops container addresses of either family: ping6 and checksummed TCP
+/// both ways with the sender's address kept, the receiving hosts' IPv6
+/// counters moving, the outer headers the kernel's vxlan writes. In the
+/// netns topology the agents serve `--bridge` bridges, whose IPv6
+/// endpoints they do not learn: the kernel routes each container's IPv6
+/// into `xhost_vxlan` (the agent's `proto 177` route, the device's IPv6
+/// on without addresses), `xhost_vxlan_out` keys it from `ROUTES6`, and
+/// `xhost_vxlan_in` checks and hands on what the far device decapsulated.
+/// TCP learns the tunnel's MTU from the kernel's Packet Too Big.
+#[test]
+fn vxlan_carries_ipv6_over_the_ipv4_underlay() {
+    let topo = topology();
+    let cloud = cloud_underlay(&topo);
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let (ca, cb) = (topo.ctr_a(), topo.ctr_b());
+    let (ip_a6, ip_b6) = (dual_stack(a, SUBNETS6[0]), dual_stack(b, SUBNETS6[1]));
+    cloud
+        .sysctl("net.bridge.bridge-nf-call-ip6tables", "1")
+        .expect("br_netfilter for IPv6 in the cloud");
+    for (subnet, dir) in SUBNETS6.iter().flat_map(|s| [(s, "-s"), (s, "-d")]) {
+        cloud.run(&[
+            "ip6tables",
+            "-w",
+            "-A",
+            "FORWARD",
+            dir,
+            subnet,
+            "-j",
+            "DROP",
+        ]);
+    }
+    let start6 = |host: &xhost_tests::Host, peer: &xhost_tests::Host, subnet6: &str| {
+        let spec = format!("{}={},{subnet6}", peer.underlay_ip(), peer.subnet());
+        let args = [
+            "--iface",
+            host.underlay_iface(),
+            "--bridge",
+            host.bridge(),
+            "--no-docker",
+            "--peer",
+            &spec,
+            "--tunnel",
+            "vxlan",
+        ];
+        Agent::start(host.ns(), host.role(), &args).expect("xhost-user load")
+    };
+    let agent_a = start6(a, b, SUBNETS6[1]);
+    let agent_b = start6(b, a, SUBNETS6[0]);
+    count_outer_headers(&cloud, &topo, 8472);
+    for (h, subnet6) in [(a, SUBNETS6[1]), (b, SUBNETS6[0])] {
+        let routes = h.ns().run(&["ip", "-6", "route", "show", "proto", "177"]);
+        assert!(
+            routes.contains(&format!("{subnet6} dev xhost_vxlan")),
+            "{}: the IPv6 kernel route into the tunnel: {routes}",
+            h.role()
+        );
+        let addrs = h
+            .ns()
+            .run(&["ip", "-6", "addr", "show", "dev", "xhost_vxlan"]);
+        assert!(
+            !addrs.contains("inet6"),
+            "{}: xhost_vxlan has an IPv6 address of its own: {addrs}",
+            h.role()
+        );
+    }
+    let before = [
+        status_json(a.ns(), &agent_a.dirs),
+        status_json(b.ns(), &agent_b.dirs),
+    ];
+    let ping6 = |from: &xhost_tests::Container, to: std::net::Ipv6Addr| {
+        let out = from
+            .ns()
+            .exec(&["ping", "-6", "-n", "-c", "3", "-W", "2", &to.to_string()])
+            .expect("ping6");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for (from, to) in [(ca, ip_b6), (cb, ip_a6)] {
+        let p = ping6(from, to);
+        assert!(
+            p.contains(" 3 received"),
+            "ping6 {} -> {to}: {p}",
+            from.ip()
+        );
+    }
+    for (from, to, to_ip, from_ip, port) in [
+        (ca, cb, ip_b6, ip_a6, 45_161u16),
+        (cb, ca, ip_a6, ip_b6, 45_162),
+    ] {
+        // Neither end remembers a path MTU from the other direction's
+        // transfer (the receiver would advertise an MSS that fits).
+        for c in [from, to] {
+            c.ns().run(&["ip", "-6", "route", "flush", "cache"]);
+        }
+        let opts = TransferOpts {
+            port,
+            bytes: 4 << 20,
+            ..TransferOpts::default()
+        };
+        let t = tcp_transfer(from.ns(), to.ns(), to_ip, &opts).expect("tcp transfer");
+        assert!(t.intact(), "{from_ip} -> {to_ip}: {t:?}");
+        assert_eq!(t.source_ip(), from_ip, "the sender's IPv6 address kept");
+        let route = from
+            .ns()
+            .run(&["ip", "-6", "route", "get", &to_ip.to_string()]);
+        assert!(
+            route.contains("mtu 1450"),
+            "{from_ip} never learned the tunnel's MTU from Packet Too Big: {route}"
+        );
+    }
+    assert_eq!(
+        cloud_drops(&cloud),
+        0,
+        "no container IPv4 address crossed the cloud"
+    );
+    let drops6: u64 = cloud
+        .run(&["ip6tables", "-w", "-nvxL", "FORWARD"])
+        .lines()
+        .filter(|l| l.contains("DROP"))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(drops6, 0, "no container IPv6 address crossed the cloud");
+    for (dir, (sent, good)) in ["A->B", "B->A"].into_iter().zip(outer_headers(&cloud)) {
+        assert!(sent > 100, "{dir}: {sent} VXLAN packets on port 8472");
+        assert_eq!(good, sent, "{dir}: outer headers unlike the kernel's");
+    }
+    for ((h, agent), before) in [(a, &agent_a), (b, &agent_b)].into_iter().zip(&before) {
+        let s = status_json(h.ns(), &agent.dirs);
+        // What the far device decapsulated, checked and handed on by
+        // xhost_vxlan_in.
+        assert!(
+            counter(&s, "pass_not_ours6") > counter(before, "pass_not_ours6") + 100,
+            "{}: pass_not_ours6 did not move: {s}",
+            h.role()
+        );
+        // (drop_tunnel is left out: the device's own IPv6 control traffic,
+        // if any, is no peer's and is dropped there.)
+        for name in ["drop_spoofed6", "drop_redirect"] {
+            assert_eq!(counter(&s, name), 0, "{}: {name}: {s}", h.role());
+        }
+    }
+    stop_leaving_nothing(agent_a, a.ns());
+    stop_leaving_nothing(agent_b, b.ns());
+    assert_eq!(
+        a.ns().run(&["ip", "-6", "route", "show", "proto", "177"]),
+        "",
+        "IPv6 kernel routes left"
+    );
+}

@@ -187,6 +187,11 @@ pub fn xhost_nic_in(ctx: TcContext) -> i32 {
     let arrived = ctx.len();
     let v = if is_ipv6(&ctx) {
         v6::ingress(&ctx)
+    } else if tunnel::device().is_some()
+        && tunnel::carries_ipv6(&ctx)
+        && let Some(v) = v6::decapsulated(&ctx)
+    {
+        v
     } else {
         try_ingress(&ctx)
     };
@@ -203,7 +208,11 @@ pub fn xhost_nic_in(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn xhost_vxlan_in(ctx: TcContext) -> i32 {
     build_mark();
-    let v = try_from_tunnel(&ctx);
+    let v = if is_ipv6(&ctx) {
+        v6::from_tunnel(&ctx)
+    } else {
+        try_from_tunnel(&ctx)
+    };
     if v.action == PASS {
         // The inner frame is addressed to the sending host's gateway MAC,
         // so the device marked it for another host, which ip_rcv drops:
@@ -217,13 +226,17 @@ pub fn xhost_vxlan_in(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn xhost_vxlan_out(ctx: TcContext) -> i32 {
     build_mark();
-    let dst = match parse(&ctx) {
+    let host = match parse(&ctx) {
         // SAFETY: `f.ip` was bounds-checked by `parse`.
-        Frame::Ipv4(f) => unsafe { (*f.ip).dst_addr },
-        // The tunnel carries IPv4 only (the device's own IPv6 chatter).
-        _ => return finish(&ctx, Verdict::drop(stat::DROP_TUNNEL)),
+        Frame::Ipv4(f) => maps::route_of(unsafe { (*f.ip).dst_addr }),
+        Frame::Ipv6 => Some(v6::tunnel_host(&ctx)).filter(|h| *h != [0; 4]),
+        _ => None,
     };
-    if tunnel::set_key(&ctx, dst) {
+    // What no peer owns (IPv6 control traffic of the device's own among
+    // it) has nowhere to go.
+    if let Some(host) = host
+        && tunnel::set_key(&ctx, host)
+    {
         // Counted where it was decided (xhost_veth_in, xhost_bridge_in), or a
         // packet of the kernel's own.
         PASS
@@ -518,7 +531,9 @@ fn send_encapsulated(
         return Verdict::pass(stat::PASS_FIB);
     }
     decrement_ttl(f.ip);
-    if !tunnel::encapsulate(ctx, f, hop.source, peer, hop.smac, hop.dmac) {
+    // SAFETY: `f.ip` was bounds-checked by `parse`.
+    let tos = unsafe { (*f.ip).tos };
+    if !tunnel::encapsulate(ctx, f.eth, tos, hop.source, peer, hop.smac, hop.dmac) {
         return Verdict::drop(stat::DROP_TUNNEL);
     }
     match hop.answer {
@@ -625,7 +640,7 @@ fn try_from_tunnel(ctx: &TcContext) -> Verdict {
     };
     let f = match parse(ctx) {
         Frame::Ipv4(f) => f,
-        // The tunnel carries IPv4 only: the kernel's (docs/datapath.md).
+        // The entry point hands IPv6 to `v6::from_tunnel` (see `is_ipv6`).
         Frame::Ipv6 => return Verdict::pass(stat::PASS_NOT_OURS6),
         Frame::NotIpv4 => return Verdict::pass(stat::PASS_NOT_IPV4),
         Frame::Malformed => return Verdict::pass(stat::PASS_MALFORMED),

@@ -229,9 +229,16 @@ pub struct Ipv6Frame {
 /// advertisements, redirects) are [`Frame6::Control`].
 #[inline(always)]
 pub fn parse6<P: Packet>(ctx: &P) -> Frame6 {
+    parse6_at(ctx, 0)
+}
+
+/// [`parse6`] for a frame that starts `off` bytes into the packet (the
+/// inner frame of a tunnel packet, whose EtherType the caller checked).
+#[inline(always)]
+pub fn parse6_at<P: Packet>(ctx: &P, off: usize) -> Frame6 {
     let (Some(eth), Some(ip)) = (
-        ptr_at::<EthHdr, P>(ctx, 0),
-        ptr_at::<Ipv6Hdr, P>(ctx, EthHdr::LEN),
+        ptr_at::<EthHdr, P>(ctx, off),
+        ptr_at::<Ipv6Hdr, P>(ctx, off + EthHdr::LEN),
     ) else {
         return Frame6::Malformed;
     };
@@ -245,7 +252,7 @@ pub fn parse6<P: Packet>(ctx: &P) -> Frame6 {
             [(*ip).dst_addr[0], (*ip).dst_addr[1]],
         )
     };
-    let ip_len = ctx.len().saturating_sub(EthHdr::LEN);
+    let ip_len = ctx.len().saturating_sub(off + EthHdr::LEN);
     let tot_len = usize::from(payload_len) + Ipv6Hdr::LEN;
     if version != 6 || payload_len == 0 || tot_len > ip_len {
         return Frame6::Malformed;
@@ -254,7 +261,7 @@ pub fn parse6<P: Packet>(ctx: &P) -> Frame6 {
         return Frame6::Control;
     }
     if next == IPPROTO_ICMPV6 {
-        let Some(t) = ptr_at::<u8, P>(ctx, EthHdr::LEN + Ipv6Hdr::LEN) else {
+        let Some(t) = ptr_at::<u8, P>(ctx, off + EthHdr::LEN + Ipv6Hdr::LEN) else {
             return Frame6::Malformed;
         };
         // SAFETY: bounds-checked by ptr_at.

@@ -48,9 +48,9 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ZERO_CSUM_TX,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_tunnel_key,
+        BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_ZERO_CSUM_TX, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_tunnel_key,
     },
     helpers::{
         bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_skb_adjust_room, bpf_skb_get_tunnel_key,
@@ -58,13 +58,20 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+    udp::UdpHdr,
+};
 use xhost_common::{MAX_VNI, VXLAN_OVERHEAD};
 
 use crate::{
     fib::{WireLen, zeroed_in},
     maps::{PEER_HOSTS, UNDERLAY_ADDRS, route_of},
-    parse::{Frame, IPPROTO_UDP, Ipv4Frame, PACKET_HOST, Packet, parse_at, ptr_at},
+    parse::{
+        Frame, Frame6, IPPROTO_UDP, Ipv4Frame, Ipv6Frame, PACKET_HOST, Packet, parse_at, parse6_at,
+        ptr_at,
+    },
 };
 
 /// ifindex of the vxlan device; 0: native routing. Set by the loader
@@ -81,6 +88,10 @@ static TUNNEL_VNI: u32 = 0;
 /// (`xhost_common::GLOBAL_TUNNEL_PORT`).
 #[unsafe(no_mangle)]
 static TUNNEL_PORT: u32 = 0;
+
+/// EtherTypes (host order), as read from a frame with `from_be_bytes`.
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 
 /// TTL of the outer header.
 const OUTER_TTL: u8 = 64;
@@ -159,24 +170,27 @@ pub fn outer_len(ctx: &TcContext, len: WireLen) -> Option<u16> {
 }
 
 /// Encapsulates the frame in place for peer host `peer`, sent from
-/// `source`, the outer frame from `smac` to `dmac`. A GSO burst keeps its
-/// segment size: what it leaves as was measured by [`outer_len`].
+/// `source`, the outer frame from `smac` to `dmac`: an IPv4 or IPv6 one,
+/// whose Ethernet header is `eth` and whose traffic class (TOS) byte is
+/// `inner_tos`. A GSO burst keeps its segment size: what it leaves as was
+/// measured by [`outer_len`].
 ///
 /// `false` if the kernel could not make room (the frame is as it was, and
-/// the caller drops it: it has been routed already). Either way `f`'s
-/// pointers are stale afterwards.
+/// the caller drops it: it has been routed already). Either way the
+/// frame's pointers are stale afterwards.
 #[inline(always)]
 pub fn encapsulate(
     ctx: &TcContext,
-    f: &Ipv4Frame,
+    eth: *mut EthHdr,
+    inner_tos: u8,
     source: [u8; 4],
     peer: [u8; 4],
     smac: [u8; 6],
     dmac: [u8; 6],
 ) -> bool {
-    // SAFETY: `f.eth` and `f.ip` were bounds-checked by `parse`, and
-    // nothing has moved packet data since.
-    let (inner, inner_tos) = unsafe { (*f.eth, (*f.ip).tos) };
+    // SAFETY: `eth` was bounds-checked by the parser, and nothing has
+    // moved packet data since.
+    let inner = unsafe { *eth };
     // The inner flow's hash, for the outer source port: the underlay's
     // ECMP and RSS spread flows by it, as for the kernel's vxlan.
     // SAFETY: plain helper calls.
@@ -210,6 +224,8 @@ pub fn encapsulate(
     unsafe {
         (*e).eth.src_addr = smac;
         (*e).eth.dst_addr = dmac;
+        // The outer header is IPv4 whatever the inner one is.
+        (*e).eth.ether_type = EtherType::Ipv4 as u16;
         (*e).ip = Ipv4Hdr {
             vihl: 0x45,
             tos,
@@ -237,13 +253,13 @@ pub fn encapsulate(
 }
 
 /// A VXLAN packet the program may decapsulate itself (see [`inbound`]).
-pub struct Inbound {
+pub struct Inbound<F> {
     /// The outer source. The caller requires the inner source to lie in a
-    /// subnet `ROUTES` gives to exactly this host, which makes it a peer
-    /// host: every `ROUTES` value is one.
+    /// subnet `ROUTES` (`ROUTES6`) gives to exactly this host, which makes
+    /// it a peer host: every value there is one.
     pub peer: [u8; 4],
     /// The inner frame, [`INNER_OFFSET`] bytes into the packet.
-    pub inner: Ipv4Frame,
+    pub inner: F,
 }
 
 /// Where the inner frame of a VXLAN packet starts: behind the outer
@@ -266,7 +282,36 @@ const _: () = assert!(INNER_OFFSET + EthHdr::LEN == EthHdr::LEN + VXLAN_OVERHEAD
 /// Anything else (`None`) is the kernel's: its vxlan device decapsulates,
 /// and `xhost_vxlan_in` checks and counts as before.
 #[inline(always)]
-pub fn inbound(ctx: &TcContext, f: &Ipv4Frame) -> Option<Inbound> {
+pub fn inbound(ctx: &TcContext, f: &Ipv4Frame) -> Option<Inbound<Ipv4Frame>> {
+    let peer = outer(ctx, f)?;
+    let Frame::Ipv4(inner) = parse_at(ctx, INNER_OFFSET) else {
+        return None;
+    };
+    // The inner packet lies within the UDP payload.
+    if usize::from(inner.tot_len) + INNER_OFFSET > EthHdr::LEN + usize::from(f.tot_len) {
+        return None;
+    }
+    Some(Inbound { peer, inner })
+}
+
+/// [`inbound`] around an inner IPv6 frame that parses as `parse6` demands
+/// (no control traffic: that is the kernel's).
+#[inline(always)]
+pub fn inbound6(ctx: &TcContext, f: &Ipv4Frame) -> Option<Inbound<Ipv6Frame>> {
+    let peer = outer(ctx, f)?;
+    let Frame6::Ipv6(inner) = parse6_at(ctx, INNER_OFFSET) else {
+        return None;
+    };
+    if inner.tot_len as usize + INNER_OFFSET > EthHdr::LEN + usize::from(f.tot_len) {
+        return None;
+    }
+    Some(Inbound { peer, inner })
+}
+
+/// The outer source of VXLAN packet `f` if its outer headers are what
+/// [`inbound`] takes.
+#[inline(always)]
+fn outer(ctx: &TcContext, f: &Ipv4Frame) -> Option<[u8; 4]> {
     // SAFETY: reading fields of the skb context.
     let (gso_size, pkt_type) = unsafe { ((*ctx.skb.skb).gso_size, (*ctx.skb.skb).pkt_type) };
     if gso_size != 0 || pkt_type != PACKET_HOST {
@@ -300,14 +345,24 @@ pub fn inbound(ctx: &TcContext, f: &Ipv4Frame) -> Option<Inbound> {
     }
     // SAFETY: lookup of a plain key; the value is not dereferenced.
     unsafe { UNDERLAY_ADDRS.get(dst) }?;
-    let Frame::Ipv4(inner) = parse_at(ctx, INNER_OFFSET) else {
-        return None;
+    Some(peer)
+}
+
+/// Whether the frame is, by its headers alone, a VXLAN packet with an
+/// inner IPv6 frame (outer IPv4, UDP to our port, inner EtherType IPv6):
+/// the entry point hands it to `v6::decapsulated`, which checks the rest.
+#[inline(always)]
+pub fn carries_ipv6(ctx: &TcContext) -> bool {
+    let Some(head) = ptr_at::<[u8; INNER_OFFSET + EthHdr::LEN], TcContext>(ctx, 0) else {
+        return false;
     };
-    // The inner packet lies within the UDP payload.
-    if usize::from(inner.tot_len) + INNER_OFFSET > EthHdr::LEN + usize::from(f.tot_len) {
-        return None;
-    }
-    Some(Inbound { peer, inner })
+    // SAFETY: bounds-checked by ptr_at.
+    let head = unsafe { &*head };
+    let word = |at: usize| u16::from_be_bytes([head[at], head[at + 1]]);
+    word(12) == ETH_P_IP
+        && head[EthHdr::LEN + 9] == IPPROTO_UDP
+        && word(EthHdr::LEN + Ipv4Hdr::LEN + 2) == port()
+        && word(INNER_OFFSET + 12) == ETH_P_IPV6
 }
 
 /// Whether `f`, sent by a local container, is a VXLAN packet with our VNI
@@ -348,9 +403,29 @@ pub fn is_ours_from_container(ctx: &TcContext, f: &Ipv4Frame) -> bool {
 /// frame is as it was.
 #[inline(always)]
 pub fn decapsulate(ctx: &TcContext) -> bool {
+    shrink(ctx, 0)
+}
+
+/// [`decapsulate`] around an inner IPv6 packet: the skb's protocol becomes
+/// IPv6 (`BPF_F_ADJ_ROOM_DECAP_L3_IPV6`, Linux 6.3), which the stack of
+/// the container that `bpf_redirect_peer` delivers it to goes by. The
+/// caller fixes the EtherType of the Ethernet header left in front.
+#[inline(always)]
+pub fn decapsulate6(ctx: &TcContext) -> bool {
+    shrink(ctx, u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV6))
+}
+
+#[inline(always)]
+fn shrink(ctx: &TcContext, flags: u64) -> bool {
     // SAFETY: plain helper call.
-    let rc =
-        unsafe { bpf_skb_adjust_room(ctx.skb.skb, -(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0) };
+    let rc = unsafe {
+        bpf_skb_adjust_room(
+            ctx.skb.skb,
+            -(VXLAN_OVERHEAD as i32),
+            BPF_ADJ_ROOM_MAC,
+            flags,
+        )
+    };
     rc == 0
 }
 
@@ -371,13 +446,10 @@ fn ipv4_check(tos: u8, tot_len: u16, id: [u8; 2], src: [u8; 4], dst: [u8; 4]) ->
     (!(sum as u16)).to_be_bytes()
 }
 
-/// Sets the tunnel key that sends the packet to the peer owning `dst`.
-/// `false`: no peer owns it, or the kernel refused the key.
+/// Sets the tunnel key that sends the packet to peer host `host`.
+/// `false`: the kernel refused the key.
 #[inline(always)]
-pub fn set_key(ctx: &TcContext, dst: [u8; 4]) -> bool {
-    let Some(host) = route_of(dst) else {
-        return false;
-    };
+pub fn set_key(ctx: &TcContext, host: [u8; 4]) -> bool {
     let mut slot = MaybeUninit::<bpf_tunnel_key>::uninit();
     let key = zeroed_in(&mut slot);
     key.tunnel_id = vni();

@@ -24,14 +24,18 @@ use aya_ebpf::{
     helpers::bpf_redirect_peer,
     programs::{TcContext, XdpContext},
 };
-use xhost_common::{Endpoint, stat};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv6Hdr,
+};
+use xhost_common::{Endpoint, HELPER_FIB_LOOKUP_SRC, stat};
 
 use crate::{
     NO_ENDPOINT, Verdict, fib,
-    fib::{Answer, Source},
-    forwarded, hand_on,
+    fib::{Answer, Source, WireLen},
+    forwarded, hand_on, kernel,
     maps::{ENDPOINT_PORTS, ENDPOINTS6, LOCAL_NETS6, host_key6, route6_slot_of},
-    parse::{Frame6, Ipv6Frame, parse6},
+    parse::{Frame, Frame6, Ipv6Frame, parse, parse6, ptr_at},
     redirect, reject, tunnel,
 };
 
@@ -42,9 +46,6 @@ use crate::{
 /// (see `is_ipv6` in main.rs).
 #[inline(never)]
 pub fn egress(ctx: &TcContext, from_port: bool) -> Verdict {
-    if tunnel::device().is_some() {
-        return Verdict::pass(stat::PASS_NOT_OURS6);
-    }
     let f = match parse6(ctx) {
         Frame6::Ipv6(f) => f,
         Frame6::Control => return Verdict::pass(stat::PASS_CONTROL6),
@@ -91,6 +92,13 @@ pub fn egress(ctx: &TcContext, from_port: bool) -> Verdict {
     let Some(len) = fib::wire_len6(ctx, &f) else {
         return hand_on(ctx, mark, Verdict::pass(stat::PASS_FIB6));
     };
+    if let Some(device) = tunnel::device() {
+        return hand_on(
+            ctx,
+            mark,
+            encapsulated(ctx, &f, iif, device, peer_host, len).peer(slot),
+        );
+    }
     // The route to the peer host's IPv4 address; the packet's own source
     // is IPv6, so the lookup has none (only source-based IPv4 rules could
     // have used it).
@@ -104,6 +112,55 @@ pub fn egress(ctx: &TcContext, from_port: bool) -> Verdict {
         Verdict::pass(stat::PASS_FIB6)
     };
     hand_on(ctx, mark, v.peer(slot))
+}
+
+/// VXLAN mode: routes the frame one hop (hop limit - 1) and sends it to
+/// peer host `peer` encapsulated, as `try_egress` does IPv4: here along the
+/// FIB's answer for the outer packet (`len` + the VXLAN overhead against
+/// the route to the peer host), or through the vxlan device for what the
+/// program cannot grow (`xhost_vxlan_out` keys it from `ROUTES6`). What
+/// does not fit is the kernel's (`pass_fib6`), whose IPv6 route into the
+/// device answers Packet Too Big.
+#[inline(always)]
+fn encapsulated(
+    ctx: &TcContext,
+    f: &Ipv6Frame,
+    iif: u32,
+    device: u32,
+    peer: [u8; 4],
+    len: WireLen,
+) -> Verdict {
+    let outer = if kernel::has(HELPER_FIB_LOOKUP_SRC) {
+        tunnel::outer_len(ctx, len)
+    } else {
+        None
+    };
+    let Some(outer) = outer else {
+        if !fib::fits(ctx, device) {
+            return Verdict::pass(stat::PASS_FIB6);
+        }
+        decrement_hop_limit(f);
+        return redirect(device, stat::FWD_EGRESS6);
+    };
+    let hop = fib::lookup(ctx, iif, [0; 4], peer, WireLen::Max(outer), Source::Route);
+    if hop.answer == Answer::Kernel {
+        return Verdict::pass(stat::PASS_FIB6);
+    }
+    decrement_hop_limit(f);
+    // SAFETY: `f.ip` was bounds-checked by `parse6`.
+    let vcf = unsafe { (*f.ip).vcf };
+    // The traffic class spans the first two bytes, after the version.
+    let tclass = (vcf[0] << 4) | (vcf[1] >> 4);
+    if !tunnel::encapsulate(ctx, f.eth, tclass, hop.source, peer, hop.smac, hop.dmac) {
+        return Verdict::drop(stat::DROP_TUNNEL);
+    }
+    match hop.answer {
+        Answer::Unresolved => forwarded(
+            fib::redirect_neigh(hop.ifindex, hop.nexthop),
+            stat::FWD_EGRESS6,
+        ),
+        _ => redirect(hop.ifindex, stat::FWD_EGRESS6),
+    }
 }
 
 /// The bridge path's source check (`bridge_sender`'s rules, with the
@@ -139,23 +196,34 @@ fn bridge_check(
 /// kernel's once the source is checked (it delivers through the bridge).
 #[inline(never)]
 pub fn ingress(ctx: &TcContext) -> Verdict {
-    if tunnel::device().is_some() {
-        return Verdict::pass(stat::PASS_NOT_OURS6);
-    }
     let f = match parse6(ctx) {
         Frame6::Ipv6(f) => f,
         Frame6::Control => return Verdict::pass(stat::PASS_CONTROL6),
         Frame6::Malformed => return Verdict::pass(stat::PASS_MALFORMED),
     };
     // SAFETY: `f.ip` was bounds-checked by `parse6`.
-    let (src, dst, hop_limit) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr, (*f.ip).hop_limit) };
+    let (src, dst) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr) };
     let ep = endpoint6(dst);
     if ep.ifindex == 0 && LOCAL_NETS6.get(&host_key6(dst)).is_none() {
         return Verdict::pass(stat::PASS_NOT_OURS6);
     }
+    // In VXLAN mode container traffic arrives encapsulated only.
+    if tunnel::device().is_some() {
+        return Verdict::refused6(ctx, stat::DROP_SPOOFED6);
+    }
     let Some((_, slot)) = route6_slot_of(src) else {
         return Verdict::refused6(ctx, stat::DROP_SPOOFED6);
     };
+    deliver(&f, &ep, slot)
+}
+
+/// A peer's packet for local container `f`'s destination (endpoint `ep`,
+/// none if its ifindex is 0), its source checked (`slot`: the peer's
+/// `PEER_STATS` slot): delivered, or the kernel's.
+#[inline(always)]
+fn deliver(f: &Ipv6Frame, ep: &Endpoint, slot: u32) -> Verdict {
+    // SAFETY: `f.ip` was bounds-checked by `parse6`.
+    let hop_limit = unsafe { (*f.ip).hop_limit };
     if !f.parsed_next {
         return Verdict::pass(stat::PASS_EXT6);
     }
@@ -165,18 +233,128 @@ pub fn ingress(ctx: &TcContext) -> Verdict {
     if ep.ifindex == 0 {
         return Verdict::pass(stat::PASS_NOT_OURS6);
     }
-    rewrite6(&f, ep.gw_mac, ep.mac);
+    rewrite6(f, ep.gw_mac, ep.mac);
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32;
     forwarded(action, stat::FWD_INGRESS6).peer(slot)
 }
 
-/// `xhost_nic_xdp` for IPv6: whether `ingress` drops the frame as
-/// `drop_spoofed6`. In reject mode nothing is: `ingress` refuses and
-/// answers it.
+/// VXLAN mode, on the underlay: a peer's VXLAN packet around an IPv6 frame
+/// for a local container's endpoint (the entry point saw the inner
+/// EtherType: `tunnel::carries_ipv6`), decapsulated and delivered by the
+/// program as `deliver_decapsulated` does IPv4: the outer headers as
+/// `tunnel::inbound6` takes them, an inner source in the subnets `ROUTES6`
+/// gives the outer source, a parsed next header, a hop limit to route it
+/// with and a known endpoint. `None`: the IPv4 path's (`try_ingress`),
+/// which leaves it to the kernel's vxlan device.
 #[inline(never)]
+pub fn decapsulated(ctx: &TcContext) -> Option<Verdict> {
+    // The flag that makes the skb IPv6 again (Linux 6.3) is in every kernel
+    // that has this one (6.7); before, the device decapsulates.
+    if !kernel::has(HELPER_FIB_LOOKUP_SRC) {
+        return None;
+    }
+    let Frame::Ipv4(outer) = parse(ctx) else {
+        return None;
+    };
+    let t = tunnel::inbound6(ctx, &outer)?;
+    // SAFETY: `t.inner.ip` was bounds-checked by `parse6_at`.
+    let (src, dst, hop_limit) = unsafe {
+        (
+            (*t.inner.ip).src_addr,
+            (*t.inner.ip).dst_addr,
+            (*t.inner.ip).hop_limit,
+        )
+    };
+    let (owner, slot) = route6_slot_of(src)?;
+    if owner != t.peer || !t.inner.parsed_next || hop_limit <= 1 {
+        return None;
+    }
+    let ep = endpoint6(dst);
+    if ep.ifindex == 0 {
+        return None;
+    }
+    if !tunnel::decapsulate6(ctx) {
+        // The frame is as it was, for the kernel's device to decapsulate.
+        return Some(Verdict::pass(stat::PASS_NOT_OURS));
+    }
+    // The outer Ethernet header and the inner packet, parsed where it lay a
+    // moment ago.
+    let (Some(eth), Some(ip)) = (ptr_at(ctx, 0), ptr_at(ctx, EthHdr::LEN)) else {
+        // The helper leaves the headers in the linear part: unreachable.
+        return Some(Verdict::drop(stat::DROP_TUNNEL));
+    };
+    let inner = Ipv6Frame {
+        eth,
+        ip,
+        tot_len: t.inner.tot_len,
+        parsed_next: true,
+    };
+    // The EtherType of the outer header stays IPv4's: the inner frame's.
+    // SAFETY: `eth` was bounds-checked by ptr_at.
+    unsafe { (*inner.eth).ether_type = EtherType::Ipv6 as u16 };
+    Some(deliver(&inner, &ep, slot))
+}
+
+/// Decapsulated by the vxlan device (`xhost_vxlan_in`): delivered as on the
+/// underlay once the tunnel vouches for its sender, as `try_from_tunnel`
+/// does IPv4: our VNI from a peer host, and an inner source in that peer's
+/// `ROUTES6` subnets (checked before anything else, control traffic
+/// included); else dropped, `drop_spoofed6`.
+#[inline(never)]
+pub fn from_tunnel(ctx: &TcContext) -> Verdict {
+    let Some(outer) = tunnel::sender(ctx) else {
+        return Verdict::drop(stat::DROP_SPOOFED6);
+    };
+    let Some(ip) = ptr_at::<Ipv6Hdr, TcContext>(ctx, EthHdr::LEN) else {
+        return Verdict::pass(stat::PASS_MALFORMED);
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let src = unsafe { (*ip).src_addr };
+    let slot = match route6_slot_of(src) {
+        Some((owner, slot)) if owner == outer => slot,
+        _ => return Verdict::drop(stat::DROP_SPOOFED6),
+    };
+    let f = match parse6(ctx) {
+        Frame6::Ipv6(f) => f,
+        Frame6::Control => return Verdict::pass(stat::PASS_CONTROL6),
+        Frame6::Malformed => return Verdict::pass(stat::PASS_MALFORMED),
+    };
+    // SAFETY: `f.ip` was bounds-checked by `parse6`.
+    let dst = unsafe { (*f.ip).dst_addr };
+    let ep = endpoint6(dst);
+    if ep.ifindex == 0 && LOCAL_NETS6.get(&host_key6(dst)).is_none() {
+        return Verdict::pass(stat::PASS_NOT_OURS6);
+    }
+    deliver(&f, &ep, slot)
+}
+
+/// `xhost_vxlan_out` for IPv6: the peer host that owns the destination of
+/// what the vxlan device sends; 0.0.0.0 (no peer host's address) if no
+/// peer does.
+///
+/// Verifier: a plain array, not an `Option`, whose `None` LLVM returns with
+/// bytes undefined, which the verifier refuses to read.
+#[inline(never)]
+pub fn tunnel_host(ctx: &TcContext) -> [u8; 4] {
+    let Frame6::Ipv6(f) = parse6(ctx) else {
+        return [0; 4];
+    };
+    // SAFETY: `f.ip` was bounds-checked by `parse6`.
+    route6_slot_of(unsafe { (*f.ip).dst_addr }).map_or([0; 4], |(host, _)| host)
+}
+
+/// `xhost_nic_xdp` for IPv6: whether `ingress` drops the frame as
+/// `drop_spoofed6`: for a local container, from no peer's subnet or, in
+/// VXLAN mode, not encapsulated. In reject mode nothing is: `ingress`
+/// refuses and answers it.
+///
+/// Verifier: inlined. As a BPF function of its own LLVM passes it the
+/// packet pointers instead of the context, and truncates `data_end`, which
+/// the verifier refuses (pointer arithmetic on `pkt_end`).
+#[inline(always)]
 pub fn spoofed(ctx: &XdpContext) -> bool {
-    if tunnel::device().is_some() || reject::rejecting() {
+    if reject::rejecting() {
         return false;
     }
     let Frame6::Ipv6(f) = parse6(ctx) else {
@@ -185,7 +363,7 @@ pub fn spoofed(ctx: &XdpContext) -> bool {
     // SAFETY: `f.ip` was bounds-checked by `parse6`.
     let (src, dst) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr) };
     let local = endpoint6(dst).ifindex != 0 || LOCAL_NETS6.get(&host_key6(dst)).is_some();
-    local && route6_slot_of(src).is_none()
+    local && (tunnel::device().is_some() || route6_slot_of(src).is_none())
 }
 
 /// The endpoint of local container `addr` (`endpoint`'s twin).
@@ -199,11 +377,18 @@ fn endpoint6(addr: [u8; 16]) -> Endpoint {
 /// header checksum).
 #[inline(always)]
 fn rewrite6(f: &Ipv6Frame, smac: [u8; 6], dmac: [u8; 6]) {
-    // SAFETY: `f.eth` and `f.ip` were bounds-checked by `parse6` and no
-    // helper has moved packet data since.
+    // SAFETY: `f.eth` was bounds-checked by `parse6` and no helper has
+    // moved packet data since.
     unsafe {
         (*f.eth).src_addr = smac;
         (*f.eth).dst_addr = dmac;
-        (*f.ip).hop_limit -= 1;
     }
+    decrement_hop_limit(f);
+}
+
+#[inline(always)]
+fn decrement_hop_limit(f: &Ipv6Frame) {
+    // SAFETY: `f.ip` was bounds-checked by `parse6` and no helper has moved
+    // packet data since.
+    unsafe { (*f.ip).hop_limit -= 1 };
 }

@@ -683,8 +683,13 @@ impl Gen<'_> {
             (true, Some(e)) => *e,
             _ => self.addr(),
         };
-        let mut inner = self.eth(inner_src, 0x0800);
-        inner.extend(self.ipv4_packet(inner_src, inner_dst));
+        let inner = if self.rng.random_bool(0.35) {
+            self.inner6(outer_src)
+        } else {
+            let mut inner = self.eth(inner_src, 0x0800);
+            inner.extend(self.ipv4_packet(inner_src, inner_dst));
+            inner
+        };
         let r = &mut *self.rng;
         let vni = if r.random_bool(0.85) {
             vni
@@ -729,6 +734,36 @@ impl Gen<'_> {
         h.write(&mut f).expect("to a Vec");
         f.extend(udp.to_bytes());
         f.extend(payload);
+        f
+    }
+
+    /// The inner IPv6 frame of a VXLAN packet from `outer_src`: from a
+    /// subnet of that peer host (or any peer's, or anyone) to a local
+    /// endpoint (or anywhere).
+    fn inner6(&mut self, outer_src: [u8; 4]) -> Vec<u8> {
+        let m = &self.model.maps;
+        let pool = addr_pool6(self.model);
+        let nets: Vec<Prefix6> = m.routes6.keys().copied().collect();
+        let own: Vec<Prefix6> = m
+            .routes6
+            .iter()
+            .filter(|(_, h)| **h == outer_src)
+            .map(|(p, _)| *p)
+            .collect();
+        let eps: Vec<[u8; 16]> = m.endpoints6.keys().copied().collect();
+        let src = match self.rng.random_range(0..10) {
+            0..7 if !own.is_empty() => random_in6(self.rng, &own),
+            0..8 if !nets.is_empty() => random_in6(self.rng, &nets),
+            _ => *pool.choose(self.rng).expect("addrs"),
+        };
+        let dst = match (self.rng.random_bool(0.7), eps.choose(self.rng)) {
+            (true, Some(e)) => *e,
+            _ => *pool.choose(self.rng).expect("addrs"),
+        };
+        let mut f = self.mac().to_vec();
+        f.extend(self.mac());
+        f.extend([0x86, 0xdd]);
+        f.extend(self.ipv6_packet(src, dst));
         f
     }
 
@@ -817,6 +852,16 @@ impl Gen<'_> {
             (7..9, _, Some(mac)) => mac,
             _ => self.mac(),
         };
+        let mut f = Vec::with_capacity(54);
+        f.extend(to);
+        f.extend(from);
+        f.extend([0x86, 0xdd]);
+        f.extend(self.ipv6_packet(src, dst));
+        f
+    }
+
+    /// An IPv6 packet from `src` to `dst` (`ipv6`'s, without Ethernet).
+    fn ipv6_packet(&mut self, src: [u8; 16], dst: [u8; 16]) -> Vec<u8> {
         let r = &mut *self.rng;
         let hop_limit = *[0u8, 1, 1, 2, 64, 64, 64, 255].choose(r).expect("hops");
         let payload_len = match r.random_range(0..20) {
@@ -852,10 +897,7 @@ impl Gen<'_> {
             _ => (r.random(), Vec::new()),
         };
         let payload = l4.len() + payload_len;
-        let mut f = Vec::with_capacity(54 + payload);
-        f.extend(to);
-        f.extend(from);
-        f.extend([0x86, 0xdd]);
+        let mut f = Vec::with_capacity(40 + payload);
         f.extend([
             0x60 | r.random_range(0..16),
             r.random(),

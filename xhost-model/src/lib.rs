@@ -707,8 +707,10 @@ impl Model {
             return None;
         }
         self.maps.underlay_addrs.get(&outer.dst)?;
-        let wire::Parsed::Ipv4(inner) = wire::parse(frame, INNER, 0) else {
-            return None;
+        let inner = match wire::parse(frame, INNER, 0) {
+            wire::Parsed::Ipv4(inner) => inner,
+            wire::Parsed::Ipv6 => return self.decapsulated6(frame, outer),
+            _ => return None,
         };
         if usize::from(inner.tot_len) + INNER > 14 + usize::from(outer.tot_len) {
             return None;
@@ -791,15 +793,20 @@ impl Model {
     fn vxlan_in(&self, input: &Input) -> (Verdict, Vec<u8>) {
         let frame = &input.frame;
         let vni = self.config.tunnel.map_or(0, |t| t.vni);
+        let ipv6 = frame.get(12..14) == Some(&[0x86, 0xdd]);
         let Some((_, outer)) = input
             .tunnel_key
             .filter(|(v, o)| *v == vni && self.maps.peer_hosts.contains(o))
         else {
-            return (self.deny(stat::DROP_SPOOFED), frame.clone());
+            let reason = if ipv6 {
+                stat::DROP_SPOOFED6
+            } else {
+                stat::DROP_SPOOFED
+            };
+            return (self.deny(reason), frame.clone());
         };
         let ip = match wire::parse(frame, 0, 0) {
-            // The tunnel carries IPv4 only.
-            wire::Parsed::Ipv6 => return (Verdict::pass(stat::PASS_NOT_OURS6), frame.clone()),
+            wire::Parsed::Ipv6 => return self.vxlan_in6(frame, outer),
             wire::Parsed::NotIpv4 => return (Verdict::pass(stat::PASS_NOT_IPV4), frame.clone()),
             wire::Parsed::Malformed => {
                 return (Verdict::pass(stat::PASS_MALFORMED), frame.clone());
@@ -813,12 +820,17 @@ impl Model {
     }
 
     /// `xhost_vxlan_out`: keys what the device sends to the peer owning the
-    /// destination; drops what is not IPv4 or no peer's.
+    /// destination (IPv4 or IPv6); drops what no peer owns.
     fn vxlan_out(&self, frame: &[u8]) -> Verdict {
-        let wire::Parsed::Ipv4(ip) = wire::parse(frame, 0, 0) else {
-            return self.deny(stat::DROP_TUNNEL);
+        let host = match wire::parse(frame, 0, 0) {
+            wire::Parsed::Ipv4(ip) => self.maps.route_of(ip.dst),
+            wire::Parsed::Ipv6 => match wire::parse6(frame) {
+                wire::Parsed6::Ipv6(ip) => self.maps.route6_of(ip.dst),
+                _ => None,
+            },
+            _ => None,
         };
-        if self.maps.route_of(ip.dst).is_none() {
+        if host.is_none() {
             return self.deny(stat::DROP_TUNNEL);
         }
         Verdict::pass(stat::FWD_EGRESS)
@@ -828,7 +840,7 @@ impl Model {
     /// "IPv6"): `egress`'s rules with `ROUTES6`, `ENDPOINTS6`,
     /// `LOCAL_NETS6` and the bridge's NDP entries; the next hop is the
     /// IPv4 route to the peer host, used only when its neighbour is
-    /// resolved. VXLAN mode leaves IPv6 to the kernel.
+    /// resolved; in VXLAN mode encapsulated as IPv4 is.
     fn egress6(&self, input: &Input, from_port: bool) -> Egress {
         let frame = &input.frame;
         let mut out = Egress {
@@ -837,9 +849,6 @@ impl Model {
             priority: input.priority,
             loose: Vec::new(),
         };
-        if self.config.tunnel.is_some() {
-            return out;
-        }
         let ip = match wire::parse6(frame) {
             wire::Parsed6::Malformed => {
                 out.v = Verdict::pass(stat::PASS_MALFORMED);
@@ -900,6 +909,9 @@ impl Model {
             out.v = Verdict::pass(stat::PASS_HOP_LIMIT6);
             return hand_on(out);
         }
+        if let Some(tunnel) = self.config.tunnel {
+            return hand_on(self.encapsulated6(frame, out, iif, tunnel, peer, ip.tot_len));
+        }
         let hop = match u16::try_from(ip.tot_len) {
             Ok(len) => self.host.fib(iif, peer, len, false),
             Err(_) => FibAnswer::Kernel,
@@ -929,13 +941,74 @@ impl Model {
         out
     }
 
+    /// VXLAN mode: `egress6`'s packet (`tot_len` long) for peer host
+    /// `peer`, hop limit - 1, encapsulated here when the outer lengths fit
+    /// 16 bits and the FIB lets the outer packet through, else through the
+    /// vxlan device if it fits the device's MTU, else the kernel's.
+    fn encapsulated6(
+        &self,
+        frame: &[u8],
+        mut out: Egress,
+        iif: u32,
+        tunnel: Tunnel,
+        peer: [u8; 4],
+        tot_len: u32,
+    ) -> Egress {
+        let Ok(len) = u16::try_from(tot_len) else {
+            out.v = Verdict::pass(stat::PASS_FIB6);
+            return out;
+        };
+        let whole = frame.len() - 14 + VXLAN_OVERHEAD as usize;
+        let outer = len.checked_add(VXLAN_OVERHEAD as u16);
+        let (Some(outer), true) = (outer, whole <= usize::from(u16::MAX)) else {
+            if frame.len() - 14 > self.host.mtu(tunnel.ifindex) as usize {
+                out.v = Verdict::pass(stat::PASS_FIB6);
+                return out;
+            }
+            let mut f = frame.to_vec();
+            f[14 + 7] -= 1;
+            out.frame = f;
+            out.v = Verdict {
+                action: Action::Redirect {
+                    ifindex: tunnel.ifindex,
+                    how: Redirect::Out,
+                },
+                reason: stat::FWD_EGRESS6,
+            };
+            return out;
+        };
+        let (ifindex, how, smac, dmac, source) = match self.host.fib(iif, peer, outer, true) {
+            FibAnswer::Kernel => {
+                out.v = Verdict::pass(stat::PASS_FIB6);
+                return out;
+            }
+            FibAnswer::Resolved {
+                ifindex,
+                smac,
+                dmac,
+                source,
+            } => (ifindex, Redirect::Out, smac, dmac, source),
+            FibAnswer::Unresolved {
+                ifindex,
+                nexthop,
+                source,
+            } => (ifindex, Redirect::Neigh { nexthop }, [0; 6], [0; 6], source),
+        };
+        let (f, loose) = encapsulate(frame, tunnel, source, peer, smac, dmac);
+        out.frame = f;
+        out.loose = loose;
+        out.v = Verdict {
+            action: Action::Redirect { ifindex, how },
+            reason: stat::FWD_EGRESS6,
+        };
+        out
+    }
+
     /// `xhost_nic_in` for IPv6: a peer's packet (source in `ROUTES6`) for a
-    /// local container, delivered when its endpoint is known.
+    /// local container, delivered when its endpoint is known; in VXLAN mode
+    /// none arrives bare.
     fn nic_in6(&self, frame: &[u8]) -> (Verdict, Vec<u8>) {
         let pass = |reason| (Verdict::pass(reason), frame.to_vec());
-        if self.config.tunnel.is_some() {
-            return pass(stat::PASS_NOT_OURS6);
-        }
         let ip = match wire::parse6(frame) {
             wire::Parsed6::Malformed => return pass(stat::PASS_MALFORMED),
             wire::Parsed6::Control => return pass(stat::PASS_CONTROL6),
@@ -945,9 +1018,15 @@ impl Model {
         if ep.is_none() && !self.maps.is_local6(ip.dst) {
             return pass(stat::PASS_NOT_OURS6);
         }
-        if self.maps.route6_of(ip.src).is_none() {
+        if self.config.tunnel.is_some() || self.maps.route6_of(ip.src).is_none() {
             return (self.deny(stat::DROP_SPOOFED6), frame.to_vec());
         }
+        self.deliver6(frame, &ip, ep)
+    }
+
+    /// A peer's IPv6 packet for a local container, its source checked.
+    fn deliver6(&self, frame: &[u8], ip: &wire::Ipv6, ep: Option<Endpoint>) -> (Verdict, Vec<u8>) {
+        let pass = |reason| (Verdict::pass(reason), frame.to_vec());
         if !ip.parsed_next {
             return pass(stat::PASS_EXT6);
         }
@@ -975,14 +1054,59 @@ impl Model {
 
     /// `xhost_nic_xdp` for IPv6: whether `nic_in6` drops it as spoofed.
     fn spoofed6(&self, frame: &[u8]) -> bool {
-        if self.config.tunnel.is_some() {
-            return false;
-        }
         let wire::Parsed6::Ipv6(ip) = wire::parse6(frame) else {
             return false;
         };
         (self.maps.endpoint6(ip.dst).is_some() || self.maps.is_local6(ip.dst))
-            && self.maps.route6_of(ip.src).is_none()
+            && (self.config.tunnel.is_some() || self.maps.route6_of(ip.src).is_none())
+    }
+
+    /// `xhost_vxlan_in` for IPv6: the inner source must lie in a subnet of
+    /// the peer host that sent it (checked first, control traffic
+    /// included), then delivered as on the underlay.
+    fn vxlan_in6(&self, frame: &[u8], outer: [u8; 4]) -> (Verdict, Vec<u8>) {
+        let pass = |reason| (Verdict::pass(reason), frame.to_vec());
+        // The whole fixed header must be there to read the source from.
+        let Some(h) = frame.get(14..54) else {
+            return pass(stat::PASS_MALFORMED);
+        };
+        if self.maps.route6_of(h[8..24].try_into().expect("16")) != Some(outer) {
+            return (self.deny(stat::DROP_SPOOFED6), frame.to_vec());
+        }
+        let ip = match wire::parse6(frame) {
+            wire::Parsed6::Malformed => return pass(stat::PASS_MALFORMED),
+            wire::Parsed6::Control => return pass(stat::PASS_CONTROL6),
+            wire::Parsed6::Ipv6(ip) => ip,
+        };
+        let ep = self.maps.endpoint6(ip.dst);
+        if ep.is_none() && !self.maps.is_local6(ip.dst) {
+            return pass(stat::PASS_NOT_OURS6);
+        }
+        self.deliver6(frame, &ip, ep)
+    }
+
+    /// VXLAN mode on the underlay: the inner IPv6 frame at [`INNER`] of a
+    /// VXLAN packet whose outer headers `decapsulated` checked, delivered
+    /// as the IPv4 one is; `None`: the kernel's device decapsulates it.
+    fn decapsulated6(&self, frame: &[u8], outer: &Ipv4) -> Option<(Verdict, Vec<u8>)> {
+        let wire::Parsed6::Ipv6(inner) = wire::parse6_at(frame, INNER) else {
+            return None;
+        };
+        if inner.tot_len as usize + INNER > 14 + usize::from(outer.tot_len) {
+            return None;
+        }
+        if self.maps.route6_of(inner.src) != Some(outer.src)
+            || !inner.parsed_next
+            || inner.hop_limit <= 1
+        {
+            return None;
+        }
+        let ep = self.maps.endpoint6(inner.dst)?;
+        // The outer Ethernet header (EtherType IPv6), then the inner packet.
+        let mut f = frame[0..12].to_vec();
+        f.extend_from_slice(&[0x86, 0xdd]);
+        f.extend_from_slice(&frame[INNER + 14..]);
+        Some(self.deliver6(&f, &inner, Some(ep)))
     }
 }
 
@@ -1045,9 +1169,16 @@ fn encapsulate(
     dmac: [u8; 6],
 ) -> (Vec<u8>, Vec<Loose>) {
     let mut inner = frame.to_vec();
-    wire::decrement_ttl(&mut inner, 14);
+    // IPv6: the hop limit, and the traffic class across the first two bytes.
+    let inner_tos = if inner[12..14] == [0x86, 0xdd] {
+        inner[14 + 7] -= 1;
+        (inner[14] << 4) | (inner[15] >> 4)
+    } else {
+        wire::decrement_ttl(&mut inner, 14);
+        inner[15]
+    };
     let ip_len = (inner.len() - 14 + VXLAN_OVERHEAD as usize) as u16;
-    let tos = match inner[15] & 0x03 {
+    let tos = match inner_tos & 0x03 {
         0x03 => 0x02,
         ecn => ecn,
     };

@@ -322,15 +322,31 @@ fn only_peers_ipv6_subnets_reach_a_container() {
     );
     let o = m.run(Prog::NicXdp, &input(spoofed.clone(), UL));
     assert_eq!(o.action, Action::Drop);
-    // VXLAN mode leaves IPv6 to the kernel.
+    // VXLAN mode: a container's IPv6 for a peer is encapsulated (outer IPv4
+    // EtherType, inner EtherType IPv6, hop limit - 1); bare IPv6 for a local
+    // container is dropped, whatever its source.
     let t = Tunnel {
         ifindex: 9,
         vni: 1,
         port: 8472,
     };
-    let o = model6(Some(t)).run(Prog::NicIn, &input(spoofed, UL));
-    assert_eq!(
-        (o.action, o.counted.map(|c| c.0)),
-        (Action::Pass, Some(stat::PASS_NOT_OURS6))
-    );
+    let m = model6(Some(t));
+    let f = frame6("fd00:110::11", "fd00:220::5", 64, 17, 0);
+    let o = m.run(Prog::VethIn, &input(f.clone(), VETH));
+    assert_eq!(o.frame.len(), f.len() + 50);
+    assert_eq!(&o.frame[12..14], &[0x08, 0x00]);
+    assert_eq!(&o.frame[62..64], &[0x86, 0xdd]);
+    assert_eq!(o.frame[64 + 7], 63);
+    assert_eq!(o.counted.map(|c| c.0), Some(stat::FWD_EGRESS6));
+    for src in ["2001:db8::1", "fd00:220::5"] {
+        let bare = frame6(src, "fd00:110::11", 64, 17, 0);
+        let o = m.run(Prog::NicIn, &input(bare.clone(), UL));
+        assert_eq!(
+            (o.action, o.counted.map(|c| c.0)),
+            (Action::Drop, Some(stat::DROP_SPOOFED6)),
+            "bare from {src}"
+        );
+        let o = m.run(Prog::NicXdp, &input(bare, UL));
+        assert_eq!(o.action, Action::Drop, "XDP: bare from {src}");
+    }
 }

@@ -46,11 +46,16 @@ pub enum Parsed6 {
 /// link-local (fe80::/10) or multicast (ff00::/8) source or destination,
 /// or ICMPv6 of types 133 to 137, are control traffic.
 pub fn parse6(frame: &[u8]) -> Parsed6 {
-    let Some(h) = frame.get(14..54) else {
+    parse6_at(frame, 0)
+}
+
+/// [`parse6`] for the frame that starts `off` bytes into `frame`.
+pub fn parse6_at(frame: &[u8], off: usize) -> Parsed6 {
+    let Some(h) = frame.get(off + 14..off + 54) else {
         return Parsed6::Malformed;
     };
     let payload_len = usize::from(u16::from_be_bytes([h[4], h[5]]));
-    if h[0] >> 4 != 6 || payload_len == 0 || 40 + payload_len > frame.len() - 14 {
+    if h[0] >> 4 != 6 || payload_len == 0 || 40 + payload_len > frame.len() - off - 14 {
         return Parsed6::Malformed;
     }
     let src: [u8; 16] = h[8..24].try_into().expect("16");
@@ -60,7 +65,7 @@ pub fn parse6(frame: &[u8]) -> Parsed6 {
         return Parsed6::Control;
     }
     let next = h[6];
-    if next == 58 && matches!(frame.get(54), Some(133..=137)) {
+    if next == 58 && matches!(frame.get(off + 54), Some(133..=137)) {
         return Parsed6::Control;
     }
     Parsed6::Ipv6(Ipv6 {

@@ -459,13 +459,9 @@ pub enum ConfigError {
     #[error("--datapath kernel {0}")]
     KernelDatapath(&'static str),
     #[error(
-        "peer {host}: IPv6 subnet {subnet} needs the eBPF datapath in native routing mode ({mode} forwards IPv4 only so far)"
+        "peer {host}: IPv6 subnet {subnet} needs the eBPF datapath (--datapath kernel forwards IPv4 only so far)"
     )]
-    Ipv6NotInMode {
-        host: Ipv4Addr,
-        subnet: Ipv6Net,
-        mode: &'static str,
-    },
+    Ipv6NotInKernelDatapath { host: Ipv4Addr, subnet: Ipv6Net },
     #[error("no underlay interface: give --iface or iface = \"...\" in the config file")]
     NoIface,
     #[error("peer {0} is given more than once")]
@@ -1148,24 +1144,20 @@ pub fn validate(s: &Settings) -> Result<Vec<LocalSubnet>, ConfigError> {
     Ok(locals)
 }
 
-/// IPv6 peer subnets are forwarded by the eBPF datapath in native routing
-/// only: VXLAN mode encapsulates IPv4 alone, and the kernel datapath has no
-/// route to an IPv6 subnet behind an IPv4 peer host (Linux refuses an IPv6
-/// route via an IPv4 next hop).
+/// IPv6 peer subnets are forwarded by the eBPF datapath (natively or in
+/// VXLAN mode) only: the kernel datapath has no route to an IPv6 subnet
+/// behind an IPv4 peer host (Linux refuses an IPv6 route via an IPv4 next
+/// hop).
 fn check_ipv6_mode(s: &Settings) -> Result<(), ConfigError> {
-    let mode = if s.tunnel.is_some() {
-        "VXLAN mode"
-    } else if s.datapath == DatapathArg::Kernel {
-        "--datapath kernel"
-    } else {
+    if s.datapath != DatapathArg::Kernel {
         return Ok(());
-    };
+    }
     match s
         .peers
         .iter()
         .find_map(|p| p.subnets6.first().map(|n| (p.host, *n)))
     {
-        Some((host, subnet)) => Err(ConfigError::Ipv6NotInMode { host, subnet, mode }),
+        Some((host, subnet)) => Err(ConfigError::Ipv6NotInKernelDatapath { host, subnet }),
         None => Ok(()),
     }
 }
@@ -1509,22 +1501,17 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_peer_subnets_only_in_native_ebpf_mode() {
+    fn ipv6_peer_subnets_only_in_the_ebpf_datapath() {
         let mut s = settings();
         s.peers = vec![peer("10.0.0.2=10.1.0.0/16,fd00:b::/64")];
-        assert!(check_ipv6_mode(&s).is_ok());
+        assert!(check_ipv6_mode(&s).is_ok(), "native routing");
         s.tunnel = Some(Vxlan { vni: 1, port: 8472 });
-        assert_eq!(
-            check_ipv6_mode(&s).expect_err("vxlan").to_string(),
-            "peer 10.0.0.2: IPv6 subnet fd00:b::/64 needs the eBPF datapath in native routing mode (VXLAN mode forwards IPv4 only so far)"
-        );
+        assert!(check_ipv6_mode(&s).is_ok(), "VXLAN mode");
         s.tunnel = None;
         s.datapath = DatapathArg::Kernel;
-        assert!(
-            check_ipv6_mode(&s)
-                .expect_err("kernel")
-                .to_string()
-                .contains("(--datapath kernel forwards IPv4 only so far)")
+        assert_eq!(
+            check_ipv6_mode(&s).expect_err("kernel").to_string(),
+            "peer 10.0.0.2: IPv6 subnet fd00:b::/64 needs the eBPF datapath (--datapath kernel forwards IPv4 only so far)"
         );
         s.peers = vec![peer("10.0.0.2=10.1.0.0/16")];
         assert!(check_ipv6_mode(&s).is_ok(), "IPv4 peers in any mode");

@@ -592,8 +592,9 @@ fn getlink(index: u32, name: Option<&str>) -> LinkMessage {
 /// without ARP.
 fn newvxlan(name: &str, port: u16, mtu: u32) -> LinkMessage {
     let mut m = LinkMessage::default();
+    // No multicast: the device joins no IPv6 group it would report (MLD).
     m.header.flags = LinkFlags::Up | LinkFlags::Noarp;
-    m.header.change_mask = LinkFlags::Up | LinkFlags::Noarp;
+    m.header.change_mask = LinkFlags::Up | LinkFlags::Noarp | LinkFlags::Multicast;
     m.attributes.push(LinkAttribute::IfName(name.into()));
     m.attributes.push(LinkAttribute::Mtu(mtu));
     m.attributes.push(LinkAttribute::LinkInfo(vec![

@@ -101,14 +101,7 @@ impl TunnelDevice {
             vxlan,
             keep: false,
         };
-        // The device's own IPv6 chatter (router solicitations, MLD) has no
-        // peer to go to; without IPv6 there is none.
-        let sysctl = format!("/proc/sys/net/ipv6/conf/{DEVICE}/disable_ipv6");
-        if let Err(e) = std::fs::write(&sysctl, "1")
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            warn!("{sysctl}: {e}");
-        }
+        ipv6_without_addresses();
         info!(
             "created {DEVICE} (ifindex {ifindex}): VXLAN VNI {} on UDP {}, MTU {mtu}",
             vxlan.vni, vxlan.port
@@ -207,6 +200,30 @@ impl Drop for TunnelDevice {
     fn drop(&mut self) {
         if !self.keep {
             delete(self.ifindex);
+        }
+    }
+}
+
+/// IPv6 on the device without any address of its own: the kernel routes
+/// peers' IPv6 subnets into it (and takes what it decapsulates) only with
+/// IPv6 on, and the device's own IPv6 chatter (DAD, router solicitations,
+/// MLD reports) would have no peer to go to. Off, then no address
+/// generation (`addr_gen_mode` none: no link-local address, so no DAD or
+/// solicitation), then on again; with multicast off on the device (see
+/// `newvxlan`) it joins no group it would report either. Best effort: on a
+/// host without IPv6 there is nothing to do.
+fn ipv6_without_addresses() {
+    for (knob, value) in [
+        ("disable_ipv6", "1"),
+        ("addr_gen_mode", "1"),
+        ("disable_ipv6", "0"),
+    ] {
+        let sysctl = format!("/proc/sys/net/ipv6/conf/{DEVICE}/{knob}");
+        if let Err(e) = std::fs::write(&sysctl, value) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!("{sysctl}: {e}");
+            }
+            return;
         }
     }
 }

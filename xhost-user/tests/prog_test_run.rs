@@ -2944,41 +2944,346 @@ fn ipv6_xdp_drops_what_tc_drops() {
     });
 }
 
-/// VXLAN mode carries IPv4 only: every IPv6 packet is the kernel's,
-/// counted, untouched.
+/// `f` (IPv6) with traffic class `tclass` (DSCP and ECN), the flow label
+/// kept.
+fn with_tclass6(f: &[u8], tclass: u8) -> Vec<u8> {
+    let mut o = f.to_vec();
+    let ip = Ethernet2Header::LEN;
+    o[ip] = 0x60 | (tclass >> 4);
+    o[ip + 1] = (tclass << 4) | (o[ip + 1] & 0x0f);
+    o
+}
+
+/// `f` (IPv6) with the hop limit one less, as routed: MACs kept.
+fn hop_decremented(f: &[u8]) -> Vec<u8> {
+    let mut o = f.to_vec();
+    o[HOP_LIMIT] -= 1;
+    o
+}
+
+/// VXLAN mode carries IPv6 over the IPv4 underlay: a container's IPv6
+/// packet for a peer's subnet is routed (hop limit - 1) and encapsulated by
+/// the program exactly as the kernel's vxlan device would (outer IPv4/UDP/
+/// VXLAN byte by byte, the inner frame's own Ethernet header with EtherType
+/// 0x86DD, ECN carried out), after the same checks as native routing; what
+/// would not fit the underlay once encapsulated is the kernel's (Packet Too
+/// Big from its route into the vxlan device).
 #[test]
-fn ipv6_is_the_kernels_in_vxlan_mode() {
+fn ipv6_vxlan_mode_encapsulates_in_the_program() {
     in_vxlan_test_host(|ebpf| {
-        for (prog, iface, frame) in [
+        let ul0 = mac("ul0");
+        let br0 = ifindex("br0");
+        let to_peer = || Outer::to_peer([172, 16, 91, 132], ul0, PEER_MAC);
+        let fwd = ipv6_udp(c1_6(), r1_6(), 64, 0);
+        let mut sport = None;
+        for (name, prog, frame, outer_tos) in [
             (
+                "v6 bridge, not ECN-capable",
                 xhost_common::PROG_BRIDGE_IN,
-                "br0",
-                ipv6_udp(c1_6(), r1_6(), 64, 0),
+                with_tclass6(&fwd, 0x10),
+                0x00,
             ),
             (
+                "v6 bridge, ECT(1) carried out",
+                xhost_common::PROG_BRIDGE_IN,
+                with_tclass6(&fwd, 0x11),
+                0x01,
+            ),
+            (
+                "v6 veth, CE carried out as ECT(0)",
+                xhost_common::PROG_VETH_IN,
+                to_mac(with_tclass6(&fwd, 0x13), GW_MAC),
+                0x02,
+            ),
+        ] {
+            let before = counters(ebpf);
+            let (tx0, _) = peer_counters(ebpf, 0);
+            let (verdict, out) = tc_test_run(ebpf, prog, "br0", &frame, name);
+            assert_eq!(verdict, TC_ACT_REDIRECT, "{name}: verdict");
+            let sent = Outer {
+                tos: outer_tos,
+                ..to_peer().as_sent(&out)
+            };
+            let inner = hop_decremented(&frame);
+            assert_eq!(&inner[12..14], &[0x86, 0xdd], "{name}: inner EtherType");
+            assert_eq!(out, sent.wrap(&inner), "{name}: output frame");
+            assert_counter_moved(ebpf, &before, stat::FWD_EGRESS6, frame.len(), name);
+            let (tx, _) = peer_counters(ebpf, 0);
+            assert_eq!(tx.packets, tx0.packets + 1, "{name}: PEER_STATS tx of .132");
+            assert_eq!(
+                *sport.get_or_insert(sent.sport),
+                sent.sport,
+                "{name}: one flow, one source port"
+            );
+        }
+
+        // The peer host .133 is not resolved: encapsulated for it all the
+        // same, and handed to bpf_redirect_neigh (which writes the MACs).
+        let unresolved = ipv6_udp(c1_6(), v6("fd00:230::5"), 64, 0);
+        let (verdict, out) = tc_test_run(
+            ebpf,
+            xhost_common::PROG_BRIDGE_IN,
+            "br0",
+            &unresolved,
+            "v6 unresolved",
+        );
+        assert_eq!(verdict, TC_ACT_REDIRECT, "v6 unresolved: verdict");
+        let (eth, _, _) = eth_ip(&out);
+        let want = Outer::to_peer([172, 16, 91, 133], eth.source, eth.destination)
+            .as_sent(&out)
+            .wrap(&hop_decremented(&unresolved));
+        assert_eq!(out, want, "v6 unresolved: output frame past the MACs");
+
+        // 1450 bytes of IPv6 are 1500 on the underlay; one more is the
+        // kernel's, untouched.
+        let fits = ipv6_udp(c1_6(), r1_6(), 64, 1450 - 48);
+        let (verdict, out) =
+            tc_test_run(ebpf, xhost_common::PROG_BRIDGE_IN, "br0", &fits, "v6 1450");
+        assert_eq!(verdict, TC_ACT_REDIRECT, "v6 1450: verdict");
+        let want = to_peer().as_sent(&out).wrap(&hop_decremented(&fits));
+        assert_eq!(
+            want.len(),
+            fits.len() + 50,
+            "v6 1450: 50 bytes of outer headers"
+        );
+        assert_eq!(out, want, "v6 1450: encapsulated");
+
+        let cases = vec![
+            Case {
+                name: "v6 1451 bytes: the kernel's (Packet Too Big)",
+                frame: ipv6_udp(c1_6(), r1_6(), 64, 1451 - 48),
+                verdict: TC_ACT_UNSPEC,
+                out: None,
+                counter: stat::PASS_FIB6,
+            },
+            Case {
+                name: "v6 hop limit 1",
+                frame: ipv6_udp(c1_6(), r1_6(), 1, 0),
+                verdict: TC_ACT_UNSPEC,
+                out: None,
+                counter: stat::PASS_HOP_LIMIT6,
+            },
+            Case {
+                name: "v6 extension header",
+                frame: with_dest_opts(&fwd),
+                verdict: TC_ACT_UNSPEC,
+                out: None,
+                counter: stat::PASS_EXT6,
+            },
+            Case {
+                name: "v6 link-local",
+                frame: ipv6_udp(v6("fe80::11"), r1_6(), 64, 0),
+                verdict: TC_ACT_UNSPEC,
+                out: None,
+                counter: stat::PASS_CONTROL6,
+            },
+            Case {
+                name: "v6 neighbour solicitation",
+                frame: icmpv6(c1_6(), r1_6(), NDP_NEIGHBOUR_SOLICITATION),
+                verdict: TC_ACT_UNSPEC,
+                out: None,
+                counter: stat::PASS_CONTROL6,
+            },
+            Case {
+                name: "v6 no peer's",
+                frame: ipv6_udp(c1_6(), v6("2001:db8::2"), 64, 0),
+                verdict: TC_ACT_UNSPEC,
+                out: None,
+                counter: stat::PASS_NOT_OURS6,
+            },
+            Case {
+                name: "v6 endpoint's address from another MAC",
+                frame: from_mac(fwd.clone(), ANY_MAC),
+                verdict: TC_ACT_SHOT,
+                out: None,
+                counter: stat::DROP_SPOOFED_LOCAL6,
+            },
+            Case {
+                name: "v6 local address no container announced",
+                frame: ipv6_udp(v6("fd00:110::99"), r1_6(), 64, 0),
+                verdict: TC_ACT_SHOT,
+                out: None,
+                counter: stat::DROP_SPOOFED_LOCAL6,
+            },
+        ];
+        run_tc(ebpf, xhost_common::PROG_BRIDGE_IN, "br0", cases);
+
+        // A UDP GSO burst: its segments only the kernel measures, so it
+        // goes to the vxlan device (xhost_vxlan_out keys it from ROUTES6),
+        // routed but not encapsulated here.
+        let udp_burst = ipv6_udp(c1_6(), r1_6(), 64, 1000);
+        let before = counters(ebpf);
+        let r = run_tc_prog_ctx(
+            ebpf,
+            xhost_common::PROG_BRIDGE_IN,
+            &skb_ctx(br0, 400),
+            &udp_burst,
+            1,
+        )
+        .expect("test_run");
+        assert_eq!(r.verdict, TC_ACT_REDIRECT, "v6 UDP GSO: verdict");
+        assert_eq!(
+            r.out,
+            hop_decremented(&udp_burst),
+            "v6 UDP GSO: routed, as it is"
+        );
+        assert_counter_moved(
+            ebpf,
+            &before,
+            stat::FWD_EGRESS6,
+            udp_burst.len(),
+            "v6 UDP GSO",
+        );
+    });
+}
+
+/// VXLAN mode, on the underlay: a peer's VXLAN packet around an IPv6 frame
+/// for a local endpoint is decapsulated and delivered by the program
+/// (routed: the container's MACs, hop limit - 1), counted at its inner
+/// length; every packet the program may not take itself goes to the
+/// kernel untouched (its vxlan device decapsulates, and `xhost_vxlan_in`
+/// checks). Bare IPv6 for a local container is dropped, by TC and XDP.
+#[test]
+fn ipv6_vxlan_mode_decapsulates_in_the_program() {
+    in_vxlan_test_host(|ebpf| {
+        let ul0 = mac("ul0");
+        let from_peer = Outer {
+            src: [172, 16, 91, 132],
+            dst: [172, 16, 91, 131],
+            ..Outer::to_peer([0; 4], PEER_MAC, ul0)
+        };
+        let inner = ipv6_udp(r1_6(), c1_6(), 63, 0);
+        let frame = from_peer.wrap(&inner);
+        let before = counters(ebpf);
+        let (verdict, out) =
+            tc_test_run(ebpf, xhost_common::PROG_NIC_IN, "ul0", &frame, "v6 valid");
+        assert_eq!(verdict, TC_ACT_REDIRECT, "v6 valid: verdict");
+        assert_eq!(
+            out,
+            routed6(&inner, GW_MAC, CTR_MAC),
+            "v6 valid: output frame"
+        );
+        assert_counter_moved(ebpf, &before, stat::FWD_INGRESS6, inner.len(), "v6 valid");
+        let (_, rx) = peer_counters(ebpf, 0);
+        assert_eq!(rx.packets, 1, "PEER_STATS rx of .132");
+
+        // (what, frame, GSO size)
+        let kernels: [(&str, Vec<u8>, u32); 8] = [
+            (
+                "v6 inner source of another peer",
+                from_peer.wrap(&ipv6_udp(v6("fd00:230::5"), c1_6(), 63, 0)),
+                0,
+            ),
+            (
+                "v6 inner source of no peer",
+                from_peer.wrap(&ipv6_udp(v6("2001:db8::1"), c1_6(), 63, 0)),
+                0,
+            ),
+            (
+                "v6 inner hop limit 1",
+                from_peer.wrap(&ipv6_udp(r1_6(), c1_6(), 1, 0)),
+                0,
+            ),
+            (
+                "v6 inner extension header",
+                from_peer.wrap(&with_dest_opts(&inner)),
+                0,
+            ),
+            (
+                "v6 no endpoint for the inner destination",
+                from_peer.wrap(&ipv6_udp(r1_6(), v6("fd00:110::12"), 63, 0)),
+                0,
+            ),
+            (
+                "v6 inner neighbour solicitation",
+                from_peer.wrap(&icmpv6(r1_6(), c1_6(), NDP_NEIGHBOUR_SOLICITATION)),
+                0,
+            ),
+            (
+                "v6 another VNI",
+                Outer {
+                    vni: 7,
+                    ..from_peer
+                }
+                .wrap(&inner),
+                0,
+            ),
+            ("v6 a GSO packet", frame.clone(), 400),
+        ];
+        for (name, f, gso_size) in kernels {
+            let before = counters(ebpf);
+            let r = run_tc_prog_ctx(
+                ebpf,
                 xhost_common::PROG_NIC_IN,
-                "ul0",
+                &skb_ctx(ifindex("ul0"), gso_size),
+                &f,
+                1,
+            )
+            .unwrap_or_else(|e| panic!("{name}: test_run: {e}"));
+            assert_eq!(
+                (r.verdict, &r.out),
+                (TC_ACT_UNSPEC, &f),
+                "{name}: the kernel's, untouched"
+            );
+            assert_counter_moved(ebpf, &before, stat::PASS_NOT_OURS, f.len(), name);
+        }
+
+        // Bare IPv6 for a local container: none arrives unencapsulated in
+        // VXLAN mode, whatever its source; XDP drops what TC drops.
+        for (name, frame) in [
+            (
+                "v6 bare from a peer's subnet",
                 ipv6_udp(r1_6(), c1_6(), 63, 0),
             ),
             (
-                xhost_common::PROG_NIC_IN,
-                "ul0",
+                "v6 bare to a local address without endpoint",
+                ipv6_udp(r1_6(), v6("fd00:110::12"), 63, 0),
+            ),
+            (
+                "v6 bare from anyone",
                 ipv6_udp(v6("2001:db8::1"), c1_6(), 63, 0),
             ),
         ] {
             run_tc(
                 ebpf,
-                prog,
-                iface,
+                xhost_common::PROG_NIC_IN,
+                "ul0",
                 vec![Case {
-                    name: "v6 in VXLAN mode",
-                    frame,
-                    verdict: TC_ACT_UNSPEC,
+                    name,
+                    frame: frame.clone(),
+                    verdict: TC_ACT_SHOT,
                     out: None,
-                    counter: stat::PASS_NOT_OURS6,
+                    counter: stat::DROP_SPOOFED6,
                 }],
             );
+            let before = counters(ebpf);
+            let p: &mut Xdp = ebpf
+                .program_mut(xhost_common::PROG_NIC_XDP)
+                .expect("prog")
+                .try_into()
+                .expect("xdp");
+            let mut out = vec![0u8; frame.len() + 64];
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&frame);
+            opts.data_out = Some(&mut out);
+            let res = p
+                .test_run(opts)
+                .unwrap_or_else(|e| panic!("{name}: XDP test_run: {e}"));
+            assert_eq!(res.return_value, XDP_DROP, "{name}: XDP verdict");
+            assert_counter_moved(ebpf, &before, stat::DROP_SPOOFED6, frame.len(), name);
         }
+        run_tc(
+            ebpf,
+            xhost_common::PROG_NIC_IN,
+            "ul0",
+            vec![Case {
+                name: "v6 bare, not local",
+                frame: ipv6_udp(r1_6(), v6("2001:db8::2"), 63, 0),
+                verdict: TC_ACT_UNSPEC,
+                out: None,
+                counter: stat::PASS_NOT_OURS6,
+            }],
+        );
     });
 }
 
