@@ -350,7 +350,7 @@ impl ClusterSource {
             snapshot,
             id,
             mode,
-            ipv6: s.tunnel.is_none() && s.datapath != DatapathArg::Kernel,
+            ipv6: s.datapath != DatapathArg::Kernel,
             iface: s.iface.clone(),
             planned: None,
             peers: Vec::new(),

@@ -428,7 +428,7 @@ pub fn plan(view: &View, me: &Me, locals: &BTreeSet<IpNet>, config: &[PeerConfig
                 &mut p,
                 c,
                 format!(
-                    "IPv6 subnet {n} of host {}: this host routes IPv6 only in native mode with the eBPF datapath",
+                    "IPv6 subnet {n} of host {}: this host routes IPv6 only with the eBPF datapath",
                     h.id
                 ),
             );
@@ -705,7 +705,7 @@ mod tests {
         let line = &p.skipped["/xhost/v1/subnets/fd00:b::-64"];
         assert!(
             line.contains("IPv6 subnet fd00:b::/64 of host b")
-                && line.contains("native mode with the eBPF datapath"),
+                && line.contains("only with the eBPF datapath"),
             "{line}"
         );
         assert_eq!(p.skipped.len(), 2, "{:?}", p.skipped);
