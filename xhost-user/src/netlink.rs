@@ -1249,8 +1249,14 @@ mod tests {
             1,
         );
         assert_eq!(u16_at(&m, 4), libc::RTM_NEWLINK);
+        // Up, no ARP, and multicast off (in the change mask, not in the flags).
         let up = (libc::IFF_UP | libc::IFF_NOARP) as u32;
-        assert_eq!((u32_at(&m, 24), u32_at(&m, 28)), (up, up), "flags, change");
+        let change = up | libc::IFF_MULTICAST as u32;
+        assert_eq!(
+            (u32_at(&m, 24), u32_at(&m, 28)),
+            (up, change),
+            "flags, change"
+        );
         assert!(m.windows(6).any(|w| w == b"vxlan\0"));
         // IFLA_VXLAN_PORT, the one attribute in network byte order.
         let port = 4789u16.to_be_bytes();
