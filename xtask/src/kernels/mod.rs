@@ -53,7 +53,7 @@ const NAMESPACE_TESTS: [&str; 7] = [
 /// context with EINVAL), so older kernels run the rest of the suite. Their programs
 /// still pass the verifier there (every test loads every program), and the namespace
 /// tests carry real packets through them.
-const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 33] = [
+const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 35] = [
     "bridge_forwards_only_what_its_tables_say_the_sender_owns",
     "cached_forwarding_answers_follow_the_kernel_and_the_maps",
     "drop_mode_answers_nothing",
@@ -83,6 +83,8 @@ const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 33] = [
     "ipv6_ingress_delivers_peer_traffic",
     "ipv6_ingress_drops_sources_outside_the_peers_subnets",
     "ipv6_ingress_leaves_what_is_not_for_a_local_container_to_the_kernel",
+    "ipv6_reject_mode_answers_spoofed_container_sources_within_the_rate",
+    "ipv6_reject_mode_answers_what_the_underlay_refuses",
     "ipv6_vxlan_mode_decapsulates_in_the_program",
     "ipv6_vxlan_mode_encapsulates_in_the_program",
     "ipv6_xdp_drops_what_tc_drops",
