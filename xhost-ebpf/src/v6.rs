@@ -249,8 +249,10 @@ fn deliver(f: &Ipv6Frame, ep: &Endpoint, slot: u32) -> Verdict {
 /// which leaves it to the kernel's vxlan device.
 #[inline(never)]
 pub fn decapsulated(ctx: &TcContext) -> Option<Verdict> {
-    // The flag that makes the skb IPv6 again (Linux 6.3) is in every kernel
-    // that has this one (6.7); before, the device decapsulates.
+    // Gated on a helper of 6.7. The flag that makes the skb IPv6 again
+    // (BPF_F_ADJ_ROOM_DECAP_L3_IPV6, 6.3) may still be missing where that
+    // helper is backported (Debian's 6.1): the adjustment then fails and the
+    // frame, untouched, is the device's to decapsulate.
     if !kernel::has(HELPER_FIB_LOOKUP_SRC) {
         return None;
     }
