@@ -184,6 +184,37 @@ pub fn status_routes(s: &serde_json::Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The `ROUTES6` entries `status --json` lists, as `prefix via peer`.
+pub fn status_routes6(s: &serde_json::Value) -> Vec<String> {
+    s["routes6"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            format!(
+                "{} via {}",
+                r["prefix"].as_str().unwrap_or_default(),
+                r["peer"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// xhost's IPv6 kernel routes (`proto 177`) in `ns`, as `ip -6 route` prints
+/// them (`prefix dev ens33 ...`), trimmed to `prefix dev device`, sorted.
+pub fn kernel_routes6(ns: &NetNs) -> Vec<String> {
+    let mut routes: Vec<String> = ns
+        .run(&["ip", "-6", "route", "show", "proto", "177"])
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 3 && w[1] == "dev").then(|| format!("{} dev {}", w[0], w[2]))
+        })
+        .collect();
+    routes.sort();
+    routes
+}
+
 /// Polls [`status`] every 20 ms until `pred` holds, for at most `timeout`; returns the
 /// matching status and how long it took. The timeout error shows the last status.
 pub fn wait_status(

@@ -26,7 +26,8 @@ use xhost_tests::{
     docker_engine::Engine,
     ping,
     xhost::{
-        Agent, AgentDirs, remove_instance, status, status_routes, wait_status, xhost, xhost_bin,
+        Agent, AgentDirs, kernel_routes6, remove_instance, status, status_routes, status_routes6,
+        wait_status, xhost, xhost_bin,
     },
 };
 
@@ -1516,33 +1517,6 @@ fn cluster_store_metrics_follow_the_connection() {
     drop(agent);
 }
 
-/// `ROUTES6` of an agent as `prefix via peer`.
-fn routes6(s: &serde_json::Value) -> Vec<String> {
-    s["routes6"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| {
-            format!(
-                "{} via {}",
-                r["prefix"].as_str().unwrap_or_default(),
-                r["peer"].as_str().unwrap_or_default()
-            )
-        })
-        .collect()
-}
-
-/// xhost's IPv6 kernel routes in `ns` as `prefix dev device`.
-fn kernel_routes6(ns: &xhost_tests::NetNs) -> Vec<String> {
-    ns.run(&["ip", "-6", "route", "show", "proto", "177"])
-        .lines()
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            (w.len() >= 3 && w[1] == "dev").then(|| format!("{} dev {}", w[0], w[2]))
-        })
-        .collect()
-}
-
 /// Two Docker hosts with a dual-stack network each: each publishes its IPv6
 /// subnet next to its IPv4 one, the other routes it (`ROUTES6` entry to the
 /// host's IPv4 underlay address and a `proto 177` kernel route), ping6
@@ -1642,7 +1616,7 @@ fn cluster_ipv6_subnets_published_and_routed() {
             &agents[i].dirs,
             "the other host's IPv6 subnet in ROUTES6",
             Duration::from_secs(10),
-            |s| routes6(s) == [want6.clone()] && status_routes(s).contains(&want4),
+            |s| status_routes6(s) == [want6.clone()] && status_routes(s).contains(&want4),
         )
         .unwrap_or_else(|e| panic!("{e}"));
         eprintln!("{}: {want6} {took:?} after the agents started", h.role());
@@ -1711,7 +1685,7 @@ fn cluster_ipv6_subnets_published_and_routed() {
         &agents[0].dirs,
         "host-b's IPv6 route to leave",
         Duration::from_secs(2 * (ttl + 1)),
-        |s| routes6(s).is_empty() && !status_routes(s).iter().any(|(n, _)| n == NETS[1].0),
+        |s| status_routes6(s).is_empty() && !status_routes(s).iter().any(|(n, _)| n == NETS[1].0),
     )
     .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("host-b's routes left host-a {took:?} after its agent was killed (TTL {ttl} s)");

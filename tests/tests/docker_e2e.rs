@@ -45,8 +45,8 @@ use xhost_tests::{
     docker_engine::{self, Engine, mounts_under, parse_docker_time, processes_mentioning},
     pid_alive,
     xhost::{
-        Agent, EndpointMap, attached_programs, status_routes, tc_hook, vm_rss_kib, wait_status,
-        xhost,
+        Agent, EndpointMap, attached_programs, status_routes, status_routes6, tc_hook, vm_rss_kib,
+        wait_status, xhost,
     },
 };
 
@@ -1784,22 +1784,6 @@ fn endpoints6(s: &Value) -> BTreeMap<Ipv6Addr, (String, u32)> {
     endpoints_of(s, "endpoints6")
 }
 
-/// `ROUTES6` as `prefix via peer`.
-fn routes6(s: &Value) -> Vec<String> {
-    s["routes6"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| {
-            format!(
-                "{} via {}",
-                r["prefix"].as_str().unwrap_or_default(),
-                r["peer"].as_str().unwrap_or_default()
-            )
-        })
-        .collect()
-}
-
 /// `LOCAL_NETS6` as (prefix, bridge ifindex).
 fn local_subnets6(s: &Value) -> Vec<(String, u64)> {
     s["local_subnets6"]
@@ -2052,7 +2036,7 @@ fn agents_map_docker_ipv6_and_the_peer_flag(tb: &Testbed, ctr: &[DualCtr; 2], vx
             connected(s)
                 && endpoints6(s).contains_key(&c.ip6)
                 && endpoints(s).contains_key(&c.ep.ip)
-                && routes6(s) == [want_route.clone()]
+                && status_routes6(s) == [want_route.clone()]
         });
         eprintln!(
             "host {i}: {}'s IPv6 endpoint in the map {took:?} after `ready`",

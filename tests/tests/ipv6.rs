@@ -8,7 +8,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use xhost_tests::{
     NetNs, Topology, TopologyOpts,
-    xhost::{Agent, AgentDirs, wait_status},
+    xhost::{Agent, AgentDirs, kernel_routes6, status_routes6, wait_status},
 };
 
 fn topology() -> Topology {
@@ -19,40 +19,9 @@ fn topology() -> Topology {
     Topology::two_hosts(TopologyOpts::default()).expect("build two-host topology")
 }
 
-/// xhost's IPv6 kernel routes in `ns`, as `ip -6 route` prints them
-/// (`prefix dev ens33 ...`), trimmed to `prefix dev device`.
-fn kernel_routes6(ns: &NetNs) -> Vec<String> {
-    let mut routes: Vec<String> = ns
-        .run(&["ip", "-6", "route", "show", "proto", "177"])
-        .lines()
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            (w.len() >= 3 && w[1] == "dev").then(|| format!("{} dev {}", w[0], w[2]))
-        })
-        .collect();
-    routes.sort();
-    routes
-}
-
-/// `ROUTES6` as `status --json` shows it, as `prefix via peer`.
-fn routes6(s: &serde_json::Value) -> Vec<String> {
-    s["routes6"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| {
-            format!(
-                "{} via {}",
-                r["prefix"].as_str().unwrap_or_default(),
-                r["peer"].as_str().unwrap_or_default()
-            )
-        })
-        .collect()
-}
-
 fn wait_routes6(ns: &NetNs, dirs: &AgentDirs, want: &[String]) -> serde_json::Value {
     wait_status(ns, dirs, "ROUTES6", Duration::from_secs(5), |s| {
-        routes6(s) == want
+        status_routes6(s) == want
     })
     .unwrap_or_else(|e| panic!("{e}"))
     .0
