@@ -1873,7 +1873,7 @@ struct DualCtr {
 /// check one behaviour on the state the steps before it left.
 #[test]
 fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
-    dual_stack_ipv6(false);
+    dual_stack_ipv6(Mode::Native);
 }
 
 /// The same in VXLAN mode: IPv6 over the IPv4 underlay, encapsulated and
@@ -1885,24 +1885,86 @@ fn dual_stack_networks_carry_ipv6_both_ways_with_the_source_kept() {
 /// answers them), and its conntrack sees them before it does.
 #[test]
 fn dual_stack_networks_carry_ipv6_over_vxlan() {
-    dual_stack_ipv6(true);
+    dual_stack_ipv6(Mode::Vxlan);
 }
 
-/// The dual-stack scenario, in native routing or (`vxlan`) VXLAN mode.
-fn dual_stack_ipv6(vxlan: bool) {
+/// The same, native routing over an IPv6 underlay: each host has an IPv6
+/// address on the underlay too, and the peer's IPv6 subnet is given behind
+/// that address (`--peer [fd00:91::132]=fd00:220::/64`, its IPv4 subnet
+/// behind the IPv4 one). The datapath's next hop is the `AF_INET6` FIB's,
+/// its first packets resolve the peer's NDP entry (`bpf_redirect_neigh`),
+/// and the kernel route goes via the peer's IPv6 address; `status` counts
+/// the traffic under that address.
+#[test]
+fn dual_stack_networks_carry_ipv6_over_an_ipv6_underlay() {
+    dual_stack_ipv6(Mode::Ipv6Underlay);
+}
+
+/// How the dual-stack scenario reaches the peer host.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Native routing, the peer host's IPv4 address.
+    Native,
+    /// VXLAN mode (the IPv4 underlay).
+    Vxlan,
+    /// Native routing, the peer host's IPv6 address ([`underlay_ip6`]).
+    Ipv6Underlay,
+}
+
+/// Host `i`'s IPv6 address on the underlay (`Mode::Ipv6Underlay`).
+fn underlay_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x91, 0, 0, 0, 0, 0, [0x131, 0x132][i])
+}
+
+/// The peer host's address `ROUTES6` holds for its IPv6 subnet.
+fn peer6_host(tb: &Testbed, mode: Mode, i: usize) -> String {
+    match mode {
+        Mode::Ipv6Underlay => underlay_ip6(i).to_string(),
+        _ => tb.host(i).underlay_ip().to_string(),
+    }
+}
+
+/// The dual-stack scenario in `mode`.
+fn dual_stack_ipv6(mode: Mode) {
     let t_test = Instant::now();
     let mut tb = Testbed::new([true, true]);
     let ctr = [0, 1].map(|i| dual_stack_container(&tb, i));
     let has_conntrack = hosts_track_ipv6(&tb, &ctr[0]);
+    if mode == Mode::Ipv6Underlay {
+        for i in 0..2 {
+            let h = tb.host(i);
+            let addr = format!("{}/64", underlay_ip6(i));
+            h.ns().run(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &addr,
+                "dev",
+                h.underlay_iface(),
+                "nodad",
+            ]);
+        }
+    }
     for i in 0..2 {
         let peer = tb.host(1 - i);
         let (v4, v6) = DUAL_NETS[1 - i];
-        let spec = format!("{}={v4},{v6}", peer.underlay_ip());
-        let mode: &[&str] = if vxlan { &["--tunnel", "vxlan"] } else { &[] };
-        tb.start_agent_args(i, &[&["--peer", spec.as_str()], mode].concat());
+        let peers = match mode {
+            Mode::Ipv6Underlay => vec![
+                format!("{}={v4}", peer.underlay_ip()),
+                format!("[{}]={v6}", underlay_ip6(1 - i)),
+            ],
+            _ => vec![format!("{}={v4},{v6}", peer.underlay_ip())],
+        };
+        let mut args: Vec<&str> = peers.iter().flat_map(|p| ["--peer", p.as_str()]).collect();
+        if mode == Mode::Vxlan {
+            args.extend(["--tunnel", "vxlan"]);
+        }
+        tb.start_agent_args(i, &args);
     }
-    agents_map_docker_ipv6_and_the_peer_flag(&tb, &ctr, vxlan);
-    if !vxlan {
+    let vxlan = mode == Mode::Vxlan;
+    agents_map_docker_ipv6_and_the_peer_flag(&tb, &ctr, mode);
+    if mode == Mode::Native {
         agents_resolve_the_peer_hosts(&tb);
     }
     let fwd0 = ip6_forward_packets_ab(&tb);
@@ -1916,8 +1978,10 @@ fn dual_stack_ipv6(vxlan: bool) {
     if has_conntrack && !vxlan {
         no_ipv6_conntrack_entry_for_the_flows(&tb, &ctr);
     }
-    if !vxlan {
-        a_lost_peer_neighbour_is_resolved_again(&tb, &ctr);
+    match mode {
+        Mode::Native => a_lost_peer_neighbour_is_resolved_again(&tb, &ctr),
+        Mode::Ipv6Underlay => the_ipv6_peer_host_is_resolved_and_counted(&tb),
+        Mode::Vxlan => {}
     }
     hop_limit_1_is_answered_by_host_a(&tb, &ctr);
     tb.finish();
@@ -2026,11 +2090,12 @@ fn hosts_track_ipv6(tb: &Testbed, a1: &DualCtr) -> bool {
 /// Each agent holds its container in `ENDPOINTS6` (MAC, host veth) and its network's
 /// IPv6 subnet in `LOCAL_NETS6` from Docker, and the peer's IPv6 subnet of
 /// `--peer HOST=V4,V6` in `ROUTES6` (its IPv4 one in `ROUTES`) and the kernel (on
-/// the underlay, or into `xhost_vxlan` with `vxlan`).
-fn agents_map_docker_ipv6_and_the_peer_flag(tb: &Testbed, ctr: &[DualCtr; 2], vxlan: bool) {
+/// the underlay, into `xhost_vxlan` in VXLAN mode, via the peer's IPv6 address over
+/// an IPv6 underlay).
+fn agents_map_docker_ipv6_and_the_peer_flag(tb: &Testbed, ctr: &[DualCtr; 2], mode: Mode) {
     for (i, c) in ctr.iter().enumerate() {
         let peer = tb.host(1 - i);
-        let want_route = format!("{} via {}", DUAL_NETS[1 - i].1, peer.underlay_ip());
+        let want_route = format!("{} via {}", DUAL_NETS[1 - i].1, peer6_host(tb, mode, 1 - i));
         let bridge_ifindex = u64::from(tb.host(i).ns().ifindex(&c.bridge).expect("bridge ifindex"));
         let (s, took) = tb.wait(i, "the container in ENDPOINTS6", SETTLE, |s| {
             connected(s)
@@ -2066,14 +2131,19 @@ fn agents_map_docker_ipv6_and_the_peer_flag(tb: &Testbed, ctr: &[DualCtr; 2], vx
             .host(i)
             .ns()
             .run(&["ip", "-6", "route", "show", "proto", "177"]);
-        let dev = if vxlan {
-            "xhost_vxlan"
-        } else {
-            tb.host(i).underlay_iface()
+        let underlay = tb.host(i).underlay_iface();
+        let want = match mode {
+            Mode::Native => format!("{} dev {underlay}", DUAL_NETS[1 - i].1),
+            Mode::Vxlan => format!("{} dev xhost_vxlan", DUAL_NETS[1 - i].1),
+            Mode::Ipv6Underlay => format!(
+                "{} via {} dev {underlay}",
+                DUAL_NETS[1 - i].1,
+                underlay_ip6(1 - i)
+            ),
         };
         assert!(
-            kernel.starts_with(&format!("{} dev {dev}", DUAL_NETS[1 - i].1)),
-            "the kernel route of the peer's IPv6 subnet: {kernel:?}"
+            kernel.starts_with(&want),
+            "the kernel route of the peer's IPv6 subnet: {kernel:?}, want {want:?}"
         );
     }
 }
@@ -2282,6 +2352,37 @@ fn a_lost_peer_neighbour_is_resolved_again(tb: &Testbed, ctr: &[DualCtr; 2]) {
             p.transmitted
         );
         assert_eq!(fib, 0, "host A: pass_fib6 grew after the deletion\n{after}");
+    }
+}
+
+/// Over an IPv6 underlay: the datapath's first packets had the kernel resolve the
+/// peer host's IPv6 address (`bpf_redirect_neigh`; the agent asks for none), and
+/// `status` counts what went to and came from each peer host under its IPv6
+/// address: at least the pings and transfers either way.
+fn the_ipv6_peer_host_is_resolved_and_counted(tb: &Testbed) {
+    for i in 0..2 {
+        let (ns, dev) = (tb.host(i).ns(), tb.host(i).underlay_iface());
+        let peer = underlay_ip6(1 - i).to_string();
+        let n = ns.run(&["ip", "-6", "neigh", "show", &peer, "dev", dev]);
+        assert!(
+            n.contains("lladdr"),
+            "host {i}: peer {peer} not resolved: {n:?}"
+        );
+        let s = tb.status(i);
+        let row = s["peer_counters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["peer"].as_str() == Some(peer.as_str()))
+            .unwrap_or_else(|| panic!("host {i}: no counters of peer {peer}: {s}"));
+        for dir in ["tx", "rx"] {
+            let bytes = row[dir]["bytes"].as_u64().unwrap_or(0);
+            assert!(
+                bytes >= 8 << 20,
+                "host {i}: peer {peer} {dir} {bytes} bytes < the 8 MiB transfer: {row}"
+            );
+        }
+        eprintln!("host {i}: {} ; peer {peer}: {row}", n.trim());
     }
 }
 

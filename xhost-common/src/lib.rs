@@ -17,9 +17,9 @@ pub const MAP_LOCAL_NETS: &str = "LOCAL_NETS";
 /// Name of the hash map from a local container IP to its veth endpoint.
 pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
 /// Name of the LPM trie from remote container IPv6 prefixes to the peer
-/// host that owns them: `ROUTES` for IPv6. The value is the same `Peer`,
-/// whose `host` is the peer's IPv4 underlay address (peer hosts are
-/// reached over an IPv4 underlay).
+/// host that owns them: `ROUTES` for IPv6. The value is a `Peer6`, whose
+/// host is the peer's IPv6 underlay address or its IPv4 one (mapped,
+/// `::ffff:a.b.c.d`).
 pub const MAP_ROUTES6: &str = "ROUTES6";
 /// Name of the LPM trie holding this host's own IPv6 container subnets.
 pub const MAP_LOCAL_NETS6: &str = "LOCAL_NETS6";
@@ -28,6 +28,9 @@ pub const MAP_LOCAL_NETS6: &str = "LOCAL_NETS6";
 pub const MAP_ENDPOINTS6: &str = "ENDPOINTS6";
 /// Name of the hash set of peer host (underlay) addresses.
 pub const MAP_PEER_HOSTS: &str = "PEER_HOSTS";
+/// Name of the hash set of the peer hosts reached over an IPv6 underlay
+/// (`PEER_HOSTS` for IPv6 addresses; both share the `PEER_STATS` slots).
+pub const MAP_PEER_HOSTS6: &str = "PEER_HOSTS6";
 /// Name of the per-CPU array of packet/byte counters.
 pub const MAP_STATS: &str = "STATS";
 /// Name of the one-slot array holding the datapath's generation (a `u64`).
@@ -60,7 +63,7 @@ pub const MAP_PEER_STATS: &str = "PEER_STATS";
 /// same size.
 pub const MAP_LAYOUT_VERSION: u32 = 1;
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 13] = [
     MAP_ROUTES,
     MAP_LOCAL_NETS,
     MAP_ENDPOINTS,
@@ -73,6 +76,7 @@ pub const PINNED_MAPS: [&str; 12] = [
     MAP_ROUTES6,
     MAP_LOCAL_NETS6,
     MAP_ENDPOINTS6,
+    MAP_PEER_HOSTS6,
 ];
 
 /// Capacity of `ROUTES`: enough for the 100 000-route scale benchmark.
@@ -162,6 +166,43 @@ pub struct Peer {
     pub flags: u32,
 }
 const _: () = assert!(size_of::<Peer>() == 8);
+
+/// Value of `ROUTES6`: the peer host a remote IPv6 prefix lives behind.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer6 {
+    /// The peer host's underlay address, network byte order: IPv6, or
+    /// IPv4 mapped into IPv6 (`::ffff:a.b.c.d`, see [`mapped_v4`]).
+    pub host: [u8; 16],
+    /// Reserved, zero.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<Peer6>() == 20);
+
+/// The IPv4 address `host` maps (`::ffff:a.b.c.d`), if it is one: how
+/// `Peer6` holds a peer host on an IPv4 underlay.
+#[inline(always)]
+pub fn mapped_v4(host: &[u8; 16]) -> Option<[u8; 4]> {
+    let mut prefix = 0u8;
+    for b in &host[..10] {
+        prefix |= *b;
+    }
+    (prefix == 0 && host[10] == 0xff && host[11] == 0xff)
+        .then_some([host[12], host[13], host[14], host[15]])
+}
+
+/// `a.b.c.d` as `::ffff:a.b.c.d` ([`mapped_v4`]'s inverse).
+#[inline(always)]
+pub fn map_v4(host: [u8; 4]) -> [u8; 16] {
+    let mut m = [0u8; 16];
+    m[10] = 0xff;
+    m[11] = 0xff;
+    m[12] = host[0];
+    m[13] = host[1];
+    m[14] = host[2];
+    m[15] = host[3];
+    m
+}
 
 /// Value of `LOCAL_NETS` and `LOCAL_NETS6`: a container subnet of this host.
 #[repr(C)]
@@ -283,8 +324,7 @@ pub mod stat {
     /// IPv6 remote container -> local container (`ENDPOINTS6`), delivered.
     pub const FWD_INGRESS6: u32 = 14;
     /// IPv6 not for xhost: host-bound, local, non-peer destination, no
-    /// known endpoint; in VXLAN mode every IPv6 packet (the datapath
-    /// carries IPv6 in native routing mode only).
+    /// known endpoint.
     pub const PASS_NOT_OURS6: u32 = 15;
     /// IPv6 hop limit <= 1: the kernel sends ICMPv6 time exceeded.
     pub const PASS_HOP_LIMIT6: u32 = 16;
@@ -349,6 +389,7 @@ pub mod stat {
 mod pod {
     // SAFETY: all are repr(C), Copy, and padding-free (asserted above).
     unsafe impl aya::Pod for super::Peer {}
+    unsafe impl aya::Pod for super::Peer6 {}
     unsafe impl aya::Pod for super::LocalNet {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::Counter {}

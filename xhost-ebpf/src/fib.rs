@@ -241,6 +241,71 @@ fn ask(
     }
 }
 
+/// [`NextHop`] for a peer host on an IPv6 underlay.
+#[derive(Clone, Copy)]
+pub struct NextHop6 {
+    pub answer: Answer,
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// The gateway, or the destination itself (network order).
+    pub nexthop: [u8; 16],
+}
+
+/// [`lookup`] for IPv6: how to reach peer host `dst` for a packet from
+/// `src` that arrived on `ifindex` and leaves as packets of `len` (the
+/// route's MTU checked as `ip6_forward` does, else the kernel's: it sends
+/// Packet Too Big).
+#[inline(always)]
+pub fn lookup6(
+    ctx: &TcContext,
+    ifindex: u32,
+    src: [u8; 16],
+    dst: [u8; 16],
+    len: WireLen,
+) -> NextHop6 {
+    let (tot_len, segments) = match len {
+        WireLen::Max(len) => (len, false),
+        WireLen::Segments => (0, true),
+    };
+    let mut slot = MaybeUninit::<bpf_fib_lookup>::uninit();
+    let p = zeroed_in(&mut slot);
+    p.family = AF_INET6;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.__bindgen_anon_3.ipv6_src = words(src);
+    p.__bindgen_anon_4.ipv6_dst = words(dst);
+    // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
+    let rc = unsafe {
+        fib_lookup_helper(
+            ctx.as_ptr(),
+            &raw mut *p,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    let answer = match rc as u32 {
+        aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS => Answer::Resolved,
+        aya_ebpf::bindings::BPF_FIB_LKUP_RET_NO_NEIGH => Answer::Unresolved,
+        _ => Answer::Kernel,
+    };
+    let answer = if answer != Answer::Kernel && segments && !fits(ctx, p.ifindex) {
+        Answer::Kernel
+    } else {
+        answer
+    };
+    // SAFETY: for AF_INET6 the kernel leaves the next hop (gateway or the
+    // destination itself) in ipv6_dst; zero-filled before.
+    let nexthop = unsafe { p.__bindgen_anon_4.ipv6_dst };
+    NextHop6 {
+        answer,
+        ifindex: p.ifindex,
+        smac: p.smac,
+        dmac: p.dmac,
+        nexthop: bytes(nexthop),
+    }
+}
+
 /// The MAC the kernel's neighbour entry on `bridge` gives `addr`, if the
 /// route to `addr` (as seen from `bridge`, for a packet to `peer`) leads
 /// straight back out of `bridge` and the entry is valid (reachable, stale,
@@ -318,6 +383,16 @@ fn words(a: [u8; 16]) -> [u32; 4] {
     ]
 }
 
+/// [`words`]' inverse.
+#[inline(always)]
+fn bytes(w: [u32; 4]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        a[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    a
+}
+
 /// Whether the packet fits the MTU of `ifindex`; a GSO packet is checked
 /// segment by segment. Always false on a kernel without `bpf_check_mtu`.
 #[inline(always)]
@@ -350,6 +425,24 @@ pub fn redirect_neigh(ifindex: u32, nexthop: [u8; 4]) -> i32 {
     let nh = zeroed_in(&mut slot);
     nh.nh_family = u32::from(AF_INET);
     nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(nexthop);
+    // SAFETY: `nh` is a valid bpf_redir_neigh of the size passed.
+    unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            &raw mut *nh,
+            size_of::<bpf_redir_neigh>() as i32,
+            0,
+        ) as i32
+    }
+}
+
+/// [`redirect_neigh`] towards an IPv6 `nexthop`.
+#[inline(always)]
+pub fn redirect_neigh6(ifindex: u32, nexthop: [u8; 16]) -> i32 {
+    let mut slot = MaybeUninit::<bpf_redir_neigh>::uninit();
+    let nh = zeroed_in(&mut slot);
+    nh.nh_family = u32::from(AF_INET6);
+    nh.__bindgen_anon_1.ipv6_nh = words(nexthop);
     // SAFETY: `nh` is a valid bpf_redir_neigh of the size passed.
     unsafe {
         bpf_redirect_neigh(

@@ -8,7 +8,8 @@ use aya_ebpf::{
 };
 use xhost_common::{
     Endpoint, LocalNet, MAX_ENDPOINTS, MAX_LOCAL_NETS, MAX_LOCAL_NETS6, MAX_PEER_HOSTS, MAX_ROUTES,
-    MAX_ROUTES6, MAX_UNDERLAY_ADDRS, Peer, PeerCounters, PeerHost, ROUTE_CACHE_SLOTS,
+    MAX_ROUTES6, MAX_UNDERLAY_ADDRS, Peer, Peer6, PeerCounters, PeerHost, ROUTE_CACHE_SLOTS,
+    mapped_v4,
 };
 
 /// Remote container prefixes -> the peer host that owns them. Read through
@@ -30,10 +31,11 @@ pub static LOCAL_NETS: LpmTrie<[u8; 4], LocalNet, { MAX_LOCAL_NETS as usize }> =
 #[btf_map]
 pub static ENDPOINTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
 
-/// Remote container IPv6 prefixes -> the peer host (IPv4 underlay address)
-/// that owns them. Read through [`route6_slot_of`] (not cached: see there).
+/// Remote container IPv6 prefixes -> the peer host (IPv6 underlay address,
+/// or IPv4 mapped) that owns them. Read through [`route6_slot_of`] (not
+/// cached: see there).
 #[btf_map]
-static ROUTES6: LpmTrie<[u8; 16], Peer, { MAX_ROUTES6 as usize }> = LpmTrie::new();
+static ROUTES6: LpmTrie<[u8; 16], Peer6, { MAX_ROUTES6 as usize }> = LpmTrie::new();
 
 /// This host's IPv6 container subnets.
 #[btf_map]
@@ -53,6 +55,10 @@ pub static ENDPOINT_PORTS: HashMap<u32, u32, { MAX_ENDPOINTS as usize }> = HashM
 /// Underlay addresses of the peer hosts (network order).
 #[btf_map]
 pub static PEER_HOSTS: HashMap<[u8; 4], PeerHost, { MAX_PEER_HOSTS as usize }> = HashMap::new();
+
+/// Underlay addresses of the peer hosts reached over IPv6.
+#[btf_map]
+pub static PEER_HOSTS6: HashMap<[u8; 16], PeerHost, { MAX_PEER_HOSTS as usize }> = HashMap::new();
 
 /// Packets and bytes to and from each peer host, per CPU, by
 /// `PeerHost::slot`.
@@ -177,13 +183,19 @@ pub fn host_key6(addr: [u8; 16]) -> Key<[u8; 16]> {
     Key::new(128, addr)
 }
 
-/// The peer host whose IPv6 container prefix holds `addr` (`ROUTES6`), with
+/// The peer host whose IPv6 container prefix holds `addr` (`ROUTES6`): its
+/// underlay address (IPv6, or IPv4 mapped: `xhost_common::mapped_v4`) and
 /// its `PEER_STATS` slot. Not cached: the `ROUTES` cache is keyed by a
 /// 32-bit address, and IPv6 takes the full path (one LPM walk) until it
 /// proves worth a cache of its own.
 #[inline(always)]
-pub fn route6_slot_of(addr: [u8; 16]) -> Option<([u8; 4], u32)> {
+pub fn route6_slot_of(addr: [u8; 16]) -> Option<([u8; 16], u32)> {
     // The agent may replace the entry concurrently: copy the host out at once.
     let host = ROUTES6.get(&host_key6(addr)).map(|p| p.host)?;
-    Some((host, slot_of(host)))
+    let slot = match mapped_v4(&host) {
+        Some(v4) => slot_of(v4),
+        // SAFETY: the value is copied out at once.
+        None => unsafe { PEER_HOSTS6.get(host) }.map_or(NO_SLOT, |p| p.slot),
+    };
+    Some((host, slot))
 }

@@ -5,18 +5,21 @@
 //!   (`pass_malformed`), link-local and multicast addresses and neighbour
 //!   discovery (`pass_control6`), a next header other than TCP, UDP or
 //!   ICMPv6 (`pass_ext6`: extension headers are not parsed), hop limit <= 1
-//!   (`pass_hop_limit6`), and in VXLAN mode every IPv6 packet
-//!   (`pass_not_ours6`: the tunnel carries IPv4 only).
+//!   (`pass_hop_limit6`).
 //! * The source policy runs before the next header and the hop limit are
 //!   looked at, as for IPv4: no IPv6 packet for a peer leaves with an
 //!   address that is not its sender's, none from outside the peers'
 //!   subnets reaches a local container. Refusals are answered as IPv4's
 //!   are with `--deny reject` (`reject::refuse6`).
-//! * Peer hosts are reached over the IPv4 underlay: the next hop is the
-//!   `AF_INET` FIB answer towards the peer host's address (`ROUTES6`'s
-//!   value), which also checks the packet's length against that route's
-//!   MTU. Too big, or a neighbour not resolved yet, is the kernel's
-//!   (`pass_fib6`), whose own route answers Packet Too Big or resolves it.
+//! * The next hop is the FIB's answer towards the peer host's underlay
+//!   address (`ROUTES6`'s value), which also checks the packet's length
+//!   against that route's MTU; too big is the kernel's (`pass_fib6`),
+//!   whose own route answers Packet Too Big. A peer host on an IPv6
+//!   underlay is looked up `AF_INET6`, and a neighbour not resolved yet is
+//!   resolved by `bpf_redirect_neigh`. One on an IPv4 underlay (a mapped
+//!   address) is looked up `AF_INET`, and a neighbour not resolved yet is
+//!   the kernel's: `bpf_redirect_neigh` takes an IPv6 packet's next hop as
+//!   IPv6. VXLAN mode reaches peer hosts over IPv4 only.
 //! * Neither the `ROUTES` cache nor the flow cache holds IPv6 answers (both
 //!   are keyed by IPv4 addresses): every IPv6 packet takes the full path.
 
@@ -28,10 +31,10 @@ use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv6Hdr,
 };
-use xhost_common::{Endpoint, HELPER_FIB_LOOKUP_SRC, stat};
+use xhost_common::{Endpoint, HELPER_FIB_LOOKUP_SRC, map_v4, mapped_v4, stat};
 
 use crate::{
-    NO_ENDPOINT, Verdict, fib,
+    NO_ENDPOINT, NO_SLOT, Verdict, fib,
     fib::{Answer, Source, WireLen},
     forwarded, hand_on, kernel,
     maps::{ENDPOINT_PORTS, ENDPOINTS6, LOCAL_NETS6, host_key6, route6_slot_of},
@@ -42,10 +45,31 @@ use crate::{
 /// Container -> remote container over IPv6, on the container's veth
 /// (`from_port`) or at the bridge: `try_egress`'s rules.
 ///
-/// Verifier: a BPF function of its own, as are `ingress` and `spoofed`
-/// (see `is_ipv6` in main.rs).
-#[inline(never)]
+/// Verifier: inlined into the entry point, which then calls two BPF
+/// functions one after the other: [`checked`] and, for a peer host on an
+/// IPv6 underlay, [`over_ipv6`]. `checked` takes 480 bytes of stack, and
+/// one more frame under it would take the call chain past 512.
+#[inline(always)]
 pub fn egress(ctx: &TcContext, from_port: bool) -> Verdict {
+    let v = checked(ctx, from_port);
+    if v.action != OVER_IPV6 {
+        return v;
+    }
+    // SAFETY: reading the ingress ifindex of the skb context.
+    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let mark = if from_port { iif } else { 0 };
+    hand_on(ctx, mark, over_ipv6(ctx, iif).peer(v.peer))
+}
+
+/// [`checked`]'s answer for a frame that passed every check and goes to a
+/// peer host on an IPv6 underlay: [`egress`] routes it with [`over_ipv6`].
+/// Not a TC action.
+const OVER_IPV6: i32 = i32::MIN;
+
+/// [`egress`]'s checks, and the routing of everything but what goes to a
+/// peer host on an IPv6 underlay ([`OVER_IPV6`], with the peer's slot).
+#[inline(never)]
+fn checked(ctx: &TcContext, from_port: bool) -> Verdict {
     let f = match parse6(ctx) {
         Frame6::Ipv6(f) => f,
         Frame6::Control => return Verdict::pass(stat::PASS_CONTROL6),
@@ -92,26 +116,69 @@ pub fn egress(ctx: &TcContext, from_port: bool) -> Verdict {
     let Some(len) = fib::wire_len6(ctx, &f) else {
         return hand_on(ctx, mark, Verdict::pass(stat::PASS_FIB6));
     };
-    if let Some(device) = tunnel::device() {
-        return hand_on(
-            ctx,
-            mark,
-            encapsulated(ctx, &f, iif, device, peer_host, len).peer(slot),
-        );
-    }
-    // The route to the peer host's IPv4 address; the packet's own source
-    // is IPv6, so the lookup has none (only source-based IPv4 rules could
-    // have used it).
-    let hop = fib::lookup(ctx, iif, [0; 4], peer_host, len, Source::Packet);
-    let v = if hop.answer == Answer::Resolved {
-        rewrite6(&f, hop.smac, hop.dmac);
+    let v = match (mapped_v4(&peer_host), tunnel::device()) {
+        (Some(v4), Some(device)) => encapsulated(ctx, &f, iif, device, v4, len),
+        (Some(v4), None) => over_ipv4(ctx, &f, iif, v4, len),
+        (None, None) => Verdict {
+            action: OVER_IPV6,
+            reason: stat::FWD_EGRESS6,
+            peer: NO_SLOT,
+        },
+        // The agent gives VXLAN mode no such peer.
+        (None, Some(_)) => Verdict::pass(stat::PASS_FIB6),
+    };
+    hand_on(ctx, mark, v.peer(slot))
+}
+
+/// Native routing to a peer host on the IPv4 underlay: the route to its
+/// IPv4 address. The packet's own source is IPv6, so the lookup has none
+/// (only source-based IPv4 rules could have used it).
+#[inline(always)]
+fn over_ipv4(ctx: &TcContext, f: &Ipv6Frame, iif: u32, peer: [u8; 4], len: WireLen) -> Verdict {
+    let hop = fib::lookup(ctx, iif, [0; 4], peer, len, Source::Packet);
+    if hop.answer == Answer::Resolved {
+        rewrite6(f, hop.smac, hop.dmac);
         redirect(hop.ifindex, stat::FWD_EGRESS6)
     } else {
         // Unresolved too: `bpf_redirect_neigh` takes an IPv6 packet's next
         // hop as IPv6, and the peer host's is IPv4.
         Verdict::pass(stat::PASS_FIB6)
+    }
+}
+
+/// Native routing to a peer host on an IPv6 underlay: the route to its
+/// address, from the packet's own source. [`checked`] has checked the
+/// frame; it is parsed and its route looked up again here (a BPF function
+/// of its own, see [`egress`]): a route gone meanwhile leaves it to the
+/// kernel.
+#[inline(never)]
+fn over_ipv6(ctx: &TcContext, iif: u32) -> Verdict {
+    let Frame6::Ipv6(f) = parse6(ctx) else {
+        return Verdict::pass(stat::PASS_MALFORMED);
     };
-    hand_on(ctx, mark, v.peer(slot))
+    let Some(len) = fib::wire_len6(ctx, &f) else {
+        return Verdict::pass(stat::PASS_FIB6);
+    };
+    // SAFETY: `f.ip` was bounds-checked by `parse6`.
+    let (src, dst) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr) };
+    let Some((peer, _)) = route6_slot_of(dst).filter(|(h, _)| mapped_v4(h).is_none()) else {
+        return Verdict::pass(stat::PASS_NOT_OURS6);
+    };
+    let hop = fib::lookup6(ctx, iif, src, peer, len);
+    match hop.answer {
+        Answer::Resolved => {
+            rewrite6(&f, hop.smac, hop.dmac);
+            redirect(hop.ifindex, stat::FWD_EGRESS6)
+        }
+        Answer::Unresolved => {
+            decrement_hop_limit(&f);
+            forwarded(
+                fib::redirect_neigh6(hop.ifindex, hop.nexthop),
+                stat::FWD_EGRESS6,
+            )
+        }
+        Answer::Kernel => Verdict::pass(stat::PASS_FIB6),
+    }
 }
 
 /// VXLAN mode: routes the frame one hop (hop limit - 1) and sends it to
@@ -269,7 +336,7 @@ pub fn decapsulated(ctx: &TcContext) -> Option<Verdict> {
         )
     };
     let (owner, slot) = route6_slot_of(src)?;
-    if owner != t.peer || !t.inner.parsed_next || hop_limit <= 1 {
+    if owner != map_v4(t.peer) || !t.inner.parsed_next || hop_limit <= 1 {
         return None;
     }
     let ep = endpoint6(dst);
@@ -314,7 +381,7 @@ pub fn from_tunnel(ctx: &TcContext) -> Verdict {
     // SAFETY: bounds-checked by ptr_at.
     let src = unsafe { (*ip).src_addr };
     let slot = match route6_slot_of(src) {
-        Some((owner, slot)) if owner == outer => slot,
+        Some((owner, slot)) if owner == map_v4(outer) => slot,
         _ => return Verdict::drop(stat::DROP_SPOOFED6),
     };
     let f = match parse6(ctx) {
@@ -333,7 +400,8 @@ pub fn from_tunnel(ctx: &TcContext) -> Verdict {
 
 /// `xhost_vxlan_out` for IPv6: the peer host that owns the destination of
 /// what the vxlan device sends; 0.0.0.0 (no peer host's address) if no
-/// peer does.
+/// peer does, or if its address is IPv6 (which the agent does not give
+/// VXLAN mode).
 ///
 /// Verifier: a plain array, not an `Option`, whose `None` LLVM returns with
 /// bytes undefined, which the verifier refuses to read.
@@ -343,7 +411,9 @@ pub fn tunnel_host(ctx: &TcContext) -> [u8; 4] {
         return [0; 4];
     };
     // SAFETY: `f.ip` was bounds-checked by `parse6`.
-    route6_slot_of(unsafe { (*f.ip).dst_addr }).map_or([0; 4], |(host, _)| host)
+    route6_slot_of(unsafe { (*f.ip).dst_addr })
+        .and_then(|(host, _)| mapped_v4(&host))
+        .unwrap_or([0; 4])
 }
 
 /// `xhost_nic_xdp` for IPv6: whether `ingress` drops the frame as

@@ -177,7 +177,7 @@ pub fn fingerprint(shapes: &BTreeMap<&'static str, MapShape>) -> String {
 /// build has pinned, in the order they were added. Append only: a map a
 /// build no longer has keeps its place, so later builds can still tell
 /// the layout of pins that hold it.
-pub const FINGERPRINT_ORDER: [&str; 12] = [
+pub const FINGERPRINT_ORDER: [&str; 13] = [
     "ROUTES",
     "LOCAL_NETS",
     "ENDPOINTS",
@@ -190,6 +190,7 @@ pub const FINGERPRINT_ORDER: [&str; 12] = [
     "ROUTES6",
     "LOCAL_NETS6",
     "ENDPOINTS6",
+    "PEER_HOSTS6",
 ];
 
 /// The layout fingerprint of maps `shapes` (name and shape) under layout

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
 };
@@ -260,12 +260,14 @@ pub const DEFAULT_VNI: u32 = 1;
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 
 /// One remote host and the container subnets behind it. The host is its
-/// IPv4 underlay address; its subnets are of either family, one list in
-/// the file and on the flag (`subnets = ["10.1.0.0/16", "fd00:b::/64"]`).
+/// underlay address; its subnets are of either family, one list in the
+/// file and on the flag (`subnets = ["10.1.0.0/16", "fd00:b::/64"]`). A
+/// host on an IPv6 underlay has IPv6 subnets only, routed natively
+/// ([`check_peers`], [`validate`]).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(try_from = "PeerLayer", into = "PeerLayer")]
 pub struct PeerConfig {
-    pub host: Ipv4Addr,
+    pub host: IpAddr,
     pub subnets: Vec<Ipv4Net>,
     /// The IPv6 subnets (`ROUTES6`).
     pub subnets6: Vec<Ipv6Net>,
@@ -283,10 +285,7 @@ impl TryFrom<PeerLayer> for PeerConfig {
     type Error = ConfigError;
 
     fn try_from(p: PeerLayer) -> Result<Self, ConfigError> {
-        let host = peer_host(&p.host).map_err(|e| match e {
-            HostError::V6 => ConfigError::PeerHostV6(p.host.clone()),
-            HostError::Syntax => ConfigError::PeerHostSyntax(p.host.clone()),
-        })?;
+        let host = peer_host(&p.host).ok_or_else(|| ConfigError::PeerHostSyntax(p.host.clone()))?;
         let (subnets, subnets6) = net::split_families(p.subnets);
         Ok(Self {
             host,
@@ -310,31 +309,33 @@ impl From<PeerConfig> for PeerLayer {
     }
 }
 
-enum HostError {
-    V6,
-    Syntax,
-}
-
-/// A peer host's underlay address: IPv4 (an IPv6 one is refused as not
-/// supported yet, not as a typo).
-fn peer_host(s: &str) -> Result<Ipv4Addr, HostError> {
+/// A peer host's underlay address, IPv4 or IPv6 (in brackets or not); an
+/// IPv4-mapped IPv6 address is the IPv4 address it maps.
+fn peer_host(s: &str) -> Option<IpAddr> {
     let s = s.trim();
-    s.parse().map_err(|_| {
-        if s.parse::<std::net::Ipv6Addr>().is_ok() {
-            HostError::V6
-        } else {
-            HostError::Syntax
-        }
-    })
+    let s = s
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or(s);
+    s.parse::<IpAddr>().ok().map(|a| a.to_canonical())
 }
 
 impl PeerConfig {
     /// A peer with IPv4 subnets only.
     pub fn v4(host: Ipv4Addr, subnets: Vec<Ipv4Net>) -> Self {
         Self {
-            host,
+            host: host.into(),
             subnets,
             subnets6: Vec::new(),
+        }
+    }
+
+    /// The host's address if it is IPv4 (the one family of underlay that
+    /// carries IPv4 subnets).
+    pub fn host_v4(&self) -> Option<Ipv4Addr> {
+        match self.host {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
         }
     }
 }
@@ -409,18 +410,18 @@ pub enum XdpModeArg {
 pub enum ConfigError {
     #[error("--peer `{arg}`: expected HOST_IP=CIDR[,CIDR...]")]
     PeerSyntax { arg: String },
-    #[error("--peer `{arg}`: `{host}` is not an IPv4 address")]
+    #[error("--peer `{arg}`: `{host}` is not an IP address")]
     PeerHost { arg: String, host: String },
-    #[error(
-        "--peer `{arg}`: peer host `{host}` is an IPv6 address: IPv6 underlay addresses are not supported yet (give the peer's IPv4 address; its subnets may be IPv6)"
-    )]
-    PeerHostV6Flag { arg: String, host: String },
-    #[error(
-        "peer host `{0}` is an IPv6 address: IPv6 underlay addresses are not supported yet (give the peer's IPv4 address; its subnets may be IPv6)"
-    )]
-    PeerHostV6(String),
-    #[error("peer host `{0}` is not an IPv4 address")]
+    #[error("peer host `{0}` is not an IP address")]
     PeerHostSyntax(String),
+    #[error(
+        "peer {host}: IPv4 subnet {subnet} needs the peer's IPv4 address (a peer reached over IPv6 carries IPv6 subnets only)"
+    )]
+    Ipv4OverIpv6 { host: Ipv6Addr, subnet: Ipv4Net },
+    #[error(
+        "peer {0}: VXLAN mode reaches peer hosts over IPv4 only (give the peer's IPv4 address, or route natively)"
+    )]
+    Ipv6UnderlayTunnel(Ipv6Addr),
     #[error("--peer `{arg}`")]
     PeerCidr {
         arg: String,
@@ -461,13 +462,13 @@ pub enum ConfigError {
     #[error(
         "peer {host}: IPv6 subnet {subnet} needs the eBPF datapath (--datapath kernel forwards IPv4 only so far)"
     )]
-    Ipv6NotInKernelDatapath { host: Ipv4Addr, subnet: Ipv6Net },
+    Ipv6NotInKernelDatapath { host: IpAddr, subnet: Ipv6Net },
     #[error("no underlay interface: give --iface or iface = \"...\" in the config file")]
     NoIface,
     #[error("peer {0} is given more than once")]
-    DuplicatePeer(Ipv4Addr),
+    DuplicatePeer(IpAddr),
     #[error("peer {0} has no subnets")]
-    EmptyPeer(Ipv4Addr),
+    EmptyPeer(IpAddr),
     #[error("{count} peer subnets: the datapath's ROUTES map holds at most {max}")]
     TooManyRoutes { count: usize, max: u32 },
     #[error("{count} peers: the datapath's PEER_HOSTS map holds at most {max}")]
@@ -477,9 +478,9 @@ pub enum ConfigError {
     #[error("subnet {a} of peer {peer_a} overlaps subnet {b} of peer {peer_b}")]
     PeerOverlap6 {
         a: Ipv6Net,
-        peer_a: Ipv4Addr,
+        peer_a: IpAddr,
         b: Ipv6Net,
-        peer_b: Ipv4Addr,
+        peer_b: IpAddr,
     },
     #[error(
         "--max-endpoints {0} (max_endpoints in the config file) out of range: the ENDPOINTS map holds 1..={max} entries",
@@ -487,24 +488,24 @@ pub enum ConfigError {
     )]
     MaxEndpoints(u32),
     #[error("peer address {0} is not a unicast host address")]
-    PeerNotUnicast(Ipv4Addr),
+    PeerNotUnicast(IpAddr),
     #[error("subnet {a} of peer {peer_a} overlaps subnet {b} of peer {peer_b}")]
     PeerOverlap {
         a: Ipv4Net,
-        peer_a: Ipv4Addr,
+        peer_a: IpAddr,
         b: Ipv4Net,
-        peer_b: Ipv4Addr,
+        peer_b: IpAddr,
     },
     #[error("subnet {peer_net} of peer {peer} overlaps local subnet {local} on {bridge}")]
     LocalOverlap {
         peer_net: Ipv4Net,
-        peer: Ipv4Addr,
+        peer: IpAddr,
         local: Ipv4Net,
         bridge: String,
     },
     #[error("peer {peer} lies inside local subnet {local} on {bridge}")]
     PeerInLocal {
-        peer: Ipv4Addr,
+        peer: IpAddr,
         local: Ipv4Net,
         bridge: String,
     },
@@ -543,15 +544,9 @@ impl FromStr for PeerConfig {
         let (host, nets) = arg.split_once('=').ok_or_else(|| ConfigError::PeerSyntax {
             arg: arg.to_owned(),
         })?;
-        let host = peer_host(host).map_err(|e| match e {
-            HostError::V6 => ConfigError::PeerHostV6Flag {
-                arg: arg.to_owned(),
-                host: host.to_owned(),
-            },
-            HostError::Syntax => ConfigError::PeerHost {
-                arg: arg.to_owned(),
-                host: host.to_owned(),
-            },
+        let host = peer_host(host).ok_or_else(|| ConfigError::PeerHost {
+            arg: arg.to_owned(),
+            host: host.to_owned(),
         })?;
         let nets = nets
             .split(',')
@@ -1032,12 +1027,26 @@ pub fn check_peers(peers: &[PeerConfig]) -> Result<(), ConfigError> {
         if !seen.insert(p.host) {
             return Err(ConfigError::DuplicatePeer(p.host));
         }
-        if p.host.is_unspecified()
-            || p.host.is_broadcast()
-            || p.host.is_multicast()
-            || p.host.is_loopback()
-        {
+        let unicast = match p.host {
+            IpAddr::V4(a) => {
+                !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback())
+            }
+            // A link-local next hop would need its interface named.
+            IpAddr::V6(a) => {
+                !(a.is_unspecified()
+                    || a.is_multicast()
+                    || a.is_loopback()
+                    || a.is_unicast_link_local())
+            }
+        };
+        if !unicast {
             return Err(ConfigError::PeerNotUnicast(p.host));
+        }
+        if let (IpAddr::V6(host), Some(subnet)) = (p.host, p.subnets.first()) {
+            return Err(ConfigError::Ipv4OverIpv6 {
+                host,
+                subnet: *subnet,
+            });
         }
         if p.subnets.is_empty() && p.subnets6.is_empty() {
             return Err(ConfigError::EmptyPeer(p.host));
@@ -1093,7 +1102,7 @@ pub fn check_peers(peers: &[PeerConfig]) -> Result<(), ConfigError> {
 /// Checks a local subnet against every peer: no overlap, no peer inside.
 pub fn check_local(local: &LocalSubnet, peers: &[PeerConfig]) -> Result<(), ConfigError> {
     for p in peers {
-        if local.net.contains(p.host) {
+        if p.host_v4().is_some_and(|h| local.net.contains(h)) {
             return Err(ConfigError::PeerInLocal {
                 peer: p.host,
                 local: local.net,
@@ -1147,8 +1156,13 @@ pub fn validate(s: &Settings) -> Result<Vec<LocalSubnet>, ConfigError> {
 /// IPv6 peer subnets are forwarded by the eBPF datapath (natively or in
 /// VXLAN mode) only: the kernel datapath has no route to an IPv6 subnet
 /// behind an IPv4 peer host (Linux refuses an IPv6 route via an IPv4 next
-/// hop).
+/// hop). VXLAN mode's outer headers are IPv4: its peer hosts are too.
 fn check_ipv6_mode(s: &Settings) -> Result<(), ConfigError> {
+    if s.tunnel.is_some()
+        && let Some(IpAddr::V6(host)) = s.peers.iter().map(|p| p.host).find(IpAddr::is_ipv6)
+    {
+        return Err(ConfigError::Ipv6UnderlayTunnel(host));
+    }
     if s.datapath != DatapathArg::Kernel {
         return Ok(());
     }
@@ -1177,7 +1191,7 @@ mod tests {
         assert_eq!(p.subnets.len(), 2);
         for (bad, want) in [
             ("172.16.91.132", "expected HOST_IP=CIDR"),
-            ("nohost=10.0.0.0/8", "`nohost` is not an IPv4 address"),
+            ("nohost=10.0.0.0/8", "`nohost` is not an IP address"),
             ("1.2.3.4=10.0.0.1/8", "host bits set"),
             ("1.2.3.4=", "not an IPv4 CIDR"),
         ] {
@@ -1411,7 +1425,7 @@ mod tests {
             .collect();
         let start = std::time::Instant::now();
         check_peers(&[PeerConfig {
-            host: Ipv4Addr::new(172, 16, 0, 2),
+            host: Ipv4Addr::new(172, 16, 0, 2).into(),
             subnets,
             subnets6: Vec::new(),
         }])
@@ -1434,14 +1448,14 @@ mod tests {
         let max = xhost_common::MAX_ROUTES;
         assert!(
             check_peers(&[PeerConfig {
-                host,
+                host: host.into(),
                 subnets: nets(max),
                 subnets6: Vec::new(),
             }])
             .is_ok()
         );
         let e = check_peers(&[PeerConfig {
-            host,
+            host: host.into(),
             subnets: nets(max + 1),
             subnets6: Vec::new(),
         }])
@@ -1460,7 +1474,7 @@ mod tests {
         let peers = |n: u32| -> Vec<PeerConfig> {
             (0..n)
                 .map(|i| PeerConfig {
-                    host: Ipv4Addr::from(0xac10_0000 + i + 1),
+                    host: Ipv4Addr::from(0xac10_0000 + i + 1).into(),
                     subnets: vec![Ipv4Net::containing(
                         Ipv4Addr::from(0x0a00_0000 + (i << 8)),
                         24,
@@ -1515,6 +1529,27 @@ mod tests {
         );
         s.peers = vec![peer("10.0.0.2=10.1.0.0/16")];
         assert!(check_ipv6_mode(&s).is_ok(), "IPv4 peers in any mode");
+    }
+
+    #[test]
+    fn ipv6_underlay_peers_only_in_native_routing() {
+        let mut s = settings();
+        s.peers = vec![peer("10.0.0.2=10.1.0.0/16"), peer("fd00::2=fd00:b::/64")];
+        assert!(check_ipv6_mode(&s).is_ok(), "native routing");
+        s.tunnel = Some(Vxlan { vni: 1, port: 8472 });
+        assert_eq!(
+            check_ipv6_mode(&s).expect_err("VXLAN").to_string(),
+            "peer fd00::2: VXLAN mode reaches peer hosts over IPv4 only (give the peer's IPv4 address, or route natively)"
+        );
+        s.tunnel = None;
+        s.datapath = DatapathArg::Kernel;
+        assert!(check_ipv6_mode(&s).is_err(), "kernel datapath");
+        // Bracketed, and an IPv4-mapped address is the IPv4 address.
+        assert_eq!(peer("[fd00::2]=fd00:b::/64").host.to_string(), "fd00::2");
+        assert_eq!(
+            peer("::ffff:10.0.0.2=10.1.0.0/16").host,
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
@@ -26,10 +26,10 @@ use log::{info, warn};
 use xhost_common::{
     ARMED, Endpoint, GLOBAL_DENY, GLOBAL_HELPERS, GLOBAL_TUNNEL_IFINDEX, GLOBAL_TUNNEL_PORT,
     GLOBAL_TUNNEL_VNI, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS,
-    MAP_ENDPOINTS6, MAP_LOCAL_NETS, MAP_LOCAL_NETS6, MAP_PEER_HOSTS, MAP_PEER_STATS, MAP_ROUTES,
-    MAP_ROUTES6, MAP_UNDERLAY_ADDRS, MAX_PEER_HOSTS, MAX_UNDERLAY_ADDRS, PINNED_MAPS,
-    PROG_BRIDGE_IN, PROG_NIC_IN, PROG_NIC_XDP, PROG_VETH_IN, PROG_VXLAN_IN, PROG_VXLAN_OUT, Peer,
-    PeerCounters, PeerHost,
+    MAP_ENDPOINTS6, MAP_LOCAL_NETS, MAP_LOCAL_NETS6, MAP_PEER_HOSTS, MAP_PEER_HOSTS6,
+    MAP_PEER_STATS, MAP_ROUTES, MAP_ROUTES6, MAP_UNDERLAY_ADDRS, MAX_PEER_HOSTS,
+    MAX_UNDERLAY_ADDRS, PINNED_MAPS, PROG_BRIDGE_IN, PROG_NIC_IN, PROG_NIC_XDP, PROG_VETH_IN,
+    PROG_VXLAN_IN, PROG_VXLAN_OUT, Peer, Peer6, PeerCounters, PeerHost,
 };
 
 use crate::{
@@ -174,15 +174,18 @@ pub struct Datapath {
     local_nets: LpmTrie<MapData, [u8; 4], LocalNet>,
     endpoints: HashMap<MapData, [u8; 4], Endpoint>,
     endpoint_ports: HashMap<MapData, u32, u32>,
-    /// The IPv6 maps: `ROUTES6`, `LOCAL_NETS6`, `ENDPOINTS6`.
-    routes6: LpmTrie<MapData, [u8; 16], Peer>,
+    /// The IPv6 maps: `ROUTES6`, `LOCAL_NETS6`, `ENDPOINTS6`, and the peer
+    /// hosts on an IPv6 underlay.
+    routes6: LpmTrie<MapData, [u8; 16], Peer6>,
     local_nets6: LpmTrie<MapData, [u8; 16], LocalNet>,
     endpoints6: HashMap<MapData, [u8; 16], Endpoint>,
     peer_hosts: HashMap<MapData, [u8; 4], PeerHost>,
+    peer_hosts6: HashMap<MapData, [u8; 16], PeerHost>,
     /// Per-peer counters (`PEER_STATS`), by `PeerHost::slot`.
     peer_stats: PerCpuArray<MapData, PeerCounters>,
-    /// The slot each peer host in `PEER_HOSTS` has, and the slots free.
-    peer_slots: BTreeMap<Ipv4Addr, u32>,
+    /// The slot each peer host in `PEER_HOSTS` or `PEER_HOSTS6` has, and
+    /// the slots free.
+    peer_slots: BTreeMap<IpAddr, u32>,
     free_slots: Vec<u32>,
     underlay_addrs: HashMap<MapData, [u8; 4], u32>,
     attachments: BTreeMap<(String, Hook), Attachment>,
@@ -222,6 +225,30 @@ fn key(net: &Ipv4Net) -> Key<[u8; 4]> {
 
 fn key6(net: &Ipv6Net) -> Key<[u8; 16]> {
     Key::new(u32::from(net.prefix_len()), net.addr().octets())
+}
+
+/// A peer host as `Peer6` holds it: IPv6, or IPv4 mapped.
+pub fn peer6_host(peer: IpAddr) -> [u8; 16] {
+    match peer {
+        IpAddr::V4(a) => xhost_common::map_v4(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// [`peer6_host`]'s inverse.
+pub fn peer6_addr(host: [u8; 16]) -> IpAddr {
+    match xhost_common::mapped_v4(&host) {
+        Some(a) => IpAddr::from(a),
+        None => IpAddr::from(host),
+    }
+}
+
+/// The map that holds peer host `host`.
+fn peer_hosts_map(host: IpAddr) -> &'static str {
+    match host {
+        IpAddr::V4(_) => MAP_PEER_HOSTS,
+        IpAddr::V6(_) => MAP_PEER_HOSTS6,
+    }
 }
 
 /// `ROUTES` and the datapath generation, written only together: the
@@ -411,13 +438,20 @@ impl Datapath {
         };
         dp.clsact_added = layout.clsact_marked();
         // The peers' PEER_STATS slots stay theirs (their counters go on).
-        let held: Vec<([u8; 4], PeerHost)> = dp
+        let held: Vec<(IpAddr, PeerHost)> = dp
             .peer_hosts
             .iter()
+            .map(|r| r.map(|(h, v)| (IpAddr::from(h), v)))
             .collect::<Result<_, _>>()
             .map_err(map_error(MAP_PEER_HOSTS))?;
-        for (host, v) in held {
-            dp.peer_slots.insert(Ipv4Addr::from(host), v.slot);
+        let held6: Vec<(IpAddr, PeerHost)> = dp
+            .peer_hosts6
+            .iter()
+            .map(|r| r.map(|(h, v)| (IpAddr::from(h), v)))
+            .collect::<Result<_, _>>()
+            .map_err(map_error(MAP_PEER_HOSTS6))?;
+        for (host, v) in held.into_iter().chain(held6) {
+            dp.peer_slots.insert(host, v.slot);
             dp.free_slots.retain(|&s| s != v.slot);
         }
         let links: Vec<_> = pinned_names(&layout.links_dir());
@@ -542,7 +576,8 @@ impl Datapath {
             routes6,
             local_nets6,
             endpoints6,
-        ] = <[aya::maps::Map; 12]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
+            peer_hosts6,
+        ] = <[aya::maps::Map; 13]>::try_from(maps).map_err(|_| DatapathError::Missing("maps"))?;
         let mut dp = Self {
             layout: layout.clone(),
             routes: RouteTable::new(routes, generation)?,
@@ -555,6 +590,7 @@ impl Datapath {
             local_nets6: local_nets6.try_into().map_err(map_error(MAP_LOCAL_NETS6))?,
             endpoints6: endpoints6.try_into().map_err(map_error(MAP_ENDPOINTS6))?,
             peer_hosts: peer_hosts.try_into().map_err(map_error(MAP_PEER_HOSTS))?,
+            peer_hosts6: peer_hosts6.try_into().map_err(map_error(MAP_PEER_HOSTS6))?,
             peer_stats: peer_stats.try_into().map_err(map_error(MAP_PEER_STATS))?,
             peer_slots: BTreeMap::new(),
             // Handed out lowest first.
@@ -1130,7 +1166,7 @@ impl Datapath {
 
     /// Marks `host` as a peer host (its ICMP errors may reach containers),
     /// with a `PEER_STATS` slot of its own, zeroed before it is handed out.
-    pub fn add_peer_host(&mut self, host: Ipv4Addr) -> Result<(), DatapathError> {
+    pub fn add_peer_host(&mut self, host: IpAddr) -> Result<(), DatapathError> {
         let slot = match self.peer_slots.get(&host) {
             Some(&slot) => slot,
             None => {
@@ -1156,11 +1192,12 @@ impl Datapath {
                 slot
             }
         };
-        if let Err(e) = self
-            .peer_hosts
-            .insert(host.octets(), PeerHost { flags: 0, slot }, 0)
-            .map_err(entry_error(MAP_PEER_HOSTS, host))
-        {
+        let value = PeerHost { flags: 0, slot };
+        let written = match host {
+            IpAddr::V4(a) => self.peer_hosts.insert(a.octets(), value, 0),
+            IpAddr::V6(a) => self.peer_hosts6.insert(a.octets(), value, 0),
+        };
+        if let Err(e) = written.map_err(entry_error(peer_hosts_map(host), host)) {
             if !self.peer_slots.contains_key(&host) {
                 self.free_slots.push(slot);
             }
@@ -1170,10 +1207,12 @@ impl Datapath {
         Ok(())
     }
 
-    pub fn remove_peer_host(&mut self, host: Ipv4Addr) -> Result<(), DatapathError> {
-        self.peer_hosts
-            .remove(&host.octets())
-            .map_err(entry_error(MAP_PEER_HOSTS, host))?;
+    pub fn remove_peer_host(&mut self, host: IpAddr) -> Result<(), DatapathError> {
+        match host {
+            IpAddr::V4(a) => self.peer_hosts.remove(&a.octets()),
+            IpAddr::V6(a) => self.peer_hosts6.remove(&a.octets()),
+        }
+        .map_err(entry_error(peer_hosts_map(host), host))?;
         if let Some(slot) = self.peer_slots.remove(&host) {
             self.free_slots.push(slot);
         }
@@ -1285,11 +1324,11 @@ impl Datapath {
         self.routes.retire_cached()
     }
 
-    /// Routes the IPv6 prefix `net` to the peer host `peer` (its IPv4
-    /// underlay address), then retires the cached answers.
-    pub fn set_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), DatapathError> {
-        let value = Peer {
-            host: peer.octets(),
+    /// Routes the IPv6 prefix `net` to the peer host `peer` (its underlay
+    /// address), then retires the cached answers.
+    pub fn set_route6(&mut self, net: &Ipv6Net, peer: IpAddr) -> Result<(), DatapathError> {
+        let value = Peer6 {
+            host: peer6_host(peer),
             flags: 0,
         };
         self.routes6
@@ -1369,7 +1408,12 @@ impl Datapath {
         for host in self.peer_hosts.keys() {
             peers
                 .hosts
-                .insert(Ipv4Addr::from(host.map_err(map_error(MAP_PEER_HOSTS))?));
+                .insert(IpAddr::from(host.map_err(map_error(MAP_PEER_HOSTS))?));
+        }
+        for host in self.peer_hosts6.keys() {
+            peers
+                .hosts
+                .insert(IpAddr::from(host.map_err(map_error(MAP_PEER_HOSTS6))?));
         }
         for r in self.routes.trie.iter() {
             let (k, v) = r.map_err(map_error(MAP_ROUTES))?;
@@ -1379,7 +1423,7 @@ impl Datapath {
             |k: Key<[u8; 16]>| Ipv6Net::containing(Ipv6Addr::from(k.data()), k.prefix_len() as u8);
         for r in self.routes6.iter() {
             let (k, v) = r.map_err(map_error(MAP_ROUTES6))?;
-            peers.routes6.insert(net6(k), Ipv4Addr::from(v.host));
+            peers.routes6.insert(net6(k), peer6_addr(v.host));
         }
         let mut local = Local::default();
         let mut bridge_names = BTreeMap::new();

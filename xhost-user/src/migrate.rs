@@ -41,8 +41,8 @@ use log::info;
 use xhost_common::{
     Counter, Endpoint, LocalNet, MAP_DATAPATH_GEN, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS,
     MAP_ENDPOINTS6, MAP_LAYOUT_VERSION, MAP_LOCAL_NETS, MAP_LOCAL_NETS6, MAP_PEER_HOSTS,
-    MAP_PEER_STATS, MAP_ROUTES, MAP_ROUTES6, MAP_STATS, MAP_UNDERLAY_ADDRS, Peer, PeerCounters,
-    PeerHost,
+    MAP_PEER_HOSTS6, MAP_PEER_STATS, MAP_ROUTES, MAP_ROUTES6, MAP_STATS, MAP_UNDERLAY_ADDRS, Peer,
+    Peer6, PeerCounters, PeerHost,
 };
 
 use crate::{
@@ -66,9 +66,35 @@ pub struct Conversion {
     pub convert: fn(old: &Map, new: &mut Map) -> Result<u64, MapError>,
 }
 
-/// The declared conversions. None so far: every layout xhost has pinned
-/// is `MAP_LAYOUT_VERSION` 1 with this build's keys and values.
-pub const CONVERSIONS: &[Conversion] = &[];
+/// The declared conversions.
+pub const CONVERSIONS: &[Conversion] = &[ROUTES6_PEER_V4];
+
+/// `ROUTES6` of the builds before IPv6 underlay addresses: a `Peer` (an
+/// IPv4 host) per prefix, now a `Peer6` holding that host mapped.
+const ROUTES6_PEER_V4: Conversion = Conversion {
+    map: MAP_ROUTES6,
+    from_version: 1,
+    // The LPM key: a 4-byte prefix length and the address.
+    from_key_size: 4 + 16,
+    from_value_size: std::mem::size_of::<Peer>() as u32,
+    convert: routes6_of_ipv4_hosts,
+};
+
+fn routes6_of_ipv4_hosts(old: &Map, new: &mut Map) -> Result<u64, MapError> {
+    let old = LpmTrie::<_, [u8; 16], Peer>::try_from(old)?;
+    let mut new = LpmTrie::<_, [u8; 16], Peer6>::try_from(new)?;
+    let mut n = 0;
+    for e in old.iter() {
+        let (k, v) = e?;
+        let value = Peer6 {
+            host: xhost_common::map_v4(v.host),
+            flags: v.flags,
+        };
+        new.insert(&k, value, 0)?;
+        n += 1;
+    }
+    Ok(n)
+}
 
 /// What happens to one map.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -475,10 +501,11 @@ fn copy(map: &'static str, old: Map, new: Map) -> Result<(u64, Option<Deferred>)
         MAP_ROUTES => plain(copy_lpm::<[u8; 4], Peer>(&old, new)),
         MAP_LOCAL_NETS => plain(copy_lpm::<[u8; 4], LocalNet>(&old, new)),
         MAP_ENDPOINTS => plain(copy_hash::<[u8; 4], Endpoint>(&old, new)),
-        MAP_ROUTES6 => plain(copy_lpm::<[u8; 16], Peer>(&old, new)),
+        MAP_ROUTES6 => plain(copy_lpm::<[u8; 16], Peer6>(&old, new)),
         MAP_LOCAL_NETS6 => plain(copy_lpm::<[u8; 16], LocalNet>(&old, new)),
         MAP_ENDPOINTS6 => plain(copy_hash::<[u8; 16], Endpoint>(&old, new)),
         MAP_PEER_HOSTS => plain(copy_hash::<[u8; 4], PeerHost>(&old, new)),
+        MAP_PEER_HOSTS6 => plain(copy_hash::<[u8; 16], PeerHost>(&old, new)),
         MAP_UNDERLAY_ADDRS => plain(copy_hash::<[u8; 4], u32>(&old, new)),
         MAP_ENDPOINT_PORTS => plain(copy_hash::<u32, u32>(&old, new)),
         MAP_DATAPATH_GEN => plain(copy_array::<u64>(&old, new)),
@@ -499,10 +526,11 @@ fn occupied(map: &'static str, old: &Map) -> Result<u64, MapError> {
         MAP_ROUTES => count(LpmTrie::<_, [u8; 4], Peer>::try_from(old)?.keys()),
         MAP_LOCAL_NETS => count(LpmTrie::<_, [u8; 4], LocalNet>::try_from(old)?.keys()),
         MAP_ENDPOINTS => count(HashMap::<_, [u8; 4], Endpoint>::try_from(old)?.keys()),
-        MAP_ROUTES6 => count(LpmTrie::<_, [u8; 16], Peer>::try_from(old)?.keys()),
+        MAP_ROUTES6 => count(LpmTrie::<_, [u8; 16], Peer6>::try_from(old)?.keys()),
         MAP_LOCAL_NETS6 => count(LpmTrie::<_, [u8; 16], LocalNet>::try_from(old)?.keys()),
         MAP_ENDPOINTS6 => count(HashMap::<_, [u8; 16], Endpoint>::try_from(old)?.keys()),
         MAP_PEER_HOSTS => count(HashMap::<_, [u8; 4], PeerHost>::try_from(old)?.keys()),
+        MAP_PEER_HOSTS6 => count(HashMap::<_, [u8; 16], PeerHost>::try_from(old)?.keys()),
         MAP_UNDERLAY_ADDRS => count(HashMap::<_, [u8; 4], u32>::try_from(old)?.keys()),
         MAP_ENDPOINT_PORTS => count(HashMap::<_, u32, u32>::try_from(old)?.keys()),
         MAP_DATAPATH_GEN => {

@@ -10,7 +10,7 @@
 
 use std::{
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, RawFd},
 };
 
@@ -242,14 +242,19 @@ impl Rtnl {
     /// `AlreadyExists` as [`Self::add_route`]. Linux has no IPv6 route
     /// via an IPv4 next hop (`RTA_VIA` is refused for IPv6, an IPv4 nexthop
     /// object too), so a peer's IPv6 subnet is routed onto the device.
-    pub fn add_route6(&mut self, dst: &Ipv6Net, oif: u32) -> io::Result<()> {
-        let req = RouteNetlinkMessage::NewRoute(route6(dst, oif));
+    pub fn add_route6(&mut self, dst: &Ipv6Net, gw: Option<Ipv6Addr>, oif: u32) -> io::Result<()> {
+        let req = RouteNetlinkMessage::NewRoute(route6(dst, gw, oif));
         self.ack(req, NLM_F_CREATE | NLM_F_EXCL)
     }
 
     /// Deletes the route `add_route6` made.
-    pub fn delete_route6(&mut self, dst: &Ipv6Net, oif: u32) -> io::Result<()> {
-        self.ack(RouteNetlinkMessage::DelRoute(route6(dst, oif)), 0)
+    pub fn delete_route6(
+        &mut self,
+        dst: &Ipv6Net,
+        gw: Option<Ipv6Addr>,
+        oif: u32,
+    ) -> io::Result<()> {
+        self.ack(RouteNetlinkMessage::DelRoute(route6(dst, gw, oif)), 0)
     }
 
     /// `ip neigh replace ip lladdr mac dev ifindex nud reachable`: the
@@ -673,8 +678,9 @@ fn route(dst: &Ipv4Net, gw: Option<Ipv4Addr>, oif: u32) -> RouteMessage {
     m
 }
 
-/// xhost's IPv6 route to `dst` in the main table, on the link of `oif`.
-fn route6(dst: &Ipv6Net, oif: u32) -> RouteMessage {
+/// xhost's IPv6 route to `dst` in the main table, via `gw` or (none) on
+/// the link of `oif`.
+fn route6(dst: &Ipv6Net, gw: Option<Ipv6Addr>, oif: u32) -> RouteMessage {
     let mut m = RouteMessage::default();
     m.header.address_family = AddressFamily::Inet6;
     m.header.destination_prefix_length = dst.prefix_len();
@@ -684,6 +690,10 @@ fn route6(dst: &Ipv6Net, oif: u32) -> RouteMessage {
     m.header.kind = RouteType::Unicast;
     m.attributes
         .push(RouteAttribute::Destination(RouteAddress::Inet6(dst.addr())));
+    if let Some(gw) = gw {
+        m.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet6(gw)));
+    }
     m.attributes.push(RouteAttribute::Oif(oif));
     m
 }
@@ -1194,7 +1204,7 @@ mod tests {
     fn route6_request_layout() {
         let dst: Ipv6Net = "fd00:b::/64".parse().expect("cidr");
         let m = encode(
-            RouteNetlinkMessage::NewRoute(route6(&dst, 5)),
+            RouteNetlinkMessage::NewRoute(route6(&dst, None, 5)),
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
             3,
         );
@@ -1210,13 +1220,23 @@ mod tests {
             m.windows(8).any(|w| w == [8, 0, 4, 0, 5, 0, 0, 0]),
             "RTA_OIF"
         );
-        assert!(!m.windows(4).any(|w| w == [8, 0, 5, 0]), "no RTA_GATEWAY");
+        assert!(!m.windows(4).any(|w| w == [20, 0, 5, 0]), "no RTA_GATEWAY");
         let del = encode(
-            RouteNetlinkMessage::DelRoute(route6(&dst, 5)),
+            RouteNetlinkMessage::DelRoute(route6(&dst, None, 5)),
             NLM_F_REQUEST | NLM_F_ACK,
             4,
         );
         assert_eq!(u16_at(&del, 4), libc::RTM_DELROUTE);
+        // Via a peer host on an IPv6 underlay: RTA_GATEWAY, 16 bytes.
+        let gw: Ipv6Addr = "fd00::2".parse().expect("address");
+        let via = encode(
+            RouteNetlinkMessage::NewRoute(route6(&dst, Some(gw), 5)),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            5,
+        );
+        let mut rta_gw = vec![20, 0, 5, 0];
+        rta_gw.extend(gw.octets());
+        assert!(via.windows(20).any(|w| w == rta_gw), "RTA_GATEWAY");
     }
 
     /// What adoption reads of the device is what its creation wrote (the

@@ -3,7 +3,7 @@
 //! datapath alike.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -12,8 +12,8 @@ use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray};
 use serde::{Deserialize, Serialize};
 use xhost_common::{
     Counter, Endpoint, LocalNet, MAP_ENDPOINTS, MAP_ENDPOINTS6, MAP_LOCAL_NETS, MAP_LOCAL_NETS6,
-    MAP_PEER_HOSTS, MAP_PEER_STATS, MAP_ROUTES, MAP_ROUTES6, MAP_STATS, MAP_UNDERLAY_ADDRS, Peer,
-    PeerCounters, PeerHost, stat,
+    MAP_PEER_HOSTS, MAP_PEER_HOSTS6, MAP_PEER_STATS, MAP_ROUTES, MAP_ROUTES6, MAP_STATS,
+    MAP_UNDERLAY_ADDRS, Peer, Peer6, PeerCounters, PeerHost, stat,
 };
 
 use crate::{
@@ -304,11 +304,12 @@ pub struct Local {
     pub bridge_ifindex: u32,
 }
 
-/// A row of `ROUTES6`: an IPv6 peer subnet behind the peer's IPv4 address.
+/// A row of `ROUTES6`: an IPv6 peer subnet behind the peer's underlay
+/// address (IPv4 or IPv6).
 #[derive(Debug, Serialize)]
 pub struct Route6 {
     pub prefix: Ipv6Net,
-    pub peer: Ipv4Addr,
+    pub peer: IpAddr,
 }
 
 #[derive(Debug, Serialize)]
@@ -374,7 +375,7 @@ pub struct Status {
 /// One peer host's traffic through the datapath, summed over CPUs.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct PeerCounterRow {
-    pub peer: Ipv4Addr,
+    pub peer: IpAddr,
     /// Forwarded to the peer.
     pub tx: CounterRow,
     /// Delivered from the peer.
@@ -391,9 +392,21 @@ pub fn read_peer_counters(layout: &Layout) -> anyhow::Result<Vec<PeerCounterRow>
         open_pinned(layout, MAP_PEER_HOSTS)?.try_into()?;
     let stats: PerCpuArray<MapData, PeerCounters> =
         open_pinned(layout, MAP_PEER_STATS)?.try_into()?;
+    let mut held: Vec<(IpAddr, PeerHost)> = hosts
+        .iter()
+        .map(|r| r.map(|(k, v)| (IpAddr::from(k), v)))
+        .collect::<Result<_, _>>()?;
+    // Pinned by a build with IPv6 underlay addresses.
+    if layout.map(MAP_PEER_HOSTS6).exists() {
+        let hosts6: HashMap<MapData, [u8; 16], PeerHost> =
+            open_pinned(layout, MAP_PEER_HOSTS6)?.try_into()?;
+        for item in hosts6.iter() {
+            let (k, v) = item?;
+            held.push((IpAddr::from(k), v));
+        }
+    }
     let mut out = Vec::new();
-    for item in hosts.iter() {
-        let (k, v) = item?;
+    for (k, v) in held {
         let (mut tx, mut rx) = (CounterRow::default(), CounterRow::default());
         for c in stats.get(&v.slot, 0)?.iter() {
             tx.packets += c.tx.packets;
@@ -401,11 +414,7 @@ pub fn read_peer_counters(layout: &Layout) -> anyhow::Result<Vec<PeerCounterRow>
             rx.packets += c.rx.packets;
             rx.bytes += c.rx.bytes;
         }
-        out.push(PeerCounterRow {
-            peer: Ipv4Addr::from(k),
-            tx,
-            rx,
-        });
+        out.push(PeerCounterRow { peer: k, tx, rx });
     }
     out.sort_by_key(|r| r.peer);
     Ok(out)
@@ -426,13 +435,28 @@ type Ipv6Rows = (Vec<Route6>, Vec<Local6>, Vec<EndpointRow6>);
 fn read_ipv6(layout: &Layout) -> anyhow::Result<Ipv6Rows> {
     let (mut routes, mut locals, mut endpoints) = (Vec::new(), Vec::new(), Vec::new());
     if layout.map(MAP_ROUTES6).exists() {
-        let map: LpmTrie<MapData, [u8; 16], Peer> = open_pinned(layout, MAP_ROUTES6)?.try_into()?;
-        for item in map.iter() {
-            let (k, v) = item?;
-            routes.push(Route6 {
-                prefix: prefix6(&k),
-                peer: Ipv4Addr::from(v.host),
-            });
+        let map = open_pinned(layout, MAP_ROUTES6)?;
+        // A build before IPv6 underlay addresses pinned `Peer` values (an
+        // IPv4 host), until a load migrates them.
+        let value_size = aya::maps::MapInfo::from_pin(layout.map(MAP_ROUTES6))?.value_size();
+        if value_size == std::mem::size_of::<Peer>() as u32 {
+            let map: LpmTrie<MapData, [u8; 16], Peer> = map.try_into()?;
+            for item in map.iter() {
+                let (k, v) = item?;
+                routes.push(Route6 {
+                    prefix: prefix6(&k),
+                    peer: IpAddr::from(v.host),
+                });
+            }
+        } else {
+            let map: LpmTrie<MapData, [u8; 16], Peer6> = map.try_into()?;
+            for item in map.iter() {
+                let (k, v) = item?;
+                routes.push(Route6 {
+                    prefix: prefix6(&k),
+                    peer: crate::datapath::peer6_addr(v.host),
+                });
+            }
         }
     }
     if layout.map(MAP_LOCAL_NETS6).exists() {
@@ -1161,7 +1185,7 @@ pub fn peer_entry(
 ) -> Result<String, toml::ser::Error> {
     toml::to_string(&SettingsLayer {
         peers: vec![PeerConfig {
-            host,
+            host: host.into(),
             subnets,
             subnets6,
         }],
@@ -1195,7 +1219,7 @@ mod tests {
         assert_eq!(
             s.peers,
             [PeerConfig {
-                host,
+                host: host.into(),
                 subnets: subnets.clone(),
                 subnets6: Vec::new()
             }]

@@ -18,7 +18,7 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use support::*;
-use xhost_common::{Counter, Endpoint, LocalNet, Peer, PeerHost, stat};
+use xhost_common::{Counter, Endpoint, LocalNet, Peer, Peer6, PeerHost, stat};
 use xhost_model::{
     Action, Config, Input, Maps, Model, Outcome, Prog, Tunnel,
     generate::{self, batch_rng},
@@ -169,7 +169,7 @@ impl World {
         clear_lpm::<[u8; 4], Peer>(&mut ebpf, "ROUTES");
         clear_lpm::<[u8; 4], LocalNet>(&mut ebpf, "LOCAL_NETS");
         clear_hash::<[u8; 16], Endpoint>(&mut ebpf, "ENDPOINTS6");
-        clear_lpm::<[u8; 16], Peer>(&mut ebpf, "ROUTES6");
+        clear_lpm::<[u8; 16], Peer6>(&mut ebpf, "ROUTES6");
         clear_lpm::<[u8; 16], LocalNet>(&mut ebpf, "LOCAL_NETS6");
         Self {
             ebpf,
@@ -248,15 +248,15 @@ impl World {
         for (a, i) in &m.underlay_addrs {
             addrs.insert(a, i, 0).expect("insert");
         }
-        let mut routes6: LpmTrie<_, [u8; 16], Peer> = map(e, "ROUTES6");
+        let mut routes6: LpmTrie<_, [u8; 16], Peer6> = map(e, "ROUTES6");
         for p in old.routes6.keys() {
             routes6
                 .remove(&Key::new(u32::from(p.len), p.addr))
                 .expect("remove");
         }
         for (p, host) in &m.routes6 {
-            let v = Peer {
-                host: *host,
+            let v = Peer6 {
+                host: xhost_common::map_v4(*host),
                 flags: 0,
             };
             routes6

@@ -2825,6 +2825,135 @@ fn ipv6_ingress_delivers_peer_traffic() {
     });
 }
 
+/// The test host as drawn in support/mod.rs, plus an IPv6 underlay: ul0 has
+/// fd00:91::131/64, the peer host fd00:91::132 a permanent neighbour entry
+/// (`PEER_MAC`) and `PEER_STATS` slot 5 in `PEER_HOSTS6`, and fd00:91::133
+/// none; their subnets fd00:240::/64 and fd00:250::/64 are in `ROUTES6`
+/// behind those addresses.
+fn with_ipv6_underlay(ebpf: &mut Ebpf) {
+    for cmd in [
+        "ip -6 addr add fd00:91::131/64 dev ul0 nodad",
+        "ip -6 neigh replace fd00:91::132 lladdr 02:00:00:00:00:32 nud permanent dev ul0",
+    ] {
+        sh(&cmd.split(' ').collect::<Vec<_>>());
+    }
+    let mut hosts: aya::maps::HashMap<_, [u8; 16], xhost_common::PeerHost> = ebpf
+        .map_mut("PEER_HOSTS6")
+        .expect("PEER_HOSTS6")
+        .try_into()
+        .expect("hash");
+    hosts
+        .insert(
+            v6("fd00:91::132"),
+            xhost_common::PeerHost { flags: 0, slot: 5 },
+            0,
+        )
+        .expect("insert");
+    let mut routes: aya::maps::LpmTrie<_, [u8; 16], xhost_common::Peer6> = ebpf
+        .map_mut("ROUTES6")
+        .expect("ROUTES6")
+        .try_into()
+        .expect("lpm");
+    for (prefix, host) in [
+        ("fd00:240::", "fd00:91::132"),
+        ("fd00:250::", "fd00:91::133"),
+    ] {
+        let value = xhost_common::Peer6 {
+            host: v6(host),
+            flags: 0,
+        };
+        routes
+            .insert(&aya::maps::lpm_trie::Key::new(64, v6(prefix)), value, 0)
+            .expect("insert");
+    }
+}
+
+/// Native routing to a peer host on an IPv6 underlay: the next hop is the
+/// `AF_INET6` FIB's answer towards the peer's address (its MAC, the hop
+/// limit less one), up to the underlay's MTU; a peer whose neighbour is not
+/// resolved yet goes out through `bpf_redirect_neigh` (the frame routed but
+/// for its MACs, which the kernel writes); what comes from its subnets is
+/// delivered, what comes from no peer's subnet dropped; the peer's own
+/// `PEER_STATS` slot (in `PEER_HOSTS6`) counts both ways.
+#[test]
+fn ipv6_egress_reaches_a_peer_host_over_an_ipv6_underlay() {
+    in_test_host(|ebpf| {
+        with_ipv6_underlay(ebpf);
+        let r2 = v6("fd00:240::11");
+        let fwd = ipv6_udp(c1_6(), r2, 64, 0);
+        let at_mtu = ipv6_udp(c1_6(), r2, 64, 1452);
+        let unresolved = ipv6_udp(c1_6(), v6("fd00:250::5"), 64, 0);
+        let mut unresolved_out = unresolved.clone();
+        unresolved_out[HOP_LIMIT] -= 1;
+        let sent = (fwd.len() + at_mtu.len()) as u64;
+        run_tc(
+            ebpf,
+            xhost_common::PROG_BRIDGE_IN,
+            "br0",
+            vec![
+                Case::redirect(
+                    "v6 underlay: forwarded to the peer's MAC",
+                    fwd.clone(),
+                    routed6(&fwd, mac("ul0"), PEER_MAC),
+                    stat::FWD_EGRESS6,
+                ),
+                Case::redirect(
+                    "v6 underlay: exactly the underlay's MTU",
+                    at_mtu.clone(),
+                    routed6(&at_mtu, mac("ul0"), PEER_MAC),
+                    stat::FWD_EGRESS6,
+                ),
+                Case::pass(
+                    "v6 underlay: one byte over the underlay's MTU",
+                    ipv6_udp(c1_6(), r2, 64, 1453),
+                    stat::PASS_FIB6,
+                ),
+                Case::redirect(
+                    "v6 underlay: peer's neighbour unresolved, redirect_neigh",
+                    unresolved,
+                    unresolved_out,
+                    stat::FWD_EGRESS6,
+                ),
+                Case::pass(
+                    "v6 underlay: hop limit 1",
+                    ipv6_udp(c1_6(), r2, 1, 0),
+                    stat::PASS_HOP_LIMIT6,
+                ),
+            ],
+        );
+        let delivered = ipv6_udp(r2, c1_6(), 63, 0);
+        run_tc(
+            ebpf,
+            xhost_common::PROG_NIC_IN,
+            "ul0",
+            vec![
+                Case::redirect(
+                    "v6 underlay: from the peer's subnet, delivered",
+                    delivered.clone(),
+                    routed6(&delivered, GW_MAC, CTR_MAC),
+                    stat::FWD_INGRESS6,
+                ),
+                Case::shot(
+                    "v6 underlay: from no peer's subnet",
+                    ipv6_udp(v6("fd00:260::1"), c1_6(), 63, 0),
+                    stat::DROP_SPOOFED6,
+                ),
+            ],
+        );
+        let (tx, rx) = peer_counters(ebpf, 5);
+        assert_eq!(
+            (tx.packets, tx.bytes),
+            (2, sent),
+            "PEER_STATS tx of fd00:91::132: the two forwarded to it"
+        );
+        assert_eq!(
+            (rx.packets, rx.bytes),
+            (1, delivered.len() as u64),
+            "PEER_STATS rx of fd00:91::132: the one delivered"
+        );
+    });
+}
+
 #[test]
 fn ipv6_ingress_drops_sources_outside_the_peers_subnets() {
     nic_in(|| {

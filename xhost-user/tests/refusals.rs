@@ -192,8 +192,18 @@ fn ipv6_peer_subnets_accepted_and_refused_like_ipv4() {
             "subnet fd00:b::/48 of peer 172.16.91.132 overlaps subnet fd00:b:0:7::/64 of peer 172.16.91.133",
         ),
         (
-            &["fd00::2=fd00:b::/64"],
-            "peer host `fd00::2` is an IPv6 address: IPv6 underlay addresses are not supported yet",
+            &["fd00::2=10.5.0.0/24,fd00:b::/64"],
+            "peer fd00::2: IPv4 subnet 10.5.0.0/24 needs the peer's IPv4 address",
+        ),
+        (
+            &["fe80::2=fd00:b::/64"],
+            "peer address fe80::2 is not a unicast host address",
+        ),
+        (&["ff02::2=fd00:b::/64"], "peer address ff02::2"),
+        (&["[fd00::2=fd00:b::/64"], "`[fd00::2` is not an IP address"),
+        (
+            &["fd00::2=fd00:b::/64", "[fd00::2]=fd00:c::/64"],
+            "peer fd00::2 is given more than once",
         ),
     ];
     for (peers, culprit) in peer_cases {
@@ -223,13 +233,32 @@ fn ipv6_peer_subnets_accepted_and_refused_like_ipv4() {
         ),
         "overlaps subnet fd00:b::/64",
     );
+    // A peer host on an IPv6 underlay, in a file and on the flag (bracketed
+    // or not; an IPv4-mapped address is the IPv4 address).
     let v6_host = TempConfig::new(
         "v6host.toml",
         "iface = \"ens33\"\nbridges = [\"docker0\"]\n[[peer]]\nhost = \"fd00::2\"\nsubnets = [\"fd00:b::/64\"]\n",
     );
+    let s = check(
+        &["[fd00::3]=fd00:c::/64", "::ffff:172.16.91.132=10.5.0.0/24"],
+        flags.clone(),
+        Some(v6_host.0.clone()),
+    )
+    .expect("valid");
+    let hosts: Vec<String> = s.peers.iter().map(|p| p.host.to_string()).collect();
+    assert!(
+        hosts.contains(&"fd00::3".to_owned()) && hosts.contains(&"172.16.91.132".to_owned()),
+        "{hosts:?}"
+    );
+    let file_only = check(&[], flags.clone(), Some(v6_host.0.clone())).expect("valid");
+    assert_eq!(file_only.peers[0].host.to_string(), "fd00::2");
+    let v6_host_v4_net = TempConfig::new(
+        "v6host4.toml",
+        "iface = \"ens33\"\nbridges = [\"docker0\"]\n[[peer]]\nhost = \"fd00::2\"\nsubnets = [\"10.5.0.0/24\"]\n",
+    );
     assert_refused(
-        check(&[], flags.clone(), Some(v6_host.0.clone())),
-        "peer host `fd00::2` is an IPv6 address",
+        check(&[], flags.clone(), Some(v6_host_v4_net.0.clone())),
+        "IPv4 subnet 10.5.0.0/24 needs the peer's IPv4 address",
     );
     let host_bits = TempConfig::new(
         "v6bits.toml",

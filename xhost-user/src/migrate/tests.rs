@@ -365,6 +365,82 @@ fn set(m: &mut Map, slot: u32, values: Vec<Counter>) {
         .expect("set");
 }
 
+/// Pins of the builds before IPv6 underlay addresses: `ROUTES6` values of
+/// 8 bytes (`Peer`, an IPv4 host) and no `PEER_HOSTS6`. This build adopts
+/// them: `ROUTES6` is converted, `PEER_HOSTS6` created empty, the rest kept.
+#[test]
+fn pins_with_ipv4_hosts_in_routes6_convert_them() {
+    let want = crate::adopt::object_shapes(16).expect("this build's shapes");
+    assert_eq!(want[MAP_ROUTES6].value_size, 20, "Peer6");
+    let mut pinned = pinned_as(&want);
+    pinned.remove(MAP_PEER_HOSTS6);
+    pinned.get_mut(MAP_ROUTES6).expect("ROUTES6").value_size = 8;
+    let old = fingerprint_at(1, pinned.iter().map(|(n, s)| (n.as_str(), s)));
+    let m = decide(&pinned, &[old], &want, CONVERSIONS)
+        .expect("migrates")
+        .expect("a migration");
+    assert_eq!(
+        m.steps[MAP_ROUTES6],
+        Step::Convert {
+            from: pinned[MAP_ROUTES6],
+            conversion: 0
+        }
+    );
+    assert_eq!(m.steps[MAP_PEER_HOSTS6], Step::New);
+    assert_eq!(m.fresh(), BTreeSet::from([MAP_ROUTES6, MAP_PEER_HOSTS6]));
+}
+
+/// The conversion itself on real maps: each prefix keeps its place, its
+/// IPv4 host becomes `::ffff:a.b.c.d`. Needs root and bpftool.
+#[test]
+fn routes6_of_ipv4_hosts_are_converted_to_mapped_addresses() {
+    let pins = Pins::new();
+    let lpm = |name: &str, value: u32| {
+        let path = pins.0.join(name);
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&path)
+            .args(["type", "lpm_trie", "key", "20", "value", &value.to_string()])
+            .args(["entries", "16", "name", name, "flags", "1"])
+            .output()
+            .expect("bpftool");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        open(&path).expect("open the pin")
+    };
+    let mut old = lpm("OLD6", 8);
+    let mut new = lpm("NEW6", 20);
+    let key = |last: u8| {
+        aya::maps::lpm_trie::Key::new(64, [0xfd, 0, 0, last, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    };
+    {
+        let mut t = LpmTrie::<_, [u8; 16], Peer>::try_from(&mut old).expect("lpm");
+        for (last, host) in [(0xb, [172, 16, 91, 132]), (0xc, [172, 16, 91, 133])] {
+            t.insert(&key(last), Peer { host, flags: 0 }, 0)
+                .expect("insert");
+        }
+    }
+    let n = routes6_of_ipv4_hosts(&old, &mut new).expect("convert");
+    assert_eq!(n, 2);
+    let t = LpmTrie::<_, [u8; 16], Peer6>::try_from(&new).expect("lpm");
+    let got: BTreeMap<[u8; 16], [u8; 16]> = t
+        .iter()
+        .map(|e| e.map(|(k, v)| (k.data(), v.host)))
+        .collect::<Result<_, _>>()
+        .expect("iterate");
+    let mapped = |a: [u8; 4]| std::net::Ipv4Addr::from(a).to_ipv6_mapped().octets();
+    assert_eq!(
+        got,
+        BTreeMap::from([
+            (key(0xb).data(), mapped([172, 16, 91, 132])),
+            (key(0xc).data(), mapped([172, 16, 91, 133])),
+        ])
+    );
+}
+
 /// Per-CPU counters are copied CPU by CPU, and what the old programs
 /// count after the copy is added once they are swapped out, on top of
 /// what the new programs counted meanwhile. Needs root and bpftool.

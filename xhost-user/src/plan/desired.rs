@@ -101,8 +101,8 @@ pub fn local(
             continue;
         }
         for n in nets {
-            if let Err((peer_net, peer)) = peers.check_local6(n) {
-                warn!("not serving {n} on {bridge}: subnet {peer_net} of peer {peer} overlaps it");
+            if let Err(why) = peers.check_local6(n) {
+                warn!("not serving {n} on {bridge}: {why}");
                 continue;
             }
             d.locals6.insert(*n, (bridge.clone(), b.ifindex));

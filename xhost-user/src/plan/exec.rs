@@ -1,7 +1,7 @@
 //! Carrying a plan out: the `Writer` interface to the datapath and the
 //! kernel, and `execute`, which keeps the applied state exact.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use log::info;
 use xhost_common::Endpoint;
@@ -18,8 +18,8 @@ use crate::net::{Ipv4Net, Ipv6Net, fmt_mac};
 pub trait Writer {
     type Error: std::error::Error + Send + Sync + 'static;
 
-    fn add_peer_host(&mut self, host: Ipv4Addr) -> Result<(), Self::Error>;
-    fn remove_peer_host(&mut self, host: Ipv4Addr) -> Result<(), Self::Error>;
+    fn add_peer_host(&mut self, host: IpAddr) -> Result<(), Self::Error>;
+    fn remove_peer_host(&mut self, host: IpAddr) -> Result<(), Self::Error>;
     fn set_route(&mut self, net: &Ipv4Net, peer: Ipv4Addr) -> Result<(), Self::Error>;
     fn remove_route(&mut self, net: &Ipv4Net) -> Result<(), Self::Error>;
     fn add_kernel_route(&mut self, net: &Ipv4Net, peer: Ipv4Addr) -> Result<(), Self::Error>;
@@ -33,9 +33,9 @@ pub trait Writer {
     fn set_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), Self::Error>;
     fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Self::Error>;
     fn set_neighbours(&mut self, neighbours: &[Neighbour]);
-    fn set_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), Self::Error>;
+    fn set_route6(&mut self, net: &Ipv6Net, peer: IpAddr) -> Result<(), Self::Error>;
     fn remove_route6(&mut self, net: &Ipv6Net) -> Result<(), Self::Error>;
-    fn add_kernel_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), Self::Error>;
+    fn add_kernel_route6(&mut self, net: &Ipv6Net, peer: IpAddr) -> Result<(), Self::Error>;
     fn remove_kernel_route6(&mut self, net: &Ipv6Net);
     fn set_local6(&mut self, net: &Ipv6Net, bridge_ifindex: u32) -> Result<(), Self::Error>;
     fn remove_local6(&mut self, net: &Ipv6Net) -> Result<(), Self::Error>;

@@ -12,7 +12,7 @@ mod tests;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 pub use desired::{BridgeFacts, EndpointSpec, KernelFacts, admit, local};
@@ -77,14 +77,16 @@ impl Local {
     }
 }
 
-/// The peer side of the datapath: peer hosts (`PEER_HOSTS`) and their
-/// subnets (`ROUTES` and `ROUTES6`, and a kernel route each). A peer host
-/// is its IPv4 underlay address, whichever family its subnets are.
+/// The peer side of the datapath: peer hosts (`PEER_HOSTS`,
+/// `PEER_HOSTS6`) and their subnets (`ROUTES` and `ROUTES6`, and a kernel
+/// route each). A peer host is its underlay address: an IPv4 one carries
+/// subnets of either family, an IPv6 one (native routing) IPv6 subnets
+/// only, as the peers' checks hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Peers {
-    pub hosts: BTreeSet<Ipv4Addr>,
+    pub hosts: BTreeSet<IpAddr>,
     pub routes: BTreeMap<Ipv4Net, Ipv4Addr>,
-    pub routes6: BTreeMap<Ipv6Net, Ipv4Addr>,
+    pub routes6: BTreeMap<Ipv6Net, IpAddr>,
 }
 
 impl Peers {
@@ -92,9 +94,11 @@ impl Peers {
     pub fn of(peers: &[PeerConfig]) -> Self {
         Self {
             hosts: peers.iter().map(|p| p.host).collect(),
+            // Only an IPv4 host has IPv4 subnets (config::check_peers).
             routes: peers
                 .iter()
-                .flat_map(|p| p.subnets.iter().map(|n| (*n, p.host)))
+                .filter_map(|p| Some((p.host_v4()?, &p.subnets)))
+                .flat_map(|(host, nets)| nets.iter().map(move |n| (*n, host)))
                 .collect(),
             routes6: peers
                 .iter()
@@ -104,11 +108,15 @@ impl Peers {
     }
 
     /// Whether the local IPv6 subnet `net` can be served next to these
-    /// peers: no peer subnet overlapping it (the IPv6 half of
-    /// [`Self::check_local`]; peer hosts are IPv4).
-    pub fn check_local6(&self, net: &Ipv6Net) -> Result<(), (Ipv6Net, Ipv4Addr)> {
+    /// peers: no peer host inside it, no peer subnet overlapping it (the
+    /// IPv6 half of [`Self::check_local`]); else why not.
+    pub fn check_local6(&self, net: &Ipv6Net) -> Result<(), String> {
+        let (first, last) = (IpAddr::V6(net.addr()), IpAddr::V6(net.last()));
+        if let Some(peer) = self.hosts.range(first..=last).next() {
+            return Err(format!("peer {peer} lies inside it"));
+        }
         match self.routes6.iter().find(|(n, _)| n.overlaps(net)) {
-            Some((n, peer)) => Err((*n, *peer)),
+            Some((n, peer)) => Err(format!("subnet {n} of peer {peer} overlaps it")),
             None => Ok(()),
         }
     }
@@ -118,7 +126,8 @@ impl Peers {
     /// [`crate::config::check_local`] says of configured peers).
     pub fn check_local(&self, local: &LocalSubnet) -> Result<(), ConfigError> {
         let net = local.net;
-        if let Some(peer) = self.hosts.range(net.addr()..=net.last()).next() {
+        let (first, last) = (IpAddr::V4(net.addr()), IpAddr::V4(net.last()));
+        if let Some(peer) = self.hosts.range(first..=last).next() {
             return Err(ConfigError::PeerInLocal {
                 peer: *peer,
                 local: net,
@@ -128,7 +137,7 @@ impl Peers {
         match self.routes.iter().find(|(n, _)| n.overlaps(&net)) {
             Some((n, peer)) => Err(ConfigError::LocalOverlap {
                 peer_net: *n,
-                peer: *peer,
+                peer: IpAddr::V4(*peer),
                 local: net,
                 bridge: local.bridge.clone(),
             }),

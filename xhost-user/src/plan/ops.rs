@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use xhost_common::Endpoint;
@@ -14,9 +14,10 @@ use crate::net::{Ipv4Net, Ipv6Net};
 /// One write to the datapath or the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// `PEER_HOSTS`: the host's ICMP errors may reach containers.
-    AddPeerHost(Ipv4Addr),
-    RemovePeerHost(Ipv4Addr),
+    /// `PEER_HOSTS` (`PEER_HOSTS6` for an IPv6 address): the host's
+    /// traffic is counted, and its ICMP errors may reach containers.
+    AddPeerHost(IpAddr),
+    RemovePeerHost(IpAddr),
     /// `ROUTES`: a write replaces the entry in place.
     SetRoute {
         net: Ipv4Net,
@@ -30,17 +31,18 @@ pub enum Op {
         peer: Ipv4Addr,
     },
     RemoveKernelRoute(Ipv4Net),
-    /// `ROUTES6`: an IPv6 peer subnet, behind the peer's IPv4 address.
+    /// `ROUTES6`: an IPv6 peer subnet, behind the peer's underlay address
+    /// (IPv4 or IPv6).
     SetRoute6 {
         net: Ipv6Net,
-        peer: Ipv4Addr,
+        peer: IpAddr,
     },
     RemoveRoute6(Ipv6Net),
-    /// The kernel's IPv6 route of a peer subnet, via the peer's IPv4
+    /// The kernel's IPv6 route of a peer subnet, towards the peer's
     /// address (for hop limit expiry and Packet Too Big).
     AddKernelRoute6 {
         net: Ipv6Net,
-        peer: Ipv4Addr,
+        peer: IpAddr,
     },
     RemoveKernelRoute6(Ipv6Net),
     /// `xhost_bridge_in` on a bridge's ingress.
@@ -163,11 +165,13 @@ pub fn plan(want: &State, applied: &State, limits: &Limits) -> Vec<Op> {
 /// What the planner does alike for the routes of either address family.
 trait RouteFamily {
     type Net: Ord + Copy;
-    fn routes(peers: &Peers) -> &BTreeMap<Self::Net, Ipv4Addr>;
+    /// How a peer host is named in this family's routes.
+    type Host: Eq + Copy;
+    fn routes(peers: &Peers) -> &BTreeMap<Self::Net, Self::Host>;
     fn limit(limits: &Limits) -> usize;
-    fn set_route(net: Self::Net, peer: Ipv4Addr) -> Op;
+    fn set_route(net: Self::Net, peer: Self::Host) -> Op;
     fn remove_route(net: Self::Net) -> Op;
-    fn add_kernel_route(net: Self::Net, peer: Ipv4Addr) -> Op;
+    fn add_kernel_route(net: Self::Net, peer: Self::Host) -> Op;
     fn remove_kernel_route(net: Self::Net) -> Op;
 }
 
@@ -177,22 +181,23 @@ struct V4;
 struct V6;
 
 macro_rules! route_family {
-    ($f:ty, $net:ty, $routes:ident, $limit:ident, $set:ident, $remove:ident, $add_k:ident, $remove_k:ident) => {
+    ($f:ty, $net:ty, $host:ty, $routes:ident, $limit:ident, $set:ident, $remove:ident, $add_k:ident, $remove_k:ident) => {
         impl RouteFamily for $f {
             type Net = $net;
-            fn routes(peers: &Peers) -> &BTreeMap<$net, Ipv4Addr> {
+            type Host = $host;
+            fn routes(peers: &Peers) -> &BTreeMap<$net, $host> {
                 &peers.$routes
             }
             fn limit(limits: &Limits) -> usize {
                 limits.$limit
             }
-            fn set_route(net: $net, peer: Ipv4Addr) -> Op {
+            fn set_route(net: $net, peer: $host) -> Op {
                 Op::$set { net, peer }
             }
             fn remove_route(net: $net) -> Op {
                 Op::$remove(net)
             }
-            fn add_kernel_route(net: $net, peer: Ipv4Addr) -> Op {
+            fn add_kernel_route(net: $net, peer: $host) -> Op {
                 Op::$add_k { net, peer }
             }
             fn remove_kernel_route(net: $net) -> Op {
@@ -205,6 +210,7 @@ macro_rules! route_family {
 route_family!(
     V4,
     Ipv4Net,
+    Ipv4Addr,
     routes,
     routes,
     SetRoute,
@@ -215,6 +221,7 @@ route_family!(
 route_family!(
     V6,
     Ipv6Net,
+    IpAddr,
     routes6,
     routes6,
     SetRoute6,

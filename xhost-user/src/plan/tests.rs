@@ -1,7 +1,7 @@
 //! The plan's ordering rules, and `execute` keeping `applied` exact, with a
 //! recording writer: no kernel, no root.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use xhost_common::Endpoint;
 
@@ -113,10 +113,10 @@ impl Recorder {
 impl Writer for Recorder {
     type Error = Injected;
 
-    fn add_peer_host(&mut self, host: Ipv4Addr) -> Result<(), Injected> {
+    fn add_peer_host(&mut self, host: IpAddr) -> Result<(), Injected> {
         self.fallible(Op::AddPeerHost(host))
     }
-    fn remove_peer_host(&mut self, host: Ipv4Addr) -> Result<(), Injected> {
+    fn remove_peer_host(&mut self, host: IpAddr) -> Result<(), Injected> {
         self.fallible(Op::RemovePeerHost(host))
     }
     fn set_route(&mut self, net: &Ipv4Net, peer: Ipv4Addr) -> Result<(), Injected> {
@@ -169,13 +169,13 @@ impl Writer for Recorder {
     fn set_neighbours(&mut self, neighbours: &[Neighbour]) {
         self.done.push(Op::SetNeighbours(neighbours.to_vec()));
     }
-    fn set_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), Injected> {
+    fn set_route6(&mut self, net: &Ipv6Net, peer: IpAddr) -> Result<(), Injected> {
         self.fallible(Op::SetRoute6 { net: *net, peer })
     }
     fn remove_route6(&mut self, net: &Ipv6Net) -> Result<(), Injected> {
         self.fallible(Op::RemoveRoute6(*net))
     }
-    fn add_kernel_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), Injected> {
+    fn add_kernel_route6(&mut self, net: &Ipv6Net, peer: IpAddr) -> Result<(), Injected> {
         self.fallible(Op::AddKernelRoute6 { net: *net, peer })
     }
     fn remove_kernel_route6(&mut self, net: &Ipv6Net) {
@@ -227,7 +227,7 @@ fn dual_stack_peer_and_container_in_order() {
     assert_eq!(
         ops,
         [
-            Op::AddPeerHost(host),
+            Op::AddPeerHost(host.into()),
             Op::SetRoute {
                 net: net("10.1.0.0/16"),
                 peer: host
@@ -238,11 +238,11 @@ fn dual_stack_peer_and_container_in_order() {
             },
             Op::SetRoute6 {
                 net: net6("fd00:b::/64"),
-                peer: host
+                peer: host.into()
             },
             Op::AddKernelRoute6 {
                 net: net6("fd00:b::/64"),
-                peer: host
+                peer: host.into()
             },
             Op::AttachBridge("docker0".into()),
             Op::SetLocal {
@@ -287,7 +287,7 @@ fn dual_stack_peer_and_container_in_order() {
             Op::RemoveKernelRoute(net("10.1.0.0/16")),
             Op::RemoveRoute6(net6("fd00:b::/64")),
             Op::RemoveKernelRoute6(net6("fd00:b::/64")),
-            Op::RemovePeerHost(host),
+            Op::RemovePeerHost(host.into()),
             Op::RemoveEndpoint(ip("192.168.110.11")),
             Op::RemoveEndpoint6(ip6("fd00:a::b")),
             Op::DetachPort {
@@ -325,16 +325,16 @@ fn ipv6_routes_split_moved_and_overflowing() {
         Local::default(),
     );
     let ops = converge(&want, &mut applied, &ROOMY);
-    assert_eq!(ops[0], Op::AddPeerHost(ip("10.0.0.3")));
+    assert_eq!(ops[0], Op::AddPeerHost(ip("10.0.0.3").into()));
     assert_eq!(ops[1], Op::RemoveKernelRoute6(net6("fd00:b::/64")));
     assert_eq!(
         ops[2],
         Op::SetRoute6 {
             net: net6("fd00:b::/64"),
-            peer: ip("10.0.0.3")
+            peer: ip("10.0.0.3").into()
         }
     );
-    assert_eq!(ops.last(), Some(&Op::RemovePeerHost(ip("10.0.0.2"))));
+    assert_eq!(ops.last(), Some(&Op::RemovePeerHost(ip("10.0.0.2").into())));
     assert!(
         !ops.iter().any(|o| matches!(o, Op::RemoveRoute6(_))),
         "{ops:#?}"
@@ -410,8 +410,8 @@ fn new_hosts_before_their_routes() {
     assert_eq!(
         ops,
         [
-            Op::AddPeerHost(ip("10.0.0.2")),
-            Op::AddPeerHost(ip("10.0.0.3")),
+            Op::AddPeerHost(ip("10.0.0.2").into()),
+            Op::AddPeerHost(ip("10.0.0.3").into()),
             Op::SetRoute {
                 net: net("10.1.0.0/16"),
                 peer: ip("10.0.0.2")
@@ -519,10 +519,10 @@ fn gone_entries_leave_first_when_the_map_would_overflow() {
         [
             Op::RemoveRoute(net("10.2.0.0/16")),
             Op::RemoveKernelRoute(net("10.2.0.0/16")),
-            Op::RemovePeerHost(ip("10.0.0.3")),
+            Op::RemovePeerHost(ip("10.0.0.3").into()),
         ]
     );
-    assert_eq!(ops[3], Op::AddPeerHost(ip("10.0.0.4")));
+    assert_eq!(ops[3], Op::AddPeerHost(ip("10.0.0.4").into()));
 
     // With room for both, the new host comes first and the old one last.
     let mut applied = state(
@@ -530,8 +530,8 @@ fn gone_entries_leave_first_when_the_map_would_overflow() {
         Local::default(),
     );
     let ops = converge(&want, &mut applied, &ROOMY);
-    assert_eq!(ops[0], Op::AddPeerHost(ip("10.0.0.4")));
-    assert_eq!(ops.last(), Some(&Op::RemovePeerHost(ip("10.0.0.3"))));
+    assert_eq!(ops[0], Op::AddPeerHost(ip("10.0.0.4").into()));
+    assert_eq!(ops.last(), Some(&Op::RemovePeerHost(ip("10.0.0.3").into())));
 }
 
 #[test]
@@ -867,7 +867,7 @@ fn a_step_with_100k_routes_stays_cheap() {
         .map(|i| Ipv4Net::containing(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24))
         .collect();
     let config = PeerConfig {
-        host: ip("172.16.0.2"),
+        host: ip("172.16.0.2").into(),
         subnets,
         subnets6: Vec::new(),
     };

@@ -7,7 +7,7 @@
 pub mod docker;
 pub mod kernel;
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use log::warn;
 
@@ -36,10 +36,10 @@ pub enum PeerError {
     )]
     Overlap {
         a: Ipv4Net,
-        peer_a: Ipv4Addr,
+        peer_a: IpAddr,
         source_a: String,
         b: Ipv4Net,
-        peer_b: Ipv4Addr,
+        peer_b: IpAddr,
         source_b: String,
     },
     #[error(
@@ -47,10 +47,10 @@ pub enum PeerError {
     )]
     Overlap6 {
         a: Ipv6Net,
-        peer_a: Ipv4Addr,
+        peer_a: IpAddr,
         source_a: String,
         b: Ipv6Net,
-        peer_b: Ipv4Addr,
+        peer_b: IpAddr,
         source_b: String,
     },
     #[error("{count} peer subnets: the datapath's ROUTES map holds at most {max}")]
@@ -66,7 +66,7 @@ pub enum PeerError {
 fn tagged<'a, N: Copy>(
     sources: &[PeerSource<'a>],
     family: fn(&PeerConfig) -> &[N],
-) -> Vec<(N, (Ipv4Addr, &'a str))> {
+) -> Vec<(N, (IpAddr, &'a str))> {
     sources
         .iter()
         .flat_map(|s| {
@@ -113,7 +113,15 @@ pub fn peers(sources: &[PeerSource<'_>], limits: &plan::Limits) -> Result<Peers,
     for s in sources {
         out.hosts.extend(s.peers.iter().map(|p| p.host));
     }
-    out.routes = all.into_iter().map(|(n, (h, _))| (n, h)).collect();
+    // IPv4 subnets have IPv4 hosts (config::check_peers; the store's
+    // hosts are IPv4).
+    out.routes = all
+        .into_iter()
+        .filter_map(|(n, (h, _))| match h {
+            IpAddr::V4(h) => Some((n, h)),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
     out.routes6 = all6.into_iter().map(|(n, (h, _))| (n, h)).collect();
     if out.hosts.len() > limits.peer_hosts {
         return Err(PeerError::TooManyPeers {

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
@@ -439,7 +439,7 @@ impl ClusterSource {
                 c.subnet, c.host, c.held, c.holder
             )
         }));
-        let routed: BTreeSet<(Ipv4Addr, IpNet)> = p
+        let routed: BTreeSet<(IpAddr, IpNet)> = p
             .peers
             .iter()
             .flat_map(|pc| {
@@ -469,7 +469,7 @@ impl ClusterSource {
         for (n, c) in &state.view.subnets {
             if let Some(h) = hosts.get_mut(c.host.as_str()) {
                 h.subnets.push(*n);
-                if routed.contains(&(h.underlay, *n)) {
+                if routed.contains(&(IpAddr::V4(h.underlay), *n)) {
                     h.routed.push(*n);
                 }
             }

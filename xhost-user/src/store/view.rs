@@ -463,7 +463,7 @@ pub fn plan(view: &View, me: &Me, locals: &BTreeSet<IpNet>, config: &[PeerConfig
             );
             continue;
         }
-        if config.iter().any(|cp| n.contains(cp.host.into())) {
+        if config.iter().any(|cp| n.contains(cp.host)) {
             skip(
                 &mut p,
                 c,
@@ -478,7 +478,7 @@ pub fn plan(view: &View, me: &Me, locals: &BTreeSet<IpNet>, config: &[PeerConfig
         if let Some(h) = view.hosts.get(id) {
             let (subnets, subnets6) = split_families(subnets);
             p.peers.push(PeerConfig {
-                host: h.record.underlay,
+                host: h.record.underlay.into(),
                 subnets,
                 subnets6,
             });

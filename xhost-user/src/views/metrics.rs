@@ -481,7 +481,7 @@ mod tests {
             attached: Vec::new(),
             agent: None,
             peers: vec![PeerCounterRow {
-                peer: std::net::Ipv4Addr::new(10, 0, 0, 2),
+                peer: std::net::Ipv4Addr::new(10, 0, 0, 2).into(),
                 tx: CounterRow {
                     packets: 7,
                     bytes: 700,

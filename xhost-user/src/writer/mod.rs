@@ -7,7 +7,7 @@ pub mod neighbours;
 pub mod recipe;
 pub mod routes;
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use xhost_common::Endpoint;
 
@@ -37,11 +37,11 @@ pub struct KernelWriter<'a> {
 impl Writer for KernelWriter<'_> {
     type Error = WriteError;
 
-    fn add_peer_host(&mut self, host: Ipv4Addr) -> Result<(), WriteError> {
+    fn add_peer_host(&mut self, host: IpAddr) -> Result<(), WriteError> {
         Ok(self.dp.add_peer_host(host)?)
     }
 
-    fn remove_peer_host(&mut self, host: Ipv4Addr) -> Result<(), WriteError> {
+    fn remove_peer_host(&mut self, host: IpAddr) -> Result<(), WriteError> {
         Ok(self.dp.remove_peer_host(host)?)
     }
 
@@ -97,7 +97,7 @@ impl Writer for KernelWriter<'_> {
         neighbours::settle(self.routes.netlink(), neighbours);
     }
 
-    fn set_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), WriteError> {
+    fn set_route6(&mut self, net: &Ipv6Net, peer: IpAddr) -> Result<(), WriteError> {
         Ok(self.dp.set_route6(net, peer)?)
     }
 
@@ -105,7 +105,7 @@ impl Writer for KernelWriter<'_> {
         Ok(self.dp.remove_route6(net)?)
     }
 
-    fn add_kernel_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), WriteError> {
+    fn add_kernel_route6(&mut self, net: &Ipv6Net, peer: IpAddr) -> Result<(), WriteError> {
         Ok(self.routes.add6(net, peer)?)
     }
 

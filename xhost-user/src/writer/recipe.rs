@@ -28,7 +28,7 @@
 use std::{
     collections::BTreeSet,
     io,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::Command,
 };
 
@@ -349,11 +349,11 @@ pub struct RecipeWriter<'a> {
 impl Writer for RecipeWriter<'_> {
     type Error = super::WriteError;
 
-    fn add_peer_host(&mut self, _host: Ipv4Addr) -> Result<(), Self::Error> {
+    fn add_peer_host(&mut self, _host: IpAddr) -> Result<(), Self::Error> {
         Ok(())
     }
 
-    fn remove_peer_host(&mut self, _host: Ipv4Addr) -> Result<(), Self::Error> {
+    fn remove_peer_host(&mut self, _host: IpAddr) -> Result<(), Self::Error> {
         Ok(())
     }
 
@@ -405,7 +405,7 @@ impl Writer for RecipeWriter<'_> {
 
     // IPv6 subnets get their kernel routes; xhost's chains are iptables
     // (IPv4) only, so nothing else is written for them.
-    fn set_route6(&mut self, _net: &Ipv6Net, _peer: Ipv4Addr) -> Result<(), Self::Error> {
+    fn set_route6(&mut self, _net: &Ipv6Net, _peer: IpAddr) -> Result<(), Self::Error> {
         Ok(())
     }
 
@@ -413,7 +413,7 @@ impl Writer for RecipeWriter<'_> {
         Ok(())
     }
 
-    fn add_kernel_route6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), Self::Error> {
+    fn add_kernel_route6(&mut self, net: &Ipv6Net, peer: IpAddr) -> Result<(), Self::Error> {
         Ok(self.routes.add6(net, peer)?)
     }
 

@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
@@ -18,6 +18,16 @@ use crate::{
     tunnel::RouteDevice,
 };
 
+/// An IPv4 peer host: the ones whose neighbour entry the agent has
+/// resolved for the datapath (`bpf_redirect_neigh` cannot resolve an IPv4
+/// next hop for an IPv6 packet).
+fn v4(peer: IpAddr) -> Option<Ipv4Addr> {
+    match peer {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    }
+}
+
 /// A kernel route xhost added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelRoute {
@@ -27,13 +37,17 @@ pub struct KernelRoute {
     pub oif: u32,
 }
 
-/// An IPv6 kernel route xhost added: a peer's IPv6 subnet on the route
-/// device's link (Linux routes no IPv6 prefix via an IPv4 next hop).
+/// An IPv6 kernel route xhost added: a peer's IPv6 subnet via the peer
+/// host's IPv6 address, or on the route device's link (Linux routes no
+/// IPv6 prefix via an IPv4 next hop).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelRoute6 {
     pub prefix: Ipv6Net,
     /// The peer host whose subnet it is.
-    pub peer: Ipv4Addr,
+    pub peer: IpAddr,
+    /// The gateway: the peer host on an IPv6 underlay (native routing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<Ipv6Addr>,
     pub oif: u32,
 }
 
@@ -42,7 +56,7 @@ pub struct KernelRoute6 {
 pub struct KernelRouteError {
     /// The prefix, of either family.
     pub net: String,
-    pub peer: Ipv4Addr,
+    pub peer: IpAddr,
     #[source]
     pub source: std::io::Error,
 }
@@ -110,7 +124,7 @@ impl KernelRoutes {
     pub fn add(&mut self, net: &Ipv4Net, peer: Ipv4Addr) -> Result<(), KernelRouteError> {
         let err = |source| KernelRouteError {
             net: net.to_string(),
-            peer,
+            peer: peer.into(),
             source,
         };
         let gw = self.dev.gateway(peer);
@@ -151,15 +165,23 @@ impl KernelRoutes {
     /// it, hop limit expiry (time exceeded) and Packet Too Big, instead of
     /// "no route". The first route of a peer also asks the kernel to
     /// resolve the peer host's neighbour entry ([`resolve_peers`]).
-    pub fn add6(&mut self, net: &Ipv6Net, peer: Ipv4Addr) -> Result<(), KernelRouteError> {
-        if self.dev.via_peer && self.resolving.insert(peer) {
-            resolve_peers(&mut self.rtnl, self.dev.oif, &[peer]);
-        }
-        match self.rtnl.add_route6(net, self.dev.oif) {
+    pub fn add6(&mut self, net: &Ipv6Net, peer: IpAddr) -> Result<(), KernelRouteError> {
+        let via = match peer {
+            IpAddr::V4(v4) => {
+                if self.dev.via_peer && self.resolving.insert(v4) {
+                    resolve_peers(&mut self.rtnl, self.dev.oif, &[v4]);
+                }
+                None
+            }
+            // The datapath has the kernel resolve it (bpf_redirect_neigh).
+            IpAddr::V6(v6) => self.dev.via_peer.then_some(v6),
+        };
+        match self.rtnl.add_route6(net, via, self.dev.oif) {
             Ok(()) => {
                 let route = KernelRoute6 {
                     prefix: *net,
                     peer,
+                    via,
                     oif: self.dev.oif,
                 };
                 self.added6.insert(*net, route);
@@ -181,8 +203,10 @@ impl KernelRoutes {
     pub fn remove6(&mut self, net: &Ipv6Net) {
         if let Some(gone) = self.added6.remove(net) {
             delete6_with(&mut self.rtnl, &[gone]);
-            if !self.added6.values().any(|r| r.peer == gone.peer) {
-                self.resolving.remove(&gone.peer);
+            if let IpAddr::V4(v4) = gone.peer
+                && !self.added6.values().any(|r| r.peer == gone.peer)
+            {
+                self.resolving.remove(&v4);
             }
         }
     }
@@ -198,7 +222,7 @@ impl KernelRoutes {
         let probe = match routes.next() {
             Some(first) => rtnl.add_route(&first.prefix, first.via, first.oif),
             None => match self.added6.values().next() {
-                Some(first) => rtnl.add_route6(&first.prefix, first.oif),
+                Some(first) => rtnl.add_route6(&first.prefix, first.via, first.oif),
                 None => return,
             },
         };
@@ -209,13 +233,13 @@ impl KernelRoutes {
         }
         let mut back = 1;
         // The flush took the neighbour entries too: the IPv6 peers' again.
-        self.resolving = self.added6.values().map(|r| r.peer).collect();
+        self.resolving = self.added6.values().filter_map(|r| v4(r.peer)).collect();
         if self.dev.via_peer && !self.resolving.is_empty() {
             let peers: Vec<Ipv4Addr> = self.resolving.iter().copied().collect();
             resolve_peers(rtnl, self.dev.oif, &peers);
         }
         for r in self.added6.values() {
-            match rtnl.add_route6(&r.prefix, r.oif) {
+            match rtnl.add_route6(&r.prefix, r.via, r.oif) {
                 Ok(()) => back += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => warn!("putting back kernel route {}: {e}", r.prefix),
@@ -244,7 +268,7 @@ impl KernelRoutes {
     /// every [`RETRY_FAILED`], and again by [`Self::retry_failed`] while it
     /// stays failed. Static entries are left alone.
     pub fn resolve_lost(&mut self) {
-        let peers: BTreeSet<Ipv4Addr> = self.added6.values().map(|r| r.peer).collect();
+        let peers: BTreeSet<Ipv4Addr> = self.added6.values().filter_map(|r| v4(r.peer)).collect();
         self.asked.retain(|p, _| peers.contains(p));
         self.failed.clear();
         if !self.dev.via_peer || peers.is_empty() {
@@ -366,7 +390,7 @@ pub fn delete6(routes: &[KernelRoute6]) {
 
 fn delete6_with(rtnl: &mut Rtnl, routes: &[KernelRoute6]) {
     for r in routes {
-        match rtnl.delete_route6(&r.prefix, r.oif) {
+        match rtnl.delete_route6(&r.prefix, r.via, r.oif) {
             Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
                 warn!("deleting route {}: {e}", r.prefix)
             }

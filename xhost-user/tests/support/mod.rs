@@ -25,7 +25,7 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use etherparse::{Ethernet2Header, IpHeaders, IpNumber, Ipv4Header, PacketBuilder};
-use xhost_common::{Endpoint, LocalNet, Peer, PeerHost};
+use xhost_common::{Endpoint, LocalNet, Peer, Peer6, PeerHost};
 
 /// `TC_ACT_UNSPEC` (-1) as the test run's `u32` return value: what the
 /// programs return for a packet they leave to the kernel (and to any later
@@ -251,7 +251,7 @@ pub fn fill_maps(ebpf: &mut Ebpf) {
 /// The IPv6 side of [`fill_maps`].
 fn fill_maps6(ebpf: &mut Ebpf, ep: Endpoint) {
     let v6 = |a: &str| a.parse::<std::net::Ipv6Addr>().expect("address").octets();
-    let mut routes: LpmTrie<_, [u8; 16], Peer> = ebpf
+    let mut routes: LpmTrie<_, [u8; 16], Peer6> = ebpf
         .map_mut("ROUTES6")
         .expect("ROUTES6")
         .try_into()
@@ -261,7 +261,14 @@ fn fill_maps6(ebpf: &mut Ebpf, ep: Endpoint) {
         ("fd00:230::", [172, 16, 91, 133]),
     ] {
         routes
-            .insert(&Key::new(64, v6(prefix)), Peer { host, flags: 0 }, 0)
+            .insert(
+                &Key::new(64, v6(prefix)),
+                Peer6 {
+                    host: xhost_common::map_v4(host),
+                    flags: 0,
+                },
+                0,
+            )
             .expect("insert");
     }
     let mut local: LpmTrie<_, [u8; 16], LocalNet> = ebpf
