@@ -23,7 +23,10 @@ use nix::sys::signal::Signal;
 use xhost_tests::{
     NetNs, Process, Topology, TopologyOpts,
     probe::{RecvReport, SendReport, SeqRecvReport, SeqSendReport, probe_bin},
-    xhost::{Agent, AgentDirs, counter, load_args, remove_instance, status_json, xhost, xhost_bin},
+    xhost::{
+        Agent, AgentDirs, counter, load_args, remove_instance, status_json, status_routes6, xhost,
+        xhost_bin,
+    },
 };
 
 const UDP_PORT: u16 = 5601;
@@ -1192,4 +1195,98 @@ fn a_vxlan_datapath_of_other_settings_is_refused_untouched() {
     );
     assert!(dirs.leftovers().is_empty(), "left {:?}", dirs.leftovers());
     assert_eq!(vxlan_ifindex(a), None, "unload removes xhost_vxlan");
+}
+
+/// Pins of the builds before IPv6 underlay addresses: `ROUTES6` values of
+/// 8 bytes (`Peer`, an IPv4 host) and no `PEER_HOSTS6`. The next load
+/// converts `ROUTES6` (each host mapped into IPv6), creates `PEER_HOSTS6`,
+/// records this build's layout, and serves the same IPv6 route.
+#[test]
+fn routes6_of_an_older_build_are_converted_on_load() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let dirs = AgentDirs::unique("a");
+    let _cleanup = Cleanup(vec![dirs.clone()]);
+    let peer = format!("{}={},fd00:b::/64", b.underlay_ip(), b.subnet());
+    let load = [
+        "load",
+        "--detach",
+        "--iface",
+        a.underlay_iface(),
+        "--bridge",
+        a.bridge(),
+        "--no-docker",
+        "--peer",
+        &peer,
+    ];
+    let out = xhost(a.ns(), &dirs, &load).expect("load --detach");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = [format!("fd00:b::/64 via {}", b.underlay_ip())];
+    assert_eq!(status_routes6(&status_json(a.ns(), &dirs)), want);
+
+    // ROUTES6 as the older build pinned it, holding the same route.
+    let old = repin(
+        &dirs.pin_dir,
+        "ROUTES6",
+        &[
+            "type", "lpm_trie", "key", "20", "value", "8", "entries", "16384", "flags", "1",
+        ],
+    );
+    // Values as bytes: `Peer6` (16-byte host, 4-byte flags) to `Peer`
+    // (4-byte host, 4-byte flags).
+    let from: aya::maps::LpmTrie<_, [u8; 16], [u8; 20]> = old.try_into().expect("trie");
+    let mut to: aya::maps::LpmTrie<_, [u8; 16], [u8; 8]> = open_map(&dirs.pin_dir.join("ROUTES6"))
+        .try_into()
+        .expect("trie");
+    for e in from.iter() {
+        let (k, v) = e.expect("route");
+        let host: [u8; 16] = v[..16].try_into().expect("16 bytes");
+        let v4 = xhost_common::mapped_v4(&host).expect("an IPv4 host");
+        let mut old_value = [0u8; 8];
+        old_value[..4].copy_from_slice(&v4);
+        to.insert(&k, old_value, 0).expect("copy route");
+    }
+    std::fs::remove_file(dirs.pin_dir.join("PEER_HOSTS6")).expect("unpin PEER_HOSTS6");
+    let old_fp = fingerprint_of_pins(&dirs.pin_dir);
+    for fp in recorded_layouts(&dirs.pin_dir) {
+        std::fs::remove_dir(dirs.pin_dir.join("layout").join(fp)).expect("old record");
+    }
+    std::fs::create_dir(dirs.pin_dir.join("layout").join(&old_fp)).expect("record");
+    // status reads the older layout too.
+    assert_eq!(status_routes6(&status_json(a.ns(), &dirs)), want);
+
+    let out = xhost(a.ns(), &dirs, &load).expect("load --detach again");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    for line in [
+        "map ROUTES6: 1 entries converted from layout version 1",
+        "map PEER_HOSTS6 is new in this build: created empty",
+    ] {
+        assert!(log.contains(line), "{line:?} in the log:\n{log}");
+    }
+    let info = |name: &str| {
+        aya::maps::MapInfo::from_pin(dirs.pin_dir.join(name))
+            .unwrap_or_else(|e| panic!("{name} pinned: {e}"))
+    };
+    assert_eq!(info("ROUTES6").value_size(), 20, "Peer6");
+    assert_eq!(info("PEER_HOSTS6").key_size(), 16);
+    assert_eq!(status_routes6(&status_json(a.ns(), &dirs)), want);
+    let records = recorded_layouts(&dirs.pin_dir);
+    assert_eq!(
+        records,
+        [fingerprint_of_pins(&dirs.pin_dir)],
+        "this build's layout recorded"
+    );
+
+    let out = xhost(a.ns(), &dirs, &["unload"]).expect("unload");
+    assert!(
+        out.status.success(),
+        "unload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dirs.leftovers().is_empty(), "left {:?}", dirs.leftovers());
 }
