@@ -1900,6 +1900,17 @@ fn dual_stack_networks_carry_ipv6_over_an_ipv6_underlay() {
     dual_stack_ipv6(Mode::Ipv6Underlay);
 }
 
+/// The same in VXLAN mode over an IPv6 underlay: the vxlan device sends the
+/// packets with IPv6 outer headers to the peer's IPv6 address (the datapath
+/// keys it), the other host's datapath takes them from the device only from
+/// that address (`PEER_HOSTS6`): `status` counts both ways under it. The
+/// kernel route into `xhost_vxlan` has the MTU the larger outer headers
+/// leave (1430), whose Packet Too Big teaches TCP.
+#[test]
+fn dual_stack_networks_carry_ipv6_over_vxlan_on_an_ipv6_underlay() {
+    dual_stack_ipv6(Mode::VxlanIpv6Underlay);
+}
+
 /// How the dual-stack scenario reaches the peer host.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -1909,6 +1920,18 @@ enum Mode {
     Vxlan,
     /// Native routing, the peer host's IPv6 address ([`underlay_ip6`]).
     Ipv6Underlay,
+    /// VXLAN mode, the peer host's IPv6 address.
+    VxlanIpv6Underlay,
+}
+
+impl Mode {
+    fn vxlan(self) -> bool {
+        matches!(self, Mode::Vxlan | Mode::VxlanIpv6Underlay)
+    }
+
+    fn ipv6_underlay(self) -> bool {
+        matches!(self, Mode::Ipv6Underlay | Mode::VxlanIpv6Underlay)
+    }
 }
 
 /// Host `i`'s IPv6 address on the underlay (`Mode::Ipv6Underlay`).
@@ -1918,9 +1941,10 @@ fn underlay_ip6(i: usize) -> Ipv6Addr {
 
 /// The peer host's address `ROUTES6` holds for its IPv6 subnet.
 fn peer6_host(tb: &Testbed, mode: Mode, i: usize) -> String {
-    match mode {
-        Mode::Ipv6Underlay => underlay_ip6(i).to_string(),
-        _ => tb.host(i).underlay_ip().to_string(),
+    if mode.ipv6_underlay() {
+        underlay_ip6(i).to_string()
+    } else {
+        tb.host(i).underlay_ip().to_string()
     }
 }
 
@@ -1930,7 +1954,7 @@ fn dual_stack_ipv6(mode: Mode) {
     let mut tb = Testbed::new([true, true]);
     let ctr = [0, 1].map(|i| dual_stack_container(&tb, i));
     let has_conntrack = hosts_track_ipv6(&tb, &ctr[0]);
-    if mode == Mode::Ipv6Underlay {
+    if mode.ipv6_underlay() {
         for i in 0..2 {
             let h = tb.host(i);
             let addr = format!("{}/64", underlay_ip6(i));
@@ -1949,20 +1973,21 @@ fn dual_stack_ipv6(mode: Mode) {
     for i in 0..2 {
         let peer = tb.host(1 - i);
         let (v4, v6) = DUAL_NETS[1 - i];
-        let peers = match mode {
-            Mode::Ipv6Underlay => vec![
+        let peers = if mode.ipv6_underlay() {
+            vec![
                 format!("{}={v4}", peer.underlay_ip()),
                 format!("[{}]={v6}", underlay_ip6(1 - i)),
-            ],
-            _ => vec![format!("{}={v4},{v6}", peer.underlay_ip())],
+            ]
+        } else {
+            vec![format!("{}={v4},{v6}", peer.underlay_ip())]
         };
         let mut args: Vec<&str> = peers.iter().flat_map(|p| ["--peer", p.as_str()]).collect();
-        if mode == Mode::Vxlan {
+        if mode.vxlan() {
             args.extend(["--tunnel", "vxlan"]);
         }
         tb.start_agent_args(i, &args);
     }
-    let vxlan = mode == Mode::Vxlan;
+    let vxlan = mode.vxlan();
     agents_map_docker_ipv6_and_the_peer_flag(&tb, &ctr, mode);
     if mode == Mode::Native {
         agents_resolve_the_peer_hosts(&tb);
@@ -1980,7 +2005,9 @@ fn dual_stack_ipv6(mode: Mode) {
     }
     match mode {
         Mode::Native => a_lost_peer_neighbour_is_resolved_again(&tb, &ctr),
-        Mode::Ipv6Underlay => the_ipv6_peer_host_is_resolved_and_counted(&tb),
+        Mode::Ipv6Underlay | Mode::VxlanIpv6Underlay => {
+            the_ipv6_peer_host_is_resolved_and_counted(&tb);
+        }
         Mode::Vxlan => {}
     }
     hop_limit_1_is_answered_by_host_a(&tb, &ctr);
@@ -2140,7 +2167,14 @@ fn agents_map_docker_ipv6_and_the_peer_flag(tb: &Testbed, ctr: &[DualCtr; 2], mo
                 DUAL_NETS[1 - i].1,
                 underlay_ip6(1 - i)
             ),
+            Mode::VxlanIpv6Underlay => format!("{} dev xhost_vxlan", DUAL_NETS[1 - i].1),
         };
+        if mode == Mode::VxlanIpv6Underlay {
+            assert!(
+                kernel.contains(" mtu lock 1430 "),
+                "the route's MTU leaves room for IPv6 outer headers: {kernel:?}"
+            );
+        }
         assert!(
             kernel.starts_with(&want),
             "the kernel route of the peer's IPv6 subnet: {kernel:?}, want {want:?}"
@@ -2355,8 +2389,8 @@ fn a_lost_peer_neighbour_is_resolved_again(tb: &Testbed, ctr: &[DualCtr; 2]) {
     }
 }
 
-/// Over an IPv6 underlay: the datapath's first packets had the kernel resolve the
-/// peer host's IPv6 address (`bpf_redirect_neigh`; the agent asks for none), and
+/// Over an IPv6 underlay: the first packets had the kernel resolve the peer host's
+/// IPv6 address (`bpf_redirect_neigh`, or the vxlan device; the agent asks for none), and
 /// `status` counts what went to and came from each peer host under its IPv6
 /// address: at least the pings and transfers either way.
 fn the_ipv6_peer_host_is_resolved_and_counted(tb: &Testbed) {

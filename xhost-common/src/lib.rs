@@ -152,6 +152,10 @@ pub const REJECT_BURST: u64 = 20;
 /// Bytes VXLAN adds in front of the inner frame: outer IPv4, UDP, VXLAN
 /// headers and the inner Ethernet header.
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// Bytes VXLAN's outer headers take beyond [`VXLAN_OVERHEAD`] when they are
+/// IPv6 (a 40-byte header for IPv4's 20): to a peer host on an IPv6
+/// underlay, what fits the vxlan device less these fits the underlay.
+pub const VXLAN6_EXTRA: u32 = 20;
 /// Largest VXLAN network identifier (24 bits).
 pub const MAX_VNI: u32 = (1 << 24) - 1;
 

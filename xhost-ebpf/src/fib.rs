@@ -248,8 +248,9 @@ pub struct NextHop6 {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    /// The gateway, or the destination itself (network order).
-    pub nexthop: [u8; 16],
+    /// The gateway, or the destination itself (network order, as
+    /// [`words`]).
+    pub nexthop: [u32; 4],
 }
 
 /// [`lookup`] for IPv6: how to reach peer host `dst` for a packet from
@@ -260,8 +261,8 @@ pub struct NextHop6 {
 pub fn lookup6(
     ctx: &TcContext,
     ifindex: u32,
-    src: [u8; 16],
-    dst: [u8; 16],
+    src: [u32; 4],
+    dst: [u32; 4],
     len: WireLen,
 ) -> NextHop6 {
     let (tot_len, segments) = match len {
@@ -273,8 +274,8 @@ pub fn lookup6(
     p.family = AF_INET6;
     p.ifindex = ifindex;
     p.__bindgen_anon_1.tot_len = tot_len;
-    p.__bindgen_anon_3.ipv6_src = words(src);
-    p.__bindgen_anon_4.ipv6_dst = words(dst);
+    p.__bindgen_anon_3.ipv6_src = src;
+    p.__bindgen_anon_4.ipv6_dst = dst;
     // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
     let rc = unsafe {
         fib_lookup_helper(
@@ -294,15 +295,14 @@ pub fn lookup6(
     } else {
         answer
     };
-    // SAFETY: for AF_INET6 the kernel leaves the next hop (gateway or the
-    // destination itself) in ipv6_dst; zero-filled before.
-    let nexthop = unsafe { p.__bindgen_anon_4.ipv6_dst };
     NextHop6 {
         answer,
         ifindex: p.ifindex,
         smac: p.smac,
         dmac: p.dmac,
-        nexthop: bytes(nexthop),
+        // SAFETY: for AF_INET6 the kernel leaves the next hop (gateway or
+        // the destination itself) in ipv6_dst; zero-filled before.
+        nexthop: unsafe { p.__bindgen_anon_4.ipv6_dst },
     }
 }
 
@@ -374,7 +374,7 @@ pub fn neighbour_mac6(
 
 /// An IPv6 address as the four words of `bpf_fib_lookup`, in network order.
 #[inline(always)]
-fn words(a: [u8; 16]) -> [u32; 4] {
+pub fn words(a: [u8; 16]) -> [u32; 4] {
     [
         u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
         u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
@@ -383,9 +383,16 @@ fn words(a: [u8; 16]) -> [u32; 4] {
     ]
 }
 
+/// Whether an address as [`words`] is IPv4 mapped (`::ffff:a.b.c.d`,
+/// `xhost_common::mapped_v4`).
+#[inline(always)]
+pub fn is_mapped(w: &[u32; 4]) -> bool {
+    w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
 /// [`words`]' inverse.
 #[inline(always)]
-fn bytes(w: [u32; 4]) -> [u8; 16] {
+pub fn bytes(w: [u32; 4]) -> [u8; 16] {
     let mut a = [0u8; 16];
     for (i, word) in w.iter().enumerate() {
         a[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
@@ -417,6 +424,20 @@ pub fn fits(ctx: &TcContext, ifindex: u32) -> bool {
     rc == i64::from(BPF_MTU_CHK_RET_SUCCESS)
 }
 
+/// The MTU of device `ifindex`, as `bpf_check_mtu` reads it; `None` on a
+/// kernel without the helper.
+#[inline(always)]
+pub fn device_mtu(ctx: &TcContext, ifindex: u32) -> Option<u32> {
+    if !kernel::has(HELPER_CHECK_MTU) {
+        return None;
+    }
+    // In: 0 (the device's own MTU). Out: that MTU, whatever the verdict.
+    let mut mtu_len: u32 = 0;
+    // SAFETY: `mtu_len` is a valid, writable u32.
+    let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &raw mut mtu_len, 0, 0) };
+    (rc >= 0).then_some(mtu_len)
+}
+
 /// `bpf_redirect_neigh` towards `nexthop` on `ifindex`; the kernel fills in
 /// the L2 header once the neighbour resolves. Returns the TC verdict.
 #[inline(always)]
@@ -436,13 +457,13 @@ pub fn redirect_neigh(ifindex: u32, nexthop: [u8; 4]) -> i32 {
     }
 }
 
-/// [`redirect_neigh`] towards an IPv6 `nexthop`.
+/// [`redirect_neigh`] towards an IPv6 `nexthop` (as [`words`]).
 #[inline(always)]
-pub fn redirect_neigh6(ifindex: u32, nexthop: [u8; 16]) -> i32 {
+pub fn redirect_neigh6(ifindex: u32, nexthop: [u32; 4]) -> i32 {
     let mut slot = MaybeUninit::<bpf_redir_neigh>::uninit();
     let nh = zeroed_in(&mut slot);
     nh.nh_family = u32::from(AF_INET6);
-    nh.__bindgen_anon_1.ipv6_nh = words(nexthop);
+    nh.__bindgen_anon_1.ipv6_nh = nexthop;
     // SAFETY: `nh` is a valid bpf_redir_neigh of the size passed.
     unsafe {
         bpf_redirect_neigh(

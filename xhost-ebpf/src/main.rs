@@ -226,17 +226,22 @@ pub fn xhost_vxlan_in(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn xhost_vxlan_out(ctx: TcContext) -> i32 {
     build_mark();
-    let host = match parse(&ctx) {
+    let keyed = match parse(&ctx) {
         // SAFETY: `f.ip` was bounds-checked by `parse`.
-        Frame::Ipv4(f) => maps::route_of(unsafe { (*f.ip).dst_addr }),
-        Frame::Ipv6 => Some(v6::tunnel_host(&ctx)).filter(|h| *h != [0; 4]),
-        _ => None,
+        Frame::Ipv4(f) => maps::route_of(unsafe { (*f.ip).dst_addr })
+            .is_some_and(|host| tunnel::set_key(&ctx, host)),
+        Frame::Ipv6 => {
+            let host = v6::tunnel_host(&ctx);
+            match xhost_common::mapped_v4(&host) {
+                Some(v4) => tunnel::set_key(&ctx, v4),
+                None => host != [0; 16] && tunnel::set_key6(&ctx, host),
+            }
+        }
+        _ => false,
     };
     // What no peer owns (IPv6 control traffic of the device's own among
     // it) has nowhere to go.
-    if let Some(host) = host
-        && tunnel::set_key(&ctx, host)
-    {
+    if keyed {
         // Counted where it was decided (xhost_veth_in, xhost_bridge_in), or a
         // packet of the kernel's own.
         PASS

@@ -183,6 +183,14 @@ pub fn host_key6(addr: [u8; 16]) -> Key<[u8; 16]> {
     Key::new(128, addr)
 }
 
+/// The underlay address (IPv6, or IPv4 mapped) of the peer host whose IPv6
+/// container prefix holds `addr` (`ROUTES6`).
+#[inline(always)]
+pub fn route6_of(addr: [u8; 16]) -> Option<[u8; 16]> {
+    // The agent may replace the entry concurrently: copy the host out at once.
+    ROUTES6.get(&host_key6(addr)).map(|p| p.host)
+}
+
 /// The peer host whose IPv6 container prefix holds `addr` (`ROUTES6`): its
 /// underlay address (IPv6, or IPv4 mapped: `xhost_common::mapped_v4`) and
 /// its `PEER_STATS` slot. Not cached: the `ROUTES` cache is keyed by a

@@ -50,7 +50,8 @@ use aya_ebpf::{
     bindings::{
         BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
-        BPF_F_ZERO_CSUM_TX, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_tunnel_key,
+        BPF_F_TUNINFO_IPV6, BPF_F_ZERO_CSUM_TX, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_tunnel_key,
     },
     helpers::{
         bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_skb_adjust_room, bpf_skb_get_tunnel_key,
@@ -60,14 +61,14 @@ use aya_ebpf::{
 };
 use network_types::{
     eth::{EthHdr, EtherType},
-    ip::Ipv4Hdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
     udp::UdpHdr,
 };
 use xhost_common::{MAX_VNI, VXLAN_OVERHEAD};
 
 use crate::{
-    fib::{WireLen, zeroed_in},
-    maps::{PEER_HOSTS, UNDERLAY_ADDRS, route_of},
+    fib::{WireLen, bytes, words, zeroed_in},
+    maps::{PEER_HOSTS, PEER_HOSTS6, UNDERLAY_ADDRS, route_of},
     parse::{
         Frame, Frame6, IPPROTO_UDP, Ipv4Frame, Ipv6Frame, PACKET_HOST, Packet, parse_at, parse6_at,
         ptr_at,
@@ -395,6 +396,68 @@ pub fn is_ours_from_container(ctx: &TcContext, f: &Ipv4Frame) -> bool {
         && u32::from_be_bytes([0, head[12], head[13], head[14]]) == vni() & MAX_VNI
 }
 
+/// IPv6 next headers that are extension headers a UDP header may follow:
+/// hop-by-hop options, routing, fragment, destination options.
+const EXT_HOP_BY_HOP: u8 = 0;
+const EXT_ROUTING: u8 = 43;
+const EXT_FRAGMENT: u8 = 44;
+const EXT_DEST_OPTS: u8 = 60;
+/// Extension headers [`is_ours_from_container6`] walks.
+const MAX_EXT_HEADERS: usize = 3;
+
+/// [`is_ours_from_container`] for IPv6: through the host's NAT66 (Docker's
+/// IPv6 MASQUERADE) it leaves with this host's IPv6 address, which a peer
+/// whose `PEER_HOSTS6` holds it would take for one of ours. The UDP header
+/// is looked for behind up to [`MAX_EXT_HEADERS`] extension headers (the
+/// first fragment's; a later fragment carries none); a longer chain, which
+/// may hide one, counts as ours.
+#[inline(always)]
+pub fn is_ours_from_container6(ctx: &TcContext, f: &Ipv6Frame) -> bool {
+    // SAFETY: `f.ip` was bounds-checked by `parse6`.
+    let mut next = unsafe { (*f.ip).next_hdr };
+    let mut off = EthHdr::LEN + Ipv6Hdr::LEN;
+    for _ in 0..MAX_EXT_HEADERS {
+        if !matches!(
+            next,
+            EXT_HOP_BY_HOP | EXT_ROUTING | EXT_FRAGMENT | EXT_DEST_OPTS
+        ) {
+            break;
+        }
+        let Some(ext) = ptr_at::<[u8; 4], TcContext>(ctx, off) else {
+            return false;
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        let ext = unsafe { *ext };
+        if next == EXT_FRAGMENT && (u16::from_be_bytes([ext[2], ext[3]]) >> 3) != 0 {
+            return false;
+        }
+        // A fragment header is 8 bytes; the others say their length in
+        // 8-byte units beyond the first 8.
+        off += if next == EXT_FRAGMENT {
+            8
+        } else {
+            (usize::from(ext[1]) + 1) * 8
+        };
+        next = ext[0];
+    }
+    if matches!(
+        next,
+        EXT_HOP_BY_HOP | EXT_ROUTING | EXT_FRAGMENT | EXT_DEST_OPTS
+    ) {
+        return true;
+    }
+    if next != IPPROTO_UDP {
+        return false;
+    }
+    let Some(head) = ptr_at::<[u8; UdpHdr::LEN + VXLAN_HDR_LEN], TcContext>(ctx, off) else {
+        return false;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let head = unsafe { *head };
+    u16::from_be_bytes([head[2], head[3]]) == port()
+        && u32::from_be_bytes([0, head[12], head[13], head[14]]) == vni() & MAX_VNI
+}
+
 /// Strips the outer IPv4, UDP and VXLAN headers and the inner Ethernet
 /// header: the frame keeps its outer Ethernet header in front of the inner
 /// IPv4 packet. A checksum the NIC vouched for is no longer taken as
@@ -468,6 +531,54 @@ pub fn set_key(ctx: &TcContext, host: [u8; 4]) -> bool {
         )
     };
     rc == 0
+}
+
+/// [`set_key`] for a peer host on an IPv6 underlay: the kernel's device
+/// sends the packet with IPv6 outer headers and a UDP checksum (a zero one,
+/// IPv4's default above, a receiving vxlan device refuses over IPv6 unless
+/// told otherwise).
+#[inline(always)]
+pub fn set_key6(ctx: &TcContext, host: [u8; 16]) -> bool {
+    let mut slot = MaybeUninit::<bpf_tunnel_key>::uninit();
+    let key = zeroed_in(&mut slot);
+    key.tunnel_id = vni();
+    // In network order, as it stands.
+    key.__bindgen_anon_1.remote_ipv6 = words(host);
+    key.tunnel_ttl = OUTER_TTL;
+    // SAFETY: `key` is a valid bpf_tunnel_key of the size passed.
+    let rc = unsafe {
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            &raw mut *key,
+            size_of::<bpf_tunnel_key>() as u32,
+            u64::from(BPF_F_TUNINFO_IPV6),
+        )
+    };
+    rc == 0
+}
+
+/// [`sender`] for a packet that came over IPv6: the peer host
+/// (`PEER_HOSTS6`) that sent it with our VNI.
+#[inline(always)]
+pub fn sender6(ctx: &TcContext) -> Option<[u8; 16]> {
+    let mut slot = MaybeUninit::<bpf_tunnel_key>::uninit();
+    let key = zeroed_in(&mut slot);
+    // SAFETY: `key` is a valid, writable bpf_tunnel_key of the size passed.
+    let rc = unsafe {
+        bpf_skb_get_tunnel_key(
+            ctx.skb.skb,
+            &raw mut *key,
+            size_of::<bpf_tunnel_key>() as u32,
+            u64::from(BPF_F_TUNINFO_IPV6),
+        )
+    };
+    if rc != 0 || key.tunnel_id != vni() {
+        return None;
+    }
+    // SAFETY: an IPv6 key fills remote_ipv6.
+    let outer = bytes(unsafe { key.__bindgen_anon_1.remote_ipv6 });
+    // SAFETY: lookup of a plain key; the value is not dereferenced.
+    unsafe { PEER_HOSTS6.get(outer) }.map(|_| outer)
 }
 
 /// The peer host that sent a decapsulated packet, if the packet came with

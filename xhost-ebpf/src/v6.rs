@@ -31,13 +31,13 @@ use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv6Hdr,
 };
-use xhost_common::{Endpoint, HELPER_FIB_LOOKUP_SRC, map_v4, mapped_v4, stat};
+use xhost_common::{Endpoint, HELPER_FIB_LOOKUP_SRC, VXLAN6_EXTRA, map_v4, mapped_v4, stat};
 
 use crate::{
     NO_ENDPOINT, NO_SLOT, Verdict, fib,
     fib::{Answer, Source, WireLen},
     forwarded, hand_on, kernel,
-    maps::{ENDPOINT_PORTS, ENDPOINTS6, LOCAL_NETS6, host_key6, route6_slot_of},
+    maps::{ENDPOINT_PORTS, ENDPOINTS6, LOCAL_NETS6, host_key6, route6_of, route6_slot_of},
     parse::{Frame, Frame6, Ipv6Frame, parse, parse6, ptr_at},
     redirect, reject, tunnel,
 };
@@ -45,26 +45,55 @@ use crate::{
 /// Container -> remote container over IPv6, on the container's veth
 /// (`from_port`) or at the bridge: `try_egress`'s rules.
 ///
-/// Verifier: inlined into the entry point, which then calls two BPF
-/// functions one after the other: [`checked`] and, for a peer host on an
-/// IPv6 underlay, [`over_ipv6`]. `checked` takes 480 bytes of stack, and
-/// one more frame under it would take the call chain past 512.
+/// Verifier: inlined into the entry point, which then calls BPF functions
+/// one after the other: [`checked`] and, for a peer host on an IPv6
+/// underlay, [`over_ipv6`], or, in VXLAN mode for a destination no peer
+/// owns, [`unrouted_in_vxlan_mode`]. `checked` takes about 480 bytes of
+/// stack, and one more frame under it would take the call chain past 512.
 #[inline(always)]
 pub fn egress(ctx: &TcContext, from_port: bool) -> Verdict {
     let v = checked(ctx, from_port);
-    if v.action != OVER_IPV6 {
-        return v;
+    match v.action {
+        OVER_IPV6 => {
+            // SAFETY: reading the ingress ifindex of the skb context.
+            let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+            let mark = if from_port { iif } else { 0 };
+            let routed = over_ipv6(ctx, iif);
+            let v = Verdict {
+                action: (routed >> 32) as i32,
+                reason: routed as u32,
+                peer: v.peer,
+            };
+            hand_on(ctx, mark, v)
+        }
+        UNROUTED_IN_VXLAN_MODE => unrouted_in_vxlan_mode(ctx),
+        _ => v,
     }
-    // SAFETY: reading the ingress ifindex of the skb context.
-    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let mark = if from_port { iif } else { 0 };
-    hand_on(ctx, mark, over_ipv6(ctx, iif).peer(v.peer))
 }
 
 /// [`checked`]'s answer for a frame that passed every check and goes to a
 /// peer host on an IPv6 underlay: [`egress`] routes it with [`over_ipv6`].
 /// Not a TC action.
 const OVER_IPV6: i32 = i32::MIN;
+
+/// [`checked`]'s answer in VXLAN mode for a destination no peer owns:
+/// [`egress`] hands it to [`unrouted_in_vxlan_mode`]. Not a TC action.
+const UNROUTED_IN_VXLAN_MODE: i32 = i32::MIN + 1;
+
+/// VXLAN mode, a destination no peer owns: a container's own VXLAN packet
+/// with our VNI to our port (`tunnel::is_ours_from_container6`) is refused
+/// (`drop_spoofed_local6`), anything else is the kernel's. The frame is
+/// parsed again: a BPF function of its own, see [`egress`].
+#[inline(never)]
+fn unrouted_in_vxlan_mode(ctx: &TcContext) -> Verdict {
+    let Frame6::Ipv6(f) = parse6(ctx) else {
+        return Verdict::pass(stat::PASS_NOT_OURS6);
+    };
+    if tunnel::is_ours_from_container6(ctx, &f) {
+        return Verdict::refused6(ctx, stat::DROP_SPOOFED_LOCAL6);
+    }
+    Verdict::pass(stat::PASS_NOT_OURS6)
+}
 
 /// [`egress`]'s checks, and the routing of everything but what goes to a
 /// peer host on an IPv6 underlay ([`OVER_IPV6`], with the peer's slot).
@@ -89,6 +118,13 @@ fn checked(ctx: &TcContext, from_port: bool) -> Verdict {
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let mark = if from_port { iif } else { 0 };
     let Some((peer_host, slot)) = route6_slot_of(dst) else {
+        if tunnel::device().is_some() {
+            return Verdict {
+                action: UNROUTED_IN_VXLAN_MODE,
+                reason: stat::PASS_NOT_OURS6,
+                peer: NO_SLOT,
+            };
+        }
         return Verdict::pass(stat::PASS_NOT_OURS6);
     };
     if from_port {
@@ -119,13 +155,11 @@ fn checked(ctx: &TcContext, from_port: bool) -> Verdict {
     let v = match (mapped_v4(&peer_host), tunnel::device()) {
         (Some(v4), Some(device)) => encapsulated(ctx, &f, iif, device, v4, len),
         (Some(v4), None) => over_ipv4(ctx, &f, iif, v4, len),
-        (None, None) => Verdict {
+        (None, _) => Verdict {
             action: OVER_IPV6,
             reason: stat::FWD_EGRESS6,
             peer: NO_SLOT,
         },
-        // The agent gives VXLAN mode no such peer.
-        (None, Some(_)) => Verdict::pass(stat::PASS_FIB6),
     };
     hand_on(ctx, mark, v.peer(slot))
 }
@@ -146,24 +180,61 @@ fn over_ipv4(ctx: &TcContext, f: &Ipv6Frame, iif: u32, peer: [u8; 4], len: WireL
     }
 }
 
-/// Native routing to a peer host on an IPv6 underlay: the route to its
-/// address, from the packet's own source. [`checked`] has checked the
-/// frame; it is parsed and its route looked up again here (a BPF function
-/// of its own, see [`egress`]): a route gone meanwhile leaves it to the
-/// kernel.
+/// To a peer host on an IPv6 underlay. Native routing: the route to its
+/// address, from the packet's own source. VXLAN mode: into the vxlan
+/// device (which `xhost_vxlan_out` keys with the peer's IPv6 address, and
+/// which sends the packet with IPv6 outer headers) if every packet it
+/// leaves as fits the device's MTU less the 20 bytes the larger outer
+/// headers take (`VXLAN6_EXTRA`); else the kernel's (`pass_fib6`), whose
+/// route into the device, with that MTU locked, answers Packet Too Big.
+/// [`checked`] has checked the frame; it is parsed and its route looked up
+/// again here (a BPF function of its own, see [`egress`]): a route gone
+/// meanwhile leaves it to the kernel.
+///
+/// Verifier: returns the verdict's action and reason packed in a `u64`
+/// (the action in the high half): a struct LLVM may return through a
+/// pointer into the caller's stack, which the verifier refuses to see
+/// returned.
 #[inline(never)]
-fn over_ipv6(ctx: &TcContext, iif: u32) -> Verdict {
+fn over_ipv6(ctx: &TcContext, iif: u32) -> u64 {
+    let v = route_over_ipv6(ctx, iif);
+    (u64::from(v.action as u32) << 32) | u64::from(v.reason)
+}
+
+/// [`over_ipv6`]'s body.
+#[inline(always)]
+fn route_over_ipv6(ctx: &TcContext, iif: u32) -> Verdict {
     let Frame6::Ipv6(f) = parse6(ctx) else {
         return Verdict::pass(stat::PASS_MALFORMED);
     };
     let Some(len) = fib::wire_len6(ctx, &f) else {
         return Verdict::pass(stat::PASS_FIB6);
     };
+    // Verifier: addresses are held as four words, not sixteen bytes, which
+    // LLVM keeps in as many registers and spills one stack slot each across
+    // the helper calls (the frame would take the call chain past 512).
     // SAFETY: `f.ip` was bounds-checked by `parse6`.
-    let (src, dst) = unsafe { ((*f.ip).src_addr, (*f.ip).dst_addr) };
-    let Some((peer, _)) = route6_slot_of(dst).filter(|(h, _)| mapped_v4(h).is_none()) else {
+    let Some(peer) = route6_of(unsafe { (*f.ip).dst_addr }).map(fib::words) else {
         return Verdict::pass(stat::PASS_NOT_OURS6);
     };
+    if fib::is_mapped(&peer) {
+        return Verdict::pass(stat::PASS_NOT_OURS6);
+    }
+    if let Some(device) = tunnel::device() {
+        // Every packet it leaves as, with IPv6 outer headers, must fit the
+        // underlay: the device's MTU less what they take beyond IPv4's.
+        let fits = match (len, fib::device_mtu(ctx, device)) {
+            (WireLen::Max(len), Some(mtu)) => u32::from(len) + VXLAN6_EXTRA <= mtu,
+            _ => false,
+        };
+        if !fits {
+            return Verdict::pass(stat::PASS_FIB6);
+        }
+        decrement_hop_limit(&f);
+        return redirect(device, stat::FWD_EGRESS6);
+    }
+    // SAFETY: `f.ip` was bounds-checked by `parse6`.
+    let src = unsafe { fib::words((*f.ip).src_addr) };
     let hop = fib::lookup6(ctx, iif, src, peer, len);
     match hop.answer {
         Answer::Resolved => {
@@ -203,11 +274,7 @@ fn encapsulated(
         None
     };
     let Some(outer) = outer else {
-        if !fib::fits(ctx, device) {
-            return Verdict::pass(stat::PASS_FIB6);
-        }
-        decrement_hop_limit(f);
-        return redirect(device, stat::FWD_EGRESS6);
+        return to_device(ctx, f, device);
     };
     let hop = fib::lookup(ctx, iif, [0; 4], peer, WireLen::Max(outer), Source::Route);
     if hop.answer == Answer::Kernel {
@@ -228,6 +295,18 @@ fn encapsulated(
         ),
         _ => redirect(hop.ifindex, stat::FWD_EGRESS6),
     }
+}
+
+/// VXLAN mode: routes the frame one hop into the vxlan device, which
+/// encapsulates it; what does not fit the device is the kernel's
+/// (`pass_fib6`), whose IPv6 route into the device answers Packet Too Big.
+#[inline(always)]
+fn to_device(ctx: &TcContext, f: &Ipv6Frame, device: u32) -> Verdict {
+    if !fib::fits(ctx, device) {
+        return Verdict::pass(stat::PASS_FIB6);
+    }
+    decrement_hop_limit(f);
+    redirect(device, stat::FWD_EGRESS6)
 }
 
 /// The bridge path's source check (`bridge_sender`'s rules, with the
@@ -367,13 +446,18 @@ pub fn decapsulated(ctx: &TcContext) -> Option<Verdict> {
 
 /// Decapsulated by the vxlan device (`xhost_vxlan_in`): delivered as on the
 /// underlay once the tunnel vouches for its sender, as `try_from_tunnel`
-/// does IPv4: our VNI from a peer host, and an inner source in that peer's
-/// `ROUTES6` subnets (checked before anything else, control traffic
-/// included); else dropped, `drop_spoofed6`.
+/// does IPv4: our VNI from a peer host (over IPv4, or over IPv6 from one in
+/// `PEER_HOSTS6`), and an inner source in that peer's `ROUTES6` subnets
+/// (checked before anything else, control traffic included); else dropped,
+/// `drop_spoofed6`.
 #[inline(never)]
 pub fn from_tunnel(ctx: &TcContext) -> Verdict {
-    let Some(outer) = tunnel::sender(ctx) else {
-        return Verdict::drop(stat::DROP_SPOOFED6);
+    let outer = match tunnel::sender(ctx) {
+        Some(v4) => map_v4(v4),
+        None => match tunnel::sender6(ctx) {
+            Some(v6) => v6,
+            None => return Verdict::drop(stat::DROP_SPOOFED6),
+        },
     };
     let Some(ip) = ptr_at::<Ipv6Hdr, TcContext>(ctx, EthHdr::LEN) else {
         return Verdict::pass(stat::PASS_MALFORMED);
@@ -381,7 +465,7 @@ pub fn from_tunnel(ctx: &TcContext) -> Verdict {
     // SAFETY: bounds-checked by ptr_at.
     let src = unsafe { (*ip).src_addr };
     let slot = match route6_slot_of(src) {
-        Some((owner, slot)) if owner == map_v4(outer) => slot,
+        Some((owner, slot)) if owner == outer => slot,
         _ => return Verdict::drop(stat::DROP_SPOOFED6),
     };
     let f = match parse6(ctx) {
@@ -399,21 +483,18 @@ pub fn from_tunnel(ctx: &TcContext) -> Verdict {
 }
 
 /// `xhost_vxlan_out` for IPv6: the peer host that owns the destination of
-/// what the vxlan device sends; 0.0.0.0 (no peer host's address) if no
-/// peer does, or if its address is IPv6 (which the agent does not give
-/// VXLAN mode).
+/// what the vxlan device sends (IPv6, or IPv4 mapped); `::` (no peer
+/// host's address) if no peer does.
 ///
 /// Verifier: a plain array, not an `Option`, whose `None` LLVM returns with
 /// bytes undefined, which the verifier refuses to read.
 #[inline(never)]
-pub fn tunnel_host(ctx: &TcContext) -> [u8; 4] {
+pub fn tunnel_host(ctx: &TcContext) -> [u8; 16] {
     let Frame6::Ipv6(f) = parse6(ctx) else {
-        return [0; 4];
+        return [0; 16];
     };
     // SAFETY: `f.ip` was bounds-checked by `parse6`.
-    route6_slot_of(unsafe { (*f.ip).dst_addr })
-        .and_then(|(host, _)| mapped_v4(&host))
-        .unwrap_or([0; 4])
+    route6_slot_of(unsafe { (*f.ip).dst_addr }).map_or([0; 16], |(host, _)| host)
 }
 
 /// `xhost_nic_xdp` for IPv6: whether `ingress` drops the frame as

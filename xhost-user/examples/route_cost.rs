@@ -62,6 +62,7 @@ fn main() {
     let mut routes = KernelRoutes::new(RouteDevice {
         oif,
         via_peer: true,
+        ipv6_outer_mtu: None,
     })
     .expect("the writer's netlink socket");
     let t = Instant::now();

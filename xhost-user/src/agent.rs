@@ -102,6 +102,7 @@ pub async fn load(source: Source, layout: Layout, detach: bool) -> anyhow::Resul
         Backend::Kernel(_) => crate::tunnel::RouteDevice {
             oif: underlay,
             via_peer: true,
+            ipv6_outer_mtu: None,
         },
     };
     let routes = match adopted_routes {

@@ -418,10 +418,7 @@ pub enum ConfigError {
         "peer {host}: IPv4 subnet {subnet} needs the peer's IPv4 address (a peer reached over IPv6 carries IPv6 subnets only)"
     )]
     Ipv4OverIpv6 { host: Ipv6Addr, subnet: Ipv4Net },
-    #[error(
-        "peer {0}: VXLAN mode reaches peer hosts over IPv4 only (give the peer's IPv4 address, or route natively)"
-    )]
-    Ipv6UnderlayTunnel(Ipv6Addr),
+
     #[error("--peer `{arg}`")]
     PeerCidr {
         arg: String,
@@ -1156,13 +1153,8 @@ pub fn validate(s: &Settings) -> Result<Vec<LocalSubnet>, ConfigError> {
 /// IPv6 peer subnets are forwarded by the eBPF datapath (natively or in
 /// VXLAN mode) only: the kernel datapath has no route to an IPv6 subnet
 /// behind an IPv4 peer host (Linux refuses an IPv6 route via an IPv4 next
-/// hop). VXLAN mode's outer headers are IPv4: its peer hosts are too.
+/// hop).
 fn check_ipv6_mode(s: &Settings) -> Result<(), ConfigError> {
-    if s.tunnel.is_some()
-        && let Some(IpAddr::V6(host)) = s.peers.iter().map(|p| p.host).find(IpAddr::is_ipv6)
-    {
-        return Err(ConfigError::Ipv6UnderlayTunnel(host));
-    }
     if s.datapath != DatapathArg::Kernel {
         return Ok(());
     }
@@ -1532,15 +1524,12 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_underlay_peers_only_in_native_routing() {
+    fn ipv6_underlay_peers_in_the_ebpf_datapath() {
         let mut s = settings();
         s.peers = vec![peer("10.0.0.2=10.1.0.0/16"), peer("fd00::2=fd00:b::/64")];
         assert!(check_ipv6_mode(&s).is_ok(), "native routing");
         s.tunnel = Some(Vxlan { vni: 1, port: 8472 });
-        assert_eq!(
-            check_ipv6_mode(&s).expect_err("VXLAN").to_string(),
-            "peer fd00::2: VXLAN mode reaches peer hosts over IPv4 only (give the peer's IPv4 address, or route natively)"
-        );
+        assert!(check_ipv6_mode(&s).is_ok(), "VXLAN mode");
         s.tunnel = None;
         s.datapath = DatapathArg::Kernel;
         assert!(check_ipv6_mode(&s).is_err(), "kernel datapath");

@@ -901,10 +901,12 @@ impl Datapath {
             Some(t) => RouteDevice {
                 oif: t.ifindex,
                 via_peer: false,
+                ipv6_outer_mtu: Some(t.mtu.saturating_sub(xhost_common::VXLAN6_EXTRA)),
             },
             None => RouteDevice {
                 oif: underlay,
                 via_peer: true,
+                ipv6_outer_mtu: None,
             },
         }
     }

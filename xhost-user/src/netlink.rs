@@ -28,8 +28,8 @@ use netlink_packet_route::{
         NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
     },
     route::{
-        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
-        RouteType,
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteMetric, RouteProtocol,
+        RouteScope, RouteType,
     },
     tc::{TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
 };
@@ -242,8 +242,23 @@ impl Rtnl {
     /// `AlreadyExists` as [`Self::add_route`]. Linux has no IPv6 route
     /// via an IPv4 next hop (`RTA_VIA` is refused for IPv6, an IPv4 nexthop
     /// object too), so a peer's IPv6 subnet is routed onto the device.
-    pub fn add_route6(&mut self, dst: &Ipv6Net, gw: Option<Ipv6Addr>, oif: u32) -> io::Result<()> {
-        let req = RouteNetlinkMessage::NewRoute(route6(dst, gw, oif));
+    pub fn add_route6(
+        &mut self,
+        dst: &Ipv6Net,
+        gw: Option<Ipv6Addr>,
+        mtu: Option<u32>,
+        oif: u32,
+    ) -> io::Result<()> {
+        let mut m = route6(dst, gw, oif);
+        if let Some(mtu) = mtu {
+            // Locked (`mtu lock`): the kernel's forwarding goes by an
+            // unlocked route MTU for its own packets only.
+            m.attributes.push(RouteAttribute::Metrics(vec![
+                RouteMetric::Lock(1 << RTAX_MTU),
+                RouteMetric::Mtu(mtu),
+            ]));
+        }
+        let req = RouteNetlinkMessage::NewRoute(m);
         self.ack(req, NLM_F_CREATE | NLM_F_EXCL)
     }
 
@@ -677,6 +692,10 @@ fn route(dst: &Ipv4Net, gw: Option<Ipv4Addr>, oif: u32) -> RouteMessage {
     m.attributes.push(RouteAttribute::Oif(oif));
     m
 }
+
+/// `RTAX_MTU` from the kernel's rtnetlink.h: the route metric of the MTU
+/// (its bit in `RTAX_LOCK` locks it).
+const RTAX_MTU: u32 = 2;
 
 /// xhost's IPv6 route to `dst` in the main table, via `gw` or (none) on
 /// the link of `oif`.

@@ -248,6 +248,10 @@ pub fn delete(ifindex: u32) {
 pub struct RouteDevice {
     pub oif: u32,
     pub via_peer: bool,
+    /// Into the vxlan device: the MTU of a route to a peer host on an IPv6
+    /// underlay, whose outer headers take 20 bytes more than the IPv4 ones
+    /// the device's MTU allows for.
+    pub ipv6_outer_mtu: Option<u32>,
 }
 
 impl RouteDevice {

@@ -1938,6 +1938,72 @@ fn vxlan_mode_drops_spoofed_sources_before_encapsulating() {
     });
 }
 
+/// IPv6 frame `f` with an extension header of type `code` (`body`: its
+/// bytes after the next-header byte) in front of what follows the fixed
+/// header.
+fn with_ext6(f: &[u8], code: u8, body: &[u8]) -> Vec<u8> {
+    let at = Ethernet2Header::LEN + Ipv6Header::LEN;
+    let mut o = f[..at].to_vec();
+    o.push(f[NEXT_HEADER]);
+    o.extend_from_slice(body);
+    o.extend_from_slice(&f[at..]);
+    o[NEXT_HEADER] = code;
+    let len = u16::from_be_bytes([o[18], o[19]]) + 1 + body.len() as u16;
+    o[18..20].copy_from_slice(&len.to_be_bytes());
+    o
+}
+
+/// VXLAN mode: a container's own IPv6 VXLAN packet with our VNI to our
+/// port, for a destination no peer owns, is refused before the host's NAT66
+/// could make it look like one of ours to a peer that knows this host by
+/// its IPv6 address: behind extension headers too (a first fragment's), and
+/// behind a chain of them too long to look through. Another VNI, another
+/// port or a later fragment is the kernel's.
+#[test]
+fn ipv6_vxlan_mode_drops_a_containers_own_vxlan_packets() {
+    in_vxlan_test_host(|ebpf| {
+        let to_host = v6("fd00:91::132");
+        let inner = ipv6_udp(c1_6(), r1_6(), 64, 0);
+        let vxlan = |vni: u32, port: u16| {
+            let mut payload = vec![0x08, 0, 0, 0];
+            payload.extend_from_slice(&(vni << 8).to_be_bytes());
+            payload.extend_from_slice(&inner);
+            let mut f = Vec::new();
+            PacketBuilder::ethernet2(CTR_MAC, GW_MAC)
+                .ipv6(c1_6(), to_host, 64)
+                .udp(40000, port)
+                .write(&mut f, &payload)
+                .expect("IPv6 VXLAN frame");
+            f
+        };
+        let ours = vxlan(VNI, VXLAN_PORT);
+        // Destination options: 8 bytes, a PadN option of 4.
+        let dest_opts = |f: &[u8]| with_ext6(f, 60, &[0, 1, 4, 0, 0, 0, 0]);
+        // A fragment header at offset `off` (8-byte units), more to come.
+        let fragment = |f: &[u8], off: u16| {
+            let word = ((off << 3) | 1).to_be_bytes();
+            with_ext6(f, 44, &[0, word[0], word[1], 0, 0, 0, 7])
+        };
+        let refused = |name, frame| (name, frame, 0, TC_ACT_SHOT, None, stat::DROP_SPOOFED_LOCAL6);
+        let passed = |name, frame| (name, frame, 0, TC_ACT_UNSPEC, None, stat::PASS_NOT_OURS6);
+        run_bridge_cases(
+            ebpf,
+            [
+                refused("v6: a container's VXLAN packet with our VNI", ours.clone()),
+                refused("v6: behind destination options", dest_opts(&ours)),
+                refused("v6: in a first fragment", fragment(&ours, 0)),
+                refused(
+                    "v6: behind four extension headers",
+                    dest_opts(&dest_opts(&dest_opts(&dest_opts(&ours)))),
+                ),
+                passed("v6: another VNI", vxlan(VNI + 1, VXLAN_PORT)),
+                passed("v6: another port", vxlan(VNI, VXLAN_PORT + 1)),
+                passed("v6: a later fragment", fragment(&ours, 185)),
+            ],
+        );
+    });
+}
+
 /// The Ethernet header of an answer to `f`: back to its sender.
 fn eth_back(f: &[u8]) -> Vec<u8> {
     let (eth, _, _) = eth_ip(f);

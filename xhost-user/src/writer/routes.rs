@@ -48,6 +48,10 @@ pub struct KernelRoute6 {
     /// The gateway: the peer host on an IPv6 underlay (native routing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<Ipv6Addr>,
+    /// The route's MTU: into the vxlan device towards a peer host on an
+    /// IPv6 underlay (`RouteDevice::ipv6_outer_mtu`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
     pub oif: u32,
 }
 
@@ -166,22 +170,23 @@ impl KernelRoutes {
     /// "no route". The first route of a peer also asks the kernel to
     /// resolve the peer host's neighbour entry ([`resolve_peers`]).
     pub fn add6(&mut self, net: &Ipv6Net, peer: IpAddr) -> Result<(), KernelRouteError> {
-        let via = match peer {
+        let (via, mtu) = match peer {
             IpAddr::V4(v4) => {
                 if self.dev.via_peer && self.resolving.insert(v4) {
                     resolve_peers(&mut self.rtnl, self.dev.oif, &[v4]);
                 }
-                None
+                (None, None)
             }
             // The datapath has the kernel resolve it (bpf_redirect_neigh).
-            IpAddr::V6(v6) => self.dev.via_peer.then_some(v6),
+            IpAddr::V6(v6) => (self.dev.via_peer.then_some(v6), self.dev.ipv6_outer_mtu),
         };
-        match self.rtnl.add_route6(net, via, self.dev.oif) {
+        match self.rtnl.add_route6(net, via, mtu, self.dev.oif) {
             Ok(()) => {
                 let route = KernelRoute6 {
                     prefix: *net,
                     peer,
                     via,
+                    mtu,
                     oif: self.dev.oif,
                 };
                 self.added6.insert(*net, route);
@@ -222,7 +227,7 @@ impl KernelRoutes {
         let probe = match routes.next() {
             Some(first) => rtnl.add_route(&first.prefix, first.via, first.oif),
             None => match self.added6.values().next() {
-                Some(first) => rtnl.add_route6(&first.prefix, first.via, first.oif),
+                Some(first) => rtnl.add_route6(&first.prefix, first.via, first.mtu, first.oif),
                 None => return,
             },
         };
@@ -239,7 +244,7 @@ impl KernelRoutes {
             resolve_peers(rtnl, self.dev.oif, &peers);
         }
         for r in self.added6.values() {
-            match rtnl.add_route6(&r.prefix, r.via, r.oif) {
+            match rtnl.add_route6(&r.prefix, r.via, r.mtu, r.oif) {
                 Ok(()) => back += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => warn!("putting back kernel route {}: {e}", r.prefix),
