@@ -53,7 +53,7 @@ const NAMESPACE_TESTS: [&str; 7] = [
 /// context with EINVAL), so older kernels run the rest of the suite. Their programs
 /// still pass the verifier there (every test loads every program), and the namespace
 /// tests carry real packets through them.
-const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 35] = [
+const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 37] = [
     "bridge_forwards_only_what_its_tables_say_the_sender_owns",
     "cached_forwarding_answers_follow_the_kernel_and_the_maps",
     "drop_mode_answers_nothing",
@@ -79,6 +79,7 @@ const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 35] = [
     "ipv6_egress_forwards_peer_traffic_up_to_the_underlay_mtu",
     "ipv6_egress_leaves_control_extension_and_foreign_traffic_to_the_kernel",
     "ipv6_egress_leaves_malformed_ipv6_to_the_kernel",
+    "ipv6_egress_reaches_a_peer_host_over_an_ipv6_underlay",
     "ipv6_from_ctr_routes_only_its_own_endpoint",
     "ipv6_ingress_delivers_peer_traffic",
     "ipv6_ingress_drops_sources_outside_the_peers_subnets",
@@ -86,6 +87,7 @@ const NEEDS_TEST_RUN_INGRESS_IFINDEX: [&str; 35] = [
     "ipv6_reject_mode_answers_spoofed_container_sources_within_the_rate",
     "ipv6_reject_mode_answers_what_the_underlay_refuses",
     "ipv6_vxlan_mode_decapsulates_in_the_program",
+    "ipv6_vxlan_mode_drops_a_containers_own_vxlan_packets",
     "ipv6_vxlan_mode_encapsulates_in_the_program",
     "ipv6_xdp_drops_what_tc_drops",
     "ipv6_xdp_leaves_refusals_to_tc_in_reject_mode",
