@@ -534,9 +534,9 @@ pub fn set_key(ctx: &TcContext, host: [u8; 4]) -> bool {
 }
 
 /// [`set_key`] for a peer host on an IPv6 underlay: the kernel's device
-/// sends the packet with IPv6 outer headers and a UDP checksum (a zero one,
-/// IPv4's default above, a receiving vxlan device refuses over IPv6 unless
-/// told otherwise).
+/// sends the packet with IPv6 outer headers and a UDP checksum (over IPv6
+/// a receiving vxlan device refuses the zero one [`set_key`] asks for,
+/// unless told otherwise).
 #[inline(always)]
 pub fn set_key6(ctx: &TcContext, host: [u8; 16]) -> bool {
     let mut slot = MaybeUninit::<bpf_tunnel_key>::uninit();

@@ -19,7 +19,8 @@
 //!   resolved by `bpf_redirect_neigh`. One on an IPv4 underlay (a mapped
 //!   address) is looked up `AF_INET`, and a neighbour not resolved yet is
 //!   the kernel's: `bpf_redirect_neigh` takes an IPv6 packet's next hop as
-//!   IPv6. VXLAN mode reaches peer hosts over IPv4 only.
+//!   IPv6. In VXLAN mode a peer host on an IPv6 underlay is reached
+//!   through the vxlan device, with IPv6 outer headers ([`over_ipv6`]).
 //! * Neither the `ROUTES` cache nor the flow cache holds IPv6 answers (both
 //!   are keyed by IPv4 addresses): every IPv6 packet takes the full path.
 
@@ -48,7 +49,7 @@ use crate::{
 /// Verifier: inlined into the entry point, which then calls BPF functions
 /// one after the other: [`checked`] and, for a peer host on an IPv6
 /// underlay, [`over_ipv6`], or, in VXLAN mode for a destination no peer
-/// owns, [`unrouted_in_vxlan_mode`]. `checked` takes about 480 bytes of
+/// owns, [`unrouted_in_vxlan_mode`]. `checked` takes about 470 bytes of
 /// stack, and one more frame under it would take the call chain past 512.
 #[inline(always)]
 pub fn egress(ctx: &TcContext, from_port: bool) -> Verdict {
@@ -494,7 +495,7 @@ pub fn tunnel_host(ctx: &TcContext) -> [u8; 16] {
         return [0; 16];
     };
     // SAFETY: `f.ip` was bounds-checked by `parse6`.
-    route6_slot_of(unsafe { (*f.ip).dst_addr }).map_or([0; 16], |(host, _)| host)
+    route6_of(unsafe { (*f.ip).dst_addr }).unwrap_or([0; 16])
 }
 
 /// `xhost_nic_xdp` for IPv6: whether `ingress` drops the frame as

@@ -21,8 +21,8 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 use xhost_common::{
-    MAP_ENDPOINTS, MAP_ENDPOINTS6, MAP_LOCAL_NETS, MAP_LOCAL_NETS6, MAP_PEER_HOSTS, MAP_ROUTES,
-    MAP_ROUTES6, MAP_UNDERLAY_ADDRS,
+    MAP_ENDPOINTS, MAP_ENDPOINTS6, MAP_LOCAL_NETS, MAP_LOCAL_NETS6, MAP_PEER_HOSTS,
+    MAP_PEER_HOSTS6, MAP_ROUTES, MAP_ROUTES6, MAP_UNDERLAY_ADDRS,
 };
 
 use crate::{
@@ -172,6 +172,19 @@ fn count_lpm_keyed<K: aya::Pod, V: aya::Pod>(
     Ok(n)
 }
 
+/// `ROUTES6`'s entries, pinned by this build (`Peer6` values) or by one
+/// before IPv6 underlay addresses (`Peer`), until a load converts them.
+fn count_routes6(layout: &Layout, name: &'static str) -> anyhow::Result<u64> {
+    let value_size = MapInfo::from_pin(layout.map(name))
+        .with_context(|| format!("reading {name}'s info"))?
+        .value_size();
+    if value_size == std::mem::size_of::<xhost_common::Peer>() as u32 {
+        count_lpm6::<xhost_common::Peer>(layout, name)
+    } else {
+        count_lpm6::<xhost_common::Peer6>(layout, name)
+    }
+}
+
 fn count_hash<V: aya::Pod>(layout: &Layout, name: &'static str) -> anyhow::Result<u64> {
     count_hash_keyed::<[u8; 4], V>(layout, name)
 }
@@ -201,15 +214,16 @@ impl Snapshot {
         let counters = crate::report::read_counters(layout)?;
         let mut maps = Vec::new();
         type Count = fn(&Layout, &'static str) -> anyhow::Result<u64>;
-        let tables: [(&'static str, Count); 8] = [
+        let tables: [(&'static str, Count); 9] = [
             (MAP_ROUTES, count_lpm::<xhost_common::Peer>),
             (MAP_LOCAL_NETS, count_lpm::<xhost_common::LocalNet>),
             (MAP_ENDPOINTS, count_hash::<xhost_common::Endpoint>),
             (MAP_PEER_HOSTS, count_hash::<xhost_common::PeerHost>),
             (MAP_UNDERLAY_ADDRS, count_hash::<u32>),
-            (MAP_ROUTES6, count_lpm6::<xhost_common::Peer>),
+            (MAP_ROUTES6, count_routes6),
             (MAP_LOCAL_NETS6, count_lpm6::<xhost_common::LocalNet>),
             (MAP_ENDPOINTS6, count_hash6::<xhost_common::Endpoint>),
+            (MAP_PEER_HOSTS6, count_hash6::<xhost_common::PeerHost>),
         ];
         for (name, count) in tables {
             let path = layout.map(name);
@@ -334,8 +348,8 @@ impl Snapshot {
         );
         r.register(
             "peers",
-            "Peer hosts the datapath accepts container traffic from (PEER_HOSTS)",
-            gauge(self.entries(MAP_PEER_HOSTS)),
+            "Peer hosts the datapath accepts container traffic from (PEER_HOSTS, PEER_HOSTS6)",
+            gauge(self.entries(MAP_PEER_HOSTS) + self.entries(MAP_PEER_HOSTS6)),
         );
         let entries = Family::<Labels, Gauge>::default();
         let capacity = Family::<Labels, Gauge>::default();
