@@ -115,3 +115,43 @@ fn ipv6_peer_subnets_get_routes6_and_kernel_routes() {
         "IPv4 kernel routes gone too"
     );
 }
+
+/// A peer host on an IPv6 underlay that this host has no route to: its
+/// subnet is in `ROUTES6` (the datapath leaves its packets to the kernel)
+/// and the agent leaves out the kernel route with a warning, as it does
+/// for an IPv4 peer that is not on-link, rather than refusing the load.
+#[test]
+fn an_ipv6_peer_host_off_link_gets_its_map_entry_without_a_kernel_route() {
+    let topo = topology();
+    let (a, b) = (topo.host_a(), topo.host_b());
+    let v4_peer = format!("{}={}", b.underlay_ip(), b.subnet());
+    let agent = Agent::start(
+        a.ns(),
+        a.role(),
+        &[
+            "--iface",
+            a.underlay_iface(),
+            "--bridge",
+            a.bridge(),
+            "--no-docker",
+            "--peer",
+            &v4_peer,
+            "--peer",
+            "[fd00:99::2]=fd00:c::/64",
+        ],
+    )
+    .expect("load");
+    wait_routes6(
+        a.ns(),
+        &agent.dirs,
+        &["fd00:c::/64 via fd00:99::2".to_owned()],
+    );
+    assert_eq!(kernel_routes6(a.ns()), Vec::<String>::new());
+    let log = agent.output();
+    assert!(
+        log.contains("no kernel route for fd00:c::/64: peer fd00:99::2 is not on-link"),
+        "{log}"
+    );
+    let (status, _) = agent.stop_with(Signal::SIGINT).expect("stop");
+    assert!(status.success(), "agent exit: {status:?}");
+}

@@ -196,6 +196,17 @@ impl KernelRoutes {
                 warn!("a route for {net} exists already; leaving it as it is");
                 Ok(())
             }
+            // As for IPv4: the datapath forwards all the same.
+            Err(e)
+                if via.is_some()
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EINVAL)
+                    ) =>
+            {
+                warn!("no kernel route for {net}: peer {peer} is not on-link ({e})");
+                Ok(())
+            }
             Err(source) => Err(KernelRouteError {
                 net: net.to_string(),
                 peer,
