@@ -328,12 +328,31 @@ impl Pins {
     }
 
     fn per_cpu_array(&self, name: &str, entries: u32) -> Map {
+        let entries = entries.to_string();
+        self.create(
+            name,
+            &[
+                "type",
+                "percpu_array",
+                "key",
+                "4",
+                "value",
+                "16",
+                "entries",
+                &entries,
+            ],
+        )
+    }
+
+    /// A map bpftool creates as `spec` (type, sizes, entries, flags),
+    /// pinned as `name` and opened.
+    fn create(&self, name: &str, spec: &[&str]) -> Map {
         let path = self.0.join(name);
         let out = std::process::Command::new("bpftool")
             .args(["map", "create"])
             .arg(&path)
-            .args(["type", "percpu_array", "key", "4", "value", "16"])
-            .args(["entries", &entries.to_string(), "name", name])
+            .args(spec)
+            .args(["name", name])
             .output()
             .expect("bpftool");
         assert!(
@@ -395,24 +414,14 @@ fn pins_with_ipv4_hosts_in_routes6_convert_them() {
 #[test]
 fn routes6_of_ipv4_hosts_are_converted_to_mapped_addresses() {
     let pins = Pins::new();
-    let lpm = |name: &str, value: u32| {
-        let path = pins.0.join(name);
-        let out = std::process::Command::new("bpftool")
-            .args(["map", "create"])
-            .arg(&path)
-            .args(["type", "lpm_trie", "key", "20", "value", &value.to_string()])
-            .args(["entries", "16", "name", name, "flags", "1"])
-            .output()
-            .expect("bpftool");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        open(&path).expect("open the pin")
+    let lpm = |name: &str, value: &str| {
+        let spec = [
+            "type", "lpm_trie", "key", "20", "value", value, "entries", "16", "flags", "1",
+        ];
+        pins.create(name, &spec)
     };
-    let mut old = lpm("OLD6", 8);
-    let mut new = lpm("NEW6", 20);
+    let mut old = lpm("OLD6", "8");
+    let mut new = lpm("NEW6", "20");
     let key = |last: u8| {
         aya::maps::lpm_trie::Key::new(64, [0xfd, 0, 0, last, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
     };
